@@ -1,0 +1,263 @@
+//! Typed configuration: TOML file, then `SMGATE_<SECTION>_<KEY>` environment overrides.
+//!
+//! Every option has a default that boots on a laptop; `firmware-config/smgate.toml` documents
+//! each one. Unknown keys are an error, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub data: DataConfig,
+    pub http: HttpConfig,
+    pub gateway: GatewayConfig,
+    pub store: StoreConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Directory holding the redb file, the gateway identity and the generated TLS files.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the HTTPS listener. Port 0 picks a free port (tests).
+    pub listen: SocketAddr,
+    /// PEM certificate chain; empty means `<data>/tls/cert.pem`, generated at init.
+    pub cert: Option<PathBuf>,
+    /// PEM private key; empty means `<data>/tls/key.pem`, generated at init.
+    pub key: Option<PathBuf>,
+    /// Seconds that in-flight requests get to finish after SIGTERM.
+    pub shutdown_grace_secs: u64,
+    /// Seconds a client has to finish the TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Largest JSON body accepted by the API routes (pages have their own limit).
+    pub max_json_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Region reported in machine DTOs.
+    pub region: String,
+    /// Default `parent_origin`; when unset, the `ZEQ_ORIGIN` environment variable or `zeq-dev`.
+    pub origin: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// redb page cache in MiB (boards have 256 MB of RAM).
+    pub cache_mb: usize,
+    /// Save allocator state on each commit so that boot after power loss needs no full repair.
+    pub quick_repair: bool,
+    /// Most write requests folded into one transaction (one fsync).
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Machine spin-ups per minute per client IP (spec 000: 10).
+    pub spinup_per_minute_per_ip: u32,
+    /// Writes per minute per machine.
+    pub writes_per_minute_per_machine: u32,
+    /// Reads per minute per machine for callers that are not the owner.
+    pub reads_per_minute_per_machine: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// tracing filter, e.g. `info` or `smgate=debug,warn`. `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data: DataConfig::default(),
+            http: HttpConfig::default(),
+            gateway: GatewayConfig::default(),
+            store: StoreConfig::default(),
+            limits: LimitsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig { dir: PathBuf::from("./data") }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            cert: None,
+            key: None,
+            shutdown_grace_secs: 10,
+            handshake_timeout_secs: 10,
+            max_json_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig { region: "local".into(), origin: None }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { cache_mb: 16, quick_repair: true, max_batch: 1024 }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            spinup_per_minute_per_ip: 10,
+            writes_per_minute_per_machine: 600,
+            reads_per_minute_per_machine: 120,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into() }
+    }
+}
+
+impl Config {
+    /// Loads `path` (or the defaults when `None`) and applies `SMGATE_*` overrides from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?,
+            None => String::new(),
+        };
+        let mut doc: toml::Table =
+            toml::from_str(&text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("SMGATE_") else { continue };
+            let Some((section, key)) = rest.split_once('_') else { continue };
+            let section = section.to_ascii_lowercase();
+            let key = key.to_ascii_lowercase();
+            // A bare TOML literal (number, bool, array) keeps its type; anything else is a string.
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value));
+            let table = doc
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match table {
+                toml::Value::Table(t) => {
+                    t.insert(key, parsed);
+                }
+                _ => return Err(ConfigError::Invalid(format!("`{section}` is not a section"))),
+            }
+        }
+        let config: Config = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.store.max_batch == 0 {
+            return Err(ConfigError::Invalid("store.max_batch must be at least 1".into()));
+        }
+        if self.limits.spinup_per_minute_per_ip == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.spinup_per_minute_per_ip must be at least 1".into(),
+            ));
+        }
+        if self.gateway.region.is_empty() {
+            return Err(ConfigError::Invalid("gateway.region must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    /// The default `parent_origin` of new machines.
+    pub fn parent_origin(&self) -> String {
+        self.gateway
+            .origin
+            .clone()
+            .or_else(|| std::env::var("ZEQ_ORIGIN").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| "zeq-dev".into())
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data.dir.join("smgate.redb")
+    }
+
+    pub fn cert_path(&self) -> PathBuf {
+        self.http.cert.clone().unwrap_or_else(|| self.data.dir.join("tls/cert.pem"))
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.http.key.clone().unwrap_or_else(|| self.data.dir.join("tls/key.pem"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_boot_on_a_laptop() {
+        let c = Config::load(None, Vec::new()).unwrap();
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(c.data.dir, PathBuf::from("./data"));
+        assert_eq!(c.limits.spinup_per_minute_per_ip, 10);
+    }
+
+    #[test]
+    fn env_overrides_keep_types_and_unknown_keys_fail() {
+        let env = vec![
+            ("SMGATE_HTTP_LISTEN".to_string(), "127.0.0.1:0".to_string()),
+            ("SMGATE_LIMITS_SPINUP_PER_MINUTE_PER_IP".to_string(), "99".to_string()),
+            ("SMGATE_GATEWAY_REGION".to_string(), "eu-west".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let c = Config::load(None, env).unwrap();
+        assert_eq!(c.http.listen.port(), 0);
+        assert_eq!(c.limits.spinup_per_minute_per_ip, 99);
+        assert_eq!(c.gateway.region, "eu-west");
+        let bad = vec![("SMGATE_HTTP_LISTN".to_string(), "x".to_string())];
+        let err = Config::load(None, bad).unwrap_err().to_string();
+        assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn shipped_firmware_config_parses() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-config/smgate.toml");
+        Config::load(Some(&p), Vec::new()).unwrap();
+    }
+}

@@ -1,0 +1,155 @@
+//! The gateway's own identity and data directory: Ed25519 key, self-signed TLS certificate,
+//! the redb file and the owner account, all made by `init`.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ring::signature::{Ed25519KeyPair, KeyPair};
+
+use crate::auth::{self, Zid};
+use crate::clock;
+use crate::config::Config;
+use crate::store::{self, GroupCommit, Store, StoreError, StoreOptions, META};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0} is already initialised (it has smgate.redb); nothing was changed")]
+    AlreadyInitialised(PathBuf),
+    #[error("identity key {0} is not a valid Ed25519 PKCS#8 key")]
+    BadIdentity(PathBuf),
+    #[error("cannot generate the TLS certificate: {0}")]
+    Certificate(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InitError + '_ {
+    move |source| InitError::Io { path: path.to_owned(), source }
+}
+
+/// Writes `bytes` to a new file readable only by its owner.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), InitError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io(path))
+}
+
+/// The gateway's signing identity (made once by `init`, never rotated silently).
+pub struct Identity {
+    /// `gw-` and 16 hex digits of SHA-256 of the public key: stable, and safe in note names.
+    pub id: String,
+    pub keypair: Ed25519KeyPair,
+}
+
+impl Identity {
+    pub fn load(path: &Path) -> Result<Identity, InitError> {
+        let pkcs8 = fs::read(path).map_err(io(path))?;
+        let keypair = Ed25519KeyPair::from_pkcs8(&pkcs8)
+            .map_err(|_| InitError::BadIdentity(path.to_owned()))?;
+        let digest = auth::sha256(keypair.public_key().as_ref());
+        let id = format!("gw-{}", hex(&digest[..8]));
+        Ok(Identity { id, keypair })
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.keypair.public_key().as_ref());
+        out
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn identity_path(config: &Config) -> PathBuf {
+    config.data.dir.join("identity.pk8")
+}
+
+/// What `init` made; the raw owner key is here once and in `<data>/initial-owner.key`.
+pub struct Initialised {
+    pub gateway_id: String,
+    pub owner: Zid,
+    pub owner_key: String,
+    pub key_file: PathBuf,
+}
+
+pub fn is_initialised(config: &Config) -> bool {
+    config.db_path().exists()
+}
+
+pub fn store_options(config: &Config) -> StoreOptions {
+    StoreOptions {
+        cache_bytes: config.store.cache_mb << 20,
+        quick_repair: config.store.quick_repair,
+        max_batch: config.store.max_batch,
+        disk_limit: None,
+    }
+}
+
+/// Creates the data directory, identity, TLS files, database and owner account.
+pub async fn init(config: &Config) -> Result<Initialised, InitError> {
+    let dir = &config.data.dir;
+    if is_initialised(config) {
+        return Err(InitError::AlreadyInitialised(dir.clone()));
+    }
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+
+    let id_path = identity_path(config);
+    if !id_path.exists() {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
+            .map_err(|_| InitError::BadIdentity(id_path.clone()))?;
+        write_private(&id_path, pkcs8.as_ref())?;
+    }
+    let identity = Identity::load(&id_path)?;
+
+    let (cert_path, key_path) = (config.cert_path(), config.key_path());
+    if !cert_path.exists() || !key_path.exists() {
+        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        if let Ok(host) = fs::read_to_string("/etc/hostname") {
+            let host = host.trim();
+            if !host.is_empty() && host != "localhost" {
+                names.push(host.to_string());
+            }
+        }
+        let certified = rcgen::generate_simple_self_signed(names)
+            .map_err(|e| InitError::Certificate(e.to_string()))?;
+        for p in [&cert_path, &key_path] {
+            if let Some(parent) = p.parent() {
+                fs::create_dir_all(parent).map_err(io(parent))?;
+            }
+        }
+        fs::write(&cert_path, certified.cert.pem()).map_err(io(&cert_path))?;
+        write_private(&key_path, certified.key_pair.serialize_pem().as_bytes())?;
+    }
+
+    let store = Store::open(&config.db_path(), store_options(config))?;
+    let writer = GroupCommit::start(store);
+    let gateway_id = identity.id.clone();
+    let (account, owner_key) = writer
+        .write(move |txn| -> Result<_, StoreError> {
+            let now = clock::now_ms();
+            let (account, raw) = auth::create_account(txn, "owner", now)?;
+            let mut meta = txn.open_table(META)?;
+            meta.insert("owner_zid", store::encode(&account.zid).as_slice())?;
+            meta.insert("gateway_id", store::encode(&gateway_id).as_slice())?;
+            Ok((account, raw))
+        })
+        .await?;
+    writer.shutdown().await;
+
+    let key_file = dir.join("initial-owner.key");
+    write_private(&key_file, format!("{owner_key}\n").as_bytes())?;
+    Ok(Initialised { gateway_id: identity.id, owner: account.zid, owner_key, key_file })
+}

@@ -1,0 +1,201 @@
+//! Spec 000 routes: spin-up, machine reads, and machine keys.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::StatusCode;
+use serde_json::{json, Value};
+use warp::reply::Response;
+use warp::Filter;
+
+use super::{bearer, body, client_ip, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream};
+use crate::auth::{self, Access, KeyRecord, KeySubject, Principal, Role};
+use crate::clock;
+use crate::machines::{self, Machine, MachineError, NewMachine};
+use crate::server::Gateway;
+
+pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    let create = warp::post()
+        .and(warp::path!("api" / "chain" / "state-machines"))
+        .and(with_gateway(gw.clone()))
+        .and(client_ip())
+        .and(bearer())
+        .and(body())
+        .then(|gw, ip, bearer, len, body| async move { respond(create(gw, ip, bearer, len, body).await) });
+    let list = warp::get()
+        .and(warp::path!("api" / "chain" / "state-machines"))
+        .and(with_gateway(gw.clone()))
+        .and(bearer())
+        .then(|gw, bearer| async move { respond(list(gw, bearer)) });
+    let one = warp::get()
+        .and(warp::path!("api" / "chain" / "state-machines" / String))
+        .and(with_gateway(gw.clone()))
+        .and(bearer())
+        .then(|slug, gw, bearer| async move { respond(get_one(gw, bearer, slug)) });
+    let mint = warp::post()
+        .and(warp::path!("api" / "chain" / String / "api-keys"))
+        .and(with_gateway(gw.clone()))
+        .and(bearer())
+        .and(body())
+        .then(|slug, gw, bearer, len, body| async move { respond(mint_key(gw, bearer, slug, len, body).await) });
+    let keys = warp::get()
+        .and(warp::path!("api" / "chain" / String / "api-keys"))
+        .and(with_gateway(gw.clone()))
+        .and(bearer())
+        .then(|slug, gw, bearer| async move { respond(list_keys(gw, bearer, slug)) });
+    let revoke = warp::delete()
+        .and(warp::path!("api" / "chain" / String / "api-keys" / String))
+        .and(with_gateway(gw))
+        .and(bearer())
+        .then(|slug, id, gw, bearer| async move { respond(revoke_key(gw, bearer, slug, id).await) });
+    create.or(list).unify().or(one).unify().or(mint).unify().or(keys).unify().or(revoke).unify()
+}
+
+async fn create(
+    gw: Arc<Gateway>,
+    ip: IpAddr,
+    bearer: Option<String>,
+    declared: Option<u64>,
+    body: BodyStream,
+) -> Result<Response, ApiError> {
+    gw.spinup_limit.check(&ip).map_err(|secs| gw.rate_limited(secs))?;
+    let principal = gw.principal(bearer.as_deref())?;
+    if principal == Principal::Anonymous {
+        return Err(ApiError::unauthorized());
+    }
+    let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
+    let request = NewMachine::from_json(&parse_json(&bytes)?)?;
+    let owner = machines::spinup_owner(&gw.store.read()?, &principal)?;
+    let defaults = gw.machine_defaults.clone();
+    let (machine, api_key) = gw
+        .writer
+        .write(move |txn| machines::create(txn, &owner, request, &defaults, clock::now_ms()))
+        .await?;
+    tracing::info!(slug = %machine.slug, owner = %machine.owner_zid, "machine created");
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"ok": true, "machine": machine.to_json(Access::Owner), "api_key": api_key}),
+    ))
+}
+
+fn list(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, ApiError> {
+    let principal = gw.principal(bearer.as_deref())?;
+    let all = machines::all(&gw.store.read()?)?;
+    let visible: Vec<Value> = all
+        .iter()
+        .filter_map(|m| {
+            let access = m.access(&principal);
+            (access > Access::None).then(|| m.to_json(access))
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &json!({"ok": true, "count": visible.len(), "machines": visible})))
+}
+
+/// The machine and the caller's access to it. Private machines are invisible to callers who
+/// have no access: anonymous callers are asked to authenticate, others get 404.
+fn visible_machine(gw: &Gateway, principal: &Principal, slug: &str) -> Result<(Machine, Access), ApiError> {
+    let machine = if machines::valid_slug(slug) { machines::get(&gw.store.read()?, slug)? } else { None };
+    let access = machine.as_ref().map(|m| m.access(principal)).unwrap_or(Access::None);
+    match machine {
+        Some(m) if access > Access::None => Ok((m, access)),
+        _ if *principal == Principal::Anonymous => Err(ApiError::unauthorized()),
+        _ => Err(ApiError::machine_not_found()),
+    }
+}
+
+fn get_one(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
+    let principal = gw.principal(bearer.as_deref())?;
+    let (machine, access) = visible_machine(&gw, &principal, &slug)?;
+    Ok(json_response(StatusCode::OK, &json!({"ok": true, "machine": machine.to_json(access)})))
+}
+
+fn key_json(k: &KeyRecord) -> Value {
+    let scope = match &k.subject {
+        KeySubject::Machine { role, .. } => role.as_str(),
+        KeySubject::Account { .. } => "account",
+    };
+    json!({
+        "id": k.id,
+        "name": k.name,
+        "scope": scope,
+        "hint": k.hint,
+        "created_at": clock::rfc3339(k.created_ms),
+        "expires_at": k.expires_ms.map(clock::rfc3339),
+        "revoked_at": k.revoked_ms.map(clock::rfc3339),
+        "active": k.is_live(clock::now_ms()),
+    })
+}
+
+/// Admin+ on the machine, or the reason why not.
+fn require_admin(gw: &Gateway, bearer: Option<&str>, slug: &str) -> Result<(Machine, Principal), ApiError> {
+    let principal = gw.principal(bearer)?;
+    let (machine, access) = visible_machine(gw, &principal, slug)?;
+    if access < Access::Admin {
+        return Err(ApiError::forbidden("managing keys needs the owner or an admin key of this machine"));
+    }
+    Ok((machine, principal))
+}
+
+/// Longest key lifetime a request may ask for: ten years.
+const MAX_KEY_TTL_SECS: u64 = 10 * 365 * 86_400;
+
+async fn mint_key(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    declared: Option<u64>,
+    body: BodyStream,
+) -> Result<Response, ApiError> {
+    let (machine, principal) = require_admin(&gw, bearer.as_deref(), &slug)?;
+    let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
+    let body = parse_json(&bytes)?;
+    let name = match body.get("name") {
+        Some(Value::String(s)) if (1..=100).contains(&s.chars().count()) => s.clone(),
+        _ => return Err(ApiError::bad_request("invalid_name", "name must be a string of 1–100 characters")),
+    };
+    let role = match body.get("scope").and_then(Value::as_str).and_then(Role::parse) {
+        Some(r) => r,
+        None => return Err(ApiError::bad_request("invalid_scope", "scope must be one of viewer, operator, admin")),
+    };
+    let ttl = match body.get("expires_in_seconds") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=MAX_KEY_TTL_SECS).contains(&n) => Some(n as i64 * 1000),
+            _ => return Err(ApiError::bad_request("invalid_expiry", "expires_in_seconds must be an integer from 1 to 315360000")),
+        },
+    };
+    let subject = KeySubject::Machine { slug: machine.slug.clone(), role };
+    let (raw, record) = gw
+        .writer
+        .write(move |txn| -> Result<_, ApiError> {
+            let now = clock::now_ms();
+            Ok(auth::mint_key(txn, subject, &name, ttl.map(|t| now + t), now)?)
+        })
+        .await?;
+    tracing::info!(slug = %machine.slug, key = %record.id, by = %principal.actor(), "machine key minted");
+    Ok(json_response(StatusCode::CREATED, &json!({"ok": true, "key": key_json(&record), "api_key": raw})))
+}
+
+fn list_keys(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
+    let (machine, _) = require_admin(&gw, bearer.as_deref(), &slug)?;
+    let keys = auth::list_keys(&gw.store.read()?, |s| matches!(s, KeySubject::Machine { slug, .. } if *slug == machine.slug))?;
+    let keys: Vec<Value> = keys.iter().map(key_json).collect();
+    Ok(json_response(StatusCode::OK, &json!({"ok": true, "keys": keys})))
+}
+
+async fn revoke_key(gw: Arc<Gateway>, bearer: Option<String>, slug: String, id: String) -> Result<Response, ApiError> {
+    let (machine, principal) = require_admin(&gw, bearer.as_deref(), &slug)?;
+    let machine_slug = machine.slug.clone();
+    let record = gw
+        .writer
+        .write(move |txn| -> Result<_, MachineError> {
+            let belongs = |s: &KeySubject| matches!(s, KeySubject::Machine { slug, .. } if *slug == machine_slug);
+            Ok(auth::revoke_key(txn, &id, belongs, clock::now_ms())?)
+        })
+        .await?;
+    let Some(record) = record else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "key_not_found", "this machine has no key with that id"));
+    };
+    tracing::info!(slug = %machine.slug, key = %record.id, by = %principal.actor(), "machine key revoked");
+    Ok(json_response(StatusCode::OK, &json!({"ok": true, "key": key_json(&record)})))
+}

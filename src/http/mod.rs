@@ -1,0 +1,242 @@
+//! HTTP: one file per API area, each a set of warp filters that parse, call the domain, and map
+//! errors. This file holds what they share: the error shape of the zeq paths, body reading with
+//! a limit, bearer extraction, and the route table. `listener.rs` serves the routes over TLS.
+
+mod listener;
+mod machines;
+mod ops;
+
+pub use listener::serve;
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use http::StatusCode;
+use serde_json::{json, Map, Value};
+use warp::reply::Response;
+use warp::{Buf, Filter, Reply};
+
+use crate::auth::AuthError;
+use crate::machines::MachineError;
+use crate::server::Gateway;
+use crate::store::StoreError;
+
+/// The peer address of the connection, put on each request by the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteAddr(pub SocketAddr);
+
+/// An error of the zeq API family: `{"ok": false, "error": "<code>", "message": ...}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub extra: Map<String, Value>,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), extra: Map::new(), retry_after: None }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send `Authorization: Bearer <zeq_ak_… or zsm_… key>`; the key may be unknown, revoked or expired",
+        )
+    }
+
+    pub fn machine_not_found() -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "machine_not_found", "no machine with that slug is visible to this key")
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn rate_limited(retry_after: u64) -> ApiError {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many requests; retry in {retry_after} s"),
+        );
+        e.retry_after = Some(retry_after);
+        e.extra.insert("retry_after".into(), json!(retry_after));
+        e
+    }
+
+    pub fn with(mut self, key: &str, value: Value) -> ApiError {
+        self.extra.insert(key.into(), value);
+        self
+    }
+
+    pub fn into_response(self) -> Response {
+        let mut body = Map::new();
+        body.insert("ok".into(), json!(false));
+        body.insert("error".into(), json!(self.code));
+        body.insert("message".into(), json!(self.message));
+        body.extend(self.extra);
+        let mut res = json_response(self.status, &Value::Object(body));
+        if let Some(secs) = self.retry_after {
+            if let Ok(v) = secs.to_string().parse() {
+                res.headers_mut().insert(http::header::RETRY_AFTER, v);
+            }
+        }
+        res
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Full(_) => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "storage_full", e.to_string()),
+            StoreError::Unavailable(_) | StoreError::ShuttingDown => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", e.to_string())
+            }
+            StoreError::Corrupt(_) | StoreError::NewerSchema { .. } => {
+                tracing::error!(error = %e, "storage error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unspecified", e.to_string())
+            }
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        match e {
+            AuthError::Unauthorized => ApiError::unauthorized(),
+            AuthError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<MachineError> for ApiError {
+    fn from(e: MachineError) -> ApiError {
+        match e {
+            MachineError::Invalid { code, message } => ApiError::bad_request(code, message),
+            MachineError::SlugTaken { existing_slug } => {
+                ApiError::new(StatusCode::CONFLICT, "slug_taken", format!("slug `{existing_slug}` is taken"))
+                    .with("existing_slug", json!(existing_slug))
+            }
+            MachineError::NotFound => ApiError::machine_not_found(),
+            MachineError::Forbidden => ApiError::forbidden("this key's role cannot do that"),
+            MachineError::Store(s) => s.into(),
+        }
+    }
+}
+
+pub fn json_response(status: StatusCode, value: &Value) -> Response {
+    let mut res = warp::reply::json(value).into_response();
+    *res.status_mut() = status;
+    res
+}
+
+/// Collapses a handler's result into a response.
+pub fn respond(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, warp::Error>> + Send>>;
+
+fn box_stream<S, B>(s: S) -> BodyStream
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
+    B: Buf,
+{
+    Box::pin(s.map(|chunk| chunk.map(|mut b| b.copy_to_bytes(b.remaining()))))
+}
+
+/// The request body as a stream, with the declared length when there is one.
+pub fn body() -> impl Filter<Extract = (Option<u64>, BodyStream), Error = Infallible> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .or(warp::any().map(|| None))
+        .unify()
+        .and(
+            warp::body::stream()
+                .map(box_stream)
+                .or(warp::any().map(|| Box::pin(futures_util::stream::empty()) as BodyStream))
+                .unify(),
+        )
+}
+
+/// Reads at most `limit` bytes; a larger body is refused with 413 as soon as it is known to
+/// be larger (from its `Content-Length`, or when the stream passes the limit), never buffered.
+pub async fn read_body(declared: Option<u64>, mut stream: BodyStream, limit: u64) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the body is larger than {limit} bytes"))
+    };
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit) as usize);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", format!("cannot read the body: {e}")))?;
+        if buf.len() as u64 + chunk.len() as u64 > limit {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// Parses a JSON body; an empty body is `{}`.
+pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request("invalid_body", format!("the body is not valid JSON: {e}")))
+}
+
+/// The bearer token, if the request sent one.
+pub fn bearer() -> impl Filter<Extract = (Option<String>,), Error = Infallible> + Clone {
+    warp::header::optional::<String>("authorization")
+        .or(warp::any().map(|| None))
+        .unify()
+        .map(|h: Option<String>| {
+            h.and_then(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
+            })
+        })
+}
+
+pub fn client_ip() -> impl Filter<Extract = (IpAddr,), Error = Infallible> + Clone {
+    warp::ext::optional::<RemoteAddr>()
+        .map(|a: Option<RemoteAddr>| a.map(|a| a.0.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0])))
+}
+
+pub fn with_gateway(gw: Arc<Gateway>) -> impl Filter<Extract = (Arc<Gateway>,), Error = Infallible> + Clone {
+    warp::any().map(move || gw.clone())
+}
+
+/// Every route of the gateway.
+pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    machines::routes(gw.clone())
+        .or(ops::routes(gw))
+        .unify()
+        .recover(|r: warp::Rejection| async move { Ok::<_, Infallible>(rejection(r)) })
+        .unify()
+}
+
+fn rejection(r: warp::Rejection) -> Response {
+    let e = if r.is_not_found() {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
+    } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the body is too large")
+    } else {
+        ApiError::bad_request("invalid_request", format!("{r:?}"))
+    };
+    e.into_response()
+}

@@ -1,0 +1,104 @@
+//! Operations: `/healthz`, `/metrics`, `/api/gateway`, and the embedded console under `/ui/`.
+
+use std::sync::Arc;
+
+use http::StatusCode;
+use serde_json::json;
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use super::{json_response, respond, with_gateway, ApiError};
+use crate::clock;
+use crate::machines;
+use crate::server::Gateway;
+
+#[derive(rust_embed::RustEmbed)]
+#[folder = "web-ui/"]
+struct WebUi;
+
+pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    let healthz = warp::get()
+        .and(warp::path!("healthz"))
+        .and(with_gateway(gw.clone()))
+        .map(|gw: Arc<Gateway>| match gw.store.read() {
+            Ok(_) => json_response(StatusCode::OK, &json!({"ok": true, "status": "ok"})),
+            Err(e) => ApiError::from(e).into_response(),
+        });
+    let metrics = warp::get()
+        .and(warp::path!("metrics"))
+        .and(with_gateway(gw.clone()))
+        .map(|gw: Arc<Gateway>| {
+            let mut res = gw.render_metrics().into_response();
+            if let Ok(v) = "text/plain; version=0.0.4; charset=utf-8".parse() {
+                res.headers_mut().insert(http::header::CONTENT_TYPE, v);
+            }
+            res
+        });
+    let info = warp::get()
+        .and(warp::path!("api" / "gateway"))
+        .and(with_gateway(gw))
+        .map(|gw: Arc<Gateway>| respond(gateway_info(&gw)));
+    let root = warp::get().and(warp::path::end()).map(|| {
+        warp::redirect::see_other(http::Uri::from_static("/ui/")).into_response()
+    });
+    let ui = warp::get().and(warp::path("ui")).and(warp::path::full()).and(warp::path::tail()).map(
+        |full: warp::path::FullPath, tail: warp::path::Tail| {
+            if full.as_str() == "/ui" {
+                warp::redirect::permanent(http::Uri::from_static("/ui/")).into_response()
+            } else {
+                ui_file(tail.as_str())
+            }
+        },
+    );
+    healthz.or(metrics).unify().or(info).unify().or(root).unify().or(ui).unify()
+}
+
+fn gateway_info(gw: &Gateway) -> Result<Response, ApiError> {
+    let machines = machines::count(&gw.store.read()?)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "ok": true,
+            "gateway_id": gw.identity.id,
+            "public_key": crate::gateway::hex(&gw.identity.public_key()),
+            "version": env!("CARGO_PKG_VERSION"),
+            "started_at": clock::rfc3339(gw.started_ms),
+            "uptime_seconds": gw.started.elapsed().as_secs(),
+            "machines": machines,
+            "region": gw.config.gateway.region,
+        }),
+    ))
+}
+
+fn ui_file(tail: &str) -> Response {
+    let path = if tail.is_empty() { "index.html" } else { tail };
+    let Some(file) = WebUi::get(path) else {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such console file").into_response();
+    };
+    let mime = match path.rsplit('.').next() {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("svg") => "image/svg+xml",
+        Some("json") => "application/json",
+        _ => "application/octet-stream",
+    };
+    let mut res = Response::new(file.data.into_owned().into());
+    let h = res.headers_mut();
+    let set = |h: &mut http::HeaderMap, k: http::header::HeaderName, v: &str| {
+        if let Ok(v) = v.parse() {
+            h.insert(k, v);
+        }
+    };
+    set(h, http::header::CONTENT_TYPE, mime);
+    set(h, http::header::CACHE_CONTROL, "no-cache");
+    set(h, http::header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    set(h, http::header::REFERRER_POLICY, "no-referrer");
+    set(
+        h,
+        http::header::CONTENT_SECURITY_POLICY,
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    );
+    set(h, http::header::ETAG, &format!("\"{}\"", crate::gateway::hex(&file.metadata.sha256_hash())));
+    res
+}

@@ -1,0 +1,28 @@
+//! smgate: one static binary that turns an ARM IoT gateway into a state-machine host.
+//!
+//! The map, in the order a request meets it:
+//! - [`config`]: typed TOML configuration with `SMGATE_*` overrides; defaults boot on a laptop.
+//! - [`server`]: the running gateway's shared state, start-up and orderly shutdown.
+//! - [`http`]: TLS accept loop and warp routes, one file per API area; handlers parse, call
+//!   the domain, map errors. No domain logic lives there.
+//! - [`auth`]: accounts (ZIDs), `zeq_ak_`/`zsm_` keys stored only as SHA-256, roles, rate limits.
+//! - [`machines`]: spec 000 machines: slugs, ownership, visibility.
+//! - [`store`]: redb tables, postcard codecs, schema version, and the one writer task
+//!   ([`store::GroupCommit`]) through which every write goes.
+//! - [`gateway`]: the data directory, the gateway's Ed25519 identity and TLS files (`init`).
+//! - [`tls`], [`systemd`], [`metrics`], [`clock`]: the small pieces around them.
+//!
+//! Invariants: only the writer task writes; a request is answered only after its write is
+//! durable; raw keys are never stored.
+
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod gateway;
+pub mod http;
+pub mod machines;
+pub mod metrics;
+pub mod server;
+pub mod store;
+pub mod systemd;
+pub mod tls;

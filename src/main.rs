@@ -1,0 +1,310 @@
+//! The `smgate` command line: a thin shell over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+
+use smgate::auth::{self, KeySubject, Role, Zid};
+use smgate::config::Config;
+use smgate::store::{GroupCommit, Store, StoreError};
+use smgate::{clock, gateway, server, systemd};
+
+#[derive(Parser)]
+#[command(
+    name = "smgate",
+    version,
+    about = "State-machine host for IoT gateways: statecharts, pages and a verifiable log in one binary",
+    long_about = "smgate keeps machines, statecharts, instances and pages in an embedded redb database, \
+serves its API and console over HTTPS (rustls), and writes every change to a verifiable log.\n\n\
+Quick start: `smgate serve` initialises ./data on first boot (printing the owner key once) and \
+listens on https://127.0.0.1:8443."
+)]
+struct Cli {
+    /// Config file (TOML). Without it, built-in defaults apply; SMGATE_<SECTION>_<KEY> env vars override either.
+    #[arg(long, short, global = true, env = "SMGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (overrides `data.dir`).
+    #[arg(long, global = true)]
+    data: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the data directory: database, gateway identity, self-signed TLS certificate and the
+    /// owner account, whose key is printed once and written to <data>/initial-owner.key (0600).
+    Init,
+    /// Run the gateway (initialises an empty data directory first).
+    Serve,
+    /// Manage accounts (offline: stop the gateway first).
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Manage keys (offline: stop the gateway first; a running gateway has the HTTP API).
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum AccountCommand {
+    /// Create an account with a fresh ZID and print its first zeq_ak_ key once.
+    Create {
+        /// Display name.
+        #[arg(long, default_value = "account")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Mint a key and print it once. Give --account for an account key or --machine with --role.
+    Mint {
+        #[command(flatten)]
+        subject: SubjectArgs,
+        /// Role of a machine key: viewer, operator or admin.
+        #[arg(long, requires = "machine")]
+        role: Option<String>,
+        /// A name to tell keys apart.
+        #[arg(long, default_value = "cli")]
+        name: String,
+        /// Expire the key after this many days.
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// List keys (never the raw keys: only id, name, hint, dates).
+    List {
+        #[command(flatten)]
+        subject: SubjectArgs,
+    },
+    /// Revoke a key by id; it stops working at once.
+    Revoke {
+        /// Key id as shown by `key list`.
+        id: String,
+    },
+}
+
+#[derive(Args)]
+#[group(multiple = false)]
+struct SubjectArgs {
+    /// Account ZID (ZEQ + 11 digits).
+    #[arg(long)]
+    account: Option<String>,
+    /// Machine slug.
+    #[arg(long)]
+    machine: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] smgate::config::ConfigError),
+    #[error(transparent)]
+    Init(#[from] gateway::InitError),
+    #[error(transparent)]
+    Start(#[from] server::StartError),
+    #[error("{0}")]
+    Store(String),
+}
+
+impl From<StoreError> for CliError {
+    fn from(e: StoreError) -> Self {
+        CliError::Store(e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(8)
+        .thread_name("smgate")
+        .build();
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("smgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("smgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config, CliError> {
+    let mut config = Config::load(cli.config.as_deref(), std::env::vars())?;
+    if let Some(d) = &cli.data {
+        config.data.dir = d.clone();
+    }
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    Ok(config)
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let config = load_config(&cli)?;
+    match cli.command {
+        Command::Init => {
+            let made = gateway::init(&config).await?;
+            print_owner(&made);
+            Ok(())
+        }
+        Command::Serve => serve(config).await,
+        Command::Account(AccountCommand::Create { name }) => {
+            let writer = GroupCommit::start(offline_store(&config)?);
+            let (account, raw) = writer
+                .write(move |txn| auth::create_account(txn, &name, clock::now_ms()))
+                .await?;
+            writer.shutdown().await;
+            println!("account {}\nkey {raw}\n(shown once; store it now)", account.zid);
+            Ok(())
+        }
+        Command::Key(cmd) => key_command(&config, cmd).await,
+    }
+}
+
+fn print_owner(made: &gateway::Initialised) {
+    println!("gateway {}", made.gateway_id);
+    println!("owner account {}", made.owner);
+    println!("owner key {}", made.owner_key);
+    println!("(shown once; also written to {} with mode 0600)", made.key_file.display());
+}
+
+/// Opens the store for an offline command; a running gateway holds the lock.
+fn offline_store(config: &Config) -> Result<Arc<Store>, CliError> {
+    if !gateway::is_initialised(config) {
+        return Err(CliError::Usage(format!(
+            "{} is not initialised; run `smgate init` first",
+            config.data.dir.display()
+        )));
+    }
+    let store = Store::open(&config.db_path(), gateway::store_options(config)).map_err(|e| {
+        CliError::Store(format!("{e} (if the gateway is running, stop it or use the HTTP API)"))
+    })?;
+    Ok(store)
+}
+
+fn parse_subject(s: &SubjectArgs, role: Option<&str>) -> Result<Option<KeySubject>, CliError> {
+    match (&s.account, &s.machine) {
+        (Some(zid), None) => {
+            let zid = Zid::parse(zid).ok_or_else(|| CliError::Usage(format!("`{zid}` is not a ZID (ZEQ + 11 digits)")))?;
+            Ok(Some(KeySubject::Account { zid }))
+        }
+        (None, Some(slug)) => {
+            let role = match role {
+                Some(r) => Role::parse(r).ok_or_else(|| CliError::Usage(format!("role `{r}` is not viewer, operator or admin")))?,
+                None => Role::Viewer,
+            };
+            Ok(Some(KeySubject::Machine { slug: slug.clone(), role }))
+        }
+        _ => Ok(None),
+    }
+}
+
+async fn key_command(config: &Config, cmd: KeyCommand) -> Result<(), CliError> {
+    let store = offline_store(config)?;
+    let writer = GroupCommit::start(store.clone());
+    let result = match cmd {
+        KeyCommand::Mint { subject, role, name, expires_in_days } => {
+            let subject = parse_subject(&subject, role.as_deref())?
+                .ok_or_else(|| CliError::Usage("give --account ZID or --machine SLUG".into()))?;
+            let ttl = expires_in_days.map(|d| i64::from(d) * 86_400_000);
+            let (raw, record) = writer
+                .write(move |txn| -> Result<_, CliError> {
+                    let read_ok = auth::subject_exists(txn, &subject)?;
+                    if !read_ok {
+                        return Err(CliError::Usage("no such account or machine".into()));
+                    }
+                    let now = clock::now_ms();
+                    Ok(auth::mint_key(txn, subject, &name, ttl.map(|t| now + t), now)?)
+                })
+                .await?;
+            println!("id {}\nkey {raw}\n(shown once; store it now)", record.id);
+            Ok(())
+        }
+        KeyCommand::List { subject } => {
+            let wanted = parse_subject(&subject, None)?;
+            let keys = auth::list_keys(&store.read()?, |s| match (&wanted, s) {
+                (None, _) => true,
+                (Some(KeySubject::Account { zid: a }), KeySubject::Account { zid: b }) => a == b,
+                (Some(KeySubject::Machine { slug: a, .. }), KeySubject::Machine { slug: b, .. }) => a == b,
+                _ => false,
+            })?;
+            println!("{:<36}  {:<24}  {:<12}  {:<16}  {:<20}  status", "id", "subject", "name", "hint", "created");
+            for k in keys {
+                let subject = match &k.subject {
+                    KeySubject::Account { zid } => format!("account {zid}"),
+                    KeySubject::Machine { slug, role } => format!("{slug} ({})", role.as_str()),
+                };
+                let status = if k.revoked_ms.is_some() { "revoked" } else if k.is_live(clock::now_ms()) { "active" } else { "expired" };
+                println!("{:<36}  {:<24}  {:<12}  {:<16}  {:<20}  {status}", k.id, subject, k.name, k.hint, clock::rfc3339(k.created_ms));
+            }
+            Ok(())
+        }
+        KeyCommand::Revoke { id } => {
+            let record = writer.write(move |txn| auth::revoke_key(txn, &id, |_| true, clock::now_ms())).await?;
+            match record {
+                Some(k) => {
+                    println!("revoked {}", k.id);
+                    Ok(())
+                }
+                None => Err(CliError::Usage("no key with that id".into())),
+            }
+        }
+    };
+    writer.shutdown().await;
+    result
+}
+
+async fn serve(config: Config) -> Result<(), CliError> {
+    let (running, initialised) = server::start(config, None).await?;
+    if let Some(made) = &initialised {
+        print_owner(made);
+    }
+    println!("smgate: listening on https://{}", running.addr);
+    tracing::info!(addr = %running.addr, gateway = %running.gateway.identity.id, "listening");
+    systemd::notify("READY=1");
+    if let Some(every) = systemd::watchdog_interval() {
+        let gw = running.gateway.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                // Ping only while the store answers, so a wedged store gets us restarted.
+                if gw.store.read().is_ok() {
+                    systemd::notify("WATCHDOG=1");
+                }
+            }
+        });
+    }
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| CliError::Usage(e.to_string()))?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match running.reload_tls() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the old certificate"),
+            },
+        }
+    }
+    systemd::notify("STOPPING=1");
+    tracing::info!("shutting down: finishing requests and the last commit");
+    running.shutdown().await;
+    Ok(())
+}

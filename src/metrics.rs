@@ -1,0 +1,105 @@
+//! Counters for `/metrics`, rendered in the Prometheus text exposition format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::store::{LATENCY_BOUNDS, SIZE_BOUNDS};
+use crate::store::BatchStats;
+
+#[derive(Default)]
+pub struct Metrics {
+    /// (method, route template, status) → count.
+    requests: Mutex<BTreeMap<(String, &'static str, u16), u64>>,
+    pub rate_limited: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+impl Metrics {
+    pub fn record_request(&self, method: &str, path: &str, status: u16) {
+        let route = route_template(path);
+        if let Ok(mut r) = self.requests.lock() {
+            *r.entry((method.to_string(), route, status)).or_insert(0) += 1;
+        }
+    }
+
+    pub fn render(&self, batches: &BatchStats, gauges: &[(&str, &str, f64)]) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP smgate_http_requests_total HTTP requests by method, route and status.\n");
+        out.push_str("# TYPE smgate_http_requests_total counter\n");
+        if let Ok(r) = self.requests.lock() {
+            for ((method, route, status), n) in r.iter() {
+                let _ = writeln!(
+                    out,
+                    "smgate_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+        counter(&mut out, "smgate_rate_limited_total", "Requests refused with 429.", self.rate_limited.load(Ordering::Relaxed));
+        counter(&mut out, "smgate_tls_handshake_failures_total", "TLS handshakes that failed or timed out.", self.tls_handshake_failures.load(Ordering::Relaxed));
+        counter(&mut out, "smgate_connections_total", "Accepted TCP connections.", self.connections.load(Ordering::Relaxed));
+        counter(&mut out, "smgate_commits_total", "Write transactions committed or attempted.", batches.commits.load(Ordering::Relaxed));
+        counter(&mut out, "smgate_commit_failures_total", "Write transactions whose commit failed.", batches.failed_commits.load(Ordering::Relaxed));
+        if let Ok(sizes) = batches.size_buckets.lock() {
+            let labels: Vec<String> = SIZE_BOUNDS.iter().map(|b| b.to_string()).collect();
+            histogram(&mut out, "smgate_commit_batch_size", "Write requests per commit.", &labels, &sizes[..], batches.requests.load(Ordering::Relaxed) as f64);
+        }
+        if let Ok(lat) = batches.latency_buckets.lock() {
+            let labels: Vec<String> = LATENCY_BOUNDS.iter().map(|b| b.to_string()).collect();
+            let sum = batches.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+            histogram(&mut out, "smgate_commit_seconds", "Commit latency (one fsync per batch).", &labels, &lat[..], sum);
+        }
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+        out
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, bounds: &[String], counts: &[u64], sum: f64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (i, n) in counts.iter().enumerate() {
+        cumulative += n;
+        let le = bounds.get(i).map(String::as_str).unwrap_or("+Inf");
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+}
+
+/// The route a path belongs to, so that labels stay few whatever the slugs are.
+pub fn route_template(path: &str) -> &'static str {
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    match segs.as_slice() {
+        [] => "/",
+        ["healthz"] => "/healthz",
+        ["metrics"] => "/metrics",
+        ["ui", ..] => "/ui/*",
+        ["api", "gateway"] => "/api/gateway",
+        ["api", "chain", "state-machines"] => "/api/chain/state-machines",
+        ["api", "chain", "state-machines", _] => "/api/chain/state-machines/:slug",
+        ["api", "chain", "state-machines", _, ..] => "/api/chain/state-machines/:slug/*",
+        ["api", "chain", _, "api-keys"] => "/api/chain/:slug/api-keys",
+        ["api", "chain", _, "api-keys", _] => "/api/chain/:slug/api-keys/:id",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_hide_slugs() {
+        assert_eq!(route_template("/api/chain/state-machines/abc"), "/api/chain/state-machines/:slug");
+        assert_eq!(route_template("/api/chain/x/api-keys/123"), "/api/chain/:slug/api-keys/:id");
+        assert_eq!(route_template("/ui/app.js"), "/ui/*");
+        assert_eq!(route_template("/nope/x"), "other");
+    }
+}

@@ -1,0 +1,143 @@
+//! The running gateway: shared state, start-up, and orderly shutdown.
+//!
+//! `start` opens the store, starts the writer, binds the listener and returns at once with a
+//! [`Running`] handle; `Running::shutdown` stops accepting, lets requests finish, commits the
+//! last batch, and only then returns.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::auth::{self, AuthError, Principal, RateLimiter};
+use crate::clock;
+use crate::config::Config;
+use crate::gateway::{self, Identity, InitError};
+use crate::http::ApiError;
+use crate::machines;
+use crate::metrics::Metrics;
+use crate::store::{GroupCommit, Store, StoreError, StoreOptions};
+use crate::tls::{Acceptor, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Init(#[from] InitError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// State shared by every request handler.
+pub struct Gateway {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub writer: GroupCommit,
+    pub identity: Identity,
+    pub tls: Acceptor,
+    pub metrics: Metrics,
+    pub spinup_limit: RateLimiter<IpAddr>,
+    pub machine_defaults: machines::Defaults,
+    pub started: Instant,
+    pub started_ms: i64,
+}
+
+impl Gateway {
+    /// Resolves the bearer token of a request.
+    pub fn principal(&self, bearer: Option<&str>) -> Result<Principal, AuthError> {
+        auth::resolve(&self.store.read()?, bearer, clock::now_ms())
+    }
+
+    pub fn rate_limited(&self, retry_after: u64) -> ApiError {
+        self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+        ApiError::rate_limited(retry_after)
+    }
+
+    pub fn render_metrics(&self) -> String {
+        let machines = self.store.read().ok().and_then(|r| machines::count(&r).ok()).unwrap_or(0);
+        self.metrics.render(
+            self.writer.stats(),
+            &[
+                ("smgate_uptime_seconds", "Seconds since start.", self.started.elapsed().as_secs_f64()),
+                ("smgate_machines", "Machines on this gateway.", machines as f64),
+                ("smgate_process_resident_bytes", "Resident set size of the process.", rss_bytes() as f64),
+            ],
+        )
+    }
+}
+
+/// Resident set size from `/proc/self/statm` (0 where that file does not exist).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+/// A started gateway.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    shutdown: watch::Sender<bool>,
+    http: JoinHandle<()>,
+}
+
+impl Running {
+    /// SIGTERM semantics: stop accepting, finish in-flight requests, commit the last batch.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.http.await;
+        self.gateway.writer.shutdown().await;
+    }
+
+    /// Re-reads the certificate and key (SIGHUP).
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        let c = &self.gateway.config;
+        self.gateway.tls.reload(&c.cert_path(), &c.key_path())
+    }
+}
+
+/// Starts the gateway; initialises the data directory first if it is empty. The returned
+/// `Option` carries what `init` made, so the caller can show the owner key once.
+pub async fn start(
+    config: Config,
+    store_options: Option<StoreOptions>,
+) -> Result<(Running, Option<gateway::Initialised>), StartError> {
+    let started = Instant::now();
+    let initialised = if gateway::is_initialised(&config) { None } else { Some(gateway::init(&config).await?) };
+    let options = store_options.unwrap_or_else(|| gateway::store_options(&config));
+    let store = Store::open(&config.db_path(), options)?;
+    let writer = GroupCommit::start(store.clone());
+    let identity = Identity::load(&gateway::identity_path(&config))?;
+    let tls = Acceptor::load(&config.cert_path(), &config.key_path())?;
+    let listener = TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|source| StartError::Bind { addr: config.http.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http.listen, source })?;
+    let gw = Arc::new(Gateway {
+        spinup_limit: RateLimiter::per_minute(config.limits.spinup_per_minute_per_ip),
+        machine_defaults: machines::Defaults {
+            region: config.gateway.region.clone(),
+            parent_origin: config.parent_origin(),
+        },
+        config,
+        store,
+        writer,
+        identity,
+        tls,
+        metrics: Metrics::default(),
+        started,
+        started_ms: clock::now_ms(),
+    });
+    let (tx, rx) = watch::channel(false);
+    let http = tokio::spawn(crate::http::serve(listener, gw.clone(), rx));
+    Ok((Running { addr, gateway: gw, shutdown: tx, http }, initialised))
+}

@@ -1,0 +1,277 @@
+//! redb storage: table definitions, postcard codecs, the schema version, and the single writer.
+//!
+//! # What a commit guarantees
+//! Only the writer task ([`GroupCommit`]) opens write transactions. It folds every queued
+//! request into one transaction and answers each request only after that transaction has been
+//! committed with `Durability::Immediate` (one fsync). So an answered write is on disk, and a
+//! request that failed leaves nothing behind.
+//!
+//! Each request closure must either write everything it means to write or return `Err` before
+//! writing anything ("validate, then apply"): requests share a transaction, and redb cannot roll
+//! back one of them alone. Domain code keeps this shape by reading and checking first.
+//!
+//! # Failure
+//! When the disk is full or failing, the commit fails; every request of that batch gets
+//! [`StoreError::Full`] (HTTP 507 `storage_full`) or [`StoreError::Unavailable`] (503), and the
+//! previous committed state stays intact. redb then refuses all I/O on that handle
+//! (`PreviousIo`), so the writer reopens the database at once; readers keep working on the
+//! reopened handle.
+
+mod backend;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadTransaction, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use backend::DiskLimit;
+pub use writer::{BatchStats, GroupCommit, LATENCY_BOUNDS, SIZE_BOUNDS};
+
+/// Version of the table layout this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// `schema_version`, `gateway_id`, … → postcard values.
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// ZID → [`crate::auth::Account`].
+pub const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
+/// SHA-256 of a raw key (32 bytes) → [`crate::auth::KeyRecord`]. Raw keys are never stored.
+pub const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys");
+/// Key id (UUID string) → SHA-256 of the key, to revoke and list by id.
+pub const KEY_IDS: TableDefinition<&str, &[u8]> = TableDefinition::new("key_ids");
+/// Machine slug → [`crate::machines::Machine`].
+pub const MACHINES: TableDefinition<&str, &[u8]> = TableDefinition::new("machines");
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage is full: {0}; free space on the data volume, nothing committed was lost")]
+    Full(String),
+    #[error("storage is unavailable: {0}; retry shortly")]
+    Unavailable(String),
+    #[error("stored data is corrupt: {0}; run `smgate verify`")]
+    Corrupt(String),
+    #[error("the gateway is shutting down; retry against the restarted gateway")]
+    ShuttingDown,
+    #[error("data directory was written by a newer smgate (schema {found}, this build reads {SCHEMA_VERSION})")]
+    NewerSchema { found: u32 },
+}
+
+fn io_error(e: std::io::Error) -> StoreError {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    let full = matches!(e.raw_os_error(), Some(ENOSPC) | Some(EDQUOT))
+        || e.kind() == std::io::ErrorKind::StorageFull;
+    if full {
+        StoreError::Full(e.to_string())
+    } else {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+impl From<redb::StorageError> for StoreError {
+    fn from(e: redb::StorageError) -> Self {
+        match e {
+            redb::StorageError::Io(io) => io_error(io),
+            redb::StorageError::PreviousIo => {
+                StoreError::Unavailable("a previous I/O error is being recovered".into())
+            }
+            redb::StorageError::ValueTooLarge(n) => {
+                StoreError::Corrupt(format!("value of {n} bytes is too large"))
+            }
+            other => StoreError::Corrupt(other.to_string()),
+        }
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                match redb::Error::from(e) {
+                    redb::Error::Io(io) => io_error(io),
+                    redb::Error::PreviousIo => {
+                        StoreError::Unavailable("a previous I/O error is being recovered".into())
+                    }
+                    redb::Error::DatabaseAlreadyOpen => StoreError::Unavailable(
+                        "the database is open in another process (is the gateway running?)".into(),
+                    ),
+                    other => StoreError::Corrupt(other.to_string()),
+                }
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
+    redb::DatabaseError
+);
+
+/// postcard encoding of a stored value. Only plain data structs are stored, which always encode.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).unwrap_or_default()
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("undecodable value: {e}")))
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub cache_bytes: usize,
+    pub quick_repair: bool,
+    pub max_batch: usize,
+    /// Test hook: makes the file unable to grow, as a full disk does.
+    pub disk_limit: Option<DiskLimit>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { cache_bytes: 16 << 20, quick_repair: true, max_batch: 1024, disk_limit: None }
+    }
+}
+
+/// The database handle shared by readers, and the path and options to reopen it.
+pub struct Store {
+    db: RwLock<Option<Arc<Database>>>,
+    path: PathBuf,
+    options: StoreOptions,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and checks its schema version.
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Arc<Store>, StoreError> {
+        let db = open_database(path, &options)?;
+        let store = Store { db: RwLock::new(Some(Arc::new(db))), path: path.to_owned(), options };
+        store.ensure_schema()?;
+        Ok(Arc::new(store))
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+
+    /// The current database handle (readers begin their read transactions on it).
+    pub fn database(&self) -> Result<Arc<Database>, StoreError> {
+        self.db
+            .read()
+            .map_err(|_| StoreError::Unavailable("store lock poisoned".into()))?
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("the database is being reopened".into()))
+    }
+
+    pub fn read(&self) -> Result<ReadTransaction, StoreError> {
+        Ok(self.database()?.begin_read()?)
+    }
+
+    /// Drops the failed handle and opens the file again, as redb requires after an I/O error.
+    /// Waits briefly for in-flight readers to let go of the old handle.
+    pub(crate) fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot =
+            self.db.write().map_err(|_| StoreError::Unavailable("store lock poisoned".into()))?;
+        if let Some(old) = slot.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut old = old;
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(shared) if Instant::now() < deadline => {
+                        old = shared;
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(shared) => {
+                        *slot = Some(shared);
+                        return Err(StoreError::Unavailable("readers hold the old handle".into()));
+                    }
+                }
+            }
+        }
+        // A reader's transaction may still pin the file for a moment after its handle is gone.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match open_database(&self.path, &self.options) {
+                Ok(db) => {
+                    *slot = Some(Arc::new(db));
+                    tracing::warn!(path = %self.path.display(), "database reopened after an I/O error");
+                    return Ok(());
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "reopen failed, retrying");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn ensure_schema(&self) -> Result<(), StoreError> {
+        let db = self.database()?;
+        let found = {
+            let read = db.begin_read()?;
+            match read.open_table(META) {
+                Ok(t) => match t.get("schema_version")? {
+                    Some(v) => Some(decode::<u32>(v.value())?),
+                    None => None,
+                },
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        match found {
+            Some(v) if v > SCHEMA_VERSION => Err(StoreError::NewerSchema { found: v }),
+            Some(_) => Ok(()), // Older layouts get their migrations here as the schema evolves.
+            None => {
+                let mut txn = db.begin_write()?;
+                txn.set_quick_repair(self.options.quick_repair);
+                {
+                    let mut meta = txn.open_table(META)?;
+                    meta.insert("schema_version", encode(&SCHEMA_VERSION).as_slice())?;
+                    // Create every table so that readers never meet a missing one.
+                    txn.open_table(ACCOUNTS)?;
+                    txn.open_table(KEYS)?;
+                    txn.open_table(KEY_IDS)?;
+                    txn.open_table(MACHINES)?;
+                }
+                txn.commit()?;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn open_database(path: &Path, options: &StoreOptions) -> Result<Database, StoreError> {
+    let mut builder = Database::builder();
+    builder.set_cache_size(options.cache_bytes);
+    let db = match &options.disk_limit {
+        None => builder.create(path)?,
+        Some(limit) => {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(io_error)?;
+            builder.create_with_backend(limit.backend(file)?)?
+        }
+    };
+    Ok(db)
+}
+
+/// Reads one postcard value from `table` inside a read transaction.
+pub fn get<T: DeserializeOwned>(
+    txn: &ReadTransaction,
+    table: TableDefinition<&str, &[u8]>,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    let t = txn.open_table(table)?;
+    let v = t.get(key)?;
+    v.map(|g| decode(g.value())).transpose()
+}

@@ -15,36 +15,36 @@ use crate::machines::{self, Machine, MachineError, NewMachine};
 use crate::server::Gateway;
 
 pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
-    let create = warp::post()
-        .and(warp::path!("api" / "chain" / "state-machines"))
+    let create = warp::path!("api" / "chain" / "state-machines")
+        .and(warp::post())
         .and(with_gateway(gw.clone()))
         .and(client_ip())
         .and(bearer())
         .and(body())
         .then(|gw, ip, bearer, len, body| async move { respond(create(gw, ip, bearer, len, body).await) });
-    let list = warp::get()
-        .and(warp::path!("api" / "chain" / "state-machines"))
+    let list = warp::path!("api" / "chain" / "state-machines")
+        .and(warp::get())
         .and(with_gateway(gw.clone()))
         .and(bearer())
         .then(|gw, bearer| async move { respond(list(gw, bearer)) });
-    let one = warp::get()
-        .and(warp::path!("api" / "chain" / "state-machines" / String))
+    let one = warp::path!("api" / "chain" / "state-machines" / String)
+        .and(warp::get())
         .and(with_gateway(gw.clone()))
         .and(bearer())
         .then(|slug, gw, bearer| async move { respond(get_one(gw, bearer, slug)) });
-    let mint = warp::post()
-        .and(warp::path!("api" / "chain" / String / "api-keys"))
+    let mint = warp::path!("api" / "chain" / String / "api-keys")
+        .and(warp::post())
         .and(with_gateway(gw.clone()))
         .and(bearer())
         .and(body())
         .then(|slug, gw, bearer, len, body| async move { respond(mint_key(gw, bearer, slug, len, body).await) });
-    let keys = warp::get()
-        .and(warp::path!("api" / "chain" / String / "api-keys"))
+    let keys = warp::path!("api" / "chain" / String / "api-keys")
+        .and(warp::get())
         .and(with_gateway(gw.clone()))
         .and(bearer())
         .then(|slug, gw, bearer| async move { respond(list_keys(gw, bearer, slug)) });
-    let revoke = warp::delete()
-        .and(warp::path!("api" / "chain" / String / "api-keys" / String))
+    let revoke = warp::path!("api" / "chain" / String / "api-keys" / String)
+        .and(warp::delete())
         .and(with_gateway(gw))
         .and(bearer())
         .then(|slug, id, gw, bearer| async move { respond(revoke_key(gw, bearer, slug, id).await) });

@@ -17,15 +17,15 @@ use crate::server::Gateway;
 struct WebUi;
 
 pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
-    let healthz = warp::get()
-        .and(warp::path!("healthz"))
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
         .and(with_gateway(gw.clone()))
         .map(|gw: Arc<Gateway>| match gw.store.read() {
             Ok(_) => json_response(StatusCode::OK, &json!({"ok": true, "status": "ok"})),
             Err(e) => ApiError::from(e).into_response(),
         });
-    let metrics = warp::get()
-        .and(warp::path!("metrics"))
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
         .and(with_gateway(gw.clone()))
         .map(|gw: Arc<Gateway>| {
             let mut res = gw.render_metrics().into_response();
@@ -34,14 +34,14 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = wa
             }
             res
         });
-    let info = warp::get()
-        .and(warp::path!("api" / "gateway"))
+    let info = warp::path!("api" / "gateway")
+        .and(warp::get())
         .and(with_gateway(gw))
         .map(|gw: Arc<Gateway>| respond(gateway_info(&gw)));
-    let root = warp::get().and(warp::path::end()).map(|| {
+    let root = warp::path::end().and(warp::get()).map(|| {
         warp::redirect::see_other(http::Uri::from_static("/ui/")).into_response()
     });
-    let ui = warp::get().and(warp::path("ui")).and(warp::path::full()).and(warp::path::tail()).map(
+    let ui = warp::path("ui").and(warp::get()).and(warp::path::full()).and(warp::path::tail()).map(
         |full: warp::path::FullPath, tail: warp::path::Tail| {
             if full.as_str() == "/ui" {
                 warp::redirect::permanent(http::Uri::from_static("/ui/")).into_response()

@@ -1,0 +1,169 @@
+//! Harness for black-box tests: runs the real `smgate` binary on an ephemeral port with a temp
+//! data directory and talks real TLS to it, trusting only the certificate that `init` made.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_smgate");
+
+pub struct Gw {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub addr: String,
+    pub owner_key: String,
+    pub owner_zid: String,
+    pub env: Vec<(String, String)>,
+}
+
+/// Runs `smgate --data <dir> <args>` to completion and returns stdout.
+pub fn cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).arg("--data").arg(dir).args(args).output().expect("run smgate");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+impl Gw {
+    /// Initialises a fresh data directory and starts `serve` with `env` added.
+    pub fn start(env: &[(&str, &str)]) -> Gw {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let (ok, out, err) = cli(&data, &["init"]);
+        assert!(ok, "init failed: {err}");
+        let owner_key = line_value(&out, "owner key ");
+        let owner_zid = line_value(&out, "owner account ");
+        let mut gw = Gw {
+            dir,
+            child: None,
+            addr: String::new(),
+            owner_key,
+            owner_zid,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        gw.spawn();
+        gw
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts `serve` on the existing data directory and waits until it listens.
+    pub fn spawn(&mut self) {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--data").arg(self.data()).arg("serve");
+        cmd.env("SMGATE_HTTP_LISTEN", "127.0.0.1:0").env("RUST_LOG", "warn");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("smgate: listening on https://") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        self.addr = rx.recv_timeout(Duration::from_secs(20)).expect("gateway did not start listening");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).expect("running")
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill");
+        assert!(ok.success());
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let mut c = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "gateway did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://{}{}", self.addr, path)
+    }
+
+    pub fn cert_pem(&self) -> Vec<u8> {
+        std::fs::read(self.data().join("tls/cert.pem")).expect("cert")
+    }
+
+    pub fn client(&self) -> reqwest::Client {
+        client_trusting(&self.cert_pem())
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn client_trusting(pem: &[u8]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(pem).expect("pem"))
+        .tls_built_in_root_certs(false)
+        .use_rustls_tls()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+pub fn line_value(text: &str, prefix: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in {text}"))
+        .trim()
+        .to_string()
+}
+
+/// Sends a request and returns (status, JSON body, headers).
+pub async fn call(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let mut req = client.request(method, url);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let res = req.send().await.expect("request");
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let text = res.text().await.expect("body");
+    let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, json, headers)
+}

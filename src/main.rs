@@ -236,12 +236,12 @@ async fn key_command(config: &Config, cmd: KeyCommand) -> Result<(), CliError> {
         }
         KeyCommand::List { subject } => {
             let wanted = parse_subject(&subject, None)?;
-            let keys = auth::list_keys(&store.read()?, |s| match (&wanted, s) {
+            let keys = store.view(|txn| auth::list_keys(txn, |s| match (&wanted, s) {
                 (None, _) => true,
                 (Some(KeySubject::Account { zid: a }), KeySubject::Account { zid: b }) => a == b,
                 (Some(KeySubject::Machine { slug: a, .. }), KeySubject::Machine { slug: b, .. }) => a == b,
                 _ => false,
-            })?;
+            }))?;
             println!("{:<36}  {:<24}  {:<12}  {:<16}  {:<20}  status", "id", "subject", "name", "hint", "created");
             for k in keys {
                 let subject = match &k.subject {
@@ -283,7 +283,7 @@ async fn serve(config: Config) -> Result<(), CliError> {
             loop {
                 tick.tick().await;
                 // Ping only while the store answers, so a wedged store gets us restarted.
-                if gw.store.read().is_ok() {
+                if gw.store.view(|_| Ok(())).is_ok() {
                     systemd::notify("WATCHDOG=1");
                 }
             }

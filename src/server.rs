@@ -52,7 +52,12 @@ pub struct Gateway {
 impl Gateway {
     /// Resolves the bearer token of a request.
     pub fn principal(&self, bearer: Option<&str>) -> Result<Principal, AuthError> {
-        auth::resolve(&self.store.read()?, bearer, clock::now_ms())
+        let now = clock::now_ms();
+        // Store errors surface through `view` so that a read during a reopen is retried.
+        self.store.view(|txn| match auth::resolve(txn, bearer, now) {
+            Err(AuthError::Store(e)) => Err(e),
+            other => Ok(other),
+        })?
     }
 
     pub fn rate_limited(&self, retry_after: u64) -> ApiError {
@@ -61,7 +66,7 @@ impl Gateway {
     }
 
     pub fn render_metrics(&self) -> String {
-        let machines = self.store.read().ok().and_then(|r| machines::count(&r).ok()).unwrap_or(0);
+        let machines = self.store.view(machines::count).unwrap_or(0);
         self.metrics.render(
             self.writer.stats(),
             &[

@@ -14,7 +14,7 @@ async fn spinup(gw: &Gw, key: Option<&str>, body: Value) -> (u16, Value) {
     (s, b)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spinup_returns_the_spec_dto_and_a_zsm_key_once() {
     let gw = Gw::start(&[("SMGATE_GATEWAY_REGION", "us-east"), ("SMGATE_LIMITS_SPINUP_PER_MINUTE_PER_IP", "1000")]);
     let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 / 777;
@@ -61,7 +61,7 @@ fn uuid_like(s: &str) {
     assert_eq!(s.matches('-').count(), 4, "{s}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_slug_is_lowercased_zid_with_suffixes_and_user_collision_is_409() {
     let gw = Gw::start(&[("SMGATE_LIMITS_SPINUP_PER_MINUTE_PER_IP", "1000")]);
     let base = gw.owner_zid.to_lowercase();
@@ -86,7 +86,7 @@ async fn default_slug_is_lowercased_zid_with_suffixes_and_user_collision_is_409(
     assert_eq!(list["machines"].as_array().unwrap().len(), 4);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_its_own_400_code() {
     let gw = Gw::start(&[("SMGATE_LIMITS_SPINUP_PER_MINUTE_PER_IP", "1000")]);
     let k = Some(gw.owner_key.as_str());
@@ -122,7 +122,7 @@ async fn bad_input_gets_its_own_400_code() {
     assert_eq!(list["count"], 1);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_invalid_and_revoked_bearers_are_401() {
     let gw = Gw::start(&[("SMGATE_LIMITS_SPINUP_PER_MINUTE_PER_IP", "1000")]);
     let (s, b) = spinup(&gw, None, json!({})).await;
@@ -156,7 +156,7 @@ async fn missing_invalid_and_revoked_bearers_are_401() {
     assert_eq!(s, 401);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eleventh_spinup_in_a_minute_from_one_ip_is_429_with_retry_after() {
     let gw = Gw::start(&[]);
     for i in 0..10 {
@@ -176,7 +176,7 @@ async fn eleventh_spinup_in_a_minute_from_one_ip_is_429_with_retry_after() {
     assert!(metrics.contains("smgate_rate_limited_total 2"), "{metrics}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parent_origin_comes_from_zeq_origin_env() {
     let gw = Gw::start(&[("ZEQ_ORIGIN", "acme-labs")]);
     let (s, b) = spinup(&gw, Some(&gw.owner_key), json!({})).await;
@@ -188,7 +188,7 @@ async fn parent_origin_comes_from_zeq_origin_env() {
 
 /// Every machine endpoint against: anonymous, a foreign account, a foreign machine key, each
 /// role of this machine, and the owner.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorization_matrix() {
     let gw = Gw::start(&[("SMGATE_LIMITS_SPINUP_PER_MINUTE_PER_IP", "1000")]);
     let c = gw.client();
@@ -280,7 +280,7 @@ async fn authorization_matrix() {
     assert_eq!((s, b["error"].as_str()), (403, Some("forbidden")));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_minting_validates_its_body() {
     let gw = Gw::start(&[]);
     let (_, b) = spinup(&gw, Some(&gw.owner_key), json!({"slug": "k"})).await;

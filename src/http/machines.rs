@@ -65,7 +65,10 @@ async fn create(
     }
     let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
     let request = NewMachine::from_json(&parse_json(&bytes)?)?;
-    let owner = machines::spinup_owner(&gw.store.read()?, &principal)?;
+    let owner = gw.store.view(|txn| match machines::spinup_owner(txn, &principal) {
+        Err(MachineError::Store(e)) => Err(e),
+        other => Ok(other),
+    })??;
     let defaults = gw.machine_defaults.clone();
     let (machine, api_key) = gw
         .writer
@@ -80,7 +83,7 @@ async fn create(
 
 fn list(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, ApiError> {
     let principal = gw.principal(bearer.as_deref())?;
-    let all = machines::all(&gw.store.read()?)?;
+    let all = gw.store.view(machines::all)?;
     let visible: Vec<Value> = all
         .iter()
         .filter_map(|m| {
@@ -94,7 +97,7 @@ fn list(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, ApiError> 
 /// The machine and the caller's access to it. Private machines are invisible to callers who
 /// have no access: anonymous callers are asked to authenticate, others get 404.
 fn visible_machine(gw: &Gateway, principal: &Principal, slug: &str) -> Result<(Machine, Access), ApiError> {
-    let machine = if machines::valid_slug(slug) { machines::get(&gw.store.read()?, slug)? } else { None };
+    let machine = if machines::valid_slug(slug) { gw.store.view(|txn| machines::get(txn, slug))? } else { None };
     let access = machine.as_ref().map(|m| m.access(principal)).unwrap_or(Access::None);
     match machine {
         Some(m) if access > Access::None => Ok((m, access)),
@@ -178,7 +181,7 @@ async fn mint_key(
 
 fn list_keys(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
     let (machine, _) = require_admin(&gw, bearer.as_deref(), &slug)?;
-    let keys = auth::list_keys(&gw.store.read()?, |s| matches!(s, KeySubject::Machine { slug, .. } if *slug == machine.slug))?;
+    let keys = gw.store.view(|txn| auth::list_keys(txn, |s| matches!(s, KeySubject::Machine { slug, .. } if *slug == machine.slug)))?;
     let keys: Vec<Value> = keys.iter().map(key_json).collect();
     Ok(json_response(StatusCode::OK, &json!({"ok": true, "keys": keys})))
 }

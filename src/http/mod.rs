@@ -100,7 +100,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
             StoreError::Full(_) => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "storage_full", e.to_string()),
-            StoreError::Unavailable(_) | StoreError::ShuttingDown => {
+            StoreError::Unavailable(_) | StoreError::Recovering | StoreError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", e.to_string())
             }
             StoreError::Corrupt(_) | StoreError::NewerSchema { .. } => {

@@ -20,7 +20,7 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = wa
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .and(with_gateway(gw.clone()))
-        .map(|gw: Arc<Gateway>| match gw.store.read() {
+        .map(|gw: Arc<Gateway>| match gw.store.view(|_| Ok(())) {
             Ok(_) => json_response(StatusCode::OK, &json!({"ok": true, "status": "ok"})),
             Err(e) => ApiError::from(e).into_response(),
         });
@@ -54,7 +54,7 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = wa
 }
 
 fn gateway_info(gw: &Gateway) -> Result<Response, ApiError> {
-    let machines = machines::count(&gw.store.read()?)?;
+    let machines = gw.store.view(machines::count)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({

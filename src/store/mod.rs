@@ -51,6 +51,8 @@ pub enum StoreError {
     Full(String),
     #[error("storage is unavailable: {0}; retry shortly")]
     Unavailable(String),
+    #[error("storage is recovering from an I/O error; retry shortly")]
+    Recovering,
     #[error("stored data is corrupt: {0}; run `smgate verify`")]
     Corrupt(String),
     #[error("the gateway is shutting down; retry against the restarted gateway")]
@@ -75,9 +77,7 @@ impl From<redb::StorageError> for StoreError {
     fn from(e: redb::StorageError) -> Self {
         match e {
             redb::StorageError::Io(io) => io_error(io),
-            redb::StorageError::PreviousIo => {
-                StoreError::Unavailable("a previous I/O error is being recovered".into())
-            }
+            redb::StorageError::PreviousIo => StoreError::Recovering,
             redb::StorageError::ValueTooLarge(n) => {
                 StoreError::Corrupt(format!("value of {n} bytes is too large"))
             }
@@ -92,9 +92,7 @@ macro_rules! from_redb {
             fn from(e: $t) -> Self {
                 match redb::Error::from(e) {
                     redb::Error::Io(io) => io_error(io),
-                    redb::Error::PreviousIo => {
-                        StoreError::Unavailable("a previous I/O error is being recovered".into())
-                    }
+                    redb::Error::PreviousIo => StoreError::Recovering,
                     redb::Error::DatabaseAlreadyOpen => StoreError::Unavailable(
                         "the database is open in another process (is the gateway running?)".into(),
                     ),
@@ -166,6 +164,24 @@ impl Store {
 
     pub fn read(&self) -> Result<ReadTransaction, StoreError> {
         Ok(self.database()?.begin_read()?)
+    }
+
+    /// Runs `f` in a read transaction. A read that meets a handle the writer is about to
+    /// reopen after an I/O error waits for the reopen and runs again, so reads keep working
+    /// while writes fail.
+    pub fn view<T>(&self, f: impl Fn(&ReadTransaction) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut attempt = 0;
+        loop {
+            let outcome = self.read().and_then(|txn| f(&txn));
+            match outcome {
+                Err(StoreError::Recovering) if attempt < 50 => {
+                    attempt += 1;
+                    // `database()` blocks while the writer holds the slot to reopen it.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Drops the failed handle and opens the file again, as redb requires after an I/O error.

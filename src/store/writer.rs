@@ -190,10 +190,12 @@ fn commit_batch(store: &Store, batch: &mut Vec<Run>, stats: &BatchStats) {
         Err(error) => {
             tracing::error!(error = %error, batch = size, "commit failed; batch refused");
             stats.record(size, started.elapsed().as_secs_f64(), false);
+            // Reopen before answering, so a caller that reads right after its refusal finds
+            // the store readable.
+            recover(store, &error);
             for finish in finishes {
                 finish(Some(error.clone()));
             }
-            recover(store, &error);
         }
     }
 }
@@ -201,7 +203,7 @@ fn commit_batch(store: &Store, batch: &mut Vec<Run>, stats: &BatchStats) {
 /// After an I/O error redb refuses every further operation on the handle; reopen it so that
 /// readers keep working and the next batch can try again.
 fn recover(store: &Store, error: &StoreError) {
-    if matches!(error, StoreError::Full(_) | StoreError::Unavailable(_)) {
+    if matches!(error, StoreError::Full(_) | StoreError::Unavailable(_) | StoreError::Recovering) {
         if let Err(e) = store.reopen() {
             tracing::error!(error = %e, "reopening the database failed; will retry on next write");
         }

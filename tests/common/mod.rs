@@ -94,8 +94,16 @@ impl Gw {
         }
     }
 
-    /// SIGTERM and wait for a clean exit.
+    /// SIGTERM and wait for a clean exit. Inside a multi-thread runtime the wait lets the
+    /// runtime keep running, so that open client connections can answer the server's GOAWAY.
     pub fn stop(&mut self) -> std::process::ExitStatus {
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| self.stop_blocking()),
+            _ => self.stop_blocking(),
+        }
+    }
+
+    fn stop_blocking(&mut self) -> std::process::ExitStatus {
         self.signal("TERM");
         let mut c = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(20);

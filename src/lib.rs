@@ -9,6 +9,10 @@
 //! - [`machines`]: spec 000 machines: slugs, ownership, visibility.
 //! - [`store`]: redb tables, postcard codecs, schema version, and the one writer task
 //!   ([`store::GroupCommit`]) through which every write goes.
+//! - [`ledger`]: the verifiable log's pure core: row encoding, hash chain, RFC 6962 tree in
+//!   Go-tlog layout, C2SP signed-note checkpoints. No I/O.
+//! - [`chart`]: the pure statechart engine (XState-shaped JSON, SCXML semantics, Rhai
+//!   expressions in a sandbox). No I/O, time passed in.
 //! - [`gateway`]: the data directory, the gateway's Ed25519 identity and TLS files (`init`).
 //! - [`tls`], [`systemd`], [`metrics`], [`clock`]: the small pieces around them.
 //!
@@ -16,10 +20,12 @@
 //! durable; raw keys are never stored.
 
 pub mod auth;
+pub mod chart;
 pub mod clock;
 pub mod config;
 pub mod gateway;
 pub mod http;
+pub mod ledger;
 pub mod machines;
 pub mod metrics;
 pub mod server;

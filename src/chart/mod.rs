@@ -1,0 +1,284 @@
+//! The statechart engine: XState-v5-shaped JSON definitions run with W3C SCXML semantics.
+//!
+//! The engine is **pure**: it takes a compiled [`Chart`], an [`InstanceState`], an [`Event`]
+//! and the time (`now_ms`), and returns the next state plus the [`Effect`]s the host must
+//! publish after it commits. No I/O, no clock, no randomness; the same inputs always give the
+//! same [`Step`], which is what makes instances replayable and the engine fuzzable.
+//!
+//! - `parse`  — definition JSON → validated state tree (targets resolved, errors with paths).
+//! - `expr`   — the sandboxed Rhai engine; every expression is compiled once per version.
+//! - `run`    — the SCXML interpreter (microsteps, macrosteps, queues, timers, history).
+//! - `model`  — the data the host stores and exchanges (`InstanceState`, `Event`, `Step`…).
+//! - `sim`    — `smgate chart check` / `smgate chart simulate`, and `fuzz_one`.
+//!
+//! Choices this module settles (beyond DESIGN.md):
+//! - Expressions: a JSON string in an expression slot (`guard`, `assign` values, `data`,
+//!   `expr`, `output`, authorizers) is Rhai source; any other JSON value is a literal.
+//! - Runtime failures (a guard that errors or is not a bool, a failing `assign`, a macrostep
+//!   that does not settle) fail the whole call: the host keeps the previous state.
+//! - `after` timers raise `xstate.after.<ms>.<state id>`; they are matched exactly (not as a
+//!   descriptor prefix), so a parent's delay never catches a child's timer.
+//! - Reaching a top-level final state runs the exit actions of every active state (XState v5),
+//!   keeps the configuration, cancels all timers and evaluates the root `output`.
+
+mod expr;
+mod model;
+mod parse;
+mod run;
+pub mod sim;
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde_json::Value;
+
+pub use model::{Effect, Event, InstanceState, Step, Timer, WriteKind};
+pub use sim::{check, fuzz_one, simulate};
+
+/// Most microsteps one macrostep may take before it is declared unsettled.
+pub const MAX_MICROSTEPS: u32 = 1_000;
+/// Most external events (undelayed `send`s and timers) one call may process.
+pub const MAX_EXTERNAL_EVENTS: usize = 1_000;
+/// Most timers a single `advance` fires; the rest stay due (see [`Chart::next_due`]).
+pub const MAX_TIMERS_PER_ADVANCE: usize = 1_000;
+/// Largest context (as JSON) a step may leave behind.
+pub const MAX_CONTEXT_BYTES: usize = 400 * 1024;
+/// Most pending timers an instance may hold.
+pub const MAX_TIMERS: usize = 1_000;
+
+/// What went wrong, and where: `path` is a JSON path into the definition (`$.states.a.on.X`)
+/// for definition and expression errors, `$` for whole-instance errors, or `event` / `state`
+/// for bad input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ChartError {
+    pub path: String,
+    pub message: String,
+    pub kind: ErrorKind,
+}
+
+/// Lets the host map errors without parsing messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The definition is invalid (caught by `check` / compile).
+    Definition,
+    /// The caller passed something invalid (empty event type, unknown state id…).
+    Input,
+    /// An expression failed or a limit was hit while running; the step must be rolled back.
+    Runtime,
+}
+
+impl ChartError {
+    pub(crate) fn def(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ChartError {
+            path: path.into(),
+            message: message.into(),
+            kind: ErrorKind::Definition,
+        }
+    }
+    pub(crate) fn input(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ChartError {
+            path: path.into(),
+            message: message.into(),
+            kind: ErrorKind::Input,
+        }
+    }
+    pub(crate) fn runtime(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ChartError {
+            path: path.into(),
+            message: message.into(),
+            kind: ErrorKind::Runtime,
+        }
+    }
+}
+
+/// A compiled, immutable statechart version. `Send + Sync`; share it with `Arc`.
+pub struct Chart {
+    pub(crate) states: Vec<parse::StateNode>,
+    pub(crate) transitions: Vec<parse::TransitionDef>,
+    pub(crate) by_id: std::sync::Arc<HashMap<String, usize>>,
+    pub(crate) context: Value,
+    pub(crate) output: Option<expr::ValueExpr>,
+    pub(crate) allow_read: Option<expr::Expr>,
+    pub(crate) allow_write: Option<expr::Expr>,
+    pub(crate) sandbox: expr::Sandbox,
+}
+
+impl std::fmt::Debug for Chart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chart")
+            .field("root", &self.states[0].id)
+            .field("states", &self.states.len())
+            .field("transitions", &self.transitions.len())
+            .finish()
+    }
+}
+
+impl Chart {
+    /// Validates and compiles a definition (key order of the JSON objects is document order).
+    pub fn compile(definition: &Value) -> Result<Chart, ChartError> {
+        parse::compile(definition)
+    }
+
+    /// Parses definition text (JSON) and compiles it.
+    pub fn from_json_str(text: &str) -> Result<Chart, ChartError> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| ChartError::def("$", format!("definition is not valid JSON: {e}")))?;
+        Chart::compile(&value)
+    }
+
+    /// The id of the root state (`id` of the definition, or `(machine)`).
+    pub fn id(&self) -> &str {
+        &self.states[0].id
+    }
+
+    /// Starts an instance: `context` (an object, or null) is merged over the definition's
+    /// `context`, then the initial configuration is entered and the machine settles.
+    pub fn initial(&self, context: Value, auth: &Value, now_ms: i64) -> Result<Step, ChartError> {
+        run::initial(self, context, auth, now_ms)
+    }
+
+    /// Processes one external event (plus everything it causes) to completion. Does not fire
+    /// due timers: call [`Chart::advance`] first when time has passed.
+    pub fn send(
+        &self,
+        state: &InstanceState,
+        event: Event,
+        auth: &Value,
+        now_ms: i64,
+    ) -> Result<Step, ChartError> {
+        run::send(self, state, event, auth, now_ms)
+    }
+
+    /// Fires every timer due at or before `now_ms`, in due order (ties in schedule order),
+    /// including timers that come due during the advance, up to [`MAX_TIMERS_PER_ADVANCE`].
+    pub fn advance(&self, state: &InstanceState, now_ms: i64) -> Result<Step, ChartError> {
+        run::advance(self, state, now_ms)
+    }
+
+    /// When the next timer is due, if any.
+    pub fn next_due(&self, state: &InstanceState) -> Option<i64> {
+        state.timers.iter().map(|t| t.due_ms).min()
+    }
+
+    /// The state value as XState prints it: a string for an atomic child of the root, nested
+    /// objects for compound states, several keys under a parallel state.
+    pub fn state_value(&self, state: &InstanceState) -> Value {
+        let active = self.active_flags(state);
+        self.value_of(0, &active)
+    }
+
+    /// Tags of all active states, sorted and de-duplicated.
+    pub fn tags(&self, state: &InstanceState) -> Vec<String> {
+        let active = self.active_flags(state);
+        let mut tags = BTreeSet::new();
+        for (i, node) in self.states.iter().enumerate() {
+            if active[i] {
+                tags.extend(node.tags.iter().cloned());
+            }
+        }
+        tags.into_iter().collect()
+    }
+
+    /// Active atomic (and final) state ids, sorted.
+    pub fn atomic_configuration(&self, state: &InstanceState) -> Vec<String> {
+        let active = self.active_flags(state);
+        let mut ids: Vec<String> = self
+            .states
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| active[*i] && n.is_atomic())
+            .map(|(_, n)| n.id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// `context.public`, or `{}`.
+    pub fn public_context(&self, state: &InstanceState) -> Value {
+        match state.context.get("public") {
+            Some(v) => v.clone(),
+            None => Value::Object(serde_json::Map::new()),
+        }
+    }
+
+    /// Whether a state with this id exists (used to check migration paths between versions).
+    pub fn has_state(&self, id: &str) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    /// Checks that a stored state fits this chart version: every configuration id exists and
+    /// the configuration is legal (e.g. before moving an instance to another version).
+    pub fn check_state(&self, state: &InstanceState) -> Result<(), ChartError> {
+        run::check_state(self, state)
+    }
+
+    /// Runs the root `authorizers.allowRead` (no authorizer = allow). Sees `context`, `auth`
+    /// and `state` (the state value).
+    pub fn allow_read(&self, state: &InstanceState, auth: &Value) -> Result<bool, ChartError> {
+        run::allow_read(self, state, auth)
+    }
+
+    /// Runs the root `authorizers.allowWrite` (no authorizer = allow). Sees `type`
+    /// (`"initialization"` or `"event"`), `event`, `context` and `auth`.
+    pub fn allow_write(
+        &self,
+        kind: WriteKind,
+        event: Option<&Event>,
+        context: &Value,
+        auth: &Value,
+    ) -> Result<bool, ChartError> {
+        run::allow_write(self, kind, event, context, auth)
+    }
+
+    fn active_flags(&self, state: &InstanceState) -> Vec<bool> {
+        let mut active = vec![false; self.states.len()];
+        active[0] = true;
+        for id in &state.configuration {
+            if let Some(&i) = self.by_id.get(id) {
+                active[i] = true;
+            }
+        }
+        active
+    }
+
+    fn value_of(&self, s: usize, active: &[bool]) -> Value {
+        // Port of XState v5 getValueFromAdj: a compound with an atomic active child prints the
+        // child's key; everything else is an object of active children.
+        let node = &self.states[s];
+        let kids: Vec<usize> = node
+            .children
+            .iter()
+            .copied()
+            .filter(|&c| active[c])
+            .collect();
+        if node.kind == parse::Kind::Compound {
+            match kids.first() {
+                Some(&c) if self.states[c].is_atomic() => {
+                    return Value::String(self.states[c].key.clone())
+                }
+                Some(_) => {}
+                None => return Value::Object(serde_json::Map::new()),
+            }
+        }
+        let mut map = serde_json::Map::new();
+        for c in kids {
+            map.insert(self.states[c].key.clone(), self.value_of(c, active));
+        }
+        Value::Object(map)
+    }
+}
+
+#[cfg(test)]
+mod send_sync {
+    fn assert_send_sync<T: Send + Sync>() {}
+    #[test]
+    fn chart_is_send_and_sync() {
+        assert_send_sync::<super::Chart>();
+    }
+}

@@ -45,6 +45,34 @@ enum Command {
     /// Manage keys (offline: stop the gateway first; a running gateway has the HTTP API).
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Validate or dry-run a statechart definition offline (needs no data directory).
+    #[command(subcommand)]
+    Chart(ChartCommand),
+}
+
+#[derive(Subcommand)]
+enum ChartCommand {
+    /// Validate a definition file (XState v5-shaped JSON).
+    ///
+    /// Prints `ok`, or the error with the JSON path of the bad node (e.g.
+    /// `$.states.online.on.PING.target: ...`) and exits 1.
+    Check {
+        /// The definition file.
+        file: PathBuf,
+    },
+    /// Run a definition against a list of events, without a server.
+    ///
+    /// Prints one JSON line per input line, `{"value", "configuration", "tags", "done",
+    /// "context"}`, after that input and everything it caused (internal events, undelayed
+    /// sends, timers due by then) have been processed. The virtual clock starts at 0.
+    Simulate {
+        /// The definition file.
+        file: PathBuf,
+        /// Input, one per line: `NAME`, `{"type": NAME, ...data}`, or
+        /// `{"type": "$advance", "ms": N}` to move the virtual clock. `-` reads stdin.
+        #[arg(long, value_name = "EVENTS.jsonl")]
+        events: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -172,7 +200,38 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Key(cmd) => key_command(&config, cmd).await,
+        Command::Chart(cmd) => chart_command(cmd),
     }
+}
+
+/// `smgate chart …`: pure, offline; reads only the files it is given.
+fn chart_command(cmd: ChartCommand) -> Result<(), CliError> {
+    use smgate::chart;
+    use std::io::Write as _;
+    let read = |path: &PathBuf| -> Result<String, CliError> {
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())
+        } else {
+            std::fs::read_to_string(path)
+        };
+        text.map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))
+    };
+    let fail = |e: chart::ChartError| CliError::Usage(e.to_string());
+    match cmd {
+        ChartCommand::Check { file } => {
+            chart::check(&read(&file)?).map_err(fail)?;
+            println!("ok");
+        }
+        ChartCommand::Simulate { file, events } => {
+            let lines = chart::simulate(&read(&file)?, &read(&events)?).map_err(fail)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for line in lines {
+                writeln!(out, "{line}").map_err(|e| CliError::Usage(e.to_string()))?;
+            }
+            out.flush().map_err(|e| CliError::Usage(e.to_string()))?;
+        }
+    }
+    Ok(())
 }
 
 fn print_owner(made: &gateway::Initialised) {

@@ -6,9 +6,8 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use ring::signature::{Ed25519KeyPair, KeyPair};
-
 use crate::auth::{self, Zid};
+use crate::ledger::GatewayKey;
 use crate::clock;
 use crate::config::Config;
 use crate::store::{self, GroupCommit, Store, StoreError, StoreOptions, META};
@@ -47,23 +46,26 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), InitError> {
 pub struct Identity {
     /// `gw-` and 16 hex digits of SHA-256 of the public key: stable, and safe in note names.
     pub id: String,
-    pub keypair: Ed25519KeyPair,
+    pub key: GatewayKey,
 }
 
 impl Identity {
     pub fn load(path: &Path) -> Result<Identity, InitError> {
         let pkcs8 = fs::read(path).map_err(io(path))?;
-        let keypair = Ed25519KeyPair::from_pkcs8(&pkcs8)
-            .map_err(|_| InitError::BadIdentity(path.to_owned()))?;
-        let digest = auth::sha256(keypair.public_key().as_ref());
+        let key = GatewayKey::from_pkcs8(&pkcs8).map_err(|_| InitError::BadIdentity(path.to_owned()))?;
+        let digest = auth::sha256(&key.public_key());
         let id = format!("gw-{}", hex(&digest[..8]));
-        Ok(Identity { id, keypair })
+        Ok(Identity { id, key })
     }
 
     pub fn public_key(&self) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        out.copy_from_slice(self.keypair.public_key().as_ref());
-        out
+        self.key.public_key()
+    }
+
+    /// The signed-note verifier key `<id>+<key hash>+<base64(0x01 ‖ public key)>`.
+    pub fn verifier_key(&self) -> String {
+        // The id is `gw-` + hex, always a valid note name.
+        self.key.verifier_key(&self.id).unwrap_or_default()
     }
 }
 
@@ -107,10 +109,8 @@ pub async fn init(config: &Config) -> Result<Initialised, InitError> {
 
     let id_path = identity_path(config);
     if !id_path.exists() {
-        let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
-            .map_err(|_| InitError::BadIdentity(id_path.clone()))?;
-        write_private(&id_path, pkcs8.as_ref())?;
+        let pkcs8 = GatewayKey::generate().map_err(|_| InitError::BadIdentity(id_path.clone()))?;
+        write_private(&id_path, &pkcs8)?;
     }
     let identity = Identity::load(&id_path)?;
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
-use smgate::auth::{self, KeySubject, Role, Zid};
+use smgate::auth::{self, KeyRecord, KeySubject, Role, Zid};
 use smgate::config::Config;
 use smgate::store::{GroupCommit, Store, StoreError};
 use smgate::{clock, gateway, server, systemd};
@@ -287,7 +287,12 @@ async fn key_command(config: &Config, cmd: KeyCommand) -> Result<(), CliError> {
                         return Err(CliError::Usage("no such account or machine".into()));
                     }
                     let now = clock::now_ms();
-                    Ok(auth::mint_key(txn, subject, &name, ttl.map(|t| now + t), now)?)
+                    let expires = ttl.map(|t| now + t);
+                    Ok(match subject {
+                        // Machine keys are logged on the machine's chain.
+                        KeySubject::Machine { slug, role } => smgate::machines::mint_key(txn, &slug, role, &name, expires, "cli", now)?,
+                        account => auth::mint_key(txn, account, &name, expires, now)?,
+                    })
                 })
                 .await?;
             println!("id {}\nkey {raw}\n(shown once; store it now)", record.id);
@@ -313,7 +318,14 @@ async fn key_command(config: &Config, cmd: KeyCommand) -> Result<(), CliError> {
             Ok(())
         }
         KeyCommand::Revoke { id } => {
-            let record = writer.write(move |txn| auth::revoke_key(txn, &id, |_| true, clock::now_ms())).await?;
+            let record = writer
+                .write(move |txn| match auth::key_by_id_in(txn, &id)? {
+                    Some(KeyRecord { subject: KeySubject::Machine { slug, .. }, .. }) => {
+                        smgate::machines::revoke_key(txn, &slug, &id, "cli", clock::now_ms())
+                    }
+                    _ => auth::revoke_key(txn, &id, |_| true, clock::now_ms()),
+                })
+                .await?;
             match record {
                 Some(k) => {
                     println!("revoked {}", k.id);

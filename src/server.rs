@@ -44,6 +44,10 @@ pub struct Gateway {
     pub tls: Acceptor,
     pub metrics: Metrics,
     pub spinup_limit: RateLimiter<IpAddr>,
+    /// Writes per machine (slug).
+    pub write_limit: RateLimiter<String>,
+    /// Reads per machine by callers other than its owner.
+    pub read_limit: RateLimiter<String>,
     pub machine_defaults: machines::Defaults,
     pub started: Instant,
     pub started_ms: i64,
@@ -129,6 +133,8 @@ pub async fn start(
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http.listen, source })?;
     let gw = Arc::new(Gateway {
         spinup_limit: RateLimiter::per_minute(config.limits.spinup_per_minute_per_ip),
+        write_limit: RateLimiter::per_minute(config.limits.writes_per_minute_per_machine),
+        read_limit: RateLimiter::per_minute(config.limits.reads_per_minute_per_machine),
         machine_defaults: machines::Defaults {
             region: config.gateway.region.clone(),
             parent_origin: config.parent_origin(),

@@ -236,6 +236,17 @@ pub fn key_by_id(txn: &ReadTransaction, id: &str) -> Result<Option<KeyRecord>, S
     record.map(|r| store::decode(r.value())).transpose()
 }
 
+/// Looks up a key record by id inside a write transaction.
+pub fn key_by_id_in(txn: &WriteTransaction, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+    let hash = match txn.open_table(KEY_IDS)?.get(id)? {
+        Some(h) => h.value().to_vec(),
+        None => return Ok(None),
+    };
+    let keys = txn.open_table(KEYS)?;
+    let record = keys.get(hash.as_slice())?;
+    record.map(|r| store::decode(r.value())).transpose()
+}
+
 /// Marks key `id` revoked if `belongs` accepts its subject. Returns the updated record, or
 /// `None` if there is no such key (or it belongs elsewhere).
 pub fn revoke_key(

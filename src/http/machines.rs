@@ -8,10 +8,14 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
-use super::{bearer, body, client_ip, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream};
+use super::{
+    bearer, body, client_ip, json_response, parse_json, read_body, respond, visible_machine, with_gateway, ApiError,
+    BodyStream,
+};
 use crate::auth::{self, Access, KeyRecord, KeySubject, Principal, Role};
 use crate::clock;
 use crate::machines::{self, Machine, MachineError, NewMachine};
+
 use crate::server::Gateway;
 
 pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
@@ -70,9 +74,10 @@ async fn create(
         other => Ok(other),
     })??;
     let defaults = gw.machine_defaults.clone();
+    let actor = principal.actor();
     let (machine, api_key) = gw
         .writer
-        .write(move |txn| machines::create(txn, &owner, request, &defaults, clock::now_ms()))
+        .write(move |txn| machines::create(txn, &owner, &actor, request, &defaults, clock::now_ms()))
         .await?;
     tracing::info!(slug = %machine.slug, owner = %machine.owner_zid, "machine created");
     Ok(json_response(
@@ -92,18 +97,6 @@ fn list(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, ApiError> 
         })
         .collect();
     Ok(json_response(StatusCode::OK, &json!({"ok": true, "count": visible.len(), "machines": visible})))
-}
-
-/// The machine and the caller's access to it. Private machines are invisible to callers who
-/// have no access: anonymous callers are asked to authenticate, others get 404.
-fn visible_machine(gw: &Gateway, principal: &Principal, slug: &str) -> Result<(Machine, Access), ApiError> {
-    let machine = if machines::valid_slug(slug) { gw.store.view(|txn| machines::get(txn, slug))? } else { None };
-    let access = machine.as_ref().map(|m| m.access(principal)).unwrap_or(Access::None);
-    match machine {
-        Some(m) if access > Access::None => Ok((m, access)),
-        _ if *principal == Principal::Anonymous => Err(ApiError::unauthorized()),
-        _ => Err(ApiError::machine_not_found()),
-    }
 }
 
 fn get_one(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
@@ -167,12 +160,12 @@ async fn mint_key(
             _ => return Err(ApiError::bad_request("invalid_expiry", "expires_in_seconds must be an integer from 1 to 315360000")),
         },
     };
-    let subject = KeySubject::Machine { slug: machine.slug.clone(), role };
+    let (slug, actor) = (machine.slug.clone(), principal.actor());
     let (raw, record) = gw
         .writer
         .write(move |txn| -> Result<_, ApiError> {
             let now = clock::now_ms();
-            Ok(auth::mint_key(txn, subject, &name, ttl.map(|t| now + t), now)?)
+            Ok(machines::mint_key(txn, &slug, role, &name, ttl.map(|t| now + t), &actor, now)?)
         })
         .await?;
     tracing::info!(slug = %machine.slug, key = %record.id, by = %principal.actor(), "machine key minted");
@@ -188,12 +181,11 @@ fn list_keys(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<R
 
 async fn revoke_key(gw: Arc<Gateway>, bearer: Option<String>, slug: String, id: String) -> Result<Response, ApiError> {
     let (machine, principal) = require_admin(&gw, bearer.as_deref(), &slug)?;
-    let machine_slug = machine.slug.clone();
+    let (machine_slug, actor) = (machine.slug.clone(), principal.actor());
     let record = gw
         .writer
         .write(move |txn| -> Result<_, MachineError> {
-            let belongs = |s: &KeySubject| matches!(s, KeySubject::Machine { slug, .. } if *slug == machine_slug);
-            Ok(auth::revoke_key(txn, &id, belongs, clock::now_ms())?)
+            Ok(machines::revoke_key(txn, &machine_slug, &id, &actor, clock::now_ms())?)
         })
         .await?;
     let Some(record) = record else {

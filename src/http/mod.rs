@@ -2,6 +2,7 @@
 //! errors. This file holds what they share: the error shape of the zeq paths, body reading with
 //! a limit, bearer extraction, and the route table. `listener.rs` serves the routes over TLS.
 
+mod chain;
 mod listener;
 mod machines;
 mod ops;
@@ -21,7 +22,8 @@ use warp::reply::Response;
 use warp::{Buf, Filter, Reply};
 
 use crate::auth::AuthError;
-use crate::machines::MachineError;
+use crate::auth::{Access, Principal};
+use crate::machines::{Machine, MachineError};
 use crate::server::Gateway;
 use crate::store::StoreError;
 
@@ -135,6 +137,18 @@ impl From<MachineError> for ApiError {
     }
 }
 
+/// The machine and the caller's access to it. Private machines are invisible to callers who
+/// have no access: anonymous callers are asked to authenticate, others get 404.
+pub fn visible_machine(gw: &Gateway, principal: &Principal, slug: &str) -> Result<(Machine, Access), ApiError> {
+    let machine = if crate::machines::valid_slug(slug) { gw.store.view(|txn| crate::machines::get(txn, slug))? } else { None };
+    let access = machine.as_ref().map(|m| m.access(principal)).unwrap_or(Access::None);
+    match machine {
+        Some(m) if access > Access::None => Ok((m, access)),
+        _ if *principal == Principal::Anonymous => Err(ApiError::unauthorized()),
+        _ => Err(ApiError::machine_not_found()),
+    }
+}
+
 pub fn json_response(status: StatusCode, value: &Value) -> Response {
     let mut res = warp::reply::json(value).into_response();
     *res.status_mut() = status;
@@ -222,6 +236,8 @@ pub fn with_gateway(gw: Arc<Gateway>) -> impl Filter<Extract = (Arc<Gateway>,), 
 /// Every route of the gateway.
 pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     machines::routes(gw.clone())
+        .or(chain::routes(gw.clone()))
+        .unify()
         .or(ops::routes(gw))
         .unify()
         .recover(|r: warp::Rejection| async move { Ok::<_, Infallible>(rejection(r)) })

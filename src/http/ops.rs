@@ -60,7 +60,8 @@ fn gateway_info(gw: &Gateway) -> Result<Response, ApiError> {
         &json!({
             "ok": true,
             "gateway_id": gw.identity.id,
-            "public_key": crate::gateway::hex(&gw.identity.public_key()),
+            "public_key": crate::ledger::base64::encode(&gw.identity.public_key()),
+            "verifier_key": gw.identity.verifier_key(),
             "version": env!("CARGO_PKG_VERSION"),
             "started_at": clock::rfc3339(gw.started_ms),
             "uptime_seconds": gw.started.elapsed().as_secs(),

@@ -13,7 +13,8 @@
 //!   the C2SP signed-note format, so Go's `sumdb/note` and any RFC 6962 verifier can check our
 //!   proofs without smgate code.
 //!
-//! This module is pure: it knows bytes and hashes, not redb, HTTP or clocks. Storage hands it
+//! This module is pure except for [`log`], which keeps rows and hashes in redb tables inside
+//! the caller's write transaction: the rest knows bytes and hashes, not redb, HTTP or clocks. Storage hands it
 //! hashes through [`tlog::HashReader`]; nothing here performs I/O (key generation draws from
 //! the OS random source, nothing else touches the outside world).
 //!
@@ -24,9 +25,11 @@
 //! any input unless one of the invariants they assert has been broken.
 
 pub mod base64;
+pub mod canonical;
 pub mod chain;
 mod fuzz;
 pub mod hex;
+pub mod log;
 pub mod note;
 pub mod row;
 pub mod tlog;
@@ -83,6 +86,9 @@ pub enum LedgerError {
     #[error("hash storage has no stored hash at index {index}; the tree is incomplete")]
     MissingHash { index: u64 },
 
+    #[error("hash storage failed: {0}")]
+    HashRead(String),
+
     #[error("hash storage returned {got} hashes for {wanted} requested indexes")]
     HashCountMismatch { wanted: usize, got: usize },
 
@@ -126,6 +132,7 @@ impl LedgerError {
             Self::InvalidTreeRange { .. } => "invalid_tree_range",
             Self::MissingHash { .. } => "missing_hash",
             Self::HashCountMismatch { .. } => "hash_count_mismatch",
+            Self::HashRead(_) => "hash_storage",
             Self::ProofFailed => "proof_failed",
             Self::MalformedNote(_) => "malformed_note",
             Self::MalformedVerifierKey(_) => "malformed_verifier_key",

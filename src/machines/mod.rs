@@ -9,8 +9,9 @@ use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata, WriteTransacti
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::auth::{self, Access, KeySubject, Principal, Role, Zid};
+use crate::auth::{self, Access, KeyRecord, KeySubject, Principal, Role, Zid};
 use crate::clock;
+use crate::ledger::log::{Entry, LogWriter};
 use crate::store::{self, StoreError, MACHINES};
 
 /// Slugs that would shadow an API path (`/api/chain/state-machines/...`).
@@ -170,10 +171,12 @@ pub struct Defaults {
     pub parent_origin: String,
 }
 
-/// Creates the machine and its admin key. Validates (slug free) before writing anything.
+/// Creates the machine, its log (row 0 `machine_created`) and its admin key (row 1
+/// `key_minted`). Validates (slug free) before writing anything.
 pub fn create(
     txn: &WriteTransaction,
     owner: &Zid,
+    actor: &str,
     request: NewMachine,
     defaults: &Defaults,
     now_ms: i64,
@@ -216,9 +219,69 @@ pub fn create(
         .map_err(StoreError::from)?
         .insert(slug.as_str(), store::encode(&machine).as_slice())
         .map_err(StoreError::from)?;
-    let (raw, _) =
-        auth::mint_key(txn, KeySubject::Machine { slug, role: Role::Admin }, "spin-up", None, now_ms)?;
+    {
+        let mut log = LogWriter::open(txn)?;
+        log.create(&slug, machine.genesis_zeqond)?;
+        let created = json!({
+            "id": machine.id,
+            "slug": machine.slug,
+            "owner_zid": machine.owner_zid,
+            "is_public": machine.is_public,
+            "display_name": machine.display_name,
+            "purpose": machine.purpose,
+            "parent_origin": machine.parent_origin,
+            "region": machine.region,
+            "genesis_zeqond": machine.genesis_zeqond.to_string(),
+        });
+        log.append(&slug, Entry::json("machine_created", actor, &created), now_ms)?;
+    }
+    let (raw, _) = mint_key(txn, &slug, Role::Admin, "spin-up", None, actor, now_ms)?;
     Ok((machine, raw))
+}
+
+/// Mints a machine key and appends its `key_minted` row (the hint, never the key).
+pub fn mint_key(
+    txn: &WriteTransaction,
+    slug: &str,
+    role: Role,
+    name: &str,
+    expires_ms: Option<i64>,
+    actor: &str,
+    now_ms: i64,
+) -> Result<(String, KeyRecord), StoreError> {
+    let subject = KeySubject::Machine { slug: slug.to_owned(), role };
+    let (raw, record) = auth::mint_key(txn, subject, name, expires_ms, now_ms)?;
+    let payload = json!({
+        "key_id": record.id,
+        "name": record.name,
+        "scope": role.as_str(),
+        "hint": record.hint,
+        "expires_ms": record.expires_ms,
+    });
+    crate::ledger::log::append(txn, slug, Entry::json("key_minted", actor, &payload), now_ms)?;
+    Ok((raw, record))
+}
+
+/// Revokes key `id` if it belongs to machine `slug`, appending a `key_revoked` row the first
+/// time. `None` when the machine has no such key.
+pub fn revoke_key(
+    txn: &WriteTransaction,
+    slug: &str,
+    id: &str,
+    actor: &str,
+    now_ms: i64,
+) -> Result<Option<KeyRecord>, StoreError> {
+    let belongs = |s: &KeySubject| matches!(s, KeySubject::Machine { slug: s, .. } if s == slug);
+    let before = auth::key_by_id_in(txn, id)?;
+    let was_live = before.as_ref().is_some_and(|k| k.revoked_ms.is_none());
+    let record = auth::revoke_key(txn, id, belongs, now_ms)?;
+    if let Some(k) = &record {
+        if was_live {
+            let payload = json!({"key_id": k.id, "name": k.name});
+            crate::ledger::log::append(txn, slug, Entry::json("key_revoked", actor, &payload), now_ms)?;
+        }
+    }
+    Ok(record)
 }
 
 pub fn get(txn: &ReadTransaction, slug: &str) -> Result<Option<Machine>, StoreError> {
@@ -269,4 +332,18 @@ mod tests {
         let ok = NewMachine::from_json(&json!({"display_name": "é".repeat(255)})).unwrap();
         assert_eq!(ok.display_name.unwrap().chars().count(), 255);
     }
+}
+
+/// Appends a zeq `event` row: the event type and the SHA-256 of its canonical payload (the
+/// payload itself is not kept). Returns the row.
+pub fn record_event(
+    txn: &WriteTransaction,
+    slug: &str,
+    event_type: &str,
+    payload_hash: &[u8; 32],
+    actor: &str,
+    now_ms: i64,
+) -> Result<crate::ledger::Row, StoreError> {
+    let payload = json!({"type": event_type, "payload_hash": crate::ledger::hex::encode(payload_hash)});
+    crate::ledger::log::append(txn, slug, Entry::json("event", actor, &payload), now_ms)
 }

@@ -254,6 +254,10 @@ impl Store {
                     txn.open_table(KEYS)?;
                     txn.open_table(KEY_IDS)?;
                     txn.open_table(MACHINES)?;
+                    txn.open_table(crate::ledger::log::ROWS)?;
+                    txn.open_table(crate::ledger::log::HASHES)?;
+                    txn.open_table(crate::ledger::log::HEADS)?;
+                    txn.open_table(crate::ledger::log::BY_ZEQOND)?;
                 }
                 txn.commit()?;
                 Ok(())

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use redb::WriteTransaction;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Store, StoreError};
 
@@ -67,6 +67,7 @@ impl BatchStats {
 pub struct GroupCommit {
     tx: mpsc::Sender<Job>,
     stats: Arc<BatchStats>,
+    commits: watch::Receiver<u64>,
 }
 
 impl GroupCommit {
@@ -75,12 +76,19 @@ impl GroupCommit {
         let (tx, rx) = mpsc::channel(4096);
         let stats = Arc::new(BatchStats::default());
         let thread_stats = stats.clone();
+        let (commit_tx, commits) = watch::channel(0u64);
         std::thread::Builder::new()
             .name("smgate-writer".into())
-            .spawn(move || writer_loop(store, rx, thread_stats))
+            .spawn(move || writer_loop(store, rx, thread_stats, commit_tx))
             .map(|_| ())
             .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the writer thread"));
-        GroupCommit { tx, stats }
+        GroupCommit { tx, stats, commits }
+    }
+
+    /// Changes after every successful commit (the value counts commits). Live readers such
+    /// as SSE streams wait on it instead of polling the store.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.commits.clone()
     }
 
     pub fn stats(&self) -> &BatchStats {
@@ -124,7 +132,12 @@ impl GroupCommit {
     }
 }
 
-fn writer_loop(store: Arc<Store>, mut rx: mpsc::Receiver<Job>, stats: Arc<BatchStats>) {
+fn writer_loop(
+    store: Arc<Store>,
+    mut rx: mpsc::Receiver<Job>,
+    stats: Arc<BatchStats>,
+    commits: watch::Sender<u64>,
+) {
     let max_batch = store.options().max_batch.max(1);
     let mut batch: Vec<Run> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
@@ -140,8 +153,8 @@ fn writer_loop(store: Arc<Store>, mut rx: mpsc::Receiver<Job>, stats: Arc<BatchS
                 Err(_) => break,
             }
         }
-        if !batch.is_empty() {
-            commit_batch(&store, &mut batch, &stats);
+        if !batch.is_empty() && commit_batch(&store, &mut batch, &stats) {
+            commits.send_modify(|n| *n += 1);
         }
         if let Some(done) = stop {
             rx.close();
@@ -156,7 +169,8 @@ fn writer_loop(store: Arc<Store>, mut rx: mpsc::Receiver<Job>, stats: Arc<BatchS
     }
 }
 
-fn commit_batch(store: &Store, batch: &mut Vec<Run>, stats: &BatchStats) {
+/// Runs and commits one batch; true when the commit succeeded.
+fn commit_batch(store: &Store, batch: &mut Vec<Run>, stats: &BatchStats) -> bool {
     let started = Instant::now();
     let size = batch.len();
     let begun = store.database().and_then(|db| {
@@ -177,7 +191,7 @@ fn commit_batch(store: &Store, batch: &mut Vec<Run>, stats: &BatchStats) {
             stats.record(size, started.elapsed().as_secs_f64(), false);
             tracing::error!(error = %e, "cannot begin a write transaction");
             recover(store, &e);
-            return;
+            return false;
         }
     };
     match commit {
@@ -186,6 +200,7 @@ fn commit_batch(store: &Store, batch: &mut Vec<Run>, stats: &BatchStats) {
             for finish in finishes {
                 finish(None);
             }
+            true
         }
         Err(error) => {
             tracing::error!(error = %error, batch = size, "commit failed; batch refused");
@@ -196,6 +211,7 @@ fn commit_batch(store: &Store, batch: &mut Vec<Run>, stats: &BatchStats) {
             for finish in finishes {
                 finish(Some(error.clone()));
             }
+            false
         }
     }
 }

@@ -1,0 +1,374 @@
+//! The zeq chain routes of a machine's log: record an event, read rows (latest, by Zeqond,
+//! paged, live over SSE), validate the hash chain, and serve checkpoints and proofs.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::{json, Value};
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use super::{bearer, body, json_response, parse_json, read_body, respond, visible_machine, with_gateway, ApiError, BodyStream};
+use crate::auth::{sha256, Access};
+use crate::clock;
+use crate::ledger::{self, canonical, hex, log, Checkpoint, Row};
+use crate::machines::{self, Machine};
+use crate::server::Gateway;
+
+/// Most rows one `explore` page returns.
+pub const MAX_PAGE: u64 = 500;
+/// Longest event type accepted.
+pub const MAX_EVENT_TYPE: usize = 64;
+
+type Query = std::collections::HashMap<String, String>;
+
+pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    let base = || warp::path!("api" / "chain" / "state-machines" / String / ..);
+    let event = base()
+        .and(warp::path!("event"))
+        .and(warp::post())
+        .and(with_gateway(gw.clone()))
+        .and(bearer())
+        .and(body())
+        .then(|slug, gw, bearer, len, body| async move { respond(post_event(gw, bearer, slug, len, body).await) });
+    let reads = base()
+        .and(warp::path::tail())
+        .and(warp::get())
+        .and(warp::query::<Query>())
+        .and(with_gateway(gw.clone()))
+        .and(bearer())
+        .and(warp::header::optional::<u64>("last-event-id").or(warp::any().map(|| None)).unify())
+        .and_then(|slug: String, tail: warp::path::Tail, q: Query, gw: Arc<Gateway>, bearer: Option<String>, last: Option<u64>| async move {
+            let route = tail.as_str().trim_end_matches('/').to_string();
+            let known = matches!(
+                route.as_str(),
+                "state" | "block" | "explore" | "explore/sse" | "pohc/validate" | "checkpoint" | "proof/inclusion" | "proof/consistency"
+            );
+            if !known {
+                return Err(warp::reject::not_found());
+            }
+            Ok::<_, warp::Rejection>(respond(read(gw, bearer, slug, &route, q, last)))
+        });
+    event.or(reads).unify()
+}
+
+/// The machine, if the caller may read its log (public machines: anyone). Non-owners are
+/// rate limited per machine.
+fn readable(gw: &Gateway, bearer: Option<&str>, slug: &str) -> Result<Machine, ApiError> {
+    let principal = gw.principal(bearer)?;
+    let (machine, access) = visible_machine(gw, &principal, slug)?;
+    if access < Access::Owner {
+        gw.read_limit.check(&machine.slug).map_err(|s| gw.rate_limited(s))?;
+    }
+    Ok(machine)
+}
+
+async fn post_event(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    declared: Option<u64>,
+    body: BodyStream,
+) -> Result<Response, ApiError> {
+    let principal = gw.principal(bearer.as_deref())?;
+    let (machine, access) = visible_machine(&gw, &principal, &slug)?;
+    if access < Access::Operator {
+        return Err(ApiError::forbidden("recording events needs the owner or an operator or admin key"));
+    }
+    gw.write_limit.check(&machine.slug).map_err(|s| gw.rate_limited(s))?;
+    let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
+    let body = parse_json(&bytes)?;
+    let Value::Object(body) = body else {
+        return Err(ApiError::bad_request("invalid_body", "the body must be a JSON object"));
+    };
+    let event_type = match body.get("type") {
+        None | Some(Value::Null) => "event".to_string(),
+        Some(Value::String(t))
+            if !t.is_empty() && t.chars().count() <= MAX_EVENT_TYPE && !t.chars().any(char::is_control) =>
+        {
+            t.clone()
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_type",
+                format!("type must be a string of 1–{MAX_EVENT_TYPE} characters without control characters"),
+            ))
+        }
+    };
+    let payload_hash = match (body.get("payload"), body.get("hash")) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request("invalid_body", "give either payload or hash, not both"))
+        }
+        (None, Some(h)) => h
+            .as_str()
+            .and_then(|h| hex::decode_hash(&h.to_ascii_lowercase()).ok())
+            .ok_or_else(|| ApiError::bad_request("invalid_hash", "hash must be 64 hex digits (a SHA-256)"))?,
+        (payload, None) => sha256(&canonical::to_vec(payload.unwrap_or(&Value::Null))),
+    };
+    let actor = principal.actor();
+    let row = gw
+        .writer
+        .write(move |txn| machines::record_event(txn, &slug, &event_type, &payload_hash, &actor, clock::now_ms()))
+        .await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({
+            "ok": true,
+            "zeqondNumber": row.zeqond,
+            "transitionId": uuid::Uuid::from_bytes(row.transition_id).to_string(),
+            "seq": row.seq,
+            "hash": hex::encode(&row.hash),
+            "payload_hash": hex::encode(&payload_hash),
+        }),
+    ))
+}
+
+/// A row as the API shows it. The payload is canonical JSON for every row smgate writes.
+pub fn row_json(row: &Row) -> Value {
+    let payload = serde_json::from_slice::<Value>(&row.payload)
+        .unwrap_or_else(|_| json!({"base64": ledger::base64::encode(&row.payload)}));
+    json!({
+        "seq": row.seq,
+        "zeqond": row.zeqond,
+        "ts": clock::rfc3339(row.ts_ms),
+        "ts_ms": row.ts_ms,
+        "type": row.kind,
+        "actor": row.actor,
+        "transition_id": uuid::Uuid::from_bytes(row.transition_id).to_string(),
+        "payload": payload,
+        "prev_hash": hex::encode(&row.prev_hash),
+        "hash": hex::encode(&row.hash),
+    })
+}
+
+fn num(q: &Query, key: &str) -> Result<Option<u64>, ApiError> {
+    match q.get(key) {
+        None => Ok(None),
+        Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
+            ApiError::bad_request("invalid_range", format!("`{key}` must be a non-negative integer"))
+        }),
+    }
+}
+
+fn range_error(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("invalid_range", message)
+}
+
+fn read(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    route: &str,
+    q: Query,
+    last_event_id: Option<u64>,
+) -> Result<Response, ApiError> {
+    let machine = readable(&gw, bearer.as_deref(), &slug)?;
+    let slug = machine.slug.as_str();
+    let head = gw
+        .store
+        .view(|txn| log::read::head(txn, slug))?
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unspecified", "machine has no log"))?;
+    let size = head.size;
+    match route {
+        "state" => {
+            let row = gw.store.view(|txn| log::read::row(txn, slug, size - 1))?;
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"ok": true, "slug": slug, "size": size, "genesis_zeqond": head.genesis_zeqond.to_string(),
+                        "latest": row.as_ref().map(row_json)}),
+            ))
+        }
+        "block" => {
+            let z = num(&q, "zeqond")?.ok_or_else(|| ApiError::bad_request("invalid_zeqond", "give ?zeqond=N"))?;
+            let rows = gw.store.view(|txn| {
+                let seqs = log::read::seqs_at_zeqond(txn, slug, z)?;
+                let mut rows = Vec::with_capacity(seqs.len());
+                for s in seqs {
+                    rows.extend(log::read::row(txn, slug, s)?);
+                }
+                Ok(rows)
+            })?;
+            if rows.is_empty() {
+                return Err(ApiError::new(StatusCode::NOT_FOUND, "no_block_at_zeqond", format!("no rows at zeqond {z}")));
+            }
+            let rows: Vec<Value> = rows.iter().map(row_json).collect();
+            Ok(json_response(StatusCode::OK, &json!({"ok": true, "zeqond": z, "count": rows.len(), "rows": rows})))
+        }
+        "explore" => {
+            let from = num(&q, "from")?.unwrap_or(0);
+            let to = num(&q, "to")?.unwrap_or_else(|| from.saturating_add(MAX_PAGE - 1));
+            if from > to {
+                return Err(range_error(format!("from ({from}) is after to ({to})")));
+            }
+            // `to` is inclusive; one page is at most MAX_PAGE rows.
+            let end = to.min(from.saturating_add(MAX_PAGE - 1)).min(size.saturating_sub(1));
+            let rows = if from < size { gw.store.view(|txn| log::read::rows(txn, slug, from, end + 1))? } else { Vec::new() };
+            let next = (from < size && end < to && end + 1 < size).then_some(end + 1);
+            let rows: Vec<Value> = rows.iter().map(row_json).collect();
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"ok": true, "from": from, "to": to, "size": size, "count": rows.len(), "rows": rows, "next": next}),
+            ))
+        }
+        "explore/sse" => {
+            let from = match (last_event_id, num(&q, "from")?) {
+                (Some(id), _) => id.saturating_add(1),
+                (None, Some(f)) => f,
+                (None, None) => size,
+            };
+            Ok(sse(gw.clone(), machine.slug.clone(), from))
+        }
+        "pohc/validate" => {
+            let from = num(&q, "from")?.unwrap_or(0);
+            let to = num(&q, "to")?.unwrap_or(size.saturating_sub(1));
+            if from > to || to >= size {
+                return Err(range_error(format!("need from ≤ to < {size} (the log size)")));
+            }
+            let report = gw.store.view(|txn| validate(txn, slug, head.genesis_zeqond, from, to))?;
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"ok": true, "valid": report.valid, "count": report.count, "broken_at": report.broken_at,
+                        "genesis_zeqond": head.genesis_zeqond.to_string(), "from": from, "to": to}),
+            ))
+        }
+        "checkpoint" => {
+            let root = gw.store.view(|txn| log::read::tree_hash(txn, slug, size))?;
+            let note = checkpoint_note(&gw, slug, size, root)?;
+            let mut res = note.into_response();
+            if let Ok(v) = "text/plain; charset=utf-8".parse() {
+                res.headers_mut().insert(http::header::CONTENT_TYPE, v);
+            }
+            Ok(res)
+        }
+        "proof/inclusion" => {
+            let seq = num(&q, "seq")?.ok_or_else(|| range_error("give ?seq=I"))?;
+            let tree = num(&q, "size")?.unwrap_or(size);
+            if seq >= tree || tree > size {
+                return Err(range_error(format!("need seq < size ≤ {size} (the log size)")));
+            }
+            let (row, proof) = gw.store.view(|txn| {
+                let row = log::read::row(txn, slug, seq)?.ok_or_else(|| crate::store::StoreError::Corrupt(format!("row {seq} missing")))?;
+                Ok((row, log::read::prove_inclusion(txn, slug, seq, tree)?))
+            })?;
+            let leaf = ledger::tlog::record_hash(&row.compute_hash());
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"seq": seq, "tree_size": tree, "row_hash": hex::encode(&row.compute_hash()),
+                        "leaf_hash": hex::encode(&leaf), "proof": proof.iter().map(|h| hex::encode(h)).collect::<Vec<_>>()}),
+            ))
+        }
+        "proof/consistency" => {
+            let from = num(&q, "from")?.ok_or_else(|| range_error("give ?from=M"))?;
+            let to = num(&q, "to")?.unwrap_or(size);
+            if from == 0 || from > to || to > size {
+                return Err(range_error(format!("need 1 ≤ from ≤ to ≤ {size} (the log size)")));
+            }
+            let proof = gw.store.view(|txn| log::read::prove_consistency(txn, slug, from, to))?;
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"from": from, "to": to, "proof": proof.iter().map(|h| hex::encode(h)).collect::<Vec<_>>()}),
+            ))
+        }
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")),
+    }
+}
+
+/// Walks rows `from..=to`, checking each hash and each link; row `from` links to row
+/// `from-1`'s stored hash (or the genesis hash).
+pub fn validate(
+    txn: &redb::ReadTransaction,
+    slug: &str,
+    genesis_zeqond: u64,
+    from: u64,
+    to: u64,
+) -> Result<ledger::ChainReport, crate::store::StoreError> {
+    let anchor = if from == 0 {
+        ledger::genesis_prev_hash(slug, genesis_zeqond)
+    } else {
+        match log::read::row(txn, slug, from - 1)? {
+            Some(r) => r.hash,
+            None => return Ok(ledger::ChainReport { valid: false, count: 0, broken_at: Some(from - 1) }),
+        }
+    };
+    let mut report = ledger::ChainReport { valid: true, count: 0, broken_at: None };
+    let mut cursor = from;
+    let mut prev = anchor;
+    // In chunks, so memory stays bounded on long logs.
+    while cursor <= to {
+        let end = to.min(cursor + 4095);
+        let rows = log::read::rows(txn, slug, cursor, end + 1)?;
+        let chunk = ledger::verify_chain_from(rows.into_iter(), cursor, prev);
+        report.count += chunk.count;
+        if !chunk.valid {
+            report.valid = false;
+            report.broken_at = chunk.broken_at;
+            return Ok(report);
+        }
+        prev = match log::read::row(txn, slug, end)? {
+            Some(r) => r.hash,
+            None => break,
+        };
+        cursor = end + 1;
+    }
+    Ok(report)
+}
+
+pub fn checkpoint_note(gw: &Gateway, slug: &str, size: u64, root: ledger::Hash) -> Result<String, ApiError> {
+    let body = Checkpoint { origin: format!("{}/{}", gw.identity.id, slug), size, root }
+        .to_body()
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unspecified", e.to_string()))?;
+    ledger::sign_note(&body, &gw.identity.id, &gw.identity.key)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unspecified", e.to_string()))
+}
+
+/// Live rows from `from` on: first the backlog, then each row as its commit lands. The event
+/// id is the row's seq, so a client that reconnects with `Last-Event-ID` resumes after it.
+fn sse(gw: Arc<Gateway>, slug: String, from: u64) -> Response {
+    let mut commits = gw.writer.subscribe();
+    let stream = async_stream(move |tx| async move {
+        let mut cursor = from;
+        loop {
+            let batch = gw.store.view(|txn| {
+                let size = log::read::head(txn, &slug)?.map(|h| h.size).unwrap_or(0);
+                if cursor >= size {
+                    return Ok(Vec::new());
+                }
+                log::read::rows(txn, &slug, cursor, size.min(cursor + 256))
+            });
+            let rows = match batch {
+                Ok(rows) => rows,
+                Err(_) => return,
+            };
+            if rows.is_empty() {
+                if commits.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            for row in rows {
+                cursor = row.seq + 1;
+                let event = warp::sse::Event::default()
+                    .id(row.seq.to_string())
+                    .event("row")
+                    .data(row_json(&row).to_string());
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    warp::sse::reply(warp::sse::keep_alive().interval(Duration::from_secs(15)).stream(stream)).into_response()
+}
+
+/// A stream fed by a task through a small channel: the producer stops when the client leaves.
+fn async_stream<F, Fut>(producer: F) -> impl futures_util::Stream<Item = Result<warp::sse::Event, Infallible>> + Send + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<warp::sse::Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(producer(tx));
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|o| o.map(Ok)))
+}

@@ -39,6 +39,13 @@ enum Command {
     Init,
     /// Run the gateway (initialises an empty data directory first).
     Serve,
+    /// Check every machine's log offline: each row's hash, the hash chain, and the Merkle tree.
+    /// Exits non-zero naming the first broken row. Stop the gateway first.
+    Verify {
+        /// Only this machine.
+        #[arg(long)]
+        machine: Option<String>,
+    },
     /// Manage accounts (offline: stop the gateway first).
     #[command(subcommand)]
     Account(AccountCommand),
@@ -190,6 +197,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Serve => serve(config).await,
+        Command::Verify { machine } => verify(&config, machine.as_deref()),
         Command::Account(AccountCommand::Create { name }) => {
             let writer = GroupCommit::start(offline_store(&config)?);
             let (account, raw) = writer
@@ -337,6 +345,38 @@ async fn key_command(config: &Config, cmd: KeyCommand) -> Result<(), CliError> {
     };
     writer.shutdown().await;
     result
+}
+
+fn verify(config: &Config, only: Option<&str>) -> Result<(), CliError> {
+    use std::io::Write;
+    let store = offline_store(config)?;
+    let machines = store.view(smgate::machines::all)?;
+    let selected: Vec<_> = machines.iter().filter(|m| only.is_none_or(|s| s == m.slug)).collect();
+    if let Some(s) = only.filter(|_| selected.is_empty()) {
+        return Err(CliError::Usage(format!("no machine `{s}`")));
+    }
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut total = 0;
+    for m in &selected {
+        let report = store.view(|txn| {
+            smgate::ledger::log::verify_machine(txn, &m.slug, |done, all| {
+                if tty {
+                    eprint!("\r{}: {done}/{all} rows ({}%)", m.slug, done * 100 / all.max(1));
+                    let _ = std::io::stderr().flush();
+                }
+            })
+        })?;
+        if tty {
+            eprintln!();
+        }
+        if let Some((seq, why)) = report.broken {
+            return Err(CliError::Usage(format!("machine {}: row {seq} is broken: {why}", m.slug)));
+        }
+        println!("{}: {} rows ok", m.slug, report.rows);
+        total += report.rows;
+    }
+    println!("verified {} machine(s), {total} rows", selected.len());
+    Ok(())
 }
 
 async fn serve(config: Config) -> Result<(), CliError> {

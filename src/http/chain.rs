@@ -73,6 +73,9 @@ async fn post_event(
     body: BodyStream,
 ) -> Result<Response, ApiError> {
     let principal = gw.principal(bearer.as_deref())?;
+    if principal == crate::auth::Principal::Anonymous {
+        return Err(ApiError::unauthorized());
+    }
     let (machine, access) = visible_machine(&gw, &principal, &slug)?;
     if access < Access::Operator {
         return Err(ApiError::forbidden("recording events needs the owner or an operator or admin key"));

@@ -7,6 +7,8 @@
 //!   the domain, map errors. No domain logic lives there.
 //! - [`auth`]: accounts (ZIDs), `zeq_ak_`/`zsm_` keys stored only as SHA-256, roles, rate limits.
 //! - [`machines`]: spec 000 machines: slugs, ownership, visibility.
+//! - [`pages`]: spec 001 machine pages: immutable versions, proof digests, content-addressed
+//!   HTML with precomputed gzip/brotli; served publicly under `/s/<slug>/` by `http::pages`.
 //! - [`store`]: redb tables, postcard codecs, schema version, and the one writer task
 //!   ([`store::GroupCommit`]) through which every write goes.
 //! - [`ledger`]: the verifiable log's pure core: row encoding, hash chain, RFC 6962 tree in
@@ -28,6 +30,7 @@ pub mod http;
 pub mod ledger;
 pub mod machines;
 pub mod metrics;
+pub mod pages;
 pub mod server;
 pub mod store;
 pub mod systemd;

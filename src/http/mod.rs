@@ -6,6 +6,7 @@ mod chain;
 mod listener;
 mod machines;
 mod ops;
+mod pages;
 
 pub use listener::serve;
 
@@ -238,7 +239,9 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = In
     machines::routes(gw.clone())
         .or(chain::routes(gw.clone()))
         .unify()
-        .or(ops::routes(gw))
+        .or(ops::routes(gw.clone()))
+        .unify()
+        .or(pages::routes(gw))
         .unify()
         .recover(|r: warp::Rejection| async move { Ok::<_, Infallible>(rejection(r)) })
         .unify()

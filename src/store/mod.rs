@@ -258,6 +258,9 @@ impl Store {
                     txn.open_table(crate::ledger::log::HASHES)?;
                     txn.open_table(crate::ledger::log::HEADS)?;
                     txn.open_table(crate::ledger::log::BY_ZEQOND)?;
+                    txn.open_table(crate::pages::PAGES)?;
+                    txn.open_table(crate::pages::PAGE_VERSIONS)?;
+                    txn.open_table(crate::pages::PAGE_BLOBS)?;
                 }
                 txn.commit()?;
                 Ok(())

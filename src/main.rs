@@ -55,6 +55,9 @@ enum Command {
     /// Validate or dry-run a statechart definition offline (needs no data directory).
     #[command(subcommand)]
     Chart(ChartCommand),
+    /// Publish pages to a running gateway over its HTTPS API.
+    #[command(subcommand)]
+    Site(SiteCommand),
 }
 
 #[derive(Subcommand)]
@@ -209,6 +212,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Key(cmd) => key_command(&config, cmd).await,
         Command::Chart(cmd) => chart_command(cmd),
+        Command::Site(cmd) => site_command(&config, cmd).await,
     }
 }
 
@@ -417,5 +421,81 @@ async fn serve(config: Config) -> Result<(), CliError> {
     systemd::notify("STOPPING=1");
     tracing::info!("shutting down: finishing requests and the last commit");
     running.shutdown().await;
+    Ok(())
+}
+
+#[derive(Subcommand)]
+enum SiteCommand {
+    /// Publish FILE (plaintext HTML, at most 2 MiB) as a new version of page PAGE of machine
+    /// SLUG; the page is then live at /s/SLUG/p/PAGE/. Prints the version and its proof digest.
+    Deploy {
+        /// Machine slug.
+        slug: String,
+        /// Page slug ([a-z0-9-]{1,64}).
+        page: String,
+        /// The HTML file.
+        file: PathBuf,
+        /// Page title (1–200 characters); defaults to the file name without its extension.
+        #[arg(long)]
+        title: Option<String>,
+        /// The running gateway.
+        #[arg(long, default_value = "https://127.0.0.1:8443")]
+        url: String,
+        /// The owner's account key or an operator/admin machine key.
+        #[arg(long, env = "SMGATE_KEY", hide_env_values = true)]
+        key: String,
+        /// CA certificate to trust for --url; defaults to the gateway's own (<data>/tls/cert.pem).
+        #[arg(long)]
+        cacert: Option<PathBuf>,
+        /// agentZid recorded with the version; defaults to the machine owner's ZID.
+        #[arg(long)]
+        agent_zid: Option<String>,
+        /// Attach a Python script (stored with the page and returned by the API, never run).
+        #[arg(long)]
+        python: Option<PathBuf>,
+    },
+}
+
+/// `smgate site deploy`: spec 001's publish call with the HTML read from a file.
+async fn site_command(config: &Config, cmd: SiteCommand) -> Result<(), CliError> {
+    use smgate::http::client;
+    let SiteCommand::Deploy { slug, page, file, title, url, key, cacert, agent_zid, python } = cmd;
+    let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", p.display())));
+    let html = read(&file)?;
+    let python = python.as_ref().map(read).transpose()?;
+    let title = title.unwrap_or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| page.clone()));
+    let cacert = cacert.unwrap_or_else(|| config.cert_path());
+    let base = url.trim_end_matches('/').to_string();
+    let fail = |e: client::ClientError| CliError::Usage(e.to_string());
+    let refused = |status: u16, body: &serde_json::Value| {
+        let code = body.get("error").and_then(|v| v.as_str()).unwrap_or("error");
+        let message = body.get("message").and_then(|v| v.as_str()).map(str::to_owned).unwrap_or_else(|| body.to_string());
+        CliError::Usage(format!("gateway answered {status} {code}: {message}"))
+    };
+    let agent_zid = match agent_zid {
+        Some(z) => z,
+        None => {
+            let path = format!("/api/chain/state-machines/{slug}");
+            let (status, body) = client::request(&base, &cacert, http::Method::GET, &path, Some(&key), None).await.map_err(fail)?;
+            if status != 200 {
+                return Err(refused(status, &body));
+            }
+            body.pointer("/machine/owner_zid").and_then(|v| v.as_str()).map(str::to_owned).ok_or_else(|| {
+                CliError::Usage("this key cannot see the machine's owner ZID; give --agent-zid".into())
+            })?
+        }
+    };
+    let mut request = serde_json::json!({"title": title, "html": html, "agentZid": agent_zid});
+    if let Some(p) = python {
+        request["pythonScript"] = serde_json::Value::String(p);
+    }
+    let path = format!("/api/state-machines/{slug}/pages/{page}/publish");
+    let (status, body) = client::request(&base, &cacert, http::Method::POST, &path, Some(&key), Some(&request)).await.map_err(fail)?;
+    if status != 201 {
+        return Err(refused(status, &body));
+    }
+    println!("published {slug}/{page} version {}", body["version"]);
+    println!("proof_digest {}", body["proof_digest"].as_str().unwrap_or(""));
+    println!("url {base}{}", body["url"].as_str().unwrap_or(""));
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! a limit, bearer extraction, and the route table. `listener.rs` serves the routes over TLS.
 
 mod chain;
+pub mod client;
 mod listener;
 mod machines;
 mod ops;

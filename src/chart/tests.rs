@@ -989,6 +989,49 @@ fn sandbox_deep_nesting_and_recursion_fail_cleanly() {
 }
 
 #[test]
+fn sandbox_huge_expression_source_is_refused_at_its_path() {
+    let huge = format!("\"{}\"", "x".repeat(expr::MAX_SOURCE_LEN + 1));
+    let e = def_err(json!({"states": {"s": {"entry": {"type": "log", "params": {"expr": huge}}}}}));
+    assert_eq!(e.path, "$.states.s.entry.params.expr");
+    assert!(e.message.contains("longer than"), "{}", e.message);
+}
+
+#[test]
+fn sandbox_huge_string_built_in_one_call_is_refused() {
+    let e = hostile("\"\".pad(10000000, \"x\")");
+    assert_eq!(e.kind, ErrorKind::Runtime);
+    assert!(e.message.contains("too large"), "{}", e.message);
+}
+
+#[test]
+fn sandbox_deeply_nested_map_literals_fail_at_compile_time() {
+    let deep = format!("{}1{}", "#{a: ".repeat(200), "}".repeat(200));
+    let e = def_err(json!({"states": {"s": {"entry": {"type": "log", "params": {"expr": deep}}}}}));
+    assert_eq!(e.path, "$.states.s.entry.params.expr");
+    assert_eq!(e.kind, ErrorKind::Definition);
+}
+
+#[test]
+fn definition_nested_past_the_json_depth_limit_is_a_clear_error() {
+    let deep = format!(
+        "{}{{}}{}",
+        "{\"states\": {\"s\": ".repeat(200),
+        "}}".repeat(200)
+    );
+    let e = Chart::from_json_str(&deep).unwrap_err();
+    assert_eq!((e.path.as_str(), e.kind), ("$", ErrorKind::Definition));
+    assert!(e.message.contains("recursion limit"), "{}", e.message);
+    // Within the JSON limit, deep state nesting compiles and runs.
+    let ok = format!(
+        "{}{{}}{}",
+        "{\"states\": {\"s\": ".repeat(60),
+        "}}".repeat(60)
+    );
+    let c = Chart::from_json_str(&ok).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(atomics(&c, &start(&c)).len(), 1);
+}
+
+#[test]
 fn sandbox_has_no_eval_print_or_clock() {
     for src in [
         "eval(\"1\")",

@@ -9,6 +9,8 @@
 //! - [`machines`]: spec 000 machines: slugs, ownership, visibility.
 //! - [`pages`]: spec 001 machine pages: immutable versions, proof digests, content-addressed
 //!   HTML with precomputed gzip/brotli; served publicly under `/s/<slug>/` by `http::pages`.
+//! - [`instances`]: statechart versions and instances (specs 002/003), durable timers; the
+//!   glue between `chart` and `store`.
 //! - [`store`]: redb tables, postcard codecs, schema version, and the one writer task
 //!   ([`store::GroupCommit`]) through which every write goes.
 //! - [`ledger`]: the verifiable log's pure core: row encoding, hash chain, RFC 6962 tree in
@@ -27,6 +29,7 @@ pub mod clock;
 pub mod config;
 pub mod gateway;
 pub mod http;
+pub mod instances;
 pub mod ledger;
 pub mod machines;
 pub mod metrics;

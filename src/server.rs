@@ -51,6 +51,9 @@ pub struct Gateway {
     pub machine_defaults: machines::Defaults,
     pub started: Instant,
     pub started_ms: i64,
+    /// Compiled statecharts by version id.
+    pub charts: Arc<crate::instances::Charts>,
+    pub timers_fired: std::sync::atomic::AtomicU64,
 }
 
 impl Gateway {
@@ -97,6 +100,7 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     shutdown: watch::Sender<bool>,
     http: JoinHandle<()>,
+    timers: JoinHandle<()>,
 }
 
 impl Running {
@@ -104,6 +108,7 @@ impl Running {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.http.await;
+        let _ = self.timers.await;
         self.gateway.writer.shutdown().await;
     }
 
@@ -147,8 +152,11 @@ pub async fn start(
         metrics: Metrics::default(),
         started,
         started_ms: clock::now_ms(),
+        charts: Arc::default(),
+        timers_fired: Default::default(),
     });
     let (tx, rx) = watch::channel(false);
-    let http = tokio::spawn(crate::http::serve(listener, gw.clone(), rx));
-    Ok((Running { addr, gateway: gw, shutdown: tx, http }, initialised))
+    let http = tokio::spawn(crate::http::serve(listener, gw.clone(), rx.clone()));
+    let timers = tokio::spawn(crate::instances::timers::run(gw.clone(), rx));
+    Ok((Running { addr, gateway: gw, shutdown: tx, http, timers }, initialised))
 }

@@ -3,6 +3,7 @@
 //! a limit, bearer extraction, and the route table. `listener.rs` serves the routes over TLS.
 
 mod chain;
+mod instances;
 pub mod client;
 mod listener;
 mod machines;
@@ -239,6 +240,8 @@ pub fn with_gateway(gw: Arc<Gateway>) -> impl Filter<Extract = (Arc<Gateway>,), 
 pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     machines::routes(gw.clone())
         .or(chain::routes(gw.clone()))
+        .unify()
+        .or(instances::routes(gw.clone()))
         .unify()
         .or(ops::routes(gw.clone()))
         .unify()

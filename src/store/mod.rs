@@ -258,6 +258,7 @@ impl Store {
                     txn.open_table(crate::ledger::log::HASHES)?;
                     txn.open_table(crate::ledger::log::HEADS)?;
                     txn.open_table(crate::ledger::log::BY_ZEQOND)?;
+                    crate::instances::create_tables(&txn)?;
                     txn.open_table(crate::pages::PAGES)?;
                     txn.open_table(crate::pages::PAGE_VERSIONS)?;
                     txn.open_table(crate::pages::PAGE_BLOBS)?;

@@ -1,0 +1,661 @@
+//! Statechart versions and instances (specs 002/003): the glue between the pure engine in
+//! `chart` and the store.
+//!
+//! A *version* is an immutable definition of one machine, compiled once and cached. An
+//! *instance* holds an [`InstanceState`] (stored as JSON, since its context is JSON) plus its
+//! version and status. Every committed step writes the new state, a `transition` row in the
+//! machine's log, a history record, and the instance's next timer deadline, all in one write
+//! transaction; a step that fails writes nothing.
+//!
+//! Timers are durable: `DUE` indexes each instance by its earliest timer, so the timer task
+//! (`timers.rs`) finds what is due with one range read, also right after boot.
+
+pub mod timers;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::chart::{Chart, ChartError, ErrorKind, Event, InstanceState, WriteKind};
+use crate::ledger::log::{self as ledger_log, Entry};
+use crate::ledger::{canonical, hex};
+use crate::store::{self, StoreError};
+
+/// (machine slug, version id) → [`Version`].
+pub const VERSIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("chart_versions");
+/// machine slug → [`ChartMeta`].
+pub const CHARTS: TableDefinition<&str, &[u8]> = TableDefinition::new("chart_meta");
+/// (machine slug, instance slug) → [`Instance`].
+pub const INSTANCES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("instances");
+/// (machine slug, instance slug, n) → [`TransitionRecord`].
+pub const HISTORY: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("instance_history");
+/// (due ms, machine slug, instance slug) → () : each instance's earliest pending timer.
+pub const DUE: TableDefinition<(i64, &str, &str), ()> = TableDefinition::new("instance_due");
+
+/// All tables of this module, created at first open.
+pub fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(VERSIONS)?;
+    txn.open_table(CHARTS)?;
+    txn.open_table(INSTANCES)?;
+    txn.open_table(HISTORY)?;
+    txn.open_table(DUE)?;
+    Ok(())
+}
+
+/// Largest definition accepted, in bytes of JSON.
+pub const MAX_DEFINITION_BYTES: usize = 256 * 1024;
+/// Largest context, in bytes of JSON (DESIGN: 400 KB).
+pub const MAX_CONTEXT_BYTES: usize = 400 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the machine's authorizer rejected this {0}")]
+    Rejected(&'static str),
+    #[error("{0}")]
+    MissingScope(String),
+    #[error("{0}")]
+    NoMigrationPath(String),
+    #[error("{0}")]
+    Chart(ChartError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl InstanceError {
+    /// (HTTP status, statebacked code).
+    pub fn status_code(&self) -> (u16, &'static str) {
+        match self {
+            InstanceError::Invalid { code, .. } => (400, code),
+            InstanceError::NotFound(_) => (404, "not-found"),
+            InstanceError::Conflict(_) => (409, "invalid-state"),
+            InstanceError::Rejected(_) => (403, "rejected-by-machine-authorizer"),
+            InstanceError::MissingScope(_) => (403, "missing-scope"),
+            InstanceError::NoMigrationPath(_) => (400, "no-migration-path"),
+            InstanceError::Chart(e) => match e.kind {
+                ErrorKind::Definition => (400, "invalid-definition"),
+                ErrorKind::Input => (400, "invalid-parameters"),
+                ErrorKind::Runtime => (400, "transition-failed"),
+            },
+            InstanceError::Store(StoreError::Full(_)) => (507, "storage-full"),
+            InstanceError::Store(StoreError::Corrupt(_) | StoreError::NewerSchema { .. }) => (500, "internal"),
+            InstanceError::Store(_) => (503, "unavailable"),
+        }
+    }
+}
+
+impl From<redb::TableError> for InstanceError {
+    fn from(e: redb::TableError) -> Self {
+        InstanceError::Store(e.into())
+    }
+}
+
+impl From<redb::StorageError> for InstanceError {
+    fn from(e: redb::StorageError) -> Self {
+        InstanceError::Store(e.into())
+    }
+}
+
+impl From<ChartError> for InstanceError {
+    fn from(e: ChartError) -> Self {
+        InstanceError::Chart(e)
+    }
+}
+
+fn invalid(code: &'static str, message: impl Into<String>) -> InstanceError {
+    InstanceError::Invalid { code, message: message.into() }
+}
+
+/// Instance and statebacked path slugs: `^[a-zA-Z0-9_-]{1,128}$`.
+pub fn valid_instance_slug(s: &str) -> bool {
+    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Version {
+    pub id: String,
+    pub machine: String,
+    /// 1, 2, … in creation order.
+    pub number: u64,
+    pub client_info: Option<String>,
+    pub definition: String,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChartMeta {
+    pub current_version: Option<String>,
+    pub versions: u64,
+    /// Create unknown instances from the current version when MQTT messages name them.
+    pub auto_create_instances: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    Running,
+    Paused,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Paused => "paused",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Instance {
+    pub machine: String,
+    pub slug: String,
+    pub version_id: String,
+    /// Version to move to on the next event (`PUT …/v`).
+    pub target_version_id: Option<String>,
+    pub status: Status,
+    pub created_ms: i64,
+    /// Time of the last committed step (the `ts` of the public view).
+    pub ts_ms: i64,
+    /// [`InstanceState`] as JSON.
+    pub state: Vec<u8>,
+    pub next_due: Option<i64>,
+    pub steps: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TransitionRecord {
+    pub ts_ms: i64,
+    pub event: String,
+    /// Event data as canonical JSON bytes.
+    pub data: Vec<u8>,
+    pub from: Vec<String>,
+    pub to: Vec<String>,
+    pub log_seq: u64,
+    pub version_id: String,
+}
+
+/// Compiled charts by version id; versions are immutable, so entries never go stale.
+#[derive(Default)]
+pub struct Charts {
+    cache: RwLock<HashMap<String, Arc<Chart>>>,
+}
+
+impl Charts {
+    /// The compiled chart of `version`, compiling it on first use.
+    pub fn get(&self, version: &Version) -> Result<Arc<Chart>, InstanceError> {
+        if let Some(c) = self.cache.read().ok().and_then(|c| c.get(&version.id).cloned()) {
+            return Ok(c);
+        }
+        let chart = Arc::new(Chart::from_json_str(&version.definition)?);
+        if let Ok(mut c) = self.cache.write() {
+            c.insert(version.id.clone(), chart.clone());
+        }
+        Ok(chart)
+    }
+}
+
+fn decode_state(bytes: &[u8]) -> Result<InstanceState, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("instance state: {e}")))
+}
+
+fn encode_state(state: &InstanceState) -> Result<Vec<u8>, InstanceError> {
+    let bytes = serde_json::to_vec(state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let context_len = serde_json::to_vec(&state.context).map(|v| v.len()).unwrap_or(0);
+    if context_len > MAX_CONTEXT_BYTES {
+        return Err(invalid("context-too-large", format!("context is {context_len} bytes; the limit is {MAX_CONTEXT_BYTES}")));
+    }
+    Ok(bytes)
+}
+
+/// Reads through either a read or a write transaction.
+macro_rules! get_in {
+    ($txn:expr, $table:expr, $key:expr) => {{
+        (|| -> Result<_, StoreError> {
+            let t = $txn.open_table($table)?;
+            let v = t.get($key)?;
+            v.map(|g| store::decode(g.value())).transpose()
+        })()
+    }};
+}
+
+pub fn meta(txn: &ReadTransaction, machine: &str) -> Result<ChartMeta, StoreError> {
+    Ok(get_in!(txn, CHARTS, machine)?.unwrap_or_default())
+}
+
+pub fn version(txn: &ReadTransaction, machine: &str, id: &str) -> Result<Option<Version>, StoreError> {
+    get_in!(txn, VERSIONS, (machine, id))
+}
+
+/// Versions of `machine`, oldest first.
+pub fn versions(txn: &ReadTransaction, machine: &str) -> Result<Vec<Version>, StoreError> {
+    let t = txn.open_table(VERSIONS)?;
+    let mut out: Vec<Version> = Vec::new();
+    for e in t.range((machine, "")..)? {
+        let (k, v) = e?;
+        if k.value().0 != machine {
+            break;
+        }
+        out.push(store::decode(v.value())?);
+    }
+    out.sort_by_key(|v| v.number);
+    Ok(out)
+}
+
+pub fn instance(txn: &ReadTransaction, machine: &str, slug: &str) -> Result<Option<Instance>, StoreError> {
+    get_in!(txn, INSTANCES, (machine, slug))
+}
+
+/// Up to `limit` instances of `machine` after `cursor` (an instance slug), in slug order.
+pub fn instances(txn: &ReadTransaction, machine: &str, cursor: Option<&str>, limit: usize) -> Result<Vec<Instance>, StoreError> {
+    let t = txn.open_table(INSTANCES)?;
+    let mut out = Vec::new();
+    let start = cursor.unwrap_or("");
+    for e in t.range((machine, start)..)? {
+        let (k, v) = e?;
+        let (m, s) = k.value();
+        if m != machine {
+            break;
+        }
+        if cursor.is_some() && s == start {
+            continue;
+        }
+        out.push(store::decode(v.value())?);
+        if out.len() == limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Transition records of one instance from `after` (exclusive), oldest first.
+pub fn history(txn: &ReadTransaction, machine: &str, slug: &str, after: Option<u64>, limit: usize) -> Result<Vec<(u64, TransitionRecord)>, StoreError> {
+    let t = txn.open_table(HISTORY)?;
+    let from = after.map(|a| a + 1).unwrap_or(0);
+    let mut out = Vec::new();
+    for e in t.range((machine, slug, from)..=(machine, slug, u64::MAX))? {
+        let (k, v) = e?;
+        out.push((k.value().2, store::decode(v.value())?));
+        if out.len() == limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Stores a new immutable version (its definition already compiled by the caller) and appends
+/// a `version_created` row.
+pub fn create_version(
+    txn: &WriteTransaction,
+    machine: &str,
+    definition: &str,
+    client_info: Option<String>,
+    make_current: bool,
+    actor: &str,
+    now_ms: i64,
+) -> Result<Version, InstanceError> {
+    let mut meta: ChartMeta = get_in!(txn, CHARTS, machine)?.unwrap_or_default();
+    let version = Version {
+        id: format!("mv_{}", uuid::Uuid::new_v4().simple()),
+        machine: machine.to_owned(),
+        number: meta.versions + 1,
+        client_info,
+        definition: definition.to_owned(),
+        created_ms: now_ms,
+    };
+    meta.versions += 1;
+    if make_current || meta.current_version.is_none() {
+        meta.current_version = Some(version.id.clone());
+    }
+    txn.open_table(VERSIONS)?.insert((machine, version.id.as_str()), store::encode(&version).as_slice())?;
+    txn.open_table(CHARTS)?.insert(machine, store::encode(&meta).as_slice())?;
+    let definition_hash = hex::encode(&crate::auth::sha256(definition.as_bytes()));
+    let payload = json!({
+        "version_id": version.id, "number": version.number, "client_info": version.client_info,
+        "definition_sha256": definition_hash, "current": meta.current_version.as_deref() == Some(version.id.as_str()),
+    });
+    ledger_log::append(txn, machine, Entry::json("version_created", actor, &payload), now_ms)?;
+    Ok(version)
+}
+
+/// Sets the MQTT auto-create flag of a machine.
+pub fn set_auto_create(txn: &WriteTransaction, machine: &str, on: bool) -> Result<(), StoreError> {
+    let mut meta: ChartMeta = get_in!(txn, CHARTS, machine)?.unwrap_or_default();
+    meta.auto_create_instances = on;
+    txn.open_table(CHARTS)?.insert(machine, store::encode(&meta).as_slice())?;
+    Ok(())
+}
+
+/// The public view `{ts, state, publicContext, tags, done}` of a state.
+pub fn public_view(chart: &Chart, state: &InstanceState, ts_ms: i64) -> Value {
+    json!({
+        "ts": ts_ms,
+        "state": chart.state_value(state),
+        "publicContext": chart.public_context(state),
+        "tags": chart.tags(state),
+        "done": state.done,
+    })
+}
+
+/// What a caller passes to authorizers as `auth`.
+pub type Auth = Value;
+
+/// Creates an instance at its initial state (after the initial macrostep).
+#[allow(clippy::too_many_arguments)]
+pub fn create_instance(
+    txn: &WriteTransaction,
+    charts: &Charts,
+    machine: &str,
+    slug: &str,
+    context: Value,
+    version_id: Option<&str>,
+    auth: &Auth,
+    actor: &str,
+    now_ms: i64,
+) -> Result<(Instance, Value, Vec<crate::chart::Effect>), InstanceError> {
+    if get_in!(txn, INSTANCES, (machine, slug))?.map(|_: Instance| ()).is_some() {
+        return Err(InstanceError::Conflict(format!("instance `{slug}` already exists")));
+    }
+    let meta: ChartMeta = get_in!(txn, CHARTS, machine)?.unwrap_or_default();
+    let version_id = match version_id {
+        Some(v) => v.to_owned(),
+        None => meta
+            .current_version
+            .ok_or_else(|| InstanceError::NotFound("this machine has no current version; POST /machines/{machineSlug}/v first".into()))?,
+    };
+    let version: Version = get_in!(txn, VERSIONS, (machine, version_id.as_str()))?
+        .ok_or_else(|| InstanceError::NotFound(format!("no version `{version_id}` on this machine")))?;
+    let chart = charts.get(&version)?;
+    let mut initial_context = chart_default_context(&chart, context);
+    if !chart.allow_write(WriteKind::Initialization, None, &initial_context, auth)? {
+        return Err(InstanceError::Rejected("initialization"));
+    }
+    let step = chart.initial(std::mem::take(&mut initial_context), auth, now_ms)?;
+    let state_bytes = encode_state(&step.state)?;
+    let mut instance = Instance {
+        machine: machine.to_owned(),
+        slug: slug.to_owned(),
+        version_id: version.id.clone(),
+        target_version_id: None,
+        status: Status::Running,
+        created_ms: now_ms,
+        ts_ms: now_ms,
+        state: state_bytes,
+        next_due: None,
+        steps: 0,
+    };
+    let event = Event::new("xstate.init", Value::Null);
+    commit_step(txn, &chart, &mut instance, None, &step.state, &event, actor, "instance_created", now_ms)?;
+    Ok((instance, public_view(&chart, &step.state, now_ms), step.effects))
+}
+
+/// The definition's `context` merged under the caller's: statebacked's "initial context".
+fn chart_default_context(_chart: &Chart, given: Value) -> Value {
+    match given {
+        Value::Null => json!({}),
+        other => other,
+    }
+}
+
+/// What sending an event did.
+pub struct Sent {
+    pub view: Value,
+    pub effects: Vec<crate::chart::Effect>,
+    pub instance: Instance,
+}
+
+/// Sends one event to an instance: fires due timers first, upgrades the version if one is
+/// pending, checks `allowWrite`, runs the step, and commits it.
+#[allow(clippy::too_many_arguments)]
+pub fn send_event(
+    txn: &WriteTransaction,
+    charts: &Charts,
+    machine: &str,
+    slug: &str,
+    event: Event,
+    auth: &Auth,
+    actor: &str,
+    now_ms: i64,
+) -> Result<Sent, InstanceError> {
+    if event.name.is_empty() {
+        return Err(invalid("invalid-parameters", "event type must not be empty"));
+    }
+    let mut instance: Instance = get_in!(txn, INSTANCES, (machine, slug))?
+        .ok_or_else(|| InstanceError::NotFound(format!("no instance `{slug}`")))?;
+    if instance.status == Status::Paused {
+        return Err(InstanceError::Conflict("the instance is paused; PUT its status to running first".into()));
+    }
+    let mut state = decode_state(&instance.state)?;
+    let mut chart = charts.get(&load_version(txn, machine, &instance.version_id)?)?;
+    // Timers that came due before this event fire first, in due order.
+    if chart.next_due(&state).is_some_and(|d| d <= now_ms) {
+        let step = chart.advance(&state, now_ms)?;
+        state = step.state;
+    }
+    if let Some(target) = instance.target_version_id.clone() {
+        let next = charts.get(&load_version(txn, machine, &target)?)?;
+        next.check_state(&state).map_err(|e| InstanceError::NoMigrationPath(e.message))?;
+        chart = next;
+        instance.version_id = target;
+        instance.target_version_id = None;
+    }
+    if !chart.allow_write(WriteKind::Event, Some(&event), &state.context, auth)? {
+        return Err(InstanceError::Rejected("event"));
+    }
+    let step = chart.send(&state, event.clone(), auth, now_ms)?;
+    let from = decode_state(&instance.state)?;
+    commit_step(txn, &chart, &mut instance, Some(&from), &step.state, &event, actor, "transition", now_ms)?;
+    Ok(Sent { view: public_view(&chart, &step.state, now_ms), effects: step.effects, instance })
+}
+
+fn load_version(txn: &WriteTransaction, machine: &str, id: &str) -> Result<Version, InstanceError> {
+    get_in!(txn, VERSIONS, (machine, id))?.ok_or_else(|| StoreError::Corrupt(format!("version {id} of {machine} is missing")).into())
+}
+
+/// Writes a step: instance state, due index, history record, and the log row.
+#[allow(clippy::too_many_arguments)]
+fn commit_step(
+    txn: &WriteTransaction,
+    chart: &Chart,
+    instance: &mut Instance,
+    from: Option<&InstanceState>,
+    to: &InstanceState,
+    event: &Event,
+    actor: &str,
+    kind: &'static str,
+    now_ms: i64,
+) -> Result<(), InstanceError> {
+    let state_bytes = encode_state(to)?;
+    let data = canonical::to_vec(&event.data);
+    let from_cfg = from.map(|s| chart.atomic_configuration(s)).unwrap_or_default();
+    let to_cfg = chart.atomic_configuration(to);
+    let payload = json!({
+        "instance": instance.slug,
+        "event": event.name,
+        "payload_hash": hex::encode(&crate::auth::sha256(&data)),
+        "from": from_cfg,
+        "to": to_cfg,
+        "version_id": instance.version_id,
+    });
+    let row = ledger_log::append(txn, &instance.machine, Entry::json(kind, actor, &payload), now_ms)?;
+    let machine = instance.machine.clone();
+    let slug = instance.slug.clone();
+    let mut due = txn.open_table(DUE)?;
+    if let Some(old) = instance.next_due {
+        due.remove((old, machine.as_str(), slug.as_str()))?;
+    }
+    instance.next_due = chart.next_due(to);
+    if let Some(new) = instance.next_due {
+        due.insert((new, machine.as_str(), slug.as_str()), ())?;
+    }
+    let record = TransitionRecord {
+        ts_ms: now_ms,
+        event: event.name.clone(),
+        data,
+        from: from_cfg,
+        to: to_cfg,
+        log_seq: row.seq,
+        version_id: instance.version_id.clone(),
+    };
+    txn.open_table(HISTORY)?.insert((machine.as_str(), slug.as_str(), instance.steps), store::encode(&record).as_slice())?;
+    instance.steps += 1;
+    instance.state = state_bytes;
+    instance.ts_ms = now_ms;
+    txn.open_table(INSTANCES)?.insert((machine.as_str(), slug.as_str()), store::encode(instance).as_slice())?;
+    Ok(())
+}
+
+/// Fires every timer due at `now_ms` for one instance. `None` if the instance is gone,
+/// paused, or has nothing due.
+pub fn fire_due(
+    txn: &WriteTransaction,
+    charts: &Charts,
+    machine: &str,
+    slug: &str,
+    now_ms: i64,
+) -> Result<Option<Sent>, InstanceError> {
+    let Some(mut instance) = get_in!(txn, INSTANCES, (machine, slug))?.map(|i: Instance| i) else {
+        return Ok(None);
+    };
+    if instance.status == Status::Paused {
+        return Ok(None);
+    }
+    let state = decode_state(&instance.state)?;
+    let chart = charts.get(&load_version(txn, machine, &instance.version_id)?)?;
+    if !chart.next_due(&state).is_some_and(|d| d <= now_ms) {
+        return Ok(None);
+    }
+    let step = chart.advance(&state, now_ms)?;
+    let event = Event::new("xstate.after", Value::Null);
+    commit_step(txn, &chart, &mut instance, Some(&state), &step.state, &event, "timer", "transition", now_ms)?;
+    Ok(Some(Sent { view: public_view(&chart, &step.state, now_ms), effects: step.effects, instance }))
+}
+
+/// Pauses or resumes an instance.
+pub fn set_status(txn: &WriteTransaction, machine: &str, slug: &str, status: Status) -> Result<Instance, InstanceError> {
+    let mut instance: Instance = get_in!(txn, INSTANCES, (machine, slug))?
+        .ok_or_else(|| InstanceError::NotFound(format!("no instance `{slug}`")))?;
+    if instance.status != status {
+        // Paused instances keep their timers but leave the due index, so the timer task
+        // never spins on them; resuming puts them back (overdue ones fire at once).
+        if let Some(d) = instance.next_due {
+            let mut due = txn.open_table(DUE)?;
+            match status {
+                Status::Paused => due.remove((d, machine, slug))?,
+                Status::Running => due.insert((d, machine, slug), ())?,
+            };
+        }
+    }
+    instance.status = status;
+    txn.open_table(INSTANCES)?.insert((machine, slug), store::encode(&instance).as_slice())?;
+    Ok(instance)
+}
+
+/// Takes an instance whose timers fail out of the due index, so one broken timer cannot
+/// stall the others. Its state is unchanged; the next event retries the timers.
+pub fn park_timers(txn: &WriteTransaction, machine: &str, slug: &str) -> Result<(), StoreError> {
+    let found: Option<Instance> = get_in!(txn, INSTANCES, (machine, slug))?;
+    let mut due = txn.open_table(DUE)?;
+    if let Some(mut instance) = found {
+        if let Some(d) = instance.next_due.take() {
+            due.remove((d, machine, slug))?;
+        }
+        txn.open_table(INSTANCES)?.insert((machine, slug), store::encode(&instance).as_slice())?;
+    }
+    Ok(())
+}
+
+/// Removes a due-index entry that no longer matches its instance.
+pub fn drop_stale_due(txn: &WriteTransaction, due_ms: i64, machine: &str, slug: &str) -> Result<(), StoreError> {
+    let found: Option<Instance> = get_in!(txn, INSTANCES, (machine, slug))?;
+    let live = found.is_some_and(|i| i.next_due == Some(due_ms) && i.status == Status::Running);
+    if !live {
+        txn.open_table(DUE)?.remove((due_ms, machine, slug))?;
+    }
+    Ok(())
+}
+
+/// Schedules an upgrade to `target` on the next event, if the current state exists there.
+pub fn set_target_version(
+    txn: &WriteTransaction,
+    charts: &Charts,
+    machine: &str,
+    slug: &str,
+    target: &str,
+) -> Result<Instance, InstanceError> {
+    let mut instance: Instance = get_in!(txn, INSTANCES, (machine, slug))?
+        .ok_or_else(|| InstanceError::NotFound(format!("no instance `{slug}`")))?;
+    let version: Version = get_in!(txn, VERSIONS, (machine, target))?
+        .ok_or_else(|| InstanceError::NotFound(format!("no version `{target}` on this machine")))?;
+    let chart = charts.get(&version)?;
+    let state = decode_state(&instance.state)?;
+    chart.check_state(&state).map_err(|e| {
+        InstanceError::NoMigrationPath(format!("the instance's current state does not exist in {target}: {}", e.message))
+    })?;
+    instance.target_version_id = Some(target.to_owned());
+    txn.open_table(INSTANCES)?.insert((machine, slug), store::encode(&instance).as_slice())?;
+    Ok(instance)
+}
+
+/// Deletes an instance, its history and its timer entry, and logs `instance_deleted`.
+pub fn delete_instance(txn: &WriteTransaction, machine: &str, slug: &str, actor: &str, now_ms: i64) -> Result<(), InstanceError> {
+    let instance: Instance = get_in!(txn, INSTANCES, (machine, slug))?
+        .ok_or_else(|| InstanceError::NotFound(format!("no instance `{slug}`")))?;
+    if let Some(d) = instance.next_due {
+        txn.open_table(DUE)?.remove((d, machine, slug))?;
+    }
+    {
+        let mut h = txn.open_table(HISTORY)?;
+        for n in 0..instance.steps {
+            h.remove((machine, slug, n))?;
+        }
+    }
+    txn.open_table(INSTANCES)?.remove((machine, slug))?;
+    ledger_log::append(txn, machine, Entry::json("instance_deleted", actor, &json!({"instance": slug})), now_ms)?;
+    Ok(())
+}
+
+/// The earliest (due, machine, instance) entries at or before `now_ms`, at most `limit`.
+pub fn due(txn: &ReadTransaction, now_ms: i64, limit: usize) -> Result<Vec<(i64, String, String)>, StoreError> {
+    let t = txn.open_table(DUE)?;
+    let mut out = Vec::new();
+    for e in t.range((i64::MIN, "", "")..)? {
+        let (k, _) = e?;
+        let (d, m, s) = k.value();
+        if d > now_ms || out.len() == limit {
+            break;
+        }
+        out.push((d, m.to_owned(), s.to_owned()));
+    }
+    Ok(out)
+}
+
+/// The earliest pending timer of any instance.
+pub fn earliest_due(txn: &ReadTransaction) -> Result<Option<i64>, StoreError> {
+    let t = txn.open_table(DUE)?;
+    let first = t.first()?;
+    Ok(first.map(|(k, _)| k.value().0))
+}
+
+/// Public views of every instance of `machine` (for published pages): publicContext only.
+pub fn public_states(txn: &ReadTransaction, charts: &Charts, machine: &str) -> Result<Vec<Value>, InstanceError> {
+    let mut out = Vec::new();
+    for inst in instances(txn, machine, None, 10_000)? {
+        let version = version(txn, machine, &inst.version_id)?.ok_or_else(|| StoreError::Corrupt("version missing".into()))?;
+        let chart = charts.get(&version)?;
+        let state = decode_state(&inst.state)?;
+        let mut view = public_view(&chart, &state, inst.ts_ms);
+        if let Value::Object(o) = &mut view {
+            o.insert("instance".into(), json!(inst.slug));
+        }
+        out.push(view);
+    }
+    Ok(out)
+}

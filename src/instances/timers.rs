@@ -1,0 +1,74 @@
+//! The timer task: fires `after` and delayed `send` timers when they come due.
+//!
+//! Timers live in the instance states and in the `DUE` index, both in redb, so they survive
+//! restarts; on boot the first pass fires everything that came due while the gateway was off.
+//! Each pass fires up to 256 due instances in one write transaction, in due order. Between
+//! passes the task sleeps until the earliest deadline or the next commit (which may have added
+//! an earlier one), whichever comes first.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::{drop_stale_due, due, earliest_due, fire_due, park_timers, InstanceError};
+use crate::clock;
+use crate::server::Gateway;
+
+const PASS: usize = 256;
+
+pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
+    let mut commits = gw.writer.subscribe();
+    loop {
+        let now = clock::now_ms();
+        let batch = match gw.store.view(|txn| due(txn, now, PASS)) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "timer scan failed");
+                Vec::new()
+            }
+        };
+        if !batch.is_empty() {
+            let charts = gw.charts.clone();
+            let fired = gw
+                .writer
+                .write(move |txn| -> Result<Vec<super::Sent>, InstanceError> {
+                    let mut fired = Vec::new();
+                    for (d, m, s) in batch {
+                        match fire_due(txn, &charts, &m, &s, now) {
+                            Ok(Some(sent)) => fired.push(sent),
+                            Ok(None) => drop_stale_due(txn, d, &m, &s)?,
+                            // Nothing of this instance was written; park its timers.
+                            Err(InstanceError::Store(e)) => return Err(e.into()),
+                            Err(e) => {
+                                tracing::warn!(machine = %m, instance = %s, error = %e, "timer failed; parked until the next event");
+                                park_timers(txn, &m, &s)?;
+                            }
+                        }
+                    }
+                    Ok(fired)
+                })
+                .await;
+            match fired {
+                Ok(fired) => {
+                    gw.timers_fired.fetch_add(fired.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "firing timers failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+        }
+        let wait = match gw.store.view(earliest_due) {
+            Ok(Some(d)) => Duration::from_millis((d - clock::now_ms()).clamp(0, 60_000) as u64),
+            _ => Duration::from_secs(60),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = commits.changed() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -18,6 +18,7 @@
 //! - `/s/<slug>/` lists published pages; `/s/<slug>/p/<page>/` serves one (both also without
 //!   the trailing slash, by a 308 redirect to the slash form, so relative links resolve).
 //! - `/s/<slug>/state.json`: the machine's public instance states for page scripts.
+//!
 //! The site of a machine exists when the machine is public or has a published page.
 //!
 //! Page responses: `ETag: "<sha256 of the HTML>"` (the same tag for every encoding: they are
@@ -111,7 +112,8 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = wa
             if method != Method::GET && method != Method::HEAD {
                 return Err(warp::reject::not_found());
             }
-            site(&gw, tail.as_str(), &headers, &query).ok_or_else(warp::reject::not_found)
+            let res = site(&gw, tail.as_str(), &headers, &query).ok_or_else(warp::reject::not_found)?;
+            Ok(if method == Method::HEAD { head_of(res) } else { res })
         });
     list.or(one).unify().or(history).unify().or(write).unify().or(site).unify()
 }
@@ -353,6 +355,18 @@ fn plain(status: StatusCode, text: &'static str) -> Response {
     res
 }
 
+/// The HEAD form of a GET response: its headers with the length it would have, no body.
+/// (hyper strips HEAD bodies on HTTP/1.1 but not on HTTP/2, where a body is a protocol error.)
+fn head_of(mut res: Response) -> Response {
+    use hyper::body::Body as _;
+    let len = res.body().size_hint().exact();
+    *res.body_mut() = Bytes::new().into();
+    if let (Some(n), true) = (len, res.status() != StatusCode::NOT_MODIFIED) {
+        res.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    res
+}
+
 fn redirect(to: String) -> Response {
     let mut res = Response::new(Bytes::new().into());
     *res.status_mut() = StatusCode::PERMANENT_REDIRECT;
@@ -381,8 +395,10 @@ fn store_failure(e: crate::store::StoreError) -> Response {
     ApiError::from(e).into_response()
 }
 
-/// The machine, when its site exists (public, or at least one published page).
-fn site_machine(gw: &Gateway, slug: &str) -> Result<Option<(Machine, Vec<(PageSlug, pages::PageVersion)>)>, crate::store::StoreError> {
+type Site = (Machine, Vec<(PageSlug, pages::PageVersion)>);
+
+/// The machine and its published pages, when its site exists (public, or a published page).
+fn site_machine(gw: &Gateway, slug: &str) -> Result<Option<Site>, crate::store::StoreError> {
     if !machines::valid_slug(slug) {
         return Ok(None);
     }

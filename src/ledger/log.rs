@@ -84,11 +84,36 @@ impl<T: ReadableTable<(&'static str, u64), &'static [u8]>> HashReader for TableH
 }
 
 /// The log tables opened once for a run of appends inside one write transaction.
+///
+/// Heads and the tree hashes written through this writer are also kept in memory: the
+/// siblings an append needs are almost always hashes the previous appends just wrote, so a
+/// batch reads them from the cache instead of the B-tree. Every value is still written to
+/// its table at once, so dropping the writer at any point leaves the tables consistent.
 pub struct LogWriter<'txn> {
     rows: Table<'txn, (&'static str, u64), &'static [u8]>,
     hashes: Table<'txn, (&'static str, u64), &'static [u8]>,
     heads: Table<'txn, &'static str, &'static [u8]>,
     by_zeqond: Table<'txn, (&'static str, u64, u64), ()>,
+    head_cache: std::collections::HashMap<String, Head>,
+    hash_cache: std::collections::HashMap<(String, u64), Hash>,
+}
+
+/// Reads hashes from the writer's cache first, then from the table.
+struct CachedHashes<'a, T> {
+    cache: &'a std::collections::HashMap<(String, u64), Hash>,
+    table: TableHashes<'a, T>,
+}
+
+impl<T: ReadableTable<(&'static str, u64), &'static [u8]>> HashReader for CachedHashes<'_, T> {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, LedgerError> {
+        indexes
+            .iter()
+            .map(|&i| match self.cache.get(&(self.table.slug.to_owned(), i)) {
+                Some(h) => Ok(*h),
+                None => self.table.read_hashes(&[i]).map(|v| v[0]),
+            })
+            .collect()
+    }
 }
 
 impl<'txn> LogWriter<'txn> {
@@ -98,6 +123,8 @@ impl<'txn> LogWriter<'txn> {
             hashes: txn.open_table(HASHES)?,
             heads: txn.open_table(HEADS)?,
             by_zeqond: txn.open_table(BY_ZEQOND)?,
+            head_cache: Default::default(),
+            hash_cache: Default::default(),
         })
     }
 
@@ -105,11 +132,19 @@ impl<'txn> LogWriter<'txn> {
     pub fn create(&mut self, slug: &str, genesis_zeqond: u64) -> Result<(), StoreError> {
         let head = Head { size: 0, last_hash: genesis_prev_hash(slug, genesis_zeqond), genesis_zeqond };
         self.heads.insert(slug, store::encode(&head).as_slice())?;
+        self.head_cache.insert(slug.to_owned(), head);
         Ok(())
     }
 
-    pub fn head(&self, slug: &str) -> Result<Option<Head>, StoreError> {
-        self.heads.get(slug)?.map(|v| store::decode(v.value())).transpose()
+    pub fn head(&mut self, slug: &str) -> Result<Option<Head>, StoreError> {
+        if let Some(h) = self.head_cache.get(slug) {
+            return Ok(Some(*h));
+        }
+        let head: Option<Head> = self.heads.get(slug)?.map(|v| store::decode(v.value())).transpose()?;
+        if let Some(h) = head {
+            self.head_cache.insert(slug.to_owned(), h);
+        }
+        Ok(head)
     }
 
     /// Appends one row to `slug`'s log at wall time `now_ms`; returns the sealed row.
@@ -131,18 +166,20 @@ impl<'txn> LogWriter<'txn> {
         .try_seal()
         .map_err(|e| StoreError::Corrupt(format!("row refused: {e}")))?;
         let new_hashes = {
-            let reader = TableHashes { table: &self.hashes, slug };
+            let reader = CachedHashes { cache: &self.hash_cache, table: TableHashes { table: &self.hashes, slug } };
             tlog::stored_hashes_for_record_hash(row.seq, tlog::record_hash(&row.hash), &reader)
                 .map_err(ledger_err)?
         };
         let first = tlog::stored_hash_index(0, row.seq);
         for (i, h) in new_hashes.iter().enumerate() {
             self.hashes.insert((slug, first + i as u64), h.as_slice())?;
+            self.hash_cache.insert((slug.to_owned(), first + i as u64), *h);
         }
         self.rows.insert((slug, row.seq), row.encode_stored().as_slice())?;
         self.by_zeqond.insert((slug, row.zeqond, row.seq), ())?;
         let head = Head { size: row.seq + 1, last_hash: row.hash, ..head };
         self.heads.insert(slug, store::encode(&head).as_slice())?;
+        self.head_cache.insert(slug.to_owned(), head);
         Ok(row)
     }
 }

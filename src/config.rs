@@ -25,6 +25,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub agents: crate::agents::AgentsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -98,6 +99,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
+            agents: Default::default(),
         }
     }
 }
@@ -201,6 +203,7 @@ impl Config {
         if self.gateway.region.is_empty() {
             return Err(ConfigError::Invalid("gateway.region must not be empty".into()));
         }
+        self.agents.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

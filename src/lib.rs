@@ -11,6 +11,8 @@
 //!   HTML with precomputed gzip/brotli; served publicly under `/s/<slug>/` by `http::pages`.
 //! - [`instances`]: statechart versions and instances (specs 002/003), durable timers; the
 //!   glue between `chart` and `store`.
+//! - [`agents`]: spec 004 agent runs: operator catalog, deterministic evolutionary search,
+//!   the wallet (tally), the per-Zeqond ticker and BYOK model enrichment.
 //! - [`store`]: redb tables, postcard codecs, schema version, and the one writer task
 //!   ([`store::GroupCommit`]) through which every write goes.
 //! - [`ledger`]: the verifiable log's pure core: row encoding, hash chain, RFC 6962 tree in
@@ -23,6 +25,7 @@
 //! Invariants: only the writer task writes; a request is answered only after its write is
 //! durable; raw keys are never stored.
 
+pub mod agents;
 pub mod auth;
 pub mod chart;
 pub mod clock;

@@ -54,6 +54,8 @@ pub struct Gateway {
     /// Compiled statecharts by version id.
     pub charts: Arc<crate::instances::Charts>,
     pub timers_fired: std::sync::atomic::AtomicU64,
+    /// Agent runs: config, the credential sealing key, ticker counters.
+    pub agents: crate::agents::Agents,
 }
 
 impl Gateway {
@@ -101,6 +103,7 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     http: JoinHandle<()>,
     timers: JoinHandle<()>,
+    agents: JoinHandle<()>,
 }
 
 impl Running {
@@ -109,6 +112,7 @@ impl Running {
         let _ = self.shutdown.send(true);
         let _ = self.http.await;
         let _ = self.timers.await;
+        let _ = self.agents.await;
         self.gateway.writer.shutdown().await;
     }
 
@@ -144,6 +148,7 @@ pub async fn start(
             region: config.gateway.region.clone(),
             parent_origin: config.parent_origin(),
         },
+        agents: crate::agents::Agents::new(&config)?,
         config,
         store,
         writer,
@@ -157,6 +162,7 @@ pub async fn start(
     });
     let (tx, rx) = watch::channel(false);
     let http = tokio::spawn(crate::http::serve(listener, gw.clone(), rx.clone()));
-    let timers = tokio::spawn(crate::instances::timers::run(gw.clone(), rx));
-    Ok((Running { addr, gateway: gw, shutdown: tx, http, timers }, initialised))
+    let timers = tokio::spawn(crate::instances::timers::run(gw.clone(), rx.clone()));
+    let agents = tokio::spawn(crate::agents::ticker::run(gw.clone(), rx));
+    Ok((Running { addr, gateway: gw, shutdown: tx, http, timers, agents }, initialised))
 }

@@ -2,6 +2,7 @@
 //! errors. This file holds what they share: the error shape of the zeq paths, body reading with
 //! a limit, bearer extraction, and the route table. `listener.rs` serves the routes over TLS.
 
+mod agents;
 mod chain;
 mod instances;
 pub mod client;
@@ -240,6 +241,8 @@ pub fn with_gateway(gw: Arc<Gateway>) -> impl Filter<Extract = (Arc<Gateway>,), 
 pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     machines::routes(gw.clone())
         .or(chain::routes(gw.clone()))
+        .unify()
+        .or(agents::routes(gw.clone()))
         .unify()
         .or(instances::routes(gw.clone()))
         .unify()

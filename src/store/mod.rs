@@ -262,6 +262,7 @@ impl Store {
                     txn.open_table(crate::pages::PAGES)?;
                     txn.open_table(crate::pages::PAGE_VERSIONS)?;
                     txn.open_table(crate::pages::PAGE_BLOBS)?;
+                    crate::agents::create_tables(&txn)?;
                 }
                 txn.commit()?;
                 Ok(())

@@ -1,0 +1,124 @@
+//! The ticker: ticks every live run once per Zeqond (777 ms).
+//!
+//! At each Zeqond boundary it reads the live runs (the `LIVE` index, so runs resume after a
+//! restart), asks the models of BYOK runs concurrently (bounded by the BYOK timeout, and never
+//! past the Zeqond), and submits one write holding that Zeqond's ticks of all machines. Inside
+//! the write each run is ticked on its own: a run that has ended, already ticked this Zeqond
+//! (for instance by `POST tick`), or whose payer cannot pay writes nothing and is skipped. The
+//! Zeqond is taken from the clock inside the write transaction, so if a commit is late the
+//! tick counts for the Zeqond it lands in, and the next pass skips it: a late gateway leaves a
+//! gap, never a double tick.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::{read, tick, AgentError, Enrichment};
+use crate::clock::{self, ZEQOND_MS};
+use crate::server::Gateway;
+
+/// A run due this Zeqond and what its model call needs.
+struct Due {
+    id: String,
+    byok: bool,
+    credential: Option<super::byok::Credential>,
+    problem: String,
+    best: Option<Vec<&'static str>>,
+}
+
+/// Runs whose last tick is before Zeqond `z`.
+fn due(gw: &Gateway, z: u64) -> Vec<Due> {
+    let scan = gw.store.view(|txn| {
+        let mut out = Vec::new();
+        for id in read::live(txn)? {
+            let Some(run) = read::run(txn, &id)? else { continue };
+            if run.last_tick_zeqond.is_some_and(|l| l >= z) {
+                continue;
+            }
+            let cred = match &run.credential_id {
+                Some(c) => super::byok::credential(txn, c)?,
+                None => None,
+            };
+            let best = run.search.best.as_ref().map(|b| b.genotype.operators());
+            out.push(Due { id, byok: run.credential_id.is_some(), credential: cred, problem: run.problem, best });
+        }
+        Ok(out)
+    });
+    scan.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "ticker: cannot read live runs");
+        Vec::new()
+    })
+}
+
+/// Ticks the runs due at the current Zeqond once; returns how many ticked.
+pub async fn pass(gw: &Arc<Gateway>) -> usize {
+    let z = clock::zeqond(clock::now_ms());
+    let runs = due(gw, z);
+    if runs.is_empty() {
+        return 0;
+    }
+    // BYOK runs ask their models concurrently; the rest need no wait.
+    let asks = runs.into_iter().map(|d| {
+        let gw = gw.clone();
+        async move {
+            if !d.byok {
+                return (d.id, Enrichment::default());
+            }
+            let e = gw.agents.enrich(d.credential.as_ref(), &d.problem, d.best.as_deref()).await;
+            (d.id, e)
+        }
+    });
+    let work: Vec<(String, Enrichment)> = futures_util::future::join_all(asks).await;
+    let outcome = gw
+        .writer
+        .write(move |txn| -> Result<(usize, usize), AgentError> {
+            let now = clock::now_ms();
+            let (mut ticked, mut skipped) = (0, 0);
+            for (id, enrichment) in work {
+                match tick(txn, &id, "ticker", "ticker", enrichment, now) {
+                    Ok(_) => ticked += 1,
+                    // A store error breaks the whole batch; anything else wrote nothing.
+                    Err(AgentError::Store(e)) => return Err(e.into()),
+                    Err(_) => skipped += 1,
+                }
+            }
+            Ok((ticked, skipped))
+        })
+        .await;
+    match outcome {
+        Ok((ticked, skipped)) => {
+            gw.agents.ticked.fetch_add(ticked as u64, Ordering::Relaxed);
+            gw.agents.skipped.fetch_add(skipped as u64, Ordering::Relaxed);
+            ticked
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "ticker: the Zeqond's ticks were not committed");
+            0
+        }
+    }
+}
+
+/// Milliseconds until the next Zeqond boundary.
+fn until_next_zeqond() -> u64 {
+    let now = clock::now_ms().max(0);
+    (ZEQOND_MS - now % ZEQOND_MS) as u64
+}
+
+pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
+    // Data directories made before agents existed lack their tables; opening them for write
+    // creates them (and is a no-op otherwise).
+    if let Err(e) = gw.writer.write(|txn| super::create_tables(txn)).await {
+        tracing::warn!(error = %e, "ticker: cannot create the agent tables");
+    }
+    loop {
+        pass(&gw).await;
+        // A millisecond past the boundary, so the clock inside the write reads the new Zeqond.
+        let wait = Duration::from_millis(until_next_zeqond() + 1);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! Spec 004 routes: agent runs under `/api/zeq/agent/`, the tally under `/api/tally/`, and BYOK
+//! credentials. Handlers parse, call `crate::agents`, and map its errors to the zeq shape.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::{json, Value};
+use warp::reply::Response;
+use warp::Filter;
+
+use super::{bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream};
+use crate::agents::{self, byok, read, AgentError, Enrichment, Run, SpawnContext, SpawnRequest};
+use crate::auth::{Access, Principal, Zid};
+use crate::clock;
+use crate::machines;
+use crate::server::Gateway;
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            AgentError::Invalid { code, .. } => ApiError::bad_request(code, message),
+            AgentError::Unauthorized => ApiError::unauthorized(),
+            AgentError::InsufficientBalance { balance, required } => {
+                ApiError::new(StatusCode::PAYMENT_REQUIRED, "INSUFFICIENT_BALANCE", message)
+                    .with("balance", json!(balance))
+                    .with("required", json!(required))
+            }
+            AgentError::NotChainMember(_) => ApiError::new(StatusCode::FORBIDDEN, "not_chain_member", message),
+            AgentError::Forbidden(_) => ApiError::forbidden(message),
+            AgentError::MachineNotFound => ApiError::machine_not_found(),
+            AgentError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "agent_not_found", message),
+            AgentError::CredentialNotFound => ApiError::new(StatusCode::NOT_FOUND, "credential_not_found", message),
+            AgentError::QuotaExceeded { limit } => {
+                ApiError::new(StatusCode::CONFLICT, "quota_exceeded", message).with("limit", json!(limit))
+            }
+            AgentError::Done { status } => ApiError::new(StatusCode::CONFLICT, "agent_done", message).with("status", json!(status)),
+            AgentError::AlreadyDead { status } => {
+                ApiError::new(StatusCode::CONFLICT, "agent_already_dead", message).with("status", json!(status))
+            }
+            AgentError::TooSoon { zeqond } => ApiError::new(StatusCode::CONFLICT, "tick_too_soon", message)
+                .with("last_tick_zeqond", json!(zeqond))
+                .with("next_zeqond", json!(zeqond + 1)),
+            AgentError::Machine(m) => m.into(),
+            AgentError::Store(s) => s.into(),
+        }
+    }
+}
+
+pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    let g = move || with_gateway(gw.clone());
+    let spawn = warp::path!("api" / "zeq" / "agent" / "spawn")
+        .and(warp::post())
+        .and(g())
+        .and(bearer())
+        .and(body())
+        .then(|gw, bearer, len, body| async move { respond(spawn(gw, bearer, len, body).await) });
+    let tick = warp::path!("api" / "zeq" / "agent" / "tick" / String)
+        .or(warp::path!("api" / "zeq" / "agent" / String / "tick"))
+        .unify()
+        .and(warp::post())
+        .and(g())
+        .and(bearer())
+        .then(|id, gw, bearer| async move { respond(tick(gw, bearer, id).await) });
+    let kill = warp::path!("api" / "zeq" / "agent" / "kill" / String)
+        .or(warp::path!("api" / "zeq" / "agent" / String / "kill"))
+        .unify()
+        .and(warp::post())
+        .and(g())
+        .and(bearer())
+        .then(|id, gw, bearer| async move { respond(kill(gw, bearer, id).await) });
+    let list = warp::path!("api" / "zeq" / "agent" / "list")
+        .and(warp::get())
+        .and(g())
+        .and(bearer())
+        .then(|gw, bearer| async move { respond(list(gw, bearer)) });
+    let view = warp::path!("api" / "zeq" / "agent" / String / String)
+        .and(warp::get())
+        .and(g())
+        .and(bearer())
+        .and_then(|what: String, id: String, gw: Arc<Gateway>, bearer: Option<String>| async move {
+            if !matches!(what.as_str(), "status" | "lineage" | "mesh") {
+                return Err(warp::reject::not_found());
+            }
+            Ok::<_, warp::Rejection>(respond(view(gw, bearer, &what, id)))
+        });
+    let tally = warp::path!("api" / "tally" / "account" / String)
+        .and(warp::get())
+        .and(g())
+        .and(bearer())
+        .then(|zid, gw, bearer| async move { respond(tally(gw, bearer, zid)) });
+    let credentials = warp::path!("api" / "zeq" / "credentials")
+        .and(warp::post())
+        .and(g())
+        .and(bearer())
+        .and(body())
+        .then(|gw, bearer, len, body| async move { respond(credential(gw, bearer, len, body).await) });
+    spawn.or(tick).unify().or(kill).unify().or(list).unify().or(view).unify().or(tally).unify().or(credentials).unify()
+}
+
+fn caller(gw: &Gateway, bearer: Option<&str>) -> Result<Principal, ApiError> {
+    match gw.principal(bearer)? {
+        Principal::Anonymous => Err(ApiError::unauthorized()),
+        p => Ok(p),
+    }
+}
+
+/// Asks the run's model when it has a credential that the payer owns; otherwise nothing.
+async fn enrichment(gw: &Gateway, credential_id: Option<&str>, payer: Option<&Zid>, problem: &str, best: Option<Vec<&'static str>>) -> Result<Enrichment, ApiError> {
+    let Some(id) = credential_id else { return Ok(Enrichment::default()) };
+    let cred = gw.store.view(|txn| byok::credential(txn, id))?;
+    match cred {
+        Some(c) if Some(&c.owner) == payer => Ok(gw.agents.enrich(Some(&c), problem, best.as_deref()).await),
+        // The write refuses it (404 credential_not_found) or records the fallback.
+        _ => Ok(Enrichment::default()),
+    }
+}
+
+async fn spawn(gw: Arc<Gateway>, bearer: Option<String>, declared: Option<u64>, body: BodyStream) -> Result<Response, ApiError> {
+    let principal = caller(&gw, bearer.as_deref())?;
+    let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
+    let request = SpawnRequest::from_json(&parse_json(&bytes)?)?;
+    let payer = match &principal {
+        Principal::Account { zid, .. } => Some(zid.clone()),
+        Principal::MachineKey { slug, .. } => {
+            let target = request.slug.clone().unwrap_or_else(|| slug.clone());
+            gw.store.view(|txn| machines::get(txn, &target))?.map(|m| m.owner_zid)
+        }
+        Principal::Anonymous => None,
+    };
+    let enrichment = enrichment(&gw, request.credential_id.as_deref(), payer.as_ref(), &request.problem, None).await?;
+    let agent_id = uuid::Uuid::new_v4().to_string();
+    let max_live = gw.config.agents.max_live_per_account;
+    let defaults = gw.machine_defaults.clone();
+    let spawned = gw
+        .writer
+        .write(move |txn| {
+            let ctx = SpawnContext { principal: &principal, agent_id, max_live, defaults: &defaults, enrichment, now_ms: clock::now_ms() };
+            agents::spawn(txn, request, ctx)
+        })
+        .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "ok": true,
+            "agent_id": spawned.run.id,
+            "agent_zid": spawned.run.agent_zid,
+            "slug": spawned.run.slug,
+            "machine_created": spawned.machine_created,
+            "status": spawned.run.status.as_str(),
+            "tally_charge": spawned.charge.to_json(),
+            "first_tick": spawned.first_tick.as_ref().map(agents::Tick::to_json),
+        }),
+    ))
+}
+
+/// The run and the caller's access to it; runs the caller cannot see are 404.
+fn visible_run(gw: &Gateway, principal: &Principal, id: &str) -> Result<(Run, Access), ApiError> {
+    let found = gw.store.view(|txn| {
+        let Some(run) = read::run(txn, id)? else { return Ok(None) };
+        let machine = machines::get(txn, &run.slug)?;
+        Ok(Some((run, machine)))
+    })?;
+    let Some((run, machine)) = found else { return Err(AgentError::NotFound.into()) };
+    let access = agents::run_access(machine.as_ref(), &run, principal);
+    if access < Access::Viewer {
+        return Err(AgentError::NotFound.into());
+    }
+    Ok((run, access))
+}
+
+fn admin(access: Access, what: &str) -> Result<(), ApiError> {
+    if access >= Access::Admin {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!("{what} needs the run's owner or an admin key of its machine")))
+    }
+}
+
+async fn tick(gw: Arc<Gateway>, bearer: Option<String>, id: String) -> Result<Response, ApiError> {
+    let principal = caller(&gw, bearer.as_deref())?;
+    let (run, access) = visible_run(&gw, &principal, &id)?;
+    admin(access, "ticking")?;
+    if !run.is_live() {
+        return Err(AgentError::Done { status: run.status.as_str() }.into());
+    }
+    let best = run.search.best.as_ref().map(|b| b.genotype.operators());
+    let enrichment = enrichment(&gw, run.credential_id.as_deref(), Some(&run.payer), &run.problem, best).await?;
+    let actor = principal.actor();
+    // The ticker usually has ticked this Zeqond already: then this tick takes the next one.
+    let mut attempt = 0;
+    let done = loop {
+        let (id, actor, e) = (id.clone(), actor.clone(), enrichment.clone());
+        let outcome = gw.writer.write(move |txn| agents::tick(txn, &id, "manual", &actor, e, clock::now_ms())).await;
+        match outcome {
+            Err(AgentError::TooSoon { .. }) if attempt < 2 => {
+                attempt += 1;
+                let now = clock::now_ms().max(0);
+                let wait = clock::ZEQOND_MS - now % clock::ZEQOND_MS + 1;
+                tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+            }
+            other => break other?,
+        }
+    };
+    let mut body = done.to_json();
+    if let Value::Object(o) = &mut body {
+        o.insert("ok".into(), json!(true));
+        o.insert("agent_id".into(), json!(run.id));
+        o.insert("tally_charge".into(), done.charge.to_json());
+    }
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+async fn kill(gw: Arc<Gateway>, bearer: Option<String>, id: String) -> Result<Response, ApiError> {
+    let principal = caller(&gw, bearer.as_deref())?;
+    let (_, access) = visible_run(&gw, &principal, &id)?;
+    admin(access, "killing")?;
+    let actor = principal.actor();
+    let run_id = id.clone();
+    let (zeqond, transition_id) = gw.writer.write(move |txn| agents::kill(txn, &run_id, &actor, clock::now_ms())).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "agent_id": id, "killed_at_zeqond": zeqond, "transition_id": transition_id}),
+    ))
+}
+
+fn list(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, ApiError> {
+    let principal = caller(&gw, bearer.as_deref())?;
+    let runs = match &principal {
+        Principal::Account { zid, .. } => gw.store.view(|txn| read::by_account(txn, zid.as_str()))?,
+        Principal::MachineKey { slug, .. } => gw.store.view(|txn| read::by_machine(txn, slug))?,
+        Principal::Anonymous => Vec::new(),
+    };
+    let live = runs.iter().filter(|r| r.is_live()).count();
+    let agents: Vec<Value> = runs.iter().map(Run::to_json).collect();
+    Ok(json_response(StatusCode::OK, &json!({"ok": true, "count": agents.len(), "live": live, "agents": agents})))
+}
+
+fn view(gw: Arc<Gateway>, bearer: Option<String>, what: &str, id: String) -> Result<Response, ApiError> {
+    let principal = caller(&gw, bearer.as_deref())?;
+    let (run, _) = visible_run(&gw, &principal, &id)?;
+    let body = match what {
+        "status" => {
+            let mut v = run.to_json();
+            if let Value::Object(o) = &mut v {
+                o.insert("ok".into(), json!(true));
+            }
+            v
+        }
+        "lineage" => {
+            let problem = agents::problem::Problem::parse(&run.problem);
+            let generations = gw.store.view(|txn| read::lineage(txn, &run.id))?;
+            let lineage: Vec<Value> = generations.iter().map(|g| g.to_json(&problem)).collect();
+            json!({"ok": true, "agent_id": run.id, "problem": run.problem, "status": run.status.as_str(), "lineage": lineage})
+        }
+        _ => {
+            let children = gw.store.view(|txn| {
+                let mut out = Vec::new();
+                for child in read::mesh(txn, &run.id)? {
+                    let machine = machines::get(txn, &child.slug)?;
+                    if agents::run_access(machine.as_ref(), &child, &principal) >= Access::Viewer {
+                        out.push(child.to_json());
+                    }
+                }
+                Ok(out)
+            })?;
+            json!({"ok": true, "master_id": run.id, "master": run.to_json(), "count": children.len(), "children": children})
+        }
+    };
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+fn tally(gw: Arc<Gateway>, bearer: Option<String>, zid: String) -> Result<Response, ApiError> {
+    let principal = caller(&gw, bearer.as_deref())?;
+    let zid = Zid::parse(&zid).ok_or_else(|| ApiError::bad_request("invalid_zid", "a ZID is ZEQ and 11 digits"))?;
+    if !matches!(&principal, Principal::Account { zid: z, .. } if *z == zid) {
+        return Err(ApiError::forbidden("an account's tally is visible only with its own account key"));
+    }
+    let (account, slugs, runs, live) = gw.store.view(|txn| {
+        let account = crate::auth::account(txn, zid.as_str())?;
+        let slugs: Vec<String> =
+            machines::all(txn)?.into_iter().filter(|m| m.owner_zid == zid).map(|m| m.slug).collect();
+        let runs = read::by_account(txn, zid.as_str())?;
+        let live = read::live_count(txn, zid.as_str())?;
+        Ok((account, slugs, runs, live))
+    })?;
+    let account = account.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "account_not_found", "no such account"))?;
+    let spent: i64 = runs.iter().map(|r| r.charged).sum();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "ok": true,
+            "zid": zid,
+            "balance": account.balance,
+            "machines": slugs.len(),
+            "slugs": slugs,
+            "agents": runs.len(),
+            "live_agents": live,
+            "spent_on_agents": spent,
+            "costs": {"spawn": agents::SPAWN_COST, "tick": agents::TICK_COST},
+        }),
+    ))
+}
+
+async fn credential(gw: Arc<Gateway>, bearer: Option<String>, declared: Option<u64>, body: BodyStream) -> Result<Response, ApiError> {
+    let principal = caller(&gw, bearer.as_deref())?;
+    let Principal::Account { zid, .. } = principal else {
+        return Err(ApiError::forbidden("credentials belong to accounts: use an account key (zeq_ak_…)"));
+    };
+    let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
+    let cred = byok::new_credential(&gw.agents, &zid, &parse_json(&bytes)?, clock::now_ms())?;
+    let reply = json!({"ok": true, "credential_id": cred.id, "name": cred.name, "created_at": clock::rfc3339(cred.created_ms)});
+    gw.writer.write(move |txn| byok::store_credential(txn, &cred)).await?;
+    Ok(json_response(StatusCode::CREATED, &reply))
+}

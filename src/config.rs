@@ -26,6 +26,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub log: LogConfig,
     pub agents: crate::agents::AgentsConfig,
+    pub mqtt: crate::mqtt::MqttConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -100,6 +101,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             agents: Default::default(),
+            mqtt: Default::default(),
         }
     }
 }
@@ -204,6 +206,7 @@ impl Config {
             return Err(ConfigError::Invalid("gateway.region must not be empty".into()));
         }
         self.agents.validate().map_err(ConfigError::Invalid)?;
+        self.mqtt.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -19,6 +19,8 @@
 //!   Go-tlog layout, C2SP signed-note checkpoints. No I/O.
 //! - [`chart`]: the pure statechart engine (XState-shaped JSON, SCXML semantics, Rhai
 //!   expressions in a sandbox). No I/O, time passed in.
+//! - [`mqtt`]: device heartbeats and events over MQTT applied as statechart steps in group
+//!   commits, acked after commit; retained states; the embedded rumqttd broker.
 //! - [`gateway`]: the data directory, the gateway's Ed25519 identity and TLS files (`init`).
 //! - [`tls`], [`systemd`], [`metrics`], [`clock`]: the small pieces around them.
 //!
@@ -36,6 +38,7 @@ pub mod instances;
 pub mod ledger;
 pub mod machines;
 pub mod metrics;
+pub mod mqtt;
 pub mod pages;
 pub mod server;
 pub mod store;

@@ -389,6 +389,9 @@ async fn serve(config: Config) -> Result<(), CliError> {
         print_owner(made);
     }
     println!("smgate: listening on https://{}", running.addr);
+    if let Some(addr) = running.mqtt_broker() {
+        println!("smgate: mqtt broker on {addr}");
+    }
     tracing::info!(addr = %running.addr, gateway = %running.gateway.identity.id, "listening");
     systemd::notify("READY=1");
     if let Some(every) = systemd::watchdog_interval() {

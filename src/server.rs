@@ -33,6 +33,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("MQTT: {0}")]
+    Mqtt(String),
 }
 
 /// State shared by every request handler.
@@ -56,6 +58,8 @@ pub struct Gateway {
     pub timers_fired: std::sync::atomic::AtomicU64,
     /// Agent runs: config, the credential sealing key, ticker counters.
     pub agents: crate::agents::Agents,
+    /// MQTT counters, and the hook through which committed steps reach the state publisher.
+    pub mqtt: crate::mqtt::Shared,
 }
 
 impl Gateway {
@@ -76,14 +80,16 @@ impl Gateway {
 
     pub fn render_metrics(&self) -> String {
         let machines = self.store.view(machines::count).unwrap_or(0);
-        self.metrics.render(
+        let mut out = self.metrics.render(
             self.writer.stats(),
             &[
                 ("smgate_uptime_seconds", "Seconds since start.", self.started.elapsed().as_secs_f64()),
                 ("smgate_machines", "Machines on this gateway.", machines as f64),
                 ("smgate_process_resident_bytes", "Resident set size of the process.", rss_bytes() as f64),
             ],
-        )
+        );
+        out.push_str(&self.mqtt.render());
+        out
     }
 }
 
@@ -104,6 +110,7 @@ pub struct Running {
     http: JoinHandle<()>,
     timers: JoinHandle<()>,
     agents: JoinHandle<()>,
+    mqtt: Option<crate::mqtt::Running>,
 }
 
 impl Running {
@@ -113,7 +120,16 @@ impl Running {
         let _ = self.http.await;
         let _ = self.timers.await;
         let _ = self.agents.await;
+        // The MQTT batcher commits and acks its last batch before the writer stops.
+        if let Some(m) = self.mqtt {
+            m.stopped().await;
+        }
         self.gateway.writer.shutdown().await;
+    }
+
+    /// Address of the embedded MQTT broker, when it runs.
+    pub fn mqtt_broker(&self) -> Option<SocketAddr> {
+        self.mqtt.as_ref().and_then(|m| m.broker)
     }
 
     /// Re-reads the certificate and key (SIGHUP).
@@ -159,10 +175,12 @@ pub async fn start(
         started_ms: clock::now_ms(),
         charts: Arc::default(),
         timers_fired: Default::default(),
+        mqtt: Default::default(),
     });
     let (tx, rx) = watch::channel(false);
     let http = tokio::spawn(crate::http::serve(listener, gw.clone(), rx.clone()));
     let timers = tokio::spawn(crate::instances::timers::run(gw.clone(), rx.clone()));
-    let agents = tokio::spawn(crate::agents::ticker::run(gw.clone(), rx));
-    Ok((Running { addr, gateway: gw, shutdown: tx, http, timers, agents }, initialised))
+    let agents = tokio::spawn(crate::agents::ticker::run(gw.clone(), rx.clone()));
+    let mqtt = crate::mqtt::start(gw.clone(), rx).await.map_err(StartError::Mqtt)?;
+    Ok((Running { addr, gateway: gw, shutdown: tx, http, timers, agents, mqtt }, initialised))
 }

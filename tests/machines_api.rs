@@ -304,3 +304,28 @@ async fn key_minting_validates_its_body() {
     let (s, r, _) = call(&c, Method::GET, &gw.url("/api/nothing-here"), None, None).await;
     assert_eq!((s, r["error"].as_str()), (404, Some("not_found")));
 }
+
+/// Spec 000's `500 unspecified` (DB error): a stored key record that no longer decodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_error_is_500_unspecified() {
+    let mut gw = Gw::start(&[]);
+    gw.stop();
+    // The owner key's record holds its hint `zeq_ak_XXXX…`; invalid UTF-8 there makes the
+    // record undecodable.
+    let path = gw.data().join("smgate.redb");
+    let mut db = std::fs::read(&path).unwrap();
+    let hint = format!("{}…", &gw.owner_key[..11]);
+    let mut hits = 0;
+    let mut at = 0;
+    while let Some(pos) = db[at..].windows(hint.len()).position(|w| w == hint.as_bytes()) {
+        db[at + pos + 8] = 0xFF;
+        hits += 1;
+        at += pos + hint.len();
+    }
+    assert!(hits >= 1, "found the key record");
+    std::fs::write(&path, db).unwrap();
+    gw.spawn();
+    let (s, b) = spinup(&gw, Some(&gw.owner_key), json!({})).await;
+    assert_eq!((s, b["error"].as_str()), (500, Some("unspecified")), "{b}");
+    assert!(b["message"].as_str().unwrap().contains("corrupt"), "{b}");
+}

@@ -8,6 +8,7 @@ mod instances;
 pub mod client;
 mod listener;
 mod machines;
+mod mqtt;
 mod ops;
 mod pages;
 
@@ -245,6 +246,8 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = In
         .or(agents::routes(gw.clone()))
         .unify()
         .or(instances::routes(gw.clone()))
+        .unify()
+        .or(mqtt::routes(gw.clone()))
         .unify()
         .or(ops::routes(gw.clone()))
         .unify()

@@ -59,7 +59,7 @@ impl Gw {
     pub fn spawn(&mut self) {
         let mut cmd = Command::new(BIN);
         cmd.arg("--data").arg(self.data()).arg("serve");
-        cmd.env("SMGATE_HTTP_LISTEN", "127.0.0.1:0").env("RUST_LOG", "warn");
+        cmd.env("SMGATE_HTTP_LISTEN", "127.0.0.1:0").env("SMGATE_MQTT_LISTEN", "127.0.0.1:0").env("RUST_LOG", "warn");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

@@ -1,0 +1,60 @@
+//! `GET /api/chain/state-machines/:slug/dead-letters`: the machine's MQTT dead letters, newest
+//! first (viewer and above; `?limit=` 1–1000, default 100).
+
+use std::sync::Arc;
+
+use http::StatusCode;
+use serde_json::{json, Value};
+use warp::reply::Response;
+use warp::Filter;
+
+use super::{bearer, json_response, respond, visible_machine, with_gateway, ApiError};
+use crate::auth::Access;
+use crate::clock;
+use crate::mqtt::ingest;
+use crate::server::Gateway;
+
+type Query = std::collections::HashMap<String, String>;
+
+pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("api" / "chain" / "state-machines" / String / "dead-letters")
+        .and(warp::get())
+        .and(warp::query::<Query>())
+        .and(with_gateway(gw))
+        .and(bearer())
+        .map(|slug: String, q: Query, gw: Arc<Gateway>, bearer: Option<String>| respond(list(&gw, bearer.as_deref(), &slug, &q)))
+}
+
+fn list(gw: &Gateway, bearer: Option<&str>, slug: &str, q: &Query) -> Result<Response, ApiError> {
+    let principal = gw.principal(bearer)?;
+    let (machine, access) = visible_machine(gw, &principal, slug)?;
+    if access < Access::Viewer {
+        return Err(ApiError::forbidden("reading dead letters needs the owner or a viewer, operator or admin key"));
+    }
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| ApiError::bad_request("invalid_limit", "limit must be an integer from 1 to 1000"))?,
+    };
+    let letters = gw.store.view(|txn| ingest::dead_letters(txn, &machine.slug, limit))?;
+    let items: Vec<Value> = letters
+        .iter()
+        .map(|(n, d)| {
+            json!({
+                "n": n,
+                "topic": d.topic,
+                "payload": String::from_utf8_lossy(&d.payload),
+                "payload_bytes": d.payload_len,
+                "truncated": d.payload_len > d.payload.len() as u64,
+                "reason": d.reason,
+                "message": d.message,
+                "ts": clock::rfc3339(d.ts_ms),
+                "ts_ms": d.ts_ms,
+            })
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &json!({"ok": true, "slug": machine.slug, "dead_letters": items})))
+}

@@ -1,0 +1,503 @@
+//! The MQTT tasks of a running gateway.
+//!
+//! - The **ingest connection** (`clean_session = false`, stable client id, manual acks, Last
+//!   Will `offline`) only polls its event loop: it hands each incoming publish to the batcher
+//!   over an unbounded channel (bounded in practice by the broker's inflight window) and never
+//!   waits on anything else, so keepalives and acks keep flowing.
+//! - The **batcher** takes what has arrived (up to `batch_size`, waiting at most
+//!   `batch_wait_ms` for company), applies it in one `GroupCommit::write`, and only after that
+//!   commit acks each message and hands the committed steps to the publisher. While a batch
+//!   commits the next one accumulates, so the batch size follows the load.
+//! - The **publisher** has its own connection (so state traffic never delays acks), coalesces
+//!   queued states per instance, publishes them retained at QoS 1, and republishes every state
+//!   after each (re)connect.
+//!
+//! Shutdown: the batcher finishes and acks its batch, then the ingest connection publishes
+//! `offline` and disconnects, and the publisher flushes what is queued.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS, SubscribeFilter, TlsConfiguration, Transport};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::ingest::{self, Message, Outcome, Rules};
+use super::{broker, topic, Mode, MqttConfig, Publication};
+use crate::clock;
+use crate::server::Gateway;
+use crate::store::StoreError;
+
+/// The MQTT side of a running gateway.
+pub struct Running {
+    /// Address of the embedded broker, when there is one.
+    pub broker: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Waits for the tasks to finish after the shutdown signal.
+    pub async fn stopped(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts the broker (embedded mode) and the client tasks; `None` when `mode = "off"`.
+pub async fn start(gw: Arc<Gateway>, shutdown: watch::Receiver<bool>) -> Result<Option<Running>, String> {
+    let cfg = gw.config.mqtt.clone();
+    let (host, port, tls, broker_addr) = match cfg.mode {
+        Mode::Off => return Ok(None),
+        Mode::Embedded => {
+            let c = cfg.clone();
+            match tokio::task::spawn_blocking(move || broker::start(&c)).await.map_err(|e| e.to_string())? {
+                Ok(addr) => (addr.ip().to_string(), addr.port(), None, Some(addr)),
+                // HTTP keeps serving (so the operator can see why); devices cannot connect.
+                Err(e) => {
+                    tracing::error!(error = %e, "embedded MQTT broker not started; MQTT is off until restart");
+                    return Ok(None);
+                }
+            }
+        }
+        Mode::External => {
+            let (host, port, secure) = parse_url(cfg.url.as_deref().unwrap_or_default())?;
+            let tls = if secure { Some(tls_config(&cfg)?) } else { None };
+            (host, port, tls, None)
+        }
+    };
+    let client_id = cfg.client_id.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| format!("smgate-{}", gw.identity.id));
+    let birth = gw.writer.write(ingest::next_birth).await.map_err(|e: StoreError| e.to_string())?;
+    let status = topic::status(&cfg.topic_prefix, &gw.identity.id);
+
+    let mut opts = options(&cfg, &client_id, &host, port, tls.clone());
+    opts.set_clean_session(false).set_manual_acks(true).set_last_will(will(&status, "offline", birth));
+    let (client, eventloop) = AsyncClient::new(opts, cfg.batch_size * 4 + 64);
+    let mut pub_opts = options(&cfg, &format!("{client_id}-pub"), &host, port, tls);
+    pub_opts.set_clean_session(true);
+    let (pub_client, pub_eventloop) = AsyncClient::new(pub_opts, 1024);
+
+    let (in_tx, in_rx) = mpsc::unbounded_channel();
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let _ = gw.mqtt.publisher.set(out_tx);
+    let (republish_tx, republish_rx) = mpsc::unbounded_channel();
+    let (batcher_done_tx, batcher_done_rx) = oneshot::channel();
+    let (publisher_stop_tx, publisher_stop_rx) = oneshot::channel();
+    let (pub_conn_stop_tx, pub_conn_stop_rx) = oneshot::channel();
+    let rules = Arc::new(Rules {
+        prefix: cfg.topic_prefix.clone(),
+        client_id: client_id.clone(),
+        max_payload: cfg.max_payload_bytes,
+        dead_letter_cap: cfg.dead_letter_cap,
+    });
+    let ingest = Ingest { gw: gw.clone(), client: client.clone(), status, birth, subscriptions: topic::subscriptions(&cfg.topic_prefix) };
+    let tasks = vec![
+        tokio::spawn(ingest.run(eventloop, in_tx, batcher_done_rx)),
+        tokio::spawn(batcher(gw.clone(), client, in_rx, shutdown, rules, (batcher_done_tx, publisher_stop_tx))),
+        tokio::spawn(publisher_connection(gw.clone(), pub_eventloop, republish_tx, pub_conn_stop_rx)),
+        tokio::spawn(publisher(gw.clone(), pub_client, out_rx, republish_rx, publisher_stop_rx, pub_conn_stop_tx)),
+    ];
+    tracing::info!(mode = ?cfg.mode, broker = %format!("{host}:{port}"), client_id = %client_id, bd_seq = birth, "MQTT started");
+    Ok(Some(Running { broker: broker_addr, tasks }))
+}
+
+fn options(cfg: &MqttConfig, id: &str, host: &str, port: u16, tls: Option<Arc<rustls::ClientConfig>>) -> MqttOptions {
+    let mut o = MqttOptions::new(id, host, port);
+    o.set_keep_alive(Duration::from_secs(cfg.keepalive_secs.max(1)))
+        .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
+        .set_inflight(cfg.inflight);
+    if let Some(u) = &cfg.username {
+        o.set_credentials(u.clone(), cfg.password.clone().unwrap_or_default());
+    }
+    if let Some(tls) = tls {
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    }
+    o
+}
+
+fn will(status_topic: &str, status: &str, birth: u64) -> LastWill {
+    LastWill::new(status_topic, status_payload(status, birth), QoS::AtLeastOnce, true)
+}
+
+fn status_payload(status: &str, birth: u64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"status": status, "bdSeq": birth})).unwrap_or_default()
+}
+
+/// `mqtt://host[:port]` or `mqtts://host[:port]` → (host, port, tls).
+fn parse_url(url: &str) -> Result<(String, u16, bool), String> {
+    let (rest, secure, default_port) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, true, 8883)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (r, false, 1883)
+    } else {
+        return Err(format!("mqtt.url `{url}` must start with mqtt:// or mqtts://"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            (h, p.parse().map_err(|_| format!("mqtt.url `{url}`: bad port `{p}`"))?)
+        }
+        _ => (rest, default_port),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("mqtt.url `{url}` has no host"));
+    }
+    Ok((host.to_string(), port, secure))
+}
+
+/// rustls with the ring provider, trusting only `ca_file`, with an optional client certificate.
+fn tls_config(cfg: &MqttConfig) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let ca = cfg.ca_file.as_ref().ok_or("mqtts:// needs mqtt.ca_file (PEM CA certificates of the broker)")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+        roots.add(cert.map_err(|e| format!("{}: {e}", ca.display()))?).map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let config = match (&cfg.client_cert, &cfg.client_key) {
+        (Some(c), Some(k)) => {
+            let chain = CertificateDer::pem_file_iter(c)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("{}: {e}", c.display()))?;
+            let key = PrivateKeyDer::from_pem_file(k).map_err(|e| format!("{}: {e}", k.display()))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| e.to_string())?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// Exponential backoff with full jitter in its upper half.
+struct Backoff {
+    min: u64,
+    max: u64,
+    next: u64,
+}
+
+impl Backoff {
+    fn new(cfg: &MqttConfig) -> Backoff {
+        let min = cfg.reconnect_min_ms.max(1);
+        Backoff { min, max: cfg.reconnect_max_ms.max(min), next: min }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    fn delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jitter = (uuid::Uuid::new_v4().as_u128() % (base as u128 / 2 + 1)) as u64;
+        Duration::from_millis(base / 2 + jitter)
+    }
+}
+
+struct Ingest {
+    gw: Arc<Gateway>,
+    client: AsyncClient,
+    status: String,
+    birth: u64,
+    subscriptions: [String; 2],
+}
+
+impl Ingest {
+    async fn run(mut self, mut eventloop: EventLoop, to_batcher: mpsc::UnboundedSender<Publish>, mut batcher_done: oneshot::Receiver<()>) {
+        let mut backoff = Backoff::new(&self.gw.config.mqtt);
+        let mut connected = false;
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = &mut batcher_done => break,
+                ev = eventloop.poll() => ev,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = to_batcher.send(p);
+                }
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    connected = true;
+                    backoff.reset();
+                    self.gw.mqtt.connects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(session_present = ack.session_present, bd_seq = self.birth, "MQTT ingest connected");
+                    let filters = self.subscriptions.iter().map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                    // Never block the event loop: the request channel has room for these.
+                    if let Err(e) = self.client.try_subscribe_many(filters) {
+                        tracing::warn!(error = %e, "cannot queue the MQTT subscriptions");
+                    }
+                    if let Err(e) = self.client.try_publish(&self.status, QoS::AtLeastOnce, true, status_payload("online", self.birth)) {
+                        tracing::warn!(error = %e, "cannot queue the MQTT birth message");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT ingest connection lost; reconnecting");
+                    if connected {
+                        connected = false;
+                        // A new connection is a new birth; its Last Will carries the new number.
+                        match self.gw.writer.write(ingest::next_birth).await {
+                            Ok(n) => self.birth = n,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot store the MQTT birth sequence");
+                                self.birth += 1;
+                            }
+                        }
+                        eventloop.mqtt_options.set_last_will(will(&self.status, "offline", self.birth));
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.delay()) => {}
+                        _ = &mut batcher_done => break,
+                    }
+                }
+            }
+        }
+        // Orderly stop: the batcher has acked its last batch. A clean DISCONNECT suppresses the
+        // Last Will, so say `offline` ourselves first.
+        if connected {
+            let _ = self.client.try_publish(&self.status, QoS::AtLeastOnce, true, status_payload("offline", self.birth));
+            let _ = self.client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while eventloop.poll().await.is_ok() {}
+            })
+            .await;
+        }
+    }
+}
+
+async fn batcher(
+    gw: Arc<Gateway>,
+    client: AsyncClient,
+    mut rx: mpsc::UnboundedReceiver<Publish>,
+    mut shutdown: watch::Receiver<bool>,
+    rules: Arc<Rules>,
+    done: (oneshot::Sender<()>, oneshot::Sender<()>),
+) {
+    let size = gw.config.mqtt.batch_size;
+    let wait = Duration::from_millis(gw.config.mqtt.batch_wait_ms);
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            p = rx.recv() => match p { Some(p) => p, None => break },
+        };
+        let mut batch = vec![first];
+        while batch.len() < size {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        if batch.len() < size && !wait.is_zero() {
+            let deadline = tokio::time::Instant::now() + wait;
+            while batch.len() < size {
+                tokio::select! {
+                    p = rx.recv() => match p { Some(p) => batch.push(p), None => break },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+        }
+        if !commit_and_ack(&gw, &client, &rules, batch, &shutdown).await {
+            break;
+        }
+    }
+    // Messages still queued are not acked: the broker redelivers them to the next session.
+    let _ = done.0.send(());
+    let _ = done.1.send(());
+}
+
+/// Applies one batch and acks it after the commit; false when the gateway is stopping and the
+/// batch could not be committed (it stays unacked, so the broker redelivers it).
+async fn commit_and_ack(gw: &Arc<Gateway>, client: &AsyncClient, rules: &Arc<Rules>, batch: Vec<Publish>, shutdown: &watch::Receiver<bool>) -> bool {
+    let mut messages: Vec<Message> = batch
+        .iter()
+        .map(|p| Message {
+            topic: p.topic.clone(),
+            payload: p.payload.clone(),
+            // QoS 0 has no packet id and is never redelivered: nothing to remember.
+            pkid: if p.qos == QoS::AtMostOnce { 0 } else { p.pkid },
+            dup: p.dup,
+        })
+        .collect();
+    let mut retry = Duration::from_millis(50);
+    let outcomes = loop {
+        let (charts, rules, m) = (gw.charts.clone(), rules.clone(), std::mem::take(&mut messages));
+        let result = gw
+            .writer
+            .write(move |txn| ingest::apply(txn, &charts, &rules, &m, clock::now_ms()).map(|o| (o, m)))
+            .await;
+        match result {
+            Ok((outcomes, _)) => break outcomes,
+            Err(e) => {
+                tracing::warn!(error = %e, batch = batch.len(), "MQTT batch not committed; retrying");
+                if matches!(e, StoreError::ShuttingDown) || *shutdown.borrow() {
+                    return false;
+                }
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_secs(5));
+                // Part of the batch may have been committed with a failing message: treat
+                // every message as a redelivery so the dedup table decides.
+                messages = batch
+                    .iter()
+                    .map(|p| Message {
+                        topic: p.topic.clone(),
+                        payload: p.payload.clone(),
+                        pkid: if p.qos == QoS::AtMostOnce { 0 } else { p.pkid },
+                        dup: true,
+                    })
+                    .collect();
+            }
+        }
+    };
+    for p in &batch {
+        if p.qos != QoS::AtMostOnce {
+            let _ = client.ack(p).await;
+        }
+    }
+    for o in outcomes {
+        match o {
+            Outcome::Applied { machine, sent } => {
+                gw.mqtt.applied.fetch_add(1, Ordering::Relaxed);
+                gw.mqtt.committed(&machine, &sent);
+            }
+            Outcome::Duplicate => {
+                gw.mqtt.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Dead(reason) => gw.mqtt.dead_letter(reason),
+        }
+    }
+    true
+}
+
+async fn publisher_connection(gw: Arc<Gateway>, mut eventloop: EventLoop, republish: mpsc::UnboundedSender<()>, mut stop: oneshot::Receiver<()>) {
+    let mut backoff = Backoff::new(&gw.config.mqtt);
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            ev = eventloop.poll() => ev,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff.reset();
+                let _ = republish.send(());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "MQTT publisher connection lost; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.delay()) => {}
+                    _ = &mut stop => break,
+                }
+            }
+        }
+    }
+    // The publisher queued its last messages before the DISCONNECT; requests go out in order.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+}
+
+async fn publisher(
+    gw: Arc<Gateway>,
+    client: AsyncClient,
+    mut rx: mpsc::UnboundedReceiver<Publication>,
+    mut republish: mpsc::UnboundedReceiver<()>,
+    mut stop: oneshot::Receiver<()>,
+    connection_stop: oneshot::Sender<()>,
+) {
+    let prefix = gw.config.mqtt.topic_prefix.clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            Some(()) = republish.recv() => republish_all(&gw, &client, &prefix).await,
+            p = rx.recv() => match p {
+                Some(p) => publish(&client, &prefix, drain(p, &mut rx)).await,
+                None => break,
+            },
+        }
+    }
+    if let Ok(p) = rx.try_recv() {
+        publish(&client, &prefix, drain(p, &mut rx)).await;
+    }
+    let _ = client.try_disconnect();
+    let _ = connection_stop.send(());
+}
+
+fn drain(first: Publication, rx: &mut mpsc::UnboundedReceiver<Publication>) -> Vec<Publication> {
+    let mut all = vec![first];
+    while all.len() < 8192 {
+        match rx.try_recv() {
+            Ok(p) => all.push(p),
+            Err(_) => break,
+        }
+    }
+    all
+}
+
+/// Publishes in order; of several queued states of one instance only the last is sent.
+async fn publish(client: &AsyncClient, prefix: &str, all: Vec<Publication>) {
+    let mut last: HashMap<(&str, &str), usize> = HashMap::new();
+    for (i, p) in all.iter().enumerate() {
+        if let Publication::State { machine, instance, .. } = p {
+            last.insert((machine, instance), i);
+        }
+    }
+    let mut out = Vec::with_capacity(all.len());
+    for (i, p) in all.iter().enumerate() {
+        match p {
+            Publication::State { machine, instance, view } => {
+                if last.get(&(machine.as_str(), instance.as_str())) == Some(&i) {
+                    out.push((topic::state(prefix, machine, instance), true, serde_json::to_vec(view).unwrap_or_default()));
+                }
+            }
+            Publication::Emit { machine, instance, name, data } => {
+                out.push((topic::emit(prefix, machine, instance, name), false, serde_json::to_vec(data).unwrap_or_default()));
+            }
+        }
+    }
+    for (t, retain, payload) in out {
+        if client.publish(t, QoS::AtLeastOnce, retain, payload).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn republish_all(gw: &Gateway, client: &AsyncClient, prefix: &str) {
+    let mut after: Option<(String, String)> = None;
+    let mut n = 0usize;
+    loop {
+        let page = gw.store.view(|txn| {
+            ingest::states_after(txn, &gw.charts, after.as_ref().map(|(m, i)| (m.as_str(), i.as_str())), 500)
+        });
+        let page = match page {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read states to republish");
+                return;
+            }
+        };
+        let Some(last) = page.last() else { break };
+        after = Some((last.0.clone(), last.1.clone()));
+        let full = page.len() == 500;
+        for (m, i, view) in page {
+            n += 1;
+            let payload = serde_json::to_vec(&view).unwrap_or_default();
+            if client.publish(topic::state(prefix, &m, &i), QoS::AtLeastOnce, true, payload).await.is_err() {
+                return;
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    tracing::info!(states = n, "MQTT states republished");
+}

@@ -1,0 +1,263 @@
+//! Applying a batch of MQTT messages inside one write transaction.
+//!
+//! Each message becomes one of: one statechart step (`instances::send_event`, with its
+//! `transition` row), a dead letter, or — for a redelivery of a message already committed — a
+//! duplicate that changes nothing. Every non-duplicate message also records
+//! `(client id, packet id) → SHA-256(topic ‖ 0x00 ‖ payload)` in [`INFLIGHT`], in the same
+//! transaction, which is what lets a redelivery after a crash be recognised (module doc of
+//! `mqtt`). The table is bounded by the 65,535 packet ids of the session.
+//!
+//! Per-message failures never fail the batch: `send_event` and `create_instance` write nothing
+//! when they fail, so the message is dead-lettered and the batch goes on. Only store errors
+//! abort the batch; the caller then retries it with every message marked as redelivered.
+
+use bytes::Bytes;
+use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::topic;
+use crate::chart::{ErrorKind, Event};
+use crate::instances::{self, Charts, InstanceError};
+use crate::store::{self, StoreError};
+
+/// (client id, packet id) → SHA-256(topic ‖ 0x00 ‖ payload) of the last committed message.
+pub const INFLIGHT: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("mqtt_inflight");
+/// (machine slug or "" for the gateway, n) → [`DeadLetter`].
+pub const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("mqtt_dead_letters");
+/// machine slug or "" → the next dead-letter number.
+pub const DEAD_LETTER_NEXT: TableDefinition<&str, u64> = TableDefinition::new("mqtt_dead_letter_next");
+/// Key in `store::META` of the birth sequence (bdSeq) of the ingest connection.
+const BIRTH_KEY: &str = "mqtt_bd_seq";
+/// Bytes of a dead letter's payload that are kept.
+pub const KEPT_PAYLOAD: usize = 1024;
+
+/// The authorizers' `auth` for MQTT messages, and the log's actor.
+pub fn auth() -> Value {
+    json!({"sub": "mqtt", "role": "operator"})
+}
+pub const ACTOR: &str = "mqtt";
+
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub pkid: u16,
+    pub dup: bool,
+}
+
+pub struct Rules {
+    pub prefix: String,
+    pub client_id: String,
+    pub max_payload: usize,
+    pub dead_letter_cap: u64,
+}
+
+pub enum Outcome {
+    Applied { machine: String, sent: instances::Sent },
+    Duplicate,
+    Dead(&'static str),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub topic: String,
+    /// The first [`KEPT_PAYLOAD`] bytes.
+    pub payload: Vec<u8>,
+    pub payload_len: u64,
+    pub reason: String,
+    pub message: String,
+    pub ts_ms: i64,
+}
+
+pub fn content_hash(topic: &str, payload: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(topic.as_bytes());
+    h.update([0u8]);
+    h.update(payload);
+    h.finalize().into()
+}
+
+/// Applies `batch` in `txn`, in order; one outcome per message.
+pub fn apply(txn: &WriteTransaction, charts: &Charts, rules: &Rules, batch: &[Message], now_ms: i64) -> Result<Vec<Outcome>, StoreError> {
+    let mut out = Vec::with_capacity(batch.len());
+    for m in batch {
+        let hash = content_hash(&m.topic, &m.payload);
+        if m.dup {
+            let t = txn.open_table(INFLIGHT)?;
+            let seen = t.get((rules.client_id.as_str(), m.pkid))?.is_some_and(|v| v.value() == hash.as_slice());
+            if seen {
+                out.push(Outcome::Duplicate);
+                continue;
+            }
+        }
+        let outcome = match route(txn, charts, rules, m, now_ms)? {
+            Ok(o) => o,
+            Err((machine, reason, message)) => {
+                dead_letter(txn, rules, machine, m, reason, &message, now_ms)?;
+                Outcome::Dead(reason)
+            }
+        };
+        txn.open_table(INFLIGHT)?.insert((rules.client_id.as_str(), m.pkid), hash.as_slice())?;
+        out.push(outcome);
+    }
+    Ok(out)
+}
+
+/// (machine to file the dead letter under, reason code, message).
+type Refusal = (String, &'static str, String);
+
+fn route(txn: &WriteTransaction, charts: &Charts, rules: &Rules, m: &Message, now_ms: i64) -> Result<Result<Outcome, Refusal>, StoreError> {
+    let t = match topic::parse(&rules.prefix, &m.topic) {
+        Ok(t) => t,
+        Err(u) => {
+            let machine = u.machine.filter(|s| machine_exists(txn, s).unwrap_or(false)).unwrap_or("");
+            return Ok(Err((machine.into(), "unknown_topic", u.why.into())));
+        }
+    };
+    if !machine_exists(txn, t.machine)? {
+        return Ok(Err((String::new(), "unknown_machine", format!("no machine `{}` on this gateway", t.machine))));
+    }
+    let refuse = |reason, message: String| Ok(Err((t.machine.to_owned(), reason, message)));
+    if m.payload.len() > rules.max_payload {
+        return refuse("oversize", format!("the payload is {} bytes; the limit is {}", m.payload.len(), rules.max_payload));
+    }
+    let data = if m.payload.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        match serde_json::from_slice::<Value>(&m.payload) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) => return refuse("invalid_json", "the payload must be a JSON object".into()),
+            Err(e) => return refuse("invalid_json", format!("the payload is not valid JSON: {e}")),
+        }
+    };
+    let auth = auth();
+    let exists = txn.open_table(instances::INSTANCES)?.get((t.machine, t.instance))?.is_some();
+    if !exists {
+        let meta: instances::ChartMeta = match txn.open_table(instances::CHARTS)?.get(t.machine)? {
+            Some(v) => store::decode(v.value())?,
+            None => Default::default(),
+        };
+        if !meta.auto_create_instances {
+            return refuse("unknown_instance", format!("no instance `{}`, and the machine does not auto-create instances", t.instance));
+        }
+        if let Err(e) = instances::create_instance(txn, charts, t.machine, t.instance, Value::Null, None, &auth, ACTOR, now_ms) {
+            return refusal(e).map(|(r, msg)| Err((t.machine.to_owned(), r, msg)));
+        }
+    }
+    match instances::send_event(txn, charts, t.machine, t.instance, Event::new(t.event, data), &auth, ACTOR, now_ms) {
+        Ok(sent) => Ok(Ok(Outcome::Applied { machine: t.machine.to_owned(), sent })),
+        Err(e) => refusal(e).map(|(r, msg)| Err((t.machine.to_owned(), r, msg))),
+    }
+}
+
+/// The dead-letter reason of a failed step; store errors abort the batch instead.
+fn refusal(e: InstanceError) -> Result<(&'static str, String), StoreError> {
+    let reason = match &e {
+        InstanceError::Store(s) => return Err(s.clone()),
+        InstanceError::Rejected(_) | InstanceError::MissingScope(_) => "rejected_by_authorizer",
+        InstanceError::NotFound(_) => "unknown_instance",
+        InstanceError::Conflict(_) => "instance_paused",
+        InstanceError::Invalid { .. } => "invalid_event",
+        InstanceError::NoMigrationPath(_) => "transition_failed",
+        InstanceError::Chart(c) if c.kind == ErrorKind::Input => "invalid_event",
+        InstanceError::Chart(_) => "transition_failed",
+    };
+    Ok((reason, e.to_string()))
+}
+
+fn machine_exists(txn: &WriteTransaction, slug: &str) -> Result<bool, StoreError> {
+    Ok(txn.open_table(store::MACHINES)?.get(slug)?.is_some())
+}
+
+fn dead_letter(txn: &WriteTransaction, rules: &Rules, machine: String, m: &Message, reason: &'static str, message: &str, now_ms: i64) -> Result<(), StoreError> {
+    let mut next = txn.open_table(DEAD_LETTER_NEXT)?;
+    let n = next.get(machine.as_str())?.map(|v| v.value()).unwrap_or(0);
+    next.insert(machine.as_str(), n + 1)?;
+    let letter = DeadLetter {
+        topic: m.topic.chars().take(512).collect(),
+        payload: m.payload[..m.payload.len().min(KEPT_PAYLOAD)].to_vec(),
+        payload_len: m.payload.len() as u64,
+        reason: reason.into(),
+        message: message.chars().take(512).collect(),
+        ts_ms: now_ms,
+    };
+    let mut t = txn.open_table(DEAD_LETTERS)?;
+    t.insert((machine.as_str(), n), store::encode(&letter).as_slice())?;
+    if n >= rules.dead_letter_cap {
+        // Drop everything at or below the window (the cap may have been lowered).
+        let floor = n + 1 - rules.dead_letter_cap;
+        let old: Vec<u64> = t
+            .range((machine.as_str(), 0)..(machine.as_str(), floor))?
+            .map(|e| e.map(|(k, _)| k.value().1))
+            .collect::<Result<_, _>>()?;
+        for k in old {
+            t.remove((machine.as_str(), k))?;
+        }
+    }
+    Ok(())
+}
+
+/// Dead letters of `machine` ("" for the gateway's own), newest first, at most `limit`,
+/// with their numbers.
+pub fn dead_letters(txn: &ReadTransaction, machine: &str, limit: usize) -> Result<Vec<(u64, DeadLetter)>, StoreError> {
+    let t = match txn.open_table(DEAD_LETTERS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for e in t.range((machine, 0)..=(machine, u64::MAX))?.rev() {
+        let (k, v) = e?;
+        out.push((k.value().1, store::decode(v.value())?));
+        if out.len() == limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Takes the next birth sequence number (bdSeq) and stores it.
+pub fn next_birth(txn: &WriteTransaction) -> Result<u64, StoreError> {
+    let mut meta = txn.open_table(store::META)?;
+    let n = match meta.get(BIRTH_KEY)? {
+        Some(v) => store::decode::<u64>(v.value())? + 1,
+        None => 1,
+    };
+    meta.insert(BIRTH_KEY, store::encode(&n).as_slice())?;
+    // Create this module's tables on first start, so readers never meet a missing one.
+    txn.open_table(INFLIGHT)?;
+    txn.open_table(DEAD_LETTERS)?;
+    txn.open_table(DEAD_LETTER_NEXT)?;
+    Ok(n)
+}
+
+/// Every instance's public view, for republishing after a reconnect: (machine, instance,
+/// view), in key order after `after`, at most `limit`.
+pub fn states_after(txn: &ReadTransaction, charts: &Charts, after: Option<(&str, &str)>, limit: usize) -> Result<Vec<(String, String, Value)>, StoreError> {
+    let t = txn.open_table(instances::INSTANCES)?;
+    let mut out = Vec::new();
+    let range = match after {
+        Some(k) => t.range(k..)?,
+        None => t.range(("", "")..)?,
+    };
+    for e in range {
+        let (k, v) = e?;
+        let (m, s) = k.value();
+        if after == Some((m, s)) {
+            continue;
+        }
+        let inst: instances::Instance = store::decode(v.value())?;
+        let Some(version) = instances::version(txn, m, &inst.version_id)? else { continue };
+        let Ok(chart) = charts.get(&version) else { continue };
+        let state: crate::chart::InstanceState = match serde_json::from_slice(&inst.state) {
+            Ok(s) => s,
+            Err(_) => continue,
+        };
+        out.push((m.to_owned(), s.to_owned(), instances::public_view(&chart, &state, inst.ts_ms)));
+        if out.len() == limit {
+            break;
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,216 @@
+//! MQTT heartbeats as statechart transitions.
+//!
+//! - `topic`   — topic grammar (`<prefix>/<machine>/<instance>/heartbeat|events/<TYPE>`), pure.
+//! - `ingest`  — applying one batch of messages inside one write transaction: statechart
+//!   steps, the packet-id dedup table, the bounded dead-letter table. No I/O besides redb.
+//! - `client`  — the rumqttc connections: the ingest connection (persistent session, manual
+//!   acks, Last Will), the batcher that acks only after commit, and the state publisher.
+//! - `broker`  — the embedded rumqttd broker that `serve` starts in `mode = "embedded"`.
+//!
+//! # What an ack means
+//! A message is acked to the broker (PUBACK) only after the write transaction that applied it
+//! (or dead-lettered it) has committed. The same transaction stores, per packet id of our
+//! session, SHA-256(topic ‖ 0x00 ‖ payload). A broker redelivers an unacked message after a
+//! reconnect with the DUP flag and the *same* packet id; if that packet id maps to the same
+//! hash, the message was committed before the crash and is acked without being applied again.
+//! Residual edge case: a message that arrives with DUP set, whose packet id the broker had
+//! reused for an earlier, byte-identical message on the same topic that we committed, is
+//! taken for that earlier message and dropped. Both conditions must hold at once (identical
+//! topic and payload, and a redelivery), which numbered or timestamped payloads rule out.
+//!
+//! With an external broker and a persistent session nothing acked is lost on a gateway crash.
+//! With the embedded broker the device's PUBACK comes from the broker on receipt, before our
+//! commit: a crash loses what the broker had accepted but we had not yet committed (at most the
+//! batch in flight plus what was queued behind it; see `tests/mqtt.rs`).
+
+mod broker;
+mod client;
+pub mod ingest;
+pub mod topic;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+pub use client::{start, Running};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// rumqttd inside the gateway process, on `listen`.
+    Embedded,
+    /// A broker such as mosquitto at `url`.
+    External,
+    /// No MQTT at all.
+    Off,
+}
+
+/// `[mqtt]` of the configuration file; `firmware-config/smgate.toml` documents each option.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub mode: Mode,
+    /// Address of the embedded broker. Port 0 picks a free port (printed at start).
+    pub listen: SocketAddr,
+    /// External broker: `mqtt://host[:1883]` or `mqtts://host[:8883]`.
+    pub url: Option<String>,
+    /// PEM CA certificates that sign the external broker's certificate (`mqtts://`).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and key, for brokers that require client certificates.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub topic_prefix: String,
+    /// Empty means `smgate-<gateway id>`; must stay stable for the persistent session.
+    pub client_id: Option<String>,
+    pub keepalive_secs: u64,
+    /// Largest MQTT packet the client and the embedded broker accept.
+    pub max_packet_bytes: usize,
+    /// Larger payloads are dead-lettered as `oversize` (and acked).
+    pub max_payload_bytes: usize,
+    /// Most messages applied in one write transaction.
+    pub batch_size: usize,
+    /// How long the first message of a batch waits for company.
+    pub batch_wait_ms: u64,
+    /// Dead letters kept per machine (oldest dropped first).
+    pub dead_letter_cap: u64,
+    /// Unacked QoS 1 messages the embedded broker sends one connection; outgoing window of
+    /// the state publisher.
+    pub inflight: u16,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            mode: Mode::Embedded,
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            url: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            username: None,
+            password: None,
+            topic_prefix: "smgate".into(),
+            client_id: None,
+            keepalive_secs: 30,
+            max_packet_bytes: 256 * 1024,
+            max_payload_bytes: 64 * 1024,
+            batch_size: 1024,
+            batch_wait_ms: 1,
+            dead_letter_cap: 1000,
+            inflight: 1000,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 10_000,
+        }
+    }
+}
+
+impl MqttConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let p = &self.topic_prefix;
+        if p.is_empty() || p.contains(['+', '#', '\0']) || p.starts_with('/') || p.ends_with('/') {
+            return Err("mqtt.topic_prefix must be non-empty, without + # or a leading/trailing /".into());
+        }
+        if self.mode == Mode::External && self.url.as_deref().is_none_or(str::is_empty) {
+            return Err("mqtt.mode = \"external\" needs mqtt.url (mqtt://host:port or mqtts://host:port)".into());
+        }
+        if self.batch_size == 0 || self.inflight == 0 || self.dead_letter_cap == 0 {
+            return Err("mqtt.batch_size, mqtt.inflight and mqtt.dead_letter_cap must be at least 1".into());
+        }
+        if self.max_payload_bytes >= self.max_packet_bytes {
+            return Err("mqtt.max_payload_bytes must be smaller than mqtt.max_packet_bytes".into());
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err("mqtt.client_cert and mqtt.client_key go together".into());
+        }
+        Ok(())
+    }
+}
+
+/// Something the state publisher sends after a commit.
+#[derive(Debug)]
+pub enum Publication {
+    /// The retained public view of an instance.
+    State { machine: String, instance: String, view: Value },
+    /// An `emit` effect: not retained.
+    Emit { machine: String, instance: String, name: String, data: Value },
+}
+
+/// Counters for `/metrics` and the hook through which other tasks (timers) hand committed
+/// steps to the publisher. Lives in the `Gateway`; empty until MQTT starts.
+#[derive(Default)]
+pub struct Shared {
+    pub applied: AtomicU64,
+    pub duplicates: AtomicU64,
+    dead: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    pub connects: AtomicU64,
+    publisher: OnceLock<mpsc::UnboundedSender<Publication>>,
+}
+
+impl Shared {
+    pub fn dead_letter(&self, reason: &'static str) {
+        if let Ok(mut d) = self.dead.lock() {
+            *d.entry(reason).or_insert(0) += 1;
+        }
+    }
+
+    /// Queues the retained state (and emits) of committed steps; never blocks.
+    pub fn committed(&self, machine: &str, sent: &crate::instances::Sent) {
+        let Some(tx) = self.publisher.get() else { return };
+        let _ = tx.send(Publication::State {
+            machine: machine.to_owned(),
+            instance: sent.instance.slug.clone(),
+            view: sent.view.clone(),
+        });
+        for e in &sent.effects {
+            if let Some(p) = emit(machine, &sent.instance.slug, e) {
+                let _ = tx.send(p);
+            }
+        }
+    }
+
+    /// Committed steps of the timer task.
+    pub fn committed_all(&self, sent: &[crate::instances::Sent]) {
+        for s in sent {
+            self.committed(&s.instance.machine, s);
+        }
+    }
+
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let c = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        c(&mut out, "smgate_mqtt_applied_total", "MQTT messages applied as statechart steps.", self.applied.load(Ordering::Relaxed));
+        c(&mut out, "smgate_mqtt_duplicates_total", "Redelivered MQTT messages acked without applying them again.", self.duplicates.load(Ordering::Relaxed));
+        c(&mut out, "smgate_mqtt_connects_total", "MQTT ingest connections established.", self.connects.load(Ordering::Relaxed));
+        let dead = self.dead.lock().map(|d| d.clone()).unwrap_or_default();
+        let total: u64 = dead.values().sum();
+        let _ = writeln!(out, "# HELP smgate_mqtt_dead_letters_total MQTT messages dead-lettered, by reason.\n# TYPE smgate_mqtt_dead_letters_total counter");
+        let _ = writeln!(out, "smgate_mqtt_dead_letters_total {total}");
+        for (reason, n) in dead {
+            let _ = writeln!(out, "smgate_mqtt_dead_letters_total{{reason=\"{reason}\"}} {n}");
+        }
+        out
+    }
+}
+
+fn emit(machine: &str, instance: &str, effect: &crate::chart::Effect) -> Option<Publication> {
+    let crate::chart::Effect::Emit { topic, event, data } = effect else { return None };
+    let name = topic.as_deref().or(event.as_deref())?;
+    // Emits stay under the instance's own topic tree: no wildcards, no empty levels.
+    let name = name.trim_matches('/');
+    if name.is_empty() || name.contains(['+', '#', '\0']) {
+        return None;
+    }
+    Some(Publication::Emit { machine: machine.into(), instance: instance.into(), name: name.into(), data: data.clone() })
+}

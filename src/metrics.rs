@@ -86,6 +86,21 @@ pub fn route_template(path: &str) -> &'static str {
         ["api", "chain", "state-machines", _] => "/api/chain/state-machines/:slug",
         ["api", "chain", "state-machines", _, ..] => "/api/chain/state-machines/:slug/*",
         ["api", "chain", _, "api-keys"] => "/api/chain/:slug/api-keys",
+        ["machines"] => "/machines",
+        ["machines", _] => "/machines/:m",
+        ["machines", _, "v"] => "/machines/:m/v",
+        ["machines", _, "i"] => "/machines/:m/i",
+        ["machines", _, "i", _] => "/machines/:m/i/:i",
+        ["machines", _, "i", _, "events"] => "/machines/:m/i/:i/events",
+        ["machines", _, "i", _, "admin"] => "/machines/:m/i/:i/admin",
+        ["machines", _, "i", _, "status"] => "/machines/:m/i/:i/status",
+        ["machines", _, "i", _, "v"] => "/machines/:m/i/:i/v",
+        ["machines", _, "i", _, "sse"] => "/machines/:m/i/:i/sse",
+        ["api", "state-machines", _, "pages", ..] => "/api/state-machines/:slug/pages/*",
+        ["s", _, ..] => "/s/:slug/*",
+        ["api", "zeq", ..] => "/api/zeq/*",
+        ["api", "tally", ..] => "/api/tally/*",
+        ["api", "sync", ..] => "/api/sync/*",
         ["api", "chain", _, "api-keys", _] => "/api/chain/:slug/api-keys/:id",
         _ => "other",
     }
@@ -101,5 +116,7 @@ mod tests {
         assert_eq!(route_template("/api/chain/x/api-keys/123"), "/api/chain/:slug/api-keys/:id");
         assert_eq!(route_template("/ui/app.js"), "/ui/*");
         assert_eq!(route_template("/nope/x"), "other");
+        assert_eq!(route_template("/machines/m1/i/dev-7/events"), "/machines/:m/i/:i/events");
+        assert_eq!(route_template("/s/kitchen/p/home/"), "/s/:slug/*");
     }
 }

@@ -25,6 +25,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub upstream: crate::sync::client::UpstreamConfig,
     pub agents: crate::agents::AgentsConfig,
     pub mqtt: crate::mqtt::MqttConfig,
 }
@@ -100,6 +101,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
+            upstream: Default::default(),
             agents: Default::default(),
             mqtt: Default::default(),
         }
@@ -205,6 +207,7 @@ impl Config {
         if self.gateway.region.is_empty() {
             return Err(ConfigError::Invalid("gateway.region must not be empty".into()));
         }
+        self.upstream.validate().map_err(ConfigError::Invalid)?;
         self.agents.validate().map_err(ConfigError::Invalid)?;
         self.mqtt.validate().map_err(ConfigError::Invalid)?;
         Ok(())

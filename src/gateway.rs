@@ -98,6 +98,29 @@ pub fn store_options(config: &Config) -> StoreOptions {
     }
 }
 
+/// Writes a self-signed certificate for localhost, the loopback addresses and this host's name,
+/// unless both files exist. Used by `init` and by `smgate hub` for its own data directory.
+pub fn ensure_tls_files(cert_path: &Path, key_path: &Path) -> Result<(), InitError> {
+    if cert_path.exists() && key_path.exists() {
+        return Ok(());
+    }
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    if let Ok(host) = fs::read_to_string("/etc/hostname") {
+        let host = host.trim();
+        if !host.is_empty() && host != "localhost" {
+            names.push(host.to_string());
+        }
+    }
+    let certified = rcgen::generate_simple_self_signed(names).map_err(|e| InitError::Certificate(e.to_string()))?;
+    for p in [cert_path, key_path] {
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+    }
+    fs::write(cert_path, certified.cert.pem()).map_err(io(cert_path))?;
+    write_private(key_path, certified.key_pair.serialize_pem().as_bytes())
+}
+
 /// Creates the data directory, identity, TLS files, database and owner account.
 pub async fn init(config: &Config) -> Result<Initialised, InitError> {
     let dir = &config.data.dir;
@@ -114,25 +137,7 @@ pub async fn init(config: &Config) -> Result<Initialised, InitError> {
     }
     let identity = Identity::load(&id_path)?;
 
-    let (cert_path, key_path) = (config.cert_path(), config.key_path());
-    if !cert_path.exists() || !key_path.exists() {
-        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-        if let Ok(host) = fs::read_to_string("/etc/hostname") {
-            let host = host.trim();
-            if !host.is_empty() && host != "localhost" {
-                names.push(host.to_string());
-            }
-        }
-        let certified = rcgen::generate_simple_self_signed(names)
-            .map_err(|e| InitError::Certificate(e.to_string()))?;
-        for p in [&cert_path, &key_path] {
-            if let Some(parent) = p.parent() {
-                fs::create_dir_all(parent).map_err(io(parent))?;
-            }
-        }
-        fs::write(&cert_path, certified.cert.pem()).map_err(io(&cert_path))?;
-        write_private(&key_path, certified.key_pair.serialize_pem().as_bytes())?;
-    }
+    ensure_tls_files(&config.cert_path(), &config.key_path())?;
 
     let store = Store::open(&config.db_path(), store_options(config))?;
     let writer = GroupCommit::start(store);

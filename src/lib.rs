@@ -21,6 +21,8 @@
 //!   expressions in a sandbox). No I/O, time passed in.
 //! - [`mqtt`]: device heartbeats and events over MQTT applied as statechart steps in group
 //!   commits, acked after commit; retained states; the embedded rumqttd broker.
+//! - [`sync`]: each machine's log pushed upstream in signed, proof-checked batches (client),
+//!   and `smgate hub`, the reference receiver that verifies and stores them.
 //! - [`gateway`]: the data directory, the gateway's Ed25519 identity and TLS files (`init`).
 //! - [`tls`], [`systemd`], [`metrics`], [`clock`]: the small pieces around them.
 //!
@@ -42,5 +44,6 @@ pub mod mqtt;
 pub mod pages;
 pub mod server;
 pub mod store;
+pub mod sync;
 pub mod systemd;
 pub mod tls;

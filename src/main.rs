@@ -58,6 +58,42 @@ enum Command {
     /// Publish pages to a running gateway over its HTTPS API.
     #[command(subcommand)]
     Site(SiteCommand),
+    /// Print this gateway's id and note verifier key (what `smgate hub enroll` takes).
+    Identity,
+    /// Run `smgate hub`, the reference upstream receiver, in its own data directory (--data,
+    /// default ./hub); or enrol a gateway with it.
+    Hub(HubArgs),
+    /// Benchmark helpers (offline: stop the gateway first).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct HubArgs {
+    #[command(subcommand)]
+    command: Option<HubCommand>,
+    /// HTTPS address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:9443")]
+    listen: std::net::SocketAddr,
+}
+
+#[derive(Subcommand)]
+enum HubCommand {
+    /// Enrol a gateway by its id and note verifier key (both printed by `smgate identity`);
+    /// prints the bearer token for its `upstream.token` once. Works while the hub runs.
+    Enroll { gateway_id: String, verifier_key: String },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Append ROWS `event` rows to MACHINE's log, as `POST …/event` would, in large
+    /// transactions (to build a sync backlog quickly).
+    FillLog {
+        #[arg(long)]
+        machine: String,
+        #[arg(long)]
+        rows: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -193,6 +229,7 @@ fn load_config(cli: &Cli) -> Result<Config, CliError> {
 
 async fn run(cli: Cli) -> Result<(), CliError> {
     let config = load_config(&cli)?;
+    let hub_dir = cli.data.clone().unwrap_or_else(|| PathBuf::from("./hub"));
     match cli.command {
         Command::Init => {
             let made = gateway::init(&config).await?;
@@ -213,6 +250,14 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Key(cmd) => key_command(&config, cmd).await,
         Command::Chart(cmd) => chart_command(cmd),
         Command::Site(cmd) => site_command(&config, cmd).await,
+        Command::Identity => {
+            let id = gateway::Identity::load(&gateway::identity_path(&config))?;
+            println!("gateway {}", id.id);
+            println!("verifier_key {}", id.verifier_key());
+            Ok(())
+        }
+        Command::Hub(args) => hub_command(hub_dir, args).await,
+        Command::Bench(BenchCommand::FillLog { machine, rows }) => fill_log(&config, machine, rows).await,
     }
 }
 
@@ -424,6 +469,67 @@ async fn serve(config: Config) -> Result<(), CliError> {
     systemd::notify("STOPPING=1");
     tracing::info!("shutting down: finishing requests and the last commit");
     running.shutdown().await;
+    Ok(())
+}
+
+/// `smgate hub`: serve until SIGTERM/SIGINT, or `hub enroll`.
+async fn hub_command(dir: PathBuf, args: HubArgs) -> Result<(), CliError> {
+    use smgate::sync::hub::{self, Hub};
+    let fail = |e: hub::HubError| CliError::Usage(e.to_string());
+    if let Some(HubCommand::Enroll { gateway_id, verifier_key }) = args.command {
+        let token = Hub::enroll(&dir, &gateway_id, &verifier_key).map_err(fail)?;
+        println!("enrolled {gateway_id}");
+        println!("token {token}");
+        println!("(shown once; set it as upstream.token on the gateway)");
+        return Ok(());
+    }
+    let hub = Arc::new(Hub::open(&dir).map_err(fail)?);
+    let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| CliError::Usage(format!("cannot listen on {}: {e}", args.listen)))?;
+    let addr = listener.local_addr().map_err(|e| CliError::Usage(e.to_string()))?;
+    let pin = hub::cert_pin(&hub.cert_path()).map_err(fail)?;
+    println!("smgate hub: listening on https://{addr}");
+    println!("smgate hub: pin sha256:{pin}");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(hub::serve(hub, listener, rx));
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| CliError::Usage(e.to_string()))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        r = task => return r.map_err(|e| CliError::Usage(e.to_string()))?.map_err(fail),
+    }
+    let _ = tx.send(true);
+    Ok(())
+}
+
+/// `smgate bench fill-log`: appends event rows offline, 10,000 per transaction.
+async fn fill_log(config: &Config, slug: String, rows: u64) -> Result<(), CliError> {
+    use smgate::ledger::log::{Entry, LogWriter};
+    let writer = GroupCommit::start(offline_store(config)?);
+    let mut done = 0u64;
+    while done < rows {
+        let n = (rows - done).min(10_000);
+        let (s, first) = (slug.clone(), done);
+        writer
+            .write(move |txn| -> Result<(), CliError> {
+                let mut log = LogWriter::open(txn)?;
+                if !smgate::machines::valid_slug(&s) || log.head(&s)?.is_none() {
+                    return Err(CliError::Usage(format!("no machine `{s}`")));
+                }
+                let now = clock::now_ms();
+                for i in first..first + n {
+                    let hash = auth::sha256(&i.to_be_bytes());
+                    let payload = serde_json::json!({"type": "fill", "payload_hash": smgate::ledger::hex::encode(&hash)});
+                    log.append(&s, Entry::json("event", "bench", &payload), now)?;
+                }
+                Ok(())
+            })
+            .await?;
+        done += n;
+    }
+    writer.shutdown().await;
+    println!("appended {rows} rows to {slug}");
     Ok(())
 }
 

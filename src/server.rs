@@ -45,6 +45,8 @@ pub struct Gateway {
     pub identity: Identity,
     pub tls: Acceptor,
     pub metrics: Metrics,
+    /// Upstream sync status, shared by the sync task and `/api/sync/status`.
+    pub sync: crate::sync::client::SyncState,
     pub spinup_limit: RateLimiter<IpAddr>,
     /// Writes per machine (slug).
     pub write_limit: RateLimiter<String>,
@@ -171,6 +173,7 @@ pub async fn start(
         identity,
         tls,
         metrics: Metrics::default(),
+        sync: Default::default(),
         started,
         started_ms: clock::now_ms(),
         charts: Arc::default(),
@@ -178,6 +181,8 @@ pub async fn start(
         mqtt: Default::default(),
     });
     let (tx, rx) = watch::channel(false);
+    // Not awaited on shutdown: an unsaved ack only means that batch is sent again.
+    tokio::spawn(crate::sync::client::run(gw.clone(), rx.clone()));
     let http = tokio::spawn(crate::http::serve(listener, gw.clone(), rx.clone()));
     let timers = tokio::spawn(crate::instances::timers::run(gw.clone(), rx.clone()));
     let agents = tokio::spawn(crate::agents::ticker::run(gw.clone(), rx.clone()));

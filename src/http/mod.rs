@@ -11,6 +11,7 @@ mod machines;
 mod mqtt;
 mod ops;
 mod pages;
+mod sync;
 
 pub use listener::serve;
 
@@ -250,6 +251,8 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = In
         .or(mqtt::routes(gw.clone()))
         .unify()
         .or(ops::routes(gw.clone()))
+        .unify()
+        .or(sync::routes(gw.clone()))
         .unify()
         .or(pages::routes(gw))
         .unify()

@@ -28,7 +28,9 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = wa
         .and(warp::get())
         .and(with_gateway(gw.clone()))
         .map(|gw: Arc<Gateway>| {
-            let mut res = gw.render_metrics().into_response();
+            let mut text = gw.render_metrics();
+            text.push_str(&gw.sync.render());
+            let mut res = text.into_response();
             if let Ok(v) = "text/plain; version=0.0.4; charset=utf-8".parse() {
                 res.headers_mut().insert(http::header::CONTENT_TYPE, v);
             }

@@ -129,6 +129,14 @@ enum AccountCommand {
         #[arg(long, default_value = "account")]
         name: String,
     },
+    /// Add ZEQ to an account's wallet (the tally that pays for agent runs); prints the balance.
+    Credit {
+        /// The account's ZID.
+        zid: String,
+        /// Whole ZEQ to add.
+        #[arg(value_parser = clap::value_parser!(i64).range(1..=1_000_000_000))]
+        amount: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -245,6 +253,16 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 .await?;
             writer.shutdown().await;
             println!("account {}\nkey {raw}\n(shown once; store it now)", account.zid);
+            Ok(())
+        }
+        Command::Account(AccountCommand::Credit { zid, amount }) => {
+            let zid = Zid::parse(&zid).ok_or_else(|| CliError::Usage(format!("`{zid}` is not a ZID (ZEQ + 11 digits)")))?;
+            let writer = GroupCommit::start(offline_store(&config)?);
+            let who = zid.clone();
+            let balance = writer.write(move |txn| smgate::agents::credit(txn, &who, amount)).await;
+            writer.shutdown().await;
+            let balance = balance?.ok_or_else(|| CliError::Usage(format!("no account {zid}")))?;
+            println!("account {zid} balance {balance}");
             Ok(())
         }
         Command::Key(cmd) => key_command(&config, cmd).await,

@@ -70,6 +70,12 @@ pub struct Agents {
     /// Ticks the ticker committed, and ticks it skipped (unpaid, raced, failed).
     pub ticked: std::sync::atomic::AtomicU64,
     pub skipped: std::sync::atomic::AtomicU64,
+    /// Zeqonds that a waiting `POST tick` has claimed, by run id: the ticker leaves the run
+    /// alone in that Zeqond, so a manual tick is not starved by the ticker.
+    pub claims: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Rung after a spawn commits: a spawn whose commit lands after the ticker's pass of the
+    /// next Zeqond gets that Zeqond's tick from an extra pass instead of a gap.
+    pub wake: tokio::sync::Notify,
 }
 
 struct Len(usize);
@@ -104,7 +110,15 @@ impl Agents {
                 break;
             }
         }
-        Agents { config, key, roots: Arc::new(roots), ticked: Default::default(), skipped: Default::default() }
+        Agents {
+            config,
+            key,
+            roots: Arc::new(roots),
+            ticked: Default::default(),
+            skipped: Default::default(),
+            claims: Default::default(),
+            wake: Default::default(),
+        }
     }
 
     fn aad(id: &str, owner: &Zid) -> Vec<u8> {

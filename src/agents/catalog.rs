@@ -15,6 +15,9 @@
 //! Zeqond, 777 ms). `t` is the problem's `t` parameter in seconds, default 0, where the factor
 //! is exactly 1. It never reads the wall clock, so results are reproducible.
 //!
+//! Equations are evaluated with [`super::detmath`], never the platform libm, so their results
+//! are the same bits on every gateway.
+//!
 //! Inputs are looked up by name: a parameter given in the problem pins an input (the same name
 //! pins it in every operator of the chain); every other input is a gene the search evolves
 //! within its documented range.
@@ -78,6 +81,8 @@ impl Operator {
 
 use std::f64::consts::PI;
 
+use super::detmath as m;
+
 const M_MASS: Input = logr("M", "kg", 1e20, 1e32);
 const R_DIST: Input = logr("r", "m", 1e3, 1e13);
 const T_TIME: Input = logr("t", "s", 1e-3, 1e9);
@@ -91,7 +96,7 @@ pub const CATALOG: &[Operator] = &[
         unit: "1",
         inputs: &[lin("t", "s", 0.0, 0.0)],
         keywords: &[],
-        eval: |a| 1.0 + KO42_ALPHA * (2.0 * PI * KO42_HZ * a[0]).sin(),
+        eval: |a| 1.0 + KO42_ALPHA * m::sin(2.0 * PI * KO42_HZ * a[0]),
     },
     Operator {
         code: "GR34",
@@ -154,7 +159,7 @@ pub const CATALOG: &[Operator] = &[
         unit: "s",
         inputs: &[logr("a", "m", 1e5, 1e13), M_MASS],
         keywords: &["period", "orbit", "kepler", "transit", "mars"],
-        eval: |a| 2.0 * PI * (a[0].powi(3) / (G * a[1])).sqrt(),
+        eval: |a| 2.0 * PI * (a[0] * a[0] * a[0] / (G * a[1])).sqrt(),
     },
     Operator {
         code: "HO01",
@@ -169,7 +174,7 @@ pub const CATALOG: &[Operator] = &[
             lin("phi", "rad", 0.0, 2.0 * PI),
         ],
         keywords: &["oscillat", "spring", "vibrat", "harmonic"],
-        eval: |a| a[0] * ((a[1] / a[2]).sqrt() * a[3] + a[4]).cos(),
+        eval: |a| a[0] * m::cos((a[1] / a[2]).sqrt() * a[3] + a[4]),
     },
     Operator {
         code: "PD01",
@@ -187,7 +192,7 @@ pub const CATALOG: &[Operator] = &[
         unit: "1",
         inputs: &[T_TIME, logr("half_life", "s", 1.0, 1e12)],
         keywords: &["decay", "half-life", "half life", "isotope", "radioactive"],
-        eval: |a| (-std::f64::consts::LN_2 * a[0] / a[1]).exp(),
+        eval: |a| m::exp(-std::f64::consts::LN_2 * a[0] / a[1]),
     },
     Operator {
         code: "BL01",
@@ -196,7 +201,7 @@ pub const CATALOG: &[Operator] = &[
         unit: "1",
         inputs: &[logr("eps", "m²/mol", 1e-3, 1e4), logr("l", "m", 1e-4, 10.0), logr("conc", "mol/m³", 1e-3, 1e4)],
         keywords: &["absorb", "absorption", "beer", "lambert", "attenuat", "optical"],
-        eval: |a| 10f64.powf(-a[0] * a[1] * a[2]),
+        eval: |a| m::exp10(-a[0] * a[1] * a[2]),
     },
     Operator {
         code: "SH01",
@@ -205,7 +210,7 @@ pub const CATALOG: &[Operator] = &[
         unit: "1",
         inputs: &[logr("mu_rho", "m²/kg", 1e-4, 1.0), logr("rho", "kg/m³", 1.0, 2e4), logr("d", "m", 1e-4, 10.0)],
         keywords: &["shield", "radiation", "attenuat", "dose", "cosmic"],
-        eval: |a| (-a[0] * a[1] * a[2]).exp(),
+        eval: |a| m::exp(-a[0] * a[1] * a[2]),
     },
     Operator {
         code: "IS01",

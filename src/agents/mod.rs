@@ -33,6 +33,7 @@
 
 pub mod byok;
 pub mod catalog;
+pub mod detmath;
 pub mod problem;
 pub mod search;
 pub mod ticker;

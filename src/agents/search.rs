@@ -5,8 +5,8 @@
 //! problem's UTF-8 bytes, then the agent id as its 36-character hyphenated UUID string), read
 //! as four little-endian u64 words. Its state is stored with the run after every tick, so a
 //! run resumed after a restart continues the same stream: the same problem and agent id give
-//! the same lineage on any gateway built for the same target (transcendental functions come
-//! from the platform's libm).
+//! the same lineage on any gateway: all arithmetic is IEEE-754 without the platform libm
+//! (see `detmath`).
 //!
 //! # One tick = one generation
 //! Generation 0 draws `population` genotypes: a head operator weighted towards the problem
@@ -34,6 +34,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::catalog::{Operator, CATALOG, KO42};
+use super::detmath as m;
 use super::problem::Problem;
 
 /// Worst possible fitness; also given to non-finite results.
@@ -230,7 +231,7 @@ impl Genotype {
 fn draw(inp: &super::catalog::Input, rng: &mut Rng) -> f64 {
     let u = rng.unit();
     if inp.log {
-        (inp.lo.ln() + u * (inp.hi.ln() - inp.lo.ln())).exp()
+        m::exp(m::ln(inp.lo) + u * (m::ln(inp.hi) - m::ln(inp.lo)))
     } else {
         inp.lo + u * (inp.hi - inp.lo)
     }
@@ -344,7 +345,7 @@ fn mutate(g: &mut Genotype, problem: &Problem, rng: &mut Rng) {
         if let (Some(spec), Some(v)) = (input_spec(&name), g.genes.get_mut(&name)) {
             let u = rng.unit() * 2.0 - 1.0;
             *v = if spec.log {
-                (*v * (u * 1.5).exp()).clamp(spec.lo, spec.hi)
+                (*v * m::exp(u * 1.5)).clamp(spec.lo, spec.hi)
             } else {
                 (*v + u * 0.1 * (spec.hi - spec.lo)).clamp(spec.lo, spec.hi)
             };

@@ -7,7 +7,8 @@
 //! (for instance by `POST tick`), or whose payer cannot pay writes nothing and is skipped. The
 //! Zeqond is taken from the clock inside the write transaction, so if a commit is late the
 //! tick counts for the Zeqond it lands in, and the next pass skips it: a late gateway leaves a
-//! gap, never a double tick.
+//! gap, never a double tick. A spawn whose commit lands after the next Zeqond's pass wakes
+//! the ticker for an extra pass, so its run does not miss that Zeqond.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -30,9 +31,16 @@ struct Due {
 
 /// Runs whose last tick is before Zeqond `z`.
 fn due(gw: &Gateway, z: u64) -> Vec<Due> {
+    let claimed: Vec<String> = match gw.agents.claims.lock() {
+        Ok(c) => c.iter().filter(|(_, zc)| **zc == z).map(|(id, _)| id.clone()).collect(),
+        Err(_) => Vec::new(),
+    };
     let scan = gw.store.view(|txn| {
         let mut out = Vec::new();
         for id in read::live(txn)? {
+            if claimed.contains(&id) {
+                continue;
+            }
             let Some(run) = read::run(txn, &id)? else { continue };
             if run.last_tick_zeqond.is_some_and(|l| l >= z) {
                 continue;
@@ -56,6 +64,7 @@ fn due(gw: &Gateway, z: u64) -> Vec<Due> {
 pub async fn pass(gw: &Arc<Gateway>) -> usize {
     let z = clock::zeqond(clock::now_ms());
     let runs = due(gw, z);
+    tracing::debug!(zeqond = z, due = runs.len(), "ticker: pass");
     if runs.is_empty() {
         return 0;
     }
@@ -81,7 +90,10 @@ pub async fn pass(gw: &Arc<Gateway>) -> usize {
                     Ok(_) => ticked += 1,
                     // A store error breaks the whole batch; anything else wrote nothing.
                     Err(AgentError::Store(e)) => return Err(e.into()),
-                    Err(_) => skipped += 1,
+                    Err(e) => {
+                        tracing::debug!(run = %id, error = %e, "ticker: skipped");
+                        skipped += 1
+                    }
                 }
             }
             Ok((ticked, skipped))
@@ -118,6 +130,8 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
         let wait = Duration::from_millis(until_next_zeqond() + 1);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            // A pass in the same Zeqond only ticks runs that have not ticked in it yet.
+            _ = gw.agents.wake.notified() => {}
             _ = shutdown.changed() => return,
         }
     }

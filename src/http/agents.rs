@@ -140,6 +140,7 @@ async fn spawn(gw: Arc<Gateway>, bearer: Option<String>, declared: Option<u64>, 
             agents::spawn(txn, request, ctx)
         })
         .await?;
+    gw.agents.wake.notify_one();
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -188,21 +189,28 @@ async fn tick(gw: Arc<Gateway>, bearer: Option<String>, id: String) -> Result<Re
     let best = run.search.best.as_ref().map(|b| b.genotype.operators());
     let enrichment = enrichment(&gw, run.credential_id.as_deref(), Some(&run.payer), &run.problem, best).await?;
     let actor = principal.actor();
-    // The ticker usually has ticked this Zeqond already: then this tick takes the next one.
+    // The ticker usually has ticked this Zeqond already: then this tick claims the next
+    // Zeqond (the ticker leaves the run alone there) and waits for it.
     let mut attempt = 0;
-    let done = loop {
-        let (id, actor, e) = (id.clone(), actor.clone(), enrichment.clone());
-        let outcome = gw.writer.write(move |txn| agents::tick(txn, &id, "manual", &actor, e, clock::now_ms())).await;
+    let outcome = loop {
+        let (run_id, actor, e) = (id.clone(), actor.clone(), enrichment.clone());
+        let outcome = gw.writer.write(move |txn| agents::tick(txn, &run_id, "manual", &actor, e, clock::now_ms())).await;
         match outcome {
-            Err(AgentError::TooSoon { .. }) if attempt < 2 => {
+            Err(AgentError::TooSoon { zeqond }) if attempt < 2 => {
                 attempt += 1;
-                let now = clock::now_ms().max(0);
-                let wait = clock::ZEQOND_MS - now % clock::ZEQOND_MS + 1;
+                if let Ok(mut claims) = gw.agents.claims.lock() {
+                    claims.insert(id.clone(), zeqond + 1);
+                }
+                let wait = ((zeqond + 1) as i64 * clock::ZEQOND_MS - clock::now_ms()).max(0) + 1;
                 tokio::time::sleep(Duration::from_millis(wait as u64)).await;
             }
-            other => break other?,
+            other => break other,
         }
     };
+    if let Ok(mut claims) = gw.agents.claims.lock() {
+        claims.remove(&id);
+    }
+    let done = outcome?;
     let mut body = done.to_json();
     if let Value::Object(o) = &mut body {
         o.insert("ok".into(), json!(true));

@@ -325,6 +325,7 @@ async fn send_event(gw: Arc<Gateway>, bearer: Option<String>, slug: String, inst
         .writer
         .write(move |txn| inst::send_event(txn, &charts, &m, &instance, event, &auth, &actor, clock::now_ms()))
         .await?;
+    gw.mqtt.committed(&machine.slug, &sent);
     Ok(json_response(StatusCode::OK, &sent.view))
 }
 

@@ -93,13 +93,19 @@ pub async fn start(gw: Arc<Gateway>, shutdown: watch::Receiver<bool>) -> Result<
         max_payload: cfg.max_payload_bytes,
         dead_letter_cap: cfg.dead_letter_cap,
     });
-    let ingest = Ingest { gw: gw.clone(), client: client.clone(), status, birth, subscriptions: topic::subscriptions(&cfg.topic_prefix) };
+    let (subscribed_tx, mut subscribed) = watch::channel(false);
+    let ingest = Ingest { gw: gw.clone(), client: client.clone(), status, birth, subscriptions: topic::subscriptions(&cfg.topic_prefix), subscribed: subscribed_tx };
     let tasks = vec![
         tokio::spawn(ingest.run(eventloop, in_tx, batcher_done_rx)),
         tokio::spawn(batcher(gw.clone(), client, in_rx, shutdown, rules, (batcher_done_tx, publisher_stop_tx))),
         tokio::spawn(publisher_connection(gw.clone(), pub_eventloop, republish_tx, pub_conn_stop_rx)),
         tokio::spawn(publisher(gw.clone(), pub_client, out_rx, republish_rx, publisher_stop_rx, pub_conn_stop_tx)),
     ];
+    if broker_addr.is_some() {
+        // A fresh embedded broker drops what devices publish before our subscription exists
+        // (it keeps no sessions across restarts), so `serve` reports ready only after it.
+        let _ = tokio::time::timeout(Duration::from_secs(5), subscribed.wait_for(|s| *s)).await;
+    }
     tracing::info!(mode = ?cfg.mode, broker = %format!("{host}:{port}"), client_id = %client_id, bd_seq = birth, "MQTT started");
     Ok(Some(Running { broker: broker_addr, tasks }))
 }
@@ -206,6 +212,7 @@ struct Ingest {
     status: String,
     birth: u64,
     subscriptions: [String; 2],
+    subscribed: watch::Sender<bool>,
 }
 
 impl Ingest {
@@ -221,6 +228,9 @@ impl Ingest {
             match event {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let _ = to_batcher.send(p);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    self.subscribed.send_replace(true);
                 }
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     connected = true;

@@ -195,10 +195,10 @@ impl Shared {
         c(&mut out, "smgate_mqtt_connects_total", "MQTT ingest connections established.", self.connects.load(Ordering::Relaxed));
         let dead = self.dead.lock().map(|d| d.clone()).unwrap_or_default();
         let total: u64 = dead.values().sum();
-        let _ = writeln!(out, "# HELP smgate_mqtt_dead_letters_total MQTT messages dead-lettered, by reason.\n# TYPE smgate_mqtt_dead_letters_total counter");
-        let _ = writeln!(out, "smgate_mqtt_dead_letters_total {total}");
+        c(&mut out, "smgate_mqtt_dead_letters_total", "MQTT messages dead-lettered (and acked).", total);
+        let _ = writeln!(out, "# HELP smgate_mqtt_dead_letters_by_reason_total MQTT dead letters by reason.\n# TYPE smgate_mqtt_dead_letters_by_reason_total counter");
         for (reason, n) in dead {
-            let _ = writeln!(out, "smgate_mqtt_dead_letters_total{{reason=\"{reason}\"}} {n}");
+            let _ = writeln!(out, "smgate_mqtt_dead_letters_by_reason_total{{reason=\"{reason}\"}} {n}");
         }
         out
     }

@@ -1,0 +1,352 @@
+//! MQTT ingest report: N simulated devices (rumqttc connections, QoS 1) against a mosquitto on a
+//! free loopback port, in one run:
+//!
+//! 1. broker-only ceiling: the devices publish as fast as the broker acks them, to a plain QoS 1
+//!    subscriber; messages/s delivered and publish → delivery latency;
+//! 2. smgate (external mode, release binary) with 10,000 heartbeat instances: the same load to
+//!    `smgate/hb/<dev>/heartbeat`; applied heartbeats/s from `/metrics`;
+//! 3. a steady 5,000 heartbeats/s: p50/p99 from publish to the retained `…/state` message (the
+//!    state carries the publish time as `last_seen`), and smgate's RSS.
+//!
+//! `cargo bench --bench mqtt`. Sizes: `SMGATE_BENCH_DEVICES` (100), `SMGATE_BENCH_INSTANCES`
+//! (10,000), `SMGATE_BENCH_SECS` (10), `SMGATE_BENCH_RATE` (5,000). A report, not a gate.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+const BIN: &str = env!("CARGO_BIN_EXE_smgate");
+type Failure = Box<dyn std::error::Error>;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(18830)
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn main() {
+    if let Err(e) = report() {
+        eprintln!("mqtt bench: FAILED: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn report() -> Result<(), Failure> {
+    let devices = env_u64("SMGATE_BENCH_DEVICES", 100);
+    let instances = env_u64("SMGATE_BENCH_INSTANCES", 10_000);
+    let secs = env_u64("SMGATE_BENCH_SECS", 10);
+    let rate = env_u64("SMGATE_BENCH_RATE", 5_000);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let work = tempfile::tempdir()?;
+    let (port, _mosquitto) = mosquitto(work.path())?;
+    println!("smgate MQTT report: {devices} devices, {instances} instances, {secs} s per phase, mosquitto on 127.0.0.1:{port}");
+
+    // 1. The broker alone.
+    let ceiling = rt.block_on(run_load(port, devices, instances, secs, None, "bench/ceiling", Sink::Plain))?;
+    println!(
+        "broker-only ceiling: {:>9.0} msg/s delivered to a plain subscriber; publish->delivery p50 {:.1} ms p99 {:.1} ms",
+        ceiling.rate, ceiling.p50, ceiling.p99
+    );
+
+    // 2. smgate on the same broker.
+    let gw = Gateway::start(work.path(), port)?;
+    rt.block_on(gw.setup())?;
+    let warm = rt.block_on(warm_up(&gw, port, instances))?;
+    println!("created {instances} instances by heartbeat in {warm:.1} s");
+    let before = rt.block_on(gw.applied())?;
+    let t0 = Instant::now();
+    let load = rt.block_on(run_load(port, devices, instances, secs, None, "smgate/hb", Sink::None))?;
+    // Applied within the window in which the devices published (the backlog drains after).
+    let applied_in_window = rt.block_on(gw.applied())? - before;
+    let window = t0.elapsed().as_secs_f64();
+    let applied_rate = applied_in_window as f64 / window;
+    let drained = rt.block_on(gw.wait_applied(before + load.sent, Duration::from_secs(300)))?;
+    let sustained = load.sent as f64 / (window + drained);
+    println!(
+        "smgate saturated: devices published {:.0} msg/s; applied {:>9.0} heartbeats/s during the load, {:.0}/s including the drain ({:.1} s)",
+        load.rate, applied_rate, sustained, drained
+    );
+    // 3. Latency at a steady rate, to the retained state message.
+    let steady = rt.block_on(run_load(port, devices, instances, secs, Some(rate), "smgate/hb", Sink::State))?;
+    println!(
+        "smgate at {rate}/s: {:.0} states/s received; publish->retained state p50 {:.1} ms p99 {:.1} ms",
+        steady.rate, steady.p50, steady.p99
+    );
+    let rss = gw.rss_mib();
+    println!("smgate RSS with {instances} instances: {rss:.1} MiB");
+    println!();
+    let ratio = applied_rate.max(sustained) / ceiling.rate.max(1.0);
+    println!("{:<52} {:>12}   target", "measure", "value");
+    let row = |name: &str, value: String, ok: bool, target: &str| {
+        println!("{name:<52} {value:>12}   {target} {}", if ok { "ok" } else { "MISSED" });
+    };
+    row("applied / broker-only ceiling", format!("{ratio:.2}"), ratio >= 0.8, ">= 0.8");
+    row("applied heartbeats/s", format!("{:.0}", applied_rate.max(sustained)), applied_rate.max(sustained) >= 30_000.0, ">= 30000");
+    row(&format!("p99 publish->state at {rate}/s (ms)"), format!("{:.1}", steady.p99), steady.p99 <= 50.0, "<= 50");
+    row(&format!("RSS with {instances} instances (MiB)"), format!("{rss:.1}"), rss <= 64.0, "<= 64");
+    Ok(())
+}
+
+fn mosquitto(dir: &Path) -> Result<(u16, Killed), Failure> {
+    let port = free_port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::create_dir_all(dir.join("mosq"))?;
+    let mut f = std::fs::File::create(&conf)?;
+    // firmware-config/mosquitto.conf's settings, on a test port.
+    writeln!(
+        f,
+        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nuser root\n\
+         max_inflight_messages 1000\nmax_queued_messages 1000000\nmax_queued_bytes 0\nmax_packet_size 262144\nlog_dest stderr\nlog_type error\n",
+        dir.join("mosq").display()
+    )?;
+    let child = Killed(Command::new("/usr/sbin/mosquitto").arg("-c").arg(&conf).stdout(Stdio::null()).spawn()?);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return Err("mosquitto did not listen".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((port, child))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Sink {
+    /// No subscriber (smgate is the consumer).
+    None,
+    /// A QoS 1 subscriber on the published topics.
+    Plain,
+    /// A QoS 1 subscriber on smgate's retained states.
+    State,
+}
+
+struct Load {
+    sent: u64,
+    /// Delivered (Plain, State) or published (None) per second.
+    rate: f64,
+    p50: f64,
+    p99: f64,
+}
+
+/// `devices` connections publish `{"ts": µs}` heartbeats to `<prefix>/dev-<i>/heartbeat`
+/// (instances spread over devices) for `secs`, as fast as the broker acks (or at `rate`).
+async fn run_load(port: u16, devices: u64, instances: u64, secs: u64, rate: Option<u64>, prefix: &str, sink: Sink) -> Result<Load, Failure> {
+    let received = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut sub_task = None;
+    if sink != Sink::None {
+        let filter = match sink {
+            Sink::Plain => format!("{prefix}/+/heartbeat"),
+            _ => format!("{prefix}/+/state"),
+        };
+        let mut o = MqttOptions::new(format!("bench-sub-{}", now_us()), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut el) = AsyncClient::new(o, 100);
+        client.subscribe(filter, QoS::AtLeastOnce).await?;
+        let (received, latencies, stop) = (received.clone(), latencies.clone(), stop.clone());
+        let started = now_us();
+        sub_task = Some(tokio::spawn(async move {
+            let _client = client;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_millis(200), el.poll()).await else { continue };
+                if let Event::Incoming(Packet::Publish(p)) = ev {
+                    if p.retain {
+                        continue; // retained states from before this phase
+                    }
+                    let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+                    let ts = v["ts"].as_u64().or_else(|| v["publicContext"]["last_seen"].as_u64());
+                    if let Some(ts) = ts.filter(|t| *t >= started) {
+                        received.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut l) = latencies.lock() {
+                            l.push(now_us().saturating_sub(ts));
+                        }
+                    }
+                }
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let sent = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for d in 0..devices {
+        let mut o = MqttOptions::new(format!("bench-dev-{d}-{}", now_us()), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30)).set_inflight(100);
+        let (client, mut el) = AsyncClient::new(o, 200);
+        let sent = sent.clone();
+        let prefix = prefix.to_string();
+        let per_device = rate.map(|r| Duration::from_secs_f64(devices as f64 / r as f64));
+        let mine: Vec<u64> = (0..instances).filter(|i| i % devices == d).collect();
+        let poller = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+        tasks.push(tokio::spawn(async move {
+            let mut next = Instant::now();
+            let mut k = 0usize;
+            while Instant::now() < deadline {
+                if let Some(gap) = per_device {
+                    next += gap;
+                    tokio::time::sleep_until(next.into()).await;
+                }
+                let i = mine[k % mine.len().max(1)];
+                k += 1;
+                let topic = format!("{prefix}/dev-{i}/heartbeat");
+                if client.publish(topic, QoS::AtLeastOnce, false, format!("{{\"ts\":{}}}", now_us())).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = client.disconnect().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            poller.abort();
+        }));
+    }
+    let t0 = Instant::now();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    if sink != Sink::None {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Some(t) = sub_task {
+        let _ = t.await;
+    }
+    let mut l = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    l.sort_unstable();
+    let pct = |p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).map(|us| *us as f64 / 1000.0).unwrap_or(f64::NAN);
+    let sent = sent.load(Ordering::Relaxed);
+    let rate = match sink {
+        Sink::None => sent as f64 / elapsed,
+        _ => received.load(Ordering::Relaxed) as f64 / elapsed,
+    };
+    Ok(Load { sent, rate, p50: pct(0.5), p99: pct(0.99) })
+}
+
+struct Gateway {
+    child: Killed,
+    addr: String,
+    key: String,
+    http: reqwest::Client,
+}
+
+impl Gateway {
+    fn start(dir: &Path, port: u16) -> Result<Gateway, Failure> {
+        let data = dir.join("data");
+        let out = Command::new(BIN).arg("--data").arg(&data).arg("init").output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let key = text.lines().find_map(|l| l.strip_prefix("owner key ")).ok_or("init printed no owner key")?.trim().to_string();
+        let mut child = Command::new(BIN)
+            .arg("--data")
+            .arg(&data)
+            .arg("serve")
+            .env("SMGATE_HTTP_LISTEN", "127.0.0.1:0")
+            .env("SMGATE_MQTT_MODE", "external")
+            .env("SMGATE_MQTT_URL", format!("mqtt://127.0.0.1:{port}"))
+            .env("SMGATE_LIMITS_WRITES_PER_MINUTE_PER_MACHINE", "100000000")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut addr = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            if let Some(a) = line.strip_prefix("smgate: listening on https://") {
+                addr = a.to_string();
+                break;
+            }
+        }
+        let cert = std::fs::read(data.join("tls/cert.pem"))?;
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&cert)?)
+            .tls_built_in_root_certs(false)
+            .use_rustls_tls()
+            .build()?;
+        Ok(Gateway { child: Killed(child), addr, key, http })
+    }
+
+    async fn setup(&self) -> Result<(), Failure> {
+        let url = |p: &str| format!("https://{}{}", self.addr, p);
+        let r = self.http.post(url("/api/chain/state-machines")).bearer_auth(&self.key).json(&serde_json::json!({"slug": "hb"})).send().await?;
+        let body: serde_json::Value = r.json().await?;
+        let admin = body["api_key"].as_str().ok_or("no machine key")?.to_string();
+        let def: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-config/machines/heartbeat.json"))?)?;
+        let r = self
+            .http
+            .post(url("/machines/hb/v"))
+            .bearer_auth(&admin)
+            .json(&serde_json::json!({"definition": def, "makeCurrent": true, "autoCreateInstances": true}))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            return Err(format!("version: {}", r.text().await?).into());
+        }
+        Ok(())
+    }
+
+    async fn applied(&self) -> Result<u64, Failure> {
+        let text = self.http.get(format!("https://{}/metrics", self.addr)).send().await?.text().await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix("smgate_mqtt_applied_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64)
+    }
+
+    /// Seconds until `applied` reaches `target`.
+    async fn wait_applied(&self, target: u64, limit: Duration) -> Result<f64, Failure> {
+        let t0 = Instant::now();
+        while self.applied().await? < target {
+            if t0.elapsed() > limit {
+                return Err(format!("applied stuck at {} of {target}", self.applied().await?).into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    }
+
+    fn rss_mib(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.0.id()))
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().unwrap_or(0.0))))
+            .unwrap_or(0.0)
+            / 1024.0
+    }
+}
+
+/// One heartbeat per instance (auto-create), from one connection; seconds until all applied.
+async fn warm_up(gw: &Gateway, port: u16, instances: u64) -> Result<f64, Failure> {
+    let t0 = Instant::now();
+    let mut o = MqttOptions::new(format!("bench-warm-{}", now_us()), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30)).set_inflight(200);
+    let (client, mut el) = AsyncClient::new(o, 1000);
+    let poller = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    let before = gw.applied().await?;
+    for i in 0..instances {
+        client.publish(format!("smgate/hb/dev-{i}/heartbeat"), QoS::AtLeastOnce, false, "{}").await?;
+    }
+    gw.wait_applied(before + instances, Duration::from_secs(600)).await?;
+    let _ = client.disconnect().await;
+    poller.abort();
+    Ok(t0.elapsed().as_secs_f64())
+}

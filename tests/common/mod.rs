@@ -178,7 +178,7 @@ pub async fn call(
 
 /// Whether the outside programs a test talks to (mosquitto, mosquitto_pub, …) are installed.
 /// `cargo test` on a machine with only the Rust toolchain skips such a test with a loud note;
-/// `.ci/run` installs the programs and sets `SMGATE_REQUIRE_PEERS=1`, under which a missing
+/// `.ci/run` installs the programs and sets `CI_REQUIRE_PEERS=1`, under which a missing
 /// program fails the test instead of skipping it.
 pub fn have_programs(programs: &[&str]) -> bool {
     let found = |p: &str| {
@@ -195,8 +195,8 @@ pub fn have_programs(programs: &[&str]) -> bool {
         return true;
     }
     assert!(
-        std::env::var("SMGATE_REQUIRE_PEERS").as_deref() != Ok("1"),
-        "SMGATE_REQUIRE_PEERS=1 but {missing:?} is not installed"
+        std::env::var("CI_REQUIRE_PEERS").as_deref() != Ok("1"),
+        "CI_REQUIRE_PEERS=1 but {missing:?} is not installed"
     );
     eprintln!("SKIPPED: this test needs {missing:?}; `.ci/run` installs them and requires this test");
     false

@@ -500,15 +500,15 @@ fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// The crash test, sized by `SMGATE_MQTT_CRASH_MESSAGES` / `SMGATE_MQTT_CRASH_INSTANCES`
+/// The crash test, sized by `TEST_MQTT_CRASH_MESSAGES` / `TEST_MQTT_CRASH_INSTANCES`
 /// (defaults 20,000 across 200; `.ci/run` runs 100,000 across 1,000).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_every_message_is_applied_exactly_once_across_sigkills() {
     if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
         return;
     }
-    let total = env_u64("SMGATE_MQTT_CRASH_MESSAGES", 20_000);
-    let instances = env_u64("SMGATE_MQTT_CRASH_INSTANCES", 200);
+    let total = env_u64("TEST_MQTT_CRASH_MESSAGES", 20_000);
+    let instances = env_u64("TEST_MQTT_CRASH_INSTANCES", 200);
     let mut s = setup(true, &[], &[("hb", heartbeat_def(), true)]).await;
     let port = s.port;
     let publisher = tokio::spawn(publish_numbered(port, total, instances, 0, false));
@@ -555,7 +555,7 @@ async fn mosquitto_every_message_is_applied_exactly_once_across_sigkills() {
 
 /// What the embedded broker can lose: it PUBACKs on receipt, before the gateway commits, and
 /// dies with the gateway. Devices publish at a steady rate the gateway keeps up with
-/// (`SMGATE_MQTT_EMBEDDED_RATE`, default 200/s) while the gateway is SIGKILLed 4 times; the
+/// (`TEST_MQTT_EMBEDDED_RATE`, default 200/s) while the gateway is SIGKILLed 4 times; the
 /// test counts messages the broker acked that were never applied. The bound asserted is one
 /// second of traffic per kill (the debug binary on a loaded 2-core box lags by up to ~0.5 s);
 /// a larger loss would mean the gateway fell behind the broker's acks.
@@ -564,7 +564,7 @@ async fn embedded_broker_crash_loss_is_bounded_and_measured() {
     if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
         return;
     }
-    let rate = env_u64("SMGATE_MQTT_EMBEDDED_RATE", 200);
+    let rate = env_u64("TEST_MQTT_EMBEDDED_RATE", 200);
     let instances = 50;
     let mut s = setup(false, &[], &[("hb", heartbeat_def(), true)]).await;
     let port = s.port;

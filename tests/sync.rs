@@ -387,11 +387,11 @@ async fn unenrolled_gateways_and_wrong_keys_get_401() {
     assert_eq!(res.status(), 415);
 }
 
-/// Rows accumulated offline (SMGATE_SYNC_LONG_ROWS, default 50,000; CI sets 1,000,000) drain
+/// Rows accumulated offline (TEST_SYNC_LONG_ROWS, default 50,000; CI sets 1,000,000) drain
 /// completely once the hub is reachable, verified against the signed checkpoints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_outage_drains_completely() {
-    let n: u64 = std::env::var("SMGATE_SYNC_LONG_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
+    let n: u64 = std::env::var("TEST_SYNC_LONG_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
     let mut hub = Hub::start();
     let mut gw = Gw::start(MANY);
     let (id, vkey) = identity(&gw);

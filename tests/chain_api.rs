@@ -391,16 +391,21 @@ async fn sigkill_during_an_event_burst_keeps_every_answered_row_and_verifies() {
         }));
     }
     drop(tx);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Kill once the burst is well under way (a count, not a time: CI machines vary).
+    let mut answered = Vec::new();
+    while answered.len() < 40 {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(a)) => answered.push(a),
+            _ => panic!("the burst stalled after {} answers", answered.len()),
+        }
+    }
     gw.kill();
     for t in tasks {
         let _ = t.await;
     }
-    let mut answered = Vec::new();
     while let Some(a) = rx.recv().await {
         answered.push(a);
     }
-    assert!(answered.len() > 20, "burst ran: {}", answered.len());
     let (ok, out, err) = cli(&gw.data(), &["verify"]);
     assert!(ok, "verify after SIGKILL: {out}{err}");
     gw.spawn();

@@ -241,7 +241,10 @@ pub fn with_gateway(gw: Arc<Gateway>) -> impl Filter<Extract = (Arc<Gateway>,), 
 
 /// Every route of the gateway.
 pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
-    machines::routes(gw.clone())
+    // Pages first: `/s/…` is the hot public path; no other area shares its prefixes.
+    pages::routes(gw.clone())
+        .or(machines::routes(gw.clone()))
+        .unify()
         .or(chain::routes(gw.clone()))
         .unify()
         .or(agents::routes(gw.clone()))
@@ -252,9 +255,7 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = In
         .unify()
         .or(ops::routes(gw.clone()))
         .unify()
-        .or(sync::routes(gw.clone()))
-        .unify()
-        .or(pages::routes(gw))
+        .or(sync::routes(gw))
         .unify()
         .recover(|r: warp::Rejection| async move { Ok::<_, Infallible>(rejection(r)) })
         .unify()

@@ -19,7 +19,12 @@ fn entry(i: u64) -> Entry {
         i % 1000,
         i
     );
-    Entry { kind: "transition", actor: "mqtt".into(), transition_id: [7; 16], payload: payload.into_bytes() }
+    Entry {
+        kind: "transition",
+        actor: "mqtt".into(),
+        transition_id: [7; 16],
+        payload: payload.into_bytes(),
+    }
 }
 
 fn main() {
@@ -27,7 +32,10 @@ fn main() {
     let rows: u64 = 200_000;
 
     // 1. The log: rows + tree hashes + head + zeqond index, in batches of BATCH per commit.
-    let db = Database::builder().set_cache_size(64 << 20).create(dir.path().join("log.redb")).expect("db");
+    let db = Database::builder()
+        .set_cache_size(64 << 20)
+        .create(dir.path().join("log.redb"))
+        .expect("db");
     let t = Instant::now();
     let mut stored_bytes = 0u64;
     let mut seq = 0;
@@ -39,7 +47,9 @@ fn main() {
                 w.create("bench", 0).expect("create");
             }
             for _ in 0..BATCH {
-                let row = w.append("bench", entry(seq), 1_700_000_000_000 + seq as i64).expect("append");
+                let row = w
+                    .append("bench", entry(seq), 1_700_000_000_000 + seq as i64)
+                    .expect("append");
                 stored_bytes += row.encode_stored().len() as u64;
                 seq += 1;
             }
@@ -51,16 +61,28 @@ fn main() {
     // 2. The same row bytes, plain inserts, same batching and durability.
     let plain_rows: Vec<Vec<u8>> = {
         let txn = db.begin_read().expect("read");
-        log::read::rows(&txn, "bench", 0, rows).expect("rows").iter().map(Row::encode_stored).collect()
+        log::read::rows(&txn, "bench", 0, rows)
+            .expect("rows")
+            .iter()
+            .map(Row::encode_stored)
+            .collect()
     };
-    let db2 = Database::builder().set_cache_size(64 << 20).create(dir.path().join("plain.redb")).expect("db");
+    let db2 = Database::builder()
+        .set_cache_size(64 << 20)
+        .create(dir.path().join("plain.redb"))
+        .expect("db");
     let t = Instant::now();
     for chunk in plain_rows.chunks(BATCH as usize).enumerate() {
         let txn = db2.begin_write().expect("txn");
         {
             let mut table = txn.open_table(PLAIN).expect("table");
             for (i, bytes) in chunk.1.iter().enumerate() {
-                table.insert(("bench", chunk.0 as u64 * BATCH + i as u64), bytes.as_slice()).expect("insert");
+                table
+                    .insert(
+                        ("bench", chunk.0 as u64 * BATCH + i as u64),
+                        bytes.as_slice(),
+                    )
+                    .expect("insert");
             }
         }
         txn.commit().expect("commit");
@@ -68,34 +90,60 @@ fn main() {
     let plain_secs = t.elapsed().as_secs_f64();
     println!("append {rows} rows in batches of {BATCH} (one fsync per batch):");
     println!("  smgate log   {:>10.0} rows/s  ({:.2} µs/row, {:.0} B/row stored)  target ≥ 200000 rows/s", rows as f64 / log_secs, log_secs * 1e6 / rows as f64, stored_bytes as f64 / rows as f64);
-    println!("  plain redb   {:>10.0} rows/s  ({:.2} µs/row)", rows as f64 / plain_secs, plain_secs * 1e6 / rows as f64);
-    println!("  cost ratio   {:>10.2}× a plain insert of the same bytes", log_secs / plain_secs);
+    println!(
+        "  plain redb   {:>10.0} rows/s  ({:.2} µs/row)",
+        rows as f64 / plain_secs,
+        plain_secs * 1e6 / rows as f64
+    );
+    println!(
+        "  cost ratio   {:>10.2}× a plain insert of the same bytes",
+        log_secs / plain_secs
+    );
     drop(db2);
 
     // 3. Proofs at 1M rows.
-    let big: u64 = std::env::var("LEDGER_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let big: u64 = std::env::var("LEDGER_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     let t = Instant::now();
     while seq < big {
         let mut txn = db.begin_write().expect("txn");
-        txn.set_durability(if seq + 10_000 >= big { Durability::Immediate } else { Durability::None });
+        txn.set_durability(if seq + 10_000 >= big {
+            Durability::Immediate
+        } else {
+            Durability::None
+        });
         {
             let mut w = LogWriter::open(&txn).expect("open");
             for _ in 0..10_000.min(big - seq) {
-                w.append("bench", entry(seq), 1_700_000_000_000 + seq as i64).expect("append");
+                w.append("bench", entry(seq), 1_700_000_000_000 + seq as i64)
+                    .expect("append");
                 seq += 1;
             }
         }
         txn.commit().expect("commit");
     }
-    println!("grew the log to {big} rows in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "grew the log to {big} rows in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let read = db.begin_read().expect("read");
-    assert_eq!(read.open_table(log::ROWS).expect("rows").len().expect("len"), big);
+    assert_eq!(
+        read.open_table(log::ROWS)
+            .expect("rows")
+            .len()
+            .expect("len"),
+        big
+    );
     let samples = 2000u64;
     let t = Instant::now();
     let mut total_hashes = 0;
     for i in 0..samples {
         let s = (i * 7_919_993) % big;
-        total_hashes += log::read::prove_inclusion(&read, "bench", s, big).expect("proof").len();
+        total_hashes += log::read::prove_inclusion(&read, "bench", s, big)
+            .expect("proof")
+            .len();
     }
     let inc = t.elapsed().as_secs_f64() / samples as f64;
     let t = Instant::now();

@@ -11,7 +11,10 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config: {0}")]
     Invalid(String),
 }
@@ -110,7 +113,9 @@ impl Default for Config {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { dir: PathBuf::from("./data") }
+        DataConfig {
+            dir: PathBuf::from("./data"),
+        }
     }
 }
 
@@ -129,13 +134,20 @@ impl Default for HttpConfig {
 
 impl Default for GatewayConfig {
     fn default() -> Self {
-        GatewayConfig { region: "local".into(), origin: None }
+        GatewayConfig {
+            region: "local".into(),
+            origin: None,
+        }
     }
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { cache_mb: 16, quick_repair: true, max_batch: 1024 }
+        StoreConfig {
+            cache_mb: 16,
+            quick_repair: true,
+            max_batch: 1024,
+        }
     }
 }
 
@@ -151,7 +163,9 @@ impl Default for LimitsConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into() }
+        LogConfig {
+            level: "info".into(),
+        }
     }
 }
 
@@ -162,15 +176,21 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let text = match path {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?,
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_owned(),
+                source,
+            })?,
             None => String::new(),
         };
         let mut doc: toml::Table =
             toml::from_str(&text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         for (name, value) in env {
-            let Some(rest) = name.strip_prefix("SMGATE_") else { continue };
-            let Some((section, key)) = rest.split_once('_') else { continue };
+            let Some(rest) = name.strip_prefix("SMGATE_") else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once('_') else {
+                continue;
+            };
             let section = section.to_ascii_lowercase();
             let key = key.to_ascii_lowercase();
             // A bare TOML literal (number, bool, array) keeps its type; anything else is a string.
@@ -185,7 +205,11 @@ impl Config {
                 toml::Value::Table(t) => {
                     t.insert(key, parsed);
                 }
-                _ => return Err(ConfigError::Invalid(format!("`{section}` is not a section"))),
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "`{section}` is not a section"
+                    )))
+                }
             }
         }
         let config: Config = toml::Value::Table(doc)
@@ -197,7 +221,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.store.max_batch == 0 {
-            return Err(ConfigError::Invalid("store.max_batch must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "store.max_batch must be at least 1".into(),
+            ));
         }
         if self.limits.spinup_per_minute_per_ip == 0 {
             return Err(ConfigError::Invalid(
@@ -205,7 +231,9 @@ impl Config {
             ));
         }
         if self.gateway.region.is_empty() {
-            return Err(ConfigError::Invalid("gateway.region must not be empty".into()));
+            return Err(ConfigError::Invalid(
+                "gateway.region must not be empty".into(),
+            ));
         }
         self.upstream.validate().map_err(ConfigError::Invalid)?;
         self.agents.validate().map_err(ConfigError::Invalid)?;
@@ -227,11 +255,17 @@ impl Config {
     }
 
     pub fn cert_path(&self) -> PathBuf {
-        self.http.cert.clone().unwrap_or_else(|| self.data.dir.join("tls/cert.pem"))
+        self.http
+            .cert
+            .clone()
+            .unwrap_or_else(|| self.data.dir.join("tls/cert.pem"))
     }
 
     pub fn key_path(&self) -> PathBuf {
-        self.http.key.clone().unwrap_or_else(|| self.data.dir.join("tls/key.pem"))
+        self.http
+            .key
+            .clone()
+            .unwrap_or_else(|| self.data.dir.join("tls/key.pem"))
     }
 }
 
@@ -251,7 +285,10 @@ mod tests {
     fn env_overrides_keep_types_and_unknown_keys_fail() {
         let env = vec![
             ("SMGATE_HTTP_LISTEN".to_string(), "127.0.0.1:0".to_string()),
-            ("SMGATE_LIMITS_SPINUP_PER_MINUTE_PER_IP".to_string(), "99".to_string()),
+            (
+                "SMGATE_LIMITS_SPINUP_PER_MINUTE_PER_IP".to_string(),
+                "99".to_string(),
+            ),
             ("SMGATE_GATEWAY_REGION".to_string(), "eu-west".to_string()),
             ("PATH".to_string(), "/bin".to_string()),
         ];

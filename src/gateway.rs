@@ -7,15 +7,18 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::auth::{self, Zid};
-use crate::ledger::GatewayKey;
 use crate::clock;
 use crate::config::Config;
+use crate::ledger::GatewayKey;
 use crate::store::{self, GroupCommit, Store, StoreError, StoreOptions, META};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0} is already initialised (it has smgate.redb); nothing was changed")]
     AlreadyInitialised(PathBuf),
     #[error("identity key {0} is not a valid Ed25519 PKCS#8 key")]
@@ -27,7 +30,10 @@ pub enum InitError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InitError + '_ {
-    move |source| InitError::Io { path: path.to_owned(), source }
+    move |source| InitError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Writes `bytes` to a new file readable only by its owner.
@@ -39,7 +45,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), InitError> {
         .mode(0o600)
         .open(path)
         .map_err(io(path))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io(path))
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(io(path))
 }
 
 /// The gateway's signing identity (made once by `init`, never rotated silently).
@@ -52,7 +60,8 @@ pub struct Identity {
 impl Identity {
     pub fn load(path: &Path) -> Result<Identity, InitError> {
         let pkcs8 = fs::read(path).map_err(io(path))?;
-        let key = GatewayKey::from_pkcs8(&pkcs8).map_err(|_| InitError::BadIdentity(path.to_owned()))?;
+        let key =
+            GatewayKey::from_pkcs8(&pkcs8).map_err(|_| InitError::BadIdentity(path.to_owned()))?;
         let digest = auth::sha256(&key.public_key());
         let id = format!("gw-{}", hex(&digest[..8]));
         Ok(Identity { id, key })
@@ -104,14 +113,19 @@ pub fn ensure_tls_files(cert_path: &Path, key_path: &Path) -> Result<(), InitErr
     if cert_path.exists() && key_path.exists() {
         return Ok(());
     }
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     if let Ok(host) = fs::read_to_string("/etc/hostname") {
         let host = host.trim();
         if !host.is_empty() && host != "localhost" {
             names.push(host.to_string());
         }
     }
-    let certified = rcgen::generate_simple_self_signed(names).map_err(|e| InitError::Certificate(e.to_string()))?;
+    let certified = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| InitError::Certificate(e.to_string()))?;
     for p in [cert_path, key_path] {
         if let Some(parent) = p.parent() {
             fs::create_dir_all(parent).map_err(io(parent))?;
@@ -156,5 +170,10 @@ pub async fn init(config: &Config) -> Result<Initialised, InitError> {
 
     let key_file = dir.join("initial-owner.key");
     write_private(&key_file, format!("{owner_key}\n").as_bytes())?;
-    Ok(Initialised { gateway_id: identity.id, owner: account.zid, owner_key, key_file })
+    Ok(Initialised {
+        gateway_id: identity.id,
+        owner: account.zid,
+        owner_key,
+        key_file,
+    })
 }

@@ -81,7 +81,10 @@ struct HubArgs {
 enum HubCommand {
     /// Enrol a gateway by its id and note verifier key (both printed by `smgate identity`);
     /// prints the bearer token for its `upstream.token` once. Works while the hub runs.
-    Enroll { gateway_id: String, verifier_key: String },
+    Enroll {
+        gateway_id: String,
+        verifier_key: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -252,14 +255,21 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 .write(move |txn| auth::create_account(txn, &name, clock::now_ms()))
                 .await?;
             writer.shutdown().await;
-            println!("account {}\nkey {raw}\n(shown once; store it now)", account.zid);
+            println!(
+                "account {}\nkey {raw}\n(shown once; store it now)",
+                account.zid
+            );
             Ok(())
         }
         Command::Account(AccountCommand::Credit { zid, amount }) => {
-            let zid = Zid::parse(&zid).ok_or_else(|| CliError::Usage(format!("`{zid}` is not a ZID (ZEQ + 11 digits)")))?;
+            let zid = Zid::parse(&zid).ok_or_else(|| {
+                CliError::Usage(format!("`{zid}` is not a ZID (ZEQ + 11 digits)"))
+            })?;
             let writer = GroupCommit::start(offline_store(&config)?);
             let who = zid.clone();
-            let balance = writer.write(move |txn| smgate::agents::credit(txn, &who, amount)).await;
+            let balance = writer
+                .write(move |txn| smgate::agents::credit(txn, &who, amount))
+                .await;
             writer.shutdown().await;
             let balance = balance?.ok_or_else(|| CliError::Usage(format!("no account {zid}")))?;
             println!("account {zid} balance {balance}");
@@ -275,7 +285,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Hub(args) => hub_command(hub_dir, args).await,
-        Command::Bench(BenchCommand::FillLog { machine, rows }) => fill_log(&config, machine, rows).await,
+        Command::Bench(BenchCommand::FillLog { machine, rows }) => {
+            fill_log(&config, machine, rows).await
+        }
     }
 }
 
@@ -313,7 +325,10 @@ fn print_owner(made: &gateway::Initialised) {
     println!("gateway {}", made.gateway_id);
     println!("owner account {}", made.owner);
     println!("owner key {}", made.owner_key);
-    println!("(shown once; also written to {} with mode 0600)", made.key_file.display());
+    println!(
+        "(shown once; also written to {} with mode 0600)",
+        made.key_file.display()
+    );
 }
 
 /// Opens the store for an offline command; a running gateway holds the lock.
@@ -325,7 +340,9 @@ fn offline_store(config: &Config) -> Result<Arc<Store>, CliError> {
         )));
     }
     let store = Store::open(&config.db_path(), gateway::store_options(config)).map_err(|e| {
-        CliError::Store(format!("{e} (if the gateway is running, stop it or use the HTTP API)"))
+        CliError::Store(format!(
+            "{e} (if the gateway is running, stop it or use the HTTP API)"
+        ))
     })?;
     Ok(store)
 }
@@ -333,15 +350,22 @@ fn offline_store(config: &Config) -> Result<Arc<Store>, CliError> {
 fn parse_subject(s: &SubjectArgs, role: Option<&str>) -> Result<Option<KeySubject>, CliError> {
     match (&s.account, &s.machine) {
         (Some(zid), None) => {
-            let zid = Zid::parse(zid).ok_or_else(|| CliError::Usage(format!("`{zid}` is not a ZID (ZEQ + 11 digits)")))?;
+            let zid = Zid::parse(zid).ok_or_else(|| {
+                CliError::Usage(format!("`{zid}` is not a ZID (ZEQ + 11 digits)"))
+            })?;
             Ok(Some(KeySubject::Account { zid }))
         }
         (None, Some(slug)) => {
             let role = match role {
-                Some(r) => Role::parse(r).ok_or_else(|| CliError::Usage(format!("role `{r}` is not viewer, operator or admin")))?,
+                Some(r) => Role::parse(r).ok_or_else(|| {
+                    CliError::Usage(format!("role `{r}` is not viewer, operator or admin"))
+                })?,
                 None => Role::Viewer,
             };
-            Ok(Some(KeySubject::Machine { slug: slug.clone(), role }))
+            Ok(Some(KeySubject::Machine {
+                slug: slug.clone(),
+                role,
+            }))
         }
         _ => Ok(None),
     }
@@ -351,7 +375,12 @@ async fn key_command(config: &Config, cmd: KeyCommand) -> Result<(), CliError> {
     let store = offline_store(config)?;
     let writer = GroupCommit::start(store.clone());
     let result = match cmd {
-        KeyCommand::Mint { subject, role, name, expires_in_days } => {
+        KeyCommand::Mint {
+            subject,
+            role,
+            name,
+            expires_in_days,
+        } => {
             let subject = parse_subject(&subject, role.as_deref())?
                 .ok_or_else(|| CliError::Usage("give --account ZID or --machine SLUG".into()))?;
             let ttl = expires_in_days.map(|d| i64::from(d) * 86_400_000);
@@ -365,7 +394,9 @@ async fn key_command(config: &Config, cmd: KeyCommand) -> Result<(), CliError> {
                     let expires = ttl.map(|t| now + t);
                     Ok(match subject {
                         // Machine keys are logged on the machine's chain.
-                        KeySubject::Machine { slug, role } => smgate::machines::mint_key(txn, &slug, role, &name, expires, "cli", now)?,
+                        KeySubject::Machine { slug, role } => smgate::machines::mint_key(
+                            txn, &slug, role, &name, expires, "cli", now,
+                        )?,
                         account => auth::mint_key(txn, account, &name, expires, now)?,
                     })
                 })
@@ -375,29 +406,53 @@ async fn key_command(config: &Config, cmd: KeyCommand) -> Result<(), CliError> {
         }
         KeyCommand::List { subject } => {
             let wanted = parse_subject(&subject, None)?;
-            let keys = store.view(|txn| auth::list_keys(txn, |s| match (&wanted, s) {
-                (None, _) => true,
-                (Some(KeySubject::Account { zid: a }), KeySubject::Account { zid: b }) => a == b,
-                (Some(KeySubject::Machine { slug: a, .. }), KeySubject::Machine { slug: b, .. }) => a == b,
-                _ => false,
-            }))?;
-            println!("{:<36}  {:<24}  {:<12}  {:<16}  {:<20}  status", "id", "subject", "name", "hint", "created");
+            let keys = store.view(|txn| {
+                auth::list_keys(txn, |s| match (&wanted, s) {
+                    (None, _) => true,
+                    (Some(KeySubject::Account { zid: a }), KeySubject::Account { zid: b }) => {
+                        a == b
+                    }
+                    (
+                        Some(KeySubject::Machine { slug: a, .. }),
+                        KeySubject::Machine { slug: b, .. },
+                    ) => a == b,
+                    _ => false,
+                })
+            })?;
+            println!(
+                "{:<36}  {:<24}  {:<12}  {:<16}  {:<20}  status",
+                "id", "subject", "name", "hint", "created"
+            );
             for k in keys {
                 let subject = match &k.subject {
                     KeySubject::Account { zid } => format!("account {zid}"),
                     KeySubject::Machine { slug, role } => format!("{slug} ({})", role.as_str()),
                 };
-                let status = if k.revoked_ms.is_some() { "revoked" } else if k.is_live(clock::now_ms()) { "active" } else { "expired" };
-                println!("{:<36}  {:<24}  {:<12}  {:<16}  {:<20}  {status}", k.id, subject, k.name, k.hint, clock::rfc3339(k.created_ms));
+                let status = if k.revoked_ms.is_some() {
+                    "revoked"
+                } else if k.is_live(clock::now_ms()) {
+                    "active"
+                } else {
+                    "expired"
+                };
+                println!(
+                    "{:<36}  {:<24}  {:<12}  {:<16}  {:<20}  {status}",
+                    k.id,
+                    subject,
+                    k.name,
+                    k.hint,
+                    clock::rfc3339(k.created_ms)
+                );
             }
             Ok(())
         }
         KeyCommand::Revoke { id } => {
             let record = writer
                 .write(move |txn| match auth::key_by_id_in(txn, &id)? {
-                    Some(KeyRecord { subject: KeySubject::Machine { slug, .. }, .. }) => {
-                        smgate::machines::revoke_key(txn, &slug, &id, "cli", clock::now_ms())
-                    }
+                    Some(KeyRecord {
+                        subject: KeySubject::Machine { slug, .. },
+                        ..
+                    }) => smgate::machines::revoke_key(txn, &slug, &id, "cli", clock::now_ms()),
                     _ => auth::revoke_key(txn, &id, |_| true, clock::now_ms()),
                 })
                 .await?;
@@ -418,7 +473,10 @@ fn verify(config: &Config, only: Option<&str>) -> Result<(), CliError> {
     use std::io::Write;
     let store = offline_store(config)?;
     let machines = store.view(smgate::machines::all)?;
-    let selected: Vec<_> = machines.iter().filter(|m| only.is_none_or(|s| s == m.slug)).collect();
+    let selected: Vec<_> = machines
+        .iter()
+        .filter(|m| only.is_none_or(|s| s == m.slug))
+        .collect();
     if let Some(s) = only.filter(|_| selected.is_empty()) {
         return Err(CliError::Usage(format!("no machine `{s}`")));
     }
@@ -428,7 +486,11 @@ fn verify(config: &Config, only: Option<&str>) -> Result<(), CliError> {
         let report = store.view(|txn| {
             smgate::ledger::log::verify_machine(txn, &m.slug, |done, all| {
                 if tty {
-                    eprint!("\r{}: {done}/{all} rows ({}%)", m.slug, done * 100 / all.max(1));
+                    eprint!(
+                        "\r{}: {done}/{all} rows ({}%)",
+                        m.slug,
+                        done * 100 / all.max(1)
+                    );
                     let _ = std::io::stderr().flush();
                 }
             })
@@ -437,7 +499,10 @@ fn verify(config: &Config, only: Option<&str>) -> Result<(), CliError> {
             eprintln!();
         }
         if let Some((seq, why)) = report.broken {
-            return Err(CliError::Usage(format!("machine {}: row {seq} is broken: {why}", m.slug)));
+            return Err(CliError::Usage(format!(
+                "machine {}: row {seq} is broken: {why}",
+                m.slug
+            )));
         }
         println!("{}: {} rows ok", m.slug, report.rows);
         total += report.rows;
@@ -494,7 +559,11 @@ async fn serve(config: Config) -> Result<(), CliError> {
 async fn hub_command(dir: PathBuf, args: HubArgs) -> Result<(), CliError> {
     use smgate::sync::hub::{self, Hub};
     let fail = |e: hub::HubError| CliError::Usage(e.to_string());
-    if let Some(HubCommand::Enroll { gateway_id, verifier_key }) = args.command {
+    if let Some(HubCommand::Enroll {
+        gateway_id,
+        verifier_key,
+    }) = args.command
+    {
         let token = Hub::enroll(&dir, &gateway_id, &verifier_key).map_err(fail)?;
         println!("enrolled {gateway_id}");
         println!("token {token}");
@@ -502,8 +571,12 @@ async fn hub_command(dir: PathBuf, args: HubArgs) -> Result<(), CliError> {
         return Ok(());
     }
     let hub = Arc::new(Hub::open(&dir).map_err(fail)?);
-    let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| CliError::Usage(format!("cannot listen on {}: {e}", args.listen)))?;
-    let addr = listener.local_addr().map_err(|e| CliError::Usage(e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| CliError::Usage(format!("cannot listen on {}: {e}", args.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let pin = hub::cert_pin(&hub.cert_path()).map_err(fail)?;
     println!("smgate hub: listening on https://{addr}");
     println!("smgate hub: pin sha256:{pin}");
@@ -586,30 +659,62 @@ enum SiteCommand {
 /// `smgate site deploy`: spec 001's publish call with the HTML read from a file.
 async fn site_command(config: &Config, cmd: SiteCommand) -> Result<(), CliError> {
     use smgate::http::client;
-    let SiteCommand::Deploy { slug, page, file, title, url, key, cacert, agent_zid, python } = cmd;
-    let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", p.display())));
+    let SiteCommand::Deploy {
+        slug,
+        page,
+        file,
+        title,
+        url,
+        key,
+        cacert,
+        agent_zid,
+        python,
+    } = cmd;
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p)
+            .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", p.display())))
+    };
     let html = read(&file)?;
     let python = python.as_ref().map(read).transpose()?;
-    let title = title.unwrap_or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| page.clone()));
+    let title = title.unwrap_or_else(|| {
+        file.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| page.clone())
+    });
     let cacert = cacert.unwrap_or_else(|| config.cert_path());
     let base = url.trim_end_matches('/').to_string();
     let fail = |e: client::ClientError| CliError::Usage(e.to_string());
     let refused = |status: u16, body: &serde_json::Value| {
-        let code = body.get("error").and_then(|v| v.as_str()).unwrap_or("error");
-        let message = body.get("message").and_then(|v| v.as_str()).map(str::to_owned).unwrap_or_else(|| body.to_string());
+        let code = body
+            .get("error")
+            .and_then(|v| v.as_str())
+            .unwrap_or("error");
+        let message = body
+            .get("message")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| body.to_string());
         CliError::Usage(format!("gateway answered {status} {code}: {message}"))
     };
     let agent_zid = match agent_zid {
         Some(z) => z,
         None => {
             let path = format!("/api/chain/state-machines/{slug}");
-            let (status, body) = client::request(&base, &cacert, http::Method::GET, &path, Some(&key), None).await.map_err(fail)?;
+            let (status, body) =
+                client::request(&base, &cacert, http::Method::GET, &path, Some(&key), None)
+                    .await
+                    .map_err(fail)?;
             if status != 200 {
                 return Err(refused(status, &body));
             }
-            body.pointer("/machine/owner_zid").and_then(|v| v.as_str()).map(str::to_owned).ok_or_else(|| {
-                CliError::Usage("this key cannot see the machine's owner ZID; give --agent-zid".into())
-            })?
+            body.pointer("/machine/owner_zid")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    CliError::Usage(
+                        "this key cannot see the machine's owner ZID; give --agent-zid".into(),
+                    )
+                })?
         }
     };
     let mut request = serde_json::json!({"title": title, "html": html, "agentZid": agent_zid});
@@ -617,12 +722,24 @@ async fn site_command(config: &Config, cmd: SiteCommand) -> Result<(), CliError>
         request["pythonScript"] = serde_json::Value::String(p);
     }
     let path = format!("/api/state-machines/{slug}/pages/{page}/publish");
-    let (status, body) = client::request(&base, &cacert, http::Method::POST, &path, Some(&key), Some(&request)).await.map_err(fail)?;
+    let (status, body) = client::request(
+        &base,
+        &cacert,
+        http::Method::POST,
+        &path,
+        Some(&key),
+        Some(&request),
+    )
+    .await
+    .map_err(fail)?;
     if status != 201 {
         return Err(refused(status, &body));
     }
     println!("published {slug}/{page} version {}", body["version"]);
-    println!("proof_digest {}", body["proof_digest"].as_str().unwrap_or(""));
+    println!(
+        "proof_digest {}",
+        body["proof_digest"].as_str().unwrap_or("")
+    );
     println!("url {base}{}", body["url"].as_str().unwrap_or(""));
     Ok(())
 }

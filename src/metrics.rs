@@ -5,8 +5,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::store::{LATENCY_BOUNDS, SIZE_BOUNDS};
 use crate::store::BatchStats;
+use crate::store::{LATENCY_BOUNDS, SIZE_BOUNDS};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -27,7 +27,9 @@ impl Metrics {
 
     pub fn render(&self, batches: &BatchStats, gauges: &[(&str, &str, f64)]) -> String {
         let mut out = String::new();
-        out.push_str("# HELP smgate_http_requests_total HTTP requests by method, route and status.\n");
+        out.push_str(
+            "# HELP smgate_http_requests_total HTTP requests by method, route and status.\n",
+        );
         out.push_str("# TYPE smgate_http_requests_total counter\n");
         if let Ok(r) = self.requests.lock() {
             for ((method, route, status), n) in r.iter() {
@@ -37,32 +39,84 @@ impl Metrics {
                 );
             }
         }
-        counter(&mut out, "smgate_rate_limited_total", "Requests refused with 429.", self.rate_limited.load(Ordering::Relaxed));
-        counter(&mut out, "smgate_tls_handshake_failures_total", "TLS handshakes that failed or timed out.", self.tls_handshake_failures.load(Ordering::Relaxed));
-        counter(&mut out, "smgate_connections_total", "Accepted TCP connections.", self.connections.load(Ordering::Relaxed));
-        counter(&mut out, "smgate_commits_total", "Write transactions committed or attempted.", batches.commits.load(Ordering::Relaxed));
-        counter(&mut out, "smgate_commit_failures_total", "Write transactions whose commit failed.", batches.failed_commits.load(Ordering::Relaxed));
+        counter(
+            &mut out,
+            "smgate_rate_limited_total",
+            "Requests refused with 429.",
+            self.rate_limited.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "smgate_tls_handshake_failures_total",
+            "TLS handshakes that failed or timed out.",
+            self.tls_handshake_failures.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "smgate_connections_total",
+            "Accepted TCP connections.",
+            self.connections.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "smgate_commits_total",
+            "Write transactions committed or attempted.",
+            batches.commits.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "smgate_commit_failures_total",
+            "Write transactions whose commit failed.",
+            batches.failed_commits.load(Ordering::Relaxed),
+        );
         if let Ok(sizes) = batches.size_buckets.lock() {
             let labels: Vec<String> = SIZE_BOUNDS.iter().map(|b| b.to_string()).collect();
-            histogram(&mut out, "smgate_commit_batch_size", "Write requests per commit.", &labels, &sizes[..], batches.requests.load(Ordering::Relaxed) as f64);
+            histogram(
+                &mut out,
+                "smgate_commit_batch_size",
+                "Write requests per commit.",
+                &labels,
+                &sizes[..],
+                batches.requests.load(Ordering::Relaxed) as f64,
+            );
         }
         if let Ok(lat) = batches.latency_buckets.lock() {
             let labels: Vec<String> = LATENCY_BOUNDS.iter().map(|b| b.to_string()).collect();
             let sum = batches.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-            histogram(&mut out, "smgate_commit_seconds", "Commit latency (one fsync per batch).", &labels, &lat[..], sum);
+            histogram(
+                &mut out,
+                "smgate_commit_seconds",
+                "Commit latency (one fsync per batch).",
+                &labels,
+                &lat[..],
+                sum,
+            );
         }
         for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
         }
         out
     }
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
 }
 
-fn histogram(out: &mut String, name: &str, help: &str, bounds: &[String], counts: &[u64], sum: f64) {
+fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    bounds: &[String],
+    counts: &[u64],
+    sum: f64,
+) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
     let mut cumulative = 0;
     for (i, n) in counts.iter().enumerate() {
@@ -112,11 +166,20 @@ mod tests {
 
     #[test]
     fn templates_hide_slugs() {
-        assert_eq!(route_template("/api/chain/state-machines/abc"), "/api/chain/state-machines/:slug");
-        assert_eq!(route_template("/api/chain/x/api-keys/123"), "/api/chain/:slug/api-keys/:id");
+        assert_eq!(
+            route_template("/api/chain/state-machines/abc"),
+            "/api/chain/state-machines/:slug"
+        );
+        assert_eq!(
+            route_template("/api/chain/x/api-keys/123"),
+            "/api/chain/:slug/api-keys/:id"
+        );
         assert_eq!(route_template("/ui/app.js"), "/ui/*");
         assert_eq!(route_template("/nope/x"), "other");
-        assert_eq!(route_template("/machines/m1/i/dev-7/events"), "/machines/:m/i/:i/events");
+        assert_eq!(
+            route_template("/machines/m1/i/dev-7/events"),
+            "/machines/:m/i/:i/events"
+        );
         assert_eq!(route_template("/s/kitchen/p/home/"), "/s/:slug/*");
     }
 }

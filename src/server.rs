@@ -32,7 +32,10 @@ pub enum StartError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("MQTT: {0}")]
     Mqtt(String),
 }
@@ -69,10 +72,11 @@ impl Gateway {
     pub fn principal(&self, bearer: Option<&str>) -> Result<Principal, AuthError> {
         let now = clock::now_ms();
         // Store errors surface through `view` so that a read during a reopen is retried.
-        self.store.view(|txn| match auth::resolve(txn, bearer, now) {
-            Err(AuthError::Store(e)) => Err(e),
-            other => Ok(other),
-        })?
+        self.store
+            .view(|txn| match auth::resolve(txn, bearer, now) {
+                Err(AuthError::Store(e)) => Err(e),
+                other => Ok(other),
+            })?
     }
 
     pub fn rate_limited(&self, retry_after: u64) -> ApiError {
@@ -85,9 +89,21 @@ impl Gateway {
         let mut out = self.metrics.render(
             self.writer.stats(),
             &[
-                ("smgate_uptime_seconds", "Seconds since start.", self.started.elapsed().as_secs_f64()),
-                ("smgate_machines", "Machines on this gateway.", machines as f64),
-                ("smgate_process_resident_bytes", "Resident set size of the process.", rss_bytes() as f64),
+                (
+                    "smgate_uptime_seconds",
+                    "Seconds since start.",
+                    self.started.elapsed().as_secs_f64(),
+                ),
+                (
+                    "smgate_machines",
+                    "Machines on this gateway.",
+                    machines as f64,
+                ),
+                (
+                    "smgate_process_resident_bytes",
+                    "Resident set size of the process.",
+                    rss_bytes() as f64,
+                ),
             ],
         );
         out.push_str(&self.mqtt.render());
@@ -99,7 +115,11 @@ impl Gateway {
 pub fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
         .map(|pages| pages * 4096)
         .unwrap_or(0)
 }
@@ -148,7 +168,11 @@ pub async fn start(
     store_options: Option<StoreOptions>,
 ) -> Result<(Running, Option<gateway::Initialised>), StartError> {
     let started = Instant::now();
-    let initialised = if gateway::is_initialised(&config) { None } else { Some(gateway::init(&config).await?) };
+    let initialised = if gateway::is_initialised(&config) {
+        None
+    } else {
+        Some(gateway::init(&config).await?)
+    };
     let options = store_options.unwrap_or_else(|| gateway::store_options(&config));
     let store = Store::open(&config.db_path(), options)?;
     let writer = GroupCommit::start(store.clone());
@@ -156,8 +180,14 @@ pub async fn start(
     let tls = Acceptor::load(&config.cert_path(), &config.key_path())?;
     let listener = TcpListener::bind(config.http.listen)
         .await
-        .map_err(|source| StartError::Bind { addr: config.http.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http.listen, source })?;
+        .map_err(|source| StartError::Bind {
+            addr: config.http.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.http.listen,
+        source,
+    })?;
     let gw = Arc::new(Gateway {
         spinup_limit: RateLimiter::per_minute(config.limits.spinup_per_minute_per_ip),
         write_limit: RateLimiter::per_minute(config.limits.writes_per_minute_per_machine),
@@ -186,6 +216,19 @@ pub async fn start(
     let http = tokio::spawn(crate::http::serve(listener, gw.clone(), rx.clone()));
     let timers = tokio::spawn(crate::instances::timers::run(gw.clone(), rx.clone()));
     let agents = tokio::spawn(crate::agents::ticker::run(gw.clone(), rx.clone()));
-    let mqtt = crate::mqtt::start(gw.clone(), rx).await.map_err(StartError::Mqtt)?;
-    Ok((Running { addr, gateway: gw, shutdown: tx, http, timers, agents, mqtt }, initialised))
+    let mqtt = crate::mqtt::start(gw.clone(), rx)
+        .await
+        .map_err(StartError::Mqtt)?;
+    Ok((
+        Running {
+            addr,
+            gateway: gw,
+            shutdown: tx,
+            http,
+            timers,
+            agents,
+            mqtt,
+        },
+        initialised,
+    ))
 }

@@ -6,8 +6,12 @@ use std::time::Duration;
 
 /// Sends `state` to `$NOTIFY_SOCKET`; does nothing when not run by systemd.
 pub fn notify(state: &str) {
-    let Ok(path) = std::env::var("NOTIFY_SOCKET") else { return };
-    let Ok(sock) = UnixDatagram::unbound() else { return };
+    let Ok(path) = std::env::var("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = UnixDatagram::unbound() else {
+        return;
+    };
     let result = if let Some(abstract_name) = path.strip_prefix('@') {
         send_abstract(&sock, abstract_name, state)
     } else {

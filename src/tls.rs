@@ -22,15 +22,20 @@ pub enum TlsError {
 pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Cert { path: cert.display().to_string(), message: e.to_string() })?;
+        .map_err(|e| TlsError::Cert {
+            path: cert.display().to_string(),
+            message: e.to_string(),
+        })?;
     if certs.is_empty() {
         return Err(TlsError::Cert {
             path: cert.display().to_string(),
             message: "no CERTIFICATE block found".into(),
         });
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| TlsError::Key { path: key.display().to_string(), message: e.to_string() })?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+        path: key.display().to_string(),
+        message: e.to_string(),
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -50,7 +55,9 @@ pub struct Acceptor {
 impl Acceptor {
     pub fn load(cert: &Path, key: &Path) -> Result<Acceptor, TlsError> {
         let acceptor = TlsAcceptor::from(Arc::new(server_config(cert, key)?));
-        Ok(Acceptor { current: RwLock::new(acceptor) })
+        Ok(Acceptor {
+            current: RwLock::new(acceptor),
+        })
     }
 
     pub fn get(&self) -> TlsAcceptor {

@@ -21,7 +21,14 @@ const MANY: &[(&str, &str)] = &[
 ];
 
 async fn machine(gw: &Gw, slug: &str, public: bool) -> String {
-    let (s, b, _) = call(&gw.client(), Method::POST, &gw.url("/api/chain/state-machines"), Some(&gw.owner_key), Some(json!({"slug": slug, "is_public": public}))).await;
+    let (s, b, _) = call(
+        &gw.client(),
+        Method::POST,
+        &gw.url("/api/chain/state-machines"),
+        Some(&gw.owner_key),
+        Some(json!({"slug": slug, "is_public": public})),
+    )
+    .await;
     assert_eq!(s, 201, "{b}");
     b["api_key"].as_str().unwrap().to_string()
 }
@@ -34,7 +41,17 @@ async fn rows(gw: &Gw, slug: &str, key: Option<&str>) -> Vec<Value> {
     let mut out = Vec::new();
     let mut from = 0;
     loop {
-        let (s, b, _) = call(&gw.client(), Method::GET, &gw.url(&format!("/api/chain/state-machines/{slug}/explore?from={from}&to={}", from + 10_000)), key, None).await;
+        let (s, b, _) = call(
+            &gw.client(),
+            Method::GET,
+            &gw.url(&format!(
+                "/api/chain/state-machines/{slug}/explore?from={from}&to={}",
+                from + 10_000
+            )),
+            key,
+            None,
+        )
+        .await;
         assert_eq!(s, 200, "{b}");
         out.extend(b["rows"].as_array().unwrap().iter().cloned());
         match b["next"].as_u64() {
@@ -49,16 +66,25 @@ fn canonical(v: &Value) -> String {
     match v {
         Value::Object(m) => {
             let sorted: BTreeMap<_, _> = m.iter().collect();
-            let parts: Vec<String> = sorted.iter().map(|(k, v)| format!("{}:{}", Value::String((*k).clone()), canonical(v))).collect();
+            let parts: Vec<String> = sorted
+                .iter()
+                .map(|(k, v)| format!("{}:{}", Value::String((*k).clone()), canonical(v)))
+                .collect();
             format!("{{{}}}", parts.join(","))
         }
-        Value::Array(a) => format!("[{}]", a.iter().map(canonical).collect::<Vec<_>>().join(",")),
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(canonical).collect::<Vec<_>>().join(",")
+        ),
         other => other.to_string(),
     }
 }
 
 fn sha_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,7 +93,14 @@ async fn event_endpoint_stores_the_payload_hash_not_the_payload() {
     let c = gw.client();
     machine(&gw, "ev", false).await;
     let payload = json!({"temp": 21.5, "unit": "C", "a": [1, {"z": true, "b": null}]});
-    let (s, b, _) = call(&c, Method::POST, &gw.url(&ev("ev")), Some(&gw.owner_key), Some(json!({"type": "reading", "payload": payload}))).await;
+    let (s, b, _) = call(
+        &c,
+        Method::POST,
+        &gw.url(&ev("ev")),
+        Some(&gw.owner_key),
+        Some(json!({"type": "reading", "payload": payload})),
+    )
+    .await;
     assert_eq!(s, 201, "{b}");
     assert_eq!(b["ok"], true);
     assert!(b["zeqondNumber"].as_u64().unwrap() > 2_000_000_000);
@@ -76,13 +109,26 @@ async fn event_endpoint_stores_the_payload_hash_not_the_payload() {
     assert_eq!(b["payload_hash"], want.as_str());
     // The default type is "event"; a given hash is stored as is (lowercased).
     let h = "AB".repeat(32);
-    let (s, b2, _) = call(&c, Method::POST, &gw.url(&ev("ev")), Some(&gw.owner_key), Some(json!({"hash": h}))).await;
+    let (s, b2, _) = call(
+        &c,
+        Method::POST,
+        &gw.url(&ev("ev")),
+        Some(&gw.owner_key),
+        Some(json!({"hash": h})),
+    )
+    .await;
     assert_eq!(s, 201, "{b2}");
     let all = rows(&gw, "ev", Some(&gw.owner_key)).await;
     let kinds: Vec<&str> = all.iter().map(|r| r["type"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["machine_created", "key_minted", "event", "event"]);
-    assert_eq!(all[2]["payload"], json!({"type": "reading", "payload_hash": want}));
-    assert_eq!(all[3]["payload"], json!({"type": "event", "payload_hash": "ab".repeat(32)}));
+    assert_eq!(
+        all[2]["payload"],
+        json!({"type": "reading", "payload_hash": want})
+    );
+    assert_eq!(
+        all[3]["payload"],
+        json!({"type": "event", "payload_hash": "ab".repeat(32)})
+    );
     assert_eq!(all[2]["transition_id"], b["transitionId"]);
     // The payload itself is nowhere in the log.
     assert!(!serde_json::to_string(&all).unwrap().contains("21.5"));
@@ -108,13 +154,23 @@ async fn bad_input_gets_clear_4xx_codes() {
         (json!({"hash": "abc"}), "invalid_hash"),
         (json!({"hash": "g".repeat(64)}), "invalid_hash"),
         (json!({"hash": 12}), "invalid_hash"),
-        (json!({"hash": "a".repeat(64), "payload": {}}), "invalid_body"),
+        (
+            json!({"hash": "a".repeat(64), "payload": {}}),
+            "invalid_body",
+        ),
         (json!("string"), "invalid_body"),
     ] {
         let (s, b, _) = call(&c, Method::POST, &gw.url(&ev("bad")), k, Some(body.clone())).await;
         assert_eq!((s, b["error"].as_str()), (400, Some(code)), "{body}: {b}");
     }
-    let (s, _, _) = call(&c, Method::POST, &gw.url(&ev("bad")), k, Some(json!({"type": "x".repeat(64)}))).await;
+    let (s, _, _) = call(
+        &c,
+        Method::POST,
+        &gw.url(&ev("bad")),
+        k,
+        Some(json!({"type": "x".repeat(64)})),
+    )
+    .await;
     assert_eq!(s, 201, "64 characters is allowed");
     let (s, b, _) = call(&c, Method::POST, &gw.url(&ev("nope")), k, Some(json!({}))).await;
     assert_eq!((s, b["error"].as_str()), (404, Some("machine_not_found")));
@@ -134,12 +190,30 @@ async fn bad_input_gets_clear_4xx_codes() {
         ("/nothing", 404, "not_found"),
     ] {
         let (s, b, _) = call(&c, Method::GET, &gw.url(&format!("{base}{path}")), k, None).await;
-        assert_eq!((s, b["error"].as_str()), (status, Some(code)), "{path}: {b}");
+        assert_eq!(
+            (s, b["error"].as_str()),
+            (status, Some(code)),
+            "{path}: {b}"
+        );
     }
     // Reading past the end is an empty page, not an error.
-    let (s, b, _) = call(&c, Method::GET, &gw.url(&format!("{base}/explore?from=100")), k, None).await;
+    let (s, b, _) = call(
+        &c,
+        Method::GET,
+        &gw.url(&format!("{base}/explore?from=100")),
+        k,
+        None,
+    )
+    .await;
     assert_eq!((s, b["count"].as_u64()), (200, Some(0)));
-    let (s, _, _) = call(&c, Method::POST, &gw.url(&ev("bad")), k, Some(json!({"payload": "x".repeat(70_000)}))).await;
+    let (s, _, _) = call(
+        &c,
+        Method::POST,
+        &gw.url(&ev("bad")),
+        k,
+        Some(json!({"payload": "x".repeat(70_000)})),
+    )
+    .await;
     assert_eq!(s, 413);
 }
 
@@ -149,11 +223,32 @@ async fn reads_and_writes_follow_machine_access() {
     let c = gw.client();
     let admin = machine(&gw, "priv", false).await;
     machine(&gw, "pub", true).await;
-    let (_, v, _) = call(&c, Method::POST, &gw.url("/api/chain/priv/api-keys"), Some(&admin), Some(json!({"name": "v", "scope": "viewer"}))).await;
+    let (_, v, _) = call(
+        &c,
+        Method::POST,
+        &gw.url("/api/chain/priv/api-keys"),
+        Some(&admin),
+        Some(json!({"name": "v", "scope": "viewer"})),
+    )
+    .await;
     let viewer = v["api_key"].as_str().unwrap().to_string();
-    let (_, o, _) = call(&c, Method::POST, &gw.url("/api/chain/priv/api-keys"), Some(&admin), Some(json!({"name": "o", "scope": "operator"}))).await;
+    let (_, o, _) = call(
+        &c,
+        Method::POST,
+        &gw.url("/api/chain/priv/api-keys"),
+        Some(&admin),
+        Some(json!({"name": "o", "scope": "operator"})),
+    )
+    .await;
     let operator = o["api_key"].as_str().unwrap().to_string();
-    let (_, other, _) = call(&c, Method::POST, &gw.url("/api/chain/state-machines"), Some(&gw.owner_key), Some(json!({"slug": "other"}))).await;
+    let (_, other, _) = call(
+        &c,
+        Method::POST,
+        &gw.url("/api/chain/state-machines"),
+        Some(&gw.owner_key),
+        Some(json!({"slug": "other"})),
+    )
+    .await;
     let foreign_key = other["api_key"].as_str().unwrap().to_string();
     let callers: [(&str, Option<&str>, u16, u16); 6] = [
         ("anonymous", None, 401, 401),
@@ -164,39 +259,97 @@ async fn reads_and_writes_follow_machine_access() {
         ("owner", Some(&gw.owner_key), 200, 201),
     ];
     for (who, key, read, write) in callers {
-        for route in ["state", "explore", "checkpoint", "pohc/validate", "proof/inclusion?seq=0"] {
-            let (s, _, _) = call(&c, Method::GET, &gw.url(&format!("/api/chain/state-machines/priv/{route}")), key, None).await;
+        for route in [
+            "state",
+            "explore",
+            "checkpoint",
+            "pohc/validate",
+            "proof/inclusion?seq=0",
+        ] {
+            let (s, _, _) = call(
+                &c,
+                Method::GET,
+                &gw.url(&format!("/api/chain/state-machines/priv/{route}")),
+                key,
+                None,
+            )
+            .await;
             assert_eq!(s, read, "{who} GET {route}");
         }
         let (s, _, _) = call(&c, Method::POST, &gw.url(&ev("priv")), key, Some(json!({}))).await;
         assert_eq!(s, write, "{who} POST event");
         // Public machines: anyone reads, nobody but members writes.
-        let (s, _, _) = call(&c, Method::GET, &gw.url("/api/chain/state-machines/pub/explore"), key, None).await;
+        let (s, _, _) = call(
+            &c,
+            Method::GET,
+            &gw.url("/api/chain/state-machines/pub/explore"),
+            key,
+            None,
+        )
+        .await;
         assert_eq!(s, 200, "{who} reads a public log");
     }
     let (s, _, _) = call(&c, Method::POST, &gw.url(&ev("pub")), None, Some(json!({}))).await;
     assert_eq!(s, 401);
-    let (s, _, _) = call(&c, Method::POST, &gw.url(&ev("pub")), Some(&foreign_key), Some(json!({}))).await;
+    let (s, _, _) = call(
+        &c,
+        Method::POST,
+        &gw.url(&ev("pub")),
+        Some(&foreign_key),
+        Some(json!({})),
+    )
+    .await;
     assert_eq!(s, 403);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_owner_reads_and_writes_are_rate_limited_per_machine() {
-    let gw = Gw::start(&[("SMGATE_LIMITS_READS_PER_MINUTE_PER_MACHINE", "3"), ("SMGATE_LIMITS_WRITES_PER_MINUTE_PER_MACHINE", "2")]);
+    let gw = Gw::start(&[
+        ("SMGATE_LIMITS_READS_PER_MINUTE_PER_MACHINE", "3"),
+        ("SMGATE_LIMITS_WRITES_PER_MINUTE_PER_MACHINE", "2"),
+    ]);
     let c = gw.client();
     machine(&gw, "pub", true).await;
     for _ in 0..3 {
-        let (s, _, _) = call(&c, Method::GET, &gw.url("/api/chain/state-machines/pub/state"), None, None).await;
+        let (s, _, _) = call(
+            &c,
+            Method::GET,
+            &gw.url("/api/chain/state-machines/pub/state"),
+            None,
+            None,
+        )
+        .await;
         assert_eq!(s, 200);
     }
-    let (s, b, h) = call(&c, Method::GET, &gw.url("/api/chain/state-machines/pub/state"), None, None).await;
+    let (s, b, h) = call(
+        &c,
+        Method::GET,
+        &gw.url("/api/chain/state-machines/pub/state"),
+        None,
+        None,
+    )
+    .await;
     assert_eq!((s, b["error"].as_str()), (429, Some("rate_limited")));
     assert!(h.contains_key("retry-after"));
     // The owner is not read-limited.
-    let (s, _, _) = call(&c, Method::GET, &gw.url("/api/chain/state-machines/pub/state"), Some(&gw.owner_key), None).await;
+    let (s, _, _) = call(
+        &c,
+        Method::GET,
+        &gw.url("/api/chain/state-machines/pub/state"),
+        Some(&gw.owner_key),
+        None,
+    )
+    .await;
     assert_eq!(s, 200);
     for want in [201, 201, 429] {
-        let (s, _, _) = call(&c, Method::POST, &gw.url(&ev("pub")), Some(&gw.owner_key), Some(json!({}))).await;
+        let (s, _, _) = call(
+            &c,
+            Method::POST,
+            &gw.url(&ev("pub")),
+            Some(&gw.owner_key),
+            Some(json!({})),
+        )
+        .await;
         assert_eq!(s, want);
     }
 }
@@ -214,50 +367,140 @@ async fn checkpoints_and_proofs_verify_independently() {
     assert!(vkey.starts_with(&format!("{gateway_id}+")));
     let mut roots: Vec<(u64, H)> = Vec::new();
     for i in 0..19 {
-        let note = c.get(gw.url("/api/chain/state-machines/proofs/checkpoint")).send().await.unwrap();
-        assert!(note.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+        let note = c
+            .get(gw.url("/api/chain/state-machines/proofs/checkpoint"))
+            .send()
+            .await
+            .unwrap();
+        assert!(note.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"));
         let note = note.text().await.unwrap();
         let (origin, size, root) = rfc6962::open_checkpoint(&note, &vkey);
         assert_eq!(origin, format!("{gateway_id}/proofs"));
         assert_eq!(size, 2 + i, "size grows by one per event");
         roots.push((size, root));
-        let (s, _, _) = call(&c, Method::POST, &gw.url(&ev("proofs")), Some(&gw.owner_key), Some(json!({"payload": i}))).await;
+        let (s, _, _) = call(
+            &c,
+            Method::POST,
+            &gw.url(&ev("proofs")),
+            Some(&gw.owner_key),
+            Some(json!({"payload": i})),
+        )
+        .await;
         assert_eq!(s, 201);
     }
     let all = rows(&gw, "proofs", None).await;
-    let leaves: Vec<H> = all.iter().map(|r| leaf(&unhex(r["hash"].as_str().unwrap()))).collect();
+    let leaves: Vec<H> = all
+        .iter()
+        .map(|r| leaf(&unhex(r["hash"].as_str().unwrap())))
+        .collect();
     for (size, root) in &roots {
-        assert_eq!(mth(&leaves[..*size as usize]), *root, "checkpoint root of size {size}");
+        assert_eq!(
+            mth(&leaves[..*size as usize]),
+            *root,
+            "checkpoint root of size {size}"
+        );
     }
     for (size, root) in &roots {
         for seq in 0..*size {
-            let (s, p, _) = call(&c, Method::GET, &gw.url(&format!("/api/chain/state-machines/proofs/proof/inclusion?seq={seq}&size={size}")), None, None).await;
+            let (s, p, _) = call(
+                &c,
+                Method::GET,
+                &gw.url(&format!(
+                    "/api/chain/state-machines/proofs/proof/inclusion?seq={seq}&size={size}"
+                )),
+                None,
+                None,
+            )
+            .await;
             assert_eq!(s, 200, "{p}");
             assert_eq!(p["row_hash"], all[seq as usize]["hash"]);
             let leaf_hash = unhex(p["leaf_hash"].as_str().unwrap());
             assert_eq!(leaf_hash, leaves[seq as usize]);
-            let proof: Vec<H> = p["proof"].as_array().unwrap().iter().map(|h| unhex(h.as_str().unwrap())).collect();
-            assert!(verify_inclusion(seq, *size, &leaf_hash, &proof, root), "inclusion {seq} in {size}");
+            let proof: Vec<H> = p["proof"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| unhex(h.as_str().unwrap()))
+                .collect();
+            assert!(
+                verify_inclusion(seq, *size, &leaf_hash, &proof, root),
+                "inclusion {seq} in {size}"
+            );
         }
     }
     for (m, m_root) in &roots {
         for (n, n_root) in roots.iter().filter(|(n, _)| n >= m) {
-            let (s, p, _) = call(&c, Method::GET, &gw.url(&format!("/api/chain/state-machines/proofs/proof/consistency?from={m}&to={n}")), None, None).await;
+            let (s, p, _) = call(
+                &c,
+                Method::GET,
+                &gw.url(&format!(
+                    "/api/chain/state-machines/proofs/proof/consistency?from={m}&to={n}"
+                )),
+                None,
+                None,
+            )
+            .await;
             assert_eq!(s, 200);
-            let proof: Vec<H> = p["proof"].as_array().unwrap().iter().map(|h| unhex(h.as_str().unwrap())).collect();
-            assert!(verify_consistency(*m, *n, m_root, n_root, &proof), "consistency {m} → {n}");
+            let proof: Vec<H> = p["proof"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| unhex(h.as_str().unwrap()))
+                .collect();
+            assert!(
+                verify_consistency(*m, *n, m_root, n_root, &proof),
+                "consistency {m} → {n}"
+            );
         }
     }
-    let (s, v, _) = call(&c, Method::GET, &gw.url("/api/chain/state-machines/proofs/pohc/validate"), None, None).await;
+    let (s, v, _) = call(
+        &c,
+        Method::GET,
+        &gw.url("/api/chain/state-machines/proofs/pohc/validate"),
+        None,
+        None,
+    )
+    .await;
     assert_eq!(s, 200);
-    assert_eq!(v, json!({"ok": true, "valid": true, "count": 21, "broken_at": null, "genesis_zeqond": v["genesis_zeqond"], "from": 0, "to": 20}));
-    let (_, st, _) = call(&c, Method::GET, &gw.url("/api/chain/state-machines/proofs/state"), None, None).await;
+    assert_eq!(
+        v,
+        json!({"ok": true, "valid": true, "count": 21, "broken_at": null, "genesis_zeqond": v["genesis_zeqond"], "from": 0, "to": 20})
+    );
+    let (_, st, _) = call(
+        &c,
+        Method::GET,
+        &gw.url("/api/chain/state-machines/proofs/state"),
+        None,
+        None,
+    )
+    .await;
     assert_eq!(st["latest"], all[20]);
     let z = all[5]["zeqond"].as_u64().unwrap();
-    let (s, block, _) = call(&c, Method::GET, &gw.url(&format!("/api/chain/state-machines/proofs/block?zeqond={z}")), None, None).await;
+    let (s, block, _) = call(
+        &c,
+        Method::GET,
+        &gw.url(&format!(
+            "/api/chain/state-machines/proofs/block?zeqond={z}"
+        )),
+        None,
+        None,
+    )
+    .await;
     assert_eq!(s, 200);
-    let in_block: Vec<u64> = block["rows"].as_array().unwrap().iter().map(|r| r["seq"].as_u64().unwrap()).collect();
-    let want: Vec<u64> = all.iter().filter(|r| r["zeqond"] == z).map(|r| r["seq"].as_u64().unwrap()).collect();
+    let in_block: Vec<u64> = block["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    let want: Vec<u64> = all
+        .iter()
+        .filter(|r| r["zeqond"] == z)
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(in_block, want);
 }
 
@@ -266,27 +509,67 @@ async fn sse_streams_live_rows_and_resumes_after_last_event_id() {
     let gw = Gw::start(MANY);
     let c = gw.client();
     machine(&gw, "live", false).await;
-    let mut res = c.get(gw.url("/api/chain/state-machines/live/explore/sse")).bearer_auth(&gw.owner_key).send().await.unwrap();
+    let mut res = c
+        .get(gw.url("/api/chain/state-machines/live/explore/sse"))
+        .bearer_auth(&gw.owner_key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
-    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     for i in 0..3 {
-        call(&c, Method::POST, &gw.url(&ev("live")), Some(&gw.owner_key), Some(json!({"payload": i}))).await;
+        call(
+            &c,
+            Method::POST,
+            &gw.url(&ev("live")),
+            Some(&gw.owner_key),
+            Some(json!({"payload": i})),
+        )
+        .await;
     }
     let ids = read_sse_ids(&mut res, 3).await;
-    assert_eq!(ids, vec![2, 3, 4], "live rows arrive in order from the head");
+    assert_eq!(
+        ids,
+        vec![2, 3, 4],
+        "live rows arrive in order from the head"
+    );
     drop(res);
     for i in 3..5 {
-        call(&c, Method::POST, &gw.url(&ev("live")), Some(&gw.owner_key), Some(json!({"payload": i}))).await;
+        call(
+            &c,
+            Method::POST,
+            &gw.url(&ev("live")),
+            Some(&gw.owner_key),
+            Some(json!({"payload": i})),
+        )
+        .await;
     }
-    let mut res = c.get(gw.url("/api/chain/state-machines/live/explore/sse")).bearer_auth(&gw.owner_key).header("Last-Event-ID", "3").send().await.unwrap();
-    assert_eq!(read_sse_ids(&mut res, 3).await, vec![4, 5, 6], "resumes right after Last-Event-ID");
+    let mut res = c
+        .get(gw.url("/api/chain/state-machines/live/explore/sse"))
+        .bearer_auth(&gw.owner_key)
+        .header("Last-Event-ID", "3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        read_sse_ids(&mut res, 3).await,
+        vec![4, 5, 6],
+        "resumes right after Last-Event-ID"
+    );
 }
 
 async fn read_sse_ids(res: &mut reqwest::Response, n: usize) -> Vec<u64> {
     let mut ids = Vec::new();
     let mut buf = String::new();
     while ids.len() < n {
-        let chunk = tokio::time::timeout(Duration::from_secs(10), res.chunk()).await.expect("sse timed out").unwrap().expect("stream open");
+        let chunk = tokio::time::timeout(Duration::from_secs(10), res.chunk())
+            .await
+            .expect("sse timed out")
+            .unwrap()
+            .expect("stream open");
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = buf.find("\n\n") {
             let event: String = buf.drain(..end + 2).collect();
@@ -304,21 +587,45 @@ async fn key_rows_are_logged_with_their_changes() {
     let gw = Gw::start(MANY);
     let c = gw.client();
     let admin = machine(&gw, "keys", false).await;
-    let (_, m, _) = call(&c, Method::POST, &gw.url("/api/chain/keys/api-keys"), Some(&admin), Some(json!({"name": "ops", "scope": "operator"}))).await;
+    let (_, m, _) = call(
+        &c,
+        Method::POST,
+        &gw.url("/api/chain/keys/api-keys"),
+        Some(&admin),
+        Some(json!({"name": "ops", "scope": "operator"})),
+    )
+    .await;
     let raw = m["api_key"].as_str().unwrap().to_string();
     let id = m["key"]["id"].as_str().unwrap().to_string();
     for _ in 0..2 {
-        call(&c, Method::DELETE, &gw.url(&format!("/api/chain/keys/api-keys/{id}")), Some(&admin), None).await;
+        call(
+            &c,
+            Method::DELETE,
+            &gw.url(&format!("/api/chain/keys/api-keys/{id}")),
+            Some(&admin),
+            None,
+        )
+        .await;
     }
     let all = rows(&gw, "keys", Some(&gw.owner_key)).await;
     let kinds: Vec<&str> = all.iter().map(|r| r["type"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["machine_created", "key_minted", "key_minted", "key_revoked"], "revoking twice logs once");
+    assert_eq!(
+        kinds,
+        ["machine_created", "key_minted", "key_minted", "key_revoked"],
+        "revoking twice logs once"
+    );
     assert_eq!(all[0]["payload"]["slug"], "keys");
     assert_eq!(all[0]["actor"], gw.owner_zid.as_str());
     assert_eq!(all[2]["payload"]["key_id"], id.as_str());
     assert_eq!(all[2]["payload"]["scope"], "operator");
-    assert!(all[2]["actor"].as_str().unwrap().starts_with("key:"), "minted by the admin key");
-    assert!(!serde_json::to_string(&all).unwrap().contains(&raw), "the raw key is never logged");
+    assert!(
+        all[2]["actor"].as_str().unwrap().starts_with("key:"),
+        "minted by the admin key"
+    );
+    assert!(
+        !serde_json::to_string(&all).unwrap().contains(&raw),
+        "the raw key is never logged"
+    );
 }
 
 /// One flipped byte in one stored row: `smgate verify`, `pohc/validate` and proof
@@ -329,13 +636,31 @@ async fn a_flipped_byte_is_reported_by_verify_pohc_and_proofs() {
     let c = gw.client();
     machine(&gw, "tamper", true).await;
     for i in 0..8 {
-        let t = if i == 5 { "MARKER-Q7Z".to_string() } else { format!("t{i}") };
-        let (s, _, _) = call(&c, Method::POST, &gw.url(&ev("tamper")), Some(&gw.owner_key), Some(json!({"type": t}))).await;
+        let t = if i == 5 {
+            "MARKER-Q7Z".to_string()
+        } else {
+            format!("t{i}")
+        };
+        let (s, _, _) = call(
+            &c,
+            Method::POST,
+            &gw.url(&ev("tamper")),
+            Some(&gw.owner_key),
+            Some(json!({"type": t})),
+        )
+        .await;
         assert_eq!(s, 201);
     }
     let (_, info, _) = call(&c, Method::GET, &gw.url("/api/gateway"), None, None).await;
     let vkey = info["verifier_key"].as_str().unwrap().to_string();
-    let note = c.get(gw.url("/api/chain/state-machines/tamper/checkpoint")).send().await.unwrap().text().await.unwrap();
+    let note = c
+        .get(gw.url("/api/chain/state-machines/tamper/checkpoint"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let (_, size, root) = rfc6962::open_checkpoint(&note, &vkey);
     gw.stop();
     let (ok, out, _) = cli(&gw.data(), &["verify"]);
@@ -358,15 +683,51 @@ async fn a_flipped_byte_is_reported_by_verify_pohc_and_proofs() {
     assert!(err.contains("machine tamper: row 7 is broken"), "{err}");
     gw.spawn();
     let c = gw.client();
-    let (_, v, _) = call(&c, Method::GET, &gw.url("/api/chain/state-machines/tamper/pohc/validate"), None, None).await;
-    assert_eq!((v["valid"].as_bool(), v["broken_at"].as_u64()), (Some(false), Some(7)), "{v}");
-    let (_, v, _) = call(&c, Method::GET, &gw.url("/api/chain/state-machines/tamper/pohc/validate?from=0&to=6"), None, None).await;
+    let (_, v, _) = call(
+        &c,
+        Method::GET,
+        &gw.url("/api/chain/state-machines/tamper/pohc/validate"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (v["valid"].as_bool(), v["broken_at"].as_u64()),
+        (Some(false), Some(7)),
+        "{v}"
+    );
+    let (_, v, _) = call(
+        &c,
+        Method::GET,
+        &gw.url("/api/chain/state-machines/tamper/pohc/validate?from=0&to=6"),
+        None,
+        None,
+    )
+    .await;
     assert_eq!(v["valid"], true, "rows before it are intact");
     for seq in 0..size {
-        let (_, p, _) = call(&c, Method::GET, &gw.url(&format!("/api/chain/state-machines/tamper/proof/inclusion?seq={seq}&size={size}")), None, None).await;
+        let (_, p, _) = call(
+            &c,
+            Method::GET,
+            &gw.url(&format!(
+                "/api/chain/state-machines/tamper/proof/inclusion?seq={seq}&size={size}"
+            )),
+            None,
+            None,
+        )
+        .await;
         let leaf_hash = leaf(&unhex(p["row_hash"].as_str().unwrap()));
-        let proof: Vec<H> = p["proof"].as_array().unwrap().iter().map(|h| unhex(h.as_str().unwrap())).collect();
-        assert_eq!(verify_inclusion(seq, size, &leaf_hash, &proof, &root), seq != 7, "inclusion of row {seq} against the signed checkpoint");
+        let proof: Vec<H> = p["proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| unhex(h.as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            verify_inclusion(seq, size, &leaf_hash, &proof, &root),
+            seq != 7,
+            "inclusion of row {seq} against the signed checkpoint"
+        );
     }
 }
 
@@ -378,15 +739,33 @@ async fn sigkill_during_an_event_burst_keeps_every_answered_row_and_verifies() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, String)>();
     let mut tasks = Vec::new();
     for w in 0..8 {
-        let (client, key, url, tx) = (client.clone(), gw.owner_key.clone(), gw.url(&ev("burst")), tx.clone());
+        let (client, key, url, tx) = (
+            client.clone(),
+            gw.owner_key.clone(),
+            gw.url(&ev("burst")),
+            tx.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             for i in 0..100_000 {
-                let Ok(r) = client.post(&url).bearer_auth(&key).json(&json!({"type": format!("w{w}"), "payload": i})).send().await else { return };
+                let Ok(r) = client
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&json!({"type": format!("w{w}"), "payload": i}))
+                    .send()
+                    .await
+                else {
+                    return;
+                };
                 if r.status() != 201 {
                     return;
                 }
-                let Ok(b) = r.json::<Value>().await else { return };
-                let _ = tx.send((b["seq"].as_u64().unwrap(), b["hash"].as_str().unwrap().to_string()));
+                let Ok(b) = r.json::<Value>().await else {
+                    return;
+                };
+                let _ = tx.send((
+                    b["seq"].as_u64().unwrap(),
+                    b["hash"].as_str().unwrap().to_string(),
+                ));
             }
         }));
     }
@@ -411,6 +790,10 @@ async fn sigkill_during_an_event_burst_keeps_every_answered_row_and_verifies() {
     gw.spawn();
     let all = rows(&gw, "burst", Some(&gw.owner_key)).await;
     for (seq, hash) in &answered {
-        assert_eq!(all[*seq as usize]["hash"], hash.as_str(), "answered row {seq} kept with the same hash");
+        assert_eq!(
+            all[*seq as usize]["hash"],
+            hash.as_str(),
+            "answered row {seq} kept with the same hash"
+        );
     }
 }

@@ -42,49 +42,153 @@ struct Setup {
 async fn setup(def: Value) -> Setup {
     let gw = Gw::start(MANY);
     let c = gw.client();
-    let (s, b, _) = call(&c, Method::POST, &gw.url("/api/chain/state-machines"), Some(&gw.owner_key), Some(json!({"slug": "m"}))).await;
+    let (s, b, _) = call(
+        &c,
+        Method::POST,
+        &gw.url("/api/chain/state-machines"),
+        Some(&gw.owner_key),
+        Some(json!({"slug": "m"})),
+    )
+    .await;
     assert_eq!(s, 201);
     let admin = b["api_key"].as_str().unwrap().to_string();
     let mut keys = Vec::new();
     for role in ["operator", "viewer"] {
-        let (_, k, _) = call(&c, Method::POST, &gw.url("/api/chain/m/api-keys"), Some(&admin), Some(json!({"name": role, "scope": role}))).await;
+        let (_, k, _) = call(
+            &c,
+            Method::POST,
+            &gw.url("/api/chain/m/api-keys"),
+            Some(&admin),
+            Some(json!({"name": role, "scope": role})),
+        )
+        .await;
         keys.push(k["api_key"].as_str().unwrap().to_string());
     }
-    let (s, v, _) = call(&c, Method::POST, &gw.url("/machines/m/v"), Some(&admin), Some(json!({"definition": def, "clientInfo": "v1", "makeCurrent": true}))).await;
+    let (s, v, _) = call(
+        &c,
+        Method::POST,
+        &gw.url("/machines/m/v"),
+        Some(&admin),
+        Some(json!({"definition": def, "clientInfo": "v1", "makeCurrent": true})),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     assert!(v["machineVersionId"].as_str().unwrap().starts_with("mv_"));
-    Setup { gw, admin, operator: keys[0].clone(), viewer: keys[1].clone() }
+    Setup {
+        gw,
+        admin,
+        operator: keys[0].clone(),
+        viewer: keys[1].clone(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_are_created_listed_and_current() {
     let s = setup(toggle()).await;
     let c = s.gw.client();
-    let (st, b, _) = call(&c, Method::POST, &s.gw.url("/machines/m/v"), Some(&s.admin), Some(json!({"definition": toggle(), "clientInfo": "v2"}))).await;
+    let (st, b, _) = call(
+        &c,
+        Method::POST,
+        &s.gw.url("/machines/m/v"),
+        Some(&s.admin),
+        Some(json!({"definition": toggle(), "clientInfo": "v2"})),
+    )
+    .await;
     assert_eq!(st, 200);
     let v2 = b["machineVersionId"].as_str().unwrap().to_string();
-    let (_, list, _) = call(&c, Method::GET, &s.gw.url("/machines/m/v"), Some(&s.viewer), None).await;
-    let infos: Vec<&str> = list["versions"].as_array().unwrap().iter().map(|v| v["clientInfo"].as_str().unwrap()).collect();
+    let (_, list, _) = call(
+        &c,
+        Method::GET,
+        &s.gw.url("/machines/m/v"),
+        Some(&s.viewer),
+        None,
+    )
+    .await;
+    let infos: Vec<&str> = list["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["clientInfo"].as_str().unwrap())
+        .collect();
     assert_eq!(infos, ["v1", "v2"]);
-    let (_, m, _) = call(&c, Method::GET, &s.gw.url("/machines/m"), Some(&s.viewer), None).await;
+    let (_, m, _) = call(
+        &c,
+        Method::GET,
+        &s.gw.url("/machines/m"),
+        Some(&s.viewer),
+        None,
+    )
+    .await;
     assert_eq!(m["slug"], "m");
-    assert_eq!(m["currentVersion"]["clientInfo"], "v1", "v2 was not made current");
-    let (_, all, _) = call(&c, Method::GET, &s.gw.url("/machines"), Some(&s.gw.owner_key), None).await;
+    assert_eq!(
+        m["currentVersion"]["clientInfo"], "v1",
+        "v2 was not made current"
+    );
+    let (_, all, _) = call(
+        &c,
+        Method::GET,
+        &s.gw.url("/machines"),
+        Some(&s.gw.owner_key),
+        None,
+    )
+    .await;
     assert_eq!(all["machines"].as_array().unwrap().len(), 1);
     // A bad definition names the bad node and writes nothing.
     let bad = json!({"definition": {"initial": "a", "states": {"a": {"on": {"GO": "nowhere"}}}}});
-    let (st, e, _) = call(&c, Method::POST, &s.gw.url("/machines/m/v"), Some(&s.admin), Some(bad)).await;
-    assert_eq!((st, e["code"].as_str()), (400, Some("invalid-definition")), "{e}");
-    assert!(e["error"].as_str().unwrap().contains("$.states.a.on.GO"), "{e}");
-    let (_, list, _) = call(&c, Method::GET, &s.gw.url("/machines/m/v"), Some(&s.viewer), None).await;
+    let (st, e, _) = call(
+        &c,
+        Method::POST,
+        &s.gw.url("/machines/m/v"),
+        Some(&s.admin),
+        Some(bad),
+    )
+    .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (400, Some("invalid-definition")),
+        "{e}"
+    );
+    assert!(
+        e["error"].as_str().unwrap().contains("$.states.a.on.GO"),
+        "{e}"
+    );
+    let (_, list, _) = call(
+        &c,
+        Method::GET,
+        &s.gw.url("/machines/m/v"),
+        Some(&s.viewer),
+        None,
+    )
+    .await;
     assert_eq!(list["versions"].as_array().unwrap().len(), 2);
     // Only admin+ creates versions.
-    let (st, e, _) = call(&c, Method::POST, &s.gw.url("/machines/m/v"), Some(&s.operator), Some(json!({"definition": toggle()}))).await;
+    let (st, e, _) = call(
+        &c,
+        Method::POST,
+        &s.gw.url("/machines/m/v"),
+        Some(&s.operator),
+        Some(json!({"definition": toggle()})),
+    )
+    .await;
     assert_eq!((st, e["code"].as_str()), (403, Some("missing-scope")));
     // An instance can pin a non-current version.
-    let (st, _, _) = call(&c, Method::POST, &s.gw.url("/machines/m"), Some(&s.operator), Some(json!({"slug": "pinned", "machineVersionId": v2}))).await;
+    let (st, _, _) = call(
+        &c,
+        Method::POST,
+        &s.gw.url("/machines/m"),
+        Some(&s.operator),
+        Some(json!({"slug": "pinned", "machineVersionId": v2})),
+    )
+    .await;
     assert_eq!(st, 200);
-    let (_, a, _) = call(&c, Method::GET, &s.gw.url("/machines/m/i/pinned/admin"), Some(&s.admin), None).await;
+    let (_, a, _) = call(
+        &c,
+        Method::GET,
+        &s.gw.url("/machines/m/i/pinned/admin"),
+        Some(&s.admin),
+        None,
+    )
+    .await;
     assert_eq!(a["machineVersionId"], v2.as_str());
 }
 
@@ -93,7 +197,14 @@ async fn instance_lifecycle_codes_of_spec_002_003() {
     let s = setup(toggle()).await;
     let c = s.gw.client();
     let url = |p: &str| s.gw.url(p);
-    let (st, v, _) = call(&c, Method::POST, &url("/machines/m"), Some(&s.operator), Some(json!({"slug": "user-1234", "context": {"public": {"flips": 10}}}))).await;
+    let (st, v, _) = call(
+        &c,
+        Method::POST,
+        &url("/machines/m"),
+        Some(&s.operator),
+        Some(json!({"slug": "user-1234", "context": {"public": {"flips": 10}}})),
+    )
+    .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["state"], "off");
     assert_eq!(v["tags"], json!(["idle"]));
@@ -102,96 +213,356 @@ async fn instance_lifecycle_codes_of_spec_002_003() {
     assert!(v["ts"].as_i64().unwrap() > 1_700_000_000_000);
     assert!(v.get("context").is_none(), "only publicContext is public");
     // 409 invalid-state on an existing slug.
-    let (st, e, _) = call(&c, Method::POST, &url("/machines/m"), Some(&s.operator), Some(json!({"slug": "user-1234"}))).await;
+    let (st, e, _) = call(
+        &c,
+        Method::POST,
+        &url("/machines/m"),
+        Some(&s.operator),
+        Some(json!({"slug": "user-1234"})),
+    )
+    .await;
     assert_eq!((st, e["code"].as_str()), (409, Some("invalid-state")));
     assert!(e["error"].is_string());
-    for bad in [json!({"slug": "has space"}), json!({"slug": "x".repeat(129)}), json!({}), json!({"slug": "ok", "context": [1]})] {
-        let (st, e, _) = call(&c, Method::POST, &url("/machines/m"), Some(&s.operator), Some(bad.clone())).await;
-        assert_eq!((st, e["code"].as_str()), (400, Some("invalid-parameters")), "{bad}");
+    for bad in [
+        json!({"slug": "has space"}),
+        json!({"slug": "x".repeat(129)}),
+        json!({}),
+        json!({"slug": "ok", "context": [1]}),
+    ] {
+        let (st, e, _) = call(
+            &c,
+            Method::POST,
+            &url("/machines/m"),
+            Some(&s.operator),
+            Some(bad.clone()),
+        )
+        .await;
+        assert_eq!(
+            (st, e["code"].as_str()),
+            (400, Some("invalid-parameters")),
+            "{bad}"
+        );
     }
     // Viewers cannot create; anonymous callers are asked to authenticate; strangers see nothing.
-    let (st, e, _) = call(&c, Method::POST, &url("/machines/m"), Some(&s.viewer), Some(json!({"slug": "v"}))).await;
+    let (st, e, _) = call(
+        &c,
+        Method::POST,
+        &url("/machines/m"),
+        Some(&s.viewer),
+        Some(json!({"slug": "v"})),
+    )
+    .await;
     assert_eq!((st, e["code"].as_str()), (403, Some("missing-scope")));
-    let (st, _, _) = call(&c, Method::POST, &url("/machines/m"), None, Some(json!({"slug": "v"}))).await;
+    let (st, _, _) = call(
+        &c,
+        Method::POST,
+        &url("/machines/m"),
+        None,
+        Some(json!({"slug": "v"})),
+    )
+    .await;
     assert_eq!(st, 401);
     // Events: a name, or an object with data; the answer is the settled state.
-    let (st, v, _) = call(&c, Method::POST, &url("/machines/m/i/user-1234/events"), Some(&s.operator), Some(json!({"event": "FLIP"}))).await;
+    let (st, v, _) = call(
+        &c,
+        Method::POST,
+        &url("/machines/m/i/user-1234/events"),
+        Some(&s.operator),
+        Some(json!({"event": "FLIP"})),
+    )
+    .await;
     assert_eq!((st, v["state"].as_str()), (200, Some("on")));
     assert_eq!(v["publicContext"]["flips"], 11);
-    let (_, v, _) = call(&c, Method::POST, &url("/machines/m/i/user-1234/events"), Some(&s.operator), Some(json!({"event": {"type": "FLIP", "why": "test"}}))).await;
+    let (_, v, _) = call(
+        &c,
+        Method::POST,
+        &url("/machines/m/i/user-1234/events"),
+        Some(&s.operator),
+        Some(json!({"event": {"type": "FLIP", "why": "test"}})),
+    )
+    .await;
     assert_eq!(v["state"], "off");
     // allowWrite rejects FORBIDDEN events.
-    let (st, e, _) = call(&c, Method::POST, &url("/machines/m/i/user-1234/events"), Some(&s.operator), Some(json!({"event": "FORBIDDEN"}))).await;
-    assert_eq!((st, e["code"].as_str()), (403, Some("rejected-by-machine-authorizer")));
-    for bad in [json!({}), json!({"event": ""}), json!({"event": {"no": "type"}}), json!({"event": 3})] {
-        let (st, e, _) = call(&c, Method::POST, &url("/machines/m/i/user-1234/events"), Some(&s.operator), Some(bad)).await;
+    let (st, e, _) = call(
+        &c,
+        Method::POST,
+        &url("/machines/m/i/user-1234/events"),
+        Some(&s.operator),
+        Some(json!({"event": "FORBIDDEN"})),
+    )
+    .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (403, Some("rejected-by-machine-authorizer"))
+    );
+    for bad in [
+        json!({}),
+        json!({"event": ""}),
+        json!({"event": {"no": "type"}}),
+        json!({"event": 3}),
+    ] {
+        let (st, e, _) = call(
+            &c,
+            Method::POST,
+            &url("/machines/m/i/user-1234/events"),
+            Some(&s.operator),
+            Some(bad),
+        )
+        .await;
         assert_eq!((st, e["code"].as_str()), (400, Some("invalid-parameters")));
     }
     // Reads: allowRead says viewers may not; the operator may; unknown instances are 404.
-    let (st, v, _) = call(&c, Method::GET, &url("/machines/m/i/user-1234"), Some(&s.operator), None).await;
+    let (st, v, _) = call(
+        &c,
+        Method::GET,
+        &url("/machines/m/i/user-1234"),
+        Some(&s.operator),
+        None,
+    )
+    .await;
     assert_eq!((st, v["state"].as_str()), (200, Some("off")));
-    let (st, e, _) = call(&c, Method::GET, &url("/machines/m/i/user-1234"), Some(&s.viewer), None).await;
-    assert_eq!((st, e["code"].as_str()), (403, Some("rejected-by-machine-authorizer")));
-    let (st, e, _) = call(&c, Method::GET, &url("/machines/m/i/nobody"), Some(&s.operator), None).await;
+    let (st, e, _) = call(
+        &c,
+        Method::GET,
+        &url("/machines/m/i/user-1234"),
+        Some(&s.viewer),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (403, Some("rejected-by-machine-authorizer"))
+    );
+    let (st, e, _) = call(
+        &c,
+        Method::GET,
+        &url("/machines/m/i/nobody"),
+        Some(&s.operator),
+        None,
+    )
+    .await;
     assert_eq!((st, e["code"].as_str()), (404, Some("not-found")));
     // Admin view shows the full context; operators may not see it.
-    let (st, a, _) = call(&c, Method::GET, &url("/machines/m/i/user-1234/admin"), Some(&s.admin), None).await;
+    let (st, a, _) = call(
+        &c,
+        Method::GET,
+        &url("/machines/m/i/user-1234/admin"),
+        Some(&s.admin),
+        None,
+    )
+    .await;
     assert_eq!(st, 200);
     assert_eq!(a["context"]["public"]["flips"], 12);
-    let (st, e, _) = call(&c, Method::GET, &url("/machines/m/i/user-1234/admin"), Some(&s.operator), None).await;
+    let (st, e, _) = call(
+        &c,
+        Method::GET,
+        &url("/machines/m/i/user-1234/admin"),
+        Some(&s.operator),
+        None,
+    )
+    .await;
     assert_eq!((st, e["code"].as_str()), (403, Some("missing-scope")));
     // History, with cursor paging.
-    let (_, h, _) = call(&c, Method::GET, &url("/machines/m/i/user-1234/events?limit=2"), Some(&s.viewer), None).await;
-    let types: Vec<&str> = h["events"].as_array().unwrap().iter().map(|e| e["event"]["type"].as_str().unwrap()).collect();
+    let (_, h, _) = call(
+        &c,
+        Method::GET,
+        &url("/machines/m/i/user-1234/events?limit=2"),
+        Some(&s.viewer),
+        None,
+    )
+    .await;
+    let types: Vec<&str> = h["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"]["type"].as_str().unwrap())
+        .collect();
     assert_eq!(types, ["xstate.init", "FLIP"]);
     let cursor = h["cursor"].as_str().unwrap();
-    let (_, h2, _) = call(&c, Method::GET, &url(&format!("/machines/m/i/user-1234/events?limit=2&cursor={cursor}")), Some(&s.viewer), None).await;
-    assert_eq!(h2["events"][0]["event"], json!({"type": "FLIP", "why": "test"}));
+    let (_, h2, _) = call(
+        &c,
+        Method::GET,
+        &url(&format!(
+            "/machines/m/i/user-1234/events?limit=2&cursor={cursor}"
+        )),
+        Some(&s.viewer),
+        None,
+    )
+    .await;
+    assert_eq!(
+        h2["events"][0]["event"],
+        json!({"type": "FLIP", "why": "test"})
+    );
     assert_eq!(h2["events"][0]["from"], json!(["on"]));
     assert_eq!(h2["events"][0]["to"], json!(["off"]));
     // Pause: events are refused with 409 invalid-state until resumed.
-    let (st, _, _) = call(&c, Method::PUT, &url("/machines/m/i/user-1234/status"), Some(&s.admin), Some(json!({"status": "paused"}))).await;
+    let (st, _, _) = call(
+        &c,
+        Method::PUT,
+        &url("/machines/m/i/user-1234/status"),
+        Some(&s.admin),
+        Some(json!({"status": "paused"})),
+    )
+    .await;
     assert_eq!(st, 200);
-    let (st, e, _) = call(&c, Method::POST, &url("/machines/m/i/user-1234/events"), Some(&s.operator), Some(json!({"event": "FLIP"}))).await;
+    let (st, e, _) = call(
+        &c,
+        Method::POST,
+        &url("/machines/m/i/user-1234/events"),
+        Some(&s.operator),
+        Some(json!({"event": "FLIP"})),
+    )
+    .await;
     assert_eq!((st, e["code"].as_str()), (409, Some("invalid-state")));
-    call(&c, Method::PUT, &url("/machines/m/i/user-1234/status"), Some(&s.admin), Some(json!({"status": "running"}))).await;
-    let (st, _, _) = call(&c, Method::POST, &url("/machines/m/i/user-1234/events"), Some(&s.operator), Some(json!({"event": "FLIP"}))).await;
+    call(
+        &c,
+        Method::PUT,
+        &url("/machines/m/i/user-1234/status"),
+        Some(&s.admin),
+        Some(json!({"status": "running"})),
+    )
+    .await;
+    let (st, _, _) = call(
+        &c,
+        Method::POST,
+        &url("/machines/m/i/user-1234/events"),
+        Some(&s.operator),
+        Some(json!({"event": "FLIP"})),
+    )
+    .await;
     assert_eq!(st, 200);
     // Final state: done, further events ignored without error.
-    let (_, v, _) = call(&c, Method::POST, &url("/machines/m/i/user-1234/events"), Some(&s.operator), Some(json!({"event": "FINISH"}))).await;
-    assert_eq!((v["state"].as_str(), v["done"].as_bool()), (Some("done"), Some(true)));
-    let (st, v, _) = call(&c, Method::POST, &url("/machines/m/i/user-1234/events"), Some(&s.operator), Some(json!({"event": "FLIP"}))).await;
+    let (_, v, _) = call(
+        &c,
+        Method::POST,
+        &url("/machines/m/i/user-1234/events"),
+        Some(&s.operator),
+        Some(json!({"event": "FINISH"})),
+    )
+    .await;
+    assert_eq!(
+        (v["state"].as_str(), v["done"].as_bool()),
+        (Some("done"), Some(true))
+    );
+    let (st, v, _) = call(
+        &c,
+        Method::POST,
+        &url("/machines/m/i/user-1234/events"),
+        Some(&s.operator),
+        Some(json!({"event": "FLIP"})),
+    )
+    .await;
     assert_eq!((st, v["state"].as_str()), (200, Some("done")));
     // Listing with cursor.
     for i in 0..3 {
-        call(&c, Method::POST, &url("/machines/m"), Some(&s.operator), Some(json!({"slug": format!("dev-{i}")}))).await;
+        call(
+            &c,
+            Method::POST,
+            &url("/machines/m"),
+            Some(&s.operator),
+            Some(json!({"slug": format!("dev-{i}")})),
+        )
+        .await;
     }
-    let (_, l, _) = call(&c, Method::GET, &url("/machines/m/i?limit=2"), Some(&s.viewer), None).await;
-    let first: Vec<&str> = l["instances"].as_array().unwrap().iter().map(|i| i["slug"].as_str().unwrap()).collect();
+    let (_, l, _) = call(
+        &c,
+        Method::GET,
+        &url("/machines/m/i?limit=2"),
+        Some(&s.viewer),
+        None,
+    )
+    .await;
+    let first: Vec<&str> = l["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["slug"].as_str().unwrap())
+        .collect();
     assert_eq!(first, ["dev-0", "dev-1"]);
-    let (_, l, _) = call(&c, Method::GET, &url(&format!("/machines/m/i?limit=2&cursor={}", l["cursor"].as_str().unwrap())), Some(&s.viewer), None).await;
-    let second: Vec<&str> = l["instances"].as_array().unwrap().iter().map(|i| i["slug"].as_str().unwrap()).collect();
+    let (_, l, _) = call(
+        &c,
+        Method::GET,
+        &url(&format!(
+            "/machines/m/i?limit=2&cursor={}",
+            l["cursor"].as_str().unwrap()
+        )),
+        Some(&s.viewer),
+        None,
+    )
+    .await;
+    let second: Vec<&str> = l["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["slug"].as_str().unwrap())
+        .collect();
     assert_eq!(second, ["dev-2", "user-1234"]);
     // Delete needs admin and the confirmation body.
-    let (st, e, _) = call(&c, Method::DELETE, &url("/machines/m/i/dev-0"), Some(&s.admin), Some(json!({}))).await;
+    let (st, e, _) = call(
+        &c,
+        Method::DELETE,
+        &url("/machines/m/i/dev-0"),
+        Some(&s.admin),
+        Some(json!({})),
+    )
+    .await;
     assert_eq!((st, e["code"].as_str()), (400, Some("invalid-parameters")));
-    let (st, _, _) = call(&c, Method::DELETE, &url("/machines/m/i/dev-0"), Some(&s.operator), Some(json!({"dangerDataWillBeDeletedForever": true}))).await;
+    let (st, _, _) = call(
+        &c,
+        Method::DELETE,
+        &url("/machines/m/i/dev-0"),
+        Some(&s.operator),
+        Some(json!({"dangerDataWillBeDeletedForever": true})),
+    )
+    .await;
     assert_eq!(st, 403);
-    let (st, _, _) = call(&c, Method::DELETE, &url("/machines/m/i/dev-0"), Some(&s.admin), Some(json!({"dangerDataWillBeDeletedForever": true}))).await;
+    let (st, _, _) = call(
+        &c,
+        Method::DELETE,
+        &url("/machines/m/i/dev-0"),
+        Some(&s.admin),
+        Some(json!({"dangerDataWillBeDeletedForever": true})),
+    )
+    .await;
     assert_eq!(st, 200);
-    let (st, _, _) = call(&c, Method::GET, &url("/machines/m/i/dev-0"), Some(&s.admin), None).await;
+    let (st, _, _) = call(
+        &c,
+        Method::GET,
+        &url("/machines/m/i/dev-0"),
+        Some(&s.admin),
+        None,
+    )
+    .await;
     assert_eq!(st, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allow_write_guards_initialization() {
     let mut def = toggle();
-    def["authorizers"]["allowWrite"] = json!("type != \"initialization\" || auth.role == \"owner\"");
+    def["authorizers"]["allowWrite"] =
+        json!("type != \"initialization\" || auth.role == \"owner\"");
     let s = setup(def).await;
     let c = s.gw.client();
-    let (st, e, _) = call(&c, Method::POST, &s.gw.url("/machines/m"), Some(&s.operator), Some(json!({"slug": "a"}))).await;
-    assert_eq!((st, e["code"].as_str()), (403, Some("rejected-by-machine-authorizer")));
-    let (st, _, _) = call(&c, Method::POST, &s.gw.url("/machines/m"), Some(&s.gw.owner_key), Some(json!({"slug": "a"}))).await;
+    let (st, e, _) = call(
+        &c,
+        Method::POST,
+        &s.gw.url("/machines/m"),
+        Some(&s.operator),
+        Some(json!({"slug": "a"})),
+    )
+    .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (403, Some("rejected-by-machine-authorizer"))
+    );
+    let (st, _, _) = call(
+        &c,
+        Method::POST,
+        &s.gw.url("/machines/m"),
+        Some(&s.gw.owner_key),
+        Some(json!({"slug": "a"})),
+    )
+    .await;
     assert_eq!(st, 200);
 }
 
@@ -200,25 +571,85 @@ async fn version_upgrades_apply_on_the_next_event_or_say_no_migration_path() {
     let s = setup(toggle()).await;
     let c = s.gw.client();
     let url = |p: &str| s.gw.url(p);
-    call(&c, Method::POST, &url("/machines/m"), Some(&s.operator), Some(json!({"slug": "u"}))).await;
+    call(
+        &c,
+        Method::POST,
+        &url("/machines/m"),
+        Some(&s.operator),
+        Some(json!({"slug": "u"})),
+    )
+    .await;
     // v2 lacks the state `off`: no migration path while the instance is there.
     let v2_def = json!({"id": "toggle", "initial": "on", "states": {"on": {"on": {"FLIP": "on2"}}, "on2": {}}});
-    let (_, v2, _) = call(&c, Method::POST, &url("/machines/m/v"), Some(&s.admin), Some(json!({"definition": v2_def}))).await;
+    let (_, v2, _) = call(
+        &c,
+        Method::POST,
+        &url("/machines/m/v"),
+        Some(&s.admin),
+        Some(json!({"definition": v2_def})),
+    )
+    .await;
     let v2 = v2["machineVersionId"].as_str().unwrap().to_string();
-    let (st, e, _) = call(&c, Method::PUT, &url("/machines/m/i/u/v"), Some(&s.admin), Some(json!({"targetMachineVersionId": v2}))).await;
-    assert_eq!((st, e["code"].as_str()), (400, Some("no-migration-path")), "{e}");
+    let (st, e, _) = call(
+        &c,
+        Method::PUT,
+        &url("/machines/m/i/u/v"),
+        Some(&s.admin),
+        Some(json!({"targetMachineVersionId": v2})),
+    )
+    .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (400, Some("no-migration-path")),
+        "{e}"
+    );
     // v3 has `off` and a new event.
     let mut v3_def = toggle();
     v3_def["states"]["off"]["on"]["JUMP"] = json!("on");
-    let (_, v3, _) = call(&c, Method::POST, &url("/machines/m/v"), Some(&s.admin), Some(json!({"definition": v3_def}))).await;
+    let (_, v3, _) = call(
+        &c,
+        Method::POST,
+        &url("/machines/m/v"),
+        Some(&s.admin),
+        Some(json!({"definition": v3_def})),
+    )
+    .await;
     let v3 = v3["machineVersionId"].as_str().unwrap().to_string();
-    let (st, _, _) = call(&c, Method::PUT, &url("/machines/m/i/u/v"), Some(&s.admin), Some(json!({"targetMachineVersionId": v3}))).await;
+    let (st, _, _) = call(
+        &c,
+        Method::PUT,
+        &url("/machines/m/i/u/v"),
+        Some(&s.admin),
+        Some(json!({"targetMachineVersionId": v3})),
+    )
+    .await;
     assert_eq!(st, 200);
-    let (_, v, _) = call(&c, Method::POST, &url("/machines/m/i/u/events"), Some(&s.operator), Some(json!({"event": "JUMP"}))).await;
+    let (_, v, _) = call(
+        &c,
+        Method::POST,
+        &url("/machines/m/i/u/events"),
+        Some(&s.operator),
+        Some(json!({"event": "JUMP"})),
+    )
+    .await;
     assert_eq!(v["state"], "on", "the event ran on v3");
-    let (_, a, _) = call(&c, Method::GET, &url("/machines/m/i/u/admin"), Some(&s.admin), None).await;
+    let (_, a, _) = call(
+        &c,
+        Method::GET,
+        &url("/machines/m/i/u/admin"),
+        Some(&s.admin),
+        None,
+    )
+    .await;
     assert_eq!(a["machineVersionId"], v3.as_str());
-    let (st, e, _) = call(&c, Method::PUT, &url("/machines/m/i/u/v"), Some(&s.admin), Some(json!({"targetMachineVersionId": "mv_nope"}))).await;
+    let (st, e, _) = call(
+        &c,
+        Method::PUT,
+        &url("/machines/m/i/u/v"),
+        Some(&s.admin),
+        Some(json!({"targetMachineVersionId": "mv_nope"})),
+    )
+    .await;
     assert_eq!((st, e["code"].as_str()), (404, Some("not-found")));
 }
 
@@ -226,12 +657,36 @@ async fn version_upgrades_apply_on_the_next_event_or_say_no_migration_path() {
 async fn every_step_appends_a_transition_row() {
     let s = setup(toggle()).await;
     let c = s.gw.client();
-    call(&c, Method::POST, &s.gw.url("/machines/m"), Some(&s.operator), Some(json!({"slug": "r"}))).await;
-    call(&c, Method::POST, &s.gw.url("/machines/m/i/r/events"), Some(&s.operator), Some(json!({"event": {"type": "FLIP", "n": 1}}))).await;
-    let (_, ex, _) = call(&c, Method::GET, &s.gw.url("/api/chain/state-machines/m/explore"), Some(&s.gw.owner_key), None).await;
+    call(
+        &c,
+        Method::POST,
+        &s.gw.url("/machines/m"),
+        Some(&s.operator),
+        Some(json!({"slug": "r"})),
+    )
+    .await;
+    call(
+        &c,
+        Method::POST,
+        &s.gw.url("/machines/m/i/r/events"),
+        Some(&s.operator),
+        Some(json!({"event": {"type": "FLIP", "n": 1}})),
+    )
+    .await;
+    let (_, ex, _) = call(
+        &c,
+        Method::GET,
+        &s.gw.url("/api/chain/state-machines/m/explore"),
+        Some(&s.gw.owner_key),
+        None,
+    )
+    .await;
     let rows = ex["rows"].as_array().unwrap();
     let kinds: Vec<&str> = rows.iter().map(|r| r["type"].as_str().unwrap()).collect();
-    assert_eq!(&kinds[kinds.len() - 3..], ["version_created", "instance_created", "transition"]);
+    assert_eq!(
+        &kinds[kinds.len() - 3..],
+        ["version_created", "instance_created", "transition"]
+    );
     let t = &rows[rows.len() - 1]["payload"];
     assert_eq!(t["instance"], "r");
     assert_eq!(t["event"], "FLIP");
@@ -239,9 +694,19 @@ async fn every_step_appends_a_transition_row() {
     assert_eq!(t["to"], json!(["on"]));
     // The payload hash is of the canonical event data.
     use sha2::Digest;
-    let want: String = sha2::Sha256::digest(br#"{"n":1}"#).iter().map(|b| format!("{b:02x}")).collect();
+    let want: String = sha2::Sha256::digest(br#"{"n":1}"#)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     assert_eq!(t["payload_hash"], want.as_str());
-    let (_, v, _) = call(&c, Method::GET, &s.gw.url("/api/chain/state-machines/m/pohc/validate"), Some(&s.gw.owner_key), None).await;
+    let (_, v, _) = call(
+        &c,
+        Method::GET,
+        &s.gw.url("/api/chain/state-machines/m/pohc/validate"),
+        Some(&s.gw.owner_key),
+        None,
+    )
+    .await;
     assert_eq!(v["valid"], true);
 }
 
@@ -249,12 +714,31 @@ async fn every_step_appends_a_transition_row() {
 async fn live_stream_pushes_instance_updates() {
     let s = setup(toggle()).await;
     let c = s.gw.client();
-    call(&c, Method::POST, &s.gw.url("/machines/m"), Some(&s.operator), Some(json!({"slug": "l"}))).await;
-    let mut res = c.get(s.gw.url("/machines/m/i/l/sse")).bearer_auth(&s.operator).send().await.unwrap();
+    call(
+        &c,
+        Method::POST,
+        &s.gw.url("/machines/m"),
+        Some(&s.operator),
+        Some(json!({"slug": "l"})),
+    )
+    .await;
+    let mut res = c
+        .get(s.gw.url("/machines/m/i/l/sse"))
+        .bearer_auth(&s.operator)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     let first = next_update(&mut res).await;
     assert_eq!(first["state"], "off");
-    call(&c, Method::POST, &s.gw.url("/machines/m/i/l/events"), Some(&s.operator), Some(json!({"event": "FLIP"}))).await;
+    call(
+        &c,
+        Method::POST,
+        &s.gw.url("/machines/m/i/l/events"),
+        Some(&s.operator),
+        Some(json!({"event": "FLIP"})),
+    )
+    .await;
     let second = next_update(&mut res).await;
     assert_eq!(second["state"], "on");
     assert_eq!(second["publicContext"]["flips"], 1);
@@ -263,7 +747,11 @@ async fn live_stream_pushes_instance_updates() {
 async fn next_update(res: &mut reqwest::Response) -> Value {
     let mut buf = String::new();
     loop {
-        let chunk = tokio::time::timeout(Duration::from_secs(10), res.chunk()).await.expect("sse").unwrap().expect("open");
+        let chunk = tokio::time::timeout(Duration::from_secs(10), res.chunk())
+            .await
+            .expect("sse")
+            .unwrap()
+            .expect("open");
         buf.push_str(&String::from_utf8_lossy(&chunk));
         if let Some(end) = buf.find("\n\n") {
             let event = &buf[..end];
@@ -296,10 +784,26 @@ async fn pending_timers_fire_once_each_in_due_order_after_sigkill() {
     // Five versions with delays 1.5 s .. 2.3 s; instances created in reverse delay order.
     let mut expected = Vec::new();
     for (n, delay) in [2300, 2100, 1900, 1700, 1500].iter().enumerate() {
-        let def = timed().to_string().replace("\"DELAY\"", &format!("\"{delay}\""));
-        let (_, v, _) = call(&c, Method::POST, &s.gw.url("/machines/m/v"), Some(&s.admin), Some(json!({"definition": serde_json::from_str::<Value>(&def).unwrap()}))).await;
+        let def = timed()
+            .to_string()
+            .replace("\"DELAY\"", &format!("\"{delay}\""));
+        let (_, v, _) = call(
+            &c,
+            Method::POST,
+            &s.gw.url("/machines/m/v"),
+            Some(&s.admin),
+            Some(json!({"definition": serde_json::from_str::<Value>(&def).unwrap()})),
+        )
+        .await;
         let vid = v["machineVersionId"].as_str().unwrap();
-        let (st, b, _) = call(&c, Method::POST, &s.gw.url("/machines/m"), Some(&s.operator), Some(json!({"slug": format!("t{n}"), "machineVersionId": vid}))).await;
+        let (st, b, _) = call(
+            &c,
+            Method::POST,
+            &s.gw.url("/machines/m"),
+            Some(&s.operator),
+            Some(json!({"slug": format!("t{n}"), "machineVersionId": vid})),
+        )
+        .await;
         assert_eq!(st, 200, "{b}");
         expected.push((b["ts"].as_i64().unwrap() + delay, format!("t{n}")));
     }
@@ -309,20 +813,44 @@ async fn pending_timers_fire_once_each_in_due_order_after_sigkill() {
     let c = s.gw.client();
     tokio::time::sleep(Duration::from_millis(500)).await;
     expected.sort();
-    let (_, ex, _) = call(&c, Method::GET, &s.gw.url("/api/chain/state-machines/m/explore"), Some(&s.gw.owner_key), None).await;
-    let fired: Vec<String> = ex["rows"].as_array().unwrap().iter()
+    let (_, ex, _) = call(
+        &c,
+        Method::GET,
+        &s.gw.url("/api/chain/state-machines/m/explore"),
+        Some(&s.gw.owner_key),
+        None,
+    )
+    .await;
+    let fired: Vec<String> = ex["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
         .filter(|r| r["type"] == "transition" && r["payload"]["event"] == "xstate.after")
         .map(|r| r["payload"]["instance"].as_str().unwrap().to_string())
         .collect();
     let want: Vec<String> = expected.iter().map(|(_, s)| s.clone()).collect();
     assert_eq!(fired, want, "each timer fired once, in due order");
     for (_, slug) in &expected {
-        let (_, v, _) = call(&c, Method::GET, &s.gw.url(&format!("/machines/m/i/{slug}")), Some(&s.admin), None).await;
+        let (_, v, _) = call(
+            &c,
+            Method::GET,
+            &s.gw.url(&format!("/machines/m/i/{slug}")),
+            Some(&s.admin),
+            None,
+        )
+        .await;
         assert_eq!(v["state"], "fired");
     }
     // And nothing fires twice later.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_, ex2, _) = call(&c, Method::GET, &s.gw.url("/api/chain/state-machines/m/explore"), Some(&s.gw.owner_key), None).await;
+    let (_, ex2, _) = call(
+        &c,
+        Method::GET,
+        &s.gw.url("/api/chain/state-machines/m/explore"),
+        Some(&s.gw.owner_key),
+        None,
+    )
+    .await;
     assert_eq!(ex2["size"], ex["size"]);
 }
 
@@ -330,17 +858,38 @@ async fn pending_timers_fire_once_each_in_due_order_after_sigkill() {
 /// online on the next heartbeat, also across a restart (shortened delays).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_watchdog_runs_on_time_across_a_restart() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/firmware-config/machines/heartbeat.json")).unwrap();
-    let def: Value = serde_json::from_str(&text.replace("\"30000\"", "\"600\"").replace("\"60000\"", "\"900\"")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/firmware-config/machines/heartbeat.json"
+    ))
+    .unwrap();
+    let def: Value = serde_json::from_str(
+        &text
+            .replace("\"30000\"", "\"600\"")
+            .replace("\"60000\"", "\"900\""),
+    )
+    .unwrap();
     let mut s = setup(def).await;
     let c = s.gw.client();
-    let (_, v, _) = call(&c, Method::POST, &s.gw.url("/machines/m"), Some(&s.operator), Some(json!({"slug": "dev"}))).await;
+    let (_, v, _) = call(
+        &c,
+        Method::POST,
+        &s.gw.url("/machines/m"),
+        Some(&s.operator),
+        Some(json!({"slug": "dev"})),
+    )
+    .await;
     assert_eq!(v["state"], "online");
     let state = |s: &Setup| {
         let c = s.gw.client();
         let url = s.gw.url("/machines/m/i/dev");
         let key = s.admin.clone();
-        async move { call(&c, Method::GET, &url, Some(&key), None).await.1["state"].as_str().unwrap().to_string() }
+        async move {
+            call(&c, Method::GET, &url, Some(&key), None).await.1["state"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(state(&s).await, "online");
@@ -350,10 +899,24 @@ async fn heartbeat_watchdog_runs_on_time_across_a_restart() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     s.gw.spawn();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(state(&s).await, "offline", "the stale → offline timer fired after the restart");
+    assert_eq!(
+        state(&s).await,
+        "offline",
+        "the stale → offline timer fired after the restart"
+    );
     let c = s.gw.client();
-    let (_, v, _) = call(&c, Method::POST, &s.gw.url("/machines/m/i/dev/events"), Some(&s.operator), Some(json!({"event": {"type": "HEARTBEAT", "ts": 42}}))).await;
+    let (_, v, _) = call(
+        &c,
+        Method::POST,
+        &s.gw.url("/machines/m/i/dev/events"),
+        Some(&s.operator),
+        Some(json!({"event": {"type": "HEARTBEAT", "ts": 42}})),
+    )
+    .await;
     assert_eq!(v["state"], "online");
-    assert_eq!(v["publicContext"], json!({"heartbeats": 1, "last_seen": 42}));
+    assert_eq!(
+        v["publicContext"],
+        json!({"heartbeats": 1, "last_seen": 42})
+    );
     assert_eq!(v["tags"], json!(["online"]));
 }

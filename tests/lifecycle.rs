@@ -21,33 +21,90 @@ async fn create(gw: &Gw, client: &reqwest::Client, key: &str, body: Value) -> (u
 async fn machines_and_keys_survive_a_restart() {
     let mut gw = Gw::start(MANY);
     let c = gw.client();
-    let (s, b) = create(&gw, &c, &gw.owner_key, json!({"slug": "durable", "is_public": true})).await;
+    let (s, b) = create(
+        &gw,
+        &c,
+        &gw.owner_key,
+        json!({"slug": "durable", "is_public": true}),
+    )
+    .await;
     assert_eq!(s, 201);
     let admin = b["api_key"].as_str().unwrap().to_string();
-    let (_, m, _) = call(&c, Method::POST, &gw.url("/api/chain/durable/api-keys"), Some(&admin), Some(json!({"name": "v", "scope": "viewer"}))).await;
+    let (_, m, _) = call(
+        &c,
+        Method::POST,
+        &gw.url("/api/chain/durable/api-keys"),
+        Some(&admin),
+        Some(json!({"name": "v", "scope": "viewer"})),
+    )
+    .await;
     let viewer = m["api_key"].as_str().unwrap().to_string();
     let viewer_id = m["key"]["id"].as_str().unwrap().to_string();
-    let (_, m, _) = call(&c, Method::POST, &gw.url("/api/chain/durable/api-keys"), Some(&admin), Some(json!({"name": "gone", "scope": "viewer"}))).await;
+    let (_, m, _) = call(
+        &c,
+        Method::POST,
+        &gw.url("/api/chain/durable/api-keys"),
+        Some(&admin),
+        Some(json!({"name": "gone", "scope": "viewer"})),
+    )
+    .await;
     let revoked = m["api_key"].as_str().unwrap().to_string();
     let revoked_id = m["key"]["id"].as_str().unwrap().to_string();
-    let (s, _, _) = call(&c, Method::DELETE, &gw.url(&format!("/api/chain/durable/api-keys/{revoked_id}")), Some(&admin), None).await;
+    let (s, _, _) = call(
+        &c,
+        Method::DELETE,
+        &gw.url(&format!("/api/chain/durable/api-keys/{revoked_id}")),
+        Some(&admin),
+        None,
+    )
+    .await;
     assert_eq!(s, 200);
 
     // An idle h2 connection stays open in `c`; SIGTERM must not wait out the grace period for it.
     let t = std::time::Instant::now();
     assert!(gw.stop().success(), "clean exit on SIGTERM");
-    assert!(t.elapsed() < Duration::from_secs(5), "idle keep-alive delayed shutdown: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "idle keep-alive delayed shutdown: {:?}",
+        t.elapsed()
+    );
     gw.spawn();
     let c = gw.client();
     for key in [&gw.owner_key, &admin, &viewer] {
-        let (s, b, _) = call(&c, Method::GET, &gw.url("/api/chain/state-machines/durable"), Some(key), None).await;
+        let (s, b, _) = call(
+            &c,
+            Method::GET,
+            &gw.url("/api/chain/state-machines/durable"),
+            Some(key),
+            None,
+        )
+        .await;
         assert_eq!(s, 200, "{b}");
         assert_eq!(b["machine"]["slug"], "durable");
     }
-    let (s, _, _) = call(&c, Method::GET, &gw.url("/api/chain/state-machines/durable"), Some(&revoked), None).await;
+    let (s, _, _) = call(
+        &c,
+        Method::GET,
+        &gw.url("/api/chain/state-machines/durable"),
+        Some(&revoked),
+        None,
+    )
+    .await;
     assert_eq!(s, 401, "revocation survives restart");
-    let (_, keys, _) = call(&c, Method::GET, &gw.url("/api/chain/durable/api-keys"), Some(&admin), None).await;
-    let ids: Vec<&str> = keys["keys"].as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap()).collect();
+    let (_, keys, _) = call(
+        &c,
+        Method::GET,
+        &gw.url("/api/chain/durable/api-keys"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    let ids: Vec<&str> = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
     assert!(ids.contains(&viewer_id.as_str()) && ids.contains(&revoked_id.as_str()));
 }
 
@@ -63,10 +120,18 @@ async fn sigkill_during_a_burst_of_creates_loses_no_answered_201() {
         let (client, key, url, tx) = (client.clone(), key.clone(), url.clone(), tx.clone());
         tasks.push(tokio::spawn(async move {
             for i in 0..10_000 {
-                let res = client.post(&url).bearer_auth(&key).json(&json!({"slug": format!("b-{w}-{i}")})).send().await;
+                let res = client
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&json!({"slug": format!("b-{w}-{i}")}))
+                    .send()
+                    .await;
                 match res {
                     Ok(r) if r.status() == 201 => {
-                        let b: Value = match r.json().await { Ok(b) => b, Err(_) => return };
+                        let b: Value = match r.json().await {
+                            Ok(b) => b,
+                            Err(_) => return,
+                        };
                         let _ = tx.send(b["machine"]["slug"].as_str().unwrap().to_string());
                     }
                     _ => return,
@@ -93,10 +158,19 @@ async fn sigkill_during_a_burst_of_creates_loses_no_answered_201() {
     gw.spawn();
     let c = gw.client();
     let (_, list, _) = call(&c, Method::GET, &gw.url(SPINUP), Some(&gw.owner_key), None).await;
-    let stored: std::collections::HashSet<String> =
-        list["machines"].as_array().unwrap().iter().map(|m| m["slug"].as_str().unwrap().to_string()).collect();
+    let stored: std::collections::HashSet<String> = list["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["slug"].as_str().unwrap().to_string())
+        .collect();
     let lost: Vec<&String> = answered.iter().filter(|s| !stored.contains(*s)).collect();
-    assert!(lost.is_empty(), "{} answered 201 but lost after SIGKILL: {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    assert!(
+        lost.is_empty(),
+        "{} answered 201 but lost after SIGKILL: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,25 +182,41 @@ async fn sigterm_finishes_a_request_in_flight_then_exits() {
     let body = json!({"slug": "in-flight"}).to_string().into_bytes();
     let (first, rest) = body.split_at(5);
     tx.send(Ok(first.to_vec())).await.unwrap();
-    let req = c.post(gw.url(SPINUP)).bearer_auth(&gw.owner_key).body(reqwest::Body::wrap_stream(stream)).send();
+    let req = c
+        .post(gw.url(SPINUP))
+        .bearer_auth(&gw.owner_key)
+        .body(reqwest::Body::wrap_stream(stream))
+        .send();
     let pending = tokio::spawn(req);
     tokio::time::sleep(Duration::from_millis(300)).await;
     gw.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     // New connections are no longer accepted while the old request finishes.
     let fresh = client_trusting(&gw.cert_pem());
-    assert!(fresh.get(gw.url("/healthz")).send().await.is_err(), "listener closed after SIGTERM");
+    assert!(
+        fresh.get(gw.url("/healthz")).send().await.is_err(),
+        "listener closed after SIGTERM"
+    );
     tx.send(Ok(rest.to_vec())).await.unwrap();
     drop(tx);
     let res = pending.await.unwrap().expect("in-flight request answered");
     assert_eq!(res.status(), 201);
     let status = {
         let mut child = gw.child.take().unwrap();
-        tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap()
+        tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap()
     };
     assert!(status.success());
     gw.spawn();
-    let (s, _, _) = call(&gw.client(), Method::GET, &gw.url("/api/chain/state-machines/in-flight"), Some(&gw.owner_key), None).await;
+    let (s, _, _) = call(
+        &gw.client(),
+        Method::GET,
+        &gw.url("/api/chain/state-machines/in-flight"),
+        Some(&gw.owner_key),
+        None,
+    )
+    .await;
     assert_eq!(s, 200, "the in-flight create was committed");
 }
 
@@ -144,40 +234,79 @@ mod futures_core_stream {
 async fn sighup_reloads_the_certificate_for_new_connections() {
     let gw = Gw::start(&[]);
     let old_pem = gw.cert_pem();
-    let fresh = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let fresh =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
     let new_pem = fresh.cert.pem();
     std::fs::write(gw.data().join("tls/cert.pem"), &new_pem).unwrap();
-    std::fs::write(gw.data().join("tls/key.pem"), fresh.key_pair.serialize_pem()).unwrap();
+    std::fs::write(
+        gw.data().join("tls/key.pem"),
+        fresh.key_pair.serialize_pem(),
+    )
+    .unwrap();
     // Before SIGHUP the old certificate is still served.
-    assert!(client_trusting(&old_pem).get(gw.url("/healthz")).send().await.is_ok());
+    assert!(client_trusting(&old_pem)
+        .get(gw.url("/healthz"))
+        .send()
+        .await
+        .is_ok());
     gw.signal("HUP");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let res = client_trusting(new_pem.as_bytes()).get(gw.url("/healthz")).send().await.expect("new cert served");
+    let res = client_trusting(new_pem.as_bytes())
+        .get(gw.url("/healthz"))
+        .send()
+        .await
+        .expect("new cert served");
     assert_eq!(res.status(), 200);
-    assert!(client_trusting(&old_pem).get(gw.url("/healthz")).send().await.is_err(), "old cert no longer served");
+    assert!(
+        client_trusting(&old_pem)
+            .get(gw.url("/healthz"))
+            .send()
+            .await
+            .is_err(),
+        "old cert no longer served"
+    );
     // A broken file on SIGHUP keeps the working certificate.
     std::fs::write(gw.data().join("tls/cert.pem"), "not a cert").unwrap();
     gw.signal("HUP");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(client_trusting(new_pem.as_bytes()).get(gw.url("/healthz")).send().await.is_ok());
+    assert!(client_trusting(new_pem.as_bytes())
+        .get(gw.url("/healthz"))
+        .send()
+        .await
+        .is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_12_and_13_with_alpn_h2_and_http11() {
     let gw = Gw::start(&[]);
     let pem = reqwest::Certificate::from_pem(&gw.cert_pem()).unwrap();
-    let builder = || reqwest::Client::builder().use_rustls_tls().tls_built_in_root_certs(false).add_root_certificate(pem.clone());
-    let tls12 = builder().max_tls_version(reqwest::tls::Version::TLS_1_2).build().unwrap();
+    let builder = || {
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(pem.clone())
+    };
+    let tls12 = builder()
+        .max_tls_version(reqwest::tls::Version::TLS_1_2)
+        .build()
+        .unwrap();
     let res = tls12.get(gw.url("/healthz")).send().await.unwrap();
     assert_eq!(res.status(), 200);
-    let tls13 = builder().min_tls_version(reqwest::tls::Version::TLS_1_3).build().unwrap();
+    let tls13 = builder()
+        .min_tls_version(reqwest::tls::Version::TLS_1_3)
+        .build()
+        .unwrap();
     let res = tls13.get(gw.url("/healthz")).send().await.unwrap();
     assert_eq!(res.version(), reqwest::Version::HTTP_2, "ALPN picks h2");
     let h1 = builder().http1_only().build().unwrap();
     let res = h1.get(gw.url("/healthz")).send().await.unwrap();
     assert_eq!(res.version(), reqwest::Version::HTTP_11);
     // Plain HTTP on the TLS port gets no HTTP answer.
-    let plain = reqwest::Client::new().get(format!("http://{}/healthz", gw.addr)).send().await;
+    let plain = reqwest::Client::new()
+        .get(format!("http://{}/healthz", gw.addr))
+        .send()
+        .await;
     assert!(plain.is_err() || plain.unwrap().status() != 200);
 }
 
@@ -189,7 +318,14 @@ async fn raw_keys_never_reach_the_database_file() {
     for i in 0..5 {
         let (_, b) = create(&gw, &c, &gw.owner_key, json!({"slug": format!("scan-{i}")})).await;
         let admin = b["api_key"].as_str().unwrap().to_string();
-        let (_, m, _) = call(&c, Method::POST, &gw.url(&format!("/api/chain/scan-{i}/api-keys")), Some(&admin), Some(json!({"name": "op", "scope": "operator"}))).await;
+        let (_, m, _) = call(
+            &c,
+            Method::POST,
+            &gw.url(&format!("/api/chain/scan-{i}/api-keys")),
+            Some(&admin),
+            Some(json!({"name": "op", "scope": "operator"})),
+        )
+        .await;
         raw.push(admin);
         raw.push(m["api_key"].as_str().unwrap().to_string());
     }
@@ -197,14 +333,23 @@ async fn raw_keys_never_reach_the_database_file() {
     let (ok, out, _) = cli(&gw.data(), &["account", "create"]);
     assert!(ok);
     raw.push(common::line_value(&out, "key "));
-    let (ok, out, _) = cli(&gw.data(), &["key", "mint", "--machine", "scan-0", "--role", "admin"]);
+    let (ok, out, _) = cli(
+        &gw.data(),
+        &["key", "mint", "--machine", "scan-0", "--role", "admin"],
+    );
     assert!(ok);
     raw.push(common::line_value(&out, "key "));
     let db = std::fs::read(gw.data().join("smgate.redb")).unwrap();
     for key in &raw {
         let body = key.split('_').next_back().unwrap();
-        assert!(find(&db, key.as_bytes()).is_none(), "raw key found in the database");
-        assert!(find(&db, body.as_bytes()).is_none(), "key body found in the database");
+        assert!(
+            find(&db, key.as_bytes()).is_none(),
+            "raw key found in the database"
+        );
+        assert!(
+            find(&db, body.as_bytes()).is_none(),
+            "key body found in the database"
+        );
         // Its SHA-256 is what is stored.
         let hash = smgate::auth::sha256(key.as_bytes());
         assert!(find(&db, &hash).is_some(), "key hash is stored");
@@ -225,14 +370,20 @@ async fn offline_cli_manages_accounts_and_keys() {
     let (ok, out, _) = cli(&gw.data(), &["account", "create", "--name", "alice"]);
     assert!(ok);
     let zid = common::line_value(&out, "account ");
-    let (ok, out, _) = cli(&gw.data(), &["key", "mint", "--account", &zid, "--name", "laptop"]);
+    let (ok, out, _) = cli(
+        &gw.data(),
+        &["key", "mint", "--account", &zid, "--name", "laptop"],
+    );
     assert!(ok);
     let key = common::line_value(&out, "key ");
     let id = common::line_value(&out, "id ");
     assert!(key.starts_with("zeq_ak_"));
     let (ok, listing, _) = cli(&gw.data(), &["key", "list", "--account", &zid]);
     assert!(ok);
-    assert!(listing.contains(&id) && listing.contains("laptop") && !listing.contains(&key), "{listing}");
+    assert!(
+        listing.contains(&id) && listing.contains("laptop") && !listing.contains(&key),
+        "{listing}"
+    );
     let (ok, _, err) = cli(&gw.data(), &["key", "mint", "--account", "ZEQ00000000000"]);
     assert!(!ok && err.contains("no such account"), "{err}");
     let (ok, _, err) = cli(&gw.data(), &["key", "mint", "--account", "bogus"]);
@@ -251,8 +402,14 @@ async fn offline_cli_manages_accounts_and_keys() {
     gw.spawn();
     let (s, _) = create(&gw, &gw.client(), &key, json!({})).await;
     assert_eq!(s, 401);
-    let v = std::process::Command::new(common::BIN).arg("--version").output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&v.stdout).trim(), format!("smgate {}", env!("CARGO_PKG_VERSION")));
+    let v = std::process::Command::new(common::BIN)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&v.stdout).trim(),
+        format!("smgate {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,30 +418,61 @@ async fn init_writes_a_private_owner_key_and_serve_autoinits() {
     let gw = Gw::start(&[]);
     let file = gw.data().join("initial-owner.key");
     assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), gw.owner_key);
-    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
-    assert_eq!(std::fs::metadata(gw.data().join("identity.pk8")).unwrap().permissions().mode() & 0o777, 0o600);
-    assert_eq!(std::fs::metadata(gw.data().join("tls/key.pem")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(gw.data().join("identity.pk8"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(gw.data().join("tls/key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
     // `serve` on an empty directory initialises it and prints the owner key once.
     let dir = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(common::BIN)
-        .arg("--data").arg(dir.path().join("d")).arg("serve")
+        .arg("--data")
+        .arg(dir.path().join("d"))
+        .arg("serve")
         .env("SMGATE_HTTP_LISTEN", "127.0.0.1:0")
-        .stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null())
-        .spawn().unwrap();
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let stdout = child.stdout.take().unwrap();
     let lines = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
         let mut seen = Vec::new();
-        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             let done = l.starts_with("smgate: listening");
             seen.push(l);
-            if done { break; }
+            if done {
+                break;
+            }
         }
         seen
-    }).await.unwrap();
+    })
+    .await
+    .unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    let key = lines.iter().find_map(|l| l.strip_prefix("owner key ")).expect("owner key printed");
+    let key = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("owner key "))
+        .expect("owner key printed");
     assert!(key.starts_with("zeq_ak_"));
 }
 
@@ -301,7 +489,10 @@ async fn ops_endpoints_and_console() {
     assert_eq!(info["machines"], 1);
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
     let res = c.get(gw.url("/metrics")).send().await.unwrap();
-    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
     let m = res.text().await.unwrap();
     for needle in [
         "smgate_http_requests_total{method=\"POST\",route=\"/api/chain/state-machines\",status=\"201\"} 1",
@@ -314,14 +505,27 @@ async fn ops_endpoints_and_console() {
     }
     let res = c.get(gw.url("/ui/")).send().await.unwrap();
     assert_eq!(res.status(), 200);
-    assert!(res.headers()["content-security-policy"].to_str().unwrap().contains("default-src 'self'"));
+    assert!(res.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("default-src 'self'"));
     let html = res.text().await.unwrap();
     assert!(html.contains("gateway-id") && html.contains("app.js"));
     let res = c.get(gw.url("/ui/app.js")).send().await.unwrap();
-    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/javascript"));
-    let res = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).use_rustls_tls()
-        .add_root_certificate(reqwest::Certificate::from_pem(&gw.cert_pem()).unwrap()).build().unwrap()
-        .get(gw.url("/")).send().await.unwrap();
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+    let res = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&gw.cert_pem()).unwrap())
+        .build()
+        .unwrap()
+        .get(gw.url("/"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 303);
     assert_eq!(res.headers()["location"], "/ui/");
 }

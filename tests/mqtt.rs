@@ -24,7 +24,11 @@ const MANY: &[(&str, &str)] = &[
 ];
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn heartbeat_def() -> Value {
@@ -78,17 +82,33 @@ impl Mosquitto {
             dir.path().display()
         )
         .unwrap();
-        let child = Command::new("/usr/sbin/mosquitto").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start mosquitto");
+        let child = Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "mosquitto did not listen");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Mosquitto { port, child, _dir: dir }
+        Mosquitto {
+            port,
+            child,
+            _dir: dir,
+        }
     }
 
     fn env(&self) -> Vec<(String, String)> {
-        vec![("SMGATE_MQTT_MODE".into(), "external".into()), ("SMGATE_MQTT_URL".into(), format!("mqtt://127.0.0.1:{}", self.port))]
+        vec![
+            ("SMGATE_MQTT_MODE".into(), "external".into()),
+            (
+                "SMGATE_MQTT_URL".into(),
+                format!("mqtt://127.0.0.1:{}", self.port),
+            ),
+        ]
     }
 }
 
@@ -102,28 +122,58 @@ impl Drop for Mosquitto {
 /// `mosquitto_pub` one QoS 1 message (`None`: empty payload).
 fn publish(port: u16, topic: &str, payload: Option<&[u8]>) {
     let mut cmd = Command::new("mosquitto_pub");
-    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic]);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-q",
+        "1",
+        "-t",
+        topic,
+    ]);
     let out = match payload {
         None => cmd.arg("-n").output(),
         Some(p) => {
-            cmd.args(["-s"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            cmd.args(["-s"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
             let mut child = cmd.spawn().expect("mosquitto_pub");
             child.stdin.take().unwrap().write_all(p).unwrap();
             child.wait_with_output()
         }
     }
     .expect("mosquitto_pub");
-    assert!(out.status.success(), "mosquitto_pub {topic}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mosquitto_pub {topic}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The retained message on `topic` (`mosquitto_sub --retained-only`), or None after 3 s.
 fn retained(port: u16, topic: &str) -> Option<Value> {
     let out = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-C", "1", "-W", "3", "--retained-only"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            topic,
+            "-C",
+            "1",
+            "-W",
+            "3",
+            "--retained-only",
+        ])
         .output()
         .expect("mosquitto_sub");
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines().next().and_then(|l| serde_json::from_str(l).ok())
+    text.lines()
+        .next()
+        .and_then(|l| serde_json::from_str(l).ok())
 }
 
 /// Polls `f` until it returns Some, for up to `secs`.
@@ -149,7 +199,10 @@ struct Setup {
 /// A gateway with machine `slug` running `def`; on mosquitto when `external`.
 async fn setup(external: bool, extra: &[(&str, &str)], machines: &[(&str, Value, bool)]) -> Setup {
     let mosquitto = external.then(Mosquitto::start);
-    let mut env: Vec<(String, String)> = MANY.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut env: Vec<(String, String)> = MANY
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let port = match &mosquitto {
         Some(m) => {
             env.extend(m.env());
@@ -167,18 +220,44 @@ async fn setup(external: bool, extra: &[(&str, &str)], machines: &[(&str, Value,
     let c = gw.client();
     let mut admin = String::new();
     for (slug, def, auto) in machines {
-        let (s, b, _) = call(&c, Method::POST, &gw.url("/api/chain/state-machines"), Some(&gw.owner_key), Some(json!({"slug": slug}))).await;
+        let (s, b, _) = call(
+            &c,
+            Method::POST,
+            &gw.url("/api/chain/state-machines"),
+            Some(&gw.owner_key),
+            Some(json!({"slug": slug})),
+        )
+        .await;
         assert_eq!(s, 201, "{b}");
         admin = b["api_key"].as_str().unwrap().to_string();
         let body = json!({"definition": def, "makeCurrent": true, "autoCreateInstances": auto});
-        let (s, v, _) = call(&c, Method::POST, &gw.url(&format!("/machines/{slug}/v")), Some(&admin), Some(body)).await;
+        let (s, v, _) = call(
+            &c,
+            Method::POST,
+            &gw.url(&format!("/machines/{slug}/v")),
+            Some(&admin),
+            Some(body),
+        )
+        .await;
         assert_eq!(s, 200, "{v}");
     }
-    Setup { gw, admin, port, mosquitto }
+    Setup {
+        gw,
+        admin,
+        port,
+        mosquitto,
+    }
 }
 
 async fn instance(gw: &Gw, machine: &str, slug: &str) -> Option<Value> {
-    let (s, b, _) = call(&gw.client(), Method::GET, &gw.url(&format!("/machines/{machine}/i/{slug}")), Some(&gw.owner_key), None).await;
+    let (s, b, _) = call(
+        &gw.client(),
+        Method::GET,
+        &gw.url(&format!("/machines/{machine}/i/{slug}")),
+        Some(&gw.owner_key),
+        None,
+    )
+    .await;
     (s == 200).then_some(b)
 }
 
@@ -188,8 +267,20 @@ async fn history(gw: &Gw, machine: &str, slug: &str) -> Vec<Value> {
     let mut out = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let q = cursor.as_ref().map(|c| format!("&cursor={c}")).unwrap_or_default();
-        let (s, b, _) = call(&c, Method::GET, &gw.url(&format!("/machines/{machine}/i/{slug}/events?limit=1000{q}")), Some(&gw.owner_key), None).await;
+        let q = cursor
+            .as_ref()
+            .map(|c| format!("&cursor={c}"))
+            .unwrap_or_default();
+        let (s, b, _) = call(
+            &c,
+            Method::GET,
+            &gw.url(&format!(
+                "/machines/{machine}/i/{slug}/events?limit=1000{q}"
+            )),
+            Some(&gw.owner_key),
+            None,
+        )
+        .await;
         assert_eq!(s, 200, "{b}");
         out.extend(b["events"].as_array().unwrap().iter().cloned());
         match b["cursor"].as_str() {
@@ -200,7 +291,14 @@ async fn history(gw: &Gw, machine: &str, slug: &str) -> Vec<Value> {
 }
 
 async fn dead_letters(gw: &Gw, machine: &str, key: &str) -> Vec<Value> {
-    let (s, b, _) = call(&gw.client(), Method::GET, &gw.url(&format!("/api/chain/state-machines/{machine}/dead-letters")), Some(key), None).await;
+    let (s, b, _) = call(
+        &gw.client(),
+        Method::GET,
+        &gw.url(&format!("/api/chain/state-machines/{machine}/dead-letters")),
+        Some(key),
+        None,
+    )
+    .await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["ok"], true);
     b["dead_letters"].as_array().unwrap().clone()
@@ -209,11 +307,19 @@ async fn dead_letters(gw: &Gw, machine: &str, key: &str) -> Vec<Value> {
 async fn metric(gw: &Gw, name: &str) -> u64 {
     let (_, b, _) = call(&gw.client(), Method::GET, &gw.url("/metrics"), None, None).await;
     let text = b.as_str().unwrap_or_default().to_string();
-    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).map(|v| v.trim().parse::<f64>().unwrap() as u64).unwrap_or(0)
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
 }
 
 async fn heartbeat_changes_state_and_publishes_retained(external: bool) {
-    let s = setup(external, &[], &[("hb", heartbeat_def(), true), ("door", door_def(), true)]).await;
+    let s = setup(
+        external,
+        &[],
+        &[("hb", heartbeat_def(), true), ("door", door_def(), true)],
+    )
+    .await;
     let port = s.port;
     publish(port, "smgate/hb/dev-1/heartbeat", Some(br#"{"ts": 1234}"#));
     let view = eventually(20, "the retained state of dev-1", async || {
@@ -234,18 +340,47 @@ async fn heartbeat_changes_state_and_publishes_retained(external: bool) {
     .await;
     // events/<TYPE> is event <TYPE> with the payload as data; `emit` is published after commit.
     let sub = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "smgate/door/d-1/emit/#", "-C", "1", "-W", "20"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "smgate/door/d-1/emit/#",
+            "-C",
+            "1",
+            "-W",
+            "20",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    publish(port, "smgate/door/d-1/events/OPEN", Some(br#"{"by": "badge-7"}"#));
-    let view = eventually(20, "the door's state", async || retained(port, "smgate/door/d-1/state").filter(|v| v["state"] == "open")).await;
+    publish(
+        port,
+        "smgate/door/d-1/events/OPEN",
+        Some(br#"{"by": "badge-7"}"#),
+    );
+    let view = eventually(20, "the door's state", async || {
+        retained(port, "smgate/door/d-1/state").filter(|v| v["state"] == "open")
+    })
+    .await;
     assert_eq!(view["publicContext"], json!({"opens": 1, "by": "badge-7"}));
     let out = sub.wait_with_output_timeout();
-    assert_eq!(serde_json::from_str::<Value>(out.trim()).unwrap(), json!({"opens": 1}), "emit payload");
+    assert_eq!(
+        serde_json::from_str::<Value>(out.trim()).unwrap(),
+        json!({"opens": 1}),
+        "emit payload"
+    );
     // The transition rows carry the MQTT actor.
-    let (_, rows, _) = call(&s.gw.client(), Method::GET, &s.gw.url("/api/chain/state-machines/door/explore?limit=50"), Some(&s.gw.owner_key), None).await;
+    let (_, rows, _) = call(
+        &s.gw.client(),
+        Method::GET,
+        &s.gw.url("/api/chain/state-machines/door/explore?limit=50"),
+        Some(&s.gw.owner_key),
+        None,
+    )
+    .await;
     let text = rows.to_string();
     assert!(text.contains("\"actor\":\"mqtt\""), "{text}");
     // The gateway's status is retained online with its birth number.
@@ -269,7 +404,14 @@ impl WaitTimeout for Child {
 }
 
 async fn gateway_id(gw: &Gw) -> String {
-    let (s, b, _) = call(&gw.client(), Method::GET, &gw.url("/api/gateway"), None, None).await;
+    let (s, b, _) = call(
+        &gw.client(),
+        Method::GET,
+        &gw.url("/api/gateway"),
+        None,
+        None,
+    )
+    .await;
     assert_eq!(s, 200, "{b}");
     b["gateway_id"].as_str().unwrap().to_string()
 }
@@ -291,19 +433,43 @@ async fn mosquitto_heartbeat_changes_state_and_publishes_retained_state() {
 }
 
 async fn bad_input_lands_in_dead_letters(external: bool) {
-    let s = setup(external, &[("SMGATE_MQTT_MAX_PAYLOAD_BYTES", "1024")], &[("door", door_def(), true)]).await;
+    let s = setup(
+        external,
+        &[("SMGATE_MQTT_MAX_PAYLOAD_BYTES", "1024")],
+        &[("door", door_def(), true)],
+    )
+    .await;
     let port = s.port;
     publish(port, "smgate/door/d-1/events/OPEN", Some(br#"{"by": "a"}"#));
-    eventually(20, "d-1 open", async || retained(port, "smgate/door/d-1/state").filter(|v| v["state"] == "open")).await;
+    eventually(20, "d-1 open", async || {
+        retained(port, "smgate/door/d-1/state").filter(|v| v["state"] == "open")
+    })
+    .await;
     let before = history(&s.gw, "door", "d-1").await.len();
     let big = vec![b'x'; 2000];
     let bad: Vec<(&str, Option<&[u8]>, &str)> = vec![
-        ("smgate/door/d-1/events/CLOSE", Some(b"{not json"), "invalid_json"),
-        ("smgate/door/d-1/events/CLOSE", Some(b"[1, 2]"), "invalid_json"),
+        (
+            "smgate/door/d-1/events/CLOSE",
+            Some(b"{not json"),
+            "invalid_json",
+        ),
+        (
+            "smgate/door/d-1/events/CLOSE",
+            Some(b"[1, 2]"),
+            "invalid_json",
+        ),
         ("smgate/door/d-1/events/CLOSE", Some(&big), "oversize"),
-        ("smgate/door/bad.slug/heartbeat", Some(b"{}"), "unknown_topic"),
+        (
+            "smgate/door/bad.slug/heartbeat",
+            Some(b"{}"),
+            "unknown_topic",
+        ),
         ("smgate/door/d-1/events/", Some(b"{}"), "unknown_topic"),
-        ("smgate/door/d-1/events/FORBIDDEN", Some(b"{}"), "rejected_by_authorizer"),
+        (
+            "smgate/door/d-1/events/FORBIDDEN",
+            Some(b"{}"),
+            "rejected_by_authorizer",
+        ),
     ];
     for (topic, payload, _) in &bad {
         publish(port, topic, *payload);
@@ -316,13 +482,33 @@ async fn bad_input_lands_in_dead_letters(external: bool) {
     })
     .await;
     // Newest first; each with its reason, topic and (kept) payload.
-    let mut got: Vec<(String, String)> = letters.iter().map(|l| (l["topic"].as_str().unwrap().into(), l["reason"].as_str().unwrap().into())).collect();
+    let mut got: Vec<(String, String)> = letters
+        .iter()
+        .map(|l| {
+            (
+                l["topic"].as_str().unwrap().into(),
+                l["reason"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
     got.reverse();
-    let want: Vec<(String, String)> = bad.iter().map(|(t, _, r)| (t.to_string(), r.to_string())).collect();
+    let want: Vec<(String, String)> = bad
+        .iter()
+        .map(|(t, _, r)| (t.to_string(), r.to_string()))
+        .collect();
     assert_eq!(got, want);
     let oversize = letters.iter().find(|l| l["reason"] == "oversize").unwrap();
-    assert_eq!((oversize["payload_bytes"].as_u64(), oversize["truncated"].as_bool()), (Some(2000), Some(true)));
-    assert!(letters.iter().all(|l| l["message"].as_str().is_some_and(|m| !m.is_empty()) && l["ts_ms"].as_i64().is_some()));
+    assert_eq!(
+        (
+            oversize["payload_bytes"].as_u64(),
+            oversize["truncated"].as_bool()
+        ),
+        (Some(2000), Some(true))
+    );
+    assert!(letters
+        .iter()
+        .all(|l| l["message"].as_str().is_some_and(|m| !m.is_empty())
+            && l["ts_ms"].as_i64().is_some()));
     eventually(20, "the unknown-machine letter counted", async || {
         (metric(&s.gw, "smgate_mqtt_dead_letters_total").await == 7).then_some(())
     })
@@ -330,14 +516,30 @@ async fn bad_input_lands_in_dead_letters(external: bool) {
     // Nothing else was affected: same state, no new transition records, and the instance
     // still takes a valid event (so the bad ones were acked, not stuck in front of it).
     let view = instance(&s.gw, "door", "d-1").await.unwrap();
-    assert_eq!((view["state"].as_str(), view["publicContext"]["opens"].as_u64()), (Some("open"), Some(1)));
+    assert_eq!(
+        (
+            view["state"].as_str(),
+            view["publicContext"]["opens"].as_u64()
+        ),
+        (Some("open"), Some(1))
+    );
     assert_eq!(history(&s.gw, "door", "d-1").await.len(), before);
     assert!(instance(&s.gw, "door", "bad-slug").await.is_none());
     publish(port, "smgate/door/d-1/events/CLOSE", Some(b"{}"));
-    eventually(20, "d-1 closed", async || retained(port, "smgate/door/d-1/state").filter(|v| v["state"] == "closed")).await;
+    eventually(20, "d-1 closed", async || {
+        retained(port, "smgate/door/d-1/state").filter(|v| v["state"] == "closed")
+    })
+    .await;
     assert_eq!(metric(&s.gw, "smgate_mqtt_applied_total").await, 2);
     // Viewers may read dead letters; anonymous callers may not.
-    let (st, _, _) = call(&s.gw.client(), Method::GET, &s.gw.url("/api/chain/state-machines/door/dead-letters"), None, None).await;
+    let (st, _, _) = call(
+        &s.gw.client(),
+        Method::GET,
+        &s.gw.url("/api/chain/state-machines/door/dead-letters"),
+        None,
+        None,
+    )
+    .await;
     assert_eq!(st, 401);
 }
 
@@ -373,15 +575,31 @@ async fn unknown_instances_are_created_only_when_the_machine_allows_it() {
     assert_eq!(letters[0]["reason"], "unknown_instance");
     assert!(instance(&s.gw, "hb", "new-1").await.is_none());
     // Turn auto-create on (with a new current version); the next heartbeat creates it.
-    let body = json!({"definition": heartbeat_def(), "makeCurrent": true, "autoCreateInstances": true});
-    let (st, v, _) = call(&s.gw.client(), Method::POST, &s.gw.url("/machines/hb/v"), Some(&s.admin), Some(body)).await;
+    let body =
+        json!({"definition": heartbeat_def(), "makeCurrent": true, "autoCreateInstances": true});
+    let (st, v, _) = call(
+        &s.gw.client(),
+        Method::POST,
+        &s.gw.url("/machines/hb/v"),
+        Some(&s.admin),
+        Some(body),
+    )
+    .await;
     assert_eq!(st, 200, "{v}");
     publish(port, "smgate/hb/new-1/heartbeat", Some(b"{}"));
-    let view = eventually(20, "new-1 created", async || instance(&s.gw, "hb", "new-1").await).await;
+    let view = eventually(20, "new-1 created", async || {
+        instance(&s.gw, "hb", "new-1").await
+    })
+    .await;
     assert_eq!(view["publicContext"]["heartbeats"], 1);
     assert_eq!(view["state"], "online");
     let h = history(&s.gw, "hb", "new-1").await;
-    assert_eq!(h.iter().map(|e| e["event"]["type"].as_str().unwrap()).collect::<Vec<_>>(), ["xstate.init", "HEARTBEAT"]);
+    assert_eq!(
+        h.iter()
+            .map(|e| e["event"]["type"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["xstate.init", "HEARTBEAT"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,19 +610,31 @@ async fn status_is_born_online_and_dies_offline_with_the_same_sequence() {
     let mut s = setup(true, &[], &[("hb", heartbeat_def(), true)]).await;
     let topic = format!("smgate/$gateway/{}/status", gateway_id(&s.gw).await);
     let port = s.port;
-    let first = eventually(20, "online", async || retained(port, &topic).filter(|v| v["status"] == "online")).await;
+    let first = eventually(20, "online", async || {
+        retained(port, &topic).filter(|v| v["status"] == "online")
+    })
+    .await;
     let n = first["bdSeq"].as_u64().unwrap();
     // SIGKILL: the broker publishes the Last Will, retained, with the same birth number.
     s.gw.kill();
-    let will = eventually(20, "the Last Will", async || retained(port, &topic).filter(|v| v["status"] == "offline")).await;
+    let will = eventually(20, "the Last Will", async || {
+        retained(port, &topic).filter(|v| v["status"] == "offline")
+    })
+    .await;
     assert_eq!(will["bdSeq"].as_u64(), Some(n), "{will}");
     // The next start is a new birth.
     s.gw.spawn();
-    let again = eventually(20, "online again", async || retained(port, &topic).filter(|v| v["status"] == "online")).await;
+    let again = eventually(20, "online again", async || {
+        retained(port, &topic).filter(|v| v["status"] == "online")
+    })
+    .await;
     assert!(again["bdSeq"].as_u64().unwrap() > n, "{again}");
     // SIGTERM: the gateway says offline itself (a clean DISCONNECT suppresses the will).
     assert!(s.gw.stop().success());
-    let bye = eventually(20, "offline after SIGTERM", async || retained(port, &topic).filter(|v| v["status"] == "offline")).await;
+    let bye = eventually(20, "offline after SIGTERM", async || {
+        retained(port, &topic).filter(|v| v["status"] == "offline")
+    })
+    .await;
     assert_eq!(bye["bdSeq"], again["bdSeq"]);
 }
 
@@ -420,10 +650,14 @@ async fn timer_transitions_publish_the_retained_state() {
     let s = setup(false, &[], &[("hb", def, true)]).await;
     let port = s.port;
     publish(port, "smgate/hb/w-1/heartbeat", Some(b"{}"));
-    eventually(20, "offline by timers", async || retained(port, "smgate/hb/w-1/state").filter(|v| v["state"] == "offline")).await;
+    eventually(20, "offline by timers", async || {
+        retained(port, "smgate/hb/w-1/state").filter(|v| v["state"] == "offline")
+    })
+    .await;
     publish(port, "smgate/hb/w-1/heartbeat", Some(b"{}"));
     let v = eventually(20, "online again", async || {
-        retained(port, "smgate/hb/w-1/state").filter(|v| v["state"] == "online" && v["publicContext"]["heartbeats"] == 2)
+        retained(port, "smgate/hb/w-1/state")
+            .filter(|v| v["state"] == "online" && v["publicContext"]["heartbeats"] == 2)
     })
     .await;
     assert_eq!(v["tags"], json!(["online"]));
@@ -432,20 +666,43 @@ async fn timer_transitions_publish_the_retained_state() {
 /// A QoS 1 publisher (rumqttc) of numbered heartbeats; returns the numbers the broker acked.
 /// Stops at the first connection error when `stop_on_error` (the embedded broker died with the
 /// gateway), else rumqttc reconnects and resends.
-async fn publish_numbered(port: u16, total: u64, instances: u64, from: u64, stop_on_error: bool) -> Vec<u64> {
+async fn publish_numbered(
+    port: u16,
+    total: u64,
+    instances: u64,
+    from: u64,
+    stop_on_error: bool,
+) -> Vec<u64> {
     publish_numbered_paced(port, total, instances, from, stop_on_error, Duration::ZERO).await
 }
 
 /// As [`publish_numbered`], one message every `gap`.
-async fn publish_numbered_paced(port: u16, total: u64, instances: u64, from: u64, stop_on_error: bool, gap: Duration) -> Vec<u64> {
+async fn publish_numbered_paced(
+    port: u16,
+    total: u64,
+    instances: u64,
+    from: u64,
+    stop_on_error: bool,
+    gap: Duration,
+) -> Vec<u64> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
-    let mut opts = MqttOptions::new(format!("device-sim-{from}-{}", std::process::id()), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30)).set_inflight(100).set_clean_session(false);
+    let mut opts = MqttOptions::new(
+        format!("device-sim-{from}-{}", std::process::id()),
+        "127.0.0.1",
+        port,
+    );
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(100)
+        .set_clean_session(false);
     let (client, mut eventloop) = AsyncClient::new(opts, 1000);
     let feeder = tokio::spawn(async move {
         for n in from..from + total {
             let topic = format!("smgate/hb/dev-{}/heartbeat", n % instances);
-            if client.publish(topic, QoS::AtLeastOnce, false, format!("{{\"n\":{n}}}")).await.is_err() {
+            if client
+                .publish(topic, QoS::AtLeastOnce, false, format!("{{\"n\":{n}}}"))
+                .await
+                .is_err()
+            {
                 return;
             }
             if !gap.is_zero() {
@@ -497,7 +754,10 @@ async fn applied_numbers(gw: &Gw, instances: u64) -> BTreeMap<u64, usize> {
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// The issue's crash test, sized by `TEST_MQTT_CRASH_MESSAGES` / `TEST_MQTT_CRASH_INSTANCES`
@@ -522,7 +782,10 @@ async fn mosquitto_every_message_is_applied_exactly_once_across_sigkills() {
         s.gw.kill();
         kills += 1;
         s.gw.spawn();
-        assert!(started.elapsed() < Duration::from_secs(900), "publisher did not finish");
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "publisher did not finish"
+        );
     }
     let acked = publisher.await.unwrap();
     assert_eq!(acked.len() as u64, total, "the broker acked every message");
@@ -530,7 +793,10 @@ async fn mosquitto_every_message_is_applied_exactly_once_across_sigkills() {
     let counts = eventually(600, "all messages applied", async || {
         let mut sum = 0;
         for i in 0..instances {
-            sum += instance(&s.gw, "hb", &format!("dev-{i}")).await.map(|v| v["publicContext"]["heartbeats"].as_u64().unwrap()).unwrap_or(0);
+            sum += instance(&s.gw, "hb", &format!("dev-{i}"))
+                .await
+                .map(|v| v["publicContext"]["heartbeats"].as_u64().unwrap())
+                .unwrap_or(0);
         }
         (sum >= total).then_some(sum)
     })
@@ -538,15 +804,25 @@ async fn mosquitto_every_message_is_applied_exactly_once_across_sigkills() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let seen = applied_numbers(&s.gw, instances).await;
     let dups: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).take(10).collect();
-    let missing: Vec<u64> = (0..total).filter(|n| !seen.contains_key(n)).take(10).collect();
+    let missing: Vec<u64> = (0..total)
+        .filter(|n| !seen.contains_key(n))
+        .take(10)
+        .collect();
     eprintln!(
         "crash test: {total} messages, {instances} instances, {kills} SIGKILLs; heartbeats counted {counts}; redeliveries recognised and skipped {}",
         duplicates + metric(&s.gw, "smgate_mqtt_duplicates_total").await
     );
-    assert!(dups.is_empty() && missing.is_empty() && seen.len() as u64 == total && counts == total, "dups {dups:?} missing {missing:?}");
+    assert!(
+        dups.is_empty() && missing.is_empty() && seen.len() as u64 == total && counts == total,
+        "dups {dups:?} missing {missing:?}"
+    );
     for i in 0..instances {
         let v = instance(&s.gw, "hb", &format!("dev-{i}")).await.unwrap();
-        assert_eq!(v["publicContext"]["heartbeats"].as_u64().unwrap(), total / instances + u64::from(i < total % instances), "dev-{i}");
+        assert_eq!(
+            v["publicContext"]["heartbeats"].as_u64().unwrap(),
+            total / instances + u64::from(i < total % instances),
+            "dev-{i}"
+        );
     }
     assert!(s.gw.stop().success());
     let (ok, out, err) = common::cli(&s.gw.data(), &["verify"]);
@@ -573,7 +849,14 @@ async fn embedded_broker_crash_loss_is_bounded_and_measured() {
     let gap = Duration::from_micros(1_000_000 / rate);
     for round in 0..rounds {
         // More than the round can send: the kill ends it.
-        let publisher = tokio::spawn(publish_numbered_paced(port, rate * 10, instances, round * rate * 10, true, gap));
+        let publisher = tokio::spawn(publish_numbered_paced(
+            port,
+            rate * 10,
+            instances,
+            round * rate * 10,
+            true,
+            gap,
+        ));
         tokio::time::sleep(Duration::from_millis(1500 + round * 111)).await;
         s.gw.kill();
         let acked = publisher.await.unwrap();
@@ -581,13 +864,19 @@ async fn embedded_broker_crash_loss_is_bounded_and_measured() {
         s.gw.spawn();
         // Devices reconnect to the restarted broker.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() && Instant::now() < deadline {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let seen = applied_numbers(&s.gw, instances).await;
-    let lost: Vec<u64> = acked_all.iter().copied().filter(|n| !seen.contains_key(n)).collect();
+    let lost: Vec<u64> = acked_all
+        .iter()
+        .copied()
+        .filter(|n| !seen.contains_key(n))
+        .collect();
     let dups = seen.values().filter(|c| **c > 1).count();
     eprintln!(
         "embedded broker at {rate} msg/s: {} messages acked by the broker over {rounds} SIGKILLs, {} applied, {} acked but lost ({:.2} per kill)",
@@ -597,7 +886,11 @@ async fn embedded_broker_crash_loss_is_bounded_and_measured() {
         lost.len() as f64 / rounds as f64
     );
     assert_eq!(dups, 0, "nothing is applied twice");
-    assert!(lost.len() as u64 <= rounds * rate.max(10), "lost {}", lost.len());
+    assert!(
+        lost.len() as u64 <= rounds * rate.max(10),
+        "lost {}",
+        lost.len()
+    );
     assert!(s.gw.stop().success());
     let (ok, out, err) = common::cli(&s.gw.data(), &["verify"]);
     assert!(ok, "verify failed: {out}{err}");

@@ -33,7 +33,12 @@ struct Hub {
 
 impl Hub {
     fn start() -> Hub {
-        let mut hub = Hub { dir: tempfile::tempdir().unwrap(), child: None, addr: "127.0.0.1:0".into(), pin: String::new() };
+        let mut hub = Hub {
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            addr: "127.0.0.1:0".into(),
+            pin: String::new(),
+        };
         hub.spawn();
         hub
     }
@@ -56,10 +61,18 @@ impl Hub {
                 let _ = tx.send(line);
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(20)).expect("hub did not start");
-        self.addr = addr.strip_prefix("smgate hub: listening on https://").expect("listen line").to_string();
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("hub did not start");
+        self.addr = addr
+            .strip_prefix("smgate hub: listening on https://")
+            .expect("listen line")
+            .to_string();
         let pin = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        self.pin = pin.strip_prefix("smgate hub: pin sha256:").expect("pin line").to_string();
+        self.pin = pin
+            .strip_prefix("smgate hub: pin sha256:")
+            .expect("pin line")
+            .to_string();
         self.child = Some(child);
     }
 
@@ -86,13 +99,27 @@ impl Hub {
     }
 
     async fn machine(&self, gw_id: &str, slug: &str) -> Option<Value> {
-        let (s, b, _) = call(&self.client(), Method::GET, &self.url(&format!("/v1/gateways/{gw_id}/machines")), None, None).await;
+        let (s, b, _) = call(
+            &self.client(),
+            Method::GET,
+            &self.url(&format!("/v1/gateways/{gw_id}/machines")),
+            None,
+            None,
+        )
+        .await;
         assert_eq!(s, 200, "{b}");
-        b["machines"].as_array().unwrap().iter().find(|m| m["slug"] == slug).cloned()
+        b["machines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["slug"] == slug)
+            .cloned()
     }
 
     async fn stored_size(&self, gw_id: &str, slug: &str) -> u64 {
-        self.machine(gw_id, slug).await.map_or(0, |m| m["stored_size"].as_u64().unwrap())
+        self.machine(gw_id, slug)
+            .await
+            .map_or(0, |m| m["stored_size"].as_u64().unwrap())
     }
 }
 
@@ -105,7 +132,10 @@ impl Drop for Hub {
 fn identity(gw: &Gw) -> (String, String) {
     let (ok, out, err) = cli(&gw.data(), &["identity"]);
     assert!(ok, "{err}");
-    (line_value(&out, "gateway "), line_value(&out, "verifier_key "))
+    (
+        line_value(&out, "gateway "),
+        line_value(&out, "verifier_key "),
+    )
 }
 
 /// Points the gateway at the hub (restart needed) with small batches and quick retries.
@@ -124,7 +154,14 @@ fn upstream_env(gw: &mut Gw, hub: &Hub, token: &str, batch_rows: u32) {
 }
 
 async fn create_machine(gw: &Gw, slug: &str) {
-    let (s, b, _) = call(&gw.client(), Method::POST, &gw.url("/api/chain/state-machines"), Some(&gw.owner_key), Some(json!({"slug": slug, "is_public": false}))).await;
+    let (s, b, _) = call(
+        &gw.client(),
+        Method::POST,
+        &gw.url("/api/chain/state-machines"),
+        Some(&gw.owner_key),
+        Some(json!({"slug": slug, "is_public": false})),
+    )
+    .await;
     assert_eq!(s, 201, "{b}");
 }
 
@@ -132,15 +169,35 @@ async fn events(gw: &Gw, slug: &str, n: usize, tag: &str) {
     let c = gw.client();
     let url = gw.url(&format!("/api/chain/state-machines/{slug}/event"));
     for i in 0..n {
-        let (s, b, _) = call(&c, Method::POST, &url, Some(&gw.owner_key), Some(json!({"type": format!("{tag}{i}")}))).await;
+        let (s, b, _) = call(
+            &c,
+            Method::POST,
+            &url,
+            Some(&gw.owner_key),
+            Some(json!({"type": format!("{tag}{i}")})),
+        )
+        .await;
         assert_eq!(s, 201, "{b}");
     }
 }
 
 async fn status(gw: &Gw, slug: &str) -> Value {
-    let (s, b, _) = call(&gw.client(), Method::GET, &gw.url("/api/sync/status"), Some(&gw.owner_key), None).await;
+    let (s, b, _) = call(
+        &gw.client(),
+        Method::GET,
+        &gw.url("/api/sync/status"),
+        Some(&gw.owner_key),
+        None,
+    )
+    .await;
     assert_eq!(s, 200, "{b}");
-    b["machines"].as_array().unwrap().iter().find(|m| m["slug"] == slug).cloned().expect("machine in status")
+    b["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["slug"] == slug)
+        .cloned()
+        .expect("machine in status")
 }
 
 async fn log_size(gw: &Gw, slug: &str) -> u64 {
@@ -149,7 +206,13 @@ async fn log_size(gw: &Gw, slug: &str) -> u64 {
 }
 
 async fn checkpoint(gw: &Gw, slug: &str) -> String {
-    let res = gw.client().get(gw.url(&format!("/api/chain/state-machines/{slug}/checkpoint"))).bearer_auth(&gw.owner_key).send().await.unwrap();
+    let res = gw
+        .client()
+        .get(gw.url(&format!("/api/chain/state-machines/{slug}/checkpoint")))
+        .bearer_auth(&gw.owner_key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     res.text().await.unwrap()
 }
@@ -171,7 +234,10 @@ async fn gateway_hashes(gw: &Gw, slug: &str, from: u64, to: u64) -> Vec<String> 
     let mut out = Vec::new();
     while from + (out.len() as u64) < to {
         let at = from + out.len() as u64;
-        let url = gw.url(&format!("/api/chain/state-machines/{slug}/explore?from={at}&to={}", to - 1));
+        let url = gw.url(&format!(
+            "/api/chain/state-machines/{slug}/explore?from={at}&to={}",
+            to - 1
+        ));
         let (s, b, _) = call(&gw.client(), Method::GET, &url, Some(&gw.owner_key), None).await;
         assert_eq!(s, 200, "{b}");
         let rows = b["rows"].as_array().unwrap();
@@ -189,13 +255,20 @@ async fn hub_hashes(hub: &Hub, gw_id: &str, slug: &str, from: u64, to: u64) -> V
     let mut out = Vec::new();
     while from + (out.len() as u64) < to {
         let at = from + out.len() as u64;
-        let url = hub.url(&format!("/v1/gateways/{gw_id}/machines/{slug}/rows?from={at}&to={}", to.min(at + 10_000)));
+        let url = hub.url(&format!(
+            "/v1/gateways/{gw_id}/machines/{slug}/rows?from={at}&to={}",
+            to.min(at + 10_000)
+        ));
         let (s, b, _) = call(&hub.client(), Method::GET, &url, None, None).await;
         assert_eq!(s, 200, "{b}");
         let rows = b["rows"].as_array().unwrap();
         assert!(!rows.is_empty(), "hole at seq {at}");
         for r in rows {
-            assert_eq!(r["seq"].as_u64().unwrap(), from + out.len() as u64, "rows in order, no hole");
+            assert_eq!(
+                r["seq"].as_u64().unwrap(),
+                from + out.len() as u64,
+                "rows in order, no hole"
+            );
             out.push(r["hash"].as_str().unwrap().to_string());
         }
     }
@@ -212,9 +285,19 @@ async fn check_hub_copy(hub: &Hub, gw: &Gw, gw_id: &str, vkey: &str, slug: &str,
     assert_eq!(cp_size, size);
     let gateway = gateway_hashes(gw, slug, 0, size).await;
     let stored = hub_hashes(hub, gw_id, slug, 0, size).await;
-    assert_eq!(gateway, stored, "the hub holds exactly the gateway's rows, in order");
-    let leaves: Vec<_> = gateway.iter().map(|h| rfc6962::leaf(&rfc6962::unhex(h))).collect();
-    assert_eq!(rfc6962::mth(&leaves), root, "signed root is the root of the stored rows");
+    assert_eq!(
+        gateway, stored,
+        "the hub holds exactly the gateway's rows, in order"
+    );
+    let leaves: Vec<_> = gateway
+        .iter()
+        .map(|h| rfc6962::leaf(&rfc6962::unhex(h)))
+        .collect();
+    assert_eq!(
+        rfc6962::mth(&leaves),
+        root,
+        "signed root is the root of the stored rows"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,29 +314,59 @@ async fn rows_made_while_the_hub_is_down_arrive_in_order_exactly_once() {
     events(&gw, "down", 150, "e").await;
     let size = log_size(&gw, "down").await;
     assert!(size >= 152);
-    wait_until("an offline error in the status", Duration::from_secs(20), || async {
-        let s = status(&gw, "down").await;
-        s["last_error_code"] == "offline" && s["acked_size"] == 0
-    })
+    wait_until(
+        "an offline error in the status",
+        Duration::from_secs(20),
+        || async {
+            let s = status(&gw, "down").await;
+            s["last_error_code"] == "offline" && s["acked_size"] == 0
+        },
+    )
     .await;
     let s = status(&gw, "down").await;
     assert_eq!(s["backlog_rows"].as_u64().unwrap(), size);
     assert!(s["backlog_bytes"].as_u64().unwrap() > size * 100);
-    assert!(s["next_retry"].is_string() || s["last_error"].is_string(), "{s}");
+    assert!(
+        s["next_retry"].is_string() || s["last_error"].is_string(),
+        "{s}"
+    );
 
     hub.spawn();
-    wait_until("the backlog to drain", Duration::from_secs(30), || async { hub.stored_size(&id, "down").await == size }).await;
+    wait_until("the backlog to drain", Duration::from_secs(30), || async {
+        hub.stored_size(&id, "down").await == size
+    })
+    .await;
     check_hub_copy(&hub, &gw, &id, &vkey, "down", size).await;
-    let (_, stats, _) = call(&hub.client(), Method::GET, &hub.url("/v1/stats"), None, None).await;
-    assert_eq!(stats["rows_stored"].as_u64().unwrap(), size, "each row stored exactly once: {stats}");
-    wait_until("the watermark", Duration::from_secs(10), || async { status(&gw, "down").await["backlog_rows"] == 0 }).await;
+    let (_, stats, _) = call(
+        &hub.client(),
+        Method::GET,
+        &hub.url("/v1/stats"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        stats["rows_stored"].as_u64().unwrap(),
+        size,
+        "each row stored exactly once: {stats}"
+    );
+    wait_until("the watermark", Duration::from_secs(10), || async {
+        status(&gw, "down").await["backlog_rows"] == 0
+    })
+    .await;
     let s = status(&gw, "down").await;
     assert_eq!(s["acked_seq"].as_u64().unwrap(), size - 1);
-    assert!(s["last_success"].is_string() && s["last_error"].is_null(), "{s}");
+    assert!(
+        s["last_success"].is_string() && s["last_error"].is_null(),
+        "{s}"
+    );
 
     // Online, new rows follow at once.
     events(&gw, "down", 5, "live").await;
-    wait_until("live rows", Duration::from_secs(10), || async { hub.stored_size(&id, "down").await == size + 5 }).await;
+    wait_until("live rows", Duration::from_secs(10), || async {
+        hub.stored_size(&id, "down").await == size + 5
+    })
+    .await;
     let hub_m = hub.machine(&id, "down").await.unwrap();
     assert_eq!(hub_m["lag_rows"], 0);
 }
@@ -266,28 +379,46 @@ async fn sigkill_of_gateway_mid_batch_and_hub_mid_ingest_leaves_no_hole_or_dupli
     let token = hub.enroll(&id, &vkey);
     create_machine(&gw, "crash").await;
     gw.stop();
-    let (ok, _, err) = cli(&gw.data(), &["bench", "fill-log", "--machine", "crash", "--rows", "60000"]);
+    let (ok, _, err) = cli(
+        &gw.data(),
+        &["bench", "fill-log", "--machine", "crash", "--rows", "60000"],
+    );
     assert!(ok, "{err}");
     upstream_env(&mut gw, &hub, &token, 200);
     gw.spawn();
     let size = log_size(&gw, "crash").await;
     assert_eq!(size, 60_002);
     // SIGKILL the gateway while batches are in flight.
-    wait_until("some progress", Duration::from_secs(30), || async { hub.stored_size(&id, "crash").await > 2_000 }).await;
+    wait_until("some progress", Duration::from_secs(30), || async {
+        hub.stored_size(&id, "crash").await > 2_000
+    })
+    .await;
     gw.kill();
     let at_kill = hub.stored_size(&id, "crash").await;
     assert!(at_kill < size, "killed mid-drain");
     gw.spawn();
     // SIGKILL the hub while it ingests.
-    wait_until("more progress", Duration::from_secs(30), || async { hub.stored_size(&id, "crash").await > at_kill + 2_000 }).await;
+    wait_until("more progress", Duration::from_secs(30), || async {
+        hub.stored_size(&id, "crash").await > at_kill + 2_000
+    })
+    .await;
     hub.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
     hub.spawn();
     let after_restart = hub.stored_size(&id, "crash").await;
-    assert!(after_restart < size, "hub killed mid-drain ({after_restart})");
-    wait_until("the drain", Duration::from_secs(120), || async { hub.stored_size(&id, "crash").await == size }).await;
+    assert!(
+        after_restart < size,
+        "hub killed mid-drain ({after_restart})"
+    );
+    wait_until("the drain", Duration::from_secs(120), || async {
+        hub.stored_size(&id, "crash").await == size
+    })
+    .await;
     check_hub_copy(&hub, &gw, &id, &vkey, "crash", size).await;
-    wait_until("the watermark", Duration::from_secs(10), || async { status(&gw, "crash").await["backlog_rows"] == 0 }).await;
+    wait_until("the watermark", Duration::from_secs(10), || async {
+        status(&gw, "crash").await["backlog_rows"] == 0
+    })
+    .await;
     gw.stop();
     let (ok, out, err) = cli(&gw.data(), &["verify"]);
     assert!(ok, "gateway log intact: {out} {err}");
@@ -305,11 +436,21 @@ async fn a_tampered_row_is_refused_with_409_and_reported() {
     create_machine(&gw, "tamper").await;
     events(&gw, "tamper", 3, "ok").await;
     let synced = log_size(&gw, "tamper").await;
-    wait_until("first rows", Duration::from_secs(20), || async { hub.stored_size(&id, "tamper").await == synced }).await;
+    wait_until("first rows", Duration::from_secs(20), || async {
+        hub.stored_size(&id, "tamper").await == synced
+    })
+    .await;
     // Rows the hub has not seen yet; one carries a marker that we then corrupt on disk.
     hub.kill();
     events(&gw, "tamper", 2, "later").await;
-    let (s, _, _) = call(&gw.client(), Method::POST, &gw.url("/api/chain/state-machines/tamper/event"), Some(&gw.owner_key), Some(json!({"type": "MARKER-K4T"}))).await;
+    let (s, _, _) = call(
+        &gw.client(),
+        Method::POST,
+        &gw.url("/api/chain/state-machines/tamper/event"),
+        Some(&gw.owner_key),
+        Some(json!({"type": "MARKER-K4T"})),
+    )
+    .await;
     assert_eq!(s, 201);
     let marker_seq = synced + 2;
     gw.stop();
@@ -327,17 +468,37 @@ async fn a_tampered_row_is_refused_with_409_and_reported() {
     std::fs::write(&path, db).unwrap();
     hub.spawn();
     gw.spawn();
-    wait_until("the 409 in the status", Duration::from_secs(20), || async { status(&gw, "tamper").await["last_error_code"] == "tampered" }).await;
+    wait_until("the 409 in the status", Duration::from_secs(20), || async {
+        status(&gw, "tamper").await["last_error_code"] == "tampered"
+    })
+    .await;
     let s = status(&gw, "tamper").await;
     assert_eq!(s["conflict_at"].as_u64().unwrap(), marker_seq, "{s}");
-    assert_eq!(s["acked_size"].as_u64().unwrap(), synced, "the watermark stays: {s}");
+    assert_eq!(
+        s["acked_size"].as_u64().unwrap(),
+        synced,
+        "the watermark stays: {s}"
+    );
     assert!(s["last_error"].as_str().unwrap().contains("hash"), "{s}");
     // The hub kept what it had.
     assert_eq!(hub.stored_size(&id, "tamper").await, synced);
-    let (_, stats, _) = call(&hub.client(), Method::GET, &hub.url("/v1/stats"), None, None).await;
+    let (_, stats, _) = call(
+        &hub.client(),
+        Method::GET,
+        &hub.url("/v1/stats"),
+        None,
+        None,
+    )
+    .await;
     assert!(stats["conflicts"].as_u64().unwrap() >= 1, "{stats}");
     let (_, metrics, _) = call(&gw.client(), Method::GET, &gw.url("/metrics"), None, None).await;
-    assert!(metrics.as_str().unwrap().contains("smgate_sync_conflicts_total 1"), "{metrics}");
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("smgate_sync_conflicts_total 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,13 +511,30 @@ async fn unenrolled_gateways_and_wrong_keys_get_401() {
     // Not enrolled at all.
     upstream_env(&mut gw, &hub, "smh_not-a-token", 1000);
     gw.spawn();
-    wait_until("401 in the status", Duration::from_secs(20), || async { status(&gw, "auth").await["last_error_code"] == "unauthorized" }).await;
+    wait_until("401 in the status", Duration::from_secs(20), || async {
+        status(&gw, "auth").await["last_error_code"] == "unauthorized"
+    })
+    .await;
     assert_eq!(hub.stored_size(&id, "auth").await, 0);
     // Enrolled, but the gateway sends a wrong token.
     let token = hub.enroll(&id, &vkey);
-    let (_, before, _) = call(&hub.client(), Method::GET, &hub.url("/v1/stats"), None, None).await;
+    let (_, before, _) = call(
+        &hub.client(),
+        Method::GET,
+        &hub.url("/v1/stats"),
+        None,
+        None,
+    )
+    .await;
     wait_until("another 401", Duration::from_secs(20), || async {
-        let (_, s, _) = call(&hub.client(), Method::GET, &hub.url("/v1/stats"), None, None).await;
+        let (_, s, _) = call(
+            &hub.client(),
+            Method::GET,
+            &hub.url("/v1/stats"),
+            None,
+            None,
+        )
+        .await;
         s["unauthorized"].as_u64() > before["unauthorized"].as_u64()
     })
     .await;
@@ -367,7 +545,9 @@ async fn unenrolled_gateways_and_wrong_keys_get_401() {
     assert_ne!(other_id, id);
     gw.stop();
     upstream_env(&mut gw, &hub, &token, 1000);
-    let forged = std::fs::read_to_string(hub.dir.path().join(format!("enrolled/{id}.json"))).unwrap().replace(&vkey, &other_vkey);
+    let forged = std::fs::read_to_string(hub.dir.path().join(format!("enrolled/{id}.json")))
+        .unwrap()
+        .replace(&vkey, &other_vkey);
     std::fs::write(hub.dir.path().join(format!("enrolled/{id}.json")), forged).unwrap();
     gw.spawn();
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -379,11 +559,28 @@ async fn unenrolled_gateways_and_wrong_keys_get_401() {
     upstream_env(&mut gw, &hub, &token, 1000);
     gw.spawn();
     let size = log_size(&gw, "auth").await;
-    wait_until("sync after enrolment", Duration::from_secs(20), || async { hub.stored_size(&id, "auth").await == size }).await;
+    wait_until("sync after enrolment", Duration::from_secs(20), || async {
+        hub.stored_size(&id, "auth").await == size
+    })
+    .await;
     // A raw request with no token, and one with a body that is not a batch.
-    let res = hub.client().post(hub.url("/v1/ingest")).header("content-type", "application/vnd.smgate.sync.v1+postcard").body(vec![1u8, 2, 3]).send().await.unwrap();
+    let res = hub
+        .client()
+        .post(hub.url("/v1/ingest"))
+        .header("content-type", "application/vnd.smgate.sync.v1+postcard")
+        .body(vec![1u8, 2, 3])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 400);
-    let res = hub.client().post(hub.url("/v1/ingest")).header("content-type", "application/json").body("{}").send().await.unwrap();
+    let res = hub
+        .client()
+        .post(hub.url("/v1/ingest"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 415);
 }
 
@@ -391,7 +588,10 @@ async fn unenrolled_gateways_and_wrong_keys_get_401() {
 /// completely once the hub is reachable, verified against the signed checkpoints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_outage_drains_completely() {
-    let n: u64 = std::env::var("TEST_SYNC_LONG_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
+    let n: u64 = std::env::var("TEST_SYNC_LONG_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
     let mut hub = Hub::start();
     let mut gw = Gw::start(MANY);
     let (id, vkey) = identity(&gw);
@@ -400,7 +600,17 @@ async fn a_long_outage_drains_completely() {
     create_machine(&gw, "long").await;
     gw.stop();
     let t = Instant::now();
-    let (ok, _, err) = cli(&gw.data(), &["bench", "fill-log", "--machine", "long", "--rows", &n.to_string()]);
+    let (ok, _, err) = cli(
+        &gw.data(),
+        &[
+            "bench",
+            "fill-log",
+            "--machine",
+            "long",
+            "--rows",
+            &n.to_string(),
+        ],
+    );
     assert!(ok, "{err}");
     eprintln!("filled {n} rows offline in {:?}", t.elapsed());
     upstream_env(&mut gw, &hub, &token, 4096);
@@ -408,21 +618,39 @@ async fn a_long_outage_drains_completely() {
     let size = log_size(&gw, "long").await;
     assert_eq!(size, n + 2);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(status(&gw, "long").await["backlog_rows"].as_u64().unwrap(), size);
+    assert_eq!(
+        status(&gw, "long").await["backlog_rows"].as_u64().unwrap(),
+        size
+    );
     hub.spawn();
     let t = Instant::now();
-    wait_until("the long drain", Duration::from_secs(60 + n / 2_000), || async { hub.stored_size(&id, "long").await == size }).await;
+    wait_until(
+        "the long drain",
+        Duration::from_secs(60 + n / 2_000),
+        || async { hub.stored_size(&id, "long").await == size },
+    )
+    .await;
     let secs = t.elapsed().as_secs_f64();
-    eprintln!("drained {size} rows in {secs:.1} s ({:.0} rows/s)", size as f64 / secs);
+    eprintln!(
+        "drained {size} rows in {secs:.1} s ({:.0} rows/s)",
+        size as f64 / secs
+    );
     // The hub's checkpoint is the gateway's: same signed size and root.
     let m = hub.machine(&id, "long").await.unwrap();
-    let (_, hub_size, hub_root) = rfc6962::open_checkpoint(m["checkpoint"].as_str().unwrap(), &vkey);
+    let (_, hub_size, hub_root) =
+        rfc6962::open_checkpoint(m["checkpoint"].as_str().unwrap(), &vkey);
     let (_, gw_size, gw_root) = rfc6962::open_checkpoint(&checkpoint(&gw, "long").await, &vkey);
     assert_eq!((hub_size, hub_root), (gw_size, gw_root));
     // Spot checks of the stored rows against the gateway's (first, middle and last pages).
     for from in [0, size / 2, size.saturating_sub(1000)] {
         let to = (from + 1000).min(size);
-        assert_eq!(hub_hashes(&hub, &id, "long", from, to).await, gateway_hashes(&gw, "long", from, to).await);
+        assert_eq!(
+            hub_hashes(&hub, &id, "long", from, to).await,
+            gateway_hashes(&gw, "long", from, to).await
+        );
     }
-    wait_until("the watermark", Duration::from_secs(10), || async { status(&gw, "long").await["backlog_rows"] == 0 }).await;
+    wait_until("the watermark", Duration::from_secs(10), || async {
+        status(&gw, "long").await["backlog_rows"] == 0
+    })
+    .await;
 }

@@ -90,7 +90,10 @@ impl Agents {
     /// Derives the sealing key from the gateway identity file.
     pub fn new(config: &Config) -> Result<Agents, InitError> {
         let path = gateway::identity_path(config);
-        let ikm = std::fs::read(&path).map_err(|source| InitError::Io { path: path.clone(), source })?;
+        let ikm = std::fs::read(&path).map_err(|source| InitError::Io {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Agents::from_secret(config.agents.clone(), &ikm))
     }
 
@@ -98,10 +101,18 @@ impl Agents {
         let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"smgate/credentials/v1");
         let mut okm = [0u8; 32];
         // HKDF cannot fail for a 32-byte output.
-        let _ = salt.extract(ikm).expand(&[b"chacha20-poly1305"], Len(32)).and_then(|o| o.fill(&mut okm));
-        let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &okm).unwrap_or_else(|_| unreachable!()));
+        let _ = salt
+            .extract(ikm)
+            .expand(&[b"chacha20-poly1305"], Len(32))
+            .and_then(|o| o.fill(&mut okm));
+        let key = LessSafeKey::new(
+            UnboundKey::new(&CHACHA20_POLY1305, &okm).unwrap_or_else(|_| unreachable!()),
+        );
         let mut roots = rustls::RootCertStore::empty();
-        for bundle in ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"] {
+        for bundle in [
+            "/etc/ssl/certs/ca-certificates.crt",
+            "/etc/pki/tls/certs/ca-bundle.crt",
+        ] {
             use rustls::pki_types::pem::PemObject;
             if let Ok(it) = rustls::pki_types::CertificateDer::pem_file_iter(bundle) {
                 for c in it.flatten() {
@@ -126,27 +137,54 @@ impl Agents {
     }
 
     /// Seals `secret` into a new credential.
-    pub fn seal(&self, id: &str, owner: &Zid, name: &str, secret: &Secret, now_ms: i64) -> Credential {
+    pub fn seal(
+        &self,
+        id: &str,
+        owner: &Zid,
+        name: &str,
+        secret: &Secret,
+        now_ms: i64,
+    ) -> Credential {
         let mut nonce = [0u8; NONCE_LEN];
         crate::auth::fill_random(&mut nonce);
         let mut sealed = serde_json::to_vec(secret).unwrap_or_default();
         // Sealing in place only fails for inputs longer than ChaCha20 allows (256 GiB).
-        let _ = self.key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(Self::aad(id, owner)), &mut sealed);
-        Credential { id: id.to_owned(), owner: owner.clone(), name: name.to_owned(), created_ms: now_ms, nonce, sealed }
+        let _ = self.key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(Self::aad(id, owner)),
+            &mut sealed,
+        );
+        Credential {
+            id: id.to_owned(),
+            owner: owner.clone(),
+            name: name.to_owned(),
+            created_ms: now_ms,
+            nonce,
+            sealed,
+        }
     }
 
     pub fn unseal(&self, c: &Credential) -> Option<Secret> {
         let mut buf = c.sealed.clone();
         let plain = self
             .key
-            .open_in_place(Nonce::assume_unique_for_key(c.nonce), Aad::from(Self::aad(&c.id, &c.owner)), &mut buf)
+            .open_in_place(
+                Nonce::assume_unique_for_key(c.nonce),
+                Aad::from(Self::aad(&c.id, &c.owner)),
+                &mut buf,
+            )
             .ok()?;
         serde_json::from_slice(plain).ok()
     }
 
     /// Asks the model of credential `id` for chains; never fails: a failure is recorded and
     /// the step stays deterministic.
-    pub async fn enrich(&self, credential: Option<&Credential>, problem: &str, best: Option<&[&str]>) -> Enrichment {
+    pub async fn enrich(
+        &self,
+        credential: Option<&Credential>,
+        problem: &str,
+        best: Option<&[&str]>,
+    ) -> Enrichment {
         let Some(c) = credential else {
             return fallback("credential_missing".into());
         };
@@ -159,13 +197,24 @@ impl Agents {
             Ok(Err(reason)) => fallback(reason),
             Ok(Ok(chains)) => {
                 let n = chains.len();
-                Enrichment { proposals: chains, record: Some(json!({"outcome": "ok", "proposed": n})) }
+                Enrichment {
+                    proposals: chains,
+                    record: Some(json!({"outcome": "ok", "proposed": n})),
+                }
             }
         }
     }
 
-    async fn ask(&self, secret: &Secret, problem: &str, best: Option<&[&str]>) -> Result<Vec<Vec<String>>, String> {
-        let codes: Vec<String> = CATALOG.iter().map(|o| format!("{} ({}, unit {})", o.code, o.name, o.unit)).collect();
+    async fn ask(
+        &self,
+        secret: &Secret,
+        problem: &str,
+        best: Option<&[&str]>,
+    ) -> Result<Vec<Vec<String>>, String> {
+        let codes: Vec<String> = CATALOG
+            .iter()
+            .map(|o| format!("{} ({}, unit {})", o.code, o.name, o.unit))
+            .collect();
         let request = json!({
             "model": secret.model,
             "temperature": 0,
@@ -178,7 +227,13 @@ impl Agents {
                 {"role": "user", "content": format!("Problem: {problem}\nCurrent best chain: {}", best.map(|b| b.join(" → ")).unwrap_or_else(|| "none".into()))},
             ],
         });
-        let (status, body) = post_json(&secret.base_url, &secret.api_key, &request, self.roots.clone()).await?;
+        let (status, body) = post_json(
+            &secret.base_url,
+            &secret.api_key,
+            &request,
+            self.roots.clone(),
+        )
+        .await?;
         if !(200..300).contains(&status) {
             return Err(format!("http_status_{status}"));
         }
@@ -187,14 +242,22 @@ impl Agents {
 }
 
 fn fallback(reason: String) -> Enrichment {
-    Enrichment { proposals: Vec::new(), record: Some(json!({"outcome": "fallback", "reason": reason})) }
+    Enrichment {
+        proposals: Vec::new(),
+        record: Some(json!({"outcome": "fallback", "reason": reason})),
+    }
 }
 
 /// The chains in a chat-completions answer, if it holds at least one made of catalog codes.
 pub fn parse_answer(body: &[u8]) -> Option<Vec<Vec<String>>> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let content = v.pointer("/choices/0/message/content")?.as_str()?;
-    let trimmed = content.trim().trim_start_matches("```json").trim_start_matches("```").trim_end_matches("```").trim();
+    let trimmed = content
+        .trim()
+        .trim_start_matches("```json")
+        .trim_start_matches("```")
+        .trim_end_matches("```")
+        .trim();
     let answer: Value = serde_json::from_str(trimmed).ok()?;
     let chains = match &answer {
         Value::Object(o) => match (o.get("chains"), o.get("operators")) {
@@ -210,9 +273,15 @@ pub fn parse_answer(body: &[u8]) -> Option<Vec<Vec<String>>> {
         .iter()
         .take(10)
         .filter_map(|c| {
-            let codes: Option<Vec<String>> = c.as_array()?.iter().map(|x| x.as_str().map(str::to_owned)).collect();
+            let codes: Option<Vec<String>> = c
+                .as_array()?
+                .iter()
+                .map(|x| x.as_str().map(str::to_owned))
+                .collect();
             let codes = codes?;
-            let ok = !codes.is_empty() && codes.len() <= 4 && codes.iter().all(|c| catalog::find(c).is_some());
+            let ok = !codes.is_empty()
+                && codes.len() <= 4
+                && codes.iter().all(|c| catalog::find(c).is_some());
             ok.then_some(codes)
         })
         .collect();
@@ -220,26 +289,47 @@ pub fn parse_answer(body: &[u8]) -> Option<Vec<Vec<String>>> {
 }
 
 /// One HTTP/1.1 POST; returns (status, body).
-async fn post_json(base: &str, key: &str, body: &Value, roots: Arc<rustls::RootCertStore>) -> Result<(u16, Vec<u8>), String> {
-    let uri: http::Uri = base.trim_end_matches('/').parse().map_err(|_| "bad_base_url".to_string())?;
+async fn post_json(
+    base: &str,
+    key: &str,
+    body: &Value,
+    roots: Arc<rustls::RootCertStore>,
+) -> Result<(u16, Vec<u8>), String> {
+    let uri: http::Uri = base
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|_| "bad_base_url".to_string())?;
     let https = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
         _ => return Err("bad_base_url".into()),
     };
-    let host = uri.host().ok_or("bad_base_url")?.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let host = uri
+        .host()
+        .ok_or("bad_base_url")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let path = format!("{}/chat/completions", uri.path().trim_end_matches('/'));
     let req = http::Request::builder()
         .method(http::Method::POST)
         .uri(path)
-        .header(http::header::HOST, uri.authority().map(|a| a.as_str()).unwrap_or(&host))
+        .header(
+            http::header::HOST,
+            uri.authority().map(|a| a.as_str()).unwrap_or(&host),
+        )
         .header(http::header::AUTHORIZATION, format!("Bearer {key}"))
         .header(http::header::CONTENT_TYPE, "application/json")
-        .header(http::header::USER_AGENT, concat!("smgate/", env!("CARGO_PKG_VERSION")))
+        .header(
+            http::header::USER_AGENT,
+            concat!("smgate/", env!("CARGO_PKG_VERSION")),
+        )
         .body(body.to_string())
         .map_err(|_| "bad_request".to_string())?;
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("connect: {e}"))?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     if https {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
@@ -248,8 +338,12 @@ async fn post_json(base: &str, key: &str, body: &Value, roots: Arc<rustls::RootC
             .with_root_certificates(roots)
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| "bad_base_url".to_string())?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| format!("tls: {e}"))?;
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|_| "bad_base_url".to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
         exchange(TokioIo::new(tls), req).await
     } else {
         exchange(TokioIo::new(tcp), req).await
@@ -263,9 +357,14 @@ async fn exchange<IO>(io: IO, req: http::Request<String>) -> Result<(u16, Vec<u8
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("http: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| format!("http: {e}"))?;
     let driver = tokio::spawn(conn);
-    let res = sender.send_request(req).await.map_err(|e| format!("http: {e}"));
+    let res = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("http: {e}"));
     let res = match res {
         Ok(r) => r,
         Err(e) => {
@@ -276,7 +375,9 @@ where
     let status = res.status().as_u16();
     let mut body = res.into_body();
     let mut bytes = Vec::new();
-    while let Some(frame) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await {
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
         let Ok(frame) = frame else { break };
         if let Ok(data) = frame.into_data() {
             if bytes.len() + data.len() > MAX_ANSWER {
@@ -291,33 +392,71 @@ where
 }
 
 /// Validates and seals a `POST /api/zeq/credentials` body.
-pub fn new_credential(agents: &Agents, owner: &Zid, body: &Value, now_ms: i64) -> Result<Credential, AgentError> {
-    let invalid = |code: &'static str, m: &str| AgentError::Invalid { code, message: m.into() };
-    let Value::Object(o) = body else { return Err(invalid("invalid_body", "the body must be a JSON object")) };
+pub fn new_credential(
+    agents: &Agents,
+    owner: &Zid,
+    body: &Value,
+    now_ms: i64,
+) -> Result<Credential, AgentError> {
+    let invalid = |code: &'static str, m: &str| AgentError::Invalid {
+        code,
+        message: m.into(),
+    };
+    let Value::Object(o) = body else {
+        return Err(invalid("invalid_body", "the body must be a JSON object"));
+    };
     let base_url = match o.get("base_url").and_then(Value::as_str) {
         Some(u) if u.len() <= 2048 && (u.starts_with("http://") || u.starts_with("https://")) && u.parse::<http::Uri>().is_ok_and(|u| u.host().is_some()) => u.to_owned(),
         _ => return Err(invalid("invalid_base_url", "base_url must be an http:// or https:// URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1")),
     };
     let api_key = match o.get("api_key").and_then(Value::as_str) {
-        Some(k) if !k.is_empty() && k.len() <= 4096 && !k.chars().any(char::is_control) => k.to_owned(),
-        _ => return Err(invalid("invalid_api_key", "api_key must be a non-empty string of at most 4096 bytes")),
+        Some(k) if !k.is_empty() && k.len() <= 4096 && !k.chars().any(char::is_control) => {
+            k.to_owned()
+        }
+        _ => {
+            return Err(invalid(
+                "invalid_api_key",
+                "api_key must be a non-empty string of at most 4096 bytes",
+            ))
+        }
     };
     let model = match o.get("model") {
         None | Some(Value::Null) => "gpt-4o-mini".to_owned(),
         Some(Value::String(m)) if !m.is_empty() && m.len() <= 200 => m.clone(),
-        Some(_) => return Err(invalid("invalid_model", "model must be a string of 1–200 bytes")),
+        Some(_) => {
+            return Err(invalid(
+                "invalid_model",
+                "model must be a string of 1–200 bytes",
+            ))
+        }
     };
     let name = match o.get("name") {
         None | Some(Value::Null) => "credential".to_owned(),
         Some(Value::String(n)) if n.chars().count() <= 100 => n.clone(),
-        Some(_) => return Err(invalid("invalid_name", "name must be a string of at most 100 characters")),
+        Some(_) => {
+            return Err(invalid(
+                "invalid_name",
+                "name must be a string of at most 100 characters",
+            ))
+        }
     };
     let id = uuid::Uuid::new_v4().to_string();
-    Ok(agents.seal(&id, owner, &name, &Secret { base_url, api_key, model }, now_ms))
+    Ok(agents.seal(
+        &id,
+        owner,
+        &name,
+        &Secret {
+            base_url,
+            api_key,
+            model,
+        },
+        now_ms,
+    ))
 }
 
 pub fn store_credential(txn: &WriteTransaction, c: &Credential) -> Result<(), StoreError> {
-    txn.open_table(CREDENTIALS)?.insert(c.id.as_str(), store::encode(c).as_slice())?;
+    txn.open_table(CREDENTIALS)?
+        .insert(c.id.as_str(), store::encode(c).as_slice())?;
     Ok(())
 }
 
@@ -333,20 +472,40 @@ mod tests {
     fn sealed_credentials_open_only_with_the_same_identity_and_binding() {
         let a = agents(b"identity-one");
         let owner = Zid::parse("ZEQ00000000001").unwrap();
-        let secret = Secret { base_url: "http://x".into(), api_key: "sk-secret-123".into(), model: "m".into() };
+        let secret = Secret {
+            base_url: "http://x".into(),
+            api_key: "sk-secret-123".into(),
+            model: "m".into(),
+        };
         let c = a.seal("id-1", &owner, "n", &secret, 0);
-        assert!(!c.sealed.windows(6).any(|w| w == b"sk-sec"), "the key is not stored in clear");
+        assert!(
+            !c.sealed.windows(6).any(|w| w == b"sk-sec"),
+            "the key is not stored in clear"
+        );
         assert_eq!(a.unseal(&c), Some(secret));
         assert_eq!(agents(b"identity-two").unseal(&c), None);
-        let moved = Credential { id: "id-2".into(), ..c.clone() };
+        let moved = Credential {
+            id: "id-2".into(),
+            ..c.clone()
+        };
         assert_eq!(a.unseal(&moved), None);
     }
 
     #[test]
     fn answers_must_name_catalog_operators() {
-        let wrap = |content: &str| json!({"choices": [{"message": {"content": content}}]}).to_string().into_bytes();
-        assert_eq!(parse_answer(&wrap(r#"{"chains": [["IS01", "SH01"], ["NOPE"]]}"#)), Some(vec![vec!["IS01".to_string(), "SH01".to_string()]]));
-        assert_eq!(parse_answer(&wrap("```json\n[\"GR37\"]\n```")), Some(vec![vec!["GR37".to_string()]]));
+        let wrap = |content: &str| {
+            json!({"choices": [{"message": {"content": content}}]})
+                .to_string()
+                .into_bytes()
+        };
+        assert_eq!(
+            parse_answer(&wrap(r#"{"chains": [["IS01", "SH01"], ["NOPE"]]}"#)),
+            Some(vec![vec!["IS01".to_string(), "SH01".to_string()]])
+        );
+        assert_eq!(
+            parse_answer(&wrap("```json\n[\"GR37\"]\n```")),
+            Some(vec![vec!["GR37".to_string()]])
+        );
         assert_eq!(parse_answer(&wrap("I think you should use gravity")), None);
         assert_eq!(parse_answer(&wrap(r#"{"chains": [["XX99"]]}"#)), None);
         assert_eq!(parse_answer(b"not json"), None);

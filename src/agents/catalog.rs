@@ -48,11 +48,23 @@ pub struct Input {
 }
 
 const fn lin(name: &'static str, unit: &'static str, lo: f64, hi: f64) -> Input {
-    Input { name, unit, lo, hi, log: false }
+    Input {
+        name,
+        unit,
+        lo,
+        hi,
+        log: false,
+    }
 }
 
 const fn logr(name: &'static str, unit: &'static str, lo: f64, hi: f64) -> Input {
-    Input { name, unit, lo, hi, log: true }
+    Input {
+        name,
+        unit,
+        lo,
+        hi,
+        log: true,
+    }
 }
 
 /// One catalog entry.
@@ -130,7 +142,11 @@ pub const CATALOG: &[Operator] = &[
         name: "Newtonian gravitation",
         equation: "F = G·m1·m2/r²",
         unit: "N",
-        inputs: &[logr("m1", "kg", 1.0, 1e30), logr("m2", "kg", 1.0, 1e30), R_DIST],
+        inputs: &[
+            logr("m1", "kg", 1.0, 1e30),
+            logr("m2", "kg", 1.0, 1e30),
+            R_DIST,
+        ],
         keywords: &["gravit", "attract", "newton"],
         eval: |a| G * a[0] * a[1] / (a[2] * a[2]),
     },
@@ -199,8 +215,19 @@ pub const CATALOG: &[Operator] = &[
         name: "Beer–Lambert attenuation (transmittance)",
         equation: "T = 10^(−ε·l·c)",
         unit: "1",
-        inputs: &[logr("eps", "m²/mol", 1e-3, 1e4), logr("l", "m", 1e-4, 10.0), logr("conc", "mol/m³", 1e-3, 1e4)],
-        keywords: &["absorb", "absorption", "beer", "lambert", "attenuat", "optical"],
+        inputs: &[
+            logr("eps", "m²/mol", 1e-3, 1e4),
+            logr("l", "m", 1e-4, 10.0),
+            logr("conc", "mol/m³", 1e-3, 1e4),
+        ],
+        keywords: &[
+            "absorb",
+            "absorption",
+            "beer",
+            "lambert",
+            "attenuat",
+            "optical",
+        ],
         eval: |a| m::exp10(-a[0] * a[1] * a[2]),
     },
     Operator {
@@ -208,7 +235,11 @@ pub const CATALOG: &[Operator] = &[
         name: "exponential shielding (narrow-beam transmission)",
         equation: "I/I0 = exp(−(μ/ρ)·ρ·d)",
         unit: "1",
-        inputs: &[logr("mu_rho", "m²/kg", 1e-4, 1.0), logr("rho", "kg/m³", 1.0, 2e4), logr("d", "m", 1e-4, 10.0)],
+        inputs: &[
+            logr("mu_rho", "m²/kg", 1e-4, 1.0),
+            logr("rho", "kg/m³", 1.0, 2e4),
+            logr("d", "m", 1e-4, 10.0),
+        ],
         keywords: &["shield", "radiation", "attenuat", "dose", "cosmic"],
         eval: |a| m::exp(-a[0] * a[1] * a[2]),
     },
@@ -262,7 +293,11 @@ pub const CATALOG: &[Operator] = &[
         name: "Coulomb's law",
         equation: "F = k_e·q1·q2/r²",
         unit: "N",
-        inputs: &[lin("q1", "C", -1e-3, 1e-3), lin("q2", "C", -1e-3, 1e-3), R_DIST],
+        inputs: &[
+            lin("q1", "C", -1e-3, 1e-3),
+            lin("q2", "C", -1e-3, 1e-3),
+            R_DIST,
+        ],
         keywords: &["charge", "coulomb", "electric"],
         eval: |a| K_E * a[0] * a[1] / (a[2] * a[2]),
     },
@@ -304,14 +339,20 @@ mod tests {
         for o in CATALOG {
             assert!(!o.inputs.is_empty(), "{}", o.code);
             for i in o.inputs {
-                assert!(i.lo <= i.hi && (!i.log || i.lo > 0.0), "{} {}", o.code, i.name);
+                assert!(
+                    i.lo <= i.hi && (!i.log || i.lo > 0.0),
+                    "{} {}",
+                    o.code,
+                    i.name
+                );
             }
         }
     }
 
     #[test]
     fn equations_match_known_values() {
-        let close = |a: f64, b: f64, rel: f64| assert!((a - b).abs() <= rel * b.abs(), "{a} vs {b}");
+        let close =
+            |a: f64, b: f64, rel: f64| assert!((a - b).abs() <= rel * b.abs(), "{a} vs {b}");
         // The Sun's Schwarzschild radius is about 2953 m.
         close(op("GR37").eval(&[1.989e30]), 2953.0, 1e-3);
         // Earth's surface escape velocity ≈ 11.19 km/s.
@@ -322,9 +363,17 @@ mod tests {
         close(op("PD01").eval(&[1.0, 9.81]), 2.006, 1e-3);
         // Absorbance 1 transmits a tenth.
         close(op("BL01").eval(&[1.0, 1.0, 1.0]), 0.1, 1e-12);
-        close(op("SH01").eval(&[0.01, 1000.0, 0.1]), (-1.0f64).exp(), 1e-12);
+        close(
+            op("SH01").eval(&[0.01, 1000.0, 0.1]),
+            (-1.0f64).exp(),
+            1e-12,
+        );
         // Earth–Moon attraction ≈ 1.98e20 N.
-        close(op("NG01").eval(&[5.972e24, 7.342e22, 3.844e8]), 1.98e20, 1e-2);
+        close(
+            op("NG01").eval(&[5.972e24, 7.342e22, 3.844e8]),
+            1.98e20,
+            1e-2,
+        );
         // KO42 is the identity at t = 0 and peaks a quarter cycle later.
         assert_eq!(op("KO42").eval(&[0.0]), 1.0);
         close(op("KO42").eval(&[0.25 / KO42_HZ]), 1.0 + KO42_ALPHA, 1e-12);

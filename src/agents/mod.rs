@@ -92,7 +92,10 @@ pub struct AgentsConfig {
 
 impl Default for AgentsConfig {
     fn default() -> Self {
-        AgentsConfig { max_live_per_account: 10, byok_timeout_ms: 500 }
+        AgentsConfig {
+            max_live_per_account: 10,
+            byok_timeout_ms: 500,
+        }
     }
 }
 
@@ -129,7 +132,9 @@ pub enum AgentError {
     NotFound,
     #[error("no credential with that id belongs to this account")]
     CredentialNotFound,
-    #[error("this account already has {limit} live agent runs; kill one or wait for one to finish")]
+    #[error(
+        "this account already has {limit} live agent runs; kill one or wait for one to finish"
+    )]
     QuotaExceeded { limit: u32 },
     #[error("the run has ended ({status}); spawn a new one")]
     Done { status: &'static str },
@@ -156,7 +161,10 @@ impl From<redb::StorageError> for AgentError {
 }
 
 fn invalid(code: &'static str, message: impl Into<String>) -> AgentError {
-    AgentError::Invalid { code, message: message.into() }
+    AgentError::Invalid {
+        code,
+        message: message.into(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,7 +254,10 @@ impl Run {
 
 /// `ZID-` and the first 8 hex digits of SHA-256(agent id).
 pub fn agent_zid(agent_id: &str) -> String {
-    format!("ZID-{}", &crate::ledger::hex::encode(&crate::auth::sha256(agent_id.as_bytes()))[..8])
+    format!(
+        "ZID-{}",
+        &crate::ledger::hex::encode(&crate::auth::sha256(agent_id.as_bytes()))[..8]
+    )
 }
 
 /// A validated spawn body.
@@ -261,14 +272,25 @@ pub struct SpawnRequest {
     pub slug: Option<String>,
 }
 
-fn int_in(body: &serde_json::Map<String, Value>, field: &str, code: &'static str) -> Result<u8, AgentError> {
+fn int_in(
+    body: &serde_json::Map<String, Value>,
+    field: &str,
+    code: &'static str,
+) -> Result<u8, AgentError> {
     match body.get(field).and_then(Value::as_u64) {
         Some(n @ 1..=10) => Ok(n as u8),
-        _ => Err(invalid(code, format!("{field} must be an integer from 1 to 10"))),
+        _ => Err(invalid(
+            code,
+            format!("{field} must be an integer from 1 to 10"),
+        )),
     }
 }
 
-fn optional_uuid(body: &serde_json::Map<String, Value>, field: &str, code: &'static str) -> Result<Option<String>, AgentError> {
+fn optional_uuid(
+    body: &serde_json::Map<String, Value>,
+    field: &str,
+    code: &'static str,
+) -> Result<Option<String>, AgentError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => uuid::Uuid::parse_str(s)
@@ -285,14 +307,28 @@ impl SpawnRequest {
             return Err(invalid("invalid_body", "the body must be a JSON object"));
         };
         let problem = match body.get("problem") {
-            Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= MAX_PROBLEM_CHARS => s.clone(),
-            _ => return Err(invalid("invalid_problem", format!("problem must be a non-empty string of at most {MAX_PROBLEM_CHARS} characters"))),
+            Some(Value::String(s))
+                if !s.trim().is_empty() && s.chars().count() <= MAX_PROBLEM_CHARS =>
+            {
+                s.clone()
+            }
+            _ => return Err(invalid(
+                "invalid_problem",
+                format!(
+                    "problem must be a non-empty string of at most {MAX_PROBLEM_CHARS} characters"
+                ),
+            )),
         };
         let population = int_in(body, "population", "invalid_population")?;
         let generations = int_in(body, "generations", "invalid_generations")?;
         let precision = match body.get("precision").and_then(Value::as_f64) {
             Some(p) if (0.0001..=0.1).contains(&p) => p,
-            _ => return Err(invalid("invalid_precision", "precision must be a number from 0.0001 to 0.1")),
+            _ => {
+                return Err(invalid(
+                    "invalid_precision",
+                    "precision must be a number from 0.0001 to 0.1",
+                ))
+            }
         };
         let credential_id = optional_uuid(body, "credential_id", "invalid_credential_id")?;
         let parent_master_id = optional_uuid(body, "parent_master_id", "invalid_parent_master_id")?;
@@ -301,7 +337,15 @@ impl SpawnRequest {
             Some(Value::String(s)) if machines::valid_slug(s) => Some(s.clone()),
             Some(_) => return Err(invalid("invalid_slug", "slug must match [a-z0-9-]{1,64}")),
         };
-        Ok(SpawnRequest { problem, population, generations, precision, credential_id, parent_master_id, slug })
+        Ok(SpawnRequest {
+            problem,
+            population,
+            generations,
+            precision,
+            credential_id,
+            parent_master_id,
+            slug,
+        })
     }
 }
 
@@ -409,15 +453,26 @@ fn charge(
     now_ms: i64,
 ) -> Result<Charge, StoreError> {
     account.balance -= cost;
-    txn.open_table(ACCOUNTS)?.insert(account.zid.as_str(), store::encode(&account).as_slice())?;
+    txn.open_table(ACCOUNTS)?
+        .insert(account.zid.as_str(), store::encode(&account).as_slice())?;
     meta_add(txn, "tally_burned", burn)?;
     meta_add(txn, "tally_foundation", cost - burn)?;
-    let c = Charge { charged: cost, burned: burn, to_foundation: cost - burn, remaining_after: account.balance };
+    let c = Charge {
+        charged: cost,
+        burned: burn,
+        to_foundation: cost - burn,
+        remaining_after: account.balance,
+    };
     let payload = json!({
         "zid": account.zid, "reason": reason, "agent_id": agent_id,
         "charged": c.charged, "burned": c.burned, "toFoundation": c.to_foundation, "remainingAfter": c.remaining_after,
     });
-    ledger_log::append(txn, slug, Entry::json("tally_charge", actor, &payload), now_ms)?;
+    ledger_log::append(
+        txn,
+        slug,
+        Entry::json("tally_charge", actor, &payload),
+        now_ms,
+    )?;
     Ok(c)
 }
 
@@ -431,7 +486,10 @@ fn spawn_target(
         if m.access(principal) >= Access::Admin {
             Ok(())
         } else {
-            Err(AgentError::NotChainMember(format!("the caller is not admin or owner of machine `{}`", m.slug)))
+            Err(AgentError::NotChainMember(format!(
+                "the caller is not admin or owner of machine `{}`",
+                m.slug
+            )))
         }
     };
     match principal {
@@ -502,7 +560,11 @@ pub struct SpawnContext<'a> {
 /// Spawns a run inside `txn`: validates everything first (chain, credential, parent, quota,
 /// balance), then creates the default machine if needed, charges, stores the run and runs the
 /// first tick.
-pub fn spawn(txn: &WriteTransaction, req: SpawnRequest, ctx: SpawnContext<'_>) -> Result<Spawned, AgentError> {
+pub fn spawn(
+    txn: &WriteTransaction,
+    req: SpawnRequest,
+    ctx: SpawnContext<'_>,
+) -> Result<Spawned, AgentError> {
     let (slug, payer, create_machine) = spawn_target(txn, ctx.principal, req.slug.as_deref())?;
     if let Some(c) = &req.credential_id {
         let cred = byok::credential_in(txn, c)?;
@@ -515,7 +577,9 @@ pub fn spawn(txn: &WriteTransaction, req: SpawnRequest, ctx: SpawnContext<'_>) -
         Some(p) => {
             let parent = run_in(txn, p)?.ok_or(AgentError::NotFound)?;
             let machine = machine_in(txn, &parent.slug)?;
-            if run_access(machine.as_ref(), &parent, ctx.principal) < Access::Viewer && parent.payer != payer {
+            if run_access(machine.as_ref(), &parent, ctx.principal) < Access::Viewer
+                && parent.payer != payer
+            {
                 return Err(AgentError::NotFound);
             }
             // The mesh is flat: a child of a child joins its master's mesh.
@@ -523,12 +587,17 @@ pub fn spawn(txn: &WriteTransaction, req: SpawnRequest, ctx: SpawnContext<'_>) -
         }
     };
     if live_count(txn, &payer)? >= ctx.max_live {
-        return Err(AgentError::QuotaExceeded { limit: ctx.max_live });
+        return Err(AgentError::QuotaExceeded {
+            limit: ctx.max_live,
+        });
     }
     let account = account_in(txn, &payer)?;
     let balance = account.as_ref().map(|a| a.balance).unwrap_or(0);
     let Some(account) = account.filter(|a| a.balance >= SPAWN_COST) else {
-        return Err(AgentError::InsufficientBalance { balance, required: SPAWN_COST });
+        return Err(AgentError::InsufficientBalance {
+            balance,
+            required: SPAWN_COST,
+        });
     };
     if run_in(txn, &ctx.agent_id)?.is_some() {
         return Err(invalid("agent_exists", "an agent run with this id exists"));
@@ -537,10 +606,23 @@ pub fn spawn(txn: &WriteTransaction, req: SpawnRequest, ctx: SpawnContext<'_>) -
     let actor = ctx.principal.actor();
     let now = ctx.now_ms;
     if create_machine {
-        let request = NewMachine { slug: Some(slug.clone()), ..NewMachine::default() };
+        let request = NewMachine {
+            slug: Some(slug.clone()),
+            ..NewMachine::default()
+        };
         machines::create(txn, &payer, &actor, request, ctx.defaults, now)?;
     }
-    let spawn_charge = charge(txn, account, SPAWN_COST, SPAWN_BURN, &slug, "agent_spawn", &ctx.agent_id, &actor, now)?;
+    let spawn_charge = charge(
+        txn,
+        account,
+        SPAWN_COST,
+        SPAWN_BURN,
+        &slug,
+        "agent_spawn",
+        &ctx.agent_id,
+        &actor,
+        now,
+    )?;
     let run = Run {
         id: ctx.agent_id.clone(),
         agent_zid: agent_zid(&ctx.agent_id),
@@ -566,22 +648,40 @@ pub fn spawn(txn: &WriteTransaction, req: SpawnRequest, ctx: SpawnContext<'_>) -
         "population": run.population, "generations": run.generations, "precision": run.precision,
         "byok": run.credential_id.is_some(), "master_id": run.master_id,
     });
-    ledger_log::append(txn, &slug, Entry::json("agent_spawned", actor.clone(), &spawned_row), now)?;
-    txn.open_table(RUNS)?.insert(run.id.as_str(), store::encode(&run).as_slice())?;
-    txn.open_table(LIVE)?.insert((payer.as_str(), run.id.as_str()), ())?;
-    txn.open_table(BY_ACCOUNT)?.insert((payer.as_str(), run.id.as_str()), ())?;
-    txn.open_table(BY_MACHINE)?.insert((slug.as_str(), run.id.as_str()), ())?;
+    ledger_log::append(
+        txn,
+        &slug,
+        Entry::json("agent_spawned", actor.clone(), &spawned_row),
+        now,
+    )?;
+    txn.open_table(RUNS)?
+        .insert(run.id.as_str(), store::encode(&run).as_slice())?;
+    txn.open_table(LIVE)?
+        .insert((payer.as_str(), run.id.as_str()), ())?;
+    txn.open_table(BY_ACCOUNT)?
+        .insert((payer.as_str(), run.id.as_str()), ())?;
+    txn.open_table(BY_MACHINE)?
+        .insert((slug.as_str(), run.id.as_str()), ())?;
     if let Some(m) = &master_id {
-        txn.open_table(MESH)?.insert((m.as_str(), run.id.as_str()), ())?;
+        txn.open_table(MESH)?
+            .insert((m.as_str(), run.id.as_str()), ())?;
     }
     let first_tick = if spawn_charge.remaining_after >= TICK_COST {
         Some(tick(txn, &run.id, "spawn", &actor, ctx.enrichment, now)?)
     } else {
         None
     };
-    let charge = first_tick.as_ref().map(|t| spawn_charge.add(t.charge)).unwrap_or(spawn_charge);
+    let charge = first_tick
+        .as_ref()
+        .map(|t| spawn_charge.add(t.charge))
+        .unwrap_or(spawn_charge);
     let run = run_in(txn, &ctx.agent_id)?.unwrap_or(run);
-    Ok(Spawned { run, charge, first_tick, machine_created: create_machine })
+    Ok(Spawned {
+        run,
+        charge,
+        first_tick,
+        machine_created: create_machine,
+    })
 }
 
 /// Runs one tick of run `id` in `txn`: refuses (writing nothing) when the run has ended, has
@@ -597,7 +697,9 @@ pub fn tick(
 ) -> Result<Tick, AgentError> {
     let mut run = run_in(txn, id)?.ok_or(AgentError::NotFound)?;
     if !run.is_live() {
-        return Err(AgentError::Done { status: run.status.as_str() });
+        return Err(AgentError::Done {
+            status: run.status.as_str(),
+        });
     }
     let zeqond = clock::zeqond(now_ms);
     if let Some(last) = run.last_tick_zeqond.filter(|l| *l >= zeqond) {
@@ -606,11 +708,29 @@ pub fn tick(
     let account = account_in(txn, &run.payer)?;
     let balance = account.as_ref().map(|a| a.balance).unwrap_or(0);
     let Some(account) = account.filter(|a| a.balance >= TICK_COST) else {
-        return Err(AgentError::InsufficientBalance { balance, required: TICK_COST });
+        return Err(AgentError::InsufficientBalance {
+            balance,
+            required: TICK_COST,
+        });
     };
-    let c = charge(txn, account, TICK_COST, TICK_BURN, &run.slug, "agent_tick", id, actor, now_ms)?;
+    let c = charge(
+        txn,
+        account,
+        TICK_COST,
+        TICK_BURN,
+        &run.slug,
+        "agent_tick",
+        id,
+        actor,
+        now_ms,
+    )?;
     let problem = Problem::parse(&run.problem);
-    let generation = search::step(&mut run.search, &problem, run.population as usize, &enrichment.proposals);
+    let generation = search::step(
+        &mut run.search,
+        &problem,
+        run.population as usize,
+        &enrichment.proposals,
+    );
     run.status = if generation.best.fitness <= run.precision {
         RunStatus::Converged
     } else if run.search.next_generation >= u32::from(run.generations) {
@@ -623,7 +743,8 @@ pub fn tick(
     run.charged += TICK_COST;
     if !run.is_live() {
         run.ended_zeqond = Some(zeqond);
-        txn.open_table(LIVE)?.remove((run.payer.as_str(), run.id.as_str()))?;
+        txn.open_table(LIVE)?
+            .remove((run.payer.as_str(), run.id.as_str()))?;
     }
     let result = generation.best.genotype.evaluate(&problem).to_json();
     let row = json!({
@@ -637,33 +758,68 @@ pub fn tick(
         "by": by,
         "byok": enrichment.record,
     });
-    ledger_log::append(txn, &run.slug, Entry::json("agent_tick", actor, &row), now_ms)?;
-    txn.open_table(LINEAGE)?.insert((run.id.as_str(), generation.generation), store::encode(&generation).as_slice())?;
-    txn.open_table(RUNS)?.insert(run.id.as_str(), store::encode(&run).as_slice())?;
-    Ok(Tick { generation, status: run.status, zeqond, charge: c, result })
+    ledger_log::append(
+        txn,
+        &run.slug,
+        Entry::json("agent_tick", actor, &row),
+        now_ms,
+    )?;
+    txn.open_table(LINEAGE)?.insert(
+        (run.id.as_str(), generation.generation),
+        store::encode(&generation).as_slice(),
+    )?;
+    txn.open_table(RUNS)?
+        .insert(run.id.as_str(), store::encode(&run).as_slice())?;
+    Ok(Tick {
+        generation,
+        status: run.status,
+        zeqond,
+        charge: c,
+        result,
+    })
 }
 
 /// Ends run `id` and appends `agent_killed`; returns (Zeqond, transition id of the row).
-pub fn kill(txn: &WriteTransaction, id: &str, actor: &str, now_ms: i64) -> Result<(u64, String), AgentError> {
+pub fn kill(
+    txn: &WriteTransaction,
+    id: &str,
+    actor: &str,
+    now_ms: i64,
+) -> Result<(u64, String), AgentError> {
     let mut run = run_in(txn, id)?.ok_or(AgentError::NotFound)?;
     if !run.is_live() {
-        return Err(AgentError::AlreadyDead { status: run.status.as_str() });
+        return Err(AgentError::AlreadyDead {
+            status: run.status.as_str(),
+        });
     }
     let zeqond = clock::zeqond(now_ms);
     run.status = RunStatus::Killed;
     run.ended_zeqond = Some(zeqond);
-    txn.open_table(LIVE)?.remove((run.payer.as_str(), run.id.as_str()))?;
-    txn.open_table(RUNS)?.insert(run.id.as_str(), store::encode(&run).as_slice())?;
+    txn.open_table(LIVE)?
+        .remove((run.payer.as_str(), run.id.as_str()))?;
+    txn.open_table(RUNS)?
+        .insert(run.id.as_str(), store::encode(&run).as_slice())?;
     let payload = json!({"agent_id": run.id, "generation": run.search.next_generation.checked_sub(1), "ticks": run.ticks});
-    let row = ledger_log::append(txn, &run.slug, Entry::json("agent_killed", actor, &payload), now_ms)?;
-    Ok((zeqond, uuid::Uuid::from_bytes(row.transition_id).to_string()))
+    let row = ledger_log::append(
+        txn,
+        &run.slug,
+        Entry::json("agent_killed", actor, &payload),
+        now_ms,
+    )?;
+    Ok((
+        zeqond,
+        uuid::Uuid::from_bytes(row.transition_id).to_string(),
+    ))
 }
 
 /// Adds `amount` ZEQ to an account (`smgate account credit`); returns the new balance.
 pub fn credit(txn: &WriteTransaction, zid: &Zid, amount: i64) -> Result<Option<i64>, StoreError> {
-    let Some(mut account) = account_in(txn, zid)? else { return Ok(None) };
+    let Some(mut account) = account_in(txn, zid)? else {
+        return Ok(None);
+    };
     account.balance = account.balance.saturating_add(amount);
-    txn.open_table(ACCOUNTS)?.insert(zid.as_str(), store::encode(&account).as_slice())?;
+    txn.open_table(ACCOUNTS)?
+        .insert(zid.as_str(), store::encode(&account).as_slice())?;
     meta_add(txn, "tally_credited", amount)?;
     Ok(Some(account.balance))
 }
@@ -686,7 +842,11 @@ pub mod read {
         Ok(out)
     }
 
-    fn ids(txn: &ReadTransaction, table: TableDefinition<(&str, &str), ()>, key: &str) -> Result<Vec<String>, StoreError> {
+    fn ids(
+        txn: &ReadTransaction,
+        table: TableDefinition<(&str, &str), ()>,
+        key: &str,
+    ) -> Result<Vec<String>, StoreError> {
         let t = txn.open_table(table)?;
         let mut out = Vec::new();
         for entry in t.range((key, "")..)? {
@@ -738,7 +898,13 @@ pub mod read {
 
     /// Gateway-wide tally totals from `META`: (burned, to the foundation, credited).
     pub fn totals(txn: &ReadTransaction) -> Result<(i64, i64, i64), StoreError> {
-        let get = |k: &str| -> Result<i64, StoreError> { Ok(store::get::<i64>(txn, META, k)?.unwrap_or(0)) };
-        Ok((get("tally_burned")?, get("tally_foundation")?, get("tally_credited")?))
+        let get = |k: &str| -> Result<i64, StoreError> {
+            Ok(store::get::<i64>(txn, META, k)?.unwrap_or(0))
+        };
+        Ok((
+            get("tally_burned")?,
+            get("tally_foundation")?,
+            get("tally_credited")?,
+        ))
     }
 }

@@ -76,7 +76,8 @@ impl Problem {
         let mut target = None;
         let mut i = 0;
         while i < s.len() {
-            let starts_name = (s[i].is_ascii_alphabetic() || s[i] == b'_') && (i == 0 || !name_char(s[i - 1]));
+            let starts_name =
+                (s[i].is_ascii_alphabetic() || s[i] == b'_') && (i == 0 || !name_char(s[i - 1]));
             if !starts_name {
                 i += 1;
                 continue;
@@ -94,7 +95,8 @@ impl Problem {
                 continue;
             };
             let end = i + 1 + len;
-            if end < s.len() && (s[end].is_ascii_alphanumeric() || s[end] == b'.' || s[end] == b'_') {
+            if end < s.len() && (s[end].is_ascii_alphanumeric() || s[end] == b'.' || s[end] == b'_')
+            {
                 i = end;
                 continue;
             }
@@ -105,7 +107,11 @@ impl Problem {
             }
             i = end;
         }
-        Problem { params, target, words: text.to_lowercase() }
+        Problem {
+            params,
+            target,
+            words: text.to_lowercase(),
+        }
     }
 }
 
@@ -115,7 +121,8 @@ mod tests {
 
     #[test]
     fn parameters_and_target_are_read_from_the_text() {
-        let p = Problem::parse("Shield a probe: d=0.05 rho=2700, target=1e-3 (M=5.97E24; x=.5 y=5.)");
+        let p =
+            Problem::parse("Shield a probe: d=0.05 rho=2700, target=1e-3 (M=5.97E24; x=.5 y=5.)");
         assert_eq!(p.target, Some(1e-3));
         assert_eq!(p.params.get("d"), Some(&0.05));
         assert_eq!(p.params.get("rho"), Some(&2700.0));
@@ -130,8 +137,16 @@ mod tests {
         let p = Problem::parse("d=2cm max=3 a = 4 b=x c=1.2.3 e=-7 f=1e q=inf");
         assert_eq!(p.params.get("max"), Some(&3.0));
         assert_eq!(p.params.get("e"), Some(&-7.0));
-        assert_eq!(p.params.get("f"), None, "a dangling exponent makes it not a number");
-        assert!(!p.params.contains_key("d") && !p.params.contains_key("x") && !p.params.contains_key("a"));
+        assert_eq!(
+            p.params.get("f"),
+            None,
+            "a dangling exponent makes it not a number"
+        );
+        assert!(
+            !p.params.contains_key("d")
+                && !p.params.contains_key("x")
+                && !p.params.contains_key("a")
+        );
         assert!(!p.params.contains_key("c") && !p.params.contains_key("q"));
         assert_eq!(p.target, None);
         let none = Problem::parse("optimal radiation shielding for 180-day Mars transit");

@@ -138,11 +138,18 @@ fn finite(v: f64) -> Value {
 
 impl Genotype {
     pub fn operators(&self) -> Vec<&'static str> {
-        std::iter::once(CATALOG[KO42].code).chain(self.ops.iter().map(|&i| CATALOG[i as usize].code)).collect()
+        std::iter::once(CATALOG[KO42].code)
+            .chain(self.ops.iter().map(|&i| CATALOG[i as usize].code))
+            .collect()
     }
 
     fn input_value(&self, problem: &Problem, name: &str) -> f64 {
-        problem.params.get(name).or_else(|| self.genes.get(name)).copied().unwrap_or(f64::NAN)
+        problem
+            .params
+            .get(name)
+            .or_else(|| self.genes.get(name))
+            .copied()
+            .unwrap_or(f64::NAN)
     }
 
     /// Evaluates the chain: KO42 · head · Π tail.
@@ -154,12 +161,20 @@ impl Genotype {
         let mut value = k;
         for &i in &self.ops {
             let op = &CATALOG[i as usize];
-            let args: Vec<f64> = op.inputs.iter().map(|inp| self.input_value(problem, inp.name)).collect();
+            let args: Vec<f64> = op
+                .inputs
+                .iter()
+                .map(|inp| self.input_value(problem, inp.name))
+                .collect();
             let v = op.eval(&args);
             value *= v;
             terms.push((op, v, op.inputs.iter().map(|i| i.name).zip(args).collect()));
         }
-        let unit = self.ops.first().map(|&i| CATALOG[i as usize].unit).unwrap_or("1");
+        let unit = self
+            .ops
+            .first()
+            .map(|&i| CATALOG[i as usize].unit)
+            .unwrap_or("1");
         ZeqState { value, unit, terms }
     }
 
@@ -189,7 +204,11 @@ impl Genotype {
                         }
                     }
                     let w = bumped.evaluate(&p).value;
-                    worst = worst.max(if w.is_finite() { (w - v).abs() / v.abs() } else { FITNESS_CAP });
+                    worst = worst.max(if w.is_finite() {
+                        (w - v).abs() / v.abs()
+                    } else {
+                        FITNESS_CAP
+                    });
                 }
                 worst
             }
@@ -238,19 +257,32 @@ fn draw(inp: &super::catalog::Input, rng: &mut Rng) -> f64 {
 }
 
 fn input_spec(name: &str) -> Option<&'static super::catalog::Input> {
-    CATALOG[1..].iter().flat_map(|o| o.inputs.iter()).find(|i| i.name == name)
+    CATALOG[1..]
+        .iter()
+        .flat_map(|o| o.inputs.iter())
+        .find(|i| i.name == name)
 }
 
 /// Weight of an operator for a problem (module doc).
 fn weight(op: &Operator, problem: &Problem) -> u64 {
-    let keywords = op.keywords.iter().filter(|k| problem.words.contains(*k)).count() as u64;
-    let pinned = op.inputs.iter().filter(|i| problem.params.contains_key(i.name)).count() as u64;
+    let keywords = op
+        .keywords
+        .iter()
+        .filter(|k| problem.words.contains(*k))
+        .count() as u64;
+    let pinned = op
+        .inputs
+        .iter()
+        .filter(|i| problem.params.contains_key(i.name))
+        .count() as u64;
     1 + 3 * keywords + 2 * pinned
 }
 
 fn pick(problem: &Problem, rng: &mut Rng, allowed: impl Fn(usize) -> bool) -> Option<u8> {
-    let candidates: Vec<(usize, u64)> =
-        (1..CATALOG.len()).filter(|&i| allowed(i)).map(|i| (i, weight(&CATALOG[i], problem))).collect();
+    let candidates: Vec<(usize, u64)> = (1..CATALOG.len())
+        .filter(|&i| allowed(i))
+        .map(|i| (i, weight(&CATALOG[i], problem)))
+        .collect();
     let total: u64 = candidates.iter().map(|c| c.1).sum();
     if total == 0 {
         return None;
@@ -278,7 +310,10 @@ fn random_genotype(problem: &Problem, rng: &mut Rng) -> Genotype {
             ops.push(t);
         }
     }
-    let mut g = Genotype { ops, genes: BTreeMap::new() };
+    let mut g = Genotype {
+        ops,
+        genes: BTreeMap::new(),
+    };
     g.settle_genes(problem, rng);
     g
 }
@@ -286,8 +321,16 @@ fn random_genotype(problem: &Problem, rng: &mut Rng) -> Genotype {
 /// A genotype from operator codes a model proposed; `None` if they do not form a valid
 /// chain. Genes come from `like` where names match, else the middle of their range (no draw
 /// from the generator, so the deterministic stream is not shifted).
-pub fn genotype_from_codes(codes: &[String], like: &Genotype, problem: &Problem) -> Option<Genotype> {
-    let codes: Vec<&str> = codes.iter().map(String::as_str).filter(|c| *c != "KO42").collect();
+pub fn genotype_from_codes(
+    codes: &[String],
+    like: &Genotype,
+    problem: &Problem,
+) -> Option<Genotype> {
+    let codes: Vec<&str> = codes
+        .iter()
+        .map(String::as_str)
+        .filter(|c| *c != "KO42")
+        .collect();
     if codes.is_empty() || codes.len() > MAX_CHAIN {
         return None;
     }
@@ -299,13 +342,22 @@ pub fn genotype_from_codes(codes: &[String], like: &Genotype, problem: &Problem)
         }
         ops.push(i as u8);
     }
-    let mut g = Genotype { ops, genes: BTreeMap::new() };
+    let mut g = Genotype {
+        ops,
+        genes: BTreeMap::new(),
+    };
     for name in g.input_names() {
         if problem.params.contains_key(name) {
             continue;
         }
         let v = like.genes.get(name).copied().or_else(|| {
-            input_spec(name).map(|i| if i.log { (i.lo * i.hi).sqrt() } else { (i.lo + i.hi) / 2.0 })
+            input_spec(name).map(|i| {
+                if i.log {
+                    (i.lo * i.hi).sqrt()
+                } else {
+                    (i.lo + i.hi) / 2.0
+                }
+            })
         })?;
         g.genes.insert(name.to_owned(), v);
     }
@@ -316,7 +368,11 @@ fn crossover(a: &Genotype, b: &Genotype, rng: &mut Rng) -> Genotype {
     let mut ops = vec![a.ops[0]];
     let slots = a.ops.len().max(b.ops.len());
     for s in 1..slots {
-        let from = if rng.chance(0.5) { a.ops.get(s) } else { b.ops.get(s) };
+        let from = if rng.chance(0.5) {
+            a.ops.get(s)
+        } else {
+            b.ops.get(s)
+        };
         if let Some(&i) = from {
             if tail_ok(&ops, i as usize) {
                 ops.push(i);
@@ -397,7 +453,12 @@ pub struct SearchState {
 
 impl SearchState {
     pub fn new(problem_text: &str, agent_id: &str) -> SearchState {
-        SearchState { rng: Rng::seeded(problem_text, agent_id), next_generation: 0, population: Vec::new(), best: None }
+        SearchState {
+            rng: Rng::seeded(problem_text, agent_id),
+            next_generation: 0,
+            population: Vec::new(),
+            best: None,
+        }
     }
 }
 
@@ -433,12 +494,20 @@ impl Generation {
 
 fn score(g: Genotype, problem: &Problem) -> Scored {
     let fitness = g.fitness(problem);
-    Scored { genotype: g, fitness }
+    Scored {
+        genotype: g,
+        fitness,
+    }
 }
 
 /// Computes the next generation. `proposals` (BYOK) replace the last children; they use no
 /// randomness, so the stream stays the deterministic one.
-pub fn step(state: &mut SearchState, problem: &Problem, population: usize, proposals: &[Vec<String>]) -> Generation {
+pub fn step(
+    state: &mut SearchState,
+    problem: &Problem,
+    population: usize,
+    proposals: &[Vec<String>],
+) -> Generation {
     let population = population.max(1);
     let rng = &mut state.rng;
     let mut next: Vec<Genotype> = Vec::with_capacity(population);
@@ -451,12 +520,20 @@ pub fn step(state: &mut SearchState, problem: &Problem, population: usize, propo
         while next.len() < population {
             let a = tournament(&state.population, rng).genotype.clone();
             let b = tournament(&state.population, rng).genotype.clone();
-            let mut child = if rng.chance(0.7) { crossover(&a, &b, rng) } else { a };
+            let mut child = if rng.chance(0.7) {
+                crossover(&a, &b, rng)
+            } else {
+                a
+            };
             mutate(&mut child, problem, rng);
             next.push(child);
         }
     }
-    let like = state.best.as_ref().map(|b| b.genotype.clone()).unwrap_or_else(|| next[0].clone());
+    let like = state
+        .best
+        .as_ref()
+        .map(|b| b.genotype.clone())
+        .unwrap_or_else(|| next[0].clone());
     let mut proposed = 0;
     for codes in proposals.iter().take(population.saturating_sub(1).max(1)) {
         if let Some(g) = genotype_from_codes(codes, &like, problem) {
@@ -472,7 +549,12 @@ pub fn step(state: &mut SearchState, problem: &Problem, population: usize, propo
         Some(b) if b.fitness <= scored[0].fitness => b.clone(),
         _ => scored[0].clone(),
     };
-    let generation = Generation { generation: state.next_generation, population: scored.clone(), best: best.clone(), proposed };
+    let generation = Generation {
+        generation: state.next_generation,
+        population: scored.clone(),
+        best: best.clone(),
+        proposed,
+    };
     state.population = scored;
     state.best = Some(best);
     state.next_generation += 1;
@@ -482,7 +564,13 @@ pub fn step(state: &mut SearchState, problem: &Problem, population: usize, propo
 /// Runs a whole search without a store: the lineage a gateway must produce for these inputs
 /// when no tick is killed or skipped and no model is used. Stops at `best ≤ precision` or
 /// after `generations`.
-pub fn replay(problem_text: &str, agent_id: &str, population: usize, generations: u32, precision: f64) -> Vec<Generation> {
+pub fn replay(
+    problem_text: &str,
+    agent_id: &str,
+    population: usize,
+    generations: u32,
+    precision: f64,
+) -> Vec<Generation> {
     let problem = Problem::parse(problem_text);
     let mut state = SearchState::new(problem_text, agent_id);
     let mut out = Vec::new();
@@ -509,7 +597,10 @@ mod tests {
         let a = replay(p, ID, 6, 10, 1e-4);
         let b = replay(p, ID, 6, 10, 1e-4);
         assert_eq!(a, b);
-        assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&b).unwrap());
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            serde_json::to_string(&b).unwrap()
+        );
         let other = replay(p, "00000000-0000-4000-8000-000000000000", 6, 10, 1e-4);
         assert_ne!(a, other, "another agent id seeds another search");
     }
@@ -567,7 +658,10 @@ mod tests {
     fn default_objective_is_one_percent_sensitivity() {
         let problem = Problem::parse("no target M=1e30");
         let (gr37, _) = super::super::catalog::find("GR37").unwrap();
-        let g = Genotype { ops: vec![gr37 as u8], genes: BTreeMap::new() };
+        let g = Genotype {
+            ops: vec![gr37 as u8],
+            genes: BTreeMap::new(),
+        };
         // r_s is linear in M: a 1 % bump moves it 1 %.
         assert!((g.fitness(&problem) - 0.01).abs() < 1e-9);
     }
@@ -575,12 +669,20 @@ mod tests {
     #[test]
     fn proposals_are_validated_against_the_catalog() {
         let problem = Problem::parse("x");
-        let like = Genotype { ops: vec![1], genes: BTreeMap::new() };
+        let like = Genotype {
+            ops: vec![1],
+            genes: BTreeMap::new(),
+        };
         let s = |v: &[&str]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>();
         assert!(genotype_from_codes(&s(&["KO42", "IS01", "SH01"]), &like, &problem).is_some());
-        assert!(genotype_from_codes(&s(&["SH01", "IS01"]), &like, &problem).is_none(), "a tail must be dimensionless");
+        assert!(
+            genotype_from_codes(&s(&["SH01", "IS01"]), &like, &problem).is_none(),
+            "a tail must be dimensionless"
+        );
         assert!(genotype_from_codes(&s(&["NOPE"]), &like, &problem).is_none());
-        assert!(genotype_from_codes(&s(&["IS01", "SH01", "RD01", "GT01"]), &like, &problem).is_none());
+        assert!(
+            genotype_from_codes(&s(&["IS01", "SH01", "RD01", "GT01"]), &like, &problem).is_none()
+        );
         assert!(genotype_from_codes(&s(&[]), &like, &problem).is_none());
     }
 

@@ -32,7 +32,11 @@ struct Due {
 /// Runs whose last tick is before Zeqond `z`.
 fn due(gw: &Gateway, z: u64) -> Vec<Due> {
     let claimed: Vec<String> = match gw.agents.claims.lock() {
-        Ok(c) => c.iter().filter(|(_, zc)| **zc == z).map(|(id, _)| id.clone()).collect(),
+        Ok(c) => c
+            .iter()
+            .filter(|(_, zc)| **zc == z)
+            .map(|(id, _)| id.clone())
+            .collect(),
         Err(_) => Vec::new(),
     };
     let scan = gw.store.view(|txn| {
@@ -41,7 +45,9 @@ fn due(gw: &Gateway, z: u64) -> Vec<Due> {
             if claimed.contains(&id) {
                 continue;
             }
-            let Some(run) = read::run(txn, &id)? else { continue };
+            let Some(run) = read::run(txn, &id)? else {
+                continue;
+            };
             if run.last_tick_zeqond.is_some_and(|l| l >= z) {
                 continue;
             }
@@ -50,7 +56,13 @@ fn due(gw: &Gateway, z: u64) -> Vec<Due> {
                 None => None,
             };
             let best = run.search.best.as_ref().map(|b| b.genotype.operators());
-            out.push(Due { id, byok: run.credential_id.is_some(), credential: cred, problem: run.problem, best });
+            out.push(Due {
+                id,
+                byok: run.credential_id.is_some(),
+                credential: cred,
+                problem: run.problem,
+                best,
+            });
         }
         Ok(out)
     });
@@ -75,7 +87,10 @@ pub async fn pass(gw: &Arc<Gateway>) -> usize {
             if !d.byok {
                 return (d.id, Enrichment::default());
             }
-            let e = gw.agents.enrich(d.credential.as_ref(), &d.problem, d.best.as_deref()).await;
+            let e = gw
+                .agents
+                .enrich(d.credential.as_ref(), &d.problem, d.best.as_deref())
+                .await;
             (d.id, e)
         }
     });
@@ -102,7 +117,9 @@ pub async fn pass(gw: &Arc<Gateway>) -> usize {
     match outcome {
         Ok((ticked, skipped)) => {
             gw.agents.ticked.fetch_add(ticked as u64, Ordering::Relaxed);
-            gw.agents.skipped.fetch_add(skipped as u64, Ordering::Relaxed);
+            gw.agents
+                .skipped
+                .fetch_add(skipped as u64, Ordering::Relaxed);
             ticked
         }
         Err(e) => {

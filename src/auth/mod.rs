@@ -133,8 +133,15 @@ impl KeyRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
     Anonymous,
-    Account { zid: Zid, key_id: String },
-    MachineKey { slug: String, role: Role, key_id: String },
+    Account {
+        zid: Zid,
+        key_id: String,
+    },
+    MachineKey {
+        slug: String,
+        role: Role,
+        key_id: String,
+    },
 }
 
 impl Principal {
@@ -150,7 +157,9 @@ impl Principal {
 
 pub fn fill_random(buf: &mut [u8]) {
     // The system RNG failing is not recoverable for a security appliance.
-    SystemRandom::new().fill(buf).expect("system random number generator failed");
+    SystemRandom::new()
+        .fill(buf)
+        .expect("system random number generator failed");
 }
 
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -187,7 +196,11 @@ pub fn new_raw_key(prefix: &str) -> (String, [u8; 32]) {
 
 fn hint(raw: &str) -> String {
     let cut = raw.find('_').map(|i| i + 1).unwrap_or(0);
-    let cut = if raw.starts_with(ACCOUNT_KEY_PREFIX) { ACCOUNT_KEY_PREFIX.len() } else { cut };
+    let cut = if raw.starts_with(ACCOUNT_KEY_PREFIX) {
+        ACCOUNT_KEY_PREFIX.len()
+    } else {
+        cut
+    };
     format!("{}…", &raw[..(cut + 4).min(raw.len())])
 }
 
@@ -214,8 +227,10 @@ pub fn mint_key(
         expires_ms,
         revoked_ms: None,
     };
-    txn.open_table(KEYS)?.insert(hash.as_slice(), store::encode(&record).as_slice())?;
-    txn.open_table(KEY_IDS)?.insert(record.id.as_str(), hash.as_slice())?;
+    txn.open_table(KEYS)?
+        .insert(hash.as_slice(), store::encode(&record).as_slice())?;
+    txn.open_table(KEY_IDS)?
+        .insert(record.id.as_str(), hash.as_slice())?;
     Ok((raw, record))
 }
 
@@ -223,14 +238,19 @@ pub fn mint_key(
 pub fn subject_exists(txn: &WriteTransaction, subject: &KeySubject) -> Result<bool, StoreError> {
     Ok(match subject {
         KeySubject::Account { zid } => txn.open_table(ACCOUNTS)?.get(zid.as_str())?.is_some(),
-        KeySubject::Machine { slug, .. } => txn.open_table(store::MACHINES)?.get(slug.as_str())?.is_some(),
+        KeySubject::Machine { slug, .. } => txn
+            .open_table(store::MACHINES)?
+            .get(slug.as_str())?
+            .is_some(),
     })
 }
 
 /// Looks up a key record by id.
 pub fn key_by_id(txn: &ReadTransaction, id: &str) -> Result<Option<KeyRecord>, StoreError> {
     let ids = txn.open_table(KEY_IDS)?;
-    let Some(hash) = ids.get(id)? else { return Ok(None) };
+    let Some(hash) = ids.get(id)? else {
+        return Ok(None);
+    };
     let keys = txn.open_table(KEYS)?;
     let record = keys.get(hash.value())?;
     record.map(|r| store::decode(r.value())).transpose()
@@ -302,21 +322,32 @@ pub fn resolve(
     bearer: Option<&str>,
     now_ms: i64,
 ) -> Result<Principal, AuthError> {
-    let Some(raw) = bearer else { return Ok(Principal::Anonymous) };
+    let Some(raw) = bearer else {
+        return Ok(Principal::Anonymous);
+    };
     if !(raw.starts_with(ACCOUNT_KEY_PREFIX) || raw.starts_with(MACHINE_KEY_PREFIX)) {
         return Err(AuthError::Unauthorized);
     }
     let hash = sha256(raw.as_bytes());
     let keys = txn.open_table(KEYS).map_err(StoreError::from)?;
     let found = keys.get(hash.as_slice()).map_err(StoreError::from)?;
-    let Some(found) = found else { return Err(AuthError::Unauthorized) };
+    let Some(found) = found else {
+        return Err(AuthError::Unauthorized);
+    };
     let record: KeyRecord = store::decode(found.value())?;
     if !ct_eq(&record.hash, &hash) || !record.is_live(now_ms) {
         return Err(AuthError::Unauthorized);
     }
     Ok(match record.subject {
-        KeySubject::Account { zid } => Principal::Account { zid, key_id: record.id },
-        KeySubject::Machine { slug, role } => Principal::MachineKey { slug, role, key_id: record.id },
+        KeySubject::Account { zid } => Principal::Account {
+            zid,
+            key_id: record.id,
+        },
+        KeySubject::Machine { slug, role } => Principal::MachineKey {
+            slug,
+            role,
+            key_id: record.id,
+        },
     })
 }
 
@@ -335,9 +366,14 @@ pub fn create_account(
             }
         }
     };
-    let account =
-        Account { zid: zid.clone(), display_name: display_name.into(), balance: 0, created_ms: now_ms };
-    txn.open_table(ACCOUNTS)?.insert(zid.as_str(), store::encode(&account).as_slice())?;
+    let account = Account {
+        zid: zid.clone(),
+        display_name: display_name.into(),
+        balance: 0,
+        created_ms: now_ms,
+    };
+    txn.open_table(ACCOUNTS)?
+        .insert(zid.as_str(), store::encode(&account).as_slice())?;
     let (raw, _) = mint_key(txn, KeySubject::Account { zid }, "initial", None, now_ms)?;
     Ok((account, raw))
 }

@@ -15,7 +15,11 @@ pub struct RateLimiter<K> {
 impl<K: Hash + Eq + Clone> RateLimiter<K> {
     pub fn per_minute(n: u32) -> Self {
         let n = f64::from(n.max(1));
-        RateLimiter { capacity: n, per_second: n / 60.0, buckets: Mutex::new(HashMap::new()) }
+        RateLimiter {
+            capacity: n,
+            per_second: n / 60.0,
+            buckets: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Takes one token for `key`, or says how many whole seconds to wait (≥ 1).
@@ -24,7 +28,9 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     }
 
     fn check_at(&self, key: &K, now: Instant) -> Result<(), u64> {
-        let Ok(mut buckets) = self.buckets.lock() else { return Ok(()) };
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return Ok(());
+        };
         if buckets.len() > 100_000 {
             // Full buckets carry no information; dropping them bounds memory under IP churn.
             let (cap, rate) = (self.capacity, self.per_second);

@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
-use super::{bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream};
+use super::{
+    bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
+};
 use crate::agents::{self, byok, read, AgentError, Enrichment, Run, SpawnContext, SpawnRequest};
 use crate::auth::{Access, Principal, Zid};
 use crate::clock;
@@ -22,33 +24,50 @@ impl From<AgentError> for ApiError {
         match e {
             AgentError::Invalid { code, .. } => ApiError::bad_request(code, message),
             AgentError::Unauthorized => ApiError::unauthorized(),
-            AgentError::InsufficientBalance { balance, required } => {
-                ApiError::new(StatusCode::PAYMENT_REQUIRED, "INSUFFICIENT_BALANCE", message)
-                    .with("balance", json!(balance))
-                    .with("required", json!(required))
+            AgentError::InsufficientBalance { balance, required } => ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "INSUFFICIENT_BALANCE",
+                message,
+            )
+            .with("balance", json!(balance))
+            .with("required", json!(required)),
+            AgentError::NotChainMember(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "not_chain_member", message)
             }
-            AgentError::NotChainMember(_) => ApiError::new(StatusCode::FORBIDDEN, "not_chain_member", message),
             AgentError::Forbidden(_) => ApiError::forbidden(message),
             AgentError::MachineNotFound => ApiError::machine_not_found(),
-            AgentError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "agent_not_found", message),
-            AgentError::CredentialNotFound => ApiError::new(StatusCode::NOT_FOUND, "credential_not_found", message),
+            AgentError::NotFound => {
+                ApiError::new(StatusCode::NOT_FOUND, "agent_not_found", message)
+            }
+            AgentError::CredentialNotFound => {
+                ApiError::new(StatusCode::NOT_FOUND, "credential_not_found", message)
+            }
             AgentError::QuotaExceeded { limit } => {
-                ApiError::new(StatusCode::CONFLICT, "quota_exceeded", message).with("limit", json!(limit))
+                ApiError::new(StatusCode::CONFLICT, "quota_exceeded", message)
+                    .with("limit", json!(limit))
             }
-            AgentError::Done { status } => ApiError::new(StatusCode::CONFLICT, "agent_done", message).with("status", json!(status)),
+            AgentError::Done { status } => {
+                ApiError::new(StatusCode::CONFLICT, "agent_done", message)
+                    .with("status", json!(status))
+            }
             AgentError::AlreadyDead { status } => {
-                ApiError::new(StatusCode::CONFLICT, "agent_already_dead", message).with("status", json!(status))
+                ApiError::new(StatusCode::CONFLICT, "agent_already_dead", message)
+                    .with("status", json!(status))
             }
-            AgentError::TooSoon { zeqond } => ApiError::new(StatusCode::CONFLICT, "tick_too_soon", message)
-                .with("last_tick_zeqond", json!(zeqond))
-                .with("next_zeqond", json!(zeqond + 1)),
+            AgentError::TooSoon { zeqond } => {
+                ApiError::new(StatusCode::CONFLICT, "tick_too_soon", message)
+                    .with("last_tick_zeqond", json!(zeqond))
+                    .with("next_zeqond", json!(zeqond + 1))
+            }
             AgentError::Machine(m) => m.into(),
             AgentError::Store(s) => s.into(),
         }
     }
 }
 
-pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+pub fn routes(
+    gw: Arc<Gateway>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let g = move || with_gateway(gw.clone());
     let spawn = warp::path!("api" / "zeq" / "agent" / "spawn")
         .and(warp::post())
@@ -79,12 +98,14 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = wa
         .and(warp::get())
         .and(g())
         .and(bearer())
-        .and_then(|what: String, id: String, gw: Arc<Gateway>, bearer: Option<String>| async move {
-            if !matches!(what.as_str(), "status" | "lineage" | "mesh") {
-                return Err(warp::reject::not_found());
-            }
-            Ok::<_, warp::Rejection>(respond(view(gw, bearer, &what, id)))
-        });
+        .and_then(
+            |what: String, id: String, gw: Arc<Gateway>, bearer: Option<String>| async move {
+                if !matches!(what.as_str(), "status" | "lineage" | "mesh") {
+                    return Err(warp::reject::not_found());
+                }
+                Ok::<_, warp::Rejection>(respond(view(gw, bearer, &what, id)))
+            },
+        );
     let tally = warp::path!("api" / "tally" / "account" / String)
         .and(warp::get())
         .and(g())
@@ -95,8 +116,22 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = wa
         .and(g())
         .and(bearer())
         .and(body())
-        .then(|gw, bearer, len, body| async move { respond(credential(gw, bearer, len, body).await) });
-    spawn.or(tick).unify().or(kill).unify().or(list).unify().or(view).unify().or(tally).unify().or(credentials).unify()
+        .then(
+            |gw, bearer, len, body| async move { respond(credential(gw, bearer, len, body).await) },
+        );
+    spawn
+        .or(tick)
+        .unify()
+        .or(kill)
+        .unify()
+        .or(list)
+        .unify()
+        .or(view)
+        .unify()
+        .or(tally)
+        .unify()
+        .or(credentials)
+        .unify()
 }
 
 fn caller(gw: &Gateway, bearer: Option<&str>) -> Result<Principal, ApiError> {
@@ -107,17 +142,32 @@ fn caller(gw: &Gateway, bearer: Option<&str>) -> Result<Principal, ApiError> {
 }
 
 /// Asks the run's model when it has a credential that the payer owns; otherwise nothing.
-async fn enrichment(gw: &Gateway, credential_id: Option<&str>, payer: Option<&Zid>, problem: &str, best: Option<Vec<&'static str>>) -> Result<Enrichment, ApiError> {
-    let Some(id) = credential_id else { return Ok(Enrichment::default()) };
+async fn enrichment(
+    gw: &Gateway,
+    credential_id: Option<&str>,
+    payer: Option<&Zid>,
+    problem: &str,
+    best: Option<Vec<&'static str>>,
+) -> Result<Enrichment, ApiError> {
+    let Some(id) = credential_id else {
+        return Ok(Enrichment::default());
+    };
     let cred = gw.store.view(|txn| byok::credential(txn, id))?;
     match cred {
-        Some(c) if Some(&c.owner) == payer => Ok(gw.agents.enrich(Some(&c), problem, best.as_deref()).await),
+        Some(c) if Some(&c.owner) == payer => {
+            Ok(gw.agents.enrich(Some(&c), problem, best.as_deref()).await)
+        }
         // The write refuses it (404 credential_not_found) or records the fallback.
         _ => Ok(Enrichment::default()),
     }
 }
 
-async fn spawn(gw: Arc<Gateway>, bearer: Option<String>, declared: Option<u64>, body: BodyStream) -> Result<Response, ApiError> {
+async fn spawn(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    declared: Option<u64>,
+    body: BodyStream,
+) -> Result<Response, ApiError> {
     let principal = caller(&gw, bearer.as_deref())?;
     let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
     let request = SpawnRequest::from_json(&parse_json(&bytes)?)?;
@@ -125,18 +175,34 @@ async fn spawn(gw: Arc<Gateway>, bearer: Option<String>, declared: Option<u64>, 
         Principal::Account { zid, .. } => Some(zid.clone()),
         Principal::MachineKey { slug, .. } => {
             let target = request.slug.clone().unwrap_or_else(|| slug.clone());
-            gw.store.view(|txn| machines::get(txn, &target))?.map(|m| m.owner_zid)
+            gw.store
+                .view(|txn| machines::get(txn, &target))?
+                .map(|m| m.owner_zid)
         }
         Principal::Anonymous => None,
     };
-    let enrichment = enrichment(&gw, request.credential_id.as_deref(), payer.as_ref(), &request.problem, None).await?;
+    let enrichment = enrichment(
+        &gw,
+        request.credential_id.as_deref(),
+        payer.as_ref(),
+        &request.problem,
+        None,
+    )
+    .await?;
     let agent_id = uuid::Uuid::new_v4().to_string();
     let max_live = gw.config.agents.max_live_per_account;
     let defaults = gw.machine_defaults.clone();
     let spawned = gw
         .writer
         .write(move |txn| {
-            let ctx = SpawnContext { principal: &principal, agent_id, max_live, defaults: &defaults, enrichment, now_ms: clock::now_ms() };
+            let ctx = SpawnContext {
+                principal: &principal,
+                agent_id,
+                max_live,
+                defaults: &defaults,
+                enrichment,
+                now_ms: clock::now_ms(),
+            };
             agents::spawn(txn, request, ctx)
         })
         .await?;
@@ -159,11 +225,15 @@ async fn spawn(gw: Arc<Gateway>, bearer: Option<String>, declared: Option<u64>, 
 /// The run and the caller's access to it; runs the caller cannot see are 404.
 fn visible_run(gw: &Gateway, principal: &Principal, id: &str) -> Result<(Run, Access), ApiError> {
     let found = gw.store.view(|txn| {
-        let Some(run) = read::run(txn, id)? else { return Ok(None) };
+        let Some(run) = read::run(txn, id)? else {
+            return Ok(None);
+        };
         let machine = machines::get(txn, &run.slug)?;
         Ok(Some((run, machine)))
     })?;
-    let Some((run, machine)) = found else { return Err(AgentError::NotFound.into()) };
+    let Some((run, machine)) = found else {
+        return Err(AgentError::NotFound.into());
+    };
     let access = agents::run_access(machine.as_ref(), &run, principal);
     if access < Access::Viewer {
         return Err(AgentError::NotFound.into());
@@ -175,7 +245,9 @@ fn admin(access: Access, what: &str) -> Result<(), ApiError> {
     if access >= Access::Admin {
         Ok(())
     } else {
-        Err(ApiError::forbidden(format!("{what} needs the run's owner or an admin key of its machine")))
+        Err(ApiError::forbidden(format!(
+            "{what} needs the run's owner or an admin key of its machine"
+        )))
     }
 }
 
@@ -184,17 +256,30 @@ async fn tick(gw: Arc<Gateway>, bearer: Option<String>, id: String) -> Result<Re
     let (run, access) = visible_run(&gw, &principal, &id)?;
     admin(access, "ticking")?;
     if !run.is_live() {
-        return Err(AgentError::Done { status: run.status.as_str() }.into());
+        return Err(AgentError::Done {
+            status: run.status.as_str(),
+        }
+        .into());
     }
     let best = run.search.best.as_ref().map(|b| b.genotype.operators());
-    let enrichment = enrichment(&gw, run.credential_id.as_deref(), Some(&run.payer), &run.problem, best).await?;
+    let enrichment = enrichment(
+        &gw,
+        run.credential_id.as_deref(),
+        Some(&run.payer),
+        &run.problem,
+        best,
+    )
+    .await?;
     let actor = principal.actor();
     // The ticker usually has ticked this Zeqond already: then this tick claims the next
     // Zeqond (the ticker leaves the run alone there) and waits for it.
     let mut attempt = 0;
     let outcome = loop {
         let (run_id, actor, e) = (id.clone(), actor.clone(), enrichment.clone());
-        let outcome = gw.writer.write(move |txn| agents::tick(txn, &run_id, "manual", &actor, e, clock::now_ms())).await;
+        let outcome = gw
+            .writer
+            .write(move |txn| agents::tick(txn, &run_id, "manual", &actor, e, clock::now_ms()))
+            .await;
         match outcome {
             Err(AgentError::TooSoon { zeqond }) if attempt < 2 => {
                 attempt += 1;
@@ -226,7 +311,10 @@ async fn kill(gw: Arc<Gateway>, bearer: Option<String>, id: String) -> Result<Re
     admin(access, "killing")?;
     let actor = principal.actor();
     let run_id = id.clone();
-    let (zeqond, transition_id) = gw.writer.write(move |txn| agents::kill(txn, &run_id, &actor, clock::now_ms())).await?;
+    let (zeqond, transition_id) = gw
+        .writer
+        .write(move |txn| agents::kill(txn, &run_id, &actor, clock::now_ms()))
+        .await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"ok": true, "agent_id": id, "killed_at_zeqond": zeqond, "transition_id": transition_id}),
@@ -236,16 +324,26 @@ async fn kill(gw: Arc<Gateway>, bearer: Option<String>, id: String) -> Result<Re
 fn list(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, ApiError> {
     let principal = caller(&gw, bearer.as_deref())?;
     let runs = match &principal {
-        Principal::Account { zid, .. } => gw.store.view(|txn| read::by_account(txn, zid.as_str()))?,
+        Principal::Account { zid, .. } => {
+            gw.store.view(|txn| read::by_account(txn, zid.as_str()))?
+        }
         Principal::MachineKey { slug, .. } => gw.store.view(|txn| read::by_machine(txn, slug))?,
         Principal::Anonymous => Vec::new(),
     };
     let live = runs.iter().filter(|r| r.is_live()).count();
     let agents: Vec<Value> = runs.iter().map(Run::to_json).collect();
-    Ok(json_response(StatusCode::OK, &json!({"ok": true, "count": agents.len(), "live": live, "agents": agents})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "count": agents.len(), "live": live, "agents": agents}),
+    ))
 }
 
-fn view(gw: Arc<Gateway>, bearer: Option<String>, what: &str, id: String) -> Result<Response, ApiError> {
+fn view(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    what: &str,
+    id: String,
+) -> Result<Response, ApiError> {
     let principal = caller(&gw, bearer.as_deref())?;
     let (run, _) = visible_run(&gw, &principal, &id)?;
     let body = match what {
@@ -281,19 +379,31 @@ fn view(gw: Arc<Gateway>, bearer: Option<String>, what: &str, id: String) -> Res
 
 fn tally(gw: Arc<Gateway>, bearer: Option<String>, zid: String) -> Result<Response, ApiError> {
     let principal = caller(&gw, bearer.as_deref())?;
-    let zid = Zid::parse(&zid).ok_or_else(|| ApiError::bad_request("invalid_zid", "a ZID is ZEQ and 11 digits"))?;
+    let zid = Zid::parse(&zid)
+        .ok_or_else(|| ApiError::bad_request("invalid_zid", "a ZID is ZEQ and 11 digits"))?;
     if !matches!(&principal, Principal::Account { zid: z, .. } if *z == zid) {
-        return Err(ApiError::forbidden("an account's tally is visible only with its own account key"));
+        return Err(ApiError::forbidden(
+            "an account's tally is visible only with its own account key",
+        ));
     }
     let (account, slugs, runs, live) = gw.store.view(|txn| {
         let account = crate::auth::account(txn, zid.as_str())?;
-        let slugs: Vec<String> =
-            machines::all(txn)?.into_iter().filter(|m| m.owner_zid == zid).map(|m| m.slug).collect();
+        let slugs: Vec<String> = machines::all(txn)?
+            .into_iter()
+            .filter(|m| m.owner_zid == zid)
+            .map(|m| m.slug)
+            .collect();
         let runs = read::by_account(txn, zid.as_str())?;
         let live = read::live_count(txn, zid.as_str())?;
         Ok((account, slugs, runs, live))
     })?;
-    let account = account.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "account_not_found", "no such account"))?;
+    let account = account.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "account_not_found",
+            "no such account",
+        )
+    })?;
     let spent: i64 = runs.iter().map(|r| r.charged).sum();
     Ok(json_response(
         StatusCode::OK,
@@ -311,14 +421,23 @@ fn tally(gw: Arc<Gateway>, bearer: Option<String>, zid: String) -> Result<Respon
     ))
 }
 
-async fn credential(gw: Arc<Gateway>, bearer: Option<String>, declared: Option<u64>, body: BodyStream) -> Result<Response, ApiError> {
+async fn credential(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    declared: Option<u64>,
+    body: BodyStream,
+) -> Result<Response, ApiError> {
     let principal = caller(&gw, bearer.as_deref())?;
     let Principal::Account { zid, .. } = principal else {
-        return Err(ApiError::forbidden("credentials belong to accounts: use an account key (zeq_ak_…)"));
+        return Err(ApiError::forbidden(
+            "credentials belong to accounts: use an account key (zeq_ak_…)",
+        ));
     };
     let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
     let cred = byok::new_credential(&gw.agents, &zid, &parse_json(&bytes)?, clock::now_ms())?;
     let reply = json!({"ok": true, "credential_id": cred.id, "name": cred.name, "created_at": clock::rfc3339(cred.created_ms)});
-    gw.writer.write(move |txn| byok::store_credential(txn, &cred)).await?;
+    gw.writer
+        .write(move |txn| byok::store_credential(txn, &cred))
+        .await?;
     Ok(json_response(StatusCode::CREATED, &reply))
 }

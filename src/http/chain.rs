@@ -10,7 +10,10 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-use super::{bearer, body, json_response, parse_json, read_body, respond, visible_machine, with_gateway, ApiError, BodyStream};
+use super::{
+    bearer, body, json_response, parse_json, read_body, respond, visible_machine, with_gateway,
+    ApiError, BodyStream,
+};
 use crate::auth::{sha256, Access};
 use crate::clock;
 use crate::ledger::{self, canonical, hex, log, Checkpoint, Row};
@@ -24,7 +27,9 @@ pub const MAX_EVENT_TYPE: usize = 64;
 
 type Query = std::collections::HashMap<String, String>;
 
-pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+pub fn routes(
+    gw: Arc<Gateway>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let base = || warp::path!("api" / "chain" / "state-machines" / String / ..);
     let event = base()
         .and(warp::path!("event"))
@@ -32,25 +37,45 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = wa
         .and(with_gateway(gw.clone()))
         .and(bearer())
         .and(body())
-        .then(|slug, gw, bearer, len, body| async move { respond(post_event(gw, bearer, slug, len, body).await) });
+        .then(|slug, gw, bearer, len, body| async move {
+            respond(post_event(gw, bearer, slug, len, body).await)
+        });
     let reads = base()
         .and(warp::path::tail())
         .and(warp::get())
         .and(warp::query::<Query>())
         .and(with_gateway(gw.clone()))
         .and(bearer())
-        .and(warp::header::optional::<u64>("last-event-id").or(warp::any().map(|| None)).unify())
-        .and_then(|slug: String, tail: warp::path::Tail, q: Query, gw: Arc<Gateway>, bearer: Option<String>, last: Option<u64>| async move {
-            let route = tail.as_str().trim_end_matches('/').to_string();
-            let known = matches!(
-                route.as_str(),
-                "state" | "block" | "explore" | "explore/sse" | "pohc/validate" | "checkpoint" | "proof/inclusion" | "proof/consistency"
-            );
-            if !known {
-                return Err(warp::reject::not_found());
-            }
-            Ok::<_, warp::Rejection>(respond(read(gw, bearer, slug, &route, q, last)))
-        });
+        .and(
+            warp::header::optional::<u64>("last-event-id")
+                .or(warp::any().map(|| None))
+                .unify(),
+        )
+        .and_then(
+            |slug: String,
+             tail: warp::path::Tail,
+             q: Query,
+             gw: Arc<Gateway>,
+             bearer: Option<String>,
+             last: Option<u64>| async move {
+                let route = tail.as_str().trim_end_matches('/').to_string();
+                let known = matches!(
+                    route.as_str(),
+                    "state"
+                        | "block"
+                        | "explore"
+                        | "explore/sse"
+                        | "pohc/validate"
+                        | "checkpoint"
+                        | "proof/inclusion"
+                        | "proof/consistency"
+                );
+                if !known {
+                    return Err(warp::reject::not_found());
+                }
+                Ok::<_, warp::Rejection>(respond(read(gw, bearer, slug, &route, q, last)))
+            },
+        );
     event.or(reads).unify()
 }
 
@@ -60,7 +85,9 @@ fn readable(gw: &Gateway, bearer: Option<&str>, slug: &str) -> Result<Machine, A
     let principal = gw.principal(bearer)?;
     let (machine, access) = visible_machine(gw, &principal, slug)?;
     if access < Access::Owner {
-        gw.read_limit.check(&machine.slug).map_err(|s| gw.rate_limited(s))?;
+        gw.read_limit
+            .check(&machine.slug)
+            .map_err(|s| gw.rate_limited(s))?;
     }
     Ok(machine)
 }
@@ -78,42 +105,65 @@ async fn post_event(
     }
     let (machine, access) = visible_machine(&gw, &principal, &slug)?;
     if access < Access::Operator {
-        return Err(ApiError::forbidden("recording events needs the owner or an operator or admin key"));
+        return Err(ApiError::forbidden(
+            "recording events needs the owner or an operator or admin key",
+        ));
     }
-    gw.write_limit.check(&machine.slug).map_err(|s| gw.rate_limited(s))?;
+    gw.write_limit
+        .check(&machine.slug)
+        .map_err(|s| gw.rate_limited(s))?;
     let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
     let body = parse_json(&bytes)?;
     let Value::Object(body) = body else {
-        return Err(ApiError::bad_request("invalid_body", "the body must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "the body must be a JSON object",
+        ));
     };
     let event_type = match body.get("type") {
         None | Some(Value::Null) => "event".to_string(),
         Some(Value::String(t))
-            if !t.is_empty() && t.chars().count() <= MAX_EVENT_TYPE && !t.chars().any(char::is_control) =>
+            if !t.is_empty()
+                && t.chars().count() <= MAX_EVENT_TYPE
+                && !t.chars().any(char::is_control) =>
         {
             t.clone()
         }
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_type",
-                format!("type must be a string of 1–{MAX_EVENT_TYPE} characters without control characters"),
-            ))
-        }
+        Some(_) => return Err(ApiError::bad_request(
+            "invalid_type",
+            format!(
+                "type must be a string of 1–{MAX_EVENT_TYPE} characters without control characters"
+            ),
+        )),
     };
     let payload_hash = match (body.get("payload"), body.get("hash")) {
         (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request("invalid_body", "give either payload or hash, not both"))
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "give either payload or hash, not both",
+            ))
         }
         (None, Some(h)) => h
             .as_str()
             .and_then(|h| hex::decode_hash(&h.to_ascii_lowercase()).ok())
-            .ok_or_else(|| ApiError::bad_request("invalid_hash", "hash must be 64 hex digits (a SHA-256)"))?,
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_hash", "hash must be 64 hex digits (a SHA-256)")
+            })?,
         (payload, None) => sha256(&canonical::to_vec(payload.unwrap_or(&Value::Null))),
     };
     let actor = principal.actor();
     let row = gw
         .writer
-        .write(move |txn| machines::record_event(txn, &slug, &event_type, &payload_hash, &actor, clock::now_ms()))
+        .write(move |txn| {
+            machines::record_event(
+                txn,
+                &slug,
+                &event_type,
+                &payload_hash,
+                &actor,
+                clock::now_ms(),
+            )
+        })
         .await?;
     Ok(json_response(
         StatusCode::CREATED,
@@ -150,7 +200,10 @@ fn num(q: &Query, key: &str) -> Result<Option<u64>, ApiError> {
     match q.get(key) {
         None => Ok(None),
         Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
-            ApiError::bad_request("invalid_range", format!("`{key}` must be a non-negative integer"))
+            ApiError::bad_request(
+                "invalid_range",
+                format!("`{key}` must be a non-negative integer"),
+            )
         }),
     }
 }
@@ -172,7 +225,13 @@ fn read(
     let head = gw
         .store
         .view(|txn| log::read::head(txn, slug))?
-        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unspecified", "machine has no log"))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "unspecified",
+                "machine has no log",
+            )
+        })?;
     let size = head.size;
     match route {
         "state" => {
@@ -184,7 +243,8 @@ fn read(
             ))
         }
         "block" => {
-            let z = num(&q, "zeqond")?.ok_or_else(|| ApiError::bad_request("invalid_zeqond", "give ?zeqond=N"))?;
+            let z = num(&q, "zeqond")?
+                .ok_or_else(|| ApiError::bad_request("invalid_zeqond", "give ?zeqond=N"))?;
             let rows = gw.store.view(|txn| {
                 let seqs = log::read::seqs_at_zeqond(txn, slug, z)?;
                 let mut rows = Vec::with_capacity(seqs.len());
@@ -194,10 +254,17 @@ fn read(
                 Ok(rows)
             })?;
             if rows.is_empty() {
-                return Err(ApiError::new(StatusCode::NOT_FOUND, "no_block_at_zeqond", format!("no rows at zeqond {z}")));
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "no_block_at_zeqond",
+                    format!("no rows at zeqond {z}"),
+                ));
             }
             let rows: Vec<Value> = rows.iter().map(row_json).collect();
-            Ok(json_response(StatusCode::OK, &json!({"ok": true, "zeqond": z, "count": rows.len(), "rows": rows})))
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"ok": true, "zeqond": z, "count": rows.len(), "rows": rows}),
+            ))
         }
         "explore" => {
             let from = num(&q, "from")?.unwrap_or(0);
@@ -206,8 +273,15 @@ fn read(
                 return Err(range_error(format!("from ({from}) is after to ({to})")));
             }
             // `to` is inclusive; one page is at most MAX_PAGE rows.
-            let end = to.min(from.saturating_add(MAX_PAGE - 1)).min(size.saturating_sub(1));
-            let rows = if from < size { gw.store.view(|txn| log::read::rows(txn, slug, from, end + 1))? } else { Vec::new() };
+            let end = to
+                .min(from.saturating_add(MAX_PAGE - 1))
+                .min(size.saturating_sub(1));
+            let rows = if from < size {
+                gw.store
+                    .view(|txn| log::read::rows(txn, slug, from, end + 1))?
+            } else {
+                Vec::new()
+            };
             let next = (from < size && end < to && end + 1 < size).then_some(end + 1);
             let rows: Vec<Value> = rows.iter().map(row_json).collect();
             Ok(json_response(
@@ -227,9 +301,13 @@ fn read(
             let from = num(&q, "from")?.unwrap_or(0);
             let to = num(&q, "to")?.unwrap_or(size.saturating_sub(1));
             if from > to || to >= size {
-                return Err(range_error(format!("need from ≤ to < {size} (the log size)")));
+                return Err(range_error(format!(
+                    "need from ≤ to < {size} (the log size)"
+                )));
             }
-            let report = gw.store.view(|txn| validate(txn, slug, head.genesis_zeqond, from, to))?;
+            let report = gw
+                .store
+                .view(|txn| validate(txn, slug, head.genesis_zeqond, from, to))?;
             Ok(json_response(
                 StatusCode::OK,
                 &json!({"ok": true, "valid": report.valid, "count": report.count, "broken_at": report.broken_at,
@@ -249,10 +327,14 @@ fn read(
             let seq = num(&q, "seq")?.ok_or_else(|| range_error("give ?seq=I"))?;
             let tree = num(&q, "size")?.unwrap_or(size);
             if seq >= tree || tree > size {
-                return Err(range_error(format!("need seq < size ≤ {size} (the log size)")));
+                return Err(range_error(format!(
+                    "need seq < size ≤ {size} (the log size)"
+                )));
             }
             let (row, proof) = gw.store.view(|txn| {
-                let row = log::read::row(txn, slug, seq)?.ok_or_else(|| crate::store::StoreError::Corrupt(format!("row {seq} missing")))?;
+                let row = log::read::row(txn, slug, seq)?.ok_or_else(|| {
+                    crate::store::StoreError::Corrupt(format!("row {seq} missing"))
+                })?;
                 Ok((row, log::read::prove_inclusion(txn, slug, seq, tree)?))
             })?;
             let leaf = ledger::tlog::record_hash(&row.compute_hash());
@@ -266,15 +348,23 @@ fn read(
             let from = num(&q, "from")?.ok_or_else(|| range_error("give ?from=M"))?;
             let to = num(&q, "to")?.unwrap_or(size);
             if from == 0 || from > to || to > size {
-                return Err(range_error(format!("need 1 ≤ from ≤ to ≤ {size} (the log size)")));
+                return Err(range_error(format!(
+                    "need 1 ≤ from ≤ to ≤ {size} (the log size)"
+                )));
             }
-            let proof = gw.store.view(|txn| log::read::prove_consistency(txn, slug, from, to))?;
+            let proof = gw
+                .store
+                .view(|txn| log::read::prove_consistency(txn, slug, from, to))?;
             Ok(json_response(
                 StatusCode::OK,
                 &json!({"from": from, "to": to, "proof": proof.iter().map(|h| hex::encode(h)).collect::<Vec<_>>()}),
             ))
         }
-        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route",
+        )),
     }
 }
 
@@ -292,10 +382,20 @@ pub fn validate(
     } else {
         match log::read::row(txn, slug, from - 1)? {
             Some(r) => r.hash,
-            None => return Ok(ledger::ChainReport { valid: false, count: 0, broken_at: Some(from - 1) }),
+            None => {
+                return Ok(ledger::ChainReport {
+                    valid: false,
+                    count: 0,
+                    broken_at: Some(from - 1),
+                })
+            }
         }
     };
-    let mut report = ledger::ChainReport { valid: true, count: 0, broken_at: None };
+    let mut report = ledger::ChainReport {
+        valid: true,
+        count: 0,
+        broken_at: None,
+    };
     let mut cursor = from;
     let mut prev = anchor;
     // In chunks, so memory stays bounded on long logs.
@@ -318,12 +418,32 @@ pub fn validate(
     Ok(report)
 }
 
-pub fn checkpoint_note(gw: &Gateway, slug: &str, size: u64, root: ledger::Hash) -> Result<String, ApiError> {
-    let body = Checkpoint { origin: format!("{}/{}", gw.identity.id, slug), size, root }
-        .to_body()
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unspecified", e.to_string()))?;
-    ledger::sign_note(&body, &gw.identity.id, &gw.identity.key)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unspecified", e.to_string()))
+pub fn checkpoint_note(
+    gw: &Gateway,
+    slug: &str,
+    size: u64,
+    root: ledger::Hash,
+) -> Result<String, ApiError> {
+    let body = Checkpoint {
+        origin: format!("{}/{}", gw.identity.id, slug),
+        size,
+        root,
+    }
+    .to_body()
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unspecified",
+            e.to_string(),
+        )
+    })?;
+    ledger::sign_note(&body, &gw.identity.id, &gw.identity.key).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unspecified",
+            e.to_string(),
+        )
+    })
 }
 
 /// Live rows from `from` on: first the backlog, then each row as its commit lands. The event
@@ -362,11 +482,18 @@ fn sse(gw: Arc<Gateway>, slug: String, from: u64) -> Response {
             }
         }
     });
-    warp::sse::reply(warp::sse::keep_alive().interval(Duration::from_secs(15)).stream(stream)).into_response()
+    warp::sse::reply(
+        warp::sse::keep_alive()
+            .interval(Duration::from_secs(15))
+            .stream(stream),
+    )
+    .into_response()
 }
 
 /// A stream fed by a task through a small channel: the producer stops when the client leaves.
-fn async_stream<F, Fut>(producer: F) -> impl futures_util::Stream<Item = Result<warp::sse::Event, Infallible>> + Send + 'static
+fn async_stream<F, Fut>(
+    producer: F,
+) -> impl futures_util::Stream<Item = Result<warp::sse::Event, Infallible>> + Send + 'static
 where
     F: FnOnce(tokio::sync::mpsc::Sender<warp::sse::Event>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,

@@ -38,17 +38,24 @@ pub async fn request(
         return Err(ClientError::Url(base.into()));
     }
     let host = uri.host().ok_or_else(|| ClientError::Url(base.into()))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     let port = uri.port_u16().unwrap_or(443);
 
     let mut roots = rustls::RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(ca_cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| ClientError::CaCert { path: ca_cert.display().to_string(), message: e.to_string() })?;
+        .map_err(|e| ClientError::CaCert {
+            path: ca_cert.display().to_string(),
+            message: e.to_string(),
+        })?;
     for c in certs {
-        roots
-            .add(c)
-            .map_err(|e| ClientError::CaCert { path: ca_cert.display().to_string(), message: e.to_string() })?;
+        roots.add(c).map_err(|e| ClientError::CaCert {
+            path: ca_cert.display().to_string(),
+            message: e.to_string(),
+        })?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
@@ -60,18 +67,33 @@ pub async fn request(
     let name = ServerName::try_from(host.clone()).map_err(|_| ClientError::Url(base.into()))?;
 
     let addr = format!("{host}:{port}");
-    let connect_err = |e: std::io::Error| ClientError::Connect { addr: addr.clone(), message: e.to_string() };
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(connect_err)?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(connect_err)?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| ClientError::Http(e.to_string()))?;
+    let connect_err = |e: std::io::Error| ClientError::Connect {
+        addr: addr.clone(),
+        message: e.to_string(),
+    };
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(connect_err)?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(connect_err)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
     let driver = tokio::spawn(conn);
 
     let mut req = http::Request::builder()
         .method(method)
         .uri(path)
-        .header(http::header::HOST, uri.authority().map(|a| a.as_str()).unwrap_or(&host))
-        .header(http::header::USER_AGENT, concat!("smgate/", env!("CARGO_PKG_VERSION")));
+        .header(
+            http::header::HOST,
+            uri.authority().map(|a| a.as_str()).unwrap_or(&host),
+        )
+        .header(
+            http::header::USER_AGENT,
+            concat!("smgate/", env!("CARGO_PKG_VERSION")),
+        );
     if let Some(token) = bearer {
         req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
     }
@@ -82,18 +104,26 @@ pub async fn request(
         }
         None => String::new(),
     };
-    let req = req.body(payload).map_err(|e| ClientError::Http(e.to_string()))?;
-    let res = sender.send_request(req).await.map_err(|e| ClientError::Http(e.to_string()))?;
+    let req = req
+        .body(payload)
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let res = sender
+        .send_request(req)
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
     let status = res.status().as_u16();
     let mut body = res.into_body();
     let mut bytes = Vec::new();
-    while let Some(frame) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await {
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
         let frame = frame.map_err(|e| ClientError::Http(e.to_string()))?;
         if let Ok(data) = frame.into_data() {
             bytes.extend_from_slice(&data);
         }
     }
     driver.abort();
-    let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     Ok((status, value))
 }

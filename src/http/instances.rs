@@ -11,7 +11,10 @@ use serde_json::{json, Map, Value};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-use super::{bearer, body, json_response, parse_json, read_body, visible_machine, with_gateway, ApiError, BodyStream};
+use super::{
+    bearer, body, json_response, parse_json, read_body, visible_machine, with_gateway, ApiError,
+    BodyStream,
+};
 use crate::auth::{Access, Principal};
 use crate::chart::Event;
 use crate::clock;
@@ -38,7 +41,11 @@ impl From<InstanceError> for SbError {
             InstanceError::Chart(c) => format!("{} (at {})", c.message, c.path),
             other => other.to_string(),
         };
-        SbError(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), code, message)
+        SbError(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            code,
+            message,
+        )
     }
 }
 
@@ -71,52 +78,135 @@ fn sb(result: Result<Response, SbError>) -> Response {
 }
 
 fn missing_scope(what: &str) -> SbError {
-    SbError(StatusCode::FORBIDDEN, "missing-scope", format!("this key's role cannot {what}"))
+    SbError(
+        StatusCode::FORBIDDEN,
+        "missing-scope",
+        format!("this key's role cannot {what}"),
+    )
 }
 
 fn bad(code: &'static str, message: impl Into<String>) -> SbError {
     SbError(StatusCode::BAD_REQUEST, code, message.into())
 }
 
-pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+pub fn routes(
+    gw: Arc<Gateway>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let g = move || with_gateway(gw.clone());
-    let list = warp::path!("machines").and(warp::get()).and(g()).and(bearer()).map(|gw, b| sb(list_machines(gw, b)));
-    let one = warp::path!("machines" / String).and(warp::get()).and(g()).and(bearer()).map(|m, gw, b| sb(get_machine(gw, b, m)));
+    let list = warp::path!("machines")
+        .and(warp::get())
+        .and(g())
+        .and(bearer())
+        .map(|gw, b| sb(list_machines(gw, b)));
+    let one = warp::path!("machines" / String)
+        .and(warp::get())
+        .and(g())
+        .and(bearer())
+        .map(|m, gw, b| sb(get_machine(gw, b, m)));
     let new_version = warp::path!("machines" / String / "v")
-        .and(warp::post()).and(g()).and(bearer()).and(body())
+        .and(warp::post())
+        .and(g())
+        .and(bearer())
+        .and(body())
         .then(|m, gw, b, l, s| async move { sb(create_version(gw, b, m, l, s).await) });
-    let versions = warp::path!("machines" / String / "v").and(warp::get()).and(g()).and(bearer()).map(|m, gw, b| sb(list_versions(gw, b, m)));
+    let versions = warp::path!("machines" / String / "v")
+        .and(warp::get())
+        .and(g())
+        .and(bearer())
+        .map(|m, gw, b| sb(list_versions(gw, b, m)));
     let create = warp::path!("machines" / String)
-        .and(warp::post()).and(g()).and(bearer()).and(body())
+        .and(warp::post())
+        .and(g())
+        .and(bearer())
+        .and(body())
         .then(|m, gw, b, l, s| async move { sb(create_instance(gw, b, m, l, s).await) });
     let instances = warp::path!("machines" / String / "i")
-        .and(warp::get()).and(warp::query::<Query>()).and(g()).and(bearer())
+        .and(warp::get())
+        .and(warp::query::<Query>())
+        .and(g())
+        .and(bearer())
         .map(|m, q, gw, b| sb(list_instances(gw, b, m, q)));
-    let get = warp::path!("machines" / String / "i" / String).and(warp::get()).and(g()).and(bearer()).map(|m, i, gw, b| sb(get_instance(gw, b, m, i)));
+    let get = warp::path!("machines" / String / "i" / String)
+        .and(warp::get())
+        .and(g())
+        .and(bearer())
+        .map(|m, i, gw, b| sb(get_instance(gw, b, m, i)));
     let send = warp::path!("machines" / String / "i" / String / "events")
-        .and(warp::post()).and(g()).and(bearer()).and(body())
+        .and(warp::post())
+        .and(g())
+        .and(bearer())
+        .and(body())
         .then(|m, i, gw, b, l, s| async move { sb(send_event(gw, b, m, i, l, s).await) });
     let events = warp::path!("machines" / String / "i" / String / "events")
-        .and(warp::get()).and(warp::query::<Query>()).and(g()).and(bearer())
+        .and(warp::get())
+        .and(warp::query::<Query>())
+        .and(g())
+        .and(bearer())
         .map(|m, i, q, gw, b| sb(list_events(gw, b, m, i, q)));
-    let admin = warp::path!("machines" / String / "i" / String / "admin").and(warp::get()).and(g()).and(bearer()).map(|m, i, gw, b| sb(admin_view(gw, b, m, i)));
+    let admin = warp::path!("machines" / String / "i" / String / "admin")
+        .and(warp::get())
+        .and(g())
+        .and(bearer())
+        .map(|m, i, gw, b| sb(admin_view(gw, b, m, i)));
     let status = warp::path!("machines" / String / "i" / String / "status")
-        .and(warp::put()).and(g()).and(bearer()).and(body())
+        .and(warp::put())
+        .and(g())
+        .and(bearer())
+        .and(body())
         .then(|m, i, gw, b, l, s| async move { sb(put_status(gw, b, m, i, l, s).await) });
     let version = warp::path!("machines" / String / "i" / String / "v")
-        .and(warp::put()).and(g()).and(bearer()).and(body())
+        .and(warp::put())
+        .and(g())
+        .and(bearer())
+        .and(body())
         .then(|m, i, gw, b, l, s| async move { sb(put_version(gw, b, m, i, l, s).await) });
     let delete = warp::path!("machines" / String / "i" / String)
-        .and(warp::delete()).and(g()).and(bearer()).and(body())
+        .and(warp::delete())
+        .and(g())
+        .and(bearer())
+        .and(body())
         .then(|m, i, gw, b, l, s| async move { sb(delete_instance(gw, b, m, i, l, s).await) });
-    let live = warp::path!("machines" / String / "i" / String / "sse").and(warp::get()).and(g()).and(bearer()).map(|m, i, gw, b| sb(live(gw, b, m, i)));
-    list.or(one).unify().or(new_version).unify().or(versions).unify().or(create).unify()
-        .or(instances).unify().or(get).unify().or(send).unify().or(events).unify().or(admin).unify()
-        .or(status).unify().or(version).unify().or(delete).unify().or(live).unify()
+    let live = warp::path!("machines" / String / "i" / String / "sse")
+        .and(warp::get())
+        .and(g())
+        .and(bearer())
+        .map(|m, i, gw, b| sb(live(gw, b, m, i)));
+    list.or(one)
+        .unify()
+        .or(new_version)
+        .unify()
+        .or(versions)
+        .unify()
+        .or(create)
+        .unify()
+        .or(instances)
+        .unify()
+        .or(get)
+        .unify()
+        .or(send)
+        .unify()
+        .or(events)
+        .unify()
+        .or(admin)
+        .unify()
+        .or(status)
+        .unify()
+        .or(version)
+        .unify()
+        .or(delete)
+        .unify()
+        .or(live)
+        .unify()
 }
 
 /// The machine and the caller's access, with `need` enforced.
-fn machine_for(gw: &Gateway, bearer: Option<&str>, slug: &str, need: Access, what: &str) -> Result<(Machine, Access, Principal), SbError> {
+fn machine_for(
+    gw: &Gateway,
+    bearer: Option<&str>,
+    slug: &str,
+    need: Access,
+    what: &str,
+) -> Result<(Machine, Access, Principal), SbError> {
     let principal = gw.principal(bearer).map_err(ApiError::from)?;
     let (machine, access) = visible_machine(gw, &principal, slug)?;
     if access < need {
@@ -126,9 +216,13 @@ fn machine_for(gw: &Gateway, bearer: Option<&str>, slug: &str, need: Access, wha
         return Err(missing_scope(what));
     }
     if access >= Access::Operator && need >= Access::Operator {
-        gw.write_limit.check(&machine.slug).map_err(|s| SbError::from(gw.rate_limited(s)))?;
+        gw.write_limit
+            .check(&machine.slug)
+            .map_err(|s| SbError::from(gw.rate_limited(s)))?;
     } else if access < Access::Owner {
-        gw.read_limit.check(&machine.slug).map_err(|s| SbError::from(gw.rate_limited(s)))?;
+        gw.read_limit
+            .check(&machine.slug)
+            .map_err(|s| SbError::from(gw.rate_limited(s)))?;
     }
     Ok((machine, access, principal))
 }
@@ -144,8 +238,12 @@ fn auth_value(principal: &Principal, access: Access) -> Value {
         Access::None => "none",
     };
     match principal {
-        Principal::Account { zid, .. } => json!({"sub": zid.as_str(), "zid": zid.as_str(), "role": role}),
-        Principal::MachineKey { key_id, .. } => json!({"sub": format!("key:{key_id}"), "role": role}),
+        Principal::Account { zid, .. } => {
+            json!({"sub": zid.as_str(), "zid": zid.as_str(), "role": role})
+        }
+        Principal::MachineKey { key_id, .. } => {
+            json!({"sub": format!("key:{key_id}"), "role": role})
+        }
         Principal::Anonymous => json!({"sub": null, "role": role}),
     }
 }
@@ -182,12 +280,27 @@ fn list_machines(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, S
     Ok(json_response(StatusCode::OK, &json!({"machines": out})))
 }
 
-fn get_machine(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Response, SbError> {
-    let (machine, _, _) = machine_for(&gw, bearer.as_deref(), &slug, Access::Public, "read this machine")?;
+fn get_machine(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+) -> Result<Response, SbError> {
+    let (machine, _, _) = machine_for(
+        &gw,
+        bearer.as_deref(),
+        &slug,
+        Access::Public,
+        "read this machine",
+    )?;
     Ok(json_response(StatusCode::OK, &machine_json(&gw, &machine)?))
 }
 
-async fn json_object(gw: &Gateway, len: Option<u64>, body: BodyStream, limit: u64) -> Result<Map<String, Value>, SbError> {
+async fn json_object(
+    gw: &Gateway,
+    len: Option<u64>,
+    body: BodyStream,
+    limit: u64,
+) -> Result<Map<String, Value>, SbError> {
     let _ = gw;
     let bytes = read_body(len, body, limit).await?;
     match parse_json(&bytes)? {
@@ -196,20 +309,46 @@ async fn json_object(gw: &Gateway, len: Option<u64>, body: BodyStream, limit: u6
     }
 }
 
-async fn create_version(gw: Arc<Gateway>, bearer: Option<String>, slug: String, len: Option<u64>, body: BodyStream) -> Result<Response, SbError> {
-    let (machine, _, principal) = machine_for(&gw, bearer.as_deref(), &slug, Access::Admin, "create versions")?;
+async fn create_version(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    len: Option<u64>,
+    body: BodyStream,
+) -> Result<Response, SbError> {
+    let (machine, _, principal) = machine_for(
+        &gw,
+        bearer.as_deref(),
+        &slug,
+        Access::Admin,
+        "create versions",
+    )?;
     let body = json_object(&gw, len, body, inst::MAX_DEFINITION_BYTES as u64 + 4096).await?;
-    let definition = body.get("definition").ok_or_else(|| bad("invalid-parameters", "give the statechart as `definition`"))?;
+    let definition = body
+        .get("definition")
+        .ok_or_else(|| bad("invalid-parameters", "give the statechart as `definition`"))?;
     // Compile before the write: a bad definition never reaches the store.
     crate::chart::Chart::compile(definition).map_err(|e| SbError::from(InstanceError::from(e)))?;
-    let text = serde_json::to_string(definition).map_err(|e| bad("invalid-parameters", e.to_string()))?;
+    let text =
+        serde_json::to_string(definition).map_err(|e| bad("invalid-parameters", e.to_string()))?;
     if text.len() > inst::MAX_DEFINITION_BYTES {
-        return Err(bad("invalid-parameters", format!("definition is larger than {} bytes", inst::MAX_DEFINITION_BYTES)));
+        return Err(bad(
+            "invalid-parameters",
+            format!(
+                "definition is larger than {} bytes",
+                inst::MAX_DEFINITION_BYTES
+            ),
+        ));
     }
     let client_info = match body.get("clientInfo") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.len() <= 512 => Some(s.clone()),
-        Some(_) => return Err(bad("invalid-parameters", "clientInfo must be a string of at most 512 bytes")),
+        Some(_) => {
+            return Err(bad(
+                "invalid-parameters",
+                "clientInfo must be a string of at most 512 bytes",
+            ))
+        }
     };
     let make_current = match body.get("makeCurrent") {
         None | Some(Value::Null) => false,
@@ -222,28 +361,69 @@ async fn create_version(gw: Arc<Gateway>, bearer: Option<String>, slug: String, 
     let version = gw
         .writer
         .write(move |txn| -> Result<_, InstanceError> {
-            let v = inst::create_version(txn, &m, &text, client_info, make_current, &actor, clock::now_ms())?;
+            let v = inst::create_version(
+                txn,
+                &m,
+                &text,
+                client_info,
+                make_current,
+                &actor,
+                clock::now_ms(),
+            )?;
             if let Some(on) = auto_create {
                 inst::set_auto_create(txn, &m, on)?;
             }
             Ok(v)
         })
         .await?;
-    Ok(json_response(StatusCode::OK, &json!({"machineVersionId": version.id, "number": version.number})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"machineVersionId": version.id, "number": version.number}),
+    ))
 }
 
-fn list_versions(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Response, SbError> {
-    let (machine, _, _) = machine_for(&gw, bearer.as_deref(), &slug, Access::Viewer, "list versions")?;
+fn list_versions(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+) -> Result<Response, SbError> {
+    let (machine, _, _) = machine_for(
+        &gw,
+        bearer.as_deref(),
+        &slug,
+        Access::Viewer,
+        "list versions",
+    )?;
     let versions = gw.store.view(|txn| inst::versions(txn, &machine.slug))?;
-    Ok(json_response(StatusCode::OK, &json!({"versions": versions.iter().map(version_json).collect::<Vec<_>>()})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"versions": versions.iter().map(version_json).collect::<Vec<_>>()}),
+    ))
 }
 
-async fn create_instance(gw: Arc<Gateway>, bearer: Option<String>, slug: String, len: Option<u64>, body: BodyStream) -> Result<Response, SbError> {
-    let (machine, access, principal) = machine_for(&gw, bearer.as_deref(), &slug, Access::Operator, "create instances")?;
+async fn create_instance(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    len: Option<u64>,
+    body: BodyStream,
+) -> Result<Response, SbError> {
+    let (machine, access, principal) = machine_for(
+        &gw,
+        bearer.as_deref(),
+        &slug,
+        Access::Operator,
+        "create instances",
+    )?;
     let body = json_object(&gw, len, body, inst::MAX_CONTEXT_BYTES as u64 + 4096).await?;
     let instance = match body.get("slug") {
         Some(Value::String(s)) if inst::valid_instance_slug(s) => s.clone(),
-        _ => return Err(bad("invalid-parameters", "slug must match ^[a-zA-Z0-9_-]{1,128}$")),
+        _ => {
+            return Err(bad(
+                "invalid-parameters",
+                "slug must match ^[a-zA-Z0-9_-]{1,128}$",
+            ))
+        }
     };
     let context = match body.get("context") {
         None | Some(Value::Null) => json!({}),
@@ -253,52 +433,135 @@ async fn create_instance(gw: Arc<Gateway>, bearer: Option<String>, slug: String,
     let version_id = match body.get("machineVersionId") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(bad("invalid-parameters", "machineVersionId must be a string")),
+        Some(_) => {
+            return Err(bad(
+                "invalid-parameters",
+                "machineVersionId must be a string",
+            ))
+        }
     };
     let auth = auth_value(&principal, access);
     let (charts, actor, m) = (gw.charts.clone(), principal.actor(), machine.slug.clone());
     let (_, view, _) = gw
         .writer
-        .write(move |txn| inst::create_instance(txn, &charts, &m, &instance, context, version_id.as_deref(), &auth, &actor, clock::now_ms()))
+        .write(move |txn| {
+            inst::create_instance(
+                txn,
+                &charts,
+                &m,
+                &instance,
+                context,
+                version_id.as_deref(),
+                &auth,
+                &actor,
+                clock::now_ms(),
+            )
+        })
         .await?;
     Ok(json_response(StatusCode::OK, &view))
 }
 
-fn list_instances(gw: Arc<Gateway>, bearer: Option<String>, slug: String, q: Query) -> Result<Response, SbError> {
-    let (machine, _, _) = machine_for(&gw, bearer.as_deref(), &slug, Access::Viewer, "list instances")?;
-    let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(PAGE).clamp(1, 1000);
-    let list = gw.store.view(|txn| inst::instances(txn, &machine.slug, q.get("cursor").map(String::as_str), limit))?;
-    let cursor = (list.len() == limit).then(|| list.last().map(|i| i.slug.clone())).flatten();
+fn list_instances(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    q: Query,
+) -> Result<Response, SbError> {
+    let (machine, _, _) = machine_for(
+        &gw,
+        bearer.as_deref(),
+        &slug,
+        Access::Viewer,
+        "list instances",
+    )?;
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(PAGE)
+        .clamp(1, 1000);
+    let list = gw.store.view(|txn| {
+        inst::instances(
+            txn,
+            &machine.slug,
+            q.get("cursor").map(String::as_str),
+            limit,
+        )
+    })?;
+    let cursor = (list.len() == limit)
+        .then(|| list.last().map(|i| i.slug.clone()))
+        .flatten();
     let items: Vec<Value> = list
         .iter()
         .map(|i| json!({"slug": i.slug, "createdAt": clock::rfc3339(i.created_ms), "status": i.status.as_str(),
                          "machineVersionId": i.version_id, "updatedAt": clock::rfc3339(i.ts_ms)}))
         .collect();
-    Ok(json_response(StatusCode::OK, &json!({"instances": items, "cursor": cursor})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"instances": items, "cursor": cursor}),
+    ))
 }
 
 /// The instance, its chart and state, or 404.
-fn load(gw: &Gateway, machine: &str, slug: &str) -> Result<(inst::Instance, Arc<crate::chart::Chart>, crate::chart::InstanceState), SbError> {
+fn load(
+    gw: &Gateway,
+    machine: &str,
+    slug: &str,
+) -> Result<
+    (
+        inst::Instance,
+        Arc<crate::chart::Chart>,
+        crate::chart::InstanceState,
+    ),
+    SbError,
+> {
     let found = gw.store.view(|txn| {
-        let Some(i) = inst::instance(txn, machine, slug)? else { return Ok(None) };
+        let Some(i) = inst::instance(txn, machine, slug)? else {
+            return Ok(None);
+        };
         let v = inst::version(txn, machine, &i.version_id)?;
         Ok(Some((i, v)))
     })?;
     let Some((instance, Some(version))) = found else {
-        return Err(SbError(StatusCode::NOT_FOUND, "not-found", format!("no instance `{slug}`")));
+        return Err(SbError(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("no instance `{slug}`"),
+        ));
     };
     let chart = gw.charts.get(&version)?;
-    let state = serde_json::from_slice(&instance.state).map_err(|e| SbError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let state = serde_json::from_slice(&instance.state)
+        .map_err(|e| SbError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     Ok((instance, chart, state))
 }
 
-fn get_instance(gw: Arc<Gateway>, bearer: Option<String>, slug: String, instance: String) -> Result<Response, SbError> {
-    let (machine, access, principal) = machine_for(&gw, bearer.as_deref(), &slug, Access::Public, "read instances")?;
+fn get_instance(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    instance: String,
+) -> Result<Response, SbError> {
+    let (machine, access, principal) = machine_for(
+        &gw,
+        bearer.as_deref(),
+        &slug,
+        Access::Public,
+        "read instances",
+    )?;
     let (i, chart, state) = load(&gw, &machine.slug, &instance)?;
-    if !chart.allow_read(&state, &auth_value(&principal, access)).map_err(|e| SbError::from(InstanceError::from(e)))? {
-        return Err(SbError(StatusCode::FORBIDDEN, "rejected-by-machine-authorizer", "allowRead rejected this read".into()));
+    if !chart
+        .allow_read(&state, &auth_value(&principal, access))
+        .map_err(|e| SbError::from(InstanceError::from(e)))?
+    {
+        return Err(SbError(
+            StatusCode::FORBIDDEN,
+            "rejected-by-machine-authorizer",
+            "allowRead rejected this read".into(),
+        ));
     }
-    Ok(json_response(StatusCode::OK, &inst::public_view(&chart, &state, i.ts_ms)))
+    Ok(json_response(
+        StatusCode::OK,
+        &inst::public_view(&chart, &state, i.ts_ms),
+    ))
 }
 
 /// `{"event": "NAME"}` or `{"event": {"type": "NAME", ...data}}`.
@@ -306,7 +569,11 @@ pub fn parse_event(body: &Map<String, Value>) -> Result<Event, String> {
     match body.get("event") {
         Some(Value::String(name)) if !name.is_empty() => Ok(Event::new(name.clone(), json!({}))),
         Some(Value::Object(o)) => {
-            let name = o.get("type").and_then(Value::as_str).filter(|t| !t.is_empty()).ok_or("event.type must be a non-empty string")?;
+            let name = o
+                .get("type")
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+                .ok_or("event.type must be a non-empty string")?;
             let mut data = o.clone();
             data.remove("type");
             Ok(Event::new(name, Value::Object(data)))
@@ -315,30 +582,79 @@ pub fn parse_event(body: &Map<String, Value>) -> Result<Event, String> {
     }
 }
 
-async fn send_event(gw: Arc<Gateway>, bearer: Option<String>, slug: String, instance: String, len: Option<u64>, body: BodyStream) -> Result<Response, SbError> {
-    let (machine, access, principal) = machine_for(&gw, bearer.as_deref(), &slug, Access::Operator, "send events")?;
+async fn send_event(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    instance: String,
+    len: Option<u64>,
+    body: BodyStream,
+) -> Result<Response, SbError> {
+    let (machine, access, principal) = machine_for(
+        &gw,
+        bearer.as_deref(),
+        &slug,
+        Access::Operator,
+        "send events",
+    )?;
     let body = json_object(&gw, len, body, inst::MAX_CONTEXT_BYTES as u64).await?;
     let event = parse_event(&body).map_err(|m| bad("invalid-parameters", m))?;
     let auth = auth_value(&principal, access);
     let (charts, actor, m) = (gw.charts.clone(), principal.actor(), machine.slug.clone());
     let sent = gw
         .writer
-        .write(move |txn| inst::send_event(txn, &charts, &m, &instance, event, &auth, &actor, clock::now_ms()))
+        .write(move |txn| {
+            inst::send_event(
+                txn,
+                &charts,
+                &m,
+                &instance,
+                event,
+                &auth,
+                &actor,
+                clock::now_ms(),
+            )
+        })
         .await?;
     gw.mqtt.committed(&machine.slug, &sent);
     Ok(json_response(StatusCode::OK, &sent.view))
 }
 
-fn list_events(gw: Arc<Gateway>, bearer: Option<String>, slug: String, instance: String, q: Query) -> Result<Response, SbError> {
-    let (machine, _, _) = machine_for(&gw, bearer.as_deref(), &slug, Access::Viewer, "read transition history")?;
+fn list_events(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    instance: String,
+    q: Query,
+) -> Result<Response, SbError> {
+    let (machine, _, _) = machine_for(
+        &gw,
+        bearer.as_deref(),
+        &slug,
+        Access::Viewer,
+        "read transition history",
+    )?;
     load(&gw, &machine.slug, &instance)?;
     let after = match q.get("cursor") {
         None => None,
-        Some(c) => Some(c.parse::<u64>().map_err(|_| bad("invalid-parameters", "cursor must be a number from a previous page"))?),
+        Some(c) => Some(c.parse::<u64>().map_err(|_| {
+            bad(
+                "invalid-parameters",
+                "cursor must be a number from a previous page",
+            )
+        })?),
     };
-    let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(PAGE).clamp(1, 1000);
-    let records = gw.store.view(|txn| inst::history(txn, &machine.slug, &instance, after, limit))?;
-    let cursor = (records.len() == limit).then(|| records.last().map(|(n, _)| n.to_string())).flatten();
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(PAGE)
+        .clamp(1, 1000);
+    let records = gw
+        .store
+        .view(|txn| inst::history(txn, &machine.slug, &instance, after, limit))?;
+    let cursor = (records.len() == limit)
+        .then(|| records.last().map(|(n, _)| n.to_string()))
+        .flatten();
     let items: Vec<Value> = records
         .iter()
         .map(|(n, r)| {
@@ -349,11 +665,25 @@ fn list_events(gw: Arc<Gateway>, bearer: Option<String>, slug: String, instance:
             json!({"n": n, "ts": r.ts_ms, "event": event, "from": r.from, "to": r.to, "seq": r.log_seq, "machineVersionId": r.version_id})
         })
         .collect();
-    Ok(json_response(StatusCode::OK, &json!({"events": items, "cursor": cursor})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"events": items, "cursor": cursor}),
+    ))
 }
 
-fn admin_view(gw: Arc<Gateway>, bearer: Option<String>, slug: String, instance: String) -> Result<Response, SbError> {
-    let (machine, _, _) = machine_for(&gw, bearer.as_deref(), &slug, Access::Admin, "read full instance state")?;
+fn admin_view(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    instance: String,
+) -> Result<Response, SbError> {
+    let (machine, _, _) = machine_for(
+        &gw,
+        bearer.as_deref(),
+        &slug,
+        Access::Admin,
+        "read full instance state",
+    )?;
     let (i, chart, state) = load(&gw, &machine.slug, &instance)?;
     Ok(json_response(
         StatusCode::OK,
@@ -366,21 +696,58 @@ fn admin_view(gw: Arc<Gateway>, bearer: Option<String>, slug: String, instance: 
     ))
 }
 
-async fn put_status(gw: Arc<Gateway>, bearer: Option<String>, slug: String, instance: String, len: Option<u64>, body: BodyStream) -> Result<Response, SbError> {
-    let (machine, _, _) = machine_for(&gw, bearer.as_deref(), &slug, Access::Admin, "change instance status")?;
+async fn put_status(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    instance: String,
+    len: Option<u64>,
+    body: BodyStream,
+) -> Result<Response, SbError> {
+    let (machine, _, _) = machine_for(
+        &gw,
+        bearer.as_deref(),
+        &slug,
+        Access::Admin,
+        "change instance status",
+    )?;
     let body = json_object(&gw, len, body, 4096).await?;
     let status = match body.get("status").and_then(Value::as_str) {
         Some("paused") => Status::Paused,
         Some("running") => Status::Running,
-        _ => return Err(bad("invalid-parameters", "status must be \"paused\" or \"running\"")),
+        _ => {
+            return Err(bad(
+                "invalid-parameters",
+                "status must be \"paused\" or \"running\"",
+            ))
+        }
     };
     let m = machine.slug.clone();
-    let i = gw.writer.write(move |txn| inst::set_status(txn, &m, &instance, status)).await?;
-    Ok(json_response(StatusCode::OK, &json!({"status": i.status.as_str()})))
+    let i = gw
+        .writer
+        .write(move |txn| inst::set_status(txn, &m, &instance, status))
+        .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"status": i.status.as_str()}),
+    ))
 }
 
-async fn put_version(gw: Arc<Gateway>, bearer: Option<String>, slug: String, instance: String, len: Option<u64>, body: BodyStream) -> Result<Response, SbError> {
-    let (machine, _, _) = machine_for(&gw, bearer.as_deref(), &slug, Access::Admin, "change instance versions")?;
+async fn put_version(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    instance: String,
+    len: Option<u64>,
+    body: BodyStream,
+) -> Result<Response, SbError> {
+    let (machine, _, _) = machine_for(
+        &gw,
+        bearer.as_deref(),
+        &slug,
+        Access::Admin,
+        "change instance versions",
+    )?;
     let body = json_object(&gw, len, body, 4096).await?;
     let target = body
         .get("targetMachineVersionId")
@@ -388,28 +755,70 @@ async fn put_version(gw: Arc<Gateway>, bearer: Option<String>, slug: String, ins
         .ok_or_else(|| bad("invalid-parameters", "give targetMachineVersionId"))?
         .to_owned();
     let (charts, m) = (gw.charts.clone(), machine.slug.clone());
-    let i = gw.writer.write(move |txn| inst::set_target_version(txn, &charts, &m, &instance, &target)).await?;
-    Ok(json_response(StatusCode::OK, &json!({"targetMachineVersionId": i.target_version_id})))
+    let i = gw
+        .writer
+        .write(move |txn| inst::set_target_version(txn, &charts, &m, &instance, &target))
+        .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"targetMachineVersionId": i.target_version_id}),
+    ))
 }
 
-async fn delete_instance(gw: Arc<Gateway>, bearer: Option<String>, slug: String, instance: String, len: Option<u64>, body: BodyStream) -> Result<Response, SbError> {
-    let (machine, _, principal) = machine_for(&gw, bearer.as_deref(), &slug, Access::Admin, "delete instances")?;
+async fn delete_instance(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    instance: String,
+    len: Option<u64>,
+    body: BodyStream,
+) -> Result<Response, SbError> {
+    let (machine, _, principal) = machine_for(
+        &gw,
+        bearer.as_deref(),
+        &slug,
+        Access::Admin,
+        "delete instances",
+    )?;
     let body = json_object(&gw, len, body, 4096).await?;
     if body.get("dangerDataWillBeDeletedForever") != Some(&Value::Bool(true)) {
-        return Err(bad("invalid-parameters", "confirm with {\"dangerDataWillBeDeletedForever\": true}"));
+        return Err(bad(
+            "invalid-parameters",
+            "confirm with {\"dangerDataWillBeDeletedForever\": true}",
+        ));
     }
     let (m, actor) = (machine.slug.clone(), principal.actor());
-    gw.writer.write(move |txn| inst::delete_instance(txn, &m, &instance, &actor, clock::now_ms())).await?;
+    gw.writer
+        .write(move |txn| inst::delete_instance(txn, &m, &instance, &actor, clock::now_ms()))
+        .await?;
     Ok(json_response(StatusCode::OK, &json!({})))
 }
 
 /// The instance's public view now and after every committed change (`instance-update`).
-fn live(gw: Arc<Gateway>, bearer: Option<String>, slug: String, instance: String) -> Result<Response, SbError> {
-    let (machine, access, principal) = machine_for(&gw, bearer.as_deref(), &slug, Access::Public, "read instances")?;
+fn live(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    instance: String,
+) -> Result<Response, SbError> {
+    let (machine, access, principal) = machine_for(
+        &gw,
+        bearer.as_deref(),
+        &slug,
+        Access::Public,
+        "read instances",
+    )?;
     let (_, chart, state) = load(&gw, &machine.slug, &instance)?;
     let auth = auth_value(&principal, access);
-    if !chart.allow_read(&state, &auth).map_err(|e| SbError::from(InstanceError::from(e)))? {
-        return Err(SbError(StatusCode::FORBIDDEN, "rejected-by-machine-authorizer", "allowRead rejected this read".into()));
+    if !chart
+        .allow_read(&state, &auth)
+        .map_err(|e| SbError::from(InstanceError::from(e)))?
+    {
+        return Err(SbError(
+            StatusCode::FORBIDDEN,
+            "rejected-by-machine-authorizer",
+            "allowRead rejected this read".into(),
+        ));
     }
     let mut commits = gw.writer.subscribe();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<warp::sse::Event>(16);
@@ -417,11 +826,16 @@ fn live(gw: Arc<Gateway>, bearer: Option<String>, slug: String, instance: String
     tokio::spawn(async move {
         let mut last_steps = None;
         loop {
-            let Ok((i, chart, state)) = load(&gw, &m, &instance) else { return };
+            let Ok((i, chart, state)) = load(&gw, &m, &instance) else {
+                return;
+            };
             if last_steps != Some(i.steps) {
                 last_steps = Some(i.steps);
                 let view = inst::public_view(&chart, &state, i.ts_ms);
-                let event = warp::sse::Event::default().event("instance-update").id(i.steps.to_string()).data(view.to_string());
+                let event = warp::sse::Event::default()
+                    .event("instance-update")
+                    .id(i.steps.to_string())
+                    .data(view.to_string());
                 if tx.send(event).await.is_err() {
                     return;
                 }
@@ -432,6 +846,13 @@ fn live(gw: Arc<Gateway>, bearer: Option<String>, slug: String, instance: String
             }
         }
     });
-    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|o| o.map(Ok::<_, Infallible>)));
-    Ok(warp::sse::reply(warp::sse::keep_alive().interval(Duration::from_secs(15)).stream(stream)).into_response())
+    let stream = futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|o| o.map(Ok::<_, Infallible>))
+    });
+    Ok(warp::sse::reply(
+        warp::sse::keep_alive()
+            .interval(Duration::from_secs(15))
+            .stream(stream),
+    )
+    .into_response())
 }

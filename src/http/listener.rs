@@ -43,27 +43,33 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    gw.metrics.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                    gw.metrics
+                        .tls_handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    gw.metrics.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                    gw.metrics
+                        .tls_handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             };
-            let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(RemoteAddr(peer));
-                let method = req.method().clone();
-                let path = req.uri().path().to_owned();
-                let mut warp_svc = service.clone();
-                let gw = gw.clone();
-                async move {
-                    let res = tower_service::Service::call(&mut warp_svc, req).await?;
-                    gw.metrics.record_request(method.as_str(), &path, res.status().as_u16());
-                    Ok::<_, Infallible>(res)
-                }
-            });
+            let svc =
+                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(RemoteAddr(peer));
+                    let method = req.method().clone();
+                    let path = req.uri().path().to_owned();
+                    let mut warp_svc = service.clone();
+                    let gw = gw.clone();
+                    async move {
+                        let res = tower_service::Service::call(&mut warp_svc, req).await?;
+                        gw.metrics
+                            .record_request(method.as_str(), &path, res.status().as_u16());
+                        Ok::<_, Infallible>(res)
+                    }
+                });
             let builder = Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
@@ -73,7 +79,10 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
     }
     drop(listener);
     let grace = Duration::from_secs(gw.config.http.shutdown_grace_secs);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after the grace period; closing them");
     }
 }

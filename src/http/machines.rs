@@ -9,8 +9,8 @@ use warp::reply::Response;
 use warp::Filter;
 
 use super::{
-    bearer, body, client_ip, json_response, parse_json, read_body, respond, visible_machine, with_gateway, ApiError,
-    BodyStream,
+    bearer, body, client_ip, json_response, parse_json, read_body, respond, visible_machine,
+    with_gateway, ApiError, BodyStream,
 };
 use crate::auth::{self, Access, KeyRecord, KeySubject, Principal, Role};
 use crate::clock;
@@ -18,14 +18,18 @@ use crate::machines::{self, Machine, MachineError, NewMachine};
 
 use crate::server::Gateway;
 
-pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+pub fn routes(
+    gw: Arc<Gateway>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let create = warp::path!("api" / "chain" / "state-machines")
         .and(warp::post())
         .and(with_gateway(gw.clone()))
         .and(client_ip())
         .and(bearer())
         .and(body())
-        .then(|gw, ip, bearer, len, body| async move { respond(create(gw, ip, bearer, len, body).await) });
+        .then(|gw, ip, bearer, len, body| async move {
+            respond(create(gw, ip, bearer, len, body).await)
+        });
     let list = warp::path!("api" / "chain" / "state-machines")
         .and(warp::get())
         .and(with_gateway(gw.clone()))
@@ -41,7 +45,9 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = wa
         .and(with_gateway(gw.clone()))
         .and(bearer())
         .and(body())
-        .then(|slug, gw, bearer, len, body| async move { respond(mint_key(gw, bearer, slug, len, body).await) });
+        .then(|slug, gw, bearer, len, body| async move {
+            respond(mint_key(gw, bearer, slug, len, body).await)
+        });
     let keys = warp::path!("api" / "chain" / String / "api-keys")
         .and(warp::get())
         .and(with_gateway(gw.clone()))
@@ -51,8 +57,20 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = wa
         .and(warp::delete())
         .and(with_gateway(gw))
         .and(bearer())
-        .then(|slug, id, gw, bearer| async move { respond(revoke_key(gw, bearer, slug, id).await) });
-    create.or(list).unify().or(one).unify().or(mint).unify().or(keys).unify().or(revoke).unify()
+        .then(
+            |slug, id, gw, bearer| async move { respond(revoke_key(gw, bearer, slug, id).await) },
+        );
+    create
+        .or(list)
+        .unify()
+        .or(one)
+        .unify()
+        .or(mint)
+        .unify()
+        .or(keys)
+        .unify()
+        .or(revoke)
+        .unify()
 }
 
 async fn create(
@@ -62,22 +80,28 @@ async fn create(
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
-    gw.spinup_limit.check(&ip).map_err(|secs| gw.rate_limited(secs))?;
+    gw.spinup_limit
+        .check(&ip)
+        .map_err(|secs| gw.rate_limited(secs))?;
     let principal = gw.principal(bearer.as_deref())?;
     if principal == Principal::Anonymous {
         return Err(ApiError::unauthorized());
     }
     let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
     let request = NewMachine::from_json(&parse_json(&bytes)?)?;
-    let owner = gw.store.view(|txn| match machines::spinup_owner(txn, &principal) {
-        Err(MachineError::Store(e)) => Err(e),
-        other => Ok(other),
-    })??;
+    let owner = gw
+        .store
+        .view(|txn| match machines::spinup_owner(txn, &principal) {
+            Err(MachineError::Store(e)) => Err(e),
+            other => Ok(other),
+        })??;
     let defaults = gw.machine_defaults.clone();
     let actor = principal.actor();
     let (machine, api_key) = gw
         .writer
-        .write(move |txn| machines::create(txn, &owner, &actor, request, &defaults, clock::now_ms()))
+        .write(move |txn| {
+            machines::create(txn, &owner, &actor, request, &defaults, clock::now_ms())
+        })
         .await?;
     tracing::info!(slug = %machine.slug, owner = %machine.owner_zid, "machine created");
     Ok(json_response(
@@ -96,13 +120,19 @@ fn list(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, ApiError> 
             (access > Access::None).then(|| m.to_json(access))
         })
         .collect();
-    Ok(json_response(StatusCode::OK, &json!({"ok": true, "count": visible.len(), "machines": visible})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "count": visible.len(), "machines": visible}),
+    ))
 }
 
 fn get_one(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
     let principal = gw.principal(bearer.as_deref())?;
     let (machine, access) = visible_machine(&gw, &principal, &slug)?;
-    Ok(json_response(StatusCode::OK, &json!({"ok": true, "machine": machine.to_json(access)})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "machine": machine.to_json(access)}),
+    ))
 }
 
 fn key_json(k: &KeyRecord) -> Value {
@@ -123,11 +153,17 @@ fn key_json(k: &KeyRecord) -> Value {
 }
 
 /// Admin+ on the machine, or the reason why not.
-fn require_admin(gw: &Gateway, bearer: Option<&str>, slug: &str) -> Result<(Machine, Principal), ApiError> {
+fn require_admin(
+    gw: &Gateway,
+    bearer: Option<&str>,
+    slug: &str,
+) -> Result<(Machine, Principal), ApiError> {
     let principal = gw.principal(bearer)?;
     let (machine, access) = visible_machine(gw, &principal, slug)?;
     if access < Access::Admin {
-        return Err(ApiError::forbidden("managing keys needs the owner or an admin key of this machine"));
+        return Err(ApiError::forbidden(
+            "managing keys needs the owner or an admin key of this machine",
+        ));
     }
     Ok((machine, principal))
 }
@@ -147,17 +183,36 @@ async fn mint_key(
     let body = parse_json(&bytes)?;
     let name = match body.get("name") {
         Some(Value::String(s)) if (1..=100).contains(&s.chars().count()) => s.clone(),
-        _ => return Err(ApiError::bad_request("invalid_name", "name must be a string of 1–100 characters")),
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_name",
+                "name must be a string of 1–100 characters",
+            ))
+        }
     };
-    let role = match body.get("scope").and_then(Value::as_str).and_then(Role::parse) {
+    let role = match body
+        .get("scope")
+        .and_then(Value::as_str)
+        .and_then(Role::parse)
+    {
         Some(r) => r,
-        None => return Err(ApiError::bad_request("invalid_scope", "scope must be one of viewer, operator, admin")),
+        None => {
+            return Err(ApiError::bad_request(
+                "invalid_scope",
+                "scope must be one of viewer, operator, admin",
+            ))
+        }
     };
     let ttl = match body.get("expires_in_seconds") {
         None | Some(Value::Null) => None,
         Some(v) => match v.as_u64() {
             Some(n) if (1..=MAX_KEY_TTL_SECS).contains(&n) => Some(n as i64 * 1000),
-            _ => return Err(ApiError::bad_request("invalid_expiry", "expires_in_seconds must be an integer from 1 to 315360000")),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_expiry",
+                    "expires_in_seconds must be an integer from 1 to 315360000",
+                ))
+            }
         },
     };
     let (slug, actor) = (machine.slug.clone(), principal.actor());
@@ -165,32 +220,69 @@ async fn mint_key(
         .writer
         .write(move |txn| -> Result<_, ApiError> {
             let now = clock::now_ms();
-            Ok(machines::mint_key(txn, &slug, role, &name, ttl.map(|t| now + t), &actor, now)?)
+            Ok(machines::mint_key(
+                txn,
+                &slug,
+                role,
+                &name,
+                ttl.map(|t| now + t),
+                &actor,
+                now,
+            )?)
         })
         .await?;
     tracing::info!(slug = %machine.slug, key = %record.id, by = %principal.actor(), "machine key minted");
-    Ok(json_response(StatusCode::CREATED, &json!({"ok": true, "key": key_json(&record), "api_key": raw})))
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"ok": true, "key": key_json(&record), "api_key": raw}),
+    ))
 }
 
 fn list_keys(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
     let (machine, _) = require_admin(&gw, bearer.as_deref(), &slug)?;
-    let keys = gw.store.view(|txn| auth::list_keys(txn, |s| matches!(s, KeySubject::Machine { slug, .. } if *slug == machine.slug)))?;
+    let keys = gw.store.view(|txn| {
+        auth::list_keys(
+            txn,
+            |s| matches!(s, KeySubject::Machine { slug, .. } if *slug == machine.slug),
+        )
+    })?;
     let keys: Vec<Value> = keys.iter().map(key_json).collect();
-    Ok(json_response(StatusCode::OK, &json!({"ok": true, "keys": keys})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "keys": keys}),
+    ))
 }
 
-async fn revoke_key(gw: Arc<Gateway>, bearer: Option<String>, slug: String, id: String) -> Result<Response, ApiError> {
+async fn revoke_key(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    id: String,
+) -> Result<Response, ApiError> {
     let (machine, principal) = require_admin(&gw, bearer.as_deref(), &slug)?;
     let (machine_slug, actor) = (machine.slug.clone(), principal.actor());
     let record = gw
         .writer
         .write(move |txn| -> Result<_, MachineError> {
-            Ok(machines::revoke_key(txn, &machine_slug, &id, &actor, clock::now_ms())?)
+            Ok(machines::revoke_key(
+                txn,
+                &machine_slug,
+                &id,
+                &actor,
+                clock::now_ms(),
+            )?)
         })
         .await?;
     let Some(record) = record else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "key_not_found", "this machine has no key with that id"));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "key_not_found",
+            "this machine has no key with that id",
+        ));
     };
     tracing::info!(slug = %machine.slug, key = %record.id, by = %principal.actor(), "machine key revoked");
-    Ok(json_response(StatusCode::OK, &json!({"ok": true, "key": key_json(&record)})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "key": key_json(&record)}),
+    ))
 }

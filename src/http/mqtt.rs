@@ -16,20 +16,28 @@ use crate::server::Gateway;
 
 type Query = std::collections::HashMap<String, String>;
 
-pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+pub fn routes(
+    gw: Arc<Gateway>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("api" / "chain" / "state-machines" / String / "dead-letters")
         .and(warp::get())
         .and(warp::query::<Query>())
         .and(with_gateway(gw))
         .and(bearer())
-        .map(|slug: String, q: Query, gw: Arc<Gateway>, bearer: Option<String>| respond(list(&gw, bearer.as_deref(), &slug, &q)))
+        .map(
+            |slug: String, q: Query, gw: Arc<Gateway>, bearer: Option<String>| {
+                respond(list(&gw, bearer.as_deref(), &slug, &q))
+            },
+        )
 }
 
 fn list(gw: &Gateway, bearer: Option<&str>, slug: &str, q: &Query) -> Result<Response, ApiError> {
     let principal = gw.principal(bearer)?;
     let (machine, access) = visible_machine(gw, &principal, slug)?;
     if access < Access::Viewer {
-        return Err(ApiError::forbidden("reading dead letters needs the owner or a viewer, operator or admin key"));
+        return Err(ApiError::forbidden(
+            "reading dead letters needs the owner or a viewer, operator or admin key",
+        ));
     }
     let limit = match q.get("limit") {
         None => 100,
@@ -37,9 +45,13 @@ fn list(gw: &Gateway, bearer: Option<&str>, slug: &str, q: &Query) -> Result<Res
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| ApiError::bad_request("invalid_limit", "limit must be an integer from 1 to 1000"))?,
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_limit", "limit must be an integer from 1 to 1000")
+            })?,
     };
-    let letters = gw.store.view(|txn| ingest::dead_letters(txn, &machine.slug, limit))?;
+    let letters = gw
+        .store
+        .view(|txn| ingest::dead_letters(txn, &machine.slug, limit))?;
     let items: Vec<Value> = letters
         .iter()
         .map(|(n, d)| {
@@ -56,5 +68,8 @@ fn list(gw: &Gateway, bearer: Option<&str>, slug: &str, q: &Query) -> Result<Res
             })
         })
         .collect();
-    Ok(json_response(StatusCode::OK, &json!({"ok": true, "slug": machine.slug, "dead_letters": items})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "slug": machine.slug, "dead_letters": items}),
+    ))
 }

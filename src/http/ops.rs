@@ -16,7 +16,9 @@ use crate::server::Gateway;
 #[folder = "web-ui/"]
 struct WebUi;
 
-pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+pub fn routes(
+    gw: Arc<Gateway>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .and(with_gateway(gw.clone()))
@@ -40,19 +42,29 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = wa
         .and(warp::get())
         .and(with_gateway(gw))
         .map(|gw: Arc<Gateway>| respond(gateway_info(&gw)));
-    let root = warp::path::end().and(warp::get()).map(|| {
-        warp::redirect::see_other(http::Uri::from_static("/ui/")).into_response()
-    });
-    let ui = warp::path("ui").and(warp::get()).and(warp::path::full()).and(warp::path::tail()).map(
-        |full: warp::path::FullPath, tail: warp::path::Tail| {
+    let root = warp::path::end()
+        .and(warp::get())
+        .map(|| warp::redirect::see_other(http::Uri::from_static("/ui/")).into_response());
+    let ui = warp::path("ui")
+        .and(warp::get())
+        .and(warp::path::full())
+        .and(warp::path::tail())
+        .map(|full: warp::path::FullPath, tail: warp::path::Tail| {
             if full.as_str() == "/ui" {
                 warp::redirect::permanent(http::Uri::from_static("/ui/")).into_response()
             } else {
                 ui_file(tail.as_str())
             }
-        },
-    );
-    healthz.or(metrics).unify().or(info).unify().or(root).unify().or(ui).unify()
+        });
+    healthz
+        .or(metrics)
+        .unify()
+        .or(info)
+        .unify()
+        .or(root)
+        .unify()
+        .or(ui)
+        .unify()
 }
 
 fn gateway_info(gw: &Gateway) -> Result<Response, ApiError> {
@@ -76,7 +88,8 @@ fn gateway_info(gw: &Gateway) -> Result<Response, ApiError> {
 fn ui_file(tail: &str) -> Response {
     let path = if tail.is_empty() { "index.html" } else { tail };
     let Some(file) = WebUi::get(path) else {
-        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such console file").into_response();
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such console file")
+            .into_response();
     };
     let mime = match path.rsplit('.').next() {
         Some("html") => "text/html; charset=utf-8",
@@ -102,6 +115,10 @@ fn ui_file(tail: &str) -> Response {
         http::header::CONTENT_SECURITY_POLICY,
         "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     );
-    set(h, http::header::ETAG, &format!("\"{}\"", crate::gateway::hex(&file.metadata.sha256_hash())));
+    set(
+        h,
+        http::header::ETAG,
+        &format!("\"{}\"", crate::gateway::hex(&file.metadata.sha256_hash())),
+    );
     res
 }

@@ -35,7 +35,9 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
-use super::{bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream};
+use super::{
+    bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
+};
 use crate::auth::{Access, Principal};
 use crate::clock;
 use crate::ledger::hex;
@@ -65,9 +67,12 @@ const INDEX_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; base-uri
 /// Largest publish body: room for the HTML and script at their limits even when a client
 /// escapes every character, without letting a body grow unbounded. Larger bodies get 413 before
 /// being read.
-pub const MAX_PUBLISH_BODY: u64 = 2 * (pages::MAX_HTML_BYTES + pages::MAX_PYTHON_BYTES) as u64 + 64 * 1024;
+pub const MAX_PUBLISH_BODY: u64 =
+    2 * (pages::MAX_HTML_BYTES + pages::MAX_PYTHON_BYTES) as u64 + 64 * 1024;
 
-pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+pub fn routes(
+    gw: Arc<Gateway>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let base = || warp::path!("api" / "state-machines" / String / "pages" / ..);
     let list = base()
         .and(warp::path::end())
@@ -93,29 +98,51 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = wa
         .and(with_gateway(gw.clone()))
         .and(bearer())
         .and(body())
-        .and_then(|slug: String, page: String, action: String, gw, bearer, len, body| async move {
-            let action = match action.as_str() {
-                "publish" => Action::Publish,
-                "unpublish" => Action::Unpublish,
-                "rollback" => Action::Rollback,
-                _ => return Err(warp::reject::not_found()),
-            };
-            Ok::<_, warp::Rejection>(respond(write(gw, bearer, slug, page, action, len, body).await))
-        });
+        .and_then(
+            |slug: String, page: String, action: String, gw, bearer, len, body| async move {
+                let action = match action.as_str() {
+                    "publish" => Action::Publish,
+                    "unpublish" => Action::Unpublish,
+                    "rollback" => Action::Rollback,
+                    _ => return Err(warp::reject::not_found()),
+                };
+                Ok::<_, warp::Rejection>(respond(
+                    write(gw, bearer, slug, page, action, len, body).await,
+                ))
+            },
+        );
     let site = warp::path("s")
         .and(warp::path::tail())
         .and(warp::method())
         .and(warp::header::headers_cloned())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(with_gateway(gw))
-        .and_then(|tail: warp::path::Tail, method: Method, headers: HeaderMap, query: String, gw: Arc<Gateway>| async move {
-            if method != Method::GET && method != Method::HEAD {
-                return Err(warp::reject::not_found());
-            }
-            let res = site(&gw, tail.as_str(), &headers, &query).ok_or_else(warp::reject::not_found)?;
-            Ok(if method == Method::HEAD { head_of(res) } else { res })
-        });
-    list.or(one).unify().or(history).unify().or(write).unify().or(site).unify()
+        .and_then(
+            |tail: warp::path::Tail,
+             method: Method,
+             headers: HeaderMap,
+             query: String,
+             gw: Arc<Gateway>| async move {
+                if method != Method::GET && method != Method::HEAD {
+                    return Err(warp::reject::not_found());
+                }
+                let res = site(&gw, tail.as_str(), &headers, &query)
+                    .ok_or_else(warp::reject::not_found)?;
+                Ok(if method == Method::HEAD {
+                    head_of(res)
+                } else {
+                    res
+                })
+            },
+        );
+    list.or(one)
+        .unify()
+        .or(history)
+        .unify()
+        .or(write)
+        .unify()
+        .or(site)
+        .unify()
 }
 
 impl From<PageError> for ApiError {
@@ -147,11 +174,17 @@ impl From<PageError> for ApiError {
 }
 
 fn page_not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "page_not_found", "this machine has no published page with that slug")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "page_not_found",
+        "this machine has no published page with that slug",
+    )
 }
 
 fn page_slug(page: &str) -> Result<PageSlug, ApiError> {
-    PageSlug::parse(page).ok_or_else(|| ApiError::bad_request("invalid_page_slug", "pageSlug must match [a-z0-9-]{1,64}"))
+    PageSlug::parse(page).ok_or_else(|| {
+        ApiError::bad_request("invalid_page_slug", "pageSlug must match [a-z0-9-]{1,64}")
+    })
 }
 
 /// A read: any caller, any existing machine (see the module doc). Non-owners are rate limited.
@@ -164,7 +197,9 @@ fn readable(gw: &Gateway, bearer: Option<&str>, slug: &str) -> Result<(Machine, 
         .ok_or_else(ApiError::machine_not_found)?;
     let access = machine.access(&principal);
     if access < Access::Owner {
-        gw.read_limit.check(&machine.slug).map_err(|s| gw.rate_limited(s))?;
+        gw.read_limit
+            .check(&machine.slug)
+            .map_err(|s| gw.rate_limited(s))?;
     }
     Ok((machine, access))
 }
@@ -180,7 +215,9 @@ fn list(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Respon
         let mut out = Vec::new();
         for (page, record) in pages::list(txn, slug)? {
             let shown = match record.live {
-                Some(l) => pages::version(txn, slug, &page, l.version)?.map(|v| v.to_json(Some(&l))),
+                Some(l) => {
+                    pages::version(txn, slug, &page, l.version)?.map(|v| v.to_json(Some(&l)))
+                }
                 None if access >= Access::Viewer => Some(json!({"live": false})),
                 None => None,
             };
@@ -195,22 +232,37 @@ fn list(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Respon
         }
         Ok(out)
     })?;
-    Ok(json_response(StatusCode::OK, &json!({"ok": true, "slug": slug, "count": pages.len(), "pages": pages})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "slug": slug, "count": pages.len(), "pages": pages}),
+    ))
 }
 
-fn get_one(gw: Arc<Gateway>, bearer: Option<String>, slug: String, page: String) -> Result<Response, ApiError> {
+fn get_one(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    page: String,
+) -> Result<Response, ApiError> {
     let (machine, _) = readable(&gw, bearer.as_deref(), &slug)?;
     let page = page_slug(&page)?;
     let slug = machine.slug.as_str();
     let found = gw.store.view(|txn| {
-        let Some((_, v)) = pages::live(txn, slug, &page)? else { return Ok(None) };
-        let html = pages::blob(txn, &v.html_sha256, pages::IDENTITY)?
-            .ok_or_else(|| crate::store::StoreError::Corrupt(format!("page {slug}/{page}: HTML blob missing")))?;
+        let Some((_, v)) = pages::live(txn, slug, &page)? else {
+            return Ok(None);
+        };
+        let html = pages::blob(txn, &v.html_sha256, pages::IDENTITY)?.ok_or_else(|| {
+            crate::store::StoreError::Corrupt(format!("page {slug}/{page}: HTML blob missing"))
+        })?;
         Ok(Some((v, html)))
     })?;
     let (v, html) = found.ok_or_else(page_not_found)?;
-    let html = String::from_utf8(html).map_err(|_| crate::store::StoreError::Corrupt("page HTML is not UTF-8".into()))?;
-    let mut dto = v.to_json(Some(&pages::Live { version: v.version, html_sha256: v.html_sha256 }));
+    let html = String::from_utf8(html)
+        .map_err(|_| crate::store::StoreError::Corrupt("page HTML is not UTF-8".into()))?;
+    let mut dto = v.to_json(Some(&pages::Live {
+        version: v.version,
+        html_sha256: v.html_sha256,
+    }));
     if let Value::Object(o) = &mut dto {
         o.insert("slug".into(), json!(slug));
         o.insert("pageSlug".into(), json!(page.as_str()));
@@ -218,16 +270,39 @@ fn get_one(gw: Arc<Gateway>, bearer: Option<String>, slug: String, page: String)
         o.insert("html".into(), json!(html));
         o.insert("pythonScript".into(), json!(v.python_script));
     }
-    Ok(json_response(StatusCode::OK, &json!({"ok": true, "page": dto})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "page": dto}),
+    ))
 }
 
-fn history(gw: Arc<Gateway>, bearer: Option<String>, slug: String, page: String) -> Result<Response, ApiError> {
+fn history(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    page: String,
+) -> Result<Response, ApiError> {
     let (machine, _) = readable(&gw, bearer.as_deref(), &slug)?;
     let page = page_slug(&page)?;
     let slug = machine.slug.as_str();
-    let (record, versions) = gw.store.view(|txn| Ok((pages::get(txn, slug, &page)?, pages::history(txn, slug, &page)?)))?;
-    let record = record.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "page_not_found", "this machine has no page with that slug"))?;
-    let versions: Vec<Value> = versions.iter().rev().map(|v| v.to_json(record.live.as_ref())).collect();
+    let (record, versions) = gw.store.view(|txn| {
+        Ok((
+            pages::get(txn, slug, &page)?,
+            pages::history(txn, slug, &page)?,
+        ))
+    })?;
+    let record = record.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "page_not_found",
+            "this machine has no page with that slug",
+        )
+    })?;
+    let versions: Vec<Value> = versions
+        .iter()
+        .rev()
+        .map(|v| v.to_json(record.live.as_ref()))
+        .collect();
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -263,10 +338,14 @@ async fn write(
     }
     let (machine, access) = super::visible_machine(&gw, &principal, &slug)?;
     if access < Access::Operator {
-        return Err(ApiError::forbidden("publishing needs the machine owner's key or an operator or admin machine key"));
+        return Err(ApiError::forbidden(
+            "publishing needs the machine owner's key or an operator or admin machine key",
+        ));
     }
     let page = page_slug(&page)?;
-    gw.write_limit.check(&machine.slug).map_err(|s| gw.rate_limited(s))?;
+    gw.write_limit
+        .check(&machine.slug)
+        .map_err(|s| gw.rate_limited(s))?;
     let limit = match action {
         Action::Publish => MAX_PUBLISH_BODY,
         _ => gw.config.http.max_json_bytes,
@@ -287,13 +366,29 @@ async fn write(
                 let html = draft.html.clone().into_bytes();
                 let e = tokio::task::spawn_blocking(move || Encoded::compute(html))
                     .await
-                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unspecified", e.to_string()))?;
+                    .map_err(|e| {
+                        ApiError::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "unspecified",
+                            e.to_string(),
+                        )
+                    })?;
                 Some(e)
             };
             let (slug, page) = (slug.clone(), page.clone());
             let p = gw
                 .writer
-                .write(move |txn| pages::publish(txn, &slug, &page, draft, encoded.as_ref(), &actor, clock::now_ms()))
+                .write(move |txn| {
+                    pages::publish(
+                        txn,
+                        &slug,
+                        &page,
+                        draft,
+                        encoded.as_ref(),
+                        &actor,
+                        clock::now_ms(),
+                    )
+                })
                 .await?;
             (StatusCode::CREATED, p.version, p.row)
         }
@@ -302,7 +397,12 @@ async fn write(
                 Some(v) => v.as_u64().filter(|n| *n >= 1).ok_or_else(|| {
                     ApiError::bad_request("invalid_version", "version must be a positive integer")
                 })?,
-                None => return Err(ApiError::bad_request("invalid_version", "give the version to roll back to: {\"version\": N}")),
+                None => {
+                    return Err(ApiError::bad_request(
+                        "invalid_version",
+                        "give the version to roll back to: {\"version\": N}",
+                    ))
+                }
             };
             let (slug, page) = (slug.clone(), page.clone());
             let p = gw
@@ -313,13 +413,19 @@ async fn write(
         }
         Action::Unpublish => {
             let (slug, page) = (slug.clone(), page.clone());
-            let (v, row) = gw.writer.write(move |txn| pages::unpublish(txn, &slug, &page, &actor, clock::now_ms())).await?;
+            let (v, row) = gw
+                .writer
+                .write(move |txn| pages::unpublish(txn, &slug, &page, &actor, clock::now_ms()))
+                .await?;
             (StatusCode::OK, v, row)
         }
     };
     tracing::info!(slug = %machine.slug, page = %page, version = version.version, ?action, by = %principal.actor(), "page write");
     let live = !matches!(action, Action::Unpublish);
-    let mut dto = version.to_json(live.then_some(&pages::Live { version: version.version, html_sha256: version.html_sha256 }));
+    let mut dto = version.to_json(live.then_some(&pages::Live {
+        version: version.version,
+        html_sha256: version.html_sha256,
+    }));
     if let Value::Object(o) = &mut dto {
         o.insert("slug".into(), json!(slug));
         o.insert("pageSlug".into(), json!(page.as_str()));
@@ -362,7 +468,8 @@ fn head_of(mut res: Response) -> Response {
     let len = res.body().size_hint().exact();
     *res.body_mut() = Bytes::new().into();
     if let (Some(n), true) = (len, res.status() != StatusCode::NOT_MODIFIED) {
-        res.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        res.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     res
 }
@@ -379,12 +486,20 @@ fn redirect(to: String) -> Response {
 /// Routes `/s/…`; `None` for paths that are not part of the site.
 fn site(gw: &Gateway, tail: &str, headers: &HeaderMap, query: &str) -> Option<Response> {
     let parts: Vec<&str> = tail.split('/').collect();
-    let with_query = |path: String| if query.is_empty() { path } else { format!("{path}?{query}") };
+    let with_query = |path: String| {
+        if query.is_empty() {
+            path
+        } else {
+            format!("{path}?{query}")
+        }
+    };
     let response = match parts.as_slice() {
         [slug] if !slug.is_empty() => redirect(with_query(format!("/s/{slug}/"))),
         [slug, ""] => site_index(gw, slug, headers),
         [slug, "state.json"] => state_json(gw, slug),
-        [slug, "p", page] if !page.is_empty() => redirect(with_query(format!("/s/{slug}/p/{page}/"))),
+        [slug, "p", page] if !page.is_empty() => {
+            redirect(with_query(format!("/s/{slug}/p/{page}/")))
+        }
         [slug, "p", page, ""] => serve_page(gw, slug, page, headers),
         _ => return None,
     };
@@ -403,7 +518,9 @@ fn site_machine(gw: &Gateway, slug: &str) -> Result<Option<Site>, crate::store::
         return Ok(None);
     }
     gw.store.view(|txn| {
-        let Some(m) = machines::get(txn, slug)? else { return Ok(None) };
+        let Some(m) = machines::get(txn, slug)? else {
+            return Ok(None);
+        };
         let published = pages::published(txn, slug)?;
         Ok((m.is_public || !published.is_empty()).then_some((m, published)))
     })
@@ -474,22 +591,39 @@ fn site_index(gw: &Gateway, slug: &str, headers: &HeaderMap) -> Response {
 
 /// `If-None-Match` with weak comparison (RFC 9110 §13.1.2): any listed tag, or `*`.
 fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
-    headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).any(|v| {
-        v.split(',').map(str::trim).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)
-    })
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .map(str::trim)
+                .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)
+        })
 }
 
 /// The encoding to send: brotli, else gzip, when the client accepts it (q > 0) and it is
 /// stored; else identity.
-fn choose_encoding<'a>(headers: &HeaderMap, served: &'a Served) -> (Option<&'static str>, &'a Bytes) {
+fn choose_encoding<'a>(
+    headers: &HeaderMap,
+    served: &'a Served,
+) -> (Option<&'static str>, &'a Bytes) {
     let mut br = false;
     let mut gzip = false;
-    for value in headers.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()) {
+    for value in headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
         for item in value.split(',') {
             let mut parts = item.split(';');
             let name = parts.next().unwrap_or("").trim().to_ascii_lowercase();
             let q = parts
-                .filter_map(|p| p.trim().strip_prefix("q=").or_else(|| p.trim().strip_prefix("Q=")))
+                .filter_map(|p| {
+                    p.trim()
+                        .strip_prefix("q=")
+                        .or_else(|| p.trim().strip_prefix("Q="))
+                })
                 .filter_map(|q| q.trim().parse::<f32>().ok())
                 .next()
                 .unwrap_or(1.0);
@@ -517,8 +651,12 @@ fn serve_page(gw: &Gateway, slug: &str, page: &str, headers: &HeaderMap) -> Resp
         return plain(StatusCode::NOT_FOUND, "no such page\n");
     };
     let found = gw.store.view(|txn| {
-        let Some(record) = pages::get(txn, slug, &page)? else { return Ok(None) };
-        let Some(live) = record.live else { return Ok(None) };
+        let Some(record) = pages::get(txn, slug, &page)? else {
+            return Ok(None);
+        };
+        let Some(live) = record.live else {
+            return Ok(None);
+        };
         pages::served(txn, &live.html_sha256)
     });
     let served = match found {
@@ -537,7 +675,11 @@ fn serve_page(gw: &Gateway, slug: &str, page: &str, headers: &HeaderMap) -> Resp
         if let Some(e) = encoding {
             set(r.headers_mut(), header::CONTENT_ENCODING, e);
         }
-        set(r.headers_mut(), header::CONTENT_TYPE, "text/html; charset=utf-8");
+        set(
+            r.headers_mut(),
+            header::CONTENT_TYPE,
+            "text/html; charset=utf-8",
+        );
         r
     };
     let h = res.headers_mut();
@@ -562,7 +704,10 @@ fn state_json(gw: &Gateway, slug: &str) -> Response {
         Err(e) => return store_failure(e),
     };
     let mut res = match states {
-        Ok(instances) => json_response(StatusCode::OK, &json!({"slug": slug, "instances": instances})),
+        Ok(instances) => json_response(
+            StatusCode::OK,
+            &json!({"slug": slug, "instances": instances}),
+        ),
         Err(e) => store_failure(e),
     };
     let h = res.headers_mut();
@@ -594,22 +739,40 @@ mod tests {
         };
         let pick = |h: &[(&'static str, &'static str)]| choose_encoding(&headers(h), &s).0;
         assert_eq!(pick(&[]), None);
-        assert_eq!(pick(&[("accept-encoding", "gzip, deflate, br")]), Some("br"));
+        assert_eq!(
+            pick(&[("accept-encoding", "gzip, deflate, br")]),
+            Some("br")
+        );
         assert_eq!(pick(&[("accept-encoding", "gzip")]), Some("gzip"));
-        assert_eq!(pick(&[("accept-encoding", "br;q=0, gzip;q=0.5")]), Some("gzip"));
+        assert_eq!(
+            pick(&[("accept-encoding", "br;q=0, gzip;q=0.5")]),
+            Some("gzip")
+        );
         assert_eq!(pick(&[("accept-encoding", "*")]), Some("br"));
         assert_eq!(pick(&[("accept-encoding", "identity")]), None);
         let only_gzip = Served { br: None, ..s };
-        assert_eq!(choose_encoding(&headers(&[("accept-encoding", "br, gzip")]), &only_gzip).0, Some("gzip"));
+        assert_eq!(
+            choose_encoding(&headers(&[("accept-encoding", "br, gzip")]), &only_gzip).0,
+            Some("gzip")
+        );
     }
 
     #[test]
     fn if_none_match_uses_weak_comparison_and_lists() {
         let tag = "\"abc\"";
-        assert!(if_none_match(&headers(&[("if-none-match", "\"abc\"")]), tag));
-        assert!(if_none_match(&headers(&[("if-none-match", "\"x\", W/\"abc\"")]), tag));
+        assert!(if_none_match(
+            &headers(&[("if-none-match", "\"abc\"")]),
+            tag
+        ));
+        assert!(if_none_match(
+            &headers(&[("if-none-match", "\"x\", W/\"abc\"")]),
+            tag
+        ));
         assert!(if_none_match(&headers(&[("if-none-match", "*")]), tag));
-        assert!(!if_none_match(&headers(&[("if-none-match", "\"abd\"")]), tag));
+        assert!(!if_none_match(
+            &headers(&[("if-none-match", "\"abd\"")]),
+            tag
+        ));
         assert!(!if_none_match(&headers(&[]), tag));
     }
 }

@@ -14,7 +14,9 @@ use crate::clock;
 use crate::server::Gateway;
 use crate::sync::client;
 
-pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+pub fn routes(
+    gw: Arc<Gateway>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("api" / "sync" / "status")
         .and(warp::get())
         .and(with_gateway(gw))

@@ -31,7 +31,8 @@ pub const CHARTS: TableDefinition<&str, &[u8]> = TableDefinition::new("chart_met
 /// (machine slug, instance slug) → [`Instance`].
 pub const INSTANCES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("instances");
 /// (machine slug, instance slug, n) → [`TransitionRecord`].
-pub const HISTORY: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("instance_history");
+pub const HISTORY: TableDefinition<(&str, &str, u64), &[u8]> =
+    TableDefinition::new("instance_history");
 /// (due ms, machine slug, instance slug) → () : each instance's earliest pending timer.
 pub const DUE: TableDefinition<(i64, &str, &str), ()> = TableDefinition::new("instance_due");
 
@@ -86,7 +87,9 @@ impl InstanceError {
                 ErrorKind::Runtime => (400, "transition-failed"),
             },
             InstanceError::Store(StoreError::Full(_)) => (507, "storage-full"),
-            InstanceError::Store(StoreError::Corrupt(_) | StoreError::NewerSchema { .. }) => (500, "internal"),
+            InstanceError::Store(StoreError::Corrupt(_) | StoreError::NewerSchema { .. }) => {
+                (500, "internal")
+            }
             InstanceError::Store(_) => (503, "unavailable"),
         }
     }
@@ -111,12 +114,17 @@ impl From<ChartError> for InstanceError {
 }
 
 fn invalid(code: &'static str, message: impl Into<String>) -> InstanceError {
-    InstanceError::Invalid { code, message: message.into() }
+    InstanceError::Invalid {
+        code,
+        message: message.into(),
+    }
 }
 
 /// Instance and statebacked path slugs: `^[a-zA-Z0-9_-]{1,128}$`.
 pub fn valid_instance_slug(s: &str) -> bool {
-    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -191,7 +199,12 @@ pub struct Charts {
 impl Charts {
     /// The compiled chart of `version`, compiling it on first use.
     pub fn get(&self, version: &Version) -> Result<Arc<Chart>, InstanceError> {
-        if let Some(c) = self.cache.read().ok().and_then(|c| c.get(&version.id).cloned()) {
+        if let Some(c) = self
+            .cache
+            .read()
+            .ok()
+            .and_then(|c| c.get(&version.id).cloned())
+        {
             return Ok(c);
         }
         let chart = Arc::new(Chart::from_json_str(&version.definition)?);
@@ -208,9 +221,14 @@ fn decode_state(bytes: &[u8]) -> Result<InstanceState, StoreError> {
 
 fn encode_state(state: &InstanceState) -> Result<Vec<u8>, InstanceError> {
     let bytes = serde_json::to_vec(state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let context_len = serde_json::to_vec(&state.context).map(|v| v.len()).unwrap_or(0);
+    let context_len = serde_json::to_vec(&state.context)
+        .map(|v| v.len())
+        .unwrap_or(0);
     if context_len > MAX_CONTEXT_BYTES {
-        return Err(invalid("context-too-large", format!("context is {context_len} bytes; the limit is {MAX_CONTEXT_BYTES}")));
+        return Err(invalid(
+            "context-too-large",
+            format!("context is {context_len} bytes; the limit is {MAX_CONTEXT_BYTES}"),
+        ));
     }
     Ok(bytes)
 }
@@ -230,7 +248,11 @@ pub fn meta(txn: &ReadTransaction, machine: &str) -> Result<ChartMeta, StoreErro
     Ok(get_in!(txn, CHARTS, machine)?.unwrap_or_default())
 }
 
-pub fn version(txn: &ReadTransaction, machine: &str, id: &str) -> Result<Option<Version>, StoreError> {
+pub fn version(
+    txn: &ReadTransaction,
+    machine: &str,
+    id: &str,
+) -> Result<Option<Version>, StoreError> {
     get_in!(txn, VERSIONS, (machine, id))
 }
 
@@ -249,12 +271,21 @@ pub fn versions(txn: &ReadTransaction, machine: &str) -> Result<Vec<Version>, St
     Ok(out)
 }
 
-pub fn instance(txn: &ReadTransaction, machine: &str, slug: &str) -> Result<Option<Instance>, StoreError> {
+pub fn instance(
+    txn: &ReadTransaction,
+    machine: &str,
+    slug: &str,
+) -> Result<Option<Instance>, StoreError> {
     get_in!(txn, INSTANCES, (machine, slug))
 }
 
 /// Up to `limit` instances of `machine` after `cursor` (an instance slug), in slug order.
-pub fn instances(txn: &ReadTransaction, machine: &str, cursor: Option<&str>, limit: usize) -> Result<Vec<Instance>, StoreError> {
+pub fn instances(
+    txn: &ReadTransaction,
+    machine: &str,
+    cursor: Option<&str>,
+    limit: usize,
+) -> Result<Vec<Instance>, StoreError> {
     let t = txn.open_table(INSTANCES)?;
     let mut out = Vec::new();
     let start = cursor.unwrap_or("");
@@ -276,7 +307,13 @@ pub fn instances(txn: &ReadTransaction, machine: &str, cursor: Option<&str>, lim
 }
 
 /// Transition records of one instance from `after` (exclusive), oldest first.
-pub fn history(txn: &ReadTransaction, machine: &str, slug: &str, after: Option<u64>, limit: usize) -> Result<Vec<(u64, TransitionRecord)>, StoreError> {
+pub fn history(
+    txn: &ReadTransaction,
+    machine: &str,
+    slug: &str,
+    after: Option<u64>,
+    limit: usize,
+) -> Result<Vec<(u64, TransitionRecord)>, StoreError> {
     let t = txn.open_table(HISTORY)?;
     let from = after.map(|a| a + 1).unwrap_or(0);
     let mut out = Vec::new();
@@ -314,14 +351,23 @@ pub fn create_version(
     if make_current || meta.current_version.is_none() {
         meta.current_version = Some(version.id.clone());
     }
-    txn.open_table(VERSIONS)?.insert((machine, version.id.as_str()), store::encode(&version).as_slice())?;
-    txn.open_table(CHARTS)?.insert(machine, store::encode(&meta).as_slice())?;
+    txn.open_table(VERSIONS)?.insert(
+        (machine, version.id.as_str()),
+        store::encode(&version).as_slice(),
+    )?;
+    txn.open_table(CHARTS)?
+        .insert(machine, store::encode(&meta).as_slice())?;
     let definition_hash = hex::encode(&crate::auth::sha256(definition.as_bytes()));
     let payload = json!({
         "version_id": version.id, "number": version.number, "client_info": version.client_info,
         "definition_sha256": definition_hash, "current": meta.current_version.as_deref() == Some(version.id.as_str()),
     });
-    ledger_log::append(txn, machine, Entry::json("version_created", actor, &payload), now_ms)?;
+    ledger_log::append(
+        txn,
+        machine,
+        Entry::json("version_created", actor, &payload),
+        now_ms,
+    )?;
     Ok(version)
 }
 
@@ -329,7 +375,8 @@ pub fn create_version(
 pub fn set_auto_create(txn: &WriteTransaction, machine: &str, on: bool) -> Result<(), StoreError> {
     let mut meta: ChartMeta = get_in!(txn, CHARTS, machine)?.unwrap_or_default();
     meta.auto_create_instances = on;
-    txn.open_table(CHARTS)?.insert(machine, store::encode(&meta).as_slice())?;
+    txn.open_table(CHARTS)?
+        .insert(machine, store::encode(&meta).as_slice())?;
     Ok(())
 }
 
@@ -360,18 +407,27 @@ pub fn create_instance(
     actor: &str,
     now_ms: i64,
 ) -> Result<(Instance, Value, Vec<crate::chart::Effect>), InstanceError> {
-    if get_in!(txn, INSTANCES, (machine, slug))?.map(|_: Instance| ()).is_some() {
-        return Err(InstanceError::Conflict(format!("instance `{slug}` already exists")));
+    if get_in!(txn, INSTANCES, (machine, slug))?
+        .map(|_: Instance| ())
+        .is_some()
+    {
+        return Err(InstanceError::Conflict(format!(
+            "instance `{slug}` already exists"
+        )));
     }
     let meta: ChartMeta = get_in!(txn, CHARTS, machine)?.unwrap_or_default();
     let version_id = match version_id {
         Some(v) => v.to_owned(),
-        None => meta
-            .current_version
-            .ok_or_else(|| InstanceError::NotFound("this machine has no current version; POST /machines/{machineSlug}/v first".into()))?,
+        None => meta.current_version.ok_or_else(|| {
+            InstanceError::NotFound(
+                "this machine has no current version; POST /machines/{machineSlug}/v first".into(),
+            )
+        })?,
     };
-    let version: Version = get_in!(txn, VERSIONS, (machine, version_id.as_str()))?
-        .ok_or_else(|| InstanceError::NotFound(format!("no version `{version_id}` on this machine")))?;
+    let version: Version =
+        get_in!(txn, VERSIONS, (machine, version_id.as_str()))?.ok_or_else(|| {
+            InstanceError::NotFound(format!("no version `{version_id}` on this machine"))
+        })?;
     let chart = charts.get(&version)?;
     let mut initial_context = chart_default_context(&chart, context);
     if !chart.allow_write(WriteKind::Initialization, None, &initial_context, auth)? {
@@ -392,8 +448,22 @@ pub fn create_instance(
         steps: 0,
     };
     let event = Event::new("xstate.init", Value::Null);
-    commit_step(txn, &chart, &mut instance, None, &step.state, &event, actor, "instance_created", now_ms)?;
-    Ok((instance, public_view(&chart, &step.state, now_ms), step.effects))
+    commit_step(
+        txn,
+        &chart,
+        &mut instance,
+        None,
+        &step.state,
+        &event,
+        actor,
+        "instance_created",
+        now_ms,
+    )?;
+    Ok((
+        instance,
+        public_view(&chart, &step.state, now_ms),
+        step.effects,
+    ))
 }
 
 /// The definition's `context` merged under the caller's: statebacked's "initial context".
@@ -425,12 +495,17 @@ pub fn send_event(
     now_ms: i64,
 ) -> Result<Sent, InstanceError> {
     if event.name.is_empty() {
-        return Err(invalid("invalid-parameters", "event type must not be empty"));
+        return Err(invalid(
+            "invalid-parameters",
+            "event type must not be empty",
+        ));
     }
     let mut instance: Instance = get_in!(txn, INSTANCES, (machine, slug))?
         .ok_or_else(|| InstanceError::NotFound(format!("no instance `{slug}`")))?;
     if instance.status == Status::Paused {
-        return Err(InstanceError::Conflict("the instance is paused; PUT its status to running first".into()));
+        return Err(InstanceError::Conflict(
+            "the instance is paused; PUT its status to running first".into(),
+        ));
     }
     let mut state = decode_state(&instance.state)?;
     let mut chart = charts.get(&load_version(txn, machine, &instance.version_id)?)?;
@@ -441,7 +516,8 @@ pub fn send_event(
     }
     if let Some(target) = instance.target_version_id.clone() {
         let next = charts.get(&load_version(txn, machine, &target)?)?;
-        next.check_state(&state).map_err(|e| InstanceError::NoMigrationPath(e.message))?;
+        next.check_state(&state)
+            .map_err(|e| InstanceError::NoMigrationPath(e.message))?;
         chart = next;
         instance.version_id = target;
         instance.target_version_id = None;
@@ -451,12 +527,27 @@ pub fn send_event(
     }
     let step = chart.send(&state, event.clone(), auth, now_ms)?;
     let from = decode_state(&instance.state)?;
-    commit_step(txn, &chart, &mut instance, Some(&from), &step.state, &event, actor, "transition", now_ms)?;
-    Ok(Sent { view: public_view(&chart, &step.state, now_ms), effects: step.effects, instance })
+    commit_step(
+        txn,
+        &chart,
+        &mut instance,
+        Some(&from),
+        &step.state,
+        &event,
+        actor,
+        "transition",
+        now_ms,
+    )?;
+    Ok(Sent {
+        view: public_view(&chart, &step.state, now_ms),
+        effects: step.effects,
+        instance,
+    })
 }
 
 fn load_version(txn: &WriteTransaction, machine: &str, id: &str) -> Result<Version, InstanceError> {
-    get_in!(txn, VERSIONS, (machine, id))?.ok_or_else(|| StoreError::Corrupt(format!("version {id} of {machine} is missing")).into())
+    get_in!(txn, VERSIONS, (machine, id))?
+        .ok_or_else(|| StoreError::Corrupt(format!("version {id} of {machine} is missing")).into())
 }
 
 /// Writes a step: instance state, due index, history record, and the log row.
@@ -474,7 +565,9 @@ fn commit_step(
 ) -> Result<(), InstanceError> {
     let state_bytes = encode_state(to)?;
     let data = canonical::to_vec(&event.data);
-    let from_cfg = from.map(|s| chart.atomic_configuration(s)).unwrap_or_default();
+    let from_cfg = from
+        .map(|s| chart.atomic_configuration(s))
+        .unwrap_or_default();
     let to_cfg = chart.atomic_configuration(to);
     let payload = json!({
         "instance": instance.slug,
@@ -484,7 +577,12 @@ fn commit_step(
         "to": to_cfg,
         "version_id": instance.version_id,
     });
-    let row = ledger_log::append(txn, &instance.machine, Entry::json(kind, actor, &payload), now_ms)?;
+    let row = ledger_log::append(
+        txn,
+        &instance.machine,
+        Entry::json(kind, actor, &payload),
+        now_ms,
+    )?;
     let machine = instance.machine.clone();
     let slug = instance.slug.clone();
     let mut due = txn.open_table(DUE)?;
@@ -504,11 +602,17 @@ fn commit_step(
         log_seq: row.seq,
         version_id: instance.version_id.clone(),
     };
-    txn.open_table(HISTORY)?.insert((machine.as_str(), slug.as_str(), instance.steps), store::encode(&record).as_slice())?;
+    txn.open_table(HISTORY)?.insert(
+        (machine.as_str(), slug.as_str(), instance.steps),
+        store::encode(&record).as_slice(),
+    )?;
     instance.steps += 1;
     instance.state = state_bytes;
     instance.ts_ms = now_ms;
-    txn.open_table(INSTANCES)?.insert((machine.as_str(), slug.as_str()), store::encode(instance).as_slice())?;
+    txn.open_table(INSTANCES)?.insert(
+        (machine.as_str(), slug.as_str()),
+        store::encode(instance).as_slice(),
+    )?;
     Ok(())
 }
 
@@ -534,12 +638,31 @@ pub fn fire_due(
     }
     let step = chart.advance(&state, now_ms)?;
     let event = Event::new("xstate.after", Value::Null);
-    commit_step(txn, &chart, &mut instance, Some(&state), &step.state, &event, "timer", "transition", now_ms)?;
-    Ok(Some(Sent { view: public_view(&chart, &step.state, now_ms), effects: step.effects, instance }))
+    commit_step(
+        txn,
+        &chart,
+        &mut instance,
+        Some(&state),
+        &step.state,
+        &event,
+        "timer",
+        "transition",
+        now_ms,
+    )?;
+    Ok(Some(Sent {
+        view: public_view(&chart, &step.state, now_ms),
+        effects: step.effects,
+        instance,
+    }))
 }
 
 /// Pauses or resumes an instance.
-pub fn set_status(txn: &WriteTransaction, machine: &str, slug: &str, status: Status) -> Result<Instance, InstanceError> {
+pub fn set_status(
+    txn: &WriteTransaction,
+    machine: &str,
+    slug: &str,
+    status: Status,
+) -> Result<Instance, InstanceError> {
     let mut instance: Instance = get_in!(txn, INSTANCES, (machine, slug))?
         .ok_or_else(|| InstanceError::NotFound(format!("no instance `{slug}`")))?;
     if instance.status != status {
@@ -554,7 +677,8 @@ pub fn set_status(txn: &WriteTransaction, machine: &str, slug: &str, status: Sta
         }
     }
     instance.status = status;
-    txn.open_table(INSTANCES)?.insert((machine, slug), store::encode(&instance).as_slice())?;
+    txn.open_table(INSTANCES)?
+        .insert((machine, slug), store::encode(&instance).as_slice())?;
     Ok(instance)
 }
 
@@ -567,13 +691,19 @@ pub fn park_timers(txn: &WriteTransaction, machine: &str, slug: &str) -> Result<
         if let Some(d) = instance.next_due.take() {
             due.remove((d, machine, slug))?;
         }
-        txn.open_table(INSTANCES)?.insert((machine, slug), store::encode(&instance).as_slice())?;
+        txn.open_table(INSTANCES)?
+            .insert((machine, slug), store::encode(&instance).as_slice())?;
     }
     Ok(())
 }
 
 /// Removes a due-index entry that no longer matches its instance.
-pub fn drop_stale_due(txn: &WriteTransaction, due_ms: i64, machine: &str, slug: &str) -> Result<(), StoreError> {
+pub fn drop_stale_due(
+    txn: &WriteTransaction,
+    due_ms: i64,
+    machine: &str,
+    slug: &str,
+) -> Result<(), StoreError> {
     let found: Option<Instance> = get_in!(txn, INSTANCES, (machine, slug))?;
     let live = found.is_some_and(|i| i.next_due == Some(due_ms) && i.status == Status::Running);
     if !live {
@@ -597,15 +727,25 @@ pub fn set_target_version(
     let chart = charts.get(&version)?;
     let state = decode_state(&instance.state)?;
     chart.check_state(&state).map_err(|e| {
-        InstanceError::NoMigrationPath(format!("the instance's current state does not exist in {target}: {}", e.message))
+        InstanceError::NoMigrationPath(format!(
+            "the instance's current state does not exist in {target}: {}",
+            e.message
+        ))
     })?;
     instance.target_version_id = Some(target.to_owned());
-    txn.open_table(INSTANCES)?.insert((machine, slug), store::encode(&instance).as_slice())?;
+    txn.open_table(INSTANCES)?
+        .insert((machine, slug), store::encode(&instance).as_slice())?;
     Ok(instance)
 }
 
 /// Deletes an instance, its history and its timer entry, and logs `instance_deleted`.
-pub fn delete_instance(txn: &WriteTransaction, machine: &str, slug: &str, actor: &str, now_ms: i64) -> Result<(), InstanceError> {
+pub fn delete_instance(
+    txn: &WriteTransaction,
+    machine: &str,
+    slug: &str,
+    actor: &str,
+    now_ms: i64,
+) -> Result<(), InstanceError> {
     let instance: Instance = get_in!(txn, INSTANCES, (machine, slug))?
         .ok_or_else(|| InstanceError::NotFound(format!("no instance `{slug}`")))?;
     if let Some(d) = instance.next_due {
@@ -618,12 +758,21 @@ pub fn delete_instance(txn: &WriteTransaction, machine: &str, slug: &str, actor:
         }
     }
     txn.open_table(INSTANCES)?.remove((machine, slug))?;
-    ledger_log::append(txn, machine, Entry::json("instance_deleted", actor, &json!({"instance": slug})), now_ms)?;
+    ledger_log::append(
+        txn,
+        machine,
+        Entry::json("instance_deleted", actor, &json!({"instance": slug})),
+        now_ms,
+    )?;
     Ok(())
 }
 
 /// The earliest (due, machine, instance) entries at or before `now_ms`, at most `limit`.
-pub fn due(txn: &ReadTransaction, now_ms: i64, limit: usize) -> Result<Vec<(i64, String, String)>, StoreError> {
+pub fn due(
+    txn: &ReadTransaction,
+    now_ms: i64,
+    limit: usize,
+) -> Result<Vec<(i64, String, String)>, StoreError> {
     let t = txn.open_table(DUE)?;
     let mut out = Vec::new();
     for e in t.range((i64::MIN, "", "")..)? {
@@ -645,10 +794,15 @@ pub fn earliest_due(txn: &ReadTransaction) -> Result<Option<i64>, StoreError> {
 }
 
 /// Public views of every instance of `machine` (for published pages): publicContext only.
-pub fn public_states(txn: &ReadTransaction, charts: &Charts, machine: &str) -> Result<Vec<Value>, InstanceError> {
+pub fn public_states(
+    txn: &ReadTransaction,
+    charts: &Charts,
+    machine: &str,
+) -> Result<Vec<Value>, InstanceError> {
     let mut out = Vec::new();
     for inst in instances(txn, machine, None, 10_000)? {
-        let version = version(txn, machine, &inst.version_id)?.ok_or_else(|| StoreError::Corrupt("version missing".into()))?;
+        let version = version(txn, machine, &inst.version_id)?
+            .ok_or_else(|| StoreError::Corrupt("version missing".into()))?;
         let chart = charts.get(&version)?;
         let state = decode_state(&inst.state)?;
         let mut view = public_view(&chart, &state, inst.ts_ms);

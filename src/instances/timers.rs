@@ -51,7 +51,8 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
                 .await;
             match fired {
                 Ok(fired) => {
-                    gw.timers_fired.fetch_add(fired.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    gw.timers_fired
+                        .fetch_add(fired.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     gw.mqtt.committed_all(&fired);
                     continue;
                 }

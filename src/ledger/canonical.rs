@@ -53,10 +53,16 @@ mod tests {
 
     #[test]
     fn key_order_and_spacing_do_not_change_the_bytes() {
-        let a: Value = serde_json::from_str(r#"{ "b": 1, "a": [true, null, "x"], "c": {"z": 1, "y": 2} }"#).unwrap();
-        let b: Value = serde_json::from_str(r#"{"c":{"y":2,"z":1},"a":[true,null,"x"],"b":1}"#).unwrap();
+        let a: Value =
+            serde_json::from_str(r#"{ "b": 1, "a": [true, null, "x"], "c": {"z": 1, "y": 2} }"#)
+                .unwrap();
+        let b: Value =
+            serde_json::from_str(r#"{"c":{"y":2,"z":1},"a":[true,null,"x"],"b":1}"#).unwrap();
         assert_eq!(to_vec(&a), to_vec(&b));
-        assert_eq!(String::from_utf8(to_vec(&a)).unwrap(), r#"{"a":[true,null,"x"],"b":1,"c":{"y":2,"z":1}}"#);
+        assert_eq!(
+            String::from_utf8(to_vec(&a)).unwrap(),
+            r#"{"a":[true,null,"x"],"b":1,"c":{"y":2,"z":1}}"#
+        );
     }
 
     #[test]

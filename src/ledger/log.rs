@@ -45,7 +45,11 @@ pub struct Entry {
 
 impl Entry {
     /// An entry with a fresh transition id and a canonical-JSON payload.
-    pub fn json(kind: &'static str, actor: impl Into<String>, payload: &serde_json::Value) -> Entry {
+    pub fn json(
+        kind: &'static str,
+        actor: impl Into<String>,
+        payload: &serde_json::Value,
+    ) -> Entry {
         Entry {
             kind,
             actor: actor.into(),
@@ -108,10 +112,12 @@ impl<T: ReadableTable<(&'static str, u64), &'static [u8]>> HashReader for Cached
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, LedgerError> {
         indexes
             .iter()
-            .map(|&i| match self.cache.get(&(self.table.slug.to_owned(), i)) {
-                Some(h) => Ok(*h),
-                None => self.table.read_hashes(&[i]).map(|v| v[0]),
-            })
+            .map(
+                |&i| match self.cache.get(&(self.table.slug.to_owned(), i)) {
+                    Some(h) => Ok(*h),
+                    None => self.table.read_hashes(&[i]).map(|v| v[0]),
+                },
+            )
             .collect()
     }
 }
@@ -130,7 +136,11 @@ impl<'txn> LogWriter<'txn> {
 
     /// Starts the log of a new machine. Its first row must follow in the same transaction.
     pub fn create(&mut self, slug: &str, genesis_zeqond: u64) -> Result<(), StoreError> {
-        let head = Head { size: 0, last_hash: genesis_prev_hash(slug, genesis_zeqond), genesis_zeqond };
+        let head = Head {
+            size: 0,
+            last_hash: genesis_prev_hash(slug, genesis_zeqond),
+            genesis_zeqond,
+        };
         self.heads.insert(slug, store::encode(&head).as_slice())?;
         self.head_cache.insert(slug.to_owned(), head);
         Ok(())
@@ -140,7 +150,11 @@ impl<'txn> LogWriter<'txn> {
         if let Some(h) = self.head_cache.get(slug) {
             return Ok(Some(*h));
         }
-        let head: Option<Head> = self.heads.get(slug)?.map(|v| store::decode(v.value())).transpose()?;
+        let head: Option<Head> = self
+            .heads
+            .get(slug)?
+            .map(|v| store::decode(v.value()))
+            .transpose()?;
         if let Some(h) = head {
             self.head_cache.insert(slug.to_owned(), h);
         }
@@ -166,18 +180,30 @@ impl<'txn> LogWriter<'txn> {
         .try_seal()
         .map_err(|e| StoreError::Corrupt(format!("row refused: {e}")))?;
         let new_hashes = {
-            let reader = CachedHashes { cache: &self.hash_cache, table: TableHashes { table: &self.hashes, slug } };
+            let reader = CachedHashes {
+                cache: &self.hash_cache,
+                table: TableHashes {
+                    table: &self.hashes,
+                    slug,
+                },
+            };
             tlog::stored_hashes_for_record_hash(row.seq, tlog::record_hash(&row.hash), &reader)
                 .map_err(ledger_err)?
         };
         let first = tlog::stored_hash_index(0, row.seq);
         for (i, h) in new_hashes.iter().enumerate() {
             self.hashes.insert((slug, first + i as u64), h.as_slice())?;
-            self.hash_cache.insert((slug.to_owned(), first + i as u64), *h);
+            self.hash_cache
+                .insert((slug.to_owned(), first + i as u64), *h);
         }
-        self.rows.insert((slug, row.seq), row.encode_stored().as_slice())?;
+        self.rows
+            .insert((slug, row.seq), row.encode_stored().as_slice())?;
         self.by_zeqond.insert((slug, row.zeqond, row.seq), ())?;
-        let head = Head { size: row.seq + 1, last_hash: row.hash, ..head };
+        let head = Head {
+            size: row.seq + 1,
+            last_hash: row.hash,
+            ..head
+        };
         self.heads.insert(slug, store::encode(&head).as_slice())?;
         self.head_cache.insert(slug.to_owned(), head);
         Ok(row)
@@ -185,7 +211,12 @@ impl<'txn> LogWriter<'txn> {
 }
 
 /// Appends one row; opens the tables for just this row.
-pub fn append(txn: &WriteTransaction, slug: &str, entry: Entry, now_ms: i64) -> Result<Row, StoreError> {
+pub fn append(
+    txn: &WriteTransaction,
+    slug: &str,
+    entry: Entry,
+    now_ms: i64,
+) -> Result<Row, StoreError> {
     LogWriter::open(txn)?.append(slug, entry, now_ms)
 }
 
@@ -203,11 +234,17 @@ pub mod read {
     pub fn row(txn: &ReadTransaction, slug: &str, seq: u64) -> Result<Option<Row>, StoreError> {
         let rows = txn.open_table(ROWS)?;
         let v = rows.get((slug, seq))?;
-        v.map(|v| Row::decode_stored(v.value()).map_err(ledger_err)).transpose()
+        v.map(|v| Row::decode_stored(v.value()).map_err(ledger_err))
+            .transpose()
     }
 
     /// Rows `from..to` (end exclusive), in order.
-    pub fn rows(txn: &ReadTransaction, slug: &str, from: u64, to: u64) -> Result<Vec<Row>, StoreError> {
+    pub fn rows(
+        txn: &ReadTransaction,
+        slug: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Row>, StoreError> {
         let table = txn.open_table(ROWS)?;
         let mut out = Vec::new();
         if from >= to {
@@ -221,7 +258,11 @@ pub mod read {
     }
 
     /// Seqs of the rows written during `zeqond`.
-    pub fn seqs_at_zeqond(txn: &ReadTransaction, slug: &str, zeqond: u64) -> Result<Vec<u64>, StoreError> {
+    pub fn seqs_at_zeqond(
+        txn: &ReadTransaction,
+        slug: &str,
+        zeqond: u64,
+    ) -> Result<Vec<u64>, StoreError> {
         let table = txn.open_table(BY_ZEQOND)?;
         let mut out = Vec::new();
         for entry in table.range((slug, zeqond, 0)..=(slug, zeqond, u64::MAX))? {
@@ -233,17 +274,50 @@ pub mod read {
 
     pub fn tree_hash(txn: &ReadTransaction, slug: &str, size: u64) -> Result<Hash, StoreError> {
         let table = txn.open_table(HASHES)?;
-        tlog::tree_hash(size, &TableHashes { table: &table, slug }).map_err(ledger_err)
+        tlog::tree_hash(
+            size,
+            &TableHashes {
+                table: &table,
+                slug,
+            },
+        )
+        .map_err(ledger_err)
     }
 
-    pub fn prove_inclusion(txn: &ReadTransaction, slug: &str, seq: u64, size: u64) -> Result<Vec<Hash>, StoreError> {
+    pub fn prove_inclusion(
+        txn: &ReadTransaction,
+        slug: &str,
+        seq: u64,
+        size: u64,
+    ) -> Result<Vec<Hash>, StoreError> {
         let table = txn.open_table(HASHES)?;
-        tlog::prove_record(size, seq, &TableHashes { table: &table, slug }).map_err(ledger_err)
+        tlog::prove_record(
+            size,
+            seq,
+            &TableHashes {
+                table: &table,
+                slug,
+            },
+        )
+        .map_err(ledger_err)
     }
 
-    pub fn prove_consistency(txn: &ReadTransaction, slug: &str, from: u64, to: u64) -> Result<Vec<Hash>, StoreError> {
+    pub fn prove_consistency(
+        txn: &ReadTransaction,
+        slug: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Hash>, StoreError> {
         let table = txn.open_table(HASHES)?;
-        tlog::prove_tree(to, from, &TableHashes { table: &table, slug }).map_err(ledger_err)
+        tlog::prove_tree(
+            to,
+            from,
+            &TableHashes {
+                table: &table,
+                slug,
+            },
+        )
+        .map_err(ledger_err)
     }
 }
 
@@ -266,13 +340,24 @@ pub fn verify_machine(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<Verification, StoreError> {
     let Some(head) = read::head(txn, slug)? else {
-        return Ok(Verification { rows: 0, broken: Some((0, "the machine has no log head".into())) });
+        return Ok(Verification {
+            rows: 0,
+            broken: Some((0, "the machine has no log head".into())),
+        });
     };
     let rows = txn.open_table(ROWS)?;
     let hashes = txn.open_table(HASHES)?;
-    let reader = TableHashes { table: &hashes, slug };
+    let reader = TableHashes {
+        table: &hashes,
+        slug,
+    };
     let mut prev = genesis_prev_hash(slug, head.genesis_zeqond);
-    let broken = |seq: u64, why: String| Ok(Verification { rows: seq, broken: Some((seq, why)) });
+    let broken = |seq: u64, why: String| {
+        Ok(Verification {
+            rows: seq,
+            broken: Some((seq, why)),
+        })
+    };
     for seq in 0..head.size {
         let Some(bytes) = rows.get((slug, seq))? else {
             return broken(seq, "row is missing".into());
@@ -288,18 +373,25 @@ pub fn verify_machine(
             return broken(seq, "row hash does not match its contents".into());
         }
         if row.prev_hash != prev {
-            return broken(seq, "prev_hash does not match the previous row's hash".into());
+            return broken(
+                seq,
+                "prev_hash does not match the previous row's hash".into(),
+            );
         }
-        let expected = match tlog::stored_hashes_for_record_hash(seq, tlog::record_hash(&row.hash), &reader) {
-            Ok(h) => h,
-            Err(e) => return broken(seq, format!("tree hashes unreadable: {e}")),
-        };
+        let expected =
+            match tlog::stored_hashes_for_record_hash(seq, tlog::record_hash(&row.hash), &reader) {
+                Ok(h) => h,
+                Err(e) => return broken(seq, format!("tree hashes unreadable: {e}")),
+            };
         let first = tlog::stored_hash_index(0, seq);
         for (i, want) in expected.iter().enumerate() {
             let index = first + i as u64;
             let stored = hashes.get((slug, index))?.map(|v| v.value().to_vec());
             if stored.as_deref() != Some(want.as_slice()) {
-                return broken(seq, format!("stored tree hash {index} does not match the rows"));
+                return broken(
+                    seq,
+                    format!("stored tree hash {index} does not match the rows"),
+                );
             }
         }
         prev = row.hash;
@@ -308,7 +400,13 @@ pub fn verify_machine(
         }
     }
     if head.last_hash != prev {
-        return broken(head.size.saturating_sub(1), "log head does not match the last row".into());
+        return broken(
+            head.size.saturating_sub(1),
+            "log head does not match the last row".into(),
+        );
     }
-    Ok(Verification { rows: head.size, broken: None })
+    Ok(Verification {
+        rows: head.size,
+        broken: None,
+    })
 }

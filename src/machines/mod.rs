@@ -32,12 +32,16 @@ pub enum MachineError {
 }
 
 fn invalid(code: &'static str, message: impl Into<String>) -> MachineError {
-    MachineError::Invalid { code, message: message.into() }
+    MachineError::Invalid {
+        code,
+        message: message.into(),
+    }
 }
 
 pub fn valid_slug(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,7 +122,10 @@ fn optional_string(
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.chars().count() <= max_chars => Ok(Some(s.clone())),
-        Some(Value::String(_)) => Err(invalid(code, format!("{field} is longer than {max_chars} characters"))),
+        Some(Value::String(_)) => Err(invalid(
+            code,
+            format!("{field} is longer than {max_chars} characters"),
+        )),
         Some(_) => Err(invalid(code, format!("{field} must be a string"))),
     }
 }
@@ -146,9 +153,18 @@ impl NewMachine {
         let purpose = optional_string(body, "purpose", 4000, "invalid_purpose")?;
         let parent_origin = optional_string(body, "parent_origin", 255, "invalid_parent_origin")?;
         if parent_origin.as_deref() == Some("") {
-            return Err(invalid("invalid_parent_origin", "parent_origin must not be empty"));
+            return Err(invalid(
+                "invalid_parent_origin",
+                "parent_origin must not be empty",
+            ));
         }
-        Ok(NewMachine { slug, is_public, display_name, purpose, parent_origin })
+        Ok(NewMachine {
+            slug,
+            is_public,
+            display_name,
+            purpose,
+            parent_origin,
+        })
     }
 }
 
@@ -156,9 +172,13 @@ impl NewMachine {
 pub fn spinup_owner(txn: &ReadTransaction, principal: &Principal) -> Result<Zid, MachineError> {
     match principal {
         Principal::Account { zid, .. } => Ok(zid.clone()),
-        Principal::MachineKey { slug, role: Role::Admin, .. } => {
-            get(txn, slug)?.map(|m| m.owner_zid).ok_or(MachineError::NotFound)
-        }
+        Principal::MachineKey {
+            slug,
+            role: Role::Admin,
+            ..
+        } => get(txn, slug)?
+            .map(|m| m.owner_zid)
+            .ok_or(MachineError::NotFound),
         Principal::MachineKey { .. } => Err(MachineError::Forbidden),
         Principal::Anonymous => Err(MachineError::Forbidden),
     }
@@ -209,7 +229,9 @@ pub fn create(
         status: "active".into(),
         display_name: request.display_name,
         purpose: request.purpose,
-        parent_origin: request.parent_origin.unwrap_or_else(|| defaults.parent_origin.clone()),
+        parent_origin: request
+            .parent_origin
+            .unwrap_or_else(|| defaults.parent_origin.clone()),
         region: defaults.region.clone(),
         genesis_zeqond: clock::zeqond(now_ms),
         created_ms: now_ms,
@@ -233,7 +255,11 @@ pub fn create(
             "region": machine.region,
             "genesis_zeqond": machine.genesis_zeqond.to_string(),
         });
-        log.append(&slug, Entry::json("machine_created", actor, &created), now_ms)?;
+        log.append(
+            &slug,
+            Entry::json("machine_created", actor, &created),
+            now_ms,
+        )?;
     }
     let (raw, _) = mint_key(txn, &slug, Role::Admin, "spin-up", None, actor, now_ms)?;
     Ok((machine, raw))
@@ -249,7 +275,10 @@ pub fn mint_key(
     actor: &str,
     now_ms: i64,
 ) -> Result<(String, KeyRecord), StoreError> {
-    let subject = KeySubject::Machine { slug: slug.to_owned(), role };
+    let subject = KeySubject::Machine {
+        slug: slug.to_owned(),
+        role,
+    };
     let (raw, record) = auth::mint_key(txn, subject, name, expires_ms, now_ms)?;
     let payload = json!({
         "key_id": record.id,
@@ -258,7 +287,12 @@ pub fn mint_key(
         "hint": record.hint,
         "expires_ms": record.expires_ms,
     });
-    crate::ledger::log::append(txn, slug, Entry::json("key_minted", actor, &payload), now_ms)?;
+    crate::ledger::log::append(
+        txn,
+        slug,
+        Entry::json("key_minted", actor, &payload),
+        now_ms,
+    )?;
     Ok((raw, record))
 }
 
@@ -278,7 +312,12 @@ pub fn revoke_key(
     if let Some(k) = &record {
         if was_live {
             let payload = json!({"key_id": k.id, "name": k.name});
-            crate::ledger::log::append(txn, slug, Entry::json("key_revoked", actor, &payload), now_ms)?;
+            crate::ledger::log::append(
+                txn,
+                slug,
+                Entry::json("key_revoked", actor, &payload),
+                now_ms,
+            )?;
         }
     }
     Ok(record)
@@ -325,8 +364,14 @@ mod tests {
         };
         assert_eq!(code(json!({"slug": "Bad"})), "invalid_slug");
         assert_eq!(code(json!({"slug": 5})), "invalid_slug");
-        assert_eq!(code(json!({"display_name": "x".repeat(256)})), "invalid_display_name");
-        assert_eq!(code(json!({"purpose": "x".repeat(4001)})), "invalid_purpose");
+        assert_eq!(
+            code(json!({"display_name": "x".repeat(256)})),
+            "invalid_display_name"
+        );
+        assert_eq!(
+            code(json!({"purpose": "x".repeat(4001)})),
+            "invalid_purpose"
+        );
         assert_eq!(code(json!({"is_public": "yes"})), "invalid_is_public");
         assert_eq!(code(json!([1])), "invalid_body");
         let ok = NewMachine::from_json(&json!({"display_name": "é".repeat(255)})).unwrap();
@@ -344,6 +389,7 @@ pub fn record_event(
     actor: &str,
     now_ms: i64,
 ) -> Result<crate::ledger::Row, StoreError> {
-    let payload = json!({"type": event_type, "payload_hash": crate::ledger::hex::encode(payload_hash)});
+    let payload =
+        json!({"type": event_type, "payload_hash": crate::ledger::hex::encode(payload_hash)});
     crate::ledger::log::append(txn, slug, Entry::json("event", actor, &payload), now_ms)
 }

@@ -21,7 +21,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS, SubscribeFilter, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS, SubscribeFilter,
+    TlsConfiguration, Transport,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -48,13 +51,19 @@ impl Running {
 }
 
 /// Starts the broker (embedded mode) and the client tasks; `None` when `mode = "off"`.
-pub async fn start(gw: Arc<Gateway>, shutdown: watch::Receiver<bool>) -> Result<Option<Running>, String> {
+pub async fn start(
+    gw: Arc<Gateway>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Option<Running>, String> {
     let cfg = gw.config.mqtt.clone();
     let (host, port, tls, broker_addr) = match cfg.mode {
         Mode::Off => return Ok(None),
         Mode::Embedded => {
             let c = cfg.clone();
-            match tokio::task::spawn_blocking(move || broker::start(&c)).await.map_err(|e| e.to_string())? {
+            match tokio::task::spawn_blocking(move || broker::start(&c))
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 Ok(addr) => (addr.ip().to_string(), addr.port(), None, Some(addr)),
                 // HTTP keeps serving (so the operator can see why); devices cannot connect.
                 Err(e) => {
@@ -65,16 +74,30 @@ pub async fn start(gw: Arc<Gateway>, shutdown: watch::Receiver<bool>) -> Result<
         }
         Mode::External => {
             let (host, port, secure) = parse_url(cfg.url.as_deref().unwrap_or_default())?;
-            let tls = if secure { Some(tls_config(&cfg)?) } else { None };
+            let tls = if secure {
+                Some(tls_config(&cfg)?)
+            } else {
+                None
+            };
             (host, port, tls, None)
         }
     };
-    let client_id = cfg.client_id.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| format!("smgate-{}", gw.identity.id));
-    let birth = gw.writer.write(ingest::next_birth).await.map_err(|e: StoreError| e.to_string())?;
+    let client_id = cfg
+        .client_id
+        .clone()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("smgate-{}", gw.identity.id));
+    let birth = gw
+        .writer
+        .write(ingest::next_birth)
+        .await
+        .map_err(|e: StoreError| e.to_string())?;
     let status = topic::status(&cfg.topic_prefix, &gw.identity.id);
 
     let mut opts = options(&cfg, &client_id, &host, port, tls.clone());
-    opts.set_clean_session(false).set_manual_acks(true).set_last_will(will(&status, "offline", birth));
+    opts.set_clean_session(false)
+        .set_manual_acks(true)
+        .set_last_will(will(&status, "offline", birth));
     let (client, eventloop) = AsyncClient::new(opts, cfg.batch_size * 4 + 64);
     let mut pub_opts = options(&cfg, &format!("{client_id}-pub"), &host, port, tls);
     pub_opts.set_clean_session(true);
@@ -94,12 +117,38 @@ pub async fn start(gw: Arc<Gateway>, shutdown: watch::Receiver<bool>) -> Result<
         dead_letter_cap: cfg.dead_letter_cap,
     });
     let (subscribed_tx, mut subscribed) = watch::channel(false);
-    let ingest = Ingest { gw: gw.clone(), client: client.clone(), status, birth, subscriptions: topic::subscriptions(&cfg.topic_prefix), subscribed: subscribed_tx };
+    let ingest = Ingest {
+        gw: gw.clone(),
+        client: client.clone(),
+        status,
+        birth,
+        subscriptions: topic::subscriptions(&cfg.topic_prefix),
+        subscribed: subscribed_tx,
+    };
     let tasks = vec![
         tokio::spawn(ingest.run(eventloop, in_tx, batcher_done_rx)),
-        tokio::spawn(batcher(gw.clone(), client, in_rx, shutdown, rules, (batcher_done_tx, publisher_stop_tx))),
-        tokio::spawn(publisher_connection(gw.clone(), pub_eventloop, republish_tx, pub_conn_stop_rx)),
-        tokio::spawn(publisher(gw.clone(), pub_client, out_rx, republish_rx, publisher_stop_rx, pub_conn_stop_tx)),
+        tokio::spawn(batcher(
+            gw.clone(),
+            client,
+            in_rx,
+            shutdown,
+            rules,
+            (batcher_done_tx, publisher_stop_tx),
+        )),
+        tokio::spawn(publisher_connection(
+            gw.clone(),
+            pub_eventloop,
+            republish_tx,
+            pub_conn_stop_rx,
+        )),
+        tokio::spawn(publisher(
+            gw.clone(),
+            pub_client,
+            out_rx,
+            republish_rx,
+            publisher_stop_rx,
+            pub_conn_stop_tx,
+        )),
     ];
     if broker_addr.is_some() {
         // A fresh embedded broker drops what devices publish before our subscription exists
@@ -107,10 +156,19 @@ pub async fn start(gw: Arc<Gateway>, shutdown: watch::Receiver<bool>) -> Result<
         let _ = tokio::time::timeout(Duration::from_secs(5), subscribed.wait_for(|s| *s)).await;
     }
     tracing::info!(mode = ?cfg.mode, broker = %format!("{host}:{port}"), client_id = %client_id, bd_seq = birth, "MQTT started");
-    Ok(Some(Running { broker: broker_addr, tasks }))
+    Ok(Some(Running {
+        broker: broker_addr,
+        tasks,
+    }))
 }
 
-fn options(cfg: &MqttConfig, id: &str, host: &str, port: u16, tls: Option<Arc<rustls::ClientConfig>>) -> MqttOptions {
+fn options(
+    cfg: &MqttConfig,
+    id: &str,
+    host: &str,
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> MqttOptions {
     let mut o = MqttOptions::new(id, host, port);
     o.set_keep_alive(Duration::from_secs(cfg.keepalive_secs.max(1)))
         .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
@@ -125,7 +183,12 @@ fn options(cfg: &MqttConfig, id: &str, host: &str, port: u16, tls: Option<Arc<ru
 }
 
 fn will(status_topic: &str, status: &str, birth: u64) -> LastWill {
-    LastWill::new(status_topic, status_payload(status, birth), QoS::AtLeastOnce, true)
+    LastWill::new(
+        status_topic,
+        status_payload(status, birth),
+        QoS::AtLeastOnce,
+        true,
+    )
 }
 
 fn status_payload(status: &str, birth: u64) -> Vec<u8> {
@@ -139,13 +202,17 @@ fn parse_url(url: &str) -> Result<(String, u16, bool), String> {
     } else if let Some(r) = url.strip_prefix("mqtt://") {
         (r, false, 1883)
     } else {
-        return Err(format!("mqtt.url `{url}` must start with mqtt:// or mqtts://"));
+        return Err(format!(
+            "mqtt.url `{url}` must start with mqtt:// or mqtts://"
+        ));
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            (h, p.parse().map_err(|_| format!("mqtt.url `{url}`: bad port `{p}`"))?)
-        }
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+            h,
+            p.parse()
+                .map_err(|_| format!("mqtt.url `{url}`: bad port `{p}`"))?,
+        ),
         _ => (rest, default_port),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -159,22 +226,32 @@ fn parse_url(url: &str) -> Result<(String, u16, bool), String> {
 fn tls_config(cfg: &MqttConfig) -> Result<Arc<rustls::ClientConfig>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let ca = cfg.ca_file.as_ref().ok_or("mqtts:// needs mqtt.ca_file (PEM CA certificates of the broker)")?;
+    let ca = cfg
+        .ca_file
+        .as_ref()
+        .ok_or("mqtts:// needs mqtt.ca_file (PEM CA certificates of the broker)")?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
-        roots.add(cert.map_err(|e| format!("{}: {e}", ca.display()))?).map_err(|e| format!("{}: {e}", ca.display()))?;
+        roots
+            .add(cert.map_err(|e| format!("{}: {e}", ca.display()))?)
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
     }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots);
     let config = match (&cfg.client_cert, &cfg.client_key) {
         (Some(c), Some(k)) => {
             let chain = CertificateDer::pem_file_iter(c)
                 .and_then(|i| i.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| format!("{}: {e}", c.display()))?;
-            let key = PrivateKeyDer::from_pem_file(k).map_err(|e| format!("{}: {e}", k.display()))?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| e.to_string())?
+            let key =
+                PrivateKeyDer::from_pem_file(k).map_err(|e| format!("{}: {e}", k.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| e.to_string())?
         }
         _ => builder.with_no_client_auth(),
     };
@@ -191,7 +268,11 @@ struct Backoff {
 impl Backoff {
     fn new(cfg: &MqttConfig) -> Backoff {
         let min = cfg.reconnect_min_ms.max(1);
-        Backoff { min, max: cfg.reconnect_max_ms.max(min), next: min }
+        Backoff {
+            min,
+            max: cfg.reconnect_max_ms.max(min),
+            next: min,
+        }
     }
 
     fn reset(&mut self) {
@@ -216,7 +297,12 @@ struct Ingest {
 }
 
 impl Ingest {
-    async fn run(mut self, mut eventloop: EventLoop, to_batcher: mpsc::UnboundedSender<Publish>, mut batcher_done: oneshot::Receiver<()>) {
+    async fn run(
+        mut self,
+        mut eventloop: EventLoop,
+        to_batcher: mpsc::UnboundedSender<Publish>,
+        mut batcher_done: oneshot::Receiver<()>,
+    ) {
         let mut backoff = Backoff::new(&self.gw.config.mqtt);
         let mut connected = false;
         loop {
@@ -236,13 +322,25 @@ impl Ingest {
                     connected = true;
                     backoff.reset();
                     self.gw.mqtt.connects.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(session_present = ack.session_present, bd_seq = self.birth, "MQTT ingest connected");
-                    let filters = self.subscriptions.iter().map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                    tracing::info!(
+                        session_present = ack.session_present,
+                        bd_seq = self.birth,
+                        "MQTT ingest connected"
+                    );
+                    let filters = self
+                        .subscriptions
+                        .iter()
+                        .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
                     // Never block the event loop: the request channel has room for these.
                     if let Err(e) = self.client.try_subscribe_many(filters) {
                         tracing::warn!(error = %e, "cannot queue the MQTT subscriptions");
                     }
-                    if let Err(e) = self.client.try_publish(&self.status, QoS::AtLeastOnce, true, status_payload("online", self.birth)) {
+                    if let Err(e) = self.client.try_publish(
+                        &self.status,
+                        QoS::AtLeastOnce,
+                        true,
+                        status_payload("online", self.birth),
+                    ) {
                         tracing::warn!(error = %e, "cannot queue the MQTT birth message");
                     }
                 }
@@ -259,7 +357,11 @@ impl Ingest {
                                 self.birth += 1;
                             }
                         }
-                        eventloop.mqtt_options.set_last_will(will(&self.status, "offline", self.birth));
+                        eventloop.mqtt_options.set_last_will(will(
+                            &self.status,
+                            "offline",
+                            self.birth,
+                        ));
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.delay()) => {}
@@ -271,7 +373,12 @@ impl Ingest {
         // Orderly stop: the batcher has acked its last batch. A clean DISCONNECT suppresses the
         // Last Will, so say `offline` ourselves first.
         if connected {
-            let _ = self.client.try_publish(&self.status, QoS::AtLeastOnce, true, status_payload("offline", self.birth));
+            let _ = self.client.try_publish(
+                &self.status,
+                QoS::AtLeastOnce,
+                true,
+                status_payload("offline", self.birth),
+            );
             let _ = self.client.try_disconnect();
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 while eventloop.poll().await.is_ok() {}
@@ -324,7 +431,13 @@ async fn batcher(
 
 /// Applies one batch and acks it after the commit; false when the gateway is stopping and the
 /// batch could not be committed (it stays unacked, so the broker redelivers it).
-async fn commit_and_ack(gw: &Arc<Gateway>, client: &AsyncClient, rules: &Arc<Rules>, batch: Vec<Publish>, shutdown: &watch::Receiver<bool>) -> bool {
+async fn commit_and_ack(
+    gw: &Arc<Gateway>,
+    client: &AsyncClient,
+    rules: &Arc<Rules>,
+    batch: Vec<Publish>,
+    shutdown: &watch::Receiver<bool>,
+) -> bool {
     let mut messages: Vec<Message> = batch
         .iter()
         .map(|p| Message {
@@ -337,10 +450,16 @@ async fn commit_and_ack(gw: &Arc<Gateway>, client: &AsyncClient, rules: &Arc<Rul
         .collect();
     let mut retry = Duration::from_millis(50);
     let outcomes = loop {
-        let (charts, rules, m) = (gw.charts.clone(), rules.clone(), std::mem::take(&mut messages));
+        let (charts, rules, m) = (
+            gw.charts.clone(),
+            rules.clone(),
+            std::mem::take(&mut messages),
+        );
         let result = gw
             .writer
-            .write(move |txn| ingest::apply(txn, &charts, &rules, &m, clock::now_ms()).map(|o| (o, m)))
+            .write(move |txn| {
+                ingest::apply(txn, &charts, &rules, &m, clock::now_ms()).map(|o| (o, m))
+            })
             .await;
         match result {
             Ok((outcomes, _)) => break outcomes,
@@ -385,7 +504,12 @@ async fn commit_and_ack(gw: &Arc<Gateway>, client: &AsyncClient, rules: &Arc<Rul
     true
 }
 
-async fn publisher_connection(gw: Arc<Gateway>, mut eventloop: EventLoop, republish: mpsc::UnboundedSender<()>, mut stop: oneshot::Receiver<()>) {
+async fn publisher_connection(
+    gw: Arc<Gateway>,
+    mut eventloop: EventLoop,
+    republish: mpsc::UnboundedSender<()>,
+    mut stop: oneshot::Receiver<()>,
+) {
     let mut backoff = Backoff::new(&gw.config.mqtt);
     loop {
         let event = tokio::select! {
@@ -457,25 +581,49 @@ fn drain(first: Publication, rx: &mut mpsc::UnboundedReceiver<Publication>) -> V
 async fn publish(client: &AsyncClient, prefix: &str, all: Vec<Publication>) {
     let mut last: HashMap<(&str, &str), usize> = HashMap::new();
     for (i, p) in all.iter().enumerate() {
-        if let Publication::State { machine, instance, .. } = p {
+        if let Publication::State {
+            machine, instance, ..
+        } = p
+        {
             last.insert((machine, instance), i);
         }
     }
     let mut out = Vec::with_capacity(all.len());
     for (i, p) in all.iter().enumerate() {
         match p {
-            Publication::State { machine, instance, view } => {
+            Publication::State {
+                machine,
+                instance,
+                view,
+            } => {
                 if last.get(&(machine.as_str(), instance.as_str())) == Some(&i) {
-                    out.push((topic::state(prefix, machine, instance), true, serde_json::to_vec(view).unwrap_or_default()));
+                    out.push((
+                        topic::state(prefix, machine, instance),
+                        true,
+                        serde_json::to_vec(view).unwrap_or_default(),
+                    ));
                 }
             }
-            Publication::Emit { machine, instance, name, data } => {
-                out.push((topic::emit(prefix, machine, instance, name), false, serde_json::to_vec(data).unwrap_or_default()));
+            Publication::Emit {
+                machine,
+                instance,
+                name,
+                data,
+            } => {
+                out.push((
+                    topic::emit(prefix, machine, instance, name),
+                    false,
+                    serde_json::to_vec(data).unwrap_or_default(),
+                ));
             }
         }
     }
     for (t, retain, payload) in out {
-        if client.publish(t, QoS::AtLeastOnce, retain, payload).await.is_err() {
+        if client
+            .publish(t, QoS::AtLeastOnce, retain, payload)
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -486,7 +634,12 @@ async fn republish_all(gw: &Gateway, client: &AsyncClient, prefix: &str) {
     let mut n = 0usize;
     loop {
         let page = gw.store.view(|txn| {
-            ingest::states_after(txn, &gw.charts, after.as_ref().map(|(m, i)| (m.as_str(), i.as_str())), 500)
+            ingest::states_after(
+                txn,
+                &gw.charts,
+                after.as_ref().map(|(m, i)| (m.as_str(), i.as_str())),
+                500,
+            )
         });
         let page = match page {
             Ok(p) => p,
@@ -501,7 +654,16 @@ async fn republish_all(gw: &Gateway, client: &AsyncClient, prefix: &str) {
         for (m, i, view) in page {
             n += 1;
             let payload = serde_json::to_vec(&view).unwrap_or_default();
-            if client.publish(topic::state(prefix, &m, &i), QoS::AtLeastOnce, true, payload).await.is_err() {
+            if client
+                .publish(
+                    topic::state(prefix, &m, &i),
+                    QoS::AtLeastOnce,
+                    true,
+                    payload,
+                )
+                .await
+                .is_err()
+            {
                 return;
             }
         }

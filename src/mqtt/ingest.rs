@@ -24,9 +24,11 @@ use crate::store::{self, StoreError};
 /// (client id, packet id) → SHA-256(topic ‖ 0x00 ‖ payload) of the last committed message.
 pub const INFLIGHT: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("mqtt_inflight");
 /// (machine slug or "" for the gateway, n) → [`DeadLetter`].
-pub const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("mqtt_dead_letters");
+pub const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> =
+    TableDefinition::new("mqtt_dead_letters");
 /// machine slug or "" → the next dead-letter number.
-pub const DEAD_LETTER_NEXT: TableDefinition<&str, u64> = TableDefinition::new("mqtt_dead_letter_next");
+pub const DEAD_LETTER_NEXT: TableDefinition<&str, u64> =
+    TableDefinition::new("mqtt_dead_letter_next");
 /// Key in `store::META` of the birth sequence (bdSeq) of the ingest connection.
 const BIRTH_KEY: &str = "mqtt_bd_seq";
 /// Bytes of a dead letter's payload that are kept.
@@ -53,7 +55,10 @@ pub struct Rules {
 }
 
 pub enum Outcome {
-    Applied { machine: String, sent: instances::Sent },
+    Applied {
+        machine: String,
+        sent: instances::Sent,
+    },
     Duplicate,
     Dead(&'static str),
 }
@@ -79,13 +84,21 @@ pub fn content_hash(topic: &str, payload: &[u8]) -> [u8; 32] {
 }
 
 /// Applies `batch` in `txn`, in order; one outcome per message.
-pub fn apply(txn: &WriteTransaction, charts: &Charts, rules: &Rules, batch: &[Message], now_ms: i64) -> Result<Vec<Outcome>, StoreError> {
+pub fn apply(
+    txn: &WriteTransaction,
+    charts: &Charts,
+    rules: &Rules,
+    batch: &[Message],
+    now_ms: i64,
+) -> Result<Vec<Outcome>, StoreError> {
     let mut out = Vec::with_capacity(batch.len());
     for m in batch {
         let hash = content_hash(&m.topic, &m.payload);
         if m.dup {
             let t = txn.open_table(INFLIGHT)?;
-            let seen = t.get((rules.client_id.as_str(), m.pkid))?.is_some_and(|v| v.value() == hash.as_slice());
+            let seen = t
+                .get((rules.client_id.as_str(), m.pkid))?
+                .is_some_and(|v| v.value() == hash.as_slice());
             if seen {
                 out.push(Outcome::Duplicate);
                 continue;
@@ -98,7 +111,8 @@ pub fn apply(txn: &WriteTransaction, charts: &Charts, rules: &Rules, batch: &[Me
                 Outcome::Dead(reason)
             }
         };
-        txn.open_table(INFLIGHT)?.insert((rules.client_id.as_str(), m.pkid), hash.as_slice())?;
+        txn.open_table(INFLIGHT)?
+            .insert((rules.client_id.as_str(), m.pkid), hash.as_slice())?;
         out.push(outcome);
     }
     Ok(out)
@@ -107,20 +121,40 @@ pub fn apply(txn: &WriteTransaction, charts: &Charts, rules: &Rules, batch: &[Me
 /// (machine to file the dead letter under, reason code, message).
 type Refusal = (String, &'static str, String);
 
-fn route(txn: &WriteTransaction, charts: &Charts, rules: &Rules, m: &Message, now_ms: i64) -> Result<Result<Outcome, Refusal>, StoreError> {
+fn route(
+    txn: &WriteTransaction,
+    charts: &Charts,
+    rules: &Rules,
+    m: &Message,
+    now_ms: i64,
+) -> Result<Result<Outcome, Refusal>, StoreError> {
     let t = match topic::parse(&rules.prefix, &m.topic) {
         Ok(t) => t,
         Err(u) => {
-            let machine = u.machine.filter(|s| machine_exists(txn, s).unwrap_or(false)).unwrap_or("");
+            let machine = u
+                .machine
+                .filter(|s| machine_exists(txn, s).unwrap_or(false))
+                .unwrap_or("");
             return Ok(Err((machine.into(), "unknown_topic", u.why.into())));
         }
     };
     if !machine_exists(txn, t.machine)? {
-        return Ok(Err((String::new(), "unknown_machine", format!("no machine `{}` on this gateway", t.machine))));
+        return Ok(Err((
+            String::new(),
+            "unknown_machine",
+            format!("no machine `{}` on this gateway", t.machine),
+        )));
     }
     let refuse = |reason, message: String| Ok(Err((t.machine.to_owned(), reason, message)));
     if m.payload.len() > rules.max_payload {
-        return refuse("oversize", format!("the payload is {} bytes; the limit is {}", m.payload.len(), rules.max_payload));
+        return refuse(
+            "oversize",
+            format!(
+                "the payload is {} bytes; the limit is {}",
+                m.payload.len(),
+                rules.max_payload
+            ),
+        );
     }
     let data = if m.payload.iter().all(u8::is_ascii_whitespace) {
         json!({})
@@ -128,25 +162,61 @@ fn route(txn: &WriteTransaction, charts: &Charts, rules: &Rules, m: &Message, no
         match serde_json::from_slice::<Value>(&m.payload) {
             Ok(v @ Value::Object(_)) => v,
             Ok(_) => return refuse("invalid_json", "the payload must be a JSON object".into()),
-            Err(e) => return refuse("invalid_json", format!("the payload is not valid JSON: {e}")),
+            Err(e) => {
+                return refuse(
+                    "invalid_json",
+                    format!("the payload is not valid JSON: {e}"),
+                )
+            }
         }
     };
     let auth = auth();
-    let exists = txn.open_table(instances::INSTANCES)?.get((t.machine, t.instance))?.is_some();
+    let exists = txn
+        .open_table(instances::INSTANCES)?
+        .get((t.machine, t.instance))?
+        .is_some();
     if !exists {
         let meta: instances::ChartMeta = match txn.open_table(instances::CHARTS)?.get(t.machine)? {
             Some(v) => store::decode(v.value())?,
             None => Default::default(),
         };
         if !meta.auto_create_instances {
-            return refuse("unknown_instance", format!("no instance `{}`, and the machine does not auto-create instances", t.instance));
+            return refuse(
+                "unknown_instance",
+                format!(
+                    "no instance `{}`, and the machine does not auto-create instances",
+                    t.instance
+                ),
+            );
         }
-        if let Err(e) = instances::create_instance(txn, charts, t.machine, t.instance, Value::Null, None, &auth, ACTOR, now_ms) {
+        if let Err(e) = instances::create_instance(
+            txn,
+            charts,
+            t.machine,
+            t.instance,
+            Value::Null,
+            None,
+            &auth,
+            ACTOR,
+            now_ms,
+        ) {
             return refusal(e).map(|(r, msg)| Err((t.machine.to_owned(), r, msg)));
         }
     }
-    match instances::send_event(txn, charts, t.machine, t.instance, Event::new(t.event, data), &auth, ACTOR, now_ms) {
-        Ok(sent) => Ok(Ok(Outcome::Applied { machine: t.machine.to_owned(), sent })),
+    match instances::send_event(
+        txn,
+        charts,
+        t.machine,
+        t.instance,
+        Event::new(t.event, data),
+        &auth,
+        ACTOR,
+        now_ms,
+    ) {
+        Ok(sent) => Ok(Ok(Outcome::Applied {
+            machine: t.machine.to_owned(),
+            sent,
+        })),
         Err(e) => refusal(e).map(|(r, msg)| Err((t.machine.to_owned(), r, msg))),
     }
 }
@@ -170,7 +240,15 @@ fn machine_exists(txn: &WriteTransaction, slug: &str) -> Result<bool, StoreError
     Ok(txn.open_table(store::MACHINES)?.get(slug)?.is_some())
 }
 
-fn dead_letter(txn: &WriteTransaction, rules: &Rules, machine: String, m: &Message, reason: &'static str, message: &str, now_ms: i64) -> Result<(), StoreError> {
+fn dead_letter(
+    txn: &WriteTransaction,
+    rules: &Rules,
+    machine: String,
+    m: &Message,
+    reason: &'static str,
+    message: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
     let mut next = txn.open_table(DEAD_LETTER_NEXT)?;
     let n = next.get(machine.as_str())?.map(|v| v.value()).unwrap_or(0);
     next.insert(machine.as_str(), n + 1)?;
@@ -200,7 +278,11 @@ fn dead_letter(txn: &WriteTransaction, rules: &Rules, machine: String, m: &Messa
 
 /// Dead letters of `machine` ("" for the gateway's own), newest first, at most `limit`,
 /// with their numbers.
-pub fn dead_letters(txn: &ReadTransaction, machine: &str, limit: usize) -> Result<Vec<(u64, DeadLetter)>, StoreError> {
+pub fn dead_letters(
+    txn: &ReadTransaction,
+    machine: &str,
+    limit: usize,
+) -> Result<Vec<(u64, DeadLetter)>, StoreError> {
     let t = match txn.open_table(DEAD_LETTERS) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -234,7 +316,12 @@ pub fn next_birth(txn: &WriteTransaction) -> Result<u64, StoreError> {
 
 /// Every instance's public view, for republishing after a reconnect: (machine, instance,
 /// view), in key order after `after`, at most `limit`.
-pub fn states_after(txn: &ReadTransaction, charts: &Charts, after: Option<(&str, &str)>, limit: usize) -> Result<Vec<(String, String, Value)>, StoreError> {
+pub fn states_after(
+    txn: &ReadTransaction,
+    charts: &Charts,
+    after: Option<(&str, &str)>,
+    limit: usize,
+) -> Result<Vec<(String, String, Value)>, StoreError> {
     let t = txn.open_table(instances::INSTANCES)?;
     let mut out = Vec::new();
     let range = match after {
@@ -248,13 +335,21 @@ pub fn states_after(txn: &ReadTransaction, charts: &Charts, after: Option<(&str,
             continue;
         }
         let inst: instances::Instance = store::decode(v.value())?;
-        let Some(version) = instances::version(txn, m, &inst.version_id)? else { continue };
-        let Ok(chart) = charts.get(&version) else { continue };
+        let Some(version) = instances::version(txn, m, &inst.version_id)? else {
+            continue;
+        };
+        let Ok(chart) = charts.get(&version) else {
+            continue;
+        };
         let state: crate::chart::InstanceState = match serde_json::from_slice(&inst.state) {
             Ok(s) => s,
             Err(_) => continue,
         };
-        out.push((m.to_owned(), s.to_owned(), instances::public_view(&chart, &state, inst.ts_ms)));
+        out.push((
+            m.to_owned(),
+            s.to_owned(),
+            instances::public_view(&chart, &state, inst.ts_ms),
+        ));
         if out.len() == limit {
             break;
         }

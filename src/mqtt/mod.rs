@@ -117,13 +117,20 @@ impl MqttConfig {
     pub fn validate(&self) -> Result<(), String> {
         let p = &self.topic_prefix;
         if p.is_empty() || p.contains(['+', '#', '\0']) || p.starts_with('/') || p.ends_with('/') {
-            return Err("mqtt.topic_prefix must be non-empty, without + # or a leading/trailing /".into());
+            return Err(
+                "mqtt.topic_prefix must be non-empty, without + # or a leading/trailing /".into(),
+            );
         }
         if self.mode == Mode::External && self.url.as_deref().is_none_or(str::is_empty) {
-            return Err("mqtt.mode = \"external\" needs mqtt.url (mqtt://host:port or mqtts://host:port)".into());
+            return Err(
+                "mqtt.mode = \"external\" needs mqtt.url (mqtt://host:port or mqtts://host:port)"
+                    .into(),
+            );
         }
         if self.batch_size == 0 || self.inflight == 0 || self.dead_letter_cap == 0 {
-            return Err("mqtt.batch_size, mqtt.inflight and mqtt.dead_letter_cap must be at least 1".into());
+            return Err(
+                "mqtt.batch_size, mqtt.inflight and mqtt.dead_letter_cap must be at least 1".into(),
+            );
         }
         if self.max_payload_bytes >= self.max_packet_bytes {
             return Err("mqtt.max_payload_bytes must be smaller than mqtt.max_packet_bytes".into());
@@ -139,9 +146,18 @@ impl MqttConfig {
 #[derive(Debug)]
 pub enum Publication {
     /// The retained public view of an instance.
-    State { machine: String, instance: String, view: Value },
+    State {
+        machine: String,
+        instance: String,
+        view: Value,
+    },
     /// An `emit` effect: not retained.
-    Emit { machine: String, instance: String, name: String, data: Value },
+    Emit {
+        machine: String,
+        instance: String,
+        name: String,
+        data: Value,
+    },
 }
 
 /// Counters for `/metrics` and the hook through which other tasks (timers) hand committed
@@ -164,7 +180,9 @@ impl Shared {
 
     /// Queues the retained state (and emits) of committed steps; never blocks.
     pub fn committed(&self, machine: &str, sent: &crate::instances::Sent) {
-        let Some(tx) = self.publisher.get() else { return };
+        let Some(tx) = self.publisher.get() else {
+            return;
+        };
         let _ = tx.send(Publication::State {
             machine: machine.to_owned(),
             instance: sent.instance.slug.clone(),
@@ -188,29 +206,62 @@ impl Shared {
         use std::fmt::Write;
         let mut out = String::new();
         let c = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
         };
-        c(&mut out, "smgate_mqtt_applied_total", "MQTT messages applied as statechart steps.", self.applied.load(Ordering::Relaxed));
-        c(&mut out, "smgate_mqtt_duplicates_total", "Redelivered MQTT messages acked without applying them again.", self.duplicates.load(Ordering::Relaxed));
-        c(&mut out, "smgate_mqtt_connects_total", "MQTT ingest connections established.", self.connects.load(Ordering::Relaxed));
+        c(
+            &mut out,
+            "smgate_mqtt_applied_total",
+            "MQTT messages applied as statechart steps.",
+            self.applied.load(Ordering::Relaxed),
+        );
+        c(
+            &mut out,
+            "smgate_mqtt_duplicates_total",
+            "Redelivered MQTT messages acked without applying them again.",
+            self.duplicates.load(Ordering::Relaxed),
+        );
+        c(
+            &mut out,
+            "smgate_mqtt_connects_total",
+            "MQTT ingest connections established.",
+            self.connects.load(Ordering::Relaxed),
+        );
         let dead = self.dead.lock().map(|d| d.clone()).unwrap_or_default();
         let total: u64 = dead.values().sum();
-        c(&mut out, "smgate_mqtt_dead_letters_total", "MQTT messages dead-lettered (and acked).", total);
+        c(
+            &mut out,
+            "smgate_mqtt_dead_letters_total",
+            "MQTT messages dead-lettered (and acked).",
+            total,
+        );
         let _ = writeln!(out, "# HELP smgate_mqtt_dead_letters_by_reason_total MQTT dead letters by reason.\n# TYPE smgate_mqtt_dead_letters_by_reason_total counter");
         for (reason, n) in dead {
-            let _ = writeln!(out, "smgate_mqtt_dead_letters_by_reason_total{{reason=\"{reason}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "smgate_mqtt_dead_letters_by_reason_total{{reason=\"{reason}\"}} {n}"
+            );
         }
         out
     }
 }
 
 fn emit(machine: &str, instance: &str, effect: &crate::chart::Effect) -> Option<Publication> {
-    let crate::chart::Effect::Emit { topic, event, data } = effect else { return None };
+    let crate::chart::Effect::Emit { topic, event, data } = effect else {
+        return None;
+    };
     let name = topic.as_deref().or(event.as_deref())?;
     // Emits stay under the instance's own topic tree: no wildcards, no empty levels.
     let name = name.trim_matches('/');
     if name.is_empty() || name.contains(['+', '#', '\0']) {
         return None;
     }
-    Some(Publication::Emit { machine: machine.into(), instance: instance.into(), name: name.into(), data: data.clone() })
+    Some(Publication::Emit {
+        machine: machine.into(),
+        instance: instance.into(),
+        name: name.into(),
+        data: data.clone(),
+    })
 }

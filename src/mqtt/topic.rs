@@ -32,25 +32,47 @@ pub fn parse<'a>(prefix: &str, topic: &'a str) -> Result<DeviceTopic<'a>, Unknow
         return unknown(None, "the topic is not under the gateway's prefix");
     };
     let levels: Vec<&str> = rest.split('/').collect();
-    let machine = levels.first().copied().filter(|m| crate::machines::valid_slug(m));
+    let machine = levels
+        .first()
+        .copied()
+        .filter(|m| crate::machines::valid_slug(m));
     if machine.is_none() {
-        return unknown(None, "the machine level is not a machine slug ([a-z0-9-]{1,64})");
+        return unknown(
+            None,
+            "the machine level is not a machine slug ([a-z0-9-]{1,64})",
+        );
     }
     let event = match levels.as_slice() {
         [_, _, "heartbeat"] => "HEARTBEAT",
         [_, _, "events", t] => {
-            if t.is_empty() || t.chars().count() > MAX_EVENT_TYPE || t.chars().any(char::is_control) {
-                return unknown(machine, "the event type must be 1–64 characters without control characters");
+            if t.is_empty() || t.chars().count() > MAX_EVENT_TYPE || t.chars().any(char::is_control)
+            {
+                return unknown(
+                    machine,
+                    "the event type must be 1–64 characters without control characters",
+                );
             }
             t
         }
-        _ => return unknown(machine, "expected <prefix>/<machine>/<instance>/heartbeat or …/events/<TYPE>"),
+        _ => {
+            return unknown(
+                machine,
+                "expected <prefix>/<machine>/<instance>/heartbeat or …/events/<TYPE>",
+            )
+        }
     };
     let instance = levels[1];
     if !crate::instances::valid_instance_slug(instance) {
-        return unknown(machine, "the instance level must match ^[a-zA-Z0-9_-]{1,128}$");
+        return unknown(
+            machine,
+            "the instance level must match ^[a-zA-Z0-9_-]{1,128}$",
+        );
     }
-    Ok(DeviceTopic { machine: levels[0], instance, event })
+    Ok(DeviceTopic {
+        machine: levels[0],
+        instance,
+        event,
+    })
 }
 
 pub fn state(prefix: &str, machine: &str, instance: &str) -> String {
@@ -67,7 +89,10 @@ pub fn status(prefix: &str, gateway_id: &str) -> String {
 
 /// The subscriptions of the ingest connection.
 pub fn subscriptions(prefix: &str) -> [String; 2] {
-    [format!("{prefix}/+/+/heartbeat"), format!("{prefix}/+/+/events/+")]
+    [
+        format!("{prefix}/+/+/heartbeat"),
+        format!("{prefix}/+/+/events/+"),
+    ]
 }
 
 #[cfg(test)]
@@ -76,17 +101,46 @@ mod tests {
 
     #[test]
     fn heartbeats_and_events_map_to_event_types() {
-        assert_eq!(parse("smgate", "smgate/m-1/dev_7/heartbeat"), Ok(DeviceTopic { machine: "m-1", instance: "dev_7", event: "HEARTBEAT" }));
-        assert_eq!(parse("a/b", "a/b/m/i/events/DOOR.open").unwrap().event, "DOOR.open");
+        assert_eq!(
+            parse("smgate", "smgate/m-1/dev_7/heartbeat"),
+            Ok(DeviceTopic {
+                machine: "m-1",
+                instance: "dev_7",
+                event: "HEARTBEAT"
+            })
+        );
+        assert_eq!(
+            parse("a/b", "a/b/m/i/events/DOOR.open").unwrap().event,
+            "DOOR.open"
+        );
     }
 
     #[test]
     fn unknown_topics_keep_the_machine_when_it_has_slug_shape() {
-        assert_eq!(parse("smgate", "smgate/m/bad.slug/heartbeat").unwrap_err().machine, Some("m"));
-        assert_eq!(parse("smgate", "smgate/m/i/events/").unwrap_err().machine, Some("m"));
-        assert_eq!(parse("smgate", "smgate/M!/i/heartbeat").unwrap_err().machine, None);
-        assert_eq!(parse("smgate", "other/m/i/heartbeat").unwrap_err().machine, None);
-        assert_eq!(parse("smgate", "smgate/m/i/state").unwrap_err().machine, Some("m"));
+        assert_eq!(
+            parse("smgate", "smgate/m/bad.slug/heartbeat")
+                .unwrap_err()
+                .machine,
+            Some("m")
+        );
+        assert_eq!(
+            parse("smgate", "smgate/m/i/events/").unwrap_err().machine,
+            Some("m")
+        );
+        assert_eq!(
+            parse("smgate", "smgate/M!/i/heartbeat")
+                .unwrap_err()
+                .machine,
+            None
+        );
+        assert_eq!(
+            parse("smgate", "other/m/i/heartbeat").unwrap_err().machine,
+            None
+        );
+        assert_eq!(
+            parse("smgate", "smgate/m/i/state").unwrap_err().machine,
+            Some("m")
+        );
         let long = format!("smgate/m/i/events/{}", "x".repeat(65));
         assert!(parse("smgate", &long).is_err());
     }

@@ -31,7 +31,8 @@ impl Default for DiskLimit {
 impl DiskLimit {
     /// From now on the file cannot grow: writes past its current end fail with ENOSPC.
     pub fn fill(&self) {
-        self.limit.store(self.current_len.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.limit
+            .store(self.current_len.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
     /// Space was freed.
@@ -41,9 +42,14 @@ impl DiskLimit {
 
     pub(super) fn backend(&self, file: File) -> Result<LimitedBackend, StoreError> {
         let inner = FileBackend::new(file).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let len = inner.len().map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let len = inner
+            .len()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         self.current_len.store(len, Ordering::SeqCst);
-        Ok(LimitedBackend { inner, switch: self.clone() })
+        Ok(LimitedBackend {
+            inner,
+            switch: self.clone(),
+        })
     }
 }
 

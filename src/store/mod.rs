@@ -129,7 +129,12 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { cache_bytes: 16 << 20, quick_repair: true, max_batch: 1024, disk_limit: None }
+        StoreOptions {
+            cache_bytes: 16 << 20,
+            quick_repair: true,
+            max_batch: 1024,
+            disk_limit: None,
+        }
     }
 }
 
@@ -144,7 +149,11 @@ impl Store {
     /// Opens (creating if needed) the database at `path` and checks its schema version.
     pub fn open(path: &Path, options: StoreOptions) -> Result<Arc<Store>, StoreError> {
         let db = open_database(path, &options)?;
-        let store = Store { db: RwLock::new(Some(Arc::new(db))), path: path.to_owned(), options };
+        let store = Store {
+            db: RwLock::new(Some(Arc::new(db))),
+            path: path.to_owned(),
+            options,
+        };
         store.ensure_schema()?;
         Ok(Arc::new(store))
     }
@@ -169,7 +178,10 @@ impl Store {
     /// Runs `f` in a read transaction. A read that meets a handle the writer is about to
     /// reopen after an I/O error waits for the reopen and runs again, so reads keep working
     /// while writes fail.
-    pub fn view<T>(&self, f: impl Fn(&ReadTransaction) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    pub fn view<T>(
+        &self,
+        f: impl Fn(&ReadTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut attempt = 0;
         loop {
             let outcome = self.read().and_then(|txn| f(&txn));
@@ -187,8 +199,10 @@ impl Store {
     /// Drops the failed handle and opens the file again, as redb requires after an I/O error.
     /// Waits briefly for in-flight readers to let go of the old handle.
     pub(crate) fn reopen(&self) -> Result<(), StoreError> {
-        let mut slot =
-            self.db.write().map_err(|_| StoreError::Unavailable("store lock poisoned".into()))?;
+        let mut slot = self
+            .db
+            .write()
+            .map_err(|_| StoreError::Unavailable("store lock poisoned".into()))?;
         if let Some(old) = slot.take() {
             let deadline = Instant::now() + Duration::from_secs(5);
             let mut old = old;
@@ -204,7 +218,9 @@ impl Store {
                     }
                     Err(shared) => {
                         *slot = Some(shared);
-                        return Err(StoreError::Unavailable("readers hold the old handle".into()));
+                        return Err(StoreError::Unavailable(
+                            "readers hold the old handle".into(),
+                        ));
                     }
                 }
             }

@@ -50,15 +50,22 @@ impl BatchStats {
         if !ok {
             self.failed_commits.fetch_add(1, Ordering::Relaxed);
         }
-        let si = SIZE_BOUNDS.iter().position(|b| size as u64 <= *b).unwrap_or(SIZE_BOUNDS.len());
-        let li = LATENCY_BOUNDS.iter().position(|b| seconds <= *b).unwrap_or(LATENCY_BOUNDS.len());
+        let si = SIZE_BOUNDS
+            .iter()
+            .position(|b| size as u64 <= *b)
+            .unwrap_or(SIZE_BOUNDS.len());
+        let li = LATENCY_BOUNDS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len());
         if let Ok(mut s) = self.size_buckets.lock() {
             s[si] += 1;
         }
         if let Ok(mut l) = self.latency_buckets.lock() {
             l[li] += 1;
         }
-        self.latency_sum_us.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
     }
 }
 
@@ -119,8 +126,13 @@ impl GroupCommit {
                 let _ = reply_tx.send(answer);
             })
         });
-        self.tx.send(Job::Write(run)).await.map_err(|_| E::from(StoreError::ShuttingDown))?;
-        reply_rx.await.unwrap_or_else(|_| Err(E::from(StoreError::ShuttingDown)))
+        self.tx
+            .send(Job::Write(run))
+            .await
+            .map_err(|_| E::from(StoreError::ShuttingDown))?;
+        reply_rx
+            .await
+            .unwrap_or_else(|_| Err(E::from(StoreError::ShuttingDown)))
     }
 
     /// Commits everything queued so far and stops the writer; later writes get `ShuttingDown`.
@@ -219,7 +231,10 @@ fn commit_batch(store: &Store, batch: &mut Vec<Run>, stats: &BatchStats) -> bool
 /// After an I/O error redb refuses every further operation on the handle; reopen it so that
 /// readers keep working and the next batch can try again.
 fn recover(store: &Store, error: &StoreError) {
-    if matches!(error, StoreError::Full(_) | StoreError::Unavailable(_) | StoreError::Recovering) {
+    if matches!(
+        error,
+        StoreError::Full(_) | StoreError::Unavailable(_) | StoreError::Recovering
+    ) {
         if let Err(e) = store.reopen() {
             tracing::error!(error = %e, "reopening the database failed; will retry on next write");
         }

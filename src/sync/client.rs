@@ -41,7 +41,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::hub::OneChunk;
-use super::{origin, Ack, Batch, Conflict, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES, WIRE_VERSION};
+use super::{
+    origin, Ack, Batch, Conflict, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES, WIRE_VERSION,
+};
 use crate::ledger::{self, log, Checkpoint};
 use crate::server::Gateway;
 use crate::store::{self, StoreError};
@@ -107,10 +109,15 @@ impl UpstreamConfig {
             }
         }
         if self.token.is_empty() {
-            return Err("upstream.token is empty; give the token printed by `smgate hub enroll`".into());
+            return Err(
+                "upstream.token is empty; give the token printed by `smgate hub enroll`".into(),
+            );
         }
         if self.batch_rows == 0 || self.batch_bytes == 0 || self.batch_bytes > MAX_BODY_BYTES / 2 {
-            return Err(format!("upstream.batch_rows must be ≥ 1 and batch_bytes in 1..={}", MAX_BODY_BYTES / 2));
+            return Err(format!(
+                "upstream.batch_rows must be ≥ 1 and batch_bytes in 1..={}",
+                MAX_BODY_BYTES / 2
+            ));
         }
         if self.min_backoff_ms == 0 || self.max_backoff_ms < self.min_backoff_ms {
             return Err("upstream backoff: need 0 < min_backoff_ms ≤ max_backoff_ms".into());
@@ -158,7 +165,11 @@ impl SyncState {
     }
 
     pub fn get(&self, slug: &str) -> MachineSync {
-        self.machines.lock().ok().and_then(|m| m.get(slug).cloned()).unwrap_or_default()
+        self.machines
+            .lock()
+            .ok()
+            .and_then(|m| m.get(slug).cloned())
+            .unwrap_or_default()
     }
 
     /// Prometheus lines for `/metrics`.
@@ -187,13 +198,18 @@ pub fn acked(txn: &ReadTransaction, slug: &str) -> Result<u64, StoreError> {
         Err(e) => return Err(e.into()),
     };
     let v = table.get(slug)?;
-    Ok(v.map(|v| store::decode::<Watermark>(v.value())).transpose()?.map_or(0, |w| w.acked_size))
+    Ok(v.map(|v| store::decode::<Watermark>(v.value()))
+        .transpose()?
+        .map_or(0, |w| w.acked_size))
 }
 
 /// Backlog of one machine: (head size, acked size, unacked rows, unacked bytes, exact?).
 /// Bytes are summed exactly up to 65,536 rows and extrapolated beyond, so the status call
 /// stays cheap with a million rows queued.
-pub fn backlog(txn: &ReadTransaction, slug: &str) -> Result<(u64, u64, u64, u64, bool), StoreError> {
+pub fn backlog(
+    txn: &ReadTransaction,
+    slug: &str,
+) -> Result<(u64, u64, u64, u64, bool), StoreError> {
     let size = log::read::head(txn, slug)?.map_or(0, |h| h.size);
     let acked = acked(txn, slug)?.min(size);
     let rows = size - acked;
@@ -240,27 +256,59 @@ impl ServerCertVerifier for PinnedCert {
         if crate::auth::ct_eq(&crate::auth::sha256(end_entity.as_ref()), &self.pin) {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General("server certificate does not match upstream.pin_sha256".into()))
+            Err(rustls::Error::General(
+                "server certificate does not match upstream.pin_sha256".into(),
+            ))
         }
     }
 
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 impl Upstream {
     fn new(cfg: &UpstreamConfig) -> Result<Upstream, String> {
-        let uri: http::Uri = cfg.url.parse().map_err(|_| format!("bad upstream.url `{}`", cfg.url))?;
-        let host = uri.host().ok_or("upstream.url has no host")?.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let uri: http::Uri = cfg
+            .url
+            .parse()
+            .map_err(|_| format!("bad upstream.url `{}`", cfg.url))?;
+        let host = uri
+            .host()
+            .ok_or("upstream.url has no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         let port = uri.port_u16().unwrap_or(443);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -269,7 +317,10 @@ impl Upstream {
         let mut config = match (&cfg.pin_sha256, &cfg.ca_file) {
             (Some(pin), _) => {
                 let pin = ledger::hex::decode_hash(pin).map_err(|e| e.to_string())?;
-                builder.dangerous().with_custom_certificate_verifier(Arc::new(PinnedCert { pin, provider })).with_no_client_auth()
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(PinnedCert { pin, provider }))
+                    .with_no_client_auth()
             }
             (None, Some(ca)) => {
                 let mut roots = rustls::RootCertStore::empty();
@@ -284,9 +335,13 @@ impl Upstream {
             (None, None) => return Err("upstream needs ca_file or pin_sha256".into()),
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let name = ServerName::try_from(host.clone()).map_err(|_| format!("bad upstream host `{host}`"))?;
+        let name = ServerName::try_from(host.clone())
+            .map_err(|_| format!("bad upstream host `{host}`"))?;
         Ok(Upstream {
-            authority: uri.authority().map(|a| a.to_string()).unwrap_or_else(|| host.clone()),
+            authority: uri
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| host.clone()),
             host,
             port,
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
@@ -296,10 +351,18 @@ impl Upstream {
     }
 
     async fn connect(&self) -> Result<hyper::client::conn::http1::SendRequest<OneChunk>, String> {
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| format!("connect: {e}"))?;
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        let tls = self.tls.connect(self.name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+        let tls = self
+            .tls
+            .connect(self.name.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -310,16 +373,30 @@ impl Upstream {
 /// How one push ended, when it did not end in an ack.
 enum PushError {
     /// Unreachable, 5xx, 401: retry everything later with backoff.
-    Offline { code: &'static str, message: String },
+    Offline {
+        code: &'static str,
+        message: String,
+    },
     /// 409 or another refusal of this machine's batch.
-    Refused { code: String, at: Option<u64>, message: String },
+    Refused {
+        code: String,
+        at: Option<u64>,
+        message: String,
+    },
     Local(String),
 }
 
 /// Builds the next batch of `slug` from `acked` on. `None` when there is nothing to send.
-fn build_batch(gw: &Gateway, txn: &ReadTransaction, slug: &str, acked: u64) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+fn build_batch(
+    gw: &Gateway,
+    txn: &ReadTransaction,
+    slug: &str,
+    acked: u64,
+) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
     let cfg = &gw.config.upstream;
-    let Some(head) = log::read::head(txn, slug)? else { return Ok(None) };
+    let Some(head) = log::read::head(txn, slug)? else {
+        return Ok(None);
+    };
     if acked >= head.size {
         return Ok(None);
     }
@@ -339,9 +416,20 @@ fn build_batch(gw: &Gateway, txn: &ReadTransaction, slug: &str, acked: u64) -> R
     let size = acked + rows.len() as u64;
     let root = log::read::tree_hash(txn, slug, size)?;
     let id = &gw.identity.id;
-    let body = Checkpoint { origin: origin(id, slug), size, root }.to_body().map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let checkpoint = ledger::sign_note(&body, id, &gw.identity.key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let consistency = if acked > 0 && acked < size { log::read::prove_consistency(txn, slug, acked, size)? } else { Vec::new() };
+    let body = Checkpoint {
+        origin: origin(id, slug),
+        size,
+        root,
+    }
+    .to_body()
+    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let checkpoint = ledger::sign_note(&body, id, &gw.identity.key)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let consistency = if acked > 0 && acked < size {
+        log::read::prove_consistency(txn, slug, acked, size)?
+    } else {
+        Vec::new()
+    };
     let batch = Batch {
         version: WIRE_VERSION,
         gateway_id: id.clone(),
@@ -356,7 +444,10 @@ fn build_batch(gw: &Gateway, txn: &ReadTransaction, slug: &str, acked: u64) -> R
         head_size: head.size,
     };
     let n = batch.rows.len() as u64;
-    Ok(Some((postcard::to_allocvec(&batch).map_err(|e| StoreError::Corrupt(e.to_string()))?, n)))
+    Ok(Some((
+        postcard::to_allocvec(&batch).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        n,
+    )))
 }
 
 async fn post(
@@ -364,19 +455,30 @@ async fn post(
     conn: &mut Option<hyper::client::conn::http1::SendRequest<OneChunk>>,
     body: Vec<u8>,
 ) -> Result<(u16, Vec<u8>), PushError> {
-    let offline = |m: String| PushError::Offline { code: "offline", message: m };
+    let offline = |m: String| PushError::Offline {
+        code: "offline",
+        message: m,
+    };
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
         *conn = Some(upstream.connect().await.map_err(offline)?);
     }
-    let Some(sender) = conn.as_mut() else { return Err(offline("no connection".into())) };
+    let Some(sender) = conn.as_mut() else {
+        return Err(offline("no connection".into()));
+    };
     sender.ready().await.map_err(|e| offline(e.to_string()))?;
     let req = http::Request::builder()
         .method(http::Method::POST)
         .uri(INGEST_PATH)
         .header(http::header::HOST, &upstream.authority)
         .header(http::header::CONTENT_TYPE, CONTENT_TYPE)
-        .header(http::header::AUTHORIZATION, format!("Bearer {}", upstream.token))
-        .header(http::header::USER_AGENT, concat!("smgate/", env!("CARGO_PKG_VERSION")))
+        .header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", upstream.token),
+        )
+        .header(
+            http::header::USER_AGENT,
+            concat!("smgate/", env!("CARGO_PKG_VERSION")),
+        )
         .body(OneChunk(Some(Bytes::from(body))))
         .map_err(|e| PushError::Local(e.to_string()))?;
     let res = match tokio::time::timeout(Duration::from_secs(120), sender.send_request(req)).await {
@@ -393,7 +495,9 @@ async fn post(
     let status = res.status().as_u16();
     let mut body = res.into_body();
     let mut bytes = Vec::new();
-    while let Some(frame) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await {
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
         let frame = frame.map_err(|e| offline(e.to_string()))?;
         if let Ok(d) = frame.into_data() {
             bytes.extend_from_slice(&d);
@@ -403,9 +507,20 @@ async fn post(
 }
 
 /// Sends one batch of `slug` and returns the hub's ack.
-async fn push(gw: &Gateway, upstream: &Upstream, conn: &mut Option<hyper::client::conn::http1::SendRequest<OneChunk>>, slug: &str, acked: u64) -> Result<Option<Ack>, PushError> {
-    let built = gw.store.view(|txn| build_batch(gw, txn, slug, acked)).map_err(|e| PushError::Local(e.to_string()))?;
-    let Some((body, n)) = built else { return Ok(None) };
+async fn push(
+    gw: &Gateway,
+    upstream: &Upstream,
+    conn: &mut Option<hyper::client::conn::http1::SendRequest<OneChunk>>,
+    slug: &str,
+    acked: u64,
+) -> Result<Option<Ack>, PushError> {
+    let built = gw
+        .store
+        .view(|txn| build_batch(gw, txn, slug, acked))
+        .map_err(|e| PushError::Local(e.to_string()))?;
+    let Some((body, n)) = built else {
+        return Ok(None);
+    };
     let len = body.len() as u64;
     let (status, answer) = post(upstream, conn, body).await?;
     gw.sync.rows_sent.fetch_add(n, Ordering::Relaxed);
@@ -414,18 +529,36 @@ async fn push(gw: &Gateway, upstream: &Upstream, conn: &mut Option<hyper::client
     match status {
         200 => serde_json::from_slice::<Ack>(&answer)
             .map(Some)
-            .map_err(|e| PushError::Refused { code: "refused".into(), at: None, message: format!("unreadable ack: {e}") }),
+            .map_err(|e| PushError::Refused {
+                code: "refused".into(),
+                at: None,
+                message: format!("unreadable ack: {e}"),
+            }),
         409 => {
             let c: Conflict = serde_json::from_slice(&answer).map_err(|e| PushError::Refused {
                 code: "refused".into(),
                 at: None,
                 message: format!("409 without a readable body: {e}"),
             })?;
-            Err(PushError::Refused { code: c.error, at: Some(c.at), message: c.message })
+            Err(PushError::Refused {
+                code: c.error,
+                at: Some(c.at),
+                message: c.message,
+            })
         }
-        401 => Err(PushError::Offline { code: "unauthorized", message: format!("401: {text}") }),
-        s if s >= 500 => Err(PushError::Offline { code: "offline", message: format!("{s}: {text}") }),
-        s => Err(PushError::Refused { code: "refused".into(), at: None, message: format!("{s}: {text}") }),
+        401 => Err(PushError::Offline {
+            code: "unauthorized",
+            message: format!("401: {text}"),
+        }),
+        s if s >= 500 => Err(PushError::Offline {
+            code: "offline",
+            message: format!("{s}: {text}"),
+        }),
+        s => Err(PushError::Refused {
+            code: "refused".into(),
+            at: None,
+            message: format!("{s}: {text}"),
+        }),
     }
 }
 
@@ -467,7 +600,11 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
     };
     let mut commits = gw.writer.subscribe();
     let mut conn = None;
-    let mut backoff = Backoff { min: cfg.min_backoff_ms, max: cfg.max_backoff_ms, current: cfg.min_backoff_ms };
+    let mut backoff = Backoff {
+        min: cfg.min_backoff_ms,
+        max: cfg.max_backoff_ms,
+        current: cfg.min_backoff_ms,
+    };
     // In-memory cursors: the hub's last answer, ahead of the durable watermark only while its
     // write is in flight.
     let mut cursors: BTreeMap<String, u64> = BTreeMap::new();
@@ -517,7 +654,14 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
                         .writer
                         .write(move |txn| -> Result<(), StoreError> {
                             let mut t = txn.open_table(ACKED)?;
-                            t.insert(s.as_str(), store::encode(&Watermark { acked_size: stored, acked_ms: clock::now_ms() }).as_slice())?;
+                            t.insert(
+                                s.as_str(),
+                                store::encode(&Watermark {
+                                    acked_size: stored,
+                                    acked_ms: clock::now_ms(),
+                                })
+                                .as_slice(),
+                            )?;
                             Ok(())
                         })
                         .await;
@@ -544,7 +688,9 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
                     break;
                 }
                 Err(PushError::Refused { code, at, message }) => {
-                    gw.sync.conflicts.fetch_add(u64::from(at.is_some()), Ordering::Relaxed);
+                    gw.sync
+                        .conflicts
+                        .fetch_add(u64::from(at.is_some()), Ordering::Relaxed);
                     tracing::error!(machine = %slug, code, at, message, "upstream refused the log; sync of this machine is stopped until it changes");
                     let retry = now + cfg.max_backoff_ms as i64;
                     gw.sync.update(&slug, |m| {
@@ -590,8 +736,15 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
         if progressed {
             continue;
         }
-        let next = gw.sync.machines.lock().ok().and_then(|m| m.values().filter_map(|s| s.next_retry_ms).min());
-        let wait = next.map_or(Duration::from_secs(60), |t| Duration::from_millis((t - clock::now_ms()).clamp(10, 60_000) as u64));
+        let next = gw
+            .sync
+            .machines
+            .lock()
+            .ok()
+            .and_then(|m| m.values().filter_map(|s| s.next_retry_ms).min());
+        let wait = next.map_or(Duration::from_secs(60), |t| {
+            Duration::from_millis((t - clock::now_ms()).clamp(10, 60_000) as u64)
+        });
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = commits.changed() => {}

@@ -35,7 +35,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::{origin, Ack, Batch, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES, WIRE_VERSION};
-use crate::ledger::{self, genesis_prev_hash, hex, log::TableHashes, tlog, Hash, HashReader, LedgerError, Row};
+use crate::ledger::{
+    self, genesis_prev_hash, hex, log::TableHashes, tlog, Hash, HashReader, LedgerError, Row,
+};
 use crate::{auth, clock, store};
 
 /// ("<gateway>/<slug>", seq) → stored row bytes.
@@ -48,7 +50,10 @@ const MACHINES: TableDefinition<&str, &[u8]> = TableDefinition::new("hub_machine
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("hub database: {0}")]
     Store(String),
     #[error("{0}")]
@@ -65,13 +70,28 @@ pub enum Refusal {
     Unauthorized(&'static str),
     BadRequest(String),
     /// 409: `kind` is `fork` or `tampered`; `at` the first offending seq.
-    Conflict { kind: &'static str, at: u64, message: String, stored_seq: Option<u64> },
+    Conflict {
+        kind: &'static str,
+        at: u64,
+        message: String,
+        stored_seq: Option<u64>,
+    },
     Unavailable(String),
 }
 
 impl Refusal {
-    fn conflict(kind: &'static str, at: u64, message: impl Into<String>, stored: &Stored) -> Refusal {
-        Refusal::Conflict { kind, at, message: message.into(), stored_seq: stored.size.checked_sub(1) }
+    fn conflict(
+        kind: &'static str,
+        at: u64,
+        message: impl Into<String>,
+        stored: &Stored,
+    ) -> Refusal {
+        Refusal::Conflict {
+            kind,
+            at,
+            message: message.into(),
+            stored_seq: stored.size.checked_sub(1),
+        }
     }
 }
 
@@ -128,11 +148,18 @@ pub struct Hub {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
-    move |source| HubError::Io { path: path.to_owned(), source }
+    move |source| HubError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn valid_gateway_id(id: &str) -> bool {
-    id.strip_prefix("gw-").is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    id.strip_prefix("gw-").is_some_and(|h| {
+        h.len() == 16
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 impl Hub {
@@ -140,16 +167,24 @@ impl Hub {
     pub fn open(dir: &Path) -> Result<Hub, HubError> {
         std::fs::create_dir_all(dir.join("enrolled")).map_err(io(dir))?;
         crate::gateway::ensure_tls_files(&dir.join("tls/cert.pem"), &dir.join("tls/key.pem"))?;
-        let db = Database::create(dir.join("hub.redb")).map_err(|e| HubError::Store(e.to_string()))?;
-        let txn = db.begin_write().map_err(|e| HubError::Store(e.to_string()))?;
+        let db =
+            Database::create(dir.join("hub.redb")).map_err(|e| HubError::Store(e.to_string()))?;
+        let txn = db
+            .begin_write()
+            .map_err(|e| HubError::Store(e.to_string()))?;
         {
-            let open = |r: Result<(), redb::TableError>| r.map_err(|e| HubError::Store(e.to_string()));
+            let open =
+                |r: Result<(), redb::TableError>| r.map_err(|e| HubError::Store(e.to_string()));
             open(txn.open_table(ROWS).map(drop))?;
             open(txn.open_table(HASHES).map(drop))?;
             open(txn.open_table(MACHINES).map(drop))?;
         }
         txn.commit().map_err(|e| HubError::Store(e.to_string()))?;
-        Ok(Hub { dir: dir.to_owned(), db, stats: Stats::default() })
+        Ok(Hub {
+            dir: dir.to_owned(),
+            db,
+            stats: Stats::default(),
+        })
     }
 
     pub fn cert_path(&self) -> PathBuf {
@@ -160,11 +195,17 @@ impl Hub {
     /// token. Needs no database, so it works while the hub runs.
     pub fn enroll(dir: &Path, gateway_id: &str, verifier_key: &str) -> Result<String, HubError> {
         if !valid_gateway_id(gateway_id) {
-            return Err(HubError::Invalid(format!("`{gateway_id}` is not a gateway id (gw- and 16 hex digits; see `smgate identity`)")));
+            return Err(HubError::Invalid(format!(
+                "`{gateway_id}` is not a gateway id (gw- and 16 hex digits; see `smgate identity`)"
+            )));
         }
-        let vk = ledger::VerifierKey::parse(verifier_key).map_err(|e| HubError::Invalid(format!("verifier key: {e}")))?;
+        let vk = ledger::VerifierKey::parse(verifier_key)
+            .map_err(|e| HubError::Invalid(format!("verifier key: {e}")))?;
         if vk.name != gateway_id {
-            return Err(HubError::Invalid(format!("the verifier key is named `{}`, not `{gateway_id}`", vk.name)));
+            return Err(HubError::Invalid(format!(
+                "the verifier key is named `{}`, not `{gateway_id}`",
+                vk.name
+            )));
         }
         let enrolled = dir.join("enrolled");
         std::fs::create_dir_all(&enrolled).map_err(io(&enrolled))?;
@@ -177,12 +218,21 @@ impl Hub {
         };
         let path = enrolled.join(format!("{gateway_id}.json"));
         let tmp = enrolled.join(format!(".{gateway_id}.json.tmp"));
-        let text = serde_json::to_vec_pretty(&record).map_err(|e| HubError::Invalid(e.to_string()))?;
+        let text =
+            serde_json::to_vec_pretty(&record).map_err(|e| HubError::Invalid(e.to_string()))?;
         {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
-            f.write_all(&text).and_then(|_| f.sync_all()).map_err(io(&tmp))?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io(&tmp))?;
+            f.write_all(&text)
+                .and_then(|_| f.sync_all())
+                .map_err(io(&tmp))?;
         }
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         Ok(token)
@@ -192,7 +242,8 @@ impl Hub {
         if !valid_gateway_id(gateway_id) {
             return None;
         }
-        let text = std::fs::read(self.dir.join("enrolled").join(format!("{gateway_id}.json"))).ok()?;
+        let text =
+            std::fs::read(self.dir.join("enrolled").join(format!("{gateway_id}.json"))).ok()?;
         serde_json::from_slice(&text).ok()
     }
 
@@ -201,7 +252,12 @@ impl Hub {
             .into_iter()
             .flatten()
             .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(str::to_owned))
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .map(str::to_owned)
+            })
             .filter_map(|id| self.enrollment(&id))
             .collect();
         out.sort_by(|a, b| a.gateway_id.cmp(&b.gateway_id));
@@ -210,13 +266,20 @@ impl Hub {
 
     /// Checks the bearer token and key of the batch's gateway.
     pub fn authorize(&self, bearer: Option<&str>, batch: &Batch) -> Result<Enrollment, Refusal> {
-        let enrolled = self.enrollment(&batch.gateway_id).ok_or(Refusal::Unauthorized("gateway is not enrolled"))?;
+        let enrolled = self
+            .enrollment(&batch.gateway_id)
+            .ok_or(Refusal::Unauthorized("gateway is not enrolled"))?;
         let token = bearer.ok_or(Refusal::Unauthorized("no bearer token"))?;
-        if !auth::ct_eq(hex::encode(&auth::sha256(token.as_bytes())).as_bytes(), enrolled.token_sha256.as_bytes()) {
+        if !auth::ct_eq(
+            hex::encode(&auth::sha256(token.as_bytes())).as_bytes(),
+            enrolled.token_sha256.as_bytes(),
+        ) {
             return Err(Refusal::Unauthorized("bearer token is not this gateway's"));
         }
         if batch.verifier_key != enrolled.verifier_key {
-            return Err(Refusal::Unauthorized("verifier key differs from the enrolled one"));
+            return Err(Refusal::Unauthorized(
+                "verifier key differs from the enrolled one",
+            ));
         }
         Ok(enrolled)
     }
@@ -224,28 +287,46 @@ impl Hub {
     /// Verifies and stores one batch of an authorized gateway (see the module doc).
     pub fn ingest(&self, enrolled: &Enrollment, batch: &Batch) -> Result<Ack, Refusal> {
         if batch.version != WIRE_VERSION {
-            return Err(Refusal::BadRequest(format!("wire version {} is not supported; this hub speaks {WIRE_VERSION}", batch.version)));
+            return Err(Refusal::BadRequest(format!(
+                "wire version {} is not supported; this hub speaks {WIRE_VERSION}",
+                batch.version
+            )));
         }
         if !crate::machines::valid_slug(&batch.machine) {
             return Err(Refusal::BadRequest("machine is not a valid slug".into()));
         }
         if batch.rows.is_empty() {
-            return Err(Refusal::BadRequest("a batch carries at least one row".into()));
+            return Err(Refusal::BadRequest(
+                "a batch carries at least one row".into(),
+            ));
         }
-        let body = ledger::verify_note(&batch.checkpoint, &enrolled.verifier_key).map_err(|e| match e {
-            LedgerError::InvalidSignature { .. } | LedgerError::NoSignature { .. } => {
-                Refusal::Unauthorized("checkpoint is not signed by the enrolled key")
-            }
-            other => Refusal::BadRequest(format!("checkpoint: {other}")),
-        })?;
-        let cp = ledger::parse_checkpoint(&body).map_err(|e| Refusal::BadRequest(format!("checkpoint: {e}")))?;
+        let body =
+            ledger::verify_note(&batch.checkpoint, &enrolled.verifier_key).map_err(
+                |e| match e {
+                    LedgerError::InvalidSignature { .. } | LedgerError::NoSignature { .. } => {
+                        Refusal::Unauthorized("checkpoint is not signed by the enrolled key")
+                    }
+                    other => Refusal::BadRequest(format!("checkpoint: {other}")),
+                },
+            )?;
+        let cp = ledger::parse_checkpoint(&body)
+            .map_err(|e| Refusal::BadRequest(format!("checkpoint: {e}")))?;
         let key = origin(&enrolled.gateway_id, &batch.machine);
         if cp.origin != key {
-            return Err(Refusal::BadRequest(format!("checkpoint origin `{}` is not `{key}`", cp.origin)));
+            return Err(Refusal::BadRequest(format!(
+                "checkpoint origin `{}` is not `{key}`",
+                cp.origin
+            )));
         }
-        let end = batch.first_seq.checked_add(batch.rows.len() as u64).ok_or_else(|| Refusal::BadRequest("seq overflow".into()))?;
+        let end = batch
+            .first_seq
+            .checked_add(batch.rows.len() as u64)
+            .ok_or_else(|| Refusal::BadRequest("seq overflow".into()))?;
         if cp.size != end {
-            return Err(Refusal::BadRequest(format!("checkpoint size {} does not cover rows {}..{end}", cp.size, batch.first_seq)));
+            return Err(Refusal::BadRequest(format!(
+                "checkpoint size {} does not cover rows {}..{end}",
+                cp.size, batch.first_seq
+            )));
         }
 
         let txn = self.db.begin_write().map_err(db_err)?;
@@ -271,12 +352,19 @@ impl Hub {
                 },
             };
             if stored.genesis_zeqond != batch.genesis_zeqond {
-                return Err(Refusal::conflict("fork", 0, "genesis Zeqond differs from the stored log's", &stored));
+                return Err(Refusal::conflict(
+                    "fork",
+                    0,
+                    "genesis Zeqond differs from the stored log's",
+                    &stored,
+                ));
             }
             if batch.first_seq > stored.size {
                 // A gap: the gateway believes the hub has more than it has (a restored hub).
                 // Answer with what is stored; the gateway rewinds to it.
-                return Ok(Ack { stored_seq: stored.size.checked_sub(1) });
+                return Ok(Ack {
+                    stored_seq: stored.size.checked_sub(1),
+                });
             }
             // Rows the hub has must be exactly the same bytes.
             for (i, bytes) in batch.rows.iter().enumerate() {
@@ -284,32 +372,73 @@ impl Hub {
                 if seq >= stored.size {
                     break;
                 }
-                let same = rows.get((key.as_str(), seq)).map_err(db_err)?.is_some_and(|v| v.value() == bytes.as_slice());
+                let same = rows
+                    .get((key.as_str(), seq))
+                    .map_err(db_err)?
+                    .is_some_and(|v| v.value() == bytes.as_slice());
                 if !same {
-                    let tampered = Row::decode_stored(bytes).map(|r| !r.verify_hash()).unwrap_or(true);
+                    let tampered = Row::decode_stored(bytes)
+                        .map(|r| !r.verify_hash())
+                        .unwrap_or(true);
                     let kind = if tampered { "tampered" } else { "fork" };
-                    return Err(Refusal::conflict(kind, seq, "row differs from the one already stored", &stored));
+                    return Err(Refusal::conflict(
+                        kind,
+                        seq,
+                        "row differs from the one already stored",
+                        &stored,
+                    ));
                 }
             }
-            let mut overlay = Overlay { new: HashMap::new(), table: TableHashes { table: &hashes, slug: key.as_str() } };
+            let mut overlay = Overlay {
+                new: HashMap::new(),
+                table: TableHashes {
+                    table: &hashes,
+                    slug: key.as_str(),
+                },
+            };
             let mut last_hash = stored.last_hash;
             let mut last_ts = stored.last_row_ts_ms;
             let skip = (stored.size - batch.first_seq) as usize;
             for (i, bytes) in batch.rows.iter().enumerate().skip(skip) {
                 let seq = batch.first_seq + i as u64;
-                let row = Row::decode_stored(bytes)
-                    .map_err(|e| Refusal::conflict("tampered", seq, format!("row does not decode: {e}"), &stored))?;
+                let row = Row::decode_stored(bytes).map_err(|e| {
+                    Refusal::conflict(
+                        "tampered",
+                        seq,
+                        format!("row does not decode: {e}"),
+                        &stored,
+                    )
+                })?;
                 if row.seq != seq {
-                    return Err(Refusal::conflict("tampered", seq, format!("row claims seq {}", row.seq), &stored));
+                    return Err(Refusal::conflict(
+                        "tampered",
+                        seq,
+                        format!("row claims seq {}", row.seq),
+                        &stored,
+                    ));
                 }
                 if !row.verify_hash() {
-                    return Err(Refusal::conflict("tampered", seq, "row hash does not match its contents", &stored));
+                    return Err(Refusal::conflict(
+                        "tampered",
+                        seq,
+                        "row hash does not match its contents",
+                        &stored,
+                    ));
                 }
                 if row.prev_hash != last_hash {
-                    return Err(Refusal::conflict("fork", seq, "prev_hash does not link to the stored log", &stored));
+                    return Err(Refusal::conflict(
+                        "fork",
+                        seq,
+                        "prev_hash does not link to the stored log",
+                        &stored,
+                    ));
                 }
-                let new = tlog::stored_hashes_for_record_hash(seq, tlog::record_hash(&row.hash), &overlay)
-                    .map_err(|e| Refusal::Unavailable(e.to_string()))?;
+                let new = tlog::stored_hashes_for_record_hash(
+                    seq,
+                    tlog::record_hash(&row.hash),
+                    &overlay,
+                )
+                .map_err(|e| Refusal::Unavailable(e.to_string()))?;
                 let first = tlog::stored_hash_index(0, seq);
                 for (j, h) in new.into_iter().enumerate() {
                     overlay.new.insert(first + j as u64, h);
@@ -318,36 +447,58 @@ impl Hub {
                 last_ts = row.ts_ms;
                 fresh.push(seq);
             }
-            let root = tlog::tree_hash(cp.size, &overlay).map_err(|e| Refusal::Unavailable(e.to_string()))?;
+            let root = tlog::tree_hash(cp.size, &overlay)
+                .map_err(|e| Refusal::Unavailable(e.to_string()))?;
             if root != cp.root {
                 let at = fresh.first().copied().unwrap_or(batch.first_seq);
-                return Err(Refusal::conflict("tampered", at, "the signed root is not the root of the rows", &stored));
+                return Err(Refusal::conflict(
+                    "tampered",
+                    at,
+                    "the signed root is not the root of the rows",
+                    &stored,
+                ));
             }
             let c = stored.checkpoint_size;
-            if c > 0 && c < cp.size && batch.proof_from == c
+            if c > 0
+                && c < cp.size
+                && batch.proof_from == c
                 && tlog::check_tree(&batch.consistency, cp.size, &cp.root, c, &stored.root).is_err()
             {
-                return Err(Refusal::conflict("fork", c, "consistency proof from the last stored checkpoint fails", &stored));
+                return Err(Refusal::conflict(
+                    "fork",
+                    c,
+                    "consistency proof from the last stored checkpoint fails",
+                    &stored,
+                ));
             }
             if fresh.is_empty() {
                 // A repeated batch: nothing to write. Dropping the transaction aborts it.
-                return Ok(Ack { stored_seq: stored.size.checked_sub(1) });
+                return Ok(Ack {
+                    stored_seq: stored.size.checked_sub(1),
+                });
             }
             let new_hashes: Vec<(u64, Hash)> = overlay.new.into_iter().collect();
             drop(hashes);
             let mut hashes = txn.open_table(HASHES).map_err(db_err)?;
             for (i, h) in new_hashes {
-                hashes.insert((key.as_str(), i), h.as_slice()).map_err(db_err)?;
+                hashes
+                    .insert((key.as_str(), i), h.as_slice())
+                    .map_err(db_err)?;
             }
             drop(rows);
             let mut rows = txn.open_table(ROWS).map_err(db_err)?;
             let mut bytes_stored = 0u64;
             for (i, bytes) in batch.rows.iter().enumerate().skip(skip) {
-                rows.insert((key.as_str(), batch.first_seq + i as u64), bytes.as_slice()).map_err(db_err)?;
+                rows.insert((key.as_str(), batch.first_seq + i as u64), bytes.as_slice())
+                    .map_err(db_err)?;
                 bytes_stored += bytes.len() as u64;
             }
-            self.stats.rows_stored.fetch_add(fresh.len() as u64, Ordering::Relaxed);
-            self.stats.stored_row_bytes.fetch_add(bytes_stored, Ordering::Relaxed);
+            self.stats
+                .rows_stored
+                .fetch_add(fresh.len() as u64, Ordering::Relaxed);
+            self.stats
+                .stored_row_bytes
+                .fetch_add(bytes_stored, Ordering::Relaxed);
             let updated = Stored {
                 size: end,
                 last_hash,
@@ -361,11 +512,15 @@ impl Hub {
             };
             drop(machines);
             let mut machines = txn.open_table(MACHINES).map_err(db_err)?;
-            machines.insert(key.as_str(), store::encode(&updated).as_slice()).map_err(db_err)?;
+            machines
+                .insert(key.as_str(), store::encode(&updated).as_slice())
+                .map_err(db_err)?;
             updated
         };
         txn.commit().map_err(db_err)?;
-        Ok(Ack { stored_seq: stored.size.checked_sub(1) })
+        Ok(Ack {
+            stored_seq: stored.size.checked_sub(1),
+        })
     }
 
     /// Machines stored for one gateway.
@@ -386,13 +541,22 @@ impl Hub {
     }
 
     /// Stored rows `from..to` of one machine, decoded.
-    pub fn rows(&self, gateway_id: &str, slug: &str, from: u64, to: u64) -> Result<Vec<Row>, HubError> {
+    pub fn rows(
+        &self,
+        gateway_id: &str,
+        slug: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Row>, HubError> {
         let e = |e: &dyn std::fmt::Display| HubError::Store(e.to_string());
         let txn = self.db.begin_read().map_err(|x| e(&x))?;
         let table = txn.open_table(ROWS).map_err(|x| e(&x))?;
         let key = origin(gateway_id, slug);
         let mut out = Vec::new();
-        for entry in table.range((key.as_str(), from)..(key.as_str(), to.max(from))).map_err(|x| e(&x))? {
+        for entry in table
+            .range((key.as_str(), from)..(key.as_str(), to.max(from)))
+            .map_err(|x| e(&x))?
+        {
             let (_, v) = entry.map_err(|x| e(&x))?;
             out.push(Row::decode_stored(v.value()).map_err(|x| e(&x))?);
         }
@@ -425,7 +589,10 @@ impl Body for OneChunk {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         Poll::Ready(self.0.take().map(|b| Ok(Frame::data(b))))
     }
 
@@ -442,19 +609,35 @@ type Response = http::Response<OneChunk>;
 
 fn json_response(status: u16, value: &Value) -> Response {
     let mut res = http::Response::new(OneChunk(Some(Bytes::from(value.to_string()))));
-    *res.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-    res.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    *res.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     res
 }
 
 fn refusal_response(r: Refusal) -> Response {
     match r {
-        Refusal::Unauthorized(why) => json_response(401, &json!({"error": "unauthorized", "message": why})),
-        Refusal::BadRequest(why) => json_response(400, &json!({"error": "bad_request", "message": why})),
-        Refusal::Conflict { kind, at, message, stored_seq } => {
-            json_response(409, &json!({"error": kind, "at": at, "message": message, "stored_seq": stored_seq}))
+        Refusal::Unauthorized(why) => {
+            json_response(401, &json!({"error": "unauthorized", "message": why}))
         }
-        Refusal::Unavailable(why) => json_response(503, &json!({"error": "unavailable", "message": why})),
+        Refusal::BadRequest(why) => {
+            json_response(400, &json!({"error": "bad_request", "message": why}))
+        }
+        Refusal::Conflict {
+            kind,
+            at,
+            message,
+            stored_seq,
+        } => json_response(
+            409,
+            &json!({"error": kind, "at": at, "message": message, "stored_seq": stored_seq}),
+        ),
+        Refusal::Unavailable(why) => {
+            json_response(503, &json!({"error": "unavailable", "message": why}))
+        }
     }
 }
 
@@ -509,10 +692,18 @@ async fn handle(hub: Arc<Hub>, req: http::Request<Incoming>) -> Response {
                 let list: Vec<Value> = ms.iter().map(|m| machine_json(m, now)).collect();
                 json_response(200, &json!({"gateway_id": id, "machines": list}))
             }
-            Err(e) => json_response(503, &json!({"error": "unavailable", "message": e.to_string()})),
+            Err(e) => json_response(
+                503,
+                &json!({"error": "unavailable", "message": e.to_string()}),
+            ),
         },
         ("GET", ["v1", "gateways", id, "machines", slug, "rows"]) => {
-            let num = |k: &str, d: u64| query.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(d);
+            let num = |k: &str, d: u64| {
+                query
+                    .get(k)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(d)
+            };
             let from = num("from", 0);
             let to = num("to", from + 1000).min(from + 10_000);
             match hub.rows(id, slug, from, to) {
@@ -523,7 +714,10 @@ async fn handle(hub: Arc<Hub>, req: http::Request<Incoming>) -> Response {
                         .collect();
                     json_response(200, &json!({"rows": list}))
                 }
-                Err(e) => json_response(503, &json!({"error": "unavailable", "message": e.to_string()})),
+                Err(e) => json_response(
+                    503,
+                    &json!({"error": "unavailable", "message": e.to_string()}),
+                ),
             }
         }
         ("GET", ["v1", "stats"]) => {
@@ -543,7 +737,10 @@ async fn handle(hub: Arc<Hub>, req: http::Request<Incoming>) -> Response {
             )
         }
         ("GET", ["healthz"]) => json_response(200, &json!({"ok": true})),
-        _ => json_response(404, &json!({"error": "not_found", "message": "no such route"})),
+        _ => json_response(
+            404,
+            &json!({"error": "not_found", "message": "no such route"}),
+        ),
     }
 }
 
@@ -564,9 +761,16 @@ fn machine_json(m: &Stored, now: i64) -> Value {
 
 async fn ingest_route(hub: Arc<Hub>, req: http::Request<Incoming>) -> Response {
     hub.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let ct = req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if ct.split(';').next().map(str::trim) != Some(CONTENT_TYPE) {
-        return json_response(415, &json!({"error": "unsupported_media_type", "message": format!("send Content-Type: {CONTENT_TYPE}")}));
+        return json_response(
+            415,
+            &json!({"error": "unsupported_media_type", "message": format!("send Content-Type: {CONTENT_TYPE}")}),
+        );
     }
     let bearer = req
         .headers()
@@ -579,12 +783,18 @@ async fn ingest_route(hub: Arc<Hub>, req: http::Request<Incoming>) -> Response {
         Ok(b) => b,
         Err(e) => return json_response(413, &json!({"error": "payload_too_large", "message": e})),
     };
-    hub.stats.body_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    hub.stats
+        .body_bytes
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
     let batch: Batch = match postcard::from_bytes(&bytes) {
         Ok(b) => b,
-        Err(e) => return refusal_response(Refusal::BadRequest(format!("body is not a v1 batch: {e}"))),
+        Err(e) => {
+            return refusal_response(Refusal::BadRequest(format!("body is not a v1 batch: {e}")))
+        }
     };
-    hub.stats.rows_received.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
+    hub.stats
+        .rows_received
+        .fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
     let worker = hub.clone();
     let outcome = tokio::task::spawn_blocking(move || {
         let enrolled = worker.authorize(bearer.as_deref(), &batch)?;
@@ -596,7 +806,9 @@ async fn ingest_route(hub: Arc<Hub>, req: http::Request<Incoming>) -> Response {
         Ok(ack) => json_response(200, &json!(ack)),
         Err(r) => {
             match &r {
-                Refusal::Conflict { kind, at, message, .. } => {
+                Refusal::Conflict {
+                    kind, at, message, ..
+                } => {
                     hub.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(kind, at, message, "ingest refused");
                 }
@@ -621,7 +833,11 @@ pub fn cert_pin(pem: &Path) -> Result<String, HubError> {
 }
 
 /// Serves the hub on `listener` until `shutdown` changes.
-pub async fn serve(hub: Arc<Hub>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) -> Result<(), HubError> {
+pub async fn serve(
+    hub: Arc<Hub>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), HubError> {
     let acceptor = crate::tls::Acceptor::load(&hub.cert_path(), &hub.dir.join("tls/key.pem"))?;
     loop {
         let (tcp, peer): (_, SocketAddr) = tokio::select! {
@@ -639,7 +855,9 @@ pub async fn serve(hub: Arc<Hub>, listener: TcpListener, mut shutdown: watch::Re
         let tls = acceptor.get();
         let hub = hub.clone();
         tokio::spawn(async move {
-            let Ok(Ok(stream)) = tokio::time::timeout(std::time::Duration::from_secs(10), tls.accept(tcp)).await else {
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(std::time::Duration::from_secs(10), tls.accept(tcp)).await
+            else {
                 tracing::debug!(%peer, "TLS handshake failed");
                 return;
             };

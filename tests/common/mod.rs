@@ -22,7 +22,12 @@ pub struct Gw {
 
 /// Runs `smgate --data <dir> <args>` to completion and returns stdout.
 pub fn cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN).arg("--data").arg(dir).args(args).output().expect("run smgate");
+    let out = Command::new(BIN)
+        .arg("--data")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run smgate");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -45,7 +50,10 @@ impl Gw {
             addr: String::new(),
             owner_key,
             owner_zid,
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         gw.spawn();
         gw
@@ -59,11 +67,17 @@ impl Gw {
     pub fn spawn(&mut self) {
         let mut cmd = Command::new(BIN);
         cmd.arg("--data").arg(self.data()).arg("serve");
-        cmd.env("SMGATE_HTTP_LISTEN", "127.0.0.1:0").env("SMGATE_MQTT_LISTEN", "127.0.0.1:0").env("RUST_LOG", "warn");
+        cmd.env("SMGATE_HTTP_LISTEN", "127.0.0.1:0")
+            .env("SMGATE_MQTT_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "warn");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn serve");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn serve");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -73,7 +87,9 @@ impl Gw {
                 }
             }
         });
-        self.addr = rx.recv_timeout(Duration::from_secs(20)).expect("gateway did not start listening");
+        self.addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("gateway did not start listening");
         self.child = Some(child);
     }
 
@@ -82,7 +98,11 @@ impl Gw {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill");
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
         assert!(ok.success());
     }
 
@@ -98,7 +118,9 @@ impl Gw {
     /// runtime keep running, so that open client connections can answer the server's GOAWAY.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| self.stop_blocking()),
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| self.stop_blocking())
+            }
             _ => self.stop_blocking(),
         }
     }
@@ -111,7 +133,10 @@ impl Gw {
             if let Some(status) = c.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "gateway did not stop after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not stop after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -198,6 +223,8 @@ pub fn have_programs(programs: &[&str]) -> bool {
         std::env::var("CI_REQUIRE_PEERS").as_deref() != Ok("1"),
         "CI_REQUIRE_PEERS=1 but {missing:?} is not installed"
     );
-    eprintln!("SKIPPED: this test needs {missing:?}; `.ci/run` installs them and requires this test");
+    eprintln!(
+        "SKIPPED: this test needs {missing:?}; `.ci/run` installs them and requires this test"
+    );
     false
 }

@@ -64,7 +64,13 @@ pub fn verify_inclusion(index: u64, size: u64, leaf_hash: &H, proof: &[H], root:
 }
 
 /// RFC 9162 §2.1.4.2.
-pub fn verify_consistency(first: u64, second: u64, first_root: &H, second_root: &H, proof: &[H]) -> bool {
+pub fn verify_consistency(
+    first: u64,
+    second: u64,
+    first_root: &H,
+    second_root: &H,
+    proof: &[H],
+) -> bool {
     if first == second {
         return proof.is_empty() && first_root == second_root;
     }
@@ -134,7 +140,11 @@ pub fn b64decode(s: &str) -> Vec<u8> {
 /// returns (origin, size, root).
 pub fn open_checkpoint(note: &str, vkey: &str) -> (String, u64, H) {
     let mut parts = vkey.splitn(3, '+');
-    let (name, hash_hex, key_b64) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+    let (name, hash_hex, key_b64) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
     let key = b64decode(key_b64);
     assert_eq!(key[0], 1, "Ed25519 algorithm byte");
     let pk = &key[1..];
@@ -144,10 +154,18 @@ pub fn open_checkpoint(note: &str, vkey: &str) -> (String, u64, H) {
     kh.update([1u8]);
     kh.update(pk);
     let kh: [u8; 32] = kh.finalize().into();
-    assert_eq!(hash_hex, format!("{:02x}{:02x}{:02x}{:02x}", kh[0], kh[1], kh[2], kh[3]));
-    let (body, sigs) = note.split_once("\n\n").expect("blank line before signatures");
+    assert_eq!(
+        hash_hex,
+        format!("{:02x}{:02x}{:02x}{:02x}", kh[0], kh[1], kh[2], kh[3])
+    );
+    let (body, sigs) = note
+        .split_once("\n\n")
+        .expect("blank line before signatures");
     let body = format!("{body}\n");
-    let line = sigs.lines().find(|l| l.starts_with(&format!("\u{2014} {name} "))).expect("signature by the key");
+    let line = sigs
+        .lines()
+        .find(|l| l.starts_with(&format!("\u{2014} {name} ")))
+        .expect("signature by the key");
     assert!(note.ends_with('\n'));
     let sig = b64decode(line.rsplit(' ').next().unwrap());
     assert_eq!(&sig[..4], &kh[..4], "key hash prefix");
@@ -164,10 +182,23 @@ pub fn open_checkpoint(note: &str, vkey: &str) -> (String, u64, H) {
 #[test]
 fn independent_verifier_agrees_with_rfc6962_test_vector_roots() {
     // The CT reference tree (certificate-transparency merkle_tree_test.cc).
-    let leaves: Vec<Vec<u8>> = ["", "00", "10", "2021", "3031", "40414243", "5051525354555657", "606162636465666768696a6b6c6d6e6f"]
-        .iter()
-        .map(|h| (0..h.len() / 2).map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap()).collect())
-        .collect();
+    let leaves: Vec<Vec<u8>> = [
+        "",
+        "00",
+        "10",
+        "2021",
+        "3031",
+        "40414243",
+        "5051525354555657",
+        "606162636465666768696a6b6c6d6e6f",
+    ]
+    .iter()
+    .map(|h| {
+        (0..h.len() / 2)
+            .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap())
+            .collect()
+    })
+    .collect();
     let hashed: Vec<H> = leaves.iter().map(|l| leaf(l)).collect();
     let roots = [
         "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",

@@ -53,7 +53,10 @@ fn percentile(sorted: &[i64], p: f64) -> i64 {
 }
 
 fn report() -> Result<(), Failure> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(throughput())?;
     rt.block_on(jitter())?;
     Ok(())
@@ -63,7 +66,10 @@ async fn throughput() -> Result<(), Failure> {
     let dir = tempfile::tempdir()?;
     let store = Store::open(&dir.path().join("smgate.redb"), StoreOptions::default())?;
     let writer = GroupCommit::start(store);
-    let defaults = smgate::machines::Defaults { region: "bench".into(), parent_origin: "bench".into() };
+    let defaults = smgate::machines::Defaults {
+        region: "bench".into(),
+        parent_origin: "bench".into(),
+    };
     let t0 = clock::now_ms();
     let zid = writer
         .write(move |txn| -> Result<_, agents::AgentError> {
@@ -72,7 +78,10 @@ async fn throughput() -> Result<(), Failure> {
             Ok(account.zid)
         })
         .await?;
-    let principal = Principal::Account { zid, key_id: "bench".into() };
+    let principal = Principal::Account {
+        zid,
+        key_id: "bench".into(),
+    };
     let mut ticks = 0usize;
     let mut busy = Duration::ZERO;
     let mut now = t0;
@@ -83,8 +92,19 @@ async fn throughput() -> Result<(), Failure> {
                 let mut ids = Vec::new();
                 for i in 0..LIVE {
                     let id = uuid::Uuid::new_v4().to_string();
-                    let ctx = SpawnContext { principal: &p, agent_id: id.clone(), max_live: u32::MAX, defaults: &d, enrichment: Enrichment::default(), now_ms: now };
-                    agents::spawn(txn, request(&format!("wave {wave} run {i} shield rho=2700 target=1e300")), ctx)?;
+                    let ctx = SpawnContext {
+                        principal: &p,
+                        agent_id: id.clone(),
+                        max_live: u32::MAX,
+                        defaults: &d,
+                        enrichment: Enrichment::default(),
+                        now_ms: now,
+                    };
+                    agents::spawn(
+                        txn,
+                        request(&format!("wave {wave} run {i} shield rho=2700 target=1e300")),
+                        ctx,
+                    )?;
                     ids.push(id);
                 }
                 Ok(ids)
@@ -98,7 +118,9 @@ async fn throughput() -> Result<(), Failure> {
                 .write(move |txn| -> Result<usize, agents::AgentError> {
                     let mut n = 0;
                     for id in &ids {
-                        if agents::tick(txn, id, "bench", "bench", Enrichment::default(), now).is_ok() {
+                        if agents::tick(txn, id, "bench", "bench", Enrichment::default(), now)
+                            .is_ok()
+                        {
                             n += 1;
                         }
                     }
@@ -111,9 +133,17 @@ async fn throughput() -> Result<(), Failure> {
     }
     writer.shutdown().await;
     let per_round = busy.as_secs_f64() * 1000.0 / (WAVES * ROUNDS) as f64;
-    println!("agents: {LIVE} live runs, {ticks} ticks in {:.3} s of writes", busy.as_secs_f64());
-    println!("agents: ticks/s                    {:>10.0}", ticks as f64 / busy.as_secs_f64());
-    println!("agents: ms per round of {LIVE} ticks  {per_round:>10.1}  (budget: one Zeqond, 777 ms)");
+    println!(
+        "agents: {LIVE} live runs, {ticks} ticks in {:.3} s of writes",
+        busy.as_secs_f64()
+    );
+    println!(
+        "agents: ticks/s                    {:>10.0}",
+        ticks as f64 / busy.as_secs_f64()
+    );
+    println!(
+        "agents: ms per round of {LIVE} ticks  {per_round:>10.1}  (budget: one Zeqond, 777 ms)"
+    );
     Ok(())
 }
 
@@ -130,8 +160,13 @@ async fn jitter() -> Result<(), Failure> {
     let gw = running.gateway.clone();
     let zid = made.ok_or("the data directory was not initialised")?.owner;
     let payer = zid.clone();
-    gw.writer.write(move |txn| agents::credit(txn, &payer, 1_000_000_000)).await?;
-    let principal = Principal::Account { zid: zid.clone(), key_id: "bench".into() };
+    gw.writer
+        .write(move |txn| agents::credit(txn, &payer, 1_000_000_000))
+        .await?;
+    let principal = Principal::Account {
+        zid: zid.clone(),
+        key_id: "bench".into(),
+    };
     let zeqonds = 40u64;
     // Runs live 10 Zeqonds: 12 new ones per Zeqond keep about 120 live (108 ticked by the ticker).
     let per_zeqond = LIVE / 10 + 2;
@@ -162,7 +197,9 @@ async fn jitter() -> Result<(), Failure> {
     tokio::time::sleep(Duration::from_millis(11 * clock::ZEQOND_MS as u64)).await;
     let slug = zid.as_str().to_ascii_lowercase();
     let rows = gw.store.view(|txn| {
-        let size = smgate::ledger::log::read::head(txn, &slug)?.map(|h| h.size).unwrap_or(0);
+        let size = smgate::ledger::log::read::head(txn, &slug)?
+            .map(|h| h.size)
+            .unwrap_or(0);
         smgate::ledger::log::read::rows(txn, &slug, 0, size)
     })?;
     running.shutdown().await;
@@ -197,6 +234,9 @@ async fn jitter() -> Result<(), Failure> {
         percentile(&late, 0.99),
         late.last().copied().unwrap_or(0)
     );
-    println!("agents: gaps {gaps}  doubles {doubles}  (over {} runs)", by_run.len());
+    println!(
+        "agents: gaps {gaps}  doubles {doubles}  (over {} runs)",
+        by_run.len()
+    );
     Ok(())
 }

@@ -7,8 +7,8 @@
 //! so every target computes the same bits. Accuracy is within a few ulp, far below what the
 //! physics needs.
 
-const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1;
-const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+const LN2_HI: f64 = 0.693_147_180_369_123_8;
+const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
 const LN2: f64 = std::f64::consts::LN_2;
 const LN10: f64 = std::f64::consts::LN_10;
 
@@ -96,9 +96,9 @@ pub fn sin_cos(x: f64) -> (f64, f64) {
     if !x.is_finite() {
         return (f64::NAN, f64::NAN);
     }
-    const PIO2_1: f64 = 1.570_796_326_734_125_614_17;
-    const PIO2_2: f64 = 6.077_100_506_303_965_976_6e-11;
-    const PIO2_3: f64 = 2.022_266_248_711_166_455_8e-21;
+    const PIO2_1: f64 = 1.570_796_326_734_125_6;
+    const PIO2_2: f64 = 6.077_100_506_303_966e-11;
+    const PIO2_3: f64 = 2.022_266_248_711_166_5e-21;
     let q = (x * std::f64::consts::FRAC_2_PI + if x < 0.0 { -0.5 } else { 0.5 }) as i64;
     let qf = q as f64;
     let r = ((x - qf * PIO2_1) - qf * PIO2_2) - qf * PIO2_3;

@@ -312,12 +312,14 @@ impl SpawnRequest {
             {
                 s.clone()
             }
-            _ => return Err(invalid(
-                "invalid_problem",
-                format!(
+            _ => {
+                return Err(invalid(
+                    "invalid_problem",
+                    format!(
                     "problem must be a non-empty string of at most {MAX_PROBLEM_CHARS} characters"
                 ),
-            )),
+                ))
+            }
         };
         let population = int_in(body, "population", "invalid_population")?;
         let generations = int_in(body, "generations", "invalid_generations")?;
@@ -441,6 +443,7 @@ fn meta_add(txn: &WriteTransaction, key: &str, n: i64) -> Result<(), StoreError>
 
 /// Debits `cost` (of which `burn` is burned) and appends the `tally_charge` row. The caller
 /// has checked the balance.
+#[allow(clippy::too_many_arguments)]
 fn charge(
     txn: &WriteTransaction,
     mut account: Account,

@@ -185,7 +185,7 @@ impl Genotype {
             return FITNESS_CAP;
         }
         let score = match problem.target {
-            Some(t) if t == 0.0 => v.abs(),
+            Some(0.0) => v.abs(),
             Some(t) => (v - t).abs() / t.abs(),
             None => {
                 if v == 0.0 {

@@ -138,7 +138,7 @@ fn until_next_zeqond() -> u64 {
 pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
     // Data directories made before agents existed lack their tables; opening them for write
     // creates them (and is a no-op otherwise).
-    if let Err(e) = gw.writer.write(|txn| super::create_tables(txn)).await {
+    if let Err(e) = gw.writer.write(super::create_tables).await {
         tracing::warn!(error = %e, "ticker: cannot create the agent tables");
     }
     loop {

@@ -134,6 +134,7 @@ pub fn routes(
         .unify()
 }
 
+#[allow(clippy::result_large_err)]
 fn caller(gw: &Gateway, bearer: Option<&str>) -> Result<Principal, ApiError> {
     match gw.principal(bearer)? {
         Principal::Anonymous => Err(ApiError::unauthorized()),
@@ -223,6 +224,7 @@ async fn spawn(
 }
 
 /// The run and the caller's access to it; runs the caller cannot see are 404.
+#[allow(clippy::result_large_err)]
 fn visible_run(gw: &Gateway, principal: &Principal, id: &str) -> Result<(Run, Access), ApiError> {
     let found = gw.store.view(|txn| {
         let Some(run) = read::run(txn, id)? else {

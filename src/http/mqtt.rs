@@ -31,6 +31,7 @@ pub fn routes(
         )
 }
 
+#[allow(clippy::result_large_err)] // the shared error type of the zeq routes
 fn list(gw: &Gateway, bearer: Option<&str>, slug: &str, q: &Query) -> Result<Response, ApiError> {
     let principal = gw.principal(bearer)?;
     let (machine, access) = visible_machine(gw, &principal, slug)?;

@@ -57,7 +57,7 @@ pub struct Rules {
 pub enum Outcome {
     Applied {
         machine: String,
-        sent: instances::Sent,
+        sent: Box<instances::Sent>,
     },
     Duplicate,
     Dead(&'static str),
@@ -215,7 +215,7 @@ fn route(
     ) {
         Ok(sent) => Ok(Ok(Outcome::Applied {
             machine: t.machine.to_owned(),
-            sent,
+            sent: Box::new(sent),
         })),
         Err(e) => refusal(e).map(|(r, msg)| Err((t.machine.to_owned(), r, msg))),
     }

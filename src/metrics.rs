@@ -150,6 +150,7 @@ pub fn route_template(path: &str) -> &'static str {
         ["machines", _, "i", _, "status"] => "/machines/:m/i/:i/status",
         ["machines", _, "i", _, "v"] => "/machines/:m/i/:i/v",
         ["machines", _, "i", _, "sse"] => "/machines/:m/i/:i/sse",
+        ["rt"] => "/rt",
         ["api", "state-machines", _, "pages", ..] => "/api/state-machines/:slug/pages/*",
         ["s", _, ..] => "/s/:slug/*",
         ["api", "zeq", ..] => "/api/zeq/*",

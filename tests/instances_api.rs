@@ -920,3 +920,215 @@ async fn heartbeat_watchdog_runs_on_time_across_a_restart() {
     );
     assert_eq!(v["tags"], json!(["online"]));
 }
+
+/// A websocket to the gateway's `/rt` over real TLS (trusting only its certificate), with the
+/// key as `?token=` like statebacked's client, or anonymous.
+async fn rt_connect(
+    gw: &Gw,
+    token: Option<&str>,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&gw.cert_pem()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let addr: std::net::SocketAddr = gw.addr.parse().unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let url = match token {
+        Some(t) => format!("wss://{}/rt?token={t}", gw.addr),
+        None => format!("wss://{}/rt", gw.addr),
+    };
+    tokio_tungstenite::client_async(url, tls)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// The next JSON text message, failing after 10 s.
+async fn rt_next<S>(ws: &mut S) -> Value
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    use futures_util::StreamExt;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a message within 10 s")
+            .expect("socket open")
+            .expect("no socket error");
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+            return serde_json::from_str(t.as_str()).unwrap();
+        }
+    }
+}
+
+async fn rt_send<S>(ws: &mut S, v: Value)
+where
+    S: futures_util::Sink<tokio_tungstenite::tungstenite::Message> + Unpin,
+    S::Error: std::fmt::Debug,
+{
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::text(v.to_string()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realtime_websocket_speaks_statebackeds_protocol() {
+    let s = setup(toggle()).await;
+    let c = s.gw.client();
+    for i in ["lamp", "other"] {
+        let (st, b, _) = call(
+            &c,
+            Method::POST,
+            &s.gw.url("/machines/m"),
+            Some(&s.admin),
+            Some(json!({"slug": i})),
+        )
+        .await;
+        assert_eq!(st, 200, "{b}");
+    }
+
+    // A key that does not authenticate is refused before the upgrade.
+    match rt_connect(&s.gw, Some("zsm_notakey")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
+            assert_eq!(res.status(), 401)
+        }
+        other => panic!("bad token was not refused with 401: {other:?}"),
+    }
+
+    let mut ws = rt_connect(&s.gw, Some(&s.operator)).await.unwrap();
+    rt_send(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(rt_next(&mut ws).await, json!({"type": "pong"}));
+
+    // Subscribing sends the current state at once.
+    let sub = json!({"type": "subscribe-to-instance", "machineName": "m",
+        "machineInstanceName": "lamp", "requestId": "r1"});
+    rt_send(&mut ws, sub).await;
+    let u = rt_next(&mut ws).await;
+    assert_eq!(u["type"], "instance-update", "{u}");
+    assert_eq!(u["machineName"], "m");
+    assert_eq!(u["machineInstanceName"], "lamp");
+    assert_eq!(u["state"], "off");
+    assert_eq!(u["publicContext"], json!({"flips": 0}));
+    assert_eq!(u["tags"], json!(["idle"]));
+    assert_eq!(u["done"], false);
+    assert!(
+        u.get("context").is_none() && !u.to_string().contains("s3"),
+        "{u}"
+    );
+
+    // Events on other instances send nothing; an event on the subscribed one sends its state.
+    for (inst, n) in [("other", 1), ("lamp", 1)] {
+        let (st, b, _) = call(
+            &c,
+            Method::POST,
+            &s.gw.url(&format!("/machines/m/i/{inst}/events")),
+            Some(&s.operator),
+            Some(json!({"event": "FLIP"})),
+        )
+        .await;
+        assert_eq!(st, 200, "{inst} {n}: {b}");
+    }
+    let u = rt_next(&mut ws).await;
+    assert_eq!(
+        (u["machineInstanceName"].as_str(), u["state"].as_str()),
+        (Some("lamp"), Some("on")),
+        "{u}"
+    );
+    assert_eq!(u["publicContext"], json!({"flips": 1}));
+
+    // Unknown instances and malformed messages get an error naming the request.
+    rt_send(
+        &mut ws,
+        json!({"type": "subscribe-to-instance", "machineName": "m",
+            "machineInstanceName": "nope", "requestId": "r2"}),
+    )
+    .await;
+    let e = rt_next(&mut ws).await;
+    assert_eq!(
+        e,
+        json!({"type": "error", "requestId": "r2", "status": 404, "code": "not-found",
+            "error": e["error"]})
+    );
+    rt_send(
+        &mut ws,
+        json!({"type": "subscribe-to-instance", "requestId": "r3"}),
+    )
+    .await;
+    let e = rt_next(&mut ws).await;
+    assert_eq!(
+        (e["status"].as_u64(), e["requestId"].as_str()),
+        (Some(400), Some("r3"))
+    );
+
+    // After unsubscribing, changes send nothing: the next message is the pong.
+    rt_send(
+        &mut ws,
+        json!({"type": "unsubscribe-from-instance", "machineName": "m",
+            "machineInstanceName": "lamp", "requestId": "r1"}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (st, _, _) = call(
+        &c,
+        Method::POST,
+        &s.gw.url("/machines/m/i/lamp/events"),
+        Some(&s.operator),
+        Some(json!({"event": "FLIP"})),
+    )
+    .await;
+    assert_eq!(st, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rt_send(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(rt_next(&mut ws).await, json!({"type": "pong"}));
+
+    // allowRead applies: the toggle machine's authorizer rejects viewers.
+    let mut viewer = rt_connect(&s.gw, Some(&s.viewer)).await.unwrap();
+    rt_send(
+        &mut viewer,
+        json!({"type": "subscribe-to-instance", "machineName": "m",
+            "machineInstanceName": "lamp", "requestId": "v1"}),
+    )
+    .await;
+    let e = rt_next(&mut viewer).await;
+    assert_eq!(
+        (e["status"].as_u64(), e["code"].as_str()),
+        (Some(403), Some("rejected-by-machine-authorizer")),
+        "{e}"
+    );
+
+    // Anonymous callers see public machines only; `m` is private.
+    let mut anon = rt_connect(&s.gw, None).await.unwrap();
+    rt_send(
+        &mut anon,
+        json!({"type": "subscribe-to-instance", "machineName": "m",
+            "machineInstanceName": "lamp", "requestId": "a1"}),
+    )
+    .await;
+    let e = rt_next(&mut anon).await;
+    assert!(
+        matches!(e["status"].as_u64(), Some(401 | 404)),
+        "anonymous read of a private machine: {e}"
+    );
+}

@@ -892,6 +892,56 @@ async fn public_site_caches_compresses_and_sandboxes() {
         .is_none());
     let v: Value = res.json().await.unwrap();
     assert_eq!(v, json!({"slug": "site", "instances": []}));
+
+    // With an instance, state.json shows its public view: context.public and nothing else.
+    let def = json!({"id": "lamp", "initial": "off",
+        "context": {"public": {"count": 0}, "secret": "s3cret"},
+        "states": {"off": {"on": {"FLIP": {"target": "on"}}}, "on": {"tags": ["lit"]}}});
+    let (s, b, _) = call(
+        &c,
+        Method::POST,
+        &gw.url("/machines/site/v"),
+        Some(&gw.owner_key),
+        Some(json!({"definition": def, "clientInfo": "v1", "makeCurrent": true})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b, _) = call(
+        &c,
+        Method::POST,
+        &gw.url("/machines/site"),
+        Some(&gw.owner_key),
+        Some(json!({"slug": "lamp-1", "context": {"public": {"count": 7}, "secret": "s3cret"}})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b, _) = call(
+        &c,
+        Method::POST,
+        &gw.url("/machines/site/i/lamp-1/events"),
+        Some(&gw.owner_key),
+        Some(json!({"event": "FLIP"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let text = c
+        .get(gw.url("/s/site/state.json"))
+        .header("origin", "null")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("s3cret"), "private context leaked: {text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let list = v["instances"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{v}");
+    assert_eq!(list[0]["instance"], "lamp-1");
+    assert_eq!(list[0]["state"], "on");
+    assert_eq!(list[0]["publicContext"], json!({"count": 7}));
+    assert_eq!(list[0]["tags"], json!(["lit"]));
+    assert_eq!(list[0]["done"], false);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

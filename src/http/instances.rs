@@ -26,7 +26,7 @@ type Query = std::collections::HashMap<String, String>;
 const PAGE: usize = 100;
 
 /// A statebacked error.
-struct SbError(StatusCode, &'static str, String);
+pub(super) struct SbError(pub StatusCode, pub &'static str, pub String);
 
 impl SbError {
     fn into_response(self) -> Response {
@@ -794,24 +794,43 @@ async fn delete_instance(
     Ok(json_response(StatusCode::OK, &json!({})))
 }
 
-/// The instance's public view now and after every committed change (`instance-update`).
-fn live(
-    gw: Arc<Gateway>,
-    bearer: Option<String>,
-    slug: String,
-    instance: String,
-) -> Result<Response, SbError> {
-    let (machine, access, principal) = machine_for(
-        &gw,
-        bearer.as_deref(),
-        &slug,
-        Access::Public,
-        "read instances",
-    )?;
-    let (_, chart, state) = load(&gw, &machine.slug, &instance)?;
+/// Authorizes a live read of one instance: read access to the machine and the machine's
+/// `allowRead` on the instance's current state. Returns the machine's slug and the `auth`
+/// value to re-check `allowRead` with on each later state.
+pub(super) fn authorize_live(
+    gw: &Gateway,
+    bearer: Option<&str>,
+    slug: &str,
+    instance: &str,
+) -> Result<(String, Value), SbError> {
+    let (machine, access, principal) =
+        machine_for(gw, bearer, slug, Access::Public, "read instances")?;
     let auth = auth_value(&principal, access);
+    match current_view(gw, &machine.slug, instance, &auth)? {
+        Some(_) => Ok((machine.slug, auth)),
+        None => Err(SbError(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("no instance {instance} of machine {slug}"),
+        )),
+    }
+}
+
+/// The instance's step count and public view (`{ts, state, publicContext, tags, done}`), or
+/// `None` once it no longer exists. A state whose `allowRead` rejects `auth` is a 403.
+pub(super) fn current_view(
+    gw: &Gateway,
+    machine: &str,
+    instance: &str,
+    auth: &Value,
+) -> Result<Option<(u64, Value)>, SbError> {
+    let (i, chart, state) = match load(gw, machine, instance) {
+        Ok(found) => found,
+        Err(SbError(StatusCode::NOT_FOUND, ..)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
     if !chart
-        .allow_read(&state, &auth)
+        .allow_read(&state, auth)
         .map_err(|e| SbError::from(InstanceError::from(e)))?
     {
         return Err(SbError(
@@ -820,21 +839,31 @@ fn live(
             "allowRead rejected this read".into(),
         ));
     }
+    Ok(Some((i.steps, inst::public_view(&chart, &state, i.ts_ms))))
+}
+
+/// The instance's public view now and after every committed change (`instance-update`).
+fn live(
+    gw: Arc<Gateway>,
+    bearer: Option<String>,
+    slug: String,
+    instance: String,
+) -> Result<Response, SbError> {
+    let (m, auth) = authorize_live(&gw, bearer.as_deref(), &slug, &instance)?;
     let mut commits = gw.writer.subscribe();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<warp::sse::Event>(16);
-    let m = machine.slug.clone();
     tokio::spawn(async move {
         let mut last_steps = None;
         loop {
-            let Ok((i, chart, state)) = load(&gw, &m, &instance) else {
+            // Gone, or no longer readable under allowRead: the stream ends.
+            let Ok(Some((steps, view))) = current_view(&gw, &m, &instance, &auth) else {
                 return;
             };
-            if last_steps != Some(i.steps) {
-                last_steps = Some(i.steps);
-                let view = inst::public_view(&chart, &state, i.ts_ms);
+            if last_steps != Some(steps) {
+                last_steps = Some(steps);
                 let event = warp::sse::Event::default()
                     .event("instance-update")
-                    .id(i.steps.to_string())
+                    .id(steps.to_string())
                     .data(view.to_string());
                 if tx.send(event).await.is_err() {
                     return;

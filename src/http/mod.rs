@@ -11,6 +11,7 @@ mod machines;
 mod mqtt;
 mod ops;
 mod pages;
+mod rt;
 mod sync;
 
 pub use listener::serve;
@@ -250,6 +251,8 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = In
         .or(agents::routes(gw.clone()))
         .unify()
         .or(instances::routes(gw.clone()))
+        .unify()
+        .or(rt::routes(gw.clone()))
         .unify()
         .or(mqtt::routes(gw.clone()))
         .unify()

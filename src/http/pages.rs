@@ -698,16 +698,31 @@ fn serve_page(gw: &Gateway, slug: &str, page: &str, headers: &HeaderMap) -> Resp
 /// `Origin: null`) with `Access-Control-Allow-Origin: *` and never with credentials, so a
 /// browser will not attach cookies to it; it is read-only and shows only public state.
 fn state_json(gw: &Gateway, slug: &str) -> Response {
-    let states = match site_machine(gw, slug) {
-        Ok(Some((m, _))) => gw.store.view(|txn| pages::public_states(txn, &m.slug)),
-        Ok(None) => return plain(StatusCode::NOT_FOUND, "no such site\n"),
-        Err(e) => return store_failure(e),
-    };
+    // One `{instance, ts, state, publicContext, tags, done}` per instance: the public view
+    // (context.public and nothing else of the context), never the admin view.
+    let states =
+        match site_machine(gw, slug) {
+            Ok(Some((m, _))) => gw.store.view(|txn| {
+                match crate::instances::public_states(txn, &gw.charts, &m.slug) {
+                    Err(crate::instances::InstanceError::Store(e)) => Err(e),
+                    other => Ok(other),
+                }
+            }),
+            Ok(None) => return plain(StatusCode::NOT_FOUND, "no such site\n"),
+            Err(e) => return store_failure(e),
+        };
     let mut res = match states {
-        Ok(instances) => json_response(
+        Ok(Ok(instances)) => json_response(
             StatusCode::OK,
             &json!({"slug": slug, "instances": instances}),
         ),
+        Ok(Err(e)) => {
+            tracing::error!(slug, error = %e, "public states of a site");
+            plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "public states unavailable\n",
+            )
+        }
         Err(e) => store_failure(e),
     };
     let h = res.headers_mut();

@@ -44,7 +44,8 @@ use crate::store::{self, StoreError, MACHINES};
 /// (machine slug, page slug) → [`Page`].
 pub const PAGES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("pages");
 /// (machine slug, page slug, version) → [`PageVersion`].
-pub const PAGE_VERSIONS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("page_versions");
+pub const PAGE_VERSIONS: TableDefinition<(&str, &str, u64), &[u8]> =
+    TableDefinition::new("page_versions");
 /// (SHA-256 of the HTML, encoding name) → bytes.
 pub const PAGE_BLOBS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("page_blobs");
 
@@ -74,7 +75,10 @@ pub enum PageError {
 }
 
 fn invalid(code: &'static str, message: impl Into<String>) -> PageError {
-    PageError::Invalid { code, message: message.into() }
+    PageError::Invalid {
+        code,
+        message: message.into(),
+    }
 }
 
 /// A page's name within its machine: `[a-z0-9-]{1,64}`, the machine slug rule, so that it is
@@ -101,7 +105,8 @@ impl std::fmt::Display for PageSlug {
 /// `^ZEQ[0-9A-Za-z-]{3,28}$`: the publishing agent's ZID as spec 001 spells it.
 pub fn valid_agent_zid(s: &str) -> bool {
     s.strip_prefix("ZEQ").is_some_and(|rest| {
-        (3..=28).contains(&rest.len()) && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        (3..=28).contains(&rest.len())
+            && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     })
 }
 
@@ -167,8 +172,17 @@ impl PageVersion {
 
 /// `sha256(slug|pageSlug|sha256(html)|version|ownerZid)` (spec 001), with the HTML hash in
 /// lowercase hex and the version in decimal.
-pub fn proof_digest(slug: &str, page: &str, html_sha256: &[u8; 32], version: u64, owner_zid: &str) -> [u8; 32] {
-    let text = format!("{slug}|{page}|{}|{version}|{owner_zid}", hex::encode(html_sha256));
+pub fn proof_digest(
+    slug: &str,
+    page: &str,
+    html_sha256: &[u8; 32],
+    version: u64,
+    owner_zid: &str,
+) -> [u8; 32] {
+    let text = format!(
+        "{slug}|{page}|{}|{version}|{owner_zid}",
+        hex::encode(html_sha256)
+    );
     sha256(text.as_bytes())
 }
 
@@ -191,28 +205,59 @@ impl Draft {
         let mut take = |field: &str| body.remove(field).filter(|v| !v.is_null());
         let title = match take("title") {
             Some(Value::String(t)) if (1..=MAX_TITLE_CHARS).contains(&t.chars().count()) => t,
-            _ => return Err(invalid("invalid_title", format!("title must be a string of 1–{MAX_TITLE_CHARS} characters"))),
+            _ => {
+                return Err(invalid(
+                    "invalid_title",
+                    format!("title must be a string of 1–{MAX_TITLE_CHARS} characters"),
+                ))
+            }
         };
         let html = match take("html") {
             Some(Value::String(h)) if h.len() > MAX_HTML_BYTES => {
-                return Err(PageError::TooLarge { field: "html", limit: MAX_HTML_BYTES })
+                return Err(PageError::TooLarge {
+                    field: "html",
+                    limit: MAX_HTML_BYTES,
+                })
             }
             Some(Value::String(h)) if !h.is_empty() => h,
-            _ => return Err(invalid("invalid_html", "html must be a non-empty string of plaintext HTML (at most 2 MiB)")),
+            _ => {
+                return Err(invalid(
+                    "invalid_html",
+                    "html must be a non-empty string of plaintext HTML (at most 2 MiB)",
+                ))
+            }
         };
         let agent_zid = match take("agentZid") {
             Some(Value::String(z)) if valid_agent_zid(&z) => z,
-            _ => return Err(invalid("invalid_agent_zid", "agentZid must match ^ZEQ[0-9A-Za-z-]{3,28}$")),
+            _ => {
+                return Err(invalid(
+                    "invalid_agent_zid",
+                    "agentZid must match ^ZEQ[0-9A-Za-z-]{3,28}$",
+                ))
+            }
         };
         let python_script = match take("pythonScript") {
             None => None,
             Some(Value::String(p)) if p.len() > MAX_PYTHON_BYTES => {
-                return Err(PageError::TooLarge { field: "pythonScript", limit: MAX_PYTHON_BYTES })
+                return Err(PageError::TooLarge {
+                    field: "pythonScript",
+                    limit: MAX_PYTHON_BYTES,
+                })
             }
             Some(Value::String(p)) => Some(p),
-            Some(_) => return Err(invalid("invalid_python_script", "pythonScript must be a string (at most 256 KiB)")),
+            Some(_) => {
+                return Err(invalid(
+                    "invalid_python_script",
+                    "pythonScript must be a string (at most 256 KiB)",
+                ))
+            }
         };
-        Ok(Draft { title, html, agent_zid, python_script })
+        Ok(Draft {
+            title,
+            html,
+            agent_zid,
+            python_script,
+        })
     }
 }
 
@@ -240,13 +285,22 @@ impl Encoded {
         use std::io::Write;
         let sha256 = sha256(&html);
         let gzip = || {
-            let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(html.len() / 3), flate2::Compression::new(6));
+            let mut enc = flate2::write::GzEncoder::new(
+                Vec::with_capacity(html.len() / 3),
+                flate2::Compression::new(6),
+            );
             enc.write_all(&html).and_then(|_| enc.finish()).ok()
         };
         let br = || {
-            let params = brotli::enc::BrotliEncoderParams { quality: 7, lgwin: 22, ..Default::default() };
+            let params = brotli::enc::BrotliEncoderParams {
+                quality: 7,
+                lgwin: 22,
+                ..Default::default()
+            };
             let mut out = Vec::with_capacity(html.len() / 3);
-            brotli::BrotliCompress(&mut html.as_slice(), &mut out, &params).ok().map(|_| out)
+            brotli::BrotliCompress(&mut html.as_slice(), &mut out, &params)
+                .ok()
+                .map(|_| out)
         };
         let (gzip, br) = std::thread::scope(|s| {
             let g = s.spawn(gzip);
@@ -254,7 +308,12 @@ impl Encoded {
             (g.join().ok().flatten(), b)
         });
         let smaller = |c: Option<Vec<u8>>| c.filter(|c| c.len() < html.len());
-        Encoded { sha256, gzip: smaller(gzip), br: smaller(br), identity: html }
+        Encoded {
+            sha256,
+            gzip: smaller(gzip),
+            br: smaller(br),
+            identity: html,
+        }
     }
 }
 
@@ -268,26 +327,45 @@ pub struct Published {
 fn owner_of(txn: &WriteTransaction, slug: &str) -> Result<Machine, PageError> {
     let machines = txn.open_table(MACHINES).map_err(StoreError::from)?;
     let m = machines.get(slug).map_err(StoreError::from)?;
-    m.map(|v| store::decode::<Machine>(v.value())).transpose()?.ok_or(PageError::MachineNotFound)
+    m.map(|v| store::decode::<Machine>(v.value()))
+        .transpose()?
+        .ok_or(PageError::MachineNotFound)
 }
 
-fn page_in(txn: &WriteTransaction, slug: &str, page: &PageSlug) -> Result<Option<Page>, StoreError> {
+fn page_in(
+    txn: &WriteTransaction,
+    slug: &str,
+    page: &PageSlug,
+) -> Result<Option<Page>, StoreError> {
     let pages = txn.open_table(PAGES)?;
     let v = pages.get((slug, page.as_str()))?;
     v.map(|v| store::decode(v.value())).transpose()
 }
 
-fn version_in(txn: &WriteTransaction, slug: &str, page: &PageSlug, version: u64) -> Result<Option<PageVersion>, StoreError> {
+fn version_in(
+    txn: &WriteTransaction,
+    slug: &str,
+    page: &PageSlug,
+    version: u64,
+) -> Result<Option<PageVersion>, StoreError> {
     let versions = txn.open_table(PAGE_VERSIONS)?;
     let v = versions.get((slug, page.as_str(), version))?;
     v.map(|v| store::decode(v.value())).transpose()
 }
 
 fn has_blob_in(txn: &WriteTransaction, sha: &[u8; 32]) -> Result<bool, StoreError> {
-    Ok(txn.open_table(PAGE_BLOBS)?.get((sha.as_slice(), IDENTITY))?.is_some())
+    Ok(txn
+        .open_table(PAGE_BLOBS)?
+        .get((sha.as_slice(), IDENTITY))?
+        .is_some())
 }
 
-fn row_payload(kind_extra: Option<(&str, Value)>, slug: &str, page: &PageSlug, v: &PageVersion) -> Value {
+fn row_payload(
+    kind_extra: Option<(&str, Value)>,
+    slug: &str,
+    page: &PageSlug,
+    v: &PageVersion,
+) -> Value {
     let mut m = Map::new();
     m.insert("slug".into(), json!(slug));
     m.insert("pageSlug".into(), json!(page.as_str()));
@@ -314,13 +392,19 @@ fn install(
 ) -> Result<Published, PageError> {
     let record = Page {
         latest: version.version,
-        live: Some(Live { version: version.version, html_sha256: version.html_sha256 }),
+        live: Some(Live {
+            version: version.version,
+            html_sha256: version.html_sha256,
+        }),
         created_ms: previous.as_ref().map_or(now_ms, |p| p.created_ms),
         updated_ms: now_ms,
     };
     txn.open_table(PAGE_VERSIONS)
         .map_err(StoreError::from)?
-        .insert((slug, page.as_str(), version.version), store::encode(&version).as_slice())
+        .insert(
+            (slug, page.as_str(), version.version),
+            store::encode(&version).as_slice(),
+        )
         .map_err(StoreError::from)?;
     txn.open_table(PAGES)
         .map_err(StoreError::from)?
@@ -347,16 +431,26 @@ pub fn publish(
     let previous = page_in(txn, slug, page)?;
     let html_sha256 = encoded.map_or_else(|| sha256(draft.html.as_bytes()), |e| e.sha256);
     if encoded.is_some_and(|e| e.identity != draft.html.as_bytes()) {
-        return Err(StoreError::Corrupt("publish: encodings do not belong to this HTML".into()).into());
+        return Err(
+            StoreError::Corrupt("publish: encodings do not belong to this HTML".into()).into(),
+        );
     }
     let stored = has_blob_in(txn, &html_sha256)?;
     if !stored && encoded.is_none() {
-        return Err(StoreError::Corrupt("publish: new content given without its encodings".into()).into());
+        return Err(
+            StoreError::Corrupt("publish: new content given without its encodings".into()).into(),
+        );
     }
     let number = previous.as_ref().map_or(1, |p| p.latest + 1);
     let version = PageVersion {
         version: number,
-        proof_digest: proof_digest(slug, page.as_str(), &html_sha256, number, machine.owner_zid.as_str()),
+        proof_digest: proof_digest(
+            slug,
+            page.as_str(),
+            &html_sha256,
+            number,
+            machine.owner_zid.as_str(),
+        ),
         title: draft.title,
         html_sha256,
         html_bytes: draft.html.len() as u64,
@@ -370,15 +464,25 @@ pub fn publish(
     if let (false, Some(e)) = (stored, encoded) {
         let mut blobs = txn.open_table(PAGE_BLOBS).map_err(StoreError::from)?;
         let key = e.sha256.as_slice();
-        blobs.insert((key, IDENTITY), e.identity.as_slice()).map_err(StoreError::from)?;
+        blobs
+            .insert((key, IDENTITY), e.identity.as_slice())
+            .map_err(StoreError::from)?;
         if let Some(g) = &e.gzip {
-            blobs.insert((key, GZIP), g.as_slice()).map_err(StoreError::from)?;
+            blobs
+                .insert((key, GZIP), g.as_slice())
+                .map_err(StoreError::from)?;
         }
         if let Some(b) = &e.br {
-            blobs.insert((key, BR), b.as_slice()).map_err(StoreError::from)?;
+            blobs
+                .insert((key, BR), b.as_slice())
+                .map_err(StoreError::from)?;
         }
     }
-    let entry = Entry::json("deploy_published", actor, &row_payload(None, slug, page, &version));
+    let entry = Entry::json(
+        "deploy_published",
+        actor,
+        &row_payload(None, slug, page, &version),
+    );
     install(txn, slug, page, previous, version, entry, now_ms)
 }
 
@@ -393,8 +497,12 @@ pub fn unpublish(
     owner_of(txn, slug)?;
     let mut record = page_in(txn, slug, page)?.ok_or(PageError::PageNotFound)?;
     let live = record.live.ok_or(PageError::NotPublished)?;
-    let version = version_in(txn, slug, page, live.version)?
-        .ok_or_else(|| StoreError::Corrupt(format!("page {slug}/{page}: live version {} is missing", live.version)))?;
+    let version = version_in(txn, slug, page, live.version)?.ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "page {slug}/{page}: live version {} is missing",
+            live.version
+        ))
+    })?;
     record.live = None;
     record.updated_ms = now_ms;
     txn.open_table(PAGES)
@@ -402,7 +510,12 @@ pub fn unpublish(
         .insert((slug, page.as_str()), store::encode(&record).as_slice())
         .map_err(StoreError::from)?;
     let payload = row_payload(None, slug, page, &version);
-    let row = log::append(txn, slug, Entry::json("page_unpublished", actor, &payload), now_ms)?;
+    let row = log::append(
+        txn,
+        slug,
+        Entry::json("page_unpublished", actor, &payload),
+        now_ms,
+    )?;
     Ok((version, row))
 }
 
@@ -420,12 +533,21 @@ pub fn rollback(
     let previous = page_in(txn, slug, page)?.ok_or(PageError::PageNotFound)?;
     let source = version_in(txn, slug, page, from)?.ok_or(PageError::VersionNotFound(from))?;
     if !has_blob_in(txn, &source.html_sha256)? {
-        return Err(StoreError::Corrupt(format!("page {slug}/{page} v{from}: its HTML blob is missing")).into());
+        return Err(StoreError::Corrupt(format!(
+            "page {slug}/{page} v{from}: its HTML blob is missing"
+        ))
+        .into());
     }
     let number = previous.latest + 1;
     let version = PageVersion {
         version: number,
-        proof_digest: proof_digest(slug, page.as_str(), &source.html_sha256, number, machine.owner_zid.as_str()),
+        proof_digest: proof_digest(
+            slug,
+            page.as_str(),
+            &source.html_sha256,
+            number,
+            machine.owner_zid.as_str(),
+        ),
         origin: Origin::Rollback { from },
         actor: actor.to_owned(),
         created_ms: now_ms,
@@ -449,29 +571,56 @@ fn read_table<K: redb::Key + 'static, V: redb::Value + 'static>(
 }
 
 pub fn get(txn: &ReadTransaction, slug: &str, page: &PageSlug) -> Result<Option<Page>, StoreError> {
-    let Some(t) = read_table(txn, PAGES)? else { return Ok(None) };
+    let Some(t) = read_table(txn, PAGES)? else {
+        return Ok(None);
+    };
     let v = t.get((slug, page.as_str()))?;
     v.map(|v| store::decode(v.value())).transpose()
 }
 
-pub fn version(txn: &ReadTransaction, slug: &str, page: &PageSlug, version: u64) -> Result<Option<PageVersion>, StoreError> {
-    let Some(t) = read_table(txn, PAGE_VERSIONS)? else { return Ok(None) };
+pub fn version(
+    txn: &ReadTransaction,
+    slug: &str,
+    page: &PageSlug,
+    version: u64,
+) -> Result<Option<PageVersion>, StoreError> {
+    let Some(t) = read_table(txn, PAGE_VERSIONS)? else {
+        return Ok(None);
+    };
     let v = t.get((slug, page.as_str(), version))?;
     v.map(|v| store::decode(v.value())).transpose()
 }
 
 /// The page and its live version, when it is published.
-pub fn live(txn: &ReadTransaction, slug: &str, page: &PageSlug) -> Result<Option<(Page, PageVersion)>, StoreError> {
-    let Some(record) = get(txn, slug, page)? else { return Ok(None) };
-    let Some(l) = record.live else { return Ok(None) };
-    let v = version(txn, slug, page, l.version)?
-        .ok_or_else(|| StoreError::Corrupt(format!("page {slug}/{page}: live version {} is missing", l.version)))?;
+pub fn live(
+    txn: &ReadTransaction,
+    slug: &str,
+    page: &PageSlug,
+) -> Result<Option<(Page, PageVersion)>, StoreError> {
+    let Some(record) = get(txn, slug, page)? else {
+        return Ok(None);
+    };
+    let Some(l) = record.live else {
+        return Ok(None);
+    };
+    let v = version(txn, slug, page, l.version)?.ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "page {slug}/{page}: live version {} is missing",
+            l.version
+        ))
+    })?;
     Ok(Some((record, v)))
 }
 
 /// Every version of `page`, oldest first.
-pub fn history(txn: &ReadTransaction, slug: &str, page: &PageSlug) -> Result<Vec<PageVersion>, StoreError> {
-    let Some(t) = read_table(txn, PAGE_VERSIONS)? else { return Ok(Vec::new()) };
+pub fn history(
+    txn: &ReadTransaction,
+    slug: &str,
+    page: &PageSlug,
+) -> Result<Vec<PageVersion>, StoreError> {
+    let Some(t) = read_table(txn, PAGE_VERSIONS)? else {
+        return Ok(Vec::new());
+    };
     let mut out = Vec::new();
     for entry in t.range((slug, page.as_str(), 0)..=(slug, page.as_str(), u64::MAX))? {
         let (_, v) = entry?;
@@ -482,7 +631,9 @@ pub fn history(txn: &ReadTransaction, slug: &str, page: &PageSlug) -> Result<Vec
 
 /// Every page of machine `slug` in page-slug order, with its record.
 pub fn list(txn: &ReadTransaction, slug: &str) -> Result<Vec<(PageSlug, Page)>, StoreError> {
-    let Some(t) = read_table(txn, PAGES)? else { return Ok(Vec::new()) };
+    let Some(t) = read_table(txn, PAGES)? else {
+        return Ok(Vec::new());
+    };
     let mut out = Vec::new();
     for entry in t.range((slug, "")..)? {
         let (k, v) = entry?;
@@ -496,7 +647,10 @@ pub fn list(txn: &ReadTransaction, slug: &str) -> Result<Vec<(PageSlug, Page)>, 
 }
 
 /// The pages of `slug` that are live, with their live versions.
-pub fn published(txn: &ReadTransaction, slug: &str) -> Result<Vec<(PageSlug, PageVersion)>, StoreError> {
+pub fn published(
+    txn: &ReadTransaction,
+    slug: &str,
+) -> Result<Vec<(PageSlug, PageVersion)>, StoreError> {
     let mut out = Vec::new();
     for (page, record) in list(txn, slug)? {
         if let Some(l) = record.live {
@@ -509,25 +663,23 @@ pub fn published(txn: &ReadTransaction, slug: &str) -> Result<Vec<(PageSlug, Pag
 }
 
 /// Stored bytes of content `sha` in `encoding` ([`IDENTITY`], [`GZIP`] or [`BR`]).
-pub fn blob(txn: &ReadTransaction, sha: &[u8; 32], encoding: &str) -> Result<Option<Vec<u8>>, StoreError> {
-    let Some(t) = read_table(txn, PAGE_BLOBS)? else { return Ok(None) };
+pub fn blob(
+    txn: &ReadTransaction,
+    sha: &[u8; 32],
+    encoding: &str,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let Some(t) = read_table(txn, PAGE_BLOBS)? else {
+        return Ok(None);
+    };
     let v = t.get((sha.as_slice(), encoding))?;
     Ok(v.map(|v| v.value().to_vec()))
 }
 
 pub fn has_blob(txn: &ReadTransaction, sha: &[u8; 32]) -> Result<bool, StoreError> {
-    let Some(t) = read_table(txn, PAGE_BLOBS)? else { return Ok(false) };
+    let Some(t) = read_table(txn, PAGE_BLOBS)? else {
+        return Ok(false);
+    };
     Ok(t.get((sha.as_slice(), IDENTITY))?.is_some())
-}
-
-/// The public instance states of machine `slug` that its pages may read from
-/// `/s/<slug>/state.json`: one `{"id", "state", "publicContext", "tags", "done", "ts"}` per
-/// instance, where `publicContext` is `context.public` and nothing else of the context.
-///
-/// Instances are not stored yet; the instances module fills this in. It must stay read-only
-/// and must never return anything but the public view: the endpoint answers any origin.
-pub fn public_states(_txn: &ReadTransaction, _slug: &str) -> Result<Vec<Value>, StoreError> {
-    Ok(Vec::new())
 }
 
 /// A content's bytes in each stored encoding, shared between requests.
@@ -550,15 +702,26 @@ struct Cache {
 
 fn cache() -> &'static Mutex<Cache> {
     static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
-    CACHE.get_or_init(|| Mutex::new(Cache { entries: HashMap::new(), bytes: 0 }))
+    CACHE.get_or_init(|| {
+        Mutex::new(Cache {
+            entries: HashMap::new(),
+            bytes: 0,
+        })
+    })
 }
 
 /// The stored encodings of content `sha`, from memory when recently served.
 pub fn served(txn: &ReadTransaction, sha: &[u8; 32]) -> Result<Option<Arc<Served>>, StoreError> {
-    if let Some(hit) = cache().lock().ok().and_then(|c| c.entries.get(sha).cloned()) {
+    if let Some(hit) = cache()
+        .lock()
+        .ok()
+        .and_then(|c| c.entries.get(sha).cloned())
+    {
         return Ok(Some(hit));
     }
-    let Some(identity) = blob(txn, sha, IDENTITY)? else { return Ok(None) };
+    let Some(identity) = blob(txn, sha, IDENTITY)? else {
+        return Ok(None);
+    };
     let served = Arc::new(Served {
         sha256: *sha,
         identity: identity.into(),
@@ -602,7 +765,15 @@ mod tests {
         assert!(valid_agent_zid("ZEQ07491829374"));
         assert!(valid_agent_zid("ZEQabc"));
         assert!(valid_agent_zid(&format!("ZEQ{}", "a-".repeat(14))));
-        for bad in ["ZEQab", "zeq123", "ZEQ12_3", "ZEQ", &format!("ZEQ{}", "1".repeat(29)), "XZEQ123", "ZEQ12 3"] {
+        for bad in [
+            "ZEQab",
+            "zeq123",
+            "ZEQ12_3",
+            "ZEQ",
+            &format!("ZEQ{}", "1".repeat(29)),
+            "XZEQ123",
+            "ZEQ12 3",
+        ] {
             assert!(!valid_agent_zid(bad), "{bad:?}");
         }
     }
@@ -614,7 +785,10 @@ mod tests {
     fn proof_digest_matches_independent_vectors() {
         let html = b"<!doctype html><h1>hello</h1>";
         let h = sha256(html);
-        assert_eq!(hex::encode(&h), "12abe7e692c09087602ee113adf9eac0f5c36601145000cb2ebe205452a6c0ed");
+        assert_eq!(
+            hex::encode(&h),
+            "12abe7e692c09087602ee113adf9eac0f5c36601145000cb2ebe205452a6c0ed"
+        );
         assert_eq!(
             hex::encode(&proof_digest("fleet", "hello", &h, 1, "ZEQ07491829374")),
             "589f027557530917bdac7b99cd4b2644f7dfbf57223dc7d7e6cd21cd37638f1f"
@@ -645,10 +819,16 @@ mod tests {
         assert_eq!(code(json!({"title": null})), "invalid_title");
         assert_eq!(code(json!({"html": ""})), "invalid_html");
         assert_eq!(code(json!({"html": 3})), "invalid_html");
-        assert_eq!(code(json!({"html": "x".repeat(MAX_HTML_BYTES + 1)})), "html");
+        assert_eq!(
+            code(json!({"html": "x".repeat(MAX_HTML_BYTES + 1)})),
+            "html"
+        );
         assert_eq!(code(json!({"agentZid": "ZEQ1"})), "invalid_agent_zid");
         assert_eq!(code(json!({"pythonScript": 1})), "invalid_python_script");
-        assert_eq!(code(json!({"pythonScript": "p".repeat(MAX_PYTHON_BYTES + 1)})), "pythonScript");
+        assert_eq!(
+            code(json!({"pythonScript": "p".repeat(MAX_PYTHON_BYTES + 1)})),
+            "pythonScript"
+        );
         assert!(Draft::from_json(json!({"title": "é".repeat(200), "html": "x".repeat(MAX_HTML_BYTES), "agentZid": "ZEQ123",
             "pythonScript": "p".repeat(MAX_PYTHON_BYTES)})).is_ok());
     }
@@ -659,10 +839,14 @@ mod tests {
         let html = "<p>hello</p>".repeat(1000).into_bytes();
         let e = Encoded::compute(html.clone());
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(e.gzip.as_deref().unwrap()).read_to_end(&mut out).unwrap();
+        flate2::read::GzDecoder::new(e.gzip.as_deref().unwrap())
+            .read_to_end(&mut out)
+            .unwrap();
         assert_eq!(out, html);
         let mut out = Vec::new();
-        brotli::Decompressor::new(e.br.as_deref().unwrap(), 4096).read_to_end(&mut out).unwrap();
+        brotli::Decompressor::new(e.br.as_deref().unwrap(), 4096)
+            .read_to_end(&mut out)
+            .unwrap();
         assert_eq!(out, html);
         let tiny = Encoded::compute(b"x".to_vec());
         assert!(tiny.gzip.is_none() && tiny.br.is_none());

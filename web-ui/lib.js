@@ -98,12 +98,14 @@ export function rate(times, bucketMs, spanMs, now = Date.now()) {
 
 // A line plot that fills its container's width and follows resizes.
 export function plot(container, { series, yLabel, xTime = true, height = 180 }) {
+  // Without time on x (generations), ticks fall on whole numbers.
+  const xAxis = xTime ? {} : { incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000] };
   const width = () => Math.max(240, container.clientWidth || 320);
   const opts = {
     width: width(),
     height,
     scales: { x: { time: xTime } },
-    axes: [{}, { label: yLabel, size: 50 }],
+    axes: [xAxis, { label: yLabel, size: 50 }],
     series: [{}, ...series.map((s, i) => ({
       label: s.label,
       stroke: s.color || ['#1f6feb', '#d1242f', '#1a7f37'][i % 3],

@@ -4,7 +4,7 @@ import { api, h, section, table, errorBox, time, plot } from './lib.js';
 
 export async function agentsScreen(root) {
   const list = h('div', { id: 'agents' });
-  const plots = h('div', { class: 'plots' });
+  const plots = h('div', { class: 'plots', id: 'agent-plots' });
   root.append(section('Agents', list), section('Fitness per generation (best; lower is better)', plots));
   const made = [];
   try {

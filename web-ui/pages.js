@@ -34,9 +34,9 @@ export async function pagesScreen(root, [slug], ctx) {
           h('td', { class: 'live-version' }, p.live === false ? 'offline' : p.version),
           h('td', {}, p.latestVersion),
           h('td', {}, time(p.publishedAt)),
-          h('td', { class: 'row' },
+          h('td', {}, h('div', { class: 'row tight' },
             h('button', { type: 'button', class: 'small', onclick: () => show(p) }, 'Preview'),
-            h('button', { type: 'button', class: 'small', onclick: () => loadHistory(p.pageSlug) }, 'History')))),
+            h('button', { type: 'button', class: 'small', onclick: () => loadHistory(p.pageSlug) }, 'History'))))),
         'No pages yet.'));
     } catch (e) {
       list.replaceChildren(errorBox(e));
@@ -73,6 +73,7 @@ export async function pagesScreen(root, [slug], ctx) {
       const r = await api('POST', `${base}/${enc(page)}/rollback`, { version });
       msg.append(h('p', { class: 'good', id: 'rollback-ok' }, `Rolled ${page} back to version ${version}: now live as version ${r.version}.`));
       await load();
+      show({ url: r.url, pageSlug: page });
       await loadHistory(page);
     } catch (e) {
       msg.append(errorBox(e));

@@ -41,7 +41,10 @@ const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'smgate-console-'));
 const data = path.join(dir, 'data');
 const init = execFileSync(bin, ['--data', data, 'init'], { encoding: 'utf8' });
 const ownerKey = init.match(/^owner key (\S+)/m)[1];
+const ownerZid = init.match(/^owner account (\S+)/m)[1];
 const ca = fs.readFileSync(path.join(data, 'tls/cert.pem'));
+// ZEQ for one agent run (offline, before serve), so the agents screen has a lineage to plot.
+execFileSync(bin, ['--data', data, 'account', 'credit', ownerZid, '1000'], { encoding: 'utf8' });
 
 const gw = spawn(bin, ['--data', data, 'serve'], {
   env: { ...process.env, SMGATE_HTTP_LISTEN: '127.0.0.1:0', SMGATE_MQTT_LISTEN: '127.0.0.1:0', RUST_LOG: 'warn' },
@@ -265,8 +268,19 @@ try {
     JSON.stringify(machines.body.machines.map((m) => m.slug)));
 
   // --- agents, sync, gateway ---------------------------------------------------------------
+  const spawned = await api('POST', '/api/zeq/agent/spawn', {
+    key: ownerKey, body: { problem: 'optimal radiation shielding for 180-day Mars transit', population: 6, generations: 6, precision: 0.001 },
+  });
+  check('an agent run starts', spawned.status === 200, JSON.stringify(spawned.body));
+  for (let i = 0; i < 60; i++) {
+    const s = await api('GET', `/api/zeq/agent/status/${spawned.body.agent_id}`, { key: ownerKey });
+    if (s.body.status !== 'running' && s.body.status !== 'live') break;
+    await new Promise((r) => setTimeout(r, 500));
+  }
   await page.goto(`${origin}/ui/#/agents`);
-  await page.waitForSelector('#agents');
+  await page.waitForSelector('#agents table');
+  await page.waitForSelector('#agent-plots .plot canvas');
+  check('agents list the run and plot its fitness', (await page.textContent('#agents')).includes(spawned.body.agent_id));
   await shot('agents');
   await page.goto(`${origin}/ui/#/sync`);
   await page.waitForSelector('#sync table, #sync p');

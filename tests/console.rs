@@ -61,7 +61,16 @@ async fn send(
 
 /// Signs in with `key`; returns the answer and the session token from `Set-Cookie`.
 async fn sign_in(gw: &Gw, key: &str) -> (Answer, Option<String>) {
-    let a = send(gw, Method::POST, SESSION, None, true, &[], Some(json!({"key": key}))).await;
+    let a = send(
+        gw,
+        Method::POST,
+        SESSION,
+        None,
+        true,
+        &[],
+        Some(json!({"key": key})),
+    )
+    .await;
     let token = a
         .headers
         .get("set-cookie")
@@ -78,14 +87,27 @@ async fn sign_in_sets_a_strict_http_only_cookie_and_refuses_bad_keys() {
     assert_eq!(a.status, 200, "{}", a.text);
     let cookie = a.headers["set-cookie"].to_str().unwrap().to_string();
     let token = token.expect("session cookie");
-    assert!(token.starts_with("zss_") && token.len() == 4 + 43, "{cookie}");
+    assert!(
+        token.starts_with("zss_") && token.len() == 4 + 43,
+        "{cookie}"
+    );
     let attrs: Vec<&str> = cookie.split(';').map(str::trim).collect();
-    for want in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/", "Max-Age=43200"] {
+    for want in [
+        "HttpOnly",
+        "Secure",
+        "SameSite=Strict",
+        "Path=/",
+        "Max-Age=43200",
+    ] {
         assert!(attrs.contains(&want), "missing {want} in {cookie}");
     }
     assert_eq!(a.headers["cache-control"], "no-store");
     assert_eq!(a.json()["zid"], json!(gw.owner_zid));
-    assert!(!a.text.contains(&gw.owner_key), "the key came back: {}", a.text);
+    assert!(
+        !a.text.contains(&gw.owner_key),
+        "the key came back: {}",
+        a.text
+    );
 
     // Unknown, malformed and non-account keys are refused with 401 and no cookie.
     let unknown = format!("zeq_ak_{}", "A".repeat(43));
@@ -107,7 +129,11 @@ async fn sign_in_sets_a_strict_http_only_cookie_and_refuses_bad_keys() {
     assert_eq!(created.status, 201, "{}", created.text);
     let machine_key = created.json()["api_key"].as_str().unwrap().to_string();
     let (a, t) = sign_in(&gw, &machine_key).await;
-    assert_eq!(a.status, 401, "machine keys do not open console sessions: {}", a.text);
+    assert_eq!(
+        a.status, 401,
+        "machine keys do not open console sessions: {}",
+        a.text
+    );
     assert!(t.is_none());
 
     // Sign-in itself must come from the console (login CSRF).
@@ -142,29 +168,97 @@ async fn the_cookie_reads_freely_but_writes_only_with_the_console_header() {
 
     // Writes with the cookie alone are refused, and nothing is written.
     let body = json!({"slug": "kitchen", "display_name": "Kitchen"});
-    let a = send(&gw, Method::POST, "/api/chain/state-machines", c, false, &[], Some(body.clone())).await;
+    let a = send(
+        &gw,
+        Method::POST,
+        "/api/chain/state-machines",
+        c,
+        false,
+        &[],
+        Some(body.clone()),
+    )
+    .await;
     assert_eq!(a.status, 403, "{}", a.text);
     assert_eq!(a.json()["error"], "console_header_missing");
-    let a = send(&gw, Method::POST, "/machines/kitchen/v", c, false, &[], Some(json!({}))).await;
+    let a = send(
+        &gw,
+        Method::POST,
+        "/machines/kitchen/v",
+        c,
+        false,
+        &[],
+        Some(json!({})),
+    )
+    .await;
     assert_eq!(a.status, 403, "{}", a.text);
-    let a = send(&gw, Method::GET, "/api/chain/state-machines", c, false, &[], None).await;
+    let a = send(
+        &gw,
+        Method::GET,
+        "/api/chain/state-machines",
+        c,
+        false,
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(a.json()["count"], 0);
 
     // A browser that says the request comes from another origin gets no credentials from
     // the cookie (a published page runs in an opaque origin).
     let cross = [("sec-fetch-site", "cross-site")];
-    let a = send(&gw, Method::POST, "/api/chain/state-machines", c, true, &cross, Some(body.clone())).await;
+    let a = send(
+        &gw,
+        Method::POST,
+        "/api/chain/state-machines",
+        c,
+        true,
+        &cross,
+        Some(body.clone()),
+    )
+    .await;
     assert_eq!(a.status, 401, "{}", a.text);
 
     // With the header the cookie writes like the key it was opened with.
     let same = [("sec-fetch-site", "same-origin")];
-    let a = send(&gw, Method::POST, "/api/chain/state-machines", c, true, &same, Some(body)).await;
+    let a = send(
+        &gw,
+        Method::POST,
+        "/api/chain/state-machines",
+        c,
+        true,
+        &same,
+        Some(body),
+    )
+    .await;
     assert_eq!(a.status, 201, "{}", a.text);
     assert_eq!(a.json()["machine"]["owner_zid"], json!(gw.owner_zid));
-    let a = send(&gw, Method::GET, "/api/chain/state-machines", c, false, &cross, None).await;
-    assert_eq!(a.json()["count"], 0, "a cross-site read is anonymous: {}", a.text);
-    let a = send(&gw, Method::GET, "/api/chain/state-machines", c, false, &same, None).await;
+    let a = send(
+        &gw,
+        Method::GET,
+        "/api/chain/state-machines",
+        c,
+        false,
+        &cross,
+        None,
+    )
+    .await;
+    assert_eq!(
+        a.json()["count"],
+        0,
+        "a cross-site read is anonymous: {}",
+        a.text
+    );
+    let a = send(
+        &gw,
+        Method::GET,
+        "/api/chain/state-machines",
+        c,
+        false,
+        &same,
+        None,
+    )
+    .await;
     assert_eq!(a.json()["count"], 1, "{}", a.text);
     let definition: Value = serde_json::from_str(
         &std::fs::read_to_string("firmware-config/machines/heartbeat.json").unwrap(),
@@ -181,7 +275,16 @@ async fn the_cookie_reads_freely_but_writes_only_with_the_console_header() {
     )
     .await;
     assert_eq!(a.status, 200, "{}", a.text);
-    let a = send(&gw, Method::POST, "/machines/kitchen", c, true, &[], Some(json!({"slug": "fridge-1"}))).await;
+    let a = send(
+        &gw,
+        Method::POST,
+        "/machines/kitchen",
+        c,
+        true,
+        &[],
+        Some(json!({"slug": "fridge-1"})),
+    )
+    .await;
     assert!(a.status == 200 || a.status == 201, "{}", a.text);
 
     // Reads, including the instance's event stream (EventSource cannot send headers).
@@ -205,16 +308,31 @@ async fn the_cookie_reads_freely_but_writes_only_with_the_console_header() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let first = tokio::time::timeout(std::time::Duration::from_secs(10), res.chunk())
         .await
         .expect("an SSE frame")
         .unwrap()
         .unwrap();
     let first = String::from_utf8_lossy(&first);
-    assert!(first.contains("instance-update") && first.contains("online"), "{first}");
+    assert!(
+        first.contains("instance-update") && first.contains("online"),
+        "{first}"
+    );
     // Without the cookie the private machine's stream is closed to us.
-    let a = send(&gw, Method::GET, "/machines/kitchen/i/fridge-1/sse", None, false, &[], None).await;
+    let a = send(
+        &gw,
+        Method::GET,
+        "/machines/kitchen/i/fridge-1/sse",
+        None,
+        false,
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(a.status, 401, "{}", a.text);
 
     // A session token is only good as the cookie, not as a bearer token.
@@ -249,20 +367,41 @@ async fn sign_out_ends_the_session_on_the_gateway() {
     // Sign-out is a write: the cookie alone cannot do it (a cross-site form could not either).
     let a = send(&gw, Method::DELETE, SESSION, c, false, &[], None).await;
     assert_eq!(a.status, 403, "{}", a.text);
-    let a = send(&gw, Method::GET, "/api/chain/state-machines", c, false, &[], None).await;
+    let a = send(
+        &gw,
+        Method::GET,
+        "/api/chain/state-machines",
+        c,
+        false,
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(a.status, 200, "{}", a.text);
 
     let a = send(&gw, Method::DELETE, SESSION, c, true, &[], None).await;
     assert_eq!(a.status, 200, "{}", a.text);
     let cleared = a.headers["set-cookie"].to_str().unwrap();
-    assert!(cleared.starts_with("smgate_session=;") && cleared.contains("Max-Age=0"), "{cleared}");
+    assert!(
+        cleared.starts_with("smgate_session=;") && cleared.contains("Max-Age=0"),
+        "{cleared}"
+    );
 
     // The old cookie is dead everywhere, even if the browser kept it.
     for path in [SESSION, "/api/chain/state-machines", "/api/sync/status"] {
         let a = send(&gw, Method::GET, path, c, false, &[], None).await;
         assert_eq!(a.status, 401, "{path}: {}", a.text);
     }
-    let a = send(&gw, Method::POST, "/api/chain/state-machines", c, true, &[], Some(json!({"slug": "late"}))).await;
+    let a = send(
+        &gw,
+        Method::POST,
+        "/api/chain/state-machines",
+        c,
+        true,
+        &[],
+        Some(json!({"slug": "late"})),
+    )
+    .await;
     assert_eq!(a.status, 401, "{}", a.text);
     let a = send(&gw, Method::DELETE, SESSION, c, true, &[], None).await;
     assert_eq!(a.status, 401, "{}", a.text);
@@ -305,7 +444,18 @@ async fn no_console_answer_carries_the_key_after_sign_in() {
     let token = token.unwrap();
     let c = Some(token.as_str());
     let mut seen = vec![a];
-    seen.push(send(&gw, Method::POST, "/api/chain/state-machines", c, true, &[], Some(json!({"slug": "kitchen"}))).await);
+    seen.push(
+        send(
+            &gw,
+            Method::POST,
+            "/api/chain/state-machines",
+            c,
+            true,
+            &[],
+            Some(json!({"slug": "kitchen"})),
+        )
+        .await,
+    );
     assert_eq!(seen.last().unwrap().status, 201);
     for path in [
         SESSION,
@@ -334,6 +484,21 @@ async fn no_console_answer_carries_the_key_after_sign_in() {
         }
     }
     // The account key list shows hints, never keys.
-    let keys = send(&gw, Method::GET, "/api/chain/kitchen/api-keys", c, false, &[], None).await;
-    assert!(keys.json()["keys"].as_array().is_some_and(|k| !k.is_empty()), "{}", keys.text);
+    let keys = send(
+        &gw,
+        Method::GET,
+        "/api/chain/kitchen/api-keys",
+        c,
+        false,
+        &[],
+        None,
+    )
+    .await;
+    assert!(
+        keys.json()["keys"]
+            .as_array()
+            .is_some_and(|k| !k.is_empty()),
+        "{}",
+        keys.text
+    );
 }

@@ -97,14 +97,21 @@ export function rate(times, bucketMs, spanMs, now = Date.now()) {
 }
 
 // A line plot that fills its container's width and follows resizes.
-export function plot(container, { series, yLabel, xTime = true, height = 180 }) {
+export function plot(container, { series, yLabel, xTime = true, height = 180, minSpan = 0 }) {
   // Without time on x (generations), ticks fall on whole numbers.
   const xAxis = xTime ? {} : { incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000] };
   const width = () => Math.max(240, container.clientWidth || 320);
   const opts = {
     width: width(),
     height,
-    scales: { x: { time: xTime } },
+    // `minSpan` (x units) keeps a plot with one or two samples from zooming out to years.
+    scales: {
+      x: {
+        time: xTime,
+        range: (u, min, max) => (minSpan && (max - min < minSpan || min === max) ? [max - minSpan, max + minSpan / 60] : [min, max]),
+      },
+      y: { range: (u, min, max) => [Math.min(0, min), Math.max(1, max * 1.1)] },
+    },
     axes: [xAxis, { label: yLabel, size: 50 }],
     series: [{}, ...series.map((s, i) => ({
       label: s.label,

@@ -35,7 +35,11 @@ export async function syncScreen(root) {
   const box = h('div', { class: 'plot', id: 'plot-backlog' });
   root.append(section('Upstream sync', status),
     section('Backlog over time (sampled every 5 s while this screen is open)', box));
-  const p = plot(box, { series: [{ label: 'backlog rows' }, { label: 'backlog KiB', color: '#1a7f37' }], yLabel: 'backlog' });
+  const p = plot(box, {
+    series: [{ label: 'backlog rows', points: true }, { label: 'backlog KiB', color: '#1a7f37', points: true }],
+    yLabel: 'backlog',
+    minSpan: 120,
+  });
   const xs = []; const rows = []; const kib = [];
   async function sample() {
     try {

@@ -30,9 +30,9 @@ pub fn routes(
         .and(warp::header::headers_cloned())
         .and(with_gateway(gw.clone()))
         .and(body())
-        .then(|headers, gw, len, body| async move {
-            respond(sign_in(gw, headers, len, body).await)
-        });
+        .then(
+            |headers, gw, len, body| async move { respond(sign_in(gw, headers, len, body).await) },
+        );
     let whoami = path()
         .and(warp::get())
         .and(warp::header::headers_cloned())

@@ -285,6 +285,7 @@ try {
   await page.goto(`${origin}/ui/#/sync`);
   await page.waitForSelector('#sync table, #sync p');
   check('sync lists the machine', (await page.textContent('#sync')).includes('demo'));
+  await page.waitForTimeout(5500); // a second sample for the backlog plot
   await shot('sync');
   await page.goto(`${origin}/ui/#/gateway`);
   await page.waitForSelector('#gateway dd');

@@ -510,7 +510,7 @@ async fn ops_endpoints_and_console() {
         .unwrap()
         .contains("default-src 'self'"));
     let html = res.text().await.unwrap();
-    assert!(html.contains("gateway-id") && html.contains("app.js"));
+    assert!(html.contains("smgate console") && html.contains("app.js"));
     let res = c.get(gw.url("/ui/app.js")).send().await.unwrap();
     assert!(res.headers()["content-type"]
         .to_str()

@@ -6,6 +6,7 @@
 //! in constant time. Revoked and expired keys resolve to nothing, exactly like unknown ones.
 
 mod ratelimit;
+pub mod session;
 
 pub use ratelimit::RateLimiter;
 
@@ -316,7 +317,8 @@ pub fn list_keys(
     Ok(out)
 }
 
-/// Resolves a presented bearer token. Unknown, revoked and expired keys are all `Unauthorized`.
+/// Resolves a presented bearer token or console session token (`zss_…`, from the session
+/// cookie). Unknown, revoked and expired keys and sessions are all `Unauthorized`.
 pub fn resolve(
     txn: &ReadTransaction,
     bearer: Option<&str>,
@@ -325,6 +327,9 @@ pub fn resolve(
     let Some(raw) = bearer else {
         return Ok(Principal::Anonymous);
     };
+    if raw.starts_with(session::SESSION_PREFIX) {
+        return session::resolve(txn, raw, now_ms);
+    }
     if !(raw.starts_with(ACCOUNT_KEY_PREFIX) || raw.starts_with(MACHINE_KEY_PREFIX)) {
         return Err(AuthError::Unauthorized);
     }

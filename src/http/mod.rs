@@ -6,6 +6,7 @@ mod agents;
 mod chain;
 mod instances;
 pub mod client;
+mod console;
 mod listener;
 mod machines;
 mod mqtt;
@@ -218,16 +219,67 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request("invalid_body", format!("the body is not valid JSON: {e}")))
 }
 
-/// The bearer token, if the request sent one.
-pub fn bearer() -> impl Filter<Extract = (Option<String>,), Error = Infallible> + Clone {
-    warp::header::optional::<String>("authorization")
-        .or(warp::any().map(|| None))
-        .unify()
-        .map(|h: Option<String>| {
-            h.and_then(|v| {
-                let (scheme, token) = v.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
-            })
+/// Name of the console's session cookie (HttpOnly, Secure, SameSite=Strict; see `console.rs`).
+pub const SESSION_COOKIE: &str = "smgate_session";
+/// Header the console sends on every cookie-authenticated write: a cross-origin form cannot
+/// send it, and a cross-origin script that tries needs a CORS preflight this gateway never
+/// grants. Together with SameSite=Strict this is the console's CSRF defence.
+pub const CONSOLE_HEADER: &str = "x-smgate-console";
+
+/// A cookie-authenticated write without [`CONSOLE_HEADER`]: refused with 403.
+#[derive(Debug)]
+pub struct ConsoleHeaderMissing;
+
+impl warp::reject::Reject for ConsoleHeaderMissing {}
+
+/// The caller's credential: the bearer token if the request sent one, else the console's
+/// session token from its cookie. Reads (GET/HEAD, including EventSource, which cannot send
+/// headers) may use the cookie alone; writes with the cookie must also carry
+/// [`CONSOLE_HEADER`]. A cookie on a request the browser marks as coming from another origin
+/// (`Sec-Fetch-Site`, e.g. a published page in its opaque sandbox origin) is ignored.
+pub fn bearer() -> impl Filter<Extract = (Option<String>,), Error = warp::Rejection> + Clone {
+    warp::method()
+        .and(warp::header::headers_cloned())
+        .and_then(|method: http::Method, headers: http::HeaderMap| async move {
+            credential(&method, &headers).map_err(warp::reject::custom)
+        })
+}
+
+fn credential(method: &http::Method, headers: &http::HeaderMap) -> Result<Option<String>, ConsoleHeaderMissing> {
+    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+        let token = v.to_str().ok().and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
+        });
+        // A session token is only good in its cookie; in a header it is an unknown key.
+        return Ok(token.map(|t| if t.starts_with(crate::auth::session::SESSION_PREFIX) { String::new() } else { t }));
+    }
+    let Some(token) = session_cookie(headers) else {
+        return Ok(None);
+    };
+    let fetch_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    if fetch_site.is_some_and(|s| s != "same-origin" && s != "none") {
+        return Ok(None);
+    }
+    let safe = method == http::Method::GET || method == http::Method::HEAD;
+    let marked = headers.get(CONSOLE_HEADER).is_some_and(|v| v.as_bytes() == b"1");
+    if safe || marked {
+        Ok(Some(token))
+    } else {
+        Err(ConsoleHeaderMissing)
+    }
+}
+
+/// The value of the session cookie. HTTP/2 clients may split cookies over several headers.
+pub fn session_cookie(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (name, value) = pair.trim().split_once('=')?;
+            (name == SESSION_COOKIE && !value.is_empty()).then(|| value.to_string())
         })
 }
 
@@ -256,6 +308,8 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = In
         .unify()
         .or(mqtt::routes(gw.clone()))
         .unify()
+        .or(console::routes(gw.clone()))
+        .unify()
         .or(ops::routes(gw.clone()))
         .unify()
         .or(sync::routes(gw))
@@ -265,7 +319,13 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = In
 }
 
 fn rejection(r: warp::Rejection) -> Response {
-    let e = if r.is_not_found() {
+    let e = if r.find::<ConsoleHeaderMissing>().is_some() {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "console_header_missing",
+            format!("a write signed in by the console's cookie must send `{CONSOLE_HEADER}: 1`"),
+        )
+    } else if r.is_not_found() {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
     } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
         ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")

@@ -60,13 +60,13 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
                 hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(RemoteAddr(peer));
                     let method = req.method().clone();
-                    let path = req.uri().path().to_owned();
+                    let route = super::openapi::route_template(req.uri().path());
                     let mut warp_svc = service.clone();
                     let gw = gw.clone();
                     async move {
                         let res = tower_service::Service::call(&mut warp_svc, req).await?;
                         gw.metrics
-                            .record_request(method.as_str(), &path, res.status().as_u16());
+                            .record_request(method.as_str(), route, res.status().as_u16());
                         Ok::<_, Infallible>(res)
                     }
                 });

@@ -9,6 +9,7 @@ pub mod client;
 mod listener;
 mod machines;
 mod mqtt;
+pub mod openapi;
 mod ops;
 mod pages;
 mod sync;

@@ -47,6 +47,16 @@ pub fn document() -> OpenApi {
         .build();
     for item in doc.paths.paths.values_mut() {
         for op in operations(item) {
+            // Handler names repeat across files (`list`): prefix the tag to keep ids unique.
+            let tag = op
+                .tags
+                .as_ref()
+                .and_then(|t| t.first())
+                .cloned()
+                .unwrap_or_default();
+            if let Some(id) = &mut op.operation_id {
+                *id = format!("{tag}.{}", id.trim_start_matches("doc_"));
+            }
             op.responses
                 .responses
                 .entry("503".into())
@@ -166,12 +176,21 @@ mod tests {
     #[test]
     fn templates_hide_slugs_and_prefer_literal_segments() {
         let cases = [
-            ("/api/chain/state-machines/abc", "/api/chain/state-machines/{slug}"),
-            ("/api/chain/x/api-keys/123", "/api/chain/{slug}/api-keys/{id}"),
+            (
+                "/api/chain/state-machines/abc",
+                "/api/chain/state-machines/{slug}",
+            ),
+            (
+                "/api/chain/x/api-keys/123",
+                "/api/chain/{slug}/api-keys/{id}",
+            ),
             ("/api/zeq/agent/list", "/api/zeq/agent/list"),
             ("/api/zeq/agent/abc/tick", "/api/zeq/agent/{id}/tick"),
             ("/api/zeq/agent/tick/abc", "/api/zeq/agent/tick/{id}"),
-            ("/machines/m1/i/dev-7/events", "/machines/{machine}/i/{instance}/events"),
+            (
+                "/machines/m1/i/dev-7/events",
+                "/machines/{machine}/i/{instance}/events",
+            ),
             ("/s/kitchen/p/home/", "/s/{slug}/p/{page}/"),
             ("/ui/js/app.js", "/ui/{path}"),
             ("/ui/", "/ui/"),
@@ -228,12 +247,13 @@ pub mod schema {
 
     #[derive(Serialize, ToSchema)]
     pub struct NewMachineRequest {
-        /// `[a-z0-9-]{1,64}`; defaults to the lowercased ZID.
+        /// Defaults to the lowercased ZID.
+        #[schema(pattern = "^[a-z0-9-]{1,64}$")]
         pub slug: Option<String>,
         pub is_public: Option<bool>,
-        /// At most 255 characters.
+        #[schema(max_length = 255)]
         pub display_name: Option<String>,
-        /// At most 4000 characters.
+        #[schema(max_length = 4000)]
         pub purpose: Option<String>,
         pub parent_origin: Option<String>,
     }
@@ -282,11 +302,12 @@ pub mod schema {
 
     #[derive(Serialize, ToSchema)]
     pub struct MintKeyRequest {
-        /// 1–100 characters.
+        #[schema(min_length = 1, max_length = 100)]
         pub name: String,
         /// `viewer`, `operator` or `admin`.
+        #[schema(pattern = "^(viewer|operator|admin)$")]
         pub scope: String,
-        /// 1 to 315360000.
+        #[schema(minimum = 1, maximum = 315360000)]
         pub expires_in_seconds: Option<u64>,
     }
 
@@ -521,16 +542,22 @@ pub mod schema {
     #[allow(non_snake_case)]
     pub struct PublishRequest {
         /// 1–200 characters.
+        #[schema(min_length = 1, max_length = 200)]
         pub title: String,
         /// Non-empty HTML, at most 2 MiB.
+        #[schema(min_length = 1)]
         pub html: String,
-        pub agentZid: Option<String>,
+        /// The ZID of the agent (or account) that wrote the page.
+        #[schema(pattern = "^ZEQ[0-9A-Za-z-]{3,28}$")]
+        pub agentZid: String,
+        /// At most 256 KiB.
         pub pythonScript: Option<String>,
     }
 
     #[derive(Serialize, ToSchema)]
     pub struct RollbackRequest {
         /// The version to make live again.
+        #[schema(minimum = 1)]
         pub version: u64,
     }
 
@@ -612,7 +639,7 @@ pub mod schema {
     #[derive(Serialize, ToSchema)]
     #[allow(non_snake_case)]
     pub struct CreateInstanceRequest {
-        /// `^[a-zA-Z0-9_-]{1,128}$`.
+        #[schema(pattern = "^[a-zA-Z0-9_-]{1,128}$")]
         pub slug: String,
         /// An object; default `{}`.
         pub context: Option<Value>,
@@ -689,6 +716,7 @@ pub mod schema {
     #[derive(Serialize, ToSchema)]
     pub struct StatusBody {
         /// `paused` or `running`.
+        #[schema(pattern = "^(paused|running)$")]
         pub status: String,
     }
 
@@ -719,9 +747,9 @@ pub mod schema {
     #[derive(Serialize, ToSchema)]
     pub struct SpawnRequest {
         pub problem: String,
-        /// 1–10.
+        #[schema(minimum = 1, maximum = 10)]
         pub population: u8,
-        /// 1–10.
+        #[schema(minimum = 1, maximum = 10)]
         pub generations: u8,
         pub precision: Option<f64>,
         pub credential_id: Option<String>,

@@ -85,9 +85,9 @@ fn operations(
 
 /// Every (METHOD, path template) of the document, e.g. `("GET", "/machines/{machine}")`.
 pub fn route_table() -> Vec<(String, String)> {
-    let mut doc = document();
+    let doc = document();
     let mut out = Vec::new();
-    for (path, item) in doc.paths.paths.iter_mut() {
+    for (path, item) in &doc.paths.paths {
         let methods = [
             ("GET", item.get.is_some()),
             ("PUT", item.put.is_some()),
@@ -120,6 +120,7 @@ pub fn json() -> &'static str {
 /// that no route serves are `other`.
 pub fn route_template(path: &str) -> &'static str {
     static TEMPLATES: OnceLock<Vec<(&'static str, Vec<&'static str>)>> = OnceLock::new();
+    // Built once; the leaked strings are the few dozen documented paths.
     let templates = TEMPLATES.get_or_init(|| {
         let mut paths: Vec<&'static str> = route_table()
             .into_iter()
@@ -137,7 +138,6 @@ pub fn route_template(path: &str) -> &'static str {
         t.len() == segs.len()
             && t.iter().zip(&segs).all(|(t, s)| {
                 if t.starts_with('{') {
-                    // `/ui/{path}` takes the rest of the path; other parameters one segment.
                     !s.is_empty()
                 } else {
                     t == s
@@ -147,6 +147,7 @@ pub fn route_template(path: &str) -> &'static str {
     // Literal segments win over parameters (`/api/zeq/agent/list` over `…/{id}/…`).
     let mut best: Option<(&'static str, usize)> = None;
     for (t, parts) in templates {
+        // `/ui/{path}` takes the rest of the path, slashes included.
         let wildcard_tail = parts.last() == Some(&"{path}")
             && segs.len() >= parts.len()
             && parts[..parts.len() - 1] == segs[..parts.len() - 1];

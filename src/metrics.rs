@@ -18,8 +18,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn record_request(&self, method: &str, path: &str, status: u16) {
-        let route = route_template(path);
+    /// Counts a request under its route template (see `http::openapi::route_template`), so
+    /// that labels stay few whatever the slugs are.
+    pub fn record_request(&self, method: &str, route: &'static str, status: u16) {
         if let Ok(mut r) = self.requests.lock() {
             *r.entry((method.to_string(), route, status)).or_insert(0) += 1;
         }
@@ -102,7 +103,25 @@ impl Metrics {
     }
 }
 
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+/// A gauge with one label, one sample per value (e.g. sync lag per machine).
+pub fn labelled_gauge(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(String, f64)],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (value, v) in values {
+        let value = value
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {v}");
+    }
+}
+
+pub fn counter(out: &mut String, name: &str, help: &str, value: u64) {
     let _ = writeln!(
         out,
         "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
@@ -125,62 +144,4 @@ fn histogram(
         let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
     }
     let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
-}
-
-/// The route a path belongs to, so that labels stay few whatever the slugs are.
-pub fn route_template(path: &str) -> &'static str {
-    let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    match segs.as_slice() {
-        [] => "/",
-        ["healthz"] => "/healthz",
-        ["metrics"] => "/metrics",
-        ["ui", ..] => "/ui/*",
-        ["api", "gateway"] => "/api/gateway",
-        ["api", "chain", "state-machines"] => "/api/chain/state-machines",
-        ["api", "chain", "state-machines", _] => "/api/chain/state-machines/:slug",
-        ["api", "chain", "state-machines", _, ..] => "/api/chain/state-machines/:slug/*",
-        ["api", "chain", _, "api-keys"] => "/api/chain/:slug/api-keys",
-        ["machines"] => "/machines",
-        ["machines", _] => "/machines/:m",
-        ["machines", _, "v"] => "/machines/:m/v",
-        ["machines", _, "i"] => "/machines/:m/i",
-        ["machines", _, "i", _] => "/machines/:m/i/:i",
-        ["machines", _, "i", _, "events"] => "/machines/:m/i/:i/events",
-        ["machines", _, "i", _, "admin"] => "/machines/:m/i/:i/admin",
-        ["machines", _, "i", _, "status"] => "/machines/:m/i/:i/status",
-        ["machines", _, "i", _, "v"] => "/machines/:m/i/:i/v",
-        ["machines", _, "i", _, "sse"] => "/machines/:m/i/:i/sse",
-        ["rt"] => "/rt",
-        ["api", "state-machines", _, "pages", ..] => "/api/state-machines/:slug/pages/*",
-        ["s", _, ..] => "/s/:slug/*",
-        ["api", "zeq", ..] => "/api/zeq/*",
-        ["api", "tally", ..] => "/api/tally/*",
-        ["api", "sync", ..] => "/api/sync/*",
-        ["api", "chain", _, "api-keys", _] => "/api/chain/:slug/api-keys/:id",
-        _ => "other",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn templates_hide_slugs() {
-        assert_eq!(
-            route_template("/api/chain/state-machines/abc"),
-            "/api/chain/state-machines/:slug"
-        );
-        assert_eq!(
-            route_template("/api/chain/x/api-keys/123"),
-            "/api/chain/:slug/api-keys/:id"
-        );
-        assert_eq!(route_template("/ui/app.js"), "/ui/*");
-        assert_eq!(route_template("/nope/x"), "other");
-        assert_eq!(
-            route_template("/machines/m1/i/dev-7/events"),
-            "/machines/:m/i/:i/events"
-        );
-        assert_eq!(route_template("/s/kitchen/p/home/"), "/s/:slug/*");
-    }
 }

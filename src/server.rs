@@ -4,6 +4,7 @@
 //! [`Running`] handle; `Running::shutdown` stops accepting, lets requests finish, commits the
 //! last batch, and only then returns.
 
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -107,6 +108,37 @@ impl Gateway {
             ],
         );
         out.push_str(&self.mqtt.render());
+        crate::metrics::counter(
+            &mut out,
+            "smgate_timers_fired_total",
+            "Statechart timers fired by the timer task.",
+            self.timers_fired.load(Ordering::Relaxed),
+        );
+        // One read transaction for the store-derived gauges; skipped (not zeroed) when the
+        // store is unavailable, so a reopen does not look like an empty backlog.
+        let from_store = self.store.view(|txn| {
+            let timers = crate::instances::pending_timers(txn)?;
+            let mut lag = Vec::new();
+            for m in machines::all(txn)? {
+                let size = crate::ledger::log::read::head(txn, &m.slug)?.map_or(0, |h| h.size);
+                let acked = crate::sync::client::acked(txn, &m.slug)?.min(size);
+                lag.push((m.slug, (size - acked) as f64));
+            }
+            Ok((timers, lag))
+        });
+        if let Ok((timers, lag)) = from_store {
+            let _ = writeln!(
+                out,
+                "# HELP smgate_timers_pending Statechart timers waiting to fire.\n# TYPE smgate_timers_pending gauge\nsmgate_timers_pending {timers}"
+            );
+            crate::metrics::labelled_gauge(
+                &mut out,
+                "smgate_sync_lag_rows",
+                "Log rows not yet acknowledged by the upstream, per machine.",
+                "machine",
+                &lag,
+            );
+        }
         out
     }
 }

@@ -9,6 +9,10 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
+use super::openapi::schema::{
+    AgentList, AgentStatus, CredentialCreated, CredentialRequest, Killed, Lineage, Mesh,
+    SpawnRequest as SpawnBody, Spawned, Tally, Ticked, ZeqError,
+};
 use super::{
     bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
 };
@@ -17,6 +21,23 @@ use crate::auth::{Access, Principal, Zid};
 use crate::clock;
 use crate::machines;
 use crate::server::Gateway;
+
+/// The operations of this file, for `/api/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    spawn,
+    doc_tick,
+    doc_tick_by_id,
+    doc_kill,
+    doc_kill_by_id,
+    list,
+    doc_status,
+    doc_lineage,
+    doc_mesh,
+    tally,
+    credential
+))]
+pub(super) struct Api;
 
 impl From<AgentError> for ApiError {
     fn from(e: AgentError) -> ApiError {
@@ -134,6 +155,107 @@ pub fn routes(
         .unify()
 }
 
+// Path-only declarations of the routes above that share a handler (two paths each for tick
+// and kill; `view` serves status, lineage and mesh).
+
+/// Run one generation now (run owner or machine admin).
+#[utoipa::path(post, path = "/api/zeq/agent/tick/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The tick", body = Ticked),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)", body = ZeqError),
+        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_tick() {}
+
+/// Same as `/api/zeq/agent/tick/{id}`.
+#[utoipa::path(post, path = "/api/zeq/agent/{id}/tick", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The tick", body = Ticked),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)", body = ZeqError),
+        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_tick_by_id() {}
+
+/// Stop a run (run owner or machine admin).
+#[utoipa::path(post, path = "/api/zeq/agent/kill/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Killed", body = Killed),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_kill() {}
+
+/// Same as `/api/zeq/agent/kill/{id}`.
+#[utoipa::path(post, path = "/api/zeq/agent/{id}/kill", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Killed", body = Killed),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_kill_by_id() {}
+
+/// A run: status, best genotype, fitness, charges.
+#[utoipa::path(get, path = "/api/zeq/agent/status/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The run", body = AgentStatus),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_status() {}
+
+/// A run's generations.
+#[utoipa::path(get, path = "/api/zeq/agent/lineage/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Generations", body = Lineage),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_lineage() {}
+
+/// A master run and the children the caller may see.
+#[utoipa::path(get, path = "/api/zeq/agent/mesh/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The mesh", body = Mesh),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_mesh() {}
+
 #[allow(clippy::result_large_err)]
 fn caller(gw: &Gateway, bearer: Option<&str>) -> Result<Principal, ApiError> {
     match gw.principal(bearer)? {
@@ -163,6 +285,21 @@ async fn enrichment(
     }
 }
 
+/// Spawn an agent run (and its machine when `slug` names none); charges the tally.
+#[utoipa::path(post, path = "/api/zeq/agent/spawn", tag = "agents",
+    request_body = SpawnBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Spawned", body = Spawned),
+        (status = 400, description = "`invalid_body`, `invalid_problem`, `invalid_population`, …", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)", body = ZeqError),
+        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
+        (status = 413, description = "`payload_too_large`", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
 async fn spawn(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -323,6 +460,13 @@ async fn kill(gw: Arc<Gateway>, bearer: Option<String>, id: String) -> Result<Re
     ))
 }
 
+/// The caller's runs (account: its own; machine key: its machine's).
+#[utoipa::path(get, path = "/api/zeq/agent/list", tag = "agents",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Runs", body = AgentList),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+    ))]
 fn list(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, ApiError> {
     let principal = caller(&gw, bearer.as_deref())?;
     let runs = match &principal {
@@ -379,6 +523,17 @@ fn view(
     Ok(json_response(StatusCode::OK, &body))
 }
 
+/// An account's balance and spending (its own account key only).
+#[utoipa::path(get, path = "/api/tally/account/{zid}", tag = "agents",
+    params(("zid" = String, Path, description = "ZEQ and 11 digits")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The tally", body = Tally),
+        (status = 400, description = "`invalid_zid`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
+        (status = 404, description = "`account_not_found`, or `not_found`", body = ZeqError),
+    ))]
 fn tally(gw: Arc<Gateway>, bearer: Option<String>, zid: String) -> Result<Response, ApiError> {
     let principal = caller(&gw, bearer.as_deref())?;
     let zid = Zid::parse(&zid)
@@ -423,6 +578,18 @@ fn tally(gw: Arc<Gateway>, bearer: Option<String>, zid: String) -> Result<Respon
     ))
 }
 
+/// Store a BYOK model credential, sealed (account keys only).
+#[utoipa::path(post, path = "/api/zeq/credentials", tag = "agents",
+    request_body = CredentialRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Stored", body = CredentialCreated),
+        (status = 400, description = "`invalid_body`, `invalid_base_url`, `invalid_api_key`, `invalid_model`, `invalid_name`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
+        (status = 413, description = "`payload_too_large`", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
 async fn credential(
     gw: Arc<Gateway>,
     bearer: Option<String>,

@@ -19,6 +19,10 @@ use crate::clock;
 use crate::ledger::{self, canonical, hex, log, Checkpoint, Row};
 use crate::machines::{self, Machine};
 use crate::server::Gateway;
+use super::openapi::schema::{
+    Block, ChainState, ConsistencyProof, EventRecorded, EventRequest, Explore, InclusionProof,
+    Validation, ZeqError,
+};
 
 /// Most rows one `explore` page returns.
 pub const MAX_PAGE: u64 = 500;
@@ -26,6 +30,21 @@ pub const MAX_PAGE: u64 = 500;
 pub const MAX_EVENT_TYPE: usize = 64;
 
 type Query = std::collections::HashMap<String, String>;
+
+/// The operations of this file, for `/api/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    post_event,
+    doc_state,
+    doc_block,
+    doc_explore,
+    doc_explore_sse,
+    doc_validate,
+    doc_checkpoint,
+    doc_inclusion,
+    doc_consistency
+))]
+pub(super) struct Api;
 
 pub fn routes(
     gw: Arc<Gateway>,
@@ -79,6 +98,130 @@ pub fn routes(
     event.or(reads).unify()
 }
 
+// Path-only declarations of the reads that `reads` above dispatches by tail (`read` serves
+// them all). Non-owners count against the machine's read limit (429 `rate_limited`).
+
+/// The latest row and the log size.
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/state", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Head of the log", body = ChainState),
+        (status = 401, description = "`unauthorized` (private machine, no key)", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_state() {}
+
+/// The rows written in one Zeqond.
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/block", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("zeqond" = u64, Query, description = "The Zeqond")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Rows at that Zeqond", body = Block),
+        (status = 400, description = "`invalid_zeqond`, `invalid_range`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 404, description = "`no_block_at_zeqond`, `machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_block() {}
+
+/// A page of rows `from..=to` (at most 500).
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/explore", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("from" = Option<u64>, Query, description = "First seq (default 0)"),
+           ("to" = Option<u64>, Query, description = "Last seq, inclusive")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Rows", body = Explore),
+        (status = 400, description = "`invalid_range`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_explore() {}
+
+/// Rows live as server-sent events (`event: row`, `id: <seq>`); resumes after `Last-Event-ID`.
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/explore/sse", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("from" = Option<u64>, Query, description = "First seq (default: the next row)"),
+           ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this seq")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "An endless event stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid_range`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_explore_sse() {}
+
+/// Rechecks the hash chain of rows `from..=to`.
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/pohc/validate", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("from" = Option<u64>, Query, description = "First seq (default 0)"),
+           ("to" = Option<u64>, Query, description = "Last seq (default: the last row)")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The report", body = Validation),
+        (status = 400, description = "`invalid_range`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_validate() {}
+
+/// The signed checkpoint of the log (a signed note, tlog format).
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/checkpoint", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The signed note", content_type = "text/plain", body = String),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_checkpoint() {}
+
+/// RFC 6962 inclusion proof of row `seq` in the tree of `size` rows.
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/proof/inclusion", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("seq" = u64, Query, description = "The row"),
+           ("size" = Option<u64>, Query, description = "Tree size (default: the log size)")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The proof", body = InclusionProof),
+        (status = 400, description = "`invalid_range`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_inclusion() {}
+
+/// RFC 6962 consistency proof between tree sizes `from` and `to`.
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/proof/consistency", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("from" = u64, Query, description = "Older size, ≥ 1"),
+           ("to" = Option<u64>, Query, description = "Newer size (default: the log size)")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The proof", body = ConsistencyProof),
+        (status = 400, description = "`invalid_range`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_consistency() {}
+
 /// The machine, if the caller may read its log (public machines: anyone). Non-owners are
 /// rate limited per machine.
 fn readable(gw: &Gateway, bearer: Option<&str>, slug: &str) -> Result<Machine, ApiError> {
@@ -92,6 +235,21 @@ fn readable(gw: &Gateway, bearer: Option<&str>, slug: &str) -> Result<Machine, A
     Ok(machine)
 }
 
+/// Record an event: its payload's canonical SHA-256 (or a given hash) becomes a log row.
+#[utoipa::path(post, path = "/api/chain/state-machines/{slug}/event", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug")),
+    request_body = EventRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Recorded", body = EventRecorded),
+        (status = 400, description = "`invalid_body`, `invalid_type`, `invalid_hash`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 403, description = "`forbidden`: needs the owner, an operator or admin key", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 413, description = "`payload_too_large`", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
 async fn post_event(
     gw: Arc<Gateway>,
     bearer: Option<String>,

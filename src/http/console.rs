@@ -19,6 +19,25 @@ use crate::auth::session::{self, Session, SESSION_TTL_MS};
 use crate::auth::{self, AuthError, Principal};
 use crate::clock;
 use crate::server::Gateway;
+use super::openapi::schema::ZeqError;
+
+/// The operations of this file, for `/api/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(sign_in, whoami, sign_out))]
+pub(super) struct Api;
+
+/// A console session as the console sees it (never the key, never the token).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ConsoleSession {
+    /// Always `true`.
+    pub ok: bool,
+    /// The signed-in account.
+    pub zid: String,
+    /// The account's display name, if it has one.
+    pub display_name: Option<String>,
+    /// When the session ends (RFC 3339); sessions do not slide.
+    pub expires_at: String,
+}
 
 /// Largest sign-in body: a key and some slack.
 const MAX_SIGN_IN_BYTES: u64 = 1024;
@@ -94,6 +113,19 @@ fn with_cookie(mut res: Response, cookie: &str) -> Response {
     res
 }
 
+/// Sign in with an account key: answers a `Set-Cookie: smgate_session=…; HttpOnly; Secure;
+/// SameSite=Strict` session cookie. Needs the `X-Smgate-Console: 1` header.
+#[utoipa::path(post, path = "/ui/api/session", tag = "console",
+    params(("x-smgate-console" = String, Header, description = "Must be `1`")),
+    request_body(content = inline(Object), description = "`{\"key\": \"zeq_ak_…\"}`", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Signed in; the cookie is set", body = ConsoleSession),
+        (status = 400, description = "`invalid_body`", body = ZeqError),
+        (status = 401, description = "`unauthorized`: not a live account key", body = ZeqError),
+        (status = 403, description = "`console_header_missing`", body = ZeqError),
+        (status = 413, description = "`payload_too_large`", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
 async fn sign_in(
     gw: Arc<Gateway>,
     headers: http::HeaderMap,
@@ -134,6 +166,12 @@ async fn sign_in(
     Ok(with_cookie(res, &cookie(&raw, SESSION_TTL_MS / 1000)))
 }
 
+/// The session of the presented cookie.
+#[utoipa::path(get, path = "/ui/api/session", tag = "console",
+    responses(
+        (status = 200, description = "Signed in", body = ConsoleSession),
+        (status = 401, description = "`unauthorized`: no live session", body = ZeqError),
+    ))]
 fn whoami(gw: Arc<Gateway>, headers: http::HeaderMap) -> Result<Response, ApiError> {
     let token = session_cookie(&headers).ok_or_else(ApiError::unauthorized)?;
     let now = clock::now_ms();
@@ -149,6 +187,16 @@ fn whoami(gw: Arc<Gateway>, headers: http::HeaderMap) -> Result<Response, ApiErr
     Ok(res)
 }
 
+/// Sign out: deletes the session on the gateway and clears the cookie. Needs the
+/// `X-Smgate-Console: 1` header.
+#[utoipa::path(delete, path = "/ui/api/session", tag = "console",
+    params(("x-smgate-console" = String, Header, description = "Must be `1`")),
+    responses(
+        (status = 200, description = "Signed out", body = Object),
+        (status = 401, description = "`unauthorized`: no live session", body = ZeqError),
+        (status = 403, description = "`console_header_missing`", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
 async fn sign_out(gw: Arc<Gateway>, headers: http::HeaderMap) -> Result<Response, ApiError> {
     require_console(&headers)?;
     let token = session_cookie(&headers).ok_or_else(ApiError::unauthorized)?;

@@ -11,6 +11,12 @@ use serde_json::{json, Map, Value};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
+use super::openapi::schema::{
+    AdminView, CreateInstanceRequest, CreateVersionRequest, DeleteInstanceRequest, Empty,
+    InstanceList, InstanceView, SbError as SbErrorBody, SbMachine, SbMachineList, SbOrRouteError,
+    SendEventRequest, StatusBody, TargetVersionReply, TargetVersionRequest, TransitionList,
+    VersionCreated, VersionList,
+};
 use super::{
     bearer, body, json_response, parse_json, read_body, visible_machine, with_gateway, ApiError,
     BodyStream,
@@ -21,6 +27,26 @@ use crate::clock;
 use crate::instances::{self as inst, InstanceError, Status};
 use crate::machines::{self, Machine};
 use crate::server::Gateway;
+
+/// The operations of this file, for `/api/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    list_machines,
+    get_machine,
+    create_version,
+    list_versions,
+    create_instance,
+    list_instances,
+    get_instance,
+    send_event,
+    list_events,
+    admin_view,
+    put_status,
+    put_version,
+    delete_instance,
+    live
+))]
+pub(super) struct Api;
 
 type Query = std::collections::HashMap<String, String>;
 const PAGE: usize = 100;
@@ -270,6 +296,13 @@ fn machine_json(gw: &Gateway, m: &Machine) -> Result<Value, SbError> {
     }))
 }
 
+/// Machines visible to the caller.
+#[utoipa::path(get, path = "/machines", tag = "instances",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Machines", body = SbMachineList),
+        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+    ))]
 fn list_machines(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, SbError> {
     let principal = gw.principal(bearer.as_deref()).map_err(ApiError::from)?;
     let all = gw.store.view(machines::all)?;
@@ -280,6 +313,17 @@ fn list_machines(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, S
     Ok(json_response(StatusCode::OK, &json!({"machines": out})))
 }
 
+/// A machine with its current version.
+#[utoipa::path(get, path = "/machines/{machine}", tag = "instances",
+    params(("machine" = String, Path, description = "Machine slug")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The machine", body = SbMachine),
+        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
+        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+    ))]
 fn get_machine(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -309,6 +353,21 @@ async fn json_object(
     }
 }
 
+/// Create a version from a statechart definition (admin).
+#[utoipa::path(post, path = "/machines/{machine}/v", tag = "instances",
+    params(("machine" = String, Path, description = "Machine slug")),
+    request_body = CreateVersionRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Created", body = VersionCreated),
+        (status = 400, description = "`invalid-parameters`, `invalid-definition`, or a routing error", body = SbOrRouteError),
+        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
+        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
+        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 507, description = "`storage-full`", body = SbErrorBody),
+    ))]
 async fn create_version(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -382,6 +441,17 @@ async fn create_version(
     ))
 }
 
+/// The machine's versions (viewer).
+#[utoipa::path(get, path = "/machines/{machine}/v", tag = "instances",
+    params(("machine" = String, Path, description = "Machine slug")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Versions", body = VersionList),
+        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
+        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+    ))]
 fn list_versions(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -401,6 +471,22 @@ fn list_versions(
     ))
 }
 
+/// Create an instance at its initial state (operator).
+#[utoipa::path(post, path = "/machines/{machine}", tag = "instances",
+    params(("machine" = String, Path, description = "Machine slug")),
+    request_body = CreateInstanceRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The new instance", body = InstanceView),
+        (status = 400, description = "`invalid-parameters`, `invalid-definition`, `transition-failed`, or a routing error", body = SbOrRouteError),
+        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
+        (status = 409, description = "`invalid-state`", body = SbErrorBody),
+        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
+        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 507, description = "`storage-full`", body = SbErrorBody),
+    ))]
 async fn create_instance(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -461,6 +547,17 @@ async fn create_instance(
     Ok(json_response(StatusCode::OK, &view))
 }
 
+/// The machine's instances, paged (viewer).
+#[utoipa::path(get, path = "/machines/{machine}/i", tag = "instances",
+    params(("machine" = String, Path, description = "Machine slug"), ("limit" = Option<u32>, Query, description = "1–1000, default 100"), ("cursor" = Option<String>, Query, description = "From a previous page")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Instances", body = InstanceList),
+        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
+        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+    ))]
 fn list_instances(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -534,6 +631,18 @@ fn load(
     Ok((instance, chart, state))
 }
 
+/// An instance's public view (the chart's `allowRead` decides).
+#[utoipa::path(get, path = "/machines/{machine}/i/{instance}", tag = "instances",
+    params(("machine" = String, Path, description = "Machine slug"), ("instance" = String, Path, description = "Instance slug")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The instance", body = InstanceView),
+        (status = 400, description = "`transition-failed` (authorizer error), or a routing error", body = SbOrRouteError),
+        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
+        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+    ))]
 fn get_instance(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -582,6 +691,22 @@ pub fn parse_event(body: &Map<String, Value>) -> Result<Event, String> {
     }
 }
 
+/// Send an event; answers after the step committed (operator).
+#[utoipa::path(post, path = "/machines/{machine}/i/{instance}/events", tag = "instances",
+    params(("machine" = String, Path, description = "Machine slug"), ("instance" = String, Path, description = "Instance slug")),
+    request_body = SendEventRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The instance after the step", body = InstanceView),
+        (status = 400, description = "`invalid-parameters`, `transition-failed`, or a routing error", body = SbOrRouteError),
+        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
+        (status = 409, description = "`invalid-state`", body = SbErrorBody),
+        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
+        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 507, description = "`storage-full`", body = SbErrorBody),
+    ))]
 async fn send_event(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -620,6 +745,18 @@ async fn send_event(
     Ok(json_response(StatusCode::OK, &sent.view))
 }
 
+/// The instance's transitions, paged (viewer).
+#[utoipa::path(get, path = "/machines/{machine}/i/{instance}/events", tag = "instances",
+    params(("machine" = String, Path, description = "Machine slug"), ("instance" = String, Path, description = "Instance slug"), ("limit" = Option<u32>, Query, description = "1–1000, default 100"), ("cursor" = Option<String>, Query, description = "From a previous page")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Transitions", body = TransitionList),
+        (status = 400, description = "`invalid-parameters`, or a routing error", body = SbOrRouteError),
+        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
+        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+    ))]
 fn list_events(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -671,6 +808,17 @@ fn list_events(
     ))
 }
 
+/// Full state, context and timers (admin).
+#[utoipa::path(get, path = "/machines/{machine}/i/{instance}/admin", tag = "instances",
+    params(("machine" = String, Path, description = "Machine slug"), ("instance" = String, Path, description = "Instance slug")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Full state", body = AdminView),
+        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
+        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+    ))]
 fn admin_view(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -696,6 +844,22 @@ fn admin_view(
     ))
 }
 
+/// Pause or resume an instance (admin).
+#[utoipa::path(put, path = "/machines/{machine}/i/{instance}/status", tag = "instances",
+    params(("machine" = String, Path, description = "Machine slug"), ("instance" = String, Path, description = "Instance slug")),
+    request_body = StatusBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The new status", body = StatusBody),
+        (status = 400, description = "`invalid-parameters`, or a routing error", body = SbOrRouteError),
+        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
+        (status = 409, description = "`invalid-state`", body = SbErrorBody),
+        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
+        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 507, description = "`storage-full`", body = SbErrorBody),
+    ))]
 async fn put_status(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -733,6 +897,22 @@ async fn put_status(
     ))
 }
 
+/// Set the version the instance migrates to (admin).
+#[utoipa::path(put, path = "/machines/{machine}/i/{instance}/v", tag = "instances",
+    params(("machine" = String, Path, description = "Machine slug"), ("instance" = String, Path, description = "Instance slug")),
+    request_body = TargetVersionRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The target", body = TargetVersionReply),
+        (status = 400, description = "`invalid-parameters`, `no-migration-path`, or a routing error", body = SbOrRouteError),
+        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
+        (status = 409, description = "`invalid-state`", body = SbErrorBody),
+        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
+        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 507, description = "`storage-full`", body = SbErrorBody),
+    ))]
 async fn put_version(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -765,6 +945,21 @@ async fn put_version(
     ))
 }
 
+/// Delete an instance and its history (admin).
+#[utoipa::path(delete, path = "/machines/{machine}/i/{instance}", tag = "instances",
+    params(("machine" = String, Path, description = "Machine slug"), ("instance" = String, Path, description = "Instance slug")),
+    request_body = DeleteInstanceRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Deleted", body = Empty),
+        (status = 400, description = "`invalid-parameters`, or a routing error", body = SbOrRouteError),
+        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
+        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
+        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 507, description = "`storage-full`", body = SbErrorBody),
+    ))]
 async fn delete_instance(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -843,6 +1038,17 @@ pub(super) fn current_view(
 }
 
 /// The instance's public view now and after every committed change (`instance-update`).
+#[utoipa::path(get, path = "/machines/{machine}/i/{instance}/sse", tag = "instances",
+    params(("machine" = String, Path, description = "Machine slug"), ("instance" = String, Path, description = "Instance slug")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "An endless event stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid-parameters`, or a routing error", body = SbOrRouteError),
+        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
+        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+    ))]
 fn live(
     gw: Arc<Gateway>,
     bearer: Option<String>,

@@ -60,13 +60,29 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
                 hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(RemoteAddr(peer));
                     let method = req.method().clone();
-                    let path = req.uri().path().to_owned();
+                    let route = super::openapi::route_template(req.uri().path());
+                    let has_body = req.headers().contains_key(http::header::TRANSFER_ENCODING)
+                        || req
+                            .headers()
+                            .get(http::header::CONTENT_LENGTH)
+                            .is_some_and(|v| v.as_bytes() != b"0");
+                    let h1 = req.version() < http::Version::HTTP_2;
                     let mut warp_svc = service.clone();
                     let gw = gw.clone();
                     async move {
-                        let res = tower_service::Service::call(&mut warp_svc, req).await?;
+                        let mut res = tower_service::Service::call(&mut warp_svc, req).await?;
+                        // An error answered before the body was read (401, 404, 405, 413, …)
+                        // leaves the body on the connection; hyper then closes it after the
+                        // response. Say so, or an HTTP/1.1 client may reuse the connection and
+                        // see its next request fail (schemathesis did).
+                        if h1 && has_body && res.status().as_u16() >= 400 {
+                            res.headers_mut().insert(
+                                http::header::CONNECTION,
+                                http::HeaderValue::from_static("close"),
+                            );
+                        }
                         gw.metrics
-                            .record_request(method.as_str(), &path, res.status().as_u16());
+                            .record_request(method.as_str(), route, res.status().as_u16());
                         Ok::<_, Infallible>(res)
                     }
                 });

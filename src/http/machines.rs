@@ -16,7 +16,16 @@ use crate::auth::{self, Access, KeyRecord, KeySubject, Principal, Role};
 use crate::clock;
 use crate::machines::{self, Machine, MachineError, NewMachine};
 
+use super::openapi::schema::{
+    KeyList, KeyMinted, KeyOne, MachineCreated, MachineList, MachineOne, MintKeyRequest,
+    NewMachineRequest, ZeqError,
+};
 use crate::server::Gateway;
+
+/// The operations of this file, for `/api/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(create, list, get_one, mint_key, list_keys, revoke_key))]
+pub(super) struct Api;
 
 pub fn routes(
     gw: Arc<Gateway>,
@@ -73,6 +82,20 @@ pub fn routes(
         .unify()
 }
 
+/// Spin up a machine; the caller's account owns it and gets an admin key for it, once.
+#[utoipa::path(post, path = "/api/chain/state-machines", tag = "machines",
+    request_body = NewMachineRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Created", body = MachineCreated),
+        (status = 400, description = "`invalid_body`, `invalid_slug`, `invalid_display_name`, `invalid_purpose`, …", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 403, description = "`forbidden`: machine keys cannot spin up machines", body = ZeqError),
+        (status = 409, description = "`slug_taken` (with `existing_slug`)", body = ZeqError),
+        (status = 413, description = "`payload_too_large`", body = ZeqError),
+        (status = 429, description = "`rate_limited` (with `retry_after`), 10 spin-ups/min/IP", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
 async fn create(
     gw: Arc<Gateway>,
     ip: IpAddr,
@@ -110,6 +133,13 @@ async fn create(
     ))
 }
 
+/// Machines visible to the caller (public ones for anyone).
+#[utoipa::path(get, path = "/api/chain/state-machines", tag = "machines",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Visible machines", body = MachineList),
+        (status = 401, description = "`unauthorized`: unknown, revoked or expired key", body = ZeqError),
+    ))]
 fn list(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, ApiError> {
     let principal = gw.principal(bearer.as_deref())?;
     let all = gw.store.view(machines::all)?;
@@ -126,6 +156,15 @@ fn list(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, ApiError> 
     ))
 }
 
+/// One machine.
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}", tag = "machines",
+    params(("slug" = String, Path, description = "Machine slug")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The machine", body = MachineOne),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
+    ))]
 fn get_one(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
     let principal = gw.principal(bearer.as_deref())?;
     let (machine, access) = visible_machine(&gw, &principal, &slug)?;
@@ -171,6 +210,20 @@ fn require_admin(
 /// Longest key lifetime a request may ask for: ten years.
 const MAX_KEY_TTL_SECS: u64 = 10 * 365 * 86_400;
 
+/// Mint a machine key (owner or admin).
+#[utoipa::path(post, path = "/api/chain/{slug}/api-keys", tag = "machines",
+    params(("slug" = String, Path, description = "Machine slug")),
+    request_body = MintKeyRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Minted; the raw key is shown once", body = KeyMinted),
+        (status = 400, description = "`invalid_body`, `invalid_name`, `invalid_scope`, `invalid_expiry`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 403, description = "`forbidden`: needs the owner or an admin key", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
+        (status = 413, description = "`payload_too_large`", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
 async fn mint_key(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -238,6 +291,16 @@ async fn mint_key(
     ))
 }
 
+/// The machine's keys (owner or admin); never the raw keys.
+#[utoipa::path(get, path = "/api/chain/{slug}/api-keys", tag = "machines",
+    params(("slug" = String, Path, description = "Machine slug")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Keys", body = KeyList),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 403, description = "`forbidden`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
+    ))]
 fn list_keys(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
     let (machine, _) = require_admin(&gw, bearer.as_deref(), &slug)?;
     let keys = gw.store.view(|txn| {
@@ -253,6 +316,17 @@ fn list_keys(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<R
     ))
 }
 
+/// Revoke a machine key (owner or admin).
+#[utoipa::path(delete, path = "/api/chain/{slug}/api-keys/{id}", tag = "machines",
+    params(("slug" = String, Path, description = "Machine slug"), ("id" = String, Path, description = "Key id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Revoked", body = KeyOne),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 403, description = "`forbidden`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, `key_not_found`, or `not_found` (no such route)", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
 async fn revoke_key(
     gw: Arc<Gateway>,
     bearer: Option<String>,

@@ -10,6 +10,7 @@ mod console;
 mod listener;
 mod machines;
 mod mqtt;
+pub mod openapi;
 mod ops;
 mod pages;
 mod rt;

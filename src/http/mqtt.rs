@@ -14,7 +14,14 @@ use crate::clock;
 use crate::mqtt::ingest;
 use crate::server::Gateway;
 
+use super::openapi::schema::{DeadLetters, ZeqError};
+
 type Query = std::collections::HashMap<String, String>;
+
+/// The operations of this file, for `/api/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list))]
+pub(super) struct Api;
 
 pub fn routes(
     gw: Arc<Gateway>,
@@ -31,6 +38,18 @@ pub fn routes(
         )
 }
 
+/// The machine's MQTT dead letters, newest first (viewer and above).
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/dead-letters", tag = "mqtt",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("limit" = Option<u32>, Query, description = "1–1000, default 100")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Dead letters", body = DeadLetters),
+        (status = 400, description = "`invalid_limit`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 403, description = "`forbidden`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
+    ))]
 #[allow(clippy::result_large_err)] // the shared error type of the zeq routes
 fn list(gw: &Gateway, bearer: Option<&str>, slug: &str, q: &Query) -> Result<Response, ApiError> {
     let principal = gw.principal(bearer)?;

@@ -1,4 +1,5 @@
-//! Operations: `/healthz`, `/metrics`, `/api/gateway`, and the embedded console under `/ui/`.
+//! Operations: `/healthz`, `/metrics`, `/api/gateway`, `/api/openapi.json`, and the embedded
+//! console under `/ui/`.
 
 use std::sync::Arc;
 
@@ -7,10 +8,25 @@ use serde_json::json;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
+use super::openapi::schema::{GatewayInfo, Health, ZeqError};
 use super::{json_response, respond, with_gateway, ApiError};
 use crate::clock;
 use crate::machines;
 use crate::server::Gateway;
+
+/// The operations of this file, for `/api/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    doc_healthz,
+    doc_metrics,
+    doc_gateway,
+    doc_openapi,
+    doc_root,
+    doc_ui,
+    doc_ui_index,
+    doc_ui_file
+))]
+pub(super) struct Api;
 
 #[derive(rust_embed::RustEmbed)]
 #[folder = "web-ui/"]
@@ -42,6 +58,9 @@ pub fn routes(
         .and(warp::get())
         .and(with_gateway(gw))
         .map(|gw: Arc<Gateway>| respond(gateway_info(&gw)));
+    let openapi = warp::path!("api" / "openapi.json")
+        .and(warp::get())
+        .map(super::openapi::reply);
     let root = warp::path::end()
         .and(warp::get())
         .map(|| warp::redirect::see_other(http::Uri::from_static("/ui/")).into_response());
@@ -61,11 +80,67 @@ pub fn routes(
         .unify()
         .or(info)
         .unify()
+        .or(openapi)
+        .unify()
         .or(root)
         .unify()
         .or(ui)
         .unify()
 }
+
+// Path-only declarations of the routes above (their handlers are closures).
+
+/// Liveness: the store answers a read.
+#[utoipa::path(get, path = "/healthz", tag = "ops",
+    responses((status = 200, description = "Up", body = Health)))]
+#[allow(dead_code)]
+fn doc_healthz() {}
+
+/// Prometheus text exposition of the gateway's counters, gauges and histograms.
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Metrics", content_type = "text/plain", body = String)))]
+#[allow(dead_code)]
+fn doc_metrics() {}
+
+/// The gateway's identity and version.
+#[utoipa::path(get, path = "/api/gateway", tag = "ops",
+    responses((status = 200, description = "Gateway", body = GatewayInfo)))]
+#[allow(dead_code)]
+fn doc_gateway() {}
+
+/// This document.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "ops",
+    responses((status = 200, description = "OpenAPI 3.1", content_type = "application/json", body = serde_json::Value)))]
+#[allow(dead_code)]
+fn doc_openapi() {}
+
+/// To the console.
+#[utoipa::path(get, path = "/", tag = "ops",
+    responses((status = 303, description = "See `/ui/`", headers(("location" = String)))))]
+#[allow(dead_code)]
+fn doc_root() {}
+
+/// To the console's index.
+#[utoipa::path(get, path = "/ui", tag = "ops",
+    responses((status = 308, description = "See `/ui/`", headers(("location" = String)))))]
+#[allow(dead_code)]
+fn doc_ui() {}
+
+/// The console.
+#[utoipa::path(get, path = "/ui/", tag = "ops",
+    responses((status = 200, description = "The console's HTML", content_type = "text/html", body = String)))]
+#[allow(dead_code)]
+fn doc_ui_index() {}
+
+/// A console file (the rest of the path, slashes included).
+#[utoipa::path(get, path = "/ui/{path}", tag = "ops",
+    params(("path" = String, Path, description = "File under web-ui/")),
+    responses(
+        (status = 200, description = "The file", content((String = "text/html"), (String = "text/javascript"), (String = "text/css"), (String = "image/svg+xml"), (serde_json::Value = "application/json"), (String = "application/octet-stream"))),
+        (status = 404, description = "`not_found`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_ui_file() {}
 
 fn gateway_info(gw: &Gateway) -> Result<Response, ApiError> {
     let machines = gw.store.view(machines::count)?;

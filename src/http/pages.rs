@@ -35,6 +35,10 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
+use super::openapi::schema::{
+    PageHistory, PageList, PageOne, PageWritten, PublishRequest, RollbackRequest, SiteState,
+    ZeqError,
+};
 use super::{
     bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
 };
@@ -44,6 +48,28 @@ use crate::ledger::hex;
 use crate::machines::{self, Machine};
 use crate::pages::{self, Draft, Encoded, PageError, PageSlug, Served};
 use crate::server::Gateway;
+
+/// The operations of this file, for `/api/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    list,
+    get_one,
+    history,
+    doc_publish,
+    doc_unpublish,
+    doc_rollback,
+    doc_site,
+    doc_site_index,
+    doc_site_state,
+    doc_site_page,
+    doc_site_page_slash,
+    doc_site_head,
+    doc_site_index_head,
+    doc_site_state_head,
+    doc_site_page_head,
+    doc_site_page_slash_head
+))]
+pub(super) struct Api;
 
 /// The policy of every published page.
 ///
@@ -208,6 +234,16 @@ fn page_url(slug: &str, page: &PageSlug) -> String {
     format!("/s/{slug}/p/{page}/")
 }
 
+/// The machine's published pages (viewers and above also see offline ones). No key needed.
+#[utoipa::path(get, path = "/api/state-machines/{slug}/pages", tag = "pages",
+    params(("slug" = String, Path, description = "Machine slug")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Pages", body = PageList),
+        (status = 401, description = "`unauthorized`: unknown, revoked or expired key", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+    ))]
 fn list(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
     let (machine, access) = readable(&gw, bearer.as_deref(), &slug)?;
     let slug = machine.slug.as_str();
@@ -238,6 +274,17 @@ fn list(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Respon
     ))
 }
 
+/// The live version of a page, with its HTML.
+#[utoipa::path(get, path = "/api/state-machines/{slug}/pages/{page}", tag = "pages",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug, `[a-z0-9-]{1,64}`")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The live page", body = PageOne),
+        (status = 400, description = "`invalid_page_slug`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+    ))]
 fn get_one(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -276,6 +323,17 @@ fn get_one(
     ))
 }
 
+/// Every version's metadata, newest first.
+#[utoipa::path(get, path = "/api/state-machines/{slug}/pages/{page}/history", tag = "pages",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "History", body = PageHistory),
+        (status = 400, description = "`invalid_page_slug`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+    ))]
 fn history(
     gw: Arc<Gateway>,
     bearer: Option<String>,
@@ -315,6 +373,151 @@ fn history(
         }),
     ))
 }
+
+// Path-only declarations of the three writes that `write` above dispatches by action, and of
+// the public site (`site` dispatches by tail). Writes need the owner or an operator or admin key.
+
+/// Publish a new version and make it live.
+#[utoipa::path(post, path = "/api/state-machines/{slug}/pages/{page}/publish", tag = "pages",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
+    request_body = PublishRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Published", body = PageWritten),
+        (status = 400, description = "`invalid_body`, `invalid_page_slug`, `invalid_title`, `invalid_html`, `invalid_agent_zid`, …", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 403, description = "`forbidden`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 413, description = "`payload_too_large` (with `field`, `limit`)", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_publish() {}
+
+/// Take the page offline (its versions stay).
+#[utoipa::path(post, path = "/api/state-machines/{slug}/pages/{page}/unpublish", tag = "pages",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
+    request_body(content = serde_json::Value, description = "Ignored; may be empty"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Offline", body = PageWritten),
+        (status = 400, description = "`invalid_body`, `invalid_page_slug`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 403, description = "`forbidden`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`", body = ZeqError),
+        (status = 409, description = "`page_not_published`", body = ZeqError),
+        (status = 413, description = "`payload_too_large`", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_unpublish() {}
+
+/// Make an earlier version live again (as a new version).
+#[utoipa::path(post, path = "/api/state-machines/{slug}/pages/{page}/rollback", tag = "pages",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
+    request_body = RollbackRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Rolled back", body = PageWritten),
+        (status = 400, description = "`invalid_body`, `invalid_page_slug`, `invalid_version`", body = ZeqError),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 403, description = "`forbidden`", body = ZeqError),
+        (status = 404, description = "`machine_not_found`, `page_not_found`, `version_not_found`, or `not_found`", body = ZeqError),
+        (status = 413, description = "`payload_too_large`", body = ZeqError),
+        (status = 429, description = "`rate_limited`", body = ZeqError),
+        (status = 507, description = "`storage_full`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_rollback() {}
+
+/// To the slash form of the site index.
+#[utoipa::path(get, path = "/s/{slug}", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses(
+        (status = 308, description = "See `/s/{slug}/`", headers(("location" = String))),
+        (status = 404, description = "No such route", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_site() {}
+
+/// The site's index of published pages (no scripts).
+#[utoipa::path(get, path = "/s/{slug}/", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("If-None-Match" = Option<String>, Header, description = "ETag(s) the client has")),
+    responses(
+        (status = 200, description = "The index", content_type = "text/html", body = String),
+        (status = 304, description = "Not modified"),
+        (status = 404, description = "No such site (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
+    ))]
+#[allow(dead_code)]
+fn doc_site_index() {}
+
+/// Public instance states for page scripts; any origin, no credentials.
+#[utoipa::path(get, path = "/s/{slug}/state.json", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses(
+        (status = 200, description = "States", body = SiteState),
+        (status = 404, description = "No such site (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
+    ))]
+#[allow(dead_code)]
+fn doc_site_state() {}
+
+/// To the slash form of a page.
+#[utoipa::path(get, path = "/s/{slug}/p/{page}", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
+    responses(
+        (status = 308, description = "See `/s/{slug}/p/{page}/`", headers(("location" = String))),
+        (status = 404, description = "No such route", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_site_page() {}
+
+/// A published page: brotli or gzip by `Accept-Encoding`, ETag, sandboxing CSP.
+#[utoipa::path(get, path = "/s/{slug}/p/{page}/", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug"),
+           ("If-None-Match" = Option<String>, Header, description = "ETag(s) the client has")),
+    responses(
+        (status = 200, description = "The page", content_type = "text/html", body = String),
+        (status = 304, description = "Not modified"),
+        (status = 404, description = "No such page (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
+    ))]
+#[allow(dead_code)]
+fn doc_site_page_slash() {}
+
+/// The HEAD forms of the site's routes: the GET response's status and headers, no body.
+#[utoipa::path(head, path = "/s/{slug}", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses((status = 308, description = "See `/s/{slug}/`"), (status = 404, description = "No such route")))]
+#[allow(dead_code)]
+fn doc_site_head() {}
+
+#[utoipa::path(head, path = "/s/{slug}/", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses((status = 200, description = "The index exists"), (status = 304, description = "Not modified"),
+              (status = 404, description = "No such site")))]
+#[allow(dead_code)]
+fn doc_site_index_head() {}
+
+#[utoipa::path(head, path = "/s/{slug}/state.json", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses((status = 200, description = "The states exist"), (status = 404, description = "No such site")))]
+#[allow(dead_code)]
+fn doc_site_state_head() {}
+
+#[utoipa::path(head, path = "/s/{slug}/p/{page}", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
+    responses((status = 308, description = "See `/s/{slug}/p/{page}/`"), (status = 404, description = "No such route")))]
+#[allow(dead_code)]
+fn doc_site_page_head() {}
+
+#[utoipa::path(head, path = "/s/{slug}/p/{page}/", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
+    responses((status = 200, description = "The page exists"), (status = 304, description = "Not modified"),
+              (status = 404, description = "No such page")))]
+#[allow(dead_code)]
+fn doc_site_page_slash_head() {}
 
 #[derive(Debug, Clone, Copy)]
 enum Action {

@@ -35,6 +35,7 @@ use warp::{Filter, Reply};
 use super::instances::{authorize_live, current_view, SbError};
 use super::{bearer, json_response, with_gateway};
 use crate::server::Gateway;
+use super::openapi::schema::{SbError as SbErrorBody, ZeqError};
 
 /// Subscriptions one socket may hold at once.
 pub const MAX_SUBSCRIPTIONS: usize = 256;
@@ -43,6 +44,25 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 const SERVER_PING: Duration = Duration::from_secs(30);
 
 type Query = HashMap<String, String>;
+
+/// The operations of this file, for `/api/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(doc_rt))]
+pub(super) struct Api;
+
+/// statebacked's real-time websocket (see the module documentation for its messages). A
+/// request that is not a websocket upgrade is refused with 400.
+#[utoipa::path(get, path = "/rt", tag = "instances",
+    params(("token" = Option<String>, Query, description = "A key, for clients that cannot set headers")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 101, description = "Switching to the websocket protocol"),
+        (status = 400, description = "`invalid_request`: not a websocket upgrade", body = ZeqError),
+        (status = 401, description = "`unauthorized`: the key does not authenticate", body = SbErrorBody),
+        (status = 405, description = "`method_not_allowed`", body = ZeqError),
+    ))]
+#[allow(dead_code)]
+fn doc_rt() {}
 
 pub fn routes(
     gw: Arc<Gateway>,

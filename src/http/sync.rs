@@ -8,11 +8,17 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
+use super::openapi::schema::{SyncStatus, ZeqError};
 use super::{bearer, json_response, respond, with_gateway, ApiError};
 use crate::auth::{Access, Principal};
 use crate::clock;
 use crate::server::Gateway;
 use crate::sync::client;
+
+/// The operations of this file, for `/api/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(status))]
+pub(super) struct Api;
 
 pub fn routes(
     gw: Arc<Gateway>,
@@ -24,6 +30,13 @@ pub fn routes(
         .map(|gw: Arc<Gateway>, bearer: Option<String>| respond(status(&gw, bearer.as_deref())))
 }
 
+/// Upstream sync per machine the caller owns or administers.
+#[utoipa::path(get, path = "/api/sync/status", tag = "sync",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Sync status", body = SyncStatus),
+        (status = 401, description = "`unauthorized`", body = ZeqError),
+    ))]
 fn status(gw: &Gateway, bearer: Option<&str>) -> Result<Response, ApiError> {
     let principal = gw.principal(bearer)?;
     if principal == Principal::Anonymous {

@@ -786,6 +786,16 @@ pub fn due(
     Ok(out)
 }
 
+/// How many timers are pending, over all instances (0 before the first timer table exists).
+pub fn pending_timers(txn: &ReadTransaction) -> Result<u64, StoreError> {
+    use redb::ReadableTableMetadata;
+    match txn.open_table(DUE) {
+        Ok(t) => Ok(t.len()?),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The earliest pending timer of any instance.
 pub fn earliest_due(txn: &ReadTransaction) -> Result<Option<i64>, StoreError> {
     let t = txn.open_table(DUE)?;

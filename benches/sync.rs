@@ -53,7 +53,7 @@ impl Hub {
                 let _ = tx.send(line);
             }
         });
-        let mut next = |prefix: &str| {
+        let next = |prefix: &str| {
             let line = rx
                 .recv_timeout(Duration::from_secs(20))
                 .expect("hub did not start");
@@ -74,7 +74,14 @@ impl Hub {
     }
 
     async fn get(&self, c: &reqwest::Client, path: &str) -> Value {
-        let (s, b, _) = call(c, Method::GET, &format!("https://{}{path}", self.addr), None, None).await;
+        let (s, b, _) = call(
+            c,
+            Method::GET,
+            &format!("https://{}{path}", self.addr),
+            None,
+            None,
+        )
+        .await;
         assert_eq!(s, 200, "{b}");
         b
     }
@@ -85,6 +92,23 @@ impl Drop for Hub {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc/<pid>/stat (Linux
+/// clock ticks are 100 Hz on every supported target). Load on a shared builder stretches
+/// the wall clock, not this.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of stat (utime, stime) are the 12th and 13th after the comm.
+    (tick(11) + tick(12)) / 100.0
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -113,7 +137,14 @@ async fn main() {
     let t = Instant::now();
     let (ok, _, err) = cli(
         &gw.data(),
-        &["bench", "fill-log", "--machine", "drain", "--rows", &rows.to_string()],
+        &[
+            "bench",
+            "fill-log",
+            "--machine",
+            "drain",
+            "--rows",
+            &rows.to_string(),
+        ],
     );
     assert!(ok, "{err}");
     let fill = t.elapsed().as_secs_f64();
@@ -133,6 +164,8 @@ async fn main() {
     let c = hub.client();
     let t = Instant::now();
     gw.spawn();
+    let (gw_pid, hub_pid) = (gw.pid() as u32, hub.child.id());
+    let cpu0 = cpu_secs(gw_pid) + cpu_secs(hub_pid);
     let path = format!("/v1/gateways/{id}/machines");
     loop {
         let b = hub.get(&c, &path).await;
@@ -151,6 +184,8 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = t.elapsed().as_secs_f64();
+    let (gw_cpu, hub_cpu) = (cpu_secs(gw_pid), cpu_secs(hub_pid));
+    let cpu = gw_cpu + hub_cpu - cpu0;
     let stats = hub.get(&c, "/v1/stats").await;
     let n = |k: &str| stats[k].as_u64().unwrap_or(0) as f64;
     let (wire, stored, requests) = (n("body_bytes"), n("stored_row_bytes"), n("requests"));
@@ -159,6 +194,10 @@ async fn main() {
         "  drain rate   {:>10.0} rows/s  ({secs:.2} s, {requests} requests, {:.0} rows/request)  target ≥ 50000 rows/s",
         size as f64 / secs,
         n("rows_received") / requests.max(1.0)
+    );
+    println!(
+        "  CPU          {:>10.0} rows per CPU-second of gateway + hub together  (gateway {gw_cpu:.2} s incl. start-up, hub {hub_cpu:.2} s; load-independent, fsync waits excluded)",
+        size as f64 / cpu.max(0.001)
     );
     println!(
         "  wire         {:>10.1} B/row   (ingest request bodies the hub received)",

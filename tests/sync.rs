@@ -604,16 +604,28 @@ async fn the_pinned_key_connects_and_a_wrong_pin_is_refused_with_a_clear_error()
         }
     }
     gw.spawn();
-    wait_until("the pin error in the status", Duration::from_secs(20), || async {
-        status(&gw, "pinned").await["last_error_code"] == "pin_mismatch"
-    })
+    wait_until(
+        "the pin error in the status",
+        Duration::from_secs(20),
+        || async { status(&gw, "pinned").await["last_error_code"] == "pin_mismatch" },
+    )
     .await;
     let st = status(&gw, "pinned").await;
     let message = st["last_error"].as_str().unwrap();
     assert!(message.contains("upstream.pin_sha256"), "{message}");
-    assert!(message.contains(&hub.pin), "names the presented key: {message}");
+    assert!(
+        message.contains(&hub.pin),
+        "names the presented key: {message}"
+    );
     assert_eq!(hub.stored_size(&id, "pinned").await, 0);
-    let (_, stats, _) = call(&hub.client(), Method::GET, &hub.url("/v1/stats"), None, None).await;
+    let (_, stats, _) = call(
+        &hub.client(),
+        Method::GET,
+        &hub.url("/v1/stats"),
+        None,
+        None,
+    )
+    .await;
     assert_eq!(stats["requests"], 0, "nothing crossed a refused handshake");
     // A pin that is not base64 of 32 bytes is a configuration error: serve refuses to start.
     gw.stop();
@@ -638,9 +650,11 @@ async fn the_pinned_key_connects_and_a_wrong_pin_is_refused_with_a_clear_error()
     upstream_env(&mut gw, &hub, &token, 1000);
     gw.spawn();
     let size = log_size(&gw, "pinned").await;
-    wait_until("sync with the right pin", Duration::from_secs(20), || async {
-        hub.stored_size(&id, "pinned").await == size
-    })
+    wait_until(
+        "sync with the right pin",
+        Duration::from_secs(20),
+        || async { hub.stored_size(&id, "pinned").await == size },
+    )
     .await;
     assert!(status(&gw, "pinned").await["last_error_code"].is_null());
 }

@@ -572,8 +572,18 @@ pub(crate) mod tests {
             let want = stored_hashes_for_record_hash(n, leaf, &stored).unwrap();
             assert_eq!(edge.push(leaf).unwrap(), want, "record {n}");
             stored.extend(want);
-            assert_eq!(edge.root(), tree_hash(n + 1, &stored).unwrap(), "size {}", n + 1);
-            assert_eq!(RightEdge::load(n + 1, &stored).unwrap(), edge, "size {}", n + 1);
+            assert_eq!(
+                edge.root(),
+                tree_hash(n + 1, &stored).unwrap(),
+                "size {}",
+                n + 1
+            );
+            assert_eq!(
+                RightEdge::load(n + 1, &stored).unwrap(),
+                edge,
+                "size {}",
+                n + 1
+            );
         }
         assert_eq!(RightEdge::empty().root(), empty_tree_hash());
     }

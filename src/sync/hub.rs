@@ -35,9 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::{origin, Ack, Batch, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES, WIRE_VERSION};
-use crate::ledger::{
-    self, genesis_prev_hash, hex, log::TableHashes, tlog, Hash, LedgerError, Row,
-};
+use crate::ledger::{self, genesis_prev_hash, hex, log::TableHashes, tlog, Hash, LedgerError, Row};
 use crate::{auth, clock, store};
 
 /// ("<gateway>/<slug>", seq) → stored row bytes.

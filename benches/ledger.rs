@@ -50,9 +50,10 @@ fn main() {
                 let row = w
                     .append("bench", entry(seq), 1_700_000_000_000 + seq as i64)
                     .expect("append");
-                stored_bytes += row.encode_stored().len() as u64;
+                stored_bytes += row.stored_len() as u64;
                 seq += 1;
             }
+            w.finish().expect("heads");
         }
         txn.commit().expect("commit");
     }
@@ -121,6 +122,7 @@ fn main() {
                     .expect("append");
                 seq += 1;
             }
+            w.finish().expect("heads");
         }
         txn.commit().expect("commit");
     }

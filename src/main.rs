@@ -614,6 +614,7 @@ async fn fill_log(config: &Config, slug: String, rows: u64) -> Result<(), CliErr
                     let payload = serde_json::json!({"type": "fill", "payload_hash": smgate::ledger::hex::encode(&hash)});
                     log.append(&s, Entry::json("event", "bench", &payload), now)?;
                 }
+                log.finish()?;
                 Ok(())
             })
             .await?;

@@ -584,6 +584,81 @@ async fn unenrolled_gateways_and_wrong_keys_get_401() {
     assert_eq!(res.status(), 415);
 }
 
+/// `upstream.pin_sha256` pins the hub's public key (base64 SHA-256 of its SubjectPublicKeyInfo):
+/// the hub's own pin connects; any other key is refused at the TLS handshake, nothing is sent,
+/// and `/api/sync/status` says why and names the key the receiver presented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pinned_key_connects_and_a_wrong_pin_is_refused_with_a_clear_error() {
+    let hub = Hub::start();
+    assert_eq!(hub.pin.len(), 44, "base64 of 32 bytes: {}", hub.pin);
+    let mut gw = Gw::start(MANY);
+    let (id, vkey) = identity(&gw);
+    let token = hub.enroll(&id, &vkey);
+    create_machine(&gw, "pinned").await;
+    gw.stop();
+    upstream_env(&mut gw, &hub, &token, 1000);
+    let wrong = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    for (k, v) in gw.env.iter_mut() {
+        if k == "SMGATE_UPSTREAM_PIN_SHA256" {
+            *v = wrong.into();
+        }
+    }
+    gw.spawn();
+    wait_until(
+        "the pin error in the status",
+        Duration::from_secs(20),
+        || async { status(&gw, "pinned").await["last_error_code"] == "pin_mismatch" },
+    )
+    .await;
+    let st = status(&gw, "pinned").await;
+    let message = st["last_error"].as_str().unwrap();
+    assert!(message.contains("upstream.pin_sha256"), "{message}");
+    assert!(
+        message.contains(&hub.pin),
+        "names the presented key: {message}"
+    );
+    assert_eq!(hub.stored_size(&id, "pinned").await, 0);
+    let (_, stats, _) = call(
+        &hub.client(),
+        Method::GET,
+        &hub.url("/v1/stats"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(stats["requests"], 0, "nothing crossed a refused handshake");
+    // A pin that is not base64 of 32 bytes is a configuration error: serve refuses to start.
+    gw.stop();
+    for (k, v) in gw.env.iter_mut() {
+        if k == "SMGATE_UPSTREAM_PIN_SHA256" {
+            *v = "0123abcd".into();
+        }
+    }
+    let out = Command::new(BIN)
+        .arg("--data")
+        .arg(gw.data())
+        .arg("serve")
+        .envs(gw.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("SMGATE_HTTP_LISTEN", "127.0.0.1:0")
+        .env("SMGATE_MQTT_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("upstream.pin_sha256"), "{err}");
+    // The right pin: the rows arrive.
+    upstream_env(&mut gw, &hub, &token, 1000);
+    gw.spawn();
+    let size = log_size(&gw, "pinned").await;
+    wait_until(
+        "sync with the right pin",
+        Duration::from_secs(20),
+        || async { hub.stored_size(&id, "pinned").await == size },
+    )
+    .await;
+    assert!(status(&gw, "pinned").await["last_error_code"].is_null());
+}
+
 /// Rows accumulated offline (TEST_SYNC_LONG_ROWS, default 50,000; CI sets 1,000,000) drain
 /// completely once the hub is reachable, verified against the signed checkpoints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,37 +89,27 @@ impl<T: ReadableTable<(&'static str, u64), &'static [u8]>> HashReader for TableH
 
 /// The log tables opened once for a run of appends inside one write transaction.
 ///
-/// Heads and the tree hashes written through this writer are also kept in memory: the
-/// siblings an append needs are almost always hashes the previous appends just wrote, so a
-/// batch reads them from the cache instead of the B-tree. Every value is still written to
-/// its table at once, so dropping the writer at any point leaves the tables consistent.
+/// Per machine it keeps a [`Tip`] in memory: the head and, from a machine's second append
+/// on, the right edge of the tree (one hash per complete subtree along it, loaded once with
+/// popcount(size) reads). An append then computes exactly the hashes it adds, reads nothing,
+/// and writes its row, its tree hashes and its index entry; heads are written once, by
+/// [`LogWriter::finish`] (or on drop). A single append reads its ≤ trailing_ones(size)
+/// siblings directly, which is cheaper than loading the edge for one use.
 pub struct LogWriter<'txn> {
     rows: Table<'txn, (&'static str, u64), &'static [u8]>,
     hashes: Table<'txn, (&'static str, u64), &'static [u8]>,
     heads: Table<'txn, &'static str, &'static [u8]>,
     by_zeqond: Table<'txn, (&'static str, u64, u64), ()>,
-    head_cache: std::collections::HashMap<String, Head>,
-    hash_cache: std::collections::HashMap<(String, u64), Hash>,
+    tips: std::collections::HashMap<String, Tip>,
 }
 
-/// Reads hashes from the writer's cache first, then from the table.
-struct CachedHashes<'a, T> {
-    cache: &'a std::collections::HashMap<(String, u64), Hash>,
-    table: TableHashes<'a, T>,
-}
-
-impl<T: ReadableTable<(&'static str, u64), &'static [u8]>> HashReader for CachedHashes<'_, T> {
-    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, LedgerError> {
-        indexes
-            .iter()
-            .map(
-                |&i| match self.cache.get(&(self.table.slug.to_owned(), i)) {
-                    Some(h) => Ok(*h),
-                    None => self.table.read_hashes(&[i]).map(|v| v[0]),
-                },
-            )
-            .collect()
-    }
+/// A machine's log head as the writer has advanced it, and the tree's right edge.
+struct Tip {
+    head: Head,
+    /// Whether `head` differs from the stored head.
+    dirty: bool,
+    /// Loaded at the machine's second append in this writer.
+    edge: Option<tlog::RightEdge>,
 }
 
 impl<'txn> LogWriter<'txn> {
@@ -129,8 +119,7 @@ impl<'txn> LogWriter<'txn> {
             hashes: txn.open_table(HASHES)?,
             heads: txn.open_table(HEADS)?,
             by_zeqond: txn.open_table(BY_ZEQOND)?,
-            head_cache: Default::default(),
-            hash_cache: Default::default(),
+            tips: Default::default(),
         })
     }
 
@@ -142,71 +131,121 @@ impl<'txn> LogWriter<'txn> {
             genesis_zeqond,
         };
         self.heads.insert(slug, store::encode(&head).as_slice())?;
-        self.head_cache.insert(slug.to_owned(), head);
+        self.tips.insert(
+            slug.to_owned(),
+            Tip {
+                head,
+                dirty: false,
+                edge: Some(tlog::RightEdge::empty()),
+            },
+        );
         Ok(())
     }
 
     pub fn head(&mut self, slug: &str) -> Result<Option<Head>, StoreError> {
-        if let Some(h) = self.head_cache.get(slug) {
-            return Ok(Some(*h));
+        Ok(self.tip(slug)?.map(|t| t.head))
+    }
+
+    fn tip(&mut self, slug: &str) -> Result<Option<&mut Tip>, StoreError> {
+        if !self.tips.contains_key(slug) {
+            let head: Option<Head> = self
+                .heads
+                .get(slug)?
+                .map(|v| store::decode(v.value()))
+                .transpose()?;
+            let Some(head) = head else {
+                return Ok(None);
+            };
+            self.tips.insert(
+                slug.to_owned(),
+                Tip {
+                    head,
+                    dirty: false,
+                    edge: None,
+                },
+            );
         }
-        let head: Option<Head> = self
-            .heads
-            .get(slug)?
-            .map(|v| store::decode(v.value()))
-            .transpose()?;
-        if let Some(h) = head {
-            self.head_cache.insert(slug.to_owned(), h);
-        }
-        Ok(head)
+        Ok(self.tips.get_mut(slug))
     }
 
     /// Appends one row to `slug`'s log at wall time `now_ms`; returns the sealed row.
     pub fn append(&mut self, slug: &str, entry: Entry, now_ms: i64) -> Result<Row, StoreError> {
-        let head = self
-            .head(slug)?
-            .ok_or_else(|| StoreError::Corrupt(format!("machine `{slug}` has no log head")))?;
-        let row = Row {
-            seq: head.size,
+        let no_head = || StoreError::Corrupt(format!("machine `{slug}` has no log head"));
+        self.tip(slug)?.ok_or_else(no_head)?;
+        let tip = self.tips.get_mut(slug).ok_or_else(no_head)?;
+        let (row, stored) = Row {
+            seq: tip.head.size,
             zeqond: clock::zeqond(now_ms),
             ts_ms: now_ms,
             kind: entry.kind.to_owned(),
             actor: entry.actor,
             transition_id: entry.transition_id,
             payload: entry.payload,
-            prev_hash: head.last_hash,
+            prev_hash: tip.head.last_hash,
             hash: [0; 32],
         }
-        .try_seal()
+        .seal_stored()
         .map_err(|e| StoreError::Corrupt(format!("row refused: {e}")))?;
-        let new_hashes = {
-            let reader = CachedHashes {
-                cache: &self.hash_cache,
-                table: TableHashes {
-                    table: &self.hashes,
-                    slug,
-                },
-            };
-            tlog::stored_hashes_for_record_hash(row.seq, tlog::record_hash(&row.hash), &reader)
-                .map_err(ledger_err)?
+        let leaf = tlog::record_hash(&row.hash);
+        let stored_hashes = TableHashes {
+            table: &self.hashes,
+            slug,
         };
+        let mut new_hashes = Vec::with_capacity(8);
+        match &tip.edge {
+            Some(edge) => edge.next_hashes(leaf, &mut new_hashes),
+            None if tip.dirty => {
+                // The second append of this machine: from now on the edge pays off.
+                let edge = tlog::RightEdge::load(row.seq, &stored_hashes).map_err(ledger_err)?;
+                let next = edge.next_hashes(leaf, &mut new_hashes);
+                tip.edge = Some(edge);
+                next
+            }
+            None => tlog::stored_hashes_for_record_hash(row.seq, leaf, &stored_hashes)
+                .map(|h| new_hashes = h),
+        }
+        .map_err(ledger_err)?;
+        // Keys ascend within each table across appends (seq, stored-hash index), so the
+        // inserts land on the B-trees' rightmost pages.
+        self.rows.insert((slug, row.seq), stored.as_slice())?;
         let first = tlog::stored_hash_index(0, row.seq);
         for (i, h) in new_hashes.iter().enumerate() {
             self.hashes.insert((slug, first + i as u64), h.as_slice())?;
-            self.hash_cache
-                .insert((slug.to_owned(), first + i as u64), *h);
         }
-        self.rows
-            .insert((slug, row.seq), row.encode_stored().as_slice())?;
         self.by_zeqond.insert((slug, row.zeqond, row.seq), ())?;
-        let head = Head {
+        if let Some(edge) = &mut tip.edge {
+            edge.advance(&new_hashes);
+        }
+        tip.head = Head {
             size: row.seq + 1,
             last_hash: row.hash,
-            ..head
+            ..tip.head
         };
-        self.heads.insert(slug, store::encode(&head).as_slice())?;
-        self.head_cache.insert(slug.to_owned(), head);
+        tip.dirty = true;
         Ok(row)
+    }
+
+    /// Writes the heads of every machine appended to. Call it before the transaction
+    /// commits; dropping the writer does the same, but cannot report a failure.
+    pub fn finish(mut self) -> Result<(), StoreError> {
+        self.write_heads()
+    }
+
+    fn write_heads(&mut self) -> Result<(), StoreError> {
+        for (slug, tip) in self.tips.iter_mut().filter(|(_, t)| t.dirty) {
+            self.heads
+                .insert(slug.as_str(), store::encode(&tip.head).as_slice())?;
+            tip.dirty = false;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LogWriter<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.write_heads() {
+            tracing::error!(error = %e, "log heads could not be written");
+        }
     }
 }
 
@@ -217,7 +256,10 @@ pub fn append(
     entry: Entry,
     now_ms: i64,
 ) -> Result<Row, StoreError> {
-    LogWriter::open(txn)?.append(slug, entry, now_ms)
+    let mut w = LogWriter::open(txn)?;
+    let row = w.append(slug, entry, now_ms)?;
+    w.finish()?;
+    Ok(row)
 }
 
 /// Read side of the log: rows, heads, tree hashes and proofs, over a read transaction.
@@ -409,4 +451,81 @@ pub fn verify_machine(
         rows: head.size,
         broken: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::Database;
+
+    use super::*;
+
+    fn entry(i: u64) -> Entry {
+        Entry {
+            kind: "event",
+            actor: "test".into(),
+            transition_id: [1; 16],
+            payload: format!("{{\"i\":{i}}}").into_bytes(),
+        }
+    }
+
+    /// The writer's in-memory head and right edge give the same stored rows, tree hashes and
+    /// head as appending one row per writer (which reads its siblings from the table), across
+    /// transactions, several machines and sizes on both sides of powers of two; and the
+    /// result passes `verify_machine`.
+    #[test]
+    fn batched_appends_store_what_single_appends_store_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let batched = Database::create(dir.path().join("a.redb")).unwrap();
+        let single = Database::create(dir.path().join("b.redb")).unwrap();
+        let now = 1_700_000_000_000;
+        for (db, slugs) in [(&batched, ["m1", "m2"]), (&single, ["m1", "m2"])] {
+            let txn = db.begin_write().unwrap();
+            let mut w = LogWriter::open(&txn).unwrap();
+            for s in slugs {
+                w.create(s, 7).unwrap();
+            }
+            w.finish().unwrap();
+            txn.commit().unwrap();
+        }
+        let mut seq = 0;
+        for batch in [1u64, 2, 5, 64, 1, 200, 3] {
+            let txn = batched.begin_write().unwrap();
+            let mut w = LogWriter::open(&txn).unwrap();
+            for i in seq..seq + batch {
+                for s in ["m1", "m2"] {
+                    let row = w.append(s, entry(i), now + i as i64).unwrap();
+                    assert_eq!(row.seq, i);
+                }
+            }
+            w.finish().unwrap();
+            txn.commit().unwrap();
+            for i in seq..seq + batch {
+                let txn = single.begin_write().unwrap();
+                for s in ["m1", "m2"] {
+                    append(&txn, s, entry(i), now + i as i64).unwrap();
+                }
+                txn.commit().unwrap();
+            }
+            seq += batch;
+        }
+        let dump = |db: &Database| {
+            let txn = db.begin_read().unwrap();
+            let mut out = Vec::new();
+            for def in [ROWS, HASHES] {
+                for e in txn.open_table(def).unwrap().iter().unwrap() {
+                    let (k, v) = e.unwrap();
+                    out.push((k.value().0.to_owned(), k.value().1, v.value().to_vec()));
+                }
+            }
+            for s in ["m1", "m2"] {
+                let head = read::head(&txn, s).unwrap().unwrap();
+                assert_eq!(head.size, seq);
+                let v = verify_machine(&txn, s, |_, _| {}).unwrap();
+                assert_eq!(v.broken, None, "{s}");
+                out.push((s.to_owned(), u64::MAX, store::encode(&head)));
+            }
+            out
+        };
+        assert_eq!(dump(&batched), dump(&single));
+    }
 }

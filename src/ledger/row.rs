@@ -119,6 +119,32 @@ impl Row {
         out
     }
 
+    /// Length of [`Row::encode_stored`] without encoding.
+    pub fn stored_len(&self) -> usize {
+        FIXED_LEN + 12 + self.kind.len() + self.actor.len() + self.payload.len() + 32
+    }
+
+    /// Validates, seals and encodes in one pass: the stored bytes are the preimage the hash
+    /// was computed over, followed by the hash, so the row is encoded once, not twice.
+    pub fn seal_stored(mut self) -> Result<(Row, Vec<u8>), LedgerError> {
+        self.validate()?;
+        let mut out = self.preimage();
+        self.hash = Sha256::digest(&out).into();
+        out.extend_from_slice(&self.hash);
+        Ok((self, out))
+    }
+
+    /// For stored bytes that [`Row::decode_stored`] accepts: whether their hash matches their
+    /// contents. The same answer as decoding and [`Row::verify_hash`], without re-encoding:
+    /// the decoder accepts only what the encoder produces, so the preimage is the bytes
+    /// before the hash.
+    pub fn stored_hash_matches(bytes: &[u8]) -> bool {
+        match bytes.len().checked_sub(32) {
+            Some(at) => Sha256::digest(&bytes[..at])[..] == bytes[at..],
+            None => false,
+        }
+    }
+
     /// Parses a stored row, rejecting anything that [`Row::encode_stored`] of a valid row
     /// could not have produced. Does not check the hash (see the module docs).
     pub fn decode_stored(bytes: &[u8]) -> Result<Row, LedgerError> {

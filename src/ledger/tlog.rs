@@ -179,6 +179,94 @@ pub fn stored_hashes_for_record_hash<R: HashReader + ?Sized>(
     Ok(hashes)
 }
 
+/// The right edge of a tree of `size` records: the hashes of its maximal complete subtrees,
+/// left to right (largest first), one per set bit of `size`. It is all an appender needs:
+/// record `n`'s new stored hashes combine its leaf with the last `trailing_ones(n)` edge
+/// hashes (exactly the siblings [`stored_hashes_for_record_hash`] reads), and the tree hash
+/// folds the edge right to left. Loading it reads `popcount(size)` stored hashes; after that
+/// appends read nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RightEdge {
+    size: u64,
+    hashes: Vec<Hash>,
+}
+
+impl RightEdge {
+    /// The edge of the empty tree.
+    pub fn empty() -> RightEdge {
+        RightEdge {
+            size: 0,
+            hashes: Vec::new(),
+        }
+    }
+
+    /// Reads the edge of the stored tree of `size` records.
+    pub fn load<R: HashReader + ?Sized>(size: u64, reader: &R) -> Result<RightEdge, LedgerError> {
+        check_size(size)?;
+        let indexes: Vec<u64> = (0..64u32)
+            .rev()
+            .filter(|&level| (size >> level) & 1 == 1)
+            .map(|level| stored_hash_index(level, (size >> level) - 1))
+            .collect();
+        Ok(RightEdge {
+            size,
+            hashes: read_exact(reader, &indexes)?,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The hashes that appending record `size()` with leaf hash `record_hash` stores from
+    /// `stored_hash_index(0, size())` on, written into `out`; the edge does not move (see
+    /// [`RightEdge::advance`]), so a caller whose writes fail can keep it as it was.
+    pub fn next_hashes(&self, record_hash: Hash, out: &mut Vec<Hash>) -> Result<(), LedgerError> {
+        if self.size >= MAX_TREE_SIZE {
+            return Err(LedgerError::InvalidTreeRange {
+                detail: format!("record index {} exceeds the maximum tree size", self.size),
+            });
+        }
+        let merged = self.size.trailing_ones() as usize;
+        out.clear();
+        out.push(record_hash);
+        let mut h = record_hash;
+        // One edge hash per set bit of the size, so at least one per trailing 1.
+        for left in self.hashes[self.hashes.len() - merged..].iter().rev() {
+            h = node_hash(left, &h);
+            out.push(h);
+        }
+        Ok(())
+    }
+
+    /// Moves the edge past one record, given what [`RightEdge::next_hashes`] returned for it.
+    pub fn advance(&mut self, new_hashes: &[Hash]) {
+        let merged = self.size.trailing_ones() as usize;
+        self.hashes.truncate(self.hashes.len() - merged);
+        if let Some(top) = new_hashes.last() {
+            self.hashes.push(*top);
+        }
+        self.size += 1;
+    }
+
+    /// Appends one record and returns its stored hashes.
+    pub fn push(&mut self, record_hash: Hash) -> Result<Vec<Hash>, LedgerError> {
+        let mut out = Vec::with_capacity(8);
+        self.next_hashes(record_hash, &mut out)?;
+        self.advance(&out);
+        Ok(out)
+    }
+
+    /// RFC 6962 tree hash of the `size()` records.
+    pub fn root(&self) -> Hash {
+        let mut it = self.hashes.iter().rev();
+        let Some(last) = it.next() else {
+            return empty_tree_hash();
+        };
+        it.fold(*last, |right, left| node_hash(left, &right))
+    }
+}
+
 /// RFC 6962 tree hash of the first `n` records.
 pub fn tree_hash<R: HashReader + ?Sized>(n: u64, reader: &R) -> Result<Hash, LedgerError> {
     if n == 0 {
@@ -475,6 +563,31 @@ fn run_tree_proof(
 
 #[cfg(test)]
 pub(crate) mod tests {
+    #[test]
+    fn right_edge_appends_the_stored_hashes_and_folds_to_the_tree_hash() {
+        let mut stored: Vec<Hash> = Vec::new();
+        let mut edge = RightEdge::empty();
+        for n in 0..300u64 {
+            let leaf = record_hash(&n.to_be_bytes());
+            let want = stored_hashes_for_record_hash(n, leaf, &stored).unwrap();
+            assert_eq!(edge.push(leaf).unwrap(), want, "record {n}");
+            stored.extend(want);
+            assert_eq!(
+                edge.root(),
+                tree_hash(n + 1, &stored).unwrap(),
+                "size {}",
+                n + 1
+            );
+            assert_eq!(
+                RightEdge::load(n + 1, &stored).unwrap(),
+                edge,
+                "size {}",
+                n + 1
+            );
+        }
+        assert_eq!(RightEdge::empty().root(), empty_tree_hash());
+    }
+
     use super::super::{base64, hex};
     use super::*;
     use std::cell::Cell;

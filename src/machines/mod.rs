@@ -260,6 +260,7 @@ pub fn create(
             Entry::json("machine_created", actor, &created),
             now_ms,
         )?;
+        log.finish()?;
     }
     let (raw, _) = mint_key(txn, &slug, Role::Admin, "spin-up", None, actor, now_ms)?;
     Ok((machine, raw))

@@ -9,8 +9,12 @@
 //! durable watermark; the hub answers repeated rows idempotently.
 //!
 //! # Schedule
-//! One task walks the machines with a backlog and pushes one batch each (at most `batch_rows`
-//! rows and `batch_bytes` bytes) until all are drained, then sleeps until the next commit.
+//! One task walks the machines with a backlog and drains each in turn, up to 64 batches
+//! (each at most `batch_rows` rows and `batch_bytes` bytes) before the next machine's turn,
+//! until all are drained, then sleeps until the next commit. The batches of a machine are
+//! pipelined: while the hub verifies and stores one, the next is read and encoded, and the
+//! previous watermark is written; a watermark write that fails makes the machine resend from
+//! its durable watermark.
 //! While the hub is unreachable (connection error, 5xx, 401) it retries with jittered
 //! exponential backoff between `min_backoff_ms` and `max_backoff_ms`; new commits do not cut
 //! the wait short. A 409 from the hub (fork or tampered history) stops that machine's sync
@@ -60,8 +64,8 @@ pub struct UpstreamConfig {
     pub url: String,
     /// PEM CA certificate(s) to trust for the receiver.
     pub ca_file: Option<PathBuf>,
-    /// Instead of a CA: lowercase hex SHA-256 of the receiver's certificate (DER), as printed
-    /// by `smgate hub` (`pin sha256:…`).
+    /// Instead of a CA: base64 SHA-256 of the receiver's SubjectPublicKeyInfo (DER), as
+    /// printed by `smgate hub` (`pin sha256:…`). Survives certificate renewal with the same key.
     pub pin_sha256: Option<String>,
     /// Bearer token printed by `smgate hub enroll`.
     pub token: String,
@@ -83,8 +87,8 @@ impl Default for UpstreamConfig {
             ca_file: None,
             pin_sha256: None,
             token: String::new(),
-            batch_rows: 4096,
-            batch_bytes: 4 << 20,
+            batch_rows: 16_384,
+            batch_bytes: 8 << 20,
             min_backoff_ms: 500,
             max_backoff_ms: 60_000,
             backlog_quota_bytes: 1 << 30,
@@ -104,9 +108,7 @@ impl UpstreamConfig {
             return Err("upstream needs ca_file or pin_sha256 to trust the receiver".into());
         }
         if let Some(pin) = &self.pin_sha256 {
-            if ledger::hex::decode_hash(pin).is_err() {
-                return Err("upstream.pin_sha256 must be 64 lowercase hex digits".into());
-            }
+            parse_pin(pin)?;
         }
         if self.token.is_empty() {
             return Err(
@@ -238,13 +240,39 @@ struct Upstream {
     token: String,
 }
 
+/// Marks the TLS error of a pin mismatch, so that sync status can name it.
+const PIN_MISMATCH: &str = "upstream key does not match upstream.pin_sha256";
+
+/// `upstream.pin_sha256`: base64 (standard alphabet, padded) of a 32-byte SHA-256.
+fn parse_pin(pin: &str) -> Result<[u8; 32], String> {
+    ledger::base64::decode(pin.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+        .ok_or_else(|| {
+            "upstream.pin_sha256 must be the base64 SHA-256 of the receiver's public key \
+             (44 characters, as printed by `smgate hub`)"
+                .to_owned()
+        })
+}
+
+/// Base64 SHA-256 of the SubjectPublicKeyInfo of a DER certificate: the pin of its key.
+pub fn spki_pin(cert: &CertificateDer<'_>) -> Result<String, String> {
+    let ee = webpki::EndEntityCert::try_from(cert).map_err(|e| format!("certificate: {e}"))?;
+    Ok(ledger::base64::encode(&crate::auth::sha256(
+        ee.subject_public_key_info().as_ref(),
+    )))
+}
+
+/// Trusts the receiver whose certificate carries the pinned public key, whatever signed the
+/// certificate (the hub's is self-signed). The handshake signatures are still checked
+/// against that key by rustls' webpki verifiers, so only the key's holder gets through.
 #[derive(Debug)]
-struct PinnedCert {
+struct PinnedKey {
     pin: [u8; 32],
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-impl ServerCertVerifier for PinnedCert {
+impl ServerCertVerifier for PinnedKey {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -253,12 +281,17 @@ impl ServerCertVerifier for PinnedCert {
         _: &[u8],
         _: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if crate::auth::ct_eq(&crate::auth::sha256(end_entity.as_ref()), &self.pin) {
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
+            rustls::Error::General(format!("upstream certificate does not parse: {e}"))
+        })?;
+        let got = crate::auth::sha256(ee.subject_public_key_info().as_ref());
+        if crate::auth::ct_eq(&got, &self.pin) {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(
-                "server certificate does not match upstream.pin_sha256".into(),
-            ))
+            Err(rustls::Error::General(format!(
+                "{PIN_MISMATCH} (the receiver's key is {})",
+                ledger::base64::encode(&got)
+            )))
         }
     }
 
@@ -316,10 +349,10 @@ impl Upstream {
             .map_err(|e| e.to_string())?;
         let mut config = match (&cfg.pin_sha256, &cfg.ca_file) {
             (Some(pin), _) => {
-                let pin = ledger::hex::decode_hash(pin).map_err(|e| e.to_string())?;
+                let pin = parse_pin(pin)?;
                 builder
                     .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(PinnedCert { pin, provider }))
+                    .with_custom_certificate_verifier(Arc::new(PinnedKey { pin, provider }))
                     .with_no_client_auth()
             }
             (None, Some(ca)) => {
@@ -460,7 +493,16 @@ async fn post(
         message: m,
     };
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
-        *conn = Some(upstream.connect().await.map_err(offline)?);
+        *conn = Some(upstream.connect().await.map_err(|m| {
+            if m.contains(PIN_MISMATCH) {
+                PushError::Offline {
+                    code: "pin_mismatch",
+                    message: m,
+                }
+            } else {
+                offline(m)
+            }
+        })?);
     }
     let Some(sender) = conn.as_mut() else {
         return Err(offline("no connection".into()));
@@ -506,34 +548,40 @@ async fn post(
     Ok((status, bytes))
 }
 
-/// Sends one batch of `slug` and returns the hub's ack.
-async fn push(
+/// A batch ready to send.
+struct Built {
+    body: Vec<u8>,
+    rows: u64,
+}
+
+/// Reads and encodes the next batch of `slug` from `from` on, off the async threads.
+async fn build(gw: &Arc<Gateway>, slug: &str, from: u64) -> Result<Option<Built>, PushError> {
+    let (gw, slug) = (gw.clone(), slug.to_owned());
+    tokio::task::spawn_blocking(move || gw.store.view(|txn| build_batch(&gw, txn, &slug, from)))
+        .await
+        .map_err(|e| PushError::Local(e.to_string()))?
+        .map(|b| b.map(|(body, rows)| Built { body, rows }))
+        .map_err(|e| PushError::Local(e.to_string()))
+}
+
+/// Sends one batch and returns the hub's ack.
+async fn send(
     gw: &Gateway,
     upstream: &Upstream,
     conn: &mut Option<hyper::client::conn::http1::SendRequest<OneChunk>>,
-    slug: &str,
-    acked: u64,
-) -> Result<Option<Ack>, PushError> {
-    let built = gw
-        .store
-        .view(|txn| build_batch(gw, txn, slug, acked))
-        .map_err(|e| PushError::Local(e.to_string()))?;
-    let Some((body, n)) = built else {
-        return Ok(None);
-    };
-    let len = body.len() as u64;
-    let (status, answer) = post(upstream, conn, body).await?;
-    gw.sync.rows_sent.fetch_add(n, Ordering::Relaxed);
+    built: Built,
+) -> Result<Ack, PushError> {
+    let len = built.body.len() as u64;
+    let (status, answer) = post(upstream, conn, built.body).await?;
+    gw.sync.rows_sent.fetch_add(built.rows, Ordering::Relaxed);
     gw.sync.bytes_sent.fetch_add(len, Ordering::Relaxed);
     let text = String::from_utf8_lossy(&answer);
     match status {
-        200 => serde_json::from_slice::<Ack>(&answer)
-            .map(Some)
-            .map_err(|e| PushError::Refused {
-                code: "refused".into(),
-                at: None,
-                message: format!("unreadable ack: {e}"),
-            }),
+        200 => serde_json::from_slice::<Ack>(&answer).map_err(|e| PushError::Refused {
+            code: "refused".into(),
+            at: None,
+            message: format!("unreadable ack: {e}"),
+        }),
         409 => {
             let c: Conflict = serde_json::from_slice(&answer).map_err(|e| PushError::Refused {
                 code: "refused".into(),
@@ -561,6 +609,45 @@ async fn push(
         }),
     }
 }
+
+/// Writes the durable watermark of `slug` through the writer.
+async fn save_watermark(gw: Arc<Gateway>, slug: String, acked_size: u64) -> Result<(), StoreError> {
+    gw.writer
+        .write(move |txn| -> Result<(), StoreError> {
+            let mut t = txn.open_table(ACKED)?;
+            t.insert(
+                slug.as_str(),
+                store::encode(&Watermark {
+                    acked_size,
+                    acked_ms: clock::now_ms(),
+                })
+                .as_slice(),
+            )?;
+            Ok(())
+        })
+        .await
+}
+
+/// The watermark write in flight: at most one, so watermarks reach disk in ack order.
+type Saving = Option<(String, tokio::task::JoinHandle<Result<(), StoreError>>)>;
+
+/// Waits for the watermark write in flight; if it failed, forgets the in-memory cursor so
+/// that the machine resends from its durable watermark.
+async fn settle(saving: &mut Saving, cursors: &mut BTreeMap<String, u64>) {
+    let Some((slug, task)) = saving.take() else {
+        return;
+    };
+    let outcome = task
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Corrupt(e.to_string())));
+    if let Err(e) = outcome {
+        cursors.remove(&slug);
+        tracing::warn!(error = %e, "sync: cannot save the watermark; will resend");
+    }
+}
+
+/// Most batches one machine sends in a row before the others get their turn.
+const BATCHES_PER_TURN: usize = 64;
 
 /// Jittered exponential backoff.
 struct Backoff {
@@ -608,16 +695,29 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
     // In-memory cursors: the hub's last answer, ahead of the durable watermark only while its
     // write is in flight.
     let mut cursors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut saving: Saving = None;
+    // Summing the backlog's bytes reads up to 65,536 rows per machine: done for the quota
+    // alarm at most every QUOTA_EVERY, not before every batch.
+    const QUOTA_EVERY: Duration = Duration::from_secs(5);
+    let mut quota_checked: Option<std::time::Instant> = None;
     loop {
         if *shutdown.borrow() {
+            settle(&mut saving, &mut cursors).await;
             return;
         }
+        let check_quota = quota_checked.is_none_or(|t| t.elapsed() >= QUOTA_EVERY);
         let work = gw.store.view(|txn| {
             let mut out = Vec::new();
             let mut total = 0u64;
             for m in machines::all(txn)? {
-                let (size, acked, _, bytes, _) = backlog(txn, &m.slug)?;
-                total += bytes;
+                let (size, acked) = if check_quota {
+                    let (size, acked, _, bytes, _) = backlog(txn, &m.slug)?;
+                    total += bytes;
+                    (size, acked)
+                } else {
+                    let size = log::read::head(txn, &m.slug)?.map_or(0, |h| h.size);
+                    (size, acked(txn, &m.slug)?)
+                };
                 if size > acked {
                     out.push((m.slug, acked));
                 }
@@ -631,9 +731,12 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
                 (Vec::new(), 0)
             }
         };
-        let over = backlog_bytes > cfg.backlog_quota_bytes;
-        if over != gw.sync.over_quota.swap(over, Ordering::Relaxed) && over {
-            tracing::warn!(backlog_bytes, quota = cfg.backlog_quota_bytes, "sync backlog over quota: rows are kept, but the upstream has not acked them; check the uplink");
+        if check_quota {
+            quota_checked = Some(std::time::Instant::now());
+            let over = backlog_bytes > cfg.backlog_quota_bytes;
+            if over != gw.sync.over_quota.swap(over, Ordering::Relaxed) && over {
+                tracing::warn!(backlog_bytes, quota = cfg.backlog_quota_bytes, "sync backlog over quota: rows are kept, but the upstream has not acked them; check the uplink");
+            }
         }
         let now = clock::now_ms();
         let mut progressed = false;
@@ -642,47 +745,68 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
             if gw.sync.get(&slug).next_retry_ms.is_some_and(|t| t > now) {
                 continue;
             }
-            let from = cursors.get(&slug).copied().unwrap_or(durable).max(durable);
-            match push(&gw, &upstream, &mut conn, &slug, from).await {
-                Ok(None) => {}
-                Ok(Some(ack)) => {
-                    backoff.reset();
-                    let stored = ack.stored_size();
-                    gw.sync.batches_acked.fetch_add(1, Ordering::Relaxed);
-                    let s = slug.clone();
-                    let saved = gw
-                        .writer
-                        .write(move |txn| -> Result<(), StoreError> {
-                            let mut t = txn.open_table(ACKED)?;
-                            t.insert(
-                                s.as_str(),
-                                store::encode(&Watermark {
-                                    acked_size: stored,
-                                    acked_ms: clock::now_ms(),
-                                })
-                                .as_slice(),
-                            )?;
-                            Ok(())
-                        })
-                        .await;
-                    match saved {
-                        Ok(()) => {
-                            cursors.insert(slug.clone(), stored);
-                            progressed |= stored != from;
-                            gw.sync.update(&slug, |m| {
-                                m.last_success_ms = Some(clock::now_ms());
-                                m.last_error = None;
-                                m.last_error_code = None;
-                                m.conflict_at = None;
-                                m.next_retry_ms = None;
-                            });
+            let mut from = cursors.get(&slug).copied().unwrap_or(durable).max(durable);
+            let mut next = build(&gw, &slug, from).await;
+            for _ in 0..BATCHES_PER_TURN {
+                let built = match next {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break,
+                    Err(e) => {
+                        next = Err(e);
+                        break;
+                    }
+                };
+                let sent = from + built.rows;
+                // While the hub verifies and stores this batch, read and encode the one after
+                // it and let the previous watermark reach the disk.
+                let (answer, prebuilt, ()) = tokio::join!(
+                    send(&gw, &upstream, &mut conn, built),
+                    build(&gw, &slug, sent),
+                    settle(&mut saving, &mut cursors),
+                );
+                match answer {
+                    Ok(ack) => {
+                        backoff.reset();
+                        let stored = ack.stored_size();
+                        gw.sync.batches_acked.fetch_add(1, Ordering::Relaxed);
+                        saving = Some((
+                            slug.clone(),
+                            tokio::spawn(save_watermark(gw.clone(), slug.clone(), stored)),
+                        ));
+                        cursors.insert(slug.clone(), stored);
+                        gw.sync.update(&slug, |m| {
+                            m.last_success_ms = Some(clock::now_ms());
+                            m.last_error = None;
+                            m.last_error_code = None;
+                            m.conflict_at = None;
+                            m.next_retry_ms = None;
+                        });
+                        if stored == from {
+                            // The hub stored nothing new: look again after the next commit.
+                            next = Ok(None);
+                            break;
                         }
-                        Err(e) => {
-                            cursors.remove(&slug);
-                            tracing::warn!(error = %e, "sync: cannot save the watermark; will resend");
-                        }
+                        progressed = true;
+                        next = if stored == sent {
+                            prebuilt
+                        } else {
+                            // The hub has a different size (a restored or ahead receiver):
+                            // continue from what it says it has.
+                            build(&gw, &slug, stored).await
+                        };
+                        from = stored;
+                    }
+                    Err(e) => {
+                        next = Err(e);
+                        break;
                     }
                 }
+                if *shutdown.borrow() {
+                    break;
+                }
+            }
+            match next {
+                Ok(_) => {}
                 Err(PushError::Offline { code, message }) => {
                     offline = Some((slug, code, message));
                     break;
@@ -713,9 +837,11 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
                 }
             }
             if *shutdown.borrow() {
+                settle(&mut saving, &mut cursors).await;
                 return;
             }
         }
+        settle(&mut saving, &mut cursors).await;
         if let Some((slug, code, message)) = offline {
             let wait = backoff.next();
             let retry = clock::now_ms() + wait.as_millis() as i64;

@@ -35,9 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::{origin, Ack, Batch, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES, WIRE_VERSION};
-use crate::ledger::{
-    self, genesis_prev_hash, hex, log::TableHashes, tlog, Hash, HashReader, LedgerError, Row,
-};
+use crate::ledger::{self, genesis_prev_hash, hex, log::TableHashes, tlog, Hash, LedgerError, Row};
 use crate::{auth, clock, store};
 
 /// ("<gateway>/<slug>", seq) → stored row bytes.
@@ -389,13 +387,20 @@ impl Hub {
                     ));
                 }
             }
-            let mut overlay = Overlay {
-                new: HashMap::new(),
-                table: TableHashes {
-                    table: &hashes,
-                    slug: key.as_str(),
-                },
+            let stored_hashes = TableHashes {
+                table: &hashes,
+                slug: key.as_str(),
             };
+            // The new rows' tree hashes come from the right edge of the stored tree alone,
+            // in index order, so they are also inserted in key order below.
+            let mut edge = if end > stored.size {
+                tlog::RightEdge::load(stored.size, &stored_hashes)
+                    .map_err(|e| Refusal::Unavailable(e.to_string()))?
+            } else {
+                tlog::RightEdge::empty()
+            };
+            let mut new_hashes: Vec<Hash> = Vec::new();
+            let mut leaf_hashes = Vec::with_capacity(8);
             let mut last_hash = stored.last_hash;
             let mut last_ts = stored.last_row_ts_ms;
             let skip = (stored.size - batch.first_seq) as usize;
@@ -417,7 +422,7 @@ impl Hub {
                         &stored,
                     ));
                 }
-                if !row.verify_hash() {
+                if !Row::stored_hash_matches(bytes) {
                     return Err(Refusal::conflict(
                         "tampered",
                         seq,
@@ -433,22 +438,20 @@ impl Hub {
                         &stored,
                     ));
                 }
-                let new = tlog::stored_hashes_for_record_hash(
-                    seq,
-                    tlog::record_hash(&row.hash),
-                    &overlay,
-                )
-                .map_err(|e| Refusal::Unavailable(e.to_string()))?;
-                let first = tlog::stored_hash_index(0, seq);
-                for (j, h) in new.into_iter().enumerate() {
-                    overlay.new.insert(first + j as u64, h);
-                }
+                edge.next_hashes(tlog::record_hash(&row.hash), &mut leaf_hashes)
+                    .map_err(|e| Refusal::Unavailable(e.to_string()))?;
+                edge.advance(&leaf_hashes);
+                new_hashes.extend_from_slice(&leaf_hashes);
                 last_hash = row.hash;
                 last_ts = row.ts_ms;
                 fresh.push(seq);
             }
-            let root = tlog::tree_hash(cp.size, &overlay)
-                .map_err(|e| Refusal::Unavailable(e.to_string()))?;
+            let root = if fresh.is_empty() {
+                tlog::tree_hash(cp.size, &stored_hashes)
+                    .map_err(|e| Refusal::Unavailable(e.to_string()))?
+            } else {
+                edge.root()
+            };
             if root != cp.root {
                 let at = fresh.first().copied().unwrap_or(batch.first_seq);
                 return Err(Refusal::conflict(
@@ -477,12 +480,12 @@ impl Hub {
                     stored_seq: stored.size.checked_sub(1),
                 });
             }
-            let new_hashes: Vec<(u64, Hash)> = overlay.new.into_iter().collect();
             drop(hashes);
             let mut hashes = txn.open_table(HASHES).map_err(db_err)?;
-            for (i, h) in new_hashes {
+            let first = tlog::stored_hash_index(0, stored.size);
+            for (i, h) in new_hashes.iter().enumerate() {
                 hashes
-                    .insert((key.as_str(), i), h.as_slice())
+                    .insert((key.as_str(), first + i as u64), h.as_slice())
                     .map_err(db_err)?;
             }
             drop(rows);
@@ -561,24 +564,6 @@ impl Hub {
             out.push(Row::decode_stored(v.value()).map_err(|x| e(&x))?);
         }
         Ok(out)
-    }
-}
-
-/// Tree hashes of one batch in memory over those already stored.
-struct Overlay<'a, T> {
-    new: HashMap<u64, Hash>,
-    table: TableHashes<'a, T>,
-}
-
-impl<T: ReadableTable<(&'static str, u64), &'static [u8]>> HashReader for Overlay<'_, T> {
-    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, LedgerError> {
-        indexes
-            .iter()
-            .map(|i| match self.new.get(i) {
-                Some(h) => Ok(*h),
-                None => self.table.read_hashes(&[*i]).map(|v| v[0]),
-            })
-            .collect()
     }
 }
 
@@ -823,13 +808,13 @@ async fn ingest_route(hub: Arc<Hub>, req: http::Request<Incoming>) -> Response {
     }
 }
 
-/// SHA-256 (lowercase hex) of the DER of the first certificate in a PEM file: the value of
-/// `upstream.pin_sha256` for a gateway that pins this hub.
+/// Base64 SHA-256 of the SubjectPublicKeyInfo of the first certificate in a PEM file: the
+/// value of `upstream.pin_sha256` for a gateway that pins this hub's key.
 pub fn cert_pin(pem: &Path) -> Result<String, HubError> {
     use rustls::pki_types::pem::PemObject;
     let cert = rustls::pki_types::CertificateDer::from_pem_file(pem)
         .map_err(|e| HubError::Invalid(format!("{}: {e}", pem.display())))?;
-    Ok(hex::encode(&auth::sha256(cert.as_ref())))
+    super::client::spki_pin(&cert).map_err(|e| HubError::Invalid(format!("{}: {e}", pem.display())))
 }
 
 /// Serves the hub on `listener` until `shutdown` changes.

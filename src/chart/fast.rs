@@ -522,7 +522,7 @@ mod tests {
     fn context() -> Value {
         json!({
             "n": 7, "m": -3, "big": i64::MAX, "s": "abc", "t": "abd", "yes": true, "no": false,
-            "nil": null, "f": 1.5,
+            "null": null, "f": 1.5,
             "public": {"heartbeats": 4, "last_seen": "x", "zeta": {"b": 1, "a": [1, {"d": 2, "c": 3}]}},
             "list": [3, 1, 2]
         })
@@ -587,7 +587,7 @@ mod tests {
             "context.n > 30 && context.nope",
             "context.n > 3 || context.nope",
             "context.no || context.yes || context.no",
-            "context.nil ?? 1",
+            "context.missing ?? 1",
             "context.missing ?? context.n ?? 2",
             "#{ b: 1, a: context.n + 1, c: #{ y: event.type, x: () } }",
             "#{ z: context.public }",
@@ -608,7 +608,7 @@ mod tests {
             "context.f + 1",
             "context.f",
             "context.n == \"7\"",
-            "context.nil.x",
+            "context.null.x",
             "context.s.x",
             "context.n && true",
             "context.s + \"x\"",
@@ -633,7 +633,7 @@ mod tests {
             5 => "context.yes".into(),
             6 => "event.data.k".into(),
             7 => "event.type".into(),
-            8 => "context.nil".into(),
+            8 => "context.null".into(),
             9 => "context.public.heartbeats".into(),
             10 => "true".into(),
             _ => "context.missing".into(),

@@ -1,15 +1,20 @@
-//! The Rhai sandbox. Expressions are compiled once per chart version; each call builds a
-//! small runtime engine that shares the precompiled packages and adds `in_state` bound to that
-//! call's configuration (a registered function cannot see the scope, and the chart itself must
-//! stay immutable to be shared across threads).
+//! The Rhai sandbox. Expressions are compiled once per chart version, and each chart has one
+//! runtime engine. What an evaluation needs beyond its scope (the active states `in_state`
+//! reads, the operations left in the call's budget) lives in a thread-local [`Frame`] that
+//! [`Sandbox::eval`] fills in before it runs Rhai: a registered function cannot see the scope,
+//! and the chart must stay immutable to be shared across threads. Building an engine per call
+//! used to cost more than most of the expressions it ran.
+//!
+//! Expressions in a small grammar also get a native form (`fast`), evaluated without Rhai.
 //!
 //! Sandbox: `Engine::new_raw()` plus pure packages only (no `LanguageCorePackage`: it has
 //! `sleep`; no time, no modules, no custom syntax), `eval`/`print`/`debug` disabled, limits on
 //! operations, depth, call levels, string/array/map sizes. Strict variables: a typo in a
 //! variable name is a compile error with the expression's path.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use rhai::packages::{
     ArithmeticPackage, BasicArrayPackage, BasicIteratorPackage, BasicMapPackage, BasicMathPackage,
@@ -18,6 +23,7 @@ use rhai::packages::{
 use rhai::{Dynamic, Engine, EvalAltResult, Module, OptimizationLevel, Scope, Shared, AST};
 use serde_json::Value;
 
+use super::fast::Fast;
 use super::ChartError;
 
 pub(crate) const MAX_OPERATIONS: u64 = 200_000;
@@ -33,26 +39,6 @@ pub(crate) const MAX_SOURCE_LEN: usize = 16 * 1024;
 /// deterministic, so this stands in for the settle-time budget without reading a clock.
 pub(crate) const CALL_OPERATIONS: u64 = 5_000_000;
 
-/// Counts the operations of one call across evaluations (see [`CALL_OPERATIONS`]).
-#[derive(Default)]
-pub(crate) struct Meter {
-    spent: AtomicU64,
-    current: AtomicU64,
-}
-
-impl Meter {
-    /// Folds the operations of the evaluation that just ended into the total.
-    pub fn settle(&self) {
-        let ops = self.current.swap(0, Ordering::Relaxed);
-        self.spent.fetch_add(ops, Ordering::Relaxed);
-    }
-
-    /// Starts a new budget (one per top-level event); returns what the last one spent.
-    pub fn restart(&self) -> u64 {
-        self.spent.swap(0, Ordering::Relaxed)
-    }
-}
-
 /// Variables of transition/action expressions.
 pub(crate) const RUN_VARS: &[&str] = &["context", "event", "auth"];
 /// Variables of `allowRead`.
@@ -65,6 +51,8 @@ pub(crate) const WRITE_VARS: &[&str] = &["type", "event", "context", "auth"];
 pub(crate) struct Expr {
     pub ast: AST,
     pub path: String,
+    /// The native form, when the expression is in the fast grammar (see `fast`).
+    pub fast: Option<Fast>,
 }
 
 /// A slot that takes either Rhai source (a JSON string) or a literal JSON value.
@@ -74,19 +62,32 @@ pub(crate) enum ValueExpr {
     Expr(Expr),
 }
 
-/// The precompiled packages and the compile-time engine of one chart.
+/// The compile-time and the runtime engine of one chart.
 pub(crate) struct Sandbox {
-    packages: Vec<Shared<Module>>,
     compiler: Engine,
+    runtime: Engine,
 }
 
-/// The set of active states as `in_state` sees it during one call.
-pub(crate) type ActiveSet = Arc<RwLock<ActiveView>>;
-
+/// What the runtime engine's callbacks read during one evaluation on this thread.
 #[derive(Default)]
-pub(crate) struct ActiveView {
-    pub ids: Arc<std::collections::HashMap<String, usize>>,
-    pub flags: Vec<bool>,
+struct Frame {
+    /// State ids and active flags for `in_state`; none for authorizers.
+    ids: Option<Arc<HashMap<String, usize>>>,
+    flags: Vec<bool>,
+    /// Operations the evaluation may take before the call's budget is spent.
+    allowed: u64,
+    /// Operations taken so far.
+    ops: u64,
+}
+
+thread_local! {
+    static FRAME: RefCell<Frame> = RefCell::new(Frame::default());
+}
+
+/// The active states an evaluation sees through `in_state`.
+pub(crate) struct Active<'a> {
+    pub ids: &'a Arc<HashMap<String, usize>>,
+    pub flags: &'a [bool],
 }
 
 impl Sandbox {
@@ -103,7 +104,26 @@ impl Sandbox {
             BasicMathPackage::new().as_shared_module(),
         ];
         let compiler = base_engine(&packages);
-        Sandbox { packages, compiler }
+        let mut runtime = base_engine(&packages);
+        runtime.on_progress(|ops| {
+            FRAME.with(|f| {
+                let mut f = f.borrow_mut();
+                f.ops = ops;
+                (ops > f.allowed).then_some(Dynamic::UNIT)
+            })
+        });
+        runtime.register_fn("in_state", |id: &str| -> bool {
+            let id = id.strip_prefix('#').unwrap_or(id);
+            FRAME.with(|f| {
+                let f = f.borrow();
+                f.ids
+                    .as_ref()
+                    .and_then(|ids| ids.get(id))
+                    .and_then(|&i| f.flags.get(i).copied())
+                    .unwrap_or(false)
+            })
+        });
+        Sandbox { compiler, runtime }
     }
 
     /// Compiles `src` with exactly `vars` in scope.
@@ -125,37 +145,49 @@ impl Sandbox {
             .compiler
             .compile_with_scope(&scope, src)
             .map_err(|e| ChartError::def(path, format!("invalid Rhai expression: {e}")))?;
+        let fast = if vars == RUN_VARS {
+            Fast::from_ast(&ast)
+        } else {
+            None
+        };
         Ok(Expr {
             ast,
             path: path.to_string(),
+            fast,
         })
     }
 
-    /// A runtime engine whose `in_state("id")` reads `active` and whose evaluations all draw
-    /// on `meter`.
-    pub fn runtime(&self, active: Option<ActiveSet>, meter: Arc<Meter>) -> Engine {
-        let mut engine = base_engine(&self.packages);
-        engine.on_progress(move |ops| {
-            meter.current.store(ops, Ordering::Relaxed);
-            if meter.spent.load(Ordering::Relaxed).saturating_add(ops) > CALL_OPERATIONS {
-                Some(Dynamic::UNIT)
-            } else {
-                None
+    /// Runs `expr` with Rhai. `in_state` reads `active` (false for every id without it);
+    /// Rhai stops the evaluation once it has taken more than `allowed` operations. Returns
+    /// the result and the operations taken.
+    pub fn eval(
+        &self,
+        expr: &Expr,
+        scope: &mut Scope,
+        active: Option<Active>,
+        allowed: u64,
+    ) -> (Result<Dynamic, ChartError>, u64) {
+        FRAME.with(|f| {
+            let mut f = f.borrow_mut();
+            match active {
+                Some(a) => {
+                    if !f.ids.as_ref().is_some_and(|ids| Arc::ptr_eq(ids, a.ids)) {
+                        f.ids = Some(a.ids.clone());
+                    }
+                    f.flags.clear();
+                    f.flags.extend_from_slice(a.flags);
+                }
+                None => f.ids = None,
             }
+            f.allowed = allowed;
+            f.ops = 0;
         });
-        engine.register_fn("in_state", move |id: &str| -> bool {
-            let Some(active) = &active else { return false };
-            let id = id.strip_prefix('#').unwrap_or(id);
-            match active.read() {
-                Ok(view) => view
-                    .ids
-                    .get(id)
-                    .and_then(|&i| view.flags.get(i).copied())
-                    .unwrap_or(false),
-                Err(_) => false,
-            }
-        });
-        engine
+        let result = self
+            .runtime
+            .eval_ast_with_scope::<Dynamic>(scope, &expr.ast)
+            .map_err(|e| ChartError::runtime(&expr.path, describe(&e)));
+        let ops = FRAME.with(|f| f.borrow().ops);
+        (result, ops)
     }
 }
 
@@ -218,14 +250,6 @@ const UNRESERVED: &[&str] = &[
     "goto",
     "exit",
 ];
-
-impl Expr {
-    pub fn eval(&self, engine: &Engine, scope: &mut Scope) -> Result<Dynamic, ChartError> {
-        engine
-            .eval_ast_with_scope::<Dynamic>(scope, &self.ast)
-            .map_err(|e| ChartError::runtime(&self.path, describe(&e)))
-    }
-}
 
 fn describe(e: &EvalAltResult) -> String {
     match e {

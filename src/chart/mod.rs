@@ -22,6 +22,7 @@
 //!   keeps the configuration, cancels all timers and evaluates the root `output`.
 
 mod expr;
+mod fast;
 mod model;
 mod parse;
 mod run;

@@ -10,15 +10,14 @@
 //!   completes its ancestors), a strict superset of SCXML's grandparent check.
 //! - Errors abort the whole call; the caller keeps its previous `InstanceState`.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::{Arc, RwLock};
 
-use rhai::{Dynamic, Engine, Scope};
+use rhai::{Dynamic, Scope};
 use serde_json::Value;
 
-use super::expr::{
-    event_dynamic, to_dynamic, to_json, ActiveView, Expr, Meter, ValueExpr, CALL_OPERATIONS,
-};
+use super::expr::{event_dynamic, to_dynamic, to_json, Active, Expr, ValueExpr, CALL_OPERATIONS};
+use super::fast::Env;
 use super::model::{Effect, Event, InstanceState, Step, Timer, WriteKind};
 use super::parse::{Action, Kind};
 use super::{
@@ -32,15 +31,15 @@ const INIT_EVENT: &str = "xstate.init";
 
 struct Run<'c> {
     chart: &'c Chart,
-    engine: Engine,
-    meter: Arc<Meter>,
-    shared: Arc<RwLock<ActiveView>>,
+    /// Expression operations this call (or this timer of an advance) has spent.
+    spent: u64,
     active: Vec<bool>,
     /// History state index → recorded state indices.
     history: BTreeMap<usize, Vec<usize>>,
     context: Value,
     ctx_dyn: Option<Dynamic>,
-    auth: Dynamic,
+    auth: Value,
+    auth_dyn: Option<Dynamic>,
     event: Event,
     event_dyn: Option<Dynamic>,
     internal: VecDeque<Event>,
@@ -129,7 +128,7 @@ pub(crate) fn advance(chart: &Chart, state: &InstanceState, now: i64) -> Result<
         run.external.push_back(timer.event);
         run.run_external()?;
         fired += 1;
-        spent = spent.saturating_add(run.meter.restart());
+        spent = spent.saturating_add(std::mem::take(&mut run.spent));
     }
     run.now = now;
     run.finish(Some(state))
@@ -156,12 +155,11 @@ pub(crate) fn allow_read(
     let Some(expr) = &chart.allow_read else {
         return Ok(true);
     };
-    let engine = chart.sandbox.runtime(None, Arc::default());
     let mut scope = Scope::new();
     scope.push_constant_dynamic("context", to_dynamic(&state.context, &expr.path)?);
     scope.push_constant_dynamic("auth", to_dynamic(auth, &expr.path)?);
     scope.push_constant_dynamic("state", to_dynamic(&chart.state_value(state), &expr.path)?);
-    expect_bool(expr, &engine, &mut scope, "allowRead")
+    expect_bool(chart, expr, &mut scope, "allowRead")
 }
 
 pub(crate) fn allow_write(
@@ -174,7 +172,6 @@ pub(crate) fn allow_write(
     let Some(expr) = &chart.allow_write else {
         return Ok(true);
     };
-    let engine = chart.sandbox.runtime(None, Arc::default());
     let mut scope = Scope::new();
     let ev = match event {
         Some(e) => event_dynamic(&e.name, &e.data, &expr.path)?,
@@ -184,16 +181,17 @@ pub(crate) fn allow_write(
     scope.push_constant_dynamic("event", ev);
     scope.push_constant_dynamic("context", to_dynamic(context, &expr.path)?);
     scope.push_constant_dynamic("auth", to_dynamic(auth, &expr.path)?);
-    expect_bool(expr, &engine, &mut scope, "allowWrite")
+    expect_bool(chart, expr, &mut scope, "allowWrite")
 }
 
 fn expect_bool(
+    chart: &Chart,
     expr: &Expr,
-    engine: &Engine,
     scope: &mut Scope,
     what: &str,
 ) -> Result<bool, ChartError> {
-    let v = expr.eval(engine, scope)?;
+    // Authorizers run on their own, with a whole budget.
+    let v = chart.sandbox.eval(expr, scope, None, CALL_OPERATIONS).0?;
     v.as_bool()
         .map_err(|t| ChartError::runtime(&expr.path, format!("{what} must return a bool, got {t}")))
 }
@@ -208,22 +206,17 @@ impl<'c> Run<'c> {
     ) -> Result<Run<'c>, ChartError> {
         let mut active = vec![false; chart.states.len()];
         active[0] = true;
-        let shared = Arc::new(RwLock::new(ActiveView {
-            ids: chart.by_id.clone(),
-            flags: active.clone(),
-        }));
-        let meter = Arc::new(Meter::default());
         Ok(Run {
             chart,
-            engine: chart.sandbox.runtime(Some(shared.clone()), meter.clone()),
-            meter,
-            shared,
+            spent: 0,
             active,
             history: BTreeMap::new(),
             context,
             ctx_dyn: None,
-            auth: to_dynamic(auth, "auth")?,
-            event: Event::new(INIT_EVENT, Value::Null),
+            auth: auth.clone(),
+            auth_dyn: None,
+            // Every path sets the event before anything reads it.
+            event: Event::new(String::new(), Value::Null),
             event_dyn: None,
             internal: VecDeque::new(),
             external: VecDeque::new(),
@@ -319,7 +312,7 @@ impl<'c> Run<'c> {
     }
 
     fn finish(mut self, before: Option<&InstanceState>) -> Result<Step, ChartError> {
-        let size = serde_json::to_vec(&self.context).map_or(usize::MAX, |b| b.len());
+        let size = json_size(&self.context);
         if size > MAX_CONTEXT_BYTES {
             return Err(ChartError::runtime(
                 "$.context",
@@ -457,12 +450,17 @@ impl<'c> Run<'c> {
     fn select_transitions(&mut self, eventless: bool) -> Result<Vec<usize>, ChartError> {
         let chart = self.chart;
         let mut enabled: Vec<usize> = Vec::new();
-        let atomics: Vec<usize> = (0..chart.states.len())
-            .filter(|&i| {
-                self.active[i] && chart.states[i].children.iter().all(|&c| !self.active[c])
-            })
-            .collect();
-        for atomic in atomics {
+        // Guards cannot change the configuration, so the active atomic states can be found
+        // while selecting.
+        for atomic in 0..chart.states.len() {
+            if !self.active[atomic]
+                || chart.states[atomic]
+                    .children
+                    .iter()
+                    .any(|&c| self.active[c])
+            {
+                continue;
+            }
             let mut cur = Some(atomic);
             'up: while let Some(s) = cur {
                 let list = if eventless {
@@ -491,6 +489,13 @@ impl<'c> Run<'c> {
         let Some(guard) = &self.chart.transitions[t].guard else {
             return Ok(true);
         };
+        if let Some(fast) = &guard.fast {
+            let env = self.env();
+            if let Some((b, ops)) = fast.eval_bool(&env, self.allowed()) {
+                self.spent += ops;
+                return Ok(b);
+            }
+        }
         let v = self.eval(guard)?;
         v.as_bool().map_err(|ty| {
             ChartError::runtime(&guard.path, format!("guard must return a bool, got {ty}"))
@@ -500,13 +505,16 @@ impl<'c> Run<'c> {
     /// SCXML removeConflictingTransitions: two transitions conflict when their exit sets
     /// intersect; the one whose source is a descendant wins, otherwise the earlier one.
     fn remove_conflicting(&self, enabled: Vec<usize>) -> Vec<usize> {
-        let mut filtered: Vec<(usize, BTreeSet<usize>)> = Vec::new();
+        if enabled.len() < 2 {
+            return enabled;
+        }
+        let mut filtered: Vec<(usize, Vec<usize>)> = Vec::new();
         for t1 in enabled {
             let exit1 = self.exit_set(&[t1]);
             let mut preempted = false;
             let mut remove = Vec::new();
             for (n, (t2, exit2)) in filtered.iter().enumerate() {
-                if !exit1.is_disjoint(exit2) {
+                if exit1.iter().any(|s| exit2.binary_search(s).is_ok()) {
                     let s1 = self.chart.transitions[t1].source;
                     let s2 = self.chart.transitions[*t2].source;
                     if self.is_descendant(s1, s2) {
@@ -548,7 +556,7 @@ impl<'c> Run<'c> {
                 self.add_descendants(s, &mut to_enter);
             }
             let domain = self.transition_domain(t);
-            for s in self.effective_targets(t) {
+            for &s in self.effective_targets(t).iter() {
                 self.add_ancestors(s, domain, &mut to_enter);
             }
         }
@@ -601,9 +609,10 @@ impl<'c> Run<'c> {
         Ok(())
     }
 
-    /// SCXML computeExitSet: active proper descendants of each transition's domain.
-    fn exit_set(&self, ts: &[usize]) -> BTreeSet<usize> {
-        let mut out = BTreeSet::new();
+    /// SCXML computeExitSet: active proper descendants of each transition's domain, sorted
+    /// (document order).
+    fn exit_set(&self, ts: &[usize]) -> Vec<usize> {
+        let mut out = Vec::new();
         for &t in ts {
             if self.chart.transitions[t].targets.is_empty() {
                 continue;
@@ -611,9 +620,13 @@ impl<'c> Run<'c> {
             let domain = self.transition_domain(t);
             for s in 0..self.chart.states.len() {
                 if self.active[s] && self.is_descendant(s, domain) {
-                    out.insert(s);
+                    out.push(s);
                 }
             }
+        }
+        if ts.len() > 1 {
+            out.sort_unstable();
+            out.dedup();
         }
         out
     }
@@ -645,9 +658,16 @@ impl<'c> Run<'c> {
 
     /// SCXML getEffectiveTargetStates: history targets are replaced by what they recorded
     /// (or their default targets).
-    fn effective_targets(&self, t: usize) -> Vec<usize> {
+    /// Without a history target these are the targets themselves (a repeated target changes
+    /// nothing where they are used: they are tested with `all` and added to sets).
+    fn effective_targets(&self, t: usize) -> Cow<'c, [usize]> {
+        let chart = self.chart;
+        let targets = &chart.transitions[t].targets;
+        if !targets.iter().any(|&s| chart.states[s].is_history()) {
+            return Cow::Borrowed(targets);
+        }
         let mut out = Vec::new();
-        for &s in &self.chart.transitions[t].targets {
+        for &s in targets {
             if self.chart.states[s].is_history() {
                 let list = match self.history.get(&s) {
                     Some(rec) => rec.clone(),
@@ -662,7 +682,7 @@ impl<'c> Run<'c> {
                 out.push(s);
             }
         }
-        out
+        Cow::Owned(out)
     }
 
     /// SCXML addDescendantStatesToEnter.
@@ -970,16 +990,42 @@ impl<'c> Run<'c> {
         match v {
             ValueExpr::Literal(l) => Ok(l.clone()),
             ValueExpr::Expr(e) => {
+                if let Some(fast) = &e.fast {
+                    let env = self.env();
+                    if let Some((v, ops)) = fast.eval_json(&env, self.allowed()) {
+                        self.spent += ops;
+                        return Ok(v);
+                    }
+                }
                 let d = self.eval(e)?;
                 to_json(&d, &e.path)
             }
         }
     }
 
-    fn eval(&mut self, e: &Expr) -> Result<Dynamic, ChartError> {
-        if let Ok(mut view) = self.shared.write() {
-            view.flags.clone_from(&self.active);
+    fn env(&self) -> Env<'_> {
+        Env {
+            context: &self.context,
+            event_type: &self.event.name,
+            event_data: &self.event.data,
+            auth: &self.auth,
         }
+    }
+
+    /// Operations the next evaluation may take before the call's budget is spent.
+    fn allowed(&self) -> u64 {
+        CALL_OPERATIONS.saturating_sub(self.spent)
+    }
+
+    fn eval(&mut self, e: &Expr) -> Result<Dynamic, ChartError> {
+        let auth = match &self.auth_dyn {
+            Some(d) => d.clone(),
+            None => {
+                let d = to_dynamic(&self.auth, "auth")?;
+                self.auth_dyn = Some(d.clone());
+                d
+            }
+        };
         let ctx = match &self.ctx_dyn {
             Some(d) => d.clone(),
             None => {
@@ -999,10 +1045,36 @@ impl<'c> Run<'c> {
         let mut scope = Scope::new();
         scope.push_constant_dynamic("context", ctx);
         scope.push_constant_dynamic("event", ev);
-        scope.push_constant_dynamic("auth", self.auth.clone());
-        let result = e.eval(&self.engine, &mut scope);
-        self.meter.settle();
+        scope.push_constant_dynamic("auth", auth);
+        let active = Active {
+            ids: &self.chart.by_id,
+            flags: &self.active,
+        };
+        let (result, ops) = self
+            .chart
+            .sandbox
+            .eval(e, &mut scope, Some(active), self.allowed());
+        self.spent = self.spent.saturating_add(ops);
         result
+    }
+}
+
+/// Length of `value` as compact JSON, without building the bytes.
+fn json_size(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
     }
 }
 

@@ -286,9 +286,12 @@ async fn run_load(
                     }
                     let v: serde_json::Value =
                         serde_json::from_slice(&p.payload).unwrap_or_default();
-                    let ts = v["ts"]
-                        .as_u64()
-                        .or_else(|| v["publicContext"]["last_seen"].as_u64());
+                    // A state's own `ts` is the commit time in ms; the device's publish time
+                    // (µs) travels as `last_seen`.
+                    let ts = match sink {
+                        Sink::State => v["publicContext"]["last_seen"].as_u64(),
+                        _ => v["ts"].as_u64(),
+                    };
                     if let Some(ts) = ts.filter(|t| *t >= started) {
                         received.fetch_add(1, Ordering::Relaxed);
                         if let Ok(mut l) = latencies.lock() {

@@ -202,6 +202,7 @@ impl From<StoreError> for CliError {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -743,4 +744,24 @@ async fn site_command(config: &Config, cmd: SiteCommand) -> Result<(), CliError>
     );
     println!("url {base}{}", body["url"].as_str().unwrap_or(""));
     Ok(())
+}
+
+/// glibc gives threads that allocate concurrently their own malloc arenas (up to 8 per core),
+/// and memory freed in an arena stays with it: with the tokio workers, the writer thread, the
+/// blocking pool and the embedded broker's threads, RSS grows far beyond the live heap. Two
+/// arenas keep a 256 MB board's budget; `MALLOC_ARENA_MAX` in the environment still wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_ARENA_MAX: i32 = -8;
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+            unsafe {
+                mallopt(M_ARENA_MAX, 2);
+            }
+        }
+    }
 }

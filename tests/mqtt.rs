@@ -895,3 +895,170 @@ async fn embedded_broker_crash_loss_is_bounded_and_measured() {
     let (ok, out, err) = common::cli(&s.gw.data(), &["verify"]);
     assert!(ok, "verify failed: {out}{err}");
 }
+
+/// The dedup invariant of `ingest` (exactly-once effect over QoS 1), in process and
+/// deterministic: a redelivery (same packet id, DUP) of a committed message is a duplicate —
+/// acked, no second transition; a new message reusing the packet id without DUP is applied;
+/// and once the broker has processed the first delivery's PUBACK (`ingest::forget`), even an
+/// identical message on the reused packet id that is later redelivered with DUP is applied.
+#[test]
+fn a_committed_redelivery_is_skipped_and_a_reused_packet_id_is_applied() {
+    use redb::ReadableTable;
+    use smgate::instances::{self, Charts};
+    use smgate::mqtt::ingest::{self, Message, Outcome, Rules};
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        smgate::store::Store::open(&dir.path().join("db.redb"), Default::default()).unwrap();
+    let db = store.database().unwrap();
+    let charts = Charts::default();
+    let now = 1_700_000_000_000;
+    {
+        let txn = db.begin_write().unwrap();
+        let owner = smgate::auth::Zid::parse("ZEQ00000000001").unwrap();
+        let defaults = smgate::machines::Defaults {
+            region: "test".into(),
+            parent_origin: "https://test".into(),
+        };
+        let request = smgate::machines::NewMachine::from_json(&json!({"slug": "hb"})).unwrap();
+        smgate::machines::create(&txn, &owner, "test", request, &defaults, now).unwrap();
+        let def = heartbeat_def().to_string();
+        instances::create_version(&txn, "hb", &def, None, true, "test", now).unwrap();
+        instances::set_auto_create(&txn, "hb", true).unwrap();
+        txn.commit().unwrap();
+    }
+    let rules = Rules {
+        prefix: "smgate".into(),
+        client_id: "smgate-test".into(),
+        max_payload: 1024,
+        dead_letter_cap: 10,
+    };
+    let msg = |pkid: u16, dup: bool| Message {
+        topic: "smgate/hb/dev-1/heartbeat".into(),
+        payload: bytes::Bytes::from_static(b"{}"),
+        pkid,
+        dup,
+    };
+    // One batch transaction, as the batcher runs it: settled acks first, then the messages.
+    let batch = |messages: Vec<Message>, tag: u64, settled: &[(u16, u64)]| {
+        let txn = db.begin_write().unwrap();
+        ingest::forget(&txn, &rules.client_id, settled).unwrap();
+        let out = ingest::apply(&txn, &charts, &rules, &messages, tag, now).unwrap();
+        txn.commit().unwrap();
+        out.iter()
+            .zip(&messages)
+            .map(|(o, m)| {
+                let kind = match o {
+                    Outcome::Applied { .. } => "applied",
+                    Outcome::Duplicate(_) => "duplicate",
+                    Outcome::Dead(r) => r,
+                };
+                (kind, o.entry_tag(m.pkid, tag))
+            })
+            .collect::<Vec<_>>()
+    };
+    let heartbeats = || {
+        let txn = db.begin_read().unwrap();
+        instances::history(&txn, "hb", "dev-1", None, 1000)
+            .unwrap()
+            .iter()
+            .filter(|(_, r)| r.event == "HEARTBEAT")
+            .count()
+    };
+
+    assert_eq!(batch(vec![msg(7, false)], 11, &[]), [("applied", Some(11))]);
+    assert_eq!(heartbeats(), 1);
+    // The PUBACK was lost with the connection: the broker redelivers with DUP. Acked (its ack
+    // settles the first delivery's entry, tag 11), not applied.
+    assert_eq!(
+        batch(vec![msg(7, true)], 12, &[]),
+        [("duplicate", Some(11))]
+    );
+    assert_eq!(heartbeats(), 1, "a redelivery must not add a transition");
+    // A redelivery of a different message on that packet id is applied.
+    let mut other = msg(7, true);
+    other.payload = bytes::Bytes::from_static(b"{\"n\": 2}");
+    assert_eq!(batch(vec![other], 13, &[]), [("applied", Some(13))]);
+    assert_eq!(heartbeats(), 2);
+    // The broker acknowledged our PUBACK and reuses packet id 7 for a new, identical message
+    // (same topic and payload): without DUP it is new, and applied.
+    assert_eq!(batch(vec![msg(7, false)], 14, &[]), [("applied", Some(14))]);
+    assert_eq!(heartbeats(), 3);
+    // Its PUBACK is settled (broker processed it) in the next batch; then packet id 7 carries
+    // another identical message, whose first delivery is not committed (crash), and which the
+    // broker redelivers with DUP: it must be applied, not taken for the settled one.
+    assert_eq!(batch(vec![], 15, &[(7, 14)]), []);
+    assert_eq!(batch(vec![msg(7, true)], 16, &[]), [("applied", Some(16))]);
+    assert_eq!(heartbeats(), 4);
+    // Settling an older delivery of a packet id leaves the newer delivery's entry alone.
+    assert_eq!(batch(vec![], 17, &[(7, 14)]), []);
+    assert_eq!(
+        batch(vec![msg(7, true)], 18, &[]),
+        [("duplicate", Some(16))]
+    );
+    assert_eq!(heartbeats(), 4);
+    // QoS 0 (packet id 0) leaves no entry and is never a duplicate.
+    assert_eq!(batch(vec![msg(0, false)], 19, &[]), [("applied", None)]);
+    assert_eq!(batch(vec![msg(0, true)], 20, &[]), [("applied", None)]);
+    assert_eq!(heartbeats(), 6);
+    // The table holds only unsettled deliveries.
+    let txn = db.begin_read().unwrap();
+    let left: Vec<u16> = txn
+        .open_table(ingest::INFLIGHT)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|e| e.unwrap().0.value().1)
+        .collect();
+    assert_eq!(left, [7]);
+}
+
+/// The same invariant end to end on mosquitto: the gateway commits a message and dies before
+/// acking it (`TEST_MQTT_ABORT_BEFORE_ACK`); mosquitto redelivers it with DUP to the restarted
+/// gateway, which acks it without a second transition; after another restart nothing is
+/// redelivered (the ack was produced) and new messages are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_redelivery_after_a_crash_between_commit_and_ack_is_acked_not_reapplied() {
+    if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
+    let topic = "smgate/hb/dev-x/heartbeat";
+    let mut s = setup(
+        true,
+        &[("TEST_MQTT_ABORT_BEFORE_ACK", topic)],
+        &[("hb", heartbeat_def(), true)],
+    )
+    .await;
+    publish(s.port, topic, Some(b"{\"n\": 1}"));
+    // The gateway aborts right after the commit.
+    let child = s.gw.child.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the gateway did not abort");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.gw.child = None;
+    s.gw.env.retain(|(k, _)| k != "TEST_MQTT_ABORT_BEFORE_ACK");
+    s.gw.spawn();
+    eventually(30, "the redelivery recognised", async || {
+        (metric(&s.gw, "smgate_mqtt_duplicates_total").await == 1).then_some(())
+    })
+    .await;
+    let beats = |h: &[Value]| {
+        h.iter()
+            .filter(|e| e["event"]["type"] == "HEARTBEAT")
+            .count()
+    };
+    assert_eq!(beats(&history(&s.gw, "hb", "dev-x").await), 1);
+    assert_eq!(metric(&s.gw, "smgate_mqtt_applied_total").await, 0);
+    // The duplicate was acked: a restart gets no redelivery, and a new message is applied.
+    assert!(s.gw.stop().success());
+    s.gw.spawn();
+    publish(s.port, topic, Some(b"{\"n\": 2}"));
+    eventually(30, "the next message applied", async || {
+        (metric(&s.gw, "smgate_mqtt_applied_total").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&s.gw, "smgate_mqtt_duplicates_total").await, 0);
+    assert_eq!(beats(&history(&s.gw, "hb", "dev-x").await), 2);
+    assert!(s.gw.stop().success());
+}

@@ -8,9 +8,16 @@
 //!   `batch_wait_ms` for company), applies it in one `GroupCommit::write`, and only after that
 //!   commit acks each message and hands the committed steps to the publisher. While a batch
 //!   commits the next one accumulates, so the batch size follows the load.
-//! - The **publisher** has its own connection (so state traffic never delays acks), coalesces
-//!   queued states per instance, publishes them retained at QoS 1, and republishes every state
-//!   after each (re)connect.
+//! - **Settling acks**: the ingest task sees its connection's packets in order. Once a PINGRESP
+//!   arrives for a PINGREQ written after a PUBACK, the broker has processed that PUBACK
+//!   (mosquitto and rumqttd handle one connection's packets in order), will not redeliver the
+//!   message and may reuse its packet id; the batcher then removes the dedup entry in its next
+//!   transaction (`ingest::forget`). The ingest task sends such a PINGREQ whenever acks are
+//!   waiting and no ping is outstanding.
+//! - The **publisher** has its own connection (so state traffic never delays acks). It drains
+//!   the outbox of `Shared` (the latest state per instance, plus emits), publishes states
+//!   retained at QoS 1, and republishes every state after each (re)connect. The outbox is a
+//!   map keyed by instance, so its memory is bounded by the instance count whatever the load.
 //!
 //! Shutdown: the batcher finishes and acks its batch, then the ingest connection publishes
 //! `offline` and disconnects, and the publisher flushes what is queued.
@@ -18,18 +25,18 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{
-    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS, SubscribeFilter,
-    TlsConfiguration, Transport,
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, PingReq, Publish, QoS,
+    Request, SubscribeFilter, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::ingest::{self, Message, Outcome, Rules};
-use super::{broker, topic, Mode, MqttConfig, Publication};
+use super::{broker, topic, Mode, MqttConfig};
 use crate::clock;
 use crate::server::Gateway;
 use crate::store::StoreError;
@@ -104,8 +111,7 @@ pub async fn start(
     let (pub_client, pub_eventloop) = AsyncClient::new(pub_opts, 1024);
 
     let (in_tx, in_rx) = mpsc::unbounded_channel();
-    let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let _ = gw.mqtt.publisher.set(out_tx);
+    gw.mqtt.start_publishing();
     let (republish_tx, republish_rx) = mpsc::unbounded_channel();
     let (batcher_done_tx, batcher_done_rx) = oneshot::channel();
     let (publisher_stop_tx, publisher_stop_rx) = oneshot::channel();
@@ -117,9 +123,11 @@ pub async fn start(
         dead_letter_cap: cfg.dead_letter_cap,
     });
     let (subscribed_tx, mut subscribed) = watch::channel(false);
+    let acks = Arc::new(Acks::default());
     let ingest = Ingest {
         gw: gw.clone(),
         client: client.clone(),
+        acks: acks.clone(),
         status,
         birth,
         subscriptions: topic::subscriptions(&cfg.topic_prefix),
@@ -128,11 +136,17 @@ pub async fn start(
     let tasks = vec![
         tokio::spawn(ingest.run(eventloop, in_tx, batcher_done_rx)),
         tokio::spawn(batcher(
-            gw.clone(),
-            client,
+            Batcher {
+                gw: gw.clone(),
+                client,
+                rules,
+                acks,
+                // Test hook: abort right after committing a batch that applied a message on
+                // this topic, before acking it, so that the broker redelivers it.
+                abort_before_ack: std::env::var("TEST_MQTT_ABORT_BEFORE_ACK").ok(),
+            },
             in_rx,
             shutdown,
-            rules,
             (batcher_done_tx, publisher_stop_tx),
         )),
         tokio::spawn(publisher_connection(
@@ -144,7 +158,6 @@ pub async fn start(
         tokio::spawn(publisher(
             gw.clone(),
             pub_client,
-            out_rx,
             republish_rx,
             publisher_stop_rx,
             pub_conn_stop_tx,
@@ -287,9 +300,19 @@ impl Backoff {
     }
 }
 
+/// PUBACKs on their way to the broker and those it has processed (module doc): the batcher
+/// records `packet id → tag` before acking; the ingest task moves settled ones to `settled`,
+/// which the batcher drains into its next transaction.
+#[derive(Default)]
+struct Acks {
+    queued: Mutex<HashMap<u16, u64>>,
+    settled: Mutex<Vec<(u16, u64)>>,
+}
+
 struct Ingest {
     gw: Arc<Gateway>,
     client: AsyncClient,
+    acks: Arc<Acks>,
     status: String,
     birth: u64,
     subscriptions: [String; 2],
@@ -305,7 +328,22 @@ impl Ingest {
     ) {
         let mut backoff = Backoff::new(&self.gw.config.mqtt);
         let mut connected = false;
+        // Acks written to the connection, and those written before the outstanding PINGREQ.
+        let mut written: Vec<(u16, u64)> = Vec::new();
+        let mut probing: Vec<(u16, u64)> = Vec::new();
+        let mut ping_queued = false;
         loop {
+            if connected
+                && !written.is_empty()
+                && probing.is_empty()
+                && !ping_queued
+                && !eventloop.state.await_pingresp
+            {
+                // Through `pending`, which the event loop serves first; a second PINGREQ
+                // before the PINGRESP would be a protocol error, hence the checks above.
+                eventloop.pending.push_back(Request::PingReq(PingReq));
+                ping_queued = true;
+            }
             let event = tokio::select! {
                 biased;
                 _ = &mut batcher_done => break,
@@ -314,6 +352,27 @@ impl Ingest {
             match event {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let _ = to_batcher.send(p);
+                }
+                Ok(Event::Outgoing(Outgoing::PubAck(pkid))) => {
+                    let tag = self
+                        .acks
+                        .queued
+                        .lock()
+                        .ok()
+                        .and_then(|mut q| q.remove(&pkid));
+                    if let Some(tag) = tag {
+                        written.push((pkid, tag));
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::PingReq)) => {
+                    // Ours or rumqttc's keepalive: either proves what was written before it.
+                    ping_queued = false;
+                    probing.append(&mut written);
+                }
+                Ok(Event::Incoming(Packet::PingResp)) => {
+                    if let Ok(mut s) = self.acks.settled.lock() {
+                        s.append(&mut probing);
+                    }
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     self.subscribed.send_replace(true);
@@ -347,6 +406,20 @@ impl Ingest {
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "MQTT ingest connection lost; reconnecting");
+                    // Acks not yet answered by a PINGRESP may never have reached the broker:
+                    // their entries stay. Outgoing events still buffered describe writes on
+                    // the dead connection; a queued PINGREQ would be a second one after the
+                    // reconnect if rumqttc's keepalive pinged first.
+                    written.clear();
+                    probing.clear();
+                    ping_queued = false;
+                    eventloop
+                        .state
+                        .events
+                        .retain(|e| !matches!(e, Event::Outgoing(_)));
+                    eventloop
+                        .pending
+                        .retain(|r| !matches!(r, Request::PingReq(_)));
                     if connected {
                         connected = false;
                         // A new connection is a new birth; its Last Will carries the new number.
@@ -388,16 +461,22 @@ impl Ingest {
     }
 }
 
-async fn batcher(
+struct Batcher {
     gw: Arc<Gateway>,
     client: AsyncClient,
+    rules: Arc<Rules>,
+    acks: Arc<Acks>,
+    abort_before_ack: Option<String>,
+}
+
+async fn batcher(
+    b: Batcher,
     mut rx: mpsc::UnboundedReceiver<Publish>,
     mut shutdown: watch::Receiver<bool>,
-    rules: Arc<Rules>,
     done: (oneshot::Sender<()>, oneshot::Sender<()>),
 ) {
-    let size = gw.config.mqtt.batch_size;
-    let wait = Duration::from_millis(gw.config.mqtt.batch_wait_ms);
+    let size = b.gw.config.mqtt.batch_size;
+    let wait = Duration::from_millis(b.gw.config.mqtt.batch_wait_ms);
     loop {
         let first = tokio::select! {
             biased;
@@ -420,7 +499,7 @@ async fn batcher(
                 }
             }
         }
-        if !commit_and_ack(&gw, &client, &rules, batch, &shutdown).await {
+        if !commit_and_ack(&b, batch, &shutdown).await {
             break;
         }
     }
@@ -432,37 +511,49 @@ async fn batcher(
 /// Applies one batch and acks it after the commit; false when the gateway is stopping and the
 /// batch could not be committed (it stays unacked, so the broker redelivers it).
 async fn commit_and_ack(
-    gw: &Arc<Gateway>,
-    client: &AsyncClient,
-    rules: &Arc<Rules>,
+    b: &Batcher,
     batch: Vec<Publish>,
     shutdown: &watch::Receiver<bool>,
 ) -> bool {
-    let mut messages: Vec<Message> = batch
-        .iter()
-        .map(|p| Message {
-            topic: p.topic.clone(),
-            payload: p.payload.clone(),
-            // QoS 0 has no packet id and is never redelivered: nothing to remember.
-            pkid: if p.qos == QoS::AtMostOnce { 0 } else { p.pkid },
-            dup: p.dup,
-        })
-        .collect();
+    let gw = &b.gw;
+    let message = |p: &Publish, dup: bool| Message {
+        topic: p.topic.clone(),
+        payload: p.payload.clone(),
+        // QoS 0 has no packet id and is never redelivered: nothing to remember.
+        pkid: if p.qos == QoS::AtMostOnce { 0 } else { p.pkid },
+        dup,
+    };
+    let mut messages: Vec<Message> = batch.iter().map(|p| message(p, p.dup)).collect();
+    // Entries whose acks the broker has processed go in the same transaction.
+    let mut settled = b
+        .acks
+        .settled
+        .lock()
+        .map(|mut s| std::mem::take(&mut *s))
+        .unwrap_or_default();
+    // Tells this batch's dedup entries from those of any other delivery of the same packet id.
+    let tag = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
     let mut retry = Duration::from_millis(50);
     let outcomes = loop {
-        let (charts, rules, m) = (
+        let (charts, rules, m, forget) = (
             gw.charts.clone(),
-            rules.clone(),
+            b.rules.clone(),
             std::mem::take(&mut messages),
+            std::mem::take(&mut settled),
         );
         let result = gw
             .writer
             .write(move |txn| {
-                ingest::apply(txn, &charts, &rules, &m, clock::now_ms()).map(|o| (o, m))
+                ingest::forget(txn, &rules.client_id, &forget)?;
+                ingest::apply(txn, &charts, &rules, &m, tag, clock::now_ms())
+                    .map(|o| (o, m, forget))
             })
             .await;
         match result {
-            Ok((outcomes, _)) => break outcomes,
+            Ok((outcomes, m, _)) => {
+                messages = m;
+                break outcomes;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, batch = batch.len(), "MQTT batch not committed; retrying");
                 if matches!(e, StoreError::ShuttingDown) || *shutdown.borrow() {
@@ -471,36 +562,61 @@ async fn commit_and_ack(
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(Duration::from_secs(5));
                 // Part of the batch may have been committed with a failing message: treat
-                // every message as a redelivery so the dedup table decides.
-                messages = batch
-                    .iter()
-                    .map(|p| Message {
-                        topic: p.topic.clone(),
-                        payload: p.payload.clone(),
-                        pkid: if p.qos == QoS::AtMostOnce { 0 } else { p.pkid },
-                        dup: true,
-                    })
-                    .collect();
+                // every message as a redelivery so the dedup table decides. Settled acks whose
+                // removal was lost just keep their entries (harmless).
+                messages = batch.iter().map(|p| message(p, true)).collect();
             }
         }
     };
-    for p in &batch {
-        if p.qos != QoS::AtMostOnce {
-            let _ = client.ack(p).await;
+    if let Some(topic) = &b.abort_before_ack {
+        let hit = messages
+            .iter()
+            .zip(&outcomes)
+            .any(|(m, o)| &m.topic == topic && matches!(o, Outcome::Applied { .. }));
+        if hit {
+            tracing::error!(%topic, "TEST_MQTT_ABORT_BEFORE_ACK: exiting after the commit");
+            // Like a crash: no destructor runs, nothing more is written or acked.
+            std::process::exit(86);
         }
     }
+    if let Ok(mut q) = b.acks.queued.lock() {
+        for (m, o) in messages.iter().zip(&outcomes) {
+            if let Some(t) = o.entry_tag(m.pkid, tag) {
+                q.insert(m.pkid, t);
+            }
+        }
+    }
+    for p in &batch {
+        if p.qos != QoS::AtMostOnce {
+            let _ = b.client.ack(p).await;
+        }
+    }
+    let mut steps = Vec::with_capacity(outcomes.len());
     for o in outcomes {
         match o {
             Outcome::Applied { machine, sent } => {
-                gw.mqtt.applied.fetch_add(1, Ordering::Relaxed);
-                gw.mqtt.committed(&machine, &sent);
+                let crate::instances::Sent {
+                    view,
+                    effects,
+                    instance,
+                } = *sent;
+                steps.push((machine, instance.slug, view, effects));
             }
-            Outcome::Duplicate => {
+            Outcome::Duplicate(_) => {
                 gw.mqtt.duplicates.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::Dead(reason) => gw.mqtt.dead_letter(reason),
         }
     }
+    gw.mqtt
+        .applied
+        .fetch_add(steps.len() as u64, Ordering::Relaxed);
+    // Views move into the outbox: one lock per batch, no copies.
+    gw.mqtt.committed_steps(
+        steps
+            .iter_mut()
+            .map(|(m, i, v, e)| (m.as_str(), i.as_str(), v.take(), e.as_slice())),
+    );
     true
 }
 
@@ -542,7 +658,6 @@ async fn publisher_connection(
 async fn publisher(
     gw: Arc<Gateway>,
     client: AsyncClient,
-    mut rx: mpsc::UnboundedReceiver<Publication>,
     mut republish: mpsc::UnboundedReceiver<()>,
     mut stop: oneshot::Receiver<()>,
     connection_stop: oneshot::Sender<()>,
@@ -553,80 +668,45 @@ async fn publisher(
             biased;
             _ = &mut stop => break,
             Some(()) = republish.recv() => republish_all(&gw, &client, &prefix).await,
-            p = rx.recv() => match p {
-                Some(p) => publish(&client, &prefix, drain(p, &mut rx)).await,
-                None => break,
-            },
+            _ = gw.mqtt.wake.notified() => {
+                if !publish(&client, &prefix, gw.mqtt.take_outbox()).await {
+                    // The request channel is closed: the connection task has stopped.
+                    break;
+                }
+            }
         }
     }
-    if let Ok(p) = rx.try_recv() {
-        publish(&client, &prefix, drain(p, &mut rx)).await;
-    }
+    publish(&client, &prefix, gw.mqtt.take_outbox()).await;
     let _ = client.try_disconnect();
     let _ = connection_stop.send(());
 }
 
-fn drain(first: Publication, rx: &mut mpsc::UnboundedReceiver<Publication>) -> Vec<Publication> {
-    let mut all = vec![first];
-    while all.len() < 8192 {
-        match rx.try_recv() {
-            Ok(p) => all.push(p),
-            Err(_) => break,
-        }
-    }
-    all
-}
-
-/// Publishes in order; of several queued states of one instance only the last is sent.
-async fn publish(client: &AsyncClient, prefix: &str, all: Vec<Publication>) {
-    let mut last: HashMap<(&str, &str), usize> = HashMap::new();
-    for (i, p) in all.iter().enumerate() {
-        if let Publication::State {
-            machine, instance, ..
-        } = p
-        {
-            last.insert((machine, instance), i);
-        }
-    }
-    let mut out = Vec::with_capacity(all.len());
-    for (i, p) in all.iter().enumerate() {
-        match p {
-            Publication::State {
-                machine,
-                instance,
-                view,
-            } => {
-                if last.get(&(machine.as_str(), instance.as_str())) == Some(&i) {
-                    out.push((
-                        topic::state(prefix, machine, instance),
-                        true,
-                        serde_json::to_vec(view).unwrap_or_default(),
-                    ));
-                }
-            }
-            Publication::Emit {
-                machine,
-                instance,
-                name,
-                data,
-            } => {
-                out.push((
-                    topic::emit(prefix, machine, instance, name),
-                    false,
-                    serde_json::to_vec(data).unwrap_or_default(),
-                ));
-            }
-        }
-    }
-    for (t, retain, payload) in out {
+/// Publishes one outbox round: emits in commit order, then each instance's latest state.
+/// False when the client is gone.
+async fn publish(client: &AsyncClient, prefix: &str, outbox: super::Outbox) -> bool {
+    for e in outbox.emits {
+        let payload = serde_json::to_vec(&e.data).unwrap_or_default();
+        let t = topic::emit(prefix, &e.machine, &e.instance, &e.name);
         if client
-            .publish(t, QoS::AtLeastOnce, retain, payload)
+            .publish(t, QoS::AtLeastOnce, false, payload)
             .await
             .is_err()
         {
-            return;
+            return false;
         }
     }
+    for ((machine, instance), view) in outbox.states {
+        let payload = serde_json::to_vec(&view).unwrap_or_default();
+        let t = topic::state(prefix, &machine, &instance);
+        if client
+            .publish(t, QoS::AtLeastOnce, true, payload)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    true
 }
 
 async fn republish_all(gw: &Gateway, client: &AsyncClient, prefix: &str) {

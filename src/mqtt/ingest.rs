@@ -2,10 +2,14 @@
 //!
 //! Each message becomes one of: one statechart step (`instances::send_event`, with its
 //! `transition` row), a dead letter, or — for a redelivery of a message already committed — a
-//! duplicate that changes nothing. Every non-duplicate message also records
-//! `(client id, packet id) → SHA-256(topic ‖ 0x00 ‖ payload)` in [`INFLIGHT`], in the same
-//! transaction, which is what lets a redelivery after a crash be recognised (module doc of
-//! `mqtt`). The table is bounded by the 65,535 packet ids of the session.
+//! duplicate that changes nothing. Every non-duplicate QoS 1 message also records
+//! `(client id, packet id) → SHA-256(topic ‖ 0x00 ‖ payload) ‖ batch tag` in [`INFLIGHT`], in
+//! the same transaction, which is what lets a redelivery after a crash be recognised (module
+//! doc of `mqtt`). An entry is removed by [`forget`] once the broker has provably processed our
+//! PUBACK for it (the tag tells that delivery from a later one reusing the packet id), so the
+//! table holds about one inflight window, and a packet id the broker reuses for a new message
+//! never meets a stale entry (it could otherwise take an identical new message, such as the
+//! same empty heartbeat, for a redelivery and drop it).
 //!
 //! Per-message failures never fail the batch: `send_event` and `create_instance` write nothing
 //! when they fail, so the message is dead-lettered and the batch goes on. Only store errors
@@ -21,7 +25,8 @@ use crate::chart::{ErrorKind, Event};
 use crate::instances::{self, Charts, InstanceError};
 use crate::store::{self, StoreError};
 
-/// (client id, packet id) → SHA-256(topic ‖ 0x00 ‖ payload) of the last committed message.
+/// (client id, packet id) → SHA-256(topic ‖ 0x00 ‖ payload) ‖ tag (u64 LE) of the batch that
+/// committed the message, for deliveries whose PUBACK the broker has not confirmed yet.
 pub const INFLIGHT: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("mqtt_inflight");
 /// (machine slug or "" for the gateway, n) → [`DeadLetter`].
 pub const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> =
@@ -59,8 +64,21 @@ pub enum Outcome {
         machine: String,
         sent: Box<instances::Sent>,
     },
-    Duplicate,
+    /// A redelivery of the message committed by the batch with this tag: acked, not applied.
+    Duplicate(u64),
     Dead(&'static str),
+}
+
+impl Outcome {
+    /// The tag of the [`INFLIGHT`] entry that this message's PUBACK settles: `tag` of the
+    /// batch, or the original batch's for a duplicate. None for QoS 0 (no packet id).
+    pub fn entry_tag(&self, pkid: u16, tag: u64) -> Option<u64> {
+        match self {
+            _ if pkid == 0 => None,
+            Outcome::Duplicate(t) => Some(*t),
+            _ => Some(tag),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,24 +101,30 @@ pub fn content_hash(topic: &str, payload: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Applies `batch` in `txn`, in order; one outcome per message.
+/// Applies `batch` in `txn`, in order; one outcome per message. `tag` names this batch in the
+/// [`INFLIGHT`] entries it writes (unique per batch; a random number will do). Messages with
+/// packet id 0 (QoS 0) are never redelivered and leave no entry.
 pub fn apply(
     txn: &WriteTransaction,
     charts: &Charts,
     rules: &Rules,
     batch: &[Message],
+    tag: u64,
     now_ms: i64,
 ) -> Result<Vec<Outcome>, StoreError> {
     let mut out = Vec::with_capacity(batch.len());
+    let mut entry = [0u8; 40];
+    entry[32..].copy_from_slice(&tag.to_le_bytes());
     for m in batch {
         let hash = content_hash(&m.topic, &m.payload);
-        if m.dup {
+        if m.dup && m.pkid != 0 {
             let t = txn.open_table(INFLIGHT)?;
-            let seen = t
-                .get((rules.client_id.as_str(), m.pkid))?
-                .is_some_and(|v| v.value() == hash.as_slice());
-            if seen {
-                out.push(Outcome::Duplicate);
+            let seen = t.get((rules.client_id.as_str(), m.pkid))?.and_then(|v| {
+                let v = v.value();
+                (v.len() >= 32 && v[..32] == hash).then(|| stored_tag(v))
+            });
+            if let Some(original) = seen {
+                out.push(Outcome::Duplicate(original));
                 continue;
             }
         }
@@ -111,11 +135,46 @@ pub fn apply(
                 Outcome::Dead(reason)
             }
         };
-        txn.open_table(INFLIGHT)?
-            .insert((rules.client_id.as_str(), m.pkid), hash.as_slice())?;
+        if m.pkid != 0 {
+            entry[..32].copy_from_slice(&hash);
+            txn.open_table(INFLIGHT)?
+                .insert((rules.client_id.as_str(), m.pkid), entry.as_slice())?;
+        }
         out.push(outcome);
     }
     Ok(out)
+}
+
+/// The batch tag of an [`INFLIGHT`] value (0 for entries written before tags existed).
+fn stored_tag(v: &[u8]) -> u64 {
+    v.get(32..40)
+        .and_then(|t| t.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0)
+}
+
+/// Removes the [`INFLIGHT`] entries of deliveries whose PUBACK the broker has processed:
+/// `(packet id, tag)` pairs; an entry since rewritten by a later delivery (another tag) stays.
+/// The broker will not redeliver those messages, and must not find their entries when it
+/// reuses the packet ids.
+pub fn forget(
+    txn: &WriteTransaction,
+    client_id: &str,
+    settled: &[(u16, u64)],
+) -> Result<(), StoreError> {
+    if settled.is_empty() {
+        return Ok(());
+    }
+    let mut t = txn.open_table(INFLIGHT)?;
+    for &(pkid, tag) in settled {
+        let same = t
+            .get((client_id, pkid))?
+            .is_some_and(|v| stored_tag(v.value()) == tag);
+        if same {
+            t.remove((client_id, pkid))?;
+        }
+    }
+    Ok(())
 }
 
 /// (machine to file the dead letter under, reason code, message).

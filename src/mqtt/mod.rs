@@ -10,13 +10,23 @@
 //! # What an ack means
 //! A message is acked to the broker (PUBACK) only after the write transaction that applied it
 //! (or dead-lettered it) has committed. The same transaction stores, per packet id of our
-//! session, SHA-256(topic ‖ 0x00 ‖ payload). A broker redelivers an unacked message after a
-//! reconnect with the DUP flag and the *same* packet id; if that packet id maps to the same
-//! hash, the message was committed before the crash and is acked without being applied again.
-//! Residual edge case: a message that arrives with DUP set, whose packet id the broker had
-//! reused for an earlier, byte-identical message on the same topic that we committed, is
-//! taken for that earlier message and dropped. Both conditions must hold at once (identical
-//! topic and payload, and a redelivery), which numbered or timestamped payloads rule out.
+//! session, SHA-256(topic ‖ 0x00 ‖ payload) and the batch's tag. A broker redelivers an
+//! unacked message after a reconnect with the DUP flag and the *same* packet id; if that packet
+//! id maps to the same hash, the message was committed before the crash and is acked without
+//! being applied again. A message without DUP is always new (the broker reuses a packet id only
+//! after our PUBACK for it) and always applied.
+//!
+//! Packet ids are reused (rumqttd cycles through 100, mosquitto through 65,535), and devices
+//! often send identical payloads (`{}` heartbeats), so an entry must not outlive the delivery
+//! it describes: a new identical message on the reused id, not yet committed at a crash and
+//! redelivered with DUP, would be taken for the old one and lost. So the entry is removed once
+//! the broker has provably processed our PUBACK — a PINGRESP answered a PINGREQ written after
+//! it, and brokers handle one connection's packets in order (`client`, "settling acks") — in
+//! the next batch's transaction. What remains: the broker reuses the id, and the gateway crashes
+//! with that new, identical message uncommitted, between the PINGRESP and the next commit
+//! (about one batch time), all at once. With mosquitto's sequential packet ids (a reuse comes
+//! 65,535 messages later) this cannot happen; with rumqttd, whose sessions die with the
+//! gateway, there is no redelivery after a crash at all.
 //!
 //! With an external broker and a persistent session nothing acked is lost on a gateway crash.
 //! With the embedded broker the device's PUBACK comes from the broker on receipt, before our
@@ -28,14 +38,15 @@ mod client;
 pub mod ingest;
 pub mod topic;
 
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 pub use client::{start, Running};
 
@@ -142,33 +153,42 @@ impl MqttConfig {
     }
 }
 
-/// Something the state publisher sends after a commit.
+/// An `emit` effect of a committed step: published once, not retained.
 #[derive(Debug)]
-pub enum Publication {
-    /// The retained public view of an instance.
-    State {
-        machine: String,
-        instance: String,
-        view: Value,
-    },
-    /// An `emit` effect: not retained.
-    Emit {
-        machine: String,
-        instance: String,
-        name: String,
-        data: Value,
-    },
+pub struct Emit {
+    pub machine: String,
+    pub instance: String,
+    pub name: String,
+    pub data: Value,
 }
 
-/// Counters for `/metrics` and the hook through which other tasks (timers) hand committed
-/// steps to the publisher. Lives in the `Gateway`; empty until MQTT starts.
+/// Emits queued for the publisher beyond this are dropped (and counted): a burst of emits
+/// must not grow memory without bound while the broker is slow or away.
+const MAX_QUEUED_EMITS: usize = 10_000;
+
+/// What the state publisher has to send. Only the latest state of an instance matters (it is
+/// retained), so states are a map keyed by instance: under any load the outbox holds at most
+/// one view per instance, and a slow broker makes states coalesce instead of queueing.
+#[derive(Default)]
+pub struct Outbox {
+    pub states: HashMap<(String, String), Value>,
+    pub emits: VecDeque<Emit>,
+}
+
+/// Counters for `/metrics` and the outbox through which the batcher and other tasks (timers,
+/// HTTP) hand committed steps to the publisher. Lives in the `Gateway`; nothing is queued
+/// until MQTT starts.
 #[derive(Default)]
 pub struct Shared {
     pub applied: AtomicU64,
     pub duplicates: AtomicU64,
     dead: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     pub connects: AtomicU64,
-    publisher: OnceLock<mpsc::UnboundedSender<Publication>>,
+    pub emits_dropped: AtomicU64,
+    publishing: AtomicBool,
+    outbox: Mutex<Outbox>,
+    /// Wakes the publisher when the outbox becomes non-empty.
+    pub(crate) wake: Notify,
 }
 
 impl Shared {
@@ -178,28 +198,77 @@ impl Shared {
         }
     }
 
-    /// Queues the retained state (and emits) of committed steps; never blocks.
+    /// Queues the retained state (and emits) of a committed step; never blocks.
     pub fn committed(&self, machine: &str, sent: &crate::instances::Sent) {
-        let Some(tx) = self.publisher.get() else {
-            return;
-        };
-        let _ = tx.send(Publication::State {
-            machine: machine.to_owned(),
-            instance: sent.instance.slug.clone(),
-            view: sent.view.clone(),
-        });
-        for e in &sent.effects {
-            if let Some(p) = emit(machine, &sent.instance.slug, e) {
-                let _ = tx.send(p);
-            }
-        }
+        self.committed_steps(std::iter::once((
+            machine,
+            sent.instance.slug.as_str(),
+            sent.view.clone(),
+            sent.effects.as_slice(),
+        )));
     }
 
     /// Committed steps of the timer task.
     pub fn committed_all(&self, sent: &[crate::instances::Sent]) {
-        for s in sent {
-            self.committed(&s.instance.machine, s);
+        self.committed_steps(sent.iter().map(|s| {
+            (
+                s.instance.machine.as_str(),
+                s.instance.slug.as_str(),
+                s.view.clone(),
+                s.effects.as_slice(),
+            )
+        }));
+    }
+
+    /// (machine, instance, public view, effects) of committed steps, in commit order, under one
+    /// lock of the outbox.
+    pub fn committed_steps<'a>(
+        &self,
+        steps: impl IntoIterator<Item = (&'a str, &'a str, Value, &'a [crate::chart::Effect])>,
+    ) {
+        if !self.publishing.load(Ordering::Relaxed) {
+            return;
         }
+        let Ok(mut out) = self.outbox.lock() else {
+            return;
+        };
+        let was_empty = out.states.is_empty() && out.emits.is_empty();
+        for (machine, instance, view, effects) in steps {
+            match out.states.get_mut(&(machine, instance) as &dyn OutboxKey) {
+                Some(v) => *v = view,
+                None => {
+                    out.states
+                        .insert((machine.to_owned(), instance.to_owned()), view);
+                }
+            }
+            for e in effects {
+                if let Some(p) = emit(machine, instance, e) {
+                    if out.emits.len() < MAX_QUEUED_EMITS {
+                        out.emits.push_back(p);
+                    } else {
+                        self.emits_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        let empty = out.states.is_empty() && out.emits.is_empty();
+        drop(out);
+        if was_empty && !empty {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Starts queueing for a publisher.
+    pub(crate) fn start_publishing(&self) {
+        self.publishing.store(true, Ordering::Relaxed);
+    }
+
+    /// Everything queued so far; the publisher's next round.
+    pub(crate) fn take_outbox(&self) -> Outbox {
+        self.outbox
+            .lock()
+            .map(|mut o| std::mem::take(&mut *o))
+            .unwrap_or_default()
     }
 
     pub fn render(&self) -> String {
@@ -248,7 +317,7 @@ impl Shared {
     }
 }
 
-fn emit(machine: &str, instance: &str, effect: &crate::chart::Effect) -> Option<Publication> {
+fn emit(machine: &str, instance: &str, effect: &crate::chart::Effect) -> Option<Emit> {
     let crate::chart::Effect::Emit { topic, event, data } = effect else {
         return None;
     };
@@ -258,10 +327,48 @@ fn emit(machine: &str, instance: &str, effect: &crate::chart::Effect) -> Option<
     if name.is_empty() || name.contains(['+', '#', '\0']) {
         return None;
     }
-    Some(Publication::Emit {
+    Some(Emit {
         machine: machine.into(),
         instance: instance.into(),
         name: name.into(),
         data: data.clone(),
     })
 }
+
+/// Looks up `(String, String)` keys by `(&str, &str)` without allocating (the usual
+/// borrowed-tuple-key trick), so a step of an instance already in the outbox allocates nothing.
+trait OutboxKey {
+    fn key(&self) -> (&str, &str);
+}
+
+impl OutboxKey for (String, String) {
+    fn key(&self) -> (&str, &str) {
+        (&self.0, &self.1)
+    }
+}
+
+impl OutboxKey for (&str, &str) {
+    fn key(&self) -> (&str, &str) {
+        (self.0, self.1)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn OutboxKey + 'a> for (String, String) {
+    fn borrow(&self) -> &(dyn OutboxKey + 'a) {
+        self
+    }
+}
+
+impl std::hash::Hash for dyn OutboxKey + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state)
+    }
+}
+
+impl PartialEq for dyn OutboxKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for dyn OutboxKey + '_ {}

@@ -513,6 +513,13 @@ fn verify(config: &Config, only: Option<&str>) -> Result<(), CliError> {
 }
 
 async fn serve(config: Config) -> Result<(), CliError> {
+    // Signal handlers first: the listener answers before `start` returns, and a SIGTERM that
+    // arrives then (systemd stopping a unit that is still starting, a supervisor that saw the
+    // first answer) must mean a graceful stop, not the default action of dying mid-commit.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| CliError::Usage(e.to_string()))?;
     let (running, initialised) = server::start(config, None).await?;
     if let Some(made) = &initialised {
         print_owner(made);
@@ -536,10 +543,6 @@ async fn serve(config: Config) -> Result<(), CliError> {
             }
         });
     }
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| CliError::Usage(e.to_string()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| CliError::Usage(e.to_string()))?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| CliError::Usage(e.to_string()))?;
     loop {
         tokio::select! {
             _ = term.recv() => break,

@@ -12,86 +12,28 @@
 // fail), opens it, rolls it back, visits agents and sync, and signs out (the old cookie then
 // gets 401). Screenshots: target/ui-shots/console-*.png.
 
-import { spawn, execFileSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import https from 'node:https';
-import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { checks, launchChromium, startGateway } from './harness.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, '../..');
 const bin = path.resolve(process.argv[2] || path.join(root, 'target/debug/smgate'));
 const shots = path.resolve(process.argv[3] || path.join(root, 'target/ui-shots'));
 
-let passed = 0;
-let failed = 0;
-function check(name, ok, detail = '') {
-  if (ok) {
-    passed++;
-    console.log(`ok   ${name}`);
-  } else {
-    failed++;
-    console.log(`FAIL ${name} ${detail}`);
-  }
-}
-
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'smgate-console-'));
-const data = path.join(dir, 'data');
-const init = execFileSync(bin, ['--data', data, 'init'], { encoding: 'utf8' });
-const ownerKey = init.match(/^owner key (\S+)/m)[1];
-const ownerZid = init.match(/^owner account (\S+)/m)[1];
-const ca = fs.readFileSync(path.join(data, 'tls/cert.pem'));
-// ZEQ for one agent run (offline, before serve), so the agents screen has a lineage to plot.
-execFileSync(bin, ['--data', data, 'account', 'credit', ownerZid, '1000'], { encoding: 'utf8' });
-
-const gw = spawn(bin, ['--data', data, 'serve'], {
-  env: { ...process.env, SMGATE_HTTP_LISTEN: '127.0.0.1:0', SMGATE_MQTT_LISTEN: '127.0.0.1:0', RUST_LOG: 'warn' },
-  stdio: ['ignore', 'pipe', 'inherit'],
+const { check, fail, report } = checks();
+const gateway = await startGateway(bin, {
+  prefix: 'smgate-console-',
+  mqtt: true,
+  // ZEQ for one agent run (offline, before serve), so the agents screen has a lineage to plot.
+  beforeServe: (data, { ownerZid }) =>
+    execFileSync(bin, ['--data', data, 'account', 'credit', ownerZid, '1000'], { encoding: 'utf8' }),
 });
-const { addr, broker } = await new Promise((resolve, reject) => {
-  let buf = '';
-  const timer = setTimeout(() => reject(new Error('gateway did not listen within 30 s')), 30000);
-  gw.stdout.on('data', (d) => {
-    buf += d;
-    const web = buf.match(/listening on https:\/\/(\S+)/);
-    const mqtt = buf.match(/mqtt broker on (\S+)/);
-    if (web && mqtt) {
-      clearTimeout(timer);
-      resolve({ addr: web[1], broker: mqtt[1] });
-    }
-  });
-  gw.on('exit', (code) => reject(new Error(`gateway exited with ${code}`)));
-});
-const origin = `https://${addr}`;
+const { ownerKey, ownerZid, origin, broker, dir } = gateway;
 const [mqttHost, mqttPort] = [broker.slice(0, broker.lastIndexOf(':')), broker.slice(broker.lastIndexOf(':') + 1)];
-
-function api(method, urlPath, { body, key, cookie, consoleHeader } = {}) {
-  return new Promise((resolve, reject) => {
-    const payload = body === undefined ? undefined : JSON.stringify(body);
-    const req = https.request(origin + urlPath, {
-      method,
-      ca,
-      headers: {
-        ...(key ? { authorization: `Bearer ${key}` } : {}),
-        ...(cookie ? { cookie: `smgate_session=${cookie}` } : {}),
-        ...(consoleHeader ? { 'x-smgate-console': '1' } : {}),
-        ...(payload ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {}),
-      },
-    }, (res) => {
-      let text = '';
-      res.on('data', (d) => (text += d));
-      res.on('end', () => {
-        let json;
-        try { json = JSON.parse(text); } catch { json = text; }
-        resolve({ status: res.statusCode, body: json, headers: res.headers });
-      });
-    });
-    req.on('error', reject);
-    req.end(payload);
-  });
-}
+const api = (method, urlPath, opts) => gateway.request(method, urlPath, opts);
 
 function mqttPublish(topic, message) {
   execFileSync('mosquitto_pub', ['-h', mqttHost, '-p', mqttPort, '-q', '1', '-i', `console-test-${process.pid}`,
@@ -132,11 +74,7 @@ try {
   fs.writeFileSync(pageV1, PAGE_V1);
   fs.writeFileSync(pageV2, PAGE_V2);
 
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    args: ['--no-sandbox', '--disable-background-networking', '--disable-gpu', '--no-first-run',
-      '--disable-component-update', '--disable-sync', '--headless'],
-  });
+  browser = await launchChromium();
   // A fresh, empty profile. The certificate is self-signed for 127.0.0.1; trust is checked
   // by the API calls (which pin it).
   const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1100, height: 900 } });
@@ -319,12 +257,9 @@ try {
   check('no script errors', errors.length === 0, JSON.stringify(errors));
 } catch (e) {
   console.error(e);
-  failed++;
+  fail();
 } finally {
   if (browser) await browser.close();
-  gw.kill('SIGTERM');
-  await new Promise((r) => gw.once('exit', r));
-  fs.rmSync(dir, { recursive: true, force: true });
+  await gateway.stop();
 }
-console.log(`browser console: ${passed} passed, ${failed} failed`);
-process.exit(failed === 0 ? 0 : 1);
+report('console');

@@ -10,80 +10,20 @@
 // fail, the write fails (and nothing was published), public state is readable. Saves a
 // screenshot to target/ui-shots/page-sandbox.png.
 
-import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import https from 'node:https';
-import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { checks, launchChromium, startGateway } from './harness.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, '../..');
 const bin = path.resolve(process.argv[2] || path.join(root, 'target/debug/smgate'));
 const shots = path.resolve(process.argv[3] || path.join(root, 'target/ui-shots'));
 
-let passed = 0;
-let failed = 0;
-function check(name, ok, detail = '') {
-  if (ok) {
-    passed++;
-    console.log(`ok   ${name}`);
-  } else {
-    failed++;
-    console.log(`FAIL ${name} ${detail}`);
-  }
-}
-
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'smgate-browser-'));
-const data = path.join(dir, 'data');
-const init = execFileSync(bin, ['--data', data, 'init'], { encoding: 'utf8' });
-const ownerKey = init.match(/^owner key (\S+)/m)[1];
-const ownerZid = init.match(/^owner account (\S+)/m)[1];
-const ca = fs.readFileSync(path.join(data, 'tls/cert.pem'));
-
-const gw = spawn(bin, ['--data', data, 'serve'], {
-  env: { ...process.env, SMGATE_HTTP_LISTEN: '127.0.0.1:0', RUST_LOG: 'warn' },
-  stdio: ['ignore', 'pipe', 'inherit'],
-});
-const addr = await new Promise((resolve, reject) => {
-  let buf = '';
-  const timer = setTimeout(() => reject(new Error('gateway did not listen within 20 s')), 20000);
-  gw.stdout.on('data', (d) => {
-    buf += d;
-    const m = buf.match(/listening on https:\/\/(\S+)/);
-    if (m) {
-      clearTimeout(timer);
-      resolve(m[1]);
-    }
-  });
-  gw.on('exit', (code) => reject(new Error(`gateway exited with ${code}`)));
-});
-const origin = `https://${addr}`;
-
-function api(method, urlPath, body, key = ownerKey) {
-  return new Promise((resolve, reject) => {
-    const payload = body === undefined ? undefined : JSON.stringify(body);
-    const req = https.request(origin + urlPath, {
-      method,
-      ca,
-      headers: {
-        ...(key ? { authorization: `Bearer ${key}` } : {}),
-        ...(payload ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {}),
-      },
-    }, (res) => {
-      let text = '';
-      res.on('data', (d) => (text += d));
-      res.on('end', () => {
-        let json;
-        try { json = JSON.parse(text); } catch { json = text; }
-        resolve({ status: res.statusCode, body: json, headers: res.headers });
-      });
-    });
-    req.on('error', reject);
-    req.end(payload);
-  });
-}
+const { check, fail, report } = checks();
+const gateway = await startGateway(bin);
+const { ownerKey, ownerZid, origin } = gateway;
+const api = (method, urlPath, body, key = ownerKey) => gateway.request(method, urlPath, { body, key });
 
 // The hostile page: everything it learns goes into #result as JSON.
 const HOSTILE = `<!doctype html>
@@ -140,10 +80,7 @@ try {
   r = await api('POST', '/api/state-machines/demo/pages/evil/publish', { title: 'Hostile', html: HOSTILE, agentZid: ownerZid });
   check('publish hostile page', r.status === 201, JSON.stringify(r.body));
 
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    args: ['--no-sandbox', '--disable-background-networking', '--disable-gpu', '--headless'],
-  });
+  browser = await launchChromium();
   // The gateway's certificate is self-signed for 127.0.0.1; trust is checked by the API calls above.
   const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 900, height: 900 } });
   await context.addCookies([
@@ -194,12 +131,9 @@ try {
   console.log(`screenshot: ${shot}`);
 } catch (e) {
   console.error(e);
-  failed++;
+  fail();
 } finally {
   if (browser) await browser.close();
-  gw.kill('SIGTERM');
-  await new Promise((r) => gw.once('exit', r));
-  fs.rmSync(dir, { recursive: true, force: true });
+  await gateway.stop();
 }
-console.log(`browser pages: ${passed} passed, ${failed} failed`);
-process.exit(failed === 0 ? 0 : 1);
+report('pages');

@@ -114,6 +114,25 @@ impl Gateway {
             "Statechart timers fired by the timer task.",
             self.timers_fired.load(Ordering::Relaxed),
         );
+        for (name, help, value) in [
+            (
+                "smgate_agent_ticks_total",
+                "Agent ticks the ticker committed.",
+                &self.agents.ticked,
+            ),
+            (
+                "smgate_agent_ticks_skipped_total",
+                "Agent ticks the ticker skipped (run ended, already ticked, payer cannot pay).",
+                &self.agents.skipped,
+            ),
+            (
+                "smgate_agent_ticker_overruns_total",
+                "Ticker passes that returned after the next Zeqond began (a slow commit).",
+                &self.agents.overruns,
+            ),
+        ] {
+            crate::metrics::counter(&mut out, name, help, value.load(Ordering::Relaxed));
+        }
         // One read transaction for the store-derived gauges; skipped (not zeroed) when the
         // store is unavailable, so a reopen does not look like an empty backlog.
         let from_store = self.store.view(|txn| {

@@ -689,6 +689,59 @@ async fn ticker_keeps_the_cadence_with_100_live_runs() {
     assert!(most >= 100, "at most {most} runs ticked in one Zeqond");
 }
 
+/// A commit slower than a Zeqond (a busy SD card) must not cost the following Zeqond its
+/// tick: a pass that returns after the boundary is followed at once by the next pass. The
+/// gateway runs in-process on a file backend whose next fsync is told to take 900 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_slower_than_a_zeqond_leaves_no_gap() {
+    use smgate::store::{DiskLimit, StoreOptions};
+    let (mut gw, _) = funded(&[], 10_000_000, 0);
+    gw.stop();
+    let mut config = smgate::config::Config::load(None, Vec::new()).unwrap();
+    config.data.dir = gw.data();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    let disk = DiskLimit::default();
+    let options = StoreOptions {
+        disk_limit: Some(disk.clone()),
+        ..StoreOptions::default()
+    };
+    let (running, _) = smgate::server::start(config, Some(options)).await.unwrap();
+    gw.addr = running.addr.to_string();
+    let k = gw.owner_key.clone();
+    let (s, v) = spawn(&gw, &k, body(LONG, 2, 10)).await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["agent_id"].as_str().unwrap().to_string();
+    // Arm the stall in the middle of the next Zeqond: the next commit is the ticker's pass at the
+    // coming boundary, and it returns about 120 ms into the Zeqond after.
+    let now = clock_ms();
+    tokio::time::sleep(Duration::from_millis(ZEQOND_MS - now % ZEQOND_MS + 350)).await;
+    disk.slow_next_sync(900);
+    let done = wait_done(&gw, &k, &id, 60).await;
+    assert_eq!(done["status"], "exhausted", "{done}");
+    let all = rows(&gw, &v["slug"].as_str().unwrap().to_string(), &k).await;
+    let ticks = &ticks_by_run(&all)[&id];
+    assert_eq!(ticks.len(), 10, "{ticks:?}");
+    for w in ticks.windows(2) {
+        assert_eq!(w[1].0, w[0].0 + 1, "a gap or a double: {ticks:?}");
+    }
+    let (_, metrics, _) = call(&gw.client(), Method::GET, &gw.url("/metrics"), None, None).await;
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    let overruns = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("smgate_agent_ticker_overruns_total "))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(overruns.is_some_and(|n| n >= 1), "no overrun counted: {metrics}");
+    running.shutdown().await;
+}
+
+fn clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lineage_is_reproducible_across_a_restart_in_the_middle_of_a_run() {
     let (mut gw, _) = funded(&[], 10_000, 0);

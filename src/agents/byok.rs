@@ -70,6 +70,8 @@ pub struct Agents {
     /// Ticks the ticker committed, and ticks it skipped (unpaid, raced, failed).
     pub ticked: std::sync::atomic::AtomicU64,
     pub skipped: std::sync::atomic::AtomicU64,
+    /// Passes that returned after the next Zeqond began; the ticker then passes at once.
+    pub overruns: std::sync::atomic::AtomicU64,
     /// Zeqonds that a waiting `POST tick` has claimed, by run id: the ticker leaves the run
     /// alone in that Zeqond, so a manual tick is not starved by the ticker.
     pub claims: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -127,6 +129,7 @@ impl Agents {
             roots: Arc::new(roots),
             ticked: Default::default(),
             skipped: Default::default(),
+            overruns: Default::default(),
             claims: Default::default(),
             wake: Default::default(),
         }

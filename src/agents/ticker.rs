@@ -7,7 +7,8 @@
 //! (for instance by `POST tick`), or whose payer cannot pay writes nothing and is skipped. The
 //! Zeqond is taken from the clock inside the write transaction, so if a commit is late the
 //! tick counts for the Zeqond it lands in, and the next pass skips it: a late gateway leaves a
-//! gap, never a double tick. A spawn whose commit lands after the next Zeqond's pass wakes
+//! gap, never a double tick. A pass that returns after the next boundary (its commit waited on
+//! a slow disk) is followed at once by the next Zeqond's pass, not by a sleep. A spawn whose commit lands after the next Zeqond's pass wakes
 //! the ticker for an extra pass, so its run does not miss that Zeqond.
 
 use std::sync::atomic::Ordering;
@@ -72,13 +73,13 @@ fn due(gw: &Gateway, z: u64) -> Vec<Due> {
     })
 }
 
-/// Ticks the runs due at the current Zeqond once; returns how many ticked.
-pub async fn pass(gw: &Arc<Gateway>) -> usize {
+/// Ticks the runs due at the current Zeqond once; returns that Zeqond.
+pub async fn pass(gw: &Arc<Gateway>) -> u64 {
     let z = clock::zeqond(clock::now_ms());
     let runs = due(gw, z);
     tracing::debug!(zeqond = z, due = runs.len(), "ticker: pass");
     if runs.is_empty() {
-        return 0;
+        return z;
     }
     // BYOK runs ask their models concurrently; the rest need no wait.
     let asks = runs.into_iter().map(|d| {
@@ -120,13 +121,10 @@ pub async fn pass(gw: &Arc<Gateway>) -> usize {
             gw.agents
                 .skipped
                 .fetch_add(skipped as u64, Ordering::Relaxed);
-            ticked
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "ticker: the Zeqond's ticks were not committed");
-            0
-        }
+        Err(e) => tracing::warn!(error = %e, "ticker: the Zeqond's ticks were not committed"),
     }
+    z
 }
 
 /// Milliseconds until the next Zeqond boundary.
@@ -142,7 +140,13 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
         tracing::warn!(error = %e, "ticker: cannot create the agent tables");
     }
     loop {
-        pass(&gw).await;
+        let passed = pass(&gw).await;
+        // A pass whose commit overran the boundary (a slow fsync on a busy disk) returns in
+        // the next Zeqond: pass that one now instead of sleeping through it.
+        if clock::zeqond(clock::now_ms()) > passed {
+            gw.agents.overruns.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         // A millisecond past the boundary, so the clock inside the write reads the new Zeqond.
         let wait = Duration::from_millis(until_next_zeqond() + 1);
         tokio::select! {

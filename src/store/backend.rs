@@ -1,6 +1,8 @@
 //! A file backend that can be told the disk is full: the file may not grow past its size at the
 //! moment the limit is switched on. That is what ENOSPC looks like to redb (writes into
 //! already-allocated pages still succeed), so tests exercise the real error paths of the store.
+//! It can also be told that the next fsync is slow (a busy SD card), for the paths that must
+//! cope with a commit that takes longer than a Zeqond.
 
 use std::fs::File;
 use std::io;
@@ -17,6 +19,8 @@ use super::StoreError;
 pub struct DiskLimit {
     limit: Arc<AtomicU64>,
     current_len: Arc<AtomicU64>,
+    /// Milliseconds the next `sync_data` waits before syncing (0: none); taken by that sync.
+    slow_sync_ms: Arc<AtomicU64>,
 }
 
 impl Default for DiskLimit {
@@ -24,6 +28,7 @@ impl Default for DiskLimit {
         DiskLimit {
             limit: Arc::new(AtomicU64::new(u64::MAX)),
             current_len: Arc::new(AtomicU64::new(0)),
+            slow_sync_ms: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -33,6 +38,11 @@ impl DiskLimit {
     pub fn fill(&self) {
         self.limit
             .store(self.current_len.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// The next fsync takes `ms` milliseconds longer (once).
+    pub fn slow_next_sync(&self, ms: u64) {
+        self.slow_sync_ms.store(ms, Ordering::SeqCst);
     }
 
     /// Space was freed.
@@ -82,6 +92,10 @@ impl StorageBackend for LimitedBackend {
     }
 
     fn sync_data(&self, eventual: bool) -> Result<(), io::Error> {
+        let slow = self.switch.slow_sync_ms.swap(0, Ordering::SeqCst);
+        if slow > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(slow));
+        }
         self.inner.sync_data(eventual)
     }
 

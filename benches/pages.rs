@@ -52,15 +52,33 @@ impl Drop for Nginx {
 }
 
 fn have(cmd: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().is_ok_and(|o| o.status.success())
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn start_gateway(data: &Path) -> (Gateway, String) {
     let bin = env!("CARGO_BIN_EXE_smgate");
-    let out = Command::new(bin).arg("--data").arg(data).arg("init").output().expect("smgate init");
-    assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin)
+        .arg("--data")
+        .arg(data)
+        .arg("init")
+        .output()
+        .expect("smgate init");
+    assert!(
+        out.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let key = text.lines().find_map(|l| l.strip_prefix("owner key ")).expect("owner key").trim().to_string();
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("owner key "))
+        .expect("owner key")
+        .trim()
+        .to_string();
     let mut child = Command::new(bin)
         .arg("--data")
         .arg(data)
@@ -83,19 +101,28 @@ fn start_gateway(data: &Path) -> (Gateway, String) {
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("gateway did not listen");
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("gateway did not listen");
     (Gateway { child, addr }, key)
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 fn start_nginx(dir: &Path, root: &Path, cert: &Path, key: &Path) -> (Nginx, String) {
     let port = free_port();
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     // As root, nginx would switch its workers to `nobody`, who cannot read the temp dir.
-    let user = if running_as_root() { "user root root;" } else { "" };
+    let user = if running_as_root() {
+        "user root root;"
+    } else {
+        ""
+    };
     let conf = format!(
         r#"{user}
 worker_processes {workers};
@@ -146,14 +173,21 @@ http {{
     let addr = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "nginx did not listen; see {}/error.log", dir.display());
+        assert!(
+            Instant::now() < deadline,
+            "nginx did not listen; see {}/error.log",
+            dir.display()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     (Nginx { child }, addr)
 }
 
 fn running_as_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 struct Wrk {
@@ -164,7 +198,9 @@ struct Wrk {
 }
 
 fn parse_ms(s: &str) -> Option<f64> {
-    let (num, unit) = s.trim().split_at(s.trim().find(|c: char| c.is_ascii_alphabetic())?);
+    let (num, unit) = s
+        .trim()
+        .split_at(s.trim().find(|c: char| c.is_ascii_alphabetic())?);
     let v: f64 = num.parse().ok()?;
     Some(match unit {
         "us" => v / 1000.0,
@@ -177,15 +213,26 @@ fn parse_ms(s: &str) -> Option<f64> {
 
 fn wrk(url: &str, secs: u64, connections: u64) -> Wrk {
     let out = Command::new("wrk")
-        .args(["-t", "1", "-c", &connections.to_string(), "-d", &format!("{secs}s"), "--latency"])
+        .args([
+            "-t",
+            "1",
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{secs}s"),
+            "--latency",
+        ])
         .args(["-H", "Accept-Encoding: identity", url])
         .output()
         .expect("wrk");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let find = |prefix: &str| {
-        text.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()))
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()))
     };
-    let rps = find("Requests/sec:").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no Requests/sec in wrk output:\n{text}"));
+    let rps = find("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in wrk output:\n{text}"));
     let p50_ms = find("50%").and_then(|v| parse_ms(&v)).unwrap_or(f64::NAN);
     let p99_ms = find("99%").and_then(|v| parse_ms(&v)).unwrap_or(f64::NAN);
     let errors = text
@@ -194,18 +241,45 @@ fn wrk(url: &str, secs: u64, connections: u64) -> Wrk {
         .map(str::trim)
         .collect::<Vec<_>>()
         .join("; ");
-    Wrk { rps, p50_ms, p99_ms, errors }
+    Wrk {
+        rps,
+        p50_ms,
+        p99_ms,
+        errors,
+    }
 }
 
 /// Text-like HTML of `size` bytes, different for each `seed` (a small xorshift picks words).
 fn html_page(size: usize, seed: u64) -> String {
     const WORDS: &[&str] = &[
-        "gateway", "machine", "state", "heartbeat", "sensor", "value", "online", "offline", "transition", "event",
-        "page", "version", "publish", "the", "a", "of", "and", "to", "temperature", "pressure", "valve", "pump",
+        "gateway",
+        "machine",
+        "state",
+        "heartbeat",
+        "sensor",
+        "value",
+        "online",
+        "offline",
+        "transition",
+        "event",
+        "page",
+        "version",
+        "publish",
+        "the",
+        "a",
+        "of",
+        "and",
+        "to",
+        "temperature",
+        "pressure",
+        "valve",
+        "pump",
     ];
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = String::with_capacity(size + 64);
-    out.push_str("<!doctype html><html><head><meta charset=\"utf-8\"><title>bench</title></head><body>\n");
+    out.push_str(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>bench</title></head><body>\n",
+    );
     while out.len() < size - 32 {
         out.push_str("<p>");
         for _ in 0..12 {
@@ -224,7 +298,9 @@ fn html_page(size: usize, seed: u64) -> String {
 
 fn client(cert: &Path) -> reqwest::Client {
     reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(cert).expect("cert")).expect("pem"))
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(cert).expect("cert")).expect("pem"),
+        )
         .tls_built_in_root_certs(false)
         .use_rustls_tls()
         .timeout(Duration::from_secs(120))
@@ -235,7 +311,9 @@ fn client(cert: &Path) -> reqwest::Client {
 async fn publish(c: &reqwest::Client, base: &str, key: &str, page: &str, html: String) -> Value {
     let body = json!({"title": "bench", "html": html, "agentZid": "ZEQ-bench"});
     let res = c
-        .post(format!("{base}/api/state-machines/bench/pages/{page}/publish"))
+        .post(format!(
+            "{base}/api/state-machines/bench/pages/{page}/publish"
+        ))
         .bearer_auth(key)
         .json(&body)
         .send()
@@ -246,26 +324,54 @@ async fn publish(c: &reqwest::Client, base: &str, key: &str, page: &str, html: S
 }
 
 fn main() {
-    let secs: u64 = std::env::var("PAGES_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
-    let connections: u64 = std::env::var("PAGES_BENCH_CONNECTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    let secs: u64 = std::env::var("PAGES_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let connections: u64 = std::env::var("PAGES_BENCH_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
     let (gw, key) = start_gateway(&data);
     let base = format!("https://{}", gw.addr);
     let cert = data.join("tls/cert.pem");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let c = client(&cert);
 
     // One page, a typical single-file dashboard size.
     let page = html_page(8 * 1024, 1);
     rt.block_on(async {
-        let res = c.post(format!("{base}/api/chain/state-machines")).bearer_auth(&key).json(&json!({"slug": "bench"})).send().await.expect("create");
+        let res = c
+            .post(format!("{base}/api/chain/state-machines"))
+            .bearer_auth(&key)
+            .json(&json!({"slug": "bench"}))
+            .send()
+            .await
+            .expect("create");
         assert_eq!(res.status(), 201);
         publish(&c, &base, &key, "home", page.clone()).await;
     });
     let path = "/s/bench/p/home/";
-    let served = rt.block_on(async { c.get(format!("{base}{path}")).send().await.expect("get").bytes().await.expect("body") });
-    assert_eq!(served.as_ref(), page.as_bytes(), "the gateway serves the published bytes");
+    let served = rt.block_on(async {
+        c.get(format!("{base}{path}"))
+            .send()
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("body")
+    });
+    assert_eq!(
+        served.as_ref(),
+        page.as_bytes(),
+        "the gateway serves the published bytes"
+    );
 
     println!("smgate pages bench: one {} byte page over TLS (HTTP/1.1 keep-alive, identity), {} connections, {secs} s per run", page.len(), connections);
     if have("wrk") && have("nginx") {
@@ -275,7 +381,13 @@ fn main() {
         std::fs::write(root.join("s/bench/p/home/index.html"), &page).expect("page file");
         let (_nginx, ngx_addr) = start_nginx(&ngx_dir, &root, &cert, &data.join("tls/key.pem"));
         let ngx_bytes = rt.block_on(async {
-            c.get(format!("https://{ngx_addr}{path}")).send().await.expect("nginx get").bytes().await.expect("body")
+            c.get(format!("https://{ngx_addr}{path}"))
+                .send()
+                .await
+                .expect("nginx get")
+                .bytes()
+                .await
+                .expect("body")
         });
         assert_eq!(ngx_bytes, served, "nginx serves the same bytes");
 
@@ -302,22 +414,38 @@ fn main() {
         let ratio = g.rps / n.rps;
         println!("| server | requests/s | p50 ms | p99 ms |");
         println!("|---|---:|---:|---:|");
-        println!("| smgate | {:.0} | {:.2} | {:.2} |", g.rps, g.p50_ms, g.p99_ms);
-        println!("| nginx  | {:.0} | {:.2} | {:.2} |", n.rps, n.p50_ms, n.p99_ms);
+        println!(
+            "| smgate | {:.0} | {:.2} | {:.2} |",
+            g.rps, g.p50_ms, g.p99_ms
+        );
+        println!(
+            "| nginx  | {:.0} | {:.2} | {:.2} |",
+            n.rps, n.p50_ms, n.p99_ms
+        );
         println!(
             "ratio smgate/nginx: {ratio:.2} (target >= {TARGET_RATIO:.1}: {})",
-            if ratio >= TARGET_RATIO { "met" } else { "NOT met" }
+            if ratio >= TARGET_RATIO {
+                "met"
+            } else {
+                "NOT met"
+            }
         );
     } else {
-        println!("SKIP serving comparison: wrk and nginx are needed (apt-get install wrk nginx-light)");
+        println!(
+            "SKIP serving comparison: wrk and nginx are needed (apt-get install wrk nginx-light)"
+        );
     }
 
     // Publishes of distinct 2 MiB pages.
-    let pages: Vec<String> = (0..PUBLISHES).map(|i| html_page(2 * 1024 * 1024, 1000 + i as u64)).collect();
+    let pages: Vec<String> = (0..PUBLISHES)
+        .map(|i| html_page(2 * 1024 * 1024, 1000 + i as u64))
+        .collect();
     let started = Instant::now();
     let (versions, sizes) = rt.block_on(async {
         let mut tasks = Vec::new();
-        let chunks: Vec<Vec<String>> = (0..CONCURRENCY).map(|w| pages.iter().skip(w).step_by(CONCURRENCY).cloned().collect()).collect();
+        let chunks: Vec<Vec<String>> = (0..CONCURRENCY)
+            .map(|w| pages.iter().skip(w).step_by(CONCURRENCY).cloned().collect())
+            .collect();
         for (w, chunk) in chunks.into_iter().enumerate() {
             let (c, base, key) = (c.clone(), base.clone(), key.clone());
             tasks.push(tokio::spawn(async move {
@@ -336,8 +464,26 @@ fn main() {
         }
         // Sizes of the stored encodings of the last page, as served.
         let url = format!("{base}/s/bench/p/big-0/");
-        let br = c.get(&url).header("accept-encoding", "br").send().await.expect("get").bytes().await.expect("body").len();
-        let gz = c.get(&url).header("accept-encoding", "gzip").send().await.expect("get").bytes().await.expect("body").len();
+        let br = c
+            .get(&url)
+            .header("accept-encoding", "br")
+            .send()
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("body")
+            .len();
+        let gz = c
+            .get(&url)
+            .header("accept-encoding", "gzip")
+            .send()
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("body")
+            .len();
         (total, (br, gz))
     });
     let elapsed = started.elapsed().as_secs_f64();

@@ -731,7 +731,10 @@ async fn a_commit_slower_than_a_zeqond_leaves_no_gap() {
         .lines()
         .find_map(|l| l.strip_prefix("smgate_agent_ticker_overruns_total "))
         .and_then(|n| n.parse::<u64>().ok());
-    assert!(overruns.is_some_and(|n| n >= 1), "no overrun counted: {metrics}");
+    assert!(
+        overruns.is_some_and(|n| n >= 1),
+        "no overrun counted: {metrics}"
+    );
     running.shutdown().await;
 }
 

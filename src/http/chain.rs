@@ -10,6 +10,10 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
+use super::openapi::schema::{
+    Block, ChainState, ConsistencyProof, EventRecorded, EventRequest, Explore, InclusionProof,
+    Validation, ZeqError,
+};
 use super::{
     bearer, body, json_response, parse_json, read_body, respond, visible_machine, with_gateway,
     ApiError, BodyStream,
@@ -19,10 +23,6 @@ use crate::clock;
 use crate::ledger::{self, canonical, hex, log, Checkpoint, Row};
 use crate::machines::{self, Machine};
 use crate::server::Gateway;
-use super::openapi::schema::{
-    Block, ChainState, ConsistencyProof, EventRecorded, EventRequest, Explore, InclusionProof,
-    Validation, ZeqError,
-};
 
 /// Most rows one `explore` page returns.
 pub const MAX_PAGE: u64 = 500;
@@ -287,12 +287,14 @@ async fn post_event(
         {
             t.clone()
         }
-        Some(_) => return Err(ApiError::bad_request(
-            "invalid_type",
-            format!(
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_type",
+                format!(
                 "type must be a string of 1–{MAX_EVENT_TYPE} characters without control characters"
             ),
-        )),
+            ))
+        }
     };
     let payload_hash = match (body.get("payload"), body.get("hash")) {
         (Some(_), Some(_)) => {

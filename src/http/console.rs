@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
+use super::openapi::schema::ZeqError;
 use super::{
     body, json_response, parse_json, read_body, respond, session_cookie, with_gateway, ApiError,
     BodyStream, CONSOLE_HEADER, SESSION_COOKIE,
@@ -19,7 +20,6 @@ use crate::auth::session::{self, Session, SESSION_TTL_MS};
 use crate::auth::{self, AuthError, Principal};
 use crate::clock;
 use crate::server::Gateway;
-use super::openapi::schema::ZeqError;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]

@@ -4,9 +4,9 @@
 
 mod agents;
 mod chain;
-mod instances;
 pub mod client;
 mod console;
+mod instances;
 mod listener;
 mod machines;
 mod mqtt;
@@ -52,7 +52,13 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), extra: Map::new(), retry_after: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: Map::new(),
+            retry_after: None,
+        }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -68,7 +74,11 @@ impl ApiError {
     }
 
     pub fn machine_not_found() -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "machine_not_found", "no machine with that slug is visible to this key")
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "machine_not_found",
+            "no machine with that slug is visible to this key",
+        )
     }
 
     pub fn forbidden(message: impl Into<String>) -> ApiError {
@@ -110,13 +120,25 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
-            StoreError::Full(_) => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "storage_full", e.to_string()),
+            StoreError::Full(_) => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage_full",
+                e.to_string(),
+            ),
             StoreError::Unavailable(_) | StoreError::Recovering | StoreError::ShuttingDown => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", e.to_string())
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    e.to_string(),
+                )
             }
             StoreError::Corrupt(_) | StoreError::NewerSchema { .. } => {
                 tracing::error!(error = %e, "storage error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unspecified", e.to_string())
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "unspecified",
+                    e.to_string(),
+                )
             }
         }
     }
@@ -135,10 +157,12 @@ impl From<MachineError> for ApiError {
     fn from(e: MachineError) -> ApiError {
         match e {
             MachineError::Invalid { code, message } => ApiError::bad_request(code, message),
-            MachineError::SlugTaken { existing_slug } => {
-                ApiError::new(StatusCode::CONFLICT, "slug_taken", format!("slug `{existing_slug}` is taken"))
-                    .with("existing_slug", json!(existing_slug))
-            }
+            MachineError::SlugTaken { existing_slug } => ApiError::new(
+                StatusCode::CONFLICT,
+                "slug_taken",
+                format!("slug `{existing_slug}` is taken"),
+            )
+            .with("existing_slug", json!(existing_slug)),
             MachineError::NotFound => ApiError::machine_not_found(),
             MachineError::Forbidden => ApiError::forbidden("this key's role cannot do that"),
             MachineError::Store(s) => s.into(),
@@ -148,9 +172,20 @@ impl From<MachineError> for ApiError {
 
 /// The machine and the caller's access to it. Private machines are invisible to callers who
 /// have no access: anonymous callers are asked to authenticate, others get 404.
-pub fn visible_machine(gw: &Gateway, principal: &Principal, slug: &str) -> Result<(Machine, Access), ApiError> {
-    let machine = if crate::machines::valid_slug(slug) { gw.store.view(|txn| crate::machines::get(txn, slug))? } else { None };
-    let access = machine.as_ref().map(|m| m.access(principal)).unwrap_or(Access::None);
+pub fn visible_machine(
+    gw: &Gateway,
+    principal: &Principal,
+    slug: &str,
+) -> Result<(Machine, Access), ApiError> {
+    let machine = if crate::machines::valid_slug(slug) {
+        gw.store.view(|txn| crate::machines::get(txn, slug))?
+    } else {
+        None
+    };
+    let access = machine
+        .as_ref()
+        .map(|m| m.access(principal))
+        .unwrap_or(Access::None);
     match machine {
         Some(m) if access > Access::None => Ok((m, access)),
         _ if *principal == Principal::Anonymous => Err(ApiError::unauthorized()),
@@ -194,16 +229,26 @@ pub fn body() -> impl Filter<Extract = (Option<u64>, BodyStream), Error = Infall
 
 /// Reads at most `limit` bytes; a larger body is refused with 413 as soon as it is known to
 /// be larger (from its `Content-Length`, or when the stream passes the limit), never buffered.
-pub async fn read_body(declared: Option<u64>, mut stream: BodyStream, limit: u64) -> Result<Bytes, ApiError> {
+pub async fn read_body(
+    declared: Option<u64>,
+    mut stream: BodyStream,
+    limit: u64,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the body is larger than {limit} bytes"))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than {limit} bytes"),
+        )
     };
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit) as usize);
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", format!("cannot read the body: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request("invalid_body", format!("cannot read the body: {e}"))
+        })?;
         if buf.len() as u64 + chunk.len() as u64 > limit {
             return Err(too_large());
         }
@@ -217,7 +262,9 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request("invalid_body", format!("the body is not valid JSON: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::bad_request("invalid_body", format!("the body is not valid JSON: {e}"))
+    })
 }
 
 /// Name of the console's session cookie (HttpOnly, Secure, SameSite=Strict; see `console.rs`).
@@ -239,21 +286,32 @@ impl warp::reject::Reject for ConsoleHeaderMissing {}
 /// [`CONSOLE_HEADER`]. A cookie on a request the browser marks as coming from another origin
 /// (`Sec-Fetch-Site`, e.g. a published page in its opaque sandbox origin) is ignored.
 pub fn bearer() -> impl Filter<Extract = (Option<String>,), Error = warp::Rejection> + Clone {
-    warp::method()
-        .and(warp::header::headers_cloned())
-        .and_then(|method: http::Method, headers: http::HeaderMap| async move {
+    warp::method().and(warp::header::headers_cloned()).and_then(
+        |method: http::Method, headers: http::HeaderMap| async move {
             credential(&method, &headers).map_err(warp::reject::custom)
-        })
+        },
+    )
 }
 
-fn credential(method: &http::Method, headers: &http::HeaderMap) -> Result<Option<String>, ConsoleHeaderMissing> {
+fn credential(
+    method: &http::Method,
+    headers: &http::HeaderMap,
+) -> Result<Option<String>, ConsoleHeaderMissing> {
     if let Some(v) = headers.get(http::header::AUTHORIZATION) {
         let token = v.to_str().ok().and_then(|v| {
             let (scheme, token) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_string())
         });
         // A session token is only good in its cookie; in a header it is an unknown key.
-        return Ok(token.map(|t| if t.starts_with(crate::auth::session::SESSION_PREFIX) { String::new() } else { t }));
+        return Ok(token.map(|t| {
+            if t.starts_with(crate::auth::session::SESSION_PREFIX) {
+                String::new()
+            } else {
+                t
+            }
+        }));
     }
     let Some(token) = session_cookie(headers) else {
         return Ok(None);
@@ -263,7 +321,9 @@ fn credential(method: &http::Method, headers: &http::HeaderMap) -> Result<Option
         return Ok(None);
     }
     let safe = method == http::Method::GET || method == http::Method::HEAD;
-    let marked = headers.get(CONSOLE_HEADER).is_some_and(|v| v.as_bytes() == b"1");
+    let marked = headers
+        .get(CONSOLE_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1");
     if safe || marked {
         Ok(Some(token))
     } else {
@@ -289,7 +349,9 @@ pub fn client_ip() -> impl Filter<Extract = (IpAddr,), Error = Infallible> + Clo
         .map(|a: Option<RemoteAddr>| a.map(|a| a.0.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0])))
 }
 
-pub fn with_gateway(gw: Arc<Gateway>) -> impl Filter<Extract = (Arc<Gateway>,), Error = Infallible> + Clone {
+pub fn with_gateway(
+    gw: Arc<Gateway>,
+) -> impl Filter<Extract = (Arc<Gateway>,), Error = Infallible> + Clone {
     warp::any().map(move || gw.clone())
 }
 
@@ -329,9 +391,17 @@ fn rejection(r: warp::Rejection) -> Response {
     } else if r.is_not_found() {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
     } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
-        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this route does not take that method",
+        )
     } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the body is too large")
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the body is too large",
+        )
     } else {
         ApiError::bad_request("invalid_request", format!("{r:?}"))
     };

@@ -33,9 +33,9 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use super::instances::{authorize_live, current_view, SbError};
+use super::openapi::schema::{SbError as SbErrorBody, ZeqError};
 use super::{bearer, json_response, with_gateway};
 use crate::server::Gateway;
-use super::openapi::schema::{SbError as SbErrorBody, ZeqError};
 
 /// Subscriptions one socket may hold at once.
 pub const MAX_SUBSCRIPTIONS: usize = 256;

@@ -7,9 +7,18 @@
 //! - `rows[(slug, s)]` exists for every `s < head.size`, decodes, has `seq == s`, a hash
 //!   matching its contents, and `prev_hash` equal to row `s-1`'s hash (row 0: the genesis
 //!   hash of the machine's slug and genesis Zeqond).
-//! - `hashes[(slug, i)]` for `i < stored_hash_count(head.size)` is the Go-tlog stored-hash
-//!   layout of the leaves `SHA-256(0x00 ‖ row hash)`.
+//! - `tree[(slug, s)]` for every `s < head.size` holds the Go-tlog stored hashes that appending
+//!   row `s` added (leaves `SHA-256(0x00 ‖ row hash)` and the subtrees they complete), level 0
+//!   first: `32 × (1 + trailing_ones(s))` bytes. Stored hash `i` of Go's flat layout is at
+//!   `split_stored_hash_index(i) = (level, n)` → row `((n + 1) << level) − 1`, slot `level`.
+//!   Grouping by row makes an append one tree insert instead of two on average.
+//! - `zeqond_runs[(slug, z, first)] = last`: rows `first..=last` were written in Zeqond `z`.
+//!   Runs end where a Zeqond or a write transaction ends, so the index costs an insert per
+//!   run, not per row; one Zeqond may have several runs (the wall clock can step back).
 //! - `head.last_hash` is row `size-1`'s hash.
+//!
+//! Schema 1 kept one `log_hashes` entry per stored hash and one `log_by_zeqond` entry per row;
+//! [`migrate_from_schema_1`] rewrites those tables into the layout above.
 
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -20,12 +29,18 @@ use crate::store::{self, StoreError};
 
 /// (slug, seq) → stored row bytes.
 pub const ROWS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log_rows");
-/// (slug, stored hash index) → 32-byte hash.
-pub const HASHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log_hashes");
+/// (slug, seq) → the tree hashes appending row `seq` stored, level 0 first (module doc).
+pub const TREE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log_tree");
 /// slug → [`Head`].
 pub const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("log_heads");
-/// (slug, zeqond, seq) → () : the rows of each Zeqond.
-pub const BY_ZEQOND: TableDefinition<(&str, u64, u64), ()> = TableDefinition::new("log_by_zeqond");
+/// (slug, zeqond, first seq) → last seq: a run of rows written in one Zeqond.
+pub const ZEQOND_RUNS: TableDefinition<(&str, u64, u64), u64> =
+    TableDefinition::new("log_zeqond_runs");
+/// Schema 1: (slug, stored hash index) → 32-byte hash. Read only by the migration.
+const V1_HASHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log_hashes");
+/// Schema 1: (slug, zeqond, seq) → (). Read only by the migration.
+const V1_BY_ZEQOND: TableDefinition<(&str, u64, u64), ()> =
+    TableDefinition::new("log_by_zeqond");
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Head {
@@ -87,20 +102,61 @@ impl<T: ReadableTable<(&'static str, u64), &'static [u8]>> HashReader for TableH
     }
 }
 
+/// Reads tlog hashes of one machine from the `tree` table (hashes grouped by the row that
+/// added them).
+pub struct TreeHashes<'a, T> {
+    pub table: &'a T,
+    pub slug: &'a str,
+}
+
+impl<T: ReadableTable<(&'static str, u64), &'static [u8]>> HashReader for TreeHashes<'_, T> {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, LedgerError> {
+        indexes
+            .iter()
+            .map(|&i| {
+                let (level, n) = tlog::split_stored_hash_index(i);
+                let seq = 1u64
+                    .checked_shl(level)
+                    .and_then(|p| n.checked_add(1)?.checked_mul(p))
+                    .map(|s| s - 1)
+                    .ok_or_else(|| {
+                        LedgerError::HashRead(format!("stored hash {i} is out of range"))
+                    })?;
+                let v = self
+                    .table
+                    .get((self.slug, seq))
+                    .map_err(|e| LedgerError::HashRead(format!("tree hashes of row {seq}: {e}")))?
+                    .ok_or_else(|| {
+                        LedgerError::HashRead(format!("tree hashes of row {seq} are missing"))
+                    })?;
+                let at = level as usize * 32;
+                v.value()
+                    .get(at..at + 32)
+                    .and_then(|h| h.try_into().ok())
+                    .ok_or_else(|| {
+                        LedgerError::HashRead(format!("tree hashes of row {seq} lack level {level}"))
+                    })
+            })
+            .collect()
+    }
+}
+
 /// The log tables opened once for a run of appends inside one write transaction.
 ///
 /// Per machine it keeps a [`Tip`] in memory: the head and, from a machine's second append
 /// on, the right edge of the tree (one hash per complete subtree along it, loaded once with
 /// popcount(size) reads). An append then computes exactly the hashes it adds, reads nothing,
-/// and writes its row, its tree hashes and its index entry; heads are written once, by
-/// [`LogWriter::finish`] (or on drop). A single append reads its ≤ trailing_ones(size)
-/// siblings directly, which is cheaper than loading the edge for one use.
+/// and writes two entries: its row and its tree hashes. Heads and the open Zeqond run are
+/// written once, by [`LogWriter::finish`] (or on drop). A single append reads its
+/// ≤ trailing_ones(size) siblings directly, which is cheaper than loading the edge for one use.
 pub struct LogWriter<'txn> {
     rows: Table<'txn, (&'static str, u64), &'static [u8]>,
-    hashes: Table<'txn, (&'static str, u64), &'static [u8]>,
+    tree: Table<'txn, (&'static str, u64), &'static [u8]>,
     heads: Table<'txn, &'static str, &'static [u8]>,
-    by_zeqond: Table<'txn, (&'static str, u64, u64), ()>,
+    runs: Table<'txn, (&'static str, u64, u64), u64>,
     tips: std::collections::HashMap<String, Tip>,
+    /// The tree hashes of the row being appended, flattened (reused across appends).
+    scratch: Vec<u8>,
 }
 
 /// A machine's log head as the writer has advanced it, and the tree's right edge.
@@ -110,16 +166,19 @@ struct Tip {
     dirty: bool,
     /// Loaded at the machine's second append in this writer.
     edge: Option<tlog::RightEdge>,
+    /// The Zeqond run being extended: (zeqond, first seq, last seq), not yet written.
+    run: Option<(u64, u64, u64)>,
 }
 
 impl<'txn> LogWriter<'txn> {
     pub fn open(txn: &'txn WriteTransaction) -> Result<LogWriter<'txn>, StoreError> {
         Ok(LogWriter {
             rows: txn.open_table(ROWS)?,
-            hashes: txn.open_table(HASHES)?,
+            tree: txn.open_table(TREE)?,
             heads: txn.open_table(HEADS)?,
-            by_zeqond: txn.open_table(BY_ZEQOND)?,
+            runs: txn.open_table(ZEQOND_RUNS)?,
             tips: Default::default(),
+            scratch: Vec::with_capacity(8 * 32),
         })
     }
 
@@ -137,6 +196,7 @@ impl<'txn> LogWriter<'txn> {
                 head,
                 dirty: false,
                 edge: Some(tlog::RightEdge::empty()),
+                run: None,
             },
         );
         Ok(())
@@ -162,6 +222,7 @@ impl<'txn> LogWriter<'txn> {
                     head,
                     dirty: false,
                     edge: None,
+                    run: None,
                 },
             );
         }
@@ -187,8 +248,8 @@ impl<'txn> LogWriter<'txn> {
         .seal_stored()
         .map_err(|e| StoreError::Corrupt(format!("row refused: {e}")))?;
         let leaf = tlog::record_hash(&row.hash);
-        let stored_hashes = TableHashes {
-            table: &self.hashes,
+        let stored_hashes = TreeHashes {
+            table: &self.tree,
             slug,
         };
         let mut new_hashes = Vec::with_capacity(8);
@@ -208,11 +269,17 @@ impl<'txn> LogWriter<'txn> {
         // Keys ascend within each table across appends (seq, stored-hash index), so the
         // inserts land on the B-trees' rightmost pages.
         self.rows.insert((slug, row.seq), stored.as_slice())?;
-        let first = tlog::stored_hash_index(0, row.seq);
-        for (i, h) in new_hashes.iter().enumerate() {
-            self.hashes.insert((slug, first + i as u64), h.as_slice())?;
+        self.scratch.clear();
+        self.scratch.extend_from_slice(new_hashes.as_flattened());
+        self.tree.insert((slug, row.seq), self.scratch.as_slice())?;
+        match &mut tip.run {
+            Some((z, _, last)) if *z == row.zeqond && *last + 1 == row.seq => *last = row.seq,
+            run => {
+                if let Some((z, first, last)) = run.replace((row.zeqond, row.seq, row.seq)) {
+                    self.runs.insert((slug, z, first), last)?;
+                }
+            }
         }
-        self.by_zeqond.insert((slug, row.zeqond, row.seq), ())?;
         if let Some(edge) = &mut tip.edge {
             edge.advance(&new_hashes);
         }
@@ -235,6 +302,9 @@ impl<'txn> LogWriter<'txn> {
         for (slug, tip) in self.tips.iter_mut().filter(|(_, t)| t.dirty) {
             self.heads
                 .insert(slug.as_str(), store::encode(&tip.head).as_slice())?;
+            if let Some((z, first, last)) = tip.run.take() {
+                self.runs.insert((slug.as_str(), z, first), last)?;
+            }
             tip.dirty = false;
         }
         Ok(())
@@ -305,20 +375,20 @@ pub mod read {
         slug: &str,
         zeqond: u64,
     ) -> Result<Vec<u64>, StoreError> {
-        let table = txn.open_table(BY_ZEQOND)?;
+        let table = txn.open_table(ZEQOND_RUNS)?;
         let mut out = Vec::new();
         for entry in table.range((slug, zeqond, 0)..=(slug, zeqond, u64::MAX))? {
-            let (k, _) = entry?;
-            out.push(k.value().2);
+            let (k, last) = entry?;
+            out.extend(k.value().2..=last.value());
         }
         Ok(out)
     }
 
     pub fn tree_hash(txn: &ReadTransaction, slug: &str, size: u64) -> Result<Hash, StoreError> {
-        let table = txn.open_table(HASHES)?;
+        let table = txn.open_table(TREE)?;
         tlog::tree_hash(
             size,
-            &TableHashes {
+            &TreeHashes {
                 table: &table,
                 slug,
             },
@@ -332,11 +402,11 @@ pub mod read {
         seq: u64,
         size: u64,
     ) -> Result<Vec<Hash>, StoreError> {
-        let table = txn.open_table(HASHES)?;
+        let table = txn.open_table(TREE)?;
         tlog::prove_record(
             size,
             seq,
-            &TableHashes {
+            &TreeHashes {
                 table: &table,
                 slug,
             },
@@ -350,11 +420,11 @@ pub mod read {
         from: u64,
         to: u64,
     ) -> Result<Vec<Hash>, StoreError> {
-        let table = txn.open_table(HASHES)?;
+        let table = txn.open_table(TREE)?;
         tlog::prove_tree(
             to,
             from,
-            &TableHashes {
+            &TreeHashes {
                 table: &table,
                 slug,
             },
@@ -388,8 +458,8 @@ pub fn verify_machine(
         });
     };
     let rows = txn.open_table(ROWS)?;
-    let hashes = txn.open_table(HASHES)?;
-    let reader = TableHashes {
+    let hashes = txn.open_table(TREE)?;
+    let reader = TreeHashes {
         table: &hashes,
         slug,
     };
@@ -425,16 +495,9 @@ pub fn verify_machine(
                 Ok(h) => h,
                 Err(e) => return broken(seq, format!("tree hashes unreadable: {e}")),
             };
-        let first = tlog::stored_hash_index(0, seq);
-        for (i, want) in expected.iter().enumerate() {
-            let index = first + i as u64;
-            let stored = hashes.get((slug, index))?.map(|v| v.value().to_vec());
-            if stored.as_deref() != Some(want.as_slice()) {
-                return broken(
-                    seq,
-                    format!("stored tree hash {index} does not match the rows"),
-                );
-            }
+        let stored = hashes.get((slug, seq))?;
+        if stored.as_ref().map(|v| v.value()) != Some(expected.as_flattened()) {
+            return broken(seq, "stored tree hashes do not match the rows".into());
         }
         prev = row.hash;
         if seq % 4096 == 0 || seq + 1 == head.size {
@@ -451,6 +514,110 @@ pub fn verify_machine(
         rows: head.size,
         broken: None,
     })
+}
+
+/// Rewrites schema 1's per-hash table (`log_hashes`) and per-row Zeqond index
+/// (`log_by_zeqond`) into [`TREE`] and [`ZEQOND_RUNS`], in write transactions of at most
+/// `chunk` entries so that memory stays bounded on a large log. It is idempotent: everything
+/// is recomputed from the schema-1 tables, which only [`drop_schema_1_tables`] removes, so an
+/// interrupted migration is simply run again. Returns the rows migrated.
+pub fn migrate_from_schema_1(db: &redb::Database, chunk: u64) -> Result<u64, StoreError> {
+    let chunk = chunk.max(1);
+    let heads: Vec<(String, u64)> = {
+        let read = db.begin_read()?;
+        let table = read.open_table(HEADS)?;
+        let mut out = Vec::new();
+        for e in table.iter()? {
+            let (k, v) = e?;
+            out.push((k.value().to_owned(), store::decode::<Head>(v.value())?.size));
+        }
+        out
+    };
+    let mut migrated = 0;
+    for (slug, size) in &heads {
+        let mut from = 0;
+        while from < *size {
+            let to = (from + chunk).min(*size);
+            let txn = db.begin_write()?;
+            {
+                let old = txn.open_table(V1_HASHES)?;
+                let mut tree = txn.open_table(TREE)?;
+                let mut value = Vec::with_capacity(8 * 32);
+                for seq in from..to {
+                    let first = tlog::stored_hash_index(0, seq);
+                    value.clear();
+                    for i in first..=first + u64::from(seq.trailing_ones()) {
+                        let h = old.get((slug.as_str(), i))?.ok_or_else(|| {
+                            StoreError::Corrupt(format!(
+                                "log of `{slug}`: stored hash {i} of row {seq} is missing"
+                            ))
+                        })?;
+                        value.extend_from_slice(h.value());
+                    }
+                    tree.insert((slug.as_str(), seq), value.as_slice())?;
+                }
+            }
+            txn.commit()?;
+            migrated += to - from;
+            from = to;
+        }
+    }
+    // The per-row Zeqond index, coalesced into runs in key order; a run still open at the
+    // end of a transaction is carried into the next, so runs never depend on `chunk`.
+    let mut after: Option<(String, u64, u64)> = None;
+    let mut open: Option<(String, u64, u64, u64)> = None;
+    loop {
+        let txn = db.begin_write()?;
+        let done = {
+            let old = txn.open_table(V1_BY_ZEQOND)?;
+            let mut runs = txn.open_table(ZEQOND_RUNS)?;
+            let lower = match &after {
+                Some((s, z, q)) => std::ops::Bound::Excluded((s.as_str(), *z, *q)),
+                None => std::ops::Bound::Unbounded,
+            };
+            let mut n = 0;
+            let mut last_key = None;
+            for e in old.range::<(&str, u64, u64)>((lower, std::ops::Bound::Unbounded))? {
+                let (k, _) = e?;
+                let (slug, z, seq) = k.value();
+                match &mut open {
+                    Some((s, rz, _, last)) if s == slug && *rz == z && *last + 1 == seq => {
+                        *last = seq
+                    }
+                    run => {
+                        if let Some((s, rz, first, last)) =
+                            run.replace((slug.to_owned(), z, seq, seq))
+                        {
+                            runs.insert((s.as_str(), rz, first), last)?;
+                        }
+                    }
+                }
+                last_key = Some((slug.to_owned(), z, seq));
+                n += 1;
+                if n == chunk {
+                    break;
+                }
+            }
+            if n < chunk {
+                if let Some((s, rz, first, last)) = open.take() {
+                    runs.insert((s.as_str(), rz, first), last)?;
+                }
+            }
+            after = last_key.or(after);
+            n < chunk
+        };
+        txn.commit()?;
+        if done {
+            return Ok(migrated);
+        }
+    }
+}
+
+/// The last step of the schema-1 migration, in the transaction that records schema 2.
+pub fn drop_schema_1_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.delete_table(V1_HASHES)?;
+    txn.delete_table(V1_BY_ZEQOND)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -511,7 +678,7 @@ mod tests {
         let dump = |db: &Database| {
             let txn = db.begin_read().unwrap();
             let mut out = Vec::new();
-            for def in [ROWS, HASHES] {
+            for def in [ROWS, TREE] {
                 for e in txn.open_table(def).unwrap().iter().unwrap() {
                     let (k, v) = e.unwrap();
                     out.push((k.value().0.to_owned(), k.value().1, v.value().to_vec()));
@@ -527,5 +694,99 @@ mod tests {
             out
         };
         assert_eq!(dump(&batched), dump(&single));
+    }
+
+    /// Everything the log answers (rows per Zeqond, tree hashes, proofs, verification) is the
+    /// same after the log is rewritten into schema 1's layout and migrated back, with a chunk
+    /// size that splits runs and machines across transactions, and after running the migration
+    /// a second time (an interrupted migration is rerun from the start).
+    #[test]
+    fn schema_1_logs_migrate_to_the_grouped_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("m.redb")).unwrap();
+        let base = 1_700_000_000_000i64;
+        let mut seq = 0u64;
+        // Rows in several transactions; each slug's rows sit in 0.3-Zeqond steps, so Zeqonds
+        // hold 3-4 rows and runs cross transaction ends. The clock steps back once.
+        for (i, batch) in [5u64, 1, 9, 17, 2, 33].into_iter().enumerate() {
+            let txn = db.begin_write().unwrap();
+            let mut w = LogWriter::open(&txn).unwrap();
+            if i == 0 {
+                w.create("m1", 0).unwrap();
+                w.create("m2", 0).unwrap();
+            }
+            for _ in 0..batch {
+                let t = if i == 4 { base } else { base + seq as i64 * 233 };
+                w.append("m1", entry(seq), t).unwrap();
+                w.append("m2", entry(seq), t + 777).unwrap();
+                seq += 1;
+            }
+            w.finish().unwrap();
+            txn.commit().unwrap();
+        }
+        let answers = |db: &Database| {
+            let txn = db.begin_read().unwrap();
+            let mut out = Vec::new();
+            for s in ["m1", "m2"] {
+                let v = verify_machine(&txn, s, |_, _| {}).unwrap();
+                assert_eq!(v.broken, None, "{s}");
+                out.push(format!("{s} rows {}", v.rows));
+                for z in clock::zeqond(base) - 1..clock::zeqond(base + 100 * 233) + 3 {
+                    out.push(format!("{s} z{z} {:?}", read::seqs_at_zeqond(&txn, s, z).unwrap()));
+                }
+                for size in [1, 2, 7, 8, 9, 31, 32, 33, seq] {
+                    out.push(format!("{s} root {size} {:?}", read::tree_hash(&txn, s, size).unwrap()));
+                    for at in [0, size / 2, size - 1] {
+                        let p = read::prove_inclusion(&txn, s, at, size).unwrap();
+                        out.push(format!("{s} incl {at} {size} {p:?}"));
+                    }
+                    let p = read::prove_consistency(&txn, s, size / 3 + 1, size).unwrap();
+                    out.push(format!("{s} cons {size} {p:?}"));
+                }
+            }
+            out
+        };
+        let before = answers(&db);
+        // Zeqonds of several rows, including ones whose rows span two transactions (rows 4
+        // and 5), and the Zeqond the clock stepped back to holding two runs.
+        let zeqonds: Vec<&String> = before.iter().filter(|l| l.starts_with("m1 z")).collect();
+        assert!(zeqonds.iter().any(|l| l.ends_with(" [4, 5, 6]")), "{zeqonds:?}");
+        assert!(zeqonds.iter().any(|l| l.ends_with(" [0, 32, 33]")), "{zeqonds:?}");
+        // Rewrite into schema 1: one hash per stored index, one index entry per row.
+        let txn = db.begin_write().unwrap();
+        {
+            let tree = txn.open_table(TREE).unwrap();
+            let runs = txn.open_table(ZEQOND_RUNS).unwrap();
+            let mut hashes = txn.open_table(V1_HASHES).unwrap();
+            let mut by_zeqond = txn.open_table(V1_BY_ZEQOND).unwrap();
+            for e in tree.iter().unwrap() {
+                let (k, v) = e.unwrap();
+                let (slug, seq) = k.value();
+                let first = tlog::stored_hash_index(0, seq);
+                for (i, h) in v.value().chunks(32).enumerate() {
+                    hashes.insert((slug, first + i as u64), h).unwrap();
+                }
+            }
+            for e in runs.iter().unwrap() {
+                let (k, last) = e.unwrap();
+                let (slug, z, first) = k.value();
+                for q in first..=last.value() {
+                    by_zeqond.insert((slug, z, q), ()).unwrap();
+                }
+            }
+        }
+        txn.delete_table(TREE).unwrap();
+        txn.delete_table(ZEQOND_RUNS).unwrap();
+        txn.commit().unwrap();
+        assert_eq!(migrate_from_schema_1(&db, 7).unwrap(), 2 * seq);
+        let once = answers(&db);
+        assert_eq!(migrate_from_schema_1(&db, 5).unwrap(), 2 * seq);
+        let txn = db.begin_write().unwrap();
+        drop_schema_1_tables(&txn).unwrap();
+        txn.commit().unwrap();
+        assert_eq!(answers(&db), before);
+        assert_eq!(once, before);
+        let txn = db.begin_read().unwrap();
+        assert!(txn.open_table(V1_HASHES).is_err(), "schema 1 tables are dropped");
     }
 }

@@ -32,7 +32,9 @@ pub use backend::DiskLimit;
 pub use writer::{BatchStats, GroupCommit, LATENCY_BOUNDS, SIZE_BOUNDS};
 
 /// Version of the table layout this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
+/// Log rows per write transaction when migrating from schema 1 (bounded memory on big logs).
+const MIGRATION_CHUNK: u64 = 50_000;
 
 /// `schema_version`, `gateway_id`, … → postcard values.
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -258,7 +260,27 @@ impl Store {
         };
         match found {
             Some(v) if v > SCHEMA_VERSION => Err(StoreError::NewerSchema { found: v }),
-            Some(_) => Ok(()), // Older layouts get their migrations here as the schema evolves.
+            Some(v) if v == SCHEMA_VERSION => Ok(()),
+            Some(1) => {
+                // Schema 2 regrouped the log's tree hashes by row and its Zeqond index by run.
+                let started = std::time::Instant::now();
+                let rows = crate::ledger::log::migrate_from_schema_1(&db, MIGRATION_CHUNK)?;
+                let mut txn = db.begin_write()?;
+                txn.set_quick_repair(self.options.quick_repair);
+                crate::ledger::log::drop_schema_1_tables(&txn)?;
+                txn.open_table(META)?
+                    .insert("schema_version", encode(&SCHEMA_VERSION).as_slice())?;
+                txn.commit()?;
+                tracing::info!(
+                    rows,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "migrated the log from schema 1 to 2"
+                );
+                Ok(())
+            }
+            Some(v) => Err(StoreError::Corrupt(format!(
+                "unknown schema version {v} (this build reads 1 and {SCHEMA_VERSION})"
+            ))),
             None => {
                 let mut txn = db.begin_write()?;
                 txn.set_quick_repair(self.options.quick_repair);
@@ -271,9 +293,9 @@ impl Store {
                     txn.open_table(KEY_IDS)?;
                     txn.open_table(MACHINES)?;
                     txn.open_table(crate::ledger::log::ROWS)?;
-                    txn.open_table(crate::ledger::log::HASHES)?;
+                    txn.open_table(crate::ledger::log::TREE)?;
                     txn.open_table(crate::ledger::log::HEADS)?;
-                    txn.open_table(crate::ledger::log::BY_ZEQOND)?;
+                    txn.open_table(crate::ledger::log::ZEQOND_RUNS)?;
                     crate::instances::create_tables(&txn)?;
                     txn.open_table(crate::pages::PAGES)?;
                     txn.open_table(crate::pages::PAGE_VERSIONS)?;

@@ -11,9 +11,14 @@
 //! - **Settling acks**: the ingest task sees its connection's packets in order. Once a PINGRESP
 //!   arrives for a PINGREQ written after a PUBACK, the broker has processed that PUBACK
 //!   (mosquitto and rumqttd handle one connection's packets in order), will not redeliver the
-//!   message and may reuse its packet id; the batcher then removes the dedup entry in its next
-//!   transaction (`ingest::forget`). The ingest task sends such a PINGREQ whenever acks are
-//!   waiting and no ping is outstanding.
+//!   message and may reuse its packet id. The settled acks travel to the batcher through the
+//!   same channel as the publishes, after every publish the connection delivered before the
+//!   PINGRESP, and the batcher removes their dedup entries (`ingest::forget`) after applying
+//!   the publishes of its batch, in the same transaction. That order matters: after a
+//!   reconnect the broker resends an unacked message, and our ack of the first copy may
+//!   settle while the resent copy is still on its way to the batcher; the copy must still
+//!   find its entry. The ingest task sends a PINGREQ whenever acks are waiting and no ping is
+//!   outstanding.
 //! - The **publisher** has its own connection (so state traffic never delays acks). It drains
 //!   the outbox of `Shared` (the latest state per instance, plus emits), publishes states
 //!   retained at QoS 1, and republishes every state after each (re)connect. The outbox is a
@@ -300,13 +305,18 @@ impl Backoff {
     }
 }
 
-/// PUBACKs on their way to the broker and those it has processed (module doc): the batcher
-/// records `packet id → tag` before acking; the ingest task moves settled ones to `settled`,
-/// which the batcher drains into its next transaction.
+/// PUBACKs on their way to the broker (module doc): the batcher records `packet id → tag`
+/// before acking; the ingest task sees them written and, after a PINGRESP, settled.
 #[derive(Default)]
 struct Acks {
     queued: Mutex<HashMap<u16, u64>>,
-    settled: Mutex<Vec<(u16, u64)>>,
+}
+
+/// What the ingest task hands the batcher, in connection order.
+enum Delivery {
+    Publish(Publish),
+    /// Acks the broker has processed: `(packet id, batch tag)` entries to forget.
+    Settled(Vec<(u16, u64)>),
 }
 
 struct Ingest {
@@ -323,7 +333,7 @@ impl Ingest {
     async fn run(
         mut self,
         mut eventloop: EventLoop,
-        to_batcher: mpsc::UnboundedSender<Publish>,
+        to_batcher: mpsc::UnboundedSender<Delivery>,
         mut batcher_done: oneshot::Receiver<()>,
     ) {
         let mut backoff = Backoff::new(&self.gw.config.mqtt);
@@ -351,7 +361,7 @@ impl Ingest {
             };
             match event {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = to_batcher.send(p);
+                    let _ = to_batcher.send(Delivery::Publish(p));
                 }
                 Ok(Event::Outgoing(Outgoing::PubAck(pkid))) => {
                     let tag = self
@@ -370,8 +380,9 @@ impl Ingest {
                     probing.append(&mut written);
                 }
                 Ok(Event::Incoming(Packet::PingResp)) => {
-                    if let Ok(mut s) = self.acks.settled.lock() {
-                        s.append(&mut probing);
+                    if !probing.is_empty() {
+                        let settled = std::mem::take(&mut probing);
+                        let _ = to_batcher.send(Delivery::Settled(settled));
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -471,7 +482,7 @@ struct Batcher {
 
 async fn batcher(
     b: Batcher,
-    mut rx: mpsc::UnboundedReceiver<Publish>,
+    mut rx: mpsc::UnboundedReceiver<Delivery>,
     mut shutdown: watch::Receiver<bool>,
     done: (oneshot::Sender<()>, oneshot::Sender<()>),
 ) {
@@ -483,23 +494,32 @@ async fn batcher(
             _ = shutdown.changed() => break,
             p = rx.recv() => match p { Some(p) => p, None => break },
         };
-        let mut batch = vec![first];
+        let (mut batch, mut settled) = (Vec::new(), Vec::new());
+        let add = |d: Delivery, batch: &mut Vec<Publish>, settled: &mut Vec<(u16, u64)>| match d {
+            Delivery::Publish(p) => batch.push(p),
+            Delivery::Settled(mut s) => settled.append(&mut s),
+        };
+        add(first, &mut batch, &mut settled);
+        // Settled acks ride along with whatever batch they arrive in; they do not count.
         while batch.len() < size {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(d) => add(d, &mut batch, &mut settled),
                 Err(_) => break,
             }
         }
-        if batch.len() < size && !wait.is_zero() {
+        if !batch.is_empty() && batch.len() < size && !wait.is_zero() {
             let deadline = tokio::time::Instant::now() + wait;
             while batch.len() < size {
                 tokio::select! {
-                    p = rx.recv() => match p { Some(p) => batch.push(p), None => break },
+                    d = rx.recv() => match d {
+                        Some(d) => add(d, &mut batch, &mut settled),
+                        None => break,
+                    },
                     _ = tokio::time::sleep_until(deadline) => break,
                 }
             }
         }
-        if !commit_and_ack(&b, batch, &shutdown).await {
+        if !commit_and_ack(&b, batch, settled, &shutdown).await {
             break;
         }
     }
@@ -513,6 +533,7 @@ async fn batcher(
 async fn commit_and_ack(
     b: &Batcher,
     batch: Vec<Publish>,
+    mut settled: Vec<(u16, u64)>,
     shutdown: &watch::Receiver<bool>,
 ) -> bool {
     let gw = &b.gw;
@@ -524,13 +545,8 @@ async fn commit_and_ack(
         dup,
     };
     let mut messages: Vec<Message> = batch.iter().map(|p| message(p, p.dup)).collect();
-    // Entries whose acks the broker has processed go in the same transaction.
-    let mut settled = b
-        .acks
-        .settled
-        .lock()
-        .map(|mut s| std::mem::take(&mut *s))
-        .unwrap_or_default();
+    // Entries whose acks the broker has processed are forgotten in the same transaction,
+    // after the batch is applied (module doc).
     // Tells this batch's dedup entries from those of any other delivery of the same packet id.
     let tag = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
     let mut retry = Duration::from_millis(50);
@@ -544,9 +560,9 @@ async fn commit_and_ack(
         let result = gw
             .writer
             .write(move |txn| {
+                let outcomes = ingest::apply(txn, &charts, &rules, &m, tag, clock::now_ms())?;
                 ingest::forget(txn, &rules.client_id, &forget)?;
-                ingest::apply(txn, &charts, &rules, &m, tag, clock::now_ms())
-                    .map(|o| (o, m, forget))
+                Ok((outcomes, m, forget))
             })
             .await;
         match result {

@@ -39,8 +39,7 @@ pub const ZEQOND_RUNS: TableDefinition<(&str, u64, u64), u64> =
 /// Schema 1: (slug, stored hash index) → 32-byte hash. Read only by the migration.
 const V1_HASHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log_hashes");
 /// Schema 1: (slug, zeqond, seq) → (). Read only by the migration.
-const V1_BY_ZEQOND: TableDefinition<(&str, u64, u64), ()> =
-    TableDefinition::new("log_by_zeqond");
+const V1_BY_ZEQOND: TableDefinition<(&str, u64, u64), ()> = TableDefinition::new("log_by_zeqond");
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Head {
@@ -134,7 +133,9 @@ impl<T: ReadableTable<(&'static str, u64), &'static [u8]>> HashReader for TreeHa
                     .get(at..at + 32)
                     .and_then(|h| h.try_into().ok())
                     .ok_or_else(|| {
-                        LedgerError::HashRead(format!("tree hashes of row {seq} lack level {level}"))
+                        LedgerError::HashRead(format!(
+                            "tree hashes of row {seq} lack level {level}"
+                        ))
                     })
             })
             .collect()
@@ -716,7 +717,11 @@ mod tests {
                 w.create("m2", 0).unwrap();
             }
             for _ in 0..batch {
-                let t = if i == 4 { base } else { base + seq as i64 * 233 };
+                let t = if i == 4 {
+                    base
+                } else {
+                    base + seq as i64 * 233
+                };
                 w.append("m1", entry(seq), t).unwrap();
                 w.append("m2", entry(seq), t + 777).unwrap();
                 seq += 1;
@@ -732,10 +737,16 @@ mod tests {
                 assert_eq!(v.broken, None, "{s}");
                 out.push(format!("{s} rows {}", v.rows));
                 for z in clock::zeqond(base) - 1..clock::zeqond(base + 100 * 233) + 3 {
-                    out.push(format!("{s} z{z} {:?}", read::seqs_at_zeqond(&txn, s, z).unwrap()));
+                    out.push(format!(
+                        "{s} z{z} {:?}",
+                        read::seqs_at_zeqond(&txn, s, z).unwrap()
+                    ));
                 }
                 for size in [1, 2, 7, 8, 9, 31, 32, 33, seq] {
-                    out.push(format!("{s} root {size} {:?}", read::tree_hash(&txn, s, size).unwrap()));
+                    out.push(format!(
+                        "{s} root {size} {:?}",
+                        read::tree_hash(&txn, s, size).unwrap()
+                    ));
                     for at in [0, size / 2, size - 1] {
                         let p = read::prove_inclusion(&txn, s, at, size).unwrap();
                         out.push(format!("{s} incl {at} {size} {p:?}"));
@@ -750,8 +761,14 @@ mod tests {
         // Zeqonds of several rows, including ones whose rows span two transactions (rows 4
         // and 5), and the Zeqond the clock stepped back to holding two runs.
         let zeqonds: Vec<&String> = before.iter().filter(|l| l.starts_with("m1 z")).collect();
-        assert!(zeqonds.iter().any(|l| l.ends_with(" [4, 5, 6]")), "{zeqonds:?}");
-        assert!(zeqonds.iter().any(|l| l.ends_with(" [0, 32, 33]")), "{zeqonds:?}");
+        assert!(
+            zeqonds.iter().any(|l| l.ends_with(" [4, 5, 6]")),
+            "{zeqonds:?}"
+        );
+        assert!(
+            zeqonds.iter().any(|l| l.ends_with(" [0, 32, 33]")),
+            "{zeqonds:?}"
+        );
         // Rewrite into schema 1: one hash per stored index, one index entry per row.
         let txn = db.begin_write().unwrap();
         {
@@ -787,6 +804,9 @@ mod tests {
         assert_eq!(answers(&db), before);
         assert_eq!(once, before);
         let txn = db.begin_read().unwrap();
-        assert!(txn.open_table(V1_HASHES).is_err(), "schema 1 tables are dropped");
+        assert!(
+            txn.open_table(V1_HASHES).is_err(),
+            "schema 1 tables are dropped"
+        );
     }
 }

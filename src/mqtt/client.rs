@@ -560,9 +560,8 @@ async fn commit_and_ack(
         let result = gw
             .writer
             .write(move |txn| {
-                let outcomes = ingest::apply(txn, &charts, &rules, &m, tag, clock::now_ms())?;
-                ingest::forget(txn, &rules.client_id, &forget)?;
-                Ok((outcomes, m, forget))
+                ingest::apply_then_forget(txn, &charts, &rules, &m, tag, &forget, clock::now_ms())
+                    .map(|o| (o, m, forget))
             })
             .await;
         match result {

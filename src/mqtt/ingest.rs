@@ -145,6 +145,24 @@ pub fn apply(
     Ok(out)
 }
 
+/// One batch transaction as the batcher runs it: [`apply`] the messages, then [`forget`] the
+/// settled acks that arrived with them. In that order: a settled ack can belong to the first
+/// copy of a message whose resent copy (after a reconnect) is in this very batch, and that
+/// copy must still find its entry.
+pub fn apply_then_forget(
+    txn: &WriteTransaction,
+    charts: &Charts,
+    rules: &Rules,
+    batch: &[Message],
+    tag: u64,
+    settled: &[(u16, u64)],
+    now_ms: i64,
+) -> Result<Vec<Outcome>, StoreError> {
+    let outcomes = apply(txn, charts, rules, batch, tag, now_ms)?;
+    forget(txn, &rules.client_id, settled)?;
+    Ok(outcomes)
+}
+
 /// The batch tag of an [`INFLIGHT`] value (0 for entries written before tags existed).
 fn stored_tag(v: &[u8]) -> u64 {
     v.get(32..40)

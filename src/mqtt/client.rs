@@ -469,6 +469,14 @@ struct Batcher {
     abort_before_ack: Option<String>,
 }
 
+/// Batches handed to the writer and not yet acked. The broker's inflight window holds every
+/// unacked message, so while one batch commits the next must already be on its way to the
+/// writer: with one batch at a time the window drains to nothing during each commit and the
+/// writer waits for the broker after it. The writer runs requests in the order they arrive
+/// (FIFO), so batches commit in order; a failed batch is retried with every message marked as
+/// redelivered, which the dedup table decides whatever later batches committed meanwhile.
+const BATCHES_IN_FLIGHT: usize = 4;
+
 async fn batcher(
     b: Batcher,
     mut rx: mpsc::UnboundedReceiver<Publish>,
@@ -477,11 +485,42 @@ async fn batcher(
 ) {
     let size = b.gw.config.mqtt.batch_size;
     let wait = Duration::from_millis(b.gw.config.mqtt.batch_wait_ms);
+    let b = Arc::new(b);
+    let mut in_flight: std::collections::VecDeque<JoinHandle<bool>> = Default::default();
+    let mut stopping = false;
     loop {
+        // Reap finished batches in order; a batch that could not commit while stopping ends
+        // the loop (it stays unacked, so the broker redelivers it).
+        while in_flight.front().is_some_and(|t| t.is_finished()) {
+            if let Some(t) = in_flight.pop_front() {
+                if !t.await.unwrap_or(false) {
+                    stopping = true;
+                }
+            }
+        }
+        if stopping {
+            break;
+        }
+        if in_flight.len() >= BATCHES_IN_FLIGHT {
+            if let Some(t) = in_flight.pop_front() {
+                if !t.await.unwrap_or(false) {
+                    break;
+                }
+            }
+            continue;
+        }
         let first = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
             p = rx.recv() => match p { Some(p) => p, None => break },
+            // Wake to reap the oldest batch when nothing arrives.
+            Ok(ok) = async { match in_flight.front_mut() { Some(t) => t.await, None => std::future::pending().await } } => {
+                in_flight.pop_front();
+                if !ok {
+                    break;
+                }
+                continue;
+            }
         };
         let mut batch = vec![first];
         while batch.len() < size {
@@ -499,11 +538,16 @@ async fn batcher(
                 }
             }
         }
-        if !commit_and_ack(&b, batch, &shutdown).await {
-            break;
-        }
+        let (b, shutdown) = (b.clone(), shutdown.clone());
+        in_flight.push_back(tokio::spawn(async move {
+            commit_and_ack(&b, batch, &shutdown).await
+        }));
     }
-    // Messages still queued are not acked: the broker redelivers them to the next session.
+    // Let the batches already with the writer commit and be acked. Messages still queued are
+    // not acked: the broker redelivers them to the next session.
+    for t in in_flight {
+        let _ = t.await;
+    }
     let _ = done.0.send(());
     let _ = done.1.send(());
 }

@@ -6,8 +6,10 @@
 //!   waits on anything else, so keepalives and acks keep flowing.
 //! - The **batcher** takes what has arrived (up to `batch_size`, waiting at most
 //!   `batch_wait_ms` for company), applies it in one `GroupCommit::write`, and only after that
-//!   commit acks each message and hands the committed steps to the publisher. While a batch
-//!   commits the next one accumulates, so the batch size follows the load.
+//!   commit acks each message and hands the committed steps to the publisher. Up to
+//!   `BATCHES_IN_FLIGHT` batches wait for the writer at once (it commits them in order, and
+//!   folds those queued together into one transaction), so the broker's inflight window keeps
+//!   flowing while one commits and the batch size still follows the load.
 //! - **Settling acks**: the ingest task sees its connection's packets in order. Once a PINGRESP
 //!   arrives for a PINGREQ written after a PUBACK, the broker has processed that PUBACK
 //!   (mosquitto and rumqttd handle one connection's packets in order), will not redeliver the
@@ -488,6 +490,8 @@ async fn batcher(
     let b = Arc::new(b);
     let mut in_flight: std::collections::VecDeque<JoinHandle<bool>> = Default::default();
     let mut stopping = false;
+    let (first_turn, mut previous_turn) = oneshot::channel::<()>();
+    let _ = first_turn.send(());
     loop {
         // Reap finished batches in order; a batch that could not commit while stopping ends
         // the loop (it stays unacked, so the broker redelivers it).
@@ -539,8 +543,14 @@ async fn batcher(
             }
         }
         let (b, shutdown) = (b.clone(), shutdown.clone());
+        // Acks leave in batch order (rumqttd drops a connection that acks out of order): each
+        // batch acks after the previous one has (or has given up).
+        let (next_turn, turn) = oneshot::channel();
+        let turn = std::mem::replace(&mut previous_turn, turn);
         in_flight.push_back(tokio::spawn(async move {
-            commit_and_ack(&b, batch, &shutdown).await
+            let ok = commit_and_ack(&b, batch, &shutdown, turn).await;
+            let _ = next_turn.send(());
+            ok
         }));
     }
     // Let the batches already with the writer commit and be acked. Messages still queued are
@@ -558,6 +568,7 @@ async fn commit_and_ack(
     b: &Batcher,
     batch: Vec<Publish>,
     shutdown: &watch::Receiver<bool>,
+    turn: oneshot::Receiver<()>,
 ) -> bool {
     let gw = &b.gw;
     let message = |p: &Publish, dup: bool| Message {
@@ -623,6 +634,8 @@ async fn commit_and_ack(
             std::process::exit(86);
         }
     }
+    // The previous batch has acked (or stopped trying); an error means its task is gone.
+    let _ = turn.await;
     if let Ok(mut q) = b.acks.queued.lock() {
         for (m, o) in messages.iter().zip(&outcomes) {
             if let Some(t) = o.entry_tag(m.pkid, tag) {

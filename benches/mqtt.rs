@@ -138,7 +138,10 @@ fn report() -> Result<(), Failure> {
         "smgate RSS after the saturated load: {:.1} MiB",
         gw.rss_mib("VmRSS")
     );
-    // 3. Latency at a steady rate, to the retained state message.
+    // 3. Latency at a steady rate, to the retained state message. The phases are independent:
+    // the backlog of the saturated phase has been applied (above); let the state publisher
+    // flush what it queued before measuring.
+    rt.block_on(gw.settle())?;
     let steady = rt.block_on(run_load(
         port,
         devices,
@@ -497,6 +500,22 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(t0.elapsed().as_secs_f64())
+    }
+
+    /// Waits until nothing is applied for a second (devices are quiet, the backlog is in),
+    /// then as long again for the state publisher to flush.
+    async fn settle(&self) -> Result<(), Failure> {
+        let mut last = self.applied().await?;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = self.applied().await?;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok(())
     }
 
     /// `VmRSS` or `VmHWM` (peak) of the gateway, MiB.

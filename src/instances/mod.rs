@@ -213,6 +213,20 @@ impl Charts {
         }
         Ok(chart)
     }
+
+    /// The compiled chart of `machine`'s version `id`; the version (with its whole
+    /// definition) is read and decoded only on a cache miss.
+    fn load(
+        &self,
+        txn: &WriteTransaction,
+        machine: &str,
+        id: &str,
+    ) -> Result<Arc<Chart>, InstanceError> {
+        if let Some(c) = self.cache.read().ok().and_then(|c| c.get(id).cloned()) {
+            return Ok(c);
+        }
+        self.get(&load_version(txn, machine, id)?)
+    }
 }
 
 fn decode_state(bytes: &[u8]) -> Result<InstanceState, StoreError> {
@@ -507,15 +521,16 @@ pub fn send_event(
             "the instance is paused; PUT its status to running first".into(),
         ));
     }
-    let mut state = decode_state(&instance.state)?;
-    let mut chart = charts.get(&load_version(txn, machine, &instance.version_id)?)?;
+    let from = decode_state(&instance.state)?;
+    let mut state = from.clone();
+    let mut chart = charts.load(txn, machine, &instance.version_id)?;
     // Timers that came due before this event fire first, in due order.
     if chart.next_due(&state).is_some_and(|d| d <= now_ms) {
         let step = chart.advance(&state, now_ms)?;
         state = step.state;
     }
     if let Some(target) = instance.target_version_id.clone() {
-        let next = charts.get(&load_version(txn, machine, &target)?)?;
+        let next = charts.load(txn, machine, &target)?;
         next.check_state(&state)
             .map_err(|e| InstanceError::NoMigrationPath(e.message))?;
         chart = next;
@@ -526,7 +541,6 @@ pub fn send_event(
         return Err(InstanceError::Rejected("event"));
     }
     let step = chart.send(&state, event.clone(), auth, now_ms)?;
-    let from = decode_state(&instance.state)?;
     commit_step(
         txn,
         &chart,
@@ -632,7 +646,7 @@ pub fn fire_due(
         return Ok(None);
     }
     let state = decode_state(&instance.state)?;
-    let chart = charts.get(&load_version(txn, machine, &instance.version_id)?)?;
+    let chart = charts.load(txn, machine, &instance.version_id)?;
     if !chart.next_due(&state).is_some_and(|d| d <= now_ms) {
         return Ok(None);
     }

@@ -6,8 +6,10 @@
 //!   waits on anything else, so keepalives and acks keep flowing.
 //! - The **batcher** takes what has arrived (up to `batch_size`, waiting at most
 //!   `batch_wait_ms` for company), applies it in one `GroupCommit::write`, and only after that
-//!   commit acks each message and hands the committed steps to the publisher. While a batch
-//!   commits the next one accumulates, so the batch size follows the load.
+//!   commit acks each message and hands the committed steps to the publisher. Up to
+//!   `BATCHES_IN_FLIGHT` batches wait for the writer at once (it commits them in order, and
+//!   folds those queued together into one transaction), so the broker's inflight window keeps
+//!   flowing while one commits and the batch size still follows the load.
 //! - **Settling acks**: the ingest task sees its connection's packets in order. Once a PINGRESP
 //!   arrives for a PINGREQ written after a PUBACK, the broker has processed that PUBACK
 //!   (mosquitto and rumqttd handle one connection's packets in order), will not redeliver the
@@ -480,6 +482,14 @@ struct Batcher {
     abort_before_ack: Option<String>,
 }
 
+/// Batches handed to the writer and not yet acked. The broker's inflight window holds every
+/// unacked message, so while one batch commits the next must already be on its way to the
+/// writer: with one batch at a time the window drains to nothing during each commit and the
+/// writer waits for the broker after it. The writer runs requests in the order they arrive
+/// (FIFO), so batches commit in order; a failed batch is retried with every message marked as
+/// redelivered, which the dedup table decides whatever later batches committed meanwhile.
+const BATCHES_IN_FLIGHT: usize = 4;
+
 async fn batcher(
     b: Batcher,
     mut rx: mpsc::UnboundedReceiver<Delivery>,
@@ -488,11 +498,44 @@ async fn batcher(
 ) {
     let size = b.gw.config.mqtt.batch_size;
     let wait = Duration::from_millis(b.gw.config.mqtt.batch_wait_ms);
+    let b = Arc::new(b);
+    let mut in_flight: std::collections::VecDeque<JoinHandle<bool>> = Default::default();
+    let mut stopping = false;
+    let (first_turn, mut previous_turn) = oneshot::channel::<()>();
+    let _ = first_turn.send(());
     loop {
+        // Reap finished batches in order; a batch that could not commit while stopping ends
+        // the loop (it stays unacked, so the broker redelivers it).
+        while in_flight.front().is_some_and(|t| t.is_finished()) {
+            if let Some(t) = in_flight.pop_front() {
+                if !t.await.unwrap_or(false) {
+                    stopping = true;
+                }
+            }
+        }
+        if stopping {
+            break;
+        }
+        if in_flight.len() >= BATCHES_IN_FLIGHT {
+            if let Some(t) = in_flight.pop_front() {
+                if !t.await.unwrap_or(false) {
+                    break;
+                }
+            }
+            continue;
+        }
         let first = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
             p = rx.recv() => match p { Some(p) => p, None => break },
+            // Wake to reap the oldest batch when nothing arrives.
+            Ok(ok) = async { match in_flight.front_mut() { Some(t) => t.await, None => std::future::pending().await } } => {
+                in_flight.pop_front();
+                if !ok {
+                    break;
+                }
+                continue;
+            }
         };
         let (mut batch, mut settled) = (Vec::new(), Vec::new());
         let add = |d: Delivery, batch: &mut Vec<Publish>, settled: &mut Vec<(u16, u64)>| match d {
@@ -519,11 +562,22 @@ async fn batcher(
                 }
             }
         }
-        if !commit_and_ack(&b, batch, settled, &shutdown).await {
-            break;
-        }
+        let (b, shutdown) = (b.clone(), shutdown.clone());
+        // Acks leave in batch order (rumqttd drops a connection that acks out of order): each
+        // batch acks after the previous one has (or has given up).
+        let (next_turn, turn) = oneshot::channel();
+        let turn = std::mem::replace(&mut previous_turn, turn);
+        in_flight.push_back(tokio::spawn(async move {
+            let ok = commit_and_ack(&b, batch, settled, &shutdown, turn).await;
+            let _ = next_turn.send(());
+            ok
+        }));
     }
-    // Messages still queued are not acked: the broker redelivers them to the next session.
+    // Let the batches already with the writer commit and be acked. Messages still queued are
+    // not acked: the broker redelivers them to the next session.
+    for t in in_flight {
+        let _ = t.await;
+    }
     let _ = done.0.send(());
     let _ = done.1.send(());
 }
@@ -535,6 +589,7 @@ async fn commit_and_ack(
     batch: Vec<Publish>,
     mut settled: Vec<(u16, u64)>,
     shutdown: &watch::Receiver<bool>,
+    turn: oneshot::Receiver<()>,
 ) -> bool {
     let gw = &b.gw;
     let message = |p: &Publish, dup: bool| Message {
@@ -594,6 +649,8 @@ async fn commit_and_ack(
             std::process::exit(86);
         }
     }
+    // The previous batch has acked (or stopped trying); an error means its task is gone.
+    let _ = turn.await;
     if let Ok(mut q) = b.acks.queued.lock() {
         for (m, o) in messages.iter().zip(&outcomes) {
             if let Some(t) = o.entry_tag(m.pkid, tag) {

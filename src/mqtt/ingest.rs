@@ -115,20 +115,25 @@ pub fn apply(
     let mut out = Vec::with_capacity(batch.len());
     let mut entry = [0u8; 40];
     entry[32..].copy_from_slice(&tag.to_le_bytes());
+    // Only this function touches INFLIGHT inside the batch, so it stays open for the whole
+    // batch instead of being opened twice per message.
+    let mut inflight = txn.open_table(INFLIGHT)?;
+    let mut machines = Machines::default();
     for m in batch {
         let hash = content_hash(&m.topic, &m.payload);
         if m.dup && m.pkid != 0 {
-            let t = txn.open_table(INFLIGHT)?;
-            let seen = t.get((rules.client_id.as_str(), m.pkid))?.and_then(|v| {
-                let v = v.value();
-                (v.len() >= 32 && v[..32] == hash).then(|| stored_tag(v))
-            });
+            let seen = inflight
+                .get((rules.client_id.as_str(), m.pkid))?
+                .and_then(|v| {
+                    let v = v.value();
+                    (v.len() >= 32 && v[..32] == hash).then(|| stored_tag(v))
+                });
             if let Some(original) = seen {
                 out.push(Outcome::Duplicate(original));
                 continue;
             }
         }
-        let outcome = match route(txn, charts, rules, m, now_ms)? {
+        let outcome = match route(txn, charts, rules, &mut machines, m, now_ms)? {
             Ok(o) => o,
             Err((machine, reason, message)) => {
                 dead_letter(txn, rules, machine, m, reason, &message, now_ms)?;
@@ -137,8 +142,7 @@ pub fn apply(
         };
         if m.pkid != 0 {
             entry[..32].copy_from_slice(&hash);
-            txn.open_table(INFLIGHT)?
-                .insert((rules.client_id.as_str(), m.pkid), entry.as_slice())?;
+            inflight.insert((rules.client_id.as_str(), m.pkid), entry.as_slice())?;
         }
         out.push(outcome);
     }
@@ -161,6 +165,24 @@ pub fn apply_then_forget(
     let outcomes = apply(txn, charts, rules, batch, tag, now_ms)?;
     forget(txn, &rules.client_id, settled)?;
     Ok(outcomes)
+}
+
+/// Which machines exist, looked up once per batch: machines are not created or deleted
+/// inside an MQTT batch (the batch is one request of the group commit, run alone).
+#[derive(Default)]
+struct Machines {
+    known: std::collections::HashMap<String, bool>,
+}
+
+impl Machines {
+    fn exists(&mut self, txn: &WriteTransaction, slug: &str) -> Result<bool, StoreError> {
+        if let Some(&e) = self.known.get(slug) {
+            return Ok(e);
+        }
+        let e = txn.open_table(store::MACHINES)?.get(slug)?.is_some();
+        self.known.insert(slug.to_owned(), e);
+        Ok(e)
+    }
 }
 
 /// The batch tag of an [`INFLIGHT`] value (0 for entries written before tags existed).
@@ -202,6 +224,7 @@ fn route(
     txn: &WriteTransaction,
     charts: &Charts,
     rules: &Rules,
+    machines: &mut Machines,
     m: &Message,
     now_ms: i64,
 ) -> Result<Result<Outcome, Refusal>, StoreError> {
@@ -210,12 +233,12 @@ fn route(
         Err(u) => {
             let machine = u
                 .machine
-                .filter(|s| machine_exists(txn, s).unwrap_or(false))
+                .filter(|s| machines.exists(txn, s).unwrap_or(false))
                 .unwrap_or("");
             return Ok(Err((machine.into(), "unknown_topic", u.why.into())));
         }
     };
-    if !machine_exists(txn, t.machine)? {
+    if !machines.exists(txn, t.machine)? {
         return Ok(Err((
             String::new(),
             "unknown_machine",
@@ -248,54 +271,70 @@ fn route(
         }
     };
     let auth = auth();
-    let exists = txn
-        .open_table(instances::INSTANCES)?
-        .get((t.machine, t.instance))?
-        .is_some();
-    if !exists {
-        let meta: instances::ChartMeta = match txn.open_table(instances::CHARTS)?.get(t.machine)? {
-            Some(v) => store::decode(v.value())?,
-            None => Default::default(),
-        };
-        if !meta.auto_create_instances {
-            return refuse(
-                "unknown_instance",
-                format!(
-                    "no instance `{}`, and the machine does not auto-create instances",
-                    t.instance
-                ),
-            );
+    let event = Event::new(t.event, data);
+    let refused = |e| refusal(e).map(|(r, msg)| Err((t.machine.to_owned(), r, msg)));
+    // The common case first: the instance exists. `send_event` writes nothing when it fails,
+    // so a missing instance costs one failed lookup before it is created.
+    let sent = match send(txn, charts, &t, event.clone(), &auth, now_ms) {
+        Err(InstanceError::NotFound(_)) if !instance_exists(txn, &t)? => {
+            let meta: instances::ChartMeta =
+                match txn.open_table(instances::CHARTS)?.get(t.machine)? {
+                    Some(v) => store::decode(v.value())?,
+                    None => Default::default(),
+                };
+            if !meta.auto_create_instances {
+                return refuse(
+                    "unknown_instance",
+                    format!(
+                        "no instance `{}`, and the machine does not auto-create instances",
+                        t.instance
+                    ),
+                );
+            }
+            if let Err(e) = instances::create_instance(
+                txn,
+                charts,
+                t.machine,
+                t.instance,
+                Value::Null,
+                None,
+                &auth,
+                ACTOR,
+                now_ms,
+            ) {
+                return refused(e);
+            }
+            send(txn, charts, &t, event, &auth, now_ms)
         }
-        if let Err(e) = instances::create_instance(
-            txn,
-            charts,
-            t.machine,
-            t.instance,
-            Value::Null,
-            None,
-            &auth,
-            ACTOR,
-            now_ms,
-        ) {
-            return refusal(e).map(|(r, msg)| Err((t.machine.to_owned(), r, msg)));
-        }
-    }
-    match instances::send_event(
-        txn,
-        charts,
-        t.machine,
-        t.instance,
-        Event::new(t.event, data),
-        &auth,
-        ACTOR,
-        now_ms,
-    ) {
+        other => other,
+    };
+    match sent {
         Ok(sent) => Ok(Ok(Outcome::Applied {
             machine: t.machine.to_owned(),
             sent: Box::new(sent),
         })),
-        Err(e) => refusal(e).map(|(r, msg)| Err((t.machine.to_owned(), r, msg))),
+        Err(e) => refused(e),
     }
+}
+
+fn send(
+    txn: &WriteTransaction,
+    charts: &Charts,
+    t: &topic::DeviceTopic,
+    event: Event,
+    auth: &Value,
+    now_ms: i64,
+) -> Result<instances::Sent, InstanceError> {
+    instances::send_event(
+        txn, charts, t.machine, t.instance, event, auth, ACTOR, now_ms,
+    )
+}
+
+fn instance_exists(txn: &WriteTransaction, t: &topic::DeviceTopic) -> Result<bool, StoreError> {
+    Ok(txn
+        .open_table(instances::INSTANCES)?
+        .get((t.machine, t.instance))?
+        .is_some())
 }
 
 /// The dead-letter reason of a failed step; store errors abort the batch instead.
@@ -311,10 +350,6 @@ fn refusal(e: InstanceError) -> Result<(&'static str, String), StoreError> {
         InstanceError::Chart(_) => "transition_failed",
     };
     Ok((reason, e.to_string()))
-}
-
-fn machine_exists(txn: &WriteTransaction, slug: &str) -> Result<bool, StoreError> {
-    Ok(txn.open_table(store::MACHINES)?.get(slug)?.is_some())
 }
 
 fn dead_letter(

@@ -44,6 +44,7 @@ use std::collections::{BTreeSet, HashMap};
 use serde_json::Value;
 
 pub use model::{Effect, Event, InstanceState, Step, Timer, WriteKind};
+pub(crate) use run::json_size;
 pub use run::{LiveState, Stepped};
 pub use sim::{check, fuzz_one, simulate};
 
@@ -109,6 +110,9 @@ impl ChartError {
 pub struct Chart {
     pub(crate) states: Vec<parse::StateNode>,
     pub(crate) transitions: Vec<parse::TransitionDef>,
+    /// History state indices in the order of their ids (how `InstanceState::history`, a
+    /// map by id, is stored).
+    pub(crate) histories_by_id: Vec<usize>,
     pub(crate) by_id: std::sync::Arc<HashMap<String, usize>>,
     pub(crate) context: Value,
     pub(crate) output: Option<expr::ValueExpr>,

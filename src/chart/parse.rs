@@ -247,7 +247,12 @@ pub(crate) fn compile(definition: &Value) -> Result<Chart, ChartError> {
         }
     };
     let output = b.nodes[0].output.take();
+    let mut histories_by_id: Vec<usize> = (0..b.nodes.len())
+        .filter(|&i| b.nodes[i].is_history())
+        .collect();
+    histories_by_id.sort_by(|&x, &y| b.nodes[x].id.cmp(&b.nodes[y].id));
     Ok(Chart {
+        histories_by_id,
         states: b.nodes,
         transitions: b.transitions,
         by_id: std::sync::Arc::new(b.by_id),

@@ -216,7 +216,11 @@ fn drive(chart: &Chart, events: &[u8]) -> Vec<Result<InstanceState, ChartError>>
                 if let Err(e) = chart.check_state(&step.state) {
                     panic!("step produced an illegal state: {e}");
                 }
-                assert_eq!(chart.store(&live), step.state, "live and stored paths differ");
+                assert_eq!(
+                    chart.store(&live),
+                    step.state,
+                    "live and stored paths differ"
+                );
                 assert_eq!(stepped.effects, step.effects);
                 assert_eq!(stepped.microsteps, step.microsteps);
                 let mut bytes = Vec::new();

@@ -68,6 +68,35 @@ pub(crate) struct Scratch {
     enabled: Vec<usize>,
     to_enter: StateSet,
     exit: Vec<usize>,
+    /// Buffers of dropped timer ids and event names, reused for the next `after` timer.
+    strings: Vec<String>,
+}
+
+/// Most buffers [`Scratch::strings`] keeps.
+const MAX_SPARE_STRINGS: usize = 8;
+
+impl Scratch {
+    fn string(&mut self, s: &str) -> String {
+        match self.strings.pop() {
+            Some(mut b) => {
+                b.clear();
+                b.push_str(s);
+                b
+            }
+            None => s.to_owned(),
+        }
+    }
+
+    fn recycle(&mut self, s: String) {
+        if self.strings.len() < MAX_SPARE_STRINGS && (1..=256).contains(&s.capacity()) {
+            self.strings.push(s);
+        }
+    }
+
+    fn recycle_timer(&mut self, t: Timer) {
+        self.recycle(t.id);
+        self.recycle(t.event.name);
+    }
 }
 
 /// A small set of state indices, kept sorted (document order = entry order).
@@ -336,16 +365,14 @@ struct HistoryView<'a>(&'a Chart, &'a BTreeMap<usize, Vec<usize>>);
 impl Serialize for HistoryView<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let states = &self.0.states;
-        // `InstanceState::history` is a BTreeMap keyed by id: sorted by id, not by index.
-        let mut entries: Vec<(&str, &Vec<usize>)> = self
-            .1
-            .iter()
-            .map(|(h, v)| (states[*h].id.as_str(), v))
-            .collect();
-        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut map = s.serialize_map(Some(entries.len()))?;
-        for (id, rec) in entries {
-            map.serialize_entry(id, &Ids(rec.iter().map(|&x| states[x].id.as_str())))?;
+        let mut map = s.serialize_map(Some(self.1.len()))?;
+        for h in &self.0.histories_by_id {
+            if let Some(rec) = self.1.get(h) {
+                map.serialize_entry(
+                    &states[*h].id,
+                    &Ids(rec.iter().map(|&x| states[x].id.as_str())),
+                )?;
+            }
         }
         map.end()
     }
@@ -520,7 +547,6 @@ fn expect_bool(
         .map_err(|t| ChartError::runtime(&expr.path, format!("{what} must return a bool, got {t}")))
 }
 
-
 impl<'c> Run<'c> {
     fn new(chart: &'c Chart, st: LiveState, auth: &'c Value, now: i64) -> Run<'c> {
         Run {
@@ -587,6 +613,7 @@ impl<'c> Run<'c> {
             let timer = self.st.timers.remove(next);
             // Time inside the advance is the timer's due time, so chained delays stay exact.
             self.now = timer.due_ms;
+            self.st.scratch.recycle(timer.id);
             self.st.scratch.external.push_back(timer.event);
             self.run_external()?;
             fired += 1;
@@ -597,7 +624,10 @@ impl<'c> Run<'c> {
 
     /// Checks the context size (when it may have changed) and moves the state into `out`.
     fn finish(mut self, out: &mut LiveState) -> Result<Stepped, ChartError> {
-        if self.ctx_dirty || !self.st.context_checked {
+        // Measuring means serializing; the bound is a cheap walk that settles most contexts.
+        if (self.ctx_dirty || !self.st.context_checked)
+            && json_size_bound(&self.st.context) > MAX_CONTEXT_BYTES
+        {
             let size = json_size(&self.st.context);
             if size > MAX_CONTEXT_BYTES {
                 return Err(ChartError::runtime(
@@ -605,8 +635,8 @@ impl<'c> Run<'c> {
                     format!("context is {size} bytes as JSON; the limit is {MAX_CONTEXT_BYTES}"),
                 ));
             }
-            self.st.context_checked = true;
         }
+        self.st.context_checked = true;
         if self.st.done {
             self.st.timers.clear();
         }
@@ -685,8 +715,22 @@ impl<'c> Run<'c> {
     }
 
     fn set_event(&mut self, ev: Event) {
-        self.event = ev;
+        let old = std::mem::replace(&mut self.event, ev);
+        self.st.scratch.recycle(old.name);
         self.event_dyn = None;
+    }
+
+    /// Drops the timers `remove` picks, keeping the others in order.
+    fn drop_timers(&mut self, remove: impl Fn(&Timer) -> bool) {
+        let mut i = 0;
+        while i < self.st.timers.len() {
+            if remove(&self.st.timers[i]) {
+                let t = self.st.timers.remove(i);
+                self.st.scratch.recycle_timer(t);
+            } else {
+                i += 1;
+            }
+        }
     }
 
     fn count_microstep(&mut self) -> Result<(), ChartError> {
@@ -873,8 +917,7 @@ impl<'c> Run<'c> {
             self.exec_actions(&chart.states[s].exit)?;
             let after = &chart.states[s].after;
             if !after.is_empty() {
-                self.st.timers
-                    .retain(|t| !after.iter().any(|(_, id)| *id == t.id));
+                self.drop_timers(|t| after.iter().any(|(_, id)| *id == t.id));
             }
             self.st.active[s] = false;
         }
@@ -1039,7 +1082,9 @@ impl<'c> Run<'c> {
             self.exec_actions(&node.entry)?;
             for (ms, name) in &node.after {
                 let due = self.now.saturating_add(*ms);
-                self.schedule(name.clone(), due, Event::new(name.clone(), Value::Null))?;
+                let id = self.st.scratch.string(name);
+                let event = Event::new(self.st.scratch.string(name), Value::Null);
+                self.schedule(id, due, event)?;
             }
             if node.kind != Kind::Final {
                 continue;
@@ -1208,7 +1253,8 @@ impl<'c> Run<'c> {
             }
             Action::Raise { event, data } => {
                 let data = self.opt_value(data)?;
-                self.raise(Event::new(event.clone(), data))?;
+                let name = self.st.scratch.string(event);
+                self.raise(Event::new(name, data))?;
             }
             Action::Send {
                 event,
@@ -1217,7 +1263,7 @@ impl<'c> Run<'c> {
                 id,
             } => {
                 let data = self.opt_value(data)?;
-                let ev = Event::new(event.clone(), data);
+                let ev = Event::new(self.st.scratch.string(event), data);
                 if *delay == 0 {
                     if self.st.scratch.external.len() >= MAX_QUEUE {
                         return Err(ChartError::runtime("$", "external event queue overflow"));
@@ -1231,7 +1277,7 @@ impl<'c> Run<'c> {
                     self.schedule(id, due, ev)?;
                 }
             }
-            Action::Cancel { id } => self.st.timers.retain(|t| t.id != *id),
+            Action::Cancel { id } => self.drop_timers(|t| t.id == *id),
             Action::Log { label, expr } => {
                 let value = self.opt_value(expr)?;
                 self.effect(Effect::Log {
@@ -1359,8 +1405,28 @@ fn descends(chart: &Chart, a: usize, b: usize) -> bool {
     false
 }
 
+/// At least `json_size(value)`, without looking at string contents: escaped, a byte takes at
+/// most 6 bytes (`\u00XX`), and a number at most 24 (`-1.2345678901234567e-308`).
+fn json_size_bound(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 24,
+        Value::String(s) => s.len().saturating_mul(6).saturating_add(2),
+        Value::Array(list) => list.iter().fold(list.len().saturating_add(2), |n, v| {
+            n.saturating_add(json_size_bound(v))
+        }),
+        Value::Object(map) => map.iter().fold(
+            map.len().saturating_mul(2).saturating_add(2),
+            |n, (k, v)| {
+                n.saturating_add(k.len().saturating_mul(6).saturating_add(2))
+                    .saturating_add(json_size_bound(v))
+            },
+        ),
+    }
+}
+
 /// Length of `value` as compact JSON, without building the bytes.
-fn json_size(value: &Value) -> usize {
+pub(crate) fn json_size(value: &Value) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

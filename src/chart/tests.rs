@@ -1333,3 +1333,80 @@ fn advance_stops_early_with_timers_still_due_when_work_piles_up() {
         "the host calls advance again"
     );
 }
+
+// ---- LiveState (the working form hosts keep loaded) -----------------------------------------
+
+#[test]
+fn live_state_steps_like_the_stored_form_and_encodes_its_bytes() {
+    let c = chart(
+        json!({"id": "m", "initial": "a", "context": {"n": 0}, "states": {
+            "a": {"on": {"GO": {"target": "b", "actions": {"type": "assign", "params": {"n": "context.n + 1"}}}}},
+            "b": {"initial": "x", "states": {"x": {}, "h": {"type": "history"}},
+                  "after": {"1000": "a"}, "on": {"BACK": "a"}}
+        }}),
+    );
+    let mut stored = start(&c);
+    let mut live = c.load(&stored).unwrap();
+    for (name, now) in [("GO", 0), ("BACK", 10), ("GO", 20)] {
+        stored = c
+            .send(&stored, Event::new(name, Value::Null), &Value::Null, now)
+            .unwrap()
+            .state;
+        c.send_live(&mut live, Event::new(name, Value::Null), &Value::Null, now)
+            .unwrap();
+        assert_eq!(c.store(&live), stored);
+    }
+    assert_eq!(live.next_due(), Some(1020));
+    stored = c.advance(&stored, 1020).unwrap().state;
+    c.advance_live(&mut live, 1020).unwrap();
+    assert_eq!(c.store(&live), stored);
+    assert_eq!(c.live_value(&live), json!("a"));
+    assert!(!stored.history.is_empty(), "leaving b records its history");
+    let mut bytes = b"prefix".to_vec();
+    c.encode(&live, &mut bytes);
+    assert_eq!(&bytes[6..], serde_json::to_vec(&stored).unwrap().as_slice());
+}
+
+#[test]
+fn live_state_is_broken_by_a_failed_step_until_loaded_again() {
+    // DESIGN: a failing step fails the whole call and the host keeps its previous state; a
+    // LiveState cannot roll back by itself, so it refuses further steps instead.
+    let c = chart(json!({"initial": "a", "context": {"n": 0}, "states": {
+        "a": {"on": {
+            "BAD": {"guard": "context.n.nope()", "target": "b"},
+            "GO": "b"
+        }},
+        "b": {}
+    }}));
+    let stored = start(&c);
+    let mut live = c.load(&stored).unwrap();
+    let e = c
+        .send_live(&mut live, Event::new("BAD", Value::Null), &Value::Null, 0)
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Runtime);
+    assert!(live.is_broken());
+    let again = c
+        .send_live(&mut live, Event::new("GO", Value::Null), &Value::Null, 0)
+        .unwrap_err();
+    assert_eq!(again.kind, ErrorKind::Input);
+    assert_eq!(
+        c.live_value(&live),
+        json!({}),
+        "a broken state reads as empty"
+    );
+    let mut live = c.load(&stored).unwrap();
+    c.send_live(&mut live, Event::new("GO", Value::Null), &Value::Null, 0)
+        .unwrap();
+    assert_eq!(c.live_value(&live), json!("b"));
+}
+
+#[test]
+fn live_state_of_another_chart_version_is_refused() {
+    let small = chart(json!({"initial": "a", "states": {"a": {}}}));
+    let big = chart(json!({"initial": "a", "states": {"a": {}, "b": {}}}));
+    let mut live = small.load(&start(&small)).unwrap();
+    let e = big
+        .send_live(&mut live, Event::new("GO", Value::Null), &Value::Null, 0)
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Input);
+}

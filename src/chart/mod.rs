@@ -113,6 +113,9 @@ pub struct Chart {
     /// History state indices in the order of their ids (how `InstanceState::history`, a
     /// map by id, is stored).
     pub(crate) histories_by_id: Vec<usize>,
+    /// Each state id as a JSON string (quoted, escaped as serde_json does), by state index:
+    /// the stored bytes write ids without escaping them again on every step.
+    pub(crate) ids_json: Vec<Box<[u8]>>,
     pub(crate) by_id: std::sync::Arc<HashMap<String, usize>>,
     pub(crate) context: Value,
     pub(crate) output: Option<expr::ValueExpr>,

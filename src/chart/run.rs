@@ -20,7 +20,6 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rhai::{Dynamic, Scope};
 use serde::ser::{SerializeMap, SerializeSeq};
-use serde::{Serialize, Serializer};
 use serde_json::Value;
 
 use super::expr::{event_dynamic, to_dynamic, to_json, Active, Expr, ValueExpr, CALL_OPERATIONS};
@@ -336,62 +335,60 @@ fn configuration_ids<'a>(
 
 /// The JSON bytes `serde_json::to_vec(&store(chart, live))` would give, written straight
 /// from the live state (no intermediate `InstanceState`), appended to `out`.
+///
+/// Written by hand because it runs once per committed step and serde's generic path was
+/// half the host's per-step cost: field names are literals in `InstanceState`'s field order,
+/// state ids come pre-escaped from the compiled chart (`Chart::ids_json`), and only the
+/// values the host put there (context, timers, output, numbers) go through serde_json, so
+/// string escaping and float formatting stay serde_json's own.
 pub(crate) fn encode(chart: &Chart, live: &LiveState, out: &mut Vec<u8>) {
-    let view = StoredView { chart, live };
-    // Writing JSON into a Vec cannot fail: every map key is a string.
-    let _ = serde_json::to_writer(out, &view);
-}
-
-/// Serializes like `InstanceState` (same fields, same order, same shapes).
-struct StoredView<'a> {
-    chart: &'a Chart,
-    live: &'a LiveState,
-}
-
-struct Ids<'a, I: Iterator<Item = &'a str> + Clone>(I);
-
-impl<'a, I: Iterator<Item = &'a str> + Clone> Serialize for Ids<'a, I> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(None)?;
-        for id in self.0.clone() {
-            seq.serialize_element(id)?;
+    let ids = &chart.ids_json;
+    out.extend_from_slice(b"{\"configuration\":[");
+    let mut first = true;
+    for (i, _) in live.active.iter().enumerate().skip(1).filter(|(_, a)| **a) {
+        if !first {
+            out.push(b',');
         }
-        seq.end()
+        first = false;
+        out.extend_from_slice(&ids[i]);
     }
-}
-
-struct HistoryView<'a>(&'a Chart, &'a BTreeMap<usize, Vec<usize>>);
-
-impl Serialize for HistoryView<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let states = &self.0.states;
-        let mut map = s.serialize_map(Some(self.1.len()))?;
-        for h in &self.0.histories_by_id {
-            if let Some(rec) = self.1.get(h) {
-                map.serialize_entry(
-                    &states[*h].id,
-                    &Ids(rec.iter().map(|&x| states[x].id.as_str())),
-                )?;
+    out.extend_from_slice(b"],\"history\":{");
+    let mut first = true;
+    for h in &chart.histories_by_id {
+        if let Some(rec) = live.history.get(h) {
+            if !first {
+                out.push(b',');
             }
+            first = false;
+            out.extend_from_slice(&ids[*h]);
+            out.extend_from_slice(b":[");
+            for (k, &x) in rec.iter().enumerate() {
+                if k > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(&ids[x]);
+            }
+            out.push(b']');
         }
-        map.end()
     }
-}
-
-impl Serialize for StoredView<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let live = self.live;
-        let mut st = s.serialize_struct("InstanceState", 7)?;
-        st.serialize_field("configuration", &Ids(configuration_ids(self.chart, live)))?;
-        st.serialize_field("history", &HistoryView(self.chart, &live.history))?;
-        st.serialize_field("context", &live.context)?;
-        st.serialize_field("timers", &live.timers)?;
-        st.serialize_field("timer_seq", &live.timer_seq)?;
-        st.serialize_field("done", &live.done)?;
-        st.serialize_field("output", &live.output)?;
-        st.end()
+    // Writing JSON into a Vec cannot fail: every map key in a `Value` is a string.
+    out.extend_from_slice(b"},\"context\":");
+    let _ = serde_json::to_writer(&mut *out, &live.context);
+    out.extend_from_slice(b",\"timers\":");
+    if live.timers.is_empty() {
+        out.extend_from_slice(b"[]");
+    } else {
+        let _ = serde_json::to_writer(&mut *out, &live.timers);
     }
+    out.extend_from_slice(b",\"timer_seq\":");
+    let _ = serde_json::to_writer(&mut *out, &live.timer_seq);
+    out.extend_from_slice(if live.done {
+        b",\"done\":true,\"output\":"
+    } else {
+        b",\"done\":false,\"output\":"
+    });
+    let _ = serde_json::to_writer(&mut *out, &live.output);
+    out.push(b'}');
 }
 
 /// A legal SCXML configuration: ancestors of active states are active, an active compound

@@ -1410,3 +1410,50 @@ fn live_state_of_another_chart_version_is_refused() {
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Input);
 }
+
+#[test]
+fn encoded_bytes_match_serde_json_for_awkward_ids_strings_and_floats() {
+    // The stored bytes are written by hand (run::encode); they must stay exactly
+    // serde_json's compact output of the InstanceState, escaping and float formatting included.
+    let weird = "q\"b\\s/n\nt\tc\u{1}\u{1f}d\u{7f}é😀\u{2028}";
+    let c = chart(json!({"id": "m", "initial": weird, "context": {
+        "s": weird, "f": [0.1, 1e300, -0.0, 3.0, 1.5e-7, -2.5, 123456789.125],
+        "i": [0, -1, 9007199254740993u64, i64::MIN], "n": null, "b": [true, false],
+        weird: {"": "", "\u{0}": "\u{0}"}
+    }, "states": {
+        weird: {"on": {"GO": "p\"ar"}},
+        "p\"ar": {"initial": "x\\1", "states": {
+            "x\\1": {"on": {"NEXT": "y\u{7}"}}, "y\u{7}": {},
+            "h\"ist": {"type": "history", "history": "deep"}},
+            "after": {"1000": weird},
+            "entry": {"type": "send", "params": {"event": "T\"", "data": "#{v: 0.3, s: \"a\\\"b\\\\c\\n\"}", "delay": 500}},
+            "on": {"BACK": weird}}
+    }}));
+    let mut live = c.load(&start(&c)).unwrap();
+    let check = |live: &LiveState| {
+        let mut bytes = Vec::new();
+        c.encode(live, &mut bytes);
+        let want = serde_json::to_vec(&c.store(live)).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            String::from_utf8_lossy(&want)
+        );
+        assert_eq!(bytes, want);
+    };
+    check(&live);
+    for (name, now) in [("GO", 0), ("NEXT", 1), ("BACK", 2), ("GO", 3)] {
+        c.send_live(
+            &mut live,
+            Event::new(name, json!({"x": 0.1, "w": weird})),
+            &Value::Null,
+            now,
+        )
+        .unwrap();
+        check(&live);
+    }
+    assert!(
+        !c.store(&live).history.is_empty(),
+        "the history was recorded"
+    );
+    assert!(!c.store(&live).timers.is_empty(), "timers are pending");
+}

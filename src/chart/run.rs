@@ -19,7 +19,6 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rhai::{Dynamic, Scope};
-use serde::ser::{SerializeMap, SerializeSeq};
 use serde_json::Value;
 
 use super::expr::{event_dynamic, to_dynamic, to_json, Active, Expr, ValueExpr, CALL_OPERATIONS};

@@ -8,8 +8,22 @@
 //! `smgate chart simulate`. Both engines must reach the same state value and context: the
 //! first steps are compared one by one, and the final state after all steps.
 //!
+//! What is timed is what a host does per input line:
+//! - smgate `host`: steps a loaded [`LiveState`] (`send_live`, then `advance_live` while timers
+//!   are due) and, when anything ran, encodes the stored form (the JSON bytes the instances
+//!   API writes per step) — the headline figure;
+//! - smgate `step`: the same without the encoding (a host that persists less often);
+//! - smgate `stored`: the `InstanceState` calls, which convert the stored form in and out on
+//!   every call (what hosts did before `LiveState`);
+//! - xstate: `actor.send` (or the clock advance) plus `actor.getSnapshot()`, and in the
+//!   `xstate+persist` column also `JSON.stringify(actor.getPersistedSnapshot())`.
+//!
 //! xstate runs through `benches/xstate/bench.mjs` (`npm ci` there once); without node or the
-//! package the xstate column is skipped with a message. `CHART_BENCH_STEPS` overrides STEPS.
+//! package the xstate column is skipped with a message. `CHART_BENCH_STEPS` overrides STEPS;
+//! `CHART_BENCH_MODES` (comma-separated `host`, `step`, `stored`) picks the smgate runs and
+//! `CHART_BENCH_XSTATE=0` skips xstate — for instruction counts under callgrind:
+//! `CHART_BENCH_MODES=host CHART_BENCH_XSTATE=0 CHART_BENCH_STEPS=N valgrind --tool=callgrind
+//! target/release/deps/chart-* --bench`, differenced over two N.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
@@ -18,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use serde_json::{json, Map, Value};
-use smgate::chart::{Chart, Event, InstanceState};
+use smgate::chart::{Chart, Event, InstanceState, LiveState};
 
 /// Counts allocations so the table can show allocations per event.
 struct Counting;
@@ -58,6 +72,26 @@ struct Case {
     events: PathBuf,
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// `LiveState` steps plus encoding the stored form after each line that ran anything.
+    Host,
+    /// `LiveState` steps only.
+    Step,
+    /// The `InstanceState` calls.
+    Stored,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Host => "host",
+            Mode::Step => "step",
+            Mode::Stored => "stored",
+        }
+    }
+}
+
 struct Outcome {
     events_per_s: f64,
     ns_per_event: f64,
@@ -84,7 +118,18 @@ fn main() {
             events: root.join("benches/defs/device.events.jsonl"),
         },
     ];
-    let xstate = XState::find(root);
+    let modes: Vec<Mode> = match std::env::var("CHART_BENCH_MODES") {
+        Ok(list) => [Mode::Host, Mode::Step, Mode::Stored]
+            .into_iter()
+            .filter(|m| list.split(',').any(|x| x.trim() == m.name()))
+            .collect(),
+        Err(_) => vec![Mode::Host, Mode::Step, Mode::Stored],
+    };
+    let xstate = if std::env::var("CHART_BENCH_XSTATE").is_ok_and(|v| v == "0") {
+        Err("CHART_BENCH_XSTATE=0".to_string())
+    } else {
+        XState::find(root)
+    };
     if let Err(why) = &xstate {
         println!("xstate column skipped: {why}");
     }
@@ -95,9 +140,22 @@ fn main() {
         let chart = Chart::from_json_str(&definition)
             .unwrap_or_else(|e| panic!("{}: {e}", case.definition.display()));
         let inputs = parse_inputs(&read(&case.events));
-        let traced = run(&chart, &inputs, TRACE, TRACE); // also warms up
-        let mut ours = run(&chart, &inputs, steps, 0);
-        ours.trace = traced.trace;
+        // Every mode must agree step by step (this also warms up).
+        let traced = run(&chart, &inputs, TRACE, TRACE, Mode::Host);
+        for mode in [Mode::Step, Mode::Stored] {
+            let other = run(&chart, &inputs, TRACE, TRACE, mode);
+            assert_eq!(
+                traced.trace,
+                other.trace,
+                "{}: {} differs",
+                case.name,
+                mode.name()
+            );
+        }
+        let ours: Vec<(Mode, Outcome)> = modes
+            .iter()
+            .map(|&m| (m, run(&chart, &inputs, steps, 0, m)))
+            .collect();
         let theirs = match &xstate {
             Ok(x) => match x.run(case, steps) {
                 Ok(v) => Some(v),
@@ -108,33 +166,60 @@ fn main() {
             },
             Err(_) => None,
         };
-        println!("{}: final state {}", case.name, ours.last);
+        if let Some((_, o)) = ours.first() {
+            println!("{}: final state {}", case.name, o.last);
+        }
+        for (mode, o) in &ours {
+            assert_eq!(o.last, ours[0].1.last, "{}: {}", case.name, mode.name());
+        }
         if let Some(theirs) = &theirs {
-            assert_same(case.name, &ours, theirs);
+            if let Some((_, o)) = ours.first() {
+                assert_same(case.name, &traced.trace, &o.last, theirs);
+            }
             println!(
                 "{}: xstate reached the same state (and the same first {TRACE} steps)",
                 case.name
             );
         }
-        rows.push((case.name, ours, theirs.map(|t| t.events_per_s)));
+        rows.push((case.name, ours, theirs));
     }
 
     println!();
     println!(
-        "{:<40} {:>14} {:>10} {:>12} {:>14} {:>8}",
-        "machine", "smgate ev/s", "ns/event", "allocs/event", "xstate ev/s", "ratio"
+        "{:<38} {:<7} {:>12} {:>9} {:>13} {:>12} {:>8} {:>15} {:>8}",
+        "machine",
+        "smgate",
+        "ev/s",
+        "ns/event",
+        "allocs/event",
+        "xstate ev/s",
+        "ratio",
+        "xstate+persist",
+        "ratio"
     );
     for (name, ours, theirs) in &rows {
-        let (xs, ratio) = match theirs {
-            Some(t) => (format!("{t:.0}"), format!("{:.1}x", ours.events_per_s / t)),
-            None => ("-".to_string(), "-".to_string()),
-        };
-        println!(
-            "{:<40} {:>14.0} {:>10.0} {:>12.1} {:>14} {:>8}",
-            name, ours.events_per_s, ours.ns_per_event, ours.allocs_per_event, xs, ratio
-        );
+        for (mode, o) in ours {
+            let cols = |x: Option<f64>| match x {
+                Some(t) => (format!("{t:.0}"), format!("{:.1}x", o.events_per_s / t)),
+                None => ("-".to_string(), "-".to_string()),
+            };
+            let (xs, ratio) = cols(theirs.as_ref().map(|t| t.events_per_s));
+            let (xp, pratio) = cols(theirs.as_ref().and_then(|t| t.persist_events_per_s));
+            println!(
+                "{:<38} {:<7} {:>12.0} {:>9.0} {:>13.1} {:>12} {:>8} {:>15} {:>8}",
+                name,
+                mode.name(),
+                o.events_per_s,
+                o.ns_per_event,
+                o.allocs_per_event,
+                xs,
+                ratio,
+                xp,
+                pratio
+            );
+        }
     }
-    println!("(target: smgate >= {TARGET_RATIO}x xstate's events/s; {steps} steps per engine and machine)");
+    println!("(target: smgate host >= {TARGET_RATIO}x xstate's events/s; {steps} steps per engine and machine)");
 }
 
 fn read(path: &Path) -> String {
@@ -168,57 +253,86 @@ fn parse_inputs(text: &str) -> Vec<Input> {
         .collect()
 }
 
-fn snapshot(chart: &Chart, state: &InstanceState) -> Value {
-    json!({"value": chart.state_value(state), "context": state.context})
+fn snapshot(chart: &Chart, state: &InstanceState, live: &LiveState, mode: Mode) -> Value {
+    match mode {
+        Mode::Stored => json!({"value": chart.state_value(state), "context": state.context}),
+        _ => json!({"value": chart.live_value(live), "context": live.context()}),
+    }
 }
 
-/// Runs `steps` inputs (cycling) the way `simulate` does. With `trace_len` > 0 it records the
-/// state after each of the first steps (a separate, untimed run: recording costs more than
-/// an event).
-fn run(chart: &Chart, inputs: &[Input], steps: usize, trace_len: usize) -> Outcome {
+/// Runs `steps` inputs (cycling) the way a host does (see the module doc for the modes).
+/// With `trace_len` > 0 it records the state after each of the first steps (a separate,
+/// untimed run: recording costs more than an event).
+fn run(chart: &Chart, inputs: &[Input], steps: usize, trace_len: usize, mode: Mode) -> Outcome {
     let auth = Value::Null;
     let mut clock = 0i64;
     let mut state = chart
         .initial(Value::Null, &auth, clock)
         .expect("initial")
         .state;
+    let mut live: LiveState = chart.load(&state).expect("load");
+    let mut stored: Vec<u8> = Vec::new();
     let mut trace = Vec::with_capacity(trace_len);
     let a0 = ALLOCATIONS.load(Ordering::Relaxed);
     let t0 = Instant::now();
     for i in 0..steps {
-        match &inputs[i % inputs.len()] {
-            Input::Event(ev) => {
+        let input = &inputs[i % inputs.len()];
+        if let Input::Advance(ms) = input {
+            clock += ms;
+        }
+        if mode == Mode::Stored {
+            if let Input::Event(ev) = input {
                 state = chart
                     .send(&state, ev.clone(), &auth, clock)
                     .expect("send")
                     .state;
             }
-            Input::Advance(ms) => clock += ms,
-        }
-        while chart.next_due(&state).is_some_and(|d| d <= clock) && !state.done {
-            state = chart.advance(&state, clock).expect("advance").state;
+            while chart.next_due(&state).is_some_and(|d| d <= clock) && !state.done {
+                state = chart.advance(&state, clock).expect("advance").state;
+            }
+        } else {
+            let mut ran = false;
+            if let Input::Event(ev) = input {
+                chart
+                    .send_live(&mut live, ev.clone(), &auth, clock)
+                    .expect("send");
+                ran = true;
+            }
+            while live.next_due().is_some_and(|d| d <= clock) && !live.done() {
+                chart.advance_live(&mut live, clock).expect("advance");
+                ran = true;
+            }
+            if ran && mode == Mode::Host {
+                stored.clear();
+                chart.encode(&live, &mut stored);
+            }
         }
         if i < trace_len {
-            trace.push(snapshot(chart, &state));
+            trace.push(snapshot(chart, &state, &live, mode));
         }
     }
     let secs = t0.elapsed().as_secs_f64();
     let allocs = ALLOCATIONS.load(Ordering::Relaxed) - a0;
+    if mode == Mode::Host && !stored.is_empty() {
+        let decoded: InstanceState = serde_json::from_slice(&stored).expect("stored form");
+        assert_eq!(decoded, chart.store(&live), "encode and store disagree");
+    }
     Outcome {
         events_per_s: steps as f64 / secs,
         ns_per_event: secs * 1e9 / steps as f64,
         allocs_per_event: allocs as f64 / steps as f64,
         trace,
-        last: snapshot(chart, &state),
+        last: snapshot(chart, &state, &live, mode),
     }
 }
 
-fn assert_same(name: &str, ours: &Outcome, theirs: &XStateResult) {
-    for (i, (a, b)) in ours.trace.iter().zip(&theirs.trace).enumerate() {
+/// The first steps one by one, then the final state after all steps.
+fn assert_same(name: &str, trace: &[Value], last: &Value, theirs: &XStateResult) {
+    for (i, (a, b)) in trace.iter().zip(&theirs.trace).enumerate() {
         assert_eq!(a, b, "{name}: engines differ after step {}", i + 1);
     }
     assert_eq!(
-        ours.last, theirs.last,
+        last, &theirs.last,
         "{name}: engines reach different final states"
     );
 }
@@ -229,6 +343,7 @@ struct XState {
 
 struct XStateResult {
     events_per_s: f64,
+    persist_events_per_s: Option<f64>,
     trace: Vec<Value>,
     last: Value,
 }
@@ -275,6 +390,7 @@ impl XState {
         let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
         Ok(XStateResult {
             events_per_s: v["events_per_s"].as_f64().ok_or("no events_per_s")?,
+            persist_events_per_s: v["persist_events_per_s"].as_f64(),
             trace: v["trace"].as_array().cloned().unwrap_or_default(),
             last: v["final"].clone(),
         })

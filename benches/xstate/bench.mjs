@@ -144,7 +144,11 @@ function advance(clock, ms) {
   clock.set(target);
 }
 
-function run(n, trace) {
+/**
+ * What a host does per line: the send (or clock advance), then `getSnapshot()`; with
+ * `persist`, also the persisted snapshot as JSON (what it would store).
+ */
+function run(n, trace, persist = false) {
   const clock = new SimulatedClock();
   const actor = createActor(machine, { clock });
   let failure;
@@ -156,10 +160,9 @@ function run(n, trace) {
     const input = inputs[i % inputs.length];
     if (input.advance !== undefined) advance(clock, input.advance);
     else actor.send(input.event);
-    if (i < trace) {
-      const s = actor.getSnapshot();
-      seen.push({ value: s.value, context: s.context });
-    }
+    const s = actor.getSnapshot();
+    if (persist) sink ^= JSON.stringify(actor.getPersistedSnapshot()).length;
+    if (i < trace) seen.push({ value: s.value, context: s.context });
   }
   const ms = performance.now() - t0;
   const s = actor.getSnapshot();
@@ -168,8 +171,11 @@ function run(n, trace) {
   return { ms, trace: seen, final: { value: s.value, context: s.context } };
 }
 
+let sink = 0; // keeps the persisted JSON observable
 run(Math.min(steps, 20000), 0); // warm up the JIT
 const result = run(steps, traceLen);
+run(Math.min(steps, 20000), 0, true);
+const persisted = run(steps, 0, true);
 const require = createRequire(import.meta.url);
 console.log(
   JSON.stringify({
@@ -179,6 +185,8 @@ console.log(
     steps,
     ms: result.ms,
     events_per_s: steps / (result.ms / 1000),
+    persist_events_per_s: steps / (persisted.ms / 1000),
+    sink,
     final: result.final,
     trace: result.trace,
   }),

@@ -18,8 +18,6 @@
 //! and one per further link of a longer chain). `tests::fast_matches_rhai` checks results and
 //! counts against Rhai.
 
-use std::collections::BTreeMap;
-
 use rhai::{Expr as RExpr, FnCallExpr, Stmt, Token, AST};
 use serde_json::{Map, Value};
 
@@ -98,7 +96,8 @@ enum V<'a> {
     Json(&'a Value),
     /// The `event` map itself.
     Event,
-    Map(BTreeMap<&'a str, V<'a>>),
+    /// A map literal's value: keys sorted and distinct (as `Node::Map`'s).
+    Map(Vec<(&'a str, V<'a>)>),
 }
 
 impl Fast {
@@ -300,9 +299,9 @@ fn eval<'a>(n: &'a Node, env: &Env<'a>, ops: &mut u64) -> Option<V<'a>> {
             cur
         }
         Node::Map(fields) => {
-            let mut map = BTreeMap::new();
+            let mut map = Vec::with_capacity(fields.len());
             for (k, f) in fields {
-                map.insert(k.as_str(), eval(f, env, ops)?);
+                map.push((k.as_str(), eval(f, env, ops)?));
             }
             V::Map(map)
         }
@@ -427,7 +426,7 @@ fn to_json(v: &V, env: &Env, budget: &mut Budget) -> Option<Value> {
         }
         V::Map(fields) => {
             budget.take(fields.len(), 0)?;
-            let mut m = Map::new();
+            let mut m = Map::with_capacity(fields.len());
             for (k, f) in fields {
                 m.insert((*k).to_string(), to_json(f, env, budget)?);
             }

@@ -9,6 +9,12 @@
 //! - `expr`   — the sandboxed Rhai engine; every expression is compiled once per version.
 //! - `run`    — the SCXML interpreter (microsteps, macrosteps, queues, timers, history).
 //! - `model`  — the data the host stores and exchanges (`InstanceState`, `Event`, `Step`…).
+//!
+//! Two ways to run an instance: the `InstanceState` calls ([`Chart::send`], [`Chart::advance`])
+//! take the stored form and return a new one, converting on every call; a host that steps an
+//! instance repeatedly [`Chart::load`]s it once into a [`LiveState`], steps that
+//! ([`Chart::send_live`], [`Chart::advance_live`]) and converts back only to persist
+//! ([`Chart::encode`] writes the stored JSON bytes directly). Both run the same interpreter.
 //! - `sim`    — `smgate chart check` / `smgate chart simulate`, and `fuzz_one`.
 //!
 //! Choices this module settles (beyond DESIGN.md):
@@ -38,6 +44,8 @@ use std::collections::{BTreeSet, HashMap};
 use serde_json::Value;
 
 pub use model::{Effect, Event, InstanceState, Step, Timer, WriteKind};
+pub(crate) use run::json_size;
+pub use run::{LiveState, Stepped};
 pub use sim::{check, fuzz_one, simulate};
 
 /// Most microsteps one macrostep may take before it is declared unsettled.
@@ -102,6 +110,12 @@ impl ChartError {
 pub struct Chart {
     pub(crate) states: Vec<parse::StateNode>,
     pub(crate) transitions: Vec<parse::TransitionDef>,
+    /// History state indices in the order of their ids (how `InstanceState::history`, a
+    /// map by id, is stored).
+    pub(crate) histories_by_id: Vec<usize>,
+    /// Each state id as a JSON string (quoted, escaped as serde_json does), by state index:
+    /// the stored bytes write ids without escaping them again on every step.
+    pub(crate) ids_json: Vec<Box<[u8]>>,
     pub(crate) by_id: std::sync::Arc<HashMap<String, usize>>,
     pub(crate) context: Value,
     pub(crate) output: Option<expr::ValueExpr>,
@@ -162,6 +176,65 @@ impl Chart {
         run::advance(self, state, now_ms)
     }
 
+    /// Like [`Chart::initial`], returning the instance as a [`LiveState`].
+    pub fn initial_live(
+        &self,
+        context: Value,
+        auth: &Value,
+        now_ms: i64,
+    ) -> Result<(LiveState, Stepped), ChartError> {
+        run::initial_live(self, context, auth, now_ms)
+    }
+
+    /// The stored form → the working form; checks that it fits this chart version (see
+    /// [`Chart::check_state`]).
+    pub fn load(&self, state: &InstanceState) -> Result<LiveState, ChartError> {
+        run::load(self, state)
+    }
+
+    /// The working form → the stored form.
+    pub fn store(&self, live: &LiveState) -> InstanceState {
+        run::store(self, live)
+    }
+
+    /// Appends the stored form as JSON to `out`: exactly the bytes of
+    /// `serde_json::to_vec(&self.store(live))`, without building the `InstanceState`.
+    pub fn encode(&self, live: &LiveState, out: &mut Vec<u8>) {
+        run::encode(self, live, out)
+    }
+
+    /// [`Chart::send`] on a [`LiveState`]. On error, `live` is left broken (every further
+    /// call on it fails): load it again from the last stored state.
+    pub fn send_live(
+        &self,
+        live: &mut LiveState,
+        event: Event,
+        auth: &Value,
+        now_ms: i64,
+    ) -> Result<Stepped, ChartError> {
+        run::send_live(self, live, event, auth, now_ms)
+    }
+
+    /// [`Chart::advance`] on a [`LiveState`]; errors as for [`Chart::send_live`].
+    pub fn advance_live(&self, live: &mut LiveState, now_ms: i64) -> Result<Stepped, ChartError> {
+        run::advance_live(self, live, now_ms)
+    }
+
+    /// [`Chart::state_value`] of a [`LiveState`].
+    pub fn live_value(&self, live: &LiveState) -> Value {
+        self.value_of(0, &live.active)
+    }
+
+    /// [`Chart::tags`] of a [`LiveState`].
+    pub fn live_tags(&self, live: &LiveState) -> Vec<String> {
+        self.tags_of(&live.active)
+    }
+
+    /// [`Chart::atomic_configuration`] of a [`LiveState`].
+    pub fn live_configuration(&self, live: &LiveState) -> Vec<String> {
+        self.atomic_ids(&live.active)
+    }
+
     /// When the next timer is due, if any.
     pub fn next_due(&self, state: &InstanceState) -> Option<i64> {
         state.timers.iter().map(|t| t.due_ms).min()
@@ -176,28 +249,32 @@ impl Chart {
 
     /// Tags of all active states, sorted and de-duplicated.
     pub fn tags(&self, state: &InstanceState) -> Vec<String> {
-        let active = self.active_flags(state);
+        self.tags_of(&self.active_flags(state))
+    }
+
+    fn tags_of(&self, active: &[bool]) -> Vec<String> {
         let mut tags = BTreeSet::new();
-        for (i, node) in self.states.iter().enumerate() {
-            if active[i] {
-                tags.extend(node.tags.iter().cloned());
-            }
+        for (node, _) in self.states.iter().zip(active).filter(|(_, a)| **a) {
+            tags.extend(node.tags.iter().map(String::as_str));
         }
-        tags.into_iter().collect()
+        tags.into_iter().map(str::to_owned).collect()
     }
 
     /// Active atomic (and final) state ids, sorted.
     pub fn atomic_configuration(&self, state: &InstanceState) -> Vec<String> {
-        let active = self.active_flags(state);
-        let mut ids: Vec<String> = self
+        self.atomic_ids(&self.active_flags(state))
+    }
+
+    fn atomic_ids(&self, active: &[bool]) -> Vec<String> {
+        let mut ids: Vec<&str> = self
             .states
             .iter()
-            .enumerate()
-            .filter(|(i, n)| active[*i] && n.is_atomic())
-            .map(|(_, n)| n.id.clone())
+            .zip(active)
+            .filter(|(n, a)| **a && n.is_atomic())
+            .map(|(n, _)| n.id.as_str())
             .collect();
-        ids.sort();
-        ids
+        ids.sort_unstable();
+        ids.into_iter().map(str::to_owned).collect()
     }
 
     /// `context.public`, or `{}`.
@@ -252,15 +329,10 @@ impl Chart {
         // Port of XState v5 getValueFromAdj: a compound with an atomic active child prints the
         // child's key; everything else is an object of active children.
         let node = &self.states[s];
-        let kids: Vec<usize> = node
-            .children
-            .iter()
-            .copied()
-            .filter(|&c| active[c])
-            .collect();
+        let kids = node.children.iter().copied().filter(|&c| active[c]);
         if node.kind == parse::Kind::Compound {
-            match kids.first() {
-                Some(&c) if self.states[c].is_atomic() => {
+            match kids.clone().next() {
+                Some(c) if self.states[c].is_atomic() => {
                     return Value::String(self.states[c].key.clone())
                 }
                 Some(_) => {}

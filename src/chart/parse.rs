@@ -247,7 +247,22 @@ pub(crate) fn compile(definition: &Value) -> Result<Chart, ChartError> {
         }
     };
     let output = b.nodes[0].output.take();
+    let mut histories_by_id: Vec<usize> = (0..b.nodes.len())
+        .filter(|&i| b.nodes[i].is_history())
+        .collect();
+    histories_by_id.sort_by(|&x, &y| b.nodes[x].id.cmp(&b.nodes[y].id));
+    let ids_json = b
+        .nodes
+        .iter()
+        .map(|n| {
+            serde_json::to_vec(&n.id)
+                .unwrap_or_default()
+                .into_boxed_slice()
+        })
+        .collect();
     Ok(Chart {
+        histories_by_id,
+        ids_json,
         states: b.nodes,
         transitions: b.transitions,
         by_id: std::sync::Arc::new(b.by_id),

@@ -188,36 +188,64 @@ fn drive(chart: &Chart, events: &[u8]) -> Vec<Result<InstanceState, ChartError>>
         Err(e) => return vec![Err(e)],
     };
     out.push(Ok(state.clone()));
+    // A host that keeps the instance loaded steps a LiveState alongside; it must agree with
+    // the stored-form calls at every step, and encode to exactly the stored bytes.
+    let mut live = chart.load(&state).expect("load the initial state");
     for &e in events {
         let stored = round_trip(&state);
-        let result = if e as usize >= EVENTS.len() {
+        let (result, live_result) = if e as usize >= EVENTS.len() {
             now += 100 * i64::from(e - EVENTS.len() as u8 + 1);
-            chart.advance(&stored, now)
+            (
+                chart.advance(&stored, now),
+                chart.advance_live(&mut live, now),
+            )
         } else {
             let name = if EVENTS[e as usize] == "*" {
                 "Z"
             } else {
                 EVENTS[e as usize]
             };
-            chart.send(
-                &stored,
-                Event::new(name, json!({"i": e})),
-                &Value::Null,
-                now,
+            let event = Event::new(name, json!({"i": e}));
+            (
+                chart.send(&stored, event.clone(), &Value::Null, now),
+                chart.send_live(&mut live, event, &Value::Null, now),
             )
         };
-        match result {
-            Ok(step) => {
+        match (result, live_result) {
+            (Ok(step), Ok(stepped)) => {
                 if let Err(e) = chart.check_state(&step.state) {
                     panic!("step produced an illegal state: {e}");
                 }
-                let _ = chart.state_value(&step.state);
-                let _ = chart.tags(&step.state);
+                assert_eq!(
+                    chart.store(&live),
+                    step.state,
+                    "live and stored paths differ"
+                );
+                assert_eq!(stepped.effects, step.effects);
+                assert_eq!(stepped.microsteps, step.microsteps);
+                let mut bytes = Vec::new();
+                chart.encode(&live, &mut bytes);
+                assert_eq!(bytes, serde_json::to_vec(&step.state).expect("serialize"));
+                assert_eq!(chart.live_value(&live), chart.state_value(&step.state));
+                assert_eq!(chart.live_tags(&live), chart.tags(&step.state));
+                assert_eq!(
+                    chart.live_configuration(&live),
+                    chart.atomic_configuration(&step.state)
+                );
                 state = step.state;
                 out.push(Ok(state.clone()));
             }
-            // The host would roll back: keep the previous state.
-            Err(err) => out.push(Err(err)),
+            // The host would roll back: keep the previous state (and load it again).
+            (Err(err), Err(live_err)) => {
+                assert_eq!(err, live_err);
+                assert!(live.is_broken());
+                assert!(chart
+                    .send_live(&mut live, Event::new("A", Value::Null), &Value::Null, now)
+                    .is_err());
+                live = chart.load(&state).expect("reload");
+                out.push(Err(err));
+            }
+            (a, b) => panic!("stored and live paths disagree: {a:?} vs {b:?}"),
         }
     }
     out

@@ -8,7 +8,12 @@
 //!   repeat; external events (undelayed `send`, timers) are taken only when it has settled.
 //! - Final-state completion follows XState v5 (a parallel nested in a parallel region also
 //!   completes its ancestors), a strict superset of SCXML's grandparent check.
-//! - Errors abort the whole call; the caller keeps its previous `InstanceState`.
+//! - The interpreter works on a [`LiveState`] (indices, flags, the context as a live value);
+//!   the stored [`InstanceState`] is converted to and from it only at the edges (`load`,
+//!   `store`, `encode`), so a host that keeps a `LiveState` pays no conversion per event.
+//! - Errors abort the whole call. The `InstanceState` entry points leave the caller's state
+//!   untouched; a `LiveState` that failed half-way is marked broken and must be loaded again
+//!   from the last stored state (stepping it is an error), which is what hosts roll back to.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -29,37 +34,148 @@ const MAX_QUEUE: usize = 10_000;
 const MAX_EFFECTS: usize = 10_000;
 const INIT_EVENT: &str = "xstate.init";
 
+/// An instance in the engine's working form: what [`InstanceState`] stores, with states as
+/// indices of one compiled [`Chart`] (a `LiveState` only makes sense with the chart that
+/// loaded it) and the context as a live value. Hosts load it once, step it, and convert it
+/// back ([`Chart::store`], [`Chart::encode`]) only to persist.
+#[derive(Debug, Clone, Default)]
+pub struct LiveState {
+    /// Active flags by state index (the root is always active).
+    pub(crate) active: Vec<bool>,
+    /// History state index → recorded state indices.
+    pub(crate) history: BTreeMap<usize, Vec<usize>>,
+    pub(crate) context: Value,
+    pub(crate) timers: Vec<Timer>,
+    pub(crate) timer_seq: u64,
+    pub(crate) done: bool,
+    pub(crate) output: Value,
+    /// The context is known to be within [`MAX_CONTEXT_BYTES`] (checked since it last
+    /// changed), so a step that does not assign need not measure it again.
+    pub(crate) context_checked: bool,
+    /// A step failed half-way: the state is meaningless until loaded again.
+    pub(crate) broken: bool,
+    /// Scratch space kept between calls so that a step allocates nothing for its queues and
+    /// state sets; empty between calls.
+    pub(crate) scratch: Scratch,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Scratch {
+    internal: VecDeque<Event>,
+    external: VecDeque<Event>,
+    enabled: Vec<usize>,
+    to_enter: StateSet,
+    exit: Vec<usize>,
+    /// Each enabled transition's domain, taken before the exit records history.
+    domains: Vec<usize>,
+    /// Buffers of dropped timer ids and event names, reused for the next `after` timer.
+    strings: Vec<String>,
+}
+
+/// Most buffers [`Scratch::strings`] keeps.
+const MAX_SPARE_STRINGS: usize = 8;
+
+impl Scratch {
+    fn string(&mut self, s: &str) -> String {
+        match self.strings.pop() {
+            Some(mut b) => {
+                b.clear();
+                b.push_str(s);
+                b
+            }
+            None => s.to_owned(),
+        }
+    }
+
+    fn recycle(&mut self, s: String) {
+        if self.strings.len() < MAX_SPARE_STRINGS && (1..=256).contains(&s.capacity()) {
+            self.strings.push(s);
+        }
+    }
+
+    fn recycle_timer(&mut self, t: Timer) {
+        self.recycle(t.id);
+        self.recycle(t.event.name);
+    }
+}
+
+/// A small set of state indices, kept sorted (document order = entry order).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StateSet(Vec<usize>);
+
+impl StateSet {
+    fn insert(&mut self, s: usize) {
+        if let Err(at) = self.0.binary_search(&s) {
+            self.0.insert(at, s);
+        }
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, usize> {
+        self.0.iter()
+    }
+}
+
+impl LiveState {
+    /// Whether a top-level final state was reached (further events are ignored).
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// The context as it is now.
+    pub fn context(&self) -> &Value {
+        &self.context
+    }
+
+    /// The machine output once `done` (null before, or when there is none).
+    pub fn output(&self) -> &Value {
+        &self.output
+    }
+
+    /// When the next timer is due, if any.
+    pub fn next_due(&self) -> Option<i64> {
+        self.timers.iter().map(|t| t.due_ms).min()
+    }
+
+    /// Whether this state is usable (a failed step leaves it broken).
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+}
+
+/// What one call on a [`LiveState`] did besides changing it: the effects to publish after
+/// the host commits, and how many microsteps were taken.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stepped {
+    pub effects: Vec<Effect>,
+    pub microsteps: u32,
+}
+
 struct Run<'c> {
     chart: &'c Chart,
     /// Expression operations this call (or this timer of an advance) has spent.
     spent: u64,
-    active: Vec<bool>,
-    /// History state index → recorded state indices.
-    history: BTreeMap<usize, Vec<usize>>,
-    context: Value,
+    st: LiveState,
     ctx_dyn: Option<Dynamic>,
-    auth: Value,
+    /// An `assign` ran this call, so the context must be measured again.
+    ctx_dirty: bool,
+    auth: &'c Value,
     auth_dyn: Option<Dynamic>,
     event: Event,
     event_dyn: Option<Dynamic>,
-    internal: VecDeque<Event>,
-    external: VecDeque<Event>,
-    timers: Vec<Timer>,
-    timer_seq: u64,
     effects: Vec<Effect>,
     microsteps: u32,
     total_microsteps: u32,
-    done: bool,
-    output: Value,
     now: i64,
 }
 
-pub(crate) fn initial(
+// ---- the LiveState entry points ---------------------------------------------------------
+
+pub(crate) fn initial_live(
     chart: &Chart,
     context: Value,
     auth: &Value,
     now: i64,
-) -> Result<Step, ChartError> {
+) -> Result<(LiveState, Stepped), ChartError> {
     let mut ctx = chart.context.clone();
     match context {
         Value::Null => {}
@@ -72,11 +188,258 @@ pub(crate) fn initial(
         }
         _ => return Err(ChartError::input("context", "context must be an object")),
     }
-    let mut run = Run::new(chart, ctx, Vec::new(), auth, now)?;
+    let mut live = blank(chart);
+    live.context = ctx;
+    let mut run = Run::new(chart, live, auth, now);
     run.event = Event::new(INIT_EVENT, Value::Null);
     run.start()?;
     run.run_external()?;
-    run.finish(None)
+    let mut out = LiveState::default();
+    let stepped = run.finish(&mut out)?;
+    Ok((out, stepped))
+}
+
+pub(crate) fn send_live(
+    chart: &Chart,
+    live: &mut LiveState,
+    event: Event,
+    auth: &Value,
+    now: i64,
+) -> Result<Stepped, ChartError> {
+    if event.name.is_empty() {
+        return Err(ChartError::input(
+            "event.type",
+            "event type must not be empty",
+        ));
+    }
+    usable(chart, live)?;
+    if live.done {
+        return Ok(Stepped::default());
+    }
+    let mut run = Run::take(chart, live, auth, now);
+    run.st.scratch.external.push_back(event);
+    let result = run.run_external();
+    run.end(result, live)
+}
+
+pub(crate) fn advance_live(
+    chart: &Chart,
+    live: &mut LiveState,
+    now: i64,
+) -> Result<Stepped, ChartError> {
+    usable(chart, live)?;
+    if live.done || !live.timers.iter().any(|t| t.due_ms <= now) {
+        return Ok(Stepped::default());
+    }
+    let mut run = Run::take(chart, live, &Value::Null, now);
+    let result = run.fire_due(now);
+    run.now = now;
+    run.end(result, live)
+}
+
+fn usable(chart: &Chart, live: &LiveState) -> Result<(), ChartError> {
+    if live.broken || live.active.len() != chart.states.len() {
+        return Err(ChartError::input(
+            "state",
+            "this live state is not usable (a step failed, or it belongs to another chart version); load it again from the stored state",
+        ));
+    }
+    Ok(())
+}
+
+/// A state with nothing active but the root.
+fn blank(chart: &Chart) -> LiveState {
+    let mut active = vec![false; chart.states.len()];
+    active[0] = true;
+    LiveState {
+        active,
+        context: Value::Null,
+        ..LiveState::default()
+    }
+}
+
+/// `InstanceState` → `LiveState`: checks that every state exists in this chart version and
+/// that the configuration is legal.
+pub(crate) fn load(chart: &Chart, state: &InstanceState) -> Result<LiveState, ChartError> {
+    let mut live = blank(chart);
+    for id in &state.configuration {
+        match chart.by_id.get(id) {
+            Some(&i) if i != 0 && !chart.states[i].is_history() => live.active[i] = true,
+            _ => {
+                return Err(ChartError::input(
+                    "state.configuration",
+                    format!("\"{id}\" is not a state of this chart version"),
+                ))
+            }
+        }
+    }
+    check_configuration(chart, &live.active)?;
+    // Unknown history entries are dropped: they can only come from another version.
+    for (h, ids) in &state.history {
+        let Some(&hi) = chart.by_id.get(h) else {
+            continue;
+        };
+        if !chart.states[hi].is_history() {
+            continue;
+        }
+        let rec: Vec<usize> = ids
+            .iter()
+            .filter_map(|id| chart.by_id.get(id).copied())
+            .collect();
+        if rec.len() == ids.len() {
+            live.history.insert(hi, rec);
+        }
+    }
+    live.context = state.context.clone();
+    live.timers = state.timers.clone();
+    live.timer_seq = state.timer_seq;
+    live.done = state.done;
+    live.output = state.output.clone();
+    Ok(live)
+}
+
+/// `LiveState` → `InstanceState`.
+pub(crate) fn store(chart: &Chart, live: &LiveState) -> InstanceState {
+    InstanceState {
+        configuration: configuration_ids(chart, live).map(str::to_owned).collect(),
+        history: live
+            .history
+            .iter()
+            .map(|(h, v)| {
+                (
+                    chart.states[*h].id.clone(),
+                    v.iter().map(|&s| chart.states[s].id.clone()).collect(),
+                )
+            })
+            .collect(),
+        context: live.context.clone(),
+        timers: live.timers.clone(),
+        timer_seq: live.timer_seq,
+        done: live.done,
+        output: live.output.clone(),
+    }
+}
+
+/// Active state ids without the root, in document order (`InstanceState::configuration`).
+fn configuration_ids<'a>(
+    chart: &'a Chart,
+    live: &'a LiveState,
+) -> impl Iterator<Item = &'a str> + Clone {
+    chart
+        .states
+        .iter()
+        .zip(&live.active)
+        .skip(1)
+        .filter(|(_, a)| **a)
+        .map(|(n, _)| n.id.as_str())
+}
+
+/// The JSON bytes `serde_json::to_vec(&store(chart, live))` would give, written straight
+/// from the live state (no intermediate `InstanceState`), appended to `out`.
+///
+/// Written by hand because it runs once per committed step and serde's generic path was
+/// half the host's per-step cost: field names are literals in `InstanceState`'s field order,
+/// state ids come pre-escaped from the compiled chart (`Chart::ids_json`), and only the
+/// values the host put there (context, timers, output, numbers) go through serde_json, so
+/// string escaping and float formatting stay serde_json's own.
+pub(crate) fn encode(chart: &Chart, live: &LiveState, out: &mut Vec<u8>) {
+    let ids = &chart.ids_json;
+    out.extend_from_slice(b"{\"configuration\":[");
+    let mut first = true;
+    for (i, _) in live.active.iter().enumerate().skip(1).filter(|(_, a)| **a) {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        out.extend_from_slice(&ids[i]);
+    }
+    out.extend_from_slice(b"],\"history\":{");
+    let mut first = true;
+    for h in &chart.histories_by_id {
+        if let Some(rec) = live.history.get(h) {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(&ids[*h]);
+            out.extend_from_slice(b":[");
+            for (k, &x) in rec.iter().enumerate() {
+                if k > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(&ids[x]);
+            }
+            out.push(b']');
+        }
+    }
+    // Writing JSON into a Vec cannot fail: every map key in a `Value` is a string.
+    out.extend_from_slice(b"},\"context\":");
+    let _ = serde_json::to_writer(&mut *out, &live.context);
+    out.extend_from_slice(b",\"timers\":");
+    if live.timers.is_empty() {
+        out.extend_from_slice(b"[]");
+    } else {
+        let _ = serde_json::to_writer(&mut *out, &live.timers);
+    }
+    out.extend_from_slice(b",\"timer_seq\":");
+    let _ = serde_json::to_writer(&mut *out, &live.timer_seq);
+    out.extend_from_slice(if live.done {
+        b",\"done\":true,\"output\":"
+    } else {
+        b",\"done\":false,\"output\":"
+    });
+    let _ = serde_json::to_writer(&mut *out, &live.output);
+    out.push(b'}');
+}
+
+/// A legal SCXML configuration: ancestors of active states are active, an active compound
+/// has exactly one active child, an active parallel has all its children active.
+fn check_configuration(chart: &Chart, active: &[bool]) -> Result<(), ChartError> {
+    for (i, node) in chart.states.iter().enumerate() {
+        if !active[i] {
+            continue;
+        }
+        if let Some(p) = node.parent {
+            if !active[p] {
+                return Err(bad_config(&node.id, "its parent is not active"));
+            }
+        }
+        let kids = node.children.iter().filter(|&&c| active[c]).count();
+        let regions = node
+            .children
+            .iter()
+            .filter(|&&c| !chart.states[c].is_history())
+            .count();
+        let ok = match node.kind {
+            Kind::Compound => kids == 1,
+            Kind::Parallel => kids == regions,
+            _ => true,
+        };
+        if !ok {
+            return Err(bad_config(
+                &node.id,
+                "its active children are not a legal configuration",
+            ));
+        }
+    }
+    Ok(())
+}
+
+// ---- the InstanceState entry points (load, step, store) ---------------------------------
+
+pub(crate) fn initial(
+    chart: &Chart,
+    context: Value,
+    auth: &Value,
+    now: i64,
+) -> Result<Step, ChartError> {
+    let (live, stepped) = initial_live(chart, context, auth, now)?;
+    Ok(Step {
+        state: store(chart, &live),
+        effects: stepped.effects,
+        microsteps: stepped.microsteps,
+        changed: true,
+    })
 }
 
 pub(crate) fn send(
@@ -95,43 +458,29 @@ pub(crate) fn send(
     if state.done {
         return Ok(unchanged(state));
     }
-    let mut run = Run::load(chart, state, auth, now)?;
-    run.external.push_back(event);
-    run.run_external()?;
-    run.finish(Some(state))
+    let mut live = load(chart, state)?;
+    let stepped = send_live(chart, &mut live, event, auth, now)?;
+    Ok(step_from(chart, state, &live, stepped))
 }
 
 pub(crate) fn advance(chart: &Chart, state: &InstanceState, now: i64) -> Result<Step, ChartError> {
     if state.done || !state.timers.iter().any(|t| t.due_ms <= now) {
         return Ok(unchanged(state));
     }
-    let mut run = Run::load(chart, state, &Value::Null, now)?;
-    let mut fired = 0;
-    let mut spent: u64 = 0;
-    // Each timer is a top-level event with its own operation budget; the advance as a whole
-    // stops early (leaving timers due, see `next_due`) once it has used one budget's worth.
-    while !run.done && fired < MAX_TIMERS_PER_ADVANCE && spent < CALL_OPERATIONS {
-        // Due order, ties in schedule order.
-        let Some(next) = run
-            .timers
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t.due_ms <= now)
-            .min_by_key(|(_, t)| (t.due_ms, t.seq))
-            .map(|(i, _)| i)
-        else {
-            break;
-        };
-        let timer = run.timers.remove(next);
-        // Time inside the advance is the timer's due time, so chained delays stay exact.
-        run.now = timer.due_ms;
-        run.external.push_back(timer.event);
-        run.run_external()?;
-        fired += 1;
-        spent = spent.saturating_add(std::mem::take(&mut run.spent));
+    let mut live = load(chart, state)?;
+    let stepped = advance_live(chart, &mut live, now)?;
+    Ok(step_from(chart, state, &live, stepped))
+}
+
+fn step_from(chart: &Chart, before: &InstanceState, live: &LiveState, stepped: Stepped) -> Step {
+    let state = store(chart, live);
+    let changed = *before != state;
+    Step {
+        state,
+        effects: stepped.effects,
+        microsteps: stepped.microsteps,
+        changed,
     }
-    run.now = now;
-    run.finish(Some(state))
 }
 
 fn unchanged(state: &InstanceState) -> Step {
@@ -144,7 +493,7 @@ fn unchanged(state: &InstanceState) -> Step {
 }
 
 pub(crate) fn check_state(chart: &Chart, state: &InstanceState) -> Result<(), ChartError> {
-    Run::load(chart, state, &Value::Null, 0).map(|_| ())
+    load(chart, state).map(|_| ())
 }
 
 pub(crate) fn allow_read(
@@ -197,168 +546,105 @@ fn expect_bool(
 }
 
 impl<'c> Run<'c> {
-    fn new(
-        chart: &'c Chart,
-        context: Value,
-        timers: Vec<Timer>,
-        auth: &Value,
-        now: i64,
-    ) -> Result<Run<'c>, ChartError> {
-        let mut active = vec![false; chart.states.len()];
-        active[0] = true;
-        Ok(Run {
+    fn new(chart: &'c Chart, st: LiveState, auth: &'c Value, now: i64) -> Run<'c> {
+        Run {
             chart,
             spent: 0,
-            active,
-            history: BTreeMap::new(),
-            context,
+            st,
             ctx_dyn: None,
-            auth: auth.clone(),
+            ctx_dirty: false,
+            auth,
             auth_dyn: None,
             // Every path sets the event before anything reads it.
             event: Event::new(String::new(), Value::Null),
             event_dyn: None,
-            internal: VecDeque::new(),
-            external: VecDeque::new(),
-            timers,
-            timer_seq: 0,
             effects: Vec::new(),
             microsteps: 0,
             total_microsteps: 0,
-            done: false,
-            output: Value::Null,
             now,
-        })
+        }
     }
 
-    fn load(
-        chart: &'c Chart,
-        state: &InstanceState,
-        auth: &Value,
-        now: i64,
-    ) -> Result<Run<'c>, ChartError> {
-        let mut run = Run::new(
-            chart,
-            state.context.clone(),
-            state.timers.clone(),
-            auth,
-            now,
-        )?;
-        run.timer_seq = state.timer_seq;
-        run.done = state.done;
-        run.output = state.output.clone();
-        for id in &state.configuration {
-            match chart.by_id.get(id) {
-                Some(&i) if i != 0 && !chart.states[i].is_history() => run.active[i] = true,
-                _ => {
-                    return Err(ChartError::input(
-                        "state.configuration",
-                        format!("\"{id}\" is not a state of this chart version"),
-                    ))
-                }
-            }
-        }
-        run.check_configuration()?;
-        // Unknown history entries are dropped: they can only come from another version.
-        for (h, ids) in &state.history {
-            let Some(&hi) = chart.by_id.get(h) else {
-                continue;
-            };
-            if !chart.states[hi].is_history() {
-                continue;
-            }
-            let rec: Vec<usize> = ids
-                .iter()
-                .filter_map(|id| chart.by_id.get(id).copied())
-                .collect();
-            if rec.len() == ids.len() {
-                run.history.insert(hi, rec);
-            }
-        }
-        Ok(run)
+    /// Runs on `live`'s state, which is marked broken until [`Run::end`] puts it back.
+    fn take(chart: &'c Chart, live: &mut LiveState, auth: &'c Value, now: i64) -> Run<'c> {
+        let st = std::mem::take(live);
+        live.broken = true;
+        Run::new(chart, st, auth, now)
     }
 
-    /// A legal SCXML configuration: ancestors of active states are active, an active compound
-    /// has exactly one active child, an active parallel has all its children active.
-    fn check_configuration(&self) -> Result<(), ChartError> {
-        for (i, node) in self.chart.states.iter().enumerate() {
-            if !self.active[i] {
-                continue;
-            }
-            if let Some(p) = node.parent {
-                if !self.active[p] {
-                    return Err(bad_config(&node.id, "its parent is not active"));
-                }
-            }
-            let kids = node.children.iter().filter(|&&c| self.active[c]).count();
-            let regions = node
-                .children
+    /// Puts the state back after a successful call; after a failed one, leaves `live` broken
+    /// (with nothing active but the root, so reading it cannot go out of bounds).
+    fn end(
+        self,
+        result: Result<(), ChartError>,
+        live: &mut LiveState,
+    ) -> Result<Stepped, ChartError> {
+        let chart = self.chart;
+        let out = result.and_then(|()| self.finish(live));
+        if out.is_err() {
+            *live = blank(chart);
+            live.broken = true;
+        }
+        out
+    }
+
+    /// Fires every timer due at or before `now`, in due order (see `Chart::advance`).
+    fn fire_due(&mut self, now: i64) -> Result<(), ChartError> {
+        let mut fired = 0;
+        let mut spent: u64 = 0;
+        // Each timer is a top-level event with its own operation budget; the advance as a
+        // whole stops early (leaving timers due, see `next_due`) once it has used one
+        // budget's worth.
+        while !self.st.done && fired < MAX_TIMERS_PER_ADVANCE && spent < CALL_OPERATIONS {
+            // Due order, ties in schedule order.
+            let Some(next) = self
+                .st
+                .timers
                 .iter()
-                .filter(|&&c| !self.chart.states[c].is_history())
-                .count();
-            let ok = match node.kind {
-                Kind::Compound => kids == 1,
-                Kind::Parallel => kids == regions,
-                _ => true,
+                .enumerate()
+                .filter(|(_, t)| t.due_ms <= now)
+                .min_by_key(|(_, t)| (t.due_ms, t.seq))
+                .map(|(i, _)| i)
+            else {
+                break;
             };
-            if !ok {
-                return Err(bad_config(
-                    &node.id,
-                    "its active children are not a legal configuration",
-                ));
-            }
+            let timer = self.st.timers.remove(next);
+            // Time inside the advance is the timer's due time, so chained delays stay exact.
+            self.now = timer.due_ms;
+            self.st.scratch.recycle(timer.id);
+            self.st.scratch.external.push_back(timer.event);
+            self.run_external()?;
+            fired += 1;
+            spent = spent.saturating_add(std::mem::take(&mut self.spent));
         }
         Ok(())
     }
 
-    fn finish(mut self, before: Option<&InstanceState>) -> Result<Step, ChartError> {
-        let size = json_size(&self.context);
-        if size > MAX_CONTEXT_BYTES {
-            return Err(ChartError::runtime(
-                "$.context",
-                format!("context is {size} bytes as JSON; the limit is {MAX_CONTEXT_BYTES}"),
-            ));
+    /// Checks the context size (when it may have changed) and moves the state into `out`.
+    fn finish(mut self, out: &mut LiveState) -> Result<Stepped, ChartError> {
+        // Measuring means serializing; the bound is a cheap walk that settles most contexts.
+        if (self.ctx_dirty || !self.st.context_checked)
+            && json_size_bound(&self.st.context) > MAX_CONTEXT_BYTES
+        {
+            let size = json_size(&self.st.context);
+            if size > MAX_CONTEXT_BYTES {
+                return Err(ChartError::runtime(
+                    "$.context",
+                    format!("context is {size} bytes as JSON; the limit is {MAX_CONTEXT_BYTES}"),
+                ));
+            }
         }
-        if self.done {
-            self.timers.clear();
+        self.st.context_checked = true;
+        if self.st.done {
+            self.st.timers.clear();
         }
-        let configuration = self
-            .chart
-            .states
-            .iter()
-            .enumerate()
-            .skip(1)
-            .filter(|(i, _)| self.active[*i])
-            .map(|(_, n)| n.id.clone())
-            .collect();
-        let history = self
-            .history
-            .iter()
-            .map(|(h, v)| {
-                (
-                    self.chart.states[*h].id.clone(),
-                    v.iter().map(|&s| self.chart.states[s].id.clone()).collect(),
-                )
-            })
-            .collect();
-        let state = InstanceState {
-            configuration,
-            history,
-            context: self.context,
-            timers: self.timers,
-            timer_seq: self.timer_seq,
-            done: self.done,
-            output: self.output,
-        };
-        let changed = match before {
-            Some(b) => *b != state,
-            None => true,
-        };
-        Ok(Step {
-            state,
+        self.st.scratch.internal.clear();
+        self.st.scratch.external.clear();
+        self.st.broken = false;
+        *out = self.st;
+        Ok(Stepped {
             effects: self.effects,
             microsteps: self.total_microsteps,
-            changed,
         })
     }
 
@@ -368,9 +654,9 @@ impl<'c> Run<'c> {
     /// settles.
     fn start(&mut self) -> Result<(), ChartError> {
         self.count_microstep()?;
-        let mut to_enter = BTreeSet::new();
+        let mut to_enter = StateSet::default();
         self.add_descendants(0, &mut to_enter);
-        self.enter_set(to_enter)?;
+        self.enter_set(&to_enter)?;
         self.after_microstep()?;
         self.settle()
     }
@@ -378,9 +664,9 @@ impl<'c> Run<'c> {
     /// Takes external events until the queue is empty (undelayed sends land here).
     fn run_external(&mut self) -> Result<(), ChartError> {
         let mut taken = 0;
-        while let Some(ev) = self.external.pop_front() {
-            if self.done {
-                self.external.clear();
+        while let Some(ev) = self.st.scratch.external.pop_front() {
+            if self.st.done {
+                self.st.scratch.external.clear();
                 break;
             }
             taken += 1;
@@ -392,10 +678,12 @@ impl<'c> Run<'c> {
             }
             self.microsteps = 0;
             self.set_event(ev);
-            let enabled = self.select_transitions(false)?;
+            let mut enabled = std::mem::take(&mut self.st.scratch.enabled);
+            self.select_transitions(false, &mut enabled)?;
             if !enabled.is_empty() {
                 self.microstep(&enabled)?;
             }
+            self.st.scratch.enabled = enabled;
             self.settle()?;
         }
         Ok(())
@@ -403,28 +691,44 @@ impl<'c> Run<'c> {
 
     /// SCXML mainEventLoop inner part: eventless transitions first, then the internal queue.
     fn settle(&mut self) -> Result<(), ChartError> {
-        while !self.done {
-            let mut enabled = self.select_transitions(true)?;
+        let mut enabled = std::mem::take(&mut self.st.scratch.enabled);
+        while !self.st.done {
+            self.select_transitions(true, &mut enabled)?;
             if enabled.is_empty() {
-                let Some(ev) = self.internal.pop_front() else {
+                let Some(ev) = self.st.scratch.internal.pop_front() else {
                     break;
                 };
                 self.set_event(ev);
-                enabled = self.select_transitions(false)?;
+                self.select_transitions(false, &mut enabled)?;
             }
             if !enabled.is_empty() {
                 self.microstep(&enabled)?;
             }
         }
-        if self.done {
-            self.internal.clear();
+        self.st.scratch.enabled = enabled;
+        if self.st.done {
+            self.st.scratch.internal.clear();
         }
         Ok(())
     }
 
     fn set_event(&mut self, ev: Event) {
-        self.event = ev;
+        let old = std::mem::replace(&mut self.event, ev);
+        self.st.scratch.recycle(old.name);
         self.event_dyn = None;
+    }
+
+    /// Drops the timers `remove` picks, keeping the others in order.
+    fn drop_timers(&mut self, remove: impl Fn(&Timer) -> bool) {
+        let mut i = 0;
+        while i < self.st.timers.len() {
+            if remove(&self.st.timers[i]) {
+                let t = self.st.timers.remove(i);
+                self.st.scratch.recycle_timer(t);
+            } else {
+                i += 1;
+            }
+        }
     }
 
     fn count_microstep(&mut self) -> Result<(), ChartError> {
@@ -447,17 +751,21 @@ impl<'c> Run<'c> {
     /// SCXML selectTransitions / selectEventlessTransitions: for each active atomic state in
     /// document order, the first enabled transition of it or its nearest ancestor; then
     /// removeConflictingTransitions.
-    fn select_transitions(&mut self, eventless: bool) -> Result<Vec<usize>, ChartError> {
+    fn select_transitions(
+        &mut self,
+        eventless: bool,
+        enabled: &mut Vec<usize>,
+    ) -> Result<(), ChartError> {
         let chart = self.chart;
-        let mut enabled: Vec<usize> = Vec::new();
+        enabled.clear();
         // Guards cannot change the configuration, so the active atomic states can be found
         // while selecting.
         for atomic in 0..chart.states.len() {
-            if !self.active[atomic]
+            if !self.st.active[atomic]
                 || chart.states[atomic]
                     .children
                     .iter()
-                    .any(|&c| self.active[c])
+                    .any(|&c| self.st.active[c])
             {
                 continue;
             }
@@ -482,7 +790,8 @@ impl<'c> Run<'c> {
                 cur = chart.states[s].parent;
             }
         }
-        Ok(self.remove_conflicting(enabled))
+        self.remove_conflicting(enabled);
+        Ok(())
     }
 
     fn guard_ok(&mut self, t: usize) -> Result<bool, ChartError> {
@@ -504,12 +813,12 @@ impl<'c> Run<'c> {
 
     /// SCXML removeConflictingTransitions: two transitions conflict when their exit sets
     /// intersect; the one whose source is a descendant wins, otherwise the earlier one.
-    fn remove_conflicting(&self, enabled: Vec<usize>) -> Vec<usize> {
+    fn remove_conflicting(&self, enabled: &mut Vec<usize>) {
         if enabled.len() < 2 {
-            return enabled;
+            return;
         }
         let mut filtered: Vec<(usize, Vec<usize>)> = Vec::new();
-        for t1 in enabled {
+        for &t1 in enabled.iter() {
             let exit1 = self.exit_set(&[t1]);
             let mut preempted = false;
             let mut remove = Vec::new();
@@ -532,7 +841,8 @@ impl<'c> Run<'c> {
                 filtered.push((t1, exit1));
             }
         }
-        filtered.into_iter().map(|(t, _)| t).collect()
+        enabled.clear();
+        enabled.extend(filtered.into_iter().map(|(t, _)| t));
     }
 
     // ---- microstep --------------------------------------------------------------------------
@@ -541,13 +851,21 @@ impl<'c> Run<'c> {
         self.count_microstep()?;
         let chart = self.chart;
         // SCXML order: exit (recording history), transition content, then the entry set is
-        // computed from the freshly recorded history.
+        // computed from the freshly recorded history. The domains are the ones the exit set
+        // was computed from: recomputed after history is recorded, a history target can
+        // move a domain below states that were just exited (a transition from a region of a
+        // parallel state to that state's deep history would then leave the parallel state
+        // inactive under its active children; xstate 5 has that flaw, we do not copy it).
+        let mut domains = std::mem::take(&mut self.st.scratch.domains);
+        domains.clear();
+        domains.extend(enabled.iter().map(|&t| self.transition_domain(t)));
         self.exit_states(enabled)?;
         for &t in enabled {
             self.exec_actions(&chart.transitions[t].actions)?;
         }
-        let mut to_enter = BTreeSet::new();
-        for &t in enabled {
+        let mut to_enter = std::mem::take(&mut self.st.scratch.to_enter);
+        to_enter.0.clear();
+        for (&t, &domain) in enabled.iter().zip(&domains) {
             let def = &chart.transitions[t];
             if def.targets.is_empty() {
                 continue;
@@ -555,57 +873,60 @@ impl<'c> Run<'c> {
             for &s in &def.targets {
                 self.add_descendants(s, &mut to_enter);
             }
-            let domain = self.transition_domain(t);
             for &s in self.effective_targets(t).iter() {
                 self.add_ancestors(s, domain, &mut to_enter);
             }
         }
+        self.st.scratch.domains = domains;
         // Domains are compound states or the root. SCXML's root (`<scxml>`) is never
         // parallel, ours may be: when the root was the domain, its regions that no target
         // re-entered are re-entered by default, as a parallel ancestor would be.
         if chart.states[0].kind == Kind::Parallel {
             for &c in &chart.states[0].children {
                 if !chart.states[c].is_history()
-                    && !self.active[c]
+                    && !self.st.active[c]
                     && !to_enter.iter().any(|&x| x == c || self.is_descendant(x, c))
                 {
                     self.add_descendants(c, &mut to_enter);
                 }
             }
         }
-        self.enter_set(to_enter)?;
+        self.enter_set(&to_enter)?;
+        self.st.scratch.to_enter = to_enter;
         self.after_microstep()
     }
 
     fn exit_states(&mut self, enabled: &[usize]) -> Result<(), ChartError> {
         let chart = self.chart;
-        let exit = self.exit_set(enabled);
+        let mut exit = std::mem::take(&mut self.st.scratch.exit);
+        self.exit_set_into(enabled, &mut exit);
         // Record history for every exited state first (SCXML exitStates).
         for &s in exit.iter().rev() {
             for &h in &chart.states[s].histories {
                 let deep = matches!(chart.states[h].kind, Kind::History { deep: true });
-                let rec: Vec<usize> = (0..chart.states.len())
-                    .filter(|&x| {
-                        self.active[x]
-                            && if deep {
-                                chart.states[x].is_atomic() && self.is_descendant(x, s)
-                            } else {
-                                chart.states[x].parent == Some(s)
-                            }
-                    })
-                    .collect();
-                self.history.insert(h, rec);
+                let active = &self.st.active;
+                // Reuses the previous record's allocation.
+                let rec = self.st.history.entry(h).or_default();
+                rec.clear();
+                rec.extend((0..chart.states.len()).filter(|&x| {
+                    active[x]
+                        && if deep {
+                            chart.states[x].is_atomic() && descends(chart, x, s)
+                        } else {
+                            chart.states[x].parent == Some(s)
+                        }
+                }));
             }
         }
         for &s in exit.iter().rev() {
             self.exec_actions(&chart.states[s].exit)?;
             let after = &chart.states[s].after;
             if !after.is_empty() {
-                self.timers
-                    .retain(|t| !after.iter().any(|(_, id)| *id == t.id));
+                self.drop_timers(|t| after.iter().any(|(_, id)| *id == t.id));
             }
-            self.active[s] = false;
+            self.st.active[s] = false;
         }
+        self.st.scratch.exit = exit;
         Ok(())
     }
 
@@ -613,13 +934,19 @@ impl<'c> Run<'c> {
     /// (document order).
     fn exit_set(&self, ts: &[usize]) -> Vec<usize> {
         let mut out = Vec::new();
+        self.exit_set_into(ts, &mut out);
+        out
+    }
+
+    fn exit_set_into(&self, ts: &[usize], out: &mut Vec<usize>) {
+        out.clear();
         for &t in ts {
             if self.chart.transitions[t].targets.is_empty() {
                 continue;
             }
             let domain = self.transition_domain(t);
             for s in 0..self.chart.states.len() {
-                if self.active[s] && self.is_descendant(s, domain) {
+                if self.st.active[s] && self.is_descendant(s, domain) {
                     out.push(s);
                 }
             }
@@ -628,7 +955,6 @@ impl<'c> Run<'c> {
             out.sort_unstable();
             out.dedup();
         }
-        out
     }
 
     /// SCXML getTransitionDomain. `reenter: false` keeps the source only when it is compound
@@ -669,7 +995,7 @@ impl<'c> Run<'c> {
         let mut out = Vec::new();
         for &s in targets {
             if self.chart.states[s].is_history() {
-                let list = match self.history.get(&s) {
+                let list = match self.st.history.get(&s) {
                     Some(rec) => rec.clone(),
                     None => self.chart.states[s].history_default.clone(),
                 };
@@ -686,13 +1012,13 @@ impl<'c> Run<'c> {
     }
 
     /// SCXML addDescendantStatesToEnter.
-    fn add_descendants(&self, s: usize, to_enter: &mut BTreeSet<usize>) {
+    fn add_descendants(&self, s: usize, to_enter: &mut StateSet) {
         let chart = self.chart;
         let node = &chart.states[s];
         match node.kind {
             Kind::History { .. } => {
                 let Some(parent) = node.parent else { return };
-                let list = match self.history.get(&s) {
+                let list = match self.st.history.get(&s) {
                     Some(rec) => rec.clone(),
                     None => node.history_default.clone(),
                 };
@@ -729,7 +1055,7 @@ impl<'c> Run<'c> {
 
     /// SCXML addAncestorStatesToEnter: proper ancestors of `s` below `ancestor`, filling in
     /// the other regions of parallel ancestors.
-    fn add_ancestors(&self, s: usize, ancestor: usize, to_enter: &mut BTreeSet<usize>) {
+    fn add_ancestors(&self, s: usize, ancestor: usize, to_enter: &mut StateSet) {
         let chart = self.chart;
         let mut cur = chart.states[s].parent;
         while let Some(anc) = cur {
@@ -752,16 +1078,18 @@ impl<'c> Run<'c> {
     }
 
     /// SCXML enterStates (the loop part), with XState v5 completion of final states.
-    fn enter_set(&mut self, to_enter: BTreeSet<usize>) -> Result<(), ChartError> {
+    fn enter_set(&mut self, to_enter: &StateSet) -> Result<(), ChartError> {
         let chart = self.chart;
         let mut completed: BTreeSet<usize> = BTreeSet::new();
-        for s in to_enter {
-            self.active[s] = true;
+        for &s in &to_enter.0 {
+            self.st.active[s] = true;
             let node = &chart.states[s];
             self.exec_actions(&node.entry)?;
             for (ms, name) in &node.after {
                 let due = self.now.saturating_add(*ms);
-                self.schedule(name.clone(), due, Event::new(name.clone(), Value::Null))?;
+                let id = self.st.scratch.string(name);
+                let event = Event::new(self.st.scratch.string(name), Value::Null);
+                self.schedule(id, due, event)?;
             }
             if node.kind != Kind::Final {
                 continue;
@@ -803,9 +1131,9 @@ impl<'c> Run<'c> {
                 continue;
             }
             // The machine is done: evaluate the root output.
-            self.done = true;
+            self.st.done = true;
             let final_data = if parent == 0 { data } else { Value::Null };
-            self.output = match &chart.output {
+            self.st.output = match &chart.output {
                 Some(o) => {
                     let cause = std::mem::replace(
                         &mut self.event,
@@ -825,18 +1153,18 @@ impl<'c> Run<'c> {
     /// After a microstep that finished the machine: exit actions of every active state run in
     /// exit order (XState v5), but the configuration keeps them.
     fn after_microstep(&mut self) -> Result<(), ChartError> {
-        if !self.done {
+        if !self.st.done {
             return Ok(());
         }
         let chart = self.chart;
         for s in (0..chart.states.len()).rev() {
-            if self.active[s] {
+            if self.st.active[s] {
                 self.exec_actions(&chart.states[s].exit)?;
             }
         }
-        self.timers.clear();
-        self.internal.clear();
-        self.external.clear();
+        self.st.timers.clear();
+        self.st.scratch.internal.clear();
+        self.st.scratch.external.clear();
         Ok(())
     }
 
@@ -847,7 +1175,7 @@ impl<'c> Run<'c> {
             Kind::Compound => node
                 .children
                 .iter()
-                .any(|&c| self.active[c] && self.chart.states[c].kind == Kind::Final),
+                .any(|&c| self.st.active[c] && self.chart.states[c].kind == Kind::Final),
             Kind::Parallel => node
                 .children
                 .iter()
@@ -860,43 +1188,36 @@ impl<'c> Run<'c> {
 
     /// `a` is a proper descendant of `b`.
     fn is_descendant(&self, a: usize, b: usize) -> bool {
-        let mut cur = self.chart.states[a].parent;
-        while let Some(p) = cur {
-            if p == b {
-                return true;
-            }
-            cur = self.chart.states[p].parent;
-        }
-        false
+        descends(self.chart, a, b)
     }
 
     // ---- actions ----------------------------------------------------------------------------
 
     fn raise(&mut self, ev: Event) -> Result<(), ChartError> {
-        if self.internal.len() >= MAX_QUEUE {
+        if self.st.scratch.internal.len() >= MAX_QUEUE {
             return Err(ChartError::runtime(
                 "$",
                 "internal event queue overflow (a raise loop?)",
             ));
         }
-        self.internal.push_back(ev);
+        self.st.scratch.internal.push_back(ev);
         Ok(())
     }
 
     fn schedule(&mut self, id: String, due_ms: i64, event: Event) -> Result<(), ChartError> {
-        if self.timers.len() >= MAX_TIMERS {
+        if self.st.timers.len() >= MAX_TIMERS {
             return Err(ChartError::runtime(
                 "$",
                 format!("more than {MAX_TIMERS} pending timers"),
             ));
         }
-        self.timers.push(Timer {
+        self.st.timers.push(Timer {
             id,
             due_ms,
-            seq: self.timer_seq,
+            seq: self.st.timer_seq,
             event,
         });
-        self.timer_seq = self.timer_seq.wrapping_add(1);
+        self.st.timer_seq = self.st.timer_seq.wrapping_add(1);
         Ok(())
     }
 
@@ -922,21 +1243,23 @@ impl<'c> Run<'c> {
         match action {
             Action::Assign { fields, path } => {
                 // XState v5: every property sees the context as it was before this assign.
-                let mut values = Vec::with_capacity(fields.len());
-                for (k, v) in fields {
-                    values.push((k, self.value(v)?));
+                if let [(k, v)] = fields.as_slice() {
+                    let value = self.value(v)?;
+                    self.set_field(path, k, value)?;
+                } else {
+                    let mut values = Vec::with_capacity(fields.len());
+                    for (k, v) in fields {
+                        values.push((k, self.value(v)?));
+                    }
+                    for (k, v) in values {
+                        self.set_field(path, k, v)?;
+                    }
                 }
-                let Value::Object(ctx) = &mut self.context else {
-                    return Err(ChartError::runtime(path, "context is not an object"));
-                };
-                for (k, v) in values {
-                    ctx.insert(k.clone(), v);
-                }
-                self.ctx_dyn = None;
             }
             Action::Raise { event, data } => {
                 let data = self.opt_value(data)?;
-                self.raise(Event::new(event.clone(), data))?;
+                let name = self.st.scratch.string(event);
+                self.raise(Event::new(name, data))?;
             }
             Action::Send {
                 event,
@@ -945,21 +1268,21 @@ impl<'c> Run<'c> {
                 id,
             } => {
                 let data = self.opt_value(data)?;
-                let ev = Event::new(event.clone(), data);
+                let ev = Event::new(self.st.scratch.string(event), data);
                 if *delay == 0 {
-                    if self.external.len() >= MAX_QUEUE {
+                    if self.st.scratch.external.len() >= MAX_QUEUE {
                         return Err(ChartError::runtime("$", "external event queue overflow"));
                     }
-                    self.external.push_back(ev);
+                    self.st.scratch.external.push_back(ev);
                 } else {
                     let id = id
                         .clone()
-                        .unwrap_or_else(|| format!("xstate.send.{}", self.timer_seq));
+                        .unwrap_or_else(|| format!("xstate.send.{}", self.st.timer_seq));
                     let due = self.now.saturating_add(*delay);
                     self.schedule(id, due, ev)?;
                 }
             }
-            Action::Cancel { id } => self.timers.retain(|t| t.id != *id),
+            Action::Cancel { id } => self.drop_timers(|t| t.id == *id),
             Action::Log { label, expr } => {
                 let value = self.opt_value(expr)?;
                 self.effect(Effect::Log {
@@ -976,6 +1299,22 @@ impl<'c> Run<'c> {
                 })?;
             }
         }
+        Ok(())
+    }
+
+    fn set_field(&mut self, path: &str, key: &str, value: Value) -> Result<(), ChartError> {
+        let Value::Object(ctx) = &mut self.st.context else {
+            return Err(ChartError::runtime(path, "context is not an object"));
+        };
+        // Replacing in place keeps the key's position and its allocation.
+        match ctx.get_mut(key) {
+            Some(slot) => *slot = value,
+            None => {
+                ctx.insert(key.to_owned(), value);
+            }
+        }
+        self.ctx_dyn = None;
+        self.ctx_dirty = true;
         Ok(())
     }
 
@@ -1005,10 +1344,10 @@ impl<'c> Run<'c> {
 
     fn env(&self) -> Env<'_> {
         Env {
-            context: &self.context,
+            context: &self.st.context,
             event_type: &self.event.name,
             event_data: &self.event.data,
-            auth: &self.auth,
+            auth: self.auth,
         }
     }
 
@@ -1021,7 +1360,7 @@ impl<'c> Run<'c> {
         let auth = match &self.auth_dyn {
             Some(d) => d.clone(),
             None => {
-                let d = to_dynamic(&self.auth, "auth")?;
+                let d = to_dynamic(self.auth, "auth")?;
                 self.auth_dyn = Some(d.clone());
                 d
             }
@@ -1029,7 +1368,7 @@ impl<'c> Run<'c> {
         let ctx = match &self.ctx_dyn {
             Some(d) => d.clone(),
             None => {
-                let d = to_dynamic(&self.context, &e.path)?;
+                let d = to_dynamic(&self.st.context, &e.path)?;
                 self.ctx_dyn = Some(d.clone());
                 d
             }
@@ -1048,7 +1387,7 @@ impl<'c> Run<'c> {
         scope.push_constant_dynamic("auth", auth);
         let active = Active {
             ids: &self.chart.by_id,
-            flags: &self.active,
+            flags: &self.st.active,
         };
         let (result, ops) = self
             .chart
@@ -1059,8 +1398,40 @@ impl<'c> Run<'c> {
     }
 }
 
+/// `a` is a proper descendant of `b`.
+fn descends(chart: &Chart, a: usize, b: usize) -> bool {
+    let mut cur = chart.states[a].parent;
+    while let Some(p) = cur {
+        if p == b {
+            return true;
+        }
+        cur = chart.states[p].parent;
+    }
+    false
+}
+
+/// At least `json_size(value)`, without looking at string contents: escaped, a byte takes at
+/// most 6 bytes (`\u00XX`), and a number at most 24 (`-1.2345678901234567e-308`).
+fn json_size_bound(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 24,
+        Value::String(s) => s.len().saturating_mul(6).saturating_add(2),
+        Value::Array(list) => list.iter().fold(list.len().saturating_add(2), |n, v| {
+            n.saturating_add(json_size_bound(v))
+        }),
+        Value::Object(map) => map.iter().fold(
+            map.len().saturating_mul(2).saturating_add(2),
+            |n, (k, v)| {
+                n.saturating_add(k.len().saturating_mul(6).saturating_add(2))
+                    .saturating_add(json_size_bound(v))
+            },
+        ),
+    }
+}
+
 /// Length of `value` as compact JSON, without building the bytes.
-fn json_size(value: &Value) -> usize {
+pub(crate) fn json_size(value: &Value) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

@@ -11,7 +11,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{Chart, ChartError, Event, InstanceState};
+use super::{Chart, ChartError, Event, LiveState};
 
 /// Most timer rounds one line may trigger (guards against `after: {"0": …}` loops).
 const MAX_ADVANCE_ROUNDS: usize = 100;
@@ -26,8 +26,10 @@ pub fn simulate(definition_text: &str, events_jsonl: &str) -> Result<Vec<String>
     let chart = Chart::from_json_str(definition_text)?;
     let auth = Value::Null;
     let mut clock: i64 = 0;
-    let mut state = chart.initial(Value::Null, &auth, clock)?.state;
-    state = settle_timers(&chart, state, clock, 0)?;
+    // One loaded instance for the whole run; an error ends the run, so a state broken by a
+    // failed step is never read.
+    let (mut state, _) = chart.initial_live(Value::Null, &auth, clock)?;
+    settle_timers(&chart, &mut state, clock, 0)?;
     let mut out = Vec::new();
     for (n, line) in events_jsonl.lines().enumerate() {
         let line_no = n + 1;
@@ -42,11 +44,11 @@ pub fn simulate(definition_text: &str, events_jsonl: &str) -> Result<Vec<String>
         match parse_line(line).map_err(|m| ChartError::input(format!("events:{line_no}"), m))? {
             Input::Advance(ms) => {
                 clock = clock.saturating_add(ms);
-                state = settle_timers(&chart, state, clock, line_no)?;
+                settle_timers(&chart, &mut state, clock, line_no)?;
             }
             Input::Event(ev) => {
-                state = chart.send(&state, ev, &auth, clock).map_err(at)?.state;
-                state = settle_timers(&chart, state, clock, line_no)?;
+                chart.send_live(&mut state, ev, &auth, clock).map_err(at)?;
+                settle_timers(&chart, &mut state, clock, line_no)?;
             }
         }
         out.push(render(&chart, &state));
@@ -119,12 +121,12 @@ fn parse_line(line: &str) -> Result<Input, String> {
 
 fn settle_timers(
     chart: &Chart,
-    mut state: InstanceState,
+    state: &mut LiveState,
     clock: i64,
     line_no: usize,
-) -> Result<InstanceState, ChartError> {
+) -> Result<(), ChartError> {
     let mut rounds = 0;
-    while chart.next_due(&state).is_some_and(|d| d <= clock) && !state.done {
+    while state.next_due().is_some_and(|d| d <= clock) && !state.done() {
         rounds += 1;
         if rounds > MAX_ADVANCE_ROUNDS {
             return Err(ChartError::runtime(
@@ -132,26 +134,23 @@ fn settle_timers(
                 "timers keep coming due without time passing (a zero-delay timer loop?)",
             ));
         }
-        state = chart
-            .advance(&state, clock)
-            .map_err(|e| ChartError {
-                path: format!("events:{line_no}: {}", e.path),
-                ..e
-            })?
-            .state;
+        chart.advance_live(state, clock).map_err(|e| ChartError {
+            path: format!("events:{line_no}: {}", e.path),
+            ..e
+        })?;
     }
-    Ok(state)
+    Ok(())
 }
 
-fn render(chart: &Chart, state: &InstanceState) -> String {
+fn render(chart: &Chart, state: &LiveState) -> String {
     let mut line = Map::new();
-    line.insert("value".into(), chart.state_value(state));
+    line.insert("value".into(), chart.live_value(state));
     line.insert(
         "configuration".into(),
-        Value::from(chart.atomic_configuration(state)),
+        Value::from(chart.live_configuration(state)),
     );
-    line.insert("tags".into(), Value::from(chart.tags(state)));
-    line.insert("done".into(), Value::Bool(state.done));
-    line.insert("context".into(), state.context.clone());
+    line.insert("tags".into(), Value::from(chart.live_tags(state)));
+    line.insert("done".into(), Value::Bool(state.done()));
+    line.insert("context".into(), state.context().clone());
     Value::Object(line).to_string()
 }

@@ -824,6 +824,34 @@ fn history_deep_in_parallel_restores_every_region() {
     assert_eq!(c.state_value(&s), json!({"p": {"r1": "b", "r2": "d"}}));
 }
 
+/// SCXML microstep: the entry set is computed from the transition's domain, the one its exit
+/// set was computed from. A region of a parallel state targeting that state's deep history
+/// exits the parallel state (its LCCA is the root); once history is recorded the effective
+/// target lies inside the source, but the domain stays the root, so the parallel state is
+/// re-entered with the recorded configuration (found by the property test).
+#[test]
+fn history_target_inside_the_source_keeps_the_domain_of_the_exit() {
+    let c = chart(json!({"states": {
+        "p": {"type": "parallel", "states": {
+            "r1": {"states": {"a": {}}, "on": {"GO": {"target": "#ph"}}},
+            "h": {"id": "ph", "type": "history", "history": "deep"}
+        }},
+        "q": {}
+    }}));
+    let s = start(&c);
+    assert_eq!(c.state_value(&s), json!({"p": {"r1": "a"}}));
+    let st = step(&c, &s, "GO");
+    c.check_state(&st.state)
+        .unwrap_or_else(|e| panic!("illegal configuration: {e}"));
+    assert_eq!(c.state_value(&st.state), json!({"p": {"r1": "a"}}));
+    assert_eq!(
+        st.state.configuration.len(),
+        3,
+        "{:?}",
+        st.state.configuration
+    );
+}
+
 #[test]
 fn history_as_initial_state_and_list_default_target() {
     // `initial` on a parallel is rejected; on a compound it may name a history child.
@@ -1332,4 +1360,128 @@ fn advance_stops_early_with_timers_still_due_when_work_piles_up() {
         c.next_due(&st.state).is_some_and(|d| d <= 1000),
         "the host calls advance again"
     );
+}
+
+// ---- LiveState (the working form hosts keep loaded) -----------------------------------------
+
+#[test]
+fn live_state_steps_like_the_stored_form_and_encodes_its_bytes() {
+    let c = chart(
+        json!({"id": "m", "initial": "a", "context": {"n": 0}, "states": {
+            "a": {"on": {"GO": {"target": "b", "actions": {"type": "assign", "params": {"n": "context.n + 1"}}}}},
+            "b": {"initial": "x", "states": {"x": {}, "h": {"type": "history"}},
+                  "after": {"1000": "a"}, "on": {"BACK": "a"}}
+        }}),
+    );
+    let mut stored = start(&c);
+    let mut live = c.load(&stored).unwrap();
+    for (name, now) in [("GO", 0), ("BACK", 10), ("GO", 20)] {
+        stored = c
+            .send(&stored, Event::new(name, Value::Null), &Value::Null, now)
+            .unwrap()
+            .state;
+        c.send_live(&mut live, Event::new(name, Value::Null), &Value::Null, now)
+            .unwrap();
+        assert_eq!(c.store(&live), stored);
+    }
+    assert_eq!(live.next_due(), Some(1020));
+    stored = c.advance(&stored, 1020).unwrap().state;
+    c.advance_live(&mut live, 1020).unwrap();
+    assert_eq!(c.store(&live), stored);
+    assert_eq!(c.live_value(&live), json!("a"));
+    assert!(!stored.history.is_empty(), "leaving b records its history");
+    let mut bytes = b"prefix".to_vec();
+    c.encode(&live, &mut bytes);
+    assert_eq!(&bytes[6..], serde_json::to_vec(&stored).unwrap().as_slice());
+}
+
+#[test]
+fn live_state_is_broken_by_a_failed_step_until_loaded_again() {
+    // DESIGN: a failing step fails the whole call and the host keeps its previous state; a
+    // LiveState cannot roll back by itself, so it refuses further steps instead.
+    let c = chart(json!({"initial": "a", "context": {"n": 0}, "states": {
+        "a": {"on": {
+            "BAD": {"guard": "context.n.nope()", "target": "b"},
+            "GO": "b"
+        }},
+        "b": {}
+    }}));
+    let stored = start(&c);
+    let mut live = c.load(&stored).unwrap();
+    let e = c
+        .send_live(&mut live, Event::new("BAD", Value::Null), &Value::Null, 0)
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Runtime);
+    assert!(live.is_broken());
+    let again = c
+        .send_live(&mut live, Event::new("GO", Value::Null), &Value::Null, 0)
+        .unwrap_err();
+    assert_eq!(again.kind, ErrorKind::Input);
+    assert_eq!(
+        c.live_value(&live),
+        json!({}),
+        "a broken state reads as empty"
+    );
+    let mut live = c.load(&stored).unwrap();
+    c.send_live(&mut live, Event::new("GO", Value::Null), &Value::Null, 0)
+        .unwrap();
+    assert_eq!(c.live_value(&live), json!("b"));
+}
+
+#[test]
+fn live_state_of_another_chart_version_is_refused() {
+    let small = chart(json!({"initial": "a", "states": {"a": {}}}));
+    let big = chart(json!({"initial": "a", "states": {"a": {}, "b": {}}}));
+    let mut live = small.load(&start(&small)).unwrap();
+    let e = big
+        .send_live(&mut live, Event::new("GO", Value::Null), &Value::Null, 0)
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Input);
+}
+
+#[test]
+fn encoded_bytes_match_serde_json_for_awkward_ids_strings_and_floats() {
+    // The stored bytes are written by hand (run::encode); they must stay exactly
+    // serde_json's compact output of the InstanceState, escaping and float formatting included.
+    let weird = "q\"b\\s/n\nt\tc\u{1}\u{1f}d\u{7f}é😀\u{2028}";
+    let c = chart(json!({"id": "m", "initial": weird, "context": {
+        "s": weird, "f": [0.1, 1e300, -0.0, 3.0, 1.5e-7, -2.5, 123456789.125],
+        "i": [0, -1, 9007199254740993u64, i64::MIN], "n": null, "b": [true, false],
+        weird: {"": "", "\u{0}": "\u{0}"}
+    }, "states": {
+        weird: {"on": {"GO": "p\"ar"}},
+        "p\"ar": {"initial": "x\\1", "states": {
+            "x\\1": {"on": {"NEXT": "y\u{7}"}}, "y\u{7}": {},
+            "h\"ist": {"type": "history", "history": "deep"}},
+            "after": {"1000": weird},
+            "entry": {"type": "send", "params": {"event": "T\"", "data": "#{v: 0.3, s: \"a\\\"b\\\\c\\n\"}", "delay": 500}},
+            "on": {"BACK": weird}}
+    }}));
+    let mut live = c.load(&start(&c)).unwrap();
+    let check = |live: &LiveState| {
+        let mut bytes = Vec::new();
+        c.encode(live, &mut bytes);
+        let want = serde_json::to_vec(&c.store(live)).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            String::from_utf8_lossy(&want)
+        );
+        assert_eq!(bytes, want);
+    };
+    check(&live);
+    for (name, now) in [("GO", 0), ("NEXT", 1), ("BACK", 2), ("GO", 3)] {
+        c.send_live(
+            &mut live,
+            Event::new(name, json!({"x": 0.1, "w": weird})),
+            &Value::Null,
+            now,
+        )
+        .unwrap();
+        check(&live);
+    }
+    assert!(
+        !c.store(&live).history.is_empty(),
+        "the history was recorded"
+    );
+    assert!(!c.store(&live).timers.is_empty(), "timers are pending");
 }

@@ -3,7 +3,9 @@
 //!
 //! A *version* is an immutable definition of one machine, compiled once and cached. An
 //! *instance* holds an [`InstanceState`] (stored as JSON, since its context is JSON) plus its
-//! version and status. Every committed step writes the new state, a `transition` row in the
+//! version and status. A call loads the stored state once into the engine's working form
+//! ([`LiveState`]), steps that (timers, then the event), and encodes it straight back to the
+//! stored bytes. Every committed step writes the new state, a `transition` row in the
 //! machine's log, a history record, and the instance's next timer deadline, all in one write
 //! transaction; a step that fails writes nothing.
 //!
@@ -19,7 +21,7 @@ use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::chart::{Chart, ChartError, ErrorKind, Event, InstanceState, WriteKind};
+use crate::chart::{Chart, ChartError, ErrorKind, Event, InstanceState, LiveState, WriteKind};
 use crate::ledger::log::{self as ledger_log, Entry};
 use crate::ledger::{canonical, hex};
 use crate::store::{self, StoreError};
@@ -233,17 +235,18 @@ fn decode_state(bytes: &[u8]) -> Result<InstanceState, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("instance state: {e}")))
 }
 
-fn encode_state(state: &InstanceState) -> Result<Vec<u8>, InstanceError> {
-    let bytes = serde_json::to_vec(state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let context_len = serde_json::to_vec(&state.context)
-        .map(|v| v.len())
-        .unwrap_or(0);
+/// The stored bytes of `state` (the JSON of its [`InstanceState`]).
+fn encode_state(chart: &Chart, state: &LiveState) -> Result<Vec<u8>, InstanceError> {
+    // The engine already refuses steps that leave a larger context; this guards the store.
+    let context_len = crate::chart::json_size(state.context());
     if context_len > MAX_CONTEXT_BYTES {
         return Err(invalid(
             "context-too-large",
             format!("context is {context_len} bytes; the limit is {MAX_CONTEXT_BYTES}"),
         ));
     }
+    let mut bytes = Vec::new();
+    chart.encode(state, &mut bytes);
     Ok(bytes)
 }
 
@@ -405,6 +408,17 @@ pub fn public_view(chart: &Chart, state: &InstanceState, ts_ms: i64) -> Value {
     })
 }
 
+/// [`public_view`] of a loaded state.
+pub fn public_view_live(chart: &Chart, state: &LiveState, ts_ms: i64) -> Value {
+    json!({
+        "ts": ts_ms,
+        "state": chart.live_value(state),
+        "publicContext": state.context().get("public").cloned().unwrap_or_else(|| json!({})),
+        "tags": chart.live_tags(state),
+        "done": state.done(),
+    })
+}
+
 /// What a caller passes to authorizers as `auth`.
 pub type Auth = Value;
 
@@ -447,8 +461,9 @@ pub fn create_instance(
     if !chart.allow_write(WriteKind::Initialization, None, &initial_context, auth)? {
         return Err(InstanceError::Rejected("initialization"));
     }
-    let step = chart.initial(std::mem::take(&mut initial_context), auth, now_ms)?;
-    let state_bytes = encode_state(&step.state)?;
+    let (state, stepped) =
+        chart.initial_live(std::mem::take(&mut initial_context), auth, now_ms)?;
+    let state_bytes = encode_state(&chart, &state)?;
     let mut instance = Instance {
         machine: machine.to_owned(),
         slug: slug.to_owned(),
@@ -466,8 +481,8 @@ pub fn create_instance(
         txn,
         &chart,
         &mut instance,
-        None,
-        &step.state,
+        Vec::new(),
+        &state,
         &event,
         actor,
         "instance_created",
@@ -475,8 +490,8 @@ pub fn create_instance(
     )?;
     Ok((
         instance,
-        public_view(&chart, &step.state, now_ms),
-        step.effects,
+        public_view_live(&chart, &state, now_ms),
+        stepped.effects,
     ))
 }
 
@@ -521,40 +536,42 @@ pub fn send_event(
             "the instance is paused; PUT its status to running first".into(),
         ));
     }
-    let from = decode_state(&instance.state)?;
-    let mut state = from.clone();
+    let stored = decode_state(&instance.state)?;
     let mut chart = charts.load(txn, machine, &instance.version_id)?;
+    // A failed step leaves `state` broken; every error below returns without writing.
+    let mut state = chart.load(&stored)?;
+    let from = chart.live_configuration(&state);
     // Timers that came due before this event fire first, in due order.
-    if chart.next_due(&state).is_some_and(|d| d <= now_ms) {
-        let step = chart.advance(&state, now_ms)?;
-        state = step.state;
+    if state.next_due().is_some_and(|d| d <= now_ms) {
+        chart.advance_live(&mut state, now_ms)?;
     }
     if let Some(target) = instance.target_version_id.clone() {
         let next = charts.load(txn, machine, &target)?;
-        next.check_state(&state)
+        state = next
+            .load(&chart.store(&state))
             .map_err(|e| InstanceError::NoMigrationPath(e.message))?;
         chart = next;
         instance.version_id = target;
         instance.target_version_id = None;
     }
-    if !chart.allow_write(WriteKind::Event, Some(&event), &state.context, auth)? {
+    if !chart.allow_write(WriteKind::Event, Some(&event), state.context(), auth)? {
         return Err(InstanceError::Rejected("event"));
     }
-    let step = chart.send(&state, event.clone(), auth, now_ms)?;
+    let stepped = chart.send_live(&mut state, event.clone(), auth, now_ms)?;
     commit_step(
         txn,
         &chart,
         &mut instance,
-        Some(&from),
-        &step.state,
+        from,
+        &state,
         &event,
         actor,
         "transition",
         now_ms,
     )?;
     Ok(Sent {
-        view: public_view(&chart, &step.state, now_ms),
-        effects: step.effects,
+        view: public_view_live(&chart, &state, now_ms),
+        effects: stepped.effects,
         instance,
     })
 }
@@ -570,19 +587,16 @@ fn commit_step(
     txn: &WriteTransaction,
     chart: &Chart,
     instance: &mut Instance,
-    from: Option<&InstanceState>,
-    to: &InstanceState,
+    from_cfg: Vec<String>,
+    to: &LiveState,
     event: &Event,
     actor: &str,
     kind: &'static str,
     now_ms: i64,
 ) -> Result<(), InstanceError> {
-    let state_bytes = encode_state(to)?;
+    let state_bytes = encode_state(chart, to)?;
     let data = canonical::to_vec(&event.data);
-    let from_cfg = from
-        .map(|s| chart.atomic_configuration(s))
-        .unwrap_or_default();
-    let to_cfg = chart.atomic_configuration(to);
+    let to_cfg = chart.live_configuration(to);
     let payload = json!({
         "instance": instance.slug,
         "event": event.name,
@@ -603,7 +617,7 @@ fn commit_step(
     if let Some(old) = instance.next_due {
         due.remove((old, machine.as_str(), slug.as_str()))?;
     }
-    instance.next_due = chart.next_due(to);
+    instance.next_due = to.next_due();
     if let Some(new) = instance.next_due {
         due.insert((new, machine.as_str(), slug.as_str()), ())?;
     }
@@ -645,27 +659,29 @@ pub fn fire_due(
     if instance.status == Status::Paused {
         return Ok(None);
     }
-    let state = decode_state(&instance.state)?;
+    let stored = decode_state(&instance.state)?;
     let chart = charts.load(txn, machine, &instance.version_id)?;
-    if !chart.next_due(&state).is_some_and(|d| d <= now_ms) {
+    if !chart.next_due(&stored).is_some_and(|d| d <= now_ms) {
         return Ok(None);
     }
-    let step = chart.advance(&state, now_ms)?;
+    let mut state = chart.load(&stored)?;
+    let from = chart.live_configuration(&state);
+    let stepped = chart.advance_live(&mut state, now_ms)?;
     let event = Event::new("xstate.after", Value::Null);
     commit_step(
         txn,
         &chart,
         &mut instance,
-        Some(&state),
-        &step.state,
+        from,
+        &state,
         &event,
         "timer",
         "transition",
         now_ms,
     )?;
     Ok(Some(Sent {
-        view: public_view(&chart, &step.state, now_ms),
-        effects: step.effects,
+        view: public_view_live(&chart, &state, now_ms),
+        effects: stepped.effects,
         instance,
     }))
 }

@@ -859,7 +859,7 @@ impl<'c> Run<'c> {
         let mut domains = std::mem::take(&mut self.st.scratch.domains);
         domains.clear();
         domains.extend(enabled.iter().map(|&t| self.transition_domain(t)));
-        self.exit_states(enabled)?;
+        self.exit_states(enabled, &domains)?;
         for &t in enabled {
             self.exec_actions(&chart.transitions[t].actions)?;
         }
@@ -896,10 +896,11 @@ impl<'c> Run<'c> {
         self.after_microstep()
     }
 
-    fn exit_states(&mut self, enabled: &[usize]) -> Result<(), ChartError> {
+    /// `domains[i]` is the domain of `enabled[i]`.
+    fn exit_states(&mut self, enabled: &[usize], domains: &[usize]) -> Result<(), ChartError> {
         let chart = self.chart;
         let mut exit = std::mem::take(&mut self.st.scratch.exit);
-        self.exit_set_into(enabled, &mut exit);
+        self.exit_set_into(enabled, |i, _| domains[i], &mut exit);
         // Record history for every exited state first (SCXML exitStates).
         for &s in exit.iter().rev() {
             for &h in &chart.states[s].histories {
@@ -934,17 +935,23 @@ impl<'c> Run<'c> {
     /// (document order).
     fn exit_set(&self, ts: &[usize]) -> Vec<usize> {
         let mut out = Vec::new();
-        self.exit_set_into(ts, &mut out);
+        self.exit_set_into(ts, |_, t| self.transition_domain(t), &mut out);
         out
     }
 
-    fn exit_set_into(&self, ts: &[usize], out: &mut Vec<usize>) {
+    /// [`Self::exit_set`] with the domain of `ts[i]` given by `domain(i, ts[i])`.
+    fn exit_set_into(
+        &self,
+        ts: &[usize],
+        domain: impl Fn(usize, usize) -> usize,
+        out: &mut Vec<usize>,
+    ) {
         out.clear();
-        for &t in ts {
+        for (i, &t) in ts.iter().enumerate() {
             if self.chart.transitions[t].targets.is_empty() {
                 continue;
             }
-            let domain = self.transition_domain(t);
+            let domain = domain(i, t);
             for s in 0..self.chart.states.len() {
                 if self.st.active[s] && self.is_descendant(s, domain) {
                     out.push(s);

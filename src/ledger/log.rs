@@ -156,8 +156,6 @@ pub struct LogWriter<'txn> {
     heads: Table<'txn, &'static str, &'static [u8]>,
     runs: Table<'txn, (&'static str, u64, u64), u64>,
     tips: std::collections::HashMap<String, Tip>,
-    /// The tree hashes of the row being appended, flattened (reused across appends).
-    scratch: Vec<u8>,
 }
 
 /// A machine's log head as the writer has advanced it, and the tree's right edge.
@@ -179,7 +177,6 @@ impl<'txn> LogWriter<'txn> {
             heads: txn.open_table(HEADS)?,
             runs: txn.open_table(ZEQOND_RUNS)?,
             tips: Default::default(),
-            scratch: Vec::with_capacity(8 * 32),
         })
     }
 
@@ -270,9 +267,8 @@ impl<'txn> LogWriter<'txn> {
         // Keys ascend within each table across appends (seq, stored-hash index), so the
         // inserts land on the B-trees' rightmost pages.
         self.rows.insert((slug, row.seq), stored.as_slice())?;
-        self.scratch.clear();
-        self.scratch.extend_from_slice(new_hashes.as_flattened());
-        self.tree.insert((slug, row.seq), self.scratch.as_slice())?;
+        self.tree
+            .insert((slug, row.seq), new_hashes.as_flattened())?;
         match &mut tip.run {
             Some((z, _, last)) if *z == row.zeqond && *last + 1 == row.seq => *last = row.seq,
             run => {

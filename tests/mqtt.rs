@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{call, Gw};
+use common::{call, metric, Gw};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -302,15 +302,6 @@ async fn dead_letters(gw: &Gw, machine: &str, key: &str) -> Vec<Value> {
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["ok"], true);
     b["dead_letters"].as_array().unwrap().clone()
-}
-
-async fn metric(gw: &Gw, name: &str) -> u64 {
-    let (_, b, _) = call(&gw.client(), Method::GET, &gw.url("/metrics"), None, None).await;
-    let text = b.as_str().unwrap_or_default().to_string();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-        .unwrap_or(0)
 }
 
 async fn heartbeat_changes_state_and_publishes_retained(external: bool) {

@@ -201,6 +201,23 @@ pub async fn call(
     (status, json, headers)
 }
 
+/// The value of an unlabelled sample of `/metrics` (0 when the gateway does not print it).
+pub async fn metric(gw: &Gw, name: &str) -> u64 {
+    let (_, b, _) = call(
+        &gw.client(),
+        reqwest::Method::GET,
+        &gw.url("/metrics"),
+        None,
+        None,
+    )
+    .await;
+    let text = b.as_str().unwrap_or_default().to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
+
 /// Whether the outside programs a test talks to (mosquitto, mosquitto_pub, …) are installed.
 /// `cargo test` on a machine with only the Rust toolchain skips such a test with a loud note;
 /// `.ci/run` installs the programs and sets `CI_REQUIRE_PEERS=1`, under which a missing

@@ -8,8 +8,9 @@
 //! Zeqond is taken from the clock inside the write transaction, so if a commit is late the
 //! tick counts for the Zeqond it lands in, and the next pass skips it: a late gateway leaves a
 //! gap, never a double tick. A pass that returns after the next boundary (its commit waited on
-//! a slow disk) is followed at once by the next Zeqond's pass, not by a sleep. A spawn whose commit lands after the next Zeqond's pass wakes
-//! the ticker for an extra pass, so its run does not miss that Zeqond.
+//! a slow disk) is followed at once by the next Zeqond's pass, not by a sleep. A spawn whose
+//! commit lands after the next Zeqond's pass wakes the ticker for an extra pass, so its run
+//! does not miss that Zeqond.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

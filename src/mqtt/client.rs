@@ -600,8 +600,6 @@ async fn commit_and_ack(
         dup,
     };
     let mut messages: Vec<Message> = batch.iter().map(|p| message(p, p.dup)).collect();
-    // Entries whose acks the broker has processed are forgotten in the same transaction,
-    // after the batch is applied (module doc).
     // Tells this batch's dedup entries from those of any other delivery of the same packet id.
     let tag = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
     let mut retry = Duration::from_millis(50);

@@ -7,18 +7,22 @@
 //! - `rows[(slug, s)]` exists for every `s < head.size`, decodes, has `seq == s`, a hash
 //!   matching its contents, and `prev_hash` equal to row `s-1`'s hash (row 0: the genesis
 //!   hash of the machine's slug and genesis Zeqond).
-//! - `tree[(slug, s)]` for every `s < head.size` holds the Go-tlog stored hashes that appending
-//!   row `s` added (leaves `SHA-256(0x00 ‖ row hash)` and the subtrees they complete), level 0
-//!   first: `32 × (1 + trailing_ones(s))` bytes. Stored hash `i` of Go's flat layout is at
-//!   `split_stored_hash_index(i) = (level, n)` → row `((n + 1) << level) − 1`, slot `level`.
-//!   Grouping by row makes an append one tree insert instead of two on average.
+//! - Appending row `s` adds the Go-tlog stored hashes of its leaf (`SHA-256(0x00 ‖ row
+//!   hash)`) and of the subtrees it completes, level 0 first: `32 × (1 + trailing_ones(s))`
+//!   bytes. `tree[(slug, c)]` holds those bytes of rows `16c ..= 16c + 15` (fewer for the last,
+//!   incomplete chunk: exactly the rows below `head.size`), concatenated in row order. Row
+//!   `s`'s bytes start at [`chunk_offset`]`(s % 16)` in chunk `s / 16`; stored hash `i` of Go's
+//!   flat layout is `split_stored_hash_index(i) = (level, n)` → row `((n + 1) << level) − 1`,
+//!   slot `level`. A chunk is written once when it completes (and as it grows, once per write
+//!   transaction), so a batch of appends costs one insert per row plus one per 16 rows.
 //! - `zeqond_runs[(slug, z, first)] = last`: rows `first..=last` were written in Zeqond `z`.
 //!   Runs end where a Zeqond or a write transaction ends, so the index costs an insert per
 //!   run, not per row; one Zeqond may have several runs (the wall clock can step back).
 //! - `head.last_hash` is row `size-1`'s hash.
 //!
 //! Schema 1 kept one `log_hashes` entry per stored hash and one `log_by_zeqond` entry per row;
-//! [`migrate_from_schema_1`] rewrites those tables into the layout above.
+//! [`migrate_from_schema_1`] rewrites those tables into schema 2's layout, which kept one
+//! `log_tree` entry per row; [`migrate_from_schema_2`] groups those into the chunks above.
 
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -29,8 +33,13 @@ use crate::store::{self, StoreError};
 
 /// (slug, seq) → stored row bytes.
 pub const ROWS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log_rows");
-/// (slug, seq) → the tree hashes appending row `seq` stored, level 0 first (module doc).
-pub const TREE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log_tree");
+/// (slug, chunk) → the tree hashes appending rows `16 chunk ..` stored (module doc).
+pub const TREE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log_tree_chunks");
+/// Rows whose tree hashes share one [`TREE`] entry.
+pub const CHUNK_ROWS: u64 = 16;
+/// Schema 2: (slug, seq) → the tree hashes appending row `seq` stored. Read only by the
+/// migration.
+const V2_TREE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log_tree");
 /// slug → [`Head`].
 pub const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("log_heads");
 /// (slug, zeqond, first seq) → last seq: a run of rows written in one Zeqond.
@@ -77,6 +86,20 @@ fn ledger_err(e: LedgerError) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
+/// Where the tree hashes of the row at position `pos` (< 16) of a chunk start: each earlier
+/// row of the chunk stored `1 + trailing_ones` hashes, and below position 15 trailing_ones
+/// depends on the position alone (the low four bits are not all ones).
+pub fn chunk_offset(pos: u64) -> usize {
+    (0..pos.min(CHUNK_ROWS))
+        .map(|j| 32 * (1 + j.trailing_ones() as usize))
+        .sum()
+}
+
+/// Bytes of the tree hashes appending row `seq` stored.
+fn row_tree_len(seq: u64) -> usize {
+    32 * (1 + seq.trailing_ones() as usize)
+}
+
 /// Reads tlog hashes of one machine through any redb table handle.
 pub struct TableHashes<'a, T> {
     pub table: &'a T,
@@ -102,7 +125,7 @@ impl<T: ReadableTable<(&'static str, u64), &'static [u8]>> HashReader for TableH
 }
 
 /// Reads tlog hashes of one machine from the `tree` table (hashes grouped by the row that
-/// added them).
+/// added them, rows grouped by chunk).
 pub struct TreeHashes<'a, T> {
     pub table: &'a T,
     pub slug: &'a str,
@@ -123,12 +146,12 @@ impl<T: ReadableTable<(&'static str, u64), &'static [u8]>> HashReader for TreeHa
                     })?;
                 let v = self
                     .table
-                    .get((self.slug, seq))
+                    .get((self.slug, seq / CHUNK_ROWS))
                     .map_err(|e| LedgerError::HashRead(format!("tree hashes of row {seq}: {e}")))?
                     .ok_or_else(|| {
                         LedgerError::HashRead(format!("tree hashes of row {seq} are missing"))
                     })?;
-                let at = level as usize * 32;
+                let at = chunk_offset(seq % CHUNK_ROWS) + level as usize * 32;
                 v.value()
                     .get(at..at + 32)
                     .and_then(|h| h.try_into().ok())
@@ -146,10 +169,11 @@ impl<T: ReadableTable<(&'static str, u64), &'static [u8]>> HashReader for TreeHa
 ///
 /// Per machine it keeps a [`Tip`] in memory: the head and, from a machine's second append
 /// on, the right edge of the tree (one hash per complete subtree along it, loaded once with
-/// popcount(size) reads). An append then computes exactly the hashes it adds, reads nothing,
-/// and writes two entries: its row and its tree hashes. Heads and the open Zeqond run are
-/// written once, by [`LogWriter::finish`] (or on drop). A single append reads its
-/// ≤ trailing_ones(size) siblings directly, which is cheaper than loading the edge for one use.
+/// popcount(size) reads), and the tree hashes of the machine's incomplete chunk. An append
+/// then computes exactly the hashes it adds, reads nothing, and writes its row, plus its chunk
+/// when the row completes one. Heads, incomplete chunks and the open Zeqond run are written
+/// once, by [`LogWriter::finish`] (or on drop). A single append reads its ≤ trailing_ones(size)
+/// siblings directly, which is cheaper than loading the edge for one use.
 pub struct LogWriter<'txn> {
     rows: Table<'txn, (&'static str, u64), &'static [u8]>,
     tree: Table<'txn, (&'static str, u64), &'static [u8]>,
@@ -167,6 +191,11 @@ struct Tip {
     edge: Option<tlog::RightEdge>,
     /// The Zeqond run being extended: (zeqond, first seq, last seq), not yet written.
     run: Option<(u64, u64, u64)>,
+    /// Tree hashes of rows `size - size % 16 .. size` (the incomplete chunk); loaded at the
+    /// machine's first append in this writer.
+    chunk: Option<Vec<u8>>,
+    /// Whether `chunk` holds hashes not yet written to the table.
+    chunk_dirty: bool,
 }
 
 impl<'txn> LogWriter<'txn> {
@@ -195,6 +224,8 @@ impl<'txn> LogWriter<'txn> {
                 dirty: false,
                 edge: Some(tlog::RightEdge::empty()),
                 run: None,
+                chunk: Some(Vec::new()),
+                chunk_dirty: false,
             },
         );
         Ok(())
@@ -221,6 +252,8 @@ impl<'txn> LogWriter<'txn> {
                     dirty: false,
                     edge: None,
                     run: None,
+                    chunk: None,
+                    chunk_dirty: false,
                 },
             );
         }
@@ -246,29 +279,73 @@ impl<'txn> LogWriter<'txn> {
         .seal_stored()
         .map_err(|e| StoreError::Corrupt(format!("row refused: {e}")))?;
         let leaf = tlog::record_hash(&row.hash);
-        let stored_hashes = TreeHashes {
-            table: &self.tree,
-            slug,
-        };
         let mut new_hashes = Vec::with_capacity(8);
         match &tip.edge {
             Some(edge) => edge.next_hashes(leaf, &mut new_hashes),
             None if tip.dirty => {
-                // The second append of this machine: from now on the edge pays off.
+                // The second append of this machine: from now on the edge pays off. It is
+                // read from the table, which must hold the first append's hashes.
+                if tip.chunk_dirty {
+                    if let Some(chunk) = &tip.chunk {
+                        self.tree
+                            .insert((slug, (row.seq - 1) / CHUNK_ROWS), chunk.as_slice())?;
+                    }
+                    tip.chunk_dirty = false;
+                }
+                let stored_hashes = TreeHashes {
+                    table: &self.tree,
+                    slug,
+                };
                 let edge = tlog::RightEdge::load(row.seq, &stored_hashes).map_err(ledger_err)?;
                 let next = edge.next_hashes(leaf, &mut new_hashes);
                 tip.edge = Some(edge);
                 next
             }
-            None => tlog::stored_hashes_for_record_hash(row.seq, leaf, &stored_hashes)
-                .map(|h| new_hashes = h),
+            None => tlog::stored_hashes_for_record_hash(
+                row.seq,
+                leaf,
+                &TreeHashes {
+                    table: &self.tree,
+                    slug,
+                },
+            )
+            .map(|h| new_hashes = h),
         }
         .map_err(ledger_err)?;
-        // Keys ascend within each table across appends (seq, stored-hash index), so the
-        // inserts land on the B-trees' rightmost pages.
+        let pos = row.seq % CHUNK_ROWS;
+        let chunk = match &mut tip.chunk {
+            Some(c) => c,
+            None => {
+                let mut c = Vec::with_capacity(chunk_offset(CHUNK_ROWS - 1) + 8 * 32);
+                if pos > 0 {
+                    let stored = self.tree.get((slug, row.seq / CHUNK_ROWS))?;
+                    let stored = stored.as_ref().map(|v| v.value()).unwrap_or_default();
+                    if stored.len() != chunk_offset(pos) {
+                        return Err(StoreError::Corrupt(format!(
+                            "log of `{slug}`: tree chunk {} holds {} bytes, not the {} of rows before {}",
+                            row.seq / CHUNK_ROWS,
+                            stored.len(),
+                            chunk_offset(pos),
+                            row.seq
+                        )));
+                    }
+                    c.extend_from_slice(stored);
+                }
+                tip.chunk.insert(c)
+            }
+        };
+        chunk.extend_from_slice(new_hashes.as_flattened());
+        // Keys ascend within each table across appends (seq, chunk), so the inserts land on
+        // the B-trees' rightmost pages.
         self.rows.insert((slug, row.seq), stored.as_slice())?;
-        self.tree
-            .insert((slug, row.seq), new_hashes.as_flattened())?;
+        if pos == CHUNK_ROWS - 1 {
+            self.tree
+                .insert((slug, row.seq / CHUNK_ROWS), chunk.as_slice())?;
+            chunk.clear();
+            tip.chunk_dirty = false;
+        } else {
+            tip.chunk_dirty = true;
+        }
         match &mut tip.run {
             Some((z, _, last)) if *z == row.zeqond && *last + 1 == row.seq => *last = row.seq,
             run => {
@@ -299,6 +376,12 @@ impl<'txn> LogWriter<'txn> {
         for (slug, tip) in self.tips.iter_mut().filter(|(_, t)| t.dirty) {
             self.heads
                 .insert(slug.as_str(), store::encode(&tip.head).as_slice())?;
+            if let (true, Some(chunk)) = (tip.chunk_dirty, &tip.chunk) {
+                let last = tip.head.size - 1;
+                self.tree
+                    .insert((slug.as_str(), last / CHUNK_ROWS), chunk.as_slice())?;
+                tip.chunk_dirty = false;
+            }
             if let Some((z, first, last)) = tip.run.take() {
                 self.runs.insert((slug.as_str(), z, first), last)?;
             }
@@ -461,6 +544,8 @@ pub fn verify_machine(
         slug,
     };
     let mut prev = genesis_prev_hash(slug, head.genesis_zeqond);
+    // The chunk of tree hashes the rows being checked are in: (chunk number, bytes).
+    let mut chunk: Option<(u64, Vec<u8>)> = None;
     let broken = |seq: u64, why: String| {
         Ok(Verification {
             rows: seq,
@@ -492,9 +577,21 @@ pub fn verify_machine(
                 Ok(h) => h,
                 Err(e) => return broken(seq, format!("tree hashes unreadable: {e}")),
             };
-        let stored = hashes.get((slug, seq))?;
-        if stored.as_ref().map(|v| v.value()) != Some(expected.as_flattened()) {
+        let c = seq / CHUNK_ROWS;
+        if chunk.as_ref().map(|(k, _)| *k) != Some(c) {
+            let bytes = hashes.get((slug, c))?.map(|v| v.value().to_vec());
+            chunk = Some((c, bytes.unwrap_or_default()));
+        }
+        let bytes = chunk.as_ref().map(|(_, b)| b.as_slice()).unwrap_or_default();
+        let at = chunk_offset(seq % CHUNK_ROWS);
+        let want = expected.as_flattened();
+        if bytes.get(at..at + want.len()) != Some(want) {
             return broken(seq, "stored tree hashes do not match the rows".into());
+        }
+        // A chunk ends with its last row's hashes: row 16c + 15's, or the log's last row's.
+        let last_of_chunk = seq % CHUNK_ROWS == CHUNK_ROWS - 1 || seq + 1 == head.size;
+        if last_of_chunk && bytes.len() != at + want.len() {
+            return broken(seq, "stored tree hashes go on past the row".into());
         }
         prev = row.hash;
         if seq % 4096 == 0 || seq + 1 == head.size {
@@ -514,22 +611,14 @@ pub fn verify_machine(
 }
 
 /// Rewrites schema 1's per-hash table (`log_hashes`) and per-row Zeqond index
-/// (`log_by_zeqond`) into [`TREE`] and [`ZEQOND_RUNS`], in write transactions of at most
+/// (`log_by_zeqond`) into schema 2's per-row tree table and [`ZEQOND_RUNS`] (then
+/// [`migrate_from_schema_2`] does the rest), in write transactions of at most
 /// `chunk` entries so that memory stays bounded on a large log. It is idempotent: everything
 /// is recomputed from the schema-1 tables, which only [`drop_schema_1_tables`] removes, so an
 /// interrupted migration is simply run again. Returns the rows migrated.
 pub fn migrate_from_schema_1(db: &redb::Database, chunk: u64) -> Result<u64, StoreError> {
     let chunk = chunk.max(1);
-    let heads: Vec<(String, u64)> = {
-        let read = db.begin_read()?;
-        let table = read.open_table(HEADS)?;
-        let mut out = Vec::new();
-        for e in table.iter()? {
-            let (k, v) = e?;
-            out.push((k.value().to_owned(), store::decode::<Head>(v.value())?.size));
-        }
-        out
-    };
+    let heads = head_sizes(db)?;
     let mut migrated = 0;
     for (slug, size) in &heads {
         let mut from = 0;
@@ -538,7 +627,7 @@ pub fn migrate_from_schema_1(db: &redb::Database, chunk: u64) -> Result<u64, Sto
             let txn = db.begin_write()?;
             {
                 let old = txn.open_table(V1_HASHES)?;
-                let mut tree = txn.open_table(TREE)?;
+                let mut tree = txn.open_table(V2_TREE)?;
                 let mut value = Vec::with_capacity(8 * 32);
                 for seq in from..to {
                     let first = tlog::stored_hash_index(0, seq);
@@ -610,10 +699,73 @@ pub fn migrate_from_schema_1(db: &redb::Database, chunk: u64) -> Result<u64, Sto
     }
 }
 
-/// The last step of the schema-1 migration, in the transaction that records schema 2.
+/// The last step of the schema-1 migration, in the transaction that records the schema.
 pub fn drop_schema_1_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.delete_table(V1_HASHES)?;
     txn.delete_table(V1_BY_ZEQOND)?;
+    Ok(())
+}
+
+/// Every machine's log size.
+fn head_sizes(db: &redb::Database) -> Result<Vec<(String, u64)>, StoreError> {
+    let read = db.begin_read()?;
+    let table = read.open_table(HEADS)?;
+    let mut out = Vec::new();
+    for e in table.iter()? {
+        let (k, v) = e?;
+        out.push((k.value().to_owned(), store::decode::<Head>(v.value())?.size));
+    }
+    Ok(out)
+}
+
+/// Groups schema 2's per-row tree hashes (`log_tree`) into [`TREE`]'s chunks, in write
+/// transactions of about `rows` rows (whole chunks). Idempotent like
+/// [`migrate_from_schema_1`]: only [`drop_schema_2_tables`] removes what it reads. Returns
+/// the rows migrated.
+pub fn migrate_from_schema_2(db: &redb::Database, rows: u64) -> Result<u64, StoreError> {
+    let per_txn = rows.div_ceil(CHUNK_ROWS).max(1);
+    let mut migrated = 0;
+    for (slug, size) in head_sizes(db)? {
+        let chunks = size.div_ceil(CHUNK_ROWS);
+        let mut c = 0;
+        while c < chunks {
+            let end = (c + per_txn).min(chunks);
+            let txn = db.begin_write()?;
+            {
+                let old = txn.open_table(V2_TREE)?;
+                let mut tree = txn.open_table(TREE)?;
+                let mut value = Vec::with_capacity(chunk_offset(CHUNK_ROWS - 1) + 64 * 32);
+                for k in c..end {
+                    value.clear();
+                    let rows = k * CHUNK_ROWS..((k + 1) * CHUNK_ROWS).min(size);
+                    for seq in rows.clone() {
+                        let h = old.get((slug.as_str(), seq))?.ok_or_else(|| {
+                            StoreError::Corrupt(format!(
+                                "log of `{slug}`: the tree hashes of row {seq} are missing"
+                            ))
+                        })?;
+                        if h.value().len() != row_tree_len(seq) {
+                            return Err(StoreError::Corrupt(format!(
+                                "log of `{slug}`: the tree hashes of row {seq} are {} bytes",
+                                h.value().len()
+                            )));
+                        }
+                        value.extend_from_slice(h.value());
+                    }
+                    tree.insert((slug.as_str(), k), value.as_slice())?;
+                    migrated += rows.end - rows.start;
+                }
+            }
+            txn.commit()?;
+            c = end;
+        }
+    }
+    Ok(migrated)
+}
+
+/// The last step of the schema-2 migration, in the transaction that records the schema.
+pub fn drop_schema_2_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.delete_table(V2_TREE)?;
     Ok(())
 }
 
@@ -693,18 +845,14 @@ mod tests {
         assert_eq!(dump(&batched), dump(&single));
     }
 
-    /// Everything the log answers (rows per Zeqond, tree hashes, proofs, verification) is the
-    /// same after the log is rewritten into schema 1's layout and migrated back, with a chunk
-    /// size that splits runs and machines across transactions, and after running the migration
-    /// a second time (an interrupted migration is rerun from the start).
-    #[test]
-    fn schema_1_logs_migrate_to_the_grouped_layout() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Database::create(dir.path().join("m.redb")).unwrap();
-        let base = 1_700_000_000_000i64;
+    const BASE_MS: i64 = 1_700_000_000_000;
+
+    /// Two machines' logs of 67 rows each, written in several transactions; each slug's rows
+    /// sit in 0.3-Zeqond steps, so Zeqonds hold 3-4 rows and runs cross transaction ends. The
+    /// clock steps back once. Returns the rows per machine.
+    fn sample_log(db: &Database) -> u64 {
+        let base = BASE_MS;
         let mut seq = 0u64;
-        // Rows in several transactions; each slug's rows sit in 0.3-Zeqond steps, so Zeqonds
-        // hold 3-4 rows and runs cross transaction ends. The clock steps back once.
         for (i, batch) in [5u64, 1, 9, 17, 2, 33].into_iter().enumerate() {
             let txn = db.begin_write().unwrap();
             let mut w = LogWriter::open(&txn).unwrap();
@@ -725,35 +873,108 @@ mod tests {
             w.finish().unwrap();
             txn.commit().unwrap();
         }
-        let answers = |db: &Database| {
-            let txn = db.begin_read().unwrap();
-            let mut out = Vec::new();
-            for s in ["m1", "m2"] {
-                let v = verify_machine(&txn, s, |_, _| {}).unwrap();
-                assert_eq!(v.broken, None, "{s}");
-                out.push(format!("{s} rows {}", v.rows));
-                for z in clock::zeqond(base) - 1..clock::zeqond(base + 100 * 233) + 3 {
-                    out.push(format!(
-                        "{s} z{z} {:?}",
-                        read::seqs_at_zeqond(&txn, s, z).unwrap()
-                    ));
-                }
-                for size in [1, 2, 7, 8, 9, 31, 32, 33, seq] {
-                    out.push(format!(
-                        "{s} root {size} {:?}",
-                        read::tree_hash(&txn, s, size).unwrap()
-                    ));
-                    for at in [0, size / 2, size - 1] {
-                        let p = read::prove_inclusion(&txn, s, at, size).unwrap();
-                        out.push(format!("{s} incl {at} {size} {p:?}"));
-                    }
-                    let p = read::prove_consistency(&txn, s, size / 3 + 1, size).unwrap();
-                    out.push(format!("{s} cons {size} {p:?}"));
-                }
+        seq
+    }
+
+    /// Everything the log answers: rows per Zeqond, tree hashes, proofs, verification.
+    fn answers(db: &Database, seq: u64) -> Vec<String> {
+        let base = BASE_MS;
+        let txn = db.begin_read().unwrap();
+        let mut out = Vec::new();
+        for s in ["m1", "m2"] {
+            let v = verify_machine(&txn, s, |_, _| {}).unwrap();
+            assert_eq!(v.broken, None, "{s}");
+            out.push(format!("{s} rows {}", v.rows));
+            for z in clock::zeqond(base) - 1..clock::zeqond(base + 100 * 233) + 3 {
+                out.push(format!(
+                    "{s} z{z} {:?}",
+                    read::seqs_at_zeqond(&txn, s, z).unwrap()
+                ));
             }
-            out
+            for size in [1, 2, 7, 8, 9, 31, 32, 33, seq] {
+                out.push(format!(
+                    "{s} root {size} {:?}",
+                    read::tree_hash(&txn, s, size).unwrap()
+                ));
+                for at in [0, size / 2, size - 1] {
+                    let p = read::prove_inclusion(&txn, s, at, size).unwrap();
+                    out.push(format!("{s} incl {at} {size} {p:?}"));
+                }
+                let p = read::prove_consistency(&txn, s, size / 3 + 1, size).unwrap();
+                out.push(format!("{s} cons {size} {p:?}"));
+            }
+        }
+        out
+    }
+
+    /// A flipped byte anywhere in a tree chunk names the row whose hashes hold it, and bytes
+    /// past the last row's hashes are reported against that row.
+    #[test]
+    fn verify_names_the_row_of_a_damaged_tree_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("t.redb")).unwrap();
+        let seq = sample_log(&db);
+        assert_eq!(seq % CHUNK_ROWS, 3, "the last chunk is incomplete");
+        let damage = |c: u64, f: &dyn Fn(&mut Vec<u8>)| {
+            let txn = db.begin_write().unwrap();
+            let old = {
+                let mut t = txn.open_table(TREE).unwrap();
+                let old = t.get(("m1", c)).unwrap().unwrap().value().to_vec();
+                let mut v = old.clone();
+                f(&mut v);
+                t.insert(("m1", c), v.as_slice()).unwrap();
+                old
+            };
+            txn.commit().unwrap();
+            let broken = verify_machine(&db.begin_read().unwrap(), "m1", |_, _| {})
+                .unwrap()
+                .broken;
+            let txn = db.begin_write().unwrap();
+            txn.open_table(TREE)
+                .unwrap()
+                .insert(("m1", c), old.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+            broken.map(|(at, _)| at)
         };
-        let before = answers(&db);
+        // Chunk 2 holds rows 32..=47; row 32 + j starts at chunk_offset(j).
+        for j in [0, 1, 7, 14, 15] {
+            let at = chunk_offset(j);
+            assert_eq!(damage(2, &|v| v[at + 5] ^= 1), Some(32 + j), "row {}", 32 + j);
+        }
+        assert_eq!(damage(2, &|v| v.truncate(v.len() - 32)), Some(47));
+        let last = seq / CHUNK_ROWS;
+        assert_eq!(damage(last, &|v| v.extend([0; 32])), Some(seq - 1));
+        assert_eq!(damage(last, &|_| {}), None);
+    }
+
+    /// Each row's tree hashes, split out of the chunks: (slug, seq, bytes).
+    fn tree_by_row(txn: &WriteTransaction) -> Vec<(String, u64, Vec<u8>)> {
+        let tree = txn.open_table(TREE).unwrap();
+        let mut out = Vec::new();
+        for e in tree.iter().unwrap() {
+            let (k, v) = e.unwrap();
+            let (slug, c) = k.value();
+            let (mut seq, mut rest) = (c * CHUNK_ROWS, v.value());
+            while !rest.is_empty() {
+                let (row, more) = rest.split_at(row_tree_len(seq));
+                out.push((slug.to_owned(), seq, row.to_vec()));
+                (seq, rest) = (seq + 1, more);
+            }
+        }
+        out
+    }
+
+    /// Everything the log answers is the same after the log is rewritten into schema 1's
+    /// layout and migrated back, with a chunk size that splits runs and machines across
+    /// transactions, and after running the migration a second time (an interrupted migration
+    /// is rerun from the start).
+    #[test]
+    fn schema_1_logs_migrate_to_the_chunked_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("m.redb")).unwrap();
+        let seq = sample_log(&db);
+        let before = answers(&db, seq);
         // Zeqonds of several rows, including ones whose rows span two transactions (rows 4
         // and 5), and the Zeqond the clock stepped back to holding two runs.
         let zeqonds: Vec<&String> = before.iter().filter(|l| l.starts_with("m1 z")).collect();
@@ -768,16 +989,13 @@ mod tests {
         // Rewrite into schema 1: one hash per stored index, one index entry per row.
         let txn = db.begin_write().unwrap();
         {
-            let tree = txn.open_table(TREE).unwrap();
             let runs = txn.open_table(ZEQOND_RUNS).unwrap();
             let mut hashes = txn.open_table(V1_HASHES).unwrap();
             let mut by_zeqond = txn.open_table(V1_BY_ZEQOND).unwrap();
-            for e in tree.iter().unwrap() {
-                let (k, v) = e.unwrap();
-                let (slug, seq) = k.value();
+            for (slug, seq, v) in tree_by_row(&txn) {
                 let first = tlog::stored_hash_index(0, seq);
-                for (i, h) in v.value().chunks(32).enumerate() {
-                    hashes.insert((slug, first + i as u64), h).unwrap();
+                for (i, h) in v.chunks(32).enumerate() {
+                    hashes.insert((slug.as_str(), first + i as u64), h).unwrap();
                 }
             }
             for e in runs.iter().unwrap() {
@@ -792,17 +1010,59 @@ mod tests {
         txn.delete_table(ZEQOND_RUNS).unwrap();
         txn.commit().unwrap();
         assert_eq!(migrate_from_schema_1(&db, 7).unwrap(), 2 * seq);
-        let once = answers(&db);
+        assert_eq!(migrate_from_schema_2(&db, 7).unwrap(), 2 * seq);
+        let once = answers(&db, seq);
         assert_eq!(migrate_from_schema_1(&db, 5).unwrap(), 2 * seq);
+        assert_eq!(migrate_from_schema_2(&db, 40).unwrap(), 2 * seq);
         let txn = db.begin_write().unwrap();
         drop_schema_1_tables(&txn).unwrap();
+        drop_schema_2_tables(&txn).unwrap();
         txn.commit().unwrap();
-        assert_eq!(answers(&db), before);
+        assert_eq!(answers(&db, seq), before);
         assert_eq!(once, before);
         let txn = db.begin_read().unwrap();
         assert!(
-            txn.open_table(V1_HASHES).is_err(),
-            "schema 1 tables are dropped"
+            txn.open_table(V1_HASHES).is_err() && txn.open_table(V2_TREE).is_err(),
+            "schema 1 and 2 tables are dropped"
         );
+    }
+
+    /// Schema 2's per-row tree hashes migrate into the same chunks the writer makes (the
+    /// tree table is byte-identical afterwards), also when run twice.
+    #[test]
+    fn schema_2_logs_migrate_to_the_chunked_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("m.redb")).unwrap();
+        let seq = sample_log(&db);
+        let before = answers(&db, seq);
+        let chunks = |db: &Database| -> Vec<(String, u64, Vec<u8>)> {
+            let txn = db.begin_read().unwrap();
+            let t = txn.open_table(TREE).unwrap();
+            t.iter()
+                .unwrap()
+                .map(|e| {
+                    let (k, v) = e.unwrap();
+                    (k.value().0.to_owned(), k.value().1, v.value().to_vec())
+                })
+                .collect()
+        };
+        let written = chunks(&db);
+        assert_eq!(written.len(), 2 * seq.div_ceil(CHUNK_ROWS) as usize);
+        let txn = db.begin_write().unwrap();
+        {
+            let mut old = txn.open_table(V2_TREE).unwrap();
+            for (slug, seq, v) in tree_by_row(&txn) {
+                old.insert((slug.as_str(), seq), v.as_slice()).unwrap();
+            }
+        }
+        txn.delete_table(TREE).unwrap();
+        txn.commit().unwrap();
+        assert_eq!(migrate_from_schema_2(&db, 7).unwrap(), 2 * seq);
+        assert_eq!(migrate_from_schema_2(&db, 1000).unwrap(), 2 * seq);
+        let txn = db.begin_write().unwrap();
+        drop_schema_2_tables(&txn).unwrap();
+        txn.commit().unwrap();
+        assert_eq!(chunks(&db), written);
+        assert_eq!(answers(&db, seq), before);
     }
 }

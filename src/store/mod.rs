@@ -31,9 +31,10 @@ use serde::Serialize;
 pub use backend::DiskLimit;
 pub use writer::{BatchStats, GroupCommit, LATENCY_BOUNDS, SIZE_BOUNDS};
 
-/// Version of the table layout this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 2;
-/// Log rows per write transaction when migrating from schema 1 (bounded memory on big logs).
+/// Version of the table layout this build reads and writes. 2 grouped the log's tree hashes
+/// by row and its Zeqond index by run; 3 groups the tree hashes of 16 rows per entry.
+pub const SCHEMA_VERSION: u32 = 3;
+/// Log rows per write transaction when migrating older schemas (bounded memory on big logs).
 const MIGRATION_CHUNK: u64 = 50_000;
 
 /// `schema_version`, `gateway_id`, … → postcard values.
@@ -261,25 +262,34 @@ impl Store {
         match found {
             Some(v) if v > SCHEMA_VERSION => Err(StoreError::NewerSchema { found: v }),
             Some(v) if v == SCHEMA_VERSION => Ok(()),
-            Some(1) => {
-                // Schema 2 regrouped the log's tree hashes by row and its Zeqond index by run.
+            Some(from @ (1 | 2)) => {
+                // Each step is idempotent and reads tables that only the final transaction
+                // drops, so a migration interrupted anywhere is run again from the start.
+                use crate::ledger::log;
                 let started = std::time::Instant::now();
-                let rows = crate::ledger::log::migrate_from_schema_1(&db, MIGRATION_CHUNK)?;
+                let mut rows = 0;
+                if from == 1 {
+                    rows = log::migrate_from_schema_1(&db, MIGRATION_CHUNK)?;
+                }
+                rows = rows.max(log::migrate_from_schema_2(&db, MIGRATION_CHUNK)?);
                 let mut txn = db.begin_write()?;
                 txn.set_quick_repair(self.options.quick_repair);
-                crate::ledger::log::drop_schema_1_tables(&txn)?;
+                if from == 1 {
+                    log::drop_schema_1_tables(&txn)?;
+                }
+                log::drop_schema_2_tables(&txn)?;
                 txn.open_table(META)?
                     .insert("schema_version", encode(&SCHEMA_VERSION).as_slice())?;
                 txn.commit()?;
                 tracing::info!(
                     rows,
                     seconds = started.elapsed().as_secs_f64(),
-                    "migrated the log from schema 1 to 2"
+                    "migrated the log from schema {from} to {SCHEMA_VERSION}"
                 );
                 Ok(())
             }
             Some(v) => Err(StoreError::Corrupt(format!(
-                "unknown schema version {v} (this build reads 1 and {SCHEMA_VERSION})"
+                "unknown schema version {v} (this build reads 1 to {SCHEMA_VERSION})"
             ))),
             None => {
                 let mut txn = db.begin_write()?;

@@ -17,12 +17,12 @@ pub mod timers;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::chart::{Chart, ChartError, ErrorKind, Event, InstanceState, LiveState, WriteKind};
-use crate::ledger::log::{self as ledger_log, Entry};
+use crate::ledger::log::{self as ledger_log, Entry, LogWriter};
 use crate::ledger::{canonical, hex};
 use crate::store::{self, StoreError};
 
@@ -435,64 +435,12 @@ pub fn create_instance(
     actor: &str,
     now_ms: i64,
 ) -> Result<(Instance, Value, Vec<crate::chart::Effect>), InstanceError> {
-    if get_in!(txn, INSTANCES, (machine, slug))?
-        .map(|_: Instance| ())
-        .is_some()
-    {
-        return Err(InstanceError::Conflict(format!(
-            "instance `{slug}` already exists"
-        )));
-    }
-    let meta: ChartMeta = get_in!(txn, CHARTS, machine)?.unwrap_or_default();
-    let version_id = match version_id {
-        Some(v) => v.to_owned(),
-        None => meta.current_version.ok_or_else(|| {
-            InstanceError::NotFound(
-                "this machine has no current version; POST /machines/{machineSlug}/v first".into(),
-            )
-        })?,
-    };
-    let version: Version =
-        get_in!(txn, VERSIONS, (machine, version_id.as_str()))?.ok_or_else(|| {
-            InstanceError::NotFound(format!("no version `{version_id}` on this machine"))
-        })?;
-    let chart = charts.get(&version)?;
-    let mut initial_context = chart_default_context(&chart, context);
-    if !chart.allow_write(WriteKind::Initialization, None, &initial_context, auth)? {
-        return Err(InstanceError::Rejected("initialization"));
-    }
-    let (state, stepped) =
-        chart.initial_live(std::mem::take(&mut initial_context), auth, now_ms)?;
-    let state_bytes = encode_state(&chart, &state)?;
-    let mut instance = Instance {
-        machine: machine.to_owned(),
-        slug: slug.to_owned(),
-        version_id: version.id.clone(),
-        target_version_id: None,
-        status: Status::Running,
-        created_ms: now_ms,
-        ts_ms: now_ms,
-        state: state_bytes,
-        next_due: None,
-        steps: 0,
-    };
-    let event = Event::new("xstate.init", Value::Null);
-    commit_step(
-        txn,
-        &chart,
-        &mut instance,
-        Vec::new(),
-        &state,
-        &event,
-        actor,
-        "instance_created",
-        now_ms,
+    let mut steps = Steps::open(txn)?;
+    let created = steps.create_instance(
+        charts, machine, slug, context, version_id, auth, actor, now_ms,
     )?;
-    Ok((
-        instance,
-        public_view_live(&chart, &state, now_ms),
-        stepped.effects,
-    ))
+    steps.finish()?;
+    Ok(created)
 }
 
 /// The definition's `context` merged under the caller's: statebacked's "initial context".
@@ -510,6 +458,318 @@ pub struct Sent {
     pub instance: Instance,
 }
 
+type InstancesTable<'txn> = Table<'txn, (&'static str, &'static str), &'static [u8]>;
+
+/// The tables that steps write, opened once for a run of steps in one write transaction (an
+/// MQTT batch, a timer pass) rather than once per step: a step then costs its inserts, not
+/// eight table opens and closes, and the log writer keeps each machine's head and tree edge
+/// in memory from one step to the next. While it is open, these tables must be reached
+/// through it (redb refuses to open a table twice); [`Steps::finish`] writes the log heads.
+pub struct Steps<'txn> {
+    txn: &'txn WriteTransaction,
+    instances: InstancesTable<'txn>,
+    history: Table<'txn, (&'static str, &'static str, u64), &'static [u8]>,
+    due: Table<'txn, (i64, &'static str, &'static str), ()>,
+    log: LogWriter<'txn>,
+}
+
+impl<'txn> Steps<'txn> {
+    pub fn open(txn: &'txn WriteTransaction) -> Result<Steps<'txn>, StoreError> {
+        Ok(Steps {
+            txn,
+            instances: txn.open_table(INSTANCES)?,
+            history: txn.open_table(HISTORY)?,
+            due: txn.open_table(DUE)?,
+            log: LogWriter::open(txn)?,
+        })
+    }
+
+    /// Writes the log heads; call it before the transaction commits.
+    pub fn finish(self) -> Result<(), StoreError> {
+        self.log.finish()
+    }
+
+    pub fn instance(&self, machine: &str, slug: &str) -> Result<Option<Instance>, StoreError> {
+        self.instances
+            .get((machine, slug))?
+            .map(|v| store::decode(v.value()))
+            .transpose()
+    }
+
+    fn put(&mut self, instance: &Instance) -> Result<(), StoreError> {
+        self.instances.insert(
+            (instance.machine.as_str(), instance.slug.as_str()),
+            store::encode(instance).as_slice(),
+        )?;
+        Ok(())
+    }
+
+    /// [`create_instance`] within this run of steps.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_instance(
+        &mut self,
+        charts: &Charts,
+        machine: &str,
+        slug: &str,
+        context: Value,
+        version_id: Option<&str>,
+        auth: &Auth,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<(Instance, Value, Vec<crate::chart::Effect>), InstanceError> {
+        if self.instances.get((machine, slug))?.is_some() {
+            return Err(InstanceError::Conflict(format!(
+                "instance `{slug}` already exists"
+            )));
+        }
+        let txn = self.txn;
+        let meta: ChartMeta = get_in!(txn, CHARTS, machine)?.unwrap_or_default();
+        let version_id = match version_id {
+            Some(v) => v.to_owned(),
+            None => meta.current_version.ok_or_else(|| {
+                InstanceError::NotFound(
+                    "this machine has no current version; POST /machines/{machineSlug}/v first"
+                        .into(),
+                )
+            })?,
+        };
+        let version: Version =
+            get_in!(txn, VERSIONS, (machine, version_id.as_str()))?.ok_or_else(|| {
+                InstanceError::NotFound(format!("no version `{version_id}` on this machine"))
+            })?;
+        let chart = charts.get(&version)?;
+        let mut initial_context = chart_default_context(&chart, context);
+        if !chart.allow_write(WriteKind::Initialization, None, &initial_context, auth)? {
+            return Err(InstanceError::Rejected("initialization"));
+        }
+        let (state, stepped) =
+            chart.initial_live(std::mem::take(&mut initial_context), auth, now_ms)?;
+        let state_bytes = encode_state(&chart, &state)?;
+        let mut instance = Instance {
+            machine: machine.to_owned(),
+            slug: slug.to_owned(),
+            version_id: version.id.clone(),
+            target_version_id: None,
+            status: Status::Running,
+            created_ms: now_ms,
+            ts_ms: now_ms,
+            state: state_bytes,
+            next_due: None,
+            steps: 0,
+        };
+        let event = Event::new("xstate.init", Value::Null);
+        self.commit_step(
+            &chart,
+            &mut instance,
+            Vec::new(),
+            &state,
+            &event,
+            actor,
+            "instance_created",
+            now_ms,
+        )?;
+        Ok((
+            instance,
+            public_view_live(&chart, &state, now_ms),
+            stepped.effects,
+        ))
+    }
+
+    /// [`send_event`] within this run of steps.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send_event(
+        &mut self,
+        charts: &Charts,
+        machine: &str,
+        slug: &str,
+        event: Event,
+        auth: &Auth,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<Sent, InstanceError> {
+        if event.name.is_empty() {
+            return Err(invalid(
+                "invalid-parameters",
+                "event type must not be empty",
+            ));
+        }
+        let mut instance = self
+            .instance(machine, slug)?
+            .ok_or_else(|| InstanceError::NotFound(format!("no instance `{slug}`")))?;
+        if instance.status == Status::Paused {
+            return Err(InstanceError::Conflict(
+                "the instance is paused; PUT its status to running first".into(),
+            ));
+        }
+        let stored = decode_state(&instance.state)?;
+        let mut chart = charts.load(self.txn, machine, &instance.version_id)?;
+        // A failed step leaves `state` broken; every error below returns without writing.
+        let mut state = chart.load(&stored)?;
+        let from = chart.live_configuration(&state);
+        // Timers that came due before this event fire first, in due order.
+        if state.next_due().is_some_and(|d| d <= now_ms) {
+            chart.advance_live(&mut state, now_ms)?;
+        }
+        if let Some(target) = instance.target_version_id.clone() {
+            let next = charts.load(self.txn, machine, &target)?;
+            state = next
+                .load(&chart.store(&state))
+                .map_err(|e| InstanceError::NoMigrationPath(e.message))?;
+            chart = next;
+            instance.version_id = target;
+            instance.target_version_id = None;
+        }
+        if !chart.allow_write(WriteKind::Event, Some(&event), state.context(), auth)? {
+            return Err(InstanceError::Rejected("event"));
+        }
+        let stepped = chart.send_live(&mut state, event.clone(), auth, now_ms)?;
+        self.commit_step(
+            &chart,
+            &mut instance,
+            from,
+            &state,
+            &event,
+            actor,
+            "transition",
+            now_ms,
+        )?;
+        Ok(Sent {
+            view: public_view_live(&chart, &state, now_ms),
+            effects: stepped.effects,
+            instance,
+        })
+    }
+
+    /// Fires every timer due at `now_ms` for one instance. `None` if the instance is gone,
+    /// paused, or has nothing due.
+    pub fn fire_due(
+        &mut self,
+        charts: &Charts,
+        machine: &str,
+        slug: &str,
+        now_ms: i64,
+    ) -> Result<Option<Sent>, InstanceError> {
+        let Some(mut instance) = self.instance(machine, slug)? else {
+            return Ok(None);
+        };
+        if instance.status == Status::Paused {
+            return Ok(None);
+        }
+        let stored = decode_state(&instance.state)?;
+        let chart = charts.load(self.txn, machine, &instance.version_id)?;
+        if !chart.next_due(&stored).is_some_and(|d| d <= now_ms) {
+            return Ok(None);
+        }
+        let mut state = chart.load(&stored)?;
+        let from = chart.live_configuration(&state);
+        let stepped = chart.advance_live(&mut state, now_ms)?;
+        let event = Event::new("xstate.after", Value::Null);
+        self.commit_step(
+            &chart,
+            &mut instance,
+            from,
+            &state,
+            &event,
+            "timer",
+            "transition",
+            now_ms,
+        )?;
+        Ok(Some(Sent {
+            view: public_view_live(&chart, &state, now_ms),
+            effects: stepped.effects,
+            instance,
+        }))
+    }
+
+    /// Takes an instance whose timers fail out of the due index, so one broken timer cannot
+    /// stall the others. Its state is unchanged; the next event retries the timers.
+    pub fn park_timers(&mut self, machine: &str, slug: &str) -> Result<(), StoreError> {
+        if let Some(mut instance) = self.instance(machine, slug)? {
+            if let Some(d) = instance.next_due.take() {
+                self.due.remove((d, machine, slug))?;
+            }
+            self.put(&instance)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a due-index entry that no longer matches its instance.
+    pub fn drop_stale_due(
+        &mut self,
+        due_ms: i64,
+        machine: &str,
+        slug: &str,
+    ) -> Result<(), StoreError> {
+        let live = self
+            .instance(machine, slug)?
+            .is_some_and(|i| i.next_due == Some(due_ms) && i.status == Status::Running);
+        if !live {
+            self.due.remove((due_ms, machine, slug))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a step: instance state, due index, history record, and the log row.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_step(
+        &mut self,
+        chart: &Chart,
+        instance: &mut Instance,
+        from_cfg: Vec<String>,
+        to: &LiveState,
+        event: &Event,
+        actor: &str,
+        kind: &'static str,
+        now_ms: i64,
+    ) -> Result<(), InstanceError> {
+        let state_bytes = encode_state(chart, to)?;
+        let data = canonical::to_vec(&event.data);
+        let to_cfg = chart.live_configuration(to);
+        let payload = json!({
+            "instance": instance.slug,
+            "event": event.name,
+            "payload_hash": hex::encode(&crate::auth::sha256(&data)),
+            "from": from_cfg,
+            "to": to_cfg,
+            "version_id": instance.version_id,
+        });
+        let row = self.log.append(
+            &instance.machine,
+            Entry::json(kind, actor, &payload),
+            now_ms,
+        )?;
+        let (machine, slug) = (instance.machine.as_str(), instance.slug.as_str());
+        let next_due = to.next_due();
+        if instance.next_due != next_due {
+            if let Some(old) = instance.next_due {
+                self.due.remove((old, machine, slug))?;
+            }
+            if let Some(new) = next_due {
+                self.due.insert((new, machine, slug), ())?;
+            }
+        }
+        let record = TransitionRecord {
+            ts_ms: now_ms,
+            event: event.name.clone(),
+            data,
+            from: from_cfg,
+            to: to_cfg,
+            log_seq: row.seq,
+            version_id: instance.version_id.clone(),
+        };
+        self.history.insert(
+            (machine, slug, instance.steps),
+            store::encode(&record).as_slice(),
+        )?;
+        instance.next_due = next_due;
+        instance.steps += 1;
+        instance.state = state_bytes;
+        instance.ts_ms = now_ms;
+        self.put(instance)?;
+        Ok(())
+    }
+}
+
 /// Sends one event to an instance: fires due timers first, upgrades the version if one is
 /// pending, checks `allowWrite`, runs the step, and commits it.
 #[allow(clippy::too_many_arguments)]
@@ -523,167 +783,15 @@ pub fn send_event(
     actor: &str,
     now_ms: i64,
 ) -> Result<Sent, InstanceError> {
-    if event.name.is_empty() {
-        return Err(invalid(
-            "invalid-parameters",
-            "event type must not be empty",
-        ));
-    }
-    let mut instance: Instance = get_in!(txn, INSTANCES, (machine, slug))?
-        .ok_or_else(|| InstanceError::NotFound(format!("no instance `{slug}`")))?;
-    if instance.status == Status::Paused {
-        return Err(InstanceError::Conflict(
-            "the instance is paused; PUT its status to running first".into(),
-        ));
-    }
-    let stored = decode_state(&instance.state)?;
-    let mut chart = charts.load(txn, machine, &instance.version_id)?;
-    // A failed step leaves `state` broken; every error below returns without writing.
-    let mut state = chart.load(&stored)?;
-    let from = chart.live_configuration(&state);
-    // Timers that came due before this event fire first, in due order.
-    if state.next_due().is_some_and(|d| d <= now_ms) {
-        chart.advance_live(&mut state, now_ms)?;
-    }
-    if let Some(target) = instance.target_version_id.clone() {
-        let next = charts.load(txn, machine, &target)?;
-        state = next
-            .load(&chart.store(&state))
-            .map_err(|e| InstanceError::NoMigrationPath(e.message))?;
-        chart = next;
-        instance.version_id = target;
-        instance.target_version_id = None;
-    }
-    if !chart.allow_write(WriteKind::Event, Some(&event), state.context(), auth)? {
-        return Err(InstanceError::Rejected("event"));
-    }
-    let stepped = chart.send_live(&mut state, event.clone(), auth, now_ms)?;
-    commit_step(
-        txn,
-        &chart,
-        &mut instance,
-        from,
-        &state,
-        &event,
-        actor,
-        "transition",
-        now_ms,
-    )?;
-    Ok(Sent {
-        view: public_view_live(&chart, &state, now_ms),
-        effects: stepped.effects,
-        instance,
-    })
+    let mut steps = Steps::open(txn)?;
+    let sent = steps.send_event(charts, machine, slug, event, auth, actor, now_ms)?;
+    steps.finish()?;
+    Ok(sent)
 }
 
 fn load_version(txn: &WriteTransaction, machine: &str, id: &str) -> Result<Version, InstanceError> {
     get_in!(txn, VERSIONS, (machine, id))?
         .ok_or_else(|| StoreError::Corrupt(format!("version {id} of {machine} is missing")).into())
-}
-
-/// Writes a step: instance state, due index, history record, and the log row.
-#[allow(clippy::too_many_arguments)]
-fn commit_step(
-    txn: &WriteTransaction,
-    chart: &Chart,
-    instance: &mut Instance,
-    from_cfg: Vec<String>,
-    to: &LiveState,
-    event: &Event,
-    actor: &str,
-    kind: &'static str,
-    now_ms: i64,
-) -> Result<(), InstanceError> {
-    let state_bytes = encode_state(chart, to)?;
-    let data = canonical::to_vec(&event.data);
-    let to_cfg = chart.live_configuration(to);
-    let payload = json!({
-        "instance": instance.slug,
-        "event": event.name,
-        "payload_hash": hex::encode(&crate::auth::sha256(&data)),
-        "from": from_cfg,
-        "to": to_cfg,
-        "version_id": instance.version_id,
-    });
-    let row = ledger_log::append(
-        txn,
-        &instance.machine,
-        Entry::json(kind, actor, &payload),
-        now_ms,
-    )?;
-    let machine = instance.machine.clone();
-    let slug = instance.slug.clone();
-    let mut due = txn.open_table(DUE)?;
-    if let Some(old) = instance.next_due {
-        due.remove((old, machine.as_str(), slug.as_str()))?;
-    }
-    instance.next_due = to.next_due();
-    if let Some(new) = instance.next_due {
-        due.insert((new, machine.as_str(), slug.as_str()), ())?;
-    }
-    let record = TransitionRecord {
-        ts_ms: now_ms,
-        event: event.name.clone(),
-        data,
-        from: from_cfg,
-        to: to_cfg,
-        log_seq: row.seq,
-        version_id: instance.version_id.clone(),
-    };
-    txn.open_table(HISTORY)?.insert(
-        (machine.as_str(), slug.as_str(), instance.steps),
-        store::encode(&record).as_slice(),
-    )?;
-    instance.steps += 1;
-    instance.state = state_bytes;
-    instance.ts_ms = now_ms;
-    txn.open_table(INSTANCES)?.insert(
-        (machine.as_str(), slug.as_str()),
-        store::encode(instance).as_slice(),
-    )?;
-    Ok(())
-}
-
-/// Fires every timer due at `now_ms` for one instance. `None` if the instance is gone,
-/// paused, or has nothing due.
-pub fn fire_due(
-    txn: &WriteTransaction,
-    charts: &Charts,
-    machine: &str,
-    slug: &str,
-    now_ms: i64,
-) -> Result<Option<Sent>, InstanceError> {
-    let Some(mut instance) = get_in!(txn, INSTANCES, (machine, slug))?.map(|i: Instance| i) else {
-        return Ok(None);
-    };
-    if instance.status == Status::Paused {
-        return Ok(None);
-    }
-    let stored = decode_state(&instance.state)?;
-    let chart = charts.load(txn, machine, &instance.version_id)?;
-    if !chart.next_due(&stored).is_some_and(|d| d <= now_ms) {
-        return Ok(None);
-    }
-    let mut state = chart.load(&stored)?;
-    let from = chart.live_configuration(&state);
-    let stepped = chart.advance_live(&mut state, now_ms)?;
-    let event = Event::new("xstate.after", Value::Null);
-    commit_step(
-        txn,
-        &chart,
-        &mut instance,
-        from,
-        &state,
-        &event,
-        "timer",
-        "transition",
-        now_ms,
-    )?;
-    Ok(Some(Sent {
-        view: public_view_live(&chart, &state, now_ms),
-        effects: stepped.effects,
-        instance,
-    }))
 }
 
 /// Pauses or resumes an instance.
@@ -710,36 +818,6 @@ pub fn set_status(
     txn.open_table(INSTANCES)?
         .insert((machine, slug), store::encode(&instance).as_slice())?;
     Ok(instance)
-}
-
-/// Takes an instance whose timers fail out of the due index, so one broken timer cannot
-/// stall the others. Its state is unchanged; the next event retries the timers.
-pub fn park_timers(txn: &WriteTransaction, machine: &str, slug: &str) -> Result<(), StoreError> {
-    let found: Option<Instance> = get_in!(txn, INSTANCES, (machine, slug))?;
-    let mut due = txn.open_table(DUE)?;
-    if let Some(mut instance) = found {
-        if let Some(d) = instance.next_due.take() {
-            due.remove((d, machine, slug))?;
-        }
-        txn.open_table(INSTANCES)?
-            .insert((machine, slug), store::encode(&instance).as_slice())?;
-    }
-    Ok(())
-}
-
-/// Removes a due-index entry that no longer matches its instance.
-pub fn drop_stale_due(
-    txn: &WriteTransaction,
-    due_ms: i64,
-    machine: &str,
-    slug: &str,
-) -> Result<(), StoreError> {
-    let found: Option<Instance> = get_in!(txn, INSTANCES, (machine, slug))?;
-    let live = found.is_some_and(|i| i.next_due == Some(due_ms) && i.status == Status::Running);
-    if !live {
-        txn.open_table(DUE)?.remove((due_ms, machine, slug))?;
-    }
-    Ok(())
 }
 
 /// Schedules an upgrade to `target` on the next event, if the current state exists there.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{drop_stale_due, due, earliest_due, fire_due, park_timers, InstanceError};
+use super::{due, earliest_due, InstanceError, Steps};
 use crate::clock;
 use crate::server::Gateway;
 
@@ -33,19 +33,21 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
             let fired = gw
                 .writer
                 .write(move |txn| -> Result<Vec<super::Sent>, InstanceError> {
+                    let mut steps = Steps::open(txn)?;
                     let mut fired = Vec::new();
                     for (d, m, s) in batch {
-                        match fire_due(txn, &charts, &m, &s, now) {
+                        match steps.fire_due(&charts, &m, &s, now) {
                             Ok(Some(sent)) => fired.push(sent),
-                            Ok(None) => drop_stale_due(txn, d, &m, &s)?,
+                            Ok(None) => steps.drop_stale_due(d, &m, &s)?,
                             // Nothing of this instance was written; park its timers.
                             Err(InstanceError::Store(e)) => return Err(e.into()),
                             Err(e) => {
                                 tracing::warn!(machine = %m, instance = %s, error = %e, "timer failed; parked until the next event");
-                                park_timers(txn, &m, &s)?;
+                                steps.park_timers(&m, &s)?;
                             }
                         }
                     }
+                    steps.finish()?;
                     Ok(fired)
                 })
                 .await;

@@ -118,6 +118,8 @@ pub fn apply(
     // Only this function touches INFLIGHT inside the batch, so it stays open for the whole
     // batch instead of being opened twice per message.
     let mut inflight = txn.open_table(INFLIGHT)?;
+    // The instance and log tables likewise stay open for the whole batch.
+    let mut steps = instances::Steps::open(txn)?;
     let mut machines = Machines::default();
     for m in batch {
         let hash = content_hash(&m.topic, &m.payload);
@@ -133,7 +135,7 @@ pub fn apply(
                 continue;
             }
         }
-        let outcome = match route(txn, charts, rules, &mut machines, m, now_ms)? {
+        let outcome = match route(txn, &mut steps, charts, rules, &mut machines, m, now_ms)? {
             Ok(o) => o,
             Err((machine, reason, message)) => {
                 dead_letter(txn, rules, machine, m, reason, &message, now_ms)?;
@@ -146,6 +148,7 @@ pub fn apply(
         }
         out.push(outcome);
     }
+    steps.finish()?;
     Ok(out)
 }
 
@@ -222,6 +225,7 @@ type Refusal = (String, &'static str, String);
 
 fn route(
     txn: &WriteTransaction,
+    steps: &mut instances::Steps,
     charts: &Charts,
     rules: &Rules,
     machines: &mut Machines,
@@ -275,8 +279,8 @@ fn route(
     let refused = |e| refusal(e).map(|(r, msg)| Err((t.machine.to_owned(), r, msg)));
     // The common case first: the instance exists. `send_event` writes nothing when it fails,
     // so a missing instance costs one failed lookup before it is created.
-    let sent = match send(txn, charts, &t, event.clone(), &auth, now_ms) {
-        Err(InstanceError::NotFound(_)) if !instance_exists(txn, &t)? => {
+    let sent = match send(steps, charts, &t, event.clone(), &auth, now_ms) {
+        Err(InstanceError::NotFound(_)) if steps.instance(t.machine, t.instance)?.is_none() => {
             let meta: instances::ChartMeta =
                 match txn.open_table(instances::CHARTS)?.get(t.machine)? {
                     Some(v) => store::decode(v.value())?,
@@ -291,8 +295,7 @@ fn route(
                     ),
                 );
             }
-            if let Err(e) = instances::create_instance(
-                txn,
+            if let Err(e) = steps.create_instance(
                 charts,
                 t.machine,
                 t.instance,
@@ -304,7 +307,7 @@ fn route(
             ) {
                 return refused(e);
             }
-            send(txn, charts, &t, event, &auth, now_ms)
+            send(steps, charts, &t, event, &auth, now_ms)
         }
         other => other,
     };
@@ -318,23 +321,14 @@ fn route(
 }
 
 fn send(
-    txn: &WriteTransaction,
+    steps: &mut instances::Steps,
     charts: &Charts,
     t: &topic::DeviceTopic,
     event: Event,
     auth: &Value,
     now_ms: i64,
 ) -> Result<instances::Sent, InstanceError> {
-    instances::send_event(
-        txn, charts, t.machine, t.instance, event, auth, ACTOR, now_ms,
-    )
-}
-
-fn instance_exists(txn: &WriteTransaction, t: &topic::DeviceTopic) -> Result<bool, StoreError> {
-    Ok(txn
-        .open_table(instances::INSTANCES)?
-        .get((t.machine, t.instance))?
-        .is_some())
+    steps.send_event(charts, t.machine, t.instance, event, auth, ACTOR, now_ms)
 }
 
 /// The dead-letter reason of a failed step; store errors abort the batch instead.

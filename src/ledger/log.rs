@@ -179,7 +179,10 @@ pub struct LogWriter<'txn> {
     tree: Table<'txn, (&'static str, u64), &'static [u8]>,
     heads: Table<'txn, &'static str, &'static [u8]>,
     runs: Table<'txn, (&'static str, u64, u64), u64>,
-    tips: std::collections::HashMap<String, Tip>,
+    /// By machine. A writer serves a handful of machines, most often one, so a list searched
+    /// from the last one used beats hashing the slug on every append.
+    tips: Vec<(String, Tip)>,
+    last: usize,
 }
 
 /// A machine's log head as the writer has advanced it, and the tree's right edge.
@@ -205,7 +208,8 @@ impl<'txn> LogWriter<'txn> {
             tree: txn.open_table(TREE)?,
             heads: txn.open_table(HEADS)?,
             runs: txn.open_table(ZEQOND_RUNS)?,
-            tips: Default::default(),
+            tips: Vec::new(),
+            last: 0,
         })
     }
 
@@ -217,54 +221,64 @@ impl<'txn> LogWriter<'txn> {
             genesis_zeqond,
         };
         self.heads.insert(slug, store::encode(&head).as_slice())?;
-        self.tips.insert(
-            slug.to_owned(),
-            Tip {
-                head,
-                dirty: false,
-                edge: Some(tlog::RightEdge::empty()),
-                run: None,
-                chunk: Some(Vec::new()),
-                chunk_dirty: false,
-            },
-        );
+        let tip = Tip {
+            head,
+            dirty: false,
+            edge: Some(tlog::RightEdge::empty()),
+            run: None,
+            chunk: Some(Vec::new()),
+            chunk_dirty: false,
+        };
+        match self.tips.iter().position(|(s, _)| s == slug) {
+            Some(i) => self.tips[i].1 = tip,
+            None => self.tips.push((slug.to_owned(), tip)),
+        }
         Ok(())
     }
 
     pub fn head(&mut self, slug: &str) -> Result<Option<Head>, StoreError> {
-        Ok(self.tip(slug)?.map(|t| t.head))
+        Ok(self.tip(slug)?.map(|i| self.tips[i].1.head))
     }
 
-    fn tip(&mut self, slug: &str) -> Result<Option<&mut Tip>, StoreError> {
-        if !self.tips.contains_key(slug) {
-            let head: Option<Head> = self
-                .heads
-                .get(slug)?
-                .map(|v| store::decode(v.value()))
-                .transpose()?;
-            let Some(head) = head else {
-                return Ok(None);
-            };
-            self.tips.insert(
-                slug.to_owned(),
-                Tip {
-                    head,
-                    dirty: false,
-                    edge: None,
-                    run: None,
-                    chunk: None,
-                    chunk_dirty: false,
-                },
-            );
+    /// The index in `tips` of `slug`'s tip, loading its head on first use; None when the
+    /// machine has no log.
+    fn tip(&mut self, slug: &str) -> Result<Option<usize>, StoreError> {
+        if self.tips.get(self.last).is_some_and(|(s, _)| s == slug) {
+            return Ok(Some(self.last));
         }
-        Ok(self.tips.get_mut(slug))
+        if let Some(i) = self.tips.iter().position(|(s, _)| s == slug) {
+            self.last = i;
+            return Ok(Some(i));
+        }
+        let head: Option<Head> = self
+            .heads
+            .get(slug)?
+            .map(|v| store::decode(v.value()))
+            .transpose()?;
+        let Some(head) = head else {
+            return Ok(None);
+        };
+        self.tips.push((
+            slug.to_owned(),
+            Tip {
+                head,
+                dirty: false,
+                edge: None,
+                run: None,
+                chunk: None,
+                chunk_dirty: false,
+            },
+        ));
+        self.last = self.tips.len() - 1;
+        Ok(Some(self.last))
     }
 
     /// Appends one row to `slug`'s log at wall time `now_ms`; returns the sealed row.
     pub fn append(&mut self, slug: &str, entry: Entry, now_ms: i64) -> Result<Row, StoreError> {
-        let no_head = || StoreError::Corrupt(format!("machine `{slug}` has no log head"));
-        self.tip(slug)?.ok_or_else(no_head)?;
-        let tip = self.tips.get_mut(slug).ok_or_else(no_head)?;
+        let i = self.tip(slug)?.ok_or_else(|| {
+            StoreError::Corrupt(format!("machine `{slug}` has no log head"))
+        })?;
+        let tip = &mut self.tips[i].1;
         let (row, stored) = Row {
             seq: tip.head.size,
             zeqond: clock::zeqond(now_ms),

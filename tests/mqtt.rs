@@ -654,6 +654,65 @@ async fn timer_transitions_publish_the_retained_state() {
     assert_eq!(v["tags"], json!(["online"]));
 }
 
+/// Under steady traffic the ingest connection pings after each round of acks (to learn which
+/// the broker has processed), so one of its PINGREQs is often unanswered when rumqttc's own
+/// keepalive ping comes due, which rumqttc takes for a dead connection: under load the
+/// connection was cut every keepalive period. It must stay up; and a broker that stops
+/// answering (SIGSTOP: the TCP connection stays open) must still be found dead by the gateway
+/// itself, within about a keepalive period, and reconnected to once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_keepalive_survives_steady_acks_and_finds_a_silent_broker() {
+    if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
+    let s = setup(
+        true,
+        &[("SMGATE_MQTT_KEEPALIVE_SECS", "1")],
+        &[("hb", heartbeat_def(), true)],
+    )
+    .await;
+    // About 6 s (six keepalive periods) of steady heartbeats across 50 instances.
+    let total = 4000;
+    let acked =
+        publish_numbered_paced(s.port, total, 50, 0, false, Duration::from_micros(1500)).await;
+    assert_eq!(acked.len() as u64, total);
+    eventually(60, "every heartbeat applied", async || {
+        (common::metric(&s.gw, "smgate_mqtt_applied_total").await >= total).then_some(())
+    })
+    .await;
+    assert_eq!(
+        common::metric(&s.gw, "smgate_mqtt_connection_losses_total").await,
+        0,
+        "the ingest connection was cut under steady traffic"
+    );
+    assert_eq!(common::metric(&s.gw, "smgate_mqtt_connects_total").await, 1);
+    let pid = s.mosquitto.as_ref().unwrap().child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap().success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    let found = tokio::time::timeout(
+        Duration::from_secs(8),
+        eventually(8, "the silent broker found dead", async || {
+            (common::metric(&s.gw, "smgate_mqtt_connection_losses_total").await >= 1)
+                .then_some(())
+        }),
+    )
+    .await;
+    signal("-CONT");
+    assert!(found.is_ok(), "the gateway did not notice the silent broker");
+    eventually(30, "reconnected", async || {
+        (common::metric(&s.gw, "smgate_mqtt_connects_total").await >= 2).then_some(())
+    })
+    .await;
+    publish(s.port, "smgate/hb/after-pause/heartbeat", Some(b"{}"));
+    eventually(30, "applied after the reconnect", async || {
+        instance(&s.gw, "hb", "after-pause").await
+    })
+    .await;
+}
+
 /// A QoS 1 publisher (rumqttc) of numbered heartbeats; returns the numbers the broker acked.
 /// Stops at the first connection error when `stop_on_error` (the embedded broker died with the
 /// gateway), else rumqttc reconnects and resends.

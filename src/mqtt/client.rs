@@ -29,15 +29,15 @@
 //! Shutdown: the batcher finishes and acks its batch, then the ingest connection publishes
 //! `offline` and disconnects, and the publisher flushes what is queued.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{
-    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, PingReq, Publish, QoS,
-    Request, SubscribeFilter, TlsConfiguration, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, PingReq,
+    Publish, QoS, Request, StateError, SubscribeFilter, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -339,27 +339,35 @@ impl Ingest {
         mut batcher_done: oneshot::Receiver<()>,
     ) {
         let mut backoff = Backoff::new(&self.gw.config.mqtt);
+        let keep_alive = Duration::from_secs(self.gw.config.mqtt.keepalive_secs.max(1));
         let mut connected = false;
-        // Acks written to the connection, and those written before the outstanding PINGREQ.
+        // Acks written to the connection since the last PINGREQ left.
         let mut written: Vec<(u16, u64)> = Vec::new();
-        let mut probing: Vec<(u16, u64)> = Vec::new();
+        // One entry per PINGREQ on the wire, oldest first: when it left, and the acks written
+        // before it, which its PINGRESP (answers come in order) proves the broker processed.
+        let mut probes: VecDeque<(tokio::time::Instant, Vec<(u16, u64)>)> = VecDeque::new();
         let mut ping_queued = false;
         loop {
-            if connected
-                && !written.is_empty()
-                && probing.is_empty()
-                && !ping_queued
-                && !eventloop.state.await_pingresp
-            {
-                // Through `pending`, which the event loop serves first; a second PINGREQ
-                // before the PINGRESP would be a protocol error, hence the checks above.
+            if connected && !written.is_empty() && probes.is_empty() && !ping_queued {
+                // Through `pending`, which the event loop serves first.
                 eventloop.pending.push_back(Request::PingReq(PingReq));
                 ping_queued = true;
             }
+            // rumqttc pings every keepalive period whatever the traffic, and drops the
+            // connection if its previous PINGREQ is unanswered at that moment; under load ours
+            // nearly always is, so that check would cut a healthy connection every period. It
+            // is cleared below as each PINGREQ leaves, and this deadline stands in for it: a
+            // PINGREQ unanswered for a whole keepalive period means the connection is dead.
+            let dead_at = probes.front().map(|(at, _)| *at + keep_alive);
             let event = tokio::select! {
                 biased;
                 _ = &mut batcher_done => break,
                 ev = eventloop.poll() => ev,
+                _ = async { tokio::time::sleep_until(dead_at.unwrap_or_else(tokio::time::Instant::now)).await }, if dead_at.is_some() => {
+                    // What rumqttc does on an error: drop the network, keep the session state.
+                    eventloop.clean();
+                    Err(ConnectionError::MqttState(StateError::AwaitPingResp))
+                }
             };
             match event {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -378,13 +386,16 @@ impl Ingest {
                 }
                 Ok(Event::Outgoing(Outgoing::PingReq)) => {
                     // Ours or rumqttc's keepalive: either proves what was written before it.
+                    // MQTT lets a client send PINGREQ at any time; each gets its PINGRESP.
                     ping_queued = false;
-                    probing.append(&mut written);
+                    eventloop.state.await_pingresp = false;
+                    probes.push_back((tokio::time::Instant::now(), std::mem::take(&mut written)));
                 }
                 Ok(Event::Incoming(Packet::PingResp)) => {
-                    if !probing.is_empty() {
-                        let settled = std::mem::take(&mut probing);
-                        let _ = to_batcher.send(Delivery::Settled(settled));
+                    if let Some((_, settled)) = probes.pop_front() {
+                        if !settled.is_empty() {
+                            let _ = to_batcher.send(Delivery::Settled(settled));
+                        }
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -421,10 +432,9 @@ impl Ingest {
                     tracing::warn!(error = %e, "MQTT ingest connection lost; reconnecting");
                     // Acks not yet answered by a PINGRESP may never have reached the broker:
                     // their entries stay. Outgoing events still buffered describe writes on
-                    // the dead connection; a queued PINGREQ would be a second one after the
-                    // reconnect if rumqttc's keepalive pinged first.
+                    // the dead connection, and so would a queued PINGREQ.
                     written.clear();
-                    probing.clear();
+                    probes.clear();
                     ping_queued = false;
                     eventloop
                         .state
@@ -435,6 +445,7 @@ impl Ingest {
                         .retain(|r| !matches!(r, Request::PingReq(_)));
                     if connected {
                         connected = false;
+                        self.gw.mqtt.connection_losses.fetch_add(1, Ordering::Relaxed);
                         // A new connection is a new birth; its Last Will carries the new number.
                         match self.gw.writer.write(ingest::next_birth).await {
                             Ok(n) => self.birth = n,

@@ -184,6 +184,9 @@ pub struct Shared {
     pub duplicates: AtomicU64,
     dead: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     pub connects: AtomicU64,
+    /// Established ingest connections that were lost (broker gone, or silent for a
+    /// keepalive period).
+    pub connection_losses: AtomicU64,
     pub emits_dropped: AtomicU64,
     publishing: AtomicBool,
     outbox: Mutex<Outbox>,
@@ -297,6 +300,12 @@ impl Shared {
             "smgate_mqtt_connects_total",
             "MQTT ingest connections established.",
             self.connects.load(Ordering::Relaxed),
+        );
+        c(
+            &mut out,
+            "smgate_mqtt_connection_losses_total",
+            "Established MQTT ingest connections that were lost.",
+            self.connection_losses.load(Ordering::Relaxed),
         );
         let dead = self.dead.lock().map(|d| d.clone()).unwrap_or_default();
         let total: u64 = dead.values().sum();

@@ -176,6 +176,47 @@ fn retained(port: u16, topic: &str) -> Option<Value> {
         .and_then(|l| serde_json::from_str(l).ok())
 }
 
+/// The QoS at which a QoS 1 subscriber receives the retained message on `topic` (the lower of
+/// the publisher's and the subscription's).
+fn retained_qos(port: u16, topic: &str) -> Option<u8> {
+    let out = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", "1"])
+        .args(["-C", "1", "-W", "3", "--retained-only", "-F", "%q"])
+        .output()
+        .expect("mosquitto_sub");
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// States are retained snapshots published at `mqtt.state_qos`: 0 by default, 1 on request;
+/// anything else is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_states_go_at_the_configured_qos() {
+    if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
+    for (setting, want) in [(None, 0u8), (Some("1"), 1)] {
+        let extra: Vec<(&str, &str)> = setting.map(|q| ("SMGATE_MQTT_STATE_QOS", q)).into_iter().collect();
+        let s = setup(true, &extra, &[("hb", heartbeat_def(), true)]).await;
+        publish(s.port, "smgate/hb/q-1/heartbeat", Some(b"{}"));
+        let qos = eventually(20, "the retained state", async || {
+            retained_qos(s.port, "smgate/hb/q-1/state")
+        })
+        .await;
+        assert_eq!(qos, want, "state_qos {setting:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_smgate"))
+        .arg("--data")
+        .arg(dir.path())
+        .arg("serve")
+        .env("SMGATE_MQTT_STATE_QOS", "2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mqtt.state_qos must be 0 or 1"), "{err}");
+}
+
 /// Polls `f` until it returns Some, for up to `secs`.
 async fn eventually<T>(secs: u64, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);

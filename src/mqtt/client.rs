@@ -23,7 +23,8 @@
 //!   outstanding.
 //! - The **publisher** has its own connection (so state traffic never delays acks). It drains
 //!   the outbox of `Shared` (the latest state per instance, plus emits), publishes states
-//!   retained at QoS 1, and republishes every state after each (re)connect. The outbox is a
+//!   retained (at `mqtt.state_qos`, 0 by default) and emits at QoS 1, and republishes every
+//!   state after each (re)connect. The outbox is a
 //!   map keyed by instance, so its memory is bounded by the instance count whatever the load.
 //!
 //! Shutdown: the batcher finishes and acks its batch, then the ingest connection publishes
@@ -744,27 +745,31 @@ async fn publisher(
     connection_stop: oneshot::Sender<()>,
 ) {
     let prefix = gw.config.mqtt.topic_prefix.clone();
+    let qos = match gw.config.mqtt.state_qos {
+        0 => QoS::AtMostOnce,
+        _ => QoS::AtLeastOnce,
+    };
     loop {
         tokio::select! {
             biased;
             _ = &mut stop => break,
-            Some(()) = republish.recv() => republish_all(&gw, &client, &prefix).await,
+            Some(()) = republish.recv() => republish_all(&gw, &client, &prefix, qos).await,
             _ = gw.mqtt.wake.notified() => {
-                if !publish(&client, &prefix, gw.mqtt.take_outbox()).await {
+                if !publish(&client, &prefix, qos, gw.mqtt.take_outbox()).await {
                     // The request channel is closed: the connection task has stopped.
                     break;
                 }
             }
         }
     }
-    publish(&client, &prefix, gw.mqtt.take_outbox()).await;
+    publish(&client, &prefix, qos, gw.mqtt.take_outbox()).await;
     let _ = client.try_disconnect();
     let _ = connection_stop.send(());
 }
 
 /// Publishes one outbox round: emits in commit order, then each instance's latest state.
 /// False when the client is gone.
-async fn publish(client: &AsyncClient, prefix: &str, outbox: super::Outbox) -> bool {
+async fn publish(client: &AsyncClient, prefix: &str, qos: QoS, outbox: super::Outbox) -> bool {
     for e in outbox.emits {
         let payload = serde_json::to_vec(&e.data).unwrap_or_default();
         let t = topic::emit(prefix, &e.machine, &e.instance, &e.name);
@@ -780,7 +785,7 @@ async fn publish(client: &AsyncClient, prefix: &str, outbox: super::Outbox) -> b
         let payload = serde_json::to_vec(&view).unwrap_or_default();
         let t = topic::state(prefix, &machine, &instance);
         if client
-            .publish(t, QoS::AtLeastOnce, true, payload)
+            .publish(t, qos, true, payload)
             .await
             .is_err()
         {
@@ -790,7 +795,7 @@ async fn publish(client: &AsyncClient, prefix: &str, outbox: super::Outbox) -> b
     true
 }
 
-async fn republish_all(gw: &Gateway, client: &AsyncClient, prefix: &str) {
+async fn republish_all(gw: &Gateway, client: &AsyncClient, prefix: &str, qos: QoS) {
     let mut after: Option<(String, String)> = None;
     let mut n = 0usize;
     loop {
@@ -816,12 +821,7 @@ async fn republish_all(gw: &Gateway, client: &AsyncClient, prefix: &str) {
             n += 1;
             let payload = serde_json::to_vec(&view).unwrap_or_default();
             if client
-                .publish(
-                    topic::state(prefix, &m, &i),
-                    QoS::AtLeastOnce,
-                    true,
-                    payload,
-                )
+                .publish(topic::state(prefix, &m, &i), qos, true, payload)
                 .await
                 .is_err()
             {

@@ -94,6 +94,12 @@ pub struct MqttConfig {
     /// Unacked QoS 1 messages the embedded broker sends one connection; outgoing window of
     /// the state publisher.
     pub inflight: u16,
+    /// QoS of the retained state messages: 0 (default) or 1. A state is a snapshot that the
+    /// next one supersedes, and every state is republished after each reconnect, so QoS 0
+    /// loses nothing that matters and spares the broker an acknowledgement per step
+    /// (Sparkplug publishes its data messages at QoS 0 for the same reason). Emits are events
+    /// and always go at QoS 1.
+    pub state_qos: u8,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
 }
@@ -118,6 +124,7 @@ impl Default for MqttConfig {
             batch_wait_ms: 1,
             dead_letter_cap: 1000,
             inflight: 1000,
+            state_qos: 0,
             reconnect_min_ms: 100,
             reconnect_max_ms: 10_000,
         }
@@ -137,6 +144,9 @@ impl MqttConfig {
                 "mqtt.mode = \"external\" needs mqtt.url (mqtt://host:port or mqtts://host:port)"
                     .into(),
             );
+        }
+        if self.state_qos > 1 {
+            return Err("mqtt.state_qos must be 0 or 1".into());
         }
         if self.batch_size == 0 || self.inflight == 0 || self.dead_letter_cap == 0 {
             return Err(

@@ -128,6 +128,28 @@ impl Fast {
         Some((to_json(&v, env, &mut budget)?, ops))
     }
 
+    /// [`Fast::eval_json`] writing the value into `out` and returning the operations. What
+    /// `out` holds is reused where the value has its shape (an object with the same keys in
+    /// the same order, a string buffer), so an `assign` that replaces a field with a value of
+    /// the same shape, the common case, allocates nothing. On `None`, `out` holds garbage.
+    pub fn eval_into(&self, env: &Env, allowed: u64, out: &mut Value) -> Option<u64> {
+        let (v, ops) = self.eval(env, allowed)?;
+        let mut budget = Budget::default();
+        write_json(&v, env, &mut budget, out)?;
+        Some(ops)
+    }
+
+    /// Whether `value` is an object with exactly the keys (in order) of this expression's
+    /// top-level map literal: the spare worth reusing for [`Fast::eval_into`].
+    pub fn fits(&self, value: &Value) -> bool {
+        match (&self.node, value) {
+            (Node::Map(fields), Value::Object(m)) => {
+                m.len() == fields.len() && m.keys().zip(fields).all(|(a, (b, _))| a == b)
+            }
+            _ => false,
+        }
+    }
+
     /// A guard: the bool and the operations, or `None` (also when the value is not a bool, so
     /// that Rhai reports the type it got).
     pub fn eval_bool(&self, env: &Env, allowed: u64) -> Option<(bool, u64)> {
@@ -433,6 +455,44 @@ fn to_json(v: &V, env: &Env, budget: &mut Budget) -> Option<Value> {
             Value::Object(m)
         }
     })
+}
+
+/// [`to_json`] into `out`, reusing its object and string allocations where the shapes match.
+/// Takes from `budget` exactly what `to_json` takes, in the same order, so both accept the
+/// same values.
+fn write_json(v: &V, env: &Env, budget: &mut Budget, out: &mut Value) -> Option<()> {
+    match v {
+        V::Str(s) => {
+            budget.take(0, s.len())?;
+            match out {
+                Value::String(buf) => {
+                    buf.clear();
+                    buf.push_str(s);
+                }
+                _ => *out = Value::String((*s).to_string()),
+            }
+        }
+        V::Map(fields) => {
+            budget.take(fields.len(), 0)?;
+            let same_keys = matches!(&*out, Value::Object(m)
+                if m.len() == fields.len() && m.keys().zip(fields).all(|(a, (b, _))| a == b));
+            if !same_keys {
+                *out = Value::Object(
+                    fields
+                        .iter()
+                        .map(|(k, _)| ((*k).to_string(), Value::Null))
+                        .collect(),
+                );
+            }
+            if let Value::Object(m) = out {
+                for (slot, (_, f)) in m.values_mut().zip(fields) {
+                    write_json(f, env, budget, slot)?;
+                }
+            }
+        }
+        other => *out = to_json(other, env, budget)?,
+    }
+    Some(())
 }
 
 /// A JSON input value as it comes back out of Rhai: object keys sorted, integers only.

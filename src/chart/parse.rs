@@ -28,6 +28,9 @@ pub(crate) enum Kind {
 #[derive(Debug)]
 pub(crate) struct StateNode {
     pub id: String,
+    /// `done.state.<id>`, the event raised when this state completes (built once here, not
+    /// on every completion).
+    pub done_event: String,
     pub key: String,
     pub path: String,
     pub parent: Option<usize>,
@@ -438,6 +441,7 @@ impl<'a> Builder<'a> {
         }
         let index = self.nodes.len();
         self.nodes.push(StateNode {
+            done_event: format!("done.state.{id}"),
             id,
             key: key.to_string(),
             path: path.to_string(),

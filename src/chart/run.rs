@@ -15,7 +15,6 @@
 //!   untouched; a `LiveState` that failed half-way is marked broken and must be loaded again
 //!   from the last stored state (stepping it is an error), which is what hosts roll back to.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rhai::{Dynamic, Scope};
@@ -70,10 +69,17 @@ pub(crate) struct Scratch {
     domains: Vec<usize>,
     /// Buffers of dropped timer ids and event names, reused for the next `after` timer.
     strings: Vec<String>,
+    /// Objects that `assign`s replaced, reused for the next value of the same shape.
+    spares: Vec<Value>,
 }
 
 /// Most buffers [`Scratch::strings`] keeps.
 const MAX_SPARE_STRINGS: usize = 8;
+/// Most objects [`Scratch::spares`] keeps, and the most entries one may have: spares are
+/// kept for the small records charts assign whole (`public: #{…}`), not to hold on to
+/// large parts of a context.
+const MAX_SPARES: usize = 4;
+const MAX_SPARE_ENTRIES: usize = 16;
 
 impl Scratch {
     fn string(&mut self, s: &str) -> String {
@@ -90,6 +96,20 @@ impl Scratch {
     fn recycle(&mut self, s: String) {
         if self.strings.len() < MAX_SPARE_STRINGS && (1..=256).contains(&s.capacity()) {
             self.strings.push(s);
+        }
+    }
+
+    /// Keeps a value an `assign` replaced when it is a small flat object.
+    fn keep_spare(&mut self, v: Value) {
+        let Value::Object(m) = &v else { return };
+        let flat = m.len() <= MAX_SPARE_ENTRIES
+            && m.values().all(|x| match x {
+                Value::String(s) => s.capacity() <= 256,
+                Value::Array(_) | Value::Object(_) => false,
+                _ => true,
+            });
+        if flat && self.spares.len() < MAX_SPARES {
+            self.spares.push(v);
         }
     }
 
@@ -759,14 +779,10 @@ impl<'c> Run<'c> {
         let chart = self.chart;
         enabled.clear();
         // Guards cannot change the configuration, so the active atomic states can be found
-        // while selecting.
+        // while selecting. Between microsteps the configuration is legal, so an active state
+        // has no active child exactly when it is atomic (or final).
         for atomic in 0..chart.states.len() {
-            if !self.st.active[atomic]
-                || chart.states[atomic]
-                    .children
-                    .iter()
-                    .any(|&c| self.st.active[c])
-            {
+            if !self.st.active[atomic] || !chart.states[atomic].is_atomic() {
                 continue;
             }
             let mut cur = Some(atomic);
@@ -873,7 +889,7 @@ impl<'c> Run<'c> {
             for &s in &def.targets {
                 self.add_descendants(s, &mut to_enter);
             }
-            for &s in self.effective_targets(t).iter() {
+            for s in self.effective_targets(t) {
                 self.add_ancestors(s, domain, &mut to_enter);
             }
         }
@@ -969,10 +985,11 @@ impl<'c> Run<'c> {
     /// targets (the root when nothing else contains them).
     fn transition_domain(&self, t: usize) -> usize {
         let def = &self.chart.transitions[t];
-        let targets = self.effective_targets(t);
         if !def.reenter
             && self.chart.states[def.source].kind == Kind::Compound
-            && targets.iter().all(|&s| self.is_descendant(s, def.source))
+            && self
+                .effective_targets(t)
+                .all(|s| self.is_descendant(s, def.source))
         {
             return def.source;
         }
@@ -981,7 +998,7 @@ impl<'c> Run<'c> {
         let mut cur = self.chart.states[def.source].parent;
         while let Some(anc) = cur {
             let eligible = anc == 0 || self.chart.states[anc].kind == Kind::Compound;
-            if eligible && targets.iter().all(|&s| self.is_descendant(s, anc)) {
+            if eligible && self.effective_targets(t).all(|s| self.is_descendant(s, anc)) {
                 return anc;
             }
             cur = self.chart.states[anc].parent;
@@ -990,32 +1007,29 @@ impl<'c> Run<'c> {
     }
 
     /// SCXML getEffectiveTargetStates: history targets are replaced by what they recorded
-    /// (or their default targets).
-    /// Without a history target these are the targets themselves (a repeated target changes
-    /// nothing where they are used: they are tested with `all` and added to sets).
-    fn effective_targets(&self, t: usize) -> Cow<'c, [usize]> {
+    /// (or their default targets). A state may come more than once (SCXML's is a set): that
+    /// changes nothing where they are used (tested with `all`, added to sets), and listing
+    /// them in place allocates nothing.
+    fn effective_targets(&self, t: usize) -> impl Iterator<Item = usize> + '_ {
         let chart = self.chart;
-        let targets = &chart.transitions[t].targets;
-        if !targets.iter().any(|&s| chart.states[s].is_history()) {
-            return Cow::Borrowed(targets);
+        chart.transitions[t]
+            .targets
+            .iter()
+            .flat_map(move |s| self.history_or(s))
+            .copied()
+    }
+
+    /// What history state `s` recorded (or its default targets); `s` itself for any other
+    /// state.
+    fn history_or<'a>(&'a self, s: &'a usize) -> &'a [usize] {
+        let node = &self.chart.states[*s];
+        if !node.is_history() {
+            return std::slice::from_ref(s);
         }
-        let mut out = Vec::new();
-        for &s in targets {
-            if self.chart.states[s].is_history() {
-                let list = match self.st.history.get(&s) {
-                    Some(rec) => rec.clone(),
-                    None => self.chart.states[s].history_default.clone(),
-                };
-                for x in list {
-                    if !out.contains(&x) {
-                        out.push(x);
-                    }
-                }
-            } else if !out.contains(&s) {
-                out.push(s);
-            }
+        match self.st.history.get(s) {
+            Some(rec) => rec,
+            None => &node.history_default,
         }
-        Cow::Owned(out)
     }
 
     /// SCXML addDescendantStatesToEnter.
@@ -1025,14 +1039,11 @@ impl<'c> Run<'c> {
         match node.kind {
             Kind::History { .. } => {
                 let Some(parent) = node.parent else { return };
-                let list = match self.st.history.get(&s) {
-                    Some(rec) => rec.clone(),
-                    None => node.history_default.clone(),
-                };
-                for &x in &list {
+                let list = self.history_or(&s);
+                for &x in list {
                     self.add_descendants(x, to_enter);
                 }
-                for &x in &list {
+                for &x in list {
                     self.add_ancestors(x, parent, to_enter);
                 }
             }
@@ -1108,10 +1119,8 @@ impl<'c> Run<'c> {
             let Some(parent) = node.parent else { continue };
             let parent_kind = chart.states[parent].kind;
             if parent_kind == Kind::Compound && parent != 0 {
-                self.raise(Event::new(
-                    format!("done.state.{}", chart.states[parent].id),
-                    data.clone(),
-                ))?;
+                let name = self.st.scratch.string(&chart.states[parent].done_event);
+                self.raise(Event::new(name, data.clone()))?;
             }
             let mut marker = if parent_kind == Kind::Parallel {
                 Some(parent)
@@ -1127,10 +1136,8 @@ impl<'c> Run<'c> {
                 }
                 completed.insert(m);
                 if m != 0 {
-                    self.raise(Event::new(
-                        format!("done.state.{}", chart.states[m].id),
-                        Value::Null,
-                    ))?;
+                    let name = self.st.scratch.string(&chart.states[m].done_event);
+                    self.raise(Event::new(name, Value::Null))?;
                 }
                 marker = chart.states[m].parent;
             }
@@ -1144,7 +1151,7 @@ impl<'c> Run<'c> {
                 Some(o) => {
                     let cause = std::mem::replace(
                         &mut self.event,
-                        Event::new(format!("done.state.{}", chart.states[0].id), final_data),
+                        Event::new(chart.states[0].done_event.clone(), final_data),
                     );
                     self.event_dyn = None;
                     let out = self.value(o);
@@ -1251,7 +1258,8 @@ impl<'c> Run<'c> {
             Action::Assign { fields, path } => {
                 // XState v5: every property sees the context as it was before this assign.
                 if let [(k, v)] = fields.as_slice() {
-                    let value = self.value(v)?;
+                    let mut value = self.spare_for(v);
+                    self.value_into(v, &mut value)?;
                     self.set_field(path, k, value)?;
                 } else {
                     let mut values = Vec::with_capacity(fields.len());
@@ -1315,7 +1323,10 @@ impl<'c> Run<'c> {
         };
         // Replacing in place keeps the key's position and its allocation.
         match ctx.get_mut(key) {
-            Some(slot) => *slot = value,
+            Some(slot) => {
+                let old = std::mem::replace(slot, value);
+                self.st.scratch.keep_spare(old);
+            }
             None => {
                 ctx.insert(key.to_owned(), value);
             }
@@ -1343,9 +1354,44 @@ impl<'c> Run<'c> {
                         return Ok(v);
                     }
                 }
-                let d = self.eval(e)?;
-                to_json(&d, &e.path)
+                self.rhai_value(e)
             }
+        }
+    }
+
+    /// [`Self::value`] written into `out`, reusing its allocations on the fast path (see
+    /// `Fast::eval_into`).
+    fn value_into(&mut self, v: &ValueExpr, out: &mut Value) -> Result<(), ChartError> {
+        match v {
+            ValueExpr::Literal(l) => out.clone_from(l),
+            ValueExpr::Expr(e) => {
+                if let Some(fast) = &e.fast {
+                    let env = self.env();
+                    if let Some(ops) = fast.eval_into(&env, self.allowed(), out) {
+                        self.spent += ops;
+                        return Ok(());
+                    }
+                }
+                *out = self.rhai_value(e)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rhai_value(&mut self, e: &Expr) -> Result<Value, ChartError> {
+        let d = self.eval(e)?;
+        to_json(&d, &e.path)
+    }
+
+    /// A spare object shaped like what `v` builds, or null.
+    fn spare_for(&mut self, v: &ValueExpr) -> Value {
+        let ValueExpr::Expr(Expr { fast: Some(fast), .. }) = v else {
+            return Value::Null;
+        };
+        let spares = &mut self.st.scratch.spares;
+        match spares.iter().position(|s| fast.fits(s)) {
+            Some(i) => spares.swap_remove(i),
+            None => Value::Null,
         }
     }
 

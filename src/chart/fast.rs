@@ -133,10 +133,25 @@ impl Fast {
     /// the same order, a string buffer), so an `assign` that replaces a field with a value of
     /// the same shape, the common case, allocates nothing. On `None`, `out` holds garbage.
     pub fn eval_into(&self, env: &Env, allowed: u64, out: &mut Value) -> Option<u64> {
-        let (v, ops) = self.eval(env, allowed)?;
         let mut budget = Budget::default();
-        write_json(&v, env, &mut budget, out)?;
-        Some(ops)
+        let Node::Map(fields) = &self.node else {
+            let (v, ops) = self.eval(env, allowed)?;
+            write_json(&v, env, &mut budget, out)?;
+            return Some(ops);
+        };
+        // A top-level map literal (the usual `assign` of a record) is written field by field
+        // as it is evaluated, without collecting the fields first. The operations and the
+        // budget add up to the same totals as `eval` then `to_json`, and both only grow, so
+        // the verdict is the same.
+        let mut ops: u64 = if self.stmt_call { 0 } else { 1 };
+        ops += 1;
+        budget.take(fields.len(), 0)?;
+        let m = keyed_like(out, fields)?;
+        for (slot, (_, f)) in m.values_mut().zip(fields) {
+            let v = eval(f, env, &mut ops)?;
+            write_json(&v, env, &mut budget, slot)?;
+        }
+        (ops <= allowed.min(super::expr::MAX_OPERATIONS)).then_some(ops)
     }
 
     /// Whether `value` is an object with exactly the keys (in order) of this expression's
@@ -474,25 +489,37 @@ fn write_json(v: &V, env: &Env, budget: &mut Budget, out: &mut Value) -> Option<
         }
         V::Map(fields) => {
             budget.take(fields.len(), 0)?;
-            let same_keys = matches!(&*out, Value::Object(m)
-                if m.len() == fields.len() && m.keys().zip(fields).all(|(a, (b, _))| a == b));
-            if !same_keys {
-                *out = Value::Object(
-                    fields
-                        .iter()
-                        .map(|(k, _)| ((*k).to_string(), Value::Null))
-                        .collect(),
-                );
-            }
-            if let Value::Object(m) = out {
-                for (slot, (_, f)) in m.values_mut().zip(fields) {
-                    write_json(f, env, budget, slot)?;
-                }
+            let m = keyed_like(out, fields)?;
+            for (slot, (_, f)) in m.values_mut().zip(fields) {
+                write_json(f, env, budget, slot)?;
             }
         }
         other => *out = to_json(other, env, budget)?,
     }
     Some(())
+}
+
+/// `out` as an object with exactly the keys of `fields`, in their order: kept as it is when it
+/// already is one (its values are overwritten next), rebuilt otherwise. (Always `Some`; an
+/// `Option` so that callers need no unreachable branch.)
+fn keyed_like<'o, K: AsRef<str>, X>(
+    out: &'o mut Value,
+    fields: &[(K, X)],
+) -> Option<&'o mut Map<String, Value>> {
+    let same_keys = matches!(&*out, Value::Object(m)
+        if m.len() == fields.len() && m.keys().zip(fields).all(|(a, (b, _))| a == b.as_ref()));
+    if !same_keys {
+        *out = Value::Object(
+            fields
+                .iter()
+                .map(|(k, _)| (k.as_ref().to_string(), Value::Null))
+                .collect(),
+        );
+    }
+    match out {
+        Value::Object(m) => Some(m),
+        _ => None,
+    }
 }
 
 /// A JSON input value as it comes back out of Rhai: object keys sorted, integers only.
@@ -573,8 +600,26 @@ mod tests {
         if let Value::Bool(b) = value {
             assert_eq!(fast.eval_bool(&env, u64::MAX), Some((b, ops)), "{src}");
         }
+        // Written into a spare, whatever it held, the same value and count.
+        for mut spare in [
+            value.clone(),
+            Value::Null,
+            json!({"q": "x", "p": 1}),
+            json!("s"),
+        ] {
+            assert_eq!(
+                fast.eval_into(&env, u64::MAX, &mut spare),
+                Some(ops),
+                "{src}"
+            );
+            assert_eq!(spare, value, "{src}: eval_into");
+        }
         // One operation short of the count, the fast path leaves the verdict to Rhai.
         assert!(fast.eval_json(&env, ops - 1).is_none(), "{src}: budget");
+        assert!(
+            fast.eval_into(&env, ops - 1, &mut Value::Null).is_none(),
+            "{src}: budget"
+        );
         true
     }
 

@@ -14,7 +14,8 @@
 //! take the stored form and return a new one, converting on every call; a host that steps an
 //! instance repeatedly [`Chart::load`]s it once into a [`LiveState`], steps that
 //! ([`Chart::send_live`], [`Chart::advance_live`]) and converts back only to persist
-//! ([`Chart::encode`] writes the stored JSON bytes directly). Both run the same interpreter.
+//! ([`Chart::encode`] writes the stored JSON bytes directly, with `json`'s writers). Both run
+//! the same interpreter.
 //! - `sim`    — `smgate chart check` / `smgate chart simulate`, and `fuzz_one`.
 //!
 //! Choices this module settles (beyond DESIGN.md):
@@ -29,6 +30,7 @@
 
 mod expr;
 mod fast;
+mod json;
 mod model;
 mod parse;
 mod run;

@@ -22,6 +22,7 @@ use serde_json::Value;
 
 use super::expr::{event_dynamic, to_dynamic, to_json, Active, Expr, ValueExpr, CALL_OPERATIONS};
 use super::fast::Env;
+use super::json;
 use super::model::{Effect, Event, InstanceState, Step, Timer, WriteKind};
 use super::parse::{Action, Kind};
 use super::{
@@ -359,9 +360,9 @@ fn configuration_ids<'a>(
 ///
 /// Written by hand because it runs once per committed step and serde's generic path was
 /// half the host's per-step cost: field names are literals in `InstanceState`'s field order,
-/// state ids come pre-escaped from the compiled chart (`Chart::ids_json`), and only the
-/// values the host put there (context, timers, output, numbers) go through serde_json, so
-/// string escaping and float formatting stay serde_json's own.
+/// state ids come pre-escaped from the compiled chart (`Chart::ids_json`), and the values the
+/// host put there (context, timers, output) go through `json`'s writers, which hand every
+/// string that needs escaping and every float to serde_json.
 pub(crate) fn encode(chart: &Chart, live: &LiveState, out: &mut Vec<u8>) {
     let ids = &chart.ids_json;
     out.extend_from_slice(b"{\"configuration\":[");
@@ -392,23 +393,18 @@ pub(crate) fn encode(chart: &Chart, live: &LiveState, out: &mut Vec<u8>) {
             out.push(b']');
         }
     }
-    // Writing JSON into a Vec cannot fail: every map key in a `Value` is a string.
     out.extend_from_slice(b"},\"context\":");
-    let _ = serde_json::to_writer(&mut *out, &live.context);
+    json::write_value(out, &live.context);
     out.extend_from_slice(b",\"timers\":");
-    if live.timers.is_empty() {
-        out.extend_from_slice(b"[]");
-    } else {
-        let _ = serde_json::to_writer(&mut *out, &live.timers);
-    }
+    json::write_timers(out, &live.timers);
     out.extend_from_slice(b",\"timer_seq\":");
-    let _ = serde_json::to_writer(&mut *out, &live.timer_seq);
+    json::write_u64(out, live.timer_seq);
     out.extend_from_slice(if live.done {
         b",\"done\":true,\"output\":"
     } else {
         b",\"done\":false,\"output\":"
     });
-    let _ = serde_json::to_writer(&mut *out, &live.output);
+    json::write_value(out, &live.output);
     out.push(b'}');
 }
 
@@ -998,7 +994,11 @@ impl<'c> Run<'c> {
         let mut cur = self.chart.states[def.source].parent;
         while let Some(anc) = cur {
             let eligible = anc == 0 || self.chart.states[anc].kind == Kind::Compound;
-            if eligible && self.effective_targets(t).all(|s| self.is_descendant(s, anc)) {
+            if eligible
+                && self
+                    .effective_targets(t)
+                    .all(|s| self.is_descendant(s, anc))
+            {
                 return anc;
             }
             cur = self.chart.states[anc].parent;
@@ -1385,7 +1385,10 @@ impl<'c> Run<'c> {
 
     /// A spare object shaped like what `v` builds, or null.
     fn spare_for(&mut self, v: &ValueExpr) -> Value {
-        let ValueExpr::Expr(Expr { fast: Some(fast), .. }) = v else {
+        let ValueExpr::Expr(Expr {
+            fast: Some(fast), ..
+        }) = v
+        else {
             return Value::Null;
         };
         let spares = &mut self.st.scratch.spares;

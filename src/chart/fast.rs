@@ -304,13 +304,26 @@ fn var_value<'a>(v: Var, env: &Env<'a>) -> V<'a> {
 /// target is not a map (Rhai would look for a getter and fail).
 fn property<'a>(target: V<'a>, prop: &str, env: &Env<'a>) -> Option<V<'a>> {
     match target {
-        V::Json(Value::Object(m)) => Some(m.get(prop).map_or(V::Unit, from_json)),
+        V::Json(Value::Object(m)) => Some(small_get(m, prop).map_or(V::Unit, from_json)),
         V::Event => Some(match prop {
             "type" => V::Str(env.event_type),
             "data" => from_json(env.event_data),
             _ => V::Unit,
         }),
         _ => None,
+    }
+}
+
+/// Maps up to this size are searched key by key: comparing a few short keys is cheaper than
+/// hashing one (serde_json's map hashes with SipHash).
+pub(crate) const SMALL_MAP: usize = 8;
+
+/// `m.get(key)`, searching small maps without hashing.
+pub(crate) fn small_get<'m>(m: &'m Map<String, Value>, key: &str) -> Option<&'m Value> {
+    if m.len() <= SMALL_MAP {
+        m.iter().find(|(k, _)| k.as_str() == key).map(|(_, v)| v)
+    } else {
+        m.get(key)
     }
 }
 

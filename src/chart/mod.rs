@@ -119,6 +119,9 @@ pub struct Chart {
     /// the stored bytes write ids without escaping them again on every step.
     pub(crate) ids_json: Vec<Box<[u8]>>,
     pub(crate) by_id: std::sync::Arc<HashMap<String, usize>>,
+    /// Some state has an `always` transition; without one, settling skips the search for
+    /// eventless transitions.
+    pub(crate) has_eventless: bool,
     pub(crate) context: Value,
     pub(crate) output: Option<expr::ValueExpr>,
     pub(crate) allow_read: Option<expr::Expr>,

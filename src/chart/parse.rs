@@ -34,6 +34,10 @@ pub(crate) struct StateNode {
     pub key: String,
     pub path: String,
     pub parent: Option<usize>,
+    /// One past the index of this state's last descendant: with pre-order numbering the
+    /// descendants are exactly the indices between, so "is a descendant" is two comparisons
+    /// and a subtree is a range.
+    pub end: usize,
     /// Children in document order, history states included.
     pub children: Vec<usize>,
     pub histories: Vec<usize>,
@@ -249,6 +253,12 @@ pub(crate) fn compile(definition: &Value) -> Result<Chart, ChartError> {
             ))
         }
     };
+    for s in (1..b.nodes.len()).rev() {
+        if let Some(p) = b.nodes[s].parent {
+            b.nodes[p].end = b.nodes[p].end.max(b.nodes[s].end);
+        }
+    }
+    let has_eventless = b.nodes.iter().any(|n| !n.always.is_empty());
     let output = b.nodes[0].output.take();
     let mut histories_by_id: Vec<usize> = (0..b.nodes.len())
         .filter(|&i| b.nodes[i].is_history())
@@ -266,6 +276,7 @@ pub(crate) fn compile(definition: &Value) -> Result<Chart, ChartError> {
     Ok(Chart {
         histories_by_id,
         ids_json,
+        has_eventless,
         states: b.nodes,
         transitions: b.transitions,
         by_id: std::sync::Arc::new(b.by_id),
@@ -446,6 +457,7 @@ impl<'a> Builder<'a> {
             key: key.to_string(),
             path: path.to_string(),
             parent,
+            end: index + 1,
             children: Vec::new(),
             histories: Vec::new(),
             kind,

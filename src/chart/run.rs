@@ -21,7 +21,7 @@ use rhai::{Dynamic, Scope};
 use serde_json::Value;
 
 use super::expr::{event_dynamic, to_dynamic, to_json, Active, Expr, ValueExpr, CALL_OPERATIONS};
-use super::fast::Env;
+use super::fast::{Env, SMALL_MAP};
 use super::json;
 use super::model::{Effect, Event, InstanceState, Step, Timer, WriteKind};
 use super::parse::{Action, Kind};
@@ -175,7 +175,9 @@ struct Run<'c> {
     chart: &'c Chart,
     /// Expression operations this call (or this timer of an advance) has spent.
     spent: u64,
-    st: LiveState,
+    /// The instance, stepped in place (moving a `LiveState` in and out of the run cost more
+    /// than some steps); marked broken until [`Run::end`] or [`Run::finish`] succeeds.
+    st: &'c mut LiveState,
     ctx_dyn: Option<Dynamic>,
     /// An `assign` ran this call, so the context must be measured again.
     ctx_dirty: bool,
@@ -211,13 +213,12 @@ pub(crate) fn initial_live(
     }
     let mut live = blank(chart);
     live.context = ctx;
-    let mut run = Run::new(chart, live, auth, now);
+    let mut run = Run::new(chart, &mut live, auth, now);
     run.event = Event::new(INIT_EVENT, Value::Null);
     run.start()?;
     run.run_external()?;
-    let mut out = LiveState::default();
-    let stepped = run.finish(&mut out)?;
-    Ok((out, stepped))
+    let stepped = run.finish()?;
+    Ok((live, stepped))
 }
 
 pub(crate) fn send_live(
@@ -237,10 +238,10 @@ pub(crate) fn send_live(
     if live.done {
         return Ok(Stepped::default());
     }
-    let mut run = Run::take(chart, live, auth, now);
+    let mut run = Run::new(chart, live, auth, now);
     run.st.scratch.external.push_back(event);
     let result = run.run_external();
-    run.end(result, live)
+    run.end(result)
 }
 
 pub(crate) fn advance_live(
@@ -252,10 +253,10 @@ pub(crate) fn advance_live(
     if live.done || !live.timers.iter().any(|t| t.due_ms <= now) {
         return Ok(Stepped::default());
     }
-    let mut run = Run::take(chart, live, &Value::Null, now);
+    let mut run = Run::new(chart, live, &Value::Null, now);
     let result = run.fire_due(now);
     run.now = now;
-    run.end(result, live)
+    run.end(result)
 }
 
 fn usable(chart: &Chart, live: &LiveState) -> Result<(), ChartError> {
@@ -562,7 +563,8 @@ fn expect_bool(
 }
 
 impl<'c> Run<'c> {
-    fn new(chart: &'c Chart, st: LiveState, auth: &'c Value, now: i64) -> Run<'c> {
+    fn new(chart: &'c Chart, st: &'c mut LiveState, auth: &'c Value, now: i64) -> Run<'c> {
+        st.broken = true;
         Run {
             chart,
             spent: 0,
@@ -581,25 +583,13 @@ impl<'c> Run<'c> {
         }
     }
 
-    /// Runs on `live`'s state, which is marked broken until [`Run::end`] puts it back.
-    fn take(chart: &'c Chart, live: &mut LiveState, auth: &'c Value, now: i64) -> Run<'c> {
-        let st = std::mem::take(live);
-        live.broken = true;
-        Run::new(chart, st, auth, now)
-    }
-
-    /// Puts the state back after a successful call; after a failed one, leaves `live` broken
-    /// (with nothing active but the root, so reading it cannot go out of bounds).
-    fn end(
-        self,
-        result: Result<(), ChartError>,
-        live: &mut LiveState,
-    ) -> Result<Stepped, ChartError> {
-        let chart = self.chart;
-        let out = result.and_then(|()| self.finish(live));
+    /// Finishes a successful call; after a failed one, leaves the state broken (with nothing
+    /// active but the root, so reading it cannot go out of bounds).
+    fn end(mut self, result: Result<(), ChartError>) -> Result<Stepped, ChartError> {
+        let out = result.and_then(|()| self.finish());
         if out.is_err() {
-            *live = blank(chart);
-            live.broken = true;
+            *self.st = blank(self.chart);
+            self.st.broken = true;
         }
         out
     }
@@ -636,8 +626,8 @@ impl<'c> Run<'c> {
         Ok(())
     }
 
-    /// Checks the context size (when it may have changed) and moves the state into `out`.
-    fn finish(mut self, out: &mut LiveState) -> Result<Stepped, ChartError> {
+    /// Checks the context size (when it may have changed) and marks the state usable.
+    fn finish(&mut self) -> Result<Stepped, ChartError> {
         // Measuring means serializing; the bound is a cheap walk that settles most contexts.
         if (self.ctx_dirty || !self.st.context_checked)
             && json_size_bound(&self.st.context) > MAX_CONTEXT_BYTES
@@ -657,9 +647,8 @@ impl<'c> Run<'c> {
         self.st.scratch.internal.clear();
         self.st.scratch.external.clear();
         self.st.broken = false;
-        *out = self.st;
         Ok(Stepped {
-            effects: self.effects,
+            effects: std::mem::take(&mut self.effects),
             microsteps: self.total_microsteps,
         })
     }
@@ -774,6 +763,9 @@ impl<'c> Run<'c> {
     ) -> Result<(), ChartError> {
         let chart = self.chart;
         enabled.clear();
+        if eventless && !chart.has_eventless {
+            return Ok(());
+        }
         // Guards cannot change the configuration, so the active atomic states can be found
         // while selecting. Between microsteps the configuration is legal, so an active state
         // has no active child exactly when it is atomic (or final).
@@ -918,17 +910,18 @@ impl<'c> Run<'c> {
             for &h in &chart.states[s].histories {
                 let deep = matches!(chart.states[h].kind, Kind::History { deep: true });
                 let active = &self.st.active;
-                // Reuses the previous record's allocation.
+                // Reuses the previous record's allocation. Both lists are in document order.
                 let rec = self.st.history.entry(h).or_default();
                 rec.clear();
-                rec.extend((0..chart.states.len()).filter(|&x| {
-                    active[x]
-                        && if deep {
-                            chart.states[x].is_atomic() && descends(chart, x, s)
-                        } else {
-                            chart.states[x].parent == Some(s)
-                        }
-                }));
+                if deep {
+                    rec.extend(
+                        (s + 1..chart.states[s].end)
+                            .filter(|&x| active[x] && chart.states[x].is_atomic()),
+                    );
+                } else {
+                    let children = chart.states[s].children.iter().copied();
+                    rec.extend(children.filter(|&x| active[x]));
+                }
             }
         }
         for &s in exit.iter().rev() {
@@ -964,8 +957,8 @@ impl<'c> Run<'c> {
                 continue;
             }
             let domain = domain(i, t);
-            for s in 0..self.chart.states.len() {
-                if self.st.active[s] && self.is_descendant(s, domain) {
+            for s in domain + 1..self.chart.states[domain].end {
+                if self.st.active[s] {
                     out.push(s);
                 }
             }
@@ -1322,7 +1315,14 @@ impl<'c> Run<'c> {
             return Err(ChartError::runtime(path, "context is not an object"));
         };
         // Replacing in place keeps the key's position and its allocation.
-        match ctx.get_mut(key) {
+        let slot = if ctx.len() <= SMALL_MAP {
+            ctx.iter_mut()
+                .find(|(k, _)| k.as_str() == key)
+                .map(|(_, v)| v)
+        } else {
+            ctx.get_mut(key)
+        };
+        match slot {
             Some(slot) => {
                 let old = std::mem::replace(slot, value);
                 self.st.scratch.keep_spare(old);
@@ -1456,14 +1456,7 @@ impl<'c> Run<'c> {
 
 /// `a` is a proper descendant of `b`.
 fn descends(chart: &Chart, a: usize, b: usize) -> bool {
-    let mut cur = chart.states[a].parent;
-    while let Some(p) = cur {
-        if p == b {
-            return true;
-        }
-        cur = chart.states[p].parent;
-    }
-    false
+    b < a && a < chart.states[b].end
 }
 
 /// At least `json_size(value)`, without looking at string contents: escaped, a byte takes at

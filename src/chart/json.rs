@@ -21,22 +21,26 @@ fn needs_escape(s: &[u8]) -> bool {
     for chunk in &mut chunks {
         // `chunks_exact(8)` gives 8 bytes; the zeros fallback would answer "escape", the
         // safe side.
-        let x = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
-        let quote = x ^ (ONES * u64::from(b'"'));
-        let backslash = x ^ (ONES * u64::from(b'\\'));
-        // Per byte: below 0x20, or zero after the xor (the SWAR "has less / has zero" tests;
-        // exact about whether any byte matches).
-        let hit = (x.wrapping_sub(ONES * 0x20) & !x)
-            | (quote.wrapping_sub(ONES) & !quote)
-            | (backslash.wrapping_sub(ONES) & !backslash);
-        if hit & HIGHS != 0 {
+        if any_escaped(u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]))) {
             return true;
         }
     }
-    chunks
-        .remainder()
-        .iter()
-        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    // The last bytes padded with a byte that is never escaped: one more test, not a loop.
+    let rest = chunks.remainder();
+    let mut last = [b' '; 8];
+    last[..rest.len()].copy_from_slice(rest);
+    any_escaped(u64::from_le_bytes(last))
+}
+
+/// Whether any of the eight bytes in `x` is below 0x20, `"` or `\`: the SWAR "has less" and
+/// "has zero" tests (exact about whether any byte matches, which is all that is asked).
+fn any_escaped(x: u64) -> bool {
+    let quote = x ^ (ONES * u64::from(b'"'));
+    let backslash = x ^ (ONES * u64::from(b'\\'));
+    let hit = (x.wrapping_sub(ONES * 0x20) & !x)
+        | (quote.wrapping_sub(ONES) & !quote)
+        | (backslash.wrapping_sub(ONES) & !backslash);
+    hit & HIGHS != 0
 }
 
 /// A JSON string.
@@ -52,17 +56,31 @@ pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// "00" to "99", for writing integers two digits at a time.
+const PAIRS: &[u8; 200] = b"\
+    0001020304050607080910111213141516171819\
+    2021222324252627282930313233343536373839\
+    4041424344454647484950515253545556575859\
+    6061626364656667686970717273747576777879\
+    8081828384858687888990919293949596979899";
+
 /// A JSON integer (what serde_json writes through `itoa`).
 pub(crate) fn write_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut buf = [0u8; 20];
     let mut at = buf.len();
-    loop {
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        at -= 2;
+        buf[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        at -= 2;
+        buf[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
         at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        buf[at] = b'0' + n as u8;
     }
     out.extend_from_slice(&buf[at..]);
 }
@@ -125,13 +143,21 @@ pub(crate) fn write_timers(out: &mut Vec<u8>, timers: &[Timer]) {
             out.push(b',');
         }
         out.extend_from_slice(b"{\"id\":");
+        let id_at = out.len();
         write_str(out, &t.id);
+        let id_end = out.len();
         out.extend_from_slice(b",\"due_ms\":");
         write_i64(out, t.due_ms);
         out.extend_from_slice(b",\"seq\":");
         write_u64(out, t.seq);
         out.extend_from_slice(b",\"event\":{\"type\":");
-        write_str(out, &t.event.name);
+        if t.event.name == t.id {
+            // An `after` timer's event is named as the timer: copy the bytes just written
+            // instead of checking the name for escapes again.
+            out.extend_from_within(id_at..id_end);
+        } else {
+            write_str(out, &t.event.name);
+        }
         out.extend_from_slice(b",\"data\":");
         write_value(out, &t.event.data);
         out.extend_from_slice(b"}}");
@@ -168,6 +194,20 @@ mod tests {
             "f": [0.1, 1e300, -0.0, 3.0, 1.5e-7], "n": null, "t": true, "x": false,
             "nested": {"": [], "a": {}, "b": [[], {"c": [null]}]}
         }));
+    }
+
+    #[test]
+    fn integers_around_each_digit_count_are_written_as_serde_json_writes_them() {
+        let mut n: i64 = 1;
+        for _ in 0..18 {
+            for m in [n - 1, n, n + 1, 10 * n - 1] {
+                same(&json!([m, -m]));
+            }
+            n *= 10;
+        }
+        for m in 0..1_100 {
+            same(&json!(m));
+        }
     }
 
     #[test]

@@ -122,6 +122,8 @@ pub struct Chart {
     /// Some state has an `always` transition; without one, settling skips the search for
     /// eventless transitions.
     pub(crate) has_eventless: bool,
+    /// Indices of the atomic and final states, ascending: where selection starts.
+    pub(crate) atomics: Vec<usize>,
     pub(crate) context: Value,
     pub(crate) output: Option<expr::ValueExpr>,
     pub(crate) allow_read: Option<expr::Expr>,

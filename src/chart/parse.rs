@@ -91,6 +91,13 @@ pub(crate) fn descriptor_matches(descriptor: &str, event: &str) -> bool {
     if descriptor == "*" {
         return true;
     }
+    // Most descriptors a step tries do not match; a differing first byte says so without
+    // calling memcmp.
+    if let (Some(d), Some(e)) = (descriptor.as_bytes().first(), event.as_bytes().first()) {
+        if d != e {
+            return false;
+        }
+    }
     match event.strip_prefix(descriptor) {
         Some("") => true,
         Some(rest) => rest.starts_with('.'),
@@ -259,6 +266,9 @@ pub(crate) fn compile(definition: &Value) -> Result<Chart, ChartError> {
         }
     }
     let has_eventless = b.nodes.iter().any(|n| !n.always.is_empty());
+    let atomics = (0..b.nodes.len())
+        .filter(|&s| b.nodes[s].is_atomic())
+        .collect();
     let output = b.nodes[0].output.take();
     let mut histories_by_id: Vec<usize> = (0..b.nodes.len())
         .filter(|&i| b.nodes[i].is_history())
@@ -277,6 +287,7 @@ pub(crate) fn compile(definition: &Value) -> Result<Chart, ChartError> {
         histories_by_id,
         ids_json,
         has_eventless,
+        atomics,
         states: b.nodes,
         transitions: b.transitions,
         by_id: std::sync::Arc::new(b.by_id),

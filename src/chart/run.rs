@@ -83,9 +83,12 @@ const MAX_SPARES: usize = 4;
 const MAX_SPARE_ENTRIES: usize = 16;
 
 impl Scratch {
+    /// `s` in a kept buffer large enough for it (filling a smaller one would reallocate: the
+    /// names of events a host sends are often shorter than timer ids), or a new one.
     fn string(&mut self, s: &str) -> String {
-        match self.strings.pop() {
-            Some(mut b) => {
+        match self.strings.iter().position(|b| b.capacity() >= s.len()) {
+            Some(i) => {
+                let mut b = self.strings.swap_remove(i);
                 b.clear();
                 b.push_str(s);
                 b
@@ -94,9 +97,21 @@ impl Scratch {
         }
     }
 
+    /// Keeps `s` for [`Self::string`]; when all places are taken, in place of the smallest
+    /// buffer if `s` is larger.
     fn recycle(&mut self, s: String) {
-        if self.strings.len() < MAX_SPARE_STRINGS && (1..=256).contains(&s.capacity()) {
+        if !(1..=256).contains(&s.capacity()) {
+            return;
+        }
+        if self.strings.len() < MAX_SPARE_STRINGS {
             self.strings.push(s);
+        } else if let Some(small) = self
+            .strings
+            .iter_mut()
+            .min_by_key(|b| b.capacity())
+            .filter(|b| b.capacity() < s.capacity())
+        {
+            *small = s;
         }
     }
 
@@ -769,8 +784,8 @@ impl<'c> Run<'c> {
         // Guards cannot change the configuration, so the active atomic states can be found
         // while selecting. Between microsteps the configuration is legal, so an active state
         // has no active child exactly when it is atomic (or final).
-        for atomic in 0..chart.states.len() {
-            if !self.st.active[atomic] || !chart.states[atomic].is_atomic() {
+        for &atomic in &chart.atomics {
+            if !self.st.active[atomic] {
                 continue;
             }
             let mut cur = Some(atomic);

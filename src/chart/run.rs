@@ -656,6 +656,10 @@ impl<'c> Run<'c> {
             }
         }
         self.st.context_checked = true;
+        // The last event's name goes back to the pool like the others (when it was a timer's,
+        // the next `after` timer reuses it instead of allocating).
+        let last = std::mem::replace(&mut self.event, Event::new(String::new(), Value::Null));
+        self.st.scratch.recycle(last.name);
         if self.st.done {
             self.st.timers.clear();
         }

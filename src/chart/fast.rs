@@ -128,6 +128,43 @@ impl Fast {
         Some((to_json(&v, env, &mut budget)?, ops))
     }
 
+    /// [`Fast::eval_json`] writing the value into `out` and returning the operations. What
+    /// `out` holds is reused where the value has its shape (an object with the same keys in
+    /// the same order, a string buffer), so an `assign` that replaces a field with a value of
+    /// the same shape, the common case, allocates nothing. On `None`, `out` holds garbage.
+    pub fn eval_into(&self, env: &Env, allowed: u64, out: &mut Value) -> Option<u64> {
+        let mut budget = Budget::default();
+        let Node::Map(fields) = &self.node else {
+            let (v, ops) = self.eval(env, allowed)?;
+            write_json(&v, env, &mut budget, out)?;
+            return Some(ops);
+        };
+        // A top-level map literal (the usual `assign` of a record) is written field by field
+        // as it is evaluated, without collecting the fields first. The operations and the
+        // budget add up to the same totals as `eval` then `to_json`, and both only grow, so
+        // the verdict is the same.
+        let mut ops: u64 = if self.stmt_call { 0 } else { 1 };
+        ops += 1;
+        budget.take(fields.len(), 0)?;
+        let m = keyed_like(out, fields)?;
+        for (slot, (_, f)) in m.values_mut().zip(fields) {
+            let v = eval(f, env, &mut ops)?;
+            write_json(&v, env, &mut budget, slot)?;
+        }
+        (ops <= allowed.min(super::expr::MAX_OPERATIONS)).then_some(ops)
+    }
+
+    /// Whether `value` is an object with exactly the keys (in order) of this expression's
+    /// top-level map literal: the spare worth reusing for [`Fast::eval_into`].
+    pub fn fits(&self, value: &Value) -> bool {
+        match (&self.node, value) {
+            (Node::Map(fields), Value::Object(m)) => {
+                m.len() == fields.len() && m.keys().zip(fields).all(|(a, (b, _))| a == b)
+            }
+            _ => false,
+        }
+    }
+
     /// A guard: the bool and the operations, or `None` (also when the value is not a bool, so
     /// that Rhai reports the type it got).
     pub fn eval_bool(&self, env: &Env, allowed: u64) -> Option<(bool, u64)> {
@@ -267,13 +304,26 @@ fn var_value<'a>(v: Var, env: &Env<'a>) -> V<'a> {
 /// target is not a map (Rhai would look for a getter and fail).
 fn property<'a>(target: V<'a>, prop: &str, env: &Env<'a>) -> Option<V<'a>> {
     match target {
-        V::Json(Value::Object(m)) => Some(m.get(prop).map_or(V::Unit, from_json)),
+        V::Json(Value::Object(m)) => Some(small_get(m, prop).map_or(V::Unit, from_json)),
         V::Event => Some(match prop {
             "type" => V::Str(env.event_type),
             "data" => from_json(env.event_data),
             _ => V::Unit,
         }),
         _ => None,
+    }
+}
+
+/// Maps up to this size are searched key by key: comparing a few short keys is cheaper than
+/// hashing one (serde_json's map hashes with SipHash).
+pub(crate) const SMALL_MAP: usize = 8;
+
+/// `m.get(key)`, searching small maps without hashing.
+pub(crate) fn small_get<'m>(m: &'m Map<String, Value>, key: &str) -> Option<&'m Value> {
+    if m.len() <= SMALL_MAP {
+        m.iter().find(|(k, _)| k.as_str() == key).map(|(_, v)| v)
+    } else {
+        m.get(key)
     }
 }
 
@@ -435,6 +485,56 @@ fn to_json(v: &V, env: &Env, budget: &mut Budget) -> Option<Value> {
     })
 }
 
+/// [`to_json`] into `out`, reusing its object and string allocations where the shapes match.
+/// Takes from `budget` exactly what `to_json` takes, in the same order, so both accept the
+/// same values.
+fn write_json(v: &V, env: &Env, budget: &mut Budget, out: &mut Value) -> Option<()> {
+    match v {
+        V::Str(s) => {
+            budget.take(0, s.len())?;
+            match out {
+                Value::String(buf) => {
+                    buf.clear();
+                    buf.push_str(s);
+                }
+                _ => *out = Value::String((*s).to_string()),
+            }
+        }
+        V::Map(fields) => {
+            budget.take(fields.len(), 0)?;
+            let m = keyed_like(out, fields)?;
+            for (slot, (_, f)) in m.values_mut().zip(fields) {
+                write_json(f, env, budget, slot)?;
+            }
+        }
+        other => *out = to_json(other, env, budget)?,
+    }
+    Some(())
+}
+
+/// `out` as an object with exactly the keys of `fields`, in their order: kept as it is when it
+/// already is one (its values are overwritten next), rebuilt otherwise. (Always `Some`; an
+/// `Option` so that callers need no unreachable branch.)
+fn keyed_like<'o, K: AsRef<str>, X>(
+    out: &'o mut Value,
+    fields: &[(K, X)],
+) -> Option<&'o mut Map<String, Value>> {
+    let same_keys = matches!(&*out, Value::Object(m)
+        if m.len() == fields.len() && m.keys().zip(fields).all(|(a, (b, _))| a == b.as_ref()));
+    if !same_keys {
+        *out = Value::Object(
+            fields
+                .iter()
+                .map(|(k, _)| (k.as_ref().to_string(), Value::Null))
+                .collect(),
+        );
+    }
+    match out {
+        Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
+
 /// A JSON input value as it comes back out of Rhai: object keys sorted, integers only.
 fn pass_through(v: &Value, budget: &mut Budget) -> Option<Value> {
     Some(match v {
@@ -513,8 +613,26 @@ mod tests {
         if let Value::Bool(b) = value {
             assert_eq!(fast.eval_bool(&env, u64::MAX), Some((b, ops)), "{src}");
         }
+        // Written into a spare, whatever it held, the same value and count.
+        for mut spare in [
+            value.clone(),
+            Value::Null,
+            json!({"q": "x", "p": 1}),
+            json!("s"),
+        ] {
+            assert_eq!(
+                fast.eval_into(&env, u64::MAX, &mut spare),
+                Some(ops),
+                "{src}"
+            );
+            assert_eq!(spare, value, "{src}: eval_into");
+        }
         // One operation short of the count, the fast path leaves the verdict to Rhai.
         assert!(fast.eval_json(&env, ops - 1).is_none(), "{src}: budget");
+        assert!(
+            fast.eval_into(&env, ops - 1, &mut Value::Null).is_none(),
+            "{src}: budget"
+        );
         true
     }
 

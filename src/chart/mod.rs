@@ -9,12 +9,14 @@
 //! - `expr`   — the sandboxed Rhai engine; every expression is compiled once per version.
 //! - `run`    — the SCXML interpreter (microsteps, macrosteps, queues, timers, history).
 //! - `model`  — the data the host stores and exchanges (`InstanceState`, `Event`, `Step`…).
+//! - `json`   — the stored form's JSON writers, byte for byte serde_json's output.
 //!
 //! Two ways to run an instance: the `InstanceState` calls ([`Chart::send`], [`Chart::advance`])
 //! take the stored form and return a new one, converting on every call; a host that steps an
 //! instance repeatedly [`Chart::load`]s it once into a [`LiveState`], steps that
 //! ([`Chart::send_live`], [`Chart::advance_live`]) and converts back only to persist
-//! ([`Chart::encode`] writes the stored JSON bytes directly). Both run the same interpreter.
+//! ([`Chart::encode`] writes the stored JSON bytes directly, with `json`'s writers). Both run
+//! the same interpreter.
 //! - `sim`    — `smgate chart check` / `smgate chart simulate`, and `fuzz_one`.
 //!
 //! Choices this module settles (beyond DESIGN.md):
@@ -29,6 +31,7 @@
 
 mod expr;
 mod fast;
+mod json;
 mod model;
 mod parse;
 mod run;
@@ -117,6 +120,11 @@ pub struct Chart {
     /// the stored bytes write ids without escaping them again on every step.
     pub(crate) ids_json: Vec<Box<[u8]>>,
     pub(crate) by_id: std::sync::Arc<HashMap<String, usize>>,
+    /// Some state has an `always` transition; without one, settling skips the search for
+    /// eventless transitions.
+    pub(crate) has_eventless: bool,
+    /// Indices of the atomic and final states, ascending: where selection starts.
+    pub(crate) atomics: Vec<usize>,
     pub(crate) context: Value,
     pub(crate) output: Option<expr::ValueExpr>,
     pub(crate) allow_read: Option<expr::Expr>,

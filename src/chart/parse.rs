@@ -28,9 +28,16 @@ pub(crate) enum Kind {
 #[derive(Debug)]
 pub(crate) struct StateNode {
     pub id: String,
+    /// `done.state.<id>`, the event raised when this state completes (built once here, not
+    /// on every completion).
+    pub done_event: String,
     pub key: String,
     pub path: String,
     pub parent: Option<usize>,
+    /// One past the index of this state's last descendant: with pre-order numbering the
+    /// descendants are exactly the indices between, so "is a descendant" is two comparisons
+    /// and a subtree is a range.
+    pub end: usize,
     /// Children in document order, history states included.
     pub children: Vec<usize>,
     pub histories: Vec<usize>,
@@ -83,6 +90,13 @@ impl Trigger {
 pub(crate) fn descriptor_matches(descriptor: &str, event: &str) -> bool {
     if descriptor == "*" {
         return true;
+    }
+    // Most descriptors a step tries do not match; a differing first byte says so without
+    // calling memcmp.
+    if let (Some(d), Some(e)) = (descriptor.as_bytes().first(), event.as_bytes().first()) {
+        if d != e {
+            return false;
+        }
     }
     match event.strip_prefix(descriptor) {
         Some("") => true,
@@ -246,6 +260,15 @@ pub(crate) fn compile(definition: &Value) -> Result<Chart, ChartError> {
             ))
         }
     };
+    for s in (1..b.nodes.len()).rev() {
+        if let Some(p) = b.nodes[s].parent {
+            b.nodes[p].end = b.nodes[p].end.max(b.nodes[s].end);
+        }
+    }
+    let has_eventless = b.nodes.iter().any(|n| !n.always.is_empty());
+    let atomics = (0..b.nodes.len())
+        .filter(|&s| b.nodes[s].is_atomic())
+        .collect();
     let output = b.nodes[0].output.take();
     let mut histories_by_id: Vec<usize> = (0..b.nodes.len())
         .filter(|&i| b.nodes[i].is_history())
@@ -263,6 +286,8 @@ pub(crate) fn compile(definition: &Value) -> Result<Chart, ChartError> {
     Ok(Chart {
         histories_by_id,
         ids_json,
+        has_eventless,
+        atomics,
         states: b.nodes,
         transitions: b.transitions,
         by_id: std::sync::Arc::new(b.by_id),
@@ -438,10 +463,12 @@ impl<'a> Builder<'a> {
         }
         let index = self.nodes.len();
         self.nodes.push(StateNode {
+            done_event: format!("done.state.{id}"),
             id,
             key: key.to_string(),
             path: path.to_string(),
             parent,
+            end: index + 1,
             children: Vec::new(),
             histories: Vec::new(),
             kind,

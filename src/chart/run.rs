@@ -15,14 +15,14 @@
 //!   untouched; a `LiveState` that failed half-way is marked broken and must be loaded again
 //!   from the last stored state (stepping it is an error), which is what hosts roll back to.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rhai::{Dynamic, Scope};
 use serde_json::Value;
 
 use super::expr::{event_dynamic, to_dynamic, to_json, Active, Expr, ValueExpr, CALL_OPERATIONS};
-use super::fast::Env;
+use super::fast::{Env, SMALL_MAP};
+use super::json;
 use super::model::{Effect, Event, InstanceState, Step, Timer, WriteKind};
 use super::parse::{Action, Kind};
 use super::{
@@ -70,15 +70,25 @@ pub(crate) struct Scratch {
     domains: Vec<usize>,
     /// Buffers of dropped timer ids and event names, reused for the next `after` timer.
     strings: Vec<String>,
+    /// Objects that `assign`s replaced, reused for the next value of the same shape.
+    spares: Vec<Value>,
 }
 
 /// Most buffers [`Scratch::strings`] keeps.
 const MAX_SPARE_STRINGS: usize = 8;
+/// Most objects [`Scratch::spares`] keeps, and the most entries one may have: spares are
+/// kept for the small records charts assign whole (`public: #{…}`), not to hold on to
+/// large parts of a context.
+const MAX_SPARES: usize = 4;
+const MAX_SPARE_ENTRIES: usize = 16;
 
 impl Scratch {
+    /// `s` in a kept buffer large enough for it (filling a smaller one would reallocate: the
+    /// names of events a host sends are often shorter than timer ids), or a new one.
     fn string(&mut self, s: &str) -> String {
-        match self.strings.pop() {
-            Some(mut b) => {
+        match self.strings.iter().position(|b| b.capacity() >= s.len()) {
+            Some(i) => {
+                let mut b = self.strings.swap_remove(i);
                 b.clear();
                 b.push_str(s);
                 b
@@ -87,9 +97,35 @@ impl Scratch {
         }
     }
 
+    /// Keeps `s` for [`Self::string`]; when all places are taken, in place of the smallest
+    /// buffer if `s` is larger.
     fn recycle(&mut self, s: String) {
-        if self.strings.len() < MAX_SPARE_STRINGS && (1..=256).contains(&s.capacity()) {
+        if !(1..=256).contains(&s.capacity()) {
+            return;
+        }
+        if self.strings.len() < MAX_SPARE_STRINGS {
             self.strings.push(s);
+        } else if let Some(small) = self
+            .strings
+            .iter_mut()
+            .min_by_key(|b| b.capacity())
+            .filter(|b| b.capacity() < s.capacity())
+        {
+            *small = s;
+        }
+    }
+
+    /// Keeps a value an `assign` replaced when it is a small flat object.
+    fn keep_spare(&mut self, v: Value) {
+        let Value::Object(m) = &v else { return };
+        let flat = m.len() <= MAX_SPARE_ENTRIES
+            && m.values().all(|x| match x {
+                Value::String(s) => s.capacity() <= 256,
+                Value::Array(_) | Value::Object(_) => false,
+                _ => true,
+            });
+        if flat && self.spares.len() < MAX_SPARES {
+            self.spares.push(v);
         }
     }
 
@@ -154,7 +190,9 @@ struct Run<'c> {
     chart: &'c Chart,
     /// Expression operations this call (or this timer of an advance) has spent.
     spent: u64,
-    st: LiveState,
+    /// The instance, stepped in place (moving a `LiveState` in and out of the run cost more
+    /// than some steps); marked broken until [`Run::end`] or [`Run::finish`] succeeds.
+    st: &'c mut LiveState,
     ctx_dyn: Option<Dynamic>,
     /// An `assign` ran this call, so the context must be measured again.
     ctx_dirty: bool,
@@ -190,13 +228,12 @@ pub(crate) fn initial_live(
     }
     let mut live = blank(chart);
     live.context = ctx;
-    let mut run = Run::new(chart, live, auth, now);
+    let mut run = Run::new(chart, &mut live, auth, now);
     run.event = Event::new(INIT_EVENT, Value::Null);
     run.start()?;
     run.run_external()?;
-    let mut out = LiveState::default();
-    let stepped = run.finish(&mut out)?;
-    Ok((out, stepped))
+    let stepped = run.finish()?;
+    Ok((live, stepped))
 }
 
 pub(crate) fn send_live(
@@ -216,10 +253,10 @@ pub(crate) fn send_live(
     if live.done {
         return Ok(Stepped::default());
     }
-    let mut run = Run::take(chart, live, auth, now);
+    let mut run = Run::new(chart, live, auth, now);
     run.st.scratch.external.push_back(event);
     let result = run.run_external();
-    run.end(result, live)
+    run.end(result)
 }
 
 pub(crate) fn advance_live(
@@ -231,10 +268,10 @@ pub(crate) fn advance_live(
     if live.done || !live.timers.iter().any(|t| t.due_ms <= now) {
         return Ok(Stepped::default());
     }
-    let mut run = Run::take(chart, live, &Value::Null, now);
+    let mut run = Run::new(chart, live, &Value::Null, now);
     let result = run.fire_due(now);
     run.now = now;
-    run.end(result, live)
+    run.end(result)
 }
 
 fn usable(chart: &Chart, live: &LiveState) -> Result<(), ChartError> {
@@ -339,9 +376,9 @@ fn configuration_ids<'a>(
 ///
 /// Written by hand because it runs once per committed step and serde's generic path was
 /// half the host's per-step cost: field names are literals in `InstanceState`'s field order,
-/// state ids come pre-escaped from the compiled chart (`Chart::ids_json`), and only the
-/// values the host put there (context, timers, output, numbers) go through serde_json, so
-/// string escaping and float formatting stay serde_json's own.
+/// state ids come pre-escaped from the compiled chart (`Chart::ids_json`), and the values the
+/// host put there (context, timers, output) go through `json`'s writers, which hand every
+/// string that needs escaping and every float to serde_json.
 pub(crate) fn encode(chart: &Chart, live: &LiveState, out: &mut Vec<u8>) {
     let ids = &chart.ids_json;
     out.extend_from_slice(b"{\"configuration\":[");
@@ -372,23 +409,18 @@ pub(crate) fn encode(chart: &Chart, live: &LiveState, out: &mut Vec<u8>) {
             out.push(b']');
         }
     }
-    // Writing JSON into a Vec cannot fail: every map key in a `Value` is a string.
     out.extend_from_slice(b"},\"context\":");
-    let _ = serde_json::to_writer(&mut *out, &live.context);
+    json::write_value(out, &live.context);
     out.extend_from_slice(b",\"timers\":");
-    if live.timers.is_empty() {
-        out.extend_from_slice(b"[]");
-    } else {
-        let _ = serde_json::to_writer(&mut *out, &live.timers);
-    }
+    json::write_timers(out, &live.timers);
     out.extend_from_slice(b",\"timer_seq\":");
-    let _ = serde_json::to_writer(&mut *out, &live.timer_seq);
+    json::write_u64(out, live.timer_seq);
     out.extend_from_slice(if live.done {
         b",\"done\":true,\"output\":"
     } else {
         b",\"done\":false,\"output\":"
     });
-    let _ = serde_json::to_writer(&mut *out, &live.output);
+    json::write_value(out, &live.output);
     out.push(b'}');
 }
 
@@ -546,7 +578,8 @@ fn expect_bool(
 }
 
 impl<'c> Run<'c> {
-    fn new(chart: &'c Chart, st: LiveState, auth: &'c Value, now: i64) -> Run<'c> {
+    fn new(chart: &'c Chart, st: &'c mut LiveState, auth: &'c Value, now: i64) -> Run<'c> {
+        st.broken = true;
         Run {
             chart,
             spent: 0,
@@ -565,25 +598,13 @@ impl<'c> Run<'c> {
         }
     }
 
-    /// Runs on `live`'s state, which is marked broken until [`Run::end`] puts it back.
-    fn take(chart: &'c Chart, live: &mut LiveState, auth: &'c Value, now: i64) -> Run<'c> {
-        let st = std::mem::take(live);
-        live.broken = true;
-        Run::new(chart, st, auth, now)
-    }
-
-    /// Puts the state back after a successful call; after a failed one, leaves `live` broken
-    /// (with nothing active but the root, so reading it cannot go out of bounds).
-    fn end(
-        self,
-        result: Result<(), ChartError>,
-        live: &mut LiveState,
-    ) -> Result<Stepped, ChartError> {
-        let chart = self.chart;
-        let out = result.and_then(|()| self.finish(live));
+    /// Finishes a successful call; after a failed one, leaves the state broken (with nothing
+    /// active but the root, so reading it cannot go out of bounds).
+    fn end(mut self, result: Result<(), ChartError>) -> Result<Stepped, ChartError> {
+        let out = result.and_then(|()| self.finish());
         if out.is_err() {
-            *live = blank(chart);
-            live.broken = true;
+            *self.st = blank(self.chart);
+            self.st.broken = true;
         }
         out
     }
@@ -620,8 +641,8 @@ impl<'c> Run<'c> {
         Ok(())
     }
 
-    /// Checks the context size (when it may have changed) and moves the state into `out`.
-    fn finish(mut self, out: &mut LiveState) -> Result<Stepped, ChartError> {
+    /// Checks the context size (when it may have changed) and marks the state usable.
+    fn finish(&mut self) -> Result<Stepped, ChartError> {
         // Measuring means serializing; the bound is a cheap walk that settles most contexts.
         if (self.ctx_dirty || !self.st.context_checked)
             && json_size_bound(&self.st.context) > MAX_CONTEXT_BYTES
@@ -635,15 +656,18 @@ impl<'c> Run<'c> {
             }
         }
         self.st.context_checked = true;
+        // The last event's name goes back to the pool like the others (when it was a timer's,
+        // the next `after` timer reuses it instead of allocating).
+        let last = std::mem::replace(&mut self.event, Event::new(String::new(), Value::Null));
+        self.st.scratch.recycle(last.name);
         if self.st.done {
             self.st.timers.clear();
         }
         self.st.scratch.internal.clear();
         self.st.scratch.external.clear();
         self.st.broken = false;
-        *out = self.st;
         Ok(Stepped {
-            effects: self.effects,
+            effects: std::mem::take(&mut self.effects),
             microsteps: self.total_microsteps,
         })
     }
@@ -758,15 +782,14 @@ impl<'c> Run<'c> {
     ) -> Result<(), ChartError> {
         let chart = self.chart;
         enabled.clear();
+        if eventless && !chart.has_eventless {
+            return Ok(());
+        }
         // Guards cannot change the configuration, so the active atomic states can be found
-        // while selecting.
-        for atomic in 0..chart.states.len() {
-            if !self.st.active[atomic]
-                || chart.states[atomic]
-                    .children
-                    .iter()
-                    .any(|&c| self.st.active[c])
-            {
+        // while selecting. Between microsteps the configuration is legal, so an active state
+        // has no active child exactly when it is atomic (or final).
+        for &atomic in &chart.atomics {
+            if !self.st.active[atomic] {
                 continue;
             }
             let mut cur = Some(atomic);
@@ -873,7 +896,7 @@ impl<'c> Run<'c> {
             for &s in &def.targets {
                 self.add_descendants(s, &mut to_enter);
             }
-            for &s in self.effective_targets(t).iter() {
+            for s in self.effective_targets(t) {
                 self.add_ancestors(s, domain, &mut to_enter);
             }
         }
@@ -906,17 +929,18 @@ impl<'c> Run<'c> {
             for &h in &chart.states[s].histories {
                 let deep = matches!(chart.states[h].kind, Kind::History { deep: true });
                 let active = &self.st.active;
-                // Reuses the previous record's allocation.
+                // Reuses the previous record's allocation. Both lists are in document order.
                 let rec = self.st.history.entry(h).or_default();
                 rec.clear();
-                rec.extend((0..chart.states.len()).filter(|&x| {
-                    active[x]
-                        && if deep {
-                            chart.states[x].is_atomic() && descends(chart, x, s)
-                        } else {
-                            chart.states[x].parent == Some(s)
-                        }
-                }));
+                if deep {
+                    rec.extend(
+                        (s + 1..chart.states[s].end)
+                            .filter(|&x| active[x] && chart.states[x].is_atomic()),
+                    );
+                } else {
+                    let children = chart.states[s].children.iter().copied();
+                    rec.extend(children.filter(|&x| active[x]));
+                }
             }
         }
         for &s in exit.iter().rev() {
@@ -952,8 +976,8 @@ impl<'c> Run<'c> {
                 continue;
             }
             let domain = domain(i, t);
-            for s in 0..self.chart.states.len() {
-                if self.st.active[s] && self.is_descendant(s, domain) {
+            for s in domain + 1..self.chart.states[domain].end {
+                if self.st.active[s] {
                     out.push(s);
                 }
             }
@@ -969,10 +993,11 @@ impl<'c> Run<'c> {
     /// targets (the root when nothing else contains them).
     fn transition_domain(&self, t: usize) -> usize {
         let def = &self.chart.transitions[t];
-        let targets = self.effective_targets(t);
         if !def.reenter
             && self.chart.states[def.source].kind == Kind::Compound
-            && targets.iter().all(|&s| self.is_descendant(s, def.source))
+            && self
+                .effective_targets(t)
+                .all(|s| self.is_descendant(s, def.source))
         {
             return def.source;
         }
@@ -981,7 +1006,11 @@ impl<'c> Run<'c> {
         let mut cur = self.chart.states[def.source].parent;
         while let Some(anc) = cur {
             let eligible = anc == 0 || self.chart.states[anc].kind == Kind::Compound;
-            if eligible && targets.iter().all(|&s| self.is_descendant(s, anc)) {
+            if eligible
+                && self
+                    .effective_targets(t)
+                    .all(|s| self.is_descendant(s, anc))
+            {
                 return anc;
             }
             cur = self.chart.states[anc].parent;
@@ -990,32 +1019,29 @@ impl<'c> Run<'c> {
     }
 
     /// SCXML getEffectiveTargetStates: history targets are replaced by what they recorded
-    /// (or their default targets).
-    /// Without a history target these are the targets themselves (a repeated target changes
-    /// nothing where they are used: they are tested with `all` and added to sets).
-    fn effective_targets(&self, t: usize) -> Cow<'c, [usize]> {
+    /// (or their default targets). A state may come more than once (SCXML's is a set): that
+    /// changes nothing where they are used (tested with `all`, added to sets), and listing
+    /// them in place allocates nothing.
+    fn effective_targets(&self, t: usize) -> impl Iterator<Item = usize> + '_ {
         let chart = self.chart;
-        let targets = &chart.transitions[t].targets;
-        if !targets.iter().any(|&s| chart.states[s].is_history()) {
-            return Cow::Borrowed(targets);
+        chart.transitions[t]
+            .targets
+            .iter()
+            .flat_map(move |s| self.history_or(s))
+            .copied()
+    }
+
+    /// What history state `s` recorded (or its default targets); `s` itself for any other
+    /// state.
+    fn history_or<'a>(&'a self, s: &'a usize) -> &'a [usize] {
+        let node = &self.chart.states[*s];
+        if !node.is_history() {
+            return std::slice::from_ref(s);
         }
-        let mut out = Vec::new();
-        for &s in targets {
-            if self.chart.states[s].is_history() {
-                let list = match self.st.history.get(&s) {
-                    Some(rec) => rec.clone(),
-                    None => self.chart.states[s].history_default.clone(),
-                };
-                for x in list {
-                    if !out.contains(&x) {
-                        out.push(x);
-                    }
-                }
-            } else if !out.contains(&s) {
-                out.push(s);
-            }
+        match self.st.history.get(s) {
+            Some(rec) => rec,
+            None => &node.history_default,
         }
-        Cow::Owned(out)
     }
 
     /// SCXML addDescendantStatesToEnter.
@@ -1025,14 +1051,11 @@ impl<'c> Run<'c> {
         match node.kind {
             Kind::History { .. } => {
                 let Some(parent) = node.parent else { return };
-                let list = match self.st.history.get(&s) {
-                    Some(rec) => rec.clone(),
-                    None => node.history_default.clone(),
-                };
-                for &x in &list {
+                let list = self.history_or(&s);
+                for &x in list {
                     self.add_descendants(x, to_enter);
                 }
-                for &x in &list {
+                for &x in list {
                     self.add_ancestors(x, parent, to_enter);
                 }
             }
@@ -1108,10 +1131,8 @@ impl<'c> Run<'c> {
             let Some(parent) = node.parent else { continue };
             let parent_kind = chart.states[parent].kind;
             if parent_kind == Kind::Compound && parent != 0 {
-                self.raise(Event::new(
-                    format!("done.state.{}", chart.states[parent].id),
-                    data.clone(),
-                ))?;
+                let name = self.st.scratch.string(&chart.states[parent].done_event);
+                self.raise(Event::new(name, data.clone()))?;
             }
             let mut marker = if parent_kind == Kind::Parallel {
                 Some(parent)
@@ -1127,10 +1148,8 @@ impl<'c> Run<'c> {
                 }
                 completed.insert(m);
                 if m != 0 {
-                    self.raise(Event::new(
-                        format!("done.state.{}", chart.states[m].id),
-                        Value::Null,
-                    ))?;
+                    let name = self.st.scratch.string(&chart.states[m].done_event);
+                    self.raise(Event::new(name, Value::Null))?;
                 }
                 marker = chart.states[m].parent;
             }
@@ -1144,7 +1163,7 @@ impl<'c> Run<'c> {
                 Some(o) => {
                     let cause = std::mem::replace(
                         &mut self.event,
-                        Event::new(format!("done.state.{}", chart.states[0].id), final_data),
+                        Event::new(chart.states[0].done_event.clone(), final_data),
                     );
                     self.event_dyn = None;
                     let out = self.value(o);
@@ -1251,7 +1270,8 @@ impl<'c> Run<'c> {
             Action::Assign { fields, path } => {
                 // XState v5: every property sees the context as it was before this assign.
                 if let [(k, v)] = fields.as_slice() {
-                    let value = self.value(v)?;
+                    let mut value = self.spare_for(v);
+                    self.value_into(v, &mut value)?;
                     self.set_field(path, k, value)?;
                 } else {
                     let mut values = Vec::with_capacity(fields.len());
@@ -1314,8 +1334,18 @@ impl<'c> Run<'c> {
             return Err(ChartError::runtime(path, "context is not an object"));
         };
         // Replacing in place keeps the key's position and its allocation.
-        match ctx.get_mut(key) {
-            Some(slot) => *slot = value,
+        let slot = if ctx.len() <= SMALL_MAP {
+            ctx.iter_mut()
+                .find(|(k, _)| k.as_str() == key)
+                .map(|(_, v)| v)
+        } else {
+            ctx.get_mut(key)
+        };
+        match slot {
+            Some(slot) => {
+                let old = std::mem::replace(slot, value);
+                self.st.scratch.keep_spare(old);
+            }
             None => {
                 ctx.insert(key.to_owned(), value);
             }
@@ -1343,9 +1373,47 @@ impl<'c> Run<'c> {
                         return Ok(v);
                     }
                 }
-                let d = self.eval(e)?;
-                to_json(&d, &e.path)
+                self.rhai_value(e)
             }
+        }
+    }
+
+    /// [`Self::value`] written into `out`, reusing its allocations on the fast path (see
+    /// `Fast::eval_into`).
+    fn value_into(&mut self, v: &ValueExpr, out: &mut Value) -> Result<(), ChartError> {
+        match v {
+            ValueExpr::Literal(l) => out.clone_from(l),
+            ValueExpr::Expr(e) => {
+                if let Some(fast) = &e.fast {
+                    let env = self.env();
+                    if let Some(ops) = fast.eval_into(&env, self.allowed(), out) {
+                        self.spent += ops;
+                        return Ok(());
+                    }
+                }
+                *out = self.rhai_value(e)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rhai_value(&mut self, e: &Expr) -> Result<Value, ChartError> {
+        let d = self.eval(e)?;
+        to_json(&d, &e.path)
+    }
+
+    /// A spare object shaped like what `v` builds, or null.
+    fn spare_for(&mut self, v: &ValueExpr) -> Value {
+        let ValueExpr::Expr(Expr {
+            fast: Some(fast), ..
+        }) = v
+        else {
+            return Value::Null;
+        };
+        let spares = &mut self.st.scratch.spares;
+        match spares.iter().position(|s| fast.fits(s)) {
+            Some(i) => spares.swap_remove(i),
+            None => Value::Null,
         }
     }
 
@@ -1407,14 +1475,7 @@ impl<'c> Run<'c> {
 
 /// `a` is a proper descendant of `b`.
 fn descends(chart: &Chart, a: usize, b: usize) -> bool {
-    let mut cur = chart.states[a].parent;
-    while let Some(p) = cur {
-        if p == b {
-            return true;
-        }
-        cur = chart.states[p].parent;
-    }
-    false
+    b < a && a < chart.states[b].end
 }
 
 /// At least `json_size(value)`, without looking at string contents: escaped, a byte takes at

@@ -187,14 +187,14 @@ fn retained_qos(port: u16, topic: &str) -> Option<u8> {
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
-/// States are retained snapshots published at `mqtt.state_qos`: 0 by default, 1 on request;
+/// States are retained snapshots published at `mqtt.state_qos`: 1 by default, 0 on request;
 /// anything else is refused at start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_states_go_at_the_configured_qos() {
     if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
         return;
     }
-    for (setting, want) in [(None, 0u8), (Some("1"), 1)] {
+    for (setting, want) in [(None, 1u8), (Some("0"), 0)] {
         let extra: Vec<(&str, &str)> = setting.map(|q| ("SMGATE_MQTT_STATE_QOS", q)).into_iter().collect();
         let s = setup(true, &extra, &[("hb", heartbeat_def(), true)]).await;
         publish(s.port, "smgate/hb/q-1/heartbeat", Some(b"{}"));

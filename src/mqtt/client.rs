@@ -23,7 +23,7 @@
 //!   outstanding.
 //! - The **publisher** has its own connection (so state traffic never delays acks). It drains
 //!   the outbox of `Shared` (the latest state per instance, plus emits), publishes states
-//!   retained (at `mqtt.state_qos`, 0 by default) and emits at QoS 1, and republishes every
+//!   retained (at `mqtt.state_qos`, 1 by default) and emits at QoS 1, and republishes every
 //!   state after each (re)connect. The outbox is a
 //!   map keyed by instance, so its memory is bounded by the instance count whatever the load.
 //!

@@ -94,11 +94,12 @@ pub struct MqttConfig {
     /// Unacked QoS 1 messages the embedded broker sends one connection; outgoing window of
     /// the state publisher.
     pub inflight: u16,
-    /// QoS of the retained state messages: 0 (default) or 1. A state is a snapshot that the
+    /// QoS of the retained state messages: 1 (default) or 0. A state is a snapshot that the
     /// next one supersedes, and every state is republished after each reconnect, so QoS 0
-    /// loses nothing that matters and spares the broker an acknowledgement per step
-    /// (Sparkplug publishes its data messages at QoS 0 for the same reason). Emits are events
-    /// and always go at QoS 1.
+    /// loses nothing that matters and spares the broker an acknowledgement per step. But QoS
+    /// 1's inflight window is also the publisher's flow control: at QoS 0 a broker that falls
+    /// behind lets the socket fill until the write times out and the connection is redone.
+    /// Emits are events and always go at QoS 1.
     pub state_qos: u8,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
@@ -124,7 +125,7 @@ impl Default for MqttConfig {
             batch_wait_ms: 1,
             dead_letter_cap: 1000,
             inflight: 1000,
-            state_qos: 0,
+            state_qos: 1,
             reconnect_min_ms: 100,
             reconnect_max_ms: 10_000,
         }

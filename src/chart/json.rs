@@ -17,20 +17,39 @@ const HIGHS: u64 = 0x8080_8080_8080_8080;
 /// Whether serde_json would escape any byte of `s`: a control character (below 0x20), `"`
 /// or `\`. Everything else, non-ASCII included, it writes as is.
 fn needs_escape(s: &[u8]) -> bool {
+    if s.len() < 8 {
+        // Most keys and ids: a table lookup per byte beats assembling a padded word.
+        return s.iter().any(|&b| ESCAPED[usize::from(b)]);
+    }
     let mut chunks = s.chunks_exact(8);
     for chunk in &mut chunks {
-        // `chunks_exact(8)` gives 8 bytes; the zeros fallback would answer "escape", the
-        // safe side.
-        if any_escaped(u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]))) {
+        if any_escaped(word(chunk)) {
             return true;
         }
     }
-    // The last bytes padded with a byte that is never escaped: one more test, not a loop.
-    let rest = chunks.remainder();
-    let mut last = [b' '; 8];
-    last[..rest.len()].copy_from_slice(rest);
-    any_escaped(u64::from_le_bytes(last))
+    // The last bytes are tested as the final eight, overlapping the previous chunk: one more
+    // word, no loop and no copy.
+    !chunks.remainder().is_empty() && any_escaped(word(&s[s.len() - 8..]))
 }
+
+/// Eight bytes as a little-endian word (`bytes` is eight long; the zeros fallback would
+/// answer "escape", the safe side).
+fn word(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes.try_into().unwrap_or([0; 8]))
+}
+
+/// The bytes serde_json escapes, by value.
+const ESCAPED: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = true;
+        b += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
 
 /// Whether any of the eight bytes in `x` is below 0x20, `"` or `\`: the SWAR "has less" and
 /// "has zero" tests (exact about whether any byte matches, which is all that is asked).
@@ -207,6 +226,27 @@ mod tests {
         }
         for m in 0..1_100 {
             same(&json!(m));
+        }
+    }
+
+    #[test]
+    fn an_escaped_byte_is_found_at_every_position_of_short_and_long_strings() {
+        // Below eight bytes the table is used, from eight the words, and the last word
+        // overlaps the one before: every length to 24 and every position in it.
+        for len in 0..24 {
+            for at in 0..len {
+                for b in [b'"', b'\\', 0, 0x1f] {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = b;
+                    let s = String::from_utf8(bytes).unwrap();
+                    assert!(needs_escape(s.as_bytes()), "{s:?}");
+                    let mut out = Vec::new();
+                    write_str(&mut out, &s);
+                    assert_eq!(out, serde_json::to_vec(&s).unwrap());
+                }
+            }
+            let clean = "é".repeat(len / 2) + "~".repeat(len % 2).as_str();
+            assert!(!needs_escape(clean.as_bytes()), "{clean:?}");
         }
     }
 

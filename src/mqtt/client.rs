@@ -2,8 +2,13 @@
 //!
 //! - The **ingest connection** (`clean_session = false`, stable client id, manual acks, Last
 //!   Will `offline`) only polls its event loop: it hands each incoming publish to the batcher
-//!   over an unbounded channel (bounded in practice by the broker's inflight window) and never
-//!   waits on anything else, so keepalives and acks keep flowing.
+//!   over an unbounded channel and never waits on anything else, so keepalives and acks keep
+//!   flowing. The broker's inflight window was meant to bound that channel, but it does not:
+//!   with mosquitto at `max_inflight_messages 1000`, devices outrunning the writer left
+//!   270,000 publishes queued here (`cargo bench --bench mqtt`), and why is not yet known.
+//!   A cap on reading was tried and seldom engaged: rumqttc writes our acks only while its
+//!   event loop is polled, and a poll reads more publishes, so a bound needs acks written
+//!   without reading.
 //! - The **batcher** takes what has arrived (up to `batch_size`, waiting at most
 //!   `batch_wait_ms` for company), applies it in one `GroupCommit::write`, and only after that
 //!   commit acks each message and hands the committed steps to the publisher. Up to

@@ -42,8 +42,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, PingReq,
-    Publish, QoS, Request, StateError, SubscribeFilter, TlsConfiguration, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet,
+    PingReq, Publish, QoS, Request, StateError, SubscribeFilter, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -451,7 +451,10 @@ impl Ingest {
                         .retain(|r| !matches!(r, Request::PingReq(_)));
                     if connected {
                         connected = false;
-                        self.gw.mqtt.connection_losses.fetch_add(1, Ordering::Relaxed);
+                        self.gw
+                            .mqtt
+                            .connection_losses
+                            .fetch_add(1, Ordering::Relaxed);
                         // A new connection is a new birth; its Last Will carries the new number.
                         match self.gw.writer.write(ingest::next_birth).await {
                             Ok(n) => self.birth = n,
@@ -789,11 +792,7 @@ async fn publish(client: &AsyncClient, prefix: &str, qos: QoS, outbox: super::Ou
     for ((machine, instance), view) in outbox.states {
         let payload = serde_json::to_vec(&view).unwrap_or_default();
         let t = topic::state(prefix, &machine, &instance);
-        if client
-            .publish(t, qos, true, payload)
-            .await
-            .is_err()
-        {
+        if client.publish(t, qos, true, payload).await.is_err() {
             return false;
         }
     }

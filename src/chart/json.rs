@@ -111,7 +111,8 @@ pub(crate) fn write_i64(out: &mut Vec<u8>, n: i64) {
     write_u64(out, n.unsigned_abs());
 }
 
-fn write_number(out: &mut Vec<u8>, n: &Number) {
+/// A JSON number (integers by hand, floats through serde_json).
+pub(crate) fn write_number(out: &mut Vec<u8>, n: &Number) {
     if let Some(u) = n.as_u64() {
         write_u64(out, u);
     } else if let Some(i) = n.as_i64() {

@@ -9,7 +9,8 @@
 //! - `expr`   — the sandboxed Rhai engine; every expression is compiled once per version.
 //! - `run`    — the SCXML interpreter (microsteps, macrosteps, queues, timers, history).
 //! - `model`  — the data the host stores and exchanges (`InstanceState`, `Event`, `Step`…).
-//! - `json`   — the stored form's JSON writers, byte for byte serde_json's output.
+//! - `json`   — JSON writers, byte for byte serde_json's output: the stored form, and the
+//!   log's canonical payloads (`ledger::canonical`).
 //!
 //! Two ways to run an instance: the `InstanceState` calls ([`Chart::send`], [`Chart::advance`])
 //! take the stored form and return a new one, converting on every call; a host that steps an
@@ -31,7 +32,7 @@
 
 mod expr;
 mod fast;
-mod json;
+pub(crate) mod json;
 mod model;
 mod parse;
 mod run;

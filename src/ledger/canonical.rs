@@ -5,6 +5,10 @@
 
 use serde_json::Value;
 
+// The stored-state writers of the engine: byte for byte what serde_json writes (tested there
+// against it), without a `Value` and a `String` allocated per string.
+use crate::chart::json::{write_number, write_str};
+
 pub fn to_vec(value: &Value) -> Vec<u8> {
     let mut out = Vec::new();
     write(value, &mut out);
@@ -21,7 +25,7 @@ fn write(value: &Value, out: &mut Vec<u8>) {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_string(k, out);
+                write_str(out, k);
                 out.push(b':');
                 write(v, out);
             }
@@ -37,13 +41,12 @@ fn write(value: &Value, out: &mut Vec<u8>) {
             }
             out.push(b']');
         }
-        Value::String(s) => write_string(s, out),
-        other => out.extend_from_slice(other.to_string().as_bytes()),
+        Value::String(s) => write_str(out, s),
+        Value::Number(n) => write_number(out, n),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Null => out.extend_from_slice(b"null"),
     }
-}
-
-fn write_string(s: &str, out: &mut Vec<u8>) {
-    out.extend_from_slice(Value::String(s.to_owned()).to_string().as_bytes());
 }
 
 #[cfg(test)]
@@ -63,6 +66,14 @@ mod tests {
             String::from_utf8(to_vec(&a)).unwrap(),
             r#"{"a":[true,null,"x"],"b":1,"c":{"y":2,"z":1}}"#
         );
+    }
+
+    #[test]
+    fn scalars_are_written_as_serde_json_writes_them() {
+        // Keys already in order, so serde_json's own output is the canonical form.
+        let v = json!({"a": [0, -1, i64::MIN, u64::MAX, 0.1, 1e300, -0.0, 1.5e-7],
+            "b": [true, false, null], "c": "\u{0}\u{1f}\\\"é\u{2028}", "d": {"": ""}});
+        assert_eq!(to_vec(&v), serde_json::to_vec(&v).unwrap());
     }
 
     #[test]

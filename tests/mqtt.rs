@@ -180,7 +180,16 @@ fn retained(port: u16, topic: &str) -> Option<Value> {
 /// the publisher's and the subscription's).
 fn retained_qos(port: u16, topic: &str) -> Option<u8> {
     let out = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", "1"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            topic,
+            "-q",
+            "1",
+        ])
         .args(["-C", "1", "-W", "3", "--retained-only", "-F", "%q"])
         .output()
         .expect("mosquitto_sub");
@@ -195,7 +204,10 @@ async fn mosquitto_states_go_at_the_configured_qos() {
         return;
     }
     for (setting, want) in [(None, 1u8), (Some("0"), 0)] {
-        let extra: Vec<(&str, &str)> = setting.map(|q| ("SMGATE_MQTT_STATE_QOS", q)).into_iter().collect();
+        let extra: Vec<(&str, &str)> = setting
+            .map(|q| ("SMGATE_MQTT_STATE_QOS", q))
+            .into_iter()
+            .collect();
         let s = setup(true, &extra, &[("hb", heartbeat_def(), true)]).await;
         publish(s.port, "smgate/hb/q-1/heartbeat", Some(b"{}"));
         let qos = eventually(20, "the retained state", async || {
@@ -729,20 +741,26 @@ async fn mosquitto_keepalive_survives_steady_acks_and_finds_a_silent_broker() {
     assert_eq!(common::metric(&s.gw, "smgate_mqtt_connects_total").await, 1);
     let pid = s.mosquitto.as_ref().unwrap().child.id().to_string();
     let signal = |sig: &str| {
-        let ok = Command::new("kill").args([sig, &pid]).status().unwrap().success();
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "kill {sig}");
     };
     signal("-STOP");
     let found = tokio::time::timeout(
         Duration::from_secs(8),
         eventually(8, "the silent broker found dead", async || {
-            (common::metric(&s.gw, "smgate_mqtt_connection_losses_total").await >= 1)
-                .then_some(())
+            (common::metric(&s.gw, "smgate_mqtt_connection_losses_total").await >= 1).then_some(())
         }),
     )
     .await;
     signal("-CONT");
-    assert!(found.is_ok(), "the gateway did not notice the silent broker");
+    assert!(
+        found.is_ok(),
+        "the gateway did not notice the silent broker"
+    );
     eventually(30, "reconnected", async || {
         (common::metric(&s.gw, "smgate_mqtt_connects_total").await >= 2).then_some(())
     })
@@ -849,6 +867,47 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Devices outrunning the writer leave the backlog in the broker, not in the gateway: with
+/// batches of 16, reading pauses at 64 publishes waiting for a batch (`client::queue_cap`),
+/// whatever mosquitto's inflight window lets through (it does not bound a client that acks;
+/// 1,000 here). A rumqttc device publishes 20,000 QoS 1 heartbeats as fast as mosquitto takes
+/// them; every one is applied exactly once, and the peak of the ingest queue stays within the
+/// cap plus one read of the event loop (at most 10 packets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_backlog_stays_in_the_broker_while_the_writer_is_behind() {
+    if !common::have_programs(&["/usr/sbin/mosquitto", "mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
+    let (total, instances) = (20_000u64, 100u64);
+    let s = setup(
+        true,
+        &[("SMGATE_MQTT_BATCH_SIZE", "16")],
+        &[("hb", heartbeat_def(), true)],
+    )
+    .await;
+    let acked = publish_numbered(s.port, total, instances, 0, false).await;
+    assert_eq!(acked.len() as u64, total, "the broker acked every message");
+    let applied_when_published = metric(&s.gw, "smgate_mqtt_applied_total").await;
+    eventually(300, "all messages applied", async || {
+        (metric(&s.gw, "smgate_mqtt_applied_total").await >= total).then_some(())
+    })
+    .await;
+    let peak = metric(&s.gw, "smgate_mqtt_ingest_queued_peak").await;
+    eprintln!(
+        "backlog test: {applied_when_published} of {total} applied when the device finished; ingest queue peak {peak}"
+    );
+    assert!(
+        applied_when_published < total - 1_000,
+        "the writer kept up ({applied_when_published} applied): no backlog was tested"
+    );
+    assert!(peak <= 64 + 9, "ingest queue peaked at {peak}");
+    assert!(peak >= 32, "the queue never filled ({peak}): the pause was not tested");
+    let seen = applied_numbers(&s.gw, instances).await;
+    assert_eq!(seen.len() as u64, total);
+    assert!(seen.values().all(|c| *c == 1), "a message applied twice");
+    assert_eq!(metric(&s.gw, "smgate_mqtt_ingest_queued").await, 0);
 }
 
 /// The crash test, sized by `TEST_MQTT_CRASH_MESSAGES` / `TEST_MQTT_CRASH_INSTANCES`

@@ -275,9 +275,9 @@ impl<'txn> LogWriter<'txn> {
 
     /// Appends one row to `slug`'s log at wall time `now_ms`; returns the sealed row.
     pub fn append(&mut self, slug: &str, entry: Entry, now_ms: i64) -> Result<Row, StoreError> {
-        let i = self.tip(slug)?.ok_or_else(|| {
-            StoreError::Corrupt(format!("machine `{slug}` has no log head"))
-        })?;
+        let i = self
+            .tip(slug)?
+            .ok_or_else(|| StoreError::Corrupt(format!("machine `{slug}` has no log head")))?;
         let tip = &mut self.tips[i].1;
         let (row, stored) = Row {
             seq: tip.head.size,
@@ -596,7 +596,10 @@ pub fn verify_machine(
             let bytes = hashes.get((slug, c))?.map(|v| v.value().to_vec());
             chunk = Some((c, bytes.unwrap_or_default()));
         }
-        let bytes = chunk.as_ref().map(|(_, b)| b.as_slice()).unwrap_or_default();
+        let bytes = chunk
+            .as_ref()
+            .map(|(_, b)| b.as_slice())
+            .unwrap_or_default();
         let at = chunk_offset(seq % CHUNK_ROWS);
         let want = expected.as_flattened();
         if bytes.get(at..at + want.len()) != Some(want) {
@@ -954,7 +957,12 @@ mod tests {
         // Chunk 2 holds rows 32..=47; row 32 + j starts at chunk_offset(j).
         for j in [0, 1, 7, 14, 15] {
             let at = chunk_offset(j);
-            assert_eq!(damage(2, &|v| v[at + 5] ^= 1), Some(32 + j), "row {}", 32 + j);
+            assert_eq!(
+                damage(2, &|v| v[at + 5] ^= 1),
+                Some(32 + j),
+                "row {}",
+                32 + j
+            );
         }
         assert_eq!(damage(2, &|v| v.truncate(v.len() - 32)), Some(47));
         let last = seq / CHUNK_ROWS;

@@ -1,22 +1,29 @@
 //! The MQTT tasks of a running gateway.
 //!
 //! - The **ingest connection** (`clean_session = false`, stable client id, manual acks, Last
-//!   Will `offline`) only polls its event loop: it hands each incoming publish to the batcher
-//!   over an unbounded channel and never waits on anything else, so keepalives and acks keep
-//!   flowing. The broker's inflight window was meant to bound that channel, but it does not:
-//!   with mosquitto at `max_inflight_messages 1000`, devices outrunning the writer left
-//!   270,000 publishes queued here (`cargo bench --bench mqtt`), and why is not yet known.
-//!   A cap on reading was tried and seldom engaged: rumqttc writes our acks only while its
-//!   event loop is polled, and a poll reads more publishes, so a bound needs acks written
-//!   without reading.
+//!   Will `offline`) polls its event loop, hands each incoming publish to the batcher, and
+//!   writes the acks the batcher releases. Both are bounded here, not by the broker:
+//!   - **Reading stops** while [`queue_cap`] publishes wait for the batcher, so the TCP window
+//!     closes and the broker keeps the backlog (its job: `max_queued_messages`). The broker's
+//!     inflight window does not do this: mosquitto 2.0.11 at `max_inflight_messages 1000`
+//!     stops a client that never acks at 1,000, but keeps sending to one that acks, so
+//!     devices outrunning the writer once left 270,000 publishes (100+ MiB) queued in the
+//!     gateway (`cargo bench --bench mqtt`), and a probe client acking 5,000/s held 54,805
+//!     unacked publishes within a second.
+//!   - **Acks are written by this task straight to the connection**, all that are ready in one
+//!     write and one flush, not through rumqttc's request channel: its event loop takes one
+//!     request per poll against a read of up to ten packets, so acks fell behind the reads
+//!     and a paused reader could not have written them at all. An ack belongs to the
+//!     connection its publish came in on; one for a lost connection is dropped (the broker
+//!     redelivers the message to the next one, and the dedup entry acks it there).
 //! - The **batcher** takes what has arrived (up to `batch_size`, waiting at most
 //!   `batch_wait_ms` for company), applies it in one `GroupCommit::write`, and only after that
 //!   commit acks each message and hands the committed steps to the publisher. Up to
 //!   `BATCHES_IN_FLIGHT` batches wait for the writer at once (it commits them in order, and
 //!   folds those queued together into one transaction), so the broker's inflight window keeps
 //!   flowing while one commits and the batch size still follows the load.
-//! - **Settling acks**: the ingest task sees its connection's packets in order. Once a PINGRESP
-//!   arrives for a PINGREQ written after a PUBACK, the broker has processed that PUBACK
+//! - **Settling acks**: the ingest task writes its connection's packets in order. Once a
+//!   PINGRESP arrives for a PINGREQ written after a PUBACK, the broker has processed that PUBACK
 //!   (mosquitto and rumqttd handle one connection's packets in order), will not redeliver the
 //!   message and may reuse its packet id. The settled acks travel to the batcher through the
 //!   same channel as the publishes, after every publish the connection delivered before the
@@ -24,8 +31,8 @@
 //!   the publishes of its batch, in the same transaction. That order matters: after a
 //!   reconnect the broker resends an unacked message, and our ack of the first copy may
 //!   settle while the resent copy is still on its way to the batcher; the copy must still
-//!   find its entry. The ingest task sends a PINGREQ whenever acks are waiting and no ping is
-//!   outstanding.
+//!   find its entry. The ingest task writes a PINGREQ whenever written acks wait for settling
+//!   and no ping is outstanding.
 //! - The **publisher** has its own connection (so state traffic never delays acks). It drains
 //!   the outbox of `Shared` (the latest state per instance, plus emits), publishes states
 //!   retained (at `mqtt.state_qos`, 1 by default) and emits at QoS 1, and republishes every
@@ -35,7 +42,7 @@
 //! Shutdown: the batcher finishes and acks its batch, then the ingest connection publishes
 //! `offline` and disconnects, and the publisher flushes what is queued.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -43,9 +50,9 @@ use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet,
-    PingReq, Publish, QoS, Request, StateError, SubscribeFilter, TlsConfiguration, Transport,
+    PubAck, Publish, QoS, StateError, SubscribeFilter, TlsConfiguration, Transport,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::ingest::{self, Message, Outcome, Rules};
@@ -118,7 +125,9 @@ pub async fn start(
     opts.set_clean_session(false)
         .set_manual_acks(true)
         .set_last_will(will(&status, "offline", birth));
-    let (client, eventloop) = AsyncClient::new(opts, cfg.batch_size * 4 + 64);
+    // The request channel carries the subscriptions, the status messages and the DISCONNECT;
+    // acks bypass it (module doc).
+    let (client, eventloop) = AsyncClient::new(opts, 64);
     let mut pub_opts = options(&cfg, &format!("{client_id}-pub"), &host, port, tls);
     pub_opts.set_clean_session(true);
     let (pub_client, pub_eventloop) = AsyncClient::new(pub_opts, 1024);
@@ -151,7 +160,6 @@ pub async fn start(
         tokio::spawn(batcher(
             Batcher {
                 gw: gw.clone(),
-                client,
                 rules,
                 acks,
                 // Test hook: abort right after committing a batch that applied a message on
@@ -313,16 +321,32 @@ impl Backoff {
     }
 }
 
-/// PUBACKs on their way to the broker (module doc): the batcher records `packet id → tag`
-/// before acking; the ingest task sees them written and, after a PINGRESP, settled.
+/// Acks the batcher has released (after the commit), in batch order, for the ingest task to
+/// write; and the wake-up it sends when there is something to write or room in the queue.
 #[derive(Default)]
 struct Acks {
-    queued: Mutex<HashMap<u16, u64>>,
+    ready: Mutex<Vec<Ack>>,
+    wake: Notify,
+}
+
+struct Ack {
+    pkid: u16,
+    /// The dedup entry this ack settles, if any.
+    tag: Option<u64>,
+    /// The connection the publish came in on (see [`Ingest::run`]).
+    connection: u64,
+}
+
+/// Publishes waiting for the batcher at which the ingest task stops reading: enough for every
+/// batch in flight to be full, so pausing never starves the writer.
+fn queue_cap(batch_size: usize) -> u64 {
+    (BATCHES_IN_FLIGHT * batch_size.max(1)) as u64
 }
 
 /// What the ingest task hands the batcher, in connection order.
 enum Delivery {
-    Publish(Publish),
+    /// A publish and the number of the connection it came in on.
+    Publish(Publish, u64),
     /// Acks the broker has processed: `(packet id, batch tag)` entries to forget.
     Settled(Vec<(u16, u64)>),
 }
@@ -346,59 +370,71 @@ impl Ingest {
     ) {
         let mut backoff = Backoff::new(&self.gw.config.mqtt);
         let keep_alive = Duration::from_secs(self.gw.config.mqtt.keepalive_secs.max(1));
+        let cap = queue_cap(self.gw.config.mqtt.batch_size);
+        let queued = &self.gw.mqtt.ingest_queued;
         let mut connected = false;
-        // Acks written to the connection since the last PINGREQ left.
-        let mut written: Vec<(u16, u64)> = Vec::new();
-        // One entry per PINGREQ on the wire, oldest first: when it left, and the acks written
-        // before it, which its PINGRESP (answers come in order) proves the broker processed.
-        let mut probes: VecDeque<(tokio::time::Instant, Vec<(u16, u64)>)> = VecDeque::new();
-        let mut ping_queued = false;
+        // Numbers the connections (one per CONNACK): an ack is written only on the connection
+        // its publish came in on.
+        let mut connection = 0u64;
+        let mut settle = Settle::default();
         loop {
-            if connected && !written.is_empty() && probes.is_empty() && !ping_queued {
-                // Through `pending`, which the event loop serves first.
-                eventloop.pending.push_back(Request::PingReq(PingReq));
-                ping_queued = true;
-            }
+            // Events still buffered in the event loop describe packets already read or
+            // written; they go first, so that our own writes keep the wire order of `settle`.
+            let idle = eventloop.state.events.is_empty();
+            let written = match connected && idle {
+                true => {
+                    self.write_acks(&mut eventloop, connection, &mut settle, keep_alive)
+                        .await
+                }
+                false => Ok(()),
+            };
+            // Stop reading while the batcher is a queue behind: the broker keeps the rest.
+            let paused = idle && queued.load(Ordering::Relaxed) >= cap;
             // rumqttc pings every keepalive period whatever the traffic, and drops the
             // connection if its previous PINGREQ is unanswered at that moment; under load ours
             // nearly always is, so that check would cut a healthy connection every period. It
             // is cleared below as each PINGREQ leaves, and this deadline stands in for it: a
             // PINGREQ unanswered for a whole keepalive period means the connection is dead.
-            let dead_at = probes.front().map(|(at, _)| *at + keep_alive);
-            let event = tokio::select! {
-                biased;
-                _ = &mut batcher_done => break,
-                ev = eventloop.poll() => ev,
-                _ = async { tokio::time::sleep_until(dead_at.unwrap_or_else(tokio::time::Instant::now)).await }, if dead_at.is_some() => {
-                    // What rumqttc does on an error: drop the network, keep the session state.
+            // Not while paused: the answer may be waiting, unread, behind the publishes.
+            let dead_at = match paused {
+                true => None,
+                false => settle.probes.front().map(|(at, _)| *at + keep_alive),
+            };
+            let event = match written {
+                Err(e) => {
                     eventloop.clean();
-                    Err(ConnectionError::MqttState(StateError::AwaitPingResp))
+                    Err(e)
                 }
+                Ok(()) => tokio::select! {
+                    biased;
+                    _ = &mut batcher_done => break,
+                    ev = eventloop.poll(), if !paused => ev,
+                    // Acks to write, or room in the queue.
+                    _ = self.acks.wake.notified() => continue,
+                    _ = async { tokio::time::sleep_until(dead_at.unwrap_or_else(tokio::time::Instant::now)).await }, if dead_at.is_some() => {
+                        // What rumqttc does on an error: drop the network, keep the session state.
+                        eventloop.clean();
+                        Err(ConnectionError::MqttState(StateError::AwaitPingResp))
+                    }
+                },
             };
             match event {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = to_batcher.send(Delivery::Publish(p));
-                }
-                Ok(Event::Outgoing(Outgoing::PubAck(pkid))) => {
-                    let tag = self
-                        .acks
-                        .queued
-                        .lock()
-                        .ok()
-                        .and_then(|mut q| q.remove(&pkid));
-                    if let Some(tag) = tag {
-                        written.push((pkid, tag));
-                    }
+                    let n = queued.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.gw
+                        .mqtt
+                        .ingest_queued_peak
+                        .fetch_max(n, Ordering::Relaxed);
+                    let _ = to_batcher.send(Delivery::Publish(p, connection));
                 }
                 Ok(Event::Outgoing(Outgoing::PingReq)) => {
-                    // Ours or rumqttc's keepalive: either proves what was written before it.
+                    // rumqttc's keepalive: it proves what was written before it, like ours.
                     // MQTT lets a client send PINGREQ at any time; each gets its PINGRESP.
-                    ping_queued = false;
                     eventloop.state.await_pingresp = false;
-                    probes.push_back((tokio::time::Instant::now(), std::mem::take(&mut written)));
+                    settle.probe();
                 }
                 Ok(Event::Incoming(Packet::PingResp)) => {
-                    if let Some((_, settled)) = probes.pop_front() {
+                    if let Some((_, settled)) = settle.probes.pop_front() {
                         if !settled.is_empty() {
                             let _ = to_batcher.send(Delivery::Settled(settled));
                         }
@@ -409,6 +445,7 @@ impl Ingest {
                 }
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     connected = true;
+                    connection += 1;
                     backoff.reset();
                     self.gw.mqtt.connects.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(
@@ -438,17 +475,12 @@ impl Ingest {
                     tracing::warn!(error = %e, "MQTT ingest connection lost; reconnecting");
                     // Acks not yet answered by a PINGRESP may never have reached the broker:
                     // their entries stay. Outgoing events still buffered describe writes on
-                    // the dead connection, and so would a queued PINGREQ.
-                    written.clear();
-                    probes.clear();
-                    ping_queued = false;
+                    // the dead connection.
+                    settle = Settle::default();
                     eventloop
                         .state
                         .events
                         .retain(|e| !matches!(e, Event::Outgoing(_)));
-                    eventloop
-                        .pending
-                        .retain(|r| !matches!(r, Request::PingReq(_)));
                     if connected {
                         connected = false;
                         self.gw
@@ -476,9 +508,12 @@ impl Ingest {
                 }
             }
         }
-        // Orderly stop: the batcher has acked its last batch. A clean DISCONNECT suppresses the
-        // Last Will, so say `offline` ourselves first.
+        // Orderly stop: the batcher has released its last acks. A clean DISCONNECT suppresses
+        // the Last Will, so say `offline` ourselves first.
         if connected {
+            let _ = self
+                .write_acks(&mut eventloop, connection, &mut settle, keep_alive)
+                .await;
             let _ = self.client.try_publish(
                 &self.status,
                 QoS::AtLeastOnce,
@@ -494,9 +529,73 @@ impl Ingest {
     }
 }
 
+impl Ingest {
+    /// Writes the acks the batcher has released for this connection, and a PINGREQ to settle
+    /// them when none is outstanding, with one flush. A connection that takes none of it for a
+    /// keepalive period is dead.
+    async fn write_acks(
+        &self,
+        eventloop: &mut EventLoop,
+        connection: u64,
+        settle: &mut Settle,
+        keep_alive: Duration,
+    ) -> Result<(), ConnectionError> {
+        let ready = self
+            .acks
+            .ready
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default();
+        let Some(net) = eventloop.network.as_mut() else {
+            return Ok(());
+        };
+        let write = async {
+            let mut wrote = false;
+            for a in ready.into_iter().filter(|a| a.connection == connection) {
+                net.write(Packet::PubAck(PubAck::new(a.pkid))).await?;
+                wrote = true;
+                if let Some(tag) = a.tag {
+                    settle.written.push((a.pkid, tag));
+                }
+            }
+            if !settle.written.is_empty() && settle.probes.is_empty() {
+                net.write(Packet::PingReq).await?;
+                settle.probe();
+                wrote = true;
+            }
+            if wrote {
+                net.flush().await?;
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(keep_alive, write).await {
+            Ok(r) => r.map_err(ConnectionError::MqttState),
+            Err(_) => Err(ConnectionError::FlushTimeout),
+        }
+    }
+}
+
+/// The ingest connection's acks on their way to being settled (module doc).
+#[derive(Default)]
+struct Settle {
+    /// Acks written since the last PINGREQ left: `(packet id, entry tag)`.
+    written: Vec<(u16, u64)>,
+    /// One entry per PINGREQ on the wire, oldest first: when it left, and the acks written
+    /// before it, which its PINGRESP (answers come in order) proves the broker processed.
+    probes: VecDeque<(tokio::time::Instant, Vec<(u16, u64)>)>,
+}
+
+impl Settle {
+    /// A PINGREQ has just been written.
+    fn probe(&mut self) {
+        let written = std::mem::take(&mut self.written);
+        self.probes
+            .push_back((tokio::time::Instant::now(), written));
+    }
+}
+
 struct Batcher {
     gw: Arc<Gateway>,
-    client: AsyncClient,
     rules: Arc<Rules>,
     acks: Arc<Acks>,
     abort_before_ack: Option<String>,
@@ -558,8 +657,12 @@ async fn batcher(
             }
         };
         let (mut batch, mut settled) = (Vec::new(), Vec::new());
-        let add = |d: Delivery, batch: &mut Vec<Publish>, settled: &mut Vec<(u16, u64)>| match d {
-            Delivery::Publish(p) => batch.push(p),
+        let queued = &b.gw.mqtt.ingest_queued;
+        let add = |d: Delivery, batch: &mut Vec<_>, settled: &mut Vec<(u16, u64)>| match d {
+            Delivery::Publish(p, connection) => {
+                queued.fetch_sub(1, Ordering::Relaxed);
+                batch.push((p, connection));
+            }
             Delivery::Settled(mut s) => settled.append(&mut s),
         };
         add(first, &mut batch, &mut settled);
@@ -582,6 +685,8 @@ async fn batcher(
                 }
             }
         }
+        // Room in the queue: a paused ingest task may read again.
+        b.acks.wake.notify_one();
         let (b, shutdown) = (b.clone(), shutdown.clone());
         // Acks leave in batch order (rumqttd drops a connection that acks out of order): each
         // batch acks after the previous one has (or has given up).
@@ -606,7 +711,7 @@ async fn batcher(
 /// batch could not be committed (it stays unacked, so the broker redelivers it).
 async fn commit_and_ack(
     b: &Batcher,
-    batch: Vec<Publish>,
+    batch: Vec<(Publish, u64)>,
     mut settled: Vec<(u16, u64)>,
     shutdown: &watch::Receiver<bool>,
     turn: oneshot::Receiver<()>,
@@ -619,7 +724,7 @@ async fn commit_and_ack(
         pkid: if p.qos == QoS::AtMostOnce { 0 } else { p.pkid },
         dup,
     };
-    let mut messages: Vec<Message> = batch.iter().map(|p| message(p, p.dup)).collect();
+    let mut messages: Vec<Message> = batch.iter().map(|(p, _)| message(p, p.dup)).collect();
     // Tells this batch's dedup entries from those of any other delivery of the same packet id.
     let tag = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
     let mut retry = Duration::from_millis(50);
@@ -652,7 +757,7 @@ async fn commit_and_ack(
                 // Part of the batch may have been committed with a failing message: treat
                 // every message as a redelivery so the dedup table decides. Settled acks whose
                 // removal was lost just keep their entries (harmless).
-                messages = batch.iter().map(|p| message(p, true)).collect();
+                messages = batch.iter().map(|(p, _)| message(p, true)).collect();
             }
         }
     };
@@ -669,18 +774,17 @@ async fn commit_and_ack(
     }
     // The previous batch has acked (or stopped trying); an error means its task is gone.
     let _ = turn.await;
-    if let Ok(mut q) = b.acks.queued.lock() {
-        for (m, o) in messages.iter().zip(&outcomes) {
-            if let Some(t) = o.entry_tag(m.pkid, tag) {
-                q.insert(m.pkid, t);
-            }
-        }
+    if let Ok(mut ready) = b.acks.ready.lock() {
+        let acks = batch.iter().zip(messages.iter().zip(&outcomes));
+        ready.extend(acks.filter(|((p, _), _)| p.qos != QoS::AtMostOnce).map(
+            |((p, connection), (m, o))| Ack {
+                pkid: p.pkid,
+                tag: o.entry_tag(m.pkid, tag),
+                connection: *connection,
+            },
+        ));
     }
-    for p in &batch {
-        if p.qos != QoS::AtMostOnce {
-            let _ = b.client.ack(p).await;
-        }
-    }
+    b.acks.wake.notify_one();
     let mut steps = Vec::with_capacity(outcomes.len());
     for o in outcomes {
         match o {

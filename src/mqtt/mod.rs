@@ -199,6 +199,11 @@ pub struct Shared {
     /// keepalive period).
     pub connection_losses: AtomicU64,
     pub emits_dropped: AtomicU64,
+    /// Publishes read from the ingest connection and not yet taken into a batch; reading
+    /// pauses at `client::queue_cap`.
+    pub(crate) ingest_queued: AtomicU64,
+    /// The most there have been since start.
+    pub(crate) ingest_queued_peak: AtomicU64,
     publishing: AtomicBool,
     outbox: Mutex<Outbox>,
     /// Wakes the publisher when the outbox becomes non-empty.
@@ -318,6 +323,21 @@ impl Shared {
             "Established MQTT ingest connections that were lost.",
             self.connection_losses.load(Ordering::Relaxed),
         );
+        for (name, help, v) in [
+            (
+                "smgate_mqtt_ingest_queued",
+                "MQTT publishes read and waiting for a batch (reading pauses at 4 batches).",
+                &self.ingest_queued,
+            ),
+            (
+                "smgate_mqtt_ingest_queued_peak",
+                "The most MQTT publishes that have waited for a batch at once since start.",
+                &self.ingest_queued_peak,
+            ),
+        ] {
+            let v = v.load(Ordering::Relaxed);
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
         let dead = self.dead.lock().map(|d| d.clone()).unwrap_or_default();
         let total: u64 = dead.values().sum();
         c(

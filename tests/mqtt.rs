@@ -903,7 +903,10 @@ async fn mosquitto_backlog_stays_in_the_broker_while_the_writer_is_behind() {
         "the writer kept up ({applied_when_published} applied): no backlog was tested"
     );
     assert!(peak <= 64 + 9, "ingest queue peaked at {peak}");
-    assert!(peak >= 32, "the queue never filled ({peak}): the pause was not tested");
+    assert!(
+        peak >= 32,
+        "the queue never filled ({peak}): the pause was not tested"
+    );
     let seen = applied_numbers(&s.gw, instances).await;
     assert_eq!(seen.len() as u64, total);
     assert!(seen.values().all(|c| *c == 1), "a message applied twice");

@@ -805,11 +805,11 @@ async fn commit_and_ack(
     gw.mqtt
         .applied
         .fetch_add(steps.len() as u64, Ordering::Relaxed);
-    // Views move into the outbox: one lock per batch, no copies.
+    // One lock of the outbox per batch.
     gw.mqtt.committed_steps(
         steps
-            .iter_mut()
-            .map(|(m, i, v, e)| (m.as_str(), i.as_str(), v.take(), e.as_slice())),
+            .iter()
+            .map(|(m, i, v, e)| (m.as_str(), i.as_str(), v, e.as_slice())),
     );
     true
 }
@@ -893,8 +893,7 @@ async fn publish(client: &AsyncClient, prefix: &str, qos: QoS, outbox: super::Ou
             return false;
         }
     }
-    for ((machine, instance), view) in outbox.states {
-        let payload = serde_json::to_vec(&view).unwrap_or_default();
+    for ((machine, instance), payload) in outbox.states {
         let t = topic::state(prefix, &machine, &instance);
         if client.publish(t, qos, true, payload).await.is_err() {
             return false;

@@ -179,10 +179,13 @@ const MAX_QUEUED_EMITS: usize = 10_000;
 
 /// What the state publisher has to send. Only the latest state of an instance matters (it is
 /// retained), so states are a map keyed by instance: under any load the outbox holds at most
-/// one view per instance, and a slow broker makes states coalesce instead of queueing.
+/// one view per instance, and a slow broker makes states coalesce instead of queueing. Views
+/// are kept as their JSON payload: a `Value` tree of a view takes several times its ~150 bytes
+/// of JSON, and with a publisher behind, two outboxes of every instance are alive at once (the
+/// one being published and the next).
 #[derive(Default)]
 pub struct Outbox {
-    pub states: HashMap<(String, String), Value>,
+    pub states: HashMap<(String, String), Vec<u8>>,
     pub emits: VecDeque<Emit>,
 }
 
@@ -222,7 +225,7 @@ impl Shared {
         self.committed_steps(std::iter::once((
             machine,
             sent.instance.slug.as_str(),
-            sent.view.clone(),
+            &sent.view,
             sent.effects.as_slice(),
         )));
     }
@@ -233,7 +236,7 @@ impl Shared {
             (
                 s.instance.machine.as_str(),
                 s.instance.slug.as_str(),
-                s.view.clone(),
+                &s.view,
                 s.effects.as_slice(),
             )
         }));
@@ -243,7 +246,7 @@ impl Shared {
     /// lock of the outbox.
     pub fn committed_steps<'a>(
         &self,
-        steps: impl IntoIterator<Item = (&'a str, &'a str, Value, &'a [crate::chart::Effect])>,
+        steps: impl IntoIterator<Item = (&'a str, &'a str, &'a Value, &'a [crate::chart::Effect])>,
     ) {
         if !self.publishing.load(Ordering::Relaxed) {
             return;
@@ -254,10 +257,14 @@ impl Shared {
         let was_empty = out.states.is_empty() && out.emits.is_empty();
         for (machine, instance, view, effects) in steps {
             match out.states.get_mut(&(machine, instance) as &dyn OutboxKey) {
-                Some(v) => *v = view,
+                Some(v) => {
+                    v.clear();
+                    let _ = serde_json::to_writer(&mut *v, view);
+                }
                 None => {
+                    let payload = serde_json::to_vec(view).unwrap_or_default();
                     out.states
-                        .insert((machine.to_owned(), instance.to_owned()), view);
+                        .insert((machine.to_owned(), instance.to_owned()), payload);
                 }
             }
             for e in effects {

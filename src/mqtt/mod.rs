@@ -300,11 +300,14 @@ impl Shared {
     pub fn render(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        let c = |out: &mut String, name: &str, help: &str, v: u64| {
+        let metric = |out: &mut String, kind: &str, name: &str, help: &str, v: u64| {
             let _ = writeln!(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
             );
+        };
+        let c = |out: &mut String, name: &str, help: &str, v: u64| {
+            metric(out, "counter", name, help, v)
         };
         c(
             &mut out,
@@ -330,21 +333,20 @@ impl Shared {
             "Established MQTT ingest connections that were lost.",
             self.connection_losses.load(Ordering::Relaxed),
         );
-        for (name, help, v) in [
-            (
-                "smgate_mqtt_ingest_queued",
-                "MQTT publishes read and waiting for a batch (reading pauses at 4 batches).",
-                &self.ingest_queued,
-            ),
-            (
-                "smgate_mqtt_ingest_queued_peak",
-                "The most MQTT publishes that have waited for a batch at once since start.",
-                &self.ingest_queued_peak,
-            ),
-        ] {
-            let v = v.load(Ordering::Relaxed);
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        }
+        metric(
+            &mut out,
+            "gauge",
+            "smgate_mqtt_ingest_queued",
+            "MQTT publishes read and waiting for a batch (reading pauses at 4 batches).",
+            self.ingest_queued.load(Ordering::Relaxed),
+        );
+        metric(
+            &mut out,
+            "gauge",
+            "smgate_mqtt_ingest_queued_peak",
+            "The most MQTT publishes that have waited for a batch at once since start.",
+            self.ingest_queued_peak.load(Ordering::Relaxed),
+        );
         let dead = self.dead.lock().map(|d| d.clone()).unwrap_or_default();
         let total: u64 = dead.values().sum();
         c(

@@ -152,48 +152,31 @@ fn publish(port: u16, topic: &str, payload: Option<&[u8]>) {
     );
 }
 
-/// The retained message on `topic` (`mosquitto_sub --retained-only`), or None after 3 s.
-fn retained(port: u16, topic: &str) -> Option<Value> {
+/// The first line `mosquitto_sub --retained-only` prints for `topic` within 3 s, with `args`
+/// added (subscription QoS, output format).
+fn sub_retained(port: u16, topic: &str, args: &[&str]) -> String {
     let out = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            topic,
-            "-C",
-            "1",
-            "-W",
-            "3",
-            "--retained-only",
-        ])
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic])
+        .args(["-C", "1", "-W", "3", "--retained-only"])
+        .args(args)
         .output()
         .expect("mosquitto_sub");
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .next()
-        .and_then(|l| serde_json::from_str(l).ok())
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+/// The retained message on `topic`, or None after 3 s.
+fn retained(port: u16, topic: &str) -> Option<Value> {
+    serde_json::from_str(&sub_retained(port, topic, &[])).ok()
 }
 
 /// The QoS at which a QoS 1 subscriber receives the retained message on `topic` (the lower of
 /// the publisher's and the subscription's).
 fn retained_qos(port: u16, topic: &str) -> Option<u8> {
-    let out = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            topic,
-            "-q",
-            "1",
-        ])
-        .args(["-C", "1", "-W", "3", "--retained-only", "-F", "%q"])
-        .output()
-        .expect("mosquitto_sub");
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    sub_retained(port, topic, &["-q", "1", "-F", "%q"])
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// States are retained snapshots published at `mqtt.state_qos`: 1 by default, 0 on request;

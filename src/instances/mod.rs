@@ -6,12 +6,13 @@
 //! version and status. A call loads the stored state once into the engine's working form
 //! ([`LiveState`]), steps that (timers, then the event), and encodes it straight back to the
 //! stored bytes. Every committed step writes the new state, a `transition` row in the
-//! machine's log, a history record, and the instance's next timer deadline, all in one write
+//! machine's log, a history record (in the instance row first, `history`), and the instance's next timer deadline, all in one write
 //! transaction; a step that fails writes nothing.
 //!
 //! Timers are durable: `DUE` indexes each instance by its earliest timer, so the timer task
 //! (`timers.rs`) finds what is due with one range read, also right after boot.
 
+pub mod history;
 pub mod timers;
 
 use std::collections::HashMap;
@@ -32,7 +33,8 @@ pub const VERSIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new(
 pub const CHARTS: TableDefinition<&str, &[u8]> = TableDefinition::new("chart_meta");
 /// (machine slug, instance slug) → [`Instance`].
 pub const INSTANCES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("instances");
-/// (machine slug, instance slug, n) → [`TransitionRecord`].
+/// (machine slug, instance slug, n) → [`TransitionRecord`]: records written before runs
+/// ([`history`]); read and deleted, no longer written.
 pub const HISTORY: TableDefinition<(&str, &str, u64), &[u8]> =
     TableDefinition::new("instance_history");
 /// (due ms, machine slug, instance slug) → () : each instance's earliest pending timer.
@@ -44,6 +46,7 @@ pub fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(CHARTS)?;
     txn.open_table(INSTANCES)?;
     txn.open_table(HISTORY)?;
+    txn.open_table(history::RUNS)?;
     txn.open_table(DUE)?;
     Ok(())
 }
@@ -178,6 +181,10 @@ pub struct Instance {
     pub state: Vec<u8>,
     pub next_due: Option<i64>,
     pub steps: u64,
+    /// The newest transition records, stored after the row's postcard bytes
+    /// ([`history::encode_instance`]).
+    #[serde(skip)]
+    pub recent: history::Recent,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -250,6 +257,17 @@ fn encode_state(chart: &Chart, state: &LiveState) -> Result<Vec<u8>, InstanceErr
     Ok(bytes)
 }
 
+/// Reads an instance row (with its history tail) through either kind of transaction.
+macro_rules! get_instance {
+    ($txn:expr, $machine:expr, $slug:expr) => {{
+        (|| -> Result<Option<Instance>, StoreError> {
+            let t = $txn.open_table(INSTANCES)?;
+            let v = t.get(($machine, $slug))?;
+            v.map(|g| history::decode_instance(g.value())).transpose()
+        })()
+    }};
+}
+
 /// Reads through either a read or a write transaction.
 macro_rules! get_in {
     ($txn:expr, $table:expr, $key:expr) => {{
@@ -293,7 +311,7 @@ pub fn instance(
     machine: &str,
     slug: &str,
 ) -> Result<Option<Instance>, StoreError> {
-    get_in!(txn, INSTANCES, (machine, slug))
+    get_instance!(txn, machine, slug)
 }
 
 /// Up to `limit` instances of `machine` after `cursor` (an instance slug), in slug order.
@@ -315,7 +333,7 @@ pub fn instances(
         if cursor.is_some() && s == start {
             continue;
         }
-        out.push(store::decode(v.value())?);
+        out.push(history::decode_instance(v.value())?);
         if out.len() == limit {
             break;
         }
@@ -331,17 +349,7 @@ pub fn history(
     after: Option<u64>,
     limit: usize,
 ) -> Result<Vec<(u64, TransitionRecord)>, StoreError> {
-    let t = txn.open_table(HISTORY)?;
-    let from = after.map(|a| a + 1).unwrap_or(0);
-    let mut out = Vec::new();
-    for e in t.range((machine, slug, from)..=(machine, slug, u64::MAX))? {
-        let (k, v) = e?;
-        out.push((k.value().2, store::decode(v.value())?));
-        if out.len() == limit {
-            break;
-        }
-    }
-    Ok(out)
+    history::history(txn, machine, slug, after, limit)
 }
 
 /// Stores a new immutable version (its definition already compiled by the caller) and appends
@@ -468,7 +476,7 @@ type InstancesTable<'txn> = Table<'txn, (&'static str, &'static str), &'static [
 pub struct Steps<'txn> {
     txn: &'txn WriteTransaction,
     instances: InstancesTable<'txn>,
-    history: Table<'txn, (&'static str, &'static str, u64), &'static [u8]>,
+    runs: Table<'txn, (&'static str, &'static str, u64), &'static [u8]>,
     due: Table<'txn, (i64, &'static str, &'static str), ()>,
     log: LogWriter<'txn>,
 }
@@ -478,7 +486,7 @@ impl<'txn> Steps<'txn> {
         Ok(Steps {
             txn,
             instances: txn.open_table(INSTANCES)?,
-            history: txn.open_table(HISTORY)?,
+            runs: txn.open_table(history::RUNS)?,
             due: txn.open_table(DUE)?,
             log: LogWriter::open(txn)?,
         })
@@ -492,14 +500,14 @@ impl<'txn> Steps<'txn> {
     pub fn instance(&self, machine: &str, slug: &str) -> Result<Option<Instance>, StoreError> {
         self.instances
             .get((machine, slug))?
-            .map(|v| store::decode(v.value()))
+            .map(|v| history::decode_instance(v.value()))
             .transpose()
     }
 
     fn put(&mut self, instance: &Instance) -> Result<(), StoreError> {
         self.instances.insert(
             (instance.machine.as_str(), instance.slug.as_str()),
-            store::encode(instance).as_slice(),
+            history::encode_instance(instance).as_slice(),
         )?;
         Ok(())
     }
@@ -556,6 +564,7 @@ impl<'txn> Steps<'txn> {
             state: state_bytes,
             next_due: None,
             steps: 0,
+            recent: Default::default(),
         };
         let event = Event::new("xstate.init", Value::Null);
         self.commit_step(
@@ -757,10 +766,7 @@ impl<'txn> Steps<'txn> {
             log_seq: row.seq,
             version_id: instance.version_id.clone(),
         };
-        self.history.insert(
-            (machine, slug, instance.steps),
-            store::encode(&record).as_slice(),
-        )?;
+        history::record(&mut self.runs, instance, &record)?;
         instance.next_due = next_due;
         instance.steps += 1;
         instance.state = state_bytes;
@@ -801,7 +807,7 @@ pub fn set_status(
     slug: &str,
     status: Status,
 ) -> Result<Instance, InstanceError> {
-    let mut instance: Instance = get_in!(txn, INSTANCES, (machine, slug))?
+    let mut instance: Instance = get_instance!(txn, machine, slug)?
         .ok_or_else(|| InstanceError::NotFound(format!("no instance `{slug}`")))?;
     if instance.status != status {
         // Paused instances keep their timers but leave the due index, so the timer task
@@ -815,8 +821,10 @@ pub fn set_status(
         }
     }
     instance.status = status;
-    txn.open_table(INSTANCES)?
-        .insert((machine, slug), store::encode(&instance).as_slice())?;
+    txn.open_table(INSTANCES)?.insert(
+        (machine, slug),
+        history::encode_instance(&instance).as_slice(),
+    )?;
     Ok(instance)
 }
 
@@ -828,7 +836,7 @@ pub fn set_target_version(
     slug: &str,
     target: &str,
 ) -> Result<Instance, InstanceError> {
-    let mut instance: Instance = get_in!(txn, INSTANCES, (machine, slug))?
+    let mut instance: Instance = get_instance!(txn, machine, slug)?
         .ok_or_else(|| InstanceError::NotFound(format!("no instance `{slug}`")))?;
     let version: Version = get_in!(txn, VERSIONS, (machine, target))?
         .ok_or_else(|| InstanceError::NotFound(format!("no version `{target}` on this machine")))?;
@@ -841,8 +849,10 @@ pub fn set_target_version(
         ))
     })?;
     instance.target_version_id = Some(target.to_owned());
-    txn.open_table(INSTANCES)?
-        .insert((machine, slug), store::encode(&instance).as_slice())?;
+    txn.open_table(INSTANCES)?.insert(
+        (machine, slug),
+        history::encode_instance(&instance).as_slice(),
+    )?;
     Ok(instance)
 }
 
@@ -854,17 +864,12 @@ pub fn delete_instance(
     actor: &str,
     now_ms: i64,
 ) -> Result<(), InstanceError> {
-    let instance: Instance = get_in!(txn, INSTANCES, (machine, slug))?
+    let instance: Instance = get_instance!(txn, machine, slug)?
         .ok_or_else(|| InstanceError::NotFound(format!("no instance `{slug}`")))?;
     if let Some(d) = instance.next_due {
         txn.open_table(DUE)?.remove((d, machine, slug))?;
     }
-    {
-        let mut h = txn.open_table(HISTORY)?;
-        for n in 0..instance.steps {
-            h.remove((machine, slug, n))?;
-        }
-    }
+    history::delete(txn, machine, slug)?;
     txn.open_table(INSTANCES)?.remove((machine, slug))?;
     ledger_log::append(
         txn,

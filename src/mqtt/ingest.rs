@@ -440,7 +440,7 @@ pub fn states_after(
         if after == Some((m, s)) {
             continue;
         }
-        let inst: instances::Instance = store::decode(v.value())?;
+        let inst = instances::history::decode_instance(v.value())?;
         let Some(version) = instances::version(txn, m, &inst.version_id)? else {
             continue;
         };

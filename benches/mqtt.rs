@@ -4,7 +4,9 @@
 //! 1. broker-only ceiling: the devices publish as fast as the broker acks them, to a plain QoS 1
 //!    subscriber; messages/s delivered and publish → delivery latency;
 //! 2. smgate (external mode, release binary) with 10,000 heartbeat instances: the same load to
-//!    `smgate/hb/<dev>/heartbeat`; applied heartbeats/s from `/metrics`;
+//!    `smgate/hb/<dev>/heartbeat`; applied heartbeats/s from `/metrics`, and how fast it
+//!    drains the backlog the broker queued; then the target rate (30,000/s,
+//!    `TEST_MQTT_BENCH_SUSTAIN`) offered steadily: applied/s and how far behind it ends;
 //! 3. a steady 5,000 heartbeats/s: p50/p99 from publish to the retained `…/state` message (the
 //!    state carries the publish time as `last_seen`), and smgate's RSS.
 //!
@@ -134,9 +136,37 @@ fn report() -> Result<(), Failure> {
         "smgate saturated: devices published {:.0} msg/s; applied {:>9.0} heartbeats/s during the load, {:.0}/s including the drain ({:.1} s)",
         load.rate, applied_rate, sustained, drained
     );
+    // What the gateway applies with no publisher competing for the two cores: the backlog the
+    // broker queued during the load.
+    let draining = (load.sent - applied_in_window) as f64 / drained.max(1e-3);
+    println!("smgate draining the backlog: {draining:.0} heartbeats/s");
     println!(
         "smgate RSS after the saturated load: {:.1} MiB",
         gw.rss_mib("VmRSS")
+    );
+    // 2b. The target rate offered steadily: does the gateway keep up, and how far behind is
+    // it when the devices stop?
+    let offered = env_u64("TEST_MQTT_BENCH_SUSTAIN", 30_000);
+    rt.block_on(gw.settle())?;
+    let before = rt.block_on(gw.applied())?;
+    let t0 = Instant::now();
+    let held = rt.block_on(run_load(
+        port,
+        devices,
+        instances,
+        secs,
+        Some(offered),
+        "smgate/hb",
+        Sink::None,
+    ))?;
+    let held_in_window = rt.block_on(gw.applied())? - before;
+    let held_window = t0.elapsed().as_secs_f64();
+    let held_rate = held_in_window as f64 / held_window;
+    let behind = held.sent.saturating_sub(held_in_window);
+    let caught_up = rt.block_on(gw.wait_applied(before + held.sent, Duration::from_secs(300)))?;
+    println!(
+        "smgate at {offered}/s offered: devices published {:.0} msg/s; applied {held_rate:.0} heartbeats/s during the load; {behind} behind at its end, caught up {caught_up:.1} s later",
+        held.rate
     );
     // 3. Latency at a steady rate, to the retained state message. The phases are independent:
     // the backlog of the saturated phase has been applied (above); let the state publisher
@@ -180,6 +210,18 @@ fn report() -> Result<(), Failure> {
         format!("{:.0}", applied_rate.max(sustained)),
         applied_rate.max(sustained) >= 30_000.0,
         ">= 30000",
+    );
+    row(
+        "applied heartbeats/s draining a backlog",
+        format!("{draining:.0}"),
+        true,
+        "(report)",
+    );
+    row(
+        &format!("applied heartbeats/s at {offered}/s offered"),
+        format!("{held_rate:.0}"),
+        true,
+        "(report)",
     );
     row(
         &format!("p50 publish->state at {rate}/s (ms)"),

@@ -28,9 +28,9 @@ pub const RUNS: TableDefinition<(&str, &str, u64), &[u8]> =
     TableDefinition::new("instance_history_runs");
 
 /// A tail moves to [`RUNS`] when it holds this many records…
-pub const RUN_RECORDS: u32 = 16;
+pub const RUN_RECORDS: u32 = 8;
 /// …or this many bytes (a step with large event data moves on its own).
-pub const RUN_BYTES: usize = 1024;
+pub const RUN_BYTES: usize = 512;
 
 /// The newest records of an instance, not yet in a run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

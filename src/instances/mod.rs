@@ -6,8 +6,9 @@
 //! version and status. A call loads the stored state once into the engine's working form
 //! ([`LiveState`]), steps that (timers, then the event), and encodes it straight back to the
 //! stored bytes. Every committed step writes the new state, a `transition` row in the
-//! machine's log, a history record (in the instance row first, `history`), and the instance's next timer deadline, all in one write
-//! transaction; a step that fails writes nothing.
+//! machine's log, a history record (kept in the instance row until a run of them moves out,
+//! `history`), and the instance's next timer deadline, all in one write transaction; a step
+//! that fails writes nothing.
 //!
 //! Timers are durable: `DUE` indexes each instance by its earliest timer, so the timer task
 //! (`timers.rs`) finds what is due with one range read, also right after boot.

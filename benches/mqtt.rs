@@ -141,8 +141,9 @@ fn report() -> Result<(), Failure> {
     let draining = (load.sent - applied_in_window) as f64 / drained.max(1e-3);
     println!("smgate draining the backlog: {draining:.0} heartbeats/s");
     println!(
-        "smgate RSS after the saturated load: {:.1} MiB",
-        gw.rss_mib("VmRSS")
+        "smgate RSS after the saturated load: {:.1} MiB (peak so far {:.1} MiB)",
+        gw.rss_mib("VmRSS"),
+        gw.rss_mib("VmHWM")
     );
     // 2b. The target rate offered steadily: does the gateway keep up, and how far behind is
     // it when the devices stop?
@@ -165,8 +166,10 @@ fn report() -> Result<(), Failure> {
     let behind = held.sent.saturating_sub(held_in_window);
     let caught_up = rt.block_on(gw.wait_applied(before + held.sent, Duration::from_secs(300)))?;
     println!(
-        "smgate at {offered}/s offered: devices published {:.0} msg/s; applied {held_rate:.0} heartbeats/s during the load; {behind} behind at its end, caught up {caught_up:.1} s later",
-        held.rate
+        "smgate at {offered}/s offered: devices published {:.0} msg/s; applied {held_rate:.0} heartbeats/s during the load; {behind} behind at its end, caught up {caught_up:.1} s later; RSS {:.1} MiB (peak so far {:.1} MiB)",
+        held.rate,
+        gw.rss_mib("VmRSS"),
+        gw.rss_mib("VmHWM")
     );
     // 3. Latency at a steady rate, to the retained state message. The phases are independent:
     // the backlog of the saturated phase has been applied (above); let the state publisher

@@ -207,4 +207,23 @@ fn legacy_records_runs_and_the_tail_read_back_in_order_at_every_cursor() {
         0
     );
     assert_eq!(summary(&all(&db, "b")), b);
+    drop((runs, txn));
+
+    // A row claiming more tail records than steps is reported as corrupt, not misnumbered.
+    let txn = db.begin_write().unwrap();
+    {
+        let mut rows = txn.open_table(instances::INSTANCES).unwrap();
+        let mut row =
+            history::decode_instance(rows.get(("m", "b")).unwrap().unwrap().value()).unwrap();
+        row.recent.count = u32::try_from(row.steps).unwrap() + 1;
+        rows.insert(("m", "b"), history::encode_instance(&row).as_slice())
+            .unwrap();
+    }
+    txn.commit().unwrap();
+    let txn = db.begin_read().unwrap();
+    let err = instances::history(&txn, "m", "b", None, 100).unwrap_err();
+    assert!(
+        matches!(&err, store::StoreError::Corrupt(m) if m.contains("history records after")),
+        "{err}"
+    );
 }

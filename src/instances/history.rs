@@ -78,7 +78,7 @@ pub fn record(
         .map_err(|e| StoreError::Corrupt(format!("unencodable record: {e}")))?;
     recent.count += 1;
     if recent.count >= RUN_RECORDS || recent.bytes.len() >= RUN_BYTES {
-        let first = instance.steps + 1 - u64::from(recent.count);
+        let first = first_of_tail(instance.steps + 1, recent.count)?;
         runs.insert(
             (instance.machine.as_str(), instance.slug.as_str(), first),
             recent.bytes.as_slice(),
@@ -86,6 +86,16 @@ pub fn record(
         *recent = Recent::default();
     }
     Ok(())
+}
+
+/// `n` of the first record of a tail of `count` records after `steps` steps; a row whose tail
+/// is longer than its steps is corrupt.
+fn first_of_tail(steps: u64, count: u32) -> Result<u64, StoreError> {
+    steps.checked_sub(u64::from(count)).ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "instance row has {count} history records after {steps} steps"
+        ))
+    })
 }
 
 /// Decodes back-to-back records.
@@ -150,7 +160,7 @@ pub fn history(
     }
     if let Some(v) = txn.open_table(super::INSTANCES)?.get((machine, slug))? {
         let instance = decode_instance(v.value())?;
-        let first = instance.steps - u64::from(instance.recent.count);
+        let first = first_of_tail(instance.steps, instance.recent.count)?;
         push(first, &instance.recent.bytes, &mut out)?;
     }
     Ok(out)

@@ -16,6 +16,8 @@
 pub mod history;
 pub mod timers;
 
+pub use history::history;
+
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -340,17 +342,6 @@ pub fn instances(
         }
     }
     Ok(out)
-}
-
-/// Transition records of one instance from `after` (exclusive), oldest first.
-pub fn history(
-    txn: &ReadTransaction,
-    machine: &str,
-    slug: &str,
-    after: Option<u64>,
-    limit: usize,
-) -> Result<Vec<(u64, TransitionRecord)>, StoreError> {
-    history::history(txn, machine, slug, after, limit)
 }
 
 /// Stores a new immutable version (its definition already compiled by the caller) and appends

@@ -2,6 +2,8 @@
 //! runs, and the tail in the instance row read back as one sequence, at every cursor, across a
 //! reopen, and gone with the instance.
 
+mod common;
+
 use std::path::Path;
 
 use redb::{ReadableTable, ReadableTableMetadata};
@@ -46,18 +48,7 @@ fn legacy_records_runs_and_the_tail_read_back_in_order_at_every_cursor() {
     let charts = Charts::default();
     {
         let txn = db.begin_write().unwrap();
-        let owner = smgate::auth::Zid::parse("ZEQ00000000001").unwrap();
-        let defaults = smgate::machines::Defaults {
-            region: "test".into(),
-            parent_origin: "https://test".into(),
-        };
-        let request = smgate::machines::NewMachine::from_json(&json!({"slug": "m"})).unwrap();
-        smgate::machines::create(&txn, &owner, "test", request, &defaults, NOW).unwrap();
-        let def = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-config/machines/heartbeat.json"),
-        )
-        .unwrap();
-        instances::create_version(&txn, "m", &def, None, true, "test", NOW).unwrap();
+        common::create_heartbeat_machine(&txn, "m", NOW);
         let mut steps = Steps::open(&txn).unwrap();
         for slug in ["a", "b"] {
             steps

@@ -9,7 +9,6 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::TcpListener;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,8 +31,7 @@ fn free_port() -> u16 {
 }
 
 fn heartbeat_def() -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-config/machines/heartbeat.json");
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    serde_json::from_str(common::HEARTBEAT_DEF).unwrap()
 }
 
 /// Opens on `OPEN` (counted, with an `emit`), closes on `CLOSE`; the authorizer lets only the
@@ -1050,15 +1048,7 @@ fn a_committed_redelivery_is_skipped_and_a_reused_packet_id_is_applied() {
     let now = 1_700_000_000_000;
     {
         let txn = db.begin_write().unwrap();
-        let owner = smgate::auth::Zid::parse("ZEQ00000000001").unwrap();
-        let defaults = smgate::machines::Defaults {
-            region: "test".into(),
-            parent_origin: "https://test".into(),
-        };
-        let request = smgate::machines::NewMachine::from_json(&json!({"slug": "hb"})).unwrap();
-        smgate::machines::create(&txn, &owner, "test", request, &defaults, now).unwrap();
-        let def = heartbeat_def().to_string();
-        instances::create_version(&txn, "hb", &def, None, true, "test", now).unwrap();
+        common::create_heartbeat_machine(&txn, "hb", now);
         instances::set_auto_create(&txn, "hb", true).unwrap();
         txn.commit().unwrap();
     }

@@ -758,7 +758,7 @@ async fn public_site_caches_compresses_and_sandboxes() {
     assert!(res.bytes().await.unwrap().is_empty());
     let res = c
         .get(&url)
-        .header("if-none-match", "\"stale\", W/".to_string() + &etag)
+        .header("if-none-match", "\"stale\", W/".to_string() + etag.as_str())
         .send()
         .await
         .unwrap();

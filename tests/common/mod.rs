@@ -245,3 +245,24 @@ pub fn have_programs(programs: &[&str]) -> bool {
     );
     false
 }
+
+/// The example heartbeat machine's definition (`firmware-config/machines/heartbeat.json`).
+pub const HEARTBEAT_DEF: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/firmware-config/machines/heartbeat.json"
+));
+
+/// Creates machine `slug` with the example heartbeat chart as its current version, in
+/// `txn`: for tests that drive `instances` or `mqtt::ingest` on a store, without a gateway.
+pub fn create_heartbeat_machine(txn: &redb::WriteTransaction, slug: &str, now_ms: i64) {
+    let owner = smgate::auth::Zid::parse("ZEQ00000000001").unwrap();
+    let defaults = smgate::machines::Defaults {
+        region: "test".into(),
+        parent_origin: "https://test".into(),
+    };
+    let request =
+        smgate::machines::NewMachine::from_json(&serde_json::json!({ "slug": slug })).unwrap();
+    smgate::machines::create(txn, &owner, "test", request, &defaults, now_ms).unwrap();
+    smgate::instances::create_version(txn, slug, HEARTBEAT_DEF, None, true, "test", now_ms)
+        .unwrap();
+}

@@ -115,30 +115,17 @@ fn report() -> Result<(), Failure> {
         "smgate RSS after creating them: {:.1} MiB",
         gw.rss_mib("VmRSS")
     );
-    let before = rt.block_on(gw.applied())?;
-    let t0 = Instant::now();
-    let load = rt.block_on(run_load(
-        port,
-        devices,
-        instances,
-        secs,
-        None,
-        "smgate/hb",
-        Sink::None,
-    ))?;
-    // Applied within the window in which the devices published (the backlog drains after).
-    let applied_in_window = rt.block_on(gw.applied())? - before;
-    let window = t0.elapsed().as_secs_f64();
-    let applied_rate = applied_in_window as f64 / window;
-    let drained = rt.block_on(gw.wait_applied(before + load.sent, Duration::from_secs(300)))?;
-    let sustained = load.sent as f64 / (window + drained);
+    let sat = rt.block_on(load_gateway(&gw, port, devices, instances, secs, None))?;
+    let (load, drained) = (&sat.load, sat.drained);
+    let applied_rate = sat.rate_in_window();
+    let sustained = load.sent as f64 / (sat.window + drained);
     println!(
         "smgate saturated: devices published {:.0} msg/s; applied {:>9.0} heartbeats/s during the load, {:.0}/s including the drain ({:.1} s)",
         load.rate, applied_rate, sustained, drained
     );
     // What the gateway applies with no publisher competing for the two cores: the backlog the
     // broker queued during the load.
-    let draining = (load.sent - applied_in_window) as f64 / drained.max(1e-3);
+    let draining = sat.behind() as f64 / drained.max(1e-3);
     println!("smgate draining the backlog: {draining:.0} heartbeats/s");
     println!(
         "smgate RSS after the saturated load: {:.1} MiB (peak so far {:.1} MiB)",
@@ -149,25 +136,20 @@ fn report() -> Result<(), Failure> {
     // it when the devices stop?
     let offered = env_u64("TEST_MQTT_BENCH_SUSTAIN", 30_000);
     rt.block_on(gw.settle())?;
-    let before = rt.block_on(gw.applied())?;
-    let t0 = Instant::now();
-    let held = rt.block_on(run_load(
+    let held = rt.block_on(load_gateway(
+        &gw,
         port,
         devices,
         instances,
         secs,
         Some(offered),
-        "smgate/hb",
-        Sink::None,
     ))?;
-    let held_in_window = rt.block_on(gw.applied())? - before;
-    let held_window = t0.elapsed().as_secs_f64();
-    let held_rate = held_in_window as f64 / held_window;
-    let behind = held.sent.saturating_sub(held_in_window);
-    let caught_up = rt.block_on(gw.wait_applied(before + held.sent, Duration::from_secs(300)))?;
+    let held_rate = held.rate_in_window();
     println!(
-        "smgate at {offered}/s offered: devices published {:.0} msg/s; applied {held_rate:.0} heartbeats/s during the load; {behind} behind at its end, caught up {caught_up:.1} s later; RSS {:.1} MiB (peak so far {:.1} MiB)",
-        held.rate,
+        "smgate at {offered}/s offered: devices published {:.0} msg/s; applied {held_rate:.0} heartbeats/s during the load; {} behind at its end, caught up {:.1} s later; RSS {:.1} MiB (peak so far {:.1} MiB)",
+        held.load.rate,
+        held.behind(),
+        held.drained,
         gw.rss_mib("VmRSS"),
         gw.rss_mib("VmHWM")
     );
@@ -588,6 +570,63 @@ impl Gateway {
 }
 
 /// One heartbeat per instance (auto-create), from one connection; seconds until all applied.
+/// Heartbeats to the gateway for one phase, as it applied them.
+struct Applied {
+    load: Load,
+    /// Applied while the devices published.
+    in_window: u64,
+    /// Seconds from the start of the load to its end.
+    window: f64,
+    /// Seconds from the end of the load until everything published was applied.
+    drained: f64,
+}
+
+impl Applied {
+    fn rate_in_window(&self) -> f64 {
+        self.in_window as f64 / self.window
+    }
+
+    /// Published but not yet applied when the devices stopped (the broker's backlog).
+    fn behind(&self) -> u64 {
+        self.load.sent.saturating_sub(self.in_window)
+    }
+}
+
+/// The devices publish heartbeats to the gateway's instances for `secs`, as fast as the
+/// broker acks (or at `rate`); then waits until all of them are applied.
+async fn load_gateway(
+    gw: &Gateway,
+    port: u16,
+    devices: u64,
+    instances: u64,
+    secs: u64,
+    rate: Option<u64>,
+) -> Result<Applied, Failure> {
+    let before = gw.applied().await?;
+    let t0 = Instant::now();
+    let load = run_load(
+        port,
+        devices,
+        instances,
+        secs,
+        rate,
+        "smgate/hb",
+        Sink::None,
+    )
+    .await?;
+    let in_window = gw.applied().await? - before;
+    let window = t0.elapsed().as_secs_f64();
+    let drained = gw
+        .wait_applied(before + load.sent, Duration::from_secs(300))
+        .await?;
+    Ok(Applied {
+        load,
+        in_window,
+        window,
+        drained,
+    })
+}
+
 async fn warm_up(gw: &Gateway, port: u16, instances: u64) -> Result<f64, Failure> {
     let t0 = Instant::now();
     let mut o = MqttOptions::new(format!("bench-warm-{}", now_us()), "127.0.0.1", port);

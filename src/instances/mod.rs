@@ -271,6 +271,15 @@ macro_rules! get_instance {
     }};
 }
 
+/// Writes an instance row (with its history tail) outside a run of [`Steps`].
+fn put_instance(txn: &WriteTransaction, instance: &Instance) -> Result<(), StoreError> {
+    txn.open_table(INSTANCES)?.insert(
+        (instance.machine.as_str(), instance.slug.as_str()),
+        history::encode_instance(instance).as_slice(),
+    )?;
+    Ok(())
+}
+
 /// Reads through either a read or a write transaction.
 macro_rules! get_in {
     ($txn:expr, $table:expr, $key:expr) => {{
@@ -813,10 +822,7 @@ pub fn set_status(
         }
     }
     instance.status = status;
-    txn.open_table(INSTANCES)?.insert(
-        (machine, slug),
-        history::encode_instance(&instance).as_slice(),
-    )?;
+    put_instance(txn, &instance)?;
     Ok(instance)
 }
 
@@ -841,10 +847,7 @@ pub fn set_target_version(
         ))
     })?;
     instance.target_version_id = Some(target.to_owned());
-    txn.open_table(INSTANCES)?.insert(
-        (machine, slug),
-        history::encode_instance(&instance).as_slice(),
-    )?;
+    put_instance(txn, &instance)?;
     Ok(instance)
 }
 

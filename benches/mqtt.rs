@@ -240,7 +240,7 @@ fn mosquitto(dir: &Path) -> Result<(u16, Killed), Failure> {
     writeln!(
         f,
         "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nuser root\n\
-         max_inflight_messages 1000\nmax_queued_messages 0\nmax_queued_bytes 0\nmax_packet_size 262144\nlog_dest stderr\nlog_type error\n",
+         max_inflight_messages 4096\nmax_queued_messages 0\nmax_queued_bytes 0\nmax_packet_size 262144\nlog_dest stderr\nlog_type error\n",
         dir.join("mosq").display()
     )?;
     let child = Killed(

@@ -10,8 +10,13 @@
 //! `history`), and the instance's next timer deadline, all in one write transaction; a step
 //! that fails writes nothing.
 //!
-//! Timers are durable: `DUE` indexes each instance by its earliest timer, so the timer task
-//! (`timers.rs`) finds what is due with one range read, also right after boot.
+//! Timers are durable: `DUE` indexes each running instance with a timer by a time at or before
+//! its earliest deadline, so the timer task (`timers.rs`) finds what is due with one range
+//! read, also right after boot. The entry is a lower bound, not the deadline itself: a step
+//! that moves the deadline later (every heartbeat restarts its watchdog) leaves the entry
+//! alone, and when the entry comes up the timer pass moves it to the real deadline. A
+//! heartbeat then costs no index update (a remove and an insert in a random leaf before), and
+//! the pass moves each entry about once per timer period.
 
 pub mod history;
 pub mod timers;
@@ -703,18 +708,30 @@ impl<'txn> Steps<'txn> {
         Ok(())
     }
 
-    /// Removes a due-index entry that no longer matches its instance.
-    pub fn drop_stale_due(
+    /// The deadline of the earliest timer of a running instance (None when it is gone,
+    /// paused, or has no timer).
+    pub fn next_due(&self, machine: &str, slug: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .instance(machine, slug)?
+            .filter(|i| i.status == Status::Running)
+            .and_then(|i| i.next_due))
+    }
+
+    /// Brings the due-index entry `(due_ms, machine, slug)` in line with its instance: kept
+    /// when it is the deadline, moved to the deadline when that differs, dropped when the
+    /// instance is gone, paused or has no timer.
+    pub fn reindex_due(
         &mut self,
         due_ms: i64,
         machine: &str,
         slug: &str,
     ) -> Result<(), StoreError> {
-        let live = self
-            .instance(machine, slug)?
-            .is_some_and(|i| i.next_due == Some(due_ms) && i.status == Status::Running);
-        if !live {
+        let want = self.next_due(machine, slug)?;
+        if want != Some(due_ms) {
             self.due.remove((due_ms, machine, slug))?;
+            if let Some(d) = want {
+                self.due.insert((d, machine, slug), ())?;
+            }
         }
         Ok(())
     }
@@ -750,12 +767,16 @@ impl<'txn> Steps<'txn> {
         )?;
         let (machine, slug) = (instance.machine.as_str(), instance.slug.as_str());
         let next_due = to.next_due();
-        if instance.next_due != next_due {
-            if let Some(old) = instance.next_due {
-                self.due.remove((old, machine, slug))?;
-            }
-            if let Some(new) = next_due {
-                self.due.insert((new, machine, slug), ())?;
+        match (instance.next_due, next_due) {
+            // The entry at or before `old` bounds the later deadline too (module doc).
+            (Some(old), Some(new)) if new >= old => {}
+            (old, new) => {
+                if let Some(old) = old {
+                    self.due.remove((old, machine, slug))?;
+                }
+                if let Some(new) = new {
+                    self.due.insert((new, machine, slug), ())?;
+                }
             }
         }
         let record = TransitionRecord {

@@ -2,7 +2,10 @@
 //!
 //! Timers live in the instance states and in the `DUE` index, both in redb, so they survive
 //! restarts; on boot the first pass fires everything that came due while the gateway was off.
-//! Each pass fires up to 256 due instances in one write transaction, in due order. Between
+//! Each pass takes up to 256 due-index entries in one write transaction. An entry is a lower
+//! bound of its instance's deadline (`instances` module doc), so the pass first reads each
+//! instance's real deadline: entries that came up early move to it, and the instances really
+//! due fire in the order of their deadlines ([`fire_pass`]). Between
 //! passes the task sleeps until the earliest deadline or the next commit (which may have added
 //! an earlier one), whichever comes first.
 
@@ -11,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{due, earliest_due, InstanceError, Steps};
+use super::{due, earliest_due, Charts, InstanceError, Sent, Steps};
 use crate::clock;
 use crate::server::Gateway;
 
@@ -34,19 +37,8 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
                 .writer
                 .write(move |txn| -> Result<Vec<super::Sent>, InstanceError> {
                     let mut steps = Steps::open(txn)?;
-                    let mut fired = Vec::new();
-                    for (d, m, s) in batch {
-                        match steps.fire_due(&charts, &m, &s, now) {
-                            Ok(Some(sent)) => fired.push(sent),
-                            Ok(None) => steps.drop_stale_due(d, &m, &s)?,
-                            // Nothing of this instance was written; park its timers.
-                            Err(InstanceError::Store(e)) => return Err(e.into()),
-                            Err(e) => {
-                                tracing::warn!(machine = %m, instance = %s, error = %e, "timer failed; parked until the next event");
-                                steps.park_timers(&m, &s)?;
-                            }
-                        }
-                    }
+                    let truncated = batch.len() == PASS;
+                    let fired = fire_pass(&mut steps, &charts, batch, truncated, now)?;
                     steps.finish()?;
                     Ok(fired)
                 })
@@ -75,4 +67,49 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// One timer pass over `batch`: the earliest due-index entries `(entry time, machine,
+/// instance)` at or before `now_ms`, in index order; `truncated` when more entries remained
+/// beyond the last one. Fires the instances whose deadline has come, in deadline order, and
+/// moves or drops every other entry. When the batch was truncated, only deadlines up to its
+/// last entry time fire: a later one could come after the deadline of an instance whose entry
+/// did not make the batch, so it moves and fires in a later pass, in order.
+pub fn fire_pass(
+    steps: &mut Steps,
+    charts: &Charts,
+    batch: Vec<(i64, String, String)>,
+    truncated: bool,
+    now_ms: i64,
+) -> Result<Vec<Sent>, InstanceError> {
+    let bound = match batch.last() {
+        Some((last, _, _)) if truncated => *last,
+        _ => now_ms,
+    };
+    let mut firing = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (entry, m, s) in batch {
+        match steps.next_due(&m, &s)? {
+            Some(d) if d <= bound && seen.insert((m.clone(), s.clone())) => {
+                firing.push((d, entry, m, s))
+            }
+            _ => steps.reindex_due(entry, &m, &s)?,
+        }
+    }
+    firing.sort();
+    let mut fired = Vec::new();
+    for (_, entry, m, s) in firing {
+        match steps.fire_due(charts, &m, &s, now_ms) {
+            Ok(Some(sent)) => fired.push(sent),
+            Ok(None) => {}
+            // Nothing of this instance was written; park its timers.
+            Err(InstanceError::Store(e)) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(machine = %m, instance = %s, error = %e, "timer failed; parked until the next event");
+                steps.park_timers(&m, &s)?;
+            }
+        }
+        steps.reindex_due(entry, &m, &s)?;
+    }
+    Ok(fired)
 }

@@ -727,6 +727,18 @@ impl<'txn> Steps<'txn> {
         slug: &str,
     ) -> Result<(), StoreError> {
         let want = self.next_due(machine, slug)?;
+        self.move_due(due_ms, machine, slug, want)
+    }
+
+    /// [`Steps::reindex_due`] for a caller that has just read the instance's
+    /// [`Steps::next_due`] (`want`).
+    fn move_due(
+        &mut self,
+        due_ms: i64,
+        machine: &str,
+        slug: &str,
+        want: Option<i64>,
+    ) -> Result<(), StoreError> {
         if want != Some(due_ms) {
             self.due.remove((due_ms, machine, slug))?;
             if let Some(d) = want {

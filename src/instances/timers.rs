@@ -89,11 +89,12 @@ pub fn fire_pass(
     let mut firing = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (entry, m, s) in batch {
-        match steps.next_due(&m, &s)? {
+        let want = steps.next_due(&m, &s)?;
+        match want {
             Some(d) if d <= bound && seen.insert((m.clone(), s.clone())) => {
                 firing.push((d, entry, m, s))
             }
-            _ => steps.reindex_due(entry, &m, &s)?,
+            _ => steps.move_due(entry, &m, &s, want)?,
         }
     }
     firing.sort();

@@ -6,27 +6,13 @@
 
 mod common;
 
-use std::path::Path;
-
 use serde_json::{json, Value};
 use smgate::chart::Event;
 use smgate::instances::{self, timers, Charts, Steps};
-use smgate::store::Store;
 
 const NOW: i64 = 1_700_000_000_000;
 /// The example heartbeat chart: `online` → `stale` after 30 s without a heartbeat.
 const STALE_MS: i64 = 30_000;
-
-fn auth() -> Value {
-    json!({"sub": "test", "role": "operator"})
-}
-
-fn open(dir: &Path) -> std::sync::Arc<redb::Database> {
-    Store::open(&dir.join("db.redb"), Default::default())
-        .unwrap()
-        .database()
-        .unwrap()
-}
 
 /// Runs `f` on a run of steps in one committed write transaction.
 fn steps<T>(db: &redb::Database, f: impl FnOnce(&mut Steps) -> T) -> T {
@@ -41,10 +27,36 @@ fn steps<T>(db: &redb::Database, f: impl FnOnce(&mut Steps) -> T) -> T {
     out
 }
 
+/// A fresh store with machine `m` on the example heartbeat chart.
+fn with_machine() -> (tempfile::TempDir, std::sync::Arc<redb::Database>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = common::open_db(dir.path());
+    let txn = db.begin_write().unwrap();
+    common::create_heartbeat_machine(&txn, "m", NOW);
+    txn.commit().unwrap();
+    (dir, db)
+}
+
+/// c: entry at 30 s, deadline 45 s (one heartbeat at 15 s). d: entry and deadline 40 s.
+fn c_and_d(db: &redb::Database, charts: &Charts) {
+    create(db, charts, "c", NOW);
+    heartbeat(db, charts, "c", NOW + 15_000);
+    create(db, charts, "d", NOW + 10_000);
+}
+
 fn create(db: &redb::Database, charts: &Charts, slug: &str, at: i64) {
     steps(db, |s| {
-        s.create_instance(charts, "m", slug, Value::Null, None, &auth(), "test", at)
-            .unwrap();
+        s.create_instance(
+            charts,
+            "m",
+            slug,
+            Value::Null,
+            None,
+            &common::operator(),
+            "test",
+            at,
+        )
+        .unwrap();
     });
 }
 
@@ -55,7 +67,7 @@ fn heartbeat(db: &redb::Database, charts: &Charts, slug: &str, at: i64) {
             "m",
             slug,
             Event::new("HEARTBEAT", json!({})),
-            &auth(),
+            &common::operator(),
             "test",
             at,
         )
@@ -107,14 +119,8 @@ fn state(db: &redb::Database, slug: &str) -> (Vec<String>, Option<i64>) {
 
 #[test]
 fn heartbeats_leave_the_index_alone_and_early_entries_move_to_the_deadline() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = open(dir.path());
+    let (_dir, db) = with_machine();
     let charts = Charts::default();
-    {
-        let txn = db.begin_write().unwrap();
-        common::create_heartbeat_machine(&txn, "m", NOW);
-        txn.commit().unwrap();
-    }
     create(&db, &charts, "a", NOW);
     create(&db, &charts, "b", NOW);
     assert_eq!(
@@ -151,18 +157,9 @@ fn heartbeats_leave_the_index_alone_and_early_entries_move_to_the_deadline() {
 
 #[test]
 fn a_pass_fires_in_deadline_order_not_entry_order_even_when_cut_short() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = open(dir.path());
+    let (_dir, db) = with_machine();
     let charts = Charts::default();
-    {
-        let txn = db.begin_write().unwrap();
-        common::create_heartbeat_machine(&txn, "m", NOW);
-        txn.commit().unwrap();
-    }
-    // c: entry at 30 s, deadline 45 s (one heartbeat at 15 s). d: entry and deadline 40 s.
-    create(&db, &charts, "c", NOW);
-    heartbeat(&db, &charts, "c", NOW + 15_000);
-    create(&db, &charts, "d", NOW + 10_000);
+    c_and_d(&db, &charts);
     assert_eq!(
         index(&db),
         vec![(STALE_MS, "c".into()), (10_000 + STALE_MS, "d".into())]
@@ -184,16 +181,8 @@ fn a_pass_fires_in_deadline_order_not_entry_order_even_when_cut_short() {
     );
 
     // The same from scratch in one uncut pass: deadline order, not entry order.
-    let dir = tempfile::tempdir().unwrap();
-    let db = open(dir.path());
-    {
-        let txn = db.begin_write().unwrap();
-        common::create_heartbeat_machine(&txn, "m", NOW);
-        txn.commit().unwrap();
-    }
-    create(&db, &charts, "c", NOW);
-    heartbeat(&db, &charts, "c", NOW + 15_000);
-    create(&db, &charts, "d", NOW + 10_000);
+    let (_dir, db) = with_machine();
+    c_and_d(&db, &charts);
     assert_eq!(
         pass(&db, &charts, NOW + 60_000, 256),
         vec!["d".to_string(), "c".to_string()]

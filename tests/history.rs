@@ -4,26 +4,13 @@
 
 mod common;
 
-use std::path::Path;
-
 use redb::{ReadableTable, ReadableTableMetadata};
 use serde_json::{json, Value};
 use smgate::chart::Event;
 use smgate::instances::{self, history, Charts, Steps, TransitionRecord};
-use smgate::store::{self, Store};
+use smgate::store;
 
 const NOW: i64 = 1_700_000_000_000;
-
-fn auth() -> Value {
-    json!({"sub": "test", "role": "operator"})
-}
-
-fn open(dir: &Path) -> std::sync::Arc<redb::Database> {
-    Store::open(&dir.join("db.redb"), Default::default())
-        .unwrap()
-        .database()
-        .unwrap()
-}
 
 fn all(db: &redb::Database, slug: &str) -> Vec<(u64, TransitionRecord)> {
     let txn = db.begin_read().unwrap();
@@ -44,7 +31,7 @@ fn summary(records: &[(u64, TransitionRecord)]) -> Vec<(u64, String, Option<u64>
 #[test]
 fn legacy_records_runs_and_the_tail_read_back_in_order_at_every_cursor() {
     let dir = tempfile::tempdir().unwrap();
-    let db = open(dir.path());
+    let db = common::open_db(dir.path());
     let charts = Charts::default();
     {
         let txn = db.begin_write().unwrap();
@@ -52,7 +39,16 @@ fn legacy_records_runs_and_the_tail_read_back_in_order_at_every_cursor() {
         let mut steps = Steps::open(&txn).unwrap();
         for slug in ["a", "b"] {
             steps
-                .create_instance(&charts, "m", slug, Value::Null, None, &auth(), "test", NOW)
+                .create_instance(
+                    &charts,
+                    "m",
+                    slug,
+                    Value::Null,
+                    None,
+                    &common::operator(),
+                    "test",
+                    NOW,
+                )
                 .unwrap();
         }
         steps.finish().unwrap();
@@ -97,7 +93,7 @@ fn legacy_records_runs_and_the_tail_read_back_in_order_at_every_cursor() {
                     "m",
                     "a",
                     Event::new("HEARTBEAT", data),
-                    &auth(),
+                    &common::operator(),
                     "test",
                     NOW,
                 )
@@ -110,7 +106,7 @@ fn legacy_records_runs_and_the_tail_read_back_in_order_at_every_cursor() {
                         "m",
                         "b",
                         Event::new("HEARTBEAT", json!({"i": i})),
-                        &auth(),
+                        &common::operator(),
                         "test",
                         NOW,
                     )
@@ -175,7 +171,7 @@ fn legacy_records_runs_and_the_tail_read_back_in_order_at_every_cursor() {
 
     // Committed means durable: the same after reopening.
     drop(db);
-    let db = open(dir.path());
+    let db = common::open_db(dir.path());
     assert_eq!(summary(&all(&db, "a")), expected);
 
     // Deleting the instance takes all three places with it, and only its own records.

@@ -1041,9 +1041,7 @@ fn a_committed_redelivery_is_skipped_and_a_reused_packet_id_is_applied() {
     use smgate::instances::{self, Charts};
     use smgate::mqtt::ingest::{self, Message, Outcome, Rules};
     let dir = tempfile::tempdir().unwrap();
-    let store =
-        smgate::store::Store::open(&dir.path().join("db.redb"), Default::default()).unwrap();
-    let db = store.database().unwrap();
+    let db = common::open_db(dir.path());
     let charts = Charts::default();
     let now = 1_700_000_000_000;
     {

@@ -252,6 +252,20 @@ pub const HEARTBEAT_DEF: &str = include_str!(concat!(
     "/firmware-config/machines/heartbeat.json"
 ));
 
+/// Opens (or creates) the store `db.redb` in `dir`, for tests that drive the library on a
+/// store without a gateway.
+pub fn open_db(dir: &Path) -> std::sync::Arc<redb::Database> {
+    smgate::store::Store::open(&dir.join("db.redb"), Default::default())
+        .unwrap()
+        .database()
+        .unwrap()
+}
+
+/// The `auth` those tests pass to steps: an operator.
+pub fn operator() -> Value {
+    serde_json::json!({"sub": "test", "role": "operator"})
+}
+
 /// Creates machine `slug` with the example heartbeat chart as its current version, in
 /// `txn`: for tests that drive `instances` or `mqtt::ingest` on a store, without a gateway.
 pub fn create_heartbeat_machine(txn: &redb::WriteTransaction, slug: &str, now_ms: i64) {

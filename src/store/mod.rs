@@ -18,6 +18,7 @@
 //! reopened handle.
 
 mod backend;
+mod writeback;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -322,17 +323,21 @@ impl Store {
 fn open_database(path: &Path, options: &StoreOptions) -> Result<Database, StoreError> {
     let mut builder = Database::builder();
     builder.set_cache_size(options.cache_bytes);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_error)?;
+    // Page writes wait in memory for the commit's sync (module doc of `writeback`).
     let db = match &options.disk_limit {
-        None => builder.create(path)?,
+        None => {
+            let file = redb::backends::FileBackend::new(file)?;
+            builder.create_with_backend(writeback::WriteBack::new(file))?
+        }
         Some(limit) => {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(path)
-                .map_err(io_error)?;
-            builder.create_with_backend(limit.backend(file)?)?
+            builder.create_with_backend(writeback::WriteBack::new(limit.backend(file)?))?
         }
     };
     Ok(db)

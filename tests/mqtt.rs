@@ -1056,17 +1056,22 @@ fn a_committed_redelivery_is_skipped_and_a_reused_packet_id_is_applied() {
         max_payload: 1024,
         dead_letter_cap: 10,
     };
-    let msg = |pkid: u16, dup: bool| Message {
-        topic: "smgate/hb/dev-1/heartbeat".into(),
-        payload: bytes::Bytes::from_static(b"{}"),
-        pkid,
-        dup,
+    let msg_with = |pkid: u16, dup: bool, payload: &'static [u8]| {
+        Message::new(
+            "smgate/hb/dev-1/heartbeat".into(),
+            bytes::Bytes::from_static(payload),
+            pkid,
+            dup,
+            rules.max_payload,
+        )
     };
+    let msg = |pkid: u16, dup: bool| msg_with(pkid, dup, b"{}");
     // One batch transaction, as the batcher runs it.
-    let batch = |messages: Vec<Message>, tag: u64, settled: &[(u16, u64)]| {
+    let batch = |mut messages: Vec<Message>, tag: u64, settled: &[(u16, u64)]| {
         let txn = db.begin_write().unwrap();
         let out =
-            ingest::apply_then_forget(&txn, &charts, &rules, &messages, tag, settled, now).unwrap();
+            ingest::apply_then_forget(&txn, &charts, &rules, &mut messages, tag, settled, now)
+                .unwrap();
         txn.commit().unwrap();
         out.iter()
             .zip(&messages)
@@ -1099,8 +1104,7 @@ fn a_committed_redelivery_is_skipped_and_a_reused_packet_id_is_applied() {
     );
     assert_eq!(heartbeats(), 1, "a redelivery must not add a transition");
     // A redelivery of a different message on that packet id is applied.
-    let mut other = msg(7, true);
-    other.payload = bytes::Bytes::from_static(b"{\"n\": 2}");
+    let other = msg_with(7, true, b"{\"n\": 2}");
     assert_eq!(batch(vec![other], 13, &[]), [("applied", Some(13))]);
     assert_eq!(heartbeats(), 2);
     // The broker acknowledged our PUBACK and reuses packet id 7 for a new, identical message

@@ -42,7 +42,7 @@
 //! Shutdown: the batcher finishes and acks its batch, then the ingest connection publishes
 //! `offline` and disconnects, and the publisher flushes what is queued.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -377,6 +377,8 @@ impl Ingest {
         // its publish came in on.
         let mut connection = 0u64;
         let mut settle = Settle::default();
+        // When the broker last sent anything.
+        let mut heard = tokio::time::Instant::now();
         loop {
             // Events still buffered in the event loop describe packets already read or
             // written; they go first, so that our own writes keep the wire order of `settle`.
@@ -394,11 +396,16 @@ impl Ingest {
             // connection if its previous PINGREQ is unanswered at that moment; under load ours
             // nearly always is, so that check would cut a healthy connection every period. It
             // is cleared below as each PINGREQ leaves, and this deadline stands in for it: a
-            // PINGREQ unanswered for a whole keepalive period means the connection is dead.
-            // Not while paused: the answer may be waiting, unread, behind the publishes.
+            // connection that has neither answered a PINGREQ nor sent anything else for a
+            // whole keepalive period is dead. A broker with a backlog queues its PINGRESP
+            // behind the publishes (30 s behind in `cargo bench --bench mqtt`), and each of
+            // those shows it alive. Not while paused: the answer may be waiting, unread.
             let dead_at = match paused {
                 true => None,
-                false => settle.probes.front().map(|(at, _)| *at + keep_alive),
+                false => settle
+                    .probes
+                    .front()
+                    .map(|(at, _)| (*at).max(heard) + keep_alive),
             };
             let event = match written {
                 Err(e) => {
@@ -418,6 +425,9 @@ impl Ingest {
                     }
                 },
             };
+            if let Ok(Event::Incoming(_)) = &event {
+                heard = tokio::time::Instant::now();
+            }
             match event {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let n = queued.fetch_add(1, Ordering::Relaxed) + 1;
@@ -555,7 +565,7 @@ impl Ingest {
                 net.write(Packet::PubAck(PubAck::new(a.pkid))).await?;
                 wrote = true;
                 if let Some(tag) = a.tag {
-                    settle.written.push((a.pkid, tag));
+                    settle.written.insert(a.pkid, tag);
                 }
             }
             if !settle.written.is_empty() && settle.probes.is_empty() {
@@ -578,8 +588,12 @@ impl Ingest {
 /// The ingest connection's acks on their way to being settled (module doc).
 #[derive(Default)]
 struct Settle {
-    /// Acks written since the last PINGREQ left: `(packet id, entry tag)`.
-    written: Vec<(u16, u64)>,
+    /// Acks written since the last PINGREQ left: packet id → entry tag. Only the latest
+    /// delivery of a packet id can still have its entry (each commit of a later one rewrote
+    /// it), so an earlier ack of the same id is dropped here: while a PINGRESP waits behind a
+    /// broker's backlog (half a minute has been seen) this holds at most 65,535 acks, where a
+    /// list held every ack written meanwhile (700,000 in `cargo bench --bench mqtt`).
+    written: HashMap<u16, u64>,
     /// One entry per PINGREQ on the wire, oldest first: when it left, and the acks written
     /// before it, which its PINGRESP (answers come in order) proves the broker processed.
     probes: VecDeque<(tokio::time::Instant, Vec<(u16, u64)>)>,
@@ -588,7 +602,7 @@ struct Settle {
 impl Settle {
     /// A PINGREQ has just been written.
     fn probe(&mut self) {
-        let written = std::mem::take(&mut self.written);
+        let written = std::mem::take(&mut self.written).into_iter().collect();
         self.probes
             .push_back((tokio::time::Instant::now(), written));
     }
@@ -717,19 +731,23 @@ async fn commit_and_ack(
     turn: oneshot::Receiver<()>,
 ) -> bool {
     let gw = &b.gw;
-    let message = |p: &Publish, dup: bool| Message {
-        topic: p.topic.clone(),
-        payload: p.payload.clone(),
-        // QoS 0 has no packet id and is never redelivered: nothing to remember.
-        pkid: if p.qos == QoS::AtMostOnce { 0 } else { p.pkid },
-        dup,
+    let max_payload = b.rules.max_payload;
+    let message = |p: &Publish, dup: bool| {
+        Message::new(
+            p.topic.clone(),
+            p.payload.clone(),
+            // QoS 0 has no packet id and is never redelivered: nothing to remember.
+            if p.qos == QoS::AtMostOnce { 0 } else { p.pkid },
+            dup,
+            max_payload,
+        )
     };
     let mut messages: Vec<Message> = batch.iter().map(|(p, _)| message(p, p.dup)).collect();
     // Tells this batch's dedup entries from those of any other delivery of the same packet id.
     let tag = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
     let mut retry = Duration::from_millis(50);
     let outcomes = loop {
-        let (charts, rules, m, forget) = (
+        let (charts, rules, mut m, forget) = (
             gw.charts.clone(),
             b.rules.clone(),
             std::mem::take(&mut messages),
@@ -738,8 +756,16 @@ async fn commit_and_ack(
         let result = gw
             .writer
             .write(move |txn| {
-                ingest::apply_then_forget(txn, &charts, &rules, &m, tag, &forget, clock::now_ms())
-                    .map(|o| (o, m, forget))
+                ingest::apply_then_forget(
+                    txn,
+                    &charts,
+                    &rules,
+                    &mut m,
+                    tag,
+                    &forget,
+                    clock::now_ms(),
+                )
+                .map(|o| (o, m, forget))
             })
             .await;
         match result {
@@ -765,7 +791,7 @@ async fn commit_and_ack(
         let hit = messages
             .iter()
             .zip(&outcomes)
-            .any(|(m, o)| &m.topic == topic && matches!(o, Outcome::Applied { .. }));
+            .any(|(m, o)| m.topic() == topic && matches!(o, Outcome::Applied { .. }));
         if hit {
             tracing::error!(%topic, "TEST_MQTT_ABORT_BEFORE_ACK: exiting after the commit");
             // Like a crash: no destructor runs, nothing more is written or acked.
@@ -788,14 +814,12 @@ async fn commit_and_ack(
     let mut steps = Vec::with_capacity(outcomes.len());
     for o in outcomes {
         match o {
-            Outcome::Applied { machine, sent } => {
-                let crate::instances::Sent {
-                    view,
-                    effects,
-                    instance,
-                } = *sent;
-                steps.push((machine, instance.slug, view, effects));
-            }
+            Outcome::Applied {
+                machine,
+                instance,
+                view,
+                effects,
+            } => steps.push((machine, instance, view, effects)),
             Outcome::Duplicate(_) => {
                 gw.mqtt.duplicates.fetch_add(1, Ordering::Relaxed);
             }
@@ -940,4 +964,26 @@ async fn republish_all(gw: &Gateway, client: &AsyncClient, prefix: &str, qos: Qo
         }
     }
     tracing::info!(states = n, "MQTT states republished");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Settle;
+
+    #[test]
+    fn acks_waiting_for_a_pingresp_keep_the_latest_delivery_of_each_packet_id() {
+        let mut settle = Settle::default();
+        // Packet id 7 acked three times (three deliveries) before the PINGREQ leaves.
+        for (pkid, tag) in [(7, 11), (9, 21), (7, 13), (7, 15)] {
+            settle.written.insert(pkid, tag);
+        }
+        settle.probe();
+        settle.written.insert(7, 17);
+        settle.probe();
+        let mut first = settle.probes[0].1.clone();
+        first.sort();
+        assert_eq!(first, [(7, 15), (9, 21)]);
+        assert_eq!(settle.probes[1].1, [(7, 17)]);
+        assert!(settle.written.is_empty());
+    }
 }

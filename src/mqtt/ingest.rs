@@ -46,10 +46,60 @@ pub fn auth() -> Value {
 pub const ACTOR: &str = "mqtt";
 
 pub struct Message {
-    pub topic: String,
-    pub payload: Bytes,
+    /// Topic and payload are fixed at [`Message::new`]: the hash and data are derived from them.
+    topic: String,
+    payload: Bytes,
     pub pkid: u16,
     pub dup: bool,
+    /// [`content_hash`] of topic and payload.
+    hash: [u8; 32],
+    /// The payload as event data, or why it cannot be: (dead-letter reason, message).
+    data: Result<Value, (&'static str, String)>,
+}
+
+impl Message {
+    /// A received message, with the work that needs no transaction done here, before the
+    /// batch reaches the writer thread: the content hash, the size check and the JSON parse.
+    pub fn new(topic: String, payload: Bytes, pkid: u16, dup: bool, max_payload: usize) -> Message {
+        let hash = content_hash(&topic, &payload);
+        let data = event_data(&payload, max_payload);
+        Message {
+            topic,
+            payload,
+            pkid,
+            dup,
+            hash,
+            data,
+        }
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+}
+
+/// A payload as event data: a JSON object, or `{}` for an empty (or blank) payload.
+fn event_data(payload: &[u8], max_payload: usize) -> Result<Value, (&'static str, String)> {
+    if payload.len() > max_payload {
+        return Err((
+            "oversize",
+            format!(
+                "the payload is {} bytes; the limit is {max_payload}",
+                payload.len()
+            ),
+        ));
+    }
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    match serde_json::from_slice::<Value>(payload) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(("invalid_json", "the payload must be a JSON object".into())),
+        Err(e) => Err((
+            "invalid_json",
+            format!("the payload is not valid JSON: {e}"),
+        )),
+    }
 }
 
 pub struct Rules {
@@ -60,9 +110,14 @@ pub struct Rules {
 }
 
 pub enum Outcome {
+    /// A committed step: what is published and run after the commit (the rest of the step's
+    /// result is dropped on the writer thread, so that batches waiting for their acks hold
+    /// no more than this).
     Applied {
         machine: String,
-        sent: Box<instances::Sent>,
+        instance: String,
+        view: Value,
+        effects: Vec<crate::chart::Effect>,
     },
     /// A redelivery of the message committed by the batch with this tag: acked, not applied.
     Duplicate(u64),
@@ -103,12 +158,13 @@ pub fn content_hash(topic: &str, payload: &[u8]) -> [u8; 32] {
 
 /// Applies `batch` in `txn`, in order; one outcome per message. `tag` names this batch in the
 /// [`INFLIGHT`] entries it writes (unique per batch; a random number will do). Messages with
-/// packet id 0 (QoS 0) are never redelivered and leave no entry.
+/// packet id 0 (QoS 0) are never redelivered and leave no entry. Each message's event data is
+/// taken: a batch is applied once (a retry builds its messages again).
 pub fn apply(
     txn: &WriteTransaction,
     charts: &Charts,
     rules: &Rules,
-    batch: &[Message],
+    batch: &mut [Message],
     tag: u64,
     now_ms: i64,
 ) -> Result<Vec<Outcome>, StoreError> {
@@ -122,7 +178,7 @@ pub fn apply(
     let mut steps = instances::Steps::open(txn)?;
     let mut machines = Machines::default();
     for m in batch {
-        let hash = content_hash(&m.topic, &m.payload);
+        let hash = m.hash;
         if m.dup && m.pkid != 0 {
             let seen = inflight
                 .get((rules.client_id.as_str(), m.pkid))?
@@ -160,7 +216,7 @@ pub fn apply_then_forget(
     txn: &WriteTransaction,
     charts: &Charts,
     rules: &Rules,
-    batch: &[Message],
+    batch: &mut [Message],
     tag: u64,
     settled: &[(u16, u64)],
     now_ms: i64,
@@ -229,7 +285,7 @@ fn route(
     charts: &Charts,
     rules: &Rules,
     machines: &mut Machines,
-    m: &Message,
+    m: &mut Message,
     now_ms: i64,
 ) -> Result<Result<Outcome, Refusal>, StoreError> {
     let t = match topic::parse(&rules.prefix, &m.topic) {
@@ -250,29 +306,9 @@ fn route(
         )));
     }
     let refuse = |reason, message: String| Ok(Err((t.machine.to_owned(), reason, message)));
-    if m.payload.len() > rules.max_payload {
-        return refuse(
-            "oversize",
-            format!(
-                "the payload is {} bytes; the limit is {}",
-                m.payload.len(),
-                rules.max_payload
-            ),
-        );
-    }
-    let data = if m.payload.iter().all(u8::is_ascii_whitespace) {
-        json!({})
-    } else {
-        match serde_json::from_slice::<Value>(&m.payload) {
-            Ok(v @ Value::Object(_)) => v,
-            Ok(_) => return refuse("invalid_json", "the payload must be a JSON object".into()),
-            Err(e) => {
-                return refuse(
-                    "invalid_json",
-                    format!("the payload is not valid JSON: {e}"),
-                )
-            }
-        }
+    let data = match std::mem::replace(&mut m.data, Ok(Value::Null)) {
+        Ok(data) => data,
+        Err((reason, message)) => return refuse(reason, message),
     };
     let auth = auth();
     let event = Event::new(t.event, data);
@@ -314,7 +350,9 @@ fn route(
     match sent {
         Ok(sent) => Ok(Ok(Outcome::Applied {
             machine: t.machine.to_owned(),
-            sent: Box::new(sent),
+            instance: sent.instance.slug,
+            view: sent.view,
+            effects: sent.effects,
         })),
         Err(e) => refused(e),
     }

@@ -121,7 +121,7 @@ impl Default for MqttConfig {
             keepalive_secs: 30,
             max_packet_bytes: 256 * 1024,
             max_payload_bytes: 64 * 1024,
-            batch_size: 1024,
+            batch_size: 2048,
             batch_wait_ms: 1,
             dead_letter_cap: 1000,
             inflight: 4096,

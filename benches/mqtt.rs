@@ -236,11 +236,14 @@ fn mosquitto(dir: &Path) -> Result<(u16, Killed), Failure> {
     let mut f = std::fs::File::create(&conf)?;
     // firmware-config/mosquitto.conf's settings, on a test port, with no limit on the queue of
     // the gateway's session: the saturated phase publishes ~1M messages in 10 s, and the
-    // backlog waits in the broker (the gateway reads at its commit pace).
+    // backlog waits in the broker (the gateway reads at its commit pace). The inflight window
+    // follows the gateway's (`SMGATE_MQTT_INFLIGHT`, which the gateway inherits) as the sample
+    // config asks.
+    let inflight = env_u64("SMGATE_MQTT_INFLIGHT", 4096);
     writeln!(
         f,
         "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nuser root\n\
-         max_inflight_messages 4096\nmax_queued_messages 0\nmax_queued_bytes 0\nmax_packet_size 262144\nlog_dest stderr\nlog_type error\n",
+         max_inflight_messages {inflight}\nmax_queued_messages 0\nmax_queued_bytes 0\nmax_packet_size 262144\nlog_dest stderr\nlog_type error\n",
         dir.join("mosq").display()
     )?;
     let child = Killed(

@@ -3,8 +3,10 @@
 //! # What a commit guarantees
 //! Only the writer task ([`GroupCommit`]) opens write transactions. It folds every queued
 //! request into one transaction and answers each request only after that transaction has been
-//! committed with `Durability::Immediate` (one fsync). So an answered write is on disk, and a
-//! request that failed leaves nothing behind.
+//! committed with `Durability::Immediate` and its syncs are done. So an answered write is on
+//! disk, and a request that failed leaves nothing behind. The syncs run in the background
+//! while the writer builds the next transaction (module doc of `writeback`); a reader
+//! ([`Store::read`]) never sees a commit before it is durable.
 //!
 //! Each request closure must either write everything it means to write or return `Err` before
 //! writing anything ("validate, then apply"): requests share a transaction, and redb cannot roll
@@ -147,16 +149,20 @@ pub struct Store {
     db: RwLock<Option<Arc<Database>>>,
     path: PathBuf,
     options: StoreOptions,
+    /// Which commits are durable (module doc of `writeback`); kept across reopens.
+    durability: Arc<writeback::Durability>,
 }
 
 impl Store {
     /// Opens (creating if needed) the database at `path` and checks its schema version.
     pub fn open(path: &Path, options: StoreOptions) -> Result<Arc<Store>, StoreError> {
-        let db = open_database(path, &options)?;
+        let durability = Arc::new(writeback::Durability::default());
+        let db = open_database(path, &options, &durability)?;
         let store = Store {
             db: RwLock::new(Some(Arc::new(db))),
             path: path.to_owned(),
             options,
+            durability,
         };
         store.ensure_schema()?;
         Ok(Arc::new(store))
@@ -175,8 +181,16 @@ impl Store {
             .ok_or_else(|| StoreError::Unavailable("the database is being reopened".into()))
     }
 
+    /// A read transaction that sees only durable commits: the writer answers a commit after
+    /// its sync, which may still be running when the commit becomes visible.
     pub fn read(&self) -> Result<ReadTransaction, StoreError> {
-        Ok(self.database()?.begin_read()?)
+        let txn = self.database()?.begin_read()?;
+        self.durability.wait_visible();
+        Ok(txn)
+    }
+
+    pub(crate) fn durability(&self) -> &writeback::Durability {
+        &self.durability
     }
 
     /// Runs `f` in a read transaction. A read that meets a handle the writer is about to
@@ -232,7 +246,7 @@ impl Store {
         // A reader's transaction may still pin the file for a moment after its handle is gone.
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            match open_database(&self.path, &self.options) {
+            match open_database(&self.path, &self.options, &self.durability) {
                 Ok(db) => {
                     *slot = Some(Arc::new(db));
                     tracing::warn!(path = %self.path.display(), "database reopened after an I/O error");
@@ -320,7 +334,11 @@ impl Store {
     }
 }
 
-fn open_database(path: &Path, options: &StoreOptions) -> Result<Database, StoreError> {
+fn open_database(
+    path: &Path,
+    options: &StoreOptions,
+    durability: &Arc<writeback::Durability>,
+) -> Result<Database, StoreError> {
     let mut builder = Database::builder();
     builder.set_cache_size(options.cache_bytes);
     let file = std::fs::OpenOptions::new()
@@ -331,14 +349,17 @@ fn open_database(path: &Path, options: &StoreOptions) -> Result<Database, StoreE
         .open(path)
         .map_err(io_error)?;
     // Page writes wait in memory for the commit's sync (module doc of `writeback`).
+    let durability = durability.clone();
     let db = match &options.disk_limit {
         None => {
             let file = redb::backends::FileBackend::new(file)?;
-            builder.create_with_backend(writeback::WriteBack::new(file))?
+            builder.create_with_backend(
+                writeback::WriteBack::new(file, durability).map_err(io_error)?,
+            )?
         }
-        Some(limit) => {
-            builder.create_with_backend(writeback::WriteBack::new(limit.backend(file)?))?
-        }
+        Some(limit) => builder.create_with_backend(
+            writeback::WriteBack::new(limit.backend(file)?, durability).map_err(io_error)?,
+        )?,
     };
     Ok(db)
 }

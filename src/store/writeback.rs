@@ -93,26 +93,26 @@ impl Held {
             .map_or(0, |(&o, w)| o + w.len() as u64)
     }
 
-    /// Writes everything to `file`, in offset order, contiguous writes as one.
-    fn write_to(&self, file: &impl StorageBackend) -> io::Result<()> {
-        let mut run: Option<(u64, Vec<u8>)> = None;
+    /// Writes everything to `file`, in offset order, contiguous writes as one, gathered in
+    /// `buf` (the sync thread keeps one: a thread at rest does not give back memory it freed,
+    /// so it should allocate none as it goes).
+    fn write_to(&self, file: &impl StorageBackend, buf: &mut Vec<u8>) -> io::Result<()> {
+        let mut start = 0;
+        buf.clear();
         for (&offset, data) in &self.writes {
-            match &mut run {
-                Some((start, buf))
-                    if *start + buf.len() as u64 == offset && buf.len() + data.len() <= MAX_RUN =>
-                {
-                    buf.extend_from_slice(data)
-                }
-                _ => {
-                    if let Some((start, buf)) = run.take() {
-                        file.write(start, &buf)?;
-                    }
-                    run = Some((offset, data.clone()));
-                }
+            let joins = start + buf.len() as u64 == offset && buf.len() + data.len() <= MAX_RUN;
+            if !joins && !buf.is_empty() {
+                file.write(start, buf)?;
+                buf.clear();
             }
+            if buf.is_empty() {
+                start = offset;
+            }
+            buf.extend_from_slice(data);
         }
-        if let Some((start, buf)) = run {
-            file.write(start, &buf)?;
+        if !buf.is_empty() {
+            file.write(start, buf)?;
+            buf.clear();
         }
         Ok(())
     }
@@ -209,6 +209,7 @@ fn failure(s: &Syncs) -> io::Result<()> {
 
 /// Writes out and syncs the queued jobs, one at a time, until told to stop.
 fn sync_thread<B: StorageBackend>(file: Arc<B>, durability: Arc<Durability>) {
+    let mut buf = Vec::with_capacity(MAX_RUN);
     loop {
         let s = durability.wait_while(durability.lock(), |s| s.done == s.requested && !s.stop);
         // The oldest job not done (after a failure, done jobs stay in the queue).
@@ -221,7 +222,8 @@ fn sync_thread<B: StorageBackend>(file: Arc<B>, durability: Arc<Durability>) {
         let outcome = if failed {
             Ok(())
         } else {
-            job.write_to(&*file).and_then(|()| file.sync_data(false))
+            job.write_to(&*file, &mut buf)
+                .and_then(|()| file.sync_data(false))
         };
         let mut s = durability.lock();
         s.done = n;
@@ -293,7 +295,7 @@ impl<B: StorageBackend> WriteBack<B> {
     fn write_out(&self, held: &mut Held) -> io::Result<()> {
         self.settled()?;
         let writes = std::mem::take(held);
-        writes.write_to(&*self.inner)
+        writes.write_to(&*self.inner, &mut Vec::new())
     }
 
     /// A read answered by the queue: the newest job that holds exactly this range. `Err` when

@@ -147,9 +147,13 @@ struct Syncs {
     /// returns a page to the system only once its owner thread has collected the blocks other
     /// threads freed on it, and a writer at rest would not.
     finished: Vec<Arc<Held>>,
-    /// A background write-out or sync failed: what the device said (its kind tells a full
-    /// disk from a failing one). Sticks until the database reopens.
-    failed: Option<(io::ErrorKind, String)>,
+    /// A background write-out or sync failed: the number of the first job that did, and what
+    /// the device said (its kind tells a full disk from a failing one). Sticks until the
+    /// database reopens.
+    failed: Option<(u64, io::ErrorKind, String)>,
+    /// Jobs of handles since reopened that were not written (from the failed one to the
+    /// last): their commits stay refused, however late their answer is collected.
+    lost: Vec<(u64, u64)>,
     /// The sync thread is to finish the queue and stop.
     stop: bool,
 }
@@ -182,10 +186,22 @@ impl Durability {
         self.lock().requested
     }
 
-    /// Waits until job `ticket` is synced; an error if it (or an earlier one) failed.
+    /// Waits until job `ticket` is synced; an error if it was not (it or an earlier job
+    /// failed).
     pub fn wait(&self, ticket: u64) -> io::Result<()> {
         let s = self.wait_while(self.lock(), |s| s.done < ticket);
-        failure(&s)
+        if s.lost
+            .iter()
+            .any(|&(from, to)| (from..=to).contains(&ticket))
+        {
+            return Err(io::Error::other(
+                "a background write or sync failed; the database was reopened",
+            ));
+        }
+        match &s.failed {
+            Some((from, ..)) if ticket >= *from => failure(&s),
+            _ => Ok(()),
+        }
     }
 
     /// Waits until every commit that a read transaction begun before this call can see is
@@ -199,7 +215,7 @@ impl Durability {
 
 fn failure(s: &Syncs) -> io::Result<()> {
     match &s.failed {
-        Some((kind, e)) => Err(io::Error::new(
+        Some((_, kind, e)) => Err(io::Error::new(
             *kind,
             format!("a background write or sync failed: {e}"),
         )),
@@ -229,7 +245,7 @@ fn sync_thread<B: StorageBackend>(file: Arc<B>, durability: Arc<Durability>) {
         s.done = n;
         if let Err(e) = outcome {
             tracing::error!(error = %e, "store: a background write-out or sync failed");
-            s.failed.get_or_insert_with(|| (e.kind(), e.to_string()));
+            s.failed.get_or_insert_with(|| (n, e.kind(), e.to_string()));
         }
         if s.failed.is_none() {
             s.jobs.pop_front();
@@ -256,7 +272,10 @@ impl<B: StorageBackend> WriteBack<B> {
         let inner = Arc::new(inner);
         {
             let mut s = durability.lock();
-            s.failed = None;
+            if let Some((from, ..)) = s.failed.take() {
+                let to = s.requested;
+                s.lost.push((from, to));
+            }
             s.stop = false;
             s.jobs.clear();
             s.finished.clear();
@@ -643,13 +662,17 @@ mod tests {
         g.release(100);
         let d = Arc::new(Durability::default());
         let b = WriteBack::new(g.clone(), d.clone()).unwrap();
-        g.fail.store(true, Ordering::SeqCst);
         d.defer(true);
         b.write(0, &[1; 8]).unwrap();
         b.sync_data(false).unwrap();
-        let e = d.wait(d.ticket()).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::StorageFull, "{e}");
+        d.wait(1).unwrap();
+        g.fail.store(true, Ordering::SeqCst);
         b.write(8, &[2; 8]).unwrap();
+        b.sync_data(false).unwrap();
+        let e = d.wait(2).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull, "{e}");
+        d.wait(1).unwrap();
+        b.write(16, &[3; 8]).unwrap();
         assert!(
             b.sync_data(false).is_err(),
             "a write-out after a failed sync"
@@ -661,10 +684,16 @@ mod tests {
         drop(b);
         g.fail.store(false, Ordering::SeqCst);
         let b = WriteBack::new(g.clone(), d.clone()).unwrap();
-        d.wait(d.ticket()).unwrap();
+        // The failed job stays failed for an answer collected after the reopen.
+        assert!(d.wait(2).is_err());
+        d.wait(1).unwrap();
+        d.defer(true);
         b.write(8, &[2; 8]).unwrap();
         b.sync_data(false).unwrap();
+        assert_eq!(d.ticket(), 3);
+        d.wait(3).unwrap();
         assert_eq!(g.file.read(8, 8).unwrap(), vec![2; 8]);
+        d.defer(false);
     }
 
     #[test]

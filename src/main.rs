@@ -18,36 +18,53 @@ use smgate::{clock, gateway, server, systemd};
 /// 15–20% (`cargo bench --bench mqtt`). It detects the page size at run time (ARM kernels
 /// with 16 KiB pages) and builds from one C file for every target.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: Allocator = Allocator;
 
-/// mimalloc's purge delay defaults to 1 ms instead of mimalloc 3's 1,000. Since the MQTT
-/// batch's fsync runs on a thread of its own, two transactions' page buffers are alive at once,
-/// and with the default delay memory freed during a backlog stayed in RSS (64-65 MiB at rest
-/// with 10,000 instances, peak 141-152 MiB); with 1 ms it is 50 MiB at rest and 108 MiB at
-/// peak, for about a tenth of the applied heartbeats/s while draining (`cargo bench --bench
-/// mqtt` with `MIMALLOC_PURGE_DELAY` unset and 1).
-///
-/// mimalloc reads all its options in a constructor of priority 101, before `main` and before
-/// the first allocation, so the default is set by a constructor of priority 100, which runs
-/// before it; `MIMALLOC_PURGE_DELAY` in the environment still wins. (Setting the option later
-/// with `mi_option_set` is not the same: in a run of the bench RSS then grew to 182 MiB and
-/// stayed there. And the `mi_option_set_default(arena_eager_commit, 0)` an earlier version
-/// made at the first allocation came too late to change anything:
-/// `MIMALLOC_VERBOSE=1 smgate --version` prints the options as read.)
-#[used]
-#[link_section = ".init_array.00100"]
-static MIMALLOC_DEFAULTS: extern "C" fn() = mimalloc_defaults;
+/// [`mimalloc::MiMalloc`] with one option changed before its first allocation: mimalloc
+/// commits arenas eagerly by default and then purges freed memory by resetting it, which
+/// Linux does not take out of RSS, so a gateway at rest with 10,000 instances held 100 MiB.
+/// Arenas committed on demand are purged by decommitting, and RSS falls back once a burst is
+/// over (57 MiB at rest). The option has to be set before mimalloc reserves its first arena,
+/// which happens before `main`, hence the wrapper. `MIMALLOC_ARENA_EAGER_COMMIT` in the
+/// environment still wins (this only sets the default).
+struct Allocator;
 
-extern "C" fn mimalloc_defaults() {
-    // `mi_option_purge_delay` in the `mi_option_e` of the mimalloc 3 that libmimalloc-sys
-    // 0.1.49 builds (include/mimalloc.h).
-    const PURGE_DELAY: i32 = 15;
-    extern "C" {
-        fn mi_option_set_default(option: i32, value: std::ffi::c_long);
+static TUNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl Allocator {
+    #[inline]
+    fn tune() {
+        use std::sync::atomic::Ordering;
+        if !TUNED.load(Ordering::Relaxed) {
+            // `mi_option_arena_eager_commit` in the `mi_option_e` of the mimalloc 3 that
+            // libmimalloc-sys 0.1.49 builds (include/mimalloc.h).
+            const ARENA_EAGER_COMMIT: i32 = 4;
+            extern "C" {
+                fn mi_option_set_default(option: i32, value: std::ffi::c_long);
+            }
+            TUNED.store(true, Ordering::Relaxed);
+            // SAFETY: sets the default of one option; it neither allocates nor calls back.
+            unsafe { mi_option_set_default(ARENA_EAGER_COMMIT, 0) };
+        }
     }
-    // SAFETY: writes one default into mimalloc's static option table before mimalloc reads
-    // it; it neither allocates nor calls back.
-    unsafe { mi_option_set_default(PURGE_DELAY, 1) };
+}
+
+// SAFETY: every call is forwarded to mimalloc unchanged.
+unsafe impl std::alloc::GlobalAlloc for Allocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        Self::tune();
+        mimalloc::MiMalloc.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        Self::tune();
+        mimalloc::MiMalloc.alloc_zeroed(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        mimalloc::MiMalloc.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        mimalloc::MiMalloc.realloc(ptr, layout, new)
+    }
 }
 
 #[derive(Parser)]

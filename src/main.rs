@@ -27,6 +27,12 @@ static ALLOCATOR: Allocator = Allocator;
 /// over (57 MiB at rest). The option has to be set before mimalloc reserves its first arena,
 /// which happens before `main`, hence the wrapper. `MIMALLOC_ARENA_EAGER_COMMIT` in the
 /// environment still wins (this only sets the default).
+///
+/// Caveat, found later: mimalloc 3 reads all its options in a constructor before `main`, so
+/// this default arrives too late (`MIMALLOC_VERBOSE=1 smgate --version` prints
+/// `arena_eager_commit: 2`) and every RSS figure since was measured without it. Making it
+/// (or a 1 ms `purge_delay`) take effect from inside the binary is unmeasured or, for the
+/// purge delay, made RSS worse in CI (issue 6, session 10 note); left as it was measured.
 struct Allocator;
 
 static TUNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

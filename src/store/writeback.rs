@@ -495,13 +495,13 @@ mod tests {
         b.set_len(64).unwrap();
         assert_eq!(b.len().unwrap(), 64);
 
-        let file = Shared(Arc::new(InMemoryBackend::new()));
-        file.set_len(16).unwrap();
-        let b = WriteBack::new(Shared(file.0.clone()), Arc::default()).unwrap();
+        let g = Gated::default();
+        g.file.set_len(16).unwrap();
+        let b = WriteBack::new(g.clone(), Arc::default()).unwrap();
         b.write(0, &[9; 4]).unwrap();
-        assert_eq!(file.read(0, 4).unwrap(), vec![0; 4]);
+        assert_eq!(g.file.read(0, 4).unwrap(), vec![0; 4]);
         drop(b);
-        assert_eq!(file.read(0, 4).unwrap(), vec![9; 4]);
+        assert_eq!(g.file.read(0, 4).unwrap(), vec![9; 4]);
     }
 
     /// A file that logs what reaches it, whose syncs wait for the test to let each one
@@ -729,26 +729,5 @@ mod tests {
         );
         g.release(1_000);
         assert_eq!(read.recv_timeout(LONG).unwrap(), Some(10));
-    }
-
-    #[derive(Debug)]
-    struct Shared(Arc<InMemoryBackend>);
-
-    impl StorageBackend for Shared {
-        fn len(&self) -> Result<u64, io::Error> {
-            self.0.len()
-        }
-        fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, io::Error> {
-            self.0.read(offset, len)
-        }
-        fn set_len(&self, len: u64) -> Result<(), io::Error> {
-            self.0.set_len(len)
-        }
-        fn sync_data(&self, eventual: bool) -> Result<(), io::Error> {
-            self.0.sync_data(eventual)
-        }
-        fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
-            self.0.write(offset, data)
-        }
     }
 }

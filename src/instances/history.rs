@@ -17,7 +17,7 @@
 //! The tail is stored after the [`Instance`]'s postcard bytes as `count (u32 LE) ‖ the
 //! records' postcard bytes`. A row written before tails existed simply has no suffix.
 
-use redb::{ReadTransaction, Table, TableDefinition, WriteTransaction};
+use redb::{ReadTransaction, TableDefinition, WriteTransaction};
 
 use super::{Instance, TransitionRecord, HISTORY};
 use crate::store::{self, StoreError};
@@ -65,13 +65,13 @@ pub fn decode_instance(bytes: &[u8]) -> Result<Instance, StoreError> {
     Ok(instance)
 }
 
-/// Adds the record of step `instance.steps` (not yet counted) to the tail, and moves the tail
-/// to a run when it is full.
+/// Adds the record of step `instance.steps` (not yet counted) to the tail. When that fills
+/// the tail, the tail is emptied and returned as a run, (n of its first record, its bytes),
+/// for the caller to insert into [`RUNS`] under `(machine, instance, n)`.
 pub fn record(
-    runs: &mut Table<'_, (&'static str, &'static str, u64), &'static [u8]>,
     instance: &mut Instance,
     record: &TransitionRecord,
-) -> Result<(), StoreError> {
+) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
     let recent = &mut instance.recent;
     postcard::to_extend(record, std::mem::take(&mut recent.bytes))
         .map(|b| recent.bytes = b)
@@ -79,13 +79,9 @@ pub fn record(
     recent.count += 1;
     if recent.count >= RUN_RECORDS || recent.bytes.len() >= RUN_BYTES {
         let first = first_of_tail(instance.steps + 1, recent.count)?;
-        runs.insert(
-            (instance.machine.as_str(), instance.slug.as_str(), first),
-            recent.bytes.as_slice(),
-        )?;
-        *recent = Recent::default();
+        return Ok(Some((first, std::mem::take(recent).bytes)));
     }
-    Ok(())
+    Ok(None)
 }
 
 /// `n` of the first record of a tail of `count` records after `steps` steps; a row whose tail

@@ -485,6 +485,8 @@ pub struct Steps<'txn> {
     runs: Table<'txn, (&'static str, &'static str, u64), &'static [u8]>,
     due: Table<'txn, (i64, &'static str, &'static str), ()>,
     log: LogWriter<'txn>,
+    /// History runs to insert at [`Steps::write_deferred`], when deferred.
+    deferred_runs: Option<Vec<((String, String, u64), Vec<u8>)>>,
 }
 
 impl<'txn> Steps<'txn> {
@@ -495,11 +497,35 @@ impl<'txn> Steps<'txn> {
             runs: txn.open_table(history::RUNS)?,
             due: txn.open_table(DUE)?,
             log: LogWriter::open(txn)?,
+            deferred_runs: None,
         })
     }
 
-    /// Writes the log heads; call it before the transaction commits.
-    pub fn finish(self) -> Result<(), StoreError> {
+    /// From now on, history runs are held until [`Steps::write_deferred`], which inserts
+    /// them in key order: the runs of a batch's steps belong to instances in no order, and
+    /// inserted as they fill, each landed on a leaf of its own, read and copied once per run.
+    /// Nothing may read a stepped instance's history before that.
+    pub fn defer_runs(&mut self) {
+        self.deferred_runs.get_or_insert_with(Vec::new);
+    }
+
+    /// Inserts the history runs held since [`Steps::defer_runs`], in key order.
+    pub fn write_deferred(&mut self) -> Result<(), StoreError> {
+        let Some(runs) = &mut self.deferred_runs else {
+            return Ok(());
+        };
+        runs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for ((machine, slug, first), run) in runs.drain(..) {
+            self.runs
+                .insert((machine.as_str(), slug.as_str(), first), run.as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Writes the deferred history runs and the log heads; call it before the transaction
+    /// commits.
+    pub fn finish(mut self) -> Result<(), StoreError> {
+        self.write_deferred()?;
         self.log.finish()
     }
 
@@ -510,7 +536,8 @@ impl<'txn> Steps<'txn> {
             .transpose()
     }
 
-    fn put(&mut self, instance: &Instance) -> Result<(), StoreError> {
+    /// Writes an instance row; for the rows [`Steps::record_unwritten`] left to the caller.
+    pub fn put(&mut self, instance: &Instance) -> Result<(), StoreError> {
         self.instances.insert(
             (instance.machine.as_str(), instance.slug.as_str()),
             history::encode_instance(instance).as_slice(),
@@ -611,48 +638,65 @@ impl<'txn> Steps<'txn> {
         let mut instance = self
             .instance(machine, slug)?
             .ok_or_else(|| InstanceError::NotFound(format!("no instance `{slug}`")))?;
-        if instance.status == Status::Paused {
-            return Err(InstanceError::Conflict(
-                "the instance is paused; PUT its status to running first".into(),
-            ));
-        }
-        let stored = decode_state(&instance.state)?;
-        let mut chart = charts.load(self.txn, machine, &instance.version_id)?;
-        // A failed step leaves `state` broken; every error below returns without writing.
-        let mut state = chart.load(&stored)?;
-        let from = chart.live_configuration(&state);
-        // Timers that came due before this event fire first, in due order.
-        if state.next_due().is_some_and(|d| d <= now_ms) {
-            chart.advance_live(&mut state, now_ms)?;
-        }
-        if let Some(target) = instance.target_version_id.clone() {
-            let next = charts.load(self.txn, machine, &target)?;
-            state = next
-                .load(&chart.store(&state))
-                .map_err(|e| InstanceError::NoMigrationPath(e.message))?;
-            chart = next;
-            instance.version_id = target;
-            instance.target_version_id = None;
-        }
-        if !chart.allow_write(WriteKind::Event, Some(&event), state.context(), auth)? {
-            return Err(InstanceError::Rejected("event"));
-        }
-        let stepped = chart.send_live(&mut state, event.clone(), auth, now_ms)?;
-        self.commit_step(
-            &chart,
-            &mut instance,
-            from,
-            &state,
-            &event,
-            actor,
-            "transition",
-            now_ms,
-        )?;
+        let mut prepared = self.prepare(charts, &instance)?;
+        let step = prepared.step(event, auth, actor, now_ms)?;
+        let (view, effects) = self.record(&mut instance, step, now_ms)?;
         Ok(Sent {
-            view: public_view_live(&chart, &state, now_ms),
-            effects: stepped.effects,
+            view,
+            effects,
             instance,
         })
+    }
+
+    /// What stepping `instance` needs from the tables (its charts), for [`Prepared::step`].
+    pub fn prepare(&self, charts: &Charts, instance: &Instance) -> Result<Prepared, InstanceError> {
+        let machine = instance.machine.as_str();
+        if instance.status == Status::Paused {
+            return Ok(Prepared::paused());
+        }
+        let chart = charts.load(self.txn, machine, &instance.version_id)?;
+        let target = match &instance.target_version_id {
+            Some(t) => Some((t.clone(), charts.load(self.txn, machine, t)?)),
+            None => None,
+        };
+        Ok(Prepared {
+            slug: instance.slug.clone(),
+            chart: Some(chart),
+            version_id: instance.version_id.clone(),
+            target,
+            state: instance.state.clone(),
+        })
+    }
+
+    /// Writes a step that [`Prepared::step`] computed for `instance` (which must be the
+    /// instance as the previous recorded step of the same [`Prepared`] left it); returns its
+    /// public view and effects.
+    pub fn record(
+        &mut self,
+        instance: &mut Instance,
+        step: Step,
+        now_ms: i64,
+    ) -> Result<(Value, Vec<crate::chart::Effect>), InstanceError> {
+        let recorded = self.record_unwritten(instance, step, now_ms)?;
+        self.put(instance)?;
+        Ok(recorded)
+    }
+
+    /// [`Steps::record`] without writing the instance row: the caller writes it with
+    /// [`Steps::put`] before anything else reads it (a batch writes each instance's row once,
+    /// after its last step, and the rows of a batch in key order).
+    pub fn record_unwritten(
+        &mut self,
+        instance: &mut Instance,
+        step: Step,
+        now_ms: i64,
+    ) -> Result<(Value, Vec<crate::chart::Effect>), InstanceError> {
+        if let Some(v) = step.upgraded_to {
+            instance.version_id = v;
+            instance.target_version_id = None;
+        }
+        self.write_step(instance, step.done, now_ms)?;
+        Ok((step.view, step.effects))
     }
 
     /// Fires every timer due at `now_ms` for one instance. `None` if the instance is gone,
@@ -761,24 +805,37 @@ impl<'txn> Steps<'txn> {
         kind: &'static str,
         now_ms: i64,
     ) -> Result<(), InstanceError> {
-        let state_bytes = encode_state(chart, to)?;
-        let data = canonical::to_vec(&event.data);
-        let to_cfg = chart.live_configuration(to);
-        let payload = json!({
-            "instance": instance.slug,
-            "event": event.name,
-            "payload_hash": hex::encode(&crate::auth::sha256(&data)),
-            "from": from_cfg,
-            "to": to_cfg,
-            "version_id": instance.version_id,
-        });
-        let row = self.log.append(
-            &instance.machine,
-            Entry::json(kind, actor, &payload),
+        let done = Done::new(
+            chart,
+            &instance.slug,
+            &instance.version_id,
+            from_cfg,
+            to,
+            (&event.name, canonical::to_vec(&event.data)),
+            (actor, kind),
             now_ms,
         )?;
+        self.write_step(instance, done, now_ms)?;
+        self.put(instance)?;
+        Ok(())
+    }
+
+    /// Writes the rows of a [`Done`] step but the instance's own, and advances `instance` to
+    /// it.
+    fn write_step(
+        &mut self,
+        instance: &mut Instance,
+        done: Done,
+        now_ms: i64,
+    ) -> Result<(), InstanceError> {
+        let Done {
+            entry,
+            mut record,
+            state,
+            next_due,
+        } = done;
+        let row = self.log.append(&instance.machine, entry, now_ms)?;
         let (machine, slug) = (instance.machine.as_str(), instance.slug.as_str());
-        let next_due = to.next_due();
         match (instance.next_due, next_due) {
             // The entry at or before `old` bounds the later deadline too (module doc).
             (Some(old), Some(new)) if new >= old => {}
@@ -791,22 +848,179 @@ impl<'txn> Steps<'txn> {
                 }
             }
         }
-        let record = TransitionRecord {
-            ts_ms: now_ms,
-            event: event.name.clone(),
-            data,
-            from: from_cfg,
-            to: to_cfg,
-            log_seq: row.seq,
-            version_id: instance.version_id.clone(),
-        };
-        history::record(&mut self.runs, instance, &record)?;
+        record.log_seq = row.seq;
+        if let Some((first, run)) = history::record(instance, &record)? {
+            let (machine, slug) = (instance.machine.as_str(), instance.slug.as_str());
+            match &mut self.deferred_runs {
+                Some(runs) => runs.push(((machine.to_owned(), slug.to_owned(), first), run)),
+                None => {
+                    self.runs.insert((machine, slug, first), run.as_slice())?;
+                }
+            }
+        }
         instance.next_due = next_due;
         instance.steps += 1;
-        instance.state = state_bytes;
+        instance.state = state;
         instance.ts_ms = now_ms;
-        self.put(instance)?;
         Ok(())
+    }
+}
+
+/// A step as it is written: the log entry, the history record (its log position still to be
+/// filled in), the stored state and the next deadline. Everything in it is computed without a
+/// table, so it can be built on any thread.
+struct Done {
+    entry: Entry,
+    record: TransitionRecord,
+    state: Vec<u8>,
+    next_due: Option<i64>,
+}
+
+impl Done {
+    /// `event` is the name and the canonical JSON data of the event applied; `by` is (actor,
+    /// log row kind).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        chart: &Chart,
+        slug: &str,
+        version_id: &str,
+        from_cfg: Vec<String>,
+        to: &LiveState,
+        event: (&str, Vec<u8>),
+        by: (&str, &'static str),
+        now_ms: i64,
+    ) -> Result<Done, InstanceError> {
+        let state = encode_state(chart, to)?;
+        let (name, data) = event;
+        let to_cfg = chart.live_configuration(to);
+        let payload = json!({
+            "instance": slug,
+            "event": name,
+            "payload_hash": hex::encode(&crate::auth::sha256(&data)),
+            "from": from_cfg,
+            "to": to_cfg,
+            "version_id": version_id,
+        });
+        Ok(Done {
+            entry: Entry::json(by.1, by.0, &payload),
+            record: TransitionRecord {
+                ts_ms: now_ms,
+                event: name.to_owned(),
+                data,
+                from: from_cfg,
+                to: to_cfg,
+                log_seq: 0,
+                version_id: version_id.to_owned(),
+            },
+            state,
+            next_due: to.next_due(),
+        })
+    }
+}
+
+/// What stepping one instance reads, taken from the tables by [`Steps::prepare`] so that
+/// [`Prepared::step`] can run away from the write transaction (on another thread, while the
+/// writer records the steps of other instances). Each successful step advances it, so a run
+/// of events on one instance steps each from the state the last one left.
+pub struct Prepared {
+    slug: String,
+    /// None for a paused instance: every event is refused.
+    chart: Option<Arc<Chart>>,
+    version_id: String,
+    /// The pending upgrade: version id and its chart.
+    target: Option<(String, Arc<Chart>)>,
+    /// The stored state (JSON).
+    state: Vec<u8>,
+}
+
+/// One event's step computed by [`Prepared::step`], for [`Steps::record`].
+pub struct Step {
+    /// The version the instance moved to before the event (a pending upgrade).
+    upgraded_to: Option<String>,
+    done: Done,
+    view: Value,
+    effects: Vec<crate::chart::Effect>,
+}
+
+impl Prepared {
+    fn paused() -> Prepared {
+        Prepared {
+            slug: String::new(),
+            chart: None,
+            version_id: String::new(),
+            target: None,
+            state: Vec::new(),
+        }
+    }
+
+    /// Steps `event`: timers that came due before it fire first, a pending upgrade is made,
+    /// `allowWrite` is asked, and the event is sent. A failed step leaves `self` as it was.
+    pub fn step(
+        &mut self,
+        event: Event,
+        auth: &Auth,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<Step, InstanceError> {
+        if event.name.is_empty() {
+            return Err(invalid(
+                "invalid-parameters",
+                "event type must not be empty",
+            ));
+        }
+        let Some(current) = &self.chart else {
+            return Err(InstanceError::Conflict(
+                "the instance is paused; PUT its status to running first".into(),
+            ));
+        };
+        let mut chart = current.clone();
+        let stored = decode_state(&self.state)?;
+        let mut state = chart.load(&stored)?;
+        let from = chart.live_configuration(&state);
+        // Timers that came due before this event fire first, in due order.
+        if state.next_due().is_some_and(|d| d <= now_ms) {
+            chart.advance_live(&mut state, now_ms)?;
+        }
+        if let Some((_, next)) = &self.target {
+            state = next
+                .load(&chart.store(&state))
+                .map_err(|e| InstanceError::NoMigrationPath(e.message))?;
+            chart = next.clone();
+        }
+        if !chart.allow_write(WriteKind::Event, Some(&event), state.context(), auth)? {
+            return Err(InstanceError::Rejected("event"));
+        }
+        let data = canonical::to_vec(&event.data);
+        let name = event.name.clone();
+        let stepped = chart.send_live(&mut state, event, auth, now_ms)?;
+        let version_id = match &self.target {
+            Some((id, _)) => id.as_str(),
+            None => self.version_id.as_str(),
+        };
+        let done = Done::new(
+            &chart,
+            &self.slug,
+            version_id,
+            from,
+            &state,
+            (&name, data),
+            (actor, "transition"),
+            now_ms,
+        )?;
+        let view = public_view_live(&chart, &state, now_ms);
+        // The step succeeded: the next one starts where it ended.
+        self.state.clone_from(&done.state);
+        let upgraded_to = self.target.take().map(|(id, next)| {
+            self.chart = Some(next);
+            self.version_id.clone_from(&id);
+            id
+        });
+        Ok(Step {
+            upgraded_to,
+            done,
+            view,
+            effects: stepped.effects,
+        })
     }
 }
 

@@ -160,6 +160,15 @@ pub fn content_hash(topic: &str, payload: &[u8]) -> [u8; 32] {
 /// [`INFLIGHT`] entries it writes (unique per batch; a random number will do). Messages with
 /// packet id 0 (QoS 0) are never redelivered and leave no entry. Each message's event data is
 /// taken: a batch is applied once (a retry builds its messages again).
+///
+/// The chart steps, the larger part of the work, run on two threads: the batch is applied in
+/// segments (normally the whole batch is one), and for each segment the writer thread first
+/// reads what every step needs (the instance rows and their charts), then steps the
+/// instances (in parallel, an instance's events in order), then writes the results in message
+/// order. The outcome and every row written are the same as stepping one message after the
+/// other. A message that needs the writer in between (its instance must be created or cannot
+/// be prepared, or its packet id already occurs in the segment) ends the segment and is
+/// applied alone.
 pub fn apply(
     txn: &WriteTransaction,
     charts: &Charts,
@@ -169,43 +178,311 @@ pub fn apply(
     now_ms: i64,
 ) -> Result<Vec<Outcome>, StoreError> {
     let mut out = Vec::with_capacity(batch.len());
-    let mut entry = [0u8; 40];
-    entry[32..].copy_from_slice(&tag.to_le_bytes());
     // Only this function touches INFLIGHT inside the batch, so it stays open for the whole
     // batch instead of being opened twice per message.
-    let mut inflight = txn.open_table(INFLIGHT)?;
+    let inflight = txn.open_table(INFLIGHT)?;
     // The instance and log tables likewise stay open for the whole batch.
-    let mut steps = instances::Steps::open(txn)?;
+    let mut w = Writing {
+        txn,
+        rules,
+        inflight,
+        steps: instances::Steps::open(txn)?,
+        entry: [0u8; 40],
+        now_ms,
+        read_ahead: Default::default(),
+    };
+    w.steps.defer_runs();
+    w.read_ahead(batch)?;
+    w.entry[32..].copy_from_slice(&tag.to_le_bytes());
     let mut machines = Machines::default();
-    for m in batch {
-        let hash = m.hash;
+    let mut segment = Segment::default();
+    let auth = auth();
+    for i in 0..batch.len() {
+        let m = &mut batch[i];
+        // A packet id met twice: the later delivery must see the entry the earlier one writes.
+        if m.pkid != 0 && !segment.pkids.insert(m.pkid) {
+            segment.flush(&mut w, batch, &auth, &mut out)?;
+            segment.pkids.insert(batch[i].pkid);
+        }
+        let m = &mut batch[i];
         if m.dup && m.pkid != 0 {
-            let seen = inflight
+            let seen = w
+                .inflight
                 .get((rules.client_id.as_str(), m.pkid))?
                 .and_then(|v| {
                     let v = v.value();
-                    (v.len() >= 32 && v[..32] == hash).then(|| stored_tag(v))
+                    (v.len() >= 32 && v[..32] == m.hash).then(|| stored_tag(v))
                 });
             if let Some(original) = seen {
-                out.push(Outcome::Duplicate(original));
+                segment.plan.push((i, Planned::Duplicate(original)));
                 continue;
             }
         }
-        let outcome = match route(txn, &mut steps, charts, rules, &mut machines, m, now_ms)? {
+        if let Some(planned) = segment.plan(&mut w, charts, &mut machines, m)? {
+            segment.plan.push((i, planned));
+            continue;
+        }
+        // Applied alone, after everything before it.
+        segment.flush(&mut w, batch, &auth, &mut out)?;
+        let m = &mut batch[i];
+        let outcome = match route(txn, &mut w.steps, charts, rules, &mut machines, m, now_ms)? {
             Ok(o) => o,
-            Err((machine, reason, message)) => {
-                dead_letter(txn, rules, machine, m, reason, &message, now_ms)?;
-                Outcome::Dead(reason)
-            }
+            Err(refusal) => w.refuse(m, refusal)?,
         };
-        if m.pkid != 0 {
-            entry[..32].copy_from_slice(&hash);
-            inflight.insert((rules.client_id.as_str(), m.pkid), entry.as_slice())?;
+        w.settle(m, outcome, &mut out)?;
+    }
+    segment.flush(&mut w, batch, &auth, &mut out)?;
+    w.steps.finish()?;
+    Ok(out)
+}
+
+/// The open tables and fixed inputs of one [`apply`].
+struct Writing<'a, 'txn> {
+    txn: &'txn WriteTransaction,
+    rules: &'a Rules,
+    inflight: redb::Table<'txn, (&'static str, u16), &'static [u8]>,
+    steps: instances::Steps<'txn>,
+    /// The [`INFLIGHT`] value being built: hash ‖ tag.
+    entry: [u8; 40],
+    now_ms: i64,
+    /// The instance rows the batch addresses, read in key order before it is applied; each
+    /// is taken by the first segment that steps its instance.
+    read_ahead: std::collections::HashMap<(String, String), instances::Instance>,
+}
+
+impl Writing<'_, '_> {
+    /// Reads the rows of the instances that `batch` addresses, in key order: the batch's
+    /// messages address instances in no order, and one pass along the table reads each leaf
+    /// once instead of once per message.
+    fn read_ahead(&mut self, batch: &[Message]) -> Result<(), StoreError> {
+        let keys: std::collections::BTreeSet<(&str, &str)> = batch
+            .iter()
+            .filter_map(|m| topic::parse(&self.rules.prefix, &m.topic).ok())
+            .map(|t| (t.machine, t.instance))
+            .collect();
+        for (machine, slug) in keys {
+            if let Some(instance) = self.steps.instance(machine, slug)? {
+                self.read_ahead
+                    .insert((machine.to_owned(), slug.to_owned()), instance);
+            }
+        }
+        Ok(())
+    }
+
+    /// Files `m` as a dead letter.
+    fn refuse(
+        &mut self,
+        m: &Message,
+        (machine, reason, message): Refusal,
+    ) -> Result<Outcome, StoreError> {
+        dead_letter(
+            self.txn,
+            self.rules,
+            machine,
+            m,
+            reason,
+            &message,
+            self.now_ms,
+        )?;
+        Ok(Outcome::Dead(reason))
+    }
+
+    /// Records `m`'s delivery in [`INFLIGHT`] (unless it is a duplicate) and its outcome.
+    fn settle(
+        &mut self,
+        m: &Message,
+        outcome: Outcome,
+        out: &mut Vec<Outcome>,
+    ) -> Result<(), StoreError> {
+        if m.pkid != 0 && !matches!(outcome, Outcome::Duplicate(_)) {
+            self.entry[..32].copy_from_slice(&m.hash);
+            self.inflight.insert(
+                (self.rules.client_id.as_str(), m.pkid),
+                self.entry.as_slice(),
+            )?;
         }
         out.push(outcome);
+        Ok(())
     }
-    steps.finish()?;
-    Ok(out)
+}
+
+/// What one message of a segment does.
+enum Planned {
+    Duplicate(u64),
+    Refused(Refusal),
+    /// The next event of this run.
+    Step(usize),
+}
+
+/// One instance's events in a segment.
+struct Run {
+    instance: instances::Instance,
+    prepared: instances::Prepared,
+    events: Vec<Event>,
+    steps: std::vec::IntoIter<Result<instances::Step, InstanceError>>,
+    /// A step was recorded: the instance row is to be written.
+    stepped: bool,
+}
+
+/// Messages planned but not yet written (see [`apply`]).
+#[derive(Default)]
+struct Segment {
+    /// (message index, plan), in message order.
+    plan: Vec<(usize, Planned)>,
+    runs: Vec<Run>,
+    /// (machine, instance) → index in `runs`.
+    index: std::collections::HashMap<(String, String), usize>,
+    pkids: std::collections::HashSet<u16>,
+}
+
+/// Events in a segment below which its steps run on the writer thread alone: starting the
+/// second thread costs more than it saves.
+const PARALLEL_MIN: usize = 64;
+/// Runs claimed at a time by a stepping thread.
+const CLAIM: usize = 16;
+
+impl Segment {
+    /// Plans `m` (not a duplicate); None when it must be applied alone.
+    fn plan(
+        &mut self,
+        w: &mut Writing,
+        charts: &Charts,
+        machines: &mut Machines,
+        m: &mut Message,
+    ) -> Result<Option<Planned>, StoreError> {
+        let t = match parse(w.txn, &w.rules.prefix, machines, &m.topic)? {
+            Ok(t) => t,
+            Err(refusal) => return Ok(Some(Planned::Refused(refusal))),
+        };
+        if let Err((reason, message)) = &m.data {
+            let refusal = (t.machine.to_owned(), *reason, message.clone());
+            return Ok(Some(Planned::Refused(refusal)));
+        }
+        let key = (t.machine.to_owned(), t.instance.to_owned());
+        let run = match self.index.get(&key) {
+            Some(&r) => r,
+            None => {
+                let instance = match w.read_ahead.remove(&key) {
+                    Some(i) => i,
+                    None => match w.steps.instance(t.machine, t.instance)? {
+                        Some(i) => i,
+                        None => return Ok(None),
+                    },
+                };
+                let Ok(prepared) = w.steps.prepare(charts, &instance) else {
+                    return Ok(None);
+                };
+                self.runs.push(Run {
+                    instance,
+                    prepared,
+                    events: Vec::new(),
+                    steps: Vec::new().into_iter(),
+                    stepped: false,
+                });
+                self.index.insert(key, self.runs.len() - 1);
+                self.runs.len() - 1
+            }
+        };
+        let data = std::mem::replace(&mut m.data, Ok(Value::Null)).unwrap_or_default();
+        self.runs[run].events.push(Event::new(t.event, data));
+        Ok(Some(Planned::Step(run)))
+    }
+
+    /// Steps the planned events and writes every planned message, in order; empties `self`.
+    fn flush(
+        &mut self,
+        w: &mut Writing,
+        batch: &[Message],
+        auth: &Value,
+        out: &mut Vec<Outcome>,
+    ) -> Result<(), StoreError> {
+        step_runs(&mut self.runs, auth, w.now_ms);
+        for (i, planned) in self.plan.drain(..) {
+            let m = &batch[i];
+            let outcome = match planned {
+                Planned::Duplicate(t) => Outcome::Duplicate(t),
+                Planned::Refused(refusal) => w.refuse(m, refusal)?,
+                Planned::Step(r) => {
+                    let run = &mut self.runs[r];
+                    let step = run.steps.next().unwrap_or_else(|| {
+                        Err(InstanceError::Store(StoreError::Corrupt(
+                            "a planned step has no result".into(),
+                        )))
+                    });
+                    let recorded =
+                        step.and_then(|s| w.steps.record_unwritten(&mut run.instance, s, w.now_ms));
+                    run.stepped |= recorded.is_ok();
+                    let machine = run.instance.machine.clone();
+                    match recorded {
+                        Ok((view, effects)) => Outcome::Applied {
+                            machine,
+                            instance: run.instance.slug.clone(),
+                            view,
+                            effects,
+                        },
+                        Err(e) => {
+                            let (reason, message) = refusal(e)?;
+                            w.refuse(m, (machine, reason, message))?
+                        }
+                    }
+                }
+            };
+            w.settle(m, outcome, out)?;
+        }
+        // Each stepped instance's row once, in key order: one pass along the table.
+        let mut stepped: Vec<&instances::Instance> = (self.runs.iter())
+            .filter(|r| r.stepped)
+            .map(|r| &r.instance)
+            .collect();
+        stepped.sort_unstable_by(|a, b| (&a.machine, &a.slug).cmp(&(&b.machine, &b.slug)));
+        for instance in stepped {
+            w.steps.put(instance)?;
+        }
+        w.steps.write_deferred()?;
+        self.runs.clear();
+        self.index.clear();
+        self.pkids.clear();
+        Ok(())
+    }
+}
+
+/// Steps every run's events, each run's in order; on two threads when there are enough.
+fn step_runs(runs: &mut [Run], auth: &Value, now_ms: i64) {
+    let step = |runs: &mut [Run]| {
+        for r in runs {
+            let prepared = &mut r.prepared;
+            let results: Vec<_> = r
+                .events
+                .drain(..)
+                .map(|e| prepared.step(e, auth, ACTOR, now_ms))
+                .collect();
+            r.steps = results.into_iter();
+        }
+    };
+    let events: usize = runs.iter().map(|r| r.events.len()).sum();
+    if events < PARALLEL_MIN
+        || runs.len() < 2 * CLAIM
+        || std::env::var_os("STEP_SERIAL_AB").is_some()
+    {
+        return step(runs);
+    }
+    let claims = std::sync::Mutex::new(runs.chunks_mut(CLAIM));
+    let work = || loop {
+        let claim = claims.lock().ok().and_then(|mut c| c.next());
+        match claim {
+            Some(c) => step(c),
+            None => break,
+        }
+    };
+    std::thread::scope(|s| {
+        let helper = std::thread::Builder::new()
+            .name("smgate-step".into())
+            .spawn_scoped(s, work);
+        work();
+        if let Ok(h) = helper {
+            let _ = h.join();
+        }
+    });
 }
 
 /// One batch transaction as the batcher runs it: [`apply`] the messages, then [`forget`] the
@@ -288,23 +565,10 @@ fn route(
     m: &mut Message,
     now_ms: i64,
 ) -> Result<Result<Outcome, Refusal>, StoreError> {
-    let t = match topic::parse(&rules.prefix, &m.topic) {
+    let t = match parse(txn, &rules.prefix, machines, &m.topic)? {
         Ok(t) => t,
-        Err(u) => {
-            let machine = u
-                .machine
-                .filter(|s| machines.exists(txn, s).unwrap_or(false))
-                .unwrap_or("");
-            return Ok(Err((machine.into(), "unknown_topic", u.why.into())));
-        }
+        Err(refusal) => return Ok(Err(refusal)),
     };
-    if !machines.exists(txn, t.machine)? {
-        return Ok(Err((
-            String::new(),
-            "unknown_machine",
-            format!("no machine `{}` on this gateway", t.machine),
-        )));
-    }
     let refuse = |reason, message: String| Ok(Err((t.machine.to_owned(), reason, message)));
     let data = match std::mem::replace(&mut m.data, Ok(Value::Null)) {
         Ok(data) => data,
@@ -356,6 +620,33 @@ fn route(
         })),
         Err(e) => refused(e),
     }
+}
+
+/// The device topic of a message to a machine on this gateway, or why it is not one.
+fn parse<'t>(
+    txn: &WriteTransaction,
+    prefix: &str,
+    machines: &mut Machines,
+    topic: &'t str,
+) -> Result<Result<topic::DeviceTopic<'t>, Refusal>, StoreError> {
+    let t = match topic::parse(prefix, topic) {
+        Ok(t) => t,
+        Err(u) => {
+            let machine = u
+                .machine
+                .filter(|s| machines.exists(txn, s).unwrap_or(false))
+                .unwrap_or("");
+            return Ok(Err((machine.into(), "unknown_topic", u.why.into())));
+        }
+    };
+    if !machines.exists(txn, t.machine)? {
+        return Ok(Err((
+            String::new(),
+            "unknown_machine",
+            format!("no machine `{}` on this gateway", t.machine),
+        )));
+    }
+    Ok(Ok(t))
 }
 
 fn send(

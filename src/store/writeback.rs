@@ -15,10 +15,12 @@
 //! so the order the commit protocol relies on is kept. What a `SIGKILL` loses is the same as
 //! with plain file writes: nothing that a sync covered.
 //!
-//! The map is bounded ([`MAX_HELD`]): past it, what is held is written out at once, as redb
-//! would have written it. `set_len` and a write or read that overlaps a held write partially
-//! write out what is held first (redb does not do that in practice: it reads and writes the
-//! same page ranges), so the order of writes to any byte never changes.
+//! The map is bounded ([`MAX_HELD`]): past it, what is held joins the sync thread's queue
+//! (below) as a job that is written out but not synced, as redb would have written it, and
+//! the writer thread goes on without waiting for the device (it used to write it out itself,
+//! after waiting for the last commit's sync). `set_len` and a write or read that overlaps a
+//! held write partially write out what is held first (redb does not do that in practice: it
+//! reads and writes the same page ranges), so the order of writes to any byte never changes.
 //!
 //! # Write-out and sync in the background
 //! The writer thread may ask for the syncs of a commit to be *deferred*
@@ -137,11 +139,13 @@ pub struct Durability {
 
 #[derive(Debug, Default)]
 struct Syncs {
-    /// Jobs queued so far, and the number of the last one written out and synced.
+    /// Jobs queued so far, and the number of the last one done (written out, and synced if it
+    /// asked for it; a sync covers every write before it).
     requested: u64,
     done: u64,
-    /// Jobs not yet done, oldest first, with their numbers; a job leaves once it is synced.
-    jobs: VecDeque<(u64, Arc<Held>)>,
+    /// Jobs not yet done, oldest first: (number, writes, whether a sync follows them). A job
+    /// leaves once it is written (and synced, if it asks for it).
+    jobs: VecDeque<(u64, Arc<Held>, bool)>,
     queued_bytes: usize,
     /// Jobs synced, to be freed by the thread that built them (the next `sync_data`): mimalloc
     /// returns a page to the system only once its owner thread has collected the blocks other
@@ -229,7 +233,7 @@ fn sync_thread<B: StorageBackend>(file: Arc<B>, durability: Arc<Durability>) {
     loop {
         let s = durability.wait_while(durability.lock(), |s| s.done == s.requested && !s.stop);
         // The oldest job not done (after a failure, done jobs stay in the queue).
-        let Some((n, job)) = s.jobs.iter().find(|(n, _)| *n > s.done).cloned() else {
+        let Some((n, job, sync)) = s.jobs.iter().find(|(n, ..)| *n > s.done).cloned() else {
             return;
         };
         let failed = s.failed.is_some();
@@ -238,8 +242,10 @@ fn sync_thread<B: StorageBackend>(file: Arc<B>, durability: Arc<Durability>) {
         let outcome = if failed {
             Ok(())
         } else {
-            job.write_to(&*file, &mut buf)
-                .and_then(|()| file.sync_data(false))
+            job.write_to(&*file, &mut buf).and_then(|()| match sync {
+                true => file.sync_data(false),
+                false => Ok(()),
+            })
         };
         let mut s = durability.lock();
         s.done = n;
@@ -317,11 +323,32 @@ impl<B: StorageBackend> WriteBack<B> {
         writes.write_to(&*self.inner, &mut Vec::new())
     }
 
+    /// Moves what is held to the end of the sync thread's queue, as one job, synced after it is
+    /// written if `sync`. The caller keeps `held` locked, so no read misses the writes on
+    /// their way. Waits while more than [`MAX_HELD`] bytes are queued.
+    fn enqueue(&self, held: &mut Held, sync: bool) -> io::Result<()> {
+        let job = Arc::new(std::mem::take(held));
+        let d = &self.durability;
+        let mut s = d.wait_while(d.lock(), |s| {
+            s.queued_bytes > MAX_HELD && s.done < s.requested
+        });
+        let finished = std::mem::take(&mut s.finished);
+        failure(&s)?;
+        s.requested += 1;
+        s.queued_bytes += job.bytes;
+        let n = s.requested;
+        s.jobs.push_back((n, job, sync));
+        d.changed.notify_all();
+        drop(s);
+        drop(finished);
+        Ok(())
+    }
+
     /// A read answered by the queue: the newest job that holds exactly this range. `Err` when
     /// a job overlaps it partly (the caller then waits for the queue and reads the file).
     fn read_queued(&self, offset: u64, len: usize) -> Result<Option<Vec<u8>>, ()> {
         let s = self.durability.lock();
-        for (_, job) in s.jobs.iter().rev() {
+        for (_, job, _) in s.jobs.iter().rev() {
             match job.overlap(offset, len) {
                 Overlap::None => {}
                 Overlap::Exact => return Ok(Some(job.writes[&offset].clone())),
@@ -336,7 +363,7 @@ impl<B: StorageBackend> StorageBackend for WriteBack<B> {
     fn len(&self) -> Result<u64, io::Error> {
         let held = self.lock()?.end();
         let queued = (self.durability.lock().jobs.iter())
-            .map(|(_, j)| j.end())
+            .map(|(_, j, _)| j.end())
             .max()
             .unwrap_or(0);
         Ok(self.inner.len()?.max(held).max(queued))
@@ -384,21 +411,7 @@ impl<B: StorageBackend> StorageBackend for WriteBack<B> {
             drop(held);
             return self.inner.sync_data(eventual);
         }
-        let job = Arc::new(std::mem::take(&mut *held));
-        let d = &self.durability;
-        let mut s = d.wait_while(d.lock(), |s| {
-            s.queued_bytes > MAX_HELD && s.done < s.requested
-        });
-        let finished = std::mem::take(&mut s.finished);
-        failure(&s)?;
-        s.requested += 1;
-        s.queued_bytes += job.bytes;
-        let n = s.requested;
-        s.jobs.push_back((n, job));
-        d.changed.notify_all();
-        drop(s);
-        drop(finished);
-        Ok(())
+        self.enqueue(&mut held, true)
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
@@ -417,7 +430,7 @@ impl<B: StorageBackend> StorageBackend for WriteBack<B> {
         held.bytes += data.len();
         held.longest = held.longest.max(data.len());
         if held.bytes > MAX_HELD {
-            self.write_out(&mut held)?;
+            self.enqueue(&mut held, false)?;
         }
         Ok(())
     }
@@ -653,6 +666,51 @@ mod tests {
             g.file.read(0, 24).unwrap(),
             [[1; 8], [2; 8], [3; 8]].concat()
         );
+    }
+
+    /// Past [`MAX_HELD`], what is held joins the queue as a job that is written but not
+    /// synced: the writer does not wait for the sync of the commit before it, nothing of the
+    /// new transaction reaches the file before that sync, and its pages are read from the
+    /// queue until then.
+    #[test]
+    fn writes_past_the_limit_queue_behind_the_last_commit_without_waiting_for_its_sync() {
+        let g = Gated::default();
+        let page = 1 << 20;
+        let pages = (MAX_HELD / page) as u64 + 1;
+        g.file.set_len((pages + 1) * page as u64).unwrap();
+        let d = Arc::new(Durability::default());
+        let b = WriteBack::new(g.clone(), d.clone()).unwrap();
+        let _open = OpenOnDrop(g.clone());
+        // A commit whose sync is held back.
+        b.write(0, &[1; 8]).unwrap();
+        d.defer(true);
+        b.sync_data(false).unwrap();
+        d.defer(false);
+        assert_eq!(log_reaches(&g, 2), ["write 0", "sync"]);
+        // The next transaction writes more than MAX_HELD: every write returns at once.
+        let big = vec![7u8; page];
+        for i in 1..=pages {
+            b.write(i * page as u64, &big).unwrap();
+        }
+        assert_eq!(d.ticket(), 2, "the excess is a job of its own");
+        assert_eq!(b.held.lock().unwrap().bytes, 0);
+        assert_eq!(
+            b.read(page as u64, page).unwrap(),
+            big,
+            "read from the queue"
+        );
+        std::thread::sleep(SHORT);
+        assert_eq!(g.log(), ["write 0", "sync"], "written before the last sync");
+        assert_eq!(g.file.read(page as u64, 8).unwrap(), vec![0; 8]);
+        g.release(1);
+        d.wait(2).unwrap();
+        let log = log_reaches(&g, 4);
+        assert_eq!(log[..3], ["write 0", "sync", "synced"]);
+        assert!(
+            log[3..].iter().all(|l| l.starts_with("write ")),
+            "the excess is written, not synced: {log:?}"
+        );
+        assert_eq!(g.file.read(page as u64, page).unwrap(), big);
     }
 
     #[test]

@@ -239,7 +239,7 @@ fn mosquitto(dir: &Path) -> Result<(u16, Killed), Failure> {
     // backlog waits in the broker (the gateway reads at its commit pace). The inflight window
     // follows the gateway's (`SMGATE_MQTT_INFLIGHT`, which the gateway inherits) as the sample
     // config asks.
-    let inflight = env_u64("SMGATE_MQTT_INFLIGHT", 4096);
+    let inflight = env_u64("SMGATE_MQTT_INFLIGHT", 8192);
     writeln!(
         f,
         "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nuser root\n\

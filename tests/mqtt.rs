@@ -1150,8 +1150,9 @@ fn a_committed_redelivery_is_skipped_and_a_reused_packet_id_is_applied() {
     assert_eq!(left, [7]);
 }
 
-/// `ingest::apply` steps a batch's instances on two threads and writes the results in message
-/// order: the batch must leave exactly what applying its messages one at a time leaves. The
+/// `ingest::apply` reads a batch's instance rows ahead in key order, steps each instance in
+/// memory and writes its row once, after its last step (history runs likewise, in key order):
+/// the batch must leave exactly what applying its messages one at a time leaves. The
 /// batch mixes runs of several events per instance (with timers due before them), a paused
 /// instance, a pending version upgrade, an instance created on the way, a redelivery within
 /// the batch, a packet id reused, and bad input; compared are the outcomes, instance rows,

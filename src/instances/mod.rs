@@ -918,10 +918,10 @@ impl Done {
     }
 }
 
-/// What stepping one instance reads, taken from the tables by [`Steps::prepare`] so that
-/// [`Prepared::step`] can run away from the write transaction (on another thread, while the
-/// writer records the steps of other instances). Each successful step advances it, so a run
-/// of events on one instance steps each from the state the last one left.
+/// What stepping one instance reads, taken from the tables by [`Steps::prepare`]: a run of
+/// events on one instance is stepped in memory, without reading its row again
+/// ([`Steps::record_unwritten`] writes everything but the row). Each successful step advances
+/// it, so each event is stepped from the state the last one left.
 pub struct Prepared {
     slug: String,
     /// None for a paused instance: every event is refused.

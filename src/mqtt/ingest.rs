@@ -161,14 +161,17 @@ pub fn content_hash(topic: &str, payload: &[u8]) -> [u8; 32] {
 /// packet id 0 (QoS 0) are never redelivered and leave no entry. Each message's event data is
 /// taken: a batch is applied once (a retry builds its messages again).
 ///
-/// The chart steps, the larger part of the work, run on two threads: the batch is applied in
-/// segments (normally the whole batch is one), and for each segment the writer thread first
-/// reads what every step needs (the instance rows and their charts), then steps the
-/// instances (in parallel, an instance's events in order), then writes the results in message
-/// order. The outcome and every row written are the same as stepping one message after the
-/// other. A message that needs the writer in between (its instance must be created or cannot
-/// be prepared, or its packet id already occurs in the segment) ends the segment and is
-/// applied alone.
+/// Most of the cost of a step is B-tree pages: with thousands of instances, the messages of a
+/// batch address instance rows (and history runs) all over their tables. So the rows the batch
+/// addresses are read ahead in key order, each instance is stepped in memory, and its row is
+/// written once, after its last step, with the rows of the batch in key order (likewise the
+/// history runs): each leaf is read and copied once per batch, not once per message. The
+/// batch is applied in segments (normally the whole batch is one): for each, the messages are
+/// planned (their instances and charts loaded), then stepped and written in message order,
+/// then the instance rows are written. The outcome and every row written are the same as
+/// applying one message after the other. A message that needs the tables in between (its
+/// instance must be created or cannot be prepared, or its packet id already occurs in the
+/// segment) ends the segment and is applied alone.
 pub fn apply(
     txn: &WriteTransaction,
     charts: &Charts,
@@ -310,16 +313,14 @@ impl Writing<'_, '_> {
 enum Planned {
     Duplicate(u64),
     Refused(Refusal),
-    /// The next event of this run.
-    Step(usize),
+    /// An event for this run.
+    Step(usize, Event),
 }
 
 /// One instance's events in a segment.
 struct Run {
     instance: instances::Instance,
     prepared: instances::Prepared,
-    events: Vec<Event>,
-    steps: std::vec::IntoIter<Result<instances::Step, InstanceError>>,
     /// A step was recorded: the instance row is to be written.
     stepped: bool,
 }
@@ -334,12 +335,6 @@ struct Segment {
     index: std::collections::HashMap<(String, String), usize>,
     pkids: std::collections::HashSet<u16>,
 }
-
-/// Events in a segment below which its steps run on the writer thread alone: starting the
-/// second thread costs more than it saves.
-const PARALLEL_MIN: usize = 64;
-/// Runs claimed at a time by a stepping thread.
-const CLAIM: usize = 16;
 
 impl Segment {
     /// Plans `m` (not a duplicate); None when it must be applied alone.
@@ -375,8 +370,6 @@ impl Segment {
                 self.runs.push(Run {
                     instance,
                     prepared,
-                    events: Vec::new(),
-                    steps: Vec::new().into_iter(),
                     stepped: false,
                 });
                 self.index.insert(key, self.runs.len() - 1);
@@ -384,11 +377,11 @@ impl Segment {
             }
         };
         let data = std::mem::replace(&mut m.data, Ok(Value::Null)).unwrap_or_default();
-        self.runs[run].events.push(Event::new(t.event, data));
-        Ok(Some(Planned::Step(run)))
+        Ok(Some(Planned::Step(run, Event::new(t.event, data))))
     }
 
-    /// Steps the planned events and writes every planned message, in order; empties `self`.
+    /// Steps and writes every planned message, in order, then the stepped instances' rows;
+    /// empties `self`.
     fn flush(
         &mut self,
         w: &mut Writing,
@@ -396,21 +389,16 @@ impl Segment {
         auth: &Value,
         out: &mut Vec<Outcome>,
     ) -> Result<(), StoreError> {
-        step_runs(&mut self.runs, auth, w.now_ms);
         for (i, planned) in self.plan.drain(..) {
             let m = &batch[i];
             let outcome = match planned {
                 Planned::Duplicate(t) => Outcome::Duplicate(t),
                 Planned::Refused(refusal) => w.refuse(m, refusal)?,
-                Planned::Step(r) => {
+                Planned::Step(r, event) => {
                     let run = &mut self.runs[r];
-                    let step = run.steps.next().unwrap_or_else(|| {
-                        Err(InstanceError::Store(StoreError::Corrupt(
-                            "a planned step has no result".into(),
-                        )))
-                    });
-                    let recorded =
-                        step.and_then(|s| w.steps.record_unwritten(&mut run.instance, s, w.now_ms));
+                    let recorded = (run.prepared)
+                        .step(event, auth, ACTOR, w.now_ms)
+                        .and_then(|s| w.steps.record_unwritten(&mut run.instance, s, w.now_ms));
                     run.stepped |= recorded.is_ok();
                     let machine = run.instance.machine.clone();
                     match recorded {
@@ -444,45 +432,6 @@ impl Segment {
         self.pkids.clear();
         Ok(())
     }
-}
-
-/// Steps every run's events, each run's in order; on two threads when there are enough.
-fn step_runs(runs: &mut [Run], auth: &Value, now_ms: i64) {
-    let step = |runs: &mut [Run]| {
-        for r in runs {
-            let prepared = &mut r.prepared;
-            let results: Vec<_> = r
-                .events
-                .drain(..)
-                .map(|e| prepared.step(e, auth, ACTOR, now_ms))
-                .collect();
-            r.steps = results.into_iter();
-        }
-    };
-    let events: usize = runs.iter().map(|r| r.events.len()).sum();
-    if events < PARALLEL_MIN
-        || runs.len() < 2 * CLAIM
-        || std::env::var_os("STEP_SERIAL_AB").is_some()
-    {
-        return step(runs);
-    }
-    let claims = std::sync::Mutex::new(runs.chunks_mut(CLAIM));
-    let work = || loop {
-        let claim = claims.lock().ok().and_then(|mut c| c.next());
-        match claim {
-            Some(c) => step(c),
-            None => break,
-        }
-    };
-    std::thread::scope(|s| {
-        let helper = std::thread::Builder::new()
-            .name("smgate-step".into())
-            .spawn_scoped(s, work);
-        work();
-        if let Ok(h) = helper {
-            let _ = h.join();
-        }
-    });
 }
 
 /// One batch transaction as the batcher runs it: [`apply`] the messages, then [`forget`] the

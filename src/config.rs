@@ -144,7 +144,7 @@ impl Default for GatewayConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
-            cache_mb: 16,
+            cache_mb: 12,
             quick_repair: true,
             max_batch: 1024,
         }

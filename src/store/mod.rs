@@ -136,7 +136,7 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            cache_bytes: 16 << 20,
+            cache_bytes: 12 << 20,
             quick_repair: true,
             max_batch: 1024,
             disk_limit: None,

@@ -486,8 +486,11 @@ pub struct Steps<'txn> {
     due: Table<'txn, (i64, &'static str, &'static str), ()>,
     log: LogWriter<'txn>,
     /// History runs to insert at [`Steps::write_deferred`], when deferred.
-    deferred_runs: Option<Vec<((String, String, u64), Vec<u8>)>>,
+    deferred_runs: Option<Vec<DeferredRun>>,
 }
+
+/// A history run waiting for [`Steps::write_deferred`]: its key in [`history::RUNS`] and bytes.
+type DeferredRun = ((String, String, u64), Vec<u8>);
 
 impl<'txn> Steps<'txn> {
     pub fn open(txn: &'txn WriteTransaction) -> Result<Steps<'txn>, StoreError> {

@@ -133,6 +133,18 @@ fn invalid(code: &'static str, message: impl Into<String>) -> InstanceError {
     }
 }
 
+/// An event must have a type. [`Steps::send_event`] checks it before looking the instance up
+/// (so a request with neither gets this error), [`Prepared::step`] for the MQTT batches.
+fn check_event_name(event: &Event) -> Result<(), InstanceError> {
+    if event.name.is_empty() {
+        return Err(invalid(
+            "invalid-parameters",
+            "event type must not be empty",
+        ));
+    }
+    Ok(())
+}
+
 /// Instance and statebacked path slugs: `^[a-zA-Z0-9_-]{1,128}$`.
 pub fn valid_instance_slug(s: &str) -> bool {
     (1..=128).contains(&s.len())
@@ -632,12 +644,7 @@ impl<'txn> Steps<'txn> {
         actor: &str,
         now_ms: i64,
     ) -> Result<Sent, InstanceError> {
-        if event.name.is_empty() {
-            return Err(invalid(
-                "invalid-parameters",
-                "event type must not be empty",
-            ));
-        }
+        check_event_name(&event)?;
         let mut instance = self
             .instance(machine, slug)?
             .ok_or_else(|| InstanceError::NotFound(format!("no instance `{slug}`")))?;
@@ -965,12 +972,7 @@ impl Prepared {
         actor: &str,
         now_ms: i64,
     ) -> Result<Step, InstanceError> {
-        if event.name.is_empty() {
-            return Err(invalid(
-                "invalid-parameters",
-                "event type must not be empty",
-            ));
-        }
+        check_event_name(&event)?;
         let Some(current) = &self.chart else {
             return Err(InstanceError::Conflict(
                 "the instance is paused; PUT its status to running first".into(),

@@ -10,6 +10,12 @@
 //! 3. a steady 5,000 heartbeats/s: p50/p99 from publish to the retained `…/state` message (the
 //!    state carries the publish time as `last_seen`), and smgate's RSS.
 //!
+//! It also accounts for the CPU time (user + system, from `/proc`) of mosquitto, of this process
+//! (the devices and the subscriber) and of smgate (by thread) per message, and the bytes smgate
+//! wrote per heartbeat. From those: how many heartbeats/s the machine's cores could carry at
+//! these costs, and how much CPU per heartbeat the devices and the broker would leave smgate
+//! at 0.8 of the ceiling.
+//!
 //! `cargo bench --bench mqtt`. Sizes: `TEST_MQTT_BENCH_DEVICES` (100),
 //! `TEST_MQTT_BENCH_INSTANCES` (10,000), `TEST_MQTT_BENCH_SECS` (10), `TEST_MQTT_BENCH_RATE`
 //! (5,000). Test knobs are `TEST_*`: the gateway inherits the environment, and an unknown
@@ -49,6 +55,163 @@ fn free_port() -> u16 {
         .unwrap_or(18830)
 }
 
+/// CPU seconds (user + system, all threads, exited ones included) of a process, from
+/// `/proc/<pid>/stat`; Linux reports them in USER_HZ, which is 100.
+fn cpu_secs(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let fields: Vec<&str> = s.get(s.rfind(')')? + 2..)?.split_whitespace().collect();
+            let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+            Some((tick(11)? + tick(12)?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds of a process's live threads, summed by thread name (tokio's workers share one).
+fn cpu_by_thread(pid: u32) -> Vec<(String, f64)> {
+    let mut by: Vec<(String, f64)> = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by;
+    };
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let tick = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let secs = (tick(11) + tick(12)) / 100.0;
+        match by.iter_mut().find(|(n, _)| *n == name) {
+            Some(e) => e.1 += secs,
+            None => by.push((name, secs)),
+        }
+    }
+    by
+}
+
+/// Bytes a process handed to `write`-like calls so far (`wchar` of `/proc/<pid>/io`).
+fn bytes_written(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("wchar:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Busy CPU seconds of the whole machine (every core), from `/proc/stat`.
+fn machine_busy_secs() -> f64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let ticks: Vec<f64> = s
+                .lines()
+                .next()?
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal …
+            let idle = ticks.get(3)? + ticks.get(4)?;
+            Some((ticks.iter().take(8).sum::<f64>() - idle) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// The processes whose CPU time the report accounts for.
+#[derive(Clone, Copy)]
+struct Procs {
+    broker: u32,
+    gateway: Option<u32>,
+}
+
+/// CPU seconds used so far by mosquitto, this process (the devices and the subscriber), the
+/// gateway, and the machine as a whole.
+#[derive(Clone)]
+struct CpuAt {
+    broker: f64,
+    bench: f64,
+    gateway: f64,
+    machine: f64,
+    /// The gateway's CPU seconds by thread name.
+    threads: Vec<(String, f64)>,
+    /// Bytes the gateway wrote (its database file, and its MQTT sockets).
+    written: f64,
+    at: Instant,
+}
+
+impl Procs {
+    fn cpu(&self) -> CpuAt {
+        CpuAt {
+            broker: cpu_secs(self.broker),
+            bench: cpu_secs(std::process::id()),
+            gateway: self.gateway.map(cpu_secs).unwrap_or(0.0),
+            machine: machine_busy_secs(),
+            threads: self.gateway.map(cpu_by_thread).unwrap_or_default(),
+            written: self.gateway.map(bytes_written).unwrap_or(0.0),
+            at: Instant::now(),
+        }
+    }
+}
+
+/// CPU between two snapshots, per message, in µs.
+struct CpuPer {
+    broker: f64,
+    bench: f64,
+    gateway: f64,
+    /// Share of the machine's cores that were busy (0..1).
+    busy: f64,
+    /// The gateway's threads (by name), most CPU first.
+    threads: Vec<(String, f64)>,
+    /// Bytes the gateway wrote per message.
+    written: f64,
+}
+
+impl CpuAt {
+    fn per_message(&self, to: &CpuAt, messages: u64) -> CpuPer {
+        let us = |a: f64, b: f64| (b - a).max(0.0) * 1e6 / messages.max(1) as f64;
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as f64;
+        let wall = to.at.duration_since(self.at).as_secs_f64().max(1e-3);
+        CpuPer {
+            broker: us(self.broker, to.broker),
+            bench: us(self.bench, to.bench),
+            gateway: us(self.gateway, to.gateway),
+            busy: (to.machine - self.machine).max(0.0) / (wall * cores),
+            written: (to.written - self.written).max(0.0) / messages.max(1) as f64,
+            threads: {
+                let mut t: Vec<(String, f64)> = to
+                    .threads
+                    .iter()
+                    .map(|(name, secs)| {
+                        let was = self
+                            .threads
+                            .iter()
+                            .find(|(n, _)| n == name)
+                            .map_or(0.0, |(_, s)| *s);
+                        (name.clone(), us(was, *secs))
+                    })
+                    .filter(|(_, us)| *us >= 0.05)
+                    .collect();
+                t.sort_by(|a, b| b.1.total_cmp(&a.1));
+                t
+            },
+        }
+    }
+}
+
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -74,10 +237,18 @@ fn report() -> Result<(), Failure> {
         .enable_all()
         .build()?;
     let work = tempfile::tempdir()?;
-    let (port, _mosquitto) = mosquitto(work.path())?;
+    let (port, mosquitto) = mosquitto(work.path())?;
     println!("smgate MQTT report: {devices} devices, {instances} instances, {secs} s per phase, mosquitto on 127.0.0.1:{port}");
+    let mut procs = Procs {
+        broker: mosquitto.0.id(),
+        gateway: None,
+    };
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
 
     // 1. The broker alone.
+    let before = procs.cpu();
     let ceiling = rt.block_on(run_load(
         port,
         devices,
@@ -90,6 +261,13 @@ fn report() -> Result<(), Failure> {
     println!(
         "broker-only ceiling: {:>9.0} msg/s delivered to a plain subscriber; publish->delivery p50 {:.1} ms p99 {:.1} ms",
         ceiling.rate, ceiling.p50, ceiling.p99
+    );
+    let ceiling_cpu = before.per_message(&procs.cpu(), ceiling.sent);
+    println!(
+        "  CPU per message: mosquitto {:.1} µs, devices + subscriber {:.1} µs; the machine's {cores} cores {:.0}% busy",
+        ceiling_cpu.broker,
+        ceiling_cpu.bench,
+        ceiling_cpu.busy * 100.0
     );
 
     let ceiling_steady = rt.block_on(run_load(
@@ -108,6 +286,7 @@ fn report() -> Result<(), Failure> {
 
     // 2. smgate on the same broker.
     let gw = Gateway::start(work.path(), port)?;
+    procs.gateway = Some(gw.child.0.id());
     rt.block_on(gw.setup())?;
     let warm = rt.block_on(warm_up(&gw, port, instances))?;
     println!("created {instances} instances by heartbeat in {warm:.1} s");
@@ -115,7 +294,9 @@ fn report() -> Result<(), Failure> {
         "smgate RSS after creating them: {:.1} MiB",
         gw.rss_mib("VmRSS")
     );
-    let sat = rt.block_on(load_gateway(&gw, port, devices, instances, secs, None))?;
+    let sat = rt.block_on(load_gateway(
+        &gw, procs, port, devices, instances, secs, None,
+    ))?;
     let (load, drained) = (&sat.load, sat.drained);
     let applied_rate = sat.rate_in_window();
     let sustained = load.sent as f64 / (sat.window + drained);
@@ -127,6 +308,42 @@ fn report() -> Result<(), Failure> {
     // broker queued during the load.
     let draining = sat.behind() as f64 / drained.max(1e-3);
     println!("smgate draining the backlog: {draining:.0} heartbeats/s");
+    // Where the two cores went, per heartbeat: the load and its drain together, and the drain
+    // alone (no device publishing).
+    let [start, load_end, end] = &sat.cpu;
+    let whole = start.per_message(end, load.sent);
+    let drain = load_end.per_message(end, sat.behind());
+    println!(
+        "  CPU per heartbeat, load and drain: mosquitto {:.1} µs, devices {:.1} µs, smgate {:.1} µs; the cores {:.0}% busy",
+        whole.broker,
+        whole.bench,
+        whole.gateway,
+        whole.busy * 100.0
+    );
+    println!(
+        "  CPU per heartbeat, draining: mosquitto {:.1} µs, smgate {:.1} µs; the cores {:.0}% busy",
+        drain.broker,
+        drain.gateway,
+        drain.busy * 100.0
+    );
+    let threads: Vec<String> = drain
+        .threads
+        .iter()
+        .map(|(name, us)| format!("{name} {us:.1}"))
+        .collect();
+    println!(
+        "  smgate's threads, µs per heartbeat draining: {}; it wrote {:.0} bytes per heartbeat (database and sockets)",
+        threads.join(", "),
+        drain.written
+    );
+    // With these costs, the cores cannot carry more than `bound` heartbeats/s; and at 0.8 of
+    // the ceiling, what the devices and the broker leave to smgate per heartbeat.
+    let bound = cores * 1e6 / (whole.broker + whole.bench + whole.gateway).max(1e-3);
+    let budget = cores * 1e6 / (0.8 * ceiling.rate).max(1.0) - whole.broker - whole.bench;
+    println!(
+        "  the {cores} cores allow at most {bound:.0} heartbeats/s at these costs; at 0.8 of the ceiling, devices and broker leave smgate {budget:.1} µs per heartbeat (it spends {:.1})",
+        whole.gateway
+    );
     println!(
         "smgate RSS after the saturated load: {:.1} MiB (peak so far {:.1} MiB)",
         gw.rss_mib("VmRSS"),
@@ -138,6 +355,7 @@ fn report() -> Result<(), Failure> {
     rt.block_on(gw.settle())?;
     let held = rt.block_on(load_gateway(
         &gw,
+        procs,
         port,
         devices,
         instances,
@@ -157,6 +375,7 @@ fn report() -> Result<(), Failure> {
     // the backlog of the saturated phase has been applied (above); let the state publisher
     // flush what it queued before measuring.
     rt.block_on(gw.settle())?;
+    let (applied_before, cpu_before) = (rt.block_on(gw.applied())?, procs.cpu());
     let steady = rt.block_on(run_load(
         port,
         devices,
@@ -169,6 +388,12 @@ fn report() -> Result<(), Failure> {
     println!(
         "smgate at {rate}/s: {:.0} states/s received; publish->retained state p50 {:.1} ms p99 {:.1} ms",
         steady.rate, steady.p50, steady.p99
+    );
+    let steady_applied = rt.block_on(gw.applied())? - applied_before;
+    let steady_cpu = cpu_before.per_message(&procs.cpu(), steady_applied);
+    println!(
+        "  per heartbeat at {rate}/s: smgate {:.1} µs CPU, {:.0} bytes written (database and sockets); mosquitto {:.1} µs",
+        steady_cpu.gateway, steady_cpu.written, steady_cpu.broker
     );
     let rss = gw.rss_mib("VmRSS");
     println!(
@@ -189,6 +414,18 @@ fn report() -> Result<(), Failure> {
         format!("{ratio:.2}"),
         ratio >= 0.8,
         ">= 0.8",
+    );
+    row(
+        "  CPU bound on applied/s, all processes' costs",
+        format!("{bound:.0}"),
+        true,
+        "(report)",
+    );
+    row(
+        "  smgate µs/heartbeat left at 0.8 / spent",
+        format!("{budget:.1} / {:.1}", whole.gateway),
+        true,
+        "(report)",
     );
     row(
         "applied heartbeats/s",
@@ -219,6 +456,12 @@ fn report() -> Result<(), Failure> {
         format!("{:.1}", steady.p99),
         steady.p99 <= 50.0,
         "<= 50",
+    );
+    row(
+        &format!("bytes written per heartbeat at {rate}/s"),
+        format!("{:.0}", steady_cpu.written),
+        true,
+        "(report)",
     );
     row(
         &format!("RSS with {instances} instances (MiB)"),
@@ -582,6 +825,8 @@ struct Applied {
     window: f64,
     /// Seconds from the end of the load until everything published was applied.
     drained: f64,
+    /// CPU used at the start of the load, at its end, and when all was applied.
+    cpu: [CpuAt; 3],
 }
 
 impl Applied {
@@ -599,6 +844,7 @@ impl Applied {
 /// broker acks (or at `rate`); then waits until all of them are applied.
 async fn load_gateway(
     gw: &Gateway,
+    procs: Procs,
     port: u16,
     devices: u64,
     instances: u64,
@@ -607,6 +853,7 @@ async fn load_gateway(
 ) -> Result<Applied, Failure> {
     let before = gw.applied().await?;
     let t0 = Instant::now();
+    let cpu_start = procs.cpu();
     let load = run_load(
         port,
         devices,
@@ -619,6 +866,7 @@ async fn load_gateway(
     .await?;
     let in_window = gw.applied().await? - before;
     let window = t0.elapsed().as_secs_f64();
+    let cpu_load_end = procs.cpu();
     let drained = gw
         .wait_applied(before + load.sent, Duration::from_secs(300))
         .await?;
@@ -627,6 +875,7 @@ async fn load_gateway(
         in_window,
         window,
         drained,
+        cpu: [cpu_start, cpu_load_end, procs.cpu()],
     })
 }
 

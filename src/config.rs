@@ -71,6 +71,9 @@ pub struct GatewayConfig {
 pub struct StoreConfig {
     /// redb page cache in MiB (boards have 256 MB of RAM).
     pub cache_mb: usize,
+    /// MiB of a transaction's page writes held in memory, so that a page written again is
+    /// written to the file once (`store::writeback`).
+    pub write_window_mb: usize,
     /// Save allocator state on each commit so that boot after power loss needs no full repair.
     pub quick_repair: bool,
     /// Most write requests folded into one transaction (one fsync).
@@ -145,6 +148,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             cache_mb: 12,
+            write_window_mb: 16,
             quick_repair: true,
             max_batch: 1024,
         }
@@ -220,6 +224,11 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1024).contains(&self.store.write_window_mb) {
+            return Err(ConfigError::Invalid(
+                "store.write_window_mb must be between 1 and 1024".into(),
+            ));
+        }
         if self.store.max_batch == 0 {
             return Err(ConfigError::Invalid(
                 "store.max_batch must be at least 1".into(),
@@ -299,6 +308,26 @@ mod tests {
         let bad = vec![("SMGATE_HTTP_LISTN".to_string(), "x".to_string())];
         let err = Config::load(None, bad).unwrap_err().to_string();
         assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn the_write_window_is_set_in_mib_and_bounded() {
+        let load = |v: &str| {
+            Config::load(
+                None,
+                vec![("SMGATE_STORE_WRITE_WINDOW_MB".to_string(), v.to_string())],
+            )
+        };
+        assert_eq!(Config::default().store.write_window_mb, 16);
+        let c = load("32").unwrap();
+        assert_eq!(
+            crate::gateway::store_options(&c).write_window_bytes,
+            32 << 20
+        );
+        for bad in ["0", "1025"] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(err.contains("store.write_window_mb"), "{bad}: {err}");
+        }
     }
 
     #[test]

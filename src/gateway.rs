@@ -101,6 +101,7 @@ pub fn is_initialised(config: &Config) -> bool {
 pub fn store_options(config: &Config) -> StoreOptions {
     StoreOptions {
         cache_bytes: config.store.cache_mb << 20,
+        write_window_bytes: config.store.write_window_mb << 20,
         quick_repair: config.store.quick_repair,
         max_batch: config.store.max_batch,
         disk_limit: None,

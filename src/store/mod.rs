@@ -127,6 +127,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     pub cache_bytes: usize,
+    /// Page writes held in memory before they go to the sync thread (`writeback`).
+    pub write_window_bytes: usize,
     pub quick_repair: bool,
     pub max_batch: usize,
     /// Test hook: makes the file unable to grow, as a full disk does.
@@ -137,6 +139,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             cache_bytes: 12 << 20,
+            write_window_bytes: writeback::MAX_HELD,
             quick_repair: true,
             max_batch: 1024,
             disk_limit: None,
@@ -354,11 +357,17 @@ fn open_database(
         None => {
             let file = redb::backends::FileBackend::new(file)?;
             builder.create_with_backend(
-                writeback::WriteBack::new(file, durability).map_err(io_error)?,
+                writeback::WriteBack::with_window(file, durability, options.write_window_bytes)
+                    .map_err(io_error)?,
             )?
         }
         Some(limit) => builder.create_with_backend(
-            writeback::WriteBack::new(limit.backend(file)?, durability).map_err(io_error)?,
+            writeback::WriteBack::with_window(
+                limit.backend(file)?,
+                durability,
+                options.write_window_bytes,
+            )
+            .map_err(io_error)?,
         )?,
     };
     Ok(db)

@@ -140,7 +140,7 @@ impl Default for StoreOptions {
         StoreOptions {
             cache_bytes: 12 << 20,
             write_window_bytes: writeback::MAX_HELD,
-            quick_repair: true,
+            quick_repair: false,
             max_batch: 1024,
             disk_limit: None,
         }

@@ -28,9 +28,10 @@
 //! backend's sync thread, which writes each job out and syncs it, in order; redb's commit
 //! returns at once, and the writer builds the next transaction while the device flushes the
 //! last one. It answers the committed requests only when [`Durability::wait`] says their
-//! syncs are done. A commit makes two syncs (redb's two-phase commit, which quick repair
-//! turns on): its pages and the new header slot, then the header's switch to that slot. Both
-//! are jobs, so the whole commit overlaps the next batch.
+//! syncs are done. A commit makes one sync (its pages and its header; redb's checksums tell
+//! a torn commit from a whole one), or two with `store.quick_repair` (redb's two-phase
+//! commit: its pages and the new header slot, then the header's switch to that slot). Each
+//! is a job, so the whole commit overlaps the next batch.
 //!
 //! The order of writes on the device is unchanged: jobs are written out one after the other,
 //! each synced before the next is written, and what is held joins the queue behind them; a
@@ -285,7 +286,9 @@ pub struct WriteBack<B: StorageBackend> {
 impl<B: StorageBackend> WriteBack<B> {
     /// Wraps `inner`; deferred write-outs and syncs run on a thread of its own. What an
     /// earlier handle on the file left in `durability` (a failure, jobs it could not write)
-    /// is forgotten: this one starts from what the file holds.
+    /// is forgotten: this one starts from what the file holds. Tests use it; the store sets
+    /// its window ([`WriteBack::with_window`]).
+    #[cfg(test)]
     pub fn new(inner: B, durability: Arc<Durability>) -> io::Result<Self> {
         Self::with_window(inner, durability, MAX_HELD)
     }

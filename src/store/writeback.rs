@@ -15,12 +15,13 @@
 //! so the order the commit protocol relies on is kept. What a `SIGKILL` loses is the same as
 //! with plain file writes: nothing that a sync covered.
 //!
-//! The map is bounded (its *window*, `store.write_window_mb`, [`MAX_HELD`] by default): past it, what is held joins the sync thread's queue
-//! (below) as a job that is written out but not synced, as redb would have written it, and
-//! the writer thread goes on without waiting for the device (it used to write it out itself,
-//! after waiting for the last commit's sync). `set_len` and a write or read that overlaps a
-//! held write partially write out what is held first (redb does not do that in practice: it
-//! reads and writes the same page ranges), so the order of writes to any byte never changes.
+//! The map is bounded (its *window*, `store.write_window_mb`, [`MAX_HELD`] by default): past
+//! it, what is held joins the sync thread's queue (below) as a job that is written out but not
+//! synced, as redb would have written it, and the writer thread goes on without waiting for
+//! the device (it used to write it out itself, after waiting for the last commit's sync).
+//! `set_len` and a write or read that overlaps a held write partially write out what is held
+//! first (redb does not do that in practice: it reads and writes the same page ranges), so the
+//! order of writes to any byte never changes.
 //!
 //! # Write-out and sync in the background
 //! The writer thread may ask for the syncs of a commit to be *deferred*

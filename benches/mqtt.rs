@@ -55,17 +55,23 @@ fn free_port() -> u16 {
         .unwrap_or(18830)
 }
 
-/// CPU seconds (user + system, all threads, exited ones included) of a process, from
-/// `/proc/<pid>/stat`; Linux reports them in USER_HZ, which is 100.
+/// The name and the CPU seconds (user + system) in a `/proc/<pid>/stat` or
+/// `/proc/<pid>/task/<tid>/stat` file: a process's cover all its threads, exited ones
+/// included. Linux reports them in USER_HZ, which is 100.
+fn stat_cpu(path: &str) -> Option<(String, f64)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    Some((
+        stat[open + 1..close].to_string(),
+        (tick(11)? + tick(12)?) / 100.0,
+    ))
+}
+
+/// CPU seconds of a process (0 when it cannot be read).
 fn cpu_secs(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let fields: Vec<&str> = s.get(s.rfind(')')? + 2..)?.split_whitespace().collect();
-            let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
-            Some((tick(11)? + tick(12)?) / 100.0)
-        })
-        .unwrap_or(0.0)
+    stat_cpu(&format!("/proc/{pid}/stat")).map_or(0.0, |(_, secs)| secs)
 }
 
 /// CPU seconds of a process's live threads, summed by thread name (tokio's workers share one).
@@ -75,27 +81,22 @@ fn cpu_by_thread(pid: u32) -> Vec<(String, f64)> {
         return by;
     };
     for t in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+        let Some((name, secs)) = stat_cpu(&t.path().join("stat").to_string_lossy()) else {
             continue;
         };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name = stat[open + 1..close].to_string();
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let tick = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        let secs = (tick(11) + tick(12)) / 100.0;
         match by.iter_mut().find(|(n, _)| *n == name) {
             Some(e) => e.1 += secs,
             None => by.push((name, secs)),
         }
     }
     by
+}
+
+/// The machine's cores.
+fn cores() -> f64 {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64
 }
 
 /// Bytes a process handed to `write`-like calls so far (`wchar` of `/proc/<pid>/io`).
@@ -180,17 +181,15 @@ struct CpuPer {
 
 impl CpuAt {
     fn per_message(&self, to: &CpuAt, messages: u64) -> CpuPer {
-        let us = |a: f64, b: f64| (b - a).max(0.0) * 1e6 / messages.max(1) as f64;
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1) as f64;
+        let per = |a: f64, b: f64| (b - a).max(0.0) / messages.max(1) as f64;
+        let us = |a: f64, b: f64| per(a, b) * 1e6;
         let wall = to.at.duration_since(self.at).as_secs_f64().max(1e-3);
         CpuPer {
             broker: us(self.broker, to.broker),
             bench: us(self.bench, to.bench),
             gateway: us(self.gateway, to.gateway),
-            busy: (to.machine - self.machine).max(0.0) / (wall * cores),
-            written: (to.written - self.written).max(0.0) / messages.max(1) as f64,
+            busy: (to.machine - self.machine).max(0.0) / (wall * cores()),
+            written: per(self.written, to.written),
             threads: {
                 let mut t: Vec<(String, f64)> = to
                     .threads
@@ -243,9 +242,7 @@ fn report() -> Result<(), Failure> {
         broker: mosquitto.0.id(),
         gateway: None,
     };
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1) as f64;
+    let cores = cores();
 
     // 1. The broker alone.
     let before = procs.cpu();

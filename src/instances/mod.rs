@@ -198,6 +198,7 @@ pub struct Instance {
     /// Time of the last committed step (the `ts` of the public view).
     pub ts_ms: i64,
     /// [`InstanceState`] as JSON.
+    #[serde(with = "store::bytes")]
     pub state: Vec<u8>,
     pub next_due: Option<i64>,
     pub steps: u64,
@@ -212,6 +213,7 @@ pub struct TransitionRecord {
     pub ts_ms: i64,
     pub event: String,
     /// Event data as canonical JSON bytes.
+    #[serde(with = "store::bytes")]
     pub data: Vec<u8>,
     pub from: Vec<String>,
     pub to: Vec<String>,

@@ -1,0 +1,247 @@
+//! The MQTT writer alone: what applying a heartbeat costs smgate's writer thread, without the
+//! broker, the devices or the sockets that share the cores in `cargo bench --bench mqtt`.
+//!
+//! `cargo bench --bench ingest` — 10,000 instances of the example heartbeat machine (created
+//! through auto-create first), then batches of 4,096 heartbeats to instances picked at random
+//! (a fixed seed), each batch applied by `mqtt::ingest::apply_then_forget` in one write
+//! transaction and committed with a sync, as the gateway's writer does. Reports per heartbeat:
+//! CPU time of the applying thread (split into apply and commit), CPU time of the process (the
+//! store's sync thread too), bytes written to the file, and wall time.
+//!
+//! Sizes: `TEST_INGEST_INSTANCES` (10,000), `TEST_INGEST_BATCH` (4,096), `TEST_INGEST_BATCHES`
+//! (40 measured, after 4 that warm up).
+//!
+//! Instruction counts, which do not depend on what else the machine is doing, for comparing
+//! two builds of the writer: `TEST_INGEST_BATCHES=4 valgrind --tool=callgrind
+//! --toggle-collect='*measured_batch*' target/release/deps/ingest-<hash> --bench`; the total
+//! `Ir` divided by the heartbeats measured (printed) is instructions per heartbeat.
+
+use std::time::{Duration, Instant};
+
+use smgate::instances::{self, Charts};
+use smgate::mqtt::ingest::{self, Message, Outcome, Rules};
+
+const MACHINE: &str = "hb";
+
+/// The allocator of the `smgate` binary (`src/main.rs`), so that the writer here allocates as
+/// the gateway's does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// CPU time of the calling thread, from `/proc/thread-self/schedstat` (nanoseconds on CPU).
+fn thread_cpu() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .map(Duration::from_nanos)
+        .unwrap_or_default()
+}
+
+/// CPU time of the whole process (user + system), from `/proc/self/stat`, in clock ticks of
+/// 10 ms (`sysconf(_SC_CLK_TCK)` is 100 on Linux).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) end with ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// Bytes the process has written (`wchar` of `/proc/self/io`).
+fn bytes_written() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("wchar: ")?.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// xorshift64*: a fixed sequence of instance picks, the same in every run.
+struct Picks(u64);
+
+impl Picks {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+struct Bench {
+    db: std::sync::Arc<redb::Database>,
+    charts: Charts,
+    rules: Rules,
+    /// Packet ids cycle through an inflight window, as a broker's do.
+    pkid: u16,
+    tag: u64,
+    now_ms: i64,
+}
+
+/// Time spent in one measured batch.
+#[derive(Default, Clone, Copy)]
+struct Spent {
+    apply: Duration,
+    commit: Duration,
+    wall: Duration,
+}
+
+impl Bench {
+    fn messages(&mut self, devices: impl Iterator<Item = u64>) -> Vec<Message> {
+        devices
+            .map(|d| {
+                self.pkid = self.pkid % 8192 + 1;
+                Message::new(
+                    format!("smgate/{MACHINE}/dev-{d}/heartbeat"),
+                    bytes::Bytes::from(format!("{{\"seq\":{},\"rssi\":-67}}", self.tag)),
+                    self.pkid,
+                    false,
+                    self.rules.max_payload,
+                )
+            })
+            .collect()
+    }
+
+    /// [`Bench::batch`] of the measured batches, and only of those: the name callgrind's
+    /// `--toggle-collect` counts instructions in.
+    #[inline(never)]
+    fn measured_batch(&mut self, batch: &mut [Message]) -> Spent {
+        self.batch(batch)
+    }
+
+    /// Applies `batch` in one write transaction and commits it; every message must apply.
+    fn batch(&mut self, batch: &mut [Message]) -> Spent {
+        self.tag += 1;
+        self.now_ms += 1;
+        let (wall, cpu) = (Instant::now(), thread_cpu());
+        let txn = self.db.begin_write().expect("begin");
+        let out = ingest::apply_then_forget(
+            &txn,
+            &self.charts,
+            &self.rules,
+            batch,
+            self.tag,
+            &[],
+            self.now_ms,
+        )
+        .expect("apply");
+        let applied = thread_cpu();
+        txn.commit().expect("commit");
+        let done = thread_cpu();
+        let refused = out
+            .iter()
+            .filter(|o| !matches!(o, Outcome::Applied { .. }))
+            .count();
+        assert_eq!(refused, 0, "every heartbeat applies");
+        Spent {
+            apply: applied - cpu,
+            commit: done - applied,
+            wall: wall.elapsed(),
+        }
+    }
+}
+
+fn main() {
+    let instances = env_u64("TEST_INGEST_INSTANCES", 10_000);
+    let batch_size = env_u64("TEST_INGEST_BATCH", 4096);
+    let batches = env_u64("TEST_INGEST_BATCHES", 40);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store =
+        smgate::store::Store::open(&dir.path().join("db.redb"), Default::default()).expect("store");
+    let mut b = Bench {
+        db: store.database().expect("database"),
+        charts: Charts::default(),
+        rules: Rules {
+            prefix: "smgate".into(),
+            client_id: "smgate-bench".into(),
+            max_payload: 1024,
+            dead_letter_cap: 1000,
+        },
+        pkid: 0,
+        tag: 0,
+        now_ms: 1_700_000_000_000,
+    };
+    let def = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("firmware-config/machines/heartbeat.json"),
+    )
+    .expect("heartbeat.json");
+    {
+        let txn = b.db.begin_write().expect("begin");
+        let owner = smgate::auth::Zid::parse("ZEQ00000000001").expect("zid");
+        let defaults = smgate::machines::Defaults {
+            region: "bench".into(),
+            parent_origin: "https://bench".into(),
+        };
+        let request =
+            smgate::machines::NewMachine::from_json(&serde_json::json!({ "slug": MACHINE }))
+                .expect("request");
+        smgate::machines::create(&txn, &owner, "bench", request, &defaults, b.now_ms)
+            .expect("machine");
+        instances::create_version(&txn, MACHINE, &def, None, true, "bench", b.now_ms)
+            .expect("version");
+        instances::set_auto_create(&txn, MACHINE, true).expect("auto-create");
+        txn.commit().expect("commit");
+    }
+    // Every instance is created by its first heartbeat, in batches of the measured size.
+    let mut next = 0;
+    while next < instances {
+        let end = (next + batch_size).min(instances);
+        let mut batch = b.messages(next..end);
+        b.batch(&mut batch);
+        next = end;
+    }
+    let mut picks = Picks(0x9e37_79b9_7f4a_7c15);
+    let mut run = |b: &mut Bench, n: u64, measured: bool| {
+        let mut total = Spent::default();
+        for _ in 0..n {
+            let mut batch = b.messages((0..batch_size).map(|_| picks.next(instances)));
+            let s = if measured {
+                b.measured_batch(&mut batch)
+            } else {
+                b.batch(&mut batch)
+            };
+            total.apply += s.apply;
+            total.commit += s.commit;
+            total.wall += s.wall;
+        }
+        total
+    };
+    run(&mut b, 4, false);
+    let (process, written) = (process_cpu(), bytes_written());
+    let spent = run(&mut b, batches, true);
+    let process = process_cpu() - process;
+    let written = bytes_written() - written;
+    let n = (batches * batch_size) as f64;
+    let us = |d: Duration| d.as_secs_f64() * 1e6 / n;
+    println!(
+        "MQTT writer alone: {instances} instances, {batches} batches of {batch_size} heartbeats ({n:.0} measured)"
+    );
+    println!(
+        "  applying thread CPU per heartbeat: {:.2} µs (apply {:.2}, commit {:.2})",
+        us(spent.apply + spent.commit),
+        us(spent.apply),
+        us(spent.commit)
+    );
+    println!(
+        "  process CPU per heartbeat (with the sync thread): {:.2} µs; wall {:.2} µs ({:.0} heartbeats/s)",
+        us(process),
+        us(spent.wall),
+        n / spent.wall.as_secs_f64()
+    );
+    println!("  bytes written per heartbeat: {:.0}", written as f64 / n);
+}

@@ -23,10 +23,10 @@ use smgate::mqtt::ingest::{self, Message, Outcome, Rules};
 
 const MACHINE: &str = "hb";
 
-/// The allocator of the `smgate` binary (`src/main.rs`), so that the writer here allocates as
-/// the gateway's does.
+/// The allocator of the `smgate` binary, so that the writer here allocates as the gateway's
+/// does.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: smgate::alloc::Allocator = smgate::alloc::Allocator;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)

@@ -30,6 +30,7 @@
 //! durable; raw keys are never stored.
 
 pub mod agents;
+pub mod alloc;
 pub mod auth;
 pub mod chart;
 pub mod clock;

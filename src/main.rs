@@ -11,67 +11,9 @@ use smgate::config::Config;
 use smgate::store::{GroupCommit, Store, StoreError};
 use smgate::{clock, gateway, server, systemd};
 
-/// mimalloc instead of glibc malloc. The MQTT writer thread allocates and frees constantly
-/// (redb page buffers, JSON, chart steps) while the tokio workers do too: glibc's arena locks
-/// then cost the writer about a quarter of its time (malloc, free, consolidation and futex
-/// wake-ups in `perf`), and mimalloc's per-thread heaps raised applied heartbeats/s by
-/// 15–20% (`cargo bench --bench mqtt`). It detects the page size at run time (ARM kernels
-/// with 16 KiB pages) and builds from one C file for every target.
+/// The gateway's allocator: mimalloc, committing memory on demand ([`smgate::alloc`]).
 #[global_allocator]
-static ALLOCATOR: Allocator = Allocator;
-
-/// [`mimalloc::MiMalloc`] with one option changed before its first allocation: mimalloc
-/// commits arenas eagerly by default and then purges freed memory by resetting it, which
-/// Linux does not take out of RSS, so a gateway at rest with 10,000 instances held 100 MiB.
-/// Arenas committed on demand are purged by decommitting, and RSS falls back once a burst is
-/// over (57 MiB at rest). The option has to be set before mimalloc reserves its first arena,
-/// which happens before `main`, hence the wrapper. `MIMALLOC_ARENA_EAGER_COMMIT` in the
-/// environment still wins (this only sets the default).
-///
-/// Caveat, found later: mimalloc 3 reads all its options in a constructor before `main`, so
-/// this default arrives too late (`MIMALLOC_VERBOSE=1 smgate --version` prints
-/// `arena_eager_commit: 2`) and every RSS figure since was measured without it. Making it
-/// (or a 1 ms `purge_delay`) take effect from inside the binary is unmeasured or, for the
-/// purge delay, made RSS worse in CI (issue 6, session 10 note); left as it was measured.
-struct Allocator;
-
-static TUNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-impl Allocator {
-    #[inline]
-    fn tune() {
-        use std::sync::atomic::Ordering;
-        if !TUNED.load(Ordering::Relaxed) {
-            // `mi_option_arena_eager_commit` in the `mi_option_e` of the mimalloc 3 that
-            // libmimalloc-sys 0.1.49 builds (include/mimalloc.h).
-            const ARENA_EAGER_COMMIT: i32 = 4;
-            extern "C" {
-                fn mi_option_set_default(option: i32, value: std::ffi::c_long);
-            }
-            TUNED.store(true, Ordering::Relaxed);
-            // SAFETY: sets the default of one option; it neither allocates nor calls back.
-            unsafe { mi_option_set_default(ARENA_EAGER_COMMIT, 0) };
-        }
-    }
-}
-
-// SAFETY: every call is forwarded to mimalloc unchanged.
-unsafe impl std::alloc::GlobalAlloc for Allocator {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        Self::tune();
-        mimalloc::MiMalloc.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        Self::tune();
-        mimalloc::MiMalloc.alloc_zeroed(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        mimalloc::MiMalloc.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
-        mimalloc::MiMalloc.realloc(ptr, layout, new)
-    }
-}
+static ALLOCATOR: smgate::alloc::Allocator = smgate::alloc::Allocator;
 
 #[derive(Parser)]
 #[command(

@@ -529,3 +529,43 @@ async fn ops_endpoints_and_console() {
     assert_eq!(res.status(), 303);
     assert_eq!(res.headers()["location"], "/ui/");
 }
+
+/// Bytes of the process's private anonymous mappings that are readable and writable, from
+/// `/proc/<pid>/maps`: memory the allocator has committed, touched or not.
+fn committed_anonymous(pid: i32) -> u64 {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (range, perms) = (f.next()?, f.next()?);
+            // An anonymous mapping has no path (and inode 0).
+            let anonymous = l.split_whitespace().nth(5).is_none();
+            let (a, b) = range.split_once('-')?;
+            let len = u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?;
+            (anonymous && perms == "rw-p").then_some(len)
+        })
+        .sum()
+}
+
+/// mimalloc reserves a 1 GiB arena at the first allocation. `src/main.rs` sets it to commit
+/// on demand (freed memory then leaves RSS after a burst, and a 256 MB board is not promised
+/// a gigabyte); the option must be set before that first allocation, and once was believed
+/// not to be. Committed eagerly, the whole arena is one read-write mapping; on demand, it is
+/// reserved without access and committed in pieces. `MIMALLOC_ARENA_EAGER_COMMIT` still wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allocator_commits_memory_on_demand_unless_the_environment_says_otherwise() {
+    let mut gw = Gw::start(&[]);
+    let on_demand = committed_anonymous(gw.pid());
+    gw.stop();
+    let mut eager = Gw::start(&[("MIMALLOC_ARENA_EAGER_COMMIT", "1")]);
+    let committed = committed_anonymous(eager.pid());
+    eager.stop();
+    assert!(
+        committed >= 1 << 30,
+        "eager commit maps the arena read-write: {committed} bytes"
+    );
+    assert!(
+        on_demand < 256 << 20,
+        "at rest after start-up, {on_demand} bytes committed"
+    );
+}

@@ -24,7 +24,8 @@
 //! - [`sync`]: each machine's log pushed upstream in signed, proof-checked batches (client),
 //!   and `smgate hub`, the reference receiver that verifies and stores them.
 //! - [`gateway`]: the data directory, the gateway's Ed25519 identity and TLS files (`init`).
-//! - [`tls`], [`systemd`], [`metrics`], [`clock`]: the small pieces around them.
+//! - [`tls`], [`systemd`], [`metrics`], [`clock`]: the small pieces around them; [`alloc`],
+//!   the binary's allocator (mimalloc, committing memory on demand).
 //!
 //! Invariants: only the writer task writes; a request is answered only after its write is
 //! durable; raw keys are never stored.

@@ -18,9 +18,11 @@
 //! (commit 19.1); a 48 or 96 MiB cache 22.1–23.5, no better than 12.
 //!
 //! Instruction counts, which do not depend on what else the machine is doing, for comparing
-//! two builds of the writer: `TEST_INGEST_BATCHES=4 valgrind --tool=callgrind
-//! --toggle-collect='*measured_batch*' target/release/deps/ingest-<hash> --bench`; the total
-//! `Ir` divided by the heartbeats measured (printed) is instructions per heartbeat.
+//! two builds of the writer: build with symbols (`cargo bench --bench ingest --profile
+//! profiling --no-run`; release binaries are stripped), then `TEST_INGEST_BATCHES=4 valgrind
+//! --tool=callgrind --toggle-collect='*measured_batch*' target/profiling/deps/ingest-<hash>
+//! --bench`; the total `Ir` divided by the heartbeats measured (printed) is instructions per
+//! heartbeat (valgrind hides SHA-NI, so SHA-256 runs its slower software path there).
 
 use std::time::{Duration, Instant};
 

@@ -24,8 +24,11 @@
 //! --bench`; the total `Ir` divided by the heartbeats measured (printed) is instructions per
 //! heartbeat (valgrind hides SHA-NI, so SHA-256 runs its slower software path there).
 
+mod measure;
+
 use std::time::{Duration, Instant};
 
+use measure::{bytes_written, cpu_secs, env_u64};
 use smgate::instances::{self, Charts};
 use smgate::mqtt::ingest::{self, Message, Outcome, Rules};
 
@@ -36,13 +39,6 @@ const MACHINE: &str = "hb";
 #[global_allocator]
 static ALLOCATOR: smgate::alloc::Allocator = smgate::alloc::Allocator;
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// CPU time of the calling thread, from `/proc/thread-self/schedstat` (nanoseconds on CPU).
 fn thread_cpu() -> Duration {
     std::fs::read_to_string("/proc/thread-self/schedstat")
@@ -50,32 +46,6 @@ fn thread_cpu() -> Duration {
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .map(Duration::from_nanos)
         .unwrap_or_default()
-}
-
-/// CPU time of the whole process (user + system), from `/proc/self/stat`, in clock ticks of
-/// 10 ms (`sysconf(_SC_CLK_TCK)` is 100 on Linux).
-fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces) end with ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
-}
-
-/// Bytes the process has written (`wchar` of `/proc/self/io`).
-fn bytes_written() -> u64 {
-    std::fs::read_to_string("/proc/self/io")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("wchar: ")?.trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// xorshift64*: a fixed sequence of instance picks, the same in every run.
@@ -243,10 +213,11 @@ fn main() {
         total
     };
     run(&mut b, 4, false);
-    let (process, written) = (process_cpu(), bytes_written());
+    let me = std::process::id();
+    let (process, written) = (cpu_secs(me), bytes_written(me));
     let spent = run(&mut b, batches, true);
-    let process = process_cpu() - process;
-    let written = bytes_written() - written;
+    let process = Duration::from_secs_f64(cpu_secs(me) - process);
+    let written = bytes_written(me) - written;
     let n = (batches * batch_size) as f64;
     let us = |d: Duration| d.as_secs_f64() * 1e6 / n;
     println!(
@@ -264,5 +235,5 @@ fn main() {
         us(spent.wall),
         n / spent.wall.as_secs_f64()
     );
-    println!("  bytes written per heartbeat: {:.0}", written as f64 / n);
+    println!("  bytes written per heartbeat: {:.0}", written / n);
 }

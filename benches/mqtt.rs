@@ -21,6 +21,8 @@
 //! (5,000). Test knobs are `TEST_*`: the gateway inherits the environment, and an unknown
 //! `SMGATE_*` variable is a configuration error. A report, not a gate.
 
+mod measure;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
@@ -29,17 +31,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use measure::{bytes_written, cpu_secs, env_u64, stat_cpu};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 const BIN: &str = env!("CARGO_BIN_EXE_smgate");
 type Failure = Box<dyn std::error::Error>;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn now_us() -> u64 {
     SystemTime::now()
@@ -53,25 +49,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or(18830)
-}
-
-/// The name and the CPU seconds (user + system) in a `/proc/<pid>/stat` or
-/// `/proc/<pid>/task/<tid>/stat` file: a process's cover all its threads, exited ones
-/// included. Linux reports them in USER_HZ, which is 100.
-fn stat_cpu(path: &str) -> Option<(String, f64)> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
-    let fields: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
-    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
-    Some((
-        stat[open + 1..close].to_string(),
-        (tick(11)? + tick(12)?) / 100.0,
-    ))
-}
-
-/// CPU seconds of a process (0 when it cannot be read).
-fn cpu_secs(pid: u32) -> f64 {
-    stat_cpu(&format!("/proc/{pid}/stat")).map_or(0.0, |(_, secs)| secs)
 }
 
 /// CPU seconds of a process's live threads, summed by thread name (tokio's workers share one).
@@ -97,18 +74,6 @@ fn cores() -> f64 {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1) as f64
-}
-
-/// Bytes a process handed to `write`-like calls so far (`wchar` of `/proc/<pid>/io`).
-fn bytes_written(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("wchar:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
 }
 
 /// Busy CPU seconds of the whole machine (every core), from `/proc/stat`.

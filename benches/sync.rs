@@ -12,12 +12,14 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod measure;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{call, cli, line_value, Gw, BIN};
+use measure::cpu_secs;
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -92,23 +94,6 @@ impl Drop for Hub {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// CPU seconds (user + system) a process has used so far, from /proc/<pid>/stat (Linux
-/// clock ticks are 100 Hz on every supported target). Load on a shared builder stretches
-/// the wall clock, not this.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // Fields 14 and 15 of stat (utime, stime) are the 12th and 13th after the comm.
-    (tick(11) + tick(12)) / 100.0
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

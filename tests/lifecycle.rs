@@ -538,8 +538,8 @@ fn committed_anonymous(pid: i32) -> u64 {
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (range, perms) = (f.next()?, f.next()?);
-            // An anonymous mapping has no path (and inode 0).
-            let anonymous = l.split_whitespace().nth(5).is_none();
+            // An anonymous mapping has no path after offset, device and inode.
+            let anonymous = f.nth(3).is_none();
             let (a, b) = range.split_once('-')?;
             let len = u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?;
             (anonymous && perms == "rw-p").then_some(len)
@@ -547,7 +547,7 @@ fn committed_anonymous(pid: i32) -> u64 {
         .sum()
 }
 
-/// mimalloc reserves a 1 GiB arena at the first allocation. `src/main.rs` sets it to commit
+/// mimalloc reserves a 1 GiB arena at the first allocation. `src/alloc.rs` sets it to commit
 /// on demand (freed memory then leaves RSS after a burst, and a 256 MB board is not promised
 /// a gigabyte); the option must be set before that first allocation, and once was believed
 /// not to be. Committed eagerly, the whole arena is one read-write mapping; on demand, it is

@@ -64,6 +64,8 @@ struct Bench {
     db: std::sync::Arc<redb::Database>,
     charts: Charts,
     rules: Rules,
+    /// The sending client's session (the dedup entries' key).
+    client: std::sync::Arc<str>,
     /// Packet ids cycle through an inflight window, as a broker's do.
     pkid: u16,
     tag: u64,
@@ -84,6 +86,7 @@ impl Bench {
             .map(|d| {
                 self.pkid = self.pkid % 8192 + 1;
                 Message::new(
+                    self.client.clone(),
                     format!("smgate/{MACHINE}/dev-{d}/heartbeat"),
                     bytes::Bytes::from(format!("{{\"seq\":{},\"rssi\":-67}}", self.tag)),
                     self.pkid,
@@ -154,6 +157,7 @@ fn main() {
     }
     let store = smgate::store::Store::open(&dir.path().join("db.redb"), options).expect("store");
     let mut b = Bench {
+        client: "anonymous|device-sim".into(),
         db: store.database().expect("database"),
         charts: Charts::default(),
         rules: Rules {

@@ -531,6 +531,9 @@ async fn serve(config: Config) -> Result<(), CliError> {
     if let Some(addr) = running.mqtt_broker() {
         println!("smgate: mqtt broker on {addr}");
     }
+    if let Some(addr) = running.mqtt_tls() {
+        println!("smgate: mqtts broker on {addr}");
+    }
     tracing::info!(addr = %running.addr, gateway = %running.gateway.identity.id, "listening");
     systemd::notify("READY=1");
     if let Some(every) = systemd::watchdog_interval() {

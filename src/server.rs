@@ -47,7 +47,7 @@ pub struct Gateway {
     pub store: Arc<Store>,
     pub writer: GroupCommit,
     pub identity: Identity,
-    pub tls: Acceptor,
+    pub tls: Arc<Acceptor>,
     pub metrics: Metrics,
     /// Upstream sync status, shared by the sync task and `/api/sync/status`.
     pub sync: crate::sync::client::SyncState,
@@ -65,7 +65,7 @@ pub struct Gateway {
     /// Agent runs: config, the credential sealing key, ticker counters.
     pub agents: crate::agents::Agents,
     /// MQTT counters, and the hook through which committed steps reach the state publisher.
-    pub mqtt: crate::mqtt::Shared,
+    pub mqtt: Arc<crate::mqtt::Shared>,
 }
 
 impl Gateway {
@@ -200,9 +200,14 @@ impl Running {
         self.gateway.writer.shutdown().await;
     }
 
-    /// Address of the embedded MQTT broker, when it runs.
+    /// Address of the MQTT server, when it runs.
     pub fn mqtt_broker(&self) -> Option<SocketAddr> {
-        self.mqtt.as_ref().and_then(|m| m.broker)
+        self.mqtt.as_ref().and_then(|m| m.listen_addr())
+    }
+
+    /// Address of the MQTT over TLS listener, when it runs.
+    pub fn mqtt_tls(&self) -> Option<SocketAddr> {
+        self.mqtt.as_ref().and_then(|m| m.tls_addr())
     }
 
     /// Re-reads the certificate and key (SIGHUP).
@@ -228,7 +233,7 @@ pub async fn start(
     let store = Store::open(&config.db_path(), options)?;
     let writer = GroupCommit::start(store.clone());
     let identity = Identity::load(&gateway::identity_path(&config))?;
-    let tls = Acceptor::load(&config.cert_path(), &config.key_path())?;
+    let tls = Arc::new(Acceptor::load(&config.cert_path(), &config.key_path())?);
     let listener = TcpListener::bind(config.http.listen)
         .await
         .map_err(|source| StartError::Bind {

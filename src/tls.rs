@@ -1,5 +1,5 @@
-//! TLS for the HTTPS listener: rustls with the ring provider, TLS 1.2 and 1.3, ALPN h2 and
-//! http/1.1. The acceptor is swapped whole on SIGHUP, so new connections use the new
+//! TLS for the HTTPS listener (and MQTT over TLS): rustls with the ring provider, TLS 1.2 and
+//! 1.3, ALPN h2 and http/1.1 for HTTPS. The acceptor is swapped whole on SIGHUP, so new connections use the new
 //! certificate while open ones keep theirs.
 
 use std::path::Path;
@@ -47,32 +47,51 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, Tl
     Ok(config)
 }
 
-/// The current acceptor, replaceable at run time.
+/// The current acceptors (HTTPS, and MQTT over TLS), replaceable at run time.
 pub struct Acceptor {
-    current: RwLock<TlsAcceptor>,
+    current: RwLock<(TlsAcceptor, TlsAcceptor)>,
+}
+
+/// The HTTPS configuration, and the same certificate without ALPN for MQTT: a rustls server
+/// with ALPN protocols refuses a client that offers others (MQTT clients may offer "mqtt").
+fn acceptors(cert: &Path, key: &Path) -> Result<(TlsAcceptor, TlsAcceptor), TlsError> {
+    let http = server_config(cert, key)?;
+    let mut mqtt = http.clone();
+    mqtt.alpn_protocols.clear();
+    Ok((
+        TlsAcceptor::from(Arc::new(http)),
+        TlsAcceptor::from(Arc::new(mqtt)),
+    ))
 }
 
 impl Acceptor {
     pub fn load(cert: &Path, key: &Path) -> Result<Acceptor, TlsError> {
-        let acceptor = TlsAcceptor::from(Arc::new(server_config(cert, key)?));
         Ok(Acceptor {
-            current: RwLock::new(acceptor),
+            current: RwLock::new(acceptors(cert, key)?),
         })
     }
 
-    pub fn get(&self) -> TlsAcceptor {
+    fn pair(&self) -> (TlsAcceptor, TlsAcceptor) {
         match self.current.read() {
             Ok(a) => a.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
+    pub fn get(&self) -> TlsAcceptor {
+        self.pair().0
+    }
+
+    pub fn get_mqtt(&self) -> TlsAcceptor {
+        self.pair().1
+    }
+
     /// Re-reads the files; on error the old certificate stays in use.
     pub fn reload(&self, cert: &Path, key: &Path) -> Result<(), TlsError> {
-        let acceptor = TlsAcceptor::from(Arc::new(server_config(cert, key)?));
+        let both = acceptors(cert, key)?;
         match self.current.write() {
-            Ok(mut a) => *a = acceptor,
-            Err(poisoned) => *poisoned.into_inner() = acceptor,
+            Ok(mut a) => *a = both,
+            Err(poisoned) => *poisoned.into_inner() = both,
         }
         Ok(())
     }

@@ -245,6 +245,8 @@ async fn setup(external: bool, extra: &[(&str, &str)], machines: &[(&str, Value,
         None => {
             let p = free_port();
             env.push(("SMGATE_MQTT_LISTEN".into(), format!("127.0.0.1:{p}")));
+            // These tests are about ingest; `mqtt_server.rs` tests the keys.
+            env.push(("SMGATE_MQTT_ALLOW_ANONYMOUS".into(), "true".into()));
             p
         }
     };
@@ -1058,6 +1060,7 @@ fn a_committed_redelivery_is_skipped_and_a_reused_packet_id_is_applied() {
     };
     let msg_with = |pkid: u16, dup: bool, payload: &'static [u8]| {
         Message::new(
+            "smgate-test".into(),
             "smgate/hb/dev-1/heartbeat".into(),
             bytes::Bytes::from_static(payload),
             pkid,
@@ -1068,6 +1071,11 @@ fn a_committed_redelivery_is_skipped_and_a_reused_packet_id_is_applied() {
     let msg = |pkid: u16, dup: bool| msg_with(pkid, dup, b"{}");
     // One batch transaction, as the batcher runs it.
     let batch = |mut messages: Vec<Message>, tag: u64, settled: &[(u16, u64)]| {
+        let settled: Vec<ingest::Forget> = settled
+            .iter()
+            .map(|&(pkid, tag)| ingest::Forget::Delivery("smgate-test".into(), pkid, tag))
+            .collect();
+        let settled = settled.as_slice();
         let txn = db.begin_write().unwrap();
         let out =
             ingest::apply_then_forget(&txn, &charts, &rules, &mut messages, tag, settled, now)
@@ -1174,6 +1182,7 @@ fn a_batch_applied_at_once_writes_what_its_messages_applied_one_by_one_write() {
     };
     let msg = |topic: &str, payload: &[u8], pkid: u16, dup: bool| {
         Message::new(
+            "smgate-test".into(),
             topic.into(),
             bytes::Bytes::copy_from_slice(payload),
             pkid,
@@ -1374,4 +1383,628 @@ async fn mosquitto_redelivery_after_a_crash_between_commit_and_ack_is_acked_not_
     assert_eq!(metric(&s.gw, "smgate_mqtt_duplicates_total").await, 0);
     assert_eq!(beats(&history(&s.gw, "hb", "dev-x").await), 2);
     assert!(s.gw.stop().success());
+}
+
+// ---------------------------------------------------------------------------------------------
+// smgate as the devices' MQTT server: real clients (paho-mqtt, mosquitto_pub/sub, rumqttc).
+
+/// Whether paho-mqtt (Python) is importable; `.ci/run` installs it and requires it.
+fn have_paho() -> bool {
+    if !common::have_programs(&["python3"]) {
+        return false;
+    }
+    let ok = Command::new("python3")
+        .args(["-c", "import paho.mqtt.client"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI_REQUIRE_PEERS").as_deref() != Ok("1"),
+            "CI_REQUIRE_PEERS=1 but paho-mqtt is not installed (pip install paho-mqtt)"
+        );
+        eprintln!("SKIPPED: this test needs paho-mqtt (pip install paho-mqtt)");
+    }
+    ok
+}
+
+/// Starts `tests/devices/paho_device.py` publishing `total` numbered heartbeats from `first`.
+fn paho_device(
+    port: u16,
+    key: &str,
+    client_id: &str,
+    (first, total, instances): (u64, u64, u64),
+    args: &[&str],
+    out: &std::path::Path,
+) -> Child {
+    Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/devices/paho_device.py"
+        ))
+        .args(["--port", &port.to_string(), "--password", key])
+        .args(["--client-id", client_id, "--out"])
+        .arg(out)
+        .args(["--first", &first.to_string(), "--total", &total.to_string()])
+        .args(["--instances", &instances.to_string()])
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the paho device")
+}
+
+/// The product's promise, end to end: paho-mqtt devices (persistent sessions, QoS 1,
+/// reconnecting and resending what was not acknowledged, with DUP) publish numbered heartbeats
+/// to smgate's own MQTT server while it is SIGKILLed at least 5 times. Every number a device
+/// holds a PUBACK for is applied exactly once (counted from the transition history), every
+/// number is acknowledged in the end, and `smgate verify` passes. `extra` runs the same drill
+/// with other settings (the power-cut storage backend).
+async fn server_crash_drill(extra: &[(&str, &str)], what: &str) {
+    if !have_paho() {
+        return;
+    }
+    let total = env_u64("TEST_MQTT_CRASH_MESSAGES", 20_000);
+    let instances = env_u64("TEST_MQTT_CRASH_INSTANCES", 200);
+    let devices = 4u64;
+    let mut env = vec![("SMGATE_MQTT_ALLOW_ANONYMOUS", "false")];
+    env.extend_from_slice(extra);
+    let mut s = setup(false, &env, &[("hb", heartbeat_def(), true)]).await;
+    let out = tempfile::tempdir().unwrap();
+    let per = total / devices;
+    let mut children: Vec<Child> = (0..devices)
+        .map(|d| {
+            let n = if d == devices - 1 {
+                total - per * d
+            } else {
+                per
+            };
+            let v5: &[&str] = if d % 2 == 1 { &["--v5"] } else { &[] };
+            paho_device(
+                s.port,
+                &s.admin,
+                &format!("crash-dev-{d}"),
+                (d * per, n, instances),
+                v5,
+                &out.path().join(format!("acked-{d}")),
+            )
+        })
+        .collect();
+    let mut kills = 0;
+    let mut duplicates = 0;
+    let started = Instant::now();
+    let running = |c: &mut Vec<Child>| c.iter_mut().any(|c| c.try_wait().unwrap().is_none());
+    while kills < 5 || running(&mut children) {
+        tokio::time::sleep(Duration::from_millis(700 + (kills as u64 * 137) % 500)).await;
+        if !running(&mut children) && kills >= 5 {
+            break;
+        }
+        duplicates += metric(&s.gw, "smgate_mqtt_duplicates_total").await;
+        s.gw.kill();
+        kills += 1;
+        s.gw.spawn();
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "devices did not finish"
+        );
+    }
+    let mut acked = Vec::new();
+    for (d, c) in children.iter_mut().enumerate() {
+        let status = c.wait().unwrap();
+        assert!(
+            status.success(),
+            "device {d} exited with {status}: not every message was acknowledged"
+        );
+        let text = std::fs::read_to_string(out.path().join(format!("acked-{d}"))).unwrap();
+        acked.extend(text.lines().map(|l| l.parse::<u64>().unwrap()));
+    }
+    assert_eq!(acked.len() as u64, total, "every message was acknowledged");
+    let seen = applied_numbers(&s.gw, instances).await;
+    let dups: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).take(10).collect();
+    let missing: Vec<u64> = acked
+        .iter()
+        .copied()
+        .filter(|n| !seen.contains_key(n))
+        .take(10)
+        .collect();
+    eprintln!(
+        "{what}: {total} messages from {devices} paho devices over {instances} instances, {kills} kills; redeliveries recognised {}",
+        duplicates + metric(&s.gw, "smgate_mqtt_duplicates_total").await
+    );
+    assert!(
+        dups.is_empty() && missing.is_empty() && seen.len() as u64 == total,
+        "acknowledged but not applied: {missing:?}; applied twice: {dups:?}"
+    );
+    assert!(s.gw.stop().success());
+    let (ok, out, err) = common::cli(&s.gw.data(), &["verify"]);
+    assert!(ok, "verify failed: {out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_every_acked_heartbeat_is_applied_exactly_once_across_sigkills() {
+    server_crash_drill(&[], "SIGKILL drill").await;
+}
+
+/// What a device sees from `mosquitto_pub -d` (its debug lines) and its exit status.
+fn mosquitto_pub(port: u16, key: Option<&str>, v5: bool, args: &[&str]) -> (i32, String) {
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-d"]);
+    if let Some(k) = key {
+        cmd.args(["-u", "device", "-P", k]);
+    }
+    if v5 {
+        cmd.args(["-V", "mqttv5"]);
+    }
+    let out = cmd.args(args).output().expect("mosquitto_pub");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `mosquitto_sub -d` for up to `secs` seconds or `count` messages.
+fn mosquitto_sub(port: u16, key: Option<&str>, v5: bool, args: &[&str], secs: u32) -> String {
+    let mut cmd = Command::new("mosquitto_sub");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-d", "-v"]);
+    cmd.args(["-W", &secs.to_string()]);
+    if let Some(k) = key {
+        cmd.args(["-u", "device", "-P", k]);
+    }
+    if v5 {
+        cmd.args(["-V", "mqttv5"]);
+    }
+    let out = cmd.args(args).output().expect("mosquitto_sub");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Mints a machine key with `scope` over HTTPS.
+async fn mint(gw: &Gw, bearer: &str, machine: &str, scope: &str) -> (String, String) {
+    let (s, b, _) = call(
+        &gw.client(),
+        Method::POST,
+        &gw.url(&format!("/api/chain/{machine}/api-keys")),
+        Some(bearer),
+        Some(json!({"name": format!("{scope} device"), "scope": scope})),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    (
+        b["api_key"].as_str().unwrap().to_string(),
+        b["key"]["id"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Who may do what over MQTT: {anonymous, wrong key, revoked key, foreign account, foreign
+/// machine's key, viewer, operator, admin, owner} × {connect, publish to its machine, publish
+/// to another machine, subscribe to its machine's state, subscribe to another's state}, each
+/// in MQTT 3.1.1 and 5. Refused connects are CONNACK 5 / 0x87; a refused publish is not
+/// applied, is counted and dead-lettered (MQTT 5: PUBACK 0x87); a refused subscription is
+/// SUBACK 0x80 / 0x87. A revoked key's open connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_authorizes_every_principal_per_topic() {
+    if !common::have_programs(&["mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
+    let mut s = setup(
+        false,
+        &[("SMGATE_MQTT_ALLOW_ANONYMOUS", "false")],
+        &[
+            ("hb", heartbeat_def(), true),
+            ("other", heartbeat_def(), true),
+        ],
+    )
+    .await;
+    // A second account, made offline (accounts have no HTTP API).
+    assert!(s.gw.stop().success());
+    let (ok, made, err) = common::cli(&s.gw.data(), &["account", "create", "--name", "stranger"]);
+    assert!(ok, "{made}{err}");
+    let stranger = made
+        .lines()
+        .find_map(|l| l.strip_prefix("key "))
+        .unwrap()
+        .to_string();
+    s.gw.spawn();
+    let owner = s.gw.owner_key.clone();
+    let (viewer, _) = mint(&s.gw, &owner, "hb", "viewer").await;
+    let (operator, _) = mint(&s.gw, &owner, "hb", "operator").await;
+    let (admin, _) = mint(&s.gw, &owner, "hb", "admin").await;
+    let (foreign, _) = mint(&s.gw, &owner, "other", "operator").await;
+    let (revoked, revoked_id) = mint(&s.gw, &owner, "hb", "operator").await;
+    // An instance of each machine, so that a granted subscription receives a retained state.
+    for m in ["hb", "other"] {
+        let (code, out) = mosquitto_pub(
+            s.port,
+            Some(&owner),
+            false,
+            &[
+                "-q",
+                "1",
+                "-t",
+                &format!("smgate/{m}/seed/heartbeat"),
+                "-m",
+                "{}",
+            ],
+        );
+        assert_eq!(code, 0, "{out}");
+    }
+    eventually(10, "seed instances", async || {
+        instance(&s.gw, "other", "seed").await?;
+        instance(&s.gw, "hb", "seed").await
+    })
+    .await;
+    // The revoked key holds a connection open, then is revoked: the connection closes.
+    let port = s.port;
+    let held = {
+        let k = revoked.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            mosquitto_sub(port, Some(&k), false, &["-t", "smgate/hb/+/state"], 30);
+            t.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (st, b, _) = call(
+        &s.gw.client(),
+        Method::DELETE,
+        &s.gw.url(&format!("/api/chain/hb/api-keys/{revoked_id}")),
+        Some(&owner),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    let held_for = tokio::task::block_in_place(|| held.join().unwrap());
+    assert!(
+        held_for < Duration::from_secs(20),
+        "the revoked key's connection stayed open for {held_for:?}"
+    );
+
+    struct Case<'a> {
+        who: &'a str,
+        key: Option<&'a str>,
+        connects: bool,
+        /// May publish to hb, to other; may subscribe to hb's, other's states.
+        rights: [bool; 4],
+    }
+    let cases = [
+        Case {
+            who: "anonymous",
+            key: None,
+            connects: false,
+            rights: [false; 4],
+        },
+        Case {
+            who: "wrong",
+            key: Some("zsm_notakeyatall0000000000000000000000000"),
+            connects: false,
+            rights: [false; 4],
+        },
+        Case {
+            who: "revoked",
+            key: Some(&revoked),
+            connects: false,
+            rights: [false; 4],
+        },
+        Case {
+            who: "stranger",
+            key: Some(&stranger),
+            connects: true,
+            rights: [false; 4],
+        },
+        Case {
+            who: "foreign",
+            key: Some(&foreign),
+            connects: true,
+            rights: [false, true, false, true],
+        },
+        Case {
+            who: "viewer",
+            key: Some(&viewer),
+            connects: true,
+            rights: [false, false, true, false],
+        },
+        Case {
+            who: "operator",
+            key: Some(&operator),
+            connects: true,
+            rights: [true, false, true, false],
+        },
+        Case {
+            who: "admin",
+            key: Some(&admin),
+            connects: true,
+            rights: [true, false, true, false],
+        },
+        Case {
+            who: "owner",
+            key: Some(&owner),
+            connects: true,
+            rights: [true, true, true, true],
+        },
+    ];
+    let refused_before = metric(&s.gw, "smgate_mqtt_publishes_refused_total").await;
+    let mut refused_publishes = 0;
+    for c in &cases {
+        for v5 in [false, true] {
+            let tag = format!("{}-v{}", c.who, if v5 { 5 } else { 4 });
+            // Connect (and publish) to each machine.
+            for (i, m) in ["hb", "other"].into_iter().enumerate() {
+                let inst = format!("by-{tag}");
+                let (code, out) = mosquitto_pub(
+                    s.port,
+                    c.key,
+                    v5,
+                    &[
+                        "-q",
+                        "1",
+                        "-t",
+                        &format!("smgate/{m}/{inst}/heartbeat"),
+                        "-m",
+                        "{}",
+                    ],
+                );
+                if !c.connects {
+                    assert_ne!(code, 0, "{tag} connected: {out}");
+                    assert!(
+                        out.contains("not authori") || out.contains("Not authori"),
+                        "{tag}: {out}"
+                    );
+                    continue;
+                }
+                assert!(out.contains("received CONNACK (0)"), "{tag}: {out}");
+                assert!(out.contains("received PUBACK"), "{tag}: {out}");
+                if v5 {
+                    let refused = out.contains("RC:135");
+                    assert_eq!(refused, !c.rights[i], "{tag} → {m}: {out}");
+                }
+                if !c.rights[i] {
+                    refused_publishes += 1;
+                }
+                let applied = eventually(10, "the publish settled", async || {
+                    let made = instance(&s.gw, m, &inst).await.is_some();
+                    let dead = dead_letters(&s.gw, m, &owner)
+                        .await
+                        .iter()
+                        .any(|d| d["topic"].as_str().is_some_and(|t| t.contains(&inst)));
+                    (made || dead).then_some(made)
+                })
+                .await;
+                assert_eq!(applied, c.rights[i], "{tag} → {m}");
+            }
+            if !c.connects {
+                continue;
+            }
+            for (i, m) in ["hb", "other"].into_iter().enumerate() {
+                let got = mosquitto_sub(
+                    s.port,
+                    c.key,
+                    v5,
+                    &["-C", "1", "-t", &format!("smgate/{m}/seed/state")],
+                    2,
+                );
+                let granted = got.contains("smgate/") && got.contains("/seed/state {");
+                assert_eq!(granted, c.rights[2 + i], "{tag} subscribes to {m}: {got}");
+                if !c.rights[2 + i] {
+                    let code = if v5 { "135" } else { "128" };
+                    assert!(got.contains(&format!("): {code}")), "{tag}: {got}");
+                }
+            }
+            // A wildcard subscription is granted, and delivers only what the key may read.
+            let got = mosquitto_sub(s.port, c.key, v5, &["-t", "smgate/+/seed/state"], 2);
+            assert_eq!(
+                got.contains("smgate/hb/seed/state {"),
+                c.rights[2],
+                "{tag}: {got}"
+            );
+            assert_eq!(
+                got.contains("smgate/other/seed/state {"),
+                c.rights[3],
+                "{tag}: {got}"
+            );
+        }
+    }
+    assert_eq!(
+        metric(&s.gw, "smgate_mqtt_publishes_refused_total").await - refused_before,
+        refused_publishes
+    );
+}
+
+/// Interoperability with real clients in both protocol versions: QoS 0, 1 and 2 publishes are
+/// applied (QoS 2 once, through PUBREC/PUBREL/PUBCOMP), `+`/`#` subscriptions receive the
+/// retained state at once and later states live, other topics are relayed (and retained), and
+/// a client killed without DISCONNECT has its Will published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_interoperates_with_mosquitto_clients_and_rumqttc() {
+    if !common::have_programs(&["mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
+    let s = setup(
+        false,
+        &[("SMGATE_MQTT_ALLOW_ANONYMOUS", "false")],
+        &[("hb", heartbeat_def(), true)],
+    )
+    .await;
+    let key = s.admin.clone();
+    let port = s.port;
+    for (v5, qos) in [
+        (false, "0"),
+        (false, "1"),
+        (false, "2"),
+        (true, "0"),
+        (true, "1"),
+        (true, "2"),
+    ] {
+        let inst = format!("q{qos}-v{}", if v5 { 5 } else { 4 });
+        for n in 1..=3 {
+            let (code, out) = mosquitto_pub(
+                port,
+                Some(&key),
+                v5,
+                &[
+                    "-q",
+                    qos,
+                    "-t",
+                    &format!("smgate/hb/{inst}/heartbeat"),
+                    "-m",
+                    &format!("{{\"n\":{n}}}"),
+                ],
+            );
+            assert_eq!(code, 0, "{out}");
+            if qos == "2" {
+                assert!(
+                    out.contains("received PUBREC") && out.contains("received PUBCOMP"),
+                    "{out}"
+                );
+            }
+        }
+        eventually(10, "three heartbeats", async || {
+            let v = instance(&s.gw, "hb", &inst).await?;
+            (v["publicContext"]["heartbeats"] == 3).then_some(v)
+        })
+        .await;
+        let beats = history(&s.gw, "hb", &inst).await;
+        assert_eq!(
+            beats
+                .iter()
+                .filter(|e| e["event"]["type"] == "HEARTBEAT")
+                .count(),
+            3
+        );
+    }
+    // Retained state on subscribe, through both wildcards, in both versions.
+    for v5 in [false, true] {
+        for filter in ["smgate/hb/+/state", "smgate/#"] {
+            let got = mosquitto_sub(port, Some(&key), v5, &["-t", filter, "--retained-only"], 2);
+            assert!(got.contains("smgate/hb/q1-v4/state {"), "{filter}: {got}");
+            assert!(got.contains("\"heartbeats\":3"), "{got}");
+        }
+    }
+    // Live states: a subscriber started first sees the next state.
+    let live = std::thread::spawn({
+        let key = key.clone();
+        move || {
+            mosquitto_sub(
+                port,
+                Some(&key),
+                true,
+                &["-t", "smgate/hb/live/state", "-C", "1"],
+                10,
+            )
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, out) = mosquitto_pub(
+        port,
+        Some(&key),
+        false,
+        &["-q", "1", "-t", "smgate/hb/live/heartbeat", "-m", "{}"],
+    );
+    assert_eq!(code, 0, "{out}");
+    let got = tokio::task::block_in_place(|| live.join().unwrap());
+    assert!(
+        got.contains("smgate/hb/live/state {") && got.contains("\"heartbeats\":1"),
+        "{got}"
+    );
+    // Other topics are relayed, and kept when retained.
+    let (code, out) = mosquitto_pub(
+        port,
+        Some(&key),
+        true,
+        &["-q", "1", "-r", "-t", "site/lobby/temp", "-m", "21.5"],
+    );
+    assert_eq!(code, 0, "{out}");
+    let got = mosquitto_sub(
+        port,
+        Some(&key),
+        false,
+        &["-t", "site/+/temp", "-C", "1"],
+        3,
+    );
+    assert!(got.contains("site/lobby/temp 21.5"), "{got}");
+    // A Will: a subscriber's client is killed; its Will reaches a watcher.
+    let watcher = std::thread::spawn({
+        let key = key.clone();
+        move || {
+            mosquitto_sub(
+                port,
+                Some(&key),
+                false,
+                &["-t", "site/wills/#", "-C", "1"],
+                15,
+            )
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut doomed = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-u",
+            "d",
+            "-P",
+            &key,
+        ])
+        .args([
+            "-t",
+            "nothing/here",
+            "--will-topic",
+            "site/wills/dev-9",
+            "--will-payload",
+            "gone",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    let got = tokio::task::block_in_place(|| watcher.join().unwrap());
+    assert!(got.contains("site/wills/dev-9 gone"), "{got}");
+    // rumqttc (3.1.1) publishes at QoS 1 and 2 and receives its own machine's states.
+    {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+        let mut o = MqttOptions::new("rumqttc-dev", "127.0.0.1", port);
+        o.set_credentials("hb", key.clone());
+        let (client, mut ev) = AsyncClient::new(o, 10);
+        client
+            .subscribe("smgate/hb/rq/state", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        client
+            .publish("smgate/hb/rq/heartbeat", QoS::AtLeastOnce, false, "{}")
+            .await
+            .unwrap();
+        client
+            .publish("smgate/hb/rq/heartbeat", QoS::ExactlyOnce, false, "{}")
+            .await
+            .unwrap();
+        let (mut acks, mut comps, mut states) = (0, 0, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (acks < 1 || comps < 1 || states < 1) && Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(5), ev.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acks += 1,
+                Ok(Ok(Event::Incoming(Packet::PubComp(_)))) => comps += 1,
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == "smgate/hb/rq/state" => {
+                    states += 1
+                }
+                Ok(Ok(_)) => {}
+                other => panic!("rumqttc: {other:?}"),
+            }
+        }
+        assert_eq!((acks.min(1), comps.min(1), states.min(1)), (1, 1, 1));
+        let v = eventually(10, "two heartbeats", async || {
+            let v = instance(&s.gw, "hb", "rq").await?;
+            (v["publicContext"]["heartbeats"] == 2).then_some(v)
+        })
+        .await;
+        assert_eq!(v["state"], "online");
+    }
 }

@@ -355,6 +355,7 @@ async fn revoke_key(
         ));
     };
     tracing::info!(slug = %machine.slug, key = %record.id, by = %principal.actor(), "machine key revoked");
+    gw.mqtt.key_revoked(&record.id);
     Ok(json_response(
         StatusCode::OK,
         &json!({"ok": true, "key": key_json(&record)}),

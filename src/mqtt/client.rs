@@ -43,7 +43,6 @@
 //! `offline` and disconnects, and the publisher flushes what is queued.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,15 +55,13 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::ingest::{self, Message, Outcome, Rules};
-use super::{broker, topic, Mode, MqttConfig};
+use super::{topic, MqttConfig};
 use crate::clock;
 use crate::server::Gateway;
 use crate::store::StoreError;
 
-/// The MQTT side of a running gateway.
+/// The external-broker side of a running gateway.
 pub struct Running {
-    /// Address of the embedded broker, when there is one.
-    pub broker: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -77,37 +74,14 @@ impl Running {
     }
 }
 
-/// Starts the broker (embedded mode) and the client tasks; `None` when `mode = "off"`.
-pub async fn start(
-    gw: Arc<Gateway>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<Option<Running>, String> {
+/// Starts the client tasks against the broker at `mqtt.url` (`mode = "external"`).
+pub async fn start(gw: Arc<Gateway>, shutdown: watch::Receiver<bool>) -> Result<Running, String> {
     let cfg = gw.config.mqtt.clone();
-    let (host, port, tls, broker_addr) = match cfg.mode {
-        Mode::Off => return Ok(None),
-        Mode::Embedded => {
-            let c = cfg.clone();
-            match tokio::task::spawn_blocking(move || broker::start(&c))
-                .await
-                .map_err(|e| e.to_string())?
-            {
-                Ok(addr) => (addr.ip().to_string(), addr.port(), None, Some(addr)),
-                // HTTP keeps serving (so the operator can see why); devices cannot connect.
-                Err(e) => {
-                    tracing::error!(error = %e, "embedded MQTT broker not started; MQTT is off until restart");
-                    return Ok(None);
-                }
-            }
-        }
-        Mode::External => {
-            let (host, port, secure) = parse_url(cfg.url.as_deref().unwrap_or_default())?;
-            let tls = if secure {
-                Some(tls_config(&cfg)?)
-            } else {
-                None
-            };
-            (host, port, tls, None)
-        }
+    let (host, port, secure) = parse_url(cfg.url.as_deref().unwrap_or_default())?;
+    let tls = if secure {
+        Some(tls_config(&cfg)?)
+    } else {
+        None
     };
     let client_id = cfg
         .client_id
@@ -144,7 +118,7 @@ pub async fn start(
         max_payload: cfg.max_payload_bytes,
         dead_letter_cap: cfg.dead_letter_cap,
     });
-    let (subscribed_tx, mut subscribed) = watch::channel(false);
+    let (subscribed_tx, _subscribed) = watch::channel(false);
     let acks = Arc::new(Acks::default());
     let ingest = Ingest {
         gw: gw.clone(),
@@ -184,16 +158,8 @@ pub async fn start(
             pub_conn_stop_tx,
         )),
     ];
-    if broker_addr.is_some() {
-        // A fresh embedded broker drops what devices publish before our subscription exists
-        // (it keeps no sessions across restarts), so `serve` reports ready only after it.
-        let _ = tokio::time::timeout(Duration::from_secs(5), subscribed.wait_for(|s| *s)).await;
-    }
     tracing::info!(mode = ?cfg.mode, broker = %format!("{host}:{port}"), client_id = %client_id, bd_seq = birth, "MQTT started");
-    Ok(Some(Running {
-        broker: broker_addr,
-        tasks,
-    }))
+    Ok(Running { tasks })
 }
 
 fn options(
@@ -726,14 +692,16 @@ async fn batcher(
 async fn commit_and_ack(
     b: &Batcher,
     batch: Vec<(Publish, u64)>,
-    mut settled: Vec<(u16, u64)>,
+    settled: Vec<(u16, u64)>,
     shutdown: &watch::Receiver<bool>,
     turn: oneshot::Receiver<()>,
 ) -> bool {
     let gw = &b.gw;
     let max_payload = b.rules.max_payload;
+    let client: Arc<str> = b.rules.client_id.as_str().into();
     let message = |p: &Publish, dup: bool| {
         Message::new(
+            client.clone(),
             p.topic.clone(),
             p.payload.clone(),
             // QoS 0 has no packet id and is never redelivered: nothing to remember.
@@ -743,6 +711,10 @@ async fn commit_and_ack(
         )
     };
     let mut messages: Vec<Message> = batch.iter().map(|(p, _)| message(p, p.dup)).collect();
+    let mut settled: Vec<ingest::Forget> = settled
+        .into_iter()
+        .map(|(pkid, tag)| ingest::Forget::Delivery(client.clone(), pkid, tag))
+        .collect();
     // Tells this batch's dedup entries from those of any other delivery of the same packet id.
     let tag = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
     let mut retry = Duration::from_millis(50);

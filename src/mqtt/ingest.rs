@@ -2,18 +2,18 @@
 //!
 //! Each message becomes one of: one statechart step (`instances::send_event`, with its
 //! `transition` row), a dead letter, or — for a redelivery of a message already committed — a
-//! duplicate that changes nothing. Every non-duplicate QoS 1 message also records
+//! duplicate that changes nothing. Every non-duplicate QoS 1 or 2 message also records
 //! `(client id, packet id) → SHA-256(topic ‖ 0x00 ‖ payload) ‖ batch tag` in [`INFLIGHT`], in
 //! the same transaction, which is what lets a redelivery after a crash be recognised (module
-//! doc of `mqtt`). An entry is removed by [`forget`] once the broker has provably processed our
-//! PUBACK for it (the tag tells that delivery from a later one reusing the packet id), so the
-//! table holds about one inflight window, and a packet id the broker reuses for a new message
-//! never meets a stale entry (it could otherwise take an identical new message, such as the
-//! same empty heartbeat, for a redelivery and drop it).
+//! doc of `mqtt`, "What an ack means"). Entries are removed by [`forget`] when the sender can
+//! no longer redeliver them (the tag tells that delivery from a later one reusing the packet
+//! id), so the table holds about one window per client.
 //!
 //! Per-message failures never fail the batch: `send_event` and `create_instance` write nothing
 //! when they fail, so the message is dead-lettered and the batch goes on. Only store errors
 //! abort the batch; the caller then retries it with every message marked as redelivered.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
@@ -46,6 +46,9 @@ pub fn auth() -> Value {
 pub const ACTOR: &str = "mqtt";
 
 pub struct Message {
+    /// The MQTT client id the message came from: with the packet id, the key of its
+    /// [`INFLIGHT`] entry.
+    pub client: Arc<str>,
     /// Topic and payload are fixed at [`Message::new`]: the hash and data are derived from them.
     topic: String,
     payload: Bytes,
@@ -55,21 +58,98 @@ pub struct Message {
     hash: [u8; 32],
     /// The payload as event data, or why it cannot be: (dead-letter reason, message).
     data: Result<Value, (&'static str, String)>,
+    /// Dead-lettered whatever it says ([`Message::refused`]).
+    refused: bool,
+}
+
+/// What it takes to build a message again: a batch whose commit failed is applied again,
+/// every message as a redelivery, and the dedup table decides.
+#[derive(Clone)]
+pub struct Raw {
+    client: Arc<str>,
+    topic: String,
+    payload: Bytes,
+    pkid: u16,
+    refused: Option<(&'static str, String)>,
+}
+
+impl Raw {
+    pub fn redelivery(self, max_payload: usize) -> Message {
+        match self.refused {
+            Some(why) => {
+                Message::refused(self.client, self.topic, self.payload, self.pkid, true, why)
+            }
+            None => Message::new(
+                self.client,
+                self.topic,
+                self.payload,
+                self.pkid,
+                true,
+                max_payload,
+            ),
+        }
+    }
 }
 
 impl Message {
     /// A received message, with the work that needs no transaction done here, before the
     /// batch reaches the writer thread: the content hash, the size check and the JSON parse.
-    pub fn new(topic: String, payload: Bytes, pkid: u16, dup: bool, max_payload: usize) -> Message {
+    pub fn new(
+        client: Arc<str>,
+        topic: String,
+        payload: Bytes,
+        pkid: u16,
+        dup: bool,
+        max_payload: usize,
+    ) -> Message {
         let hash = content_hash(&topic, &payload);
         let data = event_data(&payload, max_payload);
         Message {
+            client,
             topic,
             payload,
             pkid,
             dup,
             hash,
             data,
+            refused: false,
+        }
+    }
+
+    pub fn raw(&self) -> Raw {
+        Raw {
+            client: self.client.clone(),
+            topic: self.topic.clone(),
+            payload: self.payload.clone(),
+            pkid: self.pkid,
+            refused: match &self.data {
+                Err(why) if self.refused => Some(why.clone()),
+                _ => None,
+            },
+        }
+    }
+
+    /// A message that is dead-lettered whatever its topic and payload say, for `reason`
+    /// (a publish the sender's key does not allow, say); it still takes its packet id's entry,
+    /// so that a redelivery is not filed twice.
+    pub fn refused(
+        client: Arc<str>,
+        topic: String,
+        payload: Bytes,
+        pkid: u16,
+        dup: bool,
+        (reason, message): (&'static str, String),
+    ) -> Message {
+        let hash = content_hash(&topic, &payload);
+        Message {
+            client,
+            topic,
+            payload,
+            pkid,
+            dup,
+            hash,
+            data: Err((reason, message)),
+            refused: true,
         }
     }
 
@@ -203,19 +283,18 @@ pub fn apply(
     for i in 0..batch.len() {
         let m = &mut batch[i];
         // A packet id met twice: the later delivery must see the entry the earlier one writes.
-        if m.pkid != 0 && !segment.pkids.insert(m.pkid) {
+        if m.pkid != 0 && !segment.pkids.insert((m.client.clone(), m.pkid)) {
             segment.flush(&mut w, batch, &auth, &mut out)?;
-            segment.pkids.insert(batch[i].pkid);
+            segment
+                .pkids
+                .insert((batch[i].client.clone(), batch[i].pkid));
         }
         let m = &mut batch[i];
         if m.dup && m.pkid != 0 {
-            let seen = w
-                .inflight
-                .get((rules.client_id.as_str(), m.pkid))?
-                .and_then(|v| {
-                    let v = v.value();
-                    (v.len() >= 32 && v[..32] == m.hash).then(|| stored_tag(v))
-                });
+            let seen = w.inflight.get((&*m.client, m.pkid))?.and_then(|v| {
+                let v = v.value();
+                (v.len() >= 32 && v[..32] == m.hash).then(|| stored_tag(v))
+            });
             if let Some(original) = seen {
                 segment.plan.push((i, Planned::Duplicate(original)));
                 continue;
@@ -299,10 +378,8 @@ impl Writing<'_, '_> {
     ) -> Result<(), StoreError> {
         if m.pkid != 0 && !matches!(outcome, Outcome::Duplicate(_)) {
             self.entry[..32].copy_from_slice(&m.hash);
-            self.inflight.insert(
-                (self.rules.client_id.as_str(), m.pkid),
-                self.entry.as_slice(),
-            )?;
+            self.inflight
+                .insert((&*m.client, m.pkid), self.entry.as_slice())?;
         }
         out.push(outcome);
         Ok(())
@@ -333,7 +410,7 @@ struct Segment {
     runs: Vec<Run>,
     /// (machine, instance) → index in `runs`.
     index: std::collections::HashMap<(String, String), usize>,
-    pkids: std::collections::HashSet<u16>,
+    pkids: std::collections::HashSet<(Arc<str>, u16)>,
 }
 
 impl Segment {
@@ -435,21 +512,31 @@ impl Segment {
 }
 
 /// One batch transaction as the batcher runs it: [`apply`] the messages, then [`forget`] the
-/// settled acks that arrived with them. In that order: a settled ack can belong to the first
-/// copy of a message whose resent copy (after a reconnect) is in this very batch, and that
-/// copy must still find its entry.
+/// entries that arrived with them. In that order: an entry to forget can belong to the first
+/// copy of a message whose resent copy (after a reconnect) is in this very batch, and that copy
+/// must still find its entry.
 pub fn apply_then_forget(
     txn: &WriteTransaction,
     charts: &Charts,
     rules: &Rules,
     batch: &mut [Message],
     tag: u64,
-    settled: &[(u16, u64)],
+    settled: &[Forget],
     now_ms: i64,
 ) -> Result<Vec<Outcome>, StoreError> {
     let outcomes = apply(txn, charts, rules, batch, tag, now_ms)?;
-    forget(txn, &rules.client_id, settled)?;
+    forget(txn, settled)?;
     Ok(outcomes)
+}
+
+/// [`INFLIGHT`] entries that are no longer needed.
+#[derive(Debug, Clone)]
+pub enum Forget {
+    /// The delivery of (client, packet id) committed by the batch with this tag: the sender
+    /// will not send it again (tag 0: whichever delivery the entry holds).
+    Delivery(Arc<str>, u16, u64),
+    /// Every entry of a client that started a clean session: it resends nothing.
+    Client(Arc<str>),
 }
 
 /// Which machines exist, looked up once per batch: machines are not created or deleted
@@ -478,25 +565,28 @@ fn stored_tag(v: &[u8]) -> u64 {
         .unwrap_or(0)
 }
 
-/// Removes the [`INFLIGHT`] entries of deliveries whose PUBACK the broker has processed:
-/// `(packet id, tag)` pairs; an entry since rewritten by a later delivery (another tag) stays.
-/// The broker will not redeliver those messages, and must not find their entries when it
-/// reuses the packet ids.
-pub fn forget(
-    txn: &WriteTransaction,
-    client_id: &str,
-    settled: &[(u16, u64)],
-) -> Result<(), StoreError> {
+/// Removes [`INFLIGHT`] entries. An entry since rewritten by a later delivery of the same packet
+/// id (another tag) stays: that later message may still be redelivered.
+pub fn forget(txn: &WriteTransaction, settled: &[Forget]) -> Result<(), StoreError> {
     if settled.is_empty() {
         return Ok(());
     }
     let mut t = txn.open_table(INFLIGHT)?;
-    for &(pkid, tag) in settled {
-        let same = t
-            .get((client_id, pkid))?
-            .is_some_and(|v| stored_tag(v.value()) == tag);
-        if same {
-            t.remove((client_id, pkid))?;
+    for f in settled {
+        match f {
+            Forget::Delivery(client, pkid, tag) => {
+                let same = t
+                    .get((&**client, *pkid))?
+                    .is_some_and(|v| *tag == 0 || stored_tag(v.value()) == *tag);
+                if same {
+                    t.remove((&**client, *pkid))?;
+                }
+            }
+            Forget::Client(client) => {
+                t.retain_in::<(&str, u16), _>((&**client, 0)..=(&**client, u16::MAX), |_, _| {
+                    false
+                })?;
+            }
         }
     }
     Ok(())
@@ -739,4 +829,49 @@ pub fn states_after(
         }
     }
     Ok(out)
+}
+
+/// Calls `f` with (machine, instance, public view) of every instance, or of `machine`'s only,
+/// in key order: the retained states a new subscription receives.
+pub fn for_each_state(
+    txn: &ReadTransaction,
+    charts: &Charts,
+    machine: Option<&str>,
+    mut f: impl FnMut(&str, &str, &Value),
+) -> Result<(), StoreError> {
+    let t = txn.open_table(instances::INSTANCES)?;
+    let range = match machine {
+        Some(m) => t.range((m, "")..)?,
+        None => t.range(("", "")..)?,
+    };
+    for e in range {
+        let (k, v) = e?;
+        let (m, s) = k.value();
+        if machine.is_some_and(|want| want != m) {
+            break;
+        }
+        let inst = instances::history::decode_instance(v.value())?;
+        let Some(version) = instances::version(txn, m, &inst.version_id)? else {
+            continue;
+        };
+        let Ok(chart) = charts.get(&version) else {
+            continue;
+        };
+        let Ok(state) = serde_json::from_slice::<crate::chart::InstanceState>(&inst.state) else {
+            continue;
+        };
+        f(m, s, &instances::public_view(&chart, &state, inst.ts_ms));
+    }
+    Ok(())
+}
+
+/// Whether `client` has dedup entries (a clean session then removes them before its CONNACK).
+pub fn has_entries(txn: &ReadTransaction, client: &str) -> Result<bool, StoreError> {
+    let t = match txn.open_table(INFLIGHT) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    let found = t.range((client, 0)..=(client, u16::MAX))?.next().is_some();
+    Ok(found)
 }

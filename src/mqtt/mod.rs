@@ -1,59 +1,133 @@
 //! MQTT heartbeats as statechart transitions.
 //!
+//! - `codec`   — MQTT 3.1.1 and 5 packets through rumqttc's codecs, in the server's terms.
+//! - `server`  — smgate as the devices' MQTT server (the default, `mode = "embedded"`):
+//!   listeners, sessions, authentication, and the batcher that acks after the commit.
+//! - `conn`    — one device connection: acks in arrival order, bounded windows, Wills.
+//! - `router`  — subscriptions, retained messages, per-subscriber queues.
 //! - `topic`   — topic grammar (`<prefix>/<machine>/<instance>/heartbeat|events/<TYPE>`), pure.
 //! - `ingest`  — applying one batch of messages inside one write transaction: statechart
 //!   steps, the packet-id dedup table, the bounded dead-letter table. No I/O besides redb.
-//! - `client`  — the rumqttc connections: the ingest connection (persistent session, manual
-//!   acks, Last Will), the batcher that acks only after commit, and the state publisher.
-//! - `broker`  — the embedded rumqttd broker that `serve` starts in `mode = "embedded"`.
+//! - `client`  — `mode = "external"`: a rumqttc client of a broker that the site already runs.
 //!
 //! # What an ack means
-//! A message is acked to the broker (PUBACK) only after the write transaction that applied it
-//! (or dead-lettered it) has committed. The same transaction stores, per packet id of our
-//! session, SHA-256(topic ‖ 0x00 ‖ payload) and the batch's tag. A broker redelivers an
-//! unacked message after a reconnect with the DUP flag and the *same* packet id; if that packet
-//! id maps to the same hash, the message was committed before the crash and is acked without
-//! being applied again. A message without DUP is always new (the broker reuses a packet id only
-//! after our PUBACK for it) and always applied.
+//! A QoS 1 PUBLISH on an ingest topic is answered with PUBACK (QoS 2: PUBREC) only after the
+//! write transaction that applied it, or dead-lettered it, is durable (its sync done). Acks on
+//! one connection leave in the order the publishes arrived. So when a device holds a PUBACK,
+//! its heartbeat is a committed transition with its log row, whatever happens to the gateway
+//! next (tests kill it with SIGKILL and with a storage backend that drops every unsynced write).
+//! Publishes on other topics are relayed to subscribers and acked on receipt, not persisted.
 //!
-//! Packet ids are reused (rumqttd cycles through 100, mosquitto through 65,535), and devices
-//! often send identical payloads (`{}` heartbeats), so an entry must not outlive the delivery
-//! it describes: a new identical message on the reused id, not yet committed at a crash and
-//! redelivered with DUP, would be taken for the old one and lost. So the entry is removed once
-//! the broker has provably processed our PUBACK — a PINGRESP answered a PINGREQ written after
-//! it, and brokers handle one connection's packets in order (`client`, "settling acks") — in
-//! the next batch's transaction. What remains: the broker reuses the id, and the gateway crashes
-//! with that new, identical message uncommitted, between the PINGRESP and the next commit
-//! (about one batch time), all at once. With mosquitto's sequential packet ids (a reuse comes
-//! 65,535 messages later) this cannot happen; with rumqttd, whose sessions die with the
-//! gateway, there is no redelivery after a crash at all.
+//! # Exactly once
+//! The transaction that applies a message also stores, per (session, packet id),
+//! SHA-256(topic ‖ 0x00 ‖ payload) and the batch's tag (`ingest::INFLIGHT`). A device that did
+//! not receive its PUBACK (the gateway crashed or the connection dropped) sends the message
+//! again with DUP and the same packet id; an entry with the same hash means it was committed,
+//! and it is acked without being applied again. A message without DUP is always new.
 //!
-//! With an external broker and a persistent session nothing acked is lost on a gateway crash.
-//! With the embedded broker the device's PUBACK comes from the broker on receipt, before our
-//! commit: a crash loses what the broker had accepted but we had not yet committed (at most the
-//! batch in flight plus what was queued behind it; see `tests/mqtt.rs`).
-
-mod broker;
+//! Why the record is exact now that smgate is the receiver: a device reuses a packet id only
+//! after it has received our PUBACK for it, and our PUBACK leaves only after the commit, so
+//! the entry for an id always describes the latest delivery on it that we committed, and no
+//! settling of acks (the PINGREQ/PINGRESP round of `client`, which an external broker needs)
+//! is involved. One case is beyond any receiver, and it is the protocol's: a device reuses a
+//! packet id for a message *identical* to the committed one (same topic and payload), and the
+//! gateway crashes before committing it. The device then resends it with DUP, exactly as it
+//! would resend the first message had its PUBACK been lost; the two cases are the same bytes
+//! on the wire and the same state on disk, so one of them must be misjudged. We take it for
+//! the redelivery. Devices avoid it by carrying a sequence number or a timestamp in the
+//! payload (the example firmware does), or by publishing at QoS 2: there the PUBREL tells the
+//! receiver that the PUBREC arrived, the entry is removed in a commit before PUBCOMP, and the
+//! packet id is free only after that, so QoS 2 is exactly once without exception.
+//!
+//! The table stays small: a 3.1.1 or 5 client can have at most its inflight window of QoS 1
+//! messages unacknowledged, and acks leave in order, so only the latest `mqtt.receive_maximum`
+//! committed deliveries of a session can still be resent; older entries are removed as newer
+//! ones commit (MQTT 5 clients are held to that window by the Receive Maximum we announce;
+//! 3.1.1 clients must not use a larger inflight window than `receive_maximum`). A clean
+//! session removes its entries before its CONNACK.
+//!
 mod client;
+pub mod codec;
+mod conn;
 pub mod ingest;
+pub mod router;
+pub mod server;
 pub mod topic;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
-pub use client::{start, Running};
+/// The MQTT side of a running gateway.
+pub enum Running {
+    Server(server::Running),
+    External(client::Running),
+}
+
+impl Running {
+    /// The plain MQTT listener's address (the server's, in `embedded` mode).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Running::Server(s) => Some(s.addr),
+            Running::External(_) => None,
+        }
+    }
+
+    /// The MQTT over TLS listener's address, when `mqtt.tls_listen` is set.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Running::Server(s) => s.tls_addr,
+            Running::External(_) => None,
+        }
+    }
+
+    /// Waits for the tasks to finish after the shutdown signal: the last batch is committed
+    /// and acked first.
+    pub async fn stopped(self) {
+        match self {
+            Running::Server(s) => s.stopped().await,
+            Running::External(c) => c.stopped().await,
+        }
+    }
+}
+
+/// Starts MQTT as configured; `None` when `mode = "off"`.
+pub async fn start(
+    gw: Arc<crate::server::Gateway>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Option<Running>, String> {
+    match gw.config.mqtt.mode {
+        Mode::Off => Ok(None),
+        Mode::External => client::start(gw, shutdown)
+            .await
+            .map(|c| Some(Running::External(c))),
+        Mode::Embedded => {
+            let deps = server::Deps {
+                cfg: gw.config.mqtt.clone(),
+                store: gw.store.clone(),
+                writer: gw.writer.clone(),
+                charts: gw.charts.clone(),
+                shared: gw.mqtt.clone(),
+                gateway_id: gw.identity.id.clone(),
+                tls: gw.tls.clone(),
+            };
+            server::start(deps, shutdown)
+                .await
+                .map(|s| Some(Running::Server(s)))
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// rumqttd inside the gateway process, on `listen`.
+    /// smgate is the devices' MQTT server, on `listen` (and `tls_listen`).
     Embedded,
     /// A broker such as mosquitto at `url`.
     External,
@@ -66,8 +140,24 @@ pub enum Mode {
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     pub mode: Mode,
-    /// Address of the embedded broker. Port 0 picks a free port (printed at start).
+    /// Address of the MQTT server. Port 0 picks a free port (printed at start).
     pub listen: SocketAddr,
+    /// MQTT over TLS with the gateway's certificate; off when unset.
+    pub tls_listen: Option<SocketAddr>,
+    /// Admit clients without a key (labs only): they may publish and subscribe everywhere.
+    pub allow_anonymous: bool,
+    /// Ingest publishes one connection may have waiting for their commit (announced to MQTT 5
+    /// clients as Receive Maximum); also how many committed deliveries per session are
+    /// remembered for redelivery (3.1.1 devices must not use a larger inflight window).
+    pub receive_maximum: u16,
+    pub max_connections: usize,
+    /// Seconds a client has to send CONNECT (and finish the TLS handshake).
+    pub connect_timeout_secs: u64,
+    /// Messages other than instance states queued for one subscriber; past it the subscriber
+    /// is disconnected.
+    pub max_queued_messages: usize,
+    /// Retained messages kept for topics other than instance states (those come from redb).
+    pub max_retained: usize,
     /// External broker: `mqtt://host[:1883]` or `mqtts://host[:8883]`.
     pub url: Option<String>,
     /// PEM CA certificates that sign the external broker's certificate (`mqtts://`).
@@ -81,7 +171,7 @@ pub struct MqttConfig {
     /// Empty means `smgate-<gateway id>`; must stay stable for the persistent session.
     pub client_id: Option<String>,
     pub keepalive_secs: u64,
-    /// Largest MQTT packet the client and the embedded broker accept.
+    /// Largest MQTT packet the server (and the external client) accepts.
     pub max_packet_bytes: usize,
     /// Larger payloads are dead-lettered as `oversize` (and acked).
     pub max_payload_bytes: usize,
@@ -91,8 +181,8 @@ pub struct MqttConfig {
     pub batch_wait_ms: u64,
     /// Dead letters kept per machine (oldest dropped first).
     pub dead_letter_cap: u64,
-    /// Unacked QoS 1 messages the embedded broker sends one connection; outgoing window of
-    /// the state publisher.
+    /// Unacked QoS 1 messages the server sends one subscriber (at most its Receive
+    /// Maximum); in external mode, the state publisher's outgoing window.
     pub inflight: u16,
     /// QoS of the retained state messages: 1 (default) or 0. A state is a snapshot that the
     /// next one supersedes, and every state is republished after each reconnect, so QoS 0
@@ -110,6 +200,13 @@ impl Default for MqttConfig {
         MqttConfig {
             mode: Mode::Embedded,
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            tls_listen: None,
+            allow_anonymous: false,
+            receive_maximum: 1024,
+            max_connections: 10_000,
+            connect_timeout_secs: 10,
+            max_queued_messages: 1000,
+            max_retained: 10_000,
             url: None,
             ca_file: None,
             client_cert: None,
@@ -149,9 +246,15 @@ impl MqttConfig {
         if self.state_qos > 1 {
             return Err("mqtt.state_qos must be 0 or 1".into());
         }
-        if self.batch_size == 0 || self.inflight == 0 || self.dead_letter_cap == 0 {
+        if self.batch_size == 0
+            || self.inflight == 0
+            || self.dead_letter_cap == 0
+            || self.receive_maximum == 0
+            || self.max_connections == 0
+            || self.max_queued_messages == 0
+        {
             return Err(
-                "mqtt.batch_size, mqtt.inflight and mqtt.dead_letter_cap must be at least 1".into(),
+                "mqtt.batch_size, mqtt.inflight, mqtt.dead_letter_cap, mqtt.receive_maximum, mqtt.max_connections and mqtt.max_queued_messages must be at least 1".into(),
             );
         }
         if self.max_payload_bytes >= self.max_packet_bytes {
@@ -207,6 +310,19 @@ pub struct Shared {
     pub(crate) ingest_queued: AtomicU64,
     /// The most there have been since start.
     pub(crate) ingest_queued_peak: AtomicU64,
+    /// Connections refused, by reason.
+    refused: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Ingest publishes outside the client's rights (dead-lettered as `not_authorized`).
+    pub publishes_refused: AtomicU64,
+    pub subscriptions_refused: AtomicU64,
+    pub relayed: AtomicU64,
+    pub wills: AtomicU64,
+    /// Subscribers disconnected for falling behind their queue bound.
+    pub subscribers_dropped: AtomicU64,
+    pub retained_refused: AtomicU64,
+    /// Key ids revoked since the server last looked; it closes their connections.
+    revoked: Mutex<Vec<String>>,
+    pub(crate) revoke_wake: Notify,
     publishing: AtomicBool,
     outbox: Mutex<Outbox>,
     /// Wakes the publisher when the outbox becomes non-empty.
@@ -218,6 +334,27 @@ impl Shared {
         if let Ok(mut d) = self.dead.lock() {
             *d.entry(reason).or_insert(0) += 1;
         }
+    }
+
+    pub fn connect_refused(&self, reason: &'static str) {
+        if let Ok(mut r) = self.refused.lock() {
+            *r.entry(reason).or_insert(0) += 1;
+        }
+    }
+
+    /// A key was revoked: its open MQTT connections are closed.
+    pub fn key_revoked(&self, key_id: &str) {
+        if let Ok(mut r) = self.revoked.lock() {
+            r.push(key_id.to_owned());
+        }
+        self.revoke_wake.notify_one();
+    }
+
+    pub(crate) fn take_revoked(&self) -> Vec<String> {
+        self.revoked
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default()
     }
 
     /// Queues the retained state (and emits) of a committed step; never blocks.
@@ -324,9 +461,51 @@ impl Shared {
         c(
             &mut out,
             "smgate_mqtt_connects_total",
-            "MQTT ingest connections established.",
+            "MQTT connections established (server: device connections; external: the ingest connection).",
             self.connects.load(Ordering::Relaxed),
         );
+        for (name, help, v) in [
+            (
+                "smgate_mqtt_publishes_refused_total",
+                "MQTT ingest publishes outside the client's rights (not applied, dead-lettered).",
+                &self.publishes_refused,
+            ),
+            (
+                "smgate_mqtt_subscriptions_refused_total",
+                "MQTT SUBSCRIBE packets with a refused filter.",
+                &self.subscriptions_refused,
+            ),
+            (
+                "smgate_mqtt_relayed_total",
+                "MQTT publishes on topics outside the prefix, relayed to subscribers.",
+                &self.relayed,
+            ),
+            (
+                "smgate_mqtt_wills_total",
+                "MQTT Last Wills published after an abnormal disconnect.",
+                &self.wills,
+            ),
+            (
+                "smgate_mqtt_subscribers_dropped_total",
+                "MQTT subscribers disconnected for falling behind their queue bound.",
+                &self.subscribers_dropped,
+            ),
+            (
+                "smgate_mqtt_retained_refused_total",
+                "Retained MQTT messages not kept because mqtt.max_retained was reached.",
+                &self.retained_refused,
+            ),
+        ] {
+            c(&mut out, name, help, v.load(Ordering::Relaxed));
+        }
+        let refused = self.refused.lock().map(|d| d.clone()).unwrap_or_default();
+        let _ = writeln!(out, "# HELP smgate_mqtt_connects_refused_total MQTT connections refused, by reason.\n# TYPE smgate_mqtt_connects_refused_total counter");
+        for (reason, n) in refused {
+            let _ = writeln!(
+                out,
+                "smgate_mqtt_connects_refused_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
         c(
             &mut out,
             "smgate_mqtt_connection_losses_total",

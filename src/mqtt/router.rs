@@ -1,0 +1,603 @@
+//! Subscriptions, retained messages and each subscriber's queue.
+//!
+//! - **Matching** uses rumqttc's `matches` and `valid_filter` (`+`, `#`, and no wildcard match
+//!   of a topic that starts with `$`). A subscription is checked against the subscriber's
+//!   rights once per delivered topic ([`Grant::may_read`]), so a key of one machine that
+//!   subscribes to `#` receives only what it may read.
+//! - **Retained messages**: the instance states (`<prefix>/<m>/<i>/state`) are not kept here;
+//!   a new subscription reads them from redb ([`super::ingest::for_each_state`]), so after a
+//!   crash none is stale and their memory is the store's. Other retained messages (the
+//!   gateway's status, relayed topics) live in a bounded map (`mqtt.max_retained`).
+//! - **Queues**: each connection has an [`Outq`]. A state topic is queued once and its payload
+//!   replaced by newer states while it waits (latest wins), so the states waiting for one
+//!   subscriber are bounded by the number of instances. Other messages queue in order up to
+//!   `mqtt.max_queued_messages`; a subscriber past that bound is disconnected, so that a slow
+//!   reader never slows a commit or grows memory without bound.
+//! - **Order of a snapshot and live states**: a subscription and its snapshot of the states
+//!   are made under the router's lock, and committed states are fanned out under the same
+//!   lock after their commit is durable. A state committed before the snapshot is either in
+//!   it or fanned out after it (then it is the same or newer), so a subscriber never receives
+//!   an older state after a newer one.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use rumqttc::mqttbytes::{matches, valid_filter};
+use tokio::sync::Notify;
+
+use super::codec::{self, Message, QoS, Reason};
+use crate::auth::{Access, Principal};
+use crate::store::Store;
+
+/// What one connection may do, with the machines it has asked about cached.
+pub struct Grant {
+    who: Who,
+    prefix: String,
+    access: Mutex<HashMap<String, Access>>,
+}
+
+enum Who {
+    /// `mqtt.allow_anonymous`: a lab device, with every right.
+    Anonymous,
+    Key(Principal),
+}
+
+impl Grant {
+    pub fn anonymous(prefix: &str) -> Grant {
+        Grant {
+            who: Who::Anonymous,
+            prefix: prefix.to_owned(),
+            access: Default::default(),
+        }
+    }
+
+    pub fn key(prefix: &str, principal: Principal) -> Grant {
+        Grant {
+            who: Who::Key(principal),
+            prefix: prefix.to_owned(),
+            access: Default::default(),
+        }
+    }
+
+    /// The key id behind this grant (to close its connections when it is revoked).
+    pub fn key_id(&self) -> Option<&str> {
+        match &self.who {
+            Who::Key(Principal::Account { key_id, .. } | Principal::MachineKey { key_id, .. }) => {
+                Some(key_id)
+            }
+            _ => None,
+        }
+    }
+
+    /// What this client may do on `machine`; unknown machines are `None`.
+    pub fn access(&self, store: &Store, machine: &str) -> Access {
+        let principal = match &self.who {
+            Who::Anonymous => return Access::Owner,
+            Who::Key(p) => p,
+        };
+        if let Ok(cache) = self.access.lock() {
+            if let Some(a) = cache.get(machine) {
+                return *a;
+            }
+        }
+        let access = store
+            .view(|txn| crate::machines::get(txn, machine))
+            .ok()
+            .flatten()
+            .map_or(Access::None, |m| m.access(principal));
+        if let Ok(mut cache) = self.access.lock() {
+            // A connection asks about few machines; a client probing many cannot grow this.
+            if cache.len() < 1024 {
+                cache.insert(machine.to_owned(), access);
+            }
+        }
+        access
+    }
+
+    /// The machine level of a topic or filter under the prefix (`None` for other topics and
+    /// for the gateway's own `$gateway` level).
+    pub fn machine_level<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        let machine = rest.split('/').next()?;
+        (machine != "$gateway").then_some(machine)
+    }
+
+    /// Whether a message on `topic` may be delivered to this client: anything outside the
+    /// prefix and the gateway's status; under the prefix, viewer or more on the machine.
+    pub fn may_read(&self, store: &Store, topic: &str) -> bool {
+        match self.machine_level(topic) {
+            None => true,
+            Some(m) => self.access(store, m) >= Access::Viewer,
+        }
+    }
+
+    /// Whether a SUBSCRIBE to `filter` is granted: a filter that names a machine needs viewer
+    /// or more on it; one with a wildcard in the machine level is granted and filtered per
+    /// message.
+    pub fn may_subscribe(&self, store: &Store, filter: &str) -> bool {
+        match self.machine_level(filter) {
+            Some("+" | "#") | None => true,
+            Some(m) => self.access(store, m) >= Access::Viewer,
+        }
+    }
+}
+
+/// A connection as the router and the batcher see it: where its deliveries and acks go.
+pub struct Link {
+    pub id: u64,
+    /// Wakes the connection task: deliveries, acks, or a kick.
+    pub wake: Notify,
+    pub outq: Mutex<Outq>,
+    /// Acks released by the batcher after their commit: (slot, packet to send).
+    pub done: Mutex<Vec<(u64, codec::Out, Option<super::server::Settled>)>>,
+    /// Set when the connection must close, with the reason.
+    pub kick: Mutex<Option<Reason>>,
+    pub grant: Arc<Grant>,
+}
+
+impl Link {
+    pub fn new(id: u64, grant: Arc<Grant>) -> Link {
+        Link {
+            id,
+            wake: Notify::new(),
+            outq: Mutex::new(Outq::default()),
+            done: Mutex::new(Vec::new()),
+            kick: Mutex::new(None),
+            grant,
+        }
+    }
+
+    pub fn kick(&self, reason: Reason) {
+        if let Ok(mut k) = self.kick.lock() {
+            k.get_or_insert(reason);
+        }
+        self.wake.notify_one();
+    }
+
+    pub fn kicked(&self) -> Option<Reason> {
+        self.kick.lock().ok().and_then(|k| *k)
+    }
+}
+
+/// Messages waiting for one subscriber (module doc).
+#[derive(Default)]
+pub struct Outq {
+    order: VecDeque<Queued>,
+    /// Latest payload of each state topic in `order`.
+    states: HashMap<String, Message>,
+    /// Messages in `order` that are not states.
+    others: usize,
+}
+
+enum Queued {
+    Message(Message),
+    State(String),
+}
+
+impl Outq {
+    /// Queues `m`; false when the bound for non-state messages is reached.
+    fn push(&mut self, m: Message, coalesce: bool, bound: usize) -> bool {
+        if coalesce {
+            match self.states.get_mut(&m.topic) {
+                Some(waiting) => *waiting = m,
+                None => {
+                    self.order.push_back(Queued::State(m.topic.clone()));
+                    self.states.insert(m.topic.clone(), m);
+                }
+            }
+            return true;
+        }
+        if self.others >= bound {
+            return false;
+        }
+        self.others += 1;
+        self.order.push_back(Queued::Message(m));
+        true
+    }
+
+    pub fn pop(&mut self) -> Option<Message> {
+        loop {
+            match self.order.pop_front()? {
+                Queued::Message(m) => {
+                    self.others -= 1;
+                    return Some(m);
+                }
+                Queued::State(t) => {
+                    if let Some(m) = self.states.remove(&t) {
+                        return Some(m);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+struct Subscriber {
+    link: Arc<Link>,
+    /// (filter, granted QoS), in subscription order.
+    filters: Vec<(String, QoS)>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// By client id.
+    subscribers: HashMap<Arc<str>, Subscriber>,
+    retained: BTreeMap<String, Message>,
+}
+
+pub struct Router {
+    inner: Mutex<Inner>,
+    store: Arc<Store>,
+    charts: Arc<crate::instances::Charts>,
+    prefix: String,
+    max_queued: usize,
+    max_retained: usize,
+    shared: Arc<super::Shared>,
+}
+
+impl Router {
+    pub fn new(
+        store: Arc<Store>,
+        charts: Arc<crate::instances::Charts>,
+        cfg: &super::MqttConfig,
+        shared: Arc<super::Shared>,
+    ) -> Router {
+        Router {
+            inner: Default::default(),
+            store,
+            charts,
+            prefix: cfg.topic_prefix.clone(),
+            max_queued: cfg.max_queued_messages,
+            max_retained: cfg.max_retained,
+            shared,
+        }
+    }
+
+    /// Whether `topic` is an instance's state topic (`<prefix>/<m>/<i>/state`).
+    fn is_state(&self, topic: &str) -> bool {
+        topic
+            .strip_prefix(&self.prefix)
+            .and_then(|r| r.strip_prefix('/'))
+            .is_some_and(|r| {
+                let levels: Vec<&str> = r.split('/').collect();
+                levels.len() == 3 && levels[2] == "state" && levels[0] != "$gateway"
+            })
+    }
+
+    /// Delivers `m` to every matching subscriber that may read it; keeps it when retained.
+    /// States coalesce per subscriber (module doc).
+    pub fn publish(&self, m: Message) {
+        let state = self.is_state(&m.topic);
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        if m.retain && !state {
+            if m.payload.is_empty() {
+                inner.retained.remove(&m.topic);
+            } else if inner.retained.len() < self.max_retained
+                || inner.retained.contains_key(&m.topic)
+            {
+                inner.retained.insert(m.topic.clone(), m.clone());
+            } else {
+                self.shared.retained_refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.fan_out(&inner, m, state);
+    }
+
+    fn fan_out(&self, inner: &Inner, m: Message, state: bool) {
+        for s in inner.subscribers.values() {
+            let Some(qos) = s
+                .filters
+                .iter()
+                .filter(|(f, _)| matches(&m.topic, f))
+                .map(|(_, q)| *q)
+                .max_by_key(|q| *q as u8)
+            else {
+                continue;
+            };
+            if !s.link.grant.may_read(&self.store, &m.topic) {
+                continue;
+            }
+            let delivered = Message {
+                qos: min_qos(qos, m.qos),
+                // Live deliveries carry retain 0 (3.1.1 §3.3.1.3).
+                retain: false,
+                ..m.clone()
+            };
+            let queued = s
+                .link
+                .outq
+                .lock()
+                .map(|mut q| q.push(delivered, state, self.max_queued))
+                .unwrap_or(false);
+            if queued {
+                s.link.wake.notify_one();
+            } else {
+                self.shared
+                    .subscribers_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                s.link.kick(Reason::QuotaExceeded);
+            }
+        }
+    }
+
+    /// Committed states and emits from the outbox, under one lock.
+    pub fn publish_outbox(&self, outbox: super::Outbox, state_qos: QoS) {
+        let Ok(inner) = self.inner.lock() else {
+            return;
+        };
+        for e in outbox.emits {
+            let payload = serde_json::to_vec(&e.data).unwrap_or_default();
+            let m = Message {
+                topic: super::topic::emit(&self.prefix, &e.machine, &e.instance, &e.name),
+                payload: payload.into(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+            };
+            self.fan_out(&inner, m, false);
+        }
+        if inner.subscribers.is_empty() {
+            return;
+        }
+        for ((machine, instance), payload) in outbox.states {
+            let m = Message {
+                topic: super::topic::state(&self.prefix, &machine, &instance),
+                payload: payload.into(),
+                qos: state_qos,
+                retain: true,
+            };
+            self.fan_out(&inner, m, true);
+        }
+    }
+
+    /// Adds `filters` for `client` (replacing a filter it already has), and queues the
+    /// retained messages they match, the states read from the store. Returns the granted QoS
+    /// per filter (None: refused) and the reason of the refusals.
+    pub fn subscribe(
+        &self,
+        client: &Arc<str>,
+        link: &Arc<Link>,
+        filters: &[(String, QoS)],
+        state_qos: QoS,
+    ) -> (Vec<Option<QoS>>, Reason) {
+        let mut granted = Vec::with_capacity(filters.len());
+        let mut reason = Reason::Success;
+        let mut added = Vec::new();
+        for (f, q) in filters {
+            if !valid_filter(f) {
+                granted.push(None);
+                reason = Reason::TopicFilterInvalid;
+            } else if !link.grant.may_subscribe(&self.store, f) {
+                granted.push(None);
+                if reason == Reason::Success {
+                    reason = Reason::NotAuthorized;
+                }
+            } else {
+                // QoS 2 deliveries are made at QoS 1.
+                let q = min_qos(*q, QoS::AtLeastOnce);
+                granted.push(Some(q));
+                added.push((f.clone(), q));
+            }
+        }
+        if added.is_empty() {
+            return (granted, reason);
+        }
+        let Ok(mut inner) = self.inner.lock() else {
+            return (granted, reason);
+        };
+        let sub = inner
+            .subscribers
+            .entry(client.clone())
+            .or_insert_with(|| Subscriber {
+                link: link.clone(),
+                filters: Vec::new(),
+            });
+        sub.link = link.clone();
+        for (f, q) in &added {
+            match sub.filters.iter_mut().find(|(g, _)| g == f) {
+                Some(existing) => existing.1 = *q,
+                None => sub.filters.push((f.clone(), *q)),
+            }
+        }
+        // Retained messages of the new filters (3.1.1 §3.3.1.3: sent with retain 1).
+        let mut queue = Vec::new();
+        for (f, q) in &added {
+            for m in inner.retained.values() {
+                if matches(&m.topic, f) && link.grant.may_read(&self.store, &m.topic) {
+                    queue.push(Message {
+                        qos: min_qos(*q, m.qos),
+                        ..m.clone()
+                    });
+                }
+            }
+            if self.may_match_states(f) {
+                let machine = link
+                    .grant
+                    .machine_level(f)
+                    .filter(|m| !m.contains(['+', '#']));
+                let read = self.store.view(|txn| {
+                    let mut found = Vec::new();
+                    super::ingest::for_each_state(txn, &self.charts, machine, |m, i, view| {
+                        let topic = super::topic::state(&self.prefix, m, i);
+                        if matches(&topic, f) && link.grant.may_read(&self.store, &topic) {
+                            found.push(Message {
+                                topic,
+                                payload: serde_json::to_vec(view).unwrap_or_default().into(),
+                                qos: min_qos(*q, state_qos),
+                                retain: true,
+                            });
+                        }
+                    })?;
+                    Ok(found)
+                });
+                match read {
+                    Ok(found) => queue.extend(found),
+                    Err(e) => tracing::warn!(error = %e, "cannot read states for a subscription"),
+                }
+            }
+        }
+        if let Ok(mut q) = link.outq.lock() {
+            for m in queue {
+                let state = self.is_state(&m.topic);
+                // Retained messages are bounded by `max_retained` and the instances.
+                q.push(m, state, usize::MAX);
+            }
+        }
+        link.wake.notify_one();
+        (granted, reason)
+    }
+
+    /// Whether filter `f` can match some `<prefix>/<m>/<i>/state`.
+    fn may_match_states(&self, f: &str) -> bool {
+        let probe_levels = ["x", "x", "state"];
+        let mut levels = f.split('/');
+        // The prefix's own levels must match the filter's first levels.
+        for p in self.prefix.split('/') {
+            match levels.next() {
+                Some("#") => return true,
+                Some("+") => {}
+                Some(l) if l == p => {}
+                _ => return false,
+            }
+        }
+        let rest: Vec<&str> = levels.collect();
+        for (i, l) in rest.iter().enumerate() {
+            match (*l, probe_levels.get(i)) {
+                ("#", _) => return true,
+                (_, None) => return false,
+                ("+", Some(_)) => {}
+                (l, Some(&"state")) => return l == "state",
+                (l, Some(_)) => {
+                    if l.starts_with('$') {
+                        return false;
+                    }
+                }
+            }
+        }
+        rest.len() == 3
+    }
+
+    pub fn unsubscribe(&self, client: &str, filters: &[String]) {
+        if let Ok(mut inner) = self.inner.lock() {
+            if let Some(s) = inner.subscribers.get_mut(client) {
+                s.filters.retain(|(f, _)| !filters.contains(f));
+            }
+        }
+    }
+
+    /// Forgets `client`'s subscriptions (a clean session ended, or a new one began).
+    pub fn drop_session(&self, client: &str) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.subscribers.remove(client);
+        }
+    }
+
+    /// Whether `client` has subscriptions kept from an earlier connection; they now deliver
+    /// to `link`.
+    pub fn resume(&self, client: &str, link: &Arc<Link>) -> bool {
+        let Ok(mut inner) = self.inner.lock() else {
+            return false;
+        };
+        match inner.subscribers.get_mut(client) {
+            Some(s) => {
+                s.link = link.clone();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Subscribers, and retained messages kept in memory (for `/metrics`).
+    pub fn counts(&self) -> (usize, usize) {
+        self.inner
+            .lock()
+            .map(|i| (i.subscribers.len(), i.retained.len()))
+            .unwrap_or_default()
+    }
+}
+
+pub fn min_qos(a: QoS, b: QoS) -> QoS {
+    if (a as u8) <= (b as u8) {
+        a
+    } else {
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(topic: &str, payload: &str) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: payload.to_owned().into(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+        }
+    }
+
+    #[test]
+    fn a_waiting_state_is_replaced_by_the_newer_one_and_others_are_bounded() {
+        let mut q = Outq::default();
+        assert!(q.push(msg("p/m/a/state", "1"), true, 2));
+        assert!(q.push(msg("other", "x"), false, 2));
+        assert!(q.push(msg("p/m/a/state", "2"), true, 2));
+        assert!(q.push(msg("p/m/b/state", "3"), true, 2));
+        assert!(q.push(msg("other", "y"), false, 2));
+        // A third non-state message is over the bound; states are not counted.
+        assert!(!q.push(msg("other", "z"), false, 2));
+        assert!(q.push(msg("p/m/c/state", "4"), true, 2));
+        let got: Vec<String> = std::iter::from_fn(|| q.pop())
+            .map(|m| format!("{}={}", m.topic, String::from_utf8_lossy(&m.payload)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "p/m/a/state=2",
+                "other=x",
+                "p/m/b/state=3",
+                "other=y",
+                "p/m/c/state=4"
+            ]
+        );
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn filters_that_can_match_state_topics_are_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), Default::default()).unwrap();
+        let cfg = super::super::MqttConfig::default();
+        let r = Router::new(store, Default::default(), &cfg, Default::default());
+        for f in [
+            "#",
+            "smgate/#",
+            "smgate/+/+/state",
+            "smgate/m/+/state",
+            "smgate/m/i/state",
+            "+/m/i/#",
+            "smgate/m/#",
+        ] {
+            assert!(r.may_match_states(f), "{f}");
+        }
+        for f in [
+            "smgate/m/i/heartbeat",
+            "smgate/+/+",
+            "smgate/$gateway/+/state",
+            "other/#",
+            "smgate/m/i/state/x",
+        ] {
+            assert!(!r.may_match_states(f), "{f}");
+        }
+        assert!(r.is_state("smgate/m/i/state"));
+        assert!(!r.is_state("smgate/$gateway/i/state"));
+        assert!(!r.is_state("smgate/m/i/heartbeat"));
+    }
+}

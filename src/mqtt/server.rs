@@ -1,0 +1,654 @@
+//! smgate as the devices' MQTT server (`mqtt.mode = "embedded"`, the default): the listeners,
+//! the sessions, and the batcher that commits ingest publishes and releases their acks.
+//!
+//! - **Listeners**: plain MQTT on `mqtt.listen`, MQTT over TLS on `mqtt.tls_listen` (the
+//!   gateway's certificate, swapped on SIGHUP with the HTTPS one). At most
+//!   `mqtt.max_connections` connections; a CONNECT must arrive within
+//!   `mqtt.connect_timeout_secs`. Each connection is one task (`conn.rs`).
+//! - **Sessions** are named by the key's subject and the client id (`machine:<slug>|<id>`,
+//!   `account:<zid>|<id>`, `anonymous|<id>`), so that a key of one machine cannot take over,
+//!   or clear the dedup entries of, a device of another that happens to use the same client id.
+//!   A second connection of the same session takes it over (the first is closed).
+//! - **The batcher** takes the ingest publishes of every connection from one bounded queue
+//!   (so a flood pushes back through TCP), applies up to `mqtt.batch_size` of them in one
+//!   `GroupCommit::write`, and only after that commit is durable hands each connection its
+//!   acks; the connection writes them in arrival order. Several batches may wait for the
+//!   writer at once; it commits them in order.
+//! - **States and emits** of committed steps reach subscribers through the `Shared` outbox
+//!   and the router task (`router.rs`), so the HTTP API and the timers publish the same way.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::codec::{Message, Out, QoS, Reason};
+use super::ingest::{self, Forget, Outcome, Rules};
+use super::router::{Grant, Link, Router};
+use super::{topic, MqttConfig, Shared};
+use crate::auth::{self, Principal};
+use crate::clock;
+use crate::instances::Charts;
+use crate::store::{GroupCommit, Store, StoreError};
+use crate::tls::Acceptor;
+
+/// What the server needs from the gateway.
+pub struct Deps {
+    pub cfg: MqttConfig,
+    pub store: Arc<Store>,
+    pub writer: GroupCommit,
+    pub charts: Arc<Charts>,
+    pub shared: Arc<Shared>,
+    pub gateway_id: String,
+    pub tls: Arc<Acceptor>,
+}
+
+/// A running server.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+    server: Arc<Server>,
+}
+
+impl Running {
+    /// Waits for the batcher to commit and ack what it has, the connections to close, and
+    /// publishes the gateway's `offline` status.
+    pub async fn stopped(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.server.status("offline");
+        // Connections that are still open (a client that does not read its acks) get a moment.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.server.connections.load(Ordering::Relaxed) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// What the batcher tells a connection once a commit is durable, beside the ack itself: the
+/// dedup entry that the delivery wrote (to forget it later), or the QoS 2 packet id that now
+/// waits for its PUBREL.
+#[derive(Debug, Clone, Copy)]
+pub struct Settled {
+    pub pkid: u16,
+    pub tag: u64,
+    pub qos2: bool,
+    /// The commit wrote a new entry (not a duplicate of an earlier delivery).
+    pub new_entry: bool,
+}
+
+/// Where the ack of a piece of work goes.
+pub struct Reply {
+    pub link: Arc<Link>,
+    pub slot: u64,
+    pub pkid: u16,
+    pub qos: QoS,
+}
+
+pub enum Work {
+    /// An ingest publish; no reply for QoS 0 and Wills.
+    Publish(ingest::Message, Option<Reply>),
+    /// A PUBREL of an ingest QoS 2 publish: its entry goes, then PUBCOMP.
+    Release(Forget, Reply),
+    /// Entries that can no longer be redelivered.
+    Forget(Forget),
+}
+
+pub struct Server {
+    pub cfg: MqttConfig,
+    pub store: Arc<Store>,
+    pub writer: GroupCommit,
+    pub shared: Arc<Shared>,
+    pub router: Router,
+    pub work: mpsc::Sender<Work>,
+    pub shutdown: watch::Receiver<bool>,
+    /// Open connections (a gauge for `/metrics` and for shutdown).
+    pub connections: AtomicU64,
+    next_id: AtomicU64,
+    sessions: Mutex<Sessions>,
+    gateway_id: String,
+    birth: u64,
+}
+
+#[derive(Default)]
+struct Sessions {
+    /// Session name → its connection.
+    online: HashMap<Arc<str>, Arc<Link>>,
+    /// Session name → the latest committed deliveries of persistent sessions, oldest first,
+    /// kept while the client is away.
+    windows: HashMap<Arc<str>, VecDeque<(u16, u64)>>,
+}
+
+/// Batches handed to the writer and not yet acked: while one commits, the next is already on
+/// its way, so the devices' windows keep flowing and the batch size follows the load.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// Binds the listeners (after the retained `online` status is in place) and starts the tasks.
+pub async fn start(d: Deps, shutdown: watch::Receiver<bool>) -> Result<Running, String> {
+    let cfg = d.cfg.clone();
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("cannot listen for MQTT on {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let tls_listener = match cfg.tls_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| format!("cannot listen for MQTT over TLS on {a}: {e}"))?,
+        ),
+        None => None,
+    };
+    let tls_addr = match &tls_listener {
+        Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let birth = d
+        .writer
+        .write(ingest::next_birth)
+        .await
+        .map_err(|e: StoreError| e.to_string())?;
+    let (work_tx, work_rx) = mpsc::channel(queue_cap(cfg.batch_size));
+    d.shared.start_publishing();
+    let server = Arc::new(Server {
+        router: Router::new(d.store.clone(), d.charts.clone(), &cfg, d.shared.clone()),
+        cfg: cfg.clone(),
+        store: d.store.clone(),
+        writer: d.writer.clone(),
+        shared: d.shared.clone(),
+        work: work_tx,
+        shutdown: shutdown.clone(),
+        connections: AtomicU64::new(0),
+        next_id: AtomicU64::new(1),
+        sessions: Default::default(),
+        gateway_id: d.gateway_id.clone(),
+        birth,
+    });
+    // Retained before the first device can connect.
+    server.status("online");
+    let rules = Arc::new(Rules {
+        prefix: cfg.topic_prefix.clone(),
+        client_id: String::new(),
+        max_payload: cfg.max_payload_bytes,
+        dead_letter_cap: cfg.dead_letter_cap,
+    });
+    let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    let mut tasks = vec![
+        tokio::spawn(batcher(
+            server.clone(),
+            d.charts.clone(),
+            rules,
+            work_rx,
+            shutdown.clone(),
+        )),
+        tokio::spawn(router_task(server.clone(), shutdown.clone())),
+        tokio::spawn(revocations(server.clone(), shutdown.clone())),
+        tokio::spawn(accept(
+            server.clone(),
+            listener,
+            None,
+            limit.clone(),
+            shutdown.clone(),
+        )),
+    ];
+    if let Some(l) = tls_listener {
+        tasks.push(tokio::spawn(accept(
+            server.clone(),
+            l,
+            Some(d.tls.clone()),
+            limit,
+            shutdown.clone(),
+        )));
+    }
+    tracing::info!(%addr, tls = ?tls_addr, bd_seq = birth, "MQTT server listening");
+    Ok(Running {
+        addr,
+        tls_addr,
+        tasks,
+        server,
+    })
+}
+
+/// Ingest work waiting for the batcher at which connections wait to hand more: enough for
+/// every batch in flight to be full, so the queue never starves the writer.
+fn queue_cap(batch_size: usize) -> usize {
+    BATCHES_IN_FLIGHT * batch_size.max(1)
+}
+
+impl Server {
+    /// Publishes the gateway's retained status.
+    fn status(&self, status: &str) {
+        let payload =
+            serde_json::to_vec(&serde_json::json!({"status": status, "bdSeq": self.birth}))
+                .unwrap_or_default();
+        self.router.publish(Message {
+            topic: topic::status(&self.cfg.topic_prefix, &self.gateway_id),
+            payload: payload.into(),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+        });
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Checks a CONNECT's credentials: a `zsm_` machine key or `zeq_ak_` account key as the
+    /// password, looked up by SHA-256 like a bearer token; no password only with
+    /// `mqtt.allow_anonymous`. Returns the grant and the session's subject.
+    pub fn authenticate(&self, password: Option<&str>) -> Result<(Grant, String), Reason> {
+        let prefix = &self.cfg.topic_prefix;
+        let Some(key) = password else {
+            if self.cfg.allow_anonymous {
+                return Ok((Grant::anonymous(prefix), "anonymous".into()));
+            }
+            return Err(Reason::NotAuthorized);
+        };
+        if !(key.starts_with(auth::ACCOUNT_KEY_PREFIX) || key.starts_with(auth::MACHINE_KEY_PREFIX))
+        {
+            return Err(Reason::NotAuthorized);
+        }
+        let now = clock::now_ms();
+        let principal = self
+            .store
+            .view(|txn| match auth::resolve(txn, Some(key), now) {
+                Err(auth::AuthError::Store(e)) => Err(e),
+                other => Ok(other),
+            })
+            .map_err(|_| Reason::ServerUnavailable)?
+            .map_err(|_| Reason::NotAuthorized)?;
+        let subject = match &principal {
+            Principal::Account { zid, .. } => format!("account:{zid}"),
+            Principal::MachineKey { slug, .. } => format!("machine:{slug}"),
+            Principal::Anonymous => return Err(Reason::NotAuthorized),
+        };
+        Ok((Grant::key(prefix, principal), subject))
+    }
+
+    /// Makes `link` the connection of `session`; closes the one it replaces. `clean`: the
+    /// session starts empty (its subscriptions, its dedup window and its entries in the store
+    /// go, before the CONNACK, so no entry of the old session can be taken for a message of
+    /// the new). Returns whether a session was present, and its dedup window.
+    pub async fn open_session(
+        &self,
+        session: &Arc<str>,
+        link: &Arc<Link>,
+        clean: bool,
+    ) -> Result<(bool, VecDeque<(u16, u64)>), StoreError> {
+        let window = {
+            let mut s = self
+                .sessions
+                .lock()
+                .map_err(|_| StoreError::Unavailable("sessions lock poisoned".into()))?;
+            if let Some(old) = s.online.insert(session.clone(), link.clone()) {
+                old.kick(Reason::SessionTakenOver);
+            }
+            s.windows.remove(session)
+        };
+        if clean {
+            self.router.drop_session(session);
+            let has_entries = self.store.view(|txn| ingest::has_entries(txn, session))?;
+            if has_entries {
+                let forget = [Forget::Client(session.clone())];
+                self.writer
+                    .write(move |txn| ingest::forget(txn, &forget))
+                    .await?;
+            }
+            return Ok((false, VecDeque::new()));
+        }
+        let subscribed = self.router.resume(session, link);
+        Ok((subscribed || window.is_some(), window.unwrap_or_default()))
+    }
+
+    /// The connection of `session` ended; a persistent session keeps its subscriptions and
+    /// dedup window for the next connection.
+    pub fn close_session(
+        &self,
+        session: &Arc<str>,
+        link: &Arc<Link>,
+        persistent: bool,
+        window: VecDeque<(u16, u64)>,
+    ) {
+        let Ok(mut s) = self.sessions.lock() else {
+            return;
+        };
+        let current = s.online.get(session).is_some_and(|l| Arc::ptr_eq(l, link));
+        if current {
+            s.online.remove(session);
+        }
+        if !persistent {
+            if current {
+                self.router.drop_session(session);
+            }
+            return;
+        }
+        if current || !s.windows.contains_key(session) {
+            s.windows.insert(session.clone(), window);
+        }
+    }
+
+    /// Reason code of an ingest outcome in a v5 PUBACK / PUBREC.
+    fn reason(outcome: &Outcome) -> Reason {
+        match outcome {
+            Outcome::Dead("not_authorized") => Reason::NotAuthorized,
+            Outcome::Dead("invalid_json") => Reason::PayloadFormatInvalid,
+            _ => Reason::Success,
+        }
+    }
+}
+
+async fn accept(
+    server: Arc<Server>,
+    listener: TcpListener,
+    tls: Option<Arc<Acceptor>>,
+    limit: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = shutdown.changed() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, say: wait instead of spinning.
+                    tracing::warn!(error = %e, "MQTT accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            server.shared.connect_refused("max_connections");
+            drop(sock);
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        let server = server.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => super::conn::serve(server, sock, peer).await,
+                Some(tls) => {
+                    let timeout = Duration::from_secs(server.cfg.connect_timeout_secs.max(1));
+                    match tokio::time::timeout(timeout, tls.get_mqtt().accept(sock)).await {
+                        Ok(Ok(stream)) => super::conn::serve(server, stream, peer).await,
+                        _ => server.shared.connect_refused("tls_handshake"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Fans committed states and emits out to subscribers.
+async fn router_task(server: Arc<Server>, mut shutdown: watch::Receiver<bool>) {
+    let qos = match server.cfg.state_qos {
+        0 => QoS::AtMostOnce,
+        _ => QoS::AtLeastOnce,
+    };
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            _ = server.shared.wake.notified() => {}
+        }
+        server
+            .router
+            .publish_outbox(server.shared.take_outbox(), qos);
+    }
+    server
+        .router
+        .publish_outbox(server.shared.take_outbox(), qos);
+}
+
+/// Closes the connections of revoked keys.
+async fn revocations(server: Arc<Server>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = server.shared.revoke_wake.notified() => {}
+        }
+        let revoked = server.shared.take_revoked();
+        if let Ok(s) = server.sessions.lock() {
+            for link in s.online.values() {
+                if link
+                    .grant
+                    .key_id()
+                    .is_some_and(|id| revoked.iter().any(|r| r == id))
+                {
+                    link.kick(Reason::NotAuthorized);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Batch {
+    messages: Vec<ingest::Message>,
+    replies: Vec<Option<Reply>>,
+    releases: Vec<(Forget, Reply)>,
+    forget: Vec<Forget>,
+}
+
+impl Batch {
+    fn add(&mut self, w: Work) {
+        match w {
+            Work::Publish(m, r) => {
+                self.messages.push(m);
+                self.replies.push(r);
+            }
+            Work::Release(f, r) => self.releases.push((f, r)),
+            Work::Forget(f) => self.forget.push(f),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.releases.is_empty() && self.forget.is_empty()
+    }
+}
+
+async fn batcher(
+    server: Arc<Server>,
+    charts: Arc<Charts>,
+    rules: Arc<Rules>,
+    mut rx: mpsc::Receiver<Work>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let size = server.cfg.batch_size.max(1);
+    let wait = Duration::from_millis(server.cfg.batch_wait_ms);
+    let mut in_flight: VecDeque<JoinHandle<bool>> = VecDeque::new();
+    let stopping = shutdown.clone();
+    let commit = |batch: Batch| {
+        let (server, charts, rules, shutdown) = (
+            server.clone(),
+            charts.clone(),
+            rules.clone(),
+            stopping.clone(),
+        );
+        tokio::spawn(
+            async move { commit_and_ack(&server, &charts, &rules, batch, &shutdown).await },
+        )
+    };
+    loop {
+        while in_flight.front().is_some_and(|t| t.is_finished()) {
+            if let Some(t) = in_flight.pop_front() {
+                let _ = t.await;
+            }
+        }
+        if in_flight.len() >= BATCHES_IN_FLIGHT {
+            if let Some(t) = in_flight.pop_front() {
+                let _ = t.await;
+            }
+            continue;
+        }
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            w = rx.recv() => match w { Some(w) => w, None => break },
+        };
+        let mut batch = Batch::default();
+        batch.add(first);
+        while batch.messages.len() < size {
+            match rx.try_recv() {
+                Ok(w) => batch.add(w),
+                Err(_) => break,
+            }
+        }
+        if !batch.messages.is_empty() && batch.messages.len() < size && !wait.is_zero() {
+            let deadline = tokio::time::Instant::now() + wait;
+            while batch.messages.len() < size {
+                tokio::select! {
+                    w = rx.recv() => match w {
+                        Some(w) => batch.add(w),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+        }
+        in_flight.push_back(commit(batch));
+    }
+    // Stopping: the connections read no more; what they queued is committed and acked.
+    let mut last = Batch::default();
+    while let Ok(w) = rx.try_recv() {
+        last.add(w);
+    }
+    if !last.is_empty() {
+        in_flight.push_back(commit(last));
+    }
+    for t in in_flight {
+        let _ = t.await;
+    }
+}
+
+/// Applies one batch and, after the commit is durable, releases its acks; false when the
+/// gateway is stopping and the batch could not be committed (it stays unacked).
+async fn commit_and_ack(
+    server: &Server,
+    charts: &Arc<Charts>,
+    rules: &Arc<Rules>,
+    batch: Batch,
+    shutdown: &watch::Receiver<bool>,
+) -> bool {
+    let Batch {
+        mut messages,
+        replies,
+        releases,
+        mut forget,
+    } = batch;
+    forget.extend(releases.iter().map(|(f, _)| f.clone()));
+    let raws: Vec<ingest::Raw> = messages.iter().map(ingest::Message::raw).collect();
+    let kept_forget = forget.clone();
+    let tag = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
+    let mut retry = Duration::from_millis(50);
+    let outcomes = loop {
+        let (charts, rules, mut m, f) = (
+            charts.clone(),
+            rules.clone(),
+            std::mem::take(&mut messages),
+            std::mem::take(&mut forget),
+        );
+        let result = server
+            .writer
+            .write(move |txn| {
+                ingest::apply_then_forget(txn, &charts, &rules, &mut m, tag, &f, clock::now_ms())
+                    .map(|o| (o, m, f))
+            })
+            .await;
+        match result {
+            Ok((outcomes, m, _)) => {
+                messages = m;
+                break outcomes;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, batch = raws.len(), "MQTT batch not committed; retrying");
+                if matches!(e, StoreError::ShuttingDown) || *shutdown.borrow() {
+                    return false;
+                }
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_secs(5));
+                // Part of the batch may have been committed: every message becomes a
+                // redelivery, and the dedup table decides.
+                let max = server.cfg.max_payload_bytes;
+                messages = raws.iter().map(|r| r.clone().redelivery(max)).collect();
+                forget = kept_forget.clone();
+            }
+        }
+    };
+    if let Ok(topic) = std::env::var("TEST_MQTT_ABORT_BEFORE_ACK") {
+        let hit = messages
+            .iter()
+            .zip(&outcomes)
+            .any(|(m, o)| m.topic() == topic && matches!(o, Outcome::Applied { .. }));
+        if hit {
+            tracing::error!(%topic, "TEST_MQTT_ABORT_BEFORE_ACK: exiting after the commit");
+            std::process::exit(86);
+        }
+    }
+    let shared = &server.shared;
+    let mut steps = Vec::with_capacity(outcomes.len());
+    let mut woken: Vec<Arc<Link>> = Vec::new();
+    for ((m, outcome), reply) in messages.iter().zip(outcomes).zip(replies) {
+        if let Some(r) = reply {
+            let reason = Server::reason(&outcome);
+            let settled = outcome.entry_tag(m.pkid, tag).map(|t| Settled {
+                pkid: r.pkid,
+                tag: t,
+                qos2: r.qos == QoS::ExactlyOnce,
+                new_entry: !matches!(outcome, Outcome::Duplicate(_)),
+            });
+            let out = match r.qos {
+                QoS::ExactlyOnce => Out::PubRec(r.pkid, reason),
+                _ => Out::PubAck(r.pkid, reason),
+            };
+            if let Ok(mut d) = r.link.done.lock() {
+                d.push((r.slot, out, settled));
+            }
+            if !woken.iter().any(|l| Arc::ptr_eq(l, &r.link)) {
+                woken.push(r.link);
+            }
+        }
+        match outcome {
+            Outcome::Applied {
+                machine,
+                instance,
+                view,
+                effects,
+            } => steps.push((machine, instance, view, effects)),
+            Outcome::Duplicate(_) => {
+                shared.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Dead(reason) => shared.dead_letter(reason),
+        }
+    }
+    for (_, r) in releases {
+        if let Ok(mut d) = r.link.done.lock() {
+            d.push((r.slot, Out::PubComp(r.pkid), None));
+        }
+        if !woken.iter().any(|l| Arc::ptr_eq(l, &r.link)) {
+            woken.push(r.link);
+        }
+    }
+    for l in woken {
+        l.wake.notify_one();
+    }
+    shared
+        .applied
+        .fetch_add(steps.len() as u64, Ordering::Relaxed);
+    shared.committed_steps(
+        steps
+            .iter()
+            .map(|(m, i, v, e)| (m.as_str(), i.as_str(), v, e.as_slice())),
+    );
+    true
+}

@@ -1945,3 +1945,75 @@ async fn server_interoperates_with_mosquitto_clients_and_rumqttc() {
         assert_eq!(v["state"], "online");
     }
 }
+
+/// QoS 2 in `ingest`: until its PUBREL (the entry is forgotten), a QoS 2 delivery's entry makes
+/// every later QoS 2 PUBLISH of the session on that packet id the same message, with or without
+/// DUP (paho-mqtt resends without DUP after some reconnects); after the release the packet id
+/// carries a new message, even an identical one.
+#[test]
+fn a_qos2_packet_id_is_one_message_until_its_release() {
+    use smgate::instances::{self, Charts};
+    use smgate::mqtt::ingest::{self, Forget, Message, Outcome, Rules};
+    let dir = tempfile::tempdir().unwrap();
+    let db = common::open_db(dir.path());
+    let charts = Charts::default();
+    let now = 1_700_000_000_000;
+    {
+        let txn = db.begin_write().unwrap();
+        common::create_heartbeat_machine(&txn, "hb", now);
+        instances::set_auto_create(&txn, "hb", true).unwrap();
+        txn.commit().unwrap();
+    }
+    let rules = Rules {
+        prefix: "smgate".into(),
+        client_id: String::new(),
+        max_payload: 1024,
+        dead_letter_cap: 10,
+    };
+    let session: std::sync::Arc<str> = "machine:hb|dev-2".into();
+    let q2 = |dup: bool| {
+        Message::new(
+            session.clone(),
+            "smgate/hb/dev-2/heartbeat".into(),
+            bytes::Bytes::from_static(b"{}"),
+            5,
+            dup,
+            1024,
+        )
+        .exactly_once()
+    };
+    let run = |mut m: Vec<Message>, tag: u64, forget: &[Forget]| -> Vec<&'static str> {
+        let txn = db.begin_write().unwrap();
+        let out =
+            ingest::apply_then_forget(&txn, &charts, &rules, &mut m, tag, forget, now).unwrap();
+        txn.commit().unwrap();
+        out.iter()
+            .map(|o| match o {
+                Outcome::Applied { .. } => "applied",
+                Outcome::Duplicate(_) => "duplicate",
+                Outcome::Dead(r) => r,
+            })
+            .collect()
+    };
+    assert_eq!(run(vec![q2(false)], 11, &[]), ["applied"]);
+    // Resent after a reconnect, without DUP and with it: the same message.
+    assert_eq!(run(vec![q2(false)], 12, &[]), ["duplicate"]);
+    assert_eq!(run(vec![q2(true)], 13, &[]), ["duplicate"]);
+    // PUBREL: the entry goes (before PUBCOMP), and packet id 5 is free for a new message.
+    let release = [Forget::Delivery(session.clone(), 5, 0)];
+    assert_eq!(run(vec![], 14, &release), Vec::<&str>::new());
+    assert_eq!(run(vec![q2(false)], 15, &[]), ["applied"]);
+    // A clean session removes every entry of the session.
+    assert_eq!(
+        run(vec![], 16, &[Forget::Client(session.clone())]),
+        Vec::<&str>::new()
+    );
+    assert_eq!(run(vec![q2(false)], 17, &[]), ["applied"]);
+    let txn = db.begin_read().unwrap();
+    let beats = instances::history(&txn, "hb", "dev-2", None, 100)
+        .unwrap()
+        .iter()
+        .filter(|(_, r)| r.event == "HEARTBEAT")
+        .count();
+    assert_eq!(beats, 3);
+}

@@ -539,10 +539,15 @@ impl Conn {
                 let slot = self.acks.wait();
                 self.waiting += 1;
                 let reply = self.reply(slot, pkid, qos);
-                // A QoS 2 publish whose PUBREC was sent and PUBREL not yet received is the
-                // same message (4.3.3): the dedup entry recognises it.
-                let dup = dup || matches!(self.qos2.get(&pkid), Some(Qos2::Committed(_)));
-                Work::Publish(self.ingest_message(m, pkid, dup), Some(reply))
+                // A QoS 2 publish whose PUBREL has not arrived is the same message (4.3.3),
+                // in this connection or an earlier one of the session: its entry says so.
+                let m = self.ingest_message(m, pkid, dup);
+                let m = if qos == QoS::ExactlyOnce {
+                    m.exactly_once()
+                } else {
+                    m
+                };
+                Work::Publish(m, Some(reply))
             }
         };
         // Waits while the batcher's queue is full: the flood pushes back through TCP.

@@ -36,6 +36,8 @@ pub const DEAD_LETTER_NEXT: TableDefinition<&str, u64> =
     TableDefinition::new("mqtt_dead_letter_next");
 /// Key in `store::META` of the birth sequence (bdSeq) of the ingest connection.
 const BIRTH_KEY: &str = "mqtt_bd_seq";
+/// The 41st byte of an [`INFLIGHT`] value of a QoS 2 delivery not yet released by PUBREL.
+const QOS2_PENDING: u8 = 2;
 /// Bytes of a dead letter's payload that are kept.
 pub const KEPT_PAYLOAD: usize = 1024;
 
@@ -60,6 +62,8 @@ pub struct Message {
     data: Result<Value, (&'static str, String)>,
     /// Dead-lettered whatever it says ([`Message::refused`]).
     refused: bool,
+    /// Published at QoS 2 ([`Message::exactly_once`]).
+    qos2: bool,
 }
 
 /// What it takes to build a message again: a batch whose commit failed is applied again,
@@ -71,22 +75,19 @@ pub struct Raw {
     payload: Bytes,
     pkid: u16,
     refused: Option<(&'static str, String)>,
+    qos2: bool,
 }
 
 impl Raw {
     pub fn redelivery(self, max_payload: usize) -> Message {
-        match self.refused {
-            Some(why) => {
-                Message::refused(self.client, self.topic, self.payload, self.pkid, true, why)
-            }
-            None => Message::new(
-                self.client,
-                self.topic,
-                self.payload,
-                self.pkid,
-                true,
-                max_payload,
-            ),
+        let (client, topic, payload, pkid) = (self.client, self.topic, self.payload, self.pkid);
+        let m = match self.refused {
+            Some(why) => Message::refused(client, topic, payload, pkid, true, why),
+            None => Message::new(client, topic, payload, pkid, true, max_payload),
+        };
+        Message {
+            qos2: self.qos2,
+            ..m
         }
     }
 }
@@ -113,7 +114,17 @@ impl Message {
             hash,
             data,
             refused: false,
+            qos2: false,
         }
+    }
+
+    /// Marks a QoS 2 publish. Until its PUBREL, its entry answers every PUBLISH of the session
+    /// with the same packet id as this message, DUP flag or not (MQTT 3.1.1 §4.3.3, 5.0
+    /// §4.3.3): a client resends a QoS 2 message after a reconnect, and paho-mqtt, for one,
+    /// sometimes does so without DUP.
+    pub fn exactly_once(mut self) -> Message {
+        self.qos2 = true;
+        self
     }
 
     pub fn raw(&self) -> Raw {
@@ -126,6 +137,7 @@ impl Message {
                 Err(why) if self.refused => Some(why.clone()),
                 _ => None,
             },
+            qos2: self.qos2,
         }
     }
 
@@ -150,6 +162,7 @@ impl Message {
             hash,
             data: Err((reason, message)),
             refused: true,
+            qos2: false,
         }
     }
 
@@ -270,13 +283,14 @@ pub fn apply(
         rules,
         inflight,
         steps: instances::Steps::open(txn)?,
-        entry: [0u8; 40],
+        entry: [0u8; 41],
         now_ms,
         read_ahead: Default::default(),
     };
     w.steps.defer_runs();
     w.read_ahead(batch)?;
-    w.entry[32..].copy_from_slice(&tag.to_le_bytes());
+    w.entry[32..40].copy_from_slice(&tag.to_le_bytes());
+    w.entry[40] = QOS2_PENDING;
     let mut machines = Machines::default();
     let mut segment = Segment::default();
     let auth = auth();
@@ -290,10 +304,12 @@ pub fn apply(
                 .insert((batch[i].client.clone(), batch[i].pkid));
         }
         let m = &mut batch[i];
-        if m.dup && m.pkid != 0 {
+        if (m.dup || m.qos2) && m.pkid != 0 {
             let seen = w.inflight.get((&*m.client, m.pkid))?.and_then(|v| {
                 let v = v.value();
-                (v.len() >= 32 && v[..32] == m.hash).then(|| stored_tag(v))
+                let pending_qos2 = m.qos2 && v.get(40) == Some(&QOS2_PENDING);
+                let same = m.dup && v.len() >= 32 && v[..32] == m.hash;
+                (pending_qos2 || same).then(|| stored_tag(v))
             });
             if let Some(original) = seen {
                 segment.plan.push((i, Planned::Duplicate(original)));
@@ -325,7 +341,7 @@ struct Writing<'a, 'txn> {
     inflight: redb::Table<'txn, (&'static str, u16), &'static [u8]>,
     steps: instances::Steps<'txn>,
     /// The [`INFLIGHT`] value being built: hash ‖ tag.
-    entry: [u8; 40],
+    entry: [u8; 41],
     now_ms: i64,
     /// The instance rows the batch addresses, read in key order before it is applied; each
     /// is taken by the first segment that steps its instance.
@@ -378,8 +394,10 @@ impl Writing<'_, '_> {
     ) -> Result<(), StoreError> {
         if m.pkid != 0 && !matches!(outcome, Outcome::Duplicate(_)) {
             self.entry[..32].copy_from_slice(&m.hash);
+            // QoS 1 entries are hash ‖ tag; QoS 2 ones carry a marker until their PUBREL.
+            let len = if m.qos2 { 41 } else { 40 };
             self.inflight
-                .insert((&*m.client, m.pkid), self.entry.as_slice())?;
+                .insert((&*m.client, m.pkid), &self.entry[..len])?;
         }
         out.push(outcome);
         Ok(())

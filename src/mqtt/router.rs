@@ -472,7 +472,9 @@ impl Router {
                 ("#", _) => return true,
                 (_, None) => return false,
                 ("+", Some(_)) => {}
-                (l, Some(&"state")) => return l == "state",
+                (l, Some(&"state")) => {
+                    return l == "state" && (rest.len() == 3 || rest[3] == "#");
+                }
                 (l, Some(_)) => {
                     if l.starts_with('$') {
                         return false;

@@ -20,6 +20,8 @@
 //! reopened handle.
 
 mod backend;
+#[cfg(test)]
+mod power_cut_tests;
 mod writeback;
 mod writer;
 

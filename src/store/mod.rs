@@ -6,7 +6,9 @@
 //! committed with `Durability::Immediate` and its syncs are done. So an answered write is on
 //! disk, and a request that failed leaves nothing behind. The syncs run in the background
 //! while the writer builds the next transaction (module doc of `writeback`); a reader
-//! ([`Store::read`]) never sees a commit before it is durable.
+//! ([`Store::read`]) never sees a commit before it is durable. The test
+//! `every_write_answered_before_a_power_cut_survives_it` cuts the power under the store, torn
+//! commits included ([`PowerCut`]), and finds every write answered Ok in the file.
 //!
 //! Each request closure must either write everything it means to write or return `Err` before
 //! writing anything ("validate, then apply"): requests share a transaction, and redb cannot roll

@@ -183,6 +183,9 @@ impl PowerCut {
     }
 
     pub(super) fn backend(&self, file: File) -> Result<VolatileDisk, StoreError> {
+        // Checked under the lock that a cut takes after switching off, so that no backend
+        // escapes a cut that races with its opening.
+        let mut disks = self.supply.lock_disks();
         if self.is_off() {
             return Err(StoreError::Unavailable(power_off().to_string()));
         }
@@ -200,7 +203,6 @@ impl PowerCut {
                 },
             }),
         });
-        let mut disks = self.supply.lock_disks();
         disks.retain(|d| d.strong_count() > 0);
         disks.push(Arc::downgrade(&disk));
         Ok(VolatileDisk {

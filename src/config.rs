@@ -2,6 +2,8 @@
 //!
 //! Every option has a default that boots on a laptop; `firmware-config/smgate.toml` documents
 //! each one. Unknown keys are an error, so a typo never silently falls back to a default.
+//! `SMGATE_TEST_POWER_CUT=1` is not an option but a test hook (`store::PowerCut`), so no file
+//! can set it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -81,6 +83,11 @@ pub struct StoreConfig {
     pub quick_repair: bool,
     /// Most write requests folded into one transaction (one fsync).
     pub max_batch: usize,
+    /// Test hook, set only by `SMGATE_TEST_POWER_CUT=1` (not in the file): the store keeps
+    /// every write in memory until its sync, so that SIGKILL is a power cut
+    /// (`store::PowerCut`).
+    #[serde(skip)]
+    pub test_power_cut: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -154,6 +161,7 @@ impl Default for StoreConfig {
             write_window_mb: 16,
             quick_repair: false,
             max_batch: 1024,
+            test_power_cut: false,
         }
     }
 }
@@ -191,10 +199,24 @@ impl Config {
         };
         let mut doc: toml::Table =
             toml::from_str(&text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut test_power_cut = false;
         for (name, value) in env {
             let Some(rest) = name.strip_prefix("SMGATE_") else {
                 continue;
             };
+            // A test hook, not an option: no `[test]` section takes it, and no file sets it.
+            if rest == "TEST_POWER_CUT" {
+                test_power_cut = match value.as_str() {
+                    "1" => true,
+                    "0" | "" => false,
+                    _ => {
+                        return Err(ConfigError::Invalid(format!(
+                            "SMGATE_TEST_POWER_CUT is a test hook and must be 1 or 0, not {value:?}"
+                        )))
+                    }
+                };
+                continue;
+            }
             let Some((section, key)) = rest.split_once('_') else {
                 continue;
             };
@@ -219,9 +241,10 @@ impl Config {
                 }
             }
         }
-        let config: Config = toml::Value::Table(doc)
+        let mut config: Config = toml::Value::Table(doc)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.store.test_power_cut = test_power_cut;
         config.validate()?;
         Ok(config)
     }
@@ -311,6 +334,25 @@ mod tests {
         let bad = vec![("SMGATE_HTTP_LISTN".to_string(), "x".to_string())];
         let err = Config::load(None, bad).unwrap_err().to_string();
         assert!(err.contains("listn"), "{err}");
+    }
+
+    /// `SMGATE_TEST_POWER_CUT` is the one `SMGATE_TEST_*` name: a test hook, off unless it is
+    /// exactly 1, and not an option that a file or a typo can set.
+    #[test]
+    fn the_power_cut_hook_is_set_only_by_its_variable() {
+        let load =
+            |name: &str, v: &str| Config::load(None, vec![(name.to_string(), v.to_string())]);
+        assert!(!Config::default().store.test_power_cut);
+        let on = load("SMGATE_TEST_POWER_CUT", "1").unwrap();
+        assert!(on.store.test_power_cut);
+        assert!(crate::gateway::store_options(&on).power_cut.is_some());
+        let off = load("SMGATE_TEST_POWER_CUT", "0").unwrap();
+        assert!(crate::gateway::store_options(&off).power_cut.is_none());
+        assert!(load("SMGATE_TEST_POWER_CUT", "yes").is_err());
+        assert!(load("SMGATE_TEST_POWER_CUTT", "1").is_err());
+        assert!(load("SMGATE_STORE_TEST_POWER_CUT", "true").is_err());
+        let err = toml::from_str::<Config>("[store]\ntest_power_cut = true").unwrap_err();
+        assert!(err.to_string().contains("test_power_cut"), "{err}");
     }
 
     #[test]

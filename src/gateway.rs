@@ -105,6 +105,7 @@ pub fn store_options(config: &Config) -> StoreOptions {
         quick_repair: config.store.quick_repair,
         max_batch: config.store.max_batch,
         disk_limit: None,
+        power_cut: config.store.test_power_cut.then(store::PowerCut::default),
     }
 }
 

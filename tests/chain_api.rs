@@ -8,57 +8,14 @@ mod rfc6962;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{call, cli, Gw};
+use common::{call, cli, create_machine, kill_during_burst, log_rows, Gw, UNLIMITED};
 use reqwest::Method;
 use rfc6962::{leaf, mth, unhex, verify_consistency, verify_inclusion, H};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-const MANY: &[(&str, &str)] = &[
-    ("SMGATE_LIMITS_SPINUP_PER_MINUTE_PER_IP", "100000"),
-    ("SMGATE_LIMITS_WRITES_PER_MINUTE_PER_MACHINE", "10000000"),
-    ("SMGATE_LIMITS_READS_PER_MINUTE_PER_MACHINE", "10000000"),
-];
-
-async fn machine(gw: &Gw, slug: &str, public: bool) -> String {
-    let (s, b, _) = call(
-        &gw.client(),
-        Method::POST,
-        &gw.url("/api/chain/state-machines"),
-        Some(&gw.owner_key),
-        Some(json!({"slug": slug, "is_public": public})),
-    )
-    .await;
-    assert_eq!(s, 201, "{b}");
-    b["api_key"].as_str().unwrap().to_string()
-}
-
 fn ev(slug: &str) -> String {
     format!("/api/chain/state-machines/{slug}/event")
-}
-
-async fn rows(gw: &Gw, slug: &str, key: Option<&str>) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut from = 0;
-    loop {
-        let (s, b, _) = call(
-            &gw.client(),
-            Method::GET,
-            &gw.url(&format!(
-                "/api/chain/state-machines/{slug}/explore?from={from}&to={}",
-                from + 10_000
-            )),
-            key,
-            None,
-        )
-        .await;
-        assert_eq!(s, 200, "{b}");
-        out.extend(b["rows"].as_array().unwrap().iter().cloned());
-        match b["next"].as_u64() {
-            Some(n) => from = n,
-            None => return out,
-        }
-    }
 }
 
 /// Canonical JSON written independently: sorted keys, no whitespace.
@@ -89,9 +46,9 @@ fn sha_hex(bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_endpoint_stores_the_payload_hash_not_the_payload() {
-    let gw = Gw::start(MANY);
+    let gw = Gw::start(UNLIMITED);
     let c = gw.client();
-    machine(&gw, "ev", false).await;
+    create_machine(&gw, "ev", false).await;
     let payload = json!({"temp": 21.5, "unit": "C", "a": [1, {"z": true, "b": null}]});
     let (s, b, _) = call(
         &c,
@@ -118,7 +75,7 @@ async fn event_endpoint_stores_the_payload_hash_not_the_payload() {
     )
     .await;
     assert_eq!(s, 201, "{b2}");
-    let all = rows(&gw, "ev", Some(&gw.owner_key)).await;
+    let all = log_rows(&gw, "ev", Some(&gw.owner_key)).await;
     let kinds: Vec<&str> = all.iter().map(|r| r["type"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["machine_created", "key_minted", "event", "event"]);
     assert_eq!(
@@ -142,9 +99,9 @@ async fn event_endpoint_stores_the_payload_hash_not_the_payload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_4xx_codes() {
-    let gw = Gw::start(MANY);
+    let gw = Gw::start(UNLIMITED);
     let c = gw.client();
-    machine(&gw, "bad", false).await;
+    create_machine(&gw, "bad", false).await;
     let k = Some(gw.owner_key.as_str());
     for (body, code) in [
         (json!({"type": "x".repeat(65)}), "invalid_type"),
@@ -219,10 +176,10 @@ async fn bad_input_gets_clear_4xx_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_and_writes_follow_machine_access() {
-    let gw = Gw::start(MANY);
+    let gw = Gw::start(UNLIMITED);
     let c = gw.client();
-    let admin = machine(&gw, "priv", false).await;
-    machine(&gw, "pub", true).await;
+    let admin = create_machine(&gw, "priv", false).await;
+    create_machine(&gw, "pub", true).await;
     let (_, v, _) = call(
         &c,
         Method::POST,
@@ -309,7 +266,7 @@ async fn non_owner_reads_and_writes_are_rate_limited_per_machine() {
         ("SMGATE_LIMITS_WRITES_PER_MINUTE_PER_MACHINE", "2"),
     ]);
     let c = gw.client();
-    machine(&gw, "pub", true).await;
+    create_machine(&gw, "pub", true).await;
     for _ in 0..3 {
         let (s, _, _) = call(
             &c,
@@ -358,9 +315,9 @@ async fn non_owner_reads_and_writes_are_rate_limited_per_machine() {
 /// the gateway's published verifier key only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_and_proofs_verify_independently() {
-    let gw = Gw::start(MANY);
+    let gw = Gw::start(UNLIMITED);
     let c = gw.client();
-    machine(&gw, "proofs", true).await;
+    create_machine(&gw, "proofs", true).await;
     let (_, info, _) = call(&c, Method::GET, &gw.url("/api/gateway"), None, None).await;
     let vkey = info["verifier_key"].as_str().unwrap().to_string();
     let gateway_id = info["gateway_id"].as_str().unwrap();
@@ -391,7 +348,7 @@ async fn checkpoints_and_proofs_verify_independently() {
         .await;
         assert_eq!(s, 201);
     }
-    let all = rows(&gw, "proofs", None).await;
+    let all = log_rows(&gw, "proofs", None).await;
     let leaves: Vec<H> = all
         .iter()
         .map(|r| leaf(&unhex(r["hash"].as_str().unwrap())))
@@ -506,9 +463,9 @@ async fn checkpoints_and_proofs_verify_independently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_streams_live_rows_and_resumes_after_last_event_id() {
-    let gw = Gw::start(MANY);
+    let gw = Gw::start(UNLIMITED);
     let c = gw.client();
-    machine(&gw, "live", false).await;
+    create_machine(&gw, "live", false).await;
     let mut res = c
         .get(gw.url("/api/chain/state-machines/live/explore/sse"))
         .bearer_auth(&gw.owner_key)
@@ -584,9 +541,9 @@ async fn read_sse_ids(res: &mut reqwest::Response, n: usize) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_rows_are_logged_with_their_changes() {
-    let gw = Gw::start(MANY);
+    let gw = Gw::start(UNLIMITED);
     let c = gw.client();
-    let admin = machine(&gw, "keys", false).await;
+    let admin = create_machine(&gw, "keys", false).await;
     let (_, m, _) = call(
         &c,
         Method::POST,
@@ -607,7 +564,7 @@ async fn key_rows_are_logged_with_their_changes() {
         )
         .await;
     }
-    let all = rows(&gw, "keys", Some(&gw.owner_key)).await;
+    let all = log_rows(&gw, "keys", Some(&gw.owner_key)).await;
     let kinds: Vec<&str> = all.iter().map(|r| r["type"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
@@ -632,9 +589,9 @@ async fn key_rows_are_logged_with_their_changes() {
 /// verification all point at that row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_is_reported_by_verify_pohc_and_proofs() {
-    let mut gw = Gw::start(MANY);
+    let mut gw = Gw::start(UNLIMITED);
     let c = gw.client();
-    machine(&gw, "tamper", true).await;
+    create_machine(&gw, "tamper", true).await;
     for i in 0..8 {
         let t = if i == 5 {
             "MARKER-Q7Z".to_string()
@@ -733,62 +690,21 @@ async fn a_flipped_byte_is_reported_by_verify_pohc_and_proofs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_an_event_burst_keeps_every_answered_row_and_verifies() {
-    let mut gw = Gw::start(MANY);
-    machine(&gw, "burst", false).await;
-    let client = gw.client();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, String)>();
-    let mut tasks = Vec::new();
-    for w in 0..8 {
-        let (client, key, url, tx) = (
-            client.clone(),
-            gw.owner_key.clone(),
-            gw.url(&ev("burst")),
-            tx.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            for i in 0..100_000 {
-                let Ok(r) = client
-                    .post(&url)
-                    .bearer_auth(&key)
-                    .json(&json!({"type": format!("w{w}"), "payload": i}))
-                    .send()
-                    .await
-                else {
-                    return;
-                };
-                if r.status() != 201 {
-                    return;
-                }
-                let Ok(b) = r.json::<Value>().await else {
-                    return;
-                };
-                let _ = tx.send((
-                    b["seq"].as_u64().unwrap(),
-                    b["hash"].as_str().unwrap().to_string(),
-                ));
-            }
-        }));
-    }
-    drop(tx);
-    // Kill once the burst is well under way (a count, not a time: CI machines vary).
-    let mut answered = Vec::new();
-    while answered.len() < 40 {
-        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-            Ok(Some(a)) => answered.push(a),
-            _ => panic!("the burst stalled after {} answers", answered.len()),
-        }
-    }
-    gw.kill();
-    for t in tasks {
-        let _ = t.await;
-    }
-    while let Some(a) = rx.recv().await {
-        answered.push(a);
-    }
+    let mut gw = Gw::start(UNLIMITED);
+    create_machine(&gw, "burst", false).await;
+    let answered = kill_during_burst(
+        &mut gw,
+        &ev("burst"),
+        8,
+        40,
+        |w, i| json!({"type": format!("w{w}"), "payload": i}),
+        |b| Some((b["seq"].as_u64()?, b["hash"].as_str()?.to_string())),
+    )
+    .await;
     let (ok, out, err) = cli(&gw.data(), &["verify"]);
     assert!(ok, "verify after SIGKILL: {out}{err}");
     gw.spawn();
-    let all = rows(&gw, "burst", Some(&gw.owner_key)).await;
+    let all = log_rows(&gw, "burst", Some(&gw.owner_key)).await;
     for (seq, hash) in &answered {
         assert_eq!(
             all[*seq as usize]["hash"],

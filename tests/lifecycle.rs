@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{call, cli, client_trusting, Gw};
+use common::{call, cli, client_trusting, kill_during_burst, Gw};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -111,50 +111,15 @@ async fn machines_and_keys_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_a_burst_of_creates_loses_no_answered_201() {
     let mut gw = Gw::start(MANY);
-    let client = gw.client();
-    let key = gw.owner_key.clone();
-    let url = gw.url(SPINUP);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let mut tasks = Vec::new();
-    for w in 0..8 {
-        let (client, key, url, tx) = (client.clone(), key.clone(), url.clone(), tx.clone());
-        tasks.push(tokio::spawn(async move {
-            for i in 0..10_000 {
-                let res = client
-                    .post(&url)
-                    .bearer_auth(&key)
-                    .json(&json!({"slug": format!("b-{w}-{i}")}))
-                    .send()
-                    .await;
-                match res {
-                    Ok(r) if r.status() == 201 => {
-                        let b: Value = match r.json().await {
-                            Ok(b) => b,
-                            Err(_) => return,
-                        };
-                        let _ = tx.send(b["machine"]["slug"].as_str().unwrap().to_string());
-                    }
-                    _ => return,
-                }
-            }
-        }));
-    }
-    drop(tx);
-    // Kill once the burst is well under way (a count, not a time: CI machines vary).
-    let mut answered = Vec::new();
-    while answered.len() < 40 {
-        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-            Ok(Some(s)) => answered.push(s),
-            _ => panic!("the burst stalled after {} answers", answered.len()),
-        }
-    }
-    gw.kill();
-    for t in tasks {
-        let _ = t.await;
-    }
-    while let Some(s) = rx.recv().await {
-        answered.push(s);
-    }
+    let answered = kill_during_burst(
+        &mut gw,
+        SPINUP,
+        8,
+        40,
+        |w, i| json!({"slug": format!("b-{w}-{i}")}),
+        |b| Some(b["machine"]["slug"].as_str()?.to_string()),
+    )
+    .await;
     gw.spawn();
     let c = gw.client();
     let (_, list, _) = call(&c, Method::GET, &gw.url(SPINUP), Some(&gw.owner_key), None).await;

@@ -6,7 +6,9 @@
 //! committed with `Durability::Immediate` and its syncs are done. So an answered write is on
 //! disk, and a request that failed leaves nothing behind. The syncs run in the background
 //! while the writer builds the next transaction (module doc of `writeback`); a reader
-//! ([`Store::read`]) never sees a commit before it is durable.
+//! ([`Store::read`]) never sees a commit before it is durable. The test
+//! `every_write_answered_before_a_power_cut_survives_it` cuts the power under the store, torn
+//! commits included ([`PowerCut`]), and finds every write answered Ok in the file.
 //!
 //! Each request closure must either write everything it means to write or return `Err` before
 //! writing anything ("validate, then apply"): requests share a transaction, and redb cannot roll
@@ -20,6 +22,8 @@
 //! reopened handle.
 
 mod backend;
+#[cfg(test)]
+mod power_cut_tests;
 mod writeback;
 mod writer;
 
@@ -31,7 +35,7 @@ use redb::{Database, ReadTransaction, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use backend::DiskLimit;
+pub use backend::{DiskLimit, PowerCut};
 pub use writer::{BatchStats, GroupCommit, LATENCY_BOUNDS, SIZE_BOUNDS};
 
 /// Version of the table layout this build reads and writes. 2 grouped the log's tree hashes
@@ -172,6 +176,9 @@ pub struct StoreOptions {
     pub max_batch: usize,
     /// Test hook: makes the file unable to grow, as a full disk does.
     pub disk_limit: Option<DiskLimit>,
+    /// Test hook: keeps every write in memory until a sync, so that a SIGKILL or
+    /// [`PowerCut::cut`] is a power cut (module doc of `backend`). Not with `disk_limit`.
+    pub power_cut: Option<PowerCut>,
 }
 
 impl Default for StoreOptions {
@@ -182,6 +189,7 @@ impl Default for StoreOptions {
             quick_repair: false,
             max_batch: 1024,
             disk_limit: None,
+            power_cut: None,
         }
     }
 }
@@ -198,6 +206,13 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database at `path` and checks its schema version.
     pub fn open(path: &Path, options: StoreOptions) -> Result<Arc<Store>, StoreError> {
+        if options.power_cut.is_some() {
+            tracing::warn!(
+                path = %path.display(),
+                "TEST HOOK ON (SMGATE_TEST_POWER_CUT): the store keeps every write in memory \
+                 until its sync, so a crash is a power cut; never run a real gateway like this"
+            );
+        }
         let durability = Arc::new(writeback::Durability::default());
         let db = open_database(path, &options, &durability)?;
         let store = Store {
@@ -390,26 +405,31 @@ fn open_database(
         .truncate(false)
         .open(path)
         .map_err(io_error)?;
-    // Page writes wait in memory for the commit's sync (module doc of `writeback`).
-    let durability = durability.clone();
-    let db = match &options.disk_limit {
-        None => {
+    let window = options.write_window_bytes;
+    match (&options.disk_limit, &options.power_cut) {
+        (None, None) => {
             let file = redb::backends::FileBackend::new(file)?;
-            builder.create_with_backend(
-                writeback::WriteBack::with_window(file, durability, options.write_window_bytes)
-                    .map_err(io_error)?,
-            )?
+            create_on(&builder, file, durability, window)
         }
-        Some(limit) => builder.create_with_backend(
-            writeback::WriteBack::with_window(
-                limit.backend(file)?,
-                durability,
-                options.write_window_bytes,
-            )
-            .map_err(io_error)?,
-        )?,
-    };
-    Ok(db)
+        (Some(limit), None) => create_on(&builder, limit.backend(file)?, durability, window),
+        (None, Some(power)) => create_on(&builder, power.backend(file)?, durability, window),
+        (Some(_), Some(_)) => Err(StoreError::Unavailable(
+            "the disk_limit and power_cut test backends do not combine; set one".into(),
+        )),
+    }
+}
+
+/// Opens the database on `file`, whose page writes wait in memory for the commit's sync
+/// (module doc of `writeback`).
+fn create_on<B: redb::StorageBackend>(
+    builder: &redb::Builder,
+    file: B,
+    durability: &Arc<writeback::Durability>,
+    window: usize,
+) -> Result<Database, StoreError> {
+    let backend =
+        writeback::WriteBack::with_window(file, durability.clone(), window).map_err(io_error)?;
+    Ok(builder.create_with_backend(backend)?)
 }
 
 /// Reads one postcard value from `table` inside a read transaction.

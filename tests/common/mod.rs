@@ -201,6 +201,101 @@ pub async fn call(
     (status, json, headers)
 }
 
+/// Rate limits high enough that no burst of a test is refused.
+pub const UNLIMITED: &[(&str, &str)] = &[
+    ("SMGATE_LIMITS_SPINUP_PER_MINUTE_PER_IP", "100000"),
+    ("SMGATE_LIMITS_WRITES_PER_MINUTE_PER_MACHINE", "10000000"),
+    ("SMGATE_LIMITS_READS_PER_MINUTE_PER_MACHINE", "10000000"),
+];
+
+/// Creates machine `slug` as the owner and returns its admin key.
+pub async fn create_machine(gw: &Gw, slug: &str, public: bool) -> String {
+    let (s, b, _) = call(
+        &gw.client(),
+        reqwest::Method::POST,
+        &gw.url("/api/chain/state-machines"),
+        Some(&gw.owner_key),
+        Some(serde_json::json!({"slug": slug, "is_public": public})),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    b["api_key"].as_str().unwrap().to_string()
+}
+
+/// Every row of machine `slug`'s log, in order, read page by page through the explore API.
+pub async fn log_rows(gw: &Gw, slug: &str, key: Option<&str>) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let (s, b, _) = call(
+            &gw.client(),
+            reqwest::Method::GET,
+            &gw.url(&format!(
+                "/api/chain/state-machines/{slug}/explore?from={from}&to={}",
+                from + 10_000
+            )),
+            key,
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+        out.extend(b["rows"].as_array().unwrap().iter().cloned());
+        match b["next"].as_u64() {
+            Some(n) => from = n,
+            None => return out,
+        }
+    }
+}
+
+/// Posts `body(worker, i)` for i = 0, 1, … to `path` with the owner key from `workers`
+/// concurrent loops, and SIGKILLs the gateway, requests in flight, once `kill_after` were
+/// answered 201 (a count, not a time: CI machines vary). A loop stops at its first request not
+/// answered 201. Returns `answer` of every 201 body, those that came after the kill included.
+pub async fn kill_during_burst<T: Send + 'static>(
+    gw: &mut Gw,
+    path: &str,
+    workers: usize,
+    kill_after: usize,
+    body: impl Fn(usize, u64) -> Value + Clone + Send + 'static,
+    answer: impl Fn(&Value) -> Option<T> + Clone + Send + 'static,
+) -> Vec<T> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<T>();
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (client, url, key) = (gw.client(), gw.url(path), gw.owner_key.clone());
+        let (body, answer, tx) = (body.clone(), answer.clone(), tx.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0.. {
+                let sent = client.post(&url).bearer_auth(&key).json(&body(w, i)).send();
+                let Ok(r) = sent.await else { return };
+                if r.status() != 201 {
+                    return;
+                }
+                let Some(a) = r.json::<Value>().await.ok().as_ref().and_then(&answer) else {
+                    return;
+                };
+                let _ = tx.send(a);
+            }
+        }));
+    }
+    drop(tx);
+    let mut answered = Vec::new();
+    while answered.len() < kill_after {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(a)) => answered.push(a),
+            _ => panic!("the burst stalled after {} answers", answered.len()),
+        }
+    }
+    gw.kill();
+    for t in tasks {
+        let _ = t.await;
+    }
+    while let Some(a) = rx.recv().await {
+        answered.push(a);
+    }
+    answered
+}
+
 /// The value of an unlabelled sample of `/metrics` (0 when the gateway does not print it).
 pub async fn metric(gw: &Gw, name: &str) -> u64 {
     let (_, b, _) = call(

@@ -16,6 +16,28 @@ import time
 import paho.mqtt.client as mqtt
 
 
+def keep_pubrel_across_failed_reconnects() -> None:
+    """paho-mqtt 2.2.0 resets its outgoing messages at every reconnect attempt, before it
+    connects. A QoS 2 message whose PUBREC arrived is marked "resend PUBREL" by the first
+    reset; if that attempt fails (the gateway is still down), the next reset turns it into
+    "publish" again, and paho resends the PUBLISH, without DUP, after the receiver may already
+    have released it: a new message to any receiver (MQTT 3.1.1 §4.3.3 forbids resending a
+    PUBLISH once PUBREC has arrived). This keeps the mark across resets, so the device script
+    behaves as the protocol says; smgate's drill found the bug.
+    """
+    original = mqtt.Client._messages_reconnect_reset_out
+
+    def reset(self):
+        pubrel = [m for m in self._out_messages.values()
+                  if m.qos == 2 and m.state == mqtt.mqtt_ms_resend_pubrel]
+        original(self)
+        if not self._check_clean_session():
+            for m in pubrel:
+                m.state = mqtt.mqtt_ms_resend_pubrel
+
+    mqtt.Client._messages_reconnect_reset_out = reset
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--host", default="127.0.0.1")
@@ -34,6 +56,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    keep_pubrel_across_failed_reconnects()
 
     if a.v5:
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=a.client_id, protocol=mqtt.MQTTv5)

@@ -2025,3 +2025,193 @@ fn a_qos2_packet_id_is_one_message_until_its_release() {
 async fn server_every_acked_heartbeat_is_applied_exactly_once_across_power_cuts() {
     server_crash_drill(&[("SMGATE_TEST_POWER_CUT", "1")], "power-cut drill").await;
 }
+
+/// A raw MQTT 3.1.1 connection for bad-input tests: packets encoded with rumqttc's codec.
+struct Raw(std::net::TcpStream);
+
+impl Raw {
+    fn open(port: u16) -> Raw {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw(s)
+    }
+
+    fn send(&mut self, p: rumqttc::mqttbytes::v4::Packet) {
+        let mut buf = bytes::BytesMut::new();
+        p.write(&mut buf, 1 << 24).unwrap();
+        let _ = self.0.write_all(&buf);
+    }
+
+    fn connect(port: u16, id: &str, key: &str) -> Raw {
+        use rumqttc::mqttbytes::v4::{Connect, Packet};
+        let mut r = Raw::open(port);
+        let mut c = Connect::new(id);
+        c.set_login("dev", key);
+        r.send(Packet::Connect(c));
+        let mut ack = [0u8; 4];
+        std::io::Read::read_exact(&mut r.0, &mut ack).unwrap();
+        assert_eq!(ack, [0x20, 2, 0, 0], "CONNACK");
+        r
+    }
+
+    /// Whether the server closed the connection (EOF or reset) within the read timeout,
+    /// reading and dropping whatever it sends before.
+    fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        loop {
+            match std::io::Read::read(&mut self.0, &mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return false
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+/// Bad input gets a clear refusal or a disconnect, and nothing else changes: malformed packets,
+/// an oversize packet, a flood of connections that never send CONNECT (past
+/// `mqtt.max_connections`), and a subscriber that never reads. Throughout, a device keeps
+/// publishing and every one of its acknowledged heartbeats is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_refuses_bad_input_and_keeps_serving_devices() {
+    use rumqttc::mqttbytes::v4::{Packet, Publish, Subscribe};
+    use rumqttc::mqttbytes::QoS;
+    if !common::have_programs(&["mosquitto_pub"]) {
+        return;
+    }
+    let s = setup(
+        false,
+        &[
+            ("SMGATE_MQTT_ALLOW_ANONYMOUS", "false"),
+            ("SMGATE_MQTT_MAX_PACKET_BYTES", "8192"),
+            ("SMGATE_MQTT_MAX_PAYLOAD_BYTES", "4096"),
+            ("SMGATE_MQTT_MAX_CONNECTIONS", "40"),
+            ("SMGATE_MQTT_CONNECT_TIMEOUT_SECS", "2"),
+            ("SMGATE_MQTT_MAX_QUEUED_MESSAGES", "50"),
+            ("SMGATE_MQTT_INFLIGHT", "20"),
+        ],
+        &[("hb", heartbeat_def(), true)],
+    )
+    .await;
+    let (port, key) = (s.port, s.admin.clone());
+    let beat = |n: u32| {
+        let (code, out) = mosquitto_pub(
+            port,
+            Some(&key),
+            false,
+            &[
+                "-q",
+                "1",
+                "-t",
+                "smgate/hb/steady/heartbeat",
+                "-m",
+                &format!("{{\"n\":{n}}}"),
+            ],
+        );
+        assert_eq!(code, 0, "heartbeat {n}: {out}");
+    };
+    let mut n = 0;
+    let mut beat_next = || {
+        n += 1;
+        beat(n);
+        n
+    };
+    tokio::task::block_in_place(|| {
+        // Garbage instead of CONNECT; a bad remaining length after CONNECT; a PUBLISH over the
+        // packet limit; a second CONNECT.
+        let mut r = Raw::open(port);
+        r.0.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        assert!(r.closed(), "garbage before CONNECT");
+        beat_next();
+        let mut r = Raw::connect(port, "bad-1", &key);
+        r.0.write_all(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x7f])
+            .unwrap();
+        assert!(r.closed(), "malformed remaining length");
+        beat_next();
+        let mut r = Raw::connect(port, "bad-2", &key);
+        let mut big = Publish::new(
+            "smgate/hb/steady/heartbeat",
+            QoS::AtLeastOnce,
+            vec![b' '; 9000],
+        );
+        big.pkid = 1;
+        r.send(Packet::Publish(big));
+        assert!(r.closed(), "oversize packet");
+        beat_next();
+        let mut r = Raw::connect(port, "bad-3", &key);
+        r.send(Packet::Connect(rumqttc::mqttbytes::v4::Connect::new(
+            "again",
+        )));
+        assert!(r.closed(), "second CONNECT");
+        beat_next();
+        // A flood of silent connections: past the limit they are closed at once; the rest
+        // after the CONNECT timeout; then devices connect again.
+        let flood: Vec<Raw> = (0..60).map(|_| Raw::open(port)).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let refused = mosquitto_pub(
+            port,
+            Some(&key),
+            false,
+            &["-q", "1", "-t", "smgate/hb/steady/heartbeat", "-m", "{}"],
+        );
+        assert_ne!(refused.0, 0, "connection limit: {}", refused.1);
+        let closed = flood
+            .into_iter()
+            .filter_map(|mut r| r.closed().then_some(()))
+            .count();
+        assert_eq!(closed, 60, "every silent connection is closed");
+        beat_next();
+    });
+    // A subscriber that never reads: relayed traffic past its queue bound disconnects it; the
+    // publisher's acks keep coming.
+    let mut slow = tokio::task::block_in_place(|| {
+        let mut r = Raw::connect(port, "slow-sub", &key);
+        r.send(Packet::Subscribe(Subscribe::new(
+            "site/#",
+            QoS::AtLeastOnce,
+        )));
+        r
+    });
+    let payload = "x".repeat(4000);
+    for i in 0..300 {
+        let (code, out) = mosquitto_pub(
+            port,
+            Some(&key),
+            false,
+            &[
+                "-q",
+                "1",
+                "-t",
+                &format!("site/flood/{i}"),
+                "-m",
+                &payload,
+                "-r",
+            ],
+        );
+        assert_eq!(code, 0, "{out}");
+        if metric(&s.gw, "smgate_mqtt_subscribers_dropped_total").await > 0 {
+            break;
+        }
+    }
+    assert!(metric(&s.gw, "smgate_mqtt_subscribers_dropped_total").await >= 1);
+    assert!(
+        tokio::task::block_in_place(|| slow.closed()),
+        "the slow subscriber is disconnected"
+    );
+    let last = beat_next();
+    let v = eventually(10, "every heartbeat applied", async || {
+        let v = instance(&s.gw, "hb", "steady").await?;
+        (v["publicContext"]["heartbeats"] == last).then_some(v)
+    })
+    .await;
+    assert_eq!(v["state"], "online");
+    let name = "smgate_mqtt_connects_refused_total{reason=\"max_connections\"}";
+    let refused = metric(&s.gw, name).await;
+    assert!(refused >= 20, "refused connections counted: {refused}");
+}

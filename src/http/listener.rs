@@ -1,6 +1,8 @@
 //! The accept loop: TCP → TLS (rustls, handshake timeout) → hyper-util auto (HTTP/1.1 or h2 by
 //! ALPN) → warp routes. On shutdown it stops accepting, lets open requests finish within the
-//! grace period, then returns.
+//! grace period, then returns. Request bodies reach warp as [`RequestBody`]: an HTTP/2 body a
+//! route did not read is drained rather than reset, so that clients get every answer
+//! (`drain.rs` says why).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -13,6 +15,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::drain::RequestBody;
 use super::{routes, RemoteAddr};
 use crate::server::Gateway;
 
@@ -20,6 +23,12 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
     let service = warp::service(routes(gw.clone()));
     let graceful = GracefulShutdown::new();
     let handshake_timeout = Duration::from_secs(gw.config.http.handshake_timeout_secs);
+    // The largest body any route reads: a refused body up to this size is drained.
+    let drain_max = gw
+        .config
+        .http
+        .max_json_bytes
+        .max(super::pages::MAX_PUBLISH_BODY);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -57,7 +66,15 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
                 }
             };
             let svc =
-                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let h1 = req.version() < http::Version::HTTP_2;
+                    let mut req = req.map(|body| {
+                        if h1 {
+                            RequestBody::h1(body)
+                        } else {
+                            RequestBody::h2(body, drain_max)
+                        }
+                    });
                     req.extensions_mut().insert(RemoteAddr(peer));
                     let method = req.method().clone();
                     let route = super::openapi::route_template(req.uri().path());
@@ -66,7 +83,6 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
                             .headers()
                             .get(http::header::CONTENT_LENGTH)
                             .is_some_and(|v| v.as_bytes() != b"0");
-                    let h1 = req.version() < http::Version::HTTP_2;
                     let mut warp_svc = service.clone();
                     let gw = gw.clone();
                     async move {

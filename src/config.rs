@@ -55,6 +55,9 @@ pub struct HttpConfig {
     pub shutdown_grace_secs: u64,
     /// Seconds a client has to finish the TLS handshake.
     pub handshake_timeout_secs: u64,
+    /// Seconds a client has to send a request's whole header once the connection waits for
+    /// one; a connection that does not is closed.
+    pub header_read_timeout_secs: u64,
     /// Largest JSON body accepted by the API routes (pages have their own limit).
     pub max_json_bytes: u64,
 }
@@ -140,6 +143,7 @@ impl Default for HttpConfig {
             key: None,
             shutdown_grace_secs: 10,
             handshake_timeout_secs: 10,
+            header_read_timeout_secs: 10,
             max_json_bytes: 64 * 1024,
         }
     }
@@ -260,6 +264,11 @@ impl Config {
                 "store.max_batch must be at least 1".into(),
             ));
         }
+        if self.http.header_read_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "http.header_read_timeout_secs must be at least 1".into(),
+            ));
+        }
         if self.limits.spinup_per_minute_per_ip == 0 {
             return Err(ConfigError::Invalid(
                 "limits.spinup_per_minute_per_ip must be at least 1".into(),
@@ -373,6 +382,17 @@ mod tests {
             let err = load(bad).unwrap_err().to_string();
             assert!(err.contains("store.write_window_mb"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn the_header_read_timeout_is_ten_seconds_and_never_zero() {
+        assert_eq!(Config::default().http.header_read_timeout_secs, 10);
+        let zero = vec![(
+            "SMGATE_HTTP_HEADER_READ_TIMEOUT_SECS".to_string(),
+            "0".to_string(),
+        )];
+        let err = Config::load(None, zero).unwrap_err().to_string();
+        assert!(err.contains("http.header_read_timeout_secs"), "{err}");
     }
 
     #[test]

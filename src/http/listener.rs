@@ -1,18 +1,21 @@
 //! The accept loop: TCP → TLS (rustls, handshake timeout) → hyper-util auto (HTTP/1.1 or h2 by
-//! ALPN) → warp routes. On shutdown it stops accepting, lets open requests finish within the
-//! grace period, then returns.
+//! ALPN; request header timeout) → warp routes. On shutdown it stops accepting, lets open
+//! requests finish within the grace period, then returns. Request bodies reach warp as
+//! [`RequestBody`]: an HTTP/2 body a route did not read is drained rather than reset, so that
+//! clients get every answer (`drain.rs` says why).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
+use super::drain::RequestBody;
 use super::{routes, RemoteAddr};
 use crate::server::Gateway;
 
@@ -20,6 +23,13 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
     let service = warp::service(routes(gw.clone()));
     let graceful = GracefulShutdown::new();
     let handshake_timeout = Duration::from_secs(gw.config.http.handshake_timeout_secs);
+    let header_timeout = Duration::from_secs(gw.config.http.header_read_timeout_secs);
+    // The largest body any route reads: a refused body up to this size is drained.
+    let drain_max = gw
+        .config
+        .http
+        .max_json_bytes
+        .max(super::pages::MAX_PUBLISH_BODY);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -56,8 +66,19 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
                     return;
                 }
             };
+            let first_request = Arc::new(Notify::new());
+            let request_came = first_request.clone();
             let svc =
-                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    request_came.notify_one();
+                    let h1 = req.version() < http::Version::HTTP_2;
+                    let mut req = req.map(|body| {
+                        if h1 {
+                            RequestBody::h1(body)
+                        } else {
+                            RequestBody::h2(body, drain_max)
+                        }
+                    });
                     req.extensions_mut().insert(RemoteAddr(peer));
                     let method = req.method().clone();
                     let route = super::openapi::route_template(req.uri().path());
@@ -66,7 +87,6 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
                             .headers()
                             .get(http::header::CONTENT_LENGTH)
                             .is_some_and(|v| v.as_bytes() != b"0");
-                    let h1 = req.version() < http::Version::HTTP_2;
                     let mut warp_svc = service.clone();
                     let gw = gw.clone();
                     async move {
@@ -86,9 +106,29 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
                         Ok::<_, Infallible>(res)
                     }
                 });
-            let builder = Builder::new(TokioExecutor::new());
+            let mut builder = Builder::new(TokioExecutor::new());
+            // hyper times the header of every HTTP/1.1 request, from when the connection waits
+            // for one. Before the first request, hyper-util waits for the bytes that tell
+            // HTTP/1.1 from h2 without a timeout, so the first header is also timed here: a
+            // client that sends nothing, or part of the h2 preface, is closed too.
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            let served = watcher.watch(conn.into_owned());
+            tokio::pin!(served);
+            let ended = tokio::select! {
+                ended = &mut served => ended,
+                came = tokio::time::timeout(header_timeout, first_request.notified()) => {
+                    if came.is_err() {
+                        tracing::debug!(%peer, "no request header within the timeout; closing");
+                        return;
+                    }
+                    served.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

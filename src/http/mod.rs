@@ -6,6 +6,7 @@ mod agents;
 mod chain;
 pub mod client;
 mod console;
+mod drain;
 mod instances;
 mod listener;
 mod machines;

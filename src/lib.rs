@@ -20,7 +20,7 @@
 //! - [`chart`]: the pure statechart engine (XState-shaped JSON, SCXML semantics, Rhai
 //!   expressions in a sandbox). No I/O, time passed in.
 //! - [`mqtt`]: device heartbeats and events over MQTT applied as statechart steps in group
-//!   commits, acked after commit; retained states; the embedded rumqttd broker.
+//!   commits, acked after commit; smgate as the devices' MQTT server; retained states.
 //! - [`sync`]: each machine's log pushed upstream in signed, proof-checked batches (client),
 //!   and `smgate hub`, the reference receiver that verifies and stores them.
 //! - [`gateway`]: the data directory, the gateway's Ed25519 identity and TLS files (`init`).

@@ -965,6 +965,24 @@ async fn mosquitto_every_message_is_applied_exactly_once_across_sigkills() {
     assert!(ok, "verify failed: {out}{err}");
 }
 
+/// A store with machine `hb` (heartbeat chart, auto-create on), for in-process `ingest` tests:
+/// the database, the chart cache and a fixed time.
+fn heartbeat_store(
+    dir: &std::path::Path,
+) -> (
+    std::sync::Arc<redb::Database>,
+    smgate::instances::Charts,
+    i64,
+) {
+    let db = common::open_db(dir);
+    let now = 1_700_000_000_000;
+    let txn = db.begin_write().unwrap();
+    common::create_heartbeat_machine(&txn, "hb", now);
+    smgate::instances::set_auto_create(&txn, "hb", true).unwrap();
+    txn.commit().unwrap();
+    (db, Default::default(), now)
+}
+
 /// The dedup invariant of `ingest` (exactly-once effect over QoS 1), in process and
 /// deterministic: a redelivery (same packet id, DUP) of a committed message is a duplicate —
 /// acked, no second transition; a new message reusing the packet id without DUP is applied;
@@ -973,18 +991,10 @@ async fn mosquitto_every_message_is_applied_exactly_once_across_sigkills() {
 #[test]
 fn a_committed_redelivery_is_skipped_and_a_reused_packet_id_is_applied() {
     use redb::ReadableTable;
-    use smgate::instances::{self, Charts};
+    use smgate::instances;
     use smgate::mqtt::ingest::{self, Message, Outcome, Rules};
     let dir = tempfile::tempdir().unwrap();
-    let db = common::open_db(dir.path());
-    let charts = Charts::default();
-    let now = 1_700_000_000_000;
-    {
-        let txn = db.begin_write().unwrap();
-        common::create_heartbeat_machine(&txn, "hb", now);
-        instances::set_auto_create(&txn, "hb", true).unwrap();
-        txn.commit().unwrap();
-    }
+    let (db, charts, now) = heartbeat_store(dir.path());
     let rules = Rules {
         prefix: "smgate".into(),
         client_id: "smgate-test".into(),
@@ -1461,9 +1471,16 @@ async fn server_every_acked_heartbeat_is_applied_exactly_once_across_sigkills() 
     server_crash_drill(&[], "SIGKILL drill").await;
 }
 
-/// What a device sees from `mosquitto_pub -d` (its debug lines) and its exit status.
-fn mosquitto_pub(port: u16, key: Option<&str>, v5: bool, args: &[&str]) -> (i32, String) {
-    let mut cmd = Command::new("mosquitto_pub");
+/// Runs `mosquitto_pub` or `mosquitto_sub` with `-d` (its debug lines show the packets),
+/// as a device with `key`; its exit status and everything it printed.
+fn mosquitto_client(
+    program: &str,
+    port: u16,
+    key: Option<&str>,
+    v5: bool,
+    args: &[&str],
+) -> (i32, String) {
+    let mut cmd = Command::new(program);
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-d"]);
     if let Some(k) = key {
         cmd.args(["-u", "device", "-P", k]);
@@ -1471,34 +1488,41 @@ fn mosquitto_pub(port: u16, key: Option<&str>, v5: bool, args: &[&str]) -> (i32,
     if v5 {
         cmd.args(["-V", "mqttv5"]);
     }
-    let out = cmd.args(args).output().expect("mosquitto_pub");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-/// `mosquitto_sub -d` for up to `secs` seconds or `count` messages.
-fn mosquitto_sub(port: u16, key: Option<&str>, v5: bool, args: &[&str], secs: u32) -> String {
-    let mut cmd = Command::new("mosquitto_sub");
-    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-d", "-v"]);
-    cmd.args(["-W", &secs.to_string()]);
-    if let Some(k) = key {
-        cmd.args(["-u", "device", "-P", k]);
-    }
-    if v5 {
-        cmd.args(["-V", "mqttv5"]);
-    }
-    let out = cmd.args(args).output().expect("mosquitto_sub");
-    format!(
+    let out = cmd.args(args).output().expect(program);
+    let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    )
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn mosquitto_pub(port: u16, key: Option<&str>, v5: bool, args: &[&str]) -> (i32, String) {
+    mosquitto_client("mosquitto_pub", port, key, v5, args)
+}
+
+/// `mosquitto_sub -v` for up to `secs` seconds (or `-C` messages).
+fn mosquitto_sub(port: u16, key: Option<&str>, v5: bool, args: &[&str], secs: u32) -> String {
+    let secs = secs.to_string();
+    let mut all = vec!["-v", "-W", &secs];
+    all.extend_from_slice(args);
+    mosquitto_client("mosquitto_sub", port, key, v5, &all).1
+}
+
+/// [`mosquitto_sub`] on a thread, started before what it is to receive.
+fn mosquitto_sub_bg(
+    port: u16,
+    key: &str,
+    v5: bool,
+    args: &[&str],
+    secs: u32,
+) -> std::thread::JoinHandle<String> {
+    let key = key.to_owned();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        mosquitto_sub(port, Some(&key), v5, &args, secs)
+    })
 }
 
 /// Mints a machine key with `scope` over HTTPS.
@@ -1602,80 +1626,30 @@ async fn server_authorizes_every_principal_per_topic() {
         "the revoked key's connection stayed open for {held_for:?}"
     );
 
-    struct Case<'a> {
-        who: &'a str,
-        key: Option<&'a str>,
-        connects: bool,
-        /// May publish to hb, to other; may subscribe to hb's, other's states.
-        rights: [bool; 4],
-    }
-    let cases = [
-        Case {
-            who: "anonymous",
-            key: None,
-            connects: false,
-            rights: [false; 4],
-        },
-        Case {
-            who: "wrong",
-            key: Some("zsm_notakeyatall0000000000000000000000000"),
-            connects: false,
-            rights: [false; 4],
-        },
-        Case {
-            who: "revoked",
-            key: Some(&revoked),
-            connects: false,
-            rights: [false; 4],
-        },
-        Case {
-            who: "stranger",
-            key: Some(&stranger),
-            connects: true,
-            rights: [false; 4],
-        },
-        Case {
-            who: "foreign",
-            key: Some(&foreign),
-            connects: true,
-            rights: [false, true, false, true],
-        },
-        Case {
-            who: "viewer",
-            key: Some(&viewer),
-            connects: true,
-            rights: [false, false, true, false],
-        },
-        Case {
-            who: "operator",
-            key: Some(&operator),
-            connects: true,
-            rights: [true, false, true, false],
-        },
-        Case {
-            who: "admin",
-            key: Some(&admin),
-            connects: true,
-            rights: [true, false, true, false],
-        },
-        Case {
-            who: "owner",
-            key: Some(&owner),
-            connects: true,
-            rights: [true, true, true, true],
-        },
+    // (who, key, connects, may publish to hb, to other, may subscribe to hb's, other's states)
+    #[rustfmt::skip]
+    let cases: [(&str, Option<&str>, bool, [bool; 4]); 9] = [
+        ("anonymous", None, false, [false; 4]),
+        ("wrong", Some("zsm_notakeyatall0000000000000000000000000"), false, [false; 4]),
+        ("revoked", Some(&revoked), false, [false; 4]),
+        ("stranger", Some(&stranger), true, [false; 4]),
+        ("foreign", Some(&foreign), true, [false, true, false, true]),
+        ("viewer", Some(&viewer), true, [false, false, true, false]),
+        ("operator", Some(&operator), true, [true, false, true, false]),
+        ("admin", Some(&admin), true, [true, false, true, false]),
+        ("owner", Some(&owner), true, [true, true, true, true]),
     ];
     let refused_before = metric(&s.gw, "smgate_mqtt_publishes_refused_total").await;
     let mut refused_publishes = 0;
-    for c in &cases {
+    for &(who, key, connects, rights) in &cases {
         for v5 in [false, true] {
-            let tag = format!("{}-v{}", c.who, if v5 { 5 } else { 4 });
+            let tag = format!("{}-v{}", who, if v5 { 5 } else { 4 });
             // Connect (and publish) to each machine.
             for (i, m) in ["hb", "other"].into_iter().enumerate() {
                 let inst = format!("by-{tag}");
                 let (code, out) = mosquitto_pub(
                     s.port,
-                    c.key,
+                    key,
                     v5,
                     &[
                         "-q",
@@ -1686,7 +1660,7 @@ async fn server_authorizes_every_principal_per_topic() {
                         "{}",
                     ],
                 );
-                if !c.connects {
+                if !connects {
                     assert_ne!(code, 0, "{tag} connected: {out}");
                     assert!(
                         out.contains("not authori") || out.contains("Not authori"),
@@ -1698,9 +1672,9 @@ async fn server_authorizes_every_principal_per_topic() {
                 assert!(out.contains("received PUBACK"), "{tag}: {out}");
                 if v5 {
                     let refused = out.contains("RC:135");
-                    assert_eq!(refused, !c.rights[i], "{tag} → {m}: {out}");
+                    assert_eq!(refused, !rights[i], "{tag} → {m}: {out}");
                 }
-                if !c.rights[i] {
+                if !rights[i] {
                     refused_publishes += 1;
                 }
                 let applied = eventually(10, "the publish settled", async || {
@@ -1712,36 +1686,36 @@ async fn server_authorizes_every_principal_per_topic() {
                     (made || dead).then_some(made)
                 })
                 .await;
-                assert_eq!(applied, c.rights[i], "{tag} → {m}");
+                assert_eq!(applied, rights[i], "{tag} → {m}");
             }
-            if !c.connects {
+            if !connects {
                 continue;
             }
             for (i, m) in ["hb", "other"].into_iter().enumerate() {
                 let got = mosquitto_sub(
                     s.port,
-                    c.key,
+                    key,
                     v5,
                     &["-C", "1", "-t", &format!("smgate/{m}/seed/state")],
                     2,
                 );
                 let granted = got.contains("smgate/") && got.contains("/seed/state {");
-                assert_eq!(granted, c.rights[2 + i], "{tag} subscribes to {m}: {got}");
-                if !c.rights[2 + i] {
+                assert_eq!(granted, rights[2 + i], "{tag} subscribes to {m}: {got}");
+                if !rights[2 + i] {
                     let code = if v5 { "135" } else { "128" };
                     assert!(got.contains(&format!("): {code}")), "{tag}: {got}");
                 }
             }
             // A wildcard subscription is granted, and delivers only what the key may read.
-            let got = mosquitto_sub(s.port, c.key, v5, &["-t", "smgate/+/seed/state"], 2);
+            let got = mosquitto_sub(s.port, key, v5, &["-t", "smgate/+/seed/state"], 2);
             assert_eq!(
                 got.contains("smgate/hb/seed/state {"),
-                c.rights[2],
+                rights[2],
                 "{tag}: {got}"
             );
             assert_eq!(
                 got.contains("smgate/other/seed/state {"),
-                c.rights[3],
+                rights[3],
                 "{tag}: {got}"
             );
         }
@@ -1823,18 +1797,13 @@ async fn server_interoperates_with_mosquitto_clients_and_rumqttc() {
         }
     }
     // Live states: a subscriber started first sees the next state.
-    let live = std::thread::spawn({
-        let key = key.clone();
-        move || {
-            mosquitto_sub(
-                port,
-                Some(&key),
-                true,
-                &["-t", "smgate/hb/live/state", "-C", "1"],
-                10,
-            )
-        }
-    });
+    let live = mosquitto_sub_bg(
+        port,
+        &key,
+        true,
+        &["-t", "smgate/hb/live/state", "-C", "1"],
+        10,
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (code, out) = mosquitto_pub(
         port,
@@ -1865,18 +1834,7 @@ async fn server_interoperates_with_mosquitto_clients_and_rumqttc() {
     );
     assert!(got.contains("site/lobby/temp 21.5"), "{got}");
     // A Will: a subscriber's client is killed; its Will reaches a watcher.
-    let watcher = std::thread::spawn({
-        let key = key.clone();
-        move || {
-            mosquitto_sub(
-                port,
-                Some(&key),
-                false,
-                &["-t", "site/wills/#", "-C", "1"],
-                15,
-            )
-        }
-    });
+    let watcher = mosquitto_sub_bg(port, &key, false, &["-t", "site/wills/#", "-C", "1"], 15);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut doomed = Command::new("mosquitto_sub")
         .args([
@@ -1952,18 +1910,10 @@ async fn server_interoperates_with_mosquitto_clients_and_rumqttc() {
 /// carries a new message, even an identical one.
 #[test]
 fn a_qos2_packet_id_is_one_message_until_its_release() {
-    use smgate::instances::{self, Charts};
+    use smgate::instances;
     use smgate::mqtt::ingest::{self, Forget, Message, Outcome, Rules};
     let dir = tempfile::tempdir().unwrap();
-    let db = common::open_db(dir.path());
-    let charts = Charts::default();
-    let now = 1_700_000_000_000;
-    {
-        let txn = db.begin_write().unwrap();
-        common::create_heartbeat_machine(&txn, "hb", now);
-        instances::set_auto_create(&txn, "hb", true).unwrap();
-        txn.commit().unwrap();
-    }
+    let (db, charts, now) = heartbeat_store(dir.path());
     let rules = Rules {
         prefix: "smgate".into(),
         client_id: String::new(),
@@ -2214,4 +2164,72 @@ async fn server_refuses_bad_input_and_keeps_serving_devices() {
     let name = "smgate_mqtt_connects_refused_total{reason=\"max_connections\"}";
     let refused = metric(&s.gw, name).await;
     assert!(refused >= 20, "refused connections counted: {refused}");
+}
+
+/// MQTT over TLS on `mqtt.tls_listen` with the gateway's own certificate (verified by
+/// `mosquitto_pub --cafile`), and retained states that come from the store: after a SIGKILL
+/// and a restart, a new subscription receives every instance's current state at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_speaks_tls_and_rebuilds_retained_states_after_a_crash() {
+    if !common::have_programs(&["mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
+    let tls_port = free_port();
+    let tls_addr = format!("127.0.0.1:{tls_port}");
+    let mut s = setup(
+        false,
+        &[
+            ("SMGATE_MQTT_ALLOW_ANONYMOUS", "false"),
+            ("SMGATE_MQTT_TLS_LISTEN", &tls_addr),
+        ],
+        &[("hb", heartbeat_def(), true)],
+    )
+    .await;
+    let cafile = s.gw.data().join("tls/cert.pem");
+    let cafile = cafile.to_str().unwrap();
+    let tls = |args: &[&str]| {
+        let mut a = vec!["--cafile", cafile];
+        a.extend_from_slice(args);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    for n in 1..=4 {
+        let args = tls(&[
+            "-q",
+            "1",
+            "-t",
+            &format!("smgate/hb/tls-{}/heartbeat", n % 2),
+            "-m",
+            "{}",
+        ]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out) = mosquitto_pub(tls_port, Some(&s.admin), n % 2 == 0, &refs);
+        assert_eq!(code, 0, "over TLS: {out}");
+    }
+    // Plain MQTT on the TLS port is not spoken.
+    let (code, _) = mosquitto_pub(
+        tls_port,
+        Some(&s.admin),
+        false,
+        &["-q", "1", "-t", "x", "-m", "{}"],
+    );
+    assert_ne!(code, 0);
+    eventually(10, "both instances stepped twice", async || {
+        let a = instance(&s.gw, "hb", "tls-0").await?;
+        let b = instance(&s.gw, "hb", "tls-1").await?;
+        (a["publicContext"]["heartbeats"] == 2 && b["publicContext"]["heartbeats"] == 2)
+            .then_some(())
+    })
+    .await;
+    s.gw.kill();
+    s.gw.spawn();
+    let args = tls(&["-t", "smgate/hb/+/state", "--retained-only"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let got = mosquitto_sub(tls_port, Some(&s.admin), true, &refs, 3);
+    for i in ["tls-0", "tls-1"] {
+        let line = got
+            .lines()
+            .find(|l| l.starts_with(&format!("smgate/hb/{i}/state {{")))
+            .unwrap_or_else(|| panic!("no retained state of {i}: {got}"));
+        assert!(line.contains("\"heartbeats\":2"), "{line}");
+    }
 }

@@ -404,7 +404,8 @@ async fn metrics_cover_requests_commits_mqtt_timers_sync_lag_rate_limits_and_rss
     {
         use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
         let mut opts = MqttOptions::new("metrics-test", "127.0.0.1", mqtt_port);
-        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_credentials("hb", gw.owner_key.clone());
         let (client, mut eventloop) = AsyncClient::new(opts, 10);
         client
             .publish(

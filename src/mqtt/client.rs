@@ -54,9 +54,8 @@ use rumqttc::{
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::ingest::{self, Message, Outcome, Rules};
+use super::ingest::{self, Message, Rules};
 use super::{topic, MqttConfig};
-use crate::clock;
 use crate::server::Gateway;
 use crate::store::StoreError;
 
@@ -136,9 +135,6 @@ pub async fn start(gw: Arc<Gateway>, shutdown: watch::Receiver<bool>) -> Result<
                 gw: gw.clone(),
                 rules,
                 acks,
-                // Test hook: abort right after committing a batch that applied a message on
-                // this topic, before acking it, so that the broker redelivers it.
-                abort_before_ack: std::env::var("TEST_MQTT_ABORT_BEFORE_ACK").ok(),
             },
             in_rx,
             shutdown,
@@ -578,7 +574,6 @@ struct Batcher {
     gw: Arc<Gateway>,
     rules: Arc<Rules>,
     acks: Arc<Acks>,
-    abort_before_ack: Option<String>,
 }
 
 /// Batches handed to the writer and not yet acked. The broker's inflight window holds every
@@ -699,77 +694,31 @@ async fn commit_and_ack(
     let gw = &b.gw;
     let max_payload = b.rules.max_payload;
     let client: Arc<str> = b.rules.client_id.as_str().into();
-    let message = |p: &Publish, dup: bool| {
-        Message::new(
-            client.clone(),
-            p.topic.clone(),
-            p.payload.clone(),
-            // QoS 0 has no packet id and is never redelivered: nothing to remember.
-            if p.qos == QoS::AtMostOnce { 0 } else { p.pkid },
-            dup,
-            max_payload,
-        )
-    };
-    let mut messages: Vec<Message> = batch.iter().map(|(p, _)| message(p, p.dup)).collect();
-    let mut settled: Vec<ingest::Forget> = settled
+    let messages: Vec<Message> = batch
+        .iter()
+        .map(|(p, _)| {
+            Message::new(
+                client.clone(),
+                p.topic.clone(),
+                p.payload.clone(),
+                // QoS 0 has no packet id and is never redelivered: nothing to remember.
+                if p.qos == QoS::AtMostOnce { 0 } else { p.pkid },
+                p.dup,
+                max_payload,
+            )
+        })
+        .collect();
+    let settled: Vec<ingest::Forget> = settled
         .into_iter()
         .map(|(pkid, tag)| ingest::Forget::Delivery(client.clone(), pkid, tag))
         .collect();
-    // Tells this batch's dedup entries from those of any other delivery of the same packet id.
-    let tag = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
-    let mut retry = Duration::from_millis(50);
-    let outcomes = loop {
-        let (charts, rules, mut m, forget) = (
-            gw.charts.clone(),
-            b.rules.clone(),
-            std::mem::take(&mut messages),
-            std::mem::take(&mut settled),
-        );
-        let result = gw
-            .writer
-            .write(move |txn| {
-                ingest::apply_then_forget(
-                    txn,
-                    &charts,
-                    &rules,
-                    &mut m,
-                    tag,
-                    &forget,
-                    clock::now_ms(),
-                )
-                .map(|o| (o, m, forget))
-            })
-            .await;
-        match result {
-            Ok((outcomes, m, _)) => {
-                messages = m;
-                break outcomes;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, batch = batch.len(), "MQTT batch not committed; retrying");
-                if matches!(e, StoreError::ShuttingDown) || *shutdown.borrow() {
-                    return false;
-                }
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(Duration::from_secs(5));
-                // Part of the batch may have been committed with a failing message: treat
-                // every message as a redelivery so the dedup table decides. Settled acks whose
-                // removal was lost just keep their entries (harmless).
-                messages = batch.iter().map(|(p, _)| message(p, true)).collect();
-            }
-        }
+    let Some((messages, outcomes, tag)) = super::commit_batch(
+        &gw.writer, &gw.charts, &b.rules, messages, settled, shutdown,
+    )
+    .await
+    else {
+        return false;
     };
-    if let Some(topic) = &b.abort_before_ack {
-        let hit = messages
-            .iter()
-            .zip(&outcomes)
-            .any(|(m, o)| m.topic() == topic && matches!(o, Outcome::Applied { .. }));
-        if hit {
-            tracing::error!(%topic, "TEST_MQTT_ABORT_BEFORE_ACK: exiting after the commit");
-            // Like a crash: no destructor runs, nothing more is written or acked.
-            std::process::exit(86);
-        }
-    }
     // The previous batch has acked (or stopped trying); an error means its task is gone.
     let _ = turn.await;
     if let Ok(mut ready) = b.acks.ready.lock() {
@@ -784,20 +733,7 @@ async fn commit_and_ack(
     }
     b.acks.wake.notify_one();
     let mut steps = Vec::with_capacity(outcomes.len());
-    for o in outcomes {
-        match o {
-            Outcome::Applied {
-                machine,
-                instance,
-                view,
-                effects,
-            } => steps.push((machine, instance, view, effects)),
-            Outcome::Duplicate(_) => {
-                gw.mqtt.duplicates.fetch_add(1, Ordering::Relaxed);
-            }
-            Outcome::Dead(reason) => gw.mqtt.dead_letter(reason),
-        }
-    }
+    steps.extend(outcomes.into_iter().filter_map(|o| gw.mqtt.tally(o)));
     gw.mqtt
         .applied
         .fetch_add(steps.len() as u64, Ordering::Relaxed);

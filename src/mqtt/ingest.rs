@@ -152,17 +152,10 @@ impl Message {
         dup: bool,
         (reason, message): (&'static str, String),
     ) -> Message {
-        let hash = content_hash(&topic, &payload);
         Message {
-            client,
-            topic,
-            payload,
-            pkid,
-            dup,
-            hash,
             data: Err((reason, message)),
             refused: true,
-            qos2: false,
+            ..Message::new(client, topic, payload, pkid, dup, usize::MAX)
         }
     }
 
@@ -826,27 +819,35 @@ pub fn states_after(
         if after == Some((m, s)) {
             continue;
         }
-        let inst = instances::history::decode_instance(v.value())?;
-        let Some(version) = instances::version(txn, m, &inst.version_id)? else {
-            continue;
-        };
-        let Ok(chart) = charts.get(&version) else {
-            continue;
-        };
-        let state: crate::chart::InstanceState = match serde_json::from_slice(&inst.state) {
-            Ok(s) => s,
-            Err(_) => continue,
-        };
-        out.push((
-            m.to_owned(),
-            s.to_owned(),
-            instances::public_view(&chart, &state, inst.ts_ms),
-        ));
+        if let Some(view) = public_view(txn, charts, m, v.value())? {
+            out.push((m.to_owned(), s.to_owned(), view));
+        }
         if out.len() == limit {
             break;
         }
     }
     Ok(out)
+}
+
+/// The public view of a stored instance row of `machine`; None when its version, chart or
+/// state cannot be read (such an instance has no state to publish).
+fn public_view(
+    txn: &ReadTransaction,
+    charts: &Charts,
+    machine: &str,
+    row: &[u8],
+) -> Result<Option<Value>, StoreError> {
+    let inst = instances::history::decode_instance(row)?;
+    let Some(version) = instances::version(txn, machine, &inst.version_id)? else {
+        return Ok(None);
+    };
+    let Ok(chart) = charts.get(&version) else {
+        return Ok(None);
+    };
+    let Ok(state) = serde_json::from_slice::<crate::chart::InstanceState>(&inst.state) else {
+        return Ok(None);
+    };
+    Ok(Some(instances::public_view(&chart, &state, inst.ts_ms)))
 }
 
 /// Calls `f` with (machine, instance, public view) of every instance, or of `machine`'s only,
@@ -868,17 +869,9 @@ pub fn for_each_state(
         if machine.is_some_and(|want| want != m) {
             break;
         }
-        let inst = instances::history::decode_instance(v.value())?;
-        let Some(version) = instances::version(txn, m, &inst.version_id)? else {
-            continue;
-        };
-        let Ok(chart) = charts.get(&version) else {
-            continue;
-        };
-        let Ok(state) = serde_json::from_slice::<crate::chart::InstanceState>(&inst.state) else {
-            continue;
-        };
-        f(m, s, &instances::public_view(&chart, &state, inst.ts_ms));
+        if let Some(view) = public_view(txn, charts, m, v.value())? {
+            f(m, s, &view);
+        }
     }
     Ok(())
 }

@@ -267,6 +267,80 @@ impl MqttConfig {
     }
 }
 
+/// Applies `messages`, then removes the `forget` entries, in one group commit. A commit that
+/// fails is retried with every message as a redelivery (part of the batch may have been
+/// committed; the dedup table decides). Returns the messages, their outcomes and the batch's
+/// tag once the commit is durable; `None` when the gateway stops first (nothing is acked, so
+/// the senders send again).
+pub(crate) async fn commit_batch(
+    writer: &crate::store::GroupCommit,
+    charts: &Arc<crate::instances::Charts>,
+    rules: &Arc<ingest::Rules>,
+    mut messages: Vec<ingest::Message>,
+    mut forget: Vec<ingest::Forget>,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<(Vec<ingest::Message>, Vec<ingest::Outcome>, u64)> {
+    use crate::store::StoreError;
+    let raws: Vec<ingest::Raw> = messages.iter().map(ingest::Message::raw).collect();
+    let kept_forget = forget.clone();
+    // Tells this batch's dedup entries from those of any other delivery of the same packet id.
+    let tag = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
+    let mut retry = std::time::Duration::from_millis(50);
+    loop {
+        let (c, r, mut m, f) = (
+            charts.clone(),
+            rules.clone(),
+            std::mem::take(&mut messages),
+            std::mem::take(&mut forget),
+        );
+        let result = writer
+            .write(move |txn| {
+                let now = crate::clock::now_ms();
+                ingest::apply_then_forget(txn, &c, &r, &mut m, tag, &f, now).map(|o| (o, m))
+            })
+            .await;
+        match result {
+            Ok((outcomes, m)) => {
+                abort_before_ack(&m, &outcomes);
+                return Some((m, outcomes, tag));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, batch = raws.len(), "MQTT batch not committed; retrying");
+                if matches!(e, StoreError::ShuttingDown) || *shutdown.borrow() {
+                    return None;
+                }
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(std::time::Duration::from_secs(5));
+                let max = rules.max_payload;
+                messages = raws.iter().map(|r| r.clone().redelivery(max)).collect();
+                forget = kept_forget.clone();
+            }
+        }
+    }
+}
+
+/// Test hook `TEST_MQTT_ABORT_BEFORE_ACK=<topic>`: the process exits right after committing a
+/// batch that applied a message on that topic, before acking it, as a crash would, so that
+/// the sender redelivers it.
+fn abort_before_ack(messages: &[ingest::Message], outcomes: &[ingest::Outcome]) {
+    static TOPIC: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let Some(topic) = TOPIC.get_or_init(|| std::env::var("TEST_MQTT_ABORT_BEFORE_ACK").ok()) else {
+        return;
+    };
+    let hit = messages
+        .iter()
+        .zip(outcomes)
+        .any(|(m, o)| m.topic() == topic && matches!(o, ingest::Outcome::Applied { .. }));
+    if hit {
+        tracing::error!(%topic, "TEST_MQTT_ABORT_BEFORE_ACK: exiting after the commit");
+        // Like a crash: no destructor runs, nothing more is written or acked.
+        std::process::exit(86);
+    }
+}
+
+/// (machine, instance, public view, effects) of a step an MQTT batch committed.
+pub(crate) type CommittedStep = (String, String, Value, Vec<crate::chart::Effect>);
+
 /// An `emit` effect of a committed step: published once, not retained.
 #[derive(Debug)]
 pub struct Emit {
@@ -355,6 +429,26 @@ impl Shared {
             .lock()
             .map(|mut r| std::mem::take(&mut *r))
             .unwrap_or_default()
+    }
+
+    /// Counts a committed message's outcome; the step to publish, when it was applied.
+    pub(crate) fn tally(&self, outcome: ingest::Outcome) -> Option<CommittedStep> {
+        match outcome {
+            ingest::Outcome::Applied {
+                machine,
+                instance,
+                view,
+                effects,
+            } => Some((machine, instance, view, effects)),
+            ingest::Outcome::Duplicate(_) => {
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            ingest::Outcome::Dead(reason) => {
+                self.dead_letter(reason);
+                None
+            }
+        }
     }
 
     /// Queues the retained state (and emits) of a committed step; never blocks.

@@ -541,60 +541,17 @@ async fn commit_and_ack(
     shutdown: &watch::Receiver<bool>,
 ) -> bool {
     let Batch {
-        mut messages,
+        messages,
         replies,
         releases,
         mut forget,
     } = batch;
     forget.extend(releases.iter().map(|(f, _)| f.clone()));
-    let raws: Vec<ingest::Raw> = messages.iter().map(ingest::Message::raw).collect();
-    let kept_forget = forget.clone();
-    let tag = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
-    let mut retry = Duration::from_millis(50);
-    let outcomes = loop {
-        let (charts, rules, mut m, f) = (
-            charts.clone(),
-            rules.clone(),
-            std::mem::take(&mut messages),
-            std::mem::take(&mut forget),
-        );
-        let result = server
-            .writer
-            .write(move |txn| {
-                ingest::apply_then_forget(txn, &charts, &rules, &mut m, tag, &f, clock::now_ms())
-                    .map(|o| (o, m, f))
-            })
-            .await;
-        match result {
-            Ok((outcomes, m, _)) => {
-                messages = m;
-                break outcomes;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, batch = raws.len(), "MQTT batch not committed; retrying");
-                if matches!(e, StoreError::ShuttingDown) || *shutdown.borrow() {
-                    return false;
-                }
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(Duration::from_secs(5));
-                // Part of the batch may have been committed: every message becomes a
-                // redelivery, and the dedup table decides.
-                let max = server.cfg.max_payload_bytes;
-                messages = raws.iter().map(|r| r.clone().redelivery(max)).collect();
-                forget = kept_forget.clone();
-            }
-        }
+    let Some((messages, outcomes, tag)) =
+        super::commit_batch(&server.writer, charts, rules, messages, forget, shutdown).await
+    else {
+        return false;
     };
-    if let Ok(topic) = std::env::var("TEST_MQTT_ABORT_BEFORE_ACK") {
-        let hit = messages
-            .iter()
-            .zip(&outcomes)
-            .any(|(m, o)| m.topic() == topic && matches!(o, Outcome::Applied { .. }));
-        if hit {
-            tracing::error!(%topic, "TEST_MQTT_ABORT_BEFORE_ACK: exiting after the commit");
-            std::process::exit(86);
-        }
-    }
     let shared = &server.shared;
     let mut steps = Vec::with_capacity(outcomes.len());
     let mut woken: Vec<Arc<Link>> = Vec::new();
@@ -618,18 +575,7 @@ async fn commit_and_ack(
                 woken.push(r.link);
             }
         }
-        match outcome {
-            Outcome::Applied {
-                machine,
-                instance,
-                view,
-                effects,
-            } => steps.push((machine, instance, view, effects)),
-            Outcome::Duplicate(_) => {
-                shared.duplicates.fetch_add(1, Ordering::Relaxed);
-            }
-            Outcome::Dead(reason) => shared.dead_letter(reason),
-        }
+        steps.extend(shared.tally(outcome));
     }
     for (_, r) in releases {
         if let Ok(mut d) = r.link.done.lock() {

@@ -33,7 +33,7 @@ export function checks() {
 }
 
 /// `smgate init` in a new temp directory, `beforeServe(data, owner)` (offline CLI work), then
-/// `smgate serve` on free loopback ports. With `mqtt`, also waits for the embedded broker and
+/// `smgate serve` on free loopback ports. With `mqtt`, also waits for the MQTT server and
 /// returns its `host:port` as `broker`.
 export async function startGateway(bin, { prefix = 'smgate-browser-', mqtt = false, beforeServe } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
@@ -45,7 +45,8 @@ export async function startGateway(bin, { prefix = 'smgate-browser-', mqtt = fal
   if (beforeServe) beforeServe(data, { ownerKey, ownerZid });
 
   const env = { ...process.env, SMGATE_HTTP_LISTEN: '127.0.0.1:0', RUST_LOG: 'warn' };
-  if (mqtt) env.SMGATE_MQTT_LISTEN = '127.0.0.1:0';
+  // The console test's devices publish without a key (the MQTT tests cover keys).
+  if (mqtt) Object.assign(env, { SMGATE_MQTT_LISTEN: '127.0.0.1:0', SMGATE_MQTT_ALLOW_ANONYMOUS: 'true' });
   const gw = spawn(bin, ['--data', data, 'serve'], { env, stdio: ['ignore', 'pipe', 'inherit'] });
   const { addr, broker } = await new Promise((resolve, reject) => {
     let buf = '';

@@ -2233,3 +2233,52 @@ async fn server_speaks_tls_and_rebuilds_retained_states_after_a_crash() {
         assert!(line.contains("\"heartbeats\":2"), "{line}");
     }
 }
+
+/// The MQTT server's own status: retained `online` with a birth number before the listener
+/// opens; on SIGTERM an `offline` with the same number reaches a subscriber before its
+/// connection closes; the next start is a new birth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_status_is_online_then_offline_on_sigterm_with_the_same_birth() {
+    if !common::have_programs(&["mosquitto_sub"]) {
+        return;
+    }
+    let mut s = setup(false, &[("SMGATE_MQTT_ALLOW_ANONYMOUS", "false")], &[]).await;
+    let topic = format!("smgate/$gateway/{}/status", gateway_id(&s.gw).await);
+    let status = |text: &str| -> Vec<Value> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{topic} ")))
+            .map(|v| serde_json::from_str(v).unwrap())
+            .collect()
+    };
+    let first = status(&mosquitto_sub(
+        s.port,
+        Some(&s.gw.owner_key),
+        false,
+        &["-t", &topic, "-C", "1"],
+        5,
+    ));
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0]["status"], "online");
+    let watcher = mosquitto_sub_bg(s.port, &s.gw.owner_key, true, &["-t", &topic], 20);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(s.gw.stop().success());
+    let seen = status(&tokio::task::block_in_place(|| watcher.join().unwrap()));
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        (seen[0]["status"].as_str(), seen[1]["status"].as_str()),
+        (Some("online"), Some("offline"))
+    );
+    assert_eq!(seen[1]["bdSeq"], first[0]["bdSeq"]);
+    s.gw.spawn();
+    let again = status(&mosquitto_sub(
+        s.port,
+        Some(&s.gw.owner_key),
+        false,
+        &["-t", &topic, "-C", "1"],
+        5,
+    ));
+    assert!(
+        again[0]["bdSeq"].as_u64() > first[0]["bdSeq"].as_u64(),
+        "{again:?}"
+    );
+}

@@ -93,6 +93,7 @@ where
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "MQTT session not opened");
+            server.close_session(&session, &link, false, Default::default());
             server.shared.connect_refused("store_unavailable");
             let _ = send(&mut io, proto, &[refuse(Reason::ServerUnavailable)]).await;
             return;
@@ -338,6 +339,8 @@ impl Conn {
                         }
                         let _ = tokio::time::timeout_at(deadline, self.link.wake.notified()).await;
                     }
+                    // What is queued for this client goes too: the gateway's `offline` status.
+                    self.deliver();
                     return End::Shutdown;
                 }
                 Event::KeepAlive => return End::KeepAlive,

@@ -57,13 +57,12 @@ pub struct Running {
 }
 
 impl Running {
-    /// Waits for the batcher to commit and ack what it has, the connections to close, and
-    /// publishes the gateway's `offline` status.
+    /// Waits for the `offline` status to be queued for subscribers, the batcher to commit and
+    /// ack what it has, and the connections to close.
     pub async fn stopped(self) {
         for t in self.tasks {
             let _ = t.await;
         }
-        self.server.status("offline");
         // Connections that are still open (a client that does not read its acks) get a moment.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while self.server.connections.load(Ordering::Relaxed) > 0
@@ -110,6 +109,7 @@ pub struct Server {
     pub shared: Arc<Shared>,
     pub router: Router,
     pub work: mpsc::Sender<Work>,
+    /// Tells connections to finish: set after the gateway's `offline` status is queued.
     pub shutdown: watch::Receiver<bool>,
     /// Open connections (a gauge for `/metrics` and for shutdown).
     pub connections: AtomicU64,
@@ -157,6 +157,8 @@ pub async fn start(d: Deps, shutdown: watch::Receiver<bool>) -> Result<Running, 
         .await
         .map_err(|e: StoreError| e.to_string())?;
     let (work_tx, work_rx) = mpsc::channel(queue_cap(cfg.batch_size));
+    // Connections stop after the `offline` status is queued for their subscribers.
+    let (stop_tx, stop_rx) = watch::channel(false);
     d.shared.start_publishing();
     let server = Arc::new(Server {
         router: Router::new(d.store.clone(), d.charts.clone(), &cfg, d.shared.clone()),
@@ -165,7 +167,7 @@ pub async fn start(d: Deps, shutdown: watch::Receiver<bool>) -> Result<Running, 
         writer: d.writer.clone(),
         shared: d.shared.clone(),
         work: work_tx,
-        shutdown: shutdown.clone(),
+        shutdown: stop_rx,
         connections: AtomicU64::new(0),
         next_id: AtomicU64::new(1),
         sessions: Default::default(),
@@ -182,6 +184,14 @@ pub async fn start(d: Deps, shutdown: watch::Receiver<bool>) -> Result<Running, 
     });
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let mut tasks = vec![
+        tokio::spawn({
+            let (server, mut shutdown) = (server.clone(), shutdown.clone());
+            async move {
+                let _ = shutdown.changed().await;
+                server.status("offline");
+                let _ = stop_tx.send(true);
+            }
+        }),
         tokio::spawn(batcher(
             server.clone(),
             d.charts.clone(),

@@ -1424,7 +1424,7 @@ async fn server_crash_drill(extra: &[(&str, &str)], what: &str) {
     let mut duplicates = 0;
     let running = |c: &mut Vec<Child>| c.iter_mut().any(|c| c.try_wait().unwrap().is_none());
     while kills < 6 {
-        tokio::time::sleep(Duration::from_millis(600 + (kills as u64 * 137) % 500)).await;
+        tokio::time::sleep(Duration::from_millis(250 + (kills as u64 * 137) % 350)).await;
         assert!(
             running(&mut children),
             "the devices finished after {kills} kills: raise TEST_MQTT_CRASH_MESSAGES"

@@ -669,14 +669,16 @@ mod tests {
             let d = d.clone();
             move || d.wait(1)
         });
-        let visible = on_thread({
-            let d = d.clone();
-            move || d.wait_visible()
-        });
         // The next commit queues behind the first, and its pages are read from the queue.
         b.write(8, &[2; 8]).unwrap();
         b.sync_data(false).unwrap();
         assert_eq!(d.ticket(), 2);
+        // A reader that starts now sees both commits, so it waits for both syncs (started
+        // before the second commit, it would rightly wait for the first only).
+        let visible = on_thread({
+            let d = d.clone();
+            move || d.wait_visible()
+        });
         assert_eq!(b.read(8, 8).unwrap(), vec![2; 8]);
         assert_eq!(g.file.read(8, 8).unwrap(), vec![0; 8]);
         assert_eq!(b.len().unwrap(), 64);

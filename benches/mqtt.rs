@@ -253,6 +253,11 @@ impl Usage {
             bench_us: (to.bench - self.bench).max(0.0) / n * 1e6,
             writer_us: writer / n * 1e6,
             server_cores: (to.server - self.server).max(0.0) / wall,
+            others_cores: ((to.machine - self.machine)
+                - (to.server - self.server)
+                - (to.bench - self.bench))
+                .max(0.0)
+                / wall,
             machine_busy: (to.machine - self.machine).max(0.0) / (wall * cores()),
             stored: (to.stored - self.stored).max(0.0) / n,
             written: (to.written - self.written).max(0.0) / n,
@@ -281,8 +286,10 @@ struct Cost {
     /// (schedstat: the rest it had nothing to do, or waited for a sync).
     writer_ran: f64,
     writer_waited: f64,
-    /// Cores the server kept busy on average.
+    /// Cores the server kept busy on average, and everything but the server and this process
+    /// (on a shared machine: other people's work).
     server_cores: f64,
+    others_cores: f64,
     /// Share of the machine's cores that were busy (0..1), whoever kept them so.
     machine_busy: f64,
     /// Bytes written to storage by `write_bytes`, and by the store's threads.
@@ -1026,11 +1033,12 @@ fn report() -> Result<(), Failure> {
         sat.per_commit
     );
     println!(
-        "  CPU per heartbeat: smgate {:.1} µs ({:.2} cores), devices {:.1} µs; the {cores} cores {:.0}% busy",
+        "  CPU per heartbeat: smgate {:.1} µs ({:.2} cores), devices {:.1} µs; the {cores} cores {:.0}% busy, {:.2} cores by other processes",
         sat.cost.server_us,
         sat.cost.server_cores,
         sat.cost.bench_us,
-        sat.cost.machine_busy * 100.0
+        sat.cost.machine_busy * 100.0,
+        sat.cost.others_cores
     );
     println!(
         "  smgate's threads, µs per heartbeat: {}; the writer ran {:.0}% of the time, waited for a core {:.0}%, idle or blocked {:.0}%",
@@ -1173,9 +1181,19 @@ fn report() -> Result<(), Failure> {
         None,
     );
     row(
-        "  the machine's cores busy",
-        format!("{:.0}%", sat.cost.machine_busy * 100.0),
-        theirs(&|c| format!("{:.0}%", c.cost.machine_busy * 100.0)),
+        "  the machine's cores busy; by other processes",
+        format!(
+            "{:.0}%; {:.2}",
+            sat.cost.machine_busy * 100.0,
+            sat.cost.others_cores
+        ),
+        theirs(&|c| {
+            format!(
+                "{:.0}%; {:.2}",
+                c.cost.machine_busy * 100.0,
+                c.cost.others_cores
+            )
+        }),
         None,
     );
     row(

@@ -460,7 +460,11 @@ impl Fleet {
 
     /// Runs one phase; returns once every publish is acked (or nothing was acked for 30 s).
     async fn run(&self, pace: Pace, secs: u64, sink: Option<&Seen>) -> Result<Phase, Failure> {
-        let n = self.devices.len() as f64;
+        // Only devices with instances publish (fewer instances than devices leaves some idle).
+        let publishing: Vec<&Device> = (self.devices.iter())
+            .filter(|d| !d.instances.is_empty())
+            .collect();
+        let n = publishing.len() as f64;
         let acks0 = self.acks.count.load(Ordering::Relaxed);
         let delivered0 = sink.map_or(0, |s| s.count.load(Ordering::Relaxed));
         if let Some(s) = sink {
@@ -475,10 +479,7 @@ impl Fleet {
             _ => start + Duration::from_secs(secs),
         };
         let mut tasks = Vec::new();
-        for (d, dev) in self.devices.iter().enumerate() {
-            if dev.instances.is_empty() {
-                continue;
-            }
+        for (d, dev) in publishing.into_iter().enumerate() {
             let (client, mine, seq, published) = (
                 dev.client.clone(),
                 dev.instances.clone(),

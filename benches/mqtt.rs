@@ -909,6 +909,7 @@ struct Ceiling {
     /// Publish → delivery (ms) saturated, and paced.
     sat_delivery: (f64, f64),
     paced: Phase,
+    paced_cost: Cost,
     paced_delivery: (f64, f64),
 }
 
@@ -926,9 +927,11 @@ fn ceiling(rt: &tokio::runtime::Runtime, k: &Knobs, dir: &Path) -> Result<Ceilin
             .await?;
         let cost = before.per(&Usage::of(pid), sat.acked);
         let sat_delivery = watch.percentiles();
+        let before = Usage::of(pid);
         let paced = fleet
             .run(Pace::Paced(k.rate), k.secs, Some(&watch.seen))
             .await?;
+        let paced_cost = before.per(&Usage::of(pid), paced.acked);
         let paced_delivery = watch.percentiles();
         fleet.close().await;
         watch.stop().await;
@@ -937,6 +940,7 @@ fn ceiling(rt: &tokio::runtime::Runtime, k: &Knobs, dir: &Path) -> Result<Ceilin
             cost,
             sat_delivery,
             paced,
+            paced_cost,
             paced_delivery,
         })
     })?;
@@ -957,13 +961,14 @@ fn ceiling(rt: &tokio::runtime::Runtime, k: &Knobs, dir: &Path) -> Result<Ceilin
         c.cost.machine_busy * 100.0
     );
     println!(
-        "mosquitto at {}/s: {:.0}/s acked; publish->PUBACK p50 {:.2} ms, p99 {:.2} ms; publish->delivery p50 {:.2} ms, p99 {:.2} ms",
+        "mosquitto at {}/s: {:.0}/s acked; publish->PUBACK p50 {:.2} ms, p99 {:.2} ms; publish->delivery p50 {:.2} ms, p99 {:.2} ms; mosquitto {:.1} µs CPU per message",
         k.rate,
         c.paced.acked_per_sec(),
         c.paced.ack_p50,
         c.paced.ack_p99,
         c.paced_delivery.0,
-        c.paced_delivery.1
+        c.paced_delivery.1,
+        c.paced_cost.server_us
     );
     Ok(c)
 }
@@ -1240,7 +1245,11 @@ fn report() -> Result<(), Failure> {
         row(
             &format!("  CPU µs per heartbeat at {rate}/s (writer)"),
             format!("{:.0} ({:.0})", p.cost.server_us, p.cost.writer_us),
-            none(),
+            if main {
+                theirs(&|c| format!("{:.0}", c.paced_cost.server_us))
+            } else {
+                none()
+            },
             None,
         );
         row(

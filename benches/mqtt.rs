@@ -1,40 +1,58 @@
-//! MQTT ingest report: N simulated devices (rumqttc connections, QoS 1) against a mosquitto on a
-//! free loopback port, in one run:
+//! MQTT ingest report: the same simulated devices publishing QoS 1 heartbeats (a) to smgate,
+//! their MQTT server, and (b) to mosquitto with a plain subscriber, the broker-only ceiling.
 //!
-//! 1. broker-only ceiling: the devices publish as fast as the broker acks them, to a plain QoS 1
-//!    subscriber; messages/s delivered and publish → delivery latency;
-//! 2. smgate (external mode, release binary) with 10,000 heartbeat instances: the same load to
-//!    `smgate/hb/<dev>/heartbeat`; applied heartbeats/s from `/metrics`, and how fast it
-//!    drains the backlog the broker queued; then the target rate (30,000/s,
-//!    `TEST_MQTT_BENCH_SUSTAIN`) offered steadily: applied/s and how far behind it ends;
-//! 3. a steady 5,000 heartbeats/s: p50/p99 from publish to the retained `…/state` message (the
-//!    state carries the publish time as `last_seen`), and smgate's RSS.
+//! The devices are rumqttc connections in this process (`TEST_MQTT_BENCH_DEVICES`, 1,000),
+//! each with the machine's key as its password and the machine's slug as its user name,
+//! publishing `{"seq":n,"ts":µs}` to `smgate/hb/dev-<i>/heartbeat`, the instances
+//! (`TEST_MQTT_BENCH_INSTANCES`, 10,000, created by their first heartbeat) spread over the
+//! devices. Each device keeps at most `TEST_MQTT_BENCH_INFLIGHT` (32) publishes unacked; that
+//! must stay within smgate's `mqtt.receive_maximum` (1,024), which 3.1.1 clients are trusted to
+//! respect. The connections stay up across the phases of a run:
 //!
-//! It also accounts for the CPU time (user + system, from `/proc`) of mosquitto, of this process
-//! (the devices and the subscriber) and of smgate (by thread) per message, and the bytes smgate
-//! wrote per heartbeat. From those: how many heartbeats/s the machine's cores could carry at
-//! these costs, and how much CPU per heartbeat the devices and the broker would leave smgate
-//! at 0.8 of the ceiling.
+//! 1. mosquitto (Debian's, on a free loopback port): the devices publish as fast as it acks,
+//!    for `TEST_MQTT_BENCH_SECS` (10), to a QoS 1 subscriber on `smgate/hb/+/heartbeat`;
+//!    messages/s delivered to it is the ceiling. Then the same at a paced
+//!    `TEST_MQTT_BENCH_RATE` (5,000/s): publish → PUBACK and publish → delivery.
+//!    `TEST_MQTT_BENCH_CEILING=0` leaves mosquitto out.
+//! 2. smgate (the release binary, a fresh data directory): every instance created by one
+//!    heartbeat; then saturated (as fast as it acks: a PUBACK means the heartbeat's commit is
+//!    durable, so acks/s is applied heartbeats/s; `/metrics` must agree); then paced at
+//!    `TEST_MQTT_BENCH_RATE` and at `TEST_MQTT_BENCH_LOW_RATE` (200/s) with a subscriber on
+//!    `smgate/hb/+/state`: publish → PUBACK, and publish → retained state (the state carries
+//!    the heartbeat's `ts` as `last_seen`).
 //!
-//! `cargo bench --bench mqtt`. Sizes: `TEST_MQTT_BENCH_DEVICES` (100),
-//! `TEST_MQTT_BENCH_INSTANCES` (10,000), `TEST_MQTT_BENCH_SECS` (10), `TEST_MQTT_BENCH_RATE`
-//! (5,000). Test knobs are `TEST_*`: the gateway inherits the environment, and an unknown
-//! `SMGATE_*` variable is a configuration error. A report, not a gate.
+//! Per phase it accounts, per heartbeat, for the CPU time (user + system, from `/proc`) of the
+//! broker or smgate, by thread (the writer thread is `smgate-writer`; its schedstat also says
+//! how long it waited for a core), and of this process (the devices and the subscriber); the
+//! bytes smgate wrote to its database file (the store threads' `wchar`; `write_bytes` is shown
+//! too, see [`store_threads_written`] for why it is not the figure); smgate's RSS, its peak
+//! during the saturated phase (`VmHWM`, reset before the phase), and at rest. From the
+//! saturated costs it prints what bounds the rate: the writer thread alone, and the cores.
+//!
+//! `cargo bench --bench mqtt`, about a minute. Test knobs are `TEST_*`; `SMGATE_*` variables
+//! reach the gateway (an unknown one is a configuration error there), e.g.
+//! `SMGATE_MQTT_BATCH_SIZE`. A report, not a gate: the targets it names are issue #21's; the
+//! figures, with the command and the date, live in `docs/performance.md`.
 
 mod measure;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use measure::{bytes_written, cpu_secs, env_u64, stat_cpu};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use measure::{cpu_secs, env_u64, reset_peak_rss, stat_cpu, status_mib, storage_written};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_smgate");
+/// The machine the devices belong to; also their MQTT user name.
+const MACHINE: &str = "hb";
 type Failure = Box<dyn std::error::Error>;
 
 fn now_us() -> u64 {
@@ -49,6 +67,44 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or(18830)
+}
+
+/// The run's sizes, from the environment.
+struct Knobs {
+    devices: u64,
+    instances: u64,
+    secs: u64,
+    rate: u64,
+    low_rate: u64,
+    inflight: u16,
+}
+
+impl Knobs {
+    fn from_env() -> Knobs {
+        Knobs {
+            devices: env_u64("TEST_MQTT_BENCH_DEVICES", 1_000).max(1),
+            instances: env_u64("TEST_MQTT_BENCH_INSTANCES", 10_000).max(1),
+            secs: env_u64("TEST_MQTT_BENCH_SECS", 10).max(1),
+            rate: env_u64("TEST_MQTT_BENCH_RATE", 5_000).max(1),
+            low_rate: env_u64("TEST_MQTT_BENCH_LOW_RATE", 200).max(1),
+            inflight: env_u64("TEST_MQTT_BENCH_INFLIGHT", 32).clamp(1, 1024) as u16,
+        }
+    }
+}
+
+/// The soft limit on open files: every device is a socket here and one in the server.
+fn open_files_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))?
+                .split_whitespace()
+                .nth(3)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(u64::MAX)
 }
 
 /// CPU seconds of a process's live threads, summed by thread name (tokio's workers share one).
@@ -67,6 +123,54 @@ fn cpu_by_thread(pid: u32) -> Vec<(String, f64)> {
         }
     }
     by
+}
+
+/// Bytes the threads of `pid` named `smgate-*` (the writer, the sync thread, the thread that
+/// answers commits) handed to `write`/`pwrite`: the database file's page and header writes, and
+/// nothing else (the sockets are the tokio workers'). That is what the gateway asks the disk to
+/// write. `write_bytes` of `/proc/<pid>/io` should say the same, but kernels that cache files
+/// in large folios (ext4 since Linux 6.16) count a whole folio, up to 2 MiB, when a 4 KiB page
+/// in it is dirtied, so it can exceed what reaches the device many times over.
+fn store_threads_written(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let mut sum = 0.0;
+    for t in tasks.flatten() {
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !name.starts_with("smgate-") {
+            continue;
+        }
+        sum += std::fs::read_to_string(t.path().join("io"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("wchar:"))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0);
+    }
+    sum
+}
+
+/// Seconds the thread of `pid` named `name` has run, and has waited runnable for a core
+/// (`/proc/<pid>/task/<tid>/schedstat`, nanoseconds).
+fn thread_schedstat(pid: u32, name: &str) -> (f64, f64) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0.0, 0.0);
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        let mut ns = stat
+            .split_whitespace()
+            .map(|v| v.parse::<f64>().unwrap_or(0.0) / 1e9);
+        return (ns.next().unwrap_or(0.0), ns.next().unwrap_or(0.0));
+    }
+    (0.0, 0.0)
 }
 
 /// The machine's cores.
@@ -95,78 +199,73 @@ fn machine_busy_secs() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The processes whose CPU time the report accounts for.
-#[derive(Clone, Copy)]
-struct Procs {
-    broker: u32,
-    gateway: Option<u32>,
-}
-
-/// CPU seconds used so far by mosquitto, this process (the devices and the subscriber), the
-/// gateway, and the machine as a whole.
+/// What CPU and storage a server process (mosquitto or smgate) and this process have used so
+/// far.
 #[derive(Clone)]
-struct CpuAt {
-    broker: f64,
+struct Usage {
+    server: f64,
     bench: f64,
-    gateway: f64,
     machine: f64,
-    /// The gateway's CPU seconds by thread name.
+    /// The server's CPU seconds by thread name.
     threads: Vec<(String, f64)>,
-    /// Bytes the gateway wrote (its database file, and its MQTT sockets).
+    /// Bytes the server caused to be written to storage (`write_bytes`), and those its store
+    /// threads wrote ([`store_threads_written`]).
+    stored: f64,
     written: f64,
+    /// The writer thread's seconds on a core, and runnable waiting for one.
+    writer: (f64, f64),
     at: Instant,
 }
 
-impl Procs {
-    fn cpu(&self) -> CpuAt {
-        CpuAt {
-            broker: cpu_secs(self.broker),
+impl Usage {
+    fn of(server: u32) -> Usage {
+        Usage {
+            server: cpu_secs(server),
             bench: cpu_secs(std::process::id()),
-            gateway: self.gateway.map(cpu_secs).unwrap_or(0.0),
             machine: machine_busy_secs(),
-            threads: self.gateway.map(cpu_by_thread).unwrap_or_default(),
-            written: self.gateway.map(bytes_written).unwrap_or(0.0),
+            threads: cpu_by_thread(server),
+            stored: storage_written(server),
+            written: store_threads_written(server),
+            writer: thread_schedstat(server, "smgate-writer"),
             at: Instant::now(),
         }
     }
-}
 
-/// CPU between two snapshots, per message, in µs.
-struct CpuPer {
-    broker: f64,
-    bench: f64,
-    gateway: f64,
-    /// Share of the machine's cores that were busy (0..1).
-    busy: f64,
-    /// The gateway's threads (by name), most CPU first.
-    threads: Vec<(String, f64)>,
-    /// Bytes the gateway wrote per message.
-    written: f64,
-}
-
-impl CpuAt {
-    fn per_message(&self, to: &CpuAt, messages: u64) -> CpuPer {
-        let per = |a: f64, b: f64| (b - a).max(0.0) / messages.max(1) as f64;
-        let us = |a: f64, b: f64| per(a, b) * 1e6;
+    /// What was used from `self` to `to`, per message.
+    fn per(&self, to: &Usage, messages: u64) -> Cost {
+        let n = messages.max(1) as f64;
         let wall = to.at.duration_since(self.at).as_secs_f64().max(1e-3);
-        CpuPer {
-            broker: us(self.broker, to.broker),
-            bench: us(self.bench, to.bench),
-            gateway: us(self.gateway, to.gateway),
-            busy: (to.machine - self.machine).max(0.0) / (wall * cores()),
-            written: per(self.written, to.written),
+        let thread = |name: &str| {
+            let secs = |u: &Usage| {
+                u.threads
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(0.0, |(_, s)| *s)
+            };
+            (secs(to) - secs(self)).max(0.0)
+        };
+        let writer = thread("smgate-writer");
+        let (ran, waited) = (to.writer.0 - self.writer.0, to.writer.1 - self.writer.1);
+        Cost {
+            writer_ran: ran.max(0.0) / wall,
+            writer_waited: waited.max(0.0) / wall,
+            server_us: (to.server - self.server).max(0.0) / n * 1e6,
+            bench_us: (to.bench - self.bench).max(0.0) / n * 1e6,
+            writer_us: writer / n * 1e6,
+            server_cores: (to.server - self.server).max(0.0) / wall,
+            others_cores: ((to.machine - self.machine)
+                - (to.server - self.server)
+                - (to.bench - self.bench))
+                .max(0.0)
+                / wall,
+            machine_busy: (to.machine - self.machine).max(0.0) / (wall * cores()),
+            stored: (to.stored - self.stored).max(0.0) / n,
+            written: (to.written - self.written).max(0.0) / n,
             threads: {
                 let mut t: Vec<(String, f64)> = to
                     .threads
                     .iter()
-                    .map(|(name, secs)| {
-                        let was = self
-                            .threads
-                            .iter()
-                            .find(|(n, _)| n == name)
-                            .map_or(0.0, |(_, s)| *s);
-                        (name.clone(), us(was, *secs))
-                    })
+                    .map(|(name, _)| (name.clone(), thread(name) / n * 1e6))
                     .filter(|(_, us)| *us >= 0.05)
                     .collect();
                 t.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -176,7 +275,41 @@ impl CpuAt {
     }
 }
 
+/// Resources per message between two [`Usage`] readings.
+struct Cost {
+    /// CPU µs of the server process, and of this one (devices and subscriber).
+    server_us: f64,
+    bench_us: f64,
+    /// CPU µs of smgate's writer thread.
+    writer_us: f64,
+    /// Share of the wall time the writer thread ran on a core, and waited runnable for one
+    /// (schedstat: the rest it had nothing to do, or waited for a sync).
+    writer_ran: f64,
+    writer_waited: f64,
+    /// Cores the server kept busy on average, and everything but the server and this process
+    /// (on a shared machine: other people's work).
+    server_cores: f64,
+    others_cores: f64,
+    /// Share of the machine's cores that were busy (0..1), whoever kept them so.
+    machine_busy: f64,
+    /// Bytes written to storage by `write_bytes`, and by the store's threads.
+    stored: f64,
+    written: f64,
+    /// The server's threads (by name) in CPU µs, most first.
+    threads: Vec<(String, f64)>,
+}
+
+impl Cost {
+    fn threads(&self) -> String {
+        let t: Vec<String> = (self.threads.iter())
+            .map(|(name, us)| format!("{name} {us:.1}"))
+            .collect();
+        t.join(", ")
+    }
+}
+
 struct Killed(Child);
+
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -184,283 +317,419 @@ impl Drop for Killed {
     }
 }
 
-fn main() {
-    if let Err(e) = report() {
-        eprintln!("mqtt bench: FAILED: {e}");
-        std::process::exit(1);
+/// Latencies in µs; percentiles in ms.
+#[derive(Default)]
+struct Latencies(Mutex<Vec<u32>>);
+
+impl Latencies {
+    fn push(&self, us: u64) {
+        if let Ok(mut l) = self.0.lock() {
+            l.push(us.min(u32::MAX as u64) as u32);
+        }
+    }
+
+    fn take(&self) -> Vec<u32> {
+        let mut l = self
+            .0
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default();
+        l.sort_unstable();
+        l
     }
 }
 
-fn report() -> Result<(), Failure> {
-    let devices = env_u64("TEST_MQTT_BENCH_DEVICES", 100);
-    let instances = env_u64("TEST_MQTT_BENCH_INSTANCES", 10_000);
-    let secs = env_u64("TEST_MQTT_BENCH_SECS", 10);
-    let rate = env_u64("TEST_MQTT_BENCH_RATE", 5_000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let work = tempfile::tempdir()?;
-    let (port, mosquitto) = mosquitto(work.path())?;
-    println!("smgate MQTT report: {devices} devices, {instances} instances, {secs} s per phase, mosquitto on 127.0.0.1:{port}");
-    let mut procs = Procs {
-        broker: mosquitto.0.id(),
-        gateway: None,
+/// p50 and p99 (ms) of sorted µs latencies; NaN when there are none.
+fn percentiles(l: &[u32]) -> (f64, f64) {
+    let pct = |p: f64| {
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .map_or(f64::NAN, |us| *us as f64 / 1000.0)
     };
-    let cores = cores();
+    (pct(0.5), pct(0.99))
+}
 
-    // 1. The broker alone.
-    let before = procs.cpu();
-    let ceiling = rt.block_on(run_load(
-        port,
-        devices,
-        instances,
-        secs,
-        None,
-        "bench/ceiling",
-        Sink::Plain,
-    ))?;
-    println!(
-        "broker-only ceiling: {:>9.0} msg/s delivered to a plain subscriber; publish->delivery p50 {:.1} ms p99 {:.1} ms",
-        ceiling.rate, ceiling.p50, ceiling.p99
-    );
-    let ceiling_cpu = before.per_message(&procs.cpu(), ceiling.sent);
-    println!(
-        "  CPU per message: mosquitto {:.1} µs, devices + subscriber {:.1} µs; the machine's {cores} cores {:.0}% busy",
-        ceiling_cpu.broker,
-        ceiling_cpu.bench,
-        ceiling_cpu.busy * 100.0
-    );
+/// What every device's event loop reports.
+#[derive(Default)]
+struct Acks {
+    count: AtomicU64,
+    connected: AtomicU64,
+    /// Connection errors (refused, lost); rumqttc reconnects on the next poll.
+    errors: AtomicU64,
+    /// Publish (written to the socket) → PUBACK.
+    latencies: Latencies,
+}
 
-    let ceiling_steady = rt.block_on(run_load(
-        port,
-        devices,
-        instances,
-        secs,
-        Some(rate),
-        "bench/ceiling",
-        Sink::Plain,
-    ))?;
-    println!(
-        "broker-only at {rate}/s: {:>9.0} msg/s delivered; publish->delivery p50 {:.1} ms p99 {:.1} ms",
-        ceiling_steady.rate, ceiling_steady.p50, ceiling_steady.p99
-    );
+/// How a phase publishes.
+#[derive(Clone, Copy, PartialEq)]
+enum Pace {
+    /// One heartbeat to each instance (they are created by it).
+    Once,
+    /// As fast as the server acks, for the phase's seconds.
+    Saturated,
+    /// Heartbeats per second over all devices, each device at an even pace, the devices
+    /// staggered.
+    Paced(u64),
+}
 
-    // 2. smgate on the same broker.
-    let gw = Gateway::start(work.path(), port)?;
-    procs.gateway = Some(gw.child.0.id());
-    rt.block_on(gw.setup())?;
-    let warm = rt.block_on(warm_up(&gw, port, instances))?;
-    println!("created {instances} instances by heartbeat in {warm:.1} s");
-    println!(
-        "smgate RSS after creating them: {:.1} MiB",
-        gw.rss_mib("VmRSS")
-    );
-    let sat = rt.block_on(load_gateway(
-        &gw, procs, port, devices, instances, secs, None,
-    ))?;
-    let (load, drained) = (&sat.load, sat.drained);
-    let applied_rate = sat.rate_in_window();
-    let sustained = load.sent as f64 / (sat.window + drained);
-    println!(
-        "smgate saturated: devices published {:.0} msg/s; applied {:>9.0} heartbeats/s during the load, {:.0}/s including the drain ({:.1} s)",
-        load.rate, applied_rate, sustained, drained
-    );
-    // What the gateway applies with no publisher competing for the two cores: the backlog the
-    // broker queued during the load.
-    let draining = sat.behind() as f64 / drained.max(1e-3);
-    println!("smgate draining the backlog: {draining:.0} heartbeats/s");
-    // Where the two cores went, per heartbeat: the load and its drain together, and the drain
-    // alone (no device publishing).
-    let [start, load_end, end] = &sat.cpu;
-    let whole = start.per_message(end, load.sent);
-    let drain = load_end.per_message(end, sat.behind());
-    println!(
-        "  CPU per heartbeat, load and drain: mosquitto {:.1} µs, devices {:.1} µs, smgate {:.1} µs; the cores {:.0}% busy",
-        whole.broker,
-        whole.bench,
-        whole.gateway,
-        whole.busy * 100.0
-    );
-    println!(
-        "  CPU per heartbeat, draining: mosquitto {:.1} µs, smgate {:.1} µs; the cores {:.0}% busy",
-        drain.broker,
-        drain.gateway,
-        drain.busy * 100.0
-    );
-    let threads: Vec<String> = drain
-        .threads
+/// A phase as the devices saw it.
+struct Phase {
+    /// Publishes acked (every one handed to a client).
+    acked: u64,
+    /// Acked from the start to the deadline (for `Once`, to the end), and those seconds.
+    acked_in_window: u64,
+    window: f64,
+    /// Delivered to the subscriber from the start to the deadline.
+    delivered_in_window: u64,
+    /// Publish → PUBACK, ms.
+    ack_p50: f64,
+    ack_p99: f64,
+}
+
+impl Phase {
+    fn acked_per_sec(&self) -> f64 {
+        self.acked_in_window as f64 / self.window.max(1e-3)
+    }
+
+    fn delivered_per_sec(&self) -> f64 {
+        self.delivered_in_window as f64 / self.window.max(1e-3)
+    }
+}
+
+/// The simulated devices: one rumqttc connection each, kept across phases.
+struct Fleet {
+    devices: Vec<Device>,
+    pollers: Vec<JoinHandle<()>>,
+    acks: Arc<Acks>,
+}
+
+struct Device {
+    client: AsyncClient,
+    /// The instances this device publishes for.
+    instances: Arc<[u64]>,
+    seq: Arc<AtomicU64>,
+}
+
+impl Fleet {
+    async fn connect(
+        port: u16,
+        k: &Knobs,
+        (user, password): (&str, &str),
+        name: &str,
+    ) -> Result<Fleet, Failure> {
+        let acks = Arc::new(Acks::default());
+        let mut devices = Vec::new();
+        let mut pollers = Vec::new();
+        for d in 0..k.devices {
+            let mut o = MqttOptions::new(format!("{name}-{d}"), "127.0.0.1", port);
+            o.set_keep_alive(Duration::from_secs(60))
+                .set_credentials(user, password)
+                .set_inflight(k.inflight);
+            // A small request queue: a publish waits in the client for a free inflight slot
+            // only briefly, so its `ts` is close to the moment it is written.
+            let (client, el) = AsyncClient::new(o, 4);
+            pollers.push(tokio::spawn(poll(el, acks.clone())));
+            devices.push(Device {
+                client,
+                instances: (0..k.instances).filter(|i| i % k.devices == d).collect(),
+                seq: Arc::new(AtomicU64::new(0)),
+            });
+            // Connections arrive in small groups rather than as one SYN flood.
+            if d % 50 == 49 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acks.connected.load(Ordering::Relaxed) < k.devices {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} of {} devices connected ({} connection errors)",
+                    acks.connected.load(Ordering::Relaxed),
+                    k.devices,
+                    acks.errors.load(Ordering::Relaxed)
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Fleet {
+            devices,
+            pollers,
+            acks,
+        })
+    }
+
+    /// Runs one phase; returns once every publish is acked (or nothing was acked for 30 s).
+    async fn run(&self, pace: Pace, secs: u64, sink: Option<&Seen>) -> Result<Phase, Failure> {
+        // Only devices with instances publish (fewer instances than devices leaves some idle).
+        let publishing: Vec<&Device> = (self.devices.iter())
+            .filter(|d| !d.instances.is_empty())
+            .collect();
+        let n = publishing.len() as f64;
+        let acks0 = self.acks.count.load(Ordering::Relaxed);
+        let delivered0 = sink.map_or(0, |s| s.count.load(Ordering::Relaxed));
+        if let Some(s) = sink {
+            s.since.store(now_us(), Ordering::Relaxed);
+            s.latencies.take();
+        }
+        self.acks.latencies.take();
+        let published = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let deadline = match pace {
+            Pace::Once => start + Duration::from_secs(24 * 3600),
+            _ => start + Duration::from_secs(secs),
+        };
+        let mut tasks = Vec::new();
+        for (d, dev) in publishing.into_iter().enumerate() {
+            let (client, mine, seq, published) = (
+                dev.client.clone(),
+                dev.instances.clone(),
+                dev.seq.clone(),
+                published.clone(),
+            );
+            let period = match pace {
+                Pace::Paced(rate) => Some(Duration::from_secs_f64(n / rate.max(1) as f64)),
+                _ => None,
+            };
+            tasks.push(tokio::spawn(async move {
+                let mut next = start + period.map_or(Duration::ZERO, |p| p.mul_f64(d as f64 / n));
+                for k in 0.. {
+                    if pace == Pace::Once && k == mine.len() {
+                        break;
+                    }
+                    if let Some(p) = period {
+                        tokio::time::sleep_until(next).await;
+                        next += p;
+                    }
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    let i = mine[k % mine.len()];
+                    let s = seq.fetch_add(1, Ordering::Relaxed);
+                    let payload = format!("{{\"seq\":{s},\"ts\":{}}}", now_us());
+                    let topic = format!("smgate/{MACHINE}/dev-{i}/heartbeat");
+                    let sent = client.publish(topic, QoS::AtLeastOnce, false, payload);
+                    match tokio::time::timeout_at(deadline, sent).await {
+                        Ok(Ok(())) => published.fetch_add(1, Ordering::Relaxed),
+                        _ => break,
+                    };
+                }
+            }));
+        }
+        if pace != Pace::Once {
+            tokio::time::sleep_until(deadline).await;
+        }
+        let mut acked_in_window = self.acks.count.load(Ordering::Relaxed) - acks0;
+        let delivered_in_window = sink.map_or(0, |s| s.count.load(Ordering::Relaxed)) - delivered0;
+        let mut window = start.elapsed().as_secs_f64();
+        for t in tasks {
+            t.await?;
+        }
+        // The acks of what is in flight.
+        let published = published.load(Ordering::Relaxed);
+        let (mut last, mut progress) = (0, Instant::now());
+        loop {
+            let acked = self.acks.count.load(Ordering::Relaxed) - acks0;
+            if acked >= published {
+                break;
+            }
+            if acked != last {
+                (last, progress) = (acked, Instant::now());
+            } else if progress.elapsed() > Duration::from_secs(30) {
+                return Err(format!(
+                    "{acked} of {published} publishes acked, none for 30 s ({} connection errors)",
+                    self.acks.errors.load(Ordering::Relaxed)
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let acked = self.acks.count.load(Ordering::Relaxed) - acks0;
+        if pace == Pace::Once {
+            (acked_in_window, window) = (acked, start.elapsed().as_secs_f64());
+        }
+        let (ack_p50, ack_p99) = percentiles(&self.acks.latencies.take());
+        Ok(Phase {
+            acked,
+            acked_in_window,
+            window,
+            delivered_in_window,
+            ack_p50,
+            ack_p99,
+        })
+    }
+
+    async fn close(self) {
+        for d in &self.devices {
+            let _ = d.client.try_disconnect();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for p in self.pollers {
+            p.abort();
+        }
+    }
+}
+
+/// A device's event loop: counts CONNACKs and PUBACKs, and times each publish from the moment
+/// it is written to its PUBACK.
+async fn poll(mut el: rumqttc::EventLoop, acks: Arc<Acks>) {
+    let mut written: HashMap<u16, Instant> = HashMap::new();
+    loop {
+        match el.poll().await {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                written.insert(pkid, Instant::now());
+            }
+            Ok(Event::Incoming(Packet::PubAck(a))) => {
+                if let Some(t) = written.remove(&a.pkid) {
+                    acks.latencies.push(t.elapsed().as_micros() as u64);
+                }
+                acks.count.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                acks.connected.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(_) => {}
+            Err(_) => {
+                acks.errors.fetch_add(1, Ordering::Relaxed);
+                written.clear();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// What a subscriber received that was published during the current phase.
+#[derive(Default)]
+struct Seen {
+    /// Messages stamped (µs) before this belong to an earlier phase.
+    since: AtomicU64,
+    count: AtomicU64,
+    /// Publish (the stamp) → received.
+    latencies: Latencies,
+}
+
+/// A QoS 1 subscriber that reads the publish time from each message: the heartbeat's `ts`, or
+/// a state's `last_seen` (the heartbeat's `ts`, which the chart keeps).
+struct Watch {
+    client: AsyncClient,
+    task: JoinHandle<()>,
+    seen: Arc<Seen>,
+}
+
+impl Watch {
+    async fn start(
+        port: u16,
+        (user, password): (&str, &str),
+        filter: &str,
+        stamp: &'static str,
+    ) -> Result<Watch, Failure> {
+        let mut o = MqttOptions::new(format!("bench-watch-{}", now_us()), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(60))
+            .set_credentials(user, password)
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut el) = AsyncClient::new(o, 16);
+        client.subscribe(filter, QoS::AtLeastOnce).await?;
+        let seen = Arc::new(Seen::default());
+        let quiet = Arc::new(Mutex::new(None::<Instant>));
+        let (s, q) = (seen.clone(), quiet.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Ok(mut q) = q.lock() {
+                            *q = Some(Instant::now());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if p.retain {
+                            // The states from before the subscription.
+                            if let Ok(mut q) = q.lock() {
+                                *q = Some(Instant::now());
+                            }
+                            continue;
+                        }
+                        let Some(ts) = stamp_of(&p.payload, stamp) else {
+                            continue;
+                        };
+                        if ts >= s.since.load(Ordering::Relaxed) {
+                            s.count.fetch_add(1, Ordering::Relaxed);
+                            s.latencies.push(now_us().saturating_sub(ts));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        // Subscribed, and the retained messages it brought are read.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let last = quiet.lock().ok().and_then(|q| *q);
+            if last.is_some_and(|t| t.elapsed() > Duration::from_millis(500)) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no SUBACK for {filter}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Watch { client, task, seen })
+    }
+
+    /// Publish → receipt (ms) of what arrived since the last call.
+    fn percentiles(&self) -> (f64, f64) {
+        percentiles(&self.seen.latencies.take())
+    }
+
+    async fn stop(self) {
+        let _ = self.client.try_disconnect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.task.abort();
+    }
+}
+
+/// The number after `key` in a JSON payload (`"ts":`), without parsing the rest.
+fn stamp_of(payload: &[u8], key: &str) -> Option<u64> {
+    let at = payload
+        .windows(key.len())
+        .position(|w| w == key.as_bytes())?
+        + key.len();
+    let digits: Vec<u8> = payload[at..]
         .iter()
-        .map(|(name, us)| format!("{name} {us:.1}"))
+        .copied()
+        .skip_while(|b| *b == b' ')
+        .take_while(u8::is_ascii_digit)
         .collect();
-    println!(
-        "  smgate's threads, µs per heartbeat draining: {}; it wrote {:.0} bytes per heartbeat (database and sockets)",
-        threads.join(", "),
-        drain.written
-    );
-    // With these costs, the cores cannot carry more than `bound` heartbeats/s; and at 0.8 of
-    // the ceiling, what the devices and the broker leave to smgate per heartbeat.
-    let bound = cores * 1e6 / (whole.broker + whole.bench + whole.gateway).max(1e-3);
-    let budget = cores * 1e6 / (0.8 * ceiling.rate).max(1.0) - whole.broker - whole.bench;
-    println!(
-        "  the {cores} cores allow at most {bound:.0} heartbeats/s at these costs; at 0.8 of the ceiling, devices and broker leave smgate {budget:.1} µs per heartbeat (it spends {:.1})",
-        whole.gateway
-    );
-    println!(
-        "smgate RSS after the saturated load: {:.1} MiB (peak so far {:.1} MiB)",
-        gw.rss_mib("VmRSS"),
-        gw.rss_mib("VmHWM")
-    );
-    // 2b. The target rate offered steadily: does the gateway keep up, and how far behind is
-    // it when the devices stop?
-    let offered = env_u64("TEST_MQTT_BENCH_SUSTAIN", 30_000);
-    rt.block_on(gw.settle())?;
-    let held = rt.block_on(load_gateway(
-        &gw,
-        procs,
-        port,
-        devices,
-        instances,
-        secs,
-        Some(offered),
-    ))?;
-    let held_rate = held.rate_in_window();
-    println!(
-        "smgate at {offered}/s offered: devices published {:.0} msg/s; applied {held_rate:.0} heartbeats/s during the load; {} behind at its end, caught up {:.1} s later; RSS {:.1} MiB (peak so far {:.1} MiB)",
-        held.load.rate,
-        held.behind(),
-        held.drained,
-        gw.rss_mib("VmRSS"),
-        gw.rss_mib("VmHWM")
-    );
-    // 3. Latency at a steady rate, to the retained state message. The phases are independent:
-    // the backlog of the saturated phase has been applied (above); let the state publisher
-    // flush what it queued before measuring.
-    rt.block_on(gw.settle())?;
-    let (applied_before, cpu_before) = (rt.block_on(gw.applied())?, procs.cpu());
-    let steady = rt.block_on(run_load(
-        port,
-        devices,
-        instances,
-        secs,
-        Some(rate),
-        "smgate/hb",
-        Sink::State,
-    ))?;
-    println!(
-        "smgate at {rate}/s: {:.0} states/s received; publish->retained state p50 {:.1} ms p99 {:.1} ms",
-        steady.rate, steady.p50, steady.p99
-    );
-    let steady_applied = rt.block_on(gw.applied())? - applied_before;
-    let steady_cpu = cpu_before.per_message(&procs.cpu(), steady_applied);
-    println!(
-        "  per heartbeat at {rate}/s: smgate {:.1} µs CPU, {:.0} bytes written (database and sockets); mosquitto {:.1} µs",
-        steady_cpu.gateway, steady_cpu.written, steady_cpu.broker
-    );
-    let rss = gw.rss_mib("VmRSS");
-    println!(
-        "smgate RSS with {instances} instances: {rss:.1} MiB (peak {:.1} MiB)",
-        gw.rss_mib("VmHWM")
-    );
-    println!();
-    let ratio = applied_rate.max(sustained) / ceiling.rate.max(1.0);
-    println!("{:<52} {:>12}   target", "measure", "value");
-    let row = |name: &str, value: String, ok: bool, target: &str| {
-        println!(
-            "{name:<52} {value:>12}   {target} {}",
-            if ok { "ok" } else { "MISSED" }
-        );
-    };
-    row(
-        "applied / broker-only ceiling",
-        format!("{ratio:.2}"),
-        ratio >= 0.8,
-        ">= 0.8",
-    );
-    row(
-        "  CPU bound on applied/s, all processes' costs",
-        format!("{bound:.0}"),
-        true,
-        "(report)",
-    );
-    row(
-        "  smgate µs/heartbeat left at 0.8 / spent",
-        format!("{budget:.1} / {:.1}", whole.gateway),
-        true,
-        "(report)",
-    );
-    row(
-        "applied heartbeats/s",
-        format!("{:.0}", applied_rate.max(sustained)),
-        applied_rate.max(sustained) >= 30_000.0,
-        ">= 30000",
-    );
-    row(
-        "applied heartbeats/s draining a backlog",
-        format!("{draining:.0}"),
-        true,
-        "(report)",
-    );
-    row(
-        &format!("applied heartbeats/s at {offered}/s offered"),
-        format!("{held_rate:.0}"),
-        true,
-        "(report)",
-    );
-    row(
-        &format!("p50 publish->state at {rate}/s (ms)"),
-        format!("{:.1}", steady.p50),
-        true,
-        "(report)",
-    );
-    row(
-        &format!("p99 publish->state at {rate}/s (ms)"),
-        format!("{:.1}", steady.p99),
-        steady.p99 <= 50.0,
-        "<= 50",
-    );
-    row(
-        &format!("bytes written per heartbeat at {rate}/s"),
-        format!("{:.0}", steady_cpu.written),
-        true,
-        "(report)",
-    );
-    row(
-        &format!("RSS with {instances} instances (MiB)"),
-        format!("{rss:.1}"),
-        rss <= 64.0,
-        "<= 64",
-    );
-    Ok(())
+    std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
 fn mosquitto(dir: &Path) -> Result<(u16, Killed), Failure> {
     let port = free_port();
     let conf = dir.join("mosquitto.conf");
-    std::fs::create_dir_all(dir.join("mosq"))?;
     let mut f = std::fs::File::create(&conf)?;
-    // firmware-config/mosquitto.conf's settings, on a test port, with no limit on the queue of
-    // the gateway's session: the saturated phase publishes ~1M messages in 10 s, and the
-    // backlog waits in the broker (the gateway reads at its commit pace). The inflight window
-    // follows the gateway's (`SMGATE_MQTT_INFLIGHT`, which the gateway inherits) as the sample
-    // config asks.
+    // A plain broker: anonymous (it ignores the devices' passwords), nothing persisted, no
+    // bound on the subscriber's queue, and the subscriber's inflight window as smgate's
+    // (`mqtt.inflight`, 8,192) so that both deliver with the same window.
     let inflight = env_u64("SMGATE_MQTT_INFLIGHT", 8192);
     writeln!(
         f,
-        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nuser root\n\
-         max_inflight_messages {inflight}\nmax_queued_messages 0\nmax_queued_bytes 0\nmax_packet_size 262144\nlog_dest stderr\nlog_type error\n",
-        dir.join("mosq").display()
+        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n\
+         max_inflight_messages {inflight}\nmax_queued_messages 0\nmax_queued_bytes 0\n\
+         log_dest stderr\nlog_type error\n"
     )?;
     let child = Killed(
         Command::new("/usr/sbin/mosquitto")
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
-            .spawn()?,
+            .spawn()
+            .map_err(|e| {
+                format!("cannot start /usr/sbin/mosquitto (apt install mosquitto): {e}")
+            })?,
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
+        if std::time::Instant::now() > deadline {
             return Err("mosquitto did not listen".into());
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -468,171 +737,16 @@ fn mosquitto(dir: &Path) -> Result<(u16, Killed), Failure> {
     Ok((port, child))
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Sink {
-    /// No subscriber (smgate is the consumer).
-    None,
-    /// A QoS 1 subscriber on the published topics.
-    Plain,
-    /// A QoS 1 subscriber on smgate's retained states.
-    State,
-}
-
-struct Load {
-    sent: u64,
-    /// Delivered (Plain, State) or published (None) per second.
-    rate: f64,
-    p50: f64,
-    p99: f64,
-}
-
-/// `devices` connections publish `{"ts": µs}` heartbeats to `<prefix>/dev-<i>/heartbeat`
-/// (instances spread over devices) for `secs`, as fast as the broker acks (or at `rate`).
-async fn run_load(
-    port: u16,
-    devices: u64,
-    instances: u64,
-    secs: u64,
-    rate: Option<u64>,
-    prefix: &str,
-    sink: Sink,
-) -> Result<Load, Failure> {
-    let received = Arc::new(AtomicU64::new(0));
-    let latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut sub_task = None;
-    if sink != Sink::None {
-        let filter = match sink {
-            Sink::Plain => format!("{prefix}/+/heartbeat"),
-            _ => format!("{prefix}/+/state"),
-        };
-        let mut o = MqttOptions::new(format!("bench-sub-{}", now_us()), "127.0.0.1", port);
-        o.set_keep_alive(Duration::from_secs(30))
-            .set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut el) = AsyncClient::new(o, 100);
-        client.subscribe(filter, QoS::AtLeastOnce).await?;
-        let (received, latencies, stop) = (received.clone(), latencies.clone(), stop.clone());
-        let started = now_us();
-        sub_task = Some(tokio::spawn(async move {
-            let _client = client;
-            while !stop.load(Ordering::Relaxed) {
-                let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_millis(200), el.poll()).await
-                else {
-                    continue;
-                };
-                if let Event::Incoming(Packet::Publish(p)) = ev {
-                    if p.retain {
-                        continue; // retained states from before this phase
-                    }
-                    let v: serde_json::Value =
-                        serde_json::from_slice(&p.payload).unwrap_or_default();
-                    // A state's own `ts` is the commit time in ms; the device's publish time
-                    // (µs) travels as `last_seen`.
-                    let ts = match sink {
-                        Sink::State => v["publicContext"]["last_seen"].as_u64(),
-                        _ => v["ts"].as_u64(),
-                    };
-                    if let Some(ts) = ts.filter(|t| *t >= started) {
-                        received.fetch_add(1, Ordering::Relaxed);
-                        if let Ok(mut l) = latencies.lock() {
-                            l.push(now_us().saturating_sub(ts));
-                        }
-                    }
-                }
-            }
-        }));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    let sent = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut tasks = Vec::new();
-    for d in 0..devices {
-        let mut o = MqttOptions::new(format!("bench-dev-{d}-{}", now_us()), "127.0.0.1", port);
-        o.set_keep_alive(Duration::from_secs(30)).set_inflight(100);
-        let (client, mut el) = AsyncClient::new(o, 200);
-        let prefix = prefix.to_string();
-        let per_device = rate.map(|r| Duration::from_secs_f64(devices as f64 / r as f64));
-        let mine: Vec<u64> = (0..instances).filter(|i| i % devices == d).collect();
-        // Sent = acked by the broker; what was still queued in the client at the deadline is not.
-        let acks = sent.clone();
-        let poller = tokio::spawn(async move {
-            while let Ok(ev) = el.poll().await {
-                if let Event::Incoming(Packet::PubAck(_)) = ev {
-                    acks.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
-        tasks.push(tokio::spawn(async move {
-            let mut next = Instant::now();
-            let mut k = 0usize;
-            while Instant::now() < deadline {
-                if let Some(gap) = per_device {
-                    next += gap;
-                    tokio::time::sleep_until(next.into()).await;
-                }
-                let i = mine[k % mine.len().max(1)];
-                k += 1;
-                let topic = format!("{prefix}/dev-{i}/heartbeat");
-                if client
-                    .publish(
-                        topic,
-                        QoS::AtLeastOnce,
-                        false,
-                        format!("{{\"ts\":{}}}", now_us()),
-                    )
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            // Let the acks of what is in flight arrive, then drop the connection.
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            poller.abort();
-            drop(client);
-        }));
-    }
-    let t0 = Instant::now();
-    for t in tasks {
-        let _ = t.await;
-    }
-    let elapsed = (t0.elapsed().as_secs_f64() - 1.5).max(0.1);
-    if sink != Sink::None {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    if let Some(t) = sub_task {
-        let _ = t.await;
-    }
-    let mut l = latencies.lock().map(|l| l.clone()).unwrap_or_default();
-    l.sort_unstable();
-    let pct = |p: f64| {
-        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
-            .map(|us| *us as f64 / 1000.0)
-            .unwrap_or(f64::NAN)
-    };
-    let sent = sent.load(Ordering::Relaxed);
-    let rate = match sink {
-        Sink::None => sent as f64 / elapsed,
-        _ => received.load(Ordering::Relaxed) as f64 / elapsed,
-    };
-    Ok(Load {
-        sent,
-        rate,
-        p50: pct(0.5),
-        p99: pct(0.99),
-    })
-}
-
 struct Gateway {
     child: Killed,
     addr: String,
-    key: String,
+    mqtt_port: u16,
+    owner_key: String,
     http: reqwest::Client,
 }
 
 impl Gateway {
-    fn start(dir: &Path, port: u16) -> Result<Gateway, Failure> {
+    fn start(dir: &Path) -> Result<Gateway, Failure> {
         let data = dir.join("data");
         let out = Command::new(BIN)
             .arg("--data")
@@ -640,7 +754,7 @@ impl Gateway {
             .arg("init")
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let key = text
+        let owner_key = text
             .lines()
             .find_map(|l| l.strip_prefix("owner key "))
             .ok_or("init printed no owner key")?
@@ -651,21 +765,26 @@ impl Gateway {
             .arg(&data)
             .arg("serve")
             .env("SMGATE_HTTP_LISTEN", "127.0.0.1:0")
-            .env("SMGATE_MQTT_MODE", "external")
-            .env("SMGATE_MQTT_URL", format!("mqtt://127.0.0.1:{port}"))
+            .env("SMGATE_MQTT_LISTEN", "127.0.0.1:0")
             .env("SMGATE_LIMITS_WRITES_PER_MINUTE_PER_MACHINE", "100000000")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut addr = String::new();
-        for line in BufReader::new(stdout).lines() {
-            let line = line?;
+        let child = Killed(child);
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut addr, mut mqtt) = (None, None);
+        while addr.is_none() || mqtt.is_none() {
+            let line = lines.next().ok_or("smgate exited before listening")??;
             if let Some(a) = line.strip_prefix("smgate: listening on https://") {
-                addr = a.to_string();
-                break;
+                addr = Some(a.to_string());
+            }
+            if let Some(a) = line.strip_prefix("smgate: mqtt broker on ") {
+                mqtt = Some(a.trim().parse::<std::net::SocketAddr>()?.port());
             }
         }
+        // Whatever else it prints must not fill the pipe.
+        std::thread::spawn(move || lines.for_each(drop));
         let cert = std::fs::read(data.join("tls/cert.pem"))?;
         let http = reqwest::Client::builder()
             .add_root_certificate(reqwest::Certificate::from_pem(&cert)?)
@@ -673,24 +792,31 @@ impl Gateway {
             .use_rustls_tls()
             .build()?;
         Ok(Gateway {
-            child: Killed(child),
-            addr,
-            key,
+            child,
+            addr: addr.unwrap_or_default(),
+            mqtt_port: mqtt.unwrap_or_default(),
+            owner_key,
             http,
         })
     }
 
-    async fn setup(&self) -> Result<(), Failure> {
+    fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// Spins up the machine with the example heartbeat chart, instances created by their first
+    /// heartbeat; returns the machine's key.
+    async fn setup(&self) -> Result<String, Failure> {
         let url = |p: &str| format!("https://{}{}", self.addr, p);
         let r = self
             .http
             .post(url("/api/chain/state-machines"))
-            .bearer_auth(&self.key)
-            .json(&serde_json::json!({"slug": "hb"}))
+            .bearer_auth(&self.owner_key)
+            .json(&serde_json::json!({"slug": MACHINE}))
             .send()
             .await?;
         let body: serde_json::Value = r.json().await?;
-        let admin = body["api_key"]
+        let key = body["api_key"]
             .as_str()
             .ok_or("no machine key")?
             .to_string();
@@ -699,18 +825,19 @@ impl Gateway {
         )?)?;
         let r = self
             .http
-            .post(url("/machines/hb/v"))
-            .bearer_auth(&admin)
+            .post(url(&format!("/machines/{MACHINE}/v")))
+            .bearer_auth(&key)
             .json(&serde_json::json!({"definition": def, "makeCurrent": true, "autoCreateInstances": true}))
             .send()
             .await?;
         if !r.status().is_success() {
             return Err(format!("version: {}", r.text().await?).into());
         }
-        Ok(())
+        Ok(key)
     }
 
-    async fn applied(&self) -> Result<u64, Failure> {
+    /// The value of an unlabelled sample in `/metrics`.
+    async fn metric(&self, name: &str) -> Result<f64, Failure> {
         let text = self
             .http
             .get(format!("https://{}/metrics", self.addr))
@@ -720,147 +847,447 @@ impl Gateway {
             .await?;
         Ok(text
             .lines()
-            .find_map(|l| l.strip_prefix("smgate_mqtt_applied_total "))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
             .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64)
+            .unwrap_or(0.0))
     }
 
-    /// Seconds until `applied` reaches `target`.
-    async fn wait_applied(&self, target: u64, limit: Duration) -> Result<f64, Failure> {
-        let t0 = Instant::now();
-        while self.applied().await? < target {
-            if t0.elapsed() > limit {
-                return Err(
-                    format!("applied stuck at {} of {target}", self.applied().await?).into(),
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(t0.elapsed().as_secs_f64())
+    /// Applied heartbeats and commits so far.
+    async fn counts(&self) -> Result<(f64, f64), Failure> {
+        Ok((
+            self.metric("smgate_mqtt_applied_total").await?,
+            self.metric("smgate_commits_total").await?,
+        ))
     }
 
-    /// Waits until nothing is applied for a second (devices are quiet, the backlog is in),
-    /// then as long again for the state publisher to flush.
-    async fn settle(&self) -> Result<(), Failure> {
-        let mut last = self.applied().await?;
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let now = self.applied().await?;
-            if now == last {
-                break;
-            }
-            last = now;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        Ok(())
-    }
-
-    /// `VmRSS` or `VmHWM` (peak) of the gateway, MiB.
-    fn rss_mib(&self, field: &str) -> f64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.0.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| {
-                    l.strip_prefix(field)
-                        .and_then(|l| l.strip_prefix(':'))
-                        .map(|v| {
-                            v.trim()
-                                .trim_end_matches(" kB")
-                                .trim()
-                                .parse::<f64>()
-                                .unwrap_or(0.0)
-                        })
-                })
-            })
-            .unwrap_or(0.0)
-            / 1024.0
+    fn rss(&self, field: &str) -> f64 {
+        status_mib(self.pid(), field)
     }
 }
 
-/// One heartbeat per instance (auto-create), from one connection; seconds until all applied.
-/// Heartbeats to the gateway for one phase, as it applied them.
-struct Applied {
-    load: Load,
-    /// Applied while the devices published.
-    in_window: u64,
-    /// Seconds from the start of the load to its end.
-    window: f64,
-    /// Seconds from the end of the load until everything published was applied.
-    drained: f64,
-    /// CPU used at the start of the load, at its end, and when all was applied.
-    cpu: [CpuAt; 3],
-}
-
-impl Applied {
-    fn rate_in_window(&self) -> f64 {
-        self.in_window as f64 / self.window
-    }
-
-    /// Published but not yet applied when the devices stopped (the broker's backlog).
-    fn behind(&self) -> u64 {
-        self.load.sent.saturating_sub(self.in_window)
+fn main() {
+    if let Err(e) = report() {
+        eprintln!("mqtt bench: FAILED: {e}");
+        std::process::exit(1);
     }
 }
 
-/// The devices publish heartbeats to the gateway's instances for `secs`, as fast as the
-/// broker acks (or at `rate`); then waits until all of them are applied.
-async fn load_gateway(
+/// One smgate phase: what the devices saw, what the gateway used, and its own counters.
+struct GatewayPhase {
+    phase: Phase,
+    cost: Cost,
+    /// Applied heartbeats by `/metrics`, and heartbeats per commit.
+    applied: f64,
+    per_commit: f64,
+}
+
+async fn gateway_phase(
     gw: &Gateway,
-    procs: Procs,
-    port: u16,
-    devices: u64,
-    instances: u64,
+    fleet: &Fleet,
+    pace: Pace,
     secs: u64,
-    rate: Option<u64>,
-) -> Result<Applied, Failure> {
-    let before = gw.applied().await?;
-    let t0 = Instant::now();
-    let cpu_start = procs.cpu();
-    let load = run_load(
-        port,
-        devices,
-        instances,
-        secs,
-        rate,
-        "smgate/hb",
-        Sink::None,
-    )
-    .await?;
-    let in_window = gw.applied().await? - before;
-    let window = t0.elapsed().as_secs_f64();
-    let cpu_load_end = procs.cpu();
-    let drained = gw
-        .wait_applied(before + load.sent, Duration::from_secs(300))
-        .await?;
-    Ok(Applied {
-        load,
-        in_window,
-        window,
-        drained,
-        cpu: [cpu_start, cpu_load_end, procs.cpu()],
+    sink: Option<&Seen>,
+) -> Result<GatewayPhase, Failure> {
+    let (applied0, commits0) = gw.counts().await?;
+    let before = Usage::of(gw.pid());
+    let phase = fleet.run(pace, secs, sink).await?;
+    let cost = before.per(&Usage::of(gw.pid()), phase.acked);
+    let (applied1, commits1) = gw.counts().await?;
+    let applied = applied1 - applied0;
+    Ok(GatewayPhase {
+        phase,
+        cost,
+        applied,
+        per_commit: applied / (commits1 - commits0).max(1.0),
     })
 }
 
-async fn warm_up(gw: &Gateway, port: u16, instances: u64) -> Result<f64, Failure> {
-    let t0 = Instant::now();
-    let mut o = MqttOptions::new(format!("bench-warm-{}", now_us()), "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(30)).set_inflight(200);
-    let (client, mut el) = AsyncClient::new(o, 1000);
-    let poller = tokio::spawn(async move { while el.poll().await.is_ok() {} });
-    let before = gw.applied().await?;
-    for i in 0..instances {
-        client
-            .publish(
-                format!("smgate/hb/dev-{i}/heartbeat"),
-                QoS::AtLeastOnce,
-                false,
-                "{}",
-            )
+/// The devices against mosquitto with a plain subscriber.
+struct Ceiling {
+    sat: Phase,
+    cost: Cost,
+    /// Publish → delivery (ms) saturated, and paced.
+    sat_delivery: (f64, f64),
+    paced: Phase,
+    paced_cost: Cost,
+    paced_delivery: (f64, f64),
+}
+
+fn ceiling(rt: &tokio::runtime::Runtime, k: &Knobs, dir: &Path) -> Result<Ceiling, Failure> {
+    let (port, broker) = mosquitto(dir)?;
+    let pid = broker.0.id();
+    let c = rt.block_on(async {
+        let creds = (MACHINE, "not-checked");
+        let filter = format!("smgate/{MACHINE}/+/heartbeat");
+        let watch = Watch::start(port, creds, &filter, "\"ts\":").await?;
+        let fleet = Fleet::connect(port, k, creds, "bench-ceiling").await?;
+        let before = Usage::of(pid);
+        let sat = fleet
+            .run(Pace::Saturated, k.secs, Some(&watch.seen))
             .await?;
+        let cost = before.per(&Usage::of(pid), sat.acked);
+        let sat_delivery = watch.percentiles();
+        let before = Usage::of(pid);
+        let paced = fleet
+            .run(Pace::Paced(k.rate), k.secs, Some(&watch.seen))
+            .await?;
+        let paced_cost = before.per(&Usage::of(pid), paced.acked);
+        let paced_delivery = watch.percentiles();
+        fleet.close().await;
+        watch.stop().await;
+        Ok::<_, Failure>(Ceiling {
+            sat,
+            cost,
+            sat_delivery,
+            paced,
+            paced_cost,
+            paced_delivery,
+        })
+    })?;
+    let cores = cores();
+    println!(
+        "mosquitto saturated: devices published {:.0}/s (PUBACK p50 {:.1} ms, p99 {:.1} ms); {:.0}/s delivered to the subscriber (p50 {:.1} ms, p99 {:.1} ms)",
+        c.sat.acked_per_sec(),
+        c.sat.ack_p50,
+        c.sat.ack_p99,
+        c.sat.delivered_per_sec(),
+        c.sat_delivery.0,
+        c.sat_delivery.1
+    );
+    println!(
+        "  CPU per message: mosquitto {:.1} µs, devices + subscriber {:.1} µs; the {cores} cores {:.0}% busy",
+        c.cost.server_us,
+        c.cost.bench_us,
+        c.cost.machine_busy * 100.0
+    );
+    println!(
+        "mosquitto at {}/s: {:.0}/s acked; publish->PUBACK p50 {:.2} ms, p99 {:.2} ms; publish->delivery p50 {:.2} ms, p99 {:.2} ms; mosquitto {:.1} µs CPU per message",
+        k.rate,
+        c.paced.acked_per_sec(),
+        c.paced.ack_p50,
+        c.paced.ack_p99,
+        c.paced_delivery.0,
+        c.paced_delivery.1,
+        c.paced_cost.server_us
+    );
+    Ok(c)
+}
+
+fn report() -> Result<(), Failure> {
+    let k = Knobs::from_env();
+    let files = open_files_limit();
+    if files < k.devices * 2 + 256 {
+        return Err(format!(
+            "{} devices need about {} open files here and in the server; the limit is {files} \
+             (ulimit -n)",
+            k.devices,
+            k.devices * 2 + 256
+        )
+        .into());
     }
-    gw.wait_applied(before + instances, Duration::from_secs(600))
-        .await?;
-    let _ = client.disconnect().await;
-    poller.abort();
-    Ok(t0.elapsed().as_secs_f64())
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let work = tempfile::tempdir()?;
+    let cores = cores();
+    println!(
+        "smgate MQTT report: {} devices (QoS 1, at most {} unacked each), {} instances, {} s per phase, {cores} cores",
+        k.devices, k.inflight, k.instances, k.secs
+    );
+
+    // 1. The broker alone: the ceiling.
+    let ceiling = match env_u64("TEST_MQTT_BENCH_CEILING", 1) {
+        0 => None,
+        _ => Some(ceiling(&rt, &k, work.path())?),
+    };
+
+    // 2. smgate as the devices' server.
+    let gw = Gateway::start(work.path())?;
+    let pid = gw.pid();
+    let key = rt.block_on(gw.setup())?;
+    let creds = (MACHINE, key.as_str());
+    let started_rss = gw.rss("VmRSS");
+    let fleet = rt.block_on(Fleet::connect(gw.mqtt_port, &k, creds, "bench-dev"))?;
+    let connected_rss = gw.rss("VmRSS");
+    println!(
+        "smgate: RSS {started_rss:.1} MiB started, {connected_rss:.1} MiB with {} devices connected",
+        k.devices
+    );
+    let warm = rt.block_on(gateway_phase(&gw, &fleet, Pace::Once, 0, None))?;
+    println!(
+        "smgate: {} instances created by their first heartbeat in {:.1} s ({:.0}/s); RSS {:.1} MiB, peak {:.1} MiB",
+        warm.phase.acked,
+        warm.phase.window,
+        warm.phase.acked_per_sec(),
+        gw.rss("VmRSS"),
+        gw.rss("VmHWM")
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let rest_rss = gw.rss("VmRSS");
+    let peak_reset = reset_peak_rss(pid);
+
+    let sat = rt.block_on(gateway_phase(&gw, &fleet, Pace::Saturated, k.secs, None))?;
+    let sat_rss_peak = gw.rss("VmHWM");
+    let applied = sat.phase.acked_per_sec();
+    println!(
+        "smgate saturated: {applied:.0} heartbeats/s acked after their commit ({} acked, /metrics applied {}); publish->PUBACK p50 {:.1} ms, p99 {:.1} ms; {:.0} heartbeats per commit",
+        sat.phase.acked,
+        sat.applied,
+        sat.phase.ack_p50,
+        sat.phase.ack_p99,
+        sat.per_commit
+    );
+    println!(
+        "  CPU per heartbeat: smgate {:.1} µs ({:.2} cores), devices {:.1} µs; the {cores} cores {:.0}% busy, {:.2} cores by other processes",
+        sat.cost.server_us,
+        sat.cost.server_cores,
+        sat.cost.bench_us,
+        sat.cost.machine_busy * 100.0,
+        sat.cost.others_cores
+    );
+    println!(
+        "  smgate's threads, µs per heartbeat: {}; the writer ran {:.0}% of the time, waited for a core {:.0}%, idle or blocked {:.0}%",
+        sat.cost.threads(),
+        sat.cost.writer_ran * 100.0,
+        sat.cost.writer_waited * 100.0,
+        (1.0 - sat.cost.writer_ran - sat.cost.writer_waited).max(0.0) * 100.0
+    );
+    println!(
+        "  per heartbeat: {:.0} bytes written to the database file, {:.0} by write_bytes; RSS peak {sat_rss_peak:.1} MiB{}",
+        sat.cost.written,
+        sat.cost.stored,
+        if peak_reset {
+            ""
+        } else {
+            " (since start: the peak could not be reset)"
+        }
+    );
+
+    std::thread::sleep(Duration::from_secs(1));
+    let watch = rt.block_on(Watch::start(
+        gw.mqtt_port,
+        creds,
+        &format!("smgate/{MACHINE}/+/state"),
+        "\"last_seen\":",
+    ))?;
+    let mut paced = Vec::new();
+    for rate in [k.rate, k.low_rate] {
+        let p = rt.block_on(gateway_phase(
+            &gw,
+            &fleet,
+            Pace::Paced(rate),
+            k.secs,
+            Some(&watch.seen),
+        ))?;
+        // States published after the deadline still arrive.
+        std::thread::sleep(Duration::from_millis(500));
+        let state = watch.percentiles();
+        println!(
+            "smgate at {rate}/s: {:.0}/s acked; publish->PUBACK p50 {:.2} ms, p99 {:.2} ms; publish->retained state p50 {:.2} ms, p99 {:.2} ms; {:.1} heartbeats per commit",
+            p.phase.acked_per_sec(),
+            p.phase.ack_p50,
+            p.phase.ack_p99,
+            state.0,
+            state.1,
+            p.per_commit
+        );
+        println!(
+            "  per heartbeat: smgate {:.1} µs CPU ({}); {:.0} bytes written to the database file, {:.0} by write_bytes",
+            p.cost.server_us,
+            p.cost.threads(),
+            p.cost.written,
+            p.cost.stored
+        );
+        paced.push((rate, p, state));
+    }
+    let idle_rss = gw.rss("VmRSS");
+    rt.block_on(async {
+        watch.stop().await;
+        fleet.close().await;
+    });
+    println!(
+        "smgate RSS: {rest_rss:.1} MiB at rest after creating the instances, {idle_rss:.1} MiB at rest after the run, peak {sat_rss_peak:.1} MiB saturated"
+    );
+
+    println!();
+    println!(
+        "{:<54} {:>15} {:>15}   target (issue #21)",
+        "measure", "smgate", "mosquitto"
+    );
+    let row = |name: &str, ours: String, theirs: String, target: Option<(bool, &str)>| {
+        let target = match target {
+            Some((ok, t)) => format!("{t}: {}", if ok { "met" } else { "MISSED" }),
+            None => String::new(),
+        };
+        println!("{name:<54} {ours:>15} {theirs:>15}   {target}");
+    };
+    // What mosquitto's column shows, when it ran.
+    let theirs = |f: &dyn Fn(&Ceiling) -> String| ceiling.as_ref().map(f).unwrap_or_default();
+    let ms = |(p50, p99): (f64, f64)| format!("{p50:.1} / {p99:.1}");
+    let none = String::new;
+    row(
+        "heartbeats/s saturated (applied; mosquitto: delivered)",
+        format!("{applied:.0}"),
+        theirs(&|c| format!("{:.0}", c.sat.delivered_per_sec())),
+        Some((applied >= 40_000.0, ">= 40000")),
+    );
+    if let Some(c) = &ceiling {
+        row(
+            "  ratio to the broker-only ceiling",
+            format!("{:.2}", applied / c.sat.delivered_per_sec().max(1.0)),
+            none(),
+            None,
+        );
+    }
+    // What bounds the rate at these costs: the writer is one thread; everything else shares the
+    // cores with it (and here with the simulated devices).
+    let writer_bound = 1e6 / sat.cost.writer_us.max(1e-3);
+    let cores_bound = cores * 1e6 / sat.cost.server_us.max(1e-3);
+    let all_bound = cores * 1e6 / (sat.cost.server_us + sat.cost.bench_us).max(1e-3);
+    row(
+        "  bound: the writer thread alone on a core",
+        format!("{writer_bound:.0}"),
+        none(),
+        None,
+    );
+    row(
+        &format!("  bound: {cores} cores, smgate's CPU (devices elsewhere)"),
+        format!("{cores_bound:.0}"),
+        none(),
+        None,
+    );
+    row(
+        &format!("  bound: {cores} cores, smgate's and the devices' CPU"),
+        format!("{all_bound:.0}"),
+        none(),
+        None,
+    );
+    row(
+        "  writer µs per heartbeat; ran / waited for a core",
+        format!(
+            "{:.1}; {:.0}% / {:.0}%",
+            sat.cost.writer_us,
+            sat.cost.writer_ran * 100.0,
+            sat.cost.writer_waited * 100.0
+        ),
+        none(),
+        None,
+    );
+    row(
+        "  server CPU µs per heartbeat",
+        format!("{:.1}", sat.cost.server_us),
+        theirs(&|c| format!("{:.1}", c.cost.server_us)),
+        None,
+    );
+    row(
+        "  devices' CPU µs per heartbeat (this process)",
+        format!("{:.1}", sat.cost.bench_us),
+        theirs(&|c| format!("{:.1}", c.cost.bench_us)),
+        None,
+    );
+    row(
+        "  the machine's cores busy; by other processes",
+        format!(
+            "{:.0}%; {:.2}",
+            sat.cost.machine_busy * 100.0,
+            sat.cost.others_cores
+        ),
+        theirs(&|c| {
+            format!(
+                "{:.0}%; {:.2}",
+                c.cost.machine_busy * 100.0,
+                c.cost.others_cores
+            )
+        }),
+        None,
+    );
+    row(
+        "  bytes to the database file per heartbeat",
+        format!("{:.0}", sat.cost.written),
+        none(),
+        None,
+    );
+    row(
+        "  publish->PUBACK p50 / p99, ms (window / rate)",
+        ms((sat.phase.ack_p50, sat.phase.ack_p99)),
+        theirs(&|c| ms((c.sat.ack_p50, c.sat.ack_p99))),
+        None,
+    );
+    for (rate, p, state) in &paced {
+        let (rate, main) = (*rate, *rate == k.rate);
+        row(
+            &format!("publish->PUBACK p50 / p99 at {rate}/s, ms"),
+            ms((p.phase.ack_p50, p.phase.ack_p99)),
+            if main {
+                theirs(&|c| ms((c.paced.ack_p50, c.paced.ack_p99)))
+            } else {
+                none()
+            },
+            (rate == 5_000).then_some((p.phase.ack_p99 <= 20.0, "p99 <= 20")),
+        );
+        row(
+            &format!("publish->retained state (delivery) at {rate}/s, ms"),
+            ms(*state),
+            if main {
+                theirs(&|c| ms(c.paced_delivery))
+            } else {
+                none()
+            },
+            None,
+        );
+        row(
+            &format!("  heartbeats per commit at {rate}/s"),
+            format!("{:.1}", p.per_commit),
+            none(),
+            None,
+        );
+        row(
+            &format!("  CPU µs per heartbeat at {rate}/s (writer)"),
+            format!("{:.0} ({:.0})", p.cost.server_us, p.cost.writer_us),
+            if main {
+                theirs(&|c| format!("{:.0}", c.paced_cost.server_us))
+            } else {
+                none()
+            },
+            None,
+        );
+        row(
+            &format!("  bytes to the database file per heartbeat at {rate}/s"),
+            format!("{:.0}", p.cost.written),
+            none(),
+            None,
+        );
+        row(
+            &format!("  write_bytes per heartbeat at {rate}/s (large folios)"),
+            format!("{:.0}", p.cost.stored),
+            none(),
+            None,
+        );
+    }
+    row(
+        &format!("RSS peak saturated, MiB ({} instances)", k.instances),
+        format!("{sat_rss_peak:.1}"),
+        none(),
+        Some((sat_rss_peak <= 64.0, "<= 64")),
+    );
+    row(
+        &format!("RSS started / {} devices connected, MiB", k.devices),
+        format!("{started_rss:.1} / {connected_rss:.1}"),
+        none(),
+        None,
+    );
+    row(
+        "RSS at rest: instances created / after the run, MiB",
+        format!("{rest_rss:.1} / {idle_rss:.1}"),
+        none(),
+        None,
+    );
+    if sat.applied as u64 != sat.phase.acked {
+        println!(
+            "note: /metrics counted {} heartbeats applied in the saturated phase, the devices {} PUBACKs",
+            sat.applied, sat.phase.acked
+        );
+    }
+    Ok(())
 }

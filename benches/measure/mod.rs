@@ -40,3 +40,42 @@ pub fn bytes_written(pid: u32) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// Bytes a process caused to be sent to the storage layer so far (`write_bytes` of
+/// `/proc/<pid>/io`): what reaches the disk (flash), unlike `wchar`, which counts socket writes
+/// and rewrites of a page that is still dirty.
+pub fn storage_written(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("write_bytes:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, or `VmHWM`, the peak), in MiB; 0 when it
+/// cannot be read.
+pub fn status_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix(field)?
+                    .strip_prefix(':')?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Resets a process's peak RSS (`VmHWM`) to its current RSS, so that the next reading of
+/// `VmHWM` is the peak of what ran since; false when the kernel refuses (not the owner).
+pub fn reset_peak_rss(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}

@@ -135,9 +135,13 @@ const BATCHES_IN_FLIGHT: usize = 4;
 /// Binds the listeners (after the retained `online` status is in place) and starts the tasks.
 pub async fn start(d: Deps, shutdown: watch::Receiver<bool>) -> Result<Running, String> {
     let cfg = d.cfg.clone();
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| format!("cannot listen for MQTT on {}: {e}", cfg.listen))?;
+    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
+        format!(
+            "cannot listen for MQTT on {}: {e} (another MQTT broker on that port? set \
+                 mqtt.listen, e.g. SMGATE_MQTT_LISTEN=127.0.0.1:1884, or mqtt.mode)",
+            cfg.listen
+        )
+    })?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let tls_listener = match cfg.tls_listen {
         Some(a) => Some(

@@ -31,8 +31,10 @@
 //!
 //! `cargo bench --bench mqtt`, about a minute. Test knobs are `TEST_*`; `SMGATE_*` variables
 //! reach the gateway (an unknown one is a configuration error there), e.g.
-//! `SMGATE_MQTT_BATCH_SIZE`. A report, not a gate: the targets it names are issue #21's; the
-//! figures, with the command and the date, live in `docs/performance.md`.
+//! `SMGATE_MQTT_BATCH_SIZE`. `TEST_MQTT_BENCH_BIN` runs another build of the gateway, e.g.
+//! `target/profiling/smgate` (`cargo build --profile profiling`) to `perf record -p` it. A
+//! report, not a gate: the targets it names are issue #21's; the figures, with the command and
+//! the date, live in `docs/performance.md`.
 
 mod measure;
 
@@ -50,7 +52,11 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_smgate");
+/// The gateway binary: the release build cargo makes for this bench, or
+/// `TEST_MQTT_BENCH_BIN` (e.g. `target/profiling/smgate`, which has symbols for `perf`).
+fn bin() -> String {
+    std::env::var("TEST_MQTT_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_smgate").into())
+}
 /// The machine the devices belong to; also their MQTT user name.
 const MACHINE: &str = "hb";
 type Failure = Box<dyn std::error::Error>;
@@ -748,7 +754,7 @@ struct Gateway {
 impl Gateway {
     fn start(dir: &Path) -> Result<Gateway, Failure> {
         let data = dir.join("data");
-        let out = Command::new(BIN)
+        let out = Command::new(bin())
             .arg("--data")
             .arg(&data)
             .arg("init")
@@ -760,7 +766,7 @@ impl Gateway {
             .ok_or("init printed no owner key")?
             .trim()
             .to_string();
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .arg("--data")
             .arg(&data)
             .arg("serve")

@@ -134,9 +134,9 @@ fn cpu_by_thread(pid: u32) -> Vec<(String, f64)> {
 /// Bytes the threads of `pid` named `smgate-*` (the writer, the sync thread, the thread that
 /// answers commits) handed to `write`/`pwrite`: the database file's page and header writes, and
 /// nothing else (the sockets are the tokio workers'). That is what the gateway asks the disk to
-/// write. `write_bytes` of `/proc/<pid>/io` should say the same, but kernels that cache files
-/// in large folios (ext4 since Linux 6.16) count a whole folio, up to 2 MiB, when a 4 KiB page
-/// in it is dirtied, so it can exceed what reaches the device many times over.
+/// write. `write_bytes` of `/proc/<pid>/io` should say the same, but where the kernel caches
+/// the file in large folios (ext4 on Linux 6.18) it counts a whole folio, up to 2 MiB, when a
+/// 4 KiB page in it is dirtied, so it can exceed what reaches the device many times over.
 fn store_threads_written(pid: u32) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0.0;

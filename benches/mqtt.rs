@@ -31,8 +31,10 @@
 //!
 //! `cargo bench --bench mqtt`, about a minute. Test knobs are `TEST_*`; `SMGATE_*` variables
 //! reach the gateway (an unknown one is a configuration error there), e.g.
-//! `SMGATE_MQTT_BATCH_SIZE`. A report, not a gate: the targets it names are issue #21's; the
-//! figures, with the command and the date, live in `docs/performance.md`.
+//! `SMGATE_MQTT_BATCH_SIZE`. `TEST_MQTT_BENCH_BIN` runs another build of the gateway, e.g.
+//! `target/profiling/smgate` (`cargo build --profile profiling`) to `perf record -p` it. A
+//! report, not a gate: the targets it names are issue #21's; the figures, with the command and
+//! the date, live in `docs/performance.md`.
 
 mod measure;
 
@@ -50,7 +52,11 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_smgate");
+/// The gateway binary: the release build cargo makes for this bench, or
+/// `TEST_MQTT_BENCH_BIN` (e.g. `target/profiling/smgate`, which has symbols for `perf`).
+fn bin() -> String {
+    std::env::var("TEST_MQTT_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_smgate").into())
+}
 /// The machine the devices belong to; also their MQTT user name.
 const MACHINE: &str = "hb";
 type Failure = Box<dyn std::error::Error>;
@@ -128,9 +134,9 @@ fn cpu_by_thread(pid: u32) -> Vec<(String, f64)> {
 /// Bytes the threads of `pid` named `smgate-*` (the writer, the sync thread, the thread that
 /// answers commits) handed to `write`/`pwrite`: the database file's page and header writes, and
 /// nothing else (the sockets are the tokio workers'). That is what the gateway asks the disk to
-/// write. `write_bytes` of `/proc/<pid>/io` should say the same, but kernels that cache files
-/// in large folios (ext4 since Linux 6.16) count a whole folio, up to 2 MiB, when a 4 KiB page
-/// in it is dirtied, so it can exceed what reaches the device many times over.
+/// write. `write_bytes` of `/proc/<pid>/io` should say the same, but where the kernel caches
+/// the file in large folios (ext4 on Linux 6.18) it counts a whole folio, up to 2 MiB, when a
+/// 4 KiB page in it is dirtied, so it can exceed what reaches the device many times over.
 fn store_threads_written(pid: u32) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0.0;
@@ -748,7 +754,7 @@ struct Gateway {
 impl Gateway {
     fn start(dir: &Path) -> Result<Gateway, Failure> {
         let data = dir.join("data");
-        let out = Command::new(BIN)
+        let out = Command::new(bin())
             .arg("--data")
             .arg(&data)
             .arg("init")
@@ -760,7 +766,7 @@ impl Gateway {
             .ok_or("init printed no owner key")?
             .trim()
             .to_string();
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .arg("--data")
             .arg(&data)
             .arg("serve")

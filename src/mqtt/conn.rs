@@ -296,6 +296,7 @@ impl Conn {
         let receive_maximum = self.server.cfg.receive_maximum as usize;
         let mut shutdown = self.server.shutdown.clone();
         let mut last_in = Instant::now();
+        let mut paused = false;
         // Packets that arrived with the CONNECT.
         if !rbuf.is_empty() {
             if let Some(end) = self.handle_input(rbuf, max).await {
@@ -319,7 +320,14 @@ impl Conn {
                 return End::Shutdown;
             }
             let can_read = self.waiting < receive_maximum;
-            let ka_deadline = keep_alive.map(|k| last_in + k);
+            // Not reading: the device's packets (its PINGREQs too) wait in the socket, so its
+            // keepalive is not timed, and runs again from when reading resumes.
+            if !can_read {
+                paused = true;
+            } else if std::mem::take(&mut paused) {
+                last_in = Instant::now();
+            }
+            let ka_deadline = keep_alive.filter(|_| can_read).map(|k| last_in + k);
             let event = tokio::select! {
                 biased;
                 _ = shutdown.changed() => Event::Shutdown,

@@ -845,6 +845,28 @@ async fn applied_numbers(gw: &Gw, instances: u64) -> BTreeMap<u64, usize> {
     seen
 }
 
+/// Of the heartbeat numbers `expected`: those not applied, those applied more than once (with
+/// their counts; at most 10 of each), and how many distinct numbers were applied.
+async fn once_each(
+    gw: &Gw,
+    instances: u64,
+    expected: impl IntoIterator<Item = u64>,
+) -> (Vec<u64>, Vec<(u64, usize)>, usize) {
+    let seen = applied_numbers(gw, instances).await;
+    let dups = seen
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(n, c)| (*n, *c))
+        .take(10)
+        .collect();
+    let missing = expected
+        .into_iter()
+        .filter(|n| !seen.contains_key(n))
+        .take(10)
+        .collect();
+    (missing, dups, seen.len())
+}
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -938,18 +960,13 @@ async fn mosquitto_every_message_is_applied_exactly_once_across_sigkills() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let seen = applied_numbers(&s.gw, instances).await;
-    let dups: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).take(10).collect();
-    let missing: Vec<u64> = (0..total)
-        .filter(|n| !seen.contains_key(n))
-        .take(10)
-        .collect();
+    let (missing, dups, applied) = once_each(&s.gw, instances, 0..total).await;
     eprintln!(
         "crash test: {total} messages, {instances} instances, {kills} SIGKILLs; heartbeats counted {counts}; redeliveries recognised and skipped {}",
         duplicates + metric(&s.gw, "smgate_mqtt_duplicates_total").await
     );
     assert!(
-        dups.is_empty() && missing.is_empty() && seen.len() as u64 == total && counts == total,
+        dups.is_empty() && missing.is_empty() && applied as u64 == total && counts == total,
         "dups {dups:?} missing {missing:?}"
     );
     for i in 0..instances {
@@ -1447,20 +1464,13 @@ async fn server_crash_drill(extra: &[(&str, &str)], what: &str) {
         acked.extend(text.lines().map(|l| l.parse::<u64>().unwrap()));
     }
     assert_eq!(acked.len() as u64, total, "every message was acknowledged");
-    let seen = applied_numbers(&s.gw, instances).await;
-    let dups: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).take(10).collect();
-    let missing: Vec<u64> = acked
-        .iter()
-        .copied()
-        .filter(|n| !seen.contains_key(n))
-        .take(10)
-        .collect();
+    let (missing, dups, applied) = once_each(&s.gw, instances, acked.iter().copied()).await;
     eprintln!(
         "{what}: {total} messages from {devices} paho devices over {instances} instances, {kills} kills; redeliveries recognised {}",
         duplicates + metric(&s.gw, "smgate_mqtt_duplicates_total").await
     );
     assert!(
-        dups.is_empty() && missing.is_empty() && seen.len() as u64 == total,
+        dups.is_empty() && missing.is_empty() && applied as u64 == total,
         "acknowledged but not applied: {missing:?}; applied twice: {dups:?}"
     );
     assert!(s.gw.stop().success());

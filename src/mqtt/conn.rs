@@ -82,7 +82,7 @@ where
         connect.client_id.clone()
     };
     let session: Arc<str> = format!("{subject}|{client_id}").into();
-    let link = Arc::new(Link::new(server.next_id(), Arc::new(grant)));
+    let link = Arc::new(Link::new(Arc::new(grant)));
     // 3.1.1: clean session 0 keeps the session. MQTT 5: clean start 0 resumes one; it
     // outlives this connection when its expiry interval is not 0.
     let persistent = match proto {
@@ -394,7 +394,7 @@ impl Conn {
                 if alias {
                     return Some(End::Protocol(Reason::TopicAliasInvalid));
                 }
-                if message.topic.is_empty() || message.topic.contains(['+', '#']) {
+                if !valid_topic(&message.topic) {
                     return Some(End::Protocol(Reason::ProtocolError));
                 }
                 self.publish(message, pkid, dup).await;
@@ -635,7 +635,7 @@ impl Conn {
 
     /// Publishes the client's Will as if the client had sent it, without an ack.
     async fn publish_will(&mut self, will: Message) {
-        if will.topic.is_empty() || will.topic.contains(['+', '#']) {
+        if !valid_topic(&will.topic) {
             return;
         }
         self.server.shared.wills.fetch_add(1, Ordering::Relaxed);
@@ -646,6 +646,11 @@ impl Conn {
             self.relay(will);
         }
     }
+}
+
+/// A topic a client may publish to: not empty, no wildcards.
+fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && rumqttc::mqttbytes::valid_topic(topic)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

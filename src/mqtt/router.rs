@@ -125,7 +125,6 @@ impl Grant {
 
 /// A connection as the router and the batcher see it: where its deliveries and acks go.
 pub struct Link {
-    pub id: u64,
     /// Wakes the connection task: deliveries, acks, or a kick.
     pub wake: Notify,
     pub outq: Mutex<Outq>,
@@ -137,9 +136,8 @@ pub struct Link {
 }
 
 impl Link {
-    pub fn new(id: u64, grant: Arc<Grant>) -> Link {
+    pub fn new(grant: Arc<Grant>) -> Link {
         Link {
-            id,
             wake: Notify::new(),
             outq: Mutex::new(Outq::default()),
             done: Mutex::new(Vec::new()),
@@ -332,6 +330,10 @@ impl Router {
         let Ok(inner) = self.inner.lock() else {
             return;
         };
+        // Nothing is retained here: with no subscriber there is nothing to do.
+        if inner.subscribers.is_empty() {
+            return;
+        }
         for e in outbox.emits {
             let payload = serde_json::to_vec(&e.data).unwrap_or_default();
             let m = Message {
@@ -341,9 +343,6 @@ impl Router {
                 retain: false,
             };
             self.fan_out(&inner, m, false);
-        }
-        if inner.subscribers.is_empty() {
-            return;
         }
         for ((machine, instance), payload) in outbox.states {
             let m = Message {

@@ -113,7 +113,6 @@ pub struct Server {
     pub shutdown: watch::Receiver<bool>,
     /// Open connections (a gauge for `/metrics` and for shutdown).
     pub connections: AtomicU64,
-    next_id: AtomicU64,
     sessions: Mutex<Sessions>,
     gateway_id: String,
     birth: u64,
@@ -173,7 +172,6 @@ pub async fn start(d: Deps, shutdown: watch::Receiver<bool>) -> Result<Running, 
         work: work_tx,
         shutdown: stop_rx,
         connections: AtomicU64::new(0),
-        next_id: AtomicU64::new(1),
         sessions: Default::default(),
         gateway_id: d.gateway_id.clone(),
         birth,
@@ -249,10 +247,6 @@ impl Server {
             qos: QoS::AtLeastOnce,
             retain: true,
         });
-    }
-
-    pub fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Checks a CONNECT's credentials: a `zsm_` machine key or `zeq_ak_` account key as the
@@ -568,7 +562,15 @@ async fn commit_and_ack(
     };
     let shared = &server.shared;
     let mut steps = Vec::with_capacity(outcomes.len());
-    let mut woken: Vec<Arc<Link>> = Vec::new();
+    // Each connection with acks in this batch is woken once, after all of them are in place,
+    // so that it writes them in one go.
+    let mut woken: HashMap<*const Link, Arc<Link>> = HashMap::new();
+    let mut release = |r: Reply, out: Out, settled: Option<Settled>| {
+        if let Ok(mut d) = r.link.done.lock() {
+            d.push((r.slot, out, settled));
+        }
+        woken.entry(Arc::as_ptr(&r.link)).or_insert(r.link);
+    };
     for ((m, outcome), reply) in messages.iter().zip(outcomes).zip(replies) {
         if let Some(r) = reply {
             let reason = Server::reason(&outcome);
@@ -582,24 +584,15 @@ async fn commit_and_ack(
                 QoS::ExactlyOnce => Out::PubRec(r.pkid, reason),
                 _ => Out::PubAck(r.pkid, reason),
             };
-            if let Ok(mut d) = r.link.done.lock() {
-                d.push((r.slot, out, settled));
-            }
-            if !woken.iter().any(|l| Arc::ptr_eq(l, &r.link)) {
-                woken.push(r.link);
-            }
+            release(r, out, settled);
         }
         steps.extend(shared.tally(outcome));
     }
     for (_, r) in releases {
-        if let Ok(mut d) = r.link.done.lock() {
-            d.push((r.slot, Out::PubComp(r.pkid), None));
-        }
-        if !woken.iter().any(|l| Arc::ptr_eq(l, &r.link)) {
-            woken.push(r.link);
-        }
+        let out = Out::PubComp(r.pkid);
+        release(r, out, None);
     }
-    for l in woken {
+    for l in woken.into_values() {
         l.wake.notify_one();
     }
     shared

@@ -11,7 +11,9 @@ use smgate::config::Config;
 use smgate::store::{GroupCommit, Store, StoreError};
 use smgate::{clock, gateway, server, systemd};
 
-/// The gateway's allocator: mimalloc, committing memory on demand ([`smgate::alloc`]).
+/// The gateway's allocator: mimalloc, committing memory on demand ([`smgate::alloc`]); the
+/// `system-alloc` feature leaves the system's, for heap profilers that hook `malloc`.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static ALLOCATOR: smgate::alloc::Allocator = smgate::alloc::Allocator;
 

@@ -379,8 +379,8 @@ pub struct Shared {
     /// keepalive period).
     pub connection_losses: AtomicU64,
     pub emits_dropped: AtomicU64,
-    /// Publishes read from the ingest connection and not yet taken into a batch; reading
-    /// pauses at `client::queue_cap`.
+    /// Publishes read from the ingest connections and not yet taken into a batch; reading
+    /// pauses at `client::queue_cap` (external mode) or `server::queue_cap`.
     pub(crate) ingest_queued: AtomicU64,
     /// The most there have been since start.
     pub(crate) ingest_queued_peak: AtomicU64,
@@ -610,7 +610,7 @@ impl Shared {
             &mut out,
             "gauge",
             "smgate_mqtt_ingest_queued",
-            "MQTT publishes read and waiting for a batch (reading pauses at 4 batches).",
+            "MQTT publishes read and waiting for a batch (reading pauses when the queue is full).",
             self.ingest_queued.load(Ordering::Relaxed),
         );
         metric(

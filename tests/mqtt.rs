@@ -2315,3 +2315,125 @@ async fn server_status_is_online_then_offline_on_sigterm_with_the_same_birth() {
         "{again:?}"
     );
 }
+
+/// A persistent session keeps what is published for its subscriptions while its client is
+/// away, and sends again, with their packet ids and DUP, the deliveries it never saw acked
+/// (3.1.1 §4.4, 5.0 §4.4): with `mosquitto_sub -c` in 3.1.1 and 5, and with rumqttc.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_keeps_a_persistent_session_s_deliveries_while_its_client_is_away() {
+    if !common::have_programs(&["mosquitto_pub", "mosquitto_sub"]) {
+        return;
+    }
+    let s = setup(
+        false,
+        &[("SMGATE_MQTT_ALLOW_ANONYMOUS", "false")],
+        &[("hb", heartbeat_def(), true)],
+    )
+    .await;
+    let (key, port) = (s.admin.clone(), s.port);
+    for v5 in [false, true] {
+        let (id, topic) = if v5 {
+            ("watcher-5", "lab/news-5")
+        } else {
+            ("watcher-4", "lab/news-4")
+        };
+        // 5.0: clean start 0 and a session expiry interval keep the session.
+        let keep: &[&str] = if v5 { &["-c", "-x", "3600"] } else { &["-c"] };
+        let mut first = vec!["-i", id, "-q", "1", "-t", topic, "-C", "1"];
+        first.extend_from_slice(keep);
+        let sub = mosquitto_sub_bg(port, &key, v5, &first, 10);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let (code, out) =
+            mosquitto_pub(port, Some(&key), v5, &["-q", "1", "-t", topic, "-m", "n0"]);
+        assert_eq!(code, 0, "{out}");
+        let got = sub.join().unwrap();
+        assert!(got.contains(&format!("{topic} n0")), "{got}");
+        // The client is away: three messages for its subscription.
+        for n in 1..=3 {
+            let m = format!("n{n}");
+            let (code, out) =
+                mosquitto_pub(port, Some(&key), v5, &["-q", "1", "-t", topic, "-m", &m]);
+            assert_eq!(code, 0, "{out}");
+        }
+        // Back, without subscribing again (`-t` names a topic nobody publishes to).
+        let mut again = vec!["-i", id, "-q", "1", "-t", "lab/nothing", "-C", "3"];
+        again.extend_from_slice(keep);
+        let got = mosquitto_sub(port, Some(&key), v5, &again, 10);
+        let lines: Vec<&str> = got.lines().filter(|l| l.starts_with(topic)).collect();
+        assert_eq!(
+            lines,
+            [
+                format!("{topic} n1"),
+                format!("{topic} n2"),
+                format!("{topic} n3")
+            ],
+            "v5 {v5}: {got}"
+        );
+    }
+
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let connect = |id: &str| {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_credentials("hb", key.clone());
+        o.set_clean_session(false);
+        o.set_manual_acks(true);
+        AsyncClient::new(o, 10)
+    };
+    let next_publish = async |ev: &mut rumqttc::EventLoop| loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => return p,
+            Ok(Ok(_)) => {}
+            other => panic!("rumqttc: {other:?}"),
+        }
+    };
+    let (client, mut ev) = connect("slow-reader");
+    client
+        .subscribe("lab/slow", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        if let Ok(Event::Incoming(Packet::SubAck(_))) = ev.poll().await {
+            break;
+        }
+    }
+    let (code, out) = mosquitto_pub(
+        port,
+        Some(&key),
+        false,
+        &["-q", "1", "-t", "lab/slow", "-m", "m1"],
+    );
+    assert_eq!(code, 0, "{out}");
+    let first = next_publish(&mut ev).await;
+    assert_eq!((first.payload.as_ref(), first.dup), (&b"m1"[..], false));
+    // Gone without acking it.
+    drop((client, ev));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (client, mut ev) = connect("slow-reader");
+    match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
+        Ok(Ok(Event::Incoming(Packet::ConnAck(c)))) => assert!(c.session_present),
+        other => panic!("rumqttc: {other:?}"),
+    }
+    let again = next_publish(&mut ev).await;
+    assert_eq!(
+        (
+            again.payload.as_ref(),
+            again.pkid,
+            again.dup,
+            again.topic.as_str()
+        ),
+        (&b"m1"[..], first.pkid, true, "lab/slow")
+    );
+    client.ack(&again).await.unwrap();
+    // Acked now: a third connection gets nothing again.
+    let _ = tokio::time::timeout(Duration::from_millis(500), ev.poll()).await;
+    drop((client, ev));
+    let (_client, mut ev) = connect("slow-reader");
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(300), ev.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => panic!("delivered again: {p:?}"),
+            Ok(Ok(_)) | Err(_) => {}
+            Ok(Err(e)) => panic!("rumqttc: {e}"),
+        }
+    }
+}

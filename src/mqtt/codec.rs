@@ -129,9 +129,11 @@ pub enum Out {
     PubRec(u16, Reason),
     PubRel(u16),
     PubComp(u16),
+    /// A delivery; `dup` when it is sent again to a resumed session (3.1.1 §4.4).
     Publish {
         message: Message,
         pkid: u16,
+        dup: bool,
     },
     SubAck {
         pkid: u16,
@@ -424,8 +426,8 @@ fn to_v4(out: &Out) -> Option<v4::Packet> {
         Out::PubRec(pkid, _) => v4::Packet::PubRec(v4::PubRec::new(*pkid)),
         Out::PubRel(pkid) => v4::Packet::PubRel(v4::PubRel::new(*pkid)),
         Out::PubComp(pkid) => v4::Packet::PubComp(v4::PubComp::new(*pkid)),
-        Out::Publish { message, pkid } => v4::Packet::Publish(v4::Publish {
-            dup: false,
+        Out::Publish { message, pkid, dup } => v4::Packet::Publish(v4::Publish {
+            dup: *dup,
             qos: message.qos,
             retain: message.retain,
             topic: message.topic.clone(),
@@ -513,8 +515,8 @@ fn to_v5(out: &Out) -> Option<v5::Packet> {
         }
         Out::PubRel(pkid) => v5::Packet::PubRel(v5::PubRel::new(*pkid, None)),
         Out::PubComp(pkid) => v5::Packet::PubComp(v5::PubComp::new(*pkid, None)),
-        Out::Publish { message, pkid } => v5::Packet::Publish(v5::Publish {
-            dup: false,
+        Out::Publish { message, pkid, dup } => v5::Packet::Publish(v5::Publish {
+            dup: *dup,
             qos: v5_qos(message.qos),
             retain: message.retain,
             topic: Bytes::copy_from_slice(message.topic.as_bytes()),

@@ -14,7 +14,7 @@
 //!   publishes the client's Will, through the same path as its publishes (so a Will on an
 //!   ingest topic is applied as an event).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use super::codec::{self, DecodeError, In, Message, Out, Proto, QoS, Reason};
 use super::ingest::{self, Forget};
 use super::router::{Grant, Link};
-use super::server::{Reply, Server, Work};
+use super::server::{Parked, Reply, Server, Work};
 use crate::auth::Access;
 
 /// How long a write to a client may take before the client counts as gone (one that never
@@ -89,7 +89,7 @@ where
         Proto::V4 => !connect.clean,
         Proto::V5 => connect.session_expiry > 0,
     };
-    let (present, window) = match server.open_session(&session, &link, connect.clean).await {
+    let (present, parked) = match server.open_session(&session, &link, connect.clean).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "MQTT session not opened");
@@ -107,7 +107,7 @@ where
         max_packet: max as u32,
     };
     if send(&mut io, proto, &[connack]).await.is_err() {
-        server.close_session(&session, &link, persistent, window);
+        server.close_session(&session, &link, persistent, parked);
         return;
     }
     server.shared.connects.fetch_add(1, Ordering::Relaxed);
@@ -120,7 +120,8 @@ where
         acks: Acks::default(),
         waiting: 0,
         qos2: HashMap::new(),
-        out_inflight: HashSet::new(),
+        out_inflight: HashMap::new(),
+        sent: 0,
         next_pkid: 1,
         out_window: server
             .cfg
@@ -128,10 +129,11 @@ where
             .min(connect.receive_maximum.unwrap_or(u16::MAX))
             .max(1) as usize,
         client_max_packet: connect.max_packet.map_or(usize::MAX, |m| m as usize),
-        window,
+        window: parked.window,
         window_cap: receive_maximum as usize,
         wbuf: BytesMut::with_capacity(1024),
     };
+    c.resend(parked.unacked);
     let keep_alive =
         (connect.keep_alive > 0).then(|| Duration::from_millis(connect.keep_alive as u64 * 1500));
     let end = c.run(&mut io, &mut rbuf, keep_alive).await;
@@ -150,7 +152,11 @@ where
             c.publish_will(will).await;
         }
     }
-    server.close_session(&session, &link, persistent, std::mem::take(&mut c.window));
+    let parked = match persistent {
+        true => c.park(),
+        false => Parked::default(),
+    };
+    server.close_session(&session, &link, persistent, parked);
     server.connections.fetch_sub(1, Ordering::Relaxed);
     tracing::debug!(%peer, client = %client_id, ?end, "MQTT connection closed");
 }
@@ -268,8 +274,11 @@ struct Conn {
     waiting: usize,
     /// QoS 2 packet ids received and not yet released by PUBREL.
     qos2: HashMap<u16, Qos2>,
-    /// Packet ids of QoS 1 deliveries to this client not yet acked.
-    out_inflight: HashSet<u16>,
+    /// QoS 1 deliveries to this client not yet acked, by packet id, with their order: a
+    /// persistent session sends them again when the client comes back.
+    out_inflight: HashMap<u16, (u64, Message)>,
+    /// Deliveries made so far (their order in `out_inflight`).
+    sent: u64,
     next_pkid: u16,
     out_window: usize,
     client_max_packet: usize,
@@ -612,14 +621,55 @@ impl Conn {
                 0
             } else {
                 let pkid = self.free_pkid();
-                self.out_inflight.insert(pkid);
+                self.sent += 1;
+                self.out_inflight.insert(pkid, (self.sent, m.clone()));
                 pkid
             };
-            codec::write(
-                self.proto,
-                &Out::Publish { message: m, pkid },
-                &mut self.wbuf,
-            );
+            let out = Out::Publish {
+                message: m,
+                pkid,
+                dup: false,
+            };
+            codec::write(self.proto, &out, &mut self.wbuf);
+        }
+    }
+
+    /// Sends again, with their packet ids and DUP, the deliveries that the session's last
+    /// connection did not see acked, as far as the client's window goes; the rest are queued
+    /// as new deliveries.
+    fn resend(&mut self, unacked: Vec<(u16, Message)>) {
+        let mut rest = Vec::new();
+        for (pkid, m) in unacked {
+            if self.out_inflight.len() >= self.out_window || self.out_inflight.contains_key(&pkid) {
+                rest.push(m);
+                continue;
+            }
+            if codec::publish_size(self.proto, &m) > self.client_max_packet {
+                continue;
+            }
+            self.sent += 1;
+            self.out_inflight.insert(pkid, (self.sent, m.clone()));
+            let out = Out::Publish {
+                message: m,
+                pkid,
+                dup: true,
+            };
+            codec::write(self.proto, &out, &mut self.wbuf);
+        }
+        self.server.router.requeue(&self.link, rest);
+    }
+
+    /// What the session keeps when this connection ends.
+    fn park(&mut self) -> Parked {
+        let mut unacked: Vec<(u64, u16, Message)> = self
+            .out_inflight
+            .drain()
+            .map(|(pkid, (n, m))| (n, pkid, m))
+            .collect();
+        unacked.sort_by_key(|(n, _, _)| *n);
+        Parked {
+            window: std::mem::take(&mut self.window),
+            unacked: unacked.into_iter().map(|(_, p, m)| (p, m)).collect(),
         }
     }
 
@@ -627,7 +677,7 @@ impl Conn {
         loop {
             let p = self.next_pkid;
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            if !self.out_inflight.contains(&p) {
+            if !self.out_inflight.contains_key(&p) {
                 return p;
             }
         }

@@ -213,6 +213,23 @@ impl Outq {
     pub fn is_empty(&self) -> bool {
         self.order.is_empty()
     }
+
+    /// Puts deliveries that a closed connection sent and never saw acked back at the front,
+    /// in their order; a state for which a newer one already waits is left out.
+    fn requeue(&mut self, messages: Vec<Message>, is_state: impl Fn(&str) -> bool) {
+        for m in messages.into_iter().rev() {
+            if self.states.contains_key(&m.topic) {
+                continue;
+            }
+            if is_state(&m.topic) {
+                self.order.push_front(Queued::State(m.topic.clone()));
+                self.states.insert(m.topic.clone(), m);
+            } else {
+                self.others += 1;
+                self.order.push_front(Queued::Message(m));
+            }
+        }
+    }
 }
 
 struct Subscriber {
@@ -499,15 +516,34 @@ impl Router {
         }
     }
 
+    /// Queues for `link` again, at the front, deliveries that an earlier connection of its
+    /// session sent and never saw acked.
+    pub fn requeue(&self, link: &Link, unacked: Vec<Message>) {
+        if unacked.is_empty() {
+            return;
+        }
+        if let Ok(mut q) = link.outq.lock() {
+            q.requeue(unacked, |t| self.is_state(t));
+        }
+        link.wake.notify_one();
+    }
+
     /// Whether `client` has subscriptions kept from an earlier connection; they now deliver
-    /// to `link`.
+    /// to `link`, which takes over what was queued for them while the client was away.
     pub fn resume(&self, client: &str, link: &Arc<Link>) -> bool {
         let Ok(mut inner) = self.inner.lock() else {
             return false;
         };
         match inner.subscribers.get_mut(client) {
             Some(s) => {
+                if !Arc::ptr_eq(&s.link, link) {
+                    let waiting = s.link.outq.lock().map(|mut q| std::mem::take(&mut *q));
+                    if let (Ok(waiting), Ok(mut q)) = (waiting, link.outq.lock()) {
+                        *q = waiting;
+                    }
+                }
                 s.link = link.clone();
+                link.wake.notify_one();
                 true
             }
             None => false,

@@ -122,9 +122,20 @@ pub struct Server {
 struct Sessions {
     /// Session name → its connection.
     online: HashMap<Arc<str>, Arc<Link>>,
-    /// Session name → the latest committed deliveries of persistent sessions, oldest first,
-    /// kept while the client is away.
-    windows: HashMap<Arc<str>, VecDeque<(u16, u64)>>,
+    /// Session name → what a persistent session keeps while its client is away.
+    parked: HashMap<Arc<str>, Parked>,
+}
+
+/// What a persistent session keeps between its connections (its subscriptions, and what was
+/// queued for them meanwhile, stay in the router).
+#[derive(Default)]
+pub struct Parked {
+    /// The latest committed deliveries from the client, (packet id, tag), oldest first: the
+    /// ones it may still redeliver (module doc of `mqtt`).
+    pub window: VecDeque<(u16, u64)>,
+    /// Deliveries to the client that it has not acked, oldest first: sent again with their
+    /// packet ids and DUP when it comes back (3.1.1 §4.4, 5.0 §4.4).
+    pub unacked: Vec<(u16, Message)>,
 }
 
 /// Batches handed to the writer and not yet acked: while one commits, the next is already on
@@ -293,8 +304,8 @@ impl Server {
         session: &Arc<str>,
         link: &Arc<Link>,
         clean: bool,
-    ) -> Result<(bool, VecDeque<(u16, u64)>), StoreError> {
-        let window = {
+    ) -> Result<(bool, Parked), StoreError> {
+        let parked = {
             let mut s = self
                 .sessions
                 .lock()
@@ -302,7 +313,7 @@ impl Server {
             if let Some(old) = s.online.insert(session.clone(), link.clone()) {
                 old.kick(Reason::SessionTakenOver);
             }
-            s.windows.remove(session)
+            s.parked.remove(session)
         };
         if clean {
             self.router.drop_session(session);
@@ -313,20 +324,21 @@ impl Server {
                     .write(move |txn| ingest::forget(txn, &forget))
                     .await?;
             }
-            return Ok((false, VecDeque::new()));
+            return Ok((false, Parked::default()));
         }
         let subscribed = self.router.resume(session, link);
-        Ok((subscribed || window.is_some(), window.unwrap_or_default()))
+        Ok((subscribed || parked.is_some(), parked.unwrap_or_default()))
     }
 
-    /// The connection of `session` ended; a persistent session keeps its subscriptions and
-    /// dedup window for the next connection.
+    /// The connection of `session` ended; a persistent session keeps its subscriptions, its
+    /// dedup window and its unacked deliveries for the next connection. When that connection
+    /// has already taken over, the unacked deliveries are queued for it again.
     pub fn close_session(
         &self,
         session: &Arc<str>,
         link: &Arc<Link>,
         persistent: bool,
-        window: VecDeque<(u16, u64)>,
+        mut parked: Parked,
     ) {
         let Ok(mut s) = self.sessions.lock() else {
             return;
@@ -341,8 +353,15 @@ impl Server {
             }
             return;
         }
-        if current || !s.windows.contains_key(session) {
-            s.windows.insert(session.clone(), window);
+        if !current {
+            if let Some(online) = s.online.get(session) {
+                let unacked = std::mem::take(&mut parked.unacked);
+                self.router
+                    .requeue(online, unacked.into_iter().map(|(_, m)| m).collect());
+            }
+        }
+        if current || !s.parked.contains_key(session) {
+            s.parked.insert(session.clone(), parked);
         }
     }
 

@@ -2318,7 +2318,8 @@ async fn server_status_is_online_then_offline_on_sigterm_with_the_same_birth() {
 
 /// A persistent session keeps what is published for its subscriptions while its client is
 /// away, and sends again, with their packet ids and DUP, the deliveries it never saw acked
-/// (3.1.1 §4.4, 5.0 §4.4): with `mosquitto_sub -c` in 3.1.1 and 5, and with rumqttc.
+/// (3.1.1 §4.4, 5.0 §4.4): with `mosquitto_sub -c` in 3.1.1 and 5, and with rumqttc; an
+/// MQTT 5 session ends at its Session Expiry Interval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_keeps_a_persistent_session_s_deliveries_while_its_client_is_away() {
     if !common::have_programs(&["mosquitto_pub", "mosquitto_sub"]) {
@@ -2370,6 +2371,33 @@ async fn server_keeps_a_persistent_session_s_deliveries_while_its_client_is_away
             "v5 {v5}: {got}"
         );
     }
+
+    // An MQTT 5 session that expires one second after its connection: what comes later is not
+    // kept for it.
+    let brief = ["-i", "brief", "-q", "1", "-c", "-x", "1", "-W", "1"];
+    let _ = mosquitto_sub(
+        port,
+        Some(&key),
+        true,
+        &[&brief[..], &["-t", "lab/brief"]].concat(),
+        1,
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (code, out) = mosquitto_pub(
+        port,
+        Some(&key),
+        true,
+        &["-q", "1", "-t", "lab/brief", "-m", "late"],
+    );
+    assert_eq!(code, 0, "{out}");
+    let got = mosquitto_sub(
+        port,
+        Some(&key),
+        true,
+        &[&brief[..], &["-t", "lab/nothing"]].concat(),
+        1,
+    );
+    assert!(!got.contains("lab/brief"), "{got}");
 
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let connect = |id: &str| {

@@ -89,6 +89,7 @@ where
         Proto::V4 => !connect.clean,
         Proto::V5 => connect.session_expiry > 0,
     };
+    let lifetime = session_lifetime(&connect, &server.cfg);
     let (present, parked) = match server.open_session(&session, &link, connect.clean).await {
         Ok(s) => s,
         Err(e) => {
@@ -153,12 +154,24 @@ where
         }
     }
     let parked = match persistent {
-        true => c.park(),
+        true => c.park(lifetime),
         false => Parked::default(),
     };
     server.close_session(&session, &link, persistent, parked);
     server.connections.fetch_sub(1, Ordering::Relaxed);
     tracing::debug!(%peer, client = %client_id, ?end, "MQTT connection closed");
+}
+
+/// How long a persistent session outlives its connection: the MQTT 5 client's Session Expiry
+/// Interval (0xFFFFFFFF: no end), or `mqtt.session_expiry_secs` for 3.1.1 (0: no end).
+fn session_lifetime(connect: &codec::Connect, cfg: &super::MqttConfig) -> Option<Duration> {
+    let secs = match connect.proto {
+        Proto::V5 if connect.session_expiry == u32::MAX => return None,
+        Proto::V5 => connect.session_expiry as u64,
+        Proto::V4 if cfg.session_expiry_secs == 0 => return None,
+        Proto::V4 => cfg.session_expiry_secs,
+    };
+    Some(Duration::from_secs(secs))
 }
 
 async fn read_connect<S: AsyncRead + Unpin>(
@@ -659,8 +672,9 @@ impl Conn {
         self.server.router.requeue(&self.link, rest);
     }
 
-    /// What the session keeps when this connection ends.
-    fn park(&mut self) -> Parked {
+    /// What the session keeps when this connection ends, for `lifetime` (None: until smgate
+    /// stops).
+    fn park(&mut self, lifetime: Option<Duration>) -> Parked {
         let mut unacked: Vec<(u64, u16, Message)> = self
             .out_inflight
             .drain()
@@ -670,6 +684,7 @@ impl Conn {
         Parked {
             window: std::mem::take(&mut self.window),
             unacked: unacked.into_iter().map(|(_, p, m)| (p, m)).collect(),
+            expires: lifetime.map(|d| std::time::Instant::now() + d),
         }
     }
 

@@ -158,6 +158,9 @@ pub struct MqttConfig {
     pub max_queued_messages: usize,
     /// Retained messages kept for topics other than instance states (those come from redb).
     pub max_retained: usize,
+    /// Seconds a persistent 3.1.1 session outlives its connection (0: until smgate stops);
+    /// MQTT 5 clients set their own Session Expiry Interval.
+    pub session_expiry_secs: u64,
     /// External broker: `mqtt://host[:1883]` or `mqtts://host[:8883]`.
     pub url: Option<String>,
     /// PEM CA certificates that sign the external broker's certificate (`mqtts://`).
@@ -207,6 +210,7 @@ impl Default for MqttConfig {
             connect_timeout_secs: 10,
             max_queued_messages: 1000,
             max_retained: 10_000,
+            session_expiry_secs: 7 * 24 * 3600,
             url: None,
             ca_file: None,
             client_cert: None,

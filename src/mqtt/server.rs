@@ -21,7 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -136,6 +136,14 @@ pub struct Parked {
     /// Deliveries to the client that it has not acked, oldest first: sent again with their
     /// packet ids and DUP when it comes back (3.1.1 §4.4, 5.0 §4.4).
     pub unacked: Vec<(u16, Message)>,
+    /// When the session ends if its client has not come back (None: when smgate stops).
+    pub expires: Option<Instant>,
+}
+
+impl Parked {
+    fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|t| t <= now)
+    }
 }
 
 /// Batches handed to the writer and not yet acked: while one commits, the next is already on
@@ -214,6 +222,7 @@ pub async fn start(d: Deps, shutdown: watch::Receiver<bool>) -> Result<Running, 
         )),
         tokio::spawn(router_task(server.clone(), shutdown.clone())),
         tokio::spawn(revocations(server.clone(), shutdown.clone())),
+        tokio::spawn(expire_sessions(server.clone(), shutdown.clone())),
         tokio::spawn(accept(
             server.clone(),
             listener,
@@ -314,6 +323,14 @@ impl Server {
                 old.kick(Reason::SessionTakenOver);
             }
             s.parked.remove(session)
+        };
+        // A session that expired while its client was away is gone, as if never made.
+        let parked = match parked {
+            Some(p) if p.expired(Instant::now()) => {
+                self.router.drop_session(session);
+                None
+            }
+            p => p,
         };
         if clean {
             self.router.drop_session(session);
@@ -458,6 +475,33 @@ async fn revocations(server: Arc<Server>, mut shutdown: watch::Receiver<bool>) {
                     link.kick(Reason::NotAuthorized);
                 }
             }
+        }
+    }
+}
+
+/// Ends the persistent sessions whose clients stayed away past their expiry, so that
+/// abandoned sessions do not keep subscriptions and queues (a returning client finds out at
+/// once: `open_session` checks too).
+async fn expire_sessions(server: Arc<Server>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let Ok(mut s) = server.sessions.lock() else {
+            continue;
+        };
+        let expired: Vec<Arc<str>> = s
+            .parked
+            .iter()
+            .filter(|(name, p)| p.expired(now) && !s.online.contains_key(*name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in expired {
+            s.parked.remove(&name);
+            server.router.drop_session(&name);
         }
     }
 }

@@ -249,13 +249,11 @@ pub async fn start(d: Deps, shutdown: watch::Receiver<bool>) -> Result<Running, 
     })
 }
 
-/// Ingest work waiting for the batcher at which connections wait to hand more: one full batch,
-/// ready when a batch in flight is acked. What the devices have sent beyond it waits in the
-/// sockets, in the kernel's buffers rather than in smgate's memory: with room for a batch per
-/// batch in flight, the queue held every publish of 1,000 devices (32,000) at saturation, for
-/// the same throughput (`docs/performance.md`).
+/// Ingest work waiting for the batcher at which connections wait to hand more: enough for
+/// every batch in flight to be full, so the queue never starves the writer (a queue of one
+/// batch saved some memory but left the writer waiting for work: `docs/performance.md`).
 fn queue_cap(batch_size: usize) -> usize {
-    batch_size.max(1)
+    BATCHES_IN_FLIGHT * batch_size.max(1)
 }
 
 impl Server {

@@ -1738,21 +1738,25 @@ async fn server_authorizes_every_principal_per_topic() {
     );
 }
 
+/// The embedded server with keys required and the heartbeat machine `hb`, for a test with
+/// mosquitto's clients; None when they are not installed (and `CI_REQUIRE_PEERS` unset).
+async fn keyed_server() -> Option<Setup> {
+    if !common::have_programs(&["mosquitto_pub", "mosquitto_sub"]) {
+        return None;
+    }
+    let extra = [("SMGATE_MQTT_ALLOW_ANONYMOUS", "false")];
+    Some(setup(false, &extra, &[("hb", heartbeat_def(), true)]).await)
+}
+
 /// Interoperability with real clients in both protocol versions: QoS 0, 1 and 2 publishes are
 /// applied (QoS 2 once, through PUBREC/PUBREL/PUBCOMP), `+`/`#` subscriptions receive the
 /// retained state at once and later states live, other topics are relayed (and retained), and
 /// a client killed without DISCONNECT has its Will published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_interoperates_with_mosquitto_clients_and_rumqttc() {
-    if !common::have_programs(&["mosquitto_pub", "mosquitto_sub"]) {
+    let Some(s) = keyed_server().await else {
         return;
-    }
-    let s = setup(
-        false,
-        &[("SMGATE_MQTT_ALLOW_ANONYMOUS", "false")],
-        &[("hb", heartbeat_def(), true)],
-    )
-    .await;
+    };
     let key = s.admin.clone();
     let port = s.port;
     for (v5, qos) in [
@@ -2322,15 +2326,9 @@ async fn server_status_is_online_then_offline_on_sigterm_with_the_same_birth() {
 /// MQTT 5 session ends at its Session Expiry Interval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_keeps_a_persistent_session_s_deliveries_while_its_client_is_away() {
-    if !common::have_programs(&["mosquitto_pub", "mosquitto_sub"]) {
+    let Some(s) = keyed_server().await else {
         return;
-    }
-    let s = setup(
-        false,
-        &[("SMGATE_MQTT_ALLOW_ANONYMOUS", "false")],
-        &[("hb", heartbeat_def(), true)],
-    )
-    .await;
+    };
     let (key, port) = (s.admin.clone(), s.port);
     for v5 in [false, true] {
         let (id, topic) = if v5 {

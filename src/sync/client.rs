@@ -44,9 +44,8 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::hub::OneChunk;
 use super::{
-    origin, Ack, Batch, Conflict, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES, WIRE_VERSION,
+    origin, Ack, Batch, Conflict, OneChunk, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES, WIRE_VERSION,
 };
 use crate::ledger::{self, log, Checkpoint};
 use crate::server::Gateway;

@@ -16,6 +16,8 @@
 //! proof. So the hub's copy is always a verified prefix of the gateway's log, a repeated
 //! batch changes nothing, and a refused batch leaves what the hub had.
 
+pub mod cli;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,10 +25,9 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming};
+use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -34,8 +35,10 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::{origin, Ack, Batch, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES, WIRE_VERSION};
 use crate::ledger::{self, genesis_prev_hash, hex, log::TableHashes, tlog, Hash, LedgerError, Row};
+use crate::sync::{
+    origin, Ack, Batch, OneChunk, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES, WIRE_VERSION,
+};
 use crate::{auth, clock, store};
 
 /// ("<gateway>/<slug>", seq) → stored row bytes.
@@ -567,29 +570,6 @@ impl Hub {
     }
 }
 
-/// A response or request body that is one chunk.
-pub struct OneChunk(pub Option<Bytes>);
-
-impl Body for OneChunk {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.0.take().map(|b| Ok(Frame::data(b))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.is_none()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        hyper::body::SizeHint::with_exact(self.0.as_ref().map_or(0, |b| b.len() as u64))
-    }
-}
-
 type Response = http::Response<OneChunk>;
 
 fn json_response(status: u16, value: &Value) -> Response {
@@ -814,7 +794,8 @@ pub fn cert_pin(pem: &Path) -> Result<String, HubError> {
     use rustls::pki_types::pem::PemObject;
     let cert = rustls::pki_types::CertificateDer::from_pem_file(pem)
         .map_err(|e| HubError::Invalid(format!("{}: {e}", pem.display())))?;
-    super::client::spki_pin(&cert).map_err(|e| HubError::Invalid(format!("{}: {e}", pem.display())))
+    crate::sync::client::spki_pin(&cert)
+        .map_err(|e| HubError::Invalid(format!("{}: {e}", pem.display())))
 }
 
 /// Serves the hub on `listener` until `shutdown` changes.

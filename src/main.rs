@@ -269,7 +269,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             println!("verifier_key {}", id.verifier_key());
             Ok(())
         }
-        Command::Hub(args) => smgate::hub::cli::run(hub_dir, args)
+        Command::Hub(args) => smgate::hub::cli::run(hub_dir, &config, args)
             .await
             .map_err(|e| CliError::Usage(e.to_string())),
         Command::Bench(BenchCommand::FillLog { machine, rows }) => {

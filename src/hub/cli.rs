@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 
-use super::{Hub, HubError};
+use super::{embedded::Embedded, pg::Pg, HubError, HubStore, Opened};
+use crate::config::Config;
 
 #[derive(Args)]
 pub struct HubArgs {
@@ -25,25 +26,60 @@ enum HubCommand {
         gateway_id: String,
         verifier_key: String,
     },
+    /// Apply the database migrations this binary knows (PostgreSQL only; `hub` applies them
+    /// at start too) and exit.
+    Migrate,
 }
 
-/// Runs one `smgate hub` command: serve until SIGTERM/SIGINT, or `enroll`.
-pub async fn run(dir: PathBuf, args: HubArgs) -> Result<(), HubError> {
-    if let Some(HubCommand::Enroll {
-        gateway_id,
-        verifier_key,
-    }) = args.command
-    {
-        let token = Hub::enroll(&dir, &gateway_id, &verifier_key)?;
-        println!("enrolled {gateway_id}");
-        println!("token {token}");
-        println!("(shown once; set it as upstream.token on the gateway)");
-        return Ok(());
+/// Runs one `smgate hub` command: serve until SIGTERM/SIGINT, `enroll` or `migrate`. With
+/// `hub.database_url` set, the hub's logs and enrolments are in PostgreSQL; otherwise in `dir`.
+pub async fn run(dir: PathBuf, config: &Config, args: HubArgs) -> Result<(), HubError> {
+    let on_pg = !config.hub.database_url.is_empty();
+    match args.command {
+        Some(HubCommand::Enroll {
+            gateway_id,
+            verifier_key,
+        }) => {
+            let (record, token) = super::new_enrollment(&gateway_id, &verifier_key)?;
+            if on_pg {
+                let pg = Pg::connect(&config.hub).await?;
+                pg.migrate().await?;
+                pg.enroll(&record).await.map_err(|e| HubError::Store(e.0))?;
+            } else {
+                Embedded::enroll_file(&dir, &record)?;
+            }
+            println!("enrolled {gateway_id}");
+            println!("token {token}");
+            println!("(shown once; set it as upstream.token on the gateway)");
+            return Ok(());
+        }
+        Some(HubCommand::Migrate) => {
+            if !on_pg {
+                return Err(HubError::Invalid(
+                    "hub migrate needs hub.database_url (SMGATE_HUB_DATABASE_URL); the embedded \
+                     hub file needs no migration"
+                        .into(),
+                ));
+            }
+            let applied = Pg::connect(&config.hub).await?.migrate().await?;
+            println!("smgate hub: migrations applied: {applied:?}");
+            return Ok(());
+        }
+        None => {}
     }
-    let hub = Arc::new(Hub::open(&dir)?);
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    match Opened::open(&dir, &config.hub).await? {
+        Opened::Embedded(hub) => serve_until_signal(Arc::new(hub), args.listen).await,
+        Opened::Pg(hub) => serve_until_signal(Arc::new(hub), args.listen).await,
+    }
+}
+
+async fn serve_until_signal<S: HubStore>(
+    hub: Arc<super::Hub<S>>,
+    listen: std::net::SocketAddr,
+) -> Result<(), HubError> {
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| HubError::Invalid(format!("cannot listen on {}: {e}", args.listen)))?;
+        .map_err(|e| HubError::Invalid(format!("cannot listen on {listen}: {e}")))?;
     let addr = listener
         .local_addr()
         .map_err(|e| HubError::Invalid(e.to_string()))?;

@@ -21,7 +21,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{cli, line_value, BIN};
+use common::{line_value, BIN};
 use pg::Postgres;
 use smgate::hub::pg::Pg;
 use smgate::ledger::note::GatewayKey;

@@ -14,7 +14,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 pub struct Postgres {
     dir: tempfile::TempDir,
@@ -214,6 +214,7 @@ impl Postgres {
         for pid in self.pids() {
             let _ = Command::new("kill")
                 .args([&format!("-{sig}"), &pid.to_string()])
+                .stderr(Stdio::null())
                 .status();
         }
     }

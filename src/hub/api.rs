@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::{Hub, HubError, HubStore, Refusal, Stored};
+use super::{tiles, Hub, HubError, HubStore, Refusal, Stored};
 use crate::clock;
 use crate::ledger::{hex, Row};
 use crate::sync::{Batch, OneChunk, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES};
@@ -125,6 +125,7 @@ async fn handle<S: HubStore>(hub: Arc<Hub<S>>, req: http::Request<Incoming>) -> 
                 Err(e) => unavailable(&e.0),
             }
         }
+        ("GET", ["logs", gw, machine, rest @ ..]) => log_route(&hub, gw, machine, rest).await,
         ("GET", ["v1", "stats"]) => {
             let s = &hub.stats;
             let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -149,6 +150,85 @@ async fn handle<S: HubStore>(hub: Arc<Hub<S>>, req: http::Request<Incoming>) -> 
             &json!({"error": "not_found", "message": "no such route"}),
         ),
     }
+}
+
+fn not_found(what: &str) -> Response {
+    json_response(404, &json!({"error": "not_found", "message": what}))
+}
+
+fn bytes_response(content_type: &'static str, cache: &'static str, body: Vec<u8>) -> Response {
+    let mut res = http::Response::new(OneChunk(Some(Bytes::from(body))));
+    let h = res.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static(cache),
+    );
+    res
+}
+
+/// The tlog-tiles read path of one log (`tiles.rs`).
+async fn log_route<S: HubStore>(hub: &Hub<S>, gw: &str, machine: &str, rest: &[&str]) -> Response {
+    let log = match hub.store.log(gw, machine).await {
+        Ok(Some(log)) => log,
+        Ok(None) => return not_found("no such log"),
+        Err(e) => return unavailable(&e.0),
+    };
+    let request = match rest {
+        ["checkpoint"] => {
+            return bytes_response(
+                "text/plain; charset=utf-8",
+                "no-cache",
+                log.checkpoint.into_bytes(),
+            )
+        }
+        ["tile", tile @ ..] => match tiles::parse(tile) {
+            Some(t) if t.within(log.size) => t,
+            _ => return not_found("no such tile in this log's tree"),
+        },
+        _ => return not_found("no such route"),
+    };
+    let cache = if request.is_full() {
+        "public, max-age=31536000, immutable"
+    } else {
+        "public, max-age=60"
+    };
+    let body = match request.level {
+        Some(level) => {
+            let width = request.width;
+            match hub
+                .store
+                .tile(gw, machine, level, request.index, width)
+                .await
+            {
+                Ok(Some(hashes)) => hashes,
+                Ok(None) => return not_found("tile not stored"),
+                Err(e) => return unavailable(&e.0),
+            }
+        }
+        None => {
+            let from = request.index * 256;
+            match hub
+                .store
+                .rows(gw, machine, from, from + request.width as u64)
+                .await
+            {
+                Ok(rows) if rows.len() == request.width => {
+                    let hashes: Vec<[u8; 32]> = rows
+                        .iter()
+                        .filter_map(|r| r.get(r.len().saturating_sub(32)..)?.try_into().ok())
+                        .collect();
+                    tiles::entry_bundle(&hashes)
+                }
+                Ok(_) => return not_found("entries not stored"),
+                Err(e) => return unavailable(&e.0),
+            }
+        }
+    };
+    bytes_response("application/octet-stream", cache, body)
 }
 
 async fn gateways_route<S: HubStore>(hub: &Hub<S>) -> Response {

@@ -211,6 +211,40 @@ impl Embedded {
         Ok(out)
     }
 
+    fn log_blocking(&self, gw: &str, machine: &str) -> Result<Option<Stored>, Fault> {
+        let txn = self.db.begin_read().map_err(fault)?;
+        let table = txn.open_table(MACHINES).map_err(fault)?;
+        let key = origin(gw, machine);
+        match table.get(key.as_str()).map_err(fault)? {
+            Some(v) => Ok(Some(store::decode::<Stored>(v.value()).map_err(fault)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A tile's hashes are stored hashes: `(8·level, 256·index + k)` for each `k`.
+    fn tile_blocking(
+        &self,
+        gw: &str,
+        machine: &str,
+        level: u8,
+        index: u64,
+        width: usize,
+    ) -> Result<Option<Vec<u8>>, Fault> {
+        let txn = self.db.begin_read().map_err(fault)?;
+        let table = txn.open_table(HASHES).map_err(fault)?;
+        let key = origin(gw, machine);
+        let mut out = Vec::with_capacity(width * 32);
+        for k in 0..width as u64 {
+            let at =
+                tlog::stored_hash_index(u32::from(level) * check::TILE_HEIGHT, index * 256 + k);
+            match table.get((key.as_str(), at)).map_err(fault)? {
+                Some(h) => out.extend_from_slice(h.value()),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(out))
+    }
+
     fn rows_blocking(
         &self,
         gateway_id: &str,
@@ -275,6 +309,21 @@ impl HubStore for Embedded {
 
     async fn machines(&self, gateway_id: &str) -> Result<Vec<Stored>, Fault> {
         tokio::task::block_in_place(|| self.machines_blocking(gateway_id))
+    }
+
+    async fn log(&self, gw: &str, machine: &str) -> Result<Option<Stored>, Fault> {
+        tokio::task::block_in_place(|| self.log_blocking(gw, machine))
+    }
+
+    async fn tile(
+        &self,
+        gw: &str,
+        machine: &str,
+        level: u8,
+        index: u64,
+        width: usize,
+    ) -> Result<Option<Vec<u8>>, Fault> {
+        tokio::task::block_in_place(|| self.tile_blocking(gw, machine, level, index, width))
     }
 
     async fn rows(

@@ -27,11 +27,11 @@ pub mod check;
 pub mod cli;
 pub mod embedded;
 pub mod pg;
+pub mod tiles;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -167,6 +167,22 @@ pub trait HubStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), Fault>> + Send;
     /// The logs of one gateway.
     fn machines(&self, gw: &str) -> impl Future<Output = Result<Vec<Stored>, Fault>> + Send;
+    /// One log's state, if the hub has any of it.
+    fn log(
+        &self,
+        gw: &str,
+        machine: &str,
+    ) -> impl Future<Output = Result<Option<Stored>, Fault>> + Send;
+    /// The first `width` hashes of hash tile `index` at tile level `level` (C2SP tlog-tiles,
+    /// height 8), concatenated; `None` when the store does not have them.
+    fn tile(
+        &self,
+        gw: &str,
+        machine: &str,
+        level: u8,
+        index: u64,
+        width: usize,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, Fault>> + Send;
     /// Stored row bytes `from..to` of one log.
     fn rows(
         &self,
@@ -186,9 +202,6 @@ pub struct Hub<S> {
     pub dir: PathBuf,
     pub store: S,
     pub stats: Stats,
-    /// How long one ingest may wait for the store before it answers 503 (`None`: as long as
-    /// it takes, the embedded store's behaviour).
-    pub timeout: Option<Duration>,
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
@@ -237,14 +250,13 @@ pub fn new_enrollment(
 
 impl<S: HubStore> Hub<S> {
     /// A hub serving `store`, with its TLS files in `dir` (created at first start).
-    pub fn new(dir: &Path, store: S, timeout: Option<Duration>) -> Result<Hub<S>, HubError> {
+    pub fn new(dir: &Path, store: S) -> Result<Hub<S>, HubError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         crate::gateway::ensure_tls_files(&dir.join("tls/cert.pem"), &dir.join("tls/key.pem"))?;
         Ok(Hub {
             dir: dir.to_owned(),
             store,
             stats: Stats::default(),
-            timeout,
         })
     }
 
@@ -252,21 +264,10 @@ impl<S: HubStore> Hub<S> {
         self.dir.join("tls/cert.pem")
     }
 
-    /// Authorizes, verifies and stores one batch (see the module doc), within the timeout.
+    /// Authorizes, verifies and stores one batch (see the module doc). A store bounds each
+    /// of its round trips (`hub.timeout_ms` on PostgreSQL), so a store that stops answering
+    /// is a 503, never a hung gateway.
     pub async fn ingest(&self, bearer: Option<&str>, batch: &Batch) -> Result<Ack, Refusal> {
-        let work = self.ingest_unbounded(bearer, batch);
-        match self.timeout {
-            None => work.await,
-            Some(t) => tokio::time::timeout(t, work).await.unwrap_or_else(|_| {
-                Err(Refusal::Unavailable(format!(
-                    "the hub database did not answer within {} ms; nothing was stored, retry",
-                    t.as_millis()
-                )))
-            }),
-        }
-    }
-
-    async fn ingest_unbounded(&self, bearer: Option<&str>, batch: &Batch) -> Result<Ack, Refusal> {
         let enrolled = if valid_gateway_id(&batch.gateway_id) {
             self.store.enrollment(&batch.gateway_id).await?
         } else {
@@ -327,11 +328,10 @@ impl Opened {
     pub async fn open(dir: &Path, config: &crate::config::HubConfig) -> Result<Opened, HubError> {
         if config.database_url.is_empty() {
             let store = embedded::Embedded::open(dir)?;
-            return Ok(Opened::Embedded(Hub::new(dir, store, None)?));
+            return Ok(Opened::Embedded(Hub::new(dir, store)?));
         }
         let store = pg::Pg::connect(config).await?;
         store.migrate().await?;
-        let timeout = Duration::from_millis(config.timeout_ms);
-        Ok(Opened::Pg(Hub::new(dir, store, Some(timeout))?))
+        Ok(Opened::Pg(Hub::new(dir, store)?))
     }
 }

@@ -30,9 +30,11 @@
 //! insert waits for the other transaction and never stores a row twice.
 //!
 //! # Timeouts
-//! Each connection sets `statement_timeout` and `idle_in_transaction_session_timeout`, and the
-//! pool bounds its waits; the hub bounds each whole ingest (`hub.timeout_ms`) and answers 503
-//! with Retry-After, so a database that stops answering never hangs a gateway.
+//! Every round trip to the database is bounded on the client side by `hub.timeout_ms` (a
+//! statement that does not answer is a [`Fault`]: 503 with Retry-After, the gateway retries),
+//! the pool bounds its waits for a connection by the same, and each connection sets
+//! `statement_timeout` and `idle_in_transaction_session_timeout` so the server lets go too. So
+//! a database that stops answering never hangs a gateway.
 
 use std::future::Future;
 use std::time::Duration;
@@ -106,6 +108,10 @@ const SQL_LOG: &str = "SELECT genesis, size, last_hash, right_edge, checkpoint, 
      last_ingest_ms, last_row_ts_ms FROM logs WHERE gw = $1 AND machine = $2";
 const SQL_LOGS_OF_GATEWAY: &str = "SELECT machine, genesis, size, last_hash, checkpoint, root, \
      head_size, last_ingest_ms, last_row_ts_ms FROM logs WHERE gw = $1 ORDER BY machine";
+const SQL_ONE_LOG: &str = "SELECT genesis, size, last_hash, checkpoint, root, head_size, \
+     last_ingest_ms, last_row_ts_ms FROM logs WHERE gw = $1 AND machine = $2";
+const SQL_TILE: &str = "SELECT substring(hashes FROM 1 FOR $5) FROM log_tiles \
+     WHERE gw = $1 AND machine = $2 AND level = $3 AND idx = $4";
 const SQL_ROWS: &str = "SELECT row FROM log_rows \
      WHERE gw = $1 AND machine = $2 AND seq >= $3 AND seq < $4 ORDER BY seq";
 const SQL_ROW_HASHES: &str = "SELECT substring(row FROM octet_length(row) - 31) FROM log_rows \
@@ -156,6 +162,24 @@ fn hold_before_commit(machine: &str) -> impl Future<Output = ()> {
         };
         while !std::path::Path::new(&release).exists() {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Bounds one round trip to the database: a statement that does not answer within the
+/// timeout is a [`Fault`] (503, the gateway retries), whatever the server is doing.
+trait Bounded<T> {
+    fn bounded(self, t: Duration) -> impl Future<Output = Result<T, Fault>> + Send;
+}
+
+impl<T: Send, F: Future<Output = Result<T, tokio_postgres::Error>> + Send> Bounded<T> for F {
+    async fn bounded(self, t: Duration) -> Result<T, Fault> {
+        match tokio::time::timeout(t, self).await {
+            Ok(r) => r.map_err(fault),
+            Err(_) => Err(Fault(format!(
+                "the hub database did not answer within {} ms; nothing was stored, retry",
+                t.as_millis()
+            ))),
         }
     }
 }
@@ -281,16 +305,17 @@ impl Pg {
         batch: &Batch,
         cp: &Checkpoint,
     ) -> Result<Loaded, Fault> {
+        let t = self.timeout;
         let mut client = self.client().await?;
         let txn = client
             .build_transaction()
             .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
             .read_only(true)
             .start()
-            .await
-            .map_err(fault)?;
+            .bounded(t)
+            .await?;
         let m = batch.machine.as_str();
-        let Some(row) = txn.query_opt(SQL_LOG, &[&gw, &m]).await.map_err(fault)? else {
+        let Some(row) = txn.query_opt(SQL_LOG, &[&gw, &m]).bounded(t).await? else {
             return Ok(Loaded {
                 state: None,
                 overlap: Vec::new(),
@@ -316,14 +341,14 @@ impl Pg {
         } else {
             let (from, to) = (int(range.start), int(range.end));
             txn.query(SQL_ROWS, &[&gw, &m, &from, &to])
-                .await
-                .map_err(fault)?
+                .bounded(t)
+                .await?
                 .iter()
                 .map(|r| r.get(0))
                 .collect()
         };
         let root_at_end = if cp.size < size {
-            Some(root_at(&txn, gw, m, cp.size).await?)
+            Some(root_at(&txn, gw, m, cp.size, t).await?)
         } else {
             None
         };
@@ -333,8 +358,8 @@ impl Pg {
         let mut partial = Vec::with_capacity(want.len());
         for r in txn
             .query(SQL_TILES, &[&gw, &m, &levels, &idxs])
-            .await
-            .map_err(fault)?
+            .bounded(t)
+            .await?
         {
             partial.push(Tile {
                 level: r.get::<_, i16>(0) as u8,
@@ -342,7 +367,7 @@ impl Pg {
                 hashes: hashes(r.get(2))?,
             });
         }
-        txn.commit().await.map_err(fault)?;
+        txn.commit().bounded(t).await?;
         Ok(Loaded {
             state: Some(state),
             overlap,
@@ -352,29 +377,30 @@ impl Pg {
     }
 
     async fn commit_append(&self, gw: &str, batch: &Batch, a: &Append) -> Result<bool, Fault> {
+        let t = self.timeout;
         let mut client = self.client().await?;
-        let txn = client.transaction().await.map_err(fault)?;
+        let txn = client.transaction().bounded(t).await?;
         let m = batch.machine.as_str();
         let seqs: Vec<i64> = (a.old_size..a.state.size).map(int).collect();
         let rows: Vec<&[u8]> = batch.rows[a.skip..].iter().map(Vec::as_slice).collect();
         txn.execute(SQL_INSERT_ROWS, &[&gw, &m, &seqs, &rows])
-            .await
-            .map_err(fault)?;
+            .bounded(t)
+            .await?;
         let s = &a.state;
         let (size, now) = (int(s.size), s.last_ingest_ms);
         txn.execute(
             SQL_INSERT_CHECKPOINT,
             &[&gw, &m, &size, &s.root.as_slice(), &s.checkpoint, &now],
         )
-        .await
-        .map_err(fault)?;
+        .bounded(t)
+        .await?;
         if !a.tiles.is_empty() {
             let levels: Vec<i16> = a.tiles.iter().map(|t| i16::from(t.level)).collect();
             let idxs: Vec<i64> = a.tiles.iter().map(|t| int(t.index)).collect();
             let blobs: Vec<Vec<u8>> = a.tiles.iter().map(|t| t.hashes.concat()).collect();
             txn.execute(SQL_UPSERT_TILES, &[&gw, &m, &levels, &idxs, &blobs])
-                .await
-                .map_err(fault)?;
+                .bounded(t)
+                .await?;
         }
         let edge = s.edge.hashes().concat();
         let (genesis, head) = (int(s.genesis_zeqond), int(s.head_size));
@@ -393,7 +419,7 @@ impl Pg {
                 &now,
                 &s.last_row_ts_ms,
             ];
-            txn.execute(SQL_CREATE_LOG, &p).await.map_err(fault)?
+            txn.execute(SQL_CREATE_LOG, &p).bounded(t).await?
         } else {
             let p: [&(dyn ToSql + Sync); 11] = [
                 &gw,
@@ -408,14 +434,14 @@ impl Pg {
                 &now,
                 &s.last_row_ts_ms,
             ];
-            txn.execute(SQL_ADVANCE_LOG, &p).await.map_err(fault)?
+            txn.execute(SQL_ADVANCE_LOG, &p).bounded(t).await?
         };
         if won != 1 {
-            txn.rollback().await.map_err(fault)?;
+            txn.rollback().bounded(t).await?;
             return Ok(false);
         }
         hold_before_commit(m).await;
-        txn.commit().await.map_err(fault)?;
+        txn.commit().bounded(t).await?;
         Ok(true)
     }
 
@@ -459,21 +485,18 @@ async fn root_at(
     gw: &str,
     m: &str,
     size: u64,
+    t: Duration,
 ) -> Result<Hash, Fault> {
     let n = int(size);
     if let Some(r) = txn
         .query_opt(SQL_CHECKPOINT_ROOT, &[&gw, &m, &n])
-        .await
-        .map_err(fault)?
+        .bounded(t)
+        .await?
     {
         return hash(r.get(0));
     }
     let mut edge = tlog::RightEdge::empty();
-    for r in txn
-        .query(SQL_ROW_HASHES, &[&gw, &m, &n])
-        .await
-        .map_err(fault)?
-    {
+    for r in txn.query(SQL_ROW_HASHES, &[&gw, &m, &n]).bounded(t).await? {
         edge.push(tlog::record_hash(&hash(r.get(0))?))
             .map_err(fault)?;
     }
@@ -557,12 +580,12 @@ impl HubStore for Pg {
     }
 
     async fn load(&self, gw: &str, batch: &Batch, cp: &Checkpoint) -> Result<Loaded, Fault> {
-        self.within(self.load_snapshot(gw, batch, cp)).await
+        self.load_snapshot(gw, batch, cp).await
     }
 
     async fn commit(&self, gw: &str, batch: &Batch, append: &Append) -> Result<bool, Fault> {
-        // Not `within`: the hub bounds the whole ingest, and the test hook must be able to
-        // hold a commit open.
+        // Each statement is bounded, not the whole: a large batch may take longer than one
+        // round trip's limit, and the test hook holds a commit open between statements.
         self.commit_append(gw, batch, append).await
     }
 
@@ -621,6 +644,56 @@ impl HubStore for Pg {
                     })
                 })
                 .collect()
+        })
+        .await
+    }
+
+    async fn log(&self, gw: &str, machine: &str) -> Result<Option<Stored>, Fault> {
+        self.within(async {
+            let client = self.client().await?;
+            let Some(r) = client
+                .query_opt(SQL_ONE_LOG, &[&gw, &machine])
+                .await
+                .map_err(fault)?
+            else {
+                return Ok(None);
+            };
+            let size = r.get::<_, i64>(1) as u64;
+            Ok(Some(Stored {
+                gateway_id: gw.to_owned(),
+                slug: machine.to_owned(),
+                genesis_zeqond: r.get::<_, i64>(0) as u64,
+                size,
+                last_hash: hash(r.get(2))?,
+                checkpoint: r.get(3),
+                checkpoint_size: size,
+                root: hash(r.get(4))?,
+                head_size: r.get::<_, i64>(5) as u64,
+                last_ingest_ms: r.get(6),
+                last_row_ts_ms: r.get(7),
+            }))
+        })
+        .await
+    }
+
+    async fn tile(
+        &self,
+        gw: &str,
+        machine: &str,
+        level: u8,
+        index: u64,
+        width: usize,
+    ) -> Result<Option<Vec<u8>>, Fault> {
+        let (level, index, bytes) = (i16::from(level), int(index), (width * 32) as i32);
+        self.within(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(SQL_TILE, &[&gw, &machine, &level, &index, &bytes])
+                .await
+                .map_err(fault)?;
+            Ok(row
+                .map(|r| r.get::<_, Vec<u8>>(0))
+                .filter(|h| h.len() == width * 32))
         })
         .await
     }

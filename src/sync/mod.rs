@@ -4,6 +4,7 @@
 //! - [`client`]: the gateway side. A per-machine watermark (the hub's acked size) lives in
 //!   redb and advances only on the hub's answer; rows are read from the log, never copied
 //!   into an outbox, so nothing is ever deleted or dropped before it is acked.
+//!
 //! The receiver, `smgate hub`, is its own module (`crate::hub`): it imports this wire format,
 //! and nothing here imports it.
 //!

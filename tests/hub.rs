@@ -14,6 +14,7 @@ mod common;
 #[path = "common/pg.rs"]
 mod pg;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -809,4 +810,206 @@ async fn a_database_that_stops_answering_gives_503_within_the_timeout() {
     }
     assert_eq!(stored, Some(19));
     check_log(&pg.client().await, &gw, &log).await;
+}
+
+/// What an auditor fetched: tiles and entry bundles by path, from the tlog-tiles endpoints.
+struct Fetched {
+    size: u64,
+    tiles: HashMap<(u8, u64), Vec<Hash>>,
+}
+
+impl tlog::HashReader for Fetched {
+    /// Stored hash `(level, n)` from the tile of level `level / 8` that holds its subtree:
+    /// the `2^(level % 8)` tile hashes below it, hashed up (as Go's `tlog.TileHashReader`).
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, smgate::ledger::LedgerError> {
+        indexes
+            .iter()
+            .map(|&i| {
+                let (level, n) = tlog::split_stored_hash_index(i);
+                let (tile_level, sub) = ((level / 8) as u8, level % 8);
+                let first = n << sub;
+                let tile = &self.tiles[&(tile_level, first / 256)];
+                let mut hs: Vec<Hash> =
+                    tile[(first % 256) as usize..(first % 256) as usize + (1 << sub)].to_vec();
+                while hs.len() > 1 {
+                    hs = hs
+                        .chunks(2)
+                        .map(|p| tlog::node_hash(&p[0], &p[1]))
+                        .collect();
+                }
+                Ok(hs[0])
+            })
+            .collect()
+    }
+}
+
+/// Walks one log through `/logs/<gw>/<machine>/…` only: the checkpoint (verified under the
+/// gateway's key), every hash tile and entry bundle of its tree. Returns the checkpoint's
+/// size and root, the tiles, and the entries (row hashes).
+async fn audit(
+    client: &reqwest::Client,
+    hub: &str,
+    gw: &SimGateway,
+    machine: &str,
+) -> (Fetched, Hash, Vec<Hash>) {
+    let base = format!("https://{hub}/logs/{}/{machine}", gw.id);
+    let note = client
+        .get(format!("{base}/checkpoint"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let body = smgate::ledger::verify_note(&note, &gw.vkey).expect("checkpoint verifies");
+    let cp = smgate::ledger::parse_checkpoint(&body).unwrap();
+    let mut fetched = Fetched {
+        size: cp.size,
+        tiles: HashMap::new(),
+    };
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            let res = client.get(&path).send().await.unwrap();
+            assert_eq!(res.status(), 200, "{path}");
+            let cache = res.headers()["cache-control"].to_str().unwrap().to_string();
+            (res.bytes().await.unwrap().to_vec(), cache)
+        }
+    };
+    for level in 0..8u8 {
+        let nodes = cp.size >> (8 * u32::from(level));
+        if nodes == 0 {
+            break;
+        }
+        for index in 0..nodes.div_ceil(256) {
+            let width = (nodes - index * 256).min(256);
+            let mut path = format!(
+                "{base}/tile/{level}/{}",
+                smgate::hub::tiles::index_path(index)
+            );
+            if width < 256 {
+                path.push_str(&format!(".p/{width}"));
+            }
+            let (bytes, cache) = get(path).await;
+            assert_eq!(bytes.len() as u64, width * 32);
+            assert_eq!(cache.contains("immutable"), width == 256, "{cache}");
+            let hashes = bytes.chunks(32).map(|c| c.try_into().unwrap()).collect();
+            fetched.tiles.insert((level, index), hashes);
+        }
+    }
+    let mut entries = Vec::new();
+    for index in 0..cp.size.div_ceil(256) {
+        let width = (cp.size - index * 256).min(256);
+        let mut path = format!(
+            "{base}/tile/entries/{}",
+            smgate::hub::tiles::index_path(index)
+        );
+        if width < 256 {
+            path.push_str(&format!(".p/{width}"));
+        }
+        let (bytes, _) = get(path).await;
+        let mut rest = bytes.as_slice();
+        while !rest.is_empty() {
+            let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+            entries.push(rest[2..2 + len].try_into().unwrap());
+            rest = &rest[2 + len..];
+        }
+    }
+    assert_eq!(entries.len() as u64, cp.size);
+    // Beyond the tree: 404.
+    let beyond = client
+        .get(format!(
+            "{base}/tile/0/{}",
+            smgate::hub::tiles::index_path(cp.size / 256 + 1)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(beyond.status(), 404);
+    (fetched, cp.root, entries)
+}
+
+/// An auditor who holds an older checkpoint of the log checks, from tiles alone, that the
+/// tree has the signed root, that entries are included, and that the old tree is a prefix.
+fn verify_audit(fetched: &Fetched, root: &Hash, entries: &[Hash], old: (u64, Hash)) {
+    let size = fetched.size;
+    assert_eq!(
+        &tlog::tree_hash(size, fetched).unwrap(),
+        root,
+        "root from tiles"
+    );
+    // Every 97th entry and the last ones: proofs through every tile level.
+    let last = entries.len().saturating_sub(300);
+    for (i, e) in entries
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 97 == 0 || *i >= last)
+    {
+        let proof = tlog::prove_record(size, i as u64, fetched).unwrap();
+        tlog::check_record(&proof, size, root, i as u64, &tlog::record_hash(e))
+            .unwrap_or_else(|_| panic!("inclusion of entry {i}"));
+    }
+    let proof = tlog::prove_tree(size, old.0, fetched).unwrap();
+    tlog::check_tree(&proof, size, root, old.0, &old.1)
+        .expect("consistency with the old checkpoint");
+}
+
+async fn walk_a_log_through_the_tiles(hub: &str, client: &reqwest::Client, gw: &SimGateway) {
+    let mut log = SimLog::new("audited");
+    log.grow(300, "main");
+    let (s, _, _) = post(client, hub, &gw.token, &log.batch(gw, 0, 300, 0))
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    let (old, old_root, _) = audit(client, hub, gw, "audited").await;
+    assert_eq!(old.size, 300);
+    // More batches, of sizes that cross tile boundaries at both levels.
+    log.grow(66_000 - 300, "main");
+    let mut acked = 300;
+    for step in [17u64, 239, 256, 4_096, 61_092] {
+        let batch = log.batch(gw, acked, acked + step, acked);
+        let (s, body, _) = post(client, hub, &gw.token, &batch).await.unwrap();
+        assert_eq!(s, 200, "{body}");
+        acked += step;
+    }
+    assert_eq!(acked, 66_000);
+    let (fetched, root, entries) = audit(client, hub, gw, "audited").await;
+    assert_eq!(fetched.size, 66_000);
+    let row_hashes: Vec<Hash> = log
+        .rows
+        .iter()
+        .map(|r| r[r.len() - 32..].try_into().unwrap())
+        .collect();
+    assert_eq!(entries, row_hashes, "entry bundles hold the rows' hashes");
+    verify_audit(&fetched, &root, &entries, (300, old_root));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_auditor_verifies_a_log_from_the_tile_endpoints_alone_on_postgres() {
+    let Some((pg, db)) = database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A 61,092-row batch is one INSERT: give a loaded debug build room (this is about tiles).
+    let hub = HubProc::start(dir.path(), &pg.url(), &[("SMGATE_HUB_TIMEOUT_MS", "60000")]);
+    let mut gw = SimGateway::new(5);
+    gw.enroll_in(&db).await;
+    walk_a_log_through_the_tiles(&hub.addr, &client(dir.path()), &gw).await;
+    check_log(&pg.client().await, &gw, &{
+        let mut log = SimLog::new("audited");
+        log.grow(66_000, "main");
+        log
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_auditor_verifies_a_log_from_the_tile_endpoints_alone_on_the_embedded_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProc::start(dir.path(), "", &[]);
+    let mut gw = SimGateway::new(6);
+    let (ok, out, err) = common::cli(dir.path(), &["hub", "enroll", &gw.id, &gw.vkey]);
+    assert!(ok, "{err}");
+    gw.token = line_value(&out, "token ");
+    walk_a_log_through_the_tiles(&hub.addr, &client(dir.path()), &gw).await;
 }

@@ -121,6 +121,9 @@ pub struct HubConfig {
     pub timeout_ms: u64,
     /// Database connections per hub process.
     pub pool_size: usize,
+    /// The hub's cosigner name (C2SP tlog-cosignature key name), e.g. `hub.example.com`. Its
+    /// Ed25519 key is `cosigner.pk8` in the hub's data directory, made at first start.
+    pub name: String,
 }
 
 impl Default for HubConfig {
@@ -130,6 +133,7 @@ impl Default for HubConfig {
             database_ca: None,
             timeout_ms: 5_000,
             pool_size: 16,
+            name: "smgate-hub".into(),
         }
     }
 }

@@ -33,6 +33,8 @@ use smgate::sync::{Batch, CONTENT_TYPE, INGEST_PATH, WIRE_VERSION};
 struct HubProc {
     child: Child,
     addr: String,
+    /// The hub's cosigner verifier key, as it prints it at start.
+    cosigner: String,
     lines: Receiver<String>,
 }
 
@@ -66,7 +68,17 @@ impl HubProc {
             .unwrap_or_else(|| panic!("listen line: {first}"))
             .to_string();
         lines.recv_timeout(Duration::from_secs(5)).unwrap(); // pin line
-        HubProc { child, addr, lines }
+        let cosigner = lines.recv_timeout(Duration::from_secs(5)).unwrap();
+        let cosigner = cosigner
+            .strip_prefix("smgate hub: cosigner ")
+            .unwrap_or_else(|| panic!("cosigner line: {cosigner}"))
+            .to_string();
+        HubProc {
+            child,
+            addr,
+            cosigner,
+            lines,
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -516,8 +528,20 @@ async fn two_hubs_racing_the_same_batch_store_it_once_and_answer_the_same() {
     let (sa, ba, _) = to_a.await.unwrap().unwrap();
     let (sb, bb, _) = to_b.await.unwrap().unwrap();
     assert_eq!((sa, sb), (200, 200), "{ba} {bb}");
-    assert_eq!(ba, bb, "both hubs answer the same");
+    assert_eq!(
+        ba["stored_seq"], bb["stored_seq"],
+        "both hubs answer the same"
+    );
     assert_eq!(ba["stored_seq"], 699);
+    // Both cosign the batch's checkpoint: both verified it, and it is the tree they hold.
+    for (hub, body) in [(&a, &ba), (&b, &bb)] {
+        let note = format!(
+            "{}{}",
+            batch.checkpoint,
+            body["cosignature"].as_str().unwrap()
+        );
+        verify_cosignature(&note, &hub.cosigner);
+    }
     let (stats_a, stats_b) = (a.stats(&client).await, b.stats(&client).await);
     assert_eq!(stats_a["rows_stored"], 700, "A committed: {stats_a}");
     assert_eq!(stats_b["rows_stored"], 0, "B committed nothing: {stats_b}");
@@ -812,6 +836,42 @@ async fn a_database_that_stops_answering_gives_503_within_the_timeout() {
     check_log(&pg.client().await, &gw, &log).await;
 }
 
+/// Checks a C2SP `cosignature/v1` line by `vkey` in `note`, independently of the hub's code
+/// (key ID, timestamped signature over `cosignature/v1\ntime <t>\n` and the note body), and
+/// returns its timestamp.
+fn verify_cosignature(note: &str, vkey: &str) -> u64 {
+    use smgate::ledger::base64;
+    let mut parts = vkey.splitn(3, '+');
+    let (name, id_hex, material) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        base64::decode(parts.next().unwrap()).unwrap(),
+    );
+    assert_eq!(material[0], 0x04, "cosignature/v1 key type");
+    let public = &material[1..];
+    let mut h = <sha2::Sha256 as sha2::Digest>::new();
+    sha2::Digest::update(&mut h, format!("{name}\n").as_bytes());
+    sha2::Digest::update(&mut h, [0x04]);
+    sha2::Digest::update(&mut h, public);
+    let digest = sha2::Digest::finalize(h);
+    assert_eq!(smgate::ledger::hex::encode(&digest[..4]), id_hex, "key ID");
+    let split = note.rfind("\n\n").expect("signature block");
+    let body = &note[..split + 1];
+    let line = note[split + 2..]
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("\u{2014} {name} ")))
+        .expect("a cosignature line by this cosigner");
+    let sig = base64::decode(line).unwrap();
+    assert_eq!(sig.len(), 4 + 8 + 64);
+    assert_eq!(&digest[..4], &sig[..4]);
+    let ts = u64::from_be_bytes(sig[4..12].try_into().unwrap());
+    let message = format!("cosignature/v1\ntime {ts}\n{body}");
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public)
+        .verify(message.as_bytes(), &sig[12..])
+        .expect("the hub's cosignature verifies");
+    ts
+}
+
 /// What an auditor fetched: tiles and entry bundles by path, from the tlog-tiles endpoints.
 struct Fetched {
     size: u64,
@@ -848,11 +908,11 @@ impl tlog::HashReader for Fetched {
 /// size and root, the tiles, and the entries (row hashes).
 async fn audit(
     client: &reqwest::Client,
-    hub: &str,
+    hub: &HubProc,
     gw: &SimGateway,
     machine: &str,
 ) -> (Fetched, Hash, Vec<Hash>) {
-    let base = format!("https://{hub}/logs/{}/{machine}", gw.id);
+    let base = format!("https://{}/logs/{}/{machine}", hub.addr, gw.id);
     let note = client
         .get(format!("{base}/checkpoint"))
         .send()
@@ -861,7 +921,9 @@ async fn audit(
         .text()
         .await
         .unwrap();
+    // The checkpoint verifies under the gateway's key and under the hub's.
     let body = smgate::ledger::verify_note(&note, &gw.vkey).expect("checkpoint verifies");
+    verify_cosignature(&note, &hub.cosigner);
     let cp = smgate::ledger::parse_checkpoint(&body).unwrap();
     let mut fetched = Fetched {
         size: cp.size,
@@ -961,7 +1023,7 @@ async fn walk_a_log_through_the_tiles(hub: &str, client: &reqwest::Client, gw: &
         .await
         .unwrap();
     assert_eq!(s, 200);
-    let (old, old_root, _) = audit(client, hub, gw, "audited").await;
+    let (old, old_root, _) = audit(client, hub_proc, gw, "audited").await;
     assert_eq!(old.size, 300);
     // More batches, of sizes that cross tile boundaries at both levels.
     log.grow(66_000 - 300, "main");
@@ -973,7 +1035,7 @@ async fn walk_a_log_through_the_tiles(hub: &str, client: &reqwest::Client, gw: &
         acked += step;
     }
     assert_eq!(acked, 66_000);
-    let (fetched, root, entries) = audit(client, hub, gw, "audited").await;
+    let (fetched, root, entries) = audit(client, hub_proc, gw, "audited").await;
     assert_eq!(fetched.size, 66_000);
     let row_hashes: Vec<Hash> = log
         .rows
@@ -994,7 +1056,7 @@ async fn an_auditor_verifies_a_log_from_the_tile_endpoints_alone_on_postgres() {
     let hub = HubProc::start(dir.path(), &pg.url(), &[("SMGATE_HUB_TIMEOUT_MS", "60000")]);
     let mut gw = SimGateway::new(5);
     gw.enroll_in(&db).await;
-    walk_a_log_through_the_tiles(&hub.addr, &client(dir.path()), &gw).await;
+    walk_a_log_through_the_tiles(&hub, &client(dir.path()), &gw).await;
     check_log(&pg.client().await, &gw, &{
         let mut log = SimLog::new("audited");
         log.grow(66_000, "main");
@@ -1011,5 +1073,5 @@ async fn an_auditor_verifies_a_log_from_the_tile_endpoints_alone_on_the_embedded
     let (ok, out, err) = common::cli(dir.path(), &["hub", "enroll", &gw.id, &gw.vkey]);
     assert!(ok, "{err}");
     gw.token = line_value(&out, "token ");
-    walk_a_log_through_the_tiles(&hub.addr, &client(dir.path()), &gw).await;
+    walk_a_log_through_the_tiles(&hub, &client(dir.path()), &gw).await;
 }

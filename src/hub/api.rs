@@ -179,11 +179,16 @@ async fn log_route<S: HubStore>(hub: &Hub<S>, gw: &str, machine: &str, rest: &[&
     };
     let request = match rest {
         ["checkpoint"] => {
-            return bytes_response(
-                "text/plain; charset=utf-8",
-                "no-cache",
-                log.checkpoint.into_bytes(),
-            )
+            // The gateway's note with the hub's cosignature: the stored checkpoint was
+            // verified when stored and is the largest tree the hub holds of this log.
+            let mut note = log.checkpoint;
+            if let Some(split) = note.rfind("\n\n") {
+                let line = hub
+                    .cosigner
+                    .cosign(&note[..=split], clock::now_ms() as u64 / 1000);
+                note.push_str(&line);
+            }
+            return bytes_response("text/plain; charset=utf-8", "no-cache", note.into_bytes());
         }
         ["tile", tile @ ..] => match tiles::parse(tile) {
             Some(t) if t.within(log.size) => t,

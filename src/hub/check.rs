@@ -181,8 +181,8 @@ pub fn authorize(
     Ok(enrolled)
 }
 
-/// Checks what a batch says about itself and returns its checkpoint.
-pub fn parse(enrolled: &Enrollment, batch: &Batch) -> Result<Checkpoint, Refusal> {
+/// Checks what a batch says about itself and returns its checkpoint and note body.
+pub fn parse(enrolled: &Enrollment, batch: &Batch) -> Result<(Checkpoint, String), Refusal> {
     if batch.version != WIRE_VERSION {
         return Err(Refusal::BadRequest(format!(
             "wire version {} is not supported; this hub speaks {WIRE_VERSION}",
@@ -223,7 +223,7 @@ pub fn parse(enrolled: &Enrollment, batch: &Batch) -> Result<Checkpoint, Refusal
             cp.size, batch.first_seq
         )));
     }
-    Ok(cp)
+    Ok((cp, body))
 }
 
 /// The seqs of stored rows a store must read for `batch` given its stored size: the part of
@@ -492,5 +492,195 @@ impl TileBuilder {
             }
         }
         self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::note::{sign_note, GatewayKey};
+
+    const GW: &str = "gw-00000000000000aa";
+
+    struct Log {
+        key: GatewayKey,
+        vkey: String,
+        rows: Vec<Vec<u8>>,
+        hashes: Vec<Hash>,
+        edge: tlog::RightEdge,
+    }
+
+    impl Log {
+        fn new(n: usize) -> Log {
+            let key = GatewayKey::from_pkcs8(&GatewayKey::generate().unwrap()).unwrap();
+            let vkey = key.verifier_key(GW).unwrap();
+            let mut log = Log {
+                key,
+                vkey,
+                rows: Vec::new(),
+                hashes: Vec::new(),
+                edge: tlog::RightEdge::empty(),
+            };
+            let mut prev = genesis_prev_hash("m", 1);
+            for seq in 0..n as u64 {
+                let (row, bytes) = Row {
+                    seq,
+                    zeqond: 1 + seq,
+                    ts_ms: seq as i64,
+                    kind: "event".into(),
+                    actor: "t".into(),
+                    transition_id: [0; 16],
+                    payload: seq.to_be_bytes().to_vec(),
+                    prev_hash: prev,
+                    hash: [0; 32],
+                }
+                .seal_stored()
+                .unwrap();
+                log.hashes
+                    .extend(log.edge.push(tlog::record_hash(&row.hash)).unwrap());
+                prev = row.hash;
+                log.rows.push(bytes);
+            }
+            log
+        }
+
+        fn batch(&self, from: u64, to: u64) -> Batch {
+            let root = tlog::tree_hash(to, &self.hashes).unwrap();
+            let origin = origin(GW, "m");
+            let body = Checkpoint {
+                origin,
+                size: to,
+                root,
+            }
+            .to_body()
+            .unwrap();
+            Batch {
+                version: WIRE_VERSION,
+                gateway_id: GW.into(),
+                verifier_key: self.vkey.clone(),
+                machine: "m".into(),
+                genesis_zeqond: 1,
+                first_seq: from,
+                rows: self.rows[from as usize..to as usize].to_vec(),
+                checkpoint: sign_note(&body, GW, &self.key).unwrap(),
+                proof_from: 0,
+                consistency: Vec::new(),
+                head_size: to,
+            }
+        }
+
+        fn enrollment(&self) -> Enrollment {
+            Enrollment {
+                gateway_id: GW.into(),
+                verifier_key: self.vkey.clone(),
+                token_sha256: String::new(),
+                enrolled_ms: 0,
+            }
+        }
+    }
+
+    /// A store that keeps exactly what `decide` asks it to write, as a back end does.
+    #[derive(Default)]
+    struct Kept {
+        state: Option<LogState>,
+        rows: Vec<Vec<u8>>,
+        tiles: std::collections::BTreeMap<(u8, u64), Vec<Hash>>,
+    }
+
+    impl Kept {
+        fn loaded(&self, batch: &Batch) -> Loaded {
+            let size = self.state.as_ref().map_or(0, |s| s.size);
+            let r = overlap(batch, size);
+            Loaded {
+                state: self.state.clone(),
+                overlap: self.rows[r.start as usize..r.end as usize].to_vec(),
+                root_at_end: None,
+                partial_tiles: Some(
+                    partial_tiles(size)
+                        .into_iter()
+                        .map(|(level, index, _)| Tile {
+                            level,
+                            index,
+                            hashes: self.tiles[&(level, index)].clone(),
+                        })
+                        .collect(),
+                ),
+            }
+        }
+
+        fn apply(&mut self, log: &Log, batch: &Batch) -> Verdict {
+            let (cp, _) = parse(&log.enrollment(), batch).unwrap();
+            let verdict = decide(&self.loaded(batch), batch, &cp, 0).unwrap();
+            if let Verdict::Append(a) = &verdict {
+                self.rows.extend(batch.rows[a.skip..].iter().cloned());
+                for t in &a.tiles {
+                    self.tiles.insert((t.level, t.index), t.hashes.clone());
+                }
+                self.state = Some(a.state.clone());
+            }
+            verdict
+        }
+    }
+
+    /// Invariant: the tiles a store keeps from `decide`'s answers hold the tree's stored
+    /// hashes, whatever the batch boundaries (every tile, full or partial, of every level).
+    #[test]
+    fn tiles_from_any_batch_split_hold_the_trees_hashes() {
+        let n = 66_000u64;
+        let log = Log::new(n as usize);
+        let mut kept = Kept::default();
+        let mut at = 0;
+        for step in [1u64, 254, 1, 256, 513, 65_535, 1_000_000] {
+            let to = (at + step).min(n);
+            assert!(matches!(
+                kept.apply(&log, &log.batch(at, to)),
+                Verdict::Append(_)
+            ));
+            at = to;
+            if at == n {
+                break;
+            }
+        }
+        assert_eq!(at, n);
+        let mut expected = 0;
+        for level in 0..8u8 {
+            let nodes = n >> (8 * u32::from(level));
+            expected += nodes.div_ceil(256);
+            for index in 0..nodes.div_ceil(256) {
+                let tile = &kept.tiles[&(level, index)];
+                assert_eq!(tile.len() as u64, (nodes - index * 256).min(256));
+                for (k, h) in tile.iter().enumerate() {
+                    let i = tlog::stored_hash_index(8 * u32::from(level), index * 256 + k as u64);
+                    assert_eq!(h, &log.hashes[i as usize], "tile {level}/{index} hash {k}");
+                }
+            }
+        }
+        assert_eq!(kept.tiles.len() as u64, expected);
+    }
+
+    /// Invariant: a repeated batch writes nothing; a batch that differs from a stored row is a
+    /// fork whose evidence holds both rows and both signed checkpoints.
+    #[test]
+    fn a_repeat_is_stored_and_a_different_row_is_a_fork_with_evidence() {
+        let log = Log::new(20);
+        let mut kept = Kept::default();
+        kept.apply(&log, &log.batch(0, 20));
+        assert!(matches!(
+            kept.apply(&log, &log.batch(5, 20)),
+            Verdict::Stored(20)
+        ));
+        let other = Log::new(20); // same rows, another key: signed by it, so refused at parse
+        assert!(parse(&log.enrollment(), &other.batch(0, 20)).is_err());
+        let mut forked = log.batch(5, 20);
+        forked.rows[3] = log.rows[2].clone();
+        let (cp, _) = parse(&log.enrollment(), &forked).unwrap();
+        let Err(Refusal::Conflict(e)) = decide(&kept.loaded(&forked), &forked, &cp, 0) else {
+            panic!("not a conflict");
+        };
+        assert_eq!((e.kind, e.at, e.stored_size), ("fork", 8, 20));
+        assert_eq!(e.row.as_deref(), Some(log.rows[2].as_slice()));
+        assert_eq!(e.stored_row.as_deref(), Some(log.rows[8].as_slice()));
+        assert_eq!(e.checkpoint, forked.checkpoint);
+        assert_eq!(e.stored_checkpoint, log.batch(0, 20).checkpoint);
     }
 }

@@ -86,6 +86,7 @@ async fn serve_until_signal<S: HubStore>(
     let pin = super::cert_pin(&hub.cert_path())?;
     println!("smgate hub: listening on https://{addr}");
     println!("smgate hub: pin sha256:{pin}");
+    println!("smgate hub: cosigner {}", hub.cosigner.verifier_key());
     let (tx, rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(super::serve(hub, listener, rx));
     use tokio::signal::unix::{signal, SignalKind};

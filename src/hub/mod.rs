@@ -25,6 +25,7 @@
 pub mod api;
 pub mod check;
 pub mod cli;
+pub mod cosign;
 pub mod embedded;
 pub mod pg;
 pub mod tiles;
@@ -202,6 +203,7 @@ pub struct Hub<S> {
     pub dir: PathBuf,
     pub store: S,
     pub stats: Stats,
+    pub cosigner: cosign::Cosigner,
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
@@ -249,14 +251,17 @@ pub fn new_enrollment(
 }
 
 impl<S: HubStore> Hub<S> {
-    /// A hub serving `store`, with its TLS files in `dir` (created at first start).
-    pub fn new(dir: &Path, store: S) -> Result<Hub<S>, HubError> {
+    /// A hub serving `store`, with its TLS files and cosigner key in `dir` (created at first
+    /// start), cosigning as `name`.
+    pub fn new(dir: &Path, store: S, name: &str) -> Result<Hub<S>, HubError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         crate::gateway::ensure_tls_files(&dir.join("tls/cert.pem"), &dir.join("tls/key.pem"))?;
+        let cosigner = cosign::Cosigner::load_or_create(&dir.join("cosigner.pk8"), name)?;
         Ok(Hub {
             dir: dir.to_owned(),
             store,
             stats: Stats::default(),
+            cosigner,
         })
     }
 
@@ -275,14 +280,20 @@ impl<S: HubStore> Hub<S> {
         };
         let enrolled = check::authorize(enrolled, bearer, batch)?;
         let gw = enrolled.gateway_id.as_str();
-        let cp = check::parse(&enrolled, batch)?;
+        let (cp, body) = check::parse(&enrolled, batch)?;
+        // A v1 cosignature states "the largest tree I hold of this log": only then.
+        let answer = |size: u64| Ack {
+            stored_seq: size.checked_sub(1),
+            cosignature: (size == cp.size)
+                .then(|| self.cosigner.cosign(&body, clock::now_ms() as u64 / 1000)),
+        };
         for _ in 0..RACES {
             let loaded = self.store.load(gw, batch, &cp).await?;
             // Hashing a large batch takes milliseconds: off the async worker's hands.
             let verdict =
                 tokio::task::block_in_place(|| check::decide(&loaded, batch, &cp, clock::now_ms()));
             match verdict {
-                Ok(Verdict::Stored(size)) => return Ok(ack(size)),
+                Ok(Verdict::Stored(size)) => return Ok(answer(size)),
                 Ok(Verdict::Append(append)) => {
                     if self.store.commit(gw, batch, &append).await? {
                         let fresh = batch.rows.len() - append.skip;
@@ -292,7 +303,7 @@ impl<S: HubStore> Hub<S> {
                         self.stats
                             .stored_row_bytes
                             .fetch_add(append.row_bytes, Ordering::Relaxed);
-                        return Ok(ack(append.state.size));
+                        return Ok(answer(append.state.size));
                     }
                     self.stats.lost_races.fetch_add(1, Ordering::Relaxed);
                 }
@@ -311,12 +322,6 @@ impl<S: HubStore> Hub<S> {
     }
 }
 
-fn ack(size: u64) -> Ack {
-    Ack {
-        stored_seq: size.checked_sub(1),
-    }
-}
-
 /// Opens the store the configuration names: PostgreSQL when `hub.database_url` is set (its
 /// migrations applied), else the embedded redb file in `dir`.
 pub enum Opened {
@@ -328,10 +333,10 @@ impl Opened {
     pub async fn open(dir: &Path, config: &crate::config::HubConfig) -> Result<Opened, HubError> {
         if config.database_url.is_empty() {
             let store = embedded::Embedded::open(dir)?;
-            return Ok(Opened::Embedded(Hub::new(dir, store)?));
+            return Ok(Opened::Embedded(Hub::new(dir, store, &config.name)?));
         }
         let store = pg::Pg::connect(config).await?;
         store.migrate().await?;
-        Ok(Opened::Pg(Hub::new(dir, store)?))
+        Ok(Opened::Pg(Hub::new(dir, store, &config.name)?))
     }
 }

@@ -69,6 +69,11 @@ pub struct Batch {
 pub struct Ack {
     /// Highest seq the hub has stored for this machine; `None` when it has none.
     pub stored_seq: Option<u64>,
+    /// The hub's C2SP `cosignature/v1` signature line on the batch's checkpoint, when the hub
+    /// verified it and it is the largest tree the hub stores of this log (absent otherwise,
+    /// and from hubs that do not cosign).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cosignature: Option<String>,
 }
 
 impl Ack {

@@ -1016,13 +1016,25 @@ fn verify_audit(fetched: &Fetched, root: &Hash, entries: &[Hash], old: (u64, Has
         .expect("consistency with the old checkpoint");
 }
 
-async fn walk_a_log_through_the_tiles(hub: &str, client: &reqwest::Client, gw: &SimGateway) {
+async fn walk_a_log_through_the_tiles(
+    hub_proc: &HubProc,
+    client: &reqwest::Client,
+    gw: &SimGateway,
+) {
+    let hub = hub_proc.addr.as_str();
     let mut log = SimLog::new("audited");
     log.grow(300, "main");
-    let (s, _, _) = post(client, hub, &gw.token, &log.batch(gw, 0, 300, 0))
-        .await
-        .unwrap();
+    let first = log.batch(gw, 0, 300, 0);
+    let (s, body, _) = post(client, hub, &gw.token, &first).await.unwrap();
     assert_eq!(s, 200);
+    // The ingest answer carries the hub's cosignature of the batch's checkpoint.
+    let cosigned = format!(
+        "{}{}",
+        first.checkpoint,
+        body["cosignature"].as_str().unwrap()
+    );
+    verify_cosignature(&cosigned, &hub_proc.cosigner);
+    smgate::ledger::verify_note(&cosigned, &gw.vkey).expect("still verifies for the gateway");
     let (old, old_root, _) = audit(client, hub_proc, gw, "audited").await;
     assert_eq!(old.size, 300);
     // More batches, of sizes that cross tile boundaries at both levels.

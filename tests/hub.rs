@@ -22,7 +22,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{line_value, BIN};
+use common::{line_value, verify_cosignature, BIN};
 use pg::Postgres;
 use smgate::hub::pg::Pg;
 use smgate::ledger::note::GatewayKey;
@@ -834,42 +834,6 @@ async fn a_database_that_stops_answering_gives_503_within_the_timeout() {
     }
     assert_eq!(stored, Some(19));
     check_log(&pg.client().await, &gw, &log).await;
-}
-
-/// Checks a C2SP `cosignature/v1` line by `vkey` in `note`, independently of the hub's code
-/// (key ID, timestamped signature over `cosignature/v1\ntime <t>\n` and the note body), and
-/// returns its timestamp.
-fn verify_cosignature(note: &str, vkey: &str) -> u64 {
-    use smgate::ledger::base64;
-    let mut parts = vkey.splitn(3, '+');
-    let (name, id_hex, material) = (
-        parts.next().unwrap(),
-        parts.next().unwrap(),
-        base64::decode(parts.next().unwrap()).unwrap(),
-    );
-    assert_eq!(material[0], 0x04, "cosignature/v1 key type");
-    let public = &material[1..];
-    let mut h = <sha2::Sha256 as sha2::Digest>::new();
-    sha2::Digest::update(&mut h, format!("{name}\n").as_bytes());
-    sha2::Digest::update(&mut h, [0x04]);
-    sha2::Digest::update(&mut h, public);
-    let digest = sha2::Digest::finalize(h);
-    assert_eq!(smgate::ledger::hex::encode(&digest[..4]), id_hex, "key ID");
-    let split = note.rfind("\n\n").expect("signature block");
-    let body = &note[..split + 1];
-    let line = note[split + 2..]
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("\u{2014} {name} ")))
-        .expect("a cosignature line by this cosigner");
-    let sig = base64::decode(line).unwrap();
-    assert_eq!(sig.len(), 4 + 8 + 64);
-    assert_eq!(&digest[..4], &sig[..4]);
-    let ts = u64::from_be_bytes(sig[4..12].try_into().unwrap());
-    let message = format!("cosignature/v1\ntime {ts}\n{body}");
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public)
-        .verify(message.as_bytes(), &sig[12..])
-        .expect("the hub's cosignature verifies");
-    ts
 }
 
 /// What an auditor fetched: tiles and entry bundles by path, from the tlog-tiles endpoints.

@@ -379,7 +379,7 @@ pub fn create_heartbeat_machine(txn: &redb::WriteTransaction, slug: &str, now_ms
 /// Checks a C2SP `cosignature/v1` line by `vkey` in `note`, independently of the hub's code
 /// (key ID, timestamped signature over `cosignature/v1\ntime <t>\n` and the note body), and
 /// returns its timestamp.
-fn verify_cosignature(note: &str, vkey: &str) -> u64 {
+pub fn verify_cosignature(note: &str, vkey: &str) -> u64 {
     use smgate::ledger::base64;
     let mut parts = vkey.splitn(3, '+');
     let (name, id_hex, material) = (

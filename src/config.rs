@@ -33,6 +33,7 @@ pub struct Config {
     pub upstream: crate::sync::client::UpstreamConfig,
     pub agents: crate::agents::AgentsConfig,
     pub mqtt: crate::mqtt::MqttConfig,
+    pub hub: HubConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +105,39 @@ pub struct LimitsConfig {
     pub reads_per_minute_per_machine: u32,
 }
 
+/// `[hub]`: where `smgate hub` keeps logs. Read by the hub only; a gateway ignores it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// PostgreSQL connection URL (`postgres://user:password@host:port/db`, libpq key=value
+    /// also accepted). Empty: the embedded redb file in the hub's data directory.
+    pub database_url: String,
+    /// PEM file of the CA certificates that sign the database's certificate. When set, the
+    /// hub connects with TLS (rustls) and verifies the server against them; when empty, it
+    /// connects without TLS (a loopback or private-network database).
+    pub database_ca: Option<PathBuf>,
+    /// Most milliseconds one ingest or read waits for the database before the hub answers
+    /// 503 with Retry-After (the gateway retries); also each statement's server-side limit.
+    pub timeout_ms: u64,
+    /// Database connections per hub process.
+    pub pool_size: usize,
+    /// The hub's cosigner name (C2SP tlog-cosignature key name), e.g. `hub.example.com`. Its
+    /// Ed25519 key is `cosigner.pk8` in the hub's data directory, made at first start.
+    pub name: String,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            database_url: String::new(),
+            database_ca: None,
+            timeout_ms: 5_000,
+            pool_size: 16,
+            name: "smgate-hub".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -123,6 +157,7 @@ impl Default for Config {
             upstream: Default::default(),
             agents: Default::default(),
             mqtt: Default::default(),
+            hub: HubConfig::default(),
         }
     }
 }
@@ -280,6 +315,11 @@ impl Config {
             ));
         }
         self.upstream.validate().map_err(ConfigError::Invalid)?;
+        if self.hub.timeout_ms == 0 || self.hub.pool_size == 0 {
+            return Err(ConfigError::Invalid(
+                "hub.timeout_ms and hub.pool_size must be at least 1".into(),
+            ));
+        }
         self.agents.validate().map_err(ConfigError::Invalid)?;
         self.mqtt.validate().map_err(ConfigError::Invalid)?;
         Ok(())

@@ -21,8 +21,10 @@
 //!   expressions in a sandbox). No I/O, time passed in.
 //! - [`mqtt`]: device heartbeats and events over MQTT applied as statechart steps in group
 //!   commits, acked after commit; smgate as the devices' MQTT server; retained states.
-//! - [`sync`]: each machine's log pushed upstream in signed, proof-checked batches (client),
-//!   and `smgate hub`, the reference receiver that verifies and stores them.
+//! - [`sync`]: each machine's log pushed upstream in signed, proof-checked batches (client
+//!   and wire format).
+//! - [`hub`]: `smgate hub`, the central receiver that verifies and stores those batches, on
+//!   its redb file or on PostgreSQL. Only the CLI imports it.
 //! - [`gateway`]: the data directory, the gateway's Ed25519 identity and TLS files (`init`).
 //! - [`tls`], [`systemd`], [`metrics`], [`clock`]: the small pieces around them; [`alloc`],
 //!   the binary's allocator (mimalloc, committing memory on demand).
@@ -38,6 +40,7 @@ pub mod clock;
 pub mod config;
 pub mod gateway;
 pub mod http;
+pub mod hub;
 pub mod instances;
 pub mod ledger;
 pub mod machines;

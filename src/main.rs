@@ -68,29 +68,10 @@ enum Command {
     Identity,
     /// Run `smgate hub`, the reference upstream receiver, in its own data directory (--data,
     /// default ./hub); or enrol a gateway with it.
-    Hub(HubArgs),
+    Hub(smgate::hub::cli::HubArgs),
     /// Benchmark helpers (offline: stop the gateway first).
     #[command(subcommand)]
     Bench(BenchCommand),
-}
-
-#[derive(Args)]
-struct HubArgs {
-    #[command(subcommand)]
-    command: Option<HubCommand>,
-    /// HTTPS address to listen on (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:9443")]
-    listen: std::net::SocketAddr,
-}
-
-#[derive(Subcommand)]
-enum HubCommand {
-    /// Enrol a gateway by its id and note verifier key (both printed by `smgate identity`);
-    /// prints the bearer token for its `upstream.token` once. Works while the hub runs.
-    Enroll {
-        gateway_id: String,
-        verifier_key: String,
-    },
 }
 
 #[derive(Subcommand)]
@@ -290,7 +271,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             println!("verifier_key {}", id.verifier_key());
             Ok(())
         }
-        Command::Hub(args) => hub_command(hub_dir, args).await,
+        Command::Hub(args) => smgate::hub::cli::run(hub_dir, &config, args)
+            .await
+            .map_err(|e| CliError::Usage(e.to_string())),
         Command::Bench(BenchCommand::FillLog { machine, rows }) => {
             fill_log(&config, machine, rows).await
         }
@@ -564,45 +547,6 @@ async fn serve(config: Config) -> Result<(), CliError> {
     systemd::notify("STOPPING=1");
     tracing::info!("shutting down: finishing requests and the last commit");
     running.shutdown().await;
-    Ok(())
-}
-
-/// `smgate hub`: serve until SIGTERM/SIGINT, or `hub enroll`.
-async fn hub_command(dir: PathBuf, args: HubArgs) -> Result<(), CliError> {
-    use smgate::sync::hub::{self, Hub};
-    let fail = |e: hub::HubError| CliError::Usage(e.to_string());
-    if let Some(HubCommand::Enroll {
-        gateway_id,
-        verifier_key,
-    }) = args.command
-    {
-        let token = Hub::enroll(&dir, &gateway_id, &verifier_key).map_err(fail)?;
-        println!("enrolled {gateway_id}");
-        println!("token {token}");
-        println!("(shown once; set it as upstream.token on the gateway)");
-        return Ok(());
-    }
-    let hub = Arc::new(Hub::open(&dir).map_err(fail)?);
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| CliError::Usage(format!("cannot listen on {}: {e}", args.listen)))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| CliError::Usage(e.to_string()))?;
-    let pin = hub::cert_pin(&hub.cert_path()).map_err(fail)?;
-    println!("smgate hub: listening on https://{addr}");
-    println!("smgate hub: pin sha256:{pin}");
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(hub::serve(hub, listener, rx));
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| CliError::Usage(e.to_string()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| CliError::Usage(e.to_string()))?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        r = task => return r.map_err(|e| CliError::Usage(e.to_string()))?.map_err(fail),
-    }
-    let _ = tx.send(true);
     Ok(())
 }
 

@@ -29,6 +29,8 @@ struct Hub {
     child: Option<Child>,
     addr: String,
     pin: String,
+    /// The hub's cosigner verifier key, as it prints it at start.
+    cosigner: String,
 }
 
 impl Hub {
@@ -38,6 +40,7 @@ impl Hub {
             child: None,
             addr: "127.0.0.1:0".into(),
             pin: String::new(),
+            cosigner: String::new(),
         };
         hub.spawn();
         hub
@@ -72,6 +75,11 @@ impl Hub {
         self.pin = pin
             .strip_prefix("smgate hub: pin sha256:")
             .expect("pin line")
+            .to_string();
+        let cosigner = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        self.cosigner = cosigner
+            .strip_prefix("smgate hub: cosigner ")
+            .expect("cosigner line")
             .to_string();
         self.child = Some(child);
     }
@@ -369,6 +377,17 @@ async fn rows_made_while_the_hub_is_down_arrive_in_order_exactly_once() {
     .await;
     let hub_m = hub.machine(&id, "down").await.unwrap();
     assert_eq!(hub_m["lag_rows"], 0);
+
+    // The gateway keeps the hub's cosignature and serves its checkpoint with both signatures
+    // (once the watermark, written with it, is down).
+    wait_until("the watermark", Duration::from_secs(10), || async {
+        status(&gw, "down").await["backlog_rows"] == 0
+    })
+    .await;
+    let note = checkpoint(&gw, "down").await;
+    assert_eq!(note.matches('\u{2014}').count(), 2, "{note}");
+    smgate::ledger::verify_note(&note, &vkey).expect("the gateway's signature");
+    common::verify_cosignature(&note, &hub.cosigner);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

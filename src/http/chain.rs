@@ -475,8 +475,15 @@ fn read(
             ))
         }
         "checkpoint" => {
-            let root = gw.store.view(|txn| log::read::tree_hash(txn, slug, size))?;
-            let note = checkpoint_note(&gw, slug, size, root)?;
+            let (root, cosigned) = gw.store.view(|txn| {
+                Ok((
+                    log::read::tree_hash(txn, slug, size)?,
+                    crate::sync::client::cosignature(txn, slug, size)?,
+                ))
+            })?;
+            // With the hub's cosignature when the hub has verified this very tree.
+            let mut note = checkpoint_note(&gw, slug, size, root)?;
+            note.push_str(cosigned.as_deref().unwrap_or(""));
             let mut res = note.into_response();
             if let Ok(v) = "text/plain; charset=utf-8".parse() {
                 res.headers_mut().insert(http::header::CONTENT_TYPE, v);

@@ -218,6 +218,27 @@ impl RightEdge {
         self.size
     }
 
+    /// The edge of a tree of `size` records from its hashes as [`RightEdge::hashes`] gave
+    /// them (a store that keeps the edge itself instead of every stored hash).
+    pub fn from_hashes(size: u64, hashes: Vec<Hash>) -> Result<RightEdge, LedgerError> {
+        check_size(size)?;
+        if hashes.len() != size.count_ones() as usize {
+            return Err(LedgerError::InvalidTreeRange {
+                detail: format!(
+                    "a right edge of size {size} has {} hashes, not {}",
+                    size.count_ones(),
+                    hashes.len()
+                ),
+            });
+        }
+        Ok(RightEdge { size, hashes })
+    }
+
+    /// The hashes of the maximal complete subtrees, largest (leftmost) first.
+    pub fn hashes(&self) -> &[Hash] {
+        &self.hashes
+    }
+
     /// The hashes that appending record `size()` with leaf hash `record_hash` stores from
     /// `stored_hash_index(0, size())` on, written into `out`; the edge does not move (see
     /// [`RightEdge::advance`]), so a caller whose writes fail can keep it as it was.

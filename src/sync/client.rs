@@ -44,9 +44,8 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::hub::OneChunk;
 use super::{
-    origin, Ack, Batch, Conflict, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES, WIRE_VERSION,
+    origin, Ack, Batch, Conflict, OneChunk, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES, WIRE_VERSION,
 };
 use crate::ledger::{self, log, Checkpoint};
 use crate::server::Gateway;
@@ -55,6 +54,42 @@ use crate::{clock, machines};
 
 /// slug → [`Watermark`]: what the hub has acknowledged.
 pub const ACKED: TableDefinition<&str, &[u8]> = TableDefinition::new("sync_acked");
+/// slug → [`Cosigned`]: the hub's last cosignature of this machine's checkpoint.
+pub const COSIGNED: TableDefinition<&str, &[u8]> = TableDefinition::new("sync_cosigned");
+
+/// The hub's C2SP cosignature line on the checkpoint of tree size `size` (the gateway's own
+/// note of that size, with this line appended, verifies under both keys).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cosigned {
+    pub size: u64,
+    pub line: String,
+}
+
+/// The cosignature line stored for `slug` if it cosigns the tree of `size` (none when the
+/// hub does not cosign, or has not yet seen this size).
+pub fn cosignature(
+    txn: &ReadTransaction,
+    slug: &str,
+    size: u64,
+) -> Result<Option<String>, StoreError> {
+    let table = match txn.open_table(COSIGNED) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(v) = table.get(slug)? else {
+        return Ok(None);
+    };
+    let c = store::decode::<Cosigned>(v.value())?;
+    Ok((c.size == size).then_some(c.line))
+}
+
+/// A hub's answer carries at most one signature line: `— <name> <base64>` and a newline.
+fn signature_line(line: &str) -> bool {
+    line.strip_prefix("\u{2014} ")
+        .and_then(|l| l.strip_suffix('\n'))
+        .is_some_and(|l| l.split(' ').count() == 2 && !l.chars().any(char::is_control))
+}
 
 /// `[upstream]`: where and how to push the log. An empty `url` turns sync off.
 #[derive(Debug, Clone, Deserialize)]
@@ -611,9 +646,22 @@ async fn send(
 }
 
 /// Writes the durable watermark of `slug` through the writer.
-async fn save_watermark(gw: Arc<Gateway>, slug: String, acked_size: u64) -> Result<(), StoreError> {
+async fn save_watermark(
+    gw: Arc<Gateway>,
+    slug: String,
+    acked_size: u64,
+    cosignature: Option<String>,
+) -> Result<(), StoreError> {
     gw.writer
         .write(move |txn| -> Result<(), StoreError> {
+            if let Some(line) = cosignature.filter(|l| signature_line(l)) {
+                let mut c = txn.open_table(COSIGNED)?;
+                let cosigned = Cosigned {
+                    size: acked_size,
+                    line,
+                };
+                c.insert(slug.as_str(), store::encode(&cosigned).as_slice())?;
+            }
             let mut t = txn.open_table(ACKED)?;
             t.insert(
                 slug.as_str(),
@@ -771,7 +819,12 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
                         gw.sync.batches_acked.fetch_add(1, Ordering::Relaxed);
                         saving = Some((
                             slug.clone(),
-                            tokio::spawn(save_watermark(gw.clone(), slug.clone(), stored)),
+                            tokio::spawn(save_watermark(
+                                gw.clone(),
+                                slug.clone(),
+                                stored,
+                                ack.cosignature.clone(),
+                            )),
                         ));
                         cursors.insert(slug.clone(), stored);
                         gw.sync.update(&slug, |m| {

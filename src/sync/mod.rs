@@ -4,16 +4,21 @@
 //! - [`client`]: the gateway side. A per-machine watermark (the hub's acked size) lives in
 //!   redb and advances only on the hub's answer; rows are read from the log, never copied
 //!   into an outbox, so nothing is ever deleted or dropped before it is acked.
-//! - [`hub`]: `smgate hub`, the reference receiver. It trusts nothing it has not verified:
-//!   the note signature by the enrolled key, every row's hash, the hash chain, and that the
-//!   tree of everything it stores has the signed root.
+//!
+//! The receiver, `smgate hub`, is its own module (`crate::hub`): it imports this wire format,
+//! and nothing here imports it.
 //!
 //! The wire format (version 1) is defined here, once, and documented for other
 //! implementations in `docs/sync-protocol.md`.
 
 pub mod client;
-pub mod hub;
 
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame};
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::Hash;
@@ -64,6 +69,11 @@ pub struct Batch {
 pub struct Ack {
     /// Highest seq the hub has stored for this machine; `None` when it has none.
     pub stored_seq: Option<u64>,
+    /// The hub's C2SP `cosignature/v1` signature line on the batch's checkpoint, when the hub
+    /// verified it and it is the largest tree the hub stores of this log (absent otherwise,
+    /// and from hubs that do not cosign).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cosignature: Option<String>,
 }
 
 impl Ack {
@@ -86,4 +96,27 @@ pub struct Conflict {
 /// Checkpoint origin of a machine's log.
 pub fn origin(gateway_id: &str, slug: &str) -> String {
     format!("{gateway_id}/{slug}")
+}
+
+/// A request or response body that is one chunk (the client's batches, the hub's answers).
+pub struct OneChunk(pub Option<Bytes>);
+
+impl Body for OneChunk {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.take().map(|b| Ok(Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.0.as_ref().map_or(0, |b| b.len() as u64))
+    }
 }

@@ -375,3 +375,39 @@ pub fn create_heartbeat_machine(txn: &redb::WriteTransaction, slug: &str, now_ms
     smgate::instances::create_version(txn, slug, HEARTBEAT_DEF, None, true, "test", now_ms)
         .unwrap();
 }
+
+/// Checks a C2SP `cosignature/v1` line by `vkey` in `note`, independently of the hub's code
+/// (key ID, timestamped signature over `cosignature/v1\ntime <t>\n` and the note body), and
+/// returns its timestamp.
+pub fn verify_cosignature(note: &str, vkey: &str) -> u64 {
+    use smgate::ledger::base64;
+    let mut parts = vkey.splitn(3, '+');
+    let (name, id_hex, material) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        base64::decode(parts.next().unwrap()).unwrap(),
+    );
+    assert_eq!(material[0], 0x04, "cosignature/v1 key type");
+    let public = &material[1..];
+    let mut h = <sha2::Sha256 as sha2::Digest>::new();
+    sha2::Digest::update(&mut h, format!("{name}\n").as_bytes());
+    sha2::Digest::update(&mut h, [0x04]);
+    sha2::Digest::update(&mut h, public);
+    let digest = sha2::Digest::finalize(h);
+    assert_eq!(smgate::ledger::hex::encode(&digest[..4]), id_hex, "key ID");
+    let split = note.rfind("\n\n").expect("signature block");
+    let body = &note[..split + 1];
+    let line = note[split + 2..]
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("\u{2014} {name} ")))
+        .expect("a cosignature line by this cosigner");
+    let sig = base64::decode(line).unwrap();
+    assert_eq!(sig.len(), 4 + 8 + 64);
+    assert_eq!(&digest[..4], &sig[..4]);
+    let ts = u64::from_be_bytes(sig[4..12].try_into().unwrap());
+    let message = format!("cosignature/v1\ntime {ts}\n{body}");
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public)
+        .verify(message.as_bytes(), &sig[12..])
+        .expect("the hub's cosignature verifies");
+    ts
+}

@@ -1,0 +1,342 @@
+//! `smgate hub`: the central receiver of gateway logs, a verifying mirror.
+//!
+//! Each machine log is sequenced and signed by its gateway, so the hub needs no sequencer: an
+//! ingest touches one log, checks the batch against what is stored for it, and writes. Where
+//! it writes is a [`HubStore`]: the embedded redb file ([`embedded`], the default: one
+//! machine, tests, small fleets) or PostgreSQL ([`pg`], any number of hub processes against one
+//! database, every table keyed and partitioned by gateway). The checks are one pure function
+//! ([`check`]) that both back ends run, so they accept and refuse the same batches.
+//!
+//! Data directory: `tls/cert.pem` + `tls/key.pem` (self-signed at first start, like a
+//! gateway's), and for the embedded back end `hub.redb` and `enrolled/`.
+//!
+//! # What an ingest guarantees
+//! A batch is checked completely before anything is written: the bearer token and verifier
+//! key of an enrolled gateway (else 401); the checkpoint note's signature by that key; each new
+//! row's seq, hash and link to the previous row (row 0: the genesis hash); rows the hub already
+//! has are byte-identical (else 409 `fork`); the tree of all stored rows has the signed root
+//! (else 409 `tampered`); and, when the gateway proves from the hub's last checkpoint, the
+//! consistency proof. The write is one transaction that commits only if the log's size is still
+//! the one the batch was checked against (a compare-and-set); a hub that loses that race
+//! re-reads and re-checks, which for the same batch is an idempotent 200. So the hub's copy is
+//! always a verified prefix of the gateway's log, a repeated batch changes nothing, a refused
+//! batch leaves what the hub had, and no row is stored twice.
+
+pub mod api;
+pub mod check;
+pub mod cli;
+pub mod cosign;
+pub mod embedded;
+pub mod pg;
+pub mod tiles;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::{self, hex, Checkpoint, Hash};
+use crate::sync::{Ack, Batch};
+use crate::{auth, clock};
+use check::{Append, Evidence, Loaded, Verdict};
+
+pub use api::{cert_pin, serve};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("hub database: {0}")]
+    Store(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Init(#[from] crate::gateway::InitError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// A store that did not answer, or answered with an error: the batch is not stored, and the
+/// gateway retries (503).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault(pub String);
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why an ingest was refused; each maps to one status code.
+#[derive(Debug)]
+pub enum Refusal {
+    Unauthorized(&'static str),
+    BadRequest(String),
+    /// 409, with what proves it.
+    Conflict(Box<Evidence>),
+    /// 503: the store failed or did not answer in time; retry.
+    Unavailable(String),
+}
+
+impl From<Fault> for Refusal {
+    fn from(f: Fault) -> Refusal {
+        Refusal::Unavailable(f.0)
+    }
+}
+
+/// What the hub keeps per gateway and machine besides the rows (the embedded file's record,
+/// and what the read API shows of a log on either back end).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stored {
+    pub gateway_id: String,
+    pub slug: String,
+    pub genesis_zeqond: u64,
+    /// Rows stored: seqs `0..size`.
+    pub size: u64,
+    pub last_hash: Hash,
+    /// The signed note of the last checkpoint accepted, its size and root.
+    pub checkpoint: String,
+    pub checkpoint_size: u64,
+    pub root: Hash,
+    /// The gateway's log size when it built the last batch.
+    pub head_size: u64,
+    pub last_ingest_ms: i64,
+    pub last_row_ts_ms: i64,
+}
+
+/// An enrolled gateway: its note verifier key and the SHA-256 of its bearer token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub gateway_id: String,
+    pub verifier_key: String,
+    /// Lowercase hex SHA-256 of the bearer token; the token itself is shown once by `enroll`.
+    pub token_sha256: String,
+    pub enrolled_ms: i64,
+}
+
+/// Ingest counters of this hub process, for `GET /v1/stats` and the sync benchmark.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub body_bytes: AtomicU64,
+    pub rows_received: AtomicU64,
+    pub rows_stored: AtomicU64,
+    pub stored_row_bytes: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub lost_races: AtomicU64,
+    pub unavailable: AtomicU64,
+}
+
+/// Where a hub keeps logs. Methods are keyed by gateway: every one reads or writes the logs
+/// of one gateway only, which is what lets the PostgreSQL schema be partitioned by it.
+pub trait HubStore: Send + Sync + 'static {
+    /// The enrolled gateway `gateway_id`, if any.
+    fn enrollment(
+        &self,
+        gateway_id: &str,
+    ) -> impl Future<Output = Result<Option<Enrollment>, Fault>> + Send;
+    /// Every enrolled gateway, by id.
+    fn enrollments(&self) -> impl Future<Output = Result<Vec<Enrollment>, Fault>> + Send;
+    /// Enrols (or re-enrols) a gateway.
+    fn enroll(&self, record: &Enrollment) -> impl Future<Output = Result<(), Fault>> + Send;
+    /// What [`check::decide`] needs to judge `batch` (with checkpoint `cp`) of gateway `gw`.
+    fn load(
+        &self,
+        gw: &str,
+        batch: &Batch,
+        cp: &Checkpoint,
+    ) -> impl Future<Output = Result<Loaded, Fault>> + Send;
+    /// Writes an accepted batch in one transaction that commits only if the log's size is
+    /// still `append.old_size`; `Ok(false)` when it was not (nothing written).
+    fn commit(
+        &self,
+        gw: &str,
+        batch: &Batch,
+        append: &Append,
+    ) -> impl Future<Output = Result<bool, Fault>> + Send;
+    /// Keeps the evidence of a refused batch.
+    fn record_conflict(
+        &self,
+        gw: &str,
+        machine: &str,
+        evidence: &Evidence,
+    ) -> impl Future<Output = Result<(), Fault>> + Send;
+    /// The logs of one gateway.
+    fn machines(&self, gw: &str) -> impl Future<Output = Result<Vec<Stored>, Fault>> + Send;
+    /// One log's state, if the hub has any of it.
+    fn log(
+        &self,
+        gw: &str,
+        machine: &str,
+    ) -> impl Future<Output = Result<Option<Stored>, Fault>> + Send;
+    /// The first `width` hashes of hash tile `index` at tile level `level` (C2SP tlog-tiles,
+    /// height 8), concatenated; `None` when the store does not have them.
+    fn tile(
+        &self,
+        gw: &str,
+        machine: &str,
+        level: u8,
+        index: u64,
+        width: usize,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, Fault>> + Send;
+    /// Stored row bytes `from..to` of one log.
+    fn rows(
+        &self,
+        gw: &str,
+        slug: &str,
+        from: u64,
+        to: u64,
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>, Fault>> + Send;
+}
+
+/// Times a hub re-reads and re-checks a batch after losing the compare-and-set to another hub
+/// before it answers 503.
+const RACES: usize = 4;
+
+/// A hub: its data directory (TLS files), its store and its counters.
+pub struct Hub<S> {
+    pub dir: PathBuf,
+    pub store: S,
+    pub stats: Stats,
+    pub cosigner: cosign::Cosigner,
+}
+
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
+    move |source| HubError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+pub(crate) fn valid_gateway_id(id: &str) -> bool {
+    id.strip_prefix("gw-").is_some_and(|h| {
+        h.len() == 16
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// A new enrolment record for a gateway and its bearer token (shown once; only its SHA-256
+/// is kept).
+pub fn new_enrollment(
+    gateway_id: &str,
+    verifier_key: &str,
+) -> Result<(Enrollment, String), HubError> {
+    if !valid_gateway_id(gateway_id) {
+        return Err(HubError::Invalid(format!(
+            "`{gateway_id}` is not a gateway id (gw- and 16 hex digits; see `smgate identity`)"
+        )));
+    }
+    let vk = ledger::VerifierKey::parse(verifier_key)
+        .map_err(|e| HubError::Invalid(format!("verifier key: {e}")))?;
+    if vk.name != gateway_id {
+        return Err(HubError::Invalid(format!(
+            "the verifier key is named `{}`, not `{gateway_id}`",
+            vk.name
+        )));
+    }
+    let (token, hash) = auth::new_raw_key("smh_");
+    let record = Enrollment {
+        gateway_id: gateway_id.to_owned(),
+        verifier_key: verifier_key.to_owned(),
+        token_sha256: hex::encode(&hash),
+        enrolled_ms: clock::now_ms(),
+    };
+    Ok((record, token))
+}
+
+impl<S: HubStore> Hub<S> {
+    /// A hub serving `store`, with its TLS files and cosigner key in `dir` (created at first
+    /// start), cosigning as `name`.
+    pub fn new(dir: &Path, store: S, name: &str) -> Result<Hub<S>, HubError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        crate::gateway::ensure_tls_files(&dir.join("tls/cert.pem"), &dir.join("tls/key.pem"))?;
+        let cosigner = cosign::Cosigner::load_or_create(&dir.join("cosigner.pk8"), name)?;
+        Ok(Hub {
+            dir: dir.to_owned(),
+            store,
+            stats: Stats::default(),
+            cosigner,
+        })
+    }
+
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join("tls/cert.pem")
+    }
+
+    /// Authorizes, verifies and stores one batch (see the module doc). A store bounds each
+    /// of its round trips (`hub.timeout_ms` on PostgreSQL), so a store that stops answering
+    /// is a 503, never a hung gateway.
+    pub async fn ingest(&self, bearer: Option<&str>, batch: &Batch) -> Result<Ack, Refusal> {
+        let enrolled = if valid_gateway_id(&batch.gateway_id) {
+            self.store.enrollment(&batch.gateway_id).await?
+        } else {
+            None
+        };
+        let enrolled = check::authorize(enrolled, bearer, batch)?;
+        let gw = enrolled.gateway_id.as_str();
+        let (cp, body) = check::parse(&enrolled, batch)?;
+        // A v1 cosignature states "the largest tree I hold of this log": only then.
+        let answer = |size: u64| Ack {
+            stored_seq: size.checked_sub(1),
+            cosignature: (size == cp.size)
+                .then(|| self.cosigner.cosign(&body, clock::now_ms() as u64 / 1000)),
+        };
+        for _ in 0..RACES {
+            let loaded = self.store.load(gw, batch, &cp).await?;
+            // Hashing a large batch takes milliseconds: off the async worker's hands.
+            let verdict =
+                tokio::task::block_in_place(|| check::decide(&loaded, batch, &cp, clock::now_ms()));
+            match verdict {
+                Ok(Verdict::Stored(size)) => return Ok(answer(size)),
+                Ok(Verdict::Append(append)) => {
+                    if self.store.commit(gw, batch, &append).await? {
+                        let fresh = batch.rows.len() - append.skip;
+                        self.stats
+                            .rows_stored
+                            .fetch_add(fresh as u64, Ordering::Relaxed);
+                        self.stats
+                            .stored_row_bytes
+                            .fetch_add(append.row_bytes, Ordering::Relaxed);
+                        return Ok(answer(append.state.size));
+                    }
+                    self.stats.lost_races.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(Refusal::Conflict(evidence)) => {
+                    self.store
+                        .record_conflict(gw, &batch.machine, &evidence)
+                        .await?;
+                    return Err(Refusal::Conflict(evidence));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Err(Refusal::Unavailable(format!(
+            "other hubs wrote this log {RACES} times while this one checked the batch; retry"
+        )))
+    }
+}
+
+/// Opens the store the configuration names: PostgreSQL when `hub.database_url` is set (its
+/// migrations applied), else the embedded redb file in `dir`.
+pub enum Opened {
+    Embedded(Hub<embedded::Embedded>),
+    Pg(Hub<pg::Pg>),
+}
+
+impl Opened {
+    pub async fn open(dir: &Path, config: &crate::config::HubConfig) -> Result<Opened, HubError> {
+        if config.database_url.is_empty() {
+            let store = embedded::Embedded::open(dir)?;
+            return Ok(Opened::Embedded(Hub::new(dir, store, &config.name)?));
+        }
+        let store = pg::Pg::connect(config).await?;
+        store.migrate().await?;
+        Ok(Opened::Pg(Hub::new(dir, store, &config.name)?))
+    }
+}

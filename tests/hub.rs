@@ -1,0 +1,1053 @@
+//! `smgate hub` on PostgreSQL: real hub processes (the binary) against a real PostgreSQL
+//! cluster started per test (`common/pg.rs`), fed by simulated gateways that sign their logs
+//! with their own keys and push batches over HTTPS as the gateway's sync client does (retry
+//! the same rows until a 200, move the watermark to what the hub says it stores).
+//!
+//! Invariants checked, each by the test named after it: any number of hubs share one database
+//! and every log there equals its gateway's, verified against the gateway-signed checkpoint;
+//! two hubs given the same batch store it once and both answer the same 200; a hub killed
+//! between its inserts and `COMMIT` stores nothing and another hub takes the batch; a restart
+//! of PostgreSQL mid-ingest loses nothing that was acknowledged; a fork gets 409 and its signed
+//! evidence is kept; a database that stops answering gives 503 within the timeout.
+
+mod common;
+#[path = "common/pg.rs"]
+mod pg;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{line_value, verify_cosignature, BIN};
+use pg::Postgres;
+use smgate::hub::pg::Pg;
+use smgate::ledger::note::GatewayKey;
+use smgate::ledger::{genesis_prev_hash, tlog, Hash, Row};
+use smgate::sync::{Batch, CONTENT_TYPE, INGEST_PATH, WIRE_VERSION};
+
+/// A running `smgate hub` on PostgreSQL.
+struct HubProc {
+    child: Child,
+    addr: String,
+    /// The hub's cosigner verifier key, as it prints it at start.
+    cosigner: String,
+    lines: Receiver<String>,
+}
+
+impl HubProc {
+    /// Starts a hub with TLS files in `dir` (shared by the hubs of a test, as behind one
+    /// load balancer) and the database at `url`.
+    fn start(dir: &std::path::Path, url: &str, env: &[(&str, &str)]) -> HubProc {
+        let mut child = Command::new(BIN)
+            .arg("--data")
+            .arg(dir)
+            .args(["hub", "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .env("SMGATE_HUB_DATABASE_URL", url)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("hub did not start");
+        let addr = first
+            .strip_prefix("smgate hub: listening on https://")
+            .unwrap_or_else(|| panic!("listen line: {first}"))
+            .to_string();
+        lines.recv_timeout(Duration::from_secs(5)).unwrap(); // pin line
+        let cosigner = lines.recv_timeout(Duration::from_secs(5)).unwrap();
+        let cosigner = cosigner
+            .strip_prefix("smgate hub: cosigner ")
+            .unwrap_or_else(|| panic!("cosigner line: {cosigner}"))
+            .to_string();
+        HubProc {
+            child,
+            addr,
+            cosigner,
+            lines,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://{}{}", self.addr, path)
+    }
+
+    /// Waits for the test hook's line (the hub holds a commit open).
+    fn wait_for_hold(&self) {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(120))
+                .expect("the hub never reached the hold before COMMIT");
+            if line.contains("holding a commit before COMMIT") {
+                return;
+            }
+        }
+    }
+
+    async fn stats(&self, client: &reqwest::Client) -> serde_json::Value {
+        client
+            .get(self.url("/v1/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for HubProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A simulated gateway: its id, signing key and enrolment token.
+struct SimGateway {
+    id: String,
+    key: GatewayKey,
+    vkey: String,
+    token: String,
+}
+
+impl SimGateway {
+    fn new(n: u64) -> SimGateway {
+        let id = format!("gw-{:016x}", 0x5eed_0000_0000_0000u64 + n);
+        let key = GatewayKey::from_pkcs8(&GatewayKey::generate().unwrap()).unwrap();
+        let vkey = key.verifier_key(&id).unwrap();
+        SimGateway {
+            id,
+            key,
+            vkey,
+            token: String::new(),
+        }
+    }
+
+    /// Enrols through the library (fast for hundreds of gateways).
+    async fn enroll_in(&mut self, db: &Pg) {
+        use smgate::hub::HubStore;
+        let (record, token) = smgate::hub::new_enrollment(&self.id, &self.vkey).unwrap();
+        db.enroll(&record).await.unwrap();
+        self.token = token;
+    }
+}
+
+/// One machine log of a simulated gateway, with its stored tlog hashes.
+#[derive(Clone)]
+struct SimLog {
+    machine: String,
+    genesis: u64,
+    rows: Vec<Vec<u8>>,
+    hashes: Vec<Hash>,
+    edge: tlog::RightEdge,
+    last_hash: Hash,
+}
+
+impl SimLog {
+    fn new(machine: &str) -> SimLog {
+        SimLog {
+            machine: machine.to_string(),
+            genesis: 1_000,
+            rows: Vec::new(),
+            hashes: Vec::new(),
+            edge: tlog::RightEdge::empty(),
+            last_hash: genesis_prev_hash(machine, 1_000),
+        }
+    }
+
+    /// Appends `n` rows whose payload carries `tag` (two logs grown with different tags from
+    /// the same prefix are a fork).
+    fn grow(&mut self, n: usize, tag: &str) {
+        for _ in 0..n {
+            let seq = self.rows.len() as u64;
+            let (row, bytes) = Row {
+                seq,
+                zeqond: 1_000 + seq,
+                ts_ms: 1_700_000_000_000 + seq as i64,
+                kind: "event".into(),
+                actor: "sim".into(),
+                transition_id: [7; 16],
+                payload: format!("{{\"tag\":\"{tag}\",\"seq\":{seq}}}").into_bytes(),
+                prev_hash: self.last_hash,
+                hash: [0; 32],
+            }
+            .seal_stored()
+            .unwrap();
+            let added = self.edge.push(tlog::record_hash(&row.hash)).unwrap();
+            self.hashes.extend(added);
+            self.last_hash = row.hash;
+            self.rows.push(bytes);
+        }
+    }
+
+    fn size(&self) -> u64 {
+        self.rows.len() as u64
+    }
+
+    /// The signed checkpoint note of the first `size` rows.
+    fn checkpoint(&self, gw: &SimGateway, size: u64) -> String {
+        let root = tlog::tree_hash(size, &self.hashes).unwrap();
+        let body = smgate::ledger::Checkpoint {
+            origin: format!("{}/{}", gw.id, self.machine),
+            size,
+            root,
+        }
+        .to_body()
+        .unwrap();
+        smgate::ledger::note::sign_note(&body, &gw.id, &gw.key).unwrap()
+    }
+
+    /// Rows `from..to`, proving consistency from `acked` as a gateway does.
+    fn batch(&self, gw: &SimGateway, from: u64, to: u64, acked: u64) -> Batch {
+        let consistency = if acked > 0 && acked < to {
+            tlog::prove_tree(to, acked, &self.hashes).unwrap()
+        } else {
+            Vec::new()
+        };
+        Batch {
+            version: WIRE_VERSION,
+            gateway_id: gw.id.clone(),
+            verifier_key: gw.vkey.clone(),
+            machine: self.machine.clone(),
+            genesis_zeqond: self.genesis,
+            first_seq: from,
+            rows: self.rows[from as usize..to as usize].to_vec(),
+            checkpoint: self.checkpoint(gw, to),
+            proof_from: acked,
+            consistency,
+            head_size: self.size(),
+        }
+    }
+}
+
+fn client(dir: &std::path::Path) -> reqwest::Client {
+    common::client_trusting(&std::fs::read(dir.join("tls/cert.pem")).unwrap())
+}
+
+/// POSTs a batch; `Err` is a transport error (no answer).
+async fn post(
+    client: &reqwest::Client,
+    hub: &str,
+    token: &str,
+    batch: &Batch,
+) -> Result<(u16, serde_json::Value, reqwest::header::HeaderMap), String> {
+    let res = client
+        .post(format!("https://{hub}{INGEST_PATH}"))
+        .bearer_auth(token)
+        .header("content-type", CONTENT_TYPE)
+        .body(postcard::to_allocvec(batch).unwrap())
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let body = res.json().await.unwrap_or(serde_json::Value::Null);
+    Ok((status, body, headers))
+}
+
+/// The pushing side shared by a test's simulated gateways: the hubs, whose turn is next, and
+/// how many batches were acknowledged.
+struct Pusher {
+    client: reqwest::Client,
+    hubs: Vec<String>,
+    turn: AtomicU64,
+    acked: AtomicU64,
+}
+
+impl Pusher {
+    fn new(client: reqwest::Client, hubs: &[HubProc]) -> Arc<Pusher> {
+        Arc::new(Pusher {
+            client,
+            hubs: hubs.iter().map(|h| h.addr.clone()).collect(),
+            turn: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+        })
+    }
+
+    /// Pushes `log` like a gateway: batches of up to `batch_rows`, each to the next hub in
+    /// turn, retrying on 503 and transport errors. Asserts that the hub's stored size never
+    /// goes back below what it acknowledged.
+    async fn push(&self, gw: &SimGateway, log: &SimLog, batch_rows: u64) {
+        let mut acked = 0;
+        while acked < log.size() {
+            let to = (acked + batch_rows).min(log.size());
+            let batch = log.batch(gw, acked, to, acked);
+            let turn = self.turn.fetch_add(1, Ordering::Relaxed) as usize;
+            let hub = &self.hubs[turn % self.hubs.len()];
+            match post(&self.client, hub, &gw.token, &batch).await {
+                Ok((200, body, _)) => {
+                    let stored = body["stored_seq"].as_u64().map_or(0, |s| s + 1);
+                    assert!(
+                        stored >= acked,
+                        "{}/{}: the hub acknowledged {acked} rows before and now stores {stored}",
+                        gw.id,
+                        log.machine
+                    );
+                    acked = stored;
+                    self.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok((503, _, headers)) => {
+                    assert!(
+                        headers.contains_key("retry-after"),
+                        "503 without Retry-After"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok((status, body, _)) => panic!("{}/{}: {status} {body}", gw.id, log.machine),
+            }
+        }
+    }
+}
+
+/// The log at the database equals the gateway's: same rows once each, the gateway's own
+/// signed checkpoint, which verifies under its key and whose root is the root of the rows the
+/// database holds; and every stored tile holds the tree's hashes.
+async fn check_log(db: &tokio_postgres::Client, gw: &SimGateway, log: &SimLog) {
+    let m = log.machine.as_str();
+    let row = db
+        .query_one(
+            "SELECT size, checkpoint FROM logs WHERE gw = $1 AND machine = $2",
+            &[&gw.id, &m],
+        )
+        .await
+        .unwrap();
+    let size: i64 = row.get(0);
+    let note: String = row.get(1);
+    assert_eq!(size as u64, log.size(), "{}/{m}: stored size", gw.id);
+    assert_eq!(
+        note,
+        log.checkpoint(gw, log.size()),
+        "{}/{m}: checkpoint",
+        gw.id
+    );
+    let rows = db
+        .query(
+            "SELECT seq, row FROM log_rows WHERE gw = $1 AND machine = $2 ORDER BY seq",
+            &[&gw.id, &m],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.len() as u64,
+        log.size(),
+        "{}/{m}: rows stored once each",
+        gw.id
+    );
+    let mut edge = tlog::RightEdge::empty();
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r.get::<_, i64>(0), i as i64);
+        let bytes: Vec<u8> = r.get(1);
+        assert_eq!(bytes, log.rows[i], "{}/{m}: row {i}", gw.id);
+        let h: Hash = bytes[bytes.len() - 32..].try_into().unwrap();
+        edge.push(tlog::record_hash(&h)).unwrap();
+    }
+    let body = smgate::ledger::verify_note(&note, &gw.vkey).expect("checkpoint verifies");
+    let cp = smgate::ledger::parse_checkpoint(&body).unwrap();
+    assert_eq!(
+        (cp.size, cp.root),
+        (log.size(), edge.root()),
+        "{}/{m}: root",
+        gw.id
+    );
+    let tiles = db
+        .query(
+            "SELECT level, idx, hashes FROM log_tiles WHERE gw = $1 AND machine = $2",
+            &[&gw.id, &m],
+        )
+        .await
+        .unwrap();
+    for t in &tiles {
+        let (level, idx): (i16, i64) = (t.get(0), t.get(1));
+        let hashes: Vec<u8> = t.get(2);
+        for (k, h) in hashes.chunks(32).enumerate() {
+            let n = idx as u64 * 256 + k as u64;
+            let want = log.hashes[tlog::stored_hash_index(8 * level as u32, n) as usize];
+            assert_eq!(h, want, "{}/{m}: tile {level}/{idx} hash {k}", gw.id);
+        }
+    }
+    let expected_tiles = smgate::hub::check::partial_tiles(log.size()).len()
+        + (0..8).map(|l| (log.size() >> (8 * l)) / 256).sum::<u64>() as usize;
+    assert_eq!(tiles.len(), expected_tiles, "{}/{m}: tiles", gw.id);
+}
+
+/// A cluster, its migrations applied, and a library handle for enrolment.
+async fn database() -> Option<(Postgres, Pg)> {
+    let pg = Postgres::start()?;
+    let config = smgate::config::HubConfig {
+        database_url: pg.url(),
+        ..Default::default()
+    };
+    let db = Pg::connect(&config).await.unwrap();
+    assert_eq!(db.migrate().await.unwrap(), vec![1]);
+    assert!(
+        db.migrate().await.unwrap().is_empty(),
+        "migrations run once"
+    );
+    Some((pg, db))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_hubs_share_one_database_and_every_log_equals_its_gateways() {
+    let Some((pg, db)) = database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let first = HubProc::start(dir.path(), &pg.url(), &[]);
+    let hubs = [
+        first,
+        HubProc::start(dir.path(), &pg.url(), &[]),
+        HubProc::start(dir.path(), &pg.url(), &[]),
+    ];
+    let gateways: usize = std::env::var("TEST_HUB_GATEWAYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let mut fleet = Vec::new();
+    for g in 0..gateways {
+        let mut gw = SimGateway::new(g as u64);
+        gw.enroll_in(&db).await;
+        let logs: Vec<SimLog> = (0..5)
+            .map(|m| {
+                let mut log = SimLog::new(&format!("m{m}"));
+                log.grow(40 + (g * 7 + m * 13) % 40, "main");
+                log
+            })
+            .collect();
+        fleet.push(Arc::new((gw, logs)));
+    }
+    let client = client(dir.path());
+    let pusher = Pusher::new(client.clone(), &hubs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (g, entry) in fleet.iter().enumerate() {
+        for m in 0..5 {
+            let (entry, pusher) = (entry.clone(), pusher.clone());
+            tasks.push(tokio::spawn(async move {
+                let (gw, logs) = &*entry;
+                let rows = 1 + ((g + m) % 16) as u64;
+                pusher.push(gw, &logs[m], rows).await
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let total_rows: u64 = fleet
+        .iter()
+        .flat_map(|e| e.1.iter().map(SimLog::size))
+        .sum();
+    eprintln!(
+        "{gateways} gateways x 5 machines, {total_rows} rows in {} batches through 3 hubs in {:.1} s",
+        pusher.acked.load(Ordering::Relaxed),
+        elapsed.as_secs_f64()
+    );
+    let check = pg.client().await;
+    for entry in &fleet {
+        for log in &entry.1 {
+            check_log(&check, &entry.0, log).await;
+        }
+    }
+    // Every hub took part.
+    for h in &hubs {
+        let s = h.stats(&client).await;
+        assert!(s["rows_stored"].as_u64().unwrap() > 0, "{s}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hubs_racing_the_same_batch_store_it_once_and_answer_the_same() {
+    let Some((pg, db)) = database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let release = dir.path().join("release");
+    let release_str = release.to_str().unwrap().to_string();
+    let slow = [
+        ("SMGATE_HUB_TIMEOUT_MS", "120000"),
+        ("TEST_HUB_HOLD_BEFORE_COMMIT", "race"),
+        ("TEST_HUB_RELEASE_FILE", release_str.as_str()),
+    ];
+    let a = HubProc::start(dir.path(), &pg.url(), &slow);
+    let b = HubProc::start(
+        dir.path(),
+        &pg.url(),
+        &[("SMGATE_HUB_TIMEOUT_MS", "120000")],
+    );
+    let mut gw = SimGateway::new(1);
+    gw.enroll_in(&db).await;
+    let mut log = SimLog::new("race");
+    log.grow(700, "main");
+    let gw = Arc::new(gw);
+    let batch = Arc::new(log.batch(&gw, 0, 700, 0));
+    let client = client(dir.path());
+
+    // A checks the batch, writes it and holds before COMMIT.
+    let to_a = {
+        let (client, addr, gw, batch) = (client.clone(), a.addr.clone(), gw.clone(), batch.clone());
+        tokio::spawn(async move { post(&client, &addr, &gw.token, &batch).await })
+    };
+    a.wait_for_hold();
+    // B checks the same batch against the same (empty) log and blocks on A's rows.
+    let to_b = {
+        let (client, addr, gw, batch) = (client.clone(), b.addr.clone(), gw.clone(), batch.clone());
+        tokio::spawn(async move { post(&client, &addr, &gw.token, &batch).await })
+    };
+    let watch = pg.client().await;
+    loop {
+        let waiting: i64 = watch
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(&release, b"go").unwrap();
+    let (sa, ba, _) = to_a.await.unwrap().unwrap();
+    let (sb, bb, _) = to_b.await.unwrap().unwrap();
+    assert_eq!((sa, sb), (200, 200), "{ba} {bb}");
+    assert_eq!(
+        ba["stored_seq"], bb["stored_seq"],
+        "both hubs answer the same"
+    );
+    assert_eq!(ba["stored_seq"], 699);
+    // Both cosign the batch's checkpoint: both verified it, and it is the tree they hold.
+    for (hub, body) in [(&a, &ba), (&b, &bb)] {
+        let note = format!(
+            "{}{}",
+            batch.checkpoint,
+            body["cosignature"].as_str().unwrap()
+        );
+        verify_cosignature(&note, &hub.cosigner);
+    }
+    let (stats_a, stats_b) = (a.stats(&client).await, b.stats(&client).await);
+    assert_eq!(stats_a["rows_stored"], 700, "A committed: {stats_a}");
+    assert_eq!(stats_b["rows_stored"], 0, "B committed nothing: {stats_b}");
+    assert_eq!(
+        stats_b["lost_races"], 1,
+        "B lost the compare-and-set once: {stats_b}"
+    );
+    check_log(&watch, &gw, &log).await;
+    let checkpoints: i64 = watch
+        .query_one(
+            "SELECT count(*) FROM log_checkpoints WHERE gw = $1",
+            &[&gw.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(checkpoints, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hub_killed_between_its_inserts_and_commit_stores_nothing() {
+    let Some((pg, db)) = database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = HubProc::start(
+        dir.path(),
+        &pg.url(),
+        &[
+            ("SMGATE_HUB_TIMEOUT_MS", "120000"),
+            ("TEST_HUB_HOLD_BEFORE_COMMIT", "killed"),
+        ],
+    );
+    let b = HubProc::start(dir.path(), &pg.url(), &[]);
+    let mut gw = SimGateway::new(2);
+    gw.enroll_in(&db).await;
+    let gw = Arc::new(gw);
+    let mut log = SimLog::new("killed");
+    log.grow(100, "main");
+    let client = client(dir.path());
+    let (s, body, _) = post(&client, &b.addr, &gw.token, &log.batch(&gw, 0, 100, 0))
+        .await
+        .unwrap();
+    assert_eq!((s, body["stored_seq"].as_u64()), (200, Some(99)));
+
+    log.grow(500, "main");
+    let batch = Arc::new(log.batch(&gw, 100, 600, 100));
+    let to_a = {
+        let (client, addr, gw, batch) = (client.clone(), a.addr.clone(), gw.clone(), batch.clone());
+        tokio::spawn(async move { post(&client, &addr, &gw.token, &batch).await })
+    };
+    a.wait_for_hold();
+    a.child.kill().unwrap(); // SIGKILL
+    a.child.wait().unwrap();
+    assert!(to_a.await.unwrap().is_err(), "the killed hub answered");
+
+    let watch = pg.client().await;
+    let (size, rows): (i64, i64) = {
+        let r = watch
+            .query_one(
+                "SELECT (SELECT size FROM logs WHERE gw = $1 AND machine = 'killed'), \
+                 (SELECT count(*) FROM log_rows WHERE gw = $1 AND machine = 'killed')",
+                &[&gw.id],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        (size, rows),
+        (100, 100),
+        "the killed hub's transaction left nothing"
+    );
+    // The gateway retries through the other hub.
+    let (s, body, _) = post(&client, &b.addr, &gw.token, &batch).await.unwrap();
+    assert_eq!((s, body["stored_seq"].as_u64()), (200, Some(599)), "{body}");
+    check_log(&watch, &gw, &log).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_restart_mid_ingest_loses_nothing_acknowledged() {
+    let Some((pg, db)) = database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("SMGATE_HUB_TIMEOUT_MS", "3000")];
+    let hubs = [
+        HubProc::start(dir.path(), &pg.url(), &env),
+        HubProc::start(dir.path(), &pg.url(), &env),
+    ];
+    let mut fleet = Vec::new();
+    for g in 0..20u64 {
+        let mut gw = SimGateway::new(100 + g);
+        gw.enroll_in(&db).await;
+        let logs: Vec<SimLog> = (0..2)
+            .map(|m| {
+                let mut log = SimLog::new(&format!("r{m}"));
+                log.grow(600, "main");
+                log
+            })
+            .collect();
+        fleet.push(Arc::new((gw, logs)));
+    }
+    let pusher = Pusher::new(client(dir.path()), &hubs);
+    let acked = &pusher.acked;
+    let mut tasks = Vec::new();
+    for entry in &fleet {
+        for m in 0..2 {
+            let (entry, pusher) = (entry.clone(), pusher.clone());
+            tasks.push(tokio::spawn(async move {
+                let (gw, logs) = &*entry;
+                pusher.push(gw, &logs[m], 20).await
+            }));
+        }
+    }
+    // Mid-ingest: after a quarter of the 1,200 batches were acknowledged.
+    while acked.load(Ordering::Relaxed) < 300 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = acked.load(Ordering::Relaxed);
+    pg.crash();
+    pg.start_server();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total = acked.load(Ordering::Relaxed);
+    eprintln!("{before} batches acknowledged before the restart, {total} in all");
+    assert!(total > before, "ingest went on after the restart");
+    let check = pg.client().await;
+    for entry in &fleet {
+        for log in &entry.1 {
+            check_log(&check, &entry.0, log).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forked_or_tampered_batch_gets_409_and_its_evidence_is_kept() {
+    let Some((pg, _db)) = database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The CLI, as an operator runs it: migrate (already done: nothing to apply), enrol.
+    let env_cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("--data")
+            .arg(dir.path())
+            .args(args)
+            .env("SMGATE_HUB_DATABASE_URL", pg.url())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(env_cli(&["hub", "migrate"]).contains("migrations applied: []"));
+    let mut gw = SimGateway::new(3);
+    gw.token = line_value(&env_cli(&["hub", "enroll", &gw.id, &gw.vkey]), "token ");
+    let hub = HubProc::start(dir.path(), &pg.url(), &[]);
+    let client = client(dir.path());
+    let mut log = SimLog::new("forked");
+    log.grow(10, "main");
+    let (s, _, _) = post(&client, &hub.addr, &gw.token, &log.batch(&gw, 0, 10, 0))
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+
+    // A fork: the same gateway key signs another history from row 5 on.
+    let mut fork = log.clone();
+    fork.rows.truncate(5);
+    fork.hashes.truncate(tlog::stored_hash_count(5) as usize);
+    fork.edge = tlog::RightEdge::load(5, &fork.hashes).unwrap();
+    let row4 = Row::decode_stored(&fork.rows[4]).unwrap();
+    fork.last_hash = row4.hash;
+    fork.grow(5, "other");
+    let forked = fork.batch(&gw, 5, 10, 5);
+    let (s, body, _) = post(&client, &hub.addr, &gw.token, &forked).await.unwrap();
+    assert_eq!(s, 409, "{body}");
+    assert_eq!(
+        (body["error"].as_str(), body["at"].as_u64()),
+        (Some("fork"), Some(5))
+    );
+
+    // Tampered: a new row whose bytes no longer match its hash.
+    log.grow(5, "main");
+    let mut tampered = log.batch(&gw, 10, 15, 10);
+    let n = tampered.rows[2].len();
+    tampered.rows[2][n - 40] ^= 1;
+    let (s, body, _) = post(&client, &hub.addr, &gw.token, &tampered)
+        .await
+        .unwrap();
+    assert_eq!(s, 409, "{body}");
+    assert_eq!(
+        (body["error"].as_str(), body["at"].as_u64()),
+        (Some("tampered"), Some(12))
+    );
+    // Sent again: one evidence row, seen twice.
+    let (s, _, _) = post(&client, &hub.addr, &gw.token, &tampered)
+        .await
+        .unwrap();
+    assert_eq!(s, 409);
+
+    let db = pg.client().await;
+    let rows = db
+        .query(
+            "SELECT kind, seq, checkpoint, row, stored_row, stored_checkpoint, times \
+             FROM log_conflicts WHERE gw = $1 ORDER BY seq",
+            &[&gw.id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    let (kind, seq, note): (String, i64, String) = (rows[0].get(0), rows[0].get(1), rows[0].get(2));
+    assert_eq!((kind.as_str(), seq), ("fork", 5));
+    // The evidence is signed: the fork's checkpoint verifies under the gateway's key, beside
+    // the hub's own checkpoint of the other history, and both rows are kept.
+    assert_eq!(note, forked.checkpoint);
+    smgate::ledger::verify_note(&note, &gw.vkey).expect("evidence verifies");
+    assert_eq!(
+        rows[0].get::<_, Option<Vec<u8>>>(3),
+        Some(fork.rows[5].clone())
+    );
+    assert_eq!(
+        rows[0].get::<_, Option<Vec<u8>>>(4),
+        Some(log.rows[5].clone())
+    );
+    assert_eq!(rows[0].get::<_, String>(5), log.checkpoint(&gw, 10));
+    let (kind, seq, times): (String, i64, i64) = (rows[1].get(0), rows[1].get(1), rows[1].get(6));
+    assert_eq!((kind.as_str(), seq, times), ("tampered", 12, 2));
+    assert_eq!(
+        rows[1].get::<_, Option<Vec<u8>>>(3),
+        Some(tampered.rows[2].clone())
+    );
+
+    // What the hub had is untouched, and the true history goes on.
+    let (s, body, _) = post(&client, &hub.addr, &gw.token, &log.batch(&gw, 10, 15, 10))
+        .await
+        .unwrap();
+    assert_eq!((s, body["stored_seq"].as_u64()), (200, Some(14)));
+    check_log(&db, &gw, &log).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_that_stops_answering_gives_503_within_the_timeout() {
+    let Some((pg, db)) = database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let timeout_ms = 2_000u64;
+    let hub = HubProc::start(
+        dir.path(),
+        &pg.url(),
+        &[("SMGATE_HUB_TIMEOUT_MS", &timeout_ms.to_string())],
+    );
+    let mut gw = SimGateway::new(4);
+    gw.enroll_in(&db).await;
+    let client = client(dir.path());
+    let mut log = SimLog::new("stopped");
+    log.grow(20, "main");
+    let (s, _, _) = post(&client, &hub.addr, &gw.token, &log.batch(&gw, 0, 10, 0))
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+
+    pg.signal_all("STOP");
+    let started = Instant::now();
+    let answer = post(&client, &hub.addr, &gw.token, &log.batch(&gw, 10, 20, 10)).await;
+    let waited = started.elapsed();
+    pg.signal_all("CONT");
+    let (s, body, headers) = answer.unwrap();
+    assert_eq!(s, 503, "{body}");
+    assert!(headers.contains_key("retry-after"));
+    assert!(
+        waited < Duration::from_millis(timeout_ms + 3_000),
+        "503 came after {waited:?}, the timeout is {timeout_ms} ms"
+    );
+    // The database answers again: the retry is stored.
+    let mut stored = None;
+    for _ in 0..100 {
+        if let Ok((200, body, _)) =
+            post(&client, &hub.addr, &gw.token, &log.batch(&gw, 10, 20, 10)).await
+        {
+            stored = body["stored_seq"].as_u64();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stored, Some(19));
+    check_log(&pg.client().await, &gw, &log).await;
+}
+
+/// What an auditor fetched: tiles and entry bundles by path, from the tlog-tiles endpoints.
+struct Fetched {
+    size: u64,
+    tiles: HashMap<(u8, u64), Vec<Hash>>,
+}
+
+impl tlog::HashReader for Fetched {
+    /// Stored hash `(level, n)` from the tile of level `level / 8` that holds its subtree:
+    /// the `2^(level % 8)` tile hashes below it, hashed up (as Go's `tlog.TileHashReader`).
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, smgate::ledger::LedgerError> {
+        indexes
+            .iter()
+            .map(|&i| {
+                let (level, n) = tlog::split_stored_hash_index(i);
+                let (tile_level, sub) = ((level / 8) as u8, level % 8);
+                let first = n << sub;
+                let tile = &self.tiles[&(tile_level, first / 256)];
+                let mut hs: Vec<Hash> =
+                    tile[(first % 256) as usize..(first % 256) as usize + (1 << sub)].to_vec();
+                while hs.len() > 1 {
+                    hs = hs
+                        .chunks(2)
+                        .map(|p| tlog::node_hash(&p[0], &p[1]))
+                        .collect();
+                }
+                Ok(hs[0])
+            })
+            .collect()
+    }
+}
+
+/// Walks one log through `/logs/<gw>/<machine>/…` only: the checkpoint (verified under the
+/// gateway's key), every hash tile and entry bundle of its tree. Returns the checkpoint's
+/// size and root, the tiles, and the entries (row hashes).
+async fn audit(
+    client: &reqwest::Client,
+    hub: &HubProc,
+    gw: &SimGateway,
+    machine: &str,
+) -> (Fetched, Hash, Vec<Hash>) {
+    let base = format!("https://{}/logs/{}/{machine}", hub.addr, gw.id);
+    let note = client
+        .get(format!("{base}/checkpoint"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // The checkpoint verifies under the gateway's key and under the hub's.
+    let body = smgate::ledger::verify_note(&note, &gw.vkey).expect("checkpoint verifies");
+    verify_cosignature(&note, &hub.cosigner);
+    let cp = smgate::ledger::parse_checkpoint(&body).unwrap();
+    let mut fetched = Fetched {
+        size: cp.size,
+        tiles: HashMap::new(),
+    };
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            let res = client.get(&path).send().await.unwrap();
+            assert_eq!(res.status(), 200, "{path}");
+            let cache = res.headers()["cache-control"].to_str().unwrap().to_string();
+            (res.bytes().await.unwrap().to_vec(), cache)
+        }
+    };
+    for level in 0..8u8 {
+        let nodes = cp.size >> (8 * u32::from(level));
+        if nodes == 0 {
+            break;
+        }
+        for index in 0..nodes.div_ceil(256) {
+            let width = (nodes - index * 256).min(256);
+            let mut path = format!(
+                "{base}/tile/{level}/{}",
+                smgate::hub::tiles::index_path(index)
+            );
+            if width < 256 {
+                path.push_str(&format!(".p/{width}"));
+            }
+            let (bytes, cache) = get(path).await;
+            assert_eq!(bytes.len() as u64, width * 32);
+            assert_eq!(cache.contains("immutable"), width == 256, "{cache}");
+            let hashes = bytes.chunks(32).map(|c| c.try_into().unwrap()).collect();
+            fetched.tiles.insert((level, index), hashes);
+        }
+    }
+    let mut entries = Vec::new();
+    for index in 0..cp.size.div_ceil(256) {
+        let width = (cp.size - index * 256).min(256);
+        let mut path = format!(
+            "{base}/tile/entries/{}",
+            smgate::hub::tiles::index_path(index)
+        );
+        if width < 256 {
+            path.push_str(&format!(".p/{width}"));
+        }
+        let (bytes, _) = get(path).await;
+        let mut rest = bytes.as_slice();
+        while !rest.is_empty() {
+            let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+            entries.push(rest[2..2 + len].try_into().unwrap());
+            rest = &rest[2 + len..];
+        }
+    }
+    assert_eq!(entries.len() as u64, cp.size);
+    // Beyond the tree: 404.
+    let beyond = client
+        .get(format!(
+            "{base}/tile/0/{}",
+            smgate::hub::tiles::index_path(cp.size / 256 + 1)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(beyond.status(), 404);
+    (fetched, cp.root, entries)
+}
+
+/// An auditor who holds an older checkpoint of the log checks, from tiles alone, that the
+/// tree has the signed root, that entries are included, and that the old tree is a prefix.
+fn verify_audit(fetched: &Fetched, root: &Hash, entries: &[Hash], old: (u64, Hash)) {
+    let size = fetched.size;
+    assert_eq!(
+        &tlog::tree_hash(size, fetched).unwrap(),
+        root,
+        "root from tiles"
+    );
+    // Every 97th entry and the last ones: proofs through every tile level.
+    let last = entries.len().saturating_sub(300);
+    for (i, e) in entries
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 97 == 0 || *i >= last)
+    {
+        let proof = tlog::prove_record(size, i as u64, fetched).unwrap();
+        tlog::check_record(&proof, size, root, i as u64, &tlog::record_hash(e))
+            .unwrap_or_else(|_| panic!("inclusion of entry {i}"));
+    }
+    let proof = tlog::prove_tree(size, old.0, fetched).unwrap();
+    tlog::check_tree(&proof, size, root, old.0, &old.1)
+        .expect("consistency with the old checkpoint");
+}
+
+async fn walk_a_log_through_the_tiles(
+    hub_proc: &HubProc,
+    client: &reqwest::Client,
+    gw: &SimGateway,
+) {
+    let hub = hub_proc.addr.as_str();
+    let mut log = SimLog::new("audited");
+    log.grow(300, "main");
+    let first = log.batch(gw, 0, 300, 0);
+    let (s, body, _) = post(client, hub, &gw.token, &first).await.unwrap();
+    assert_eq!(s, 200);
+    // The ingest answer carries the hub's cosignature of the batch's checkpoint.
+    let cosigned = format!(
+        "{}{}",
+        first.checkpoint,
+        body["cosignature"].as_str().unwrap()
+    );
+    verify_cosignature(&cosigned, &hub_proc.cosigner);
+    smgate::ledger::verify_note(&cosigned, &gw.vkey).expect("still verifies for the gateway");
+    let (old, old_root, _) = audit(client, hub_proc, gw, "audited").await;
+    assert_eq!(old.size, 300);
+    // More batches, of sizes that cross tile boundaries at both levels.
+    log.grow(66_000 - 300, "main");
+    let mut acked = 300;
+    for step in [17u64, 239, 256, 4_096, 61_092] {
+        let batch = log.batch(gw, acked, acked + step, acked);
+        let (s, body, _) = post(client, hub, &gw.token, &batch).await.unwrap();
+        assert_eq!(s, 200, "{body}");
+        acked += step;
+    }
+    assert_eq!(acked, 66_000);
+    let (fetched, root, entries) = audit(client, hub_proc, gw, "audited").await;
+    assert_eq!(fetched.size, 66_000);
+    let row_hashes: Vec<Hash> = log
+        .rows
+        .iter()
+        .map(|r| r[r.len() - 32..].try_into().unwrap())
+        .collect();
+    assert_eq!(entries, row_hashes, "entry bundles hold the rows' hashes");
+    verify_audit(&fetched, &root, &entries, (300, old_root));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_auditor_verifies_a_log_from_the_tile_endpoints_alone_on_postgres() {
+    let Some((pg, db)) = database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A 61,092-row batch is one INSERT: give a loaded debug build room (this is about tiles).
+    let hub = HubProc::start(dir.path(), &pg.url(), &[("SMGATE_HUB_TIMEOUT_MS", "60000")]);
+    let mut gw = SimGateway::new(5);
+    gw.enroll_in(&db).await;
+    walk_a_log_through_the_tiles(&hub, &client(dir.path()), &gw).await;
+    check_log(&pg.client().await, &gw, &{
+        let mut log = SimLog::new("audited");
+        log.grow(66_000, "main");
+        log
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_auditor_verifies_a_log_from_the_tile_endpoints_alone_on_the_embedded_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProc::start(dir.path(), "", &[]);
+    let mut gw = SimGateway::new(6);
+    let (ok, out, err) = common::cli(dir.path(), &["hub", "enroll", &gw.id, &gw.vkey]);
+    assert!(ok, "{err}");
+    gw.token = line_value(&out, "token ");
+    walk_a_log_through_the_tiles(&hub, &client(dir.path()), &gw).await;
+}

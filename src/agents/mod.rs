@@ -68,6 +68,12 @@ pub const MESH: TableDefinition<(&str, &str), ()> = TableDefinition::new("agent_
 pub const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("agent_credentials");
 
 /// All tables of this module, created at first open.
+/// This module's tables, for [`store::StoreOptions::tables`].
+pub const TABLES: store::Tables = store::Tables {
+    create: create_tables,
+    migrate: None,
+};
+
 pub fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(RUNS)?;
     txn.open_table(LINEAGE)?;

@@ -22,7 +22,7 @@ use crate::auth::{sha256, Access};
 use crate::clock;
 use crate::ledger::{self, canonical, hex, log, Checkpoint, Row};
 use crate::machines::{self, Machine};
-use crate::server::Gateway;
+use super::Deps;
 
 /// Most rows one `explore` page returns.
 pub const MAX_PAGE: u64 = 500;
@@ -47,23 +47,23 @@ type Query = std::collections::HashMap<String, String>;
 pub(super) struct Api;
 
 pub fn routes(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let base = || warp::path!("api" / "chain" / "state-machines" / String / ..);
     let event = base()
         .and(warp::path!("event"))
         .and(warp::post())
-        .and(with_gateway(gw.clone()))
+        .and(with_gateway(deps.clone()))
         .and(bearer())
         .and(body())
-        .then(|slug, gw, bearer, len, body| async move {
-            respond(post_event(gw, bearer, slug, len, body).await)
+        .then(|slug, deps, bearer, len, body| async move {
+            respond(post_event(deps, bearer, slug, len, body).await)
         });
     let reads = base()
         .and(warp::path::tail())
         .and(warp::get())
         .and(warp::query::<Query>())
-        .and(with_gateway(gw.clone()))
+        .and(with_gateway(deps.clone()))
         .and(bearer())
         .and(
             warp::header::optional::<u64>("last-event-id")
@@ -74,7 +74,7 @@ pub fn routes(
             |slug: String,
              tail: warp::path::Tail,
              q: Query,
-             gw: Arc<Gateway>,
+             deps: Arc<Deps>,
              bearer: Option<String>,
              last: Option<u64>| async move {
                 let route = tail.as_str().trim_end_matches('/').to_string();
@@ -92,7 +92,7 @@ pub fn routes(
                 if !known {
                     return Err(warp::reject::not_found());
                 }
-                Ok::<_, warp::Rejection>(respond(read(gw, bearer, slug, &route, q, last)))
+                Ok::<_, warp::Rejection>(respond(read(deps, bearer, slug, &route, q, last)))
             },
         );
     event.or(reads).unify()
@@ -224,13 +224,13 @@ fn doc_consistency() {}
 
 /// The machine, if the caller may read its log (public machines: anyone). Non-owners are
 /// rate limited per machine.
-fn readable(gw: &Gateway, bearer: Option<&str>, slug: &str) -> Result<Machine, ApiError> {
-    let principal = gw.principal(bearer)?;
-    let (machine, access) = visible_machine(gw, &principal, slug)?;
+fn readable(deps: &Deps, bearer: Option<&str>, slug: &str) -> Result<Machine, ApiError> {
+    let principal = deps.principal(bearer)?;
+    let (machine, access) = visible_machine(deps, &principal, slug)?;
     if access < Access::Owner {
-        gw.read_limit
+        deps.read_limit
             .check(&machine.slug)
-            .map_err(|s| gw.rate_limited(s))?;
+            .map_err(|s| deps.rate_limited(s))?;
     }
     Ok(machine)
 }
@@ -251,26 +251,26 @@ fn readable(gw: &Gateway, bearer: Option<&str>, slug: &str) -> Result<Machine, A
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn post_event(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
-    let principal = gw.principal(bearer.as_deref())?;
+    let principal = deps.principal(bearer.as_deref())?;
     if principal == crate::auth::Principal::Anonymous {
         return Err(ApiError::unauthorized());
     }
-    let (machine, access) = visible_machine(&gw, &principal, &slug)?;
+    let (machine, access) = visible_machine(&deps, &principal, &slug)?;
     if access < Access::Operator {
         return Err(ApiError::forbidden(
             "recording events needs the owner or an operator or admin key",
         ));
     }
-    gw.write_limit
+    deps.write_limit
         .check(&machine.slug)
-        .map_err(|s| gw.rate_limited(s))?;
-    let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
+        .map_err(|s| deps.rate_limited(s))?;
+    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
     let body = parse_json(&bytes)?;
     let Value::Object(body) = body else {
         return Err(ApiError::bad_request(
@@ -312,7 +312,7 @@ async fn post_event(
         (payload, None) => sha256(&canonical::to_vec(payload.unwrap_or(&Value::Null))),
     };
     let actor = principal.actor();
-    let row = gw
+    let row = deps
         .writer
         .write(move |txn| {
             machines::record_event(
@@ -373,16 +373,16 @@ fn range_error(message: impl Into<String>) -> ApiError {
 }
 
 fn read(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     route: &str,
     q: Query,
     last_event_id: Option<u64>,
 ) -> Result<Response, ApiError> {
-    let machine = readable(&gw, bearer.as_deref(), &slug)?;
+    let machine = readable(&deps, bearer.as_deref(), &slug)?;
     let slug = machine.slug.as_str();
-    let head = gw
+    let head = deps
         .store
         .view(|txn| log::read::head(txn, slug))?
         .ok_or_else(|| {
@@ -395,7 +395,7 @@ fn read(
     let size = head.size;
     match route {
         "state" => {
-            let row = gw.store.view(|txn| log::read::row(txn, slug, size - 1))?;
+            let row = deps.store.view(|txn| log::read::row(txn, slug, size - 1))?;
             Ok(json_response(
                 StatusCode::OK,
                 &json!({"ok": true, "slug": slug, "size": size, "genesis_zeqond": head.genesis_zeqond.to_string(),
@@ -405,7 +405,7 @@ fn read(
         "block" => {
             let z = num(&q, "zeqond")?
                 .ok_or_else(|| ApiError::bad_request("invalid_zeqond", "give ?zeqond=N"))?;
-            let rows = gw.store.view(|txn| {
+            let rows = deps.store.view(|txn| {
                 let seqs = log::read::seqs_at_zeqond(txn, slug, z)?;
                 let mut rows = Vec::with_capacity(seqs.len());
                 for s in seqs {
@@ -437,7 +437,7 @@ fn read(
                 .min(from.saturating_add(MAX_PAGE - 1))
                 .min(size.saturating_sub(1));
             let rows = if from < size {
-                gw.store
+                deps.store
                     .view(|txn| log::read::rows(txn, slug, from, end + 1))?
             } else {
                 Vec::new()
@@ -455,7 +455,7 @@ fn read(
                 (None, Some(f)) => f,
                 (None, None) => size,
             };
-            Ok(sse(gw.clone(), machine.slug.clone(), from))
+            Ok(sse(deps.clone(), machine.slug.clone(), from))
         }
         "pohc/validate" => {
             let from = num(&q, "from")?.unwrap_or(0);
@@ -465,7 +465,7 @@ fn read(
                     "need from ≤ to < {size} (the log size)"
                 )));
             }
-            let report = gw
+            let report = deps
                 .store
                 .view(|txn| validate(txn, slug, head.genesis_zeqond, from, to))?;
             Ok(json_response(
@@ -475,8 +475,8 @@ fn read(
             ))
         }
         "checkpoint" => {
-            let root = gw.store.view(|txn| log::read::tree_hash(txn, slug, size))?;
-            let note = checkpoint_note(&gw, slug, size, root)?;
+            let root = deps.store.view(|txn| log::read::tree_hash(txn, slug, size))?;
+            let note = checkpoint_note(&deps, slug, size, root)?;
             let mut res = note.into_response();
             if let Ok(v) = "text/plain; charset=utf-8".parse() {
                 res.headers_mut().insert(http::header::CONTENT_TYPE, v);
@@ -491,7 +491,7 @@ fn read(
                     "need seq < size ≤ {size} (the log size)"
                 )));
             }
-            let (row, proof) = gw.store.view(|txn| {
+            let (row, proof) = deps.store.view(|txn| {
                 let row = log::read::row(txn, slug, seq)?.ok_or_else(|| {
                     crate::store::StoreError::Corrupt(format!("row {seq} missing"))
                 })?;
@@ -512,7 +512,7 @@ fn read(
                     "need 1 ≤ from ≤ to ≤ {size} (the log size)"
                 )));
             }
-            let proof = gw
+            let proof = deps
                 .store
                 .view(|txn| log::read::prove_consistency(txn, slug, from, to))?;
             Ok(json_response(
@@ -579,13 +579,13 @@ pub fn validate(
 }
 
 pub fn checkpoint_note(
-    gw: &Gateway,
+    deps: &Deps,
     slug: &str,
     size: u64,
     root: ledger::Hash,
 ) -> Result<String, ApiError> {
     let body = Checkpoint {
-        origin: format!("{}/{}", gw.identity.id, slug),
+        origin: format!("{}/{}", deps.identity.id, slug),
         size,
         root,
     }
@@ -597,7 +597,7 @@ pub fn checkpoint_note(
             e.to_string(),
         )
     })?;
-    ledger::sign_note(&body, &gw.identity.id, &gw.identity.key).map_err(|e| {
+    ledger::sign_note(&body, &deps.identity.id, &deps.identity.key).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "unspecified",
@@ -608,12 +608,12 @@ pub fn checkpoint_note(
 
 /// Live rows from `from` on: first the backlog, then each row as its commit lands. The event
 /// id is the row's seq, so a client that reconnects with `Last-Event-ID` resumes after it.
-fn sse(gw: Arc<Gateway>, slug: String, from: u64) -> Response {
-    let mut commits = gw.writer.subscribe();
+fn sse(deps: Arc<Deps>, slug: String, from: u64) -> Response {
+    let mut commits = deps.writer.subscribe();
     let stream = async_stream(move |tx| async move {
         let mut cursor = from;
         loop {
-            let batch = gw.store.view(|txn| {
+            let batch = deps.store.view(|txn| {
                 let size = log::read::head(txn, &slug)?.map(|h| h.size).unwrap_or(0);
                 if cursor >= size {
                     return Ok(Vec::new());

@@ -17,15 +17,15 @@ use tokio::sync::{watch, Notify};
 
 use super::drain::RequestBody;
 use super::{routes, RemoteAddr};
-use crate::server::Gateway;
+use super::Deps;
 
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
-    let service = warp::service(routes(gw.clone()));
+pub async fn serve(listener: TcpListener, deps: Arc<Deps>, mut shutdown: watch::Receiver<bool>) {
+    let service = warp::service(routes(deps.clone()));
     let graceful = GracefulShutdown::new();
-    let handshake_timeout = Duration::from_secs(gw.config.http.handshake_timeout_secs);
-    let header_timeout = Duration::from_secs(gw.config.http.header_read_timeout_secs);
+    let handshake_timeout = Duration::from_secs(deps.config.http.handshake_timeout_secs);
+    let header_timeout = Duration::from_secs(deps.config.http.header_read_timeout_secs);
     // The largest body any route reads: a refused body up to this size is drained.
-    let drain_max = gw
+    let drain_max = deps
         .config
         .http
         .max_json_bytes
@@ -43,24 +43,24 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
             },
             _ = shutdown.changed() => break,
         };
-        gw.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        deps.metrics.connections.fetch_add(1, Ordering::Relaxed);
         let _ = tcp.set_nodelay(true);
-        let acceptor = gw.tls.get();
-        let gw = gw.clone();
+        let acceptor = deps.tls.get();
+        let deps = deps.clone();
         let service = service.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    gw.metrics
+                    deps.metrics
                         .tls_handshake_failures
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    gw.metrics
+                    deps.metrics
                         .tls_handshake_failures
                         .fetch_add(1, Ordering::Relaxed);
                     return;
@@ -88,7 +88,7 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
                             .get(http::header::CONTENT_LENGTH)
                             .is_some_and(|v| v.as_bytes() != b"0");
                     let mut warp_svc = service.clone();
-                    let gw = gw.clone();
+                    let deps = deps.clone();
                     async move {
                         let mut res = tower_service::Service::call(&mut warp_svc, req).await?;
                         // An error answered before the body was read (401, 404, 405, 413, …)
@@ -101,7 +101,7 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
                                 http::HeaderValue::from_static("close"),
                             );
                         }
-                        gw.metrics
+                        deps.metrics
                             .record_request(method.as_str(), route, res.status().as_u16());
                         Ok::<_, Infallible>(res)
                     }
@@ -134,7 +134,7 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
         });
     }
     drop(listener);
-    let grace = Duration::from_secs(gw.config.http.shutdown_grace_secs);
+    let grace = Duration::from_secs(deps.config.http.shutdown_grace_secs);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()

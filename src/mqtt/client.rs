@@ -56,7 +56,7 @@ use tokio::task::JoinHandle;
 
 use super::ingest::{self, Message, Rules};
 use super::{topic, MqttConfig};
-use crate::server::Gateway;
+use super::server::Deps;
 use crate::store::StoreError;
 
 /// The external-broker side of a running gateway.
@@ -74,8 +74,9 @@ impl Running {
 }
 
 /// Starts the client tasks against the broker at `mqtt.url` (`mode = "external"`).
-pub async fn start(gw: Arc<Gateway>, shutdown: watch::Receiver<bool>) -> Result<Running, String> {
-    let cfg = gw.config.mqtt.clone();
+pub async fn start(deps: Deps, shutdown: watch::Receiver<bool>) -> Result<Running, String> {
+    let deps = Arc::new(deps);
+    let cfg = deps.cfg.clone();
     let (host, port, secure) = parse_url(cfg.url.as_deref().unwrap_or_default())?;
     let tls = if secure {
         Some(tls_config(&cfg)?)
@@ -86,13 +87,13 @@ pub async fn start(gw: Arc<Gateway>, shutdown: watch::Receiver<bool>) -> Result<
         .client_id
         .clone()
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| format!("smgate-{}", gw.identity.id));
-    let birth = gw
+        .unwrap_or_else(|| format!("smgate-{}", deps.gateway_id));
+    let birth = deps
         .writer
         .write(ingest::next_birth)
         .await
         .map_err(|e: StoreError| e.to_string())?;
-    let status = topic::status(&cfg.topic_prefix, &gw.identity.id);
+    let status = topic::status(&cfg.topic_prefix, &deps.gateway_id);
 
     let mut opts = options(&cfg, &client_id, &host, port, tls.clone());
     opts.set_clean_session(false)
@@ -106,7 +107,7 @@ pub async fn start(gw: Arc<Gateway>, shutdown: watch::Receiver<bool>) -> Result<
     let (pub_client, pub_eventloop) = AsyncClient::new(pub_opts, 1024);
 
     let (in_tx, in_rx) = mpsc::unbounded_channel();
-    gw.mqtt.start_publishing();
+    deps.shared.start_publishing();
     let (republish_tx, republish_rx) = mpsc::unbounded_channel();
     let (batcher_done_tx, batcher_done_rx) = oneshot::channel();
     let (publisher_stop_tx, publisher_stop_rx) = oneshot::channel();
@@ -120,7 +121,7 @@ pub async fn start(gw: Arc<Gateway>, shutdown: watch::Receiver<bool>) -> Result<
     let (subscribed_tx, _subscribed) = watch::channel(false);
     let acks = Arc::new(Acks::default());
     let ingest = Ingest {
-        gw: gw.clone(),
+        deps: deps.clone(),
         client: client.clone(),
         acks: acks.clone(),
         status,
@@ -132,7 +133,7 @@ pub async fn start(gw: Arc<Gateway>, shutdown: watch::Receiver<bool>) -> Result<
         tokio::spawn(ingest.run(eventloop, in_tx, batcher_done_rx)),
         tokio::spawn(batcher(
             Batcher {
-                gw: gw.clone(),
+                deps: deps.clone(),
                 rules,
                 acks,
             },
@@ -141,13 +142,13 @@ pub async fn start(gw: Arc<Gateway>, shutdown: watch::Receiver<bool>) -> Result<
             (batcher_done_tx, publisher_stop_tx),
         )),
         tokio::spawn(publisher_connection(
-            gw.clone(),
+            deps.clone(),
             pub_eventloop,
             republish_tx,
             pub_conn_stop_rx,
         )),
         tokio::spawn(publisher(
-            gw.clone(),
+            deps.clone(),
             pub_client,
             republish_rx,
             publisher_stop_rx,
@@ -314,7 +315,7 @@ enum Delivery {
 }
 
 struct Ingest {
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     client: AsyncClient,
     acks: Arc<Acks>,
     status: String,
@@ -330,10 +331,10 @@ impl Ingest {
         to_batcher: mpsc::UnboundedSender<Delivery>,
         mut batcher_done: oneshot::Receiver<()>,
     ) {
-        let mut backoff = Backoff::new(&self.gw.config.mqtt);
-        let keep_alive = Duration::from_secs(self.gw.config.mqtt.keepalive_secs.max(1));
-        let cap = queue_cap(self.gw.config.mqtt.batch_size);
-        let queued = &self.gw.mqtt.ingest_queued;
+        let mut backoff = Backoff::new(&self.deps.cfg);
+        let keep_alive = Duration::from_secs(self.deps.cfg.keepalive_secs.max(1));
+        let cap = queue_cap(self.deps.cfg.batch_size);
+        let queued = &self.deps.shared.ingest_queued;
         let mut connected = false;
         // Numbers the connections (one per CONNACK): an ack is written only on the connection
         // its publish came in on.
@@ -393,8 +394,8 @@ impl Ingest {
             match event {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let n = queued.fetch_add(1, Ordering::Relaxed) + 1;
-                    self.gw
-                        .mqtt
+                    self.deps
+                        .shared
                         .ingest_queued_peak
                         .fetch_max(n, Ordering::Relaxed);
                     let _ = to_batcher.send(Delivery::Publish(p, connection));
@@ -419,7 +420,7 @@ impl Ingest {
                     connected = true;
                     connection += 1;
                     backoff.reset();
-                    self.gw.mqtt.connects.fetch_add(1, Ordering::Relaxed);
+                    self.deps.shared.connects.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(
                         session_present = ack.session_present,
                         bd_seq = self.birth,
@@ -455,12 +456,12 @@ impl Ingest {
                         .retain(|e| !matches!(e, Event::Outgoing(_)));
                     if connected {
                         connected = false;
-                        self.gw
-                            .mqtt
+                        self.deps
+                            .shared
                             .connection_losses
                             .fetch_add(1, Ordering::Relaxed);
                         // A new connection is a new birth; its Last Will carries the new number.
-                        match self.gw.writer.write(ingest::next_birth).await {
+                        match self.deps.writer.write(ingest::next_birth).await {
                             Ok(n) => self.birth = n,
                             Err(e) => {
                                 tracing::warn!(error = %e, "cannot store the MQTT birth sequence");
@@ -571,7 +572,7 @@ impl Settle {
 }
 
 struct Batcher {
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     rules: Arc<Rules>,
     acks: Arc<Acks>,
 }
@@ -590,8 +591,8 @@ async fn batcher(
     mut shutdown: watch::Receiver<bool>,
     done: (oneshot::Sender<()>, oneshot::Sender<()>),
 ) {
-    let size = b.gw.config.mqtt.batch_size;
-    let wait = Duration::from_millis(b.gw.config.mqtt.batch_wait_ms);
+    let size = b.deps.cfg.batch_size;
+    let wait = Duration::from_millis(b.deps.cfg.batch_wait_ms);
     let b = Arc::new(b);
     let mut in_flight: std::collections::VecDeque<JoinHandle<bool>> = Default::default();
     let mut stopping = false;
@@ -632,7 +633,7 @@ async fn batcher(
             }
         };
         let (mut batch, mut settled) = (Vec::new(), Vec::new());
-        let queued = &b.gw.mqtt.ingest_queued;
+        let queued = &b.deps.shared.ingest_queued;
         let add = |d: Delivery, batch: &mut Vec<_>, settled: &mut Vec<(u16, u64)>| match d {
             Delivery::Publish(p, connection) => {
                 queued.fetch_sub(1, Ordering::Relaxed);
@@ -691,7 +692,7 @@ async fn commit_and_ack(
     shutdown: &watch::Receiver<bool>,
     turn: oneshot::Receiver<()>,
 ) -> bool {
-    let gw = &b.gw;
+    let deps = &b.deps;
     let max_payload = b.rules.max_payload;
     let client: Arc<str> = b.rules.client_id.as_str().into();
     let messages: Vec<Message> = batch
@@ -713,7 +714,7 @@ async fn commit_and_ack(
         .map(|(pkid, tag)| ingest::Forget::Delivery(client.clone(), pkid, tag))
         .collect();
     let Some((messages, outcomes, tag)) = super::commit_batch(
-        &gw.writer, &gw.charts, &b.rules, messages, settled, shutdown,
+        &deps.writer, &deps.charts, &b.rules, messages, settled, shutdown,
     )
     .await
     else {
@@ -733,12 +734,12 @@ async fn commit_and_ack(
     }
     b.acks.wake.notify_one();
     let mut steps = Vec::with_capacity(outcomes.len());
-    steps.extend(outcomes.into_iter().filter_map(|o| gw.mqtt.tally(o)));
-    gw.mqtt
+    steps.extend(outcomes.into_iter().filter_map(|o| deps.shared.tally(o)));
+    deps.shared
         .applied
         .fetch_add(steps.len() as u64, Ordering::Relaxed);
     // One lock of the outbox per batch.
-    gw.mqtt.committed_steps(
+    deps.shared.committed_steps(
         steps
             .iter()
             .map(|(m, i, v, e)| (m.as_str(), i.as_str(), v, e.as_slice())),
@@ -747,12 +748,12 @@ async fn commit_and_ack(
 }
 
 async fn publisher_connection(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     mut eventloop: EventLoop,
     republish: mpsc::UnboundedSender<()>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let mut backoff = Backoff::new(&gw.config.mqtt);
+    let mut backoff = Backoff::new(&deps.cfg);
     loop {
         let event = tokio::select! {
             biased;
@@ -782,14 +783,14 @@ async fn publisher_connection(
 }
 
 async fn publisher(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     client: AsyncClient,
     mut republish: mpsc::UnboundedReceiver<()>,
     mut stop: oneshot::Receiver<()>,
     connection_stop: oneshot::Sender<()>,
 ) {
-    let prefix = gw.config.mqtt.topic_prefix.clone();
-    let qos = match gw.config.mqtt.state_qos {
+    let prefix = deps.cfg.topic_prefix.clone();
+    let qos = match deps.cfg.state_qos {
         0 => QoS::AtMostOnce,
         _ => QoS::AtLeastOnce,
     };
@@ -797,16 +798,16 @@ async fn publisher(
         tokio::select! {
             biased;
             _ = &mut stop => break,
-            Some(()) = republish.recv() => republish_all(&gw, &client, &prefix, qos).await,
-            _ = gw.mqtt.wake.notified() => {
-                if !publish(&client, &prefix, qos, gw.mqtt.take_outbox()).await {
+            Some(()) = republish.recv() => republish_all(&deps, &client, &prefix, qos).await,
+            _ = deps.shared.wake.notified() => {
+                if !publish(&client, &prefix, qos, deps.shared.take_outbox()).await {
                     // The request channel is closed: the connection task has stopped.
                     break;
                 }
             }
         }
     }
-    publish(&client, &prefix, qos, gw.mqtt.take_outbox()).await;
+    publish(&client, &prefix, qos, deps.shared.take_outbox()).await;
     let _ = client.try_disconnect();
     let _ = connection_stop.send(());
 }
@@ -834,14 +835,14 @@ async fn publish(client: &AsyncClient, prefix: &str, qos: QoS, outbox: super::Ou
     true
 }
 
-async fn republish_all(gw: &Gateway, client: &AsyncClient, prefix: &str, qos: QoS) {
+async fn republish_all(deps: &Deps, client: &AsyncClient, prefix: &str, qos: QoS) {
     let mut after: Option<(String, String)> = None;
     let mut n = 0usize;
     loop {
-        let page = gw.store.view(|txn| {
+        let page = deps.store.view(|txn| {
             ingest::states_after(
                 txn,
-                &gw.charts,
+                &deps.charts,
                 after.as_ref().map(|(m, i)| (m.as_str(), i.as_str())),
                 500,
             )

@@ -49,6 +49,17 @@ pub const PAGE_VERSIONS: TableDefinition<(&str, &str, u64), &[u8]> =
 /// (SHA-256 of the HTML, encoding name) → bytes.
 pub const PAGE_BLOBS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("page_blobs");
 
+/// This module's tables, for [`store::StoreOptions::tables`].
+pub const TABLES: store::Tables = store::Tables {
+    create: |txn| {
+        txn.open_table(PAGES)?;
+        txn.open_table(PAGE_VERSIONS)?;
+        txn.open_table(PAGE_BLOBS)?;
+        Ok(())
+    },
+    migrate: None,
+};
+
 /// Largest HTML accepted: 2 MiB of UTF-8.
 pub const MAX_HTML_BYTES: usize = 2 * 1024 * 1024;
 /// Largest `pythonScript` accepted: 256 KiB of UTF-8.

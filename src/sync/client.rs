@@ -49,8 +49,8 @@ use super::{
     origin, Ack, Batch, Conflict, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES, WIRE_VERSION,
 };
 use crate::ledger::{self, log, Checkpoint};
-use crate::server::Gateway;
-use crate::store::{self, StoreError};
+use crate::gateway::Identity;
+use crate::store::{self, GroupCommit, Store, StoreError};
 use crate::{clock, machines};
 
 /// slug → [`Watermark`]: what the hub has acknowledged.
@@ -146,6 +146,17 @@ pub struct MachineSync {
     /// First offending seq of a 409.
     pub conflict_at: Option<u64>,
     pub next_retry_ms: Option<i64>,
+}
+
+/// What the sync task uses of the running gateway.
+pub struct Deps {
+    pub config: UpstreamConfig,
+    pub store: Arc<Store>,
+    pub writer: GroupCommit,
+    /// Signs the checkpoints of the batches.
+    pub identity: Arc<Identity>,
+    /// What the task reports, read by `/api/sync/status` and `/metrics`.
+    pub state: Arc<SyncState>,
 }
 
 /// Shared between the sync task and `/api/sync/status` and `/metrics`.
@@ -421,12 +432,12 @@ enum PushError {
 
 /// Builds the next batch of `slug` from `acked` on. `None` when there is nothing to send.
 fn build_batch(
-    gw: &Gateway,
+    deps: &Deps,
     txn: &ReadTransaction,
     slug: &str,
     acked: u64,
 ) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
-    let cfg = &gw.config.upstream;
+    let cfg = &deps.config;
     let Some(head) = log::read::head(txn, slug)? else {
         return Ok(None);
     };
@@ -448,7 +459,7 @@ fn build_batch(
     }
     let size = acked + rows.len() as u64;
     let root = log::read::tree_hash(txn, slug, size)?;
-    let id = &gw.identity.id;
+    let id = &deps.identity.id;
     let body = Checkpoint {
         origin: origin(id, slug),
         size,
@@ -456,7 +467,7 @@ fn build_batch(
     }
     .to_body()
     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let checkpoint = ledger::sign_note(&body, id, &gw.identity.key)
+    let checkpoint = ledger::sign_note(&body, id, &deps.identity.key)
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let consistency = if acked > 0 && acked < size {
         log::read::prove_consistency(txn, slug, acked, size)?
@@ -466,7 +477,7 @@ fn build_batch(
     let batch = Batch {
         version: WIRE_VERSION,
         gateway_id: id.clone(),
-        verifier_key: gw.identity.verifier_key(),
+        verifier_key: deps.identity.verifier_key(),
         machine: slug.to_owned(),
         genesis_zeqond: head.genesis_zeqond,
         first_seq: acked,
@@ -555,9 +566,9 @@ struct Built {
 }
 
 /// Reads and encodes the next batch of `slug` from `from` on, off the async threads.
-async fn build(gw: &Arc<Gateway>, slug: &str, from: u64) -> Result<Option<Built>, PushError> {
-    let (gw, slug) = (gw.clone(), slug.to_owned());
-    tokio::task::spawn_blocking(move || gw.store.view(|txn| build_batch(&gw, txn, &slug, from)))
+async fn build(deps: &Arc<Deps>, slug: &str, from: u64) -> Result<Option<Built>, PushError> {
+    let (deps, slug) = (deps.clone(), slug.to_owned());
+    tokio::task::spawn_blocking(move || deps.store.view(|txn| build_batch(&deps, txn, &slug, from)))
         .await
         .map_err(|e| PushError::Local(e.to_string()))?
         .map(|b| b.map(|(body, rows)| Built { body, rows }))
@@ -566,15 +577,15 @@ async fn build(gw: &Arc<Gateway>, slug: &str, from: u64) -> Result<Option<Built>
 
 /// Sends one batch and returns the hub's ack.
 async fn send(
-    gw: &Gateway,
+    deps: &Deps,
     upstream: &Upstream,
     conn: &mut Option<hyper::client::conn::http1::SendRequest<OneChunk>>,
     built: Built,
 ) -> Result<Ack, PushError> {
     let len = built.body.len() as u64;
     let (status, answer) = post(upstream, conn, built.body).await?;
-    gw.sync.rows_sent.fetch_add(built.rows, Ordering::Relaxed);
-    gw.sync.bytes_sent.fetch_add(len, Ordering::Relaxed);
+    deps.state.rows_sent.fetch_add(built.rows, Ordering::Relaxed);
+    deps.state.bytes_sent.fetch_add(len, Ordering::Relaxed);
     let text = String::from_utf8_lossy(&answer);
     match status {
         200 => serde_json::from_slice::<Ack>(&answer).map_err(|e| PushError::Refused {
@@ -611,8 +622,8 @@ async fn send(
 }
 
 /// Writes the durable watermark of `slug` through the writer.
-async fn save_watermark(gw: Arc<Gateway>, slug: String, acked_size: u64) -> Result<(), StoreError> {
-    gw.writer
+async fn save_watermark(deps: Arc<Deps>, slug: String, acked_size: u64) -> Result<(), StoreError> {
+    deps.writer
         .write(move |txn| -> Result<(), StoreError> {
             let mut t = txn.open_table(ACKED)?;
             t.insert(
@@ -673,8 +684,9 @@ impl Backoff {
 }
 
 /// The sync task; returns at once when `upstream.url` is empty.
-pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
-    let cfg = gw.config.upstream.clone();
+pub async fn run(deps: Deps, mut shutdown: watch::Receiver<bool>) {
+    let deps = Arc::new(deps);
+    let cfg = deps.config.clone();
     if cfg.url.is_empty() {
         return;
     }
@@ -685,7 +697,7 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
             return;
         }
     };
-    let mut commits = gw.writer.subscribe();
+    let mut commits = deps.writer.subscribe();
     let mut conn = None;
     let mut backoff = Backoff {
         min: cfg.min_backoff_ms,
@@ -706,7 +718,7 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
             return;
         }
         let check_quota = quota_checked.is_none_or(|t| t.elapsed() >= QUOTA_EVERY);
-        let work = gw.store.view(|txn| {
+        let work = deps.store.view(|txn| {
             let mut out = Vec::new();
             let mut total = 0u64;
             for m in machines::all(txn)? {
@@ -734,7 +746,7 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
         if check_quota {
             quota_checked = Some(std::time::Instant::now());
             let over = backlog_bytes > cfg.backlog_quota_bytes;
-            if over != gw.sync.over_quota.swap(over, Ordering::Relaxed) && over {
+            if over != deps.state.over_quota.swap(over, Ordering::Relaxed) && over {
                 tracing::warn!(backlog_bytes, quota = cfg.backlog_quota_bytes, "sync backlog over quota: rows are kept, but the upstream has not acked them; check the uplink");
             }
         }
@@ -742,11 +754,11 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
         let mut progressed = false;
         let mut offline = None;
         for (slug, durable) in work {
-            if gw.sync.get(&slug).next_retry_ms.is_some_and(|t| t > now) {
+            if deps.state.get(&slug).next_retry_ms.is_some_and(|t| t > now) {
                 continue;
             }
             let mut from = cursors.get(&slug).copied().unwrap_or(durable).max(durable);
-            let mut next = build(&gw, &slug, from).await;
+            let mut next = build(&deps, &slug, from).await;
             for _ in 0..BATCHES_PER_TURN {
                 let built = match next {
                     Ok(Some(b)) => b,
@@ -760,21 +772,21 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
                 // While the hub verifies and stores this batch, read and encode the one after
                 // it and let the previous watermark reach the disk.
                 let (answer, prebuilt, ()) = tokio::join!(
-                    send(&gw, &upstream, &mut conn, built),
-                    build(&gw, &slug, sent),
+                    send(&deps, &upstream, &mut conn, built),
+                    build(&deps, &slug, sent),
                     settle(&mut saving, &mut cursors),
                 );
                 match answer {
                     Ok(ack) => {
                         backoff.reset();
                         let stored = ack.stored_size();
-                        gw.sync.batches_acked.fetch_add(1, Ordering::Relaxed);
+                        deps.state.batches_acked.fetch_add(1, Ordering::Relaxed);
                         saving = Some((
                             slug.clone(),
-                            tokio::spawn(save_watermark(gw.clone(), slug.clone(), stored)),
+                            tokio::spawn(save_watermark(deps.clone(), slug.clone(), stored)),
                         ));
                         cursors.insert(slug.clone(), stored);
-                        gw.sync.update(&slug, |m| {
+                        deps.state.update(&slug, |m| {
                             m.last_success_ms = Some(clock::now_ms());
                             m.last_error = None;
                             m.last_error_code = None;
@@ -792,7 +804,7 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
                         } else {
                             // The hub has a different size (a restored or ahead receiver):
                             // continue from what it says it has.
-                            build(&gw, &slug, stored).await
+                            build(&deps, &slug, stored).await
                         };
                         from = stored;
                     }
@@ -812,12 +824,12 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
                     break;
                 }
                 Err(PushError::Refused { code, at, message }) => {
-                    gw.sync
+                    deps.state
                         .conflicts
                         .fetch_add(u64::from(at.is_some()), Ordering::Relaxed);
                     tracing::error!(machine = %slug, code, at, message, "upstream refused the log; sync of this machine is stopped until it changes");
                     let retry = now + cfg.max_backoff_ms as i64;
-                    gw.sync.update(&slug, |m| {
+                    deps.state.update(&slug, |m| {
                         m.last_error = Some(message);
                         m.last_error_code = Some(code);
                         m.last_error_ms = Some(now);
@@ -828,7 +840,7 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
                 Err(PushError::Local(message)) => {
                     tracing::warn!(machine = %slug, message, "sync: cannot build a batch");
                     let retry = now + cfg.min_backoff_ms as i64;
-                    gw.sync.update(&slug, |m| {
+                    deps.state.update(&slug, |m| {
                         m.last_error = Some(message);
                         m.last_error_code = Some("local".into());
                         m.last_error_ms = Some(now);
@@ -846,7 +858,7 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
             let wait = backoff.next();
             let retry = clock::now_ms() + wait.as_millis() as i64;
             tracing::info!(machine = %slug, code, message, retry_in_ms = wait.as_millis() as u64, "upstream unreachable; retrying");
-            gw.sync.update(&slug, |m| {
+            deps.state.update(&slug, |m| {
                 m.last_error = Some(message);
                 m.last_error_code = Some(code.into());
                 m.last_error_ms = Some(clock::now_ms());
@@ -856,14 +868,14 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => return,
             }
-            gw.sync.update(&slug, |m| m.next_retry_ms = None);
+            deps.state.update(&slug, |m| m.next_retry_ms = None);
             continue;
         }
         if progressed {
             continue;
         }
-        let next = gw
-            .sync
+        let next = deps
+            .state
             .machines
             .lock()
             .ok()

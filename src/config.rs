@@ -398,10 +398,7 @@ mod tests {
         };
         assert_eq!(Config::default().store.write_window_mb, 16);
         let c = load("32").unwrap();
-        assert_eq!(
-            c.store_options().write_window_bytes,
-            32 << 20
-        );
+        assert_eq!(c.store_options().write_window_bytes, 32 << 20);
         for bad in ["0", "1025"] {
             let err = load(bad).unwrap_err().to_string();
             assert!(err.contains("store.write_window_mb"), "{bad}: {err}");

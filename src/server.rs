@@ -86,11 +86,6 @@ impl Running {
         let c = &self.api.config;
         self.api.tls.reload(&c.cert_path(), &c.key_path())
     }
-
-    /// Whether the store answers a read (the systemd watchdog pings only while it does).
-    pub fn store_answers(&self) -> bool {
-        self.api.store.view(|_| Ok(())).is_ok()
-    }
 }
 
 /// Starts the gateway; initialises the data directory first if it is empty. The returned

@@ -126,7 +126,9 @@ pub async fn pass(deps: &Deps) -> u64 {
         .await;
     match outcome {
         Ok((ticked, skipped)) => {
-            deps.agents.ticked.fetch_add(ticked as u64, Ordering::Relaxed);
+            deps.agents
+                .ticked
+                .fetch_add(ticked as u64, Ordering::Relaxed);
             deps.agents
                 .skipped
                 .fetch_add(skipped as u64, Ordering::Relaxed);

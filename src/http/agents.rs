@@ -13,6 +13,7 @@ use super::openapi::schema::{
     AgentList, AgentStatus, CredentialCreated, CredentialRequest, Killed, Lineage, Mesh,
     SpawnRequest as SpawnBody, Spawned, Tally, Ticked, ZeqError,
 };
+use super::Deps;
 use super::{
     bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
 };
@@ -20,7 +21,6 @@ use crate::agents::{self, byok, read, AgentError, Enrichment, Run, SpawnContext,
 use crate::auth::{Access, Principal, Zid};
 use crate::clock;
 use crate::machines;
-use super::Deps;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -95,7 +95,9 @@ pub fn routes(
         .and(g())
         .and(bearer())
         .and(body())
-        .then(|deps, bearer, len, body| async move { respond(spawn(deps, bearer, len, body).await) });
+        .then(
+            |deps, bearer, len, body| async move { respond(spawn(deps, bearer, len, body).await) },
+        );
     let tick = warp::path!("api" / "zeq" / "agent" / "tick" / String)
         .or(warp::path!("api" / "zeq" / "agent" / String / "tick"))
         .unify()
@@ -137,9 +139,9 @@ pub fn routes(
         .and(g())
         .and(bearer())
         .and(body())
-        .then(
-            |deps, bearer, len, body| async move { respond(credential(deps, bearer, len, body).await) },
-        );
+        .then(|deps, bearer, len, body| async move {
+            respond(credential(deps, bearer, len, body).await)
+        });
     spawn
         .or(tick)
         .unify()

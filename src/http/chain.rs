@@ -14,6 +14,7 @@ use super::openapi::schema::{
     Block, ChainState, ConsistencyProof, EventRecorded, EventRequest, Explore, InclusionProof,
     Validation, ZeqError,
 };
+use super::Deps;
 use super::{
     bearer, body, json_response, parse_json, read_body, respond, visible_machine, with_gateway,
     ApiError, BodyStream,
@@ -22,7 +23,6 @@ use crate::auth::{sha256, Access};
 use crate::clock;
 use crate::ledger::{self, canonical, hex, log, Checkpoint, Row};
 use crate::machines::{self, Machine};
-use super::Deps;
 
 /// Most rows one `explore` page returns.
 pub const MAX_PAGE: u64 = 500;
@@ -475,7 +475,9 @@ fn read(
             ))
         }
         "checkpoint" => {
-            let root = deps.store.view(|txn| log::read::tree_hash(txn, slug, size))?;
+            let root = deps
+                .store
+                .view(|txn| log::read::tree_hash(txn, slug, size))?;
             let note = checkpoint_note(&deps, slug, size, root)?;
             let mut res = note.into_response();
             if let Ok(v) = "text/plain; charset=utf-8".parse() {

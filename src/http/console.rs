@@ -12,6 +12,7 @@ use warp::reply::Response;
 use warp::Filter;
 
 use super::openapi::schema::ZeqError;
+use super::Deps;
 use super::{
     body, json_response, parse_json, read_body, respond, session_cookie, with_gateway, ApiError,
     BodyStream, CONSOLE_HEADER, SESSION_COOKIE,
@@ -19,7 +20,6 @@ use super::{
 use crate::auth::session::{self, Session, SESSION_TTL_MS};
 use crate::auth::{self, AuthError, Principal};
 use crate::clock;
-use super::Deps;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -51,9 +51,9 @@ pub fn routes(
         .and(warp::header::headers_cloned())
         .and(with_gateway(deps.clone()))
         .and(body())
-        .then(
-            |headers, deps, len, body| async move { respond(sign_in(deps, headers, len, body).await) },
-        );
+        .then(|headers, deps, len, body| async move {
+            respond(sign_in(deps, headers, len, body).await)
+        });
     let whoami = path()
         .and(warp::get())
         .and(warp::header::headers_cloned())

@@ -17,6 +17,7 @@ use super::openapi::schema::{
     SendEventRequest, StatusBody, TargetVersionReply, TargetVersionRequest, TransitionList,
     VersionCreated, VersionList,
 };
+use super::Deps;
 use super::{
     bearer, body, json_response, parse_json, read_body, visible_machine, with_gateway, ApiError,
     BodyStream,
@@ -26,7 +27,6 @@ use crate::chart::Event;
 use crate::clock;
 use crate::instances::{self as inst, InstanceError, Status};
 use crate::machines::{self, Machine};
-use super::Deps;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -324,11 +324,7 @@ fn list_machines(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, Sb
         (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
-fn get_machine(
-    deps: Arc<Deps>,
-    bearer: Option<String>,
-    slug: String,
-) -> Result<Response, SbError> {
+fn get_machine(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Response, SbError> {
     let (machine, _, _) = machine_for(
         &deps,
         bearer.as_deref(),
@@ -336,7 +332,10 @@ fn get_machine(
         Access::Public,
         "read this machine",
     )?;
-    Ok(json_response(StatusCode::OK, &machine_json(&deps, &machine)?))
+    Ok(json_response(
+        StatusCode::OK,
+        &machine_json(&deps, &machine)?,
+    ))
 }
 
 async fn json_object(

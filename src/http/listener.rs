@@ -16,8 +16,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
 use super::drain::RequestBody;
-use super::{routes, RemoteAddr};
 use super::Deps;
+use super::{routes, RemoteAddr};
 
 pub async fn serve(listener: TcpListener, deps: Arc<Deps>, mut shutdown: watch::Receiver<bool>) {
     let service = warp::service(routes(deps.clone()));

@@ -62,13 +62,14 @@ pub fn routes(
         .and(with_gateway(deps.clone()))
         .and(bearer())
         .then(|slug, deps, bearer| async move { respond(list_keys(deps, bearer, slug)) });
-    let revoke = warp::path!("api" / "chain" / String / "api-keys" / String)
-        .and(warp::delete())
-        .and(with_gateway(deps))
-        .and(bearer())
-        .then(
-            |slug, id, deps, bearer| async move { respond(revoke_key(deps, bearer, slug, id).await) },
-        );
+    let revoke =
+        warp::path!("api" / "chain" / String / "api-keys" / String)
+            .and(warp::delete())
+            .and(with_gateway(deps))
+            .and(bearer())
+            .then(|slug, id, deps, bearer| async move {
+                respond(revoke_key(deps, bearer, slug, id).await)
+            });
     create
         .or(list)
         .unify()

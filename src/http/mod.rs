@@ -3,10 +3,10 @@
 //! a limit, bearer extraction, and the route table. `listener.rs` serves the routes over TLS.
 
 mod agents;
-mod deps;
 mod chain;
 pub mod client;
 mod console;
+mod deps;
 mod drain;
 mod instances;
 mod listener;

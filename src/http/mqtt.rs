@@ -8,11 +8,11 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
+use super::Deps;
 use super::{bearer, json_response, respond, visible_machine, with_gateway, ApiError};
 use crate::auth::Access;
 use crate::clock;
 use crate::mqtt::ingest;
-use super::Deps;
 
 use super::openapi::schema::{DeadLetters, ZeqError};
 

@@ -9,10 +9,10 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use super::openapi::schema::{GatewayInfo, Health, ZeqError};
+use super::Deps;
 use super::{json_response, respond, with_gateway, ApiError};
 use crate::clock;
 use crate::machines;
-use super::Deps;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]

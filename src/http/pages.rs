@@ -39,6 +39,7 @@ use super::openapi::schema::{
     PageHistory, PageList, PageOne, PageWritten, PublishRequest, RollbackRequest, SiteState,
     ZeqError,
 };
+use super::Deps;
 use super::{
     bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
 };
@@ -47,7 +48,6 @@ use crate::clock;
 use crate::ledger::hex;
 use crate::machines::{self, Machine};
 use crate::pages::{self, Draft, Encoded, PageError, PageSlug, Served};
-use super::Deps;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -903,17 +903,16 @@ fn serve_page(deps: &Deps, slug: &str, page: &str, headers: &HeaderMap) -> Respo
 fn state_json(deps: &Deps, slug: &str) -> Response {
     // One `{instance, ts, state, publicContext, tags, done}` per instance: the public view
     // (context.public and nothing else of the context), never the admin view.
-    let states =
-        match site_machine(deps, slug) {
-            Ok(Some((m, _))) => deps.store.view(|txn| {
-                match crate::instances::public_states(txn, &deps.charts, &m.slug) {
-                    Err(crate::instances::InstanceError::Store(e)) => Err(e),
-                    other => Ok(other),
-                }
-            }),
-            Ok(None) => return plain(StatusCode::NOT_FOUND, "no such site\n"),
-            Err(e) => return store_failure(e),
-        };
+    let states = match site_machine(deps, slug) {
+        Ok(Some((m, _))) => deps.store.view(|txn| {
+            match crate::instances::public_states(txn, &deps.charts, &m.slug) {
+                Err(crate::instances::InstanceError::Store(e)) => Err(e),
+                other => Ok(other),
+            }
+        }),
+        Ok(None) => return plain(StatusCode::NOT_FOUND, "no such site\n"),
+        Err(e) => return store_failure(e),
+    };
     let mut res = match states {
         Ok(Ok(instances)) => json_response(
             StatusCode::OK,

@@ -34,8 +34,8 @@ use warp::{Filter, Reply};
 
 use super::instances::{authorize_live, current_view, SbError};
 use super::openapi::schema::{SbError as SbErrorBody, ZeqError};
-use super::{bearer, json_response, with_gateway};
 use super::Deps;
+use super::{bearer, json_response, with_gateway};
 
 /// Subscriptions one socket may hold at once.
 pub const MAX_SUBSCRIPTIONS: usize = 256;

@@ -9,10 +9,10 @@ use warp::reply::Response;
 use warp::Filter;
 
 use super::openapi::schema::{SyncStatus, ZeqError};
+use super::Deps;
 use super::{bearer, json_response, respond, with_gateway, ApiError};
 use crate::auth::{Access, Principal};
 use crate::clock;
-use super::Deps;
 use crate::sync::client;
 
 /// The operations of this file, for `/api/openapi.json`.

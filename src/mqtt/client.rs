@@ -55,8 +55,8 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::ingest::{self, Message, Rules};
-use super::{topic, MqttConfig};
 use super::server::Deps;
+use super::{topic, MqttConfig};
 use crate::store::StoreError;
 
 /// The external-broker side of a running gateway.
@@ -714,7 +714,12 @@ async fn commit_and_ack(
         .map(|(pkid, tag)| ingest::Forget::Delivery(client.clone(), pkid, tag))
         .collect();
     let Some((messages, outcomes, tag)) = super::commit_batch(
-        &deps.writer, &deps.charts, &b.rules, messages, settled, shutdown,
+        &deps.writer,
+        &deps.charts,
+        &b.rules,
+        messages,
+        settled,
+        shutdown,
     )
     .await
     else {

@@ -362,8 +362,12 @@ impl Store {
             Some(v) if v == SCHEMA_VERSION => Ok(()),
             Some(from @ (1 | 2)) => {
                 let started = std::time::Instant::now();
-                let migrations: Vec<Migration> =
-                    self.options.tables.iter().filter_map(|t| t.migrate).collect();
+                let migrations: Vec<Migration> = self
+                    .options
+                    .tables
+                    .iter()
+                    .filter_map(|t| t.migrate)
+                    .collect();
                 let mut rows = 0;
                 for m in &migrations {
                     rows = rows.max((m.copy)(&db, from, MIGRATION_CHUNK)?);

@@ -48,8 +48,8 @@ use super::hub::OneChunk;
 use super::{
     origin, Ack, Batch, Conflict, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES, WIRE_VERSION,
 };
-use crate::ledger::{self, log, Checkpoint};
 use crate::gateway::Identity;
+use crate::ledger::{self, log, Checkpoint};
 use crate::store::{self, GroupCommit, Store, StoreError};
 use crate::{clock, machines};
 
@@ -584,7 +584,9 @@ async fn send(
 ) -> Result<Ack, PushError> {
     let len = built.body.len() as u64;
     let (status, answer) = post(upstream, conn, built.body).await?;
-    deps.state.rows_sent.fetch_add(built.rows, Ordering::Relaxed);
+    deps.state
+        .rows_sent
+        .fetch_add(built.rows, Ordering::Relaxed);
     deps.state.bytes_sent.fetch_add(len, Ordering::Relaxed);
     let text = String::from_utf8_lossy(&answer);
     match status {

@@ -4,11 +4,13 @@ use super::*;
 
 /// Schema 2: (slug, seq) → the tree hashes appending row `seq` stored. Read only by the
 /// migration.
-const V2_TREE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log_tree");
+pub(super) const V2_TREE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log_tree");
 /// Schema 1: (slug, stored hash index) → 32-byte hash. Read only by the migration.
-const V1_HASHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log_hashes");
+pub(super) const V1_HASHES: TableDefinition<(&str, u64), &[u8]> =
+    TableDefinition::new("log_hashes");
 /// Schema 1: (slug, zeqond, seq) → (). Read only by the migration.
-const V1_BY_ZEQOND: TableDefinition<(&str, u64, u64), ()> = TableDefinition::new("log_by_zeqond");
+pub(super) const V1_BY_ZEQOND: TableDefinition<(&str, u64, u64), ()> =
+    TableDefinition::new("log_by_zeqond");
 
 /// Rewrites schema 1's per-hash table (`log_hashes`) and per-row Zeqond index
 /// (`log_by_zeqond`) into schema 2's per-row tree table and [`ZEQOND_RUNS`] (then

@@ -3,8 +3,8 @@
 use redb::ReadTransaction;
 
 use super::*;
-use crate::store::{self, StoreError};
 use crate::ledger::{tlog, Hash, Row};
+use crate::store::{self, StoreError};
 
 pub fn head(txn: &ReadTransaction, slug: &str) -> Result<Option<Head>, StoreError> {
     store::get(txn, HEADS, slug)
@@ -19,12 +19,7 @@ pub fn row(txn: &ReadTransaction, slug: &str, seq: u64) -> Result<Option<Row>, S
 }
 
 /// Rows `from..to` (end exclusive), in order.
-pub fn rows(
-    txn: &ReadTransaction,
-    slug: &str,
-    from: u64,
-    to: u64,
-) -> Result<Vec<Row>, StoreError> {
+pub fn rows(txn: &ReadTransaction, slug: &str, from: u64, to: u64) -> Result<Vec<Row>, StoreError> {
     let table = txn.open_table(ROWS)?;
     let mut out = Vec::new();
     if from >= to {

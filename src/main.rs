@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
-use smgate::cli::{self, CliError, SiteDeploy};
+#[cfg(feature = "bench-tools")]
+use smgate::cli::BenchCommand;
+use smgate::cli::{self, AccountCommand, ChartCommand, CliError, KeyCommand, SiteCommand};
 use smgate::config::Config;
 
 /// The gateway's allocator: mimalloc, committing memory on demand ([`smgate::alloc`]).
@@ -90,163 +92,6 @@ enum HubCommand {
     },
 }
 
-#[cfg(feature = "bench-tools")]
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Append ROWS `event` rows to MACHINE's log, as `POST …/event` would, in large
-    /// transactions (to build a sync backlog quickly).
-    FillLog {
-        #[arg(long)]
-        machine: String,
-        #[arg(long)]
-        rows: u64,
-    },
-}
-
-#[derive(Subcommand)]
-enum ChartCommand {
-    /// Validate a definition file (XState v5-shaped JSON).
-    ///
-    /// Prints `ok`, or the error with the JSON path of the bad node (e.g.
-    /// `$.states.online.on.PING.target: ...`) and exits 1.
-    Check {
-        /// The definition file.
-        file: PathBuf,
-    },
-    /// Run a definition against a list of events, without a server.
-    ///
-    /// Prints one JSON line per input line, `{"value", "configuration", "tags", "done",
-    /// "context"}`, after that input and everything it caused (internal events, undelayed
-    /// sends, timers due by then) have been processed. The virtual clock starts at 0.
-    Simulate {
-        /// The definition file.
-        file: PathBuf,
-        /// Input, one per line: `NAME`, `{"type": NAME, ...data}`, or
-        /// `{"type": "$advance", "ms": N}` to move the virtual clock. `-` reads stdin.
-        #[arg(long, value_name = "EVENTS.jsonl")]
-        events: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-enum AccountCommand {
-    /// Create an account with a fresh ZID and print its first zeq_ak_ key once.
-    Create {
-        /// Display name.
-        #[arg(long, default_value = "account")]
-        name: String,
-    },
-    /// Add ZEQ to an account's wallet (the tally that pays for agent runs); prints the balance.
-    Credit {
-        /// The account's ZID.
-        zid: String,
-        /// Whole ZEQ to add.
-        #[arg(value_parser = clap::value_parser!(i64).range(1..=1_000_000_000))]
-        amount: i64,
-    },
-}
-
-#[derive(Subcommand)]
-enum KeyCommand {
-    /// Mint a key and print it once. Give --account for an account key or --machine with --role.
-    Mint {
-        #[command(flatten)]
-        subject: SubjectArgs,
-        /// Role of a machine key: viewer, operator or admin.
-        #[arg(long, requires = "machine")]
-        role: Option<String>,
-        /// A name to tell keys apart.
-        #[arg(long, default_value = "cli")]
-        name: String,
-        /// Expire the key after this many days.
-        #[arg(long)]
-        expires_in_days: Option<u32>,
-    },
-    /// List keys (never the raw keys: only id, name, hint, dates).
-    List {
-        #[command(flatten)]
-        subject: SubjectArgs,
-    },
-    /// Revoke a key by id; it stops working at once.
-    Revoke {
-        /// Key id as shown by `key list`.
-        id: String,
-    },
-}
-
-#[derive(Args)]
-#[group(multiple = false)]
-struct SubjectArgs {
-    /// Account ZID (ZEQ + 11 digits).
-    #[arg(long)]
-    account: Option<String>,
-    /// Machine slug.
-    #[arg(long)]
-    machine: Option<String>,
-}
-
-#[derive(Subcommand)]
-enum SiteCommand {
-    /// Publish FILE (plaintext HTML, at most 2 MiB) as a new version of page PAGE of machine
-    /// SLUG; the page is then live at /s/SLUG/p/PAGE/. Prints the version and its proof digest.
-    Deploy(DeployArgs),
-}
-
-#[derive(Args)]
-struct DeployArgs {
-    /// Machine slug.
-    slug: String,
-    /// Page slug ([a-z0-9-]{1,64}).
-    page: String,
-    /// The HTML file.
-    file: PathBuf,
-    /// Page title (1–200 characters); defaults to the file name without its extension.
-    #[arg(long)]
-    title: Option<String>,
-    /// The running gateway.
-    #[arg(long, default_value = "https://127.0.0.1:8443")]
-    url: String,
-    /// The owner's account key or an operator/admin machine key.
-    #[arg(long, env = "SMGATE_KEY", hide_env_values = true)]
-    key: String,
-    /// CA certificate to trust for --url; defaults to the gateway's own (<data>/tls/cert.pem).
-    #[arg(long)]
-    cacert: Option<PathBuf>,
-    /// agentZid recorded with the version; defaults to the machine owner's ZID.
-    #[arg(long)]
-    agent_zid: Option<String>,
-    /// Attach a Python script (stored with the page and returned by the API, never run).
-    #[arg(long)]
-    python: Option<PathBuf>,
-}
-
-impl From<DeployArgs> for SiteDeploy {
-    fn from(a: DeployArgs) -> SiteDeploy {
-        let DeployArgs {
-            slug,
-            page,
-            file,
-            title,
-            url,
-            key,
-            cacert,
-            agent_zid,
-            python,
-        } = a;
-        SiteDeploy {
-            slug,
-            page,
-            file,
-            title,
-            url,
-            key,
-            cacert,
-            agent_zid,
-            python,
-        }
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -291,42 +136,14 @@ async fn run(args: Cli) -> Result<(), CliError> {
         Command::Init => cli::init(&config).await,
         Command::Serve => cli::serve(config).await,
         Command::Verify { machine } => cli::verify(&config, machine.as_deref()),
-        Command::Account(AccountCommand::Create { name }) => {
-            cli::account_create(&config, name).await
-        }
-        Command::Account(AccountCommand::Credit { zid, amount }) => {
-            cli::account_credit(&config, &zid, amount).await
-        }
-        Command::Key(KeyCommand::Mint {
-            subject,
-            role,
-            name,
-            expires_in_days,
-        }) => {
-            let subject = subject.parse(role.as_deref())?;
-            cli::key_mint(&config, subject, name, expires_in_days).await
-        }
-        Command::Key(KeyCommand::List { subject }) => cli::key_list(&config, subject.parse(None)?),
-        Command::Key(KeyCommand::Revoke { id }) => cli::key_revoke(&config, id).await,
-        Command::Chart(ChartCommand::Check { file }) => cli::chart_check(&file),
-        Command::Chart(ChartCommand::Simulate { file, events }) => {
-            cli::chart_simulate(&file, &events)
-        }
-        Command::Site(SiteCommand::Deploy(deploy)) => {
-            cli::site_deploy(&config, deploy.into()).await
-        }
+        Command::Account(cmd) => cmd.run(&config).await,
+        Command::Key(cmd) => cmd.run(&config).await,
+        Command::Chart(cmd) => cmd.run(),
+        Command::Site(cmd) => cmd.run(&config).await,
         Command::Identity => cli::identity(&config),
         Command::Hub(args) => hub_command(hub_dir, args).await,
         #[cfg(feature = "bench-tools")]
-        Command::Bench(BenchCommand::FillLog { machine, rows }) => {
-            cli::fill_log(&config, machine, rows).await
-        }
-    }
-}
-
-impl SubjectArgs {
-    fn parse(&self, role: Option<&str>) -> Result<Option<smgate::auth::KeySubject>, CliError> {
-        cli::subject(self.account.as_deref(), self.machine.as_deref(), role)
+        Command::Bench(cmd) => cmd.run(&config).await,
     }
 }
 

@@ -3,10 +3,14 @@
 //! the pure `chart` commands, `site deploy` over HTTPS, and `serve`'s life until SIGTERM. Part
 //! of the command line, with `main.rs`; nothing else imports it.
 
+mod args;
 mod keys;
 mod offline;
 mod serve;
 
+#[cfg(feature = "bench-tools")]
+pub use args::BenchCommand;
+pub use args::{AccountCommand, ChartCommand, DeployArgs, KeyCommand, SiteCommand, SubjectArgs};
 pub use keys::{key_list, key_mint, key_revoke, subject, KeyFilter};
 pub use offline::{account_create, account_credit, chart_check, chart_simulate, identity, init};
 pub use offline::{site_deploy, verify, SiteDeploy};

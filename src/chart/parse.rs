@@ -307,6 +307,165 @@ fn as_str<'v>(v: &'v Value, path: &str, what: &str) -> Result<&'v str, ChartErro
     }
 }
 
+/// The keys a state may have: history states fewer, the root a few more.
+fn check_keys(
+    obj: &Map<String, Value>,
+    path: &str,
+    is_root: bool,
+    is_history: bool,
+) -> Result<(), ChartError> {
+    for k in obj.keys() {
+        let ok = if is_history {
+            HISTORY_KEYS.contains(&k.as_str())
+        } else {
+            STATE_KEYS.contains(&k.as_str())
+                || (is_root && ROOT_ONLY_KEYS.contains(&k.as_str()))
+        };
+        if !ok {
+            let hint = if ROOT_ONLY_KEYS.contains(&k.as_str()) {
+                " (only allowed on the root)"
+            } else if k == "history" || k == "target" {
+                " (only allowed on history states)"
+            } else if is_history {
+                " (history states take only id, type, history, target, meta, description)"
+            } else {
+                ""
+            };
+            return Err(ChartError::def(
+                push_key(path, k),
+                format!("unknown key \"{k}\"{hint}"),
+            ));
+        }
+    }
+    if let Some(d) = obj.get("description") {
+        if !d.is_string() {
+            return Err(ChartError::def(
+                push_key(path, "description"),
+                "description must be a string",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A state's id: its own, the root's default, or its dotted path.
+fn state_id(
+    obj: &Map<String, Value>,
+    path: &str,
+    is_root: bool,
+    dot_path: &str,
+) -> Result<String, ChartError> {
+    let id = match obj.get("id") {
+        Some(v) => {
+            let id = as_str(v, &push_key(path, "id"), "id")?;
+            if id.starts_with('#') {
+                return Err(ChartError::def(
+                    push_key(path, "id"),
+                    "id must not start with '#'",
+                ));
+            }
+            id.to_string()
+        }
+        None if is_root => DEFAULT_ROOT_ID.to_string(),
+        None => dot_path.to_string(),
+    };
+    Ok(id)
+}
+
+/// A state's kind, from its `type` and its children, checked against what the kind allows;
+/// and its child states.
+fn state_kind<'v>(
+    obj: &'v Map<String, Value>,
+    path: &str,
+    type_str: Option<&str>,
+    is_root: bool,
+) -> Result<(Kind, Option<&'v Map<String, Value>>), ChartError> {
+    let states = match obj.get("states") {
+        None => None,
+        Some(Value::Object(m)) => Some(m),
+        Some(_) => {
+            return Err(ChartError::def(
+                push_key(path, "states"),
+                "states must be an object",
+            ))
+        }
+    };
+    let has_children = states.is_some_and(|m| !m.is_empty());
+    let kind = match type_str {
+        None => {
+            if has_children {
+                Kind::Compound
+            } else {
+                Kind::Atomic
+            }
+        }
+        Some("atomic") => Kind::Atomic,
+        Some("compound") => Kind::Compound,
+        Some("parallel") => Kind::Parallel,
+        Some("final") => Kind::Final,
+        Some("history") => {
+            let deep = match obj.get("history") {
+                None => false,
+                Some(Value::String(s)) if s == "shallow" => false,
+                Some(Value::String(s)) if s == "deep" => true,
+                Some(_) => {
+                    return Err(ChartError::def(
+                        push_key(path, "history"),
+                        "history must be \"shallow\" or \"deep\"",
+                    ))
+                }
+            };
+            Kind::History { deep }
+        }
+        Some(other) => {
+            return Err(ChartError::def(
+                push_key(path, "type"),
+                format!(
+                    "unknown state type \"{other}\" (expected atomic, compound, parallel, final or history)"
+                ),
+            ))
+        }
+    };
+    match kind {
+        Kind::Compound | Kind::Parallel if !has_children => {
+            return Err(ChartError::def(
+                path,
+                "a compound or parallel state needs at least one child in states",
+            ))
+        }
+        Kind::Atomic | Kind::Final if has_children => {
+            return Err(ChartError::def(
+                push_key(path, "states"),
+                "an atomic or final state cannot have child states",
+            ))
+        }
+        Kind::History { .. } if is_root => {
+            return Err(ChartError::def(path, "the root cannot be a history state"))
+        }
+        Kind::Final if is_root => {
+            return Err(ChartError::def(path, "the root cannot be a final state"))
+        }
+        _ => {}
+    }
+    if kind == Kind::Final {
+        for k in ["on", "always", "after"] {
+            if obj.contains_key(k) {
+                return Err(ChartError::def(
+                    push_key(path, k),
+                    "a final state cannot have transitions",
+                ));
+            }
+        }
+    }
+    if obj.contains_key("initial") && kind != Kind::Compound {
+        return Err(ChartError::def(
+            push_key(path, "initial"),
+            "initial is only allowed on a compound state",
+        ));
+    }
+    Ok((kind, states))
+}
+
 impl<'a> Builder<'a> {
     /// Pass 1: number the nodes in pre-order and check each node's keys and type.
     fn collect(
@@ -333,134 +492,9 @@ impl<'a> Builder<'a> {
             Some(v) => Some(as_str(v, &push_key(path, "type"), "type")?),
         };
         let is_history = type_str == Some("history");
-        for k in obj.keys() {
-            let ok = if is_history {
-                HISTORY_KEYS.contains(&k.as_str())
-            } else {
-                STATE_KEYS.contains(&k.as_str())
-                    || (is_root && ROOT_ONLY_KEYS.contains(&k.as_str()))
-            };
-            if !ok {
-                let hint = if ROOT_ONLY_KEYS.contains(&k.as_str()) {
-                    " (only allowed on the root)"
-                } else if k == "history" || k == "target" {
-                    " (only allowed on history states)"
-                } else if is_history {
-                    " (history states take only id, type, history, target, meta, description)"
-                } else {
-                    ""
-                };
-                return Err(ChartError::def(
-                    push_key(path, k),
-                    format!("unknown key \"{k}\"{hint}"),
-                ));
-            }
-        }
-        if let Some(d) = obj.get("description") {
-            if !d.is_string() {
-                return Err(ChartError::def(
-                    push_key(path, "description"),
-                    "description must be a string",
-                ));
-            }
-        }
-        let id = match obj.get("id") {
-            Some(v) => {
-                let id = as_str(v, &push_key(path, "id"), "id")?;
-                if id.starts_with('#') {
-                    return Err(ChartError::def(
-                        push_key(path, "id"),
-                        "id must not start with '#'",
-                    ));
-                }
-                id.to_string()
-            }
-            None if is_root => DEFAULT_ROOT_ID.to_string(),
-            None => dot_path.to_string(),
-        };
-        let states = match obj.get("states") {
-            None => None,
-            Some(Value::Object(m)) => Some(m),
-            Some(_) => {
-                return Err(ChartError::def(
-                    push_key(path, "states"),
-                    "states must be an object",
-                ))
-            }
-        };
-        let has_children = states.is_some_and(|m| !m.is_empty());
-        let kind = match type_str {
-            None => {
-                if has_children {
-                    Kind::Compound
-                } else {
-                    Kind::Atomic
-                }
-            }
-            Some("atomic") => Kind::Atomic,
-            Some("compound") => Kind::Compound,
-            Some("parallel") => Kind::Parallel,
-            Some("final") => Kind::Final,
-            Some("history") => {
-                let deep = match obj.get("history") {
-                    None => false,
-                    Some(Value::String(s)) if s == "shallow" => false,
-                    Some(Value::String(s)) if s == "deep" => true,
-                    Some(_) => {
-                        return Err(ChartError::def(
-                            push_key(path, "history"),
-                            "history must be \"shallow\" or \"deep\"",
-                        ))
-                    }
-                };
-                Kind::History { deep }
-            }
-            Some(other) => {
-                return Err(ChartError::def(
-                    push_key(path, "type"),
-                    format!(
-                        "unknown state type \"{other}\" (expected atomic, compound, parallel, final or history)"
-                    ),
-                ))
-            }
-        };
-        match kind {
-            Kind::Compound | Kind::Parallel if !has_children => {
-                return Err(ChartError::def(
-                    path,
-                    "a compound or parallel state needs at least one child in states",
-                ))
-            }
-            Kind::Atomic | Kind::Final if has_children => {
-                return Err(ChartError::def(
-                    push_key(path, "states"),
-                    "an atomic or final state cannot have child states",
-                ))
-            }
-            Kind::History { .. } if is_root => {
-                return Err(ChartError::def(path, "the root cannot be a history state"))
-            }
-            Kind::Final if is_root => {
-                return Err(ChartError::def(path, "the root cannot be a final state"))
-            }
-            _ => {}
-        }
-        if kind == Kind::Final {
-            for k in ["on", "always", "after"] {
-                if obj.contains_key(k) {
-                    return Err(ChartError::def(
-                        push_key(path, k),
-                        "a final state cannot have transitions",
-                    ));
-                }
-            }
-        }
-        if obj.contains_key("initial") && kind != Kind::Compound {
-            return Err(ChartError::def(
-                push_key(path, "initial"),
-                "initial is only allowed on a compound state",
-            ));
-        }
+        check_keys(obj, path, is_root, is_history)?;
+        let id = state_id(obj, path, is_root, dot_path)?;
+        let (kind, states) = state_kind(obj, path, type_str, is_root)?;
         let index = self.nodes.len();
         self.nodes.push(StateNode {
             done_event: format!("done.state.{id}"),
@@ -484,28 +518,41 @@ impl<'a> Builder<'a> {
         });
         self.raw.push(obj);
         if let Some(states) = states {
-            let states_path = push_key(path, "states");
-            for (k, v) in states {
-                let child_path = push_key(&states_path, k);
-                if k.is_empty() || k.contains('.') || k.starts_with('#') {
-                    return Err(ChartError::def(
-                        child_path,
-                        "a state key must be non-empty, without '.', and not start with '#'",
-                    ));
-                }
-                let child_dot = if dot_path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{dot_path}.{k}")
-                };
-                let c = self.collect(v, k, Some(index), &child_path, &child_dot, depth + 1)?;
-                self.nodes[index].children.push(c);
-                if self.nodes[c].is_history() {
-                    self.nodes[index].histories.push(c);
-                }
-            }
+            self.collect_children(index, states, path, dot_path, depth)?;
         }
         Ok(index)
+    }
+
+    /// Pass 1 for the child states of node `index`.
+    fn collect_children(
+        &mut self,
+        index: usize,
+        states: &'a Map<String, Value>,
+        path: &str,
+        dot_path: &str,
+        depth: usize,
+    ) -> Result<(), ChartError> {
+        let states_path = push_key(path, "states");
+        for (k, v) in states {
+            let child_path = push_key(&states_path, k);
+            if k.is_empty() || k.contains('.') || k.starts_with('#') {
+                return Err(ChartError::def(
+                    child_path,
+                    "a state key must be non-empty, without '.', and not start with '#'",
+                ));
+            }
+            let child_dot = if dot_path.is_empty() {
+                k.clone()
+            } else {
+                format!("{dot_path}.{k}")
+            };
+            let c = self.collect(v, k, Some(index), &child_path, &child_dot, depth + 1)?;
+            self.nodes[index].children.push(c);
+            if self.nodes[c].is_history() {
+                self.nodes[index].histories.push(c);
+            }
+        }
+        Ok(())
     }
 
     /// Pass 2: resolve references and compile expressions of node `i`.

@@ -324,6 +324,28 @@ struct Ingest {
     subscribed: watch::Sender<bool>,
 }
 
+/// The ingest connection's state across reconnects.
+struct Session {
+    connected: bool,
+    /// Numbers the connections (one per CONNACK): an ack is written only on the connection
+    /// its publish came in on.
+    connection: u64,
+    settle: Settle,
+    /// When the broker last sent anything.
+    heard: tokio::time::Instant,
+    backoff: Backoff,
+    keep_alive: Duration,
+}
+
+/// What the ingest loop does next.
+enum Next {
+    Event(Result<Event, ConnectionError>),
+    /// Acks to write, or room in the queue: go round again.
+    Again,
+    /// The batcher is done: say goodbye.
+    Stop,
+}
+
 impl Ingest {
     async fn run(
         mut self,
@@ -331,83 +353,41 @@ impl Ingest {
         to_batcher: mpsc::UnboundedSender<Delivery>,
         mut batcher_done: oneshot::Receiver<()>,
     ) {
-        let mut backoff = Backoff::new(&self.deps.cfg);
-        let keep_alive = Duration::from_secs(self.deps.cfg.keepalive_secs.max(1));
-        let cap = queue_cap(self.deps.cfg.batch_size);
-        let queued = &self.deps.shared.ingest_queued;
-        let mut connected = false;
-        // Numbers the connections (one per CONNACK): an ack is written only on the connection
-        // its publish came in on.
-        let mut connection = 0u64;
-        let mut settle = Settle::default();
-        // When the broker last sent anything.
-        let mut heard = tokio::time::Instant::now();
+        let deps = self.deps.clone();
+        let queued = &deps.shared.ingest_queued;
+        let mut s = Session {
+            connected: false,
+            connection: 0,
+            settle: Settle::default(),
+            heard: tokio::time::Instant::now(),
+            backoff: Backoff::new(&deps.cfg),
+            keep_alive: Duration::from_secs(deps.cfg.keepalive_secs.max(1)),
+        };
         loop {
-            // Events still buffered in the event loop describe packets already read or
-            // written; they go first, so that our own writes keep the wire order of `settle`.
-            let idle = eventloop.state.events.is_empty();
-            let written = match connected && idle {
-                true => {
-                    self.write_acks(&mut eventloop, connection, &mut settle, keep_alive)
-                        .await
-                }
-                false => Ok(()),
-            };
-            // Stop reading while the batcher is a queue behind: the broker keeps the rest.
-            let paused = idle && queued.load(Ordering::Relaxed) >= cap;
-            // rumqttc pings every keepalive period whatever the traffic, and drops the
-            // connection if its previous PINGREQ is unanswered at that moment; under load ours
-            // nearly always is, so that check would cut a healthy connection every period. It
-            // is cleared below as each PINGREQ leaves, and this deadline stands in for it: a
-            // connection that has neither answered a PINGREQ nor sent anything else for a
-            // whole keepalive period is dead. A broker with a backlog queues its PINGRESP
-            // behind the publishes (30 s behind in `cargo bench --bench mqtt`), and each of
-            // those shows it alive. Not while paused: the answer may be waiting, unread.
-            let dead_at = match paused {
-                true => None,
-                false => settle
-                    .probes
-                    .front()
-                    .map(|(at, _)| (*at).max(heard) + keep_alive),
-            };
-            let event = match written {
-                Err(e) => {
-                    eventloop.clean();
-                    Err(e)
-                }
-                Ok(()) => tokio::select! {
-                    biased;
-                    _ = &mut batcher_done => break,
-                    ev = eventloop.poll(), if !paused => ev,
-                    // Acks to write, or room in the queue.
-                    _ = self.acks.wake.notified() => continue,
-                    _ = async { tokio::time::sleep_until(dead_at.unwrap_or_else(tokio::time::Instant::now)).await }, if dead_at.is_some() => {
-                        // What rumqttc does on an error: drop the network, keep the session state.
-                        eventloop.clean();
-                        Err(ConnectionError::MqttState(StateError::AwaitPingResp))
-                    }
-                },
+            let event = match self.next(&mut eventloop, &mut s, &mut batcher_done).await {
+                Next::Event(e) => e,
+                Next::Again => continue,
+                Next::Stop => break,
             };
             if let Ok(Event::Incoming(_)) = &event {
-                heard = tokio::time::Instant::now();
+                s.heard = tokio::time::Instant::now();
             }
             match event {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let n = queued.fetch_add(1, Ordering::Relaxed) + 1;
-                    self.deps
-                        .shared
+                    deps.shared
                         .ingest_queued_peak
                         .fetch_max(n, Ordering::Relaxed);
-                    let _ = to_batcher.send(Delivery::Publish(p, connection));
+                    let _ = to_batcher.send(Delivery::Publish(p, s.connection));
                 }
                 Ok(Event::Outgoing(Outgoing::PingReq)) => {
                     // rumqttc's keepalive: it proves what was written before it, like ours.
                     // MQTT lets a client send PINGREQ at any time; each gets its PINGRESP.
                     eventloop.state.await_pingresp = false;
-                    settle.probe();
+                    s.settle.probe();
                 }
                 Ok(Event::Incoming(Packet::PingResp)) => {
-                    if let Some((_, settled)) = settle.probes.pop_front() {
+                    if let Some((_, settled)) = s.settle.probes.pop_front() {
                         if !settled.is_empty() {
                             let _ = to_batcher.send(Delivery::Settled(settled));
                         }
@@ -416,89 +396,157 @@ impl Ingest {
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     self.subscribed.send_replace(true);
                 }
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    connected = true;
-                    connection += 1;
-                    backoff.reset();
-                    self.deps.shared.connects.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(
-                        session_present = ack.session_present,
-                        bd_seq = self.birth,
-                        "MQTT ingest connected"
-                    );
-                    let filters = self
-                        .subscriptions
-                        .iter()
-                        .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
-                    // Never block the event loop: the request channel has room for these.
-                    if let Err(e) = self.client.try_subscribe_many(filters) {
-                        tracing::warn!(error = %e, "cannot queue the MQTT subscriptions");
-                    }
-                    if let Err(e) = self.client.try_publish(
-                        &self.status,
-                        QoS::AtLeastOnce,
-                        true,
-                        status_payload("online", self.birth),
-                    ) {
-                        tracing::warn!(error = %e, "cannot queue the MQTT birth message");
-                    }
-                }
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => self.connected(&mut s, ack),
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "MQTT ingest connection lost; reconnecting");
-                    // Acks not yet answered by a PINGRESP may never have reached the broker:
-                    // their entries stay. Outgoing events still buffered describe writes on
-                    // the dead connection.
-                    settle = Settle::default();
-                    eventloop
-                        .state
-                        .events
-                        .retain(|e| !matches!(e, Event::Outgoing(_)));
-                    if connected {
-                        connected = false;
-                        self.deps
-                            .shared
-                            .connection_losses
-                            .fetch_add(1, Ordering::Relaxed);
-                        // A new connection is a new birth; its Last Will carries the new number.
-                        match self.deps.writer.write(ingest::next_birth).await {
-                            Ok(n) => self.birth = n,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot store the MQTT birth sequence");
-                                self.birth += 1;
-                            }
-                        }
-                        eventloop.mqtt_options.set_last_will(will(
-                            &self.status,
-                            "offline",
-                            self.birth,
-                        ));
-                    }
+                    self.lost(&mut eventloop, &mut s, e).await;
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff.delay()) => {}
+                        _ = tokio::time::sleep(s.backoff.delay()) => {}
                         _ = &mut batcher_done => break,
                     }
                 }
             }
         }
-        // Orderly stop: the batcher has released its last acks. A clean DISCONNECT suppresses
-        // the Last Will, so say `offline` ourselves first.
-        if connected {
-            let _ = self
-                .write_acks(&mut eventloop, connection, &mut settle, keep_alive)
-                .await;
-            let _ = self.client.try_publish(
-                &self.status,
-                QoS::AtLeastOnce,
-                true,
-                status_payload("offline", self.birth),
-            );
-            let _ = self.client.try_disconnect();
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while eventloop.poll().await.is_ok() {}
-            })
-            .await;
+        self.goodbye(&mut eventloop, &mut s).await;
+    }
+
+    /// Writes the acks that are ready, then waits for the next event: a packet read or
+    /// written, a wake-up, the batcher's end, or the deadline of a silent connection.
+    async fn next(
+        &self,
+        eventloop: &mut EventLoop,
+        s: &mut Session,
+        batcher_done: &mut oneshot::Receiver<()>,
+    ) -> Next {
+        // Events still buffered in the event loop describe packets already read or
+        // written; they go first, so that our own writes keep the wire order of `settle`.
+        let idle = eventloop.state.events.is_empty();
+        let written = match s.connected && idle {
+            true => {
+                self.write_acks(eventloop, s.connection, &mut s.settle, s.keep_alive)
+                    .await
+            }
+            false => Ok(()),
+        };
+        // Stop reading while the batcher is a queue behind: the broker keeps the rest.
+        let cap = queue_cap(self.deps.cfg.batch_size);
+        let paused = idle && self.deps.shared.ingest_queued.load(Ordering::Relaxed) >= cap;
+        // rumqttc pings every keepalive period whatever the traffic, and drops the
+        // connection if its previous PINGREQ is unanswered at that moment; under load ours
+        // nearly always is, so that check would cut a healthy connection every period. It
+        // is cleared as each PINGREQ leaves (`run`), and this deadline stands in for it: a
+        // connection that has neither answered a PINGREQ nor sent anything else for a
+        // whole keepalive period is dead. A broker with a backlog queues its PINGRESP
+        // behind the publishes (docs/performance.md, MQTT), and each of those shows it
+        // alive. Not while paused: the answer may be waiting, unread.
+        let dead_at = match paused {
+            true => None,
+            false => s
+                .settle
+                .probes
+                .front()
+                .map(|(at, _)| (*at).max(s.heard) + s.keep_alive),
+        };
+        match written {
+            Err(e) => {
+                eventloop.clean();
+                Next::Event(Err(e))
+            }
+            Ok(()) => tokio::select! {
+                biased;
+                _ = batcher_done => Next::Stop,
+                ev = eventloop.poll(), if !paused => Next::Event(ev),
+                _ = self.acks.wake.notified() => Next::Again,
+                _ = async { tokio::time::sleep_until(dead_at.unwrap_or_else(tokio::time::Instant::now)).await }, if dead_at.is_some() => {
+                    // What rumqttc does on an error: drop the network, keep the session state.
+                    eventloop.clean();
+                    Next::Event(Err(ConnectionError::MqttState(StateError::AwaitPingResp)))
+                }
+            },
         }
+    }
+
+    /// A CONNACK: subscribe and say `online`.
+    fn connected(&self, s: &mut Session, ack: rumqttc::ConnAck) {
+        s.connected = true;
+        s.connection += 1;
+        s.backoff.reset();
+        self.deps.shared.connects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            session_present = ack.session_present,
+            bd_seq = self.birth,
+            "MQTT ingest connected"
+        );
+        let filters = self
+            .subscriptions
+            .iter()
+            .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+        // Never block the event loop: the request channel has room for these.
+        if let Err(e) = self.client.try_subscribe_many(filters) {
+            tracing::warn!(error = %e, "cannot queue the MQTT subscriptions");
+        }
+        if let Err(e) = self.client.try_publish(
+            &self.status,
+            QoS::AtLeastOnce,
+            true,
+            status_payload("online", self.birth),
+        ) {
+            tracing::warn!(error = %e, "cannot queue the MQTT birth message");
+        }
+    }
+
+    /// The connection is gone: forget what it had not settled, and take a new birth number
+    /// for the next one's Last Will.
+    async fn lost(&mut self, eventloop: &mut EventLoop, s: &mut Session, e: ConnectionError) {
+        tracing::warn!(error = %e, "MQTT ingest connection lost; reconnecting");
+        // Acks not yet answered by a PINGRESP may never have reached the broker: their
+        // entries stay. Outgoing events still buffered describe writes on the dead connection.
+        s.settle = Settle::default();
+        eventloop
+            .state
+            .events
+            .retain(|e| !matches!(e, Event::Outgoing(_)));
+        if !s.connected {
+            return;
+        }
+        s.connected = false;
+        self.deps
+            .shared
+            .connection_losses
+            .fetch_add(1, Ordering::Relaxed);
+        // A new connection is a new birth; its Last Will carries the new number.
+        match self.deps.writer.write(ingest::next_birth).await {
+            Ok(n) => self.birth = n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot store the MQTT birth sequence");
+                self.birth += 1;
+            }
+        }
+        eventloop
+            .mqtt_options
+            .set_last_will(will(&self.status, "offline", self.birth));
+    }
+
+    /// Orderly stop: the batcher has released its last acks. A clean DISCONNECT suppresses
+    /// the Last Will, so say `offline` ourselves first.
+    async fn goodbye(&self, eventloop: &mut EventLoop, s: &mut Session) {
+        if !s.connected {
+            return;
+        }
+        let _ = self
+            .write_acks(eventloop, s.connection, &mut s.settle, s.keep_alive)
+            .await;
+        let _ = self.client.try_publish(
+            &self.status,
+            QoS::AtLeastOnce,
+            true,
+            status_payload("offline", self.birth),
+        );
+        let _ = self.client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while eventloop.poll().await.is_ok() {}
+        })
+        .await;
     }
 }
 

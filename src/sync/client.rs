@@ -687,40 +687,119 @@ impl Backoff {
 
 /// The sync task; returns at once when `upstream.url` is empty.
 pub async fn run(deps: Deps, mut shutdown: watch::Receiver<bool>) {
-    let deps = Arc::new(deps);
-    let cfg = deps.config.clone();
-    if cfg.url.is_empty() {
+    let Some(mut p) = Pusher::new(deps) else {
         return;
-    }
-    let upstream = match Upstream::new(&cfg) {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::error!(error = %e, "upstream sync disabled: bad configuration");
-            return;
-        }
     };
-    let mut commits = deps.writer.subscribe();
-    let mut conn = None;
-    let mut backoff = Backoff {
-        min: cfg.min_backoff_ms,
-        max: cfg.max_backoff_ms,
-        current: cfg.min_backoff_ms,
-    };
-    // In-memory cursors: the hub's last answer, ahead of the durable watermark only while its
-    // write is in flight.
-    let mut cursors: BTreeMap<String, u64> = BTreeMap::new();
-    let mut saving: Saving = None;
-    // Summing the backlog's bytes reads up to 65,536 rows per machine: done for the quota
-    // alarm at most every QUOTA_EVERY, not before every batch.
-    const QUOTA_EVERY: Duration = Duration::from_secs(5);
-    let mut quota_checked: Option<std::time::Instant> = None;
+    let mut commits = p.deps.writer.subscribe();
     loop {
         if *shutdown.borrow() {
-            settle(&mut saving, &mut cursors).await;
+            p.settle().await;
             return;
         }
-        let check_quota = quota_checked.is_none_or(|t| t.elapsed() >= QUOTA_EVERY);
-        let work = deps.store.view(|txn| {
+        let work = p.scan();
+        let now = clock::now_ms();
+        let mut progressed = false;
+        let mut offline = None;
+        for (slug, durable) in work {
+            if p.deps
+                .state
+                .get(&slug)
+                .next_retry_ms
+                .is_some_and(|t| t > now)
+            {
+                continue;
+            }
+            let (next, moved) = p.push(&slug, durable, &shutdown).await;
+            progressed |= moved;
+            match next {
+                Ok(_) => {}
+                Err(PushError::Offline { code, message }) => {
+                    offline = Some((slug, code, message));
+                    break;
+                }
+                Err(e) => p.record_failure(&slug, e, now),
+            }
+            if *shutdown.borrow() {
+                p.settle().await;
+                return;
+            }
+        }
+        p.settle().await;
+        if let Some((slug, code, message)) = offline {
+            if p.back_off(&slug, code, message, &mut shutdown).await {
+                continue;
+            }
+            return;
+        }
+        if progressed {
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(p.until_next_retry()) => {}
+            _ = commits.changed() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// The sync task's state between passes.
+struct Pusher {
+    deps: Arc<Deps>,
+    upstream: Upstream,
+    conn: Option<hyper::client::conn::http1::SendRequest<OneChunk>>,
+    backoff: Backoff,
+    /// In-memory cursors: the hub's last answer, ahead of the durable watermark only while
+    /// its write is in flight.
+    cursors: BTreeMap<String, u64>,
+    saving: Saving,
+    quota_checked: Option<std::time::Instant>,
+}
+
+/// Summing the backlog's bytes reads up to 65,536 rows per machine: done for the quota alarm
+/// at most this often, not before every batch.
+const QUOTA_EVERY: Duration = Duration::from_secs(5);
+
+impl Pusher {
+    /// `None` when sync is off (no `upstream.url`) or misconfigured (logged).
+    fn new(deps: Deps) -> Option<Pusher> {
+        let cfg = &deps.config;
+        if cfg.url.is_empty() {
+            return None;
+        }
+        let upstream = match Upstream::new(cfg) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(error = %e, "upstream sync disabled: bad configuration");
+                return None;
+            }
+        };
+        let backoff = Backoff {
+            min: cfg.min_backoff_ms,
+            max: cfg.max_backoff_ms,
+            current: cfg.min_backoff_ms,
+        };
+        Some(Pusher {
+            deps: Arc::new(deps),
+            upstream,
+            conn: None,
+            backoff,
+            cursors: BTreeMap::new(),
+            saving: None,
+            quota_checked: None,
+        })
+    }
+
+    async fn settle(&mut self) {
+        settle(&mut self.saving, &mut self.cursors).await;
+    }
+
+    /// The machines with rows the upstream has not acked, from their durable watermarks;
+    /// raises or clears the quota alarm when it is time to check it.
+    fn scan(&mut self) -> Vec<(String, u64)> {
+        let check_quota = self
+            .quota_checked
+            .is_none_or(|t| t.elapsed() >= QUOTA_EVERY);
+        let work = self.deps.store.view(|txn| {
             let mut out = Vec::new();
             let mut total = 0u64;
             for m in machines::all(txn)? {
@@ -746,149 +825,169 @@ pub async fn run(deps: Deps, mut shutdown: watch::Receiver<bool>) {
             }
         };
         if check_quota {
-            quota_checked = Some(std::time::Instant::now());
-            let over = backlog_bytes > cfg.backlog_quota_bytes;
-            if over != deps.state.over_quota.swap(over, Ordering::Relaxed) && over {
-                tracing::warn!(backlog_bytes, quota = cfg.backlog_quota_bytes, "sync backlog over quota: rows are kept, but the upstream has not acked them; check the uplink");
+            self.quota_checked = Some(std::time::Instant::now());
+            let quota = self.deps.config.backlog_quota_bytes;
+            let over = backlog_bytes > quota;
+            if over != self.deps.state.over_quota.swap(over, Ordering::Relaxed) && over {
+                tracing::warn!(backlog_bytes, quota, "sync backlog over quota: rows are kept, but the upstream has not acked them; check the uplink");
             }
         }
-        let now = clock::now_ms();
+        work
+    }
+
+    /// Sends up to [`BATCHES_PER_TURN`] batches of `slug` from its cursor on. Returns how the
+    /// turn ended (`Ok` when there was nothing more to send) and whether the hub stored
+    /// anything new.
+    async fn push(
+        &mut self,
+        slug: &str,
+        durable: u64,
+        shutdown: &watch::Receiver<bool>,
+    ) -> (Result<Option<Built>, PushError>, bool) {
         let mut progressed = false;
-        let mut offline = None;
-        for (slug, durable) in work {
-            if deps.state.get(&slug).next_retry_ms.is_some_and(|t| t > now) {
-                continue;
-            }
-            let mut from = cursors.get(&slug).copied().unwrap_or(durable).max(durable);
-            let mut next = build(&deps, &slug, from).await;
-            for _ in 0..BATCHES_PER_TURN {
-                let built = match next {
-                    Ok(Some(b)) => b,
-                    Ok(None) => break,
-                    Err(e) => {
-                        next = Err(e);
-                        break;
-                    }
-                };
-                let sent = from + built.rows;
-                // While the hub verifies and stores this batch, read and encode the one after
-                // it and let the previous watermark reach the disk.
-                let (answer, prebuilt, ()) = tokio::join!(
-                    send(&deps, &upstream, &mut conn, built),
-                    build(&deps, &slug, sent),
-                    settle(&mut saving, &mut cursors),
-                );
-                match answer {
-                    Ok(ack) => {
-                        backoff.reset();
-                        let stored = ack.stored_size();
-                        deps.state.batches_acked.fetch_add(1, Ordering::Relaxed);
-                        saving = Some((
-                            slug.clone(),
-                            tokio::spawn(save_watermark(deps.clone(), slug.clone(), stored)),
-                        ));
-                        cursors.insert(slug.clone(), stored);
-                        deps.state.update(&slug, |m| {
-                            m.last_success_ms = Some(clock::now_ms());
-                            m.last_error = None;
-                            m.last_error_code = None;
-                            m.conflict_at = None;
-                            m.next_retry_ms = None;
-                        });
-                        if stored == from {
-                            // The hub stored nothing new: look again after the next commit.
-                            next = Ok(None);
-                            break;
-                        }
-                        progressed = true;
-                        next = if stored == sent {
-                            prebuilt
-                        } else {
-                            // The hub has a different size (a restored or ahead receiver):
-                            // continue from what it says it has.
-                            build(&deps, &slug, stored).await
-                        };
-                        from = stored;
-                    }
-                    Err(e) => {
-                        next = Err(e);
-                        break;
-                    }
-                }
-                if *shutdown.borrow() {
+        let mut from = self
+            .cursors
+            .get(slug)
+            .copied()
+            .unwrap_or(durable)
+            .max(durable);
+        let mut next = build(&self.deps, slug, from).await;
+        for _ in 0..BATCHES_PER_TURN {
+            let built = match next {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(e) => {
+                    next = Err(e);
                     break;
                 }
-            }
-            match next {
-                Ok(_) => {}
-                Err(PushError::Offline { code, message }) => {
-                    offline = Some((slug, code, message));
+            };
+            let sent = from + built.rows;
+            // While the hub verifies and stores this batch, read and encode the one after
+            // it and let the previous watermark reach the disk.
+            let (answer, prebuilt, ()) = tokio::join!(
+                send(&self.deps, &self.upstream, &mut self.conn, built),
+                build(&self.deps, slug, sent),
+                settle(&mut self.saving, &mut self.cursors),
+            );
+            let stored = match answer {
+                Ok(ack) => self.acked(slug, ack),
+                Err(e) => {
+                    next = Err(e);
                     break;
                 }
-                Err(PushError::Refused { code, at, message }) => {
-                    deps.state
-                        .conflicts
-                        .fetch_add(u64::from(at.is_some()), Ordering::Relaxed);
-                    tracing::error!(machine = %slug, code, at, message, "upstream refused the log; sync of this machine is stopped until it changes");
-                    let retry = now + cfg.max_backoff_ms as i64;
-                    deps.state.update(&slug, |m| {
-                        m.last_error = Some(message);
-                        m.last_error_code = Some(code);
-                        m.last_error_ms = Some(now);
-                        m.conflict_at = at;
-                        m.next_retry_ms = Some(retry);
-                    });
-                }
-                Err(PushError::Local(message)) => {
-                    tracing::warn!(machine = %slug, message, "sync: cannot build a batch");
-                    let retry = now + cfg.min_backoff_ms as i64;
-                    deps.state.update(&slug, |m| {
-                        m.last_error = Some(message);
-                        m.last_error_code = Some("local".into());
-                        m.last_error_ms = Some(now);
-                        m.next_retry_ms = Some(retry);
-                    });
-                }
+            };
+            if stored == from {
+                // The hub stored nothing new: look again after the next commit.
+                next = Ok(None);
+                break;
             }
+            progressed = true;
+            next = if stored == sent {
+                prebuilt
+            } else {
+                // The hub has a different size (a restored or ahead receiver): continue
+                // from what it says it has.
+                build(&self.deps, slug, stored).await
+            };
+            from = stored;
             if *shutdown.borrow() {
-                settle(&mut saving, &mut cursors).await;
-                return;
+                break;
             }
         }
-        settle(&mut saving, &mut cursors).await;
-        if let Some((slug, code, message)) = offline {
-            let wait = backoff.next();
-            let retry = clock::now_ms() + wait.as_millis() as i64;
-            tracing::info!(machine = %slug, code, message, retry_in_ms = wait.as_millis() as u64, "upstream unreachable; retrying");
-            deps.state.update(&slug, |m| {
-                m.last_error = Some(message);
-                m.last_error_code = Some(code.into());
-                m.last_error_ms = Some(clock::now_ms());
-                m.next_retry_ms = Some(retry);
-            });
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
+        (next, progressed)
+    }
+
+    /// An ack: the watermark write starts, the cursor moves, the status clears. Returns the
+    /// size the hub has stored.
+    fn acked(&mut self, slug: &str, ack: Ack) -> u64 {
+        self.backoff.reset();
+        let stored = ack.stored_size();
+        self.deps
+            .state
+            .batches_acked
+            .fetch_add(1, Ordering::Relaxed);
+        let save = save_watermark(self.deps.clone(), slug.to_owned(), stored);
+        self.saving = Some((slug.to_owned(), tokio::spawn(save)));
+        self.cursors.insert(slug.to_owned(), stored);
+        self.deps.state.update(slug, |m| {
+            m.last_success_ms = Some(clock::now_ms());
+            m.last_error = None;
+            m.last_error_code = None;
+            m.conflict_at = None;
+            m.next_retry_ms = None;
+        });
+        stored
+    }
+
+    /// A refused or unbuildable batch: the machine waits (the others go on).
+    fn record_failure(&self, slug: &str, e: PushError, now: i64) {
+        let cfg = &self.deps.config;
+        match e {
+            PushError::Offline { .. } => {}
+            PushError::Refused { code, at, message } => {
+                self.deps
+                    .state
+                    .conflicts
+                    .fetch_add(u64::from(at.is_some()), Ordering::Relaxed);
+                tracing::error!(machine = %slug, code, at, message, "upstream refused the log; sync of this machine is stopped until it changes");
+                let retry = now + cfg.max_backoff_ms as i64;
+                self.deps.state.update(slug, |m| {
+                    m.last_error = Some(message);
+                    m.last_error_code = Some(code);
+                    m.last_error_ms = Some(now);
+                    m.conflict_at = at;
+                    m.next_retry_ms = Some(retry);
+                });
             }
-            deps.state.update(&slug, |m| m.next_retry_ms = None);
-            continue;
+            PushError::Local(message) => {
+                tracing::warn!(machine = %slug, message, "sync: cannot build a batch");
+                let retry = now + cfg.min_backoff_ms as i64;
+                self.deps.state.update(slug, |m| {
+                    m.last_error = Some(message);
+                    m.last_error_code = Some("local".into());
+                    m.last_error_ms = Some(now);
+                    m.next_retry_ms = Some(retry);
+                });
+            }
         }
-        if progressed {
-            continue;
+    }
+
+    /// The upstream is unreachable: wait out the backoff. `false` when shut down meanwhile.
+    async fn back_off(
+        &mut self,
+        slug: &str,
+        code: &'static str,
+        message: String,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let wait = self.backoff.next();
+        let retry = clock::now_ms() + wait.as_millis() as i64;
+        tracing::info!(machine = %slug, code, message, retry_in_ms = wait.as_millis() as u64, "upstream unreachable; retrying");
+        self.deps.state.update(slug, |m| {
+            m.last_error = Some(message);
+            m.last_error_code = Some(code.into());
+            m.last_error_ms = Some(clock::now_ms());
+            m.next_retry_ms = Some(retry);
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return false,
         }
-        let next = deps
+        self.deps.state.update(slug, |m| m.next_retry_ms = None);
+        true
+    }
+
+    /// Until the earliest retry of a machine that waits, at most a minute.
+    fn until_next_retry(&self) -> Duration {
+        let next = self
+            .deps
             .state
             .machines
             .lock()
             .ok()
             .and_then(|m| m.values().filter_map(|s| s.next_retry_ms).min());
-        let wait = next.map_or(Duration::from_secs(60), |t| {
+        next.map_or(Duration::from_secs(60), |t| {
             Duration::from_millis((t - clock::now_ms()).clamp(10, 60_000) as u64)
-        });
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = commits.changed() => {}
-            _ = shutdown.changed() => return,
-        }
+        })
     }
 }

@@ -307,6 +307,92 @@ fn as_str<'v>(v: &'v Value, path: &str, what: &str) -> Result<&'v str, ChartErro
     }
 }
 
+/// An action's `type` and `params` (with the params' path), checked against what that type
+/// takes; `empty` stands in for absent params.
+fn action_parts<'v>(
+    v: &'v Value,
+    path: &str,
+    empty: &'v Map<String, Value>,
+) -> Result<(&'v str, &'v Map<String, Value>, String), ChartError> {
+    let obj = match v {
+        Value::Object(obj) => obj,
+        Value::String(name) => {
+            return Err(ChartError::def(
+                path,
+                format!(
+                    "named action \"{name}\" is not supported: write {{\"type\": \"assign\"|\"raise\"|\"send\"|\"cancel\"|\"log\"|\"emit\", \"params\": {{…}}}}"
+                ),
+            ))
+        }
+        _ => return Err(ChartError::def(path, "an action must be an object {type, params}")),
+    };
+    for k in obj.keys() {
+        if k != "type" && k != "params" {
+            return Err(ChartError::def(
+                push_key(path, k),
+                format!("unknown action key \"{k}\" (expected type and params)"),
+            ));
+        }
+    }
+    let ty = as_str(
+        obj.get("type").unwrap_or(&Value::Null),
+        &push_key(path, "type"),
+        "action type",
+    )?;
+    let ppath = push_key(path, "params");
+    let params = match obj.get("params") {
+        None | Some(Value::Null) => empty,
+        Some(Value::Object(p)) => p,
+        Some(_) => return Err(ChartError::def(ppath, "params must be an object")),
+    };
+    let allowed: &[&str] = match ty {
+        "assign" => &[],
+        "raise" => &["event", "data"],
+        "send" => &["event", "data", "delay", "id"],
+        "cancel" => &["id"],
+        "log" => &["label", "expr"],
+        "emit" => &["topic", "event", "expr"],
+        other => {
+            return Err(ChartError::def(
+                push_key(path, "type"),
+                format!("unknown action type \"{other}\" (expected assign, raise, send, cancel, log or emit)"),
+            ))
+        }
+    };
+    if ty != "assign" {
+        for k in params.keys() {
+            if !allowed.contains(&k.as_str()) {
+                return Err(ChartError::def(
+                    push_key(&ppath, k),
+                    format!(
+                        "unknown {ty} parameter \"{k}\" (expected {})",
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok((ty, params, ppath))
+}
+
+/// `tags`: a string or a list of strings.
+fn parse_tags(v: &Value, kpath: &str) -> Result<Vec<String>, ChartError> {
+    Ok(match v {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .map(|(n, t)| as_str(t, &push_index(kpath, n), "a tag").map(str::to_string))
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(ChartError::def(
+                kpath,
+                "tags must be a string or a list of strings",
+            ))
+        }
+    })
+}
+
 /// The keys a state may have: history states fewer, the root a few more.
 fn check_keys(
     obj: &Map<String, Value>,
@@ -318,8 +404,7 @@ fn check_keys(
         let ok = if is_history {
             HISTORY_KEYS.contains(&k.as_str())
         } else {
-            STATE_KEYS.contains(&k.as_str())
-                || (is_root && ROOT_ONLY_KEYS.contains(&k.as_str()))
+            STATE_KEYS.contains(&k.as_str()) || (is_root && ROOT_ONLY_KEYS.contains(&k.as_str()))
         };
         if !ok {
             let hint = if ROOT_ONLY_KEYS.contains(&k.as_str()) {
@@ -560,73 +645,9 @@ impl<'a> Builder<'a> {
         let obj = self.raw[i];
         let path = self.nodes[i].path.clone();
         match self.nodes[i].kind {
-            Kind::Compound => {
-                let initial = match obj.get("initial") {
-                    Some(v) => {
-                        let ipath = push_key(&path, "initial");
-                        let key = as_str(v, &ipath, "initial")?;
-                        self.child_by_key(i, key).ok_or_else(|| {
-                            ChartError::def(
-                                &ipath,
-                                format!(
-                                    "initial \"{key}\" is not a child of this state (children: {})",
-                                    self.child_keys(i)
-                                ),
-                            )
-                        })?
-                    }
-                    None => self.nodes[i]
-                        .children
-                        .iter()
-                        .copied()
-                        .find(|&c| !self.nodes[c].is_history())
-                        .ok_or_else(|| {
-                            ChartError::def(&path, "a compound state needs a non-history child")
-                        })?,
-                };
-                self.nodes[i].initial = Some(initial);
-            }
+            Kind::Compound => self.nodes[i].initial = Some(self.resolve_initial(i, &path)?),
             Kind::History { .. } => {
-                let Some(parent) = self.nodes[i].parent else {
-                    return Err(ChartError::def(&path, "history state without a parent"));
-                };
-                let defaults = match obj.get("target") {
-                    Some(Value::Null) | None => match self.nodes[parent].kind {
-                        Kind::Parallel => self.nodes[parent]
-                            .children
-                            .iter()
-                            .copied()
-                            .filter(|&c| !self.nodes[c].is_history())
-                            .collect(),
-                        _ => {
-                            let init = self.initial_of(parent);
-                            if init == Some(i) || init.is_none() {
-                                return Err(ChartError::def(
-                                    &path,
-                                    "this history state is its parent's initial state, so it needs a default target",
-                                ));
-                            }
-                            init.into_iter().collect()
-                        }
-                    },
-                    Some(t) => {
-                        let tpath = push_key(&path, "target");
-                        let targets = self.resolve_targets(i, t, &tpath)?;
-                        for &t in &targets {
-                            if !self.is_descendant(t, parent) || self.nodes[t].is_history() {
-                                return Err(ChartError::def(
-                                    &tpath,
-                                    format!(
-                                        "a history default target must be a non-history descendant of \"{}\"",
-                                        self.nodes[parent].id
-                                    ),
-                                ));
-                            }
-                        }
-                        targets
-                    }
-                };
-                self.nodes[i].history_default = defaults;
+                self.nodes[i].history_default = self.resolve_history(i, &path)?;
                 return Ok(());
             }
             _ => {}
@@ -634,75 +655,15 @@ impl<'a> Builder<'a> {
         for (k, v) in obj {
             let kpath = push_key(&path, k);
             match k.as_str() {
-                "on" => {
-                    let Value::Object(on) = v else {
-                        return Err(ChartError::def(
-                            kpath,
-                            "on must be an object of event → transition",
-                        ));
-                    };
-                    for (event, tv) in on {
-                        let epath = push_key(&kpath, event);
-                        let desc =
-                            normalize_descriptor(event).map_err(|m| ChartError::def(&epath, m))?;
-                        let ts = self.parse_transitions(i, tv, &epath, || {
-                            Trigger::Descriptor(desc.clone())
-                        })?;
-                        self.nodes[i].transitions.extend(ts);
-                    }
-                }
-                "after" => {
-                    let Value::Object(after) = v else {
-                        return Err(ChartError::def(
-                            kpath,
-                            "after must be an object of delay (ms) → transition",
-                        ));
-                    };
-                    for (delay, tv) in after {
-                        let dpath = push_key(&kpath, delay);
-                        let ms = delay
-                            .parse::<u32>()
-                            .ok()
-                            .filter(|_| delay.chars().all(|c| c.is_ascii_digit()))
-                            .ok_or_else(|| {
-                                ChartError::def(
-                                    &dpath,
-                                    "an after key must be a delay in milliseconds (0..=4294967295)",
-                                )
-                            })?;
-                        let name = format!("xstate.after.{ms}.{}", self.nodes[i].id);
-                        if !self.nodes[i].after.iter().any(|(_, n)| *n == name) {
-                            self.nodes[i].after.push((i64::from(ms), name.clone()));
-                        }
-                        let ts =
-                            self.parse_transitions(i, tv, &dpath, || Trigger::Timer(name.clone()))?;
-                        self.nodes[i].transitions.extend(ts);
-                    }
-                }
+                "on" => self.resolve_on(i, v, &kpath)?,
+                "after" => self.resolve_after(i, v, &kpath)?,
                 "always" => {
                     let ts = self.parse_transitions(i, v, &kpath, || Trigger::Always)?;
                     self.nodes[i].always.extend(ts);
                 }
                 "entry" => self.nodes[i].entry = self.parse_actions(v, &kpath)?,
                 "exit" => self.nodes[i].exit = self.parse_actions(v, &kpath)?,
-                "tags" => {
-                    self.nodes[i].tags = match v {
-                        Value::String(s) => vec![s.clone()],
-                        Value::Array(a) => a
-                            .iter()
-                            .enumerate()
-                            .map(|(n, t)| {
-                                as_str(t, &push_index(&kpath, n), "a tag").map(str::to_string)
-                            })
-                            .collect::<Result<_, _>>()?,
-                        _ => {
-                            return Err(ChartError::def(
-                                kpath,
-                                "tags must be a string or a list of strings",
-                            ))
-                        }
-                    }
-                }
+                "tags" => self.nodes[i].tags = parse_tags(v, &kpath)?,
                 "output" => {
                     if !(i == 0 || self.nodes[i].kind == Kind::Final) {
                         return Err(ChartError::def(
@@ -714,6 +675,125 @@ impl<'a> Builder<'a> {
                 }
                 _ => {}
             }
+        }
+        Ok(())
+    }
+
+    /// The initial child of compound node `i`: its `initial`, or its first non-history child.
+    fn resolve_initial(&self, i: usize, path: &str) -> Result<usize, ChartError> {
+        let obj = self.raw[i];
+        match obj.get("initial") {
+            Some(v) => {
+                let ipath = push_key(path, "initial");
+                let key = as_str(v, &ipath, "initial")?;
+                self.child_by_key(i, key).ok_or_else(|| {
+                    ChartError::def(
+                        &ipath,
+                        format!(
+                            "initial \"{key}\" is not a child of this state (children: {})",
+                            self.child_keys(i)
+                        ),
+                    )
+                })
+            }
+            None => self.nodes[i]
+                .children
+                .iter()
+                .copied()
+                .find(|&c| !self.nodes[c].is_history())
+                .ok_or_else(|| ChartError::def(path, "a compound state needs a non-history child")),
+        }
+    }
+
+    /// The default targets of history node `i`: its `target`, or its parent's initial state
+    /// (all regions of a parallel parent).
+    fn resolve_history(&self, i: usize, path: &str) -> Result<Vec<usize>, ChartError> {
+        let obj = self.raw[i];
+        let Some(parent) = self.nodes[i].parent else {
+            return Err(ChartError::def(path, "history state without a parent"));
+        };
+        let defaults = match obj.get("target") {
+            Some(Value::Null) | None => match self.nodes[parent].kind {
+                Kind::Parallel => self.nodes[parent]
+                    .children
+                    .iter()
+                    .copied()
+                    .filter(|&c| !self.nodes[c].is_history())
+                    .collect(),
+                _ => {
+                    let init = self.initial_of(parent);
+                    if init == Some(i) || init.is_none() {
+                        return Err(ChartError::def(
+                            path,
+                            "this history state is its parent's initial state, so it needs a default target",
+                        ));
+                    }
+                    init.into_iter().collect()
+                }
+            },
+            Some(t) => {
+                let tpath = push_key(path, "target");
+                let targets = self.resolve_targets(i, t, &tpath)?;
+                for &t in &targets {
+                    if !self.is_descendant(t, parent) || self.nodes[t].is_history() {
+                        return Err(ChartError::def(
+                            &tpath,
+                            format!(
+                                "a history default target must be a non-history descendant of \"{}\"",
+                                self.nodes[parent].id
+                            ),
+                        ));
+                    }
+                }
+                targets
+            }
+        };
+        Ok(defaults)
+    }
+
+    /// `on`: event descriptor → transitions.
+    fn resolve_on(&mut self, i: usize, v: &Value, kpath: &str) -> Result<(), ChartError> {
+        let Value::Object(on) = v else {
+            return Err(ChartError::def(
+                kpath,
+                "on must be an object of event → transition",
+            ));
+        };
+        for (event, tv) in on {
+            let epath = push_key(kpath, event);
+            let desc = normalize_descriptor(event).map_err(|m| ChartError::def(&epath, m))?;
+            let ts = self.parse_transitions(i, tv, &epath, || Trigger::Descriptor(desc.clone()))?;
+            self.nodes[i].transitions.extend(ts);
+        }
+        Ok(())
+    }
+
+    /// `after`: delay in milliseconds → transitions, each delay a named timer.
+    fn resolve_after(&mut self, i: usize, v: &Value, kpath: &str) -> Result<(), ChartError> {
+        let Value::Object(after) = v else {
+            return Err(ChartError::def(
+                kpath,
+                "after must be an object of delay (ms) → transition",
+            ));
+        };
+        for (delay, tv) in after {
+            let dpath = push_key(kpath, delay);
+            let ms = delay
+                .parse::<u32>()
+                .ok()
+                .filter(|_| delay.chars().all(|c| c.is_ascii_digit()))
+                .ok_or_else(|| {
+                    ChartError::def(
+                        &dpath,
+                        "an after key must be a delay in milliseconds (0..=4294967295)",
+                    )
+                })?;
+            let name = format!("xstate.after.{ms}.{}", self.nodes[i].id);
+            if !self.nodes[i].after.iter().any(|(_, n)| *n == name) {
+                self.nodes[i].after.push((i64::from(ms), name.clone()));
+            }
+            let ts = self.parse_transitions(i, tv, &dpath, || Trigger::Timer(name.clone()))?;
+            self.nodes[i].transitions.extend(ts);
         }
         Ok(())
     }
@@ -987,65 +1067,8 @@ impl<'a> Builder<'a> {
     }
 
     fn parse_action(&self, v: &Value, path: &str) -> Result<Action, ChartError> {
-        let obj = match v {
-            Value::Object(obj) => obj,
-            Value::String(name) => {
-                return Err(ChartError::def(
-                    path,
-                    format!(
-                        "named action \"{name}\" is not supported: write {{\"type\": \"assign\"|\"raise\"|\"send\"|\"cancel\"|\"log\"|\"emit\", \"params\": {{…}}}}"
-                    ),
-                ))
-            }
-            _ => return Err(ChartError::def(path, "an action must be an object {type, params}")),
-        };
-        for k in obj.keys() {
-            if k != "type" && k != "params" {
-                return Err(ChartError::def(
-                    push_key(path, k),
-                    format!("unknown action key \"{k}\" (expected type and params)"),
-                ));
-            }
-        }
-        let ty = as_str(
-            obj.get("type").unwrap_or(&Value::Null),
-            &push_key(path, "type"),
-            "action type",
-        )?;
-        let ppath = push_key(path, "params");
         let empty = Map::new();
-        let params = match obj.get("params") {
-            None | Some(Value::Null) => &empty,
-            Some(Value::Object(p)) => p,
-            Some(_) => return Err(ChartError::def(ppath, "params must be an object")),
-        };
-        let allowed: &[&str] = match ty {
-            "assign" => &[],
-            "raise" => &["event", "data"],
-            "send" => &["event", "data", "delay", "id"],
-            "cancel" => &["id"],
-            "log" => &["label", "expr"],
-            "emit" => &["topic", "event", "expr"],
-            other => {
-                return Err(ChartError::def(
-                    push_key(path, "type"),
-                    format!("unknown action type \"{other}\" (expected assign, raise, send, cancel, log or emit)"),
-                ))
-            }
-        };
-        if ty != "assign" {
-            for k in params.keys() {
-                if !allowed.contains(&k.as_str()) {
-                    return Err(ChartError::def(
-                        push_key(&ppath, k),
-                        format!(
-                            "unknown {ty} parameter \"{k}\" (expected {})",
-                            allowed.join(", ")
-                        ),
-                    ));
-                }
-            }
-        }
+        let (ty, params, ppath) = action_parts(v, path, &empty)?;
         let string_param = |k: &str, required: bool| -> Result<Option<String>, ChartError> {
             match params.get(k) {
                 None | Some(Value::Null) if !required => Ok(None),

@@ -402,53 +402,8 @@ fn read(
                         "latest": row.as_ref().map(row_json)}),
             ))
         }
-        "block" => {
-            let z = num(&q, "zeqond")?
-                .ok_or_else(|| ApiError::bad_request("invalid_zeqond", "give ?zeqond=N"))?;
-            let rows = deps.store.view(|txn| {
-                let seqs = log::read::seqs_at_zeqond(txn, slug, z)?;
-                let mut rows = Vec::with_capacity(seqs.len());
-                for s in seqs {
-                    rows.extend(log::read::row(txn, slug, s)?);
-                }
-                Ok(rows)
-            })?;
-            if rows.is_empty() {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "no_block_at_zeqond",
-                    format!("no rows at zeqond {z}"),
-                ));
-            }
-            let rows: Vec<Value> = rows.iter().map(row_json).collect();
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"ok": true, "zeqond": z, "count": rows.len(), "rows": rows}),
-            ))
-        }
-        "explore" => {
-            let from = num(&q, "from")?.unwrap_or(0);
-            let to = num(&q, "to")?.unwrap_or_else(|| from.saturating_add(MAX_PAGE - 1));
-            if from > to {
-                return Err(range_error(format!("from ({from}) is after to ({to})")));
-            }
-            // `to` is inclusive; one page is at most MAX_PAGE rows.
-            let end = to
-                .min(from.saturating_add(MAX_PAGE - 1))
-                .min(size.saturating_sub(1));
-            let rows = if from < size {
-                deps.store
-                    .view(|txn| log::read::rows(txn, slug, from, end + 1))?
-            } else {
-                Vec::new()
-            };
-            let next = (from < size && end < to && end + 1 < size).then_some(end + 1);
-            let rows: Vec<Value> = rows.iter().map(row_json).collect();
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"ok": true, "from": from, "to": to, "size": size, "count": rows.len(), "rows": rows, "next": next}),
-            ))
-        }
+        "block" => block(&deps, slug, &q),
+        "explore" => explore(&deps, slug, size, &q),
         "explore/sse" => {
             let from = match (last_event_id, num(&q, "from")?) {
                 (Some(id), _) => id.saturating_add(1),
@@ -457,23 +412,7 @@ fn read(
             };
             Ok(sse(deps.clone(), machine.slug.clone(), from))
         }
-        "pohc/validate" => {
-            let from = num(&q, "from")?.unwrap_or(0);
-            let to = num(&q, "to")?.unwrap_or(size.saturating_sub(1));
-            if from > to || to >= size {
-                return Err(range_error(format!(
-                    "need from ≤ to < {size} (the log size)"
-                )));
-            }
-            let report = deps
-                .store
-                .view(|txn| validate(txn, slug, head.genesis_zeqond, from, to))?;
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"ok": true, "valid": report.valid, "count": report.count, "broken_at": report.broken_at,
-                        "genesis_zeqond": head.genesis_zeqond.to_string(), "from": from, "to": to}),
-            ))
-        }
+        "pohc/validate" => pohc_validate(&deps, slug, &head, &q),
         "checkpoint" => {
             let root = deps
                 .store
@@ -485,49 +424,130 @@ fn read(
             }
             Ok(res)
         }
-        "proof/inclusion" => {
-            let seq = num(&q, "seq")?.ok_or_else(|| range_error("give ?seq=I"))?;
-            let tree = num(&q, "size")?.unwrap_or(size);
-            if seq >= tree || tree > size {
-                return Err(range_error(format!(
-                    "need seq < size ≤ {size} (the log size)"
-                )));
-            }
-            let (row, proof) = deps.store.view(|txn| {
-                let row = log::read::row(txn, slug, seq)?.ok_or_else(|| {
-                    crate::store::StoreError::Corrupt(format!("row {seq} missing"))
-                })?;
-                Ok((row, log::read::prove_inclusion(txn, slug, seq, tree)?))
-            })?;
-            let leaf = ledger::tlog::record_hash(&row.compute_hash());
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"seq": seq, "tree_size": tree, "row_hash": hex::encode(&row.compute_hash()),
-                        "leaf_hash": hex::encode(&leaf), "proof": proof.iter().map(|h| hex::encode(h)).collect::<Vec<_>>()}),
-            ))
-        }
-        "proof/consistency" => {
-            let from = num(&q, "from")?.ok_or_else(|| range_error("give ?from=M"))?;
-            let to = num(&q, "to")?.unwrap_or(size);
-            if from == 0 || from > to || to > size {
-                return Err(range_error(format!(
-                    "need 1 ≤ from ≤ to ≤ {size} (the log size)"
-                )));
-            }
-            let proof = deps
-                .store
-                .view(|txn| log::read::prove_consistency(txn, slug, from, to))?;
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"from": from, "to": to, "proof": proof.iter().map(|h| hex::encode(h)).collect::<Vec<_>>()}),
-            ))
-        }
+        "proof/inclusion" => inclusion_proof(&deps, slug, size, &q),
+        "proof/consistency" => consistency_proof(&deps, slug, size, &q),
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             "no such route",
         )),
     }
+}
+
+/// `block`: the rows of one Zeqond.
+fn block(deps: &Deps, slug: &str, q: &Query) -> Result<Response, ApiError> {
+    let z = num(q, "zeqond")?
+        .ok_or_else(|| ApiError::bad_request("invalid_zeqond", "give ?zeqond=N"))?;
+    let rows = deps.store.view(|txn| {
+        let seqs = log::read::seqs_at_zeqond(txn, slug, z)?;
+        let mut rows = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            rows.extend(log::read::row(txn, slug, s)?);
+        }
+        Ok(rows)
+    })?;
+    if rows.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_block_at_zeqond",
+            format!("no rows at zeqond {z}"),
+        ));
+    }
+    let rows: Vec<Value> = rows.iter().map(row_json).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "zeqond": z, "count": rows.len(), "rows": rows}),
+    ))
+}
+
+/// `explore`: a page of rows, at most `MAX_PAGE`.
+fn explore(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
+    let from = num(q, "from")?.unwrap_or(0);
+    let to = num(q, "to")?.unwrap_or_else(|| from.saturating_add(MAX_PAGE - 1));
+    if from > to {
+        return Err(range_error(format!("from ({from}) is after to ({to})")));
+    }
+    // `to` is inclusive; one page is at most MAX_PAGE rows.
+    let end = to
+        .min(from.saturating_add(MAX_PAGE - 1))
+        .min(size.saturating_sub(1));
+    let rows = if from < size {
+        deps.store
+            .view(|txn| log::read::rows(txn, slug, from, end + 1))?
+    } else {
+        Vec::new()
+    };
+    let next = (from < size && end < to && end + 1 < size).then_some(end + 1);
+    let rows: Vec<Value> = rows.iter().map(row_json).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "from": from, "to": to, "size": size, "count": rows.len(), "rows": rows, "next": next}),
+    ))
+}
+
+/// `pohc/validate`: rows `from..=to` rechecked (hashes and links).
+fn pohc_validate(
+    deps: &Deps,
+    slug: &str,
+    head: &log::Head,
+    q: &Query,
+) -> Result<Response, ApiError> {
+    let size = head.size;
+    let from = num(q, "from")?.unwrap_or(0);
+    let to = num(q, "to")?.unwrap_or(size.saturating_sub(1));
+    if from > to || to >= size {
+        return Err(range_error(format!(
+            "need from ≤ to < {size} (the log size)"
+        )));
+    }
+    let report = deps
+        .store
+        .view(|txn| validate(txn, slug, head.genesis_zeqond, from, to))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "valid": report.valid, "count": report.count, "broken_at": report.broken_at,
+                "genesis_zeqond": head.genesis_zeqond.to_string(), "from": from, "to": to}),
+    ))
+}
+
+/// `proof/inclusion`: row `seq`'s RFC 6962 inclusion proof in the tree of `size`.
+fn inclusion_proof(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
+    let seq = num(q, "seq")?.ok_or_else(|| range_error("give ?seq=I"))?;
+    let tree = num(q, "size")?.unwrap_or(size);
+    if seq >= tree || tree > size {
+        return Err(range_error(format!(
+            "need seq < size ≤ {size} (the log size)"
+        )));
+    }
+    let (row, proof) = deps.store.view(|txn| {
+        let row = log::read::row(txn, slug, seq)?
+            .ok_or_else(|| crate::store::StoreError::Corrupt(format!("row {seq} missing")))?;
+        Ok((row, log::read::prove_inclusion(txn, slug, seq, tree)?))
+    })?;
+    let leaf = ledger::tlog::record_hash(&row.compute_hash());
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"seq": seq, "tree_size": tree, "row_hash": hex::encode(&row.compute_hash()),
+                "leaf_hash": hex::encode(&leaf), "proof": proof.iter().map(|h| hex::encode(h)).collect::<Vec<_>>()}),
+    ))
+}
+
+/// `proof/consistency`: the RFC 6962 proof that the tree of `from` is a prefix of `to`'s.
+fn consistency_proof(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
+    let from = num(q, "from")?.ok_or_else(|| range_error("give ?from=M"))?;
+    let to = num(q, "to")?.unwrap_or(size);
+    if from == 0 || from > to || to > size {
+        return Err(range_error(format!(
+            "need 1 ≤ from ≤ to ≤ {size} (the log size)"
+        )));
+    }
+    let proof = deps
+        .store
+        .view(|txn| log::read::prove_consistency(txn, slug, from, to))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"from": from, "to": to, "proof": proof.iter().map(|h| hex::encode(h)).collect::<Vec<_>>()}),
+    ))
 }
 
 /// Walks rows `from..=to`, checking each hash and each link; row `from` links to row

@@ -50,21 +50,8 @@ pub async fn serve(listener: TcpListener, deps: Arc<Deps>, mut shutdown: watch::
         let service = service.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    deps.metrics
-                        .tls_handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    deps.metrics
-                        .tls_handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
+            let Some(tls) = handshake(&acceptor, tcp, peer, handshake_timeout, &deps).await else {
+                return;
             };
             let first_request = Arc::new(Notify::new());
             let request_came = first_request.clone();
@@ -140,5 +127,32 @@ pub async fn serve(listener: TcpListener, deps: Arc<Deps>, mut shutdown: watch::
         .is_err()
     {
         tracing::warn!("connections still open after the grace period; closing them");
+    }
+}
+
+/// The TLS handshake of a new connection, bounded by `timeout`; a failure is counted.
+async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    timeout: Duration,
+    deps: &Deps,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let failed = || {
+        deps.metrics
+            .tls_handshake_failures
+            .fetch_add(1, Ordering::Relaxed)
+    };
+    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            failed();
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            failed();
+            None
+        }
     }
 }

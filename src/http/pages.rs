@@ -561,23 +561,7 @@ async fn write(
     let (status, version, row) = match action {
         Action::Publish => {
             let draft = Draft::from_json(body)?;
-            let sha = crate::auth::sha256(draft.html.as_bytes());
-            // Compress only content the gateway has not stored yet, and off the runtime.
-            let encoded = if deps.store.view(|txn| pages::has_blob(txn, &sha))? {
-                None
-            } else {
-                let html = draft.html.clone().into_bytes();
-                let e = tokio::task::spawn_blocking(move || Encoded::compute(html))
-                    .await
-                    .map_err(|e| {
-                        ApiError::new(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "unspecified",
-                            e.to_string(),
-                        )
-                    })?;
-                Some(e)
-            };
+            let encoded = encode_if_new(&deps, &draft).await?;
             let (slug, page) = (slug.clone(), page.clone());
             let p = deps
                 .writer
@@ -646,6 +630,26 @@ async fn write(
             "row": {"seq": row.seq, "type": row.kind, "hash": hex::encode(&row.hash)},
         }),
     ))
+}
+
+/// The page's HTML compressed for serving, unless the gateway already stores that content;
+/// computed off the runtime.
+async fn encode_if_new(deps: &Deps, draft: &Draft) -> Result<Option<Encoded>, ApiError> {
+    let sha = crate::auth::sha256(draft.html.as_bytes());
+    if deps.store.view(|txn| pages::has_blob(txn, &sha))? {
+        return Ok(None);
+    }
+    let html = draft.html.clone().into_bytes();
+    let encoded = tokio::task::spawn_blocking(move || Encoded::compute(html))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "unspecified",
+                e.to_string(),
+            )
+        })?;
+    Ok(Some(encoded))
 }
 
 // ---- the public site ------------------------------------------------------------------

@@ -518,31 +518,36 @@ fn long_functions() -> Vec<(String, String, usize)> {
                     .chars()
                     .take_while(|c| c.is_alphanumeric() || *c == '_')
                     .collect();
-                let indent = line.len() - trimmed.len();
-                let close = format!("{}}}", " ".repeat(indent));
-                let start = i;
-                let mut j = i;
-                while j < lines.len()
-                    && !lines[j].trim_end().ends_with(';')
-                    && lines[j].trim_end() != close
-                    && !(j > i && lines[j].trim_end() == close)
-                {
-                    if lines[j].trim_end().ends_with('{') && j >= i {
-                        break;
+                // The body runs from the first `{` to the brace that balances it; a `;` before
+                // any `{` is a declaration without a body.
+                let (mut depth, mut opened, mut end) = (0i64, false, None);
+                'scan: for (k, l) in lines.iter().enumerate().skip(i) {
+                    for c in l.chars() {
+                        match c {
+                            ';' if !opened => break 'scan,
+                            '{' => {
+                                depth += 1;
+                                opened = true;
+                            }
+                            '}' => {
+                                depth -= 1;
+                                if opened && depth == 0 {
+                                    end = Some(k);
+                                    break 'scan;
+                                }
+                            }
+                            _ => {}
+                        }
                     }
-                    j += 1;
                 }
-                // Find the body's end.
-                let mut k = j + 1;
-                while k < lines.len() && lines[k].trim_end() != close {
-                    k += 1;
-                }
-                let len = k - start + 1;
                 let exempt = LENGTH_EXEMPT
                     .iter()
                     .any(|(f, n)| file.starts_with(f) && (n.is_empty() || *n == fname));
-                if len > MAX_FN_LINES && !exempt && !lines[j].trim_end().ends_with(';') {
-                    out.push((file.clone(), fname, len));
+                if let Some(end) = end {
+                    let len = end - i + 1;
+                    if len > MAX_FN_LINES && !exempt {
+                        out.push((file.clone(), fname, len));
+                    }
                 }
             }
             i += 1;

@@ -40,6 +40,7 @@ pub mod config;
 pub mod gateway;
 pub mod http;
 pub mod instances;
+pub mod json;
 pub mod ledger;
 pub mod machines;
 pub mod metrics;

@@ -288,10 +288,10 @@ pub const BR: &str = "br";
 
 impl Encoded {
     /// Compresses `html` with gzip (level 6) and brotli (quality 7, 4 MiB window), the two on
-    /// their own threads. CPU-bound: call it off the async runtime. Measured on 2 MiB of text:
-    /// gzip 6 is within 2 % of gzip 9's size at 70 % of its time; brotli 7 is within 5 % of
-    /// brotli 9's size at a third of its time (brotli 11 would take seconds per publish on a
-    /// gateway). It is paid once per distinct content.
+    /// their own threads. CPU-bound: call it off the async runtime. The levels give nearly the
+    /// highest levels' sizes in a fraction of their time (figures: docs/performance.md, "Figures
+    /// from code comments"); brotli 11 would take seconds per publish on a gateway. It is paid
+    /// once per distinct content.
     pub fn compute(html: Vec<u8>) -> Encoded {
         use std::io::Write;
         let sha256 = sha256(&html);

@@ -131,9 +131,9 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 /// `#[serde(with = "store::bytes")]` for a stored `Vec<u8>` field: the same postcard bytes as
 /// the field without it (a varint length, then the bytes), written and read as one slice
 /// instead of one `u8` at a time. serde has no specialisation for `Vec<u8>`, so without this a
-/// 500-byte instance state costs 500 calls each way; that was 4% of the MQTT writer's
-/// instructions (`cargo bench --bench ingest` under callgrind). Self-describing formats read a
-/// sequence of numbers too, as they did before.
+/// 500-byte instance state costs 500 calls each way, a visible share of the MQTT writer's
+/// instructions (docs/performance.md, "Figures from code comments"). Self-describing formats
+/// read a sequence of numbers too, as they did before.
 pub mod bytes {
     use serde::de::{Deserializer, SeqAccess, Visitor};
     use serde::Serializer;

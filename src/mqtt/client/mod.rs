@@ -5,11 +5,10 @@
 //!   writes the acks the batcher releases. Both are bounded here, not by the broker:
 //!   - **Reading stops** while [`queue_cap`] publishes wait for the batcher, so the TCP window
 //!     closes and the broker keeps the backlog (its job: `max_queued_messages`). The broker's
-//!     inflight window does not do this: mosquitto 2.0.11 at `max_inflight_messages 1000`
-//!     stops a client that never acks at 1,000, but keeps sending to one that acks, so
-//!     devices outrunning the writer once left 270,000 publishes (100+ MiB) queued in the
-//!     gateway (`cargo bench --bench mqtt`), and a probe client acking 5,000/s held 54,805
-//!     unacked publishes within a second.
+//!     inflight window does not do this: mosquitto stops a client that never acks at its
+//!     `max_inflight_messages`, but keeps sending to one that acks, so devices outrunning the
+//!     writer once left hundreds of thousands of publishes queued in the gateway
+//!     (docs/performance.md, "Figures from code comments").
 //!   - **Acks are written by this task straight to the connection**, all that are ready in one
 //!     write and one flush, not through rumqttc's request channel: its event loop takes one
 //!     request per poll against a read of up to ten packets, so acks fell behind the reads

@@ -126,8 +126,8 @@ impl Ingest {
         // is cleared as each PINGREQ leaves (`run`), and this deadline stands in for it: a
         // connection that has neither answered a PINGREQ nor sent anything else for a
         // whole keepalive period is dead. A broker with a backlog queues its PINGRESP
-        // behind the publishes (docs/performance.md, MQTT), and each of those shows it
-        // alive. Not while paused: the answer may be waiting, unread.
+        // behind the publishes (half a minute: docs/performance.md, "Figures from code
+        // comments"), and each of those shows it alive. Not while paused: the answer may be waiting, unread.
         let dead_at = match paused {
             true => None,
             false => s
@@ -296,8 +296,8 @@ pub(super) struct Settle {
     /// Acks written since the last PINGREQ left: packet id → entry tag. Only the latest
     /// delivery of a packet id can still have its entry (each commit of a later one rewrote
     /// it), so an earlier ack of the same id is dropped here: while a PINGRESP waits behind a
-    /// broker's backlog (half a minute has been seen) this holds at most 65,535 acks, where a
-    /// list held every ack written meanwhile (700,000 in `cargo bench --bench mqtt`).
+    /// broker's backlog this holds at most 65,535 acks, where a list held every ack written
+    /// meanwhile (docs/performance.md, "Figures from code comments").
     pub(super) written: HashMap<u16, u64>,
     /// One entry per PINGREQ on the wire, oldest first: when it left, and the acks written
     /// before it, which its PINGRESP (answers come in order) proves the broker processed.

@@ -94,7 +94,7 @@ impl Identity {
         let key =
             GatewayKey::from_pkcs8(&pkcs8).map_err(|_| InitError::BadIdentity(path.to_owned()))?;
         let digest = auth::sha256(&key.public_key());
-        let id = format!("gw-{}", hex(&digest[..8]));
+        let id = format!("gw-{}", crate::ledger::hex::encode(&digest[..8]));
         Ok(Identity { id, key })
     }
 
@@ -107,10 +107,6 @@ impl Identity {
         // The id is `gw-` + hex, always a valid note name.
         self.key.verifier_key(&self.id).unwrap_or_default()
     }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The identity file's bytes: the keying material of secrets derived from the identity (the

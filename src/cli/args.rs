@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::{CliError, SiteDeploy};
+use super::CliError;
 use crate::config::Config;
 
 #[cfg(feature = "bench-tools")]
@@ -106,11 +106,11 @@ pub struct SubjectArgs {
 pub enum SiteCommand {
     /// Publish FILE (plaintext HTML, at most 2 MiB) as a new version of page PAGE of machine
     /// SLUG; the page is then live at /s/SLUG/p/PAGE/. Prints the version and its proof digest.
-    Deploy(DeployArgs),
+    Deploy(SiteDeploy),
 }
 
 #[derive(Args)]
-pub struct DeployArgs {
+pub struct SiteDeploy {
     /// Machine slug.
     pub slug: String,
     /// Page slug ([a-z0-9-]{1,64}).
@@ -135,33 +135,6 @@ pub struct DeployArgs {
     /// Attach a Python script (stored with the page and returned by the API, never run).
     #[arg(long)]
     pub python: Option<PathBuf>,
-}
-
-impl From<DeployArgs> for SiteDeploy {
-    fn from(a: DeployArgs) -> SiteDeploy {
-        let DeployArgs {
-            slug,
-            page,
-            file,
-            title,
-            url,
-            key,
-            cacert,
-            agent_zid,
-            python,
-        } = a;
-        SiteDeploy {
-            slug,
-            page,
-            file,
-            title,
-            url,
-            key,
-            cacert,
-            agent_zid,
-            python,
-        }
-    }
 }
 
 impl AccountCommand {
@@ -211,7 +184,7 @@ impl ChartCommand {
 impl SiteCommand {
     pub async fn run(self, config: &Config) -> Result<(), CliError> {
         let SiteCommand::Deploy(deploy) = self;
-        super::site_deploy(config, deploy.into()).await
+        super::site_deploy(config, deploy).await
     }
 }
 

@@ -10,10 +10,11 @@ mod serve;
 
 #[cfg(feature = "bench-tools")]
 pub use args::BenchCommand;
-pub use args::{AccountCommand, ChartCommand, DeployArgs, KeyCommand, SiteCommand, SubjectArgs};
+pub use args::SiteDeploy;
+pub use args::{AccountCommand, ChartCommand, KeyCommand, SiteCommand, SubjectArgs};
 pub use keys::{key_list, key_mint, key_revoke, subject, KeyFilter};
 pub use offline::{account_create, account_credit, chart_check, chart_simulate, identity, init};
-pub use offline::{site_deploy, verify, SiteDeploy};
+pub use offline::{site_deploy, verify};
 pub use serve::serve;
 
 #[cfg(feature = "bench-tools")]

@@ -4,7 +4,7 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use super::{offline_store, print_owner, read, zid, CliError};
+use super::{offline_store, print_owner, read, zid, CliError, SiteDeploy};
 use crate::config::Config;
 use crate::store::GroupCommit;
 use crate::{auth, chart, clock, gateway};
@@ -112,19 +112,6 @@ pub fn chart_simulate(file: &PathBuf, events: &PathBuf) -> Result<(), CliError> 
         writeln!(out, "{line}").map_err(CliError::Output)?;
     }
     out.flush().map_err(CliError::Output)
-}
-
-/// `smgate site deploy`'s arguments.
-pub struct SiteDeploy {
-    pub slug: String,
-    pub page: String,
-    pub file: PathBuf,
-    pub title: Option<String>,
-    pub url: String,
-    pub key: String,
-    pub cacert: Option<PathBuf>,
-    pub agent_zid: Option<String>,
-    pub python: Option<PathBuf>,
 }
 
 /// `smgate site deploy`: spec 001's publish call with the HTML read from a file.

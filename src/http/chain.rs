@@ -385,13 +385,7 @@ fn read(
     let head = deps
         .store
         .view(|txn| log::read::head(txn, slug))?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "unspecified",
-                "machine has no log",
-            )
-        })?;
+        .ok_or_else(|| ApiError::internal("machine has no log"))?;
     let size = head.size;
     match route {
         "state" => {
@@ -612,20 +606,9 @@ pub fn checkpoint_note(
         root,
     }
     .to_body()
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "unspecified",
-            e.to_string(),
-        )
-    })?;
-    ledger::sign_note(&body, &deps.identity.id, &deps.identity.key).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "unspecified",
-            e.to_string(),
-        )
-    })
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    ledger::sign_note(&body, &deps.identity.id, &deps.identity.key)
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// Live rows from `from` on: first the backlog, then each row as its commit lands. The event

@@ -63,6 +63,11 @@ impl ApiError {
         }
     }
 
+    /// 500 `unspecified`: a failure that is not the caller's.
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unspecified", message)
+    }
+
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
@@ -136,11 +141,7 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Corrupt(_) | StoreError::NewerSchema { .. } => {
                 tracing::error!(error = %e, "storage error");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "unspecified",
-                    e.to_string(),
-                )
+                ApiError::internal(e.to_string())
             }
         }
     }

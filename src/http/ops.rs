@@ -193,7 +193,10 @@ fn ui_file(tail: &str) -> Response {
     set(
         h,
         http::header::ETAG,
-        &format!("\"{}\"", crate::gateway::hex(&file.metadata.sha256_hash())),
+        &format!(
+            "\"{}\"",
+            crate::ledger::hex::encode(&file.metadata.sha256_hash())
+        ),
     );
     res
 }

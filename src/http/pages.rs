@@ -642,13 +642,7 @@ async fn encode_if_new(deps: &Deps, draft: &Draft) -> Result<Option<Encoded>, Ap
     let html = draft.html.clone().into_bytes();
     let encoded = tokio::task::spawn_blocking(move || Encoded::compute(html))
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "unspecified",
-                e.to_string(),
-            )
-        })?;
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(Some(encoded))
 }
 

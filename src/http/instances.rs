@@ -656,16 +656,7 @@ fn get_instance(
         "read instances",
     )?;
     let (i, chart, state) = load(&deps, &machine.slug, &instance)?;
-    if !chart
-        .allow_read(&state, &auth_value(&principal, access))
-        .map_err(|e| SbError::from(InstanceError::from(e)))?
-    {
-        return Err(SbError(
-            StatusCode::FORBIDDEN,
-            "rejected-by-machine-authorizer",
-            "allowRead rejected this read".into(),
-        ));
-    }
+    allowed_to_read(&chart, &state, &auth_value(&principal, access))?;
     Ok(json_response(
         StatusCode::OK,
         &inst::public_view(&chart, &state, i.ts_ms),
@@ -1010,6 +1001,25 @@ pub(super) fn authorize_live(
     }
 }
 
+/// The chart's `allowRead` on `state` for the caller `auth`: 403 when it says no.
+fn allowed_to_read(
+    chart: &crate::chart::Chart,
+    state: &crate::chart::InstanceState,
+    auth: &Value,
+) -> Result<(), SbError> {
+    let allowed = chart
+        .allow_read(state, auth)
+        .map_err(|e| SbError::from(InstanceError::from(e)))?;
+    if !allowed {
+        return Err(SbError(
+            StatusCode::FORBIDDEN,
+            "rejected-by-machine-authorizer",
+            "allowRead rejected this read".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The instance's step count and public view (`{ts, state, publicContext, tags, done}`), or
 /// `None` once it no longer exists. A state whose `allowRead` rejects `auth` is a 403.
 pub(super) fn current_view(
@@ -1023,16 +1033,7 @@ pub(super) fn current_view(
         Err(SbError(StatusCode::NOT_FOUND, ..)) => return Ok(None),
         Err(e) => return Err(e),
     };
-    if !chart
-        .allow_read(&state, auth)
-        .map_err(|e| SbError::from(InstanceError::from(e)))?
-    {
-        return Err(SbError(
-            StatusCode::FORBIDDEN,
-            "rejected-by-machine-authorizer",
-            "allowRead rejected this read".into(),
-        ));
-    }
+    allowed_to_read(&chart, &state, auth)?;
     Ok(Some((i.steps, inst::public_view(&chart, &state, i.ts_ms))))
 }
 

@@ -23,7 +23,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub data: DataConfig,
@@ -111,22 +111,6 @@ pub struct LimitsConfig {
 pub struct LogConfig {
     /// tracing filter, e.g. `info` or `smgate=debug,warn`. `RUST_LOG` wins when set.
     pub level: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            data: DataConfig::default(),
-            http: HttpConfig::default(),
-            gateway: GatewayConfig::default(),
-            store: StoreConfig::default(),
-            limits: LimitsConfig::default(),
-            log: LogConfig::default(),
-            upstream: Default::default(),
-            agents: Default::default(),
-            mqtt: Default::default(),
-        }
-    }
 }
 
 impl Default for DataConfig {

@@ -10,6 +10,9 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
+/// A JSON object of the definition.
+type Object = Map<String, Value>;
+
 use super::expr::{Expr, Sandbox, ValueExpr, READ_VARS, RUN_VARS, WRITE_VARS};
 use super::{Chart, ChartError};
 
@@ -464,7 +467,7 @@ fn state_kind<'v>(
     path: &str,
     type_str: Option<&str>,
     is_root: bool,
-) -> Result<(Kind, Option<&'v Map<String, Value>>), ChartError> {
+) -> Result<(Kind, Option<&'v Object>), ChartError> {
     let states = match obj.get("states") {
         None => None,
         Some(Value::Object(m)) => Some(m),

@@ -2,7 +2,7 @@
 //! `site deploy` (a client of a running gateway).
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::Path;
 
 use super::{offline_store, print_owner, read, zid, CliError, SiteDeploy};
 use crate::config::Config;
@@ -98,14 +98,14 @@ pub fn verify(config: &Config, only: Option<&str>) -> Result<(), CliError> {
 }
 
 /// `smgate chart check`: pure, offline; prints `ok` or the error with its JSON path.
-pub fn chart_check(file: &PathBuf) -> Result<(), CliError> {
+pub fn chart_check(file: &Path) -> Result<(), CliError> {
     chart::check(&read(file)?)?;
     println!("ok");
     Ok(())
 }
 
 /// `smgate chart simulate`: one JSON line per input line.
-pub fn chart_simulate(file: &PathBuf, events: &PathBuf) -> Result<(), CliError> {
+pub fn chart_simulate(file: &Path, events: &Path) -> Result<(), CliError> {
     let lines = chart::simulate(&read(file)?, &read(events)?)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for line in lines {

@@ -27,8 +27,11 @@ pub struct Deps {
     /// Counts the timers fired (read by `/metrics`).
     pub fired: Arc<AtomicU64>,
     /// Called with each pass's committed steps, after the commit (the MQTT state publisher).
-    pub on_commit: Box<dyn Fn(&[Sent]) + Send + Sync>,
+    pub on_commit: OnCommit,
 }
+
+/// What the timer task calls with the steps of each pass, after their commit.
+pub type OnCommit = Box<dyn Fn(&[Sent]) + Send + Sync>;
 
 const PASS: usize = 256;
 

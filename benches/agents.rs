@@ -64,7 +64,13 @@ fn report() -> Result<(), Failure> {
 
 async fn throughput() -> Result<(), Failure> {
     let dir = tempfile::tempdir()?;
-    let store = Store::open(&dir.path().join("smgate.redb"), StoreOptions::default())?;
+    let store = Store::open(
+        &dir.path().join("smgate.redb"),
+        StoreOptions {
+            tables: smgate::gateway::TABLES,
+            ..Default::default()
+        },
+    )?;
     let writer = GroupCommit::start(store);
     let defaults = smgate::machines::Defaults {
         region: "bench".into(),
@@ -157,7 +163,7 @@ async fn jitter() -> Result<(), Failure> {
     let mut config = Config::load(None, env)?;
     config.data.dir = dir.path().join("data");
     let (running, made) = smgate::server::start(config, None).await?;
-    let gw = running.gateway.clone();
+    let gw = running.api.clone();
     let zid = made.ok_or("the data directory was not initialised")?.owner;
     let payer = zid.clone();
     gw.writer

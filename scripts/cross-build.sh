@@ -125,7 +125,7 @@ build() {
         "CC_${triple//-/_}=$linker" \
         "AR_${triple//-/_}=${linker%-gcc}-ar" \
         RUSTFLAGS="-C target-feature=+crt-static" \
-        "$CARGO" build --release --bin smgate --target "$triple" --target-dir "$TARGET_DIR"
+        "$CARGO" build --release --no-default-features --bin smgate --target "$triple" --target-dir "$TARGET_DIR"
 
     mkdir -p "$DIST"
     local out=$DIST/smgate-$triple

@@ -9,9 +9,9 @@
 
 /// [`mimalloc::MiMalloc`] with one option changed before its first allocation: mimalloc
 /// commits arenas eagerly by default and then purges freed memory by resetting it, which
-/// Linux does not take out of RSS, so a gateway at rest with 10,000 instances held 100 MiB.
-/// Arenas committed on demand are purged by decommitting, and RSS falls back once a burst is
-/// over (57 MiB at rest). The option has to be set before mimalloc reserves its first arena,
+/// Linux does not take out of RSS, so a gateway at rest kept its peak. Arenas committed on
+/// demand are purged by decommitting, and RSS falls back once a burst is over (figures:
+/// docs/performance.md, "Figures from code comments"). The option has to be set before mimalloc reserves its first arena,
 /// which happens before `main`, hence the wrapper. `MIMALLOC_ARENA_EAGER_COMMIT` in the
 /// environment still wins (this only sets the default).
 ///
@@ -19,10 +19,8 @@
 /// `arena_eager_commit: 2`: verbose output makes mimalloc read every option while the process
 /// loads, before this runs; without it, options are read at the first allocation, after. `strace
 /// -e mmap smgate --version` shows it: mimalloc reserves its 1 GiB arena `PROT_NONE` with this
-/// default and `PROT_READ|PROT_WRITE` without it. Without it, `cargo bench --bench mqtt` measured
-/// 68–74 MiB at rest with 10,000 instances and a peak of 190–207 MiB while draining a backlog,
-/// against 48 and 136 MiB with it (issue 6, session 13 note). `cargo bench --bench
-/// ingest` uses it too, so that the writer there allocates as the gateway's does.
+/// default and `PROT_READ|PROT_WRITE` without it. `cargo bench --bench ingest` uses it too,
+/// so that the writer there allocates as the gateway's does.
 pub struct Allocator;
 
 static TUNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

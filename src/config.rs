@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::store::{PowerCut, StoreOptions};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -21,7 +23,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub data: DataConfig,
@@ -143,23 +145,6 @@ impl Default for HubConfig {
 pub struct LogConfig {
     /// tracing filter, e.g. `info` or `smgate=debug,warn`. `RUST_LOG` wins when set.
     pub level: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            data: DataConfig::default(),
-            http: HttpConfig::default(),
-            gateway: GatewayConfig::default(),
-            store: StoreConfig::default(),
-            limits: LimitsConfig::default(),
-            log: LogConfig::default(),
-            upstream: Default::default(),
-            agents: Default::default(),
-            mqtt: Default::default(),
-            hub: HubConfig::default(),
-        }
-    }
 }
 
 impl Default for DataConfig {
@@ -335,7 +320,29 @@ impl Config {
     }
 
     pub fn db_path(&self) -> PathBuf {
-        self.data.dir.join("smgate.redb")
+        self.paths().db()
+    }
+
+    /// The data directory and TLS files.
+    pub fn paths(&self) -> crate::gateway::Paths {
+        crate::gateway::Paths {
+            dir: self.data.dir.clone(),
+            cert: self.cert_path(),
+            key: self.key_path(),
+        }
+    }
+
+    /// How to open the gateway's store: `[store]`, with every domain module's tables.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            tables: crate::gateway::TABLES,
+            cache_bytes: self.store.cache_mb << 20,
+            write_window_bytes: self.store.write_window_mb << 20,
+            quick_repair: self.store.quick_repair,
+            max_batch: self.store.max_batch,
+            disk_limit: None,
+            power_cut: self.store.test_power_cut.then(PowerCut::default),
+        }
     }
 
     pub fn cert_path(&self) -> PathBuf {
@@ -394,9 +401,9 @@ mod tests {
         assert!(!Config::default().store.test_power_cut);
         let on = load("SMGATE_TEST_POWER_CUT", "1").unwrap();
         assert!(on.store.test_power_cut);
-        assert!(crate::gateway::store_options(&on).power_cut.is_some());
+        assert!(on.store_options().power_cut.is_some());
         let off = load("SMGATE_TEST_POWER_CUT", "0").unwrap();
-        assert!(crate::gateway::store_options(&off).power_cut.is_none());
+        assert!(off.store_options().power_cut.is_none());
         assert!(load("SMGATE_TEST_POWER_CUT", "yes").is_err());
         assert!(load("SMGATE_TEST_POWER_CUTT", "1").is_err());
         assert!(load("SMGATE_STORE_TEST_POWER_CUT", "true").is_err());
@@ -414,10 +421,7 @@ mod tests {
         };
         assert_eq!(Config::default().store.write_window_mb, 16);
         let c = load("32").unwrap();
-        assert_eq!(
-            crate::gateway::store_options(&c).write_window_bytes,
-            32 << 20
-        );
+        assert_eq!(c.store_options().write_window_bytes, 32 << 20);
         for bad in ["0", "1025"] {
             let err = load(bad).unwrap_err().to_string();
             assert!(err.contains("store.write_window_mb"), "{bad}: {err}");

@@ -8,9 +8,40 @@ use std::path::{Path, PathBuf};
 
 use crate::auth::{self, Zid};
 use crate::clock;
-use crate::config::Config;
 use crate::ledger::GatewayKey;
 use crate::store::{self, GroupCommit, Store, StoreError, StoreOptions, META};
+
+/// Every domain module's tables in a gateway's database, for [`StoreOptions::tables`]: the
+/// store creates them in a new database and runs their migrations.
+pub const TABLES: &[store::Tables] = &[
+    crate::ledger::log::TABLES,
+    crate::instances::TABLES,
+    crate::pages::TABLES,
+    crate::agents::TABLES,
+];
+
+/// Where a gateway keeps its files: the data directory, and the TLS files (which the
+/// configuration may place elsewhere).
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Paths {
+    pub fn db(&self) -> PathBuf {
+        self.dir.join("smgate.redb")
+    }
+
+    pub fn identity(&self) -> PathBuf {
+        self.dir.join("identity.pk8")
+    }
+
+    pub fn is_initialised(&self) -> bool {
+        self.db().exists()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
@@ -63,7 +94,7 @@ impl Identity {
         let key =
             GatewayKey::from_pkcs8(&pkcs8).map_err(|_| InitError::BadIdentity(path.to_owned()))?;
         let digest = auth::sha256(&key.public_key());
-        let id = format!("gw-{}", hex(&digest[..8]));
+        let id = format!("gw-{}", crate::ledger::hex::encode(&digest[..8]));
         Ok(Identity { id, key })
     }
 
@@ -78,12 +109,11 @@ impl Identity {
     }
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn identity_path(config: &Config) -> PathBuf {
-    config.data.dir.join("identity.pk8")
+/// The identity file's bytes: the keying material of secrets derived from the identity (the
+/// agents' credential sealing key).
+pub fn identity_secret(paths: &Paths) -> Result<Vec<u8>, InitError> {
+    let path = paths.identity();
+    fs::read(&path).map_err(io(&path))
 }
 
 /// What `init` made; the raw owner key is here once and in `<data>/initial-owner.key`.
@@ -92,21 +122,6 @@ pub struct Initialised {
     pub owner: Zid,
     pub owner_key: String,
     pub key_file: PathBuf,
-}
-
-pub fn is_initialised(config: &Config) -> bool {
-    config.db_path().exists()
-}
-
-pub fn store_options(config: &Config) -> StoreOptions {
-    StoreOptions {
-        cache_bytes: config.store.cache_mb << 20,
-        write_window_bytes: config.store.write_window_mb << 20,
-        quick_repair: config.store.quick_repair,
-        max_batch: config.store.max_batch,
-        disk_limit: None,
-        power_cut: config.store.test_power_cut.then(store::PowerCut::default),
-    }
 }
 
 /// Writes a self-signed certificate for localhost, the loopback addresses and this host's name,
@@ -138,24 +153,24 @@ pub fn ensure_tls_files(cert_path: &Path, key_path: &Path) -> Result<(), InitErr
 }
 
 /// Creates the data directory, identity, TLS files, database and owner account.
-pub async fn init(config: &Config) -> Result<Initialised, InitError> {
-    let dir = &config.data.dir;
-    if is_initialised(config) {
+pub async fn init(paths: &Paths, options: StoreOptions) -> Result<Initialised, InitError> {
+    let dir = &paths.dir;
+    if paths.is_initialised() {
         return Err(InitError::AlreadyInitialised(dir.clone()));
     }
     fs::create_dir_all(dir).map_err(io(dir))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
 
-    let id_path = identity_path(config);
+    let id_path = paths.identity();
     if !id_path.exists() {
         let pkcs8 = GatewayKey::generate().map_err(|_| InitError::BadIdentity(id_path.clone()))?;
         write_private(&id_path, &pkcs8)?;
     }
     let identity = Identity::load(&id_path)?;
 
-    ensure_tls_files(&config.cert_path(), &config.key_path())?;
+    ensure_tls_files(&paths.cert, &paths.key)?;
 
-    let store = Store::open(&config.db_path(), store_options(config))?;
+    let store = Store::open(&paths.db(), options)?;
     let writer = GroupCommit::start(store);
     let gateway_id = identity.id.clone();
     let (account, owner_key) = writer

@@ -145,3 +145,17 @@ fn histogram(
     }
     let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
 }
+
+/// Resident set size of this process, from `VmRSS` in `/proc/self/status` (0 where that file
+/// does not exist). The kernel reports it in kB, so the page size (4 KiB on most x86 kernels,
+/// 16 KiB on some ARM ones) needs no guess.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

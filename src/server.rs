@@ -1,12 +1,12 @@
-//! The running gateway: shared state, start-up, and orderly shutdown.
+//! The wiring of a running gateway: start-up and orderly shutdown. The one module that knows
+//! every part; only `main.rs` imports it.
 //!
-//! `start` opens the store, starts the writer, binds the listener and returns at once with a
-//! [`Running`] handle; `Running::shutdown` stops accepting, lets requests finish, commits the
-//! last batch, and only then returns.
+//! `start` opens the store, starts the writer, binds the listener, hands each background task
+//! the pieces it uses (the timer task, the agents' ticker, the upstream sync, MQTT) and the
+//! HTTP API its [`http::Deps`], and returns at once with a [`Running`] handle. `Running::shutdown`
+//! stops accepting, lets requests finish, commits the last batch, and only then returns.
 
-use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,14 +14,18 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::auth::{self, AuthError, Principal, RateLimiter};
+use crate::agents::{self, Agents};
+use crate::auth::RateLimiter;
 use crate::clock;
 use crate::config::Config;
 use crate::gateway::{self, Identity, InitError};
-use crate::http::ApiError;
+use crate::http;
+use crate::instances::{self, Charts};
 use crate::machines;
 use crate::metrics::Metrics;
+use crate::mqtt;
 use crate::store::{GroupCommit, Store, StoreError, StoreOptions};
+use crate::sync;
 use crate::tls::{Acceptor, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,149 +45,16 @@ pub enum StartError {
     Mqtt(String),
 }
 
-/// State shared by every request handler.
-pub struct Gateway {
-    pub config: Config,
-    pub store: Arc<Store>,
-    pub writer: GroupCommit,
-    pub identity: Identity,
-    pub tls: Arc<Acceptor>,
-    pub metrics: Metrics,
-    /// Upstream sync status, shared by the sync task and `/api/sync/status`.
-    pub sync: crate::sync::client::SyncState,
-    pub spinup_limit: RateLimiter<IpAddr>,
-    /// Writes per machine (slug).
-    pub write_limit: RateLimiter<String>,
-    /// Reads per machine by callers other than its owner.
-    pub read_limit: RateLimiter<String>,
-    pub machine_defaults: machines::Defaults,
-    pub started: Instant,
-    pub started_ms: i64,
-    /// Compiled statecharts by version id.
-    pub charts: Arc<crate::instances::Charts>,
-    pub timers_fired: std::sync::atomic::AtomicU64,
-    /// Agent runs: config, the credential sealing key, ticker counters.
-    pub agents: crate::agents::Agents,
-    /// MQTT counters, and the hook through which committed steps reach the state publisher.
-    pub mqtt: Arc<crate::mqtt::Shared>,
-}
-
-impl Gateway {
-    /// Resolves the bearer token of a request.
-    pub fn principal(&self, bearer: Option<&str>) -> Result<Principal, AuthError> {
-        let now = clock::now_ms();
-        // Store errors surface through `view` so that a read during a reopen is retried.
-        self.store
-            .view(|txn| match auth::resolve(txn, bearer, now) {
-                Err(AuthError::Store(e)) => Err(e),
-                other => Ok(other),
-            })?
-    }
-
-    pub fn rate_limited(&self, retry_after: u64) -> ApiError {
-        self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
-        ApiError::rate_limited(retry_after)
-    }
-
-    pub fn render_metrics(&self) -> String {
-        let machines = self.store.view(machines::count).unwrap_or(0);
-        let mut out = self.metrics.render(
-            self.writer.stats(),
-            &[
-                (
-                    "smgate_uptime_seconds",
-                    "Seconds since start.",
-                    self.started.elapsed().as_secs_f64(),
-                ),
-                (
-                    "smgate_machines",
-                    "Machines on this gateway.",
-                    machines as f64,
-                ),
-                (
-                    "smgate_process_resident_bytes",
-                    "Resident set size of the process.",
-                    rss_bytes() as f64,
-                ),
-            ],
-        );
-        out.push_str(&self.mqtt.render());
-        crate::metrics::counter(
-            &mut out,
-            "smgate_timers_fired_total",
-            "Statechart timers fired by the timer task.",
-            self.timers_fired.load(Ordering::Relaxed),
-        );
-        for (name, help, value) in [
-            (
-                "smgate_agent_ticks_total",
-                "Agent ticks the ticker committed.",
-                &self.agents.ticked,
-            ),
-            (
-                "smgate_agent_ticks_skipped_total",
-                "Agent ticks the ticker skipped (run ended, already ticked, payer cannot pay).",
-                &self.agents.skipped,
-            ),
-            (
-                "smgate_agent_ticker_overruns_total",
-                "Ticker passes that returned after the next Zeqond began (a slow commit).",
-                &self.agents.overruns,
-            ),
-        ] {
-            crate::metrics::counter(&mut out, name, help, value.load(Ordering::Relaxed));
-        }
-        // One read transaction for the store-derived gauges; skipped (not zeroed) when the
-        // store is unavailable, so a reopen does not look like an empty backlog.
-        let from_store = self.store.view(|txn| {
-            let timers = crate::instances::pending_timers(txn)?;
-            let mut lag = Vec::new();
-            for m in machines::all(txn)? {
-                let size = crate::ledger::log::read::head(txn, &m.slug)?.map_or(0, |h| h.size);
-                let acked = crate::sync::client::acked(txn, &m.slug)?.min(size);
-                lag.push((m.slug, (size - acked) as f64));
-            }
-            Ok((timers, lag))
-        });
-        if let Ok((timers, lag)) = from_store {
-            let _ = writeln!(
-                out,
-                "# HELP smgate_timers_pending Statechart timers waiting to fire.\n# TYPE smgate_timers_pending gauge\nsmgate_timers_pending {timers}"
-            );
-            crate::metrics::labelled_gauge(
-                &mut out,
-                "smgate_sync_lag_rows",
-                "Log rows not yet acknowledged by the upstream, per machine.",
-                "machine",
-                &lag,
-            );
-        }
-        out
-    }
-}
-
-/// Resident set size from `/proc/self/statm` (0 where that file does not exist).
-pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<u64>().ok())
-        })
-        .map(|pages| pages * 4096)
-        .unwrap_or(0)
-}
-
 /// A started gateway.
 pub struct Running {
     pub addr: SocketAddr,
-    pub gateway: Arc<Gateway>,
+    /// What the HTTP handlers share (benchmarks and tests reach the writer through it).
+    pub api: Arc<http::Deps>,
     shutdown: watch::Sender<bool>,
     http: JoinHandle<()>,
     timers: JoinHandle<()>,
     agents: JoinHandle<()>,
-    mqtt: Option<crate::mqtt::Running>,
+    mqtt: Option<mqtt::Running>,
 }
 
 impl Running {
@@ -197,7 +68,7 @@ impl Running {
         if let Some(m) = self.mqtt {
             m.stopped().await;
         }
-        self.gateway.writer.shutdown().await;
+        self.api.writer.shutdown().await;
     }
 
     /// Address of the MQTT server, when it runs.
@@ -212,39 +83,43 @@ impl Running {
 
     /// Re-reads the certificate and key (SIGHUP).
     pub fn reload_tls(&self) -> Result<(), TlsError> {
-        let c = &self.gateway.config;
-        self.gateway.tls.reload(&c.cert_path(), &c.key_path())
+        let c = &self.api.config;
+        self.api.tls.reload(&c.cert_path(), &c.key_path())
     }
 }
 
 /// Starts the gateway; initialises the data directory first if it is empty. The returned
-/// `Option` carries what `init` made, so the caller can show the owner key once.
+/// `Option` carries what `init` made, so the caller can show the owner key once. `store_options`
+/// replaces the configured ones (tests use it for their storage hooks); the gateway's tables
+/// are set either way.
 pub async fn start(
     config: Config,
     store_options: Option<StoreOptions>,
 ) -> Result<(Running, Option<gateway::Initialised>), StartError> {
     let started = Instant::now();
-    let initialised = if gateway::is_initialised(&config) {
+    let paths = config.paths();
+    let initialised = if paths.is_initialised() {
         None
     } else {
-        Some(gateway::init(&config).await?)
+        Some(gateway::init(&paths, config.store_options()).await?)
     };
-    let options = store_options.unwrap_or_else(|| gateway::store_options(&config));
-    let store = Store::open(&config.db_path(), options)?;
+    let mut options = store_options.unwrap_or_else(|| config.store_options());
+    options.tables = gateway::TABLES;
+    let store = Store::open(&paths.db(), options)?;
     let writer = GroupCommit::start(store.clone());
-    let identity = Identity::load(&gateway::identity_path(&config))?;
-    let tls = Arc::new(Acceptor::load(&config.cert_path(), &config.key_path())?);
-    let listener = TcpListener::bind(config.http.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.http.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+    let identity = Arc::new(Identity::load(&paths.identity())?);
+    let tls = Arc::new(Acceptor::load(&paths.cert, &paths.key)?);
+    let bind = |source| StartError::Bind {
         addr: config.http.listen,
         source,
-    })?;
-    let gw = Arc::new(Gateway {
+    };
+    let listener = TcpListener::bind(config.http.listen).await.map_err(bind)?;
+    let addr = listener.local_addr().map_err(bind)?;
+    let agents = Arc::new(Agents::from_secret(
+        config.agents.clone(),
+        &gateway::identity_secret(&paths)?,
+    ));
+    let api = Arc::new(http::Deps {
         spinup_limit: RateLimiter::per_minute(config.limits.spinup_per_minute_per_ip),
         write_limit: RateLimiter::per_minute(config.limits.writes_per_minute_per_machine),
         read_limit: RateLimiter::per_minute(config.limits.reads_per_minute_per_machine),
@@ -252,8 +127,7 @@ pub async fn start(
             region: config.gateway.region.clone(),
             parent_origin: config.parent_origin(),
         },
-        agents: crate::agents::Agents::new(&config)?,
-        config,
+        agents,
         store,
         writer,
         identity,
@@ -262,23 +136,29 @@ pub async fn start(
         sync: Default::default(),
         started,
         started_ms: clock::now_ms(),
-        charts: Arc::default(),
+        charts: Arc::<Charts>::default(),
         timers_fired: Default::default(),
         mqtt: Default::default(),
+        config,
     });
     let (tx, rx) = watch::channel(false);
     // Not awaited on shutdown: an unsaved ack only means that batch is sent again.
-    tokio::spawn(crate::sync::client::run(gw.clone(), rx.clone()));
-    let http = tokio::spawn(crate::http::serve(listener, gw.clone(), rx.clone()));
-    let timers = tokio::spawn(crate::instances::timers::run(gw.clone(), rx.clone()));
-    let agents = tokio::spawn(crate::agents::ticker::run(gw.clone(), rx.clone()));
-    let mqtt = crate::mqtt::start(gw.clone(), rx)
+    tokio::spawn(sync::client::run(sync_deps(&api), rx.clone()));
+    let http = tokio::spawn(http::serve(listener, api.clone(), rx.clone()));
+    let timers = tokio::spawn(instances::timers::run(timer_deps(&api), rx.clone()));
+    let ticker = agents::ticker::Deps {
+        store: api.store.clone(),
+        writer: api.writer.clone(),
+        agents: api.agents.clone(),
+    };
+    let agents = tokio::spawn(agents::ticker::run(ticker, rx.clone()));
+    let mqtt = mqtt::start(mqtt_deps(&api), rx)
         .await
         .map_err(StartError::Mqtt)?;
     Ok((
         Running {
             addr,
-            gateway: gw,
+            api,
             shutdown: tx,
             http,
             timers,
@@ -287,4 +167,38 @@ pub async fn start(
         },
         initialised,
     ))
+}
+
+/// The timer task's pieces: its commits reach the MQTT state publisher.
+fn timer_deps(api: &http::Deps) -> instances::timers::Deps {
+    let mqtt = api.mqtt.clone();
+    instances::timers::Deps {
+        store: api.store.clone(),
+        writer: api.writer.clone(),
+        charts: api.charts.clone(),
+        fired: api.timers_fired.clone(),
+        on_commit: Box::new(move |sent| mqtt.committed_all(sent)),
+    }
+}
+
+fn sync_deps(api: &http::Deps) -> sync::client::Deps {
+    sync::client::Deps {
+        config: api.config.upstream.clone(),
+        store: api.store.clone(),
+        writer: api.writer.clone(),
+        identity: api.identity.clone(),
+        state: api.sync.clone(),
+    }
+}
+
+fn mqtt_deps(api: &http::Deps) -> mqtt::server::Deps {
+    mqtt::server::Deps {
+        cfg: api.config.mqtt.clone(),
+        store: api.store.clone(),
+        writer: api.writer.clone(),
+        charts: api.charts.clone(),
+        shared: api.mqtt.clone(),
+        gateway_id: api.identity.id.clone(),
+        tls: api.tls.clone(),
+    }
 }

@@ -781,7 +781,14 @@ async fn same_problem_and_agent_id_give_identical_lineages_in_two_data_dirs() {
     let mut lineages = Vec::new();
     for _ in 0..2 {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("smgate.redb"), StoreOptions::default()).unwrap();
+        let store = Store::open(
+            &dir.path().join("smgate.redb"),
+            StoreOptions {
+                tables: smgate::gateway::TABLES,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let writer = GroupCommit::start(store.clone());
         let defaults = smgate::machines::Defaults {
             region: "local".into(),

@@ -28,8 +28,6 @@ use serde_json::{json, Value};
 use super::catalog::{self, CATALOG};
 use super::{AgentError, AgentsConfig, Enrichment, CREDENTIALS};
 use crate::auth::Zid;
-use crate::config::Config;
-use crate::gateway::{self, InitError};
 use crate::store::{self, StoreError};
 
 /// A stored credential: only the owner and the sealed secret.
@@ -89,16 +87,8 @@ impl ring::hkdf::KeyType for Len {
 }
 
 impl Agents {
-    /// Derives the sealing key from the gateway identity file.
-    pub fn new(config: &Config) -> Result<Agents, InitError> {
-        let path = gateway::identity_path(config);
-        let ikm = std::fs::read(&path).map_err(|source| InitError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(Agents::from_secret(config.agents.clone(), &ikm))
-    }
-
+    /// Derives the sealing key from `ikm`, the gateway identity file's bytes
+    /// (`gateway::identity_secret`).
     pub fn from_secret(config: AgentsConfig, ikm: &[u8]) -> Agents {
         let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"smgate/credentials/v1");
         let mut okm = [0u8; 32];

@@ -68,6 +68,12 @@ pub const MESH: TableDefinition<(&str, &str), ()> = TableDefinition::new("agent_
 pub const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("agent_credentials");
 
 /// All tables of this module, created at first open.
+/// This module's tables, for [`store::StoreOptions::tables`].
+pub const TABLES: store::Tables = store::Tables {
+    create: create_tables,
+    migrate: None,
+};
+
 pub fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(RUNS)?;
     txn.open_table(LINEAGE)?;
@@ -560,6 +566,25 @@ pub struct SpawnContext<'a> {
     pub now_ms: i64,
 }
 
+/// The master of the mesh a spawn with parent `parent` joins, when the parent is a run its
+/// spawner may see or pays for. The mesh is flat: a child of a child joins its master's mesh.
+fn mesh_master(
+    txn: &WriteTransaction,
+    parent: Option<&str>,
+    principal: &Principal,
+    payer: &Zid,
+) -> Result<Option<String>, AgentError> {
+    let Some(p) = parent else {
+        return Ok(None);
+    };
+    let parent = run_in(txn, p)?.ok_or(AgentError::NotFound)?;
+    let machine = machine_in(txn, &parent.slug)?;
+    if run_access(machine.as_ref(), &parent, principal) < Access::Viewer && parent.payer != *payer {
+        return Err(AgentError::NotFound);
+    }
+    Ok(Some(parent.master_id.unwrap_or(parent.id)))
+}
+
 /// Spawns a run inside `txn`: validates everything first (chain, credential, parent, quota,
 /// balance), then creates the default machine if needed, charges, stores the run and runs the
 /// first tick.
@@ -575,20 +600,7 @@ pub fn spawn(
             return Err(AgentError::CredentialNotFound);
         }
     }
-    let master_id = match &req.parent_master_id {
-        None => None,
-        Some(p) => {
-            let parent = run_in(txn, p)?.ok_or(AgentError::NotFound)?;
-            let machine = machine_in(txn, &parent.slug)?;
-            if run_access(machine.as_ref(), &parent, ctx.principal) < Access::Viewer
-                && parent.payer != payer
-            {
-                return Err(AgentError::NotFound);
-            }
-            // The mesh is flat: a child of a child joins its master's mesh.
-            Some(parent.master_id.unwrap_or(parent.id))
-        }
-    };
+    let master_id = mesh_master(txn, req.parent_master_id.as_deref(), ctx.principal, &payer)?;
     if live_count(txn, &payer)? >= ctx.max_live {
         return Err(AgentError::QuotaExceeded {
             limit: ctx.max_live,

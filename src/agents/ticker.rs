@@ -20,7 +20,16 @@ use tokio::sync::watch;
 
 use super::{read, tick, AgentError, Enrichment};
 use crate::clock::{self, ZEQOND_MS};
-use crate::server::Gateway;
+use crate::store::{GroupCommit, Store};
+
+/// What the ticker uses of the running gateway.
+#[derive(Clone)]
+pub struct Deps {
+    pub store: Arc<Store>,
+    pub writer: GroupCommit,
+    /// The runs' model calls, and the counters and claims the ticker shares with the API.
+    pub agents: Arc<super::Agents>,
+}
 
 /// A run due this Zeqond and what its model call needs.
 struct Due {
@@ -32,8 +41,8 @@ struct Due {
 }
 
 /// Runs whose last tick is before Zeqond `z`.
-fn due(gw: &Gateway, z: u64) -> Vec<Due> {
-    let claimed: Vec<String> = match gw.agents.claims.lock() {
+fn due(deps: &Deps, z: u64) -> Vec<Due> {
+    let claimed: Vec<String> = match deps.agents.claims.lock() {
         Ok(c) => c
             .iter()
             .filter(|(_, zc)| **zc == z)
@@ -41,7 +50,7 @@ fn due(gw: &Gateway, z: u64) -> Vec<Due> {
             .collect(),
         Err(_) => Vec::new(),
     };
-    let scan = gw.store.view(|txn| {
+    let scan = deps.store.view(|txn| {
         let mut out = Vec::new();
         for id in read::live(txn)? {
             if claimed.contains(&id) {
@@ -75,29 +84,28 @@ fn due(gw: &Gateway, z: u64) -> Vec<Due> {
 }
 
 /// Ticks the runs due at the current Zeqond once; returns that Zeqond.
-pub async fn pass(gw: &Arc<Gateway>) -> u64 {
+pub async fn pass(deps: &Deps) -> u64 {
     let z = clock::zeqond(clock::now_ms());
-    let runs = due(gw, z);
+    let runs = due(deps, z);
     tracing::debug!(zeqond = z, due = runs.len(), "ticker: pass");
     if runs.is_empty() {
         return z;
     }
     // BYOK runs ask their models concurrently; the rest need no wait.
     let asks = runs.into_iter().map(|d| {
-        let gw = gw.clone();
+        let agents = deps.agents.clone();
         async move {
             if !d.byok {
                 return (d.id, Enrichment::default());
             }
-            let e = gw
-                .agents
+            let e = agents
                 .enrich(d.credential.as_ref(), &d.problem, d.best.as_deref())
                 .await;
             (d.id, e)
         }
     });
     let work: Vec<(String, Enrichment)> = futures_util::future::join_all(asks).await;
-    let outcome = gw
+    let outcome = deps
         .writer
         .write(move |txn| -> Result<(usize, usize), AgentError> {
             let now = clock::now_ms();
@@ -118,8 +126,10 @@ pub async fn pass(gw: &Arc<Gateway>) -> u64 {
         .await;
     match outcome {
         Ok((ticked, skipped)) => {
-            gw.agents.ticked.fetch_add(ticked as u64, Ordering::Relaxed);
-            gw.agents
+            deps.agents
+                .ticked
+                .fetch_add(ticked as u64, Ordering::Relaxed);
+            deps.agents
                 .skipped
                 .fetch_add(skipped as u64, Ordering::Relaxed);
         }
@@ -134,18 +144,18 @@ fn until_next_zeqond() -> u64 {
     (ZEQOND_MS - now % ZEQOND_MS) as u64
 }
 
-pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(deps: Deps, mut shutdown: watch::Receiver<bool>) {
     // Data directories made before agents existed lack their tables; opening them for write
     // creates them (and is a no-op otherwise).
-    if let Err(e) = gw.writer.write(super::create_tables).await {
+    if let Err(e) = deps.writer.write(super::create_tables).await {
         tracing::warn!(error = %e, "ticker: cannot create the agent tables");
     }
     loop {
-        let passed = pass(&gw).await;
+        let passed = pass(&deps).await;
         // A pass whose commit overran the boundary (a slow fsync on a busy disk) returns in
         // the next Zeqond: pass that one now instead of sleeping through it.
         if clock::zeqond(clock::now_ms()) > passed {
-            gw.agents.overruns.fetch_add(1, Ordering::Relaxed);
+            deps.agents.overruns.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         // A millisecond past the boundary, so the clock inside the write reads the new Zeqond.
@@ -153,7 +163,7 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             // A pass in the same Zeqond only ticks runs that have not ticked in it yet.
-            _ = gw.agents.wake.notified() => {}
+            _ = deps.agents.wake.notified() => {}
             _ = shutdown.changed() => return,
         }
     }

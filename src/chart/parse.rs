@@ -10,6 +10,9 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
+/// A JSON object of the definition.
+type Object = Map<String, Value>;
+
 use super::expr::{Expr, Sandbox, ValueExpr, READ_VARS, RUN_VARS, WRITE_VARS};
 use super::{Chart, ChartError};
 
@@ -307,6 +310,250 @@ fn as_str<'v>(v: &'v Value, path: &str, what: &str) -> Result<&'v str, ChartErro
     }
 }
 
+/// An action's `type` and `params` (with the params' path), checked against what that type
+/// takes; `empty` stands in for absent params.
+fn action_parts<'v>(
+    v: &'v Value,
+    path: &str,
+    empty: &'v Map<String, Value>,
+) -> Result<(&'v str, &'v Map<String, Value>, String), ChartError> {
+    let obj = match v {
+        Value::Object(obj) => obj,
+        Value::String(name) => {
+            return Err(ChartError::def(
+                path,
+                format!(
+                    "named action \"{name}\" is not supported: write {{\"type\": \"assign\"|\"raise\"|\"send\"|\"cancel\"|\"log\"|\"emit\", \"params\": {{…}}}}"
+                ),
+            ))
+        }
+        _ => return Err(ChartError::def(path, "an action must be an object {type, params}")),
+    };
+    for k in obj.keys() {
+        if k != "type" && k != "params" {
+            return Err(ChartError::def(
+                push_key(path, k),
+                format!("unknown action key \"{k}\" (expected type and params)"),
+            ));
+        }
+    }
+    let ty = as_str(
+        obj.get("type").unwrap_or(&Value::Null),
+        &push_key(path, "type"),
+        "action type",
+    )?;
+    let ppath = push_key(path, "params");
+    let params = match obj.get("params") {
+        None | Some(Value::Null) => empty,
+        Some(Value::Object(p)) => p,
+        Some(_) => return Err(ChartError::def(ppath, "params must be an object")),
+    };
+    let allowed: &[&str] = match ty {
+        "assign" => &[],
+        "raise" => &["event", "data"],
+        "send" => &["event", "data", "delay", "id"],
+        "cancel" => &["id"],
+        "log" => &["label", "expr"],
+        "emit" => &["topic", "event", "expr"],
+        other => {
+            return Err(ChartError::def(
+                push_key(path, "type"),
+                format!("unknown action type \"{other}\" (expected assign, raise, send, cancel, log or emit)"),
+            ))
+        }
+    };
+    if ty != "assign" {
+        for k in params.keys() {
+            if !allowed.contains(&k.as_str()) {
+                return Err(ChartError::def(
+                    push_key(&ppath, k),
+                    format!(
+                        "unknown {ty} parameter \"{k}\" (expected {})",
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok((ty, params, ppath))
+}
+
+/// `tags`: a string or a list of strings.
+fn parse_tags(v: &Value, kpath: &str) -> Result<Vec<String>, ChartError> {
+    Ok(match v {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .map(|(n, t)| as_str(t, &push_index(kpath, n), "a tag").map(str::to_string))
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(ChartError::def(
+                kpath,
+                "tags must be a string or a list of strings",
+            ))
+        }
+    })
+}
+
+/// The keys a state may have: history states fewer, the root a few more.
+fn check_keys(
+    obj: &Map<String, Value>,
+    path: &str,
+    is_root: bool,
+    is_history: bool,
+) -> Result<(), ChartError> {
+    for k in obj.keys() {
+        let ok = if is_history {
+            HISTORY_KEYS.contains(&k.as_str())
+        } else {
+            STATE_KEYS.contains(&k.as_str()) || (is_root && ROOT_ONLY_KEYS.contains(&k.as_str()))
+        };
+        if !ok {
+            let hint = if ROOT_ONLY_KEYS.contains(&k.as_str()) {
+                " (only allowed on the root)"
+            } else if k == "history" || k == "target" {
+                " (only allowed on history states)"
+            } else if is_history {
+                " (history states take only id, type, history, target, meta, description)"
+            } else {
+                ""
+            };
+            return Err(ChartError::def(
+                push_key(path, k),
+                format!("unknown key \"{k}\"{hint}"),
+            ));
+        }
+    }
+    if let Some(d) = obj.get("description") {
+        if !d.is_string() {
+            return Err(ChartError::def(
+                push_key(path, "description"),
+                "description must be a string",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A state's id: its own, the root's default, or its dotted path.
+fn state_id(
+    obj: &Map<String, Value>,
+    path: &str,
+    is_root: bool,
+    dot_path: &str,
+) -> Result<String, ChartError> {
+    let id = match obj.get("id") {
+        Some(v) => {
+            let id = as_str(v, &push_key(path, "id"), "id")?;
+            if id.starts_with('#') {
+                return Err(ChartError::def(
+                    push_key(path, "id"),
+                    "id must not start with '#'",
+                ));
+            }
+            id.to_string()
+        }
+        None if is_root => DEFAULT_ROOT_ID.to_string(),
+        None => dot_path.to_string(),
+    };
+    Ok(id)
+}
+
+/// A state's kind, from its `type` and its children, checked against what the kind allows;
+/// and its child states.
+fn state_kind<'v>(
+    obj: &'v Map<String, Value>,
+    path: &str,
+    type_str: Option<&str>,
+    is_root: bool,
+) -> Result<(Kind, Option<&'v Object>), ChartError> {
+    let states = match obj.get("states") {
+        None => None,
+        Some(Value::Object(m)) => Some(m),
+        Some(_) => {
+            return Err(ChartError::def(
+                push_key(path, "states"),
+                "states must be an object",
+            ))
+        }
+    };
+    let has_children = states.is_some_and(|m| !m.is_empty());
+    let kind = match type_str {
+        None => {
+            if has_children {
+                Kind::Compound
+            } else {
+                Kind::Atomic
+            }
+        }
+        Some("atomic") => Kind::Atomic,
+        Some("compound") => Kind::Compound,
+        Some("parallel") => Kind::Parallel,
+        Some("final") => Kind::Final,
+        Some("history") => {
+            let deep = match obj.get("history") {
+                None => false,
+                Some(Value::String(s)) if s == "shallow" => false,
+                Some(Value::String(s)) if s == "deep" => true,
+                Some(_) => {
+                    return Err(ChartError::def(
+                        push_key(path, "history"),
+                        "history must be \"shallow\" or \"deep\"",
+                    ))
+                }
+            };
+            Kind::History { deep }
+        }
+        Some(other) => {
+            return Err(ChartError::def(
+                push_key(path, "type"),
+                format!(
+                    "unknown state type \"{other}\" (expected atomic, compound, parallel, final or history)"
+                ),
+            ))
+        }
+    };
+    match kind {
+        Kind::Compound | Kind::Parallel if !has_children => {
+            return Err(ChartError::def(
+                path,
+                "a compound or parallel state needs at least one child in states",
+            ))
+        }
+        Kind::Atomic | Kind::Final if has_children => {
+            return Err(ChartError::def(
+                push_key(path, "states"),
+                "an atomic or final state cannot have child states",
+            ))
+        }
+        Kind::History { .. } if is_root => {
+            return Err(ChartError::def(path, "the root cannot be a history state"))
+        }
+        Kind::Final if is_root => {
+            return Err(ChartError::def(path, "the root cannot be a final state"))
+        }
+        _ => {}
+    }
+    if kind == Kind::Final {
+        for k in ["on", "always", "after"] {
+            if obj.contains_key(k) {
+                return Err(ChartError::def(
+                    push_key(path, k),
+                    "a final state cannot have transitions",
+                ));
+            }
+        }
+    }
+    if obj.contains_key("initial") && kind != Kind::Compound {
+        return Err(ChartError::def(
+            push_key(path, "initial"),
+            "initial is only allowed on a compound state",
+        ));
+    }
+    Ok((kind, states))
+}
+
 impl<'a> Builder<'a> {
     /// Pass 1: number the nodes in pre-order and check each node's keys and type.
     fn collect(
@@ -333,134 +580,9 @@ impl<'a> Builder<'a> {
             Some(v) => Some(as_str(v, &push_key(path, "type"), "type")?),
         };
         let is_history = type_str == Some("history");
-        for k in obj.keys() {
-            let ok = if is_history {
-                HISTORY_KEYS.contains(&k.as_str())
-            } else {
-                STATE_KEYS.contains(&k.as_str())
-                    || (is_root && ROOT_ONLY_KEYS.contains(&k.as_str()))
-            };
-            if !ok {
-                let hint = if ROOT_ONLY_KEYS.contains(&k.as_str()) {
-                    " (only allowed on the root)"
-                } else if k == "history" || k == "target" {
-                    " (only allowed on history states)"
-                } else if is_history {
-                    " (history states take only id, type, history, target, meta, description)"
-                } else {
-                    ""
-                };
-                return Err(ChartError::def(
-                    push_key(path, k),
-                    format!("unknown key \"{k}\"{hint}"),
-                ));
-            }
-        }
-        if let Some(d) = obj.get("description") {
-            if !d.is_string() {
-                return Err(ChartError::def(
-                    push_key(path, "description"),
-                    "description must be a string",
-                ));
-            }
-        }
-        let id = match obj.get("id") {
-            Some(v) => {
-                let id = as_str(v, &push_key(path, "id"), "id")?;
-                if id.starts_with('#') {
-                    return Err(ChartError::def(
-                        push_key(path, "id"),
-                        "id must not start with '#'",
-                    ));
-                }
-                id.to_string()
-            }
-            None if is_root => DEFAULT_ROOT_ID.to_string(),
-            None => dot_path.to_string(),
-        };
-        let states = match obj.get("states") {
-            None => None,
-            Some(Value::Object(m)) => Some(m),
-            Some(_) => {
-                return Err(ChartError::def(
-                    push_key(path, "states"),
-                    "states must be an object",
-                ))
-            }
-        };
-        let has_children = states.is_some_and(|m| !m.is_empty());
-        let kind = match type_str {
-            None => {
-                if has_children {
-                    Kind::Compound
-                } else {
-                    Kind::Atomic
-                }
-            }
-            Some("atomic") => Kind::Atomic,
-            Some("compound") => Kind::Compound,
-            Some("parallel") => Kind::Parallel,
-            Some("final") => Kind::Final,
-            Some("history") => {
-                let deep = match obj.get("history") {
-                    None => false,
-                    Some(Value::String(s)) if s == "shallow" => false,
-                    Some(Value::String(s)) if s == "deep" => true,
-                    Some(_) => {
-                        return Err(ChartError::def(
-                            push_key(path, "history"),
-                            "history must be \"shallow\" or \"deep\"",
-                        ))
-                    }
-                };
-                Kind::History { deep }
-            }
-            Some(other) => {
-                return Err(ChartError::def(
-                    push_key(path, "type"),
-                    format!(
-                        "unknown state type \"{other}\" (expected atomic, compound, parallel, final or history)"
-                    ),
-                ))
-            }
-        };
-        match kind {
-            Kind::Compound | Kind::Parallel if !has_children => {
-                return Err(ChartError::def(
-                    path,
-                    "a compound or parallel state needs at least one child in states",
-                ))
-            }
-            Kind::Atomic | Kind::Final if has_children => {
-                return Err(ChartError::def(
-                    push_key(path, "states"),
-                    "an atomic or final state cannot have child states",
-                ))
-            }
-            Kind::History { .. } if is_root => {
-                return Err(ChartError::def(path, "the root cannot be a history state"))
-            }
-            Kind::Final if is_root => {
-                return Err(ChartError::def(path, "the root cannot be a final state"))
-            }
-            _ => {}
-        }
-        if kind == Kind::Final {
-            for k in ["on", "always", "after"] {
-                if obj.contains_key(k) {
-                    return Err(ChartError::def(
-                        push_key(path, k),
-                        "a final state cannot have transitions",
-                    ));
-                }
-            }
-        }
-        if obj.contains_key("initial") && kind != Kind::Compound {
-            return Err(ChartError::def(
-                push_key(path, "initial"),
-                "initial is only allowed on a compound state",
-            ));
-        }
+        check_keys(obj, path, is_root, is_history)?;
+        let id = state_id(obj, path, is_root, dot_path)?;
+        let (kind, states) = state_kind(obj, path, type_str, is_root)?;
         let index = self.nodes.len();
         self.nodes.push(StateNode {
             done_event: format!("done.state.{id}"),
@@ -484,28 +606,41 @@ impl<'a> Builder<'a> {
         });
         self.raw.push(obj);
         if let Some(states) = states {
-            let states_path = push_key(path, "states");
-            for (k, v) in states {
-                let child_path = push_key(&states_path, k);
-                if k.is_empty() || k.contains('.') || k.starts_with('#') {
-                    return Err(ChartError::def(
-                        child_path,
-                        "a state key must be non-empty, without '.', and not start with '#'",
-                    ));
-                }
-                let child_dot = if dot_path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{dot_path}.{k}")
-                };
-                let c = self.collect(v, k, Some(index), &child_path, &child_dot, depth + 1)?;
-                self.nodes[index].children.push(c);
-                if self.nodes[c].is_history() {
-                    self.nodes[index].histories.push(c);
-                }
-            }
+            self.collect_children(index, states, path, dot_path, depth)?;
         }
         Ok(index)
+    }
+
+    /// Pass 1 for the child states of node `index`.
+    fn collect_children(
+        &mut self,
+        index: usize,
+        states: &'a Map<String, Value>,
+        path: &str,
+        dot_path: &str,
+        depth: usize,
+    ) -> Result<(), ChartError> {
+        let states_path = push_key(path, "states");
+        for (k, v) in states {
+            let child_path = push_key(&states_path, k);
+            if k.is_empty() || k.contains('.') || k.starts_with('#') {
+                return Err(ChartError::def(
+                    child_path,
+                    "a state key must be non-empty, without '.', and not start with '#'",
+                ));
+            }
+            let child_dot = if dot_path.is_empty() {
+                k.clone()
+            } else {
+                format!("{dot_path}.{k}")
+            };
+            let c = self.collect(v, k, Some(index), &child_path, &child_dot, depth + 1)?;
+            self.nodes[index].children.push(c);
+            if self.nodes[c].is_history() {
+                self.nodes[index].histories.push(c);
+            }
+        }
+        Ok(())
     }
 
     /// Pass 2: resolve references and compile expressions of node `i`.
@@ -513,73 +648,9 @@ impl<'a> Builder<'a> {
         let obj = self.raw[i];
         let path = self.nodes[i].path.clone();
         match self.nodes[i].kind {
-            Kind::Compound => {
-                let initial = match obj.get("initial") {
-                    Some(v) => {
-                        let ipath = push_key(&path, "initial");
-                        let key = as_str(v, &ipath, "initial")?;
-                        self.child_by_key(i, key).ok_or_else(|| {
-                            ChartError::def(
-                                &ipath,
-                                format!(
-                                    "initial \"{key}\" is not a child of this state (children: {})",
-                                    self.child_keys(i)
-                                ),
-                            )
-                        })?
-                    }
-                    None => self.nodes[i]
-                        .children
-                        .iter()
-                        .copied()
-                        .find(|&c| !self.nodes[c].is_history())
-                        .ok_or_else(|| {
-                            ChartError::def(&path, "a compound state needs a non-history child")
-                        })?,
-                };
-                self.nodes[i].initial = Some(initial);
-            }
+            Kind::Compound => self.nodes[i].initial = Some(self.resolve_initial(i, &path)?),
             Kind::History { .. } => {
-                let Some(parent) = self.nodes[i].parent else {
-                    return Err(ChartError::def(&path, "history state without a parent"));
-                };
-                let defaults = match obj.get("target") {
-                    Some(Value::Null) | None => match self.nodes[parent].kind {
-                        Kind::Parallel => self.nodes[parent]
-                            .children
-                            .iter()
-                            .copied()
-                            .filter(|&c| !self.nodes[c].is_history())
-                            .collect(),
-                        _ => {
-                            let init = self.initial_of(parent);
-                            if init == Some(i) || init.is_none() {
-                                return Err(ChartError::def(
-                                    &path,
-                                    "this history state is its parent's initial state, so it needs a default target",
-                                ));
-                            }
-                            init.into_iter().collect()
-                        }
-                    },
-                    Some(t) => {
-                        let tpath = push_key(&path, "target");
-                        let targets = self.resolve_targets(i, t, &tpath)?;
-                        for &t in &targets {
-                            if !self.is_descendant(t, parent) || self.nodes[t].is_history() {
-                                return Err(ChartError::def(
-                                    &tpath,
-                                    format!(
-                                        "a history default target must be a non-history descendant of \"{}\"",
-                                        self.nodes[parent].id
-                                    ),
-                                ));
-                            }
-                        }
-                        targets
-                    }
-                };
-                self.nodes[i].history_default = defaults;
+                self.nodes[i].history_default = self.resolve_history(i, &path)?;
                 return Ok(());
             }
             _ => {}
@@ -587,75 +658,15 @@ impl<'a> Builder<'a> {
         for (k, v) in obj {
             let kpath = push_key(&path, k);
             match k.as_str() {
-                "on" => {
-                    let Value::Object(on) = v else {
-                        return Err(ChartError::def(
-                            kpath,
-                            "on must be an object of event → transition",
-                        ));
-                    };
-                    for (event, tv) in on {
-                        let epath = push_key(&kpath, event);
-                        let desc =
-                            normalize_descriptor(event).map_err(|m| ChartError::def(&epath, m))?;
-                        let ts = self.parse_transitions(i, tv, &epath, || {
-                            Trigger::Descriptor(desc.clone())
-                        })?;
-                        self.nodes[i].transitions.extend(ts);
-                    }
-                }
-                "after" => {
-                    let Value::Object(after) = v else {
-                        return Err(ChartError::def(
-                            kpath,
-                            "after must be an object of delay (ms) → transition",
-                        ));
-                    };
-                    for (delay, tv) in after {
-                        let dpath = push_key(&kpath, delay);
-                        let ms = delay
-                            .parse::<u32>()
-                            .ok()
-                            .filter(|_| delay.chars().all(|c| c.is_ascii_digit()))
-                            .ok_or_else(|| {
-                                ChartError::def(
-                                    &dpath,
-                                    "an after key must be a delay in milliseconds (0..=4294967295)",
-                                )
-                            })?;
-                        let name = format!("xstate.after.{ms}.{}", self.nodes[i].id);
-                        if !self.nodes[i].after.iter().any(|(_, n)| *n == name) {
-                            self.nodes[i].after.push((i64::from(ms), name.clone()));
-                        }
-                        let ts =
-                            self.parse_transitions(i, tv, &dpath, || Trigger::Timer(name.clone()))?;
-                        self.nodes[i].transitions.extend(ts);
-                    }
-                }
+                "on" => self.resolve_on(i, v, &kpath)?,
+                "after" => self.resolve_after(i, v, &kpath)?,
                 "always" => {
                     let ts = self.parse_transitions(i, v, &kpath, || Trigger::Always)?;
                     self.nodes[i].always.extend(ts);
                 }
                 "entry" => self.nodes[i].entry = self.parse_actions(v, &kpath)?,
                 "exit" => self.nodes[i].exit = self.parse_actions(v, &kpath)?,
-                "tags" => {
-                    self.nodes[i].tags = match v {
-                        Value::String(s) => vec![s.clone()],
-                        Value::Array(a) => a
-                            .iter()
-                            .enumerate()
-                            .map(|(n, t)| {
-                                as_str(t, &push_index(&kpath, n), "a tag").map(str::to_string)
-                            })
-                            .collect::<Result<_, _>>()?,
-                        _ => {
-                            return Err(ChartError::def(
-                                kpath,
-                                "tags must be a string or a list of strings",
-                            ))
-                        }
-                    }
-                }
+                "tags" => self.nodes[i].tags = parse_tags(v, &kpath)?,
                 "output" => {
                     if !(i == 0 || self.nodes[i].kind == Kind::Final) {
                         return Err(ChartError::def(
@@ -667,6 +678,125 @@ impl<'a> Builder<'a> {
                 }
                 _ => {}
             }
+        }
+        Ok(())
+    }
+
+    /// The initial child of compound node `i`: its `initial`, or its first non-history child.
+    fn resolve_initial(&self, i: usize, path: &str) -> Result<usize, ChartError> {
+        let obj = self.raw[i];
+        match obj.get("initial") {
+            Some(v) => {
+                let ipath = push_key(path, "initial");
+                let key = as_str(v, &ipath, "initial")?;
+                self.child_by_key(i, key).ok_or_else(|| {
+                    ChartError::def(
+                        &ipath,
+                        format!(
+                            "initial \"{key}\" is not a child of this state (children: {})",
+                            self.child_keys(i)
+                        ),
+                    )
+                })
+            }
+            None => self.nodes[i]
+                .children
+                .iter()
+                .copied()
+                .find(|&c| !self.nodes[c].is_history())
+                .ok_or_else(|| ChartError::def(path, "a compound state needs a non-history child")),
+        }
+    }
+
+    /// The default targets of history node `i`: its `target`, or its parent's initial state
+    /// (all regions of a parallel parent).
+    fn resolve_history(&self, i: usize, path: &str) -> Result<Vec<usize>, ChartError> {
+        let obj = self.raw[i];
+        let Some(parent) = self.nodes[i].parent else {
+            return Err(ChartError::def(path, "history state without a parent"));
+        };
+        let defaults = match obj.get("target") {
+            Some(Value::Null) | None => match self.nodes[parent].kind {
+                Kind::Parallel => self.nodes[parent]
+                    .children
+                    .iter()
+                    .copied()
+                    .filter(|&c| !self.nodes[c].is_history())
+                    .collect(),
+                _ => {
+                    let init = self.initial_of(parent);
+                    if init == Some(i) || init.is_none() {
+                        return Err(ChartError::def(
+                            path,
+                            "this history state is its parent's initial state, so it needs a default target",
+                        ));
+                    }
+                    init.into_iter().collect()
+                }
+            },
+            Some(t) => {
+                let tpath = push_key(path, "target");
+                let targets = self.resolve_targets(i, t, &tpath)?;
+                for &t in &targets {
+                    if !self.is_descendant(t, parent) || self.nodes[t].is_history() {
+                        return Err(ChartError::def(
+                            &tpath,
+                            format!(
+                                "a history default target must be a non-history descendant of \"{}\"",
+                                self.nodes[parent].id
+                            ),
+                        ));
+                    }
+                }
+                targets
+            }
+        };
+        Ok(defaults)
+    }
+
+    /// `on`: event descriptor → transitions.
+    fn resolve_on(&mut self, i: usize, v: &Value, kpath: &str) -> Result<(), ChartError> {
+        let Value::Object(on) = v else {
+            return Err(ChartError::def(
+                kpath,
+                "on must be an object of event → transition",
+            ));
+        };
+        for (event, tv) in on {
+            let epath = push_key(kpath, event);
+            let desc = normalize_descriptor(event).map_err(|m| ChartError::def(&epath, m))?;
+            let ts = self.parse_transitions(i, tv, &epath, || Trigger::Descriptor(desc.clone()))?;
+            self.nodes[i].transitions.extend(ts);
+        }
+        Ok(())
+    }
+
+    /// `after`: delay in milliseconds → transitions, each delay a named timer.
+    fn resolve_after(&mut self, i: usize, v: &Value, kpath: &str) -> Result<(), ChartError> {
+        let Value::Object(after) = v else {
+            return Err(ChartError::def(
+                kpath,
+                "after must be an object of delay (ms) → transition",
+            ));
+        };
+        for (delay, tv) in after {
+            let dpath = push_key(kpath, delay);
+            let ms = delay
+                .parse::<u32>()
+                .ok()
+                .filter(|_| delay.chars().all(|c| c.is_ascii_digit()))
+                .ok_or_else(|| {
+                    ChartError::def(
+                        &dpath,
+                        "an after key must be a delay in milliseconds (0..=4294967295)",
+                    )
+                })?;
+            let name = format!("xstate.after.{ms}.{}", self.nodes[i].id);
+            if !self.nodes[i].after.iter().any(|(_, n)| *n == name) {
+                self.nodes[i].after.push((i64::from(ms), name.clone()));
+            }
+            let ts = self.parse_transitions(i, tv, &dpath, || Trigger::Timer(name.clone()))?;
+            self.nodes[i].transitions.extend(ts);
         }
         Ok(())
     }
@@ -940,65 +1070,8 @@ impl<'a> Builder<'a> {
     }
 
     fn parse_action(&self, v: &Value, path: &str) -> Result<Action, ChartError> {
-        let obj = match v {
-            Value::Object(obj) => obj,
-            Value::String(name) => {
-                return Err(ChartError::def(
-                    path,
-                    format!(
-                        "named action \"{name}\" is not supported: write {{\"type\": \"assign\"|\"raise\"|\"send\"|\"cancel\"|\"log\"|\"emit\", \"params\": {{…}}}}"
-                    ),
-                ))
-            }
-            _ => return Err(ChartError::def(path, "an action must be an object {type, params}")),
-        };
-        for k in obj.keys() {
-            if k != "type" && k != "params" {
-                return Err(ChartError::def(
-                    push_key(path, k),
-                    format!("unknown action key \"{k}\" (expected type and params)"),
-                ));
-            }
-        }
-        let ty = as_str(
-            obj.get("type").unwrap_or(&Value::Null),
-            &push_key(path, "type"),
-            "action type",
-        )?;
-        let ppath = push_key(path, "params");
         let empty = Map::new();
-        let params = match obj.get("params") {
-            None | Some(Value::Null) => &empty,
-            Some(Value::Object(p)) => p,
-            Some(_) => return Err(ChartError::def(ppath, "params must be an object")),
-        };
-        let allowed: &[&str] = match ty {
-            "assign" => &[],
-            "raise" => &["event", "data"],
-            "send" => &["event", "data", "delay", "id"],
-            "cancel" => &["id"],
-            "log" => &["label", "expr"],
-            "emit" => &["topic", "event", "expr"],
-            other => {
-                return Err(ChartError::def(
-                    push_key(path, "type"),
-                    format!("unknown action type \"{other}\" (expected assign, raise, send, cancel, log or emit)"),
-                ))
-            }
-        };
-        if ty != "assign" {
-            for k in params.keys() {
-                if !allowed.contains(&k.as_str()) {
-                    return Err(ChartError::def(
-                        push_key(&ppath, k),
-                        format!(
-                            "unknown {ty} parameter \"{k}\" (expected {})",
-                            allowed.join(", ")
-                        ),
-                    ));
-                }
-            }
-        }
+        let (ty, params, ppath) = action_parts(v, path, &empty)?;
         let string_param = |k: &str, required: bool| -> Result<Option<String>, ChartError> {
             match params.get(k) {
                 None | Some(Value::Null) if !required => Ok(None),

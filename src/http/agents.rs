@@ -13,6 +13,7 @@ use super::openapi::schema::{
     AgentList, AgentStatus, CredentialCreated, CredentialRequest, Killed, Lineage, Mesh,
     SpawnRequest as SpawnBody, Spawned, Tally, Ticked, ZeqError,
 };
+use super::Deps;
 use super::{
     bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
 };
@@ -20,7 +21,6 @@ use crate::agents::{self, byok, read, AgentError, Enrichment, Run, SpawnContext,
 use crate::auth::{Access, Principal, Zid};
 use crate::clock;
 use crate::machines;
-use crate::server::Gateway;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -87,59 +87,61 @@ impl From<AgentError> for ApiError {
 }
 
 pub fn routes(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
-    let g = move || with_gateway(gw.clone());
+    let g = move || with_gateway(deps.clone());
     let spawn = warp::path!("api" / "zeq" / "agent" / "spawn")
         .and(warp::post())
         .and(g())
         .and(bearer())
         .and(body())
-        .then(|gw, bearer, len, body| async move { respond(spawn(gw, bearer, len, body).await) });
+        .then(
+            |deps, bearer, len, body| async move { respond(spawn(deps, bearer, len, body).await) },
+        );
     let tick = warp::path!("api" / "zeq" / "agent" / "tick" / String)
         .or(warp::path!("api" / "zeq" / "agent" / String / "tick"))
         .unify()
         .and(warp::post())
         .and(g())
         .and(bearer())
-        .then(|id, gw, bearer| async move { respond(tick(gw, bearer, id).await) });
+        .then(|id, deps, bearer| async move { respond(tick(deps, bearer, id).await) });
     let kill = warp::path!("api" / "zeq" / "agent" / "kill" / String)
         .or(warp::path!("api" / "zeq" / "agent" / String / "kill"))
         .unify()
         .and(warp::post())
         .and(g())
         .and(bearer())
-        .then(|id, gw, bearer| async move { respond(kill(gw, bearer, id).await) });
+        .then(|id, deps, bearer| async move { respond(kill(deps, bearer, id).await) });
     let list = warp::path!("api" / "zeq" / "agent" / "list")
         .and(warp::get())
         .and(g())
         .and(bearer())
-        .then(|gw, bearer| async move { respond(list(gw, bearer)) });
+        .then(|deps, bearer| async move { respond(list(deps, bearer)) });
     let view = warp::path!("api" / "zeq" / "agent" / String / String)
         .and(warp::get())
         .and(g())
         .and(bearer())
         .and_then(
-            |what: String, id: String, gw: Arc<Gateway>, bearer: Option<String>| async move {
+            |what: String, id: String, deps: Arc<Deps>, bearer: Option<String>| async move {
                 if !matches!(what.as_str(), "status" | "lineage" | "mesh") {
                     return Err(warp::reject::not_found());
                 }
-                Ok::<_, warp::Rejection>(respond(view(gw, bearer, &what, id)))
+                Ok::<_, warp::Rejection>(respond(view(deps, bearer, &what, id)))
             },
         );
     let tally = warp::path!("api" / "tally" / "account" / String)
         .and(warp::get())
         .and(g())
         .and(bearer())
-        .then(|zid, gw, bearer| async move { respond(tally(gw, bearer, zid)) });
+        .then(|zid, deps, bearer| async move { respond(tally(deps, bearer, zid)) });
     let credentials = warp::path!("api" / "zeq" / "credentials")
         .and(warp::post())
         .and(g())
         .and(bearer())
         .and(body())
-        .then(
-            |gw, bearer, len, body| async move { respond(credential(gw, bearer, len, body).await) },
-        );
+        .then(|deps, bearer, len, body| async move {
+            respond(credential(deps, bearer, len, body).await)
+        });
     spawn
         .or(tick)
         .unify()
@@ -257,8 +259,8 @@ fn doc_lineage() {}
 fn doc_mesh() {}
 
 #[allow(clippy::result_large_err)]
-fn caller(gw: &Gateway, bearer: Option<&str>) -> Result<Principal, ApiError> {
-    match gw.principal(bearer)? {
+fn caller(deps: &Deps, bearer: Option<&str>) -> Result<Principal, ApiError> {
+    match deps.principal(bearer)? {
         Principal::Anonymous => Err(ApiError::unauthorized()),
         p => Ok(p),
     }
@@ -266,7 +268,7 @@ fn caller(gw: &Gateway, bearer: Option<&str>) -> Result<Principal, ApiError> {
 
 /// Asks the run's model when it has a credential that the payer owns; otherwise nothing.
 async fn enrichment(
-    gw: &Gateway,
+    deps: &Deps,
     credential_id: Option<&str>,
     payer: Option<&Zid>,
     problem: &str,
@@ -275,10 +277,10 @@ async fn enrichment(
     let Some(id) = credential_id else {
         return Ok(Enrichment::default());
     };
-    let cred = gw.store.view(|txn| byok::credential(txn, id))?;
+    let cred = deps.store.view(|txn| byok::credential(txn, id))?;
     match cred {
         Some(c) if Some(&c.owner) == payer => {
-            Ok(gw.agents.enrich(Some(&c), problem, best.as_deref()).await)
+            Ok(deps.agents.enrich(Some(&c), problem, best.as_deref()).await)
         }
         // The write refuses it (404 credential_not_found) or records the fallback.
         _ => Ok(Enrichment::default()),
@@ -301,26 +303,26 @@ async fn enrichment(
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn spawn(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
-    let principal = caller(&gw, bearer.as_deref())?;
-    let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
+    let principal = caller(&deps, bearer.as_deref())?;
+    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
     let request = SpawnRequest::from_json(&parse_json(&bytes)?)?;
     let payer = match &principal {
         Principal::Account { zid, .. } => Some(zid.clone()),
         Principal::MachineKey { slug, .. } => {
             let target = request.slug.clone().unwrap_or_else(|| slug.clone());
-            gw.store
+            deps.store
                 .view(|txn| machines::get(txn, &target))?
                 .map(|m| m.owner_zid)
         }
         Principal::Anonymous => None,
     };
     let enrichment = enrichment(
-        &gw,
+        &deps,
         request.credential_id.as_deref(),
         payer.as_ref(),
         &request.problem,
@@ -328,9 +330,9 @@ async fn spawn(
     )
     .await?;
     let agent_id = uuid::Uuid::new_v4().to_string();
-    let max_live = gw.config.agents.max_live_per_account;
-    let defaults = gw.machine_defaults.clone();
-    let spawned = gw
+    let max_live = deps.config.agents.max_live_per_account;
+    let defaults = deps.machine_defaults.clone();
+    let spawned = deps
         .writer
         .write(move |txn| {
             let ctx = SpawnContext {
@@ -344,7 +346,7 @@ async fn spawn(
             agents::spawn(txn, request, ctx)
         })
         .await?;
-    gw.agents.wake.notify_one();
+    deps.agents.wake.notify_one();
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -362,8 +364,8 @@ async fn spawn(
 
 /// The run and the caller's access to it; runs the caller cannot see are 404.
 #[allow(clippy::result_large_err)]
-fn visible_run(gw: &Gateway, principal: &Principal, id: &str) -> Result<(Run, Access), ApiError> {
-    let found = gw.store.view(|txn| {
+fn visible_run(deps: &Deps, principal: &Principal, id: &str) -> Result<(Run, Access), ApiError> {
+    let found = deps.store.view(|txn| {
         let Some(run) = read::run(txn, id)? else {
             return Ok(None);
         };
@@ -390,9 +392,9 @@ fn admin(access: Access, what: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn tick(gw: Arc<Gateway>, bearer: Option<String>, id: String) -> Result<Response, ApiError> {
-    let principal = caller(&gw, bearer.as_deref())?;
-    let (run, access) = visible_run(&gw, &principal, &id)?;
+async fn tick(deps: Arc<Deps>, bearer: Option<String>, id: String) -> Result<Response, ApiError> {
+    let principal = caller(&deps, bearer.as_deref())?;
+    let (run, access) = visible_run(&deps, &principal, &id)?;
     admin(access, "ticking")?;
     if !run.is_live() {
         return Err(AgentError::Done {
@@ -402,7 +404,7 @@ async fn tick(gw: Arc<Gateway>, bearer: Option<String>, id: String) -> Result<Re
     }
     let best = run.search.best.as_ref().map(|b| b.genotype.operators());
     let enrichment = enrichment(
-        &gw,
+        &deps,
         run.credential_id.as_deref(),
         Some(&run.payer),
         &run.problem,
@@ -415,14 +417,14 @@ async fn tick(gw: Arc<Gateway>, bearer: Option<String>, id: String) -> Result<Re
     let mut attempt = 0;
     let outcome = loop {
         let (run_id, actor, e) = (id.clone(), actor.clone(), enrichment.clone());
-        let outcome = gw
+        let outcome = deps
             .writer
             .write(move |txn| agents::tick(txn, &run_id, "manual", &actor, e, clock::now_ms()))
             .await;
         match outcome {
             Err(AgentError::TooSoon { zeqond }) if attempt < 2 => {
                 attempt += 1;
-                if let Ok(mut claims) = gw.agents.claims.lock() {
+                if let Ok(mut claims) = deps.agents.claims.lock() {
                     claims.insert(id.clone(), zeqond + 1);
                 }
                 let wait = ((zeqond + 1) as i64 * clock::ZEQOND_MS - clock::now_ms()).max(0) + 1;
@@ -431,7 +433,7 @@ async fn tick(gw: Arc<Gateway>, bearer: Option<String>, id: String) -> Result<Re
             other => break other,
         }
     };
-    if let Ok(mut claims) = gw.agents.claims.lock() {
+    if let Ok(mut claims) = deps.agents.claims.lock() {
         claims.remove(&id);
     }
     let done = outcome?;
@@ -444,13 +446,13 @@ async fn tick(gw: Arc<Gateway>, bearer: Option<String>, id: String) -> Result<Re
     Ok(json_response(StatusCode::OK, &body))
 }
 
-async fn kill(gw: Arc<Gateway>, bearer: Option<String>, id: String) -> Result<Response, ApiError> {
-    let principal = caller(&gw, bearer.as_deref())?;
-    let (_, access) = visible_run(&gw, &principal, &id)?;
+async fn kill(deps: Arc<Deps>, bearer: Option<String>, id: String) -> Result<Response, ApiError> {
+    let principal = caller(&deps, bearer.as_deref())?;
+    let (_, access) = visible_run(&deps, &principal, &id)?;
     admin(access, "killing")?;
     let actor = principal.actor();
     let run_id = id.clone();
-    let (zeqond, transition_id) = gw
+    let (zeqond, transition_id) = deps
         .writer
         .write(move |txn| agents::kill(txn, &run_id, &actor, clock::now_ms()))
         .await?;
@@ -467,13 +469,13 @@ async fn kill(gw: Arc<Gateway>, bearer: Option<String>, id: String) -> Result<Re
         (status = 200, description = "Runs", body = AgentList),
         (status = 401, description = "`unauthorized`", body = ZeqError),
     ))]
-fn list(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, ApiError> {
-    let principal = caller(&gw, bearer.as_deref())?;
+fn list(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, ApiError> {
+    let principal = caller(&deps, bearer.as_deref())?;
     let runs = match &principal {
         Principal::Account { zid, .. } => {
-            gw.store.view(|txn| read::by_account(txn, zid.as_str()))?
+            deps.store.view(|txn| read::by_account(txn, zid.as_str()))?
         }
-        Principal::MachineKey { slug, .. } => gw.store.view(|txn| read::by_machine(txn, slug))?,
+        Principal::MachineKey { slug, .. } => deps.store.view(|txn| read::by_machine(txn, slug))?,
         Principal::Anonymous => Vec::new(),
     };
     let live = runs.iter().filter(|r| r.is_live()).count();
@@ -485,13 +487,13 @@ fn list(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, ApiError> 
 }
 
 fn view(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     what: &str,
     id: String,
 ) -> Result<Response, ApiError> {
-    let principal = caller(&gw, bearer.as_deref())?;
-    let (run, _) = visible_run(&gw, &principal, &id)?;
+    let principal = caller(&deps, bearer.as_deref())?;
+    let (run, _) = visible_run(&deps, &principal, &id)?;
     let body = match what {
         "status" => {
             let mut v = run.to_json();
@@ -502,12 +504,12 @@ fn view(
         }
         "lineage" => {
             let problem = agents::problem::Problem::parse(&run.problem);
-            let generations = gw.store.view(|txn| read::lineage(txn, &run.id))?;
+            let generations = deps.store.view(|txn| read::lineage(txn, &run.id))?;
             let lineage: Vec<Value> = generations.iter().map(|g| g.to_json(&problem)).collect();
             json!({"ok": true, "agent_id": run.id, "problem": run.problem, "status": run.status.as_str(), "lineage": lineage})
         }
         _ => {
-            let children = gw.store.view(|txn| {
+            let children = deps.store.view(|txn| {
                 let mut out = Vec::new();
                 for child in read::mesh(txn, &run.id)? {
                     let machine = machines::get(txn, &child.slug)?;
@@ -534,8 +536,8 @@ fn view(
         (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
         (status = 404, description = "`account_not_found`, or `not_found`", body = ZeqError),
     ))]
-fn tally(gw: Arc<Gateway>, bearer: Option<String>, zid: String) -> Result<Response, ApiError> {
-    let principal = caller(&gw, bearer.as_deref())?;
+fn tally(deps: Arc<Deps>, bearer: Option<String>, zid: String) -> Result<Response, ApiError> {
+    let principal = caller(&deps, bearer.as_deref())?;
     let zid = Zid::parse(&zid)
         .ok_or_else(|| ApiError::bad_request("invalid_zid", "a ZID is ZEQ and 11 digits"))?;
     if !matches!(&principal, Principal::Account { zid: z, .. } if *z == zid) {
@@ -543,7 +545,7 @@ fn tally(gw: Arc<Gateway>, bearer: Option<String>, zid: String) -> Result<Respon
             "an account's tally is visible only with its own account key",
         ));
     }
-    let (account, slugs, runs, live) = gw.store.view(|txn| {
+    let (account, slugs, runs, live) = deps.store.view(|txn| {
         let account = crate::auth::account(txn, zid.as_str())?;
         let slugs: Vec<String> = machines::all(txn)?
             .into_iter()
@@ -591,21 +593,21 @@ fn tally(gw: Arc<Gateway>, bearer: Option<String>, zid: String) -> Result<Respon
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn credential(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
-    let principal = caller(&gw, bearer.as_deref())?;
+    let principal = caller(&deps, bearer.as_deref())?;
     let Principal::Account { zid, .. } = principal else {
         return Err(ApiError::forbidden(
             "credentials belong to accounts: use an account key (zeq_ak_…)",
         ));
     };
-    let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
-    let cred = byok::new_credential(&gw.agents, &zid, &parse_json(&bytes)?, clock::now_ms())?;
+    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
+    let cred = byok::new_credential(&deps.agents, &zid, &parse_json(&bytes)?, clock::now_ms())?;
     let reply = json!({"ok": true, "credential_id": cred.id, "name": cred.name, "created_at": clock::rfc3339(cred.created_ms)});
-    gw.writer
+    deps.writer
         .write(move |txn| byok::store_credential(txn, &cred))
         .await?;
     Ok(json_response(StatusCode::CREATED, &reply))

@@ -14,6 +14,7 @@ use super::openapi::schema::{
     Block, ChainState, ConsistencyProof, EventRecorded, EventRequest, Explore, InclusionProof,
     Validation, ZeqError,
 };
+use super::Deps;
 use super::{
     bearer, body, json_response, parse_json, read_body, respond, visible_machine, with_gateway,
     ApiError, BodyStream,
@@ -22,7 +23,6 @@ use crate::auth::{sha256, Access};
 use crate::clock;
 use crate::ledger::{self, canonical, hex, log, Checkpoint, Row};
 use crate::machines::{self, Machine};
-use crate::server::Gateway;
 
 /// Most rows one `explore` page returns.
 pub const MAX_PAGE: u64 = 500;
@@ -47,23 +47,23 @@ type Query = std::collections::HashMap<String, String>;
 pub(super) struct Api;
 
 pub fn routes(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let base = || warp::path!("api" / "chain" / "state-machines" / String / ..);
     let event = base()
         .and(warp::path!("event"))
         .and(warp::post())
-        .and(with_gateway(gw.clone()))
+        .and(with_gateway(deps.clone()))
         .and(bearer())
         .and(body())
-        .then(|slug, gw, bearer, len, body| async move {
-            respond(post_event(gw, bearer, slug, len, body).await)
+        .then(|slug, deps, bearer, len, body| async move {
+            respond(post_event(deps, bearer, slug, len, body).await)
         });
     let reads = base()
         .and(warp::path::tail())
         .and(warp::get())
         .and(warp::query::<Query>())
-        .and(with_gateway(gw.clone()))
+        .and(with_gateway(deps.clone()))
         .and(bearer())
         .and(
             warp::header::optional::<u64>("last-event-id")
@@ -74,7 +74,7 @@ pub fn routes(
             |slug: String,
              tail: warp::path::Tail,
              q: Query,
-             gw: Arc<Gateway>,
+             deps: Arc<Deps>,
              bearer: Option<String>,
              last: Option<u64>| async move {
                 let route = tail.as_str().trim_end_matches('/').to_string();
@@ -92,7 +92,7 @@ pub fn routes(
                 if !known {
                     return Err(warp::reject::not_found());
                 }
-                Ok::<_, warp::Rejection>(respond(read(gw, bearer, slug, &route, q, last)))
+                Ok::<_, warp::Rejection>(respond(read(deps, bearer, slug, &route, q, last)))
             },
         );
     event.or(reads).unify()
@@ -224,13 +224,13 @@ fn doc_consistency() {}
 
 /// The machine, if the caller may read its log (public machines: anyone). Non-owners are
 /// rate limited per machine.
-fn readable(gw: &Gateway, bearer: Option<&str>, slug: &str) -> Result<Machine, ApiError> {
-    let principal = gw.principal(bearer)?;
-    let (machine, access) = visible_machine(gw, &principal, slug)?;
+fn readable(deps: &Deps, bearer: Option<&str>, slug: &str) -> Result<Machine, ApiError> {
+    let principal = deps.principal(bearer)?;
+    let (machine, access) = visible_machine(deps, &principal, slug)?;
     if access < Access::Owner {
-        gw.read_limit
+        deps.read_limit
             .check(&machine.slug)
-            .map_err(|s| gw.rate_limited(s))?;
+            .map_err(|s| deps.rate_limited(s))?;
     }
     Ok(machine)
 }
@@ -251,26 +251,26 @@ fn readable(gw: &Gateway, bearer: Option<&str>, slug: &str) -> Result<Machine, A
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn post_event(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
-    let principal = gw.principal(bearer.as_deref())?;
+    let principal = deps.principal(bearer.as_deref())?;
     if principal == crate::auth::Principal::Anonymous {
         return Err(ApiError::unauthorized());
     }
-    let (machine, access) = visible_machine(&gw, &principal, &slug)?;
+    let (machine, access) = visible_machine(&deps, &principal, &slug)?;
     if access < Access::Operator {
         return Err(ApiError::forbidden(
             "recording events needs the owner or an operator or admin key",
         ));
     }
-    gw.write_limit
+    deps.write_limit
         .check(&machine.slug)
-        .map_err(|s| gw.rate_limited(s))?;
-    let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
+        .map_err(|s| deps.rate_limited(s))?;
+    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
     let body = parse_json(&bytes)?;
     let Value::Object(body) = body else {
         return Err(ApiError::bad_request(
@@ -312,7 +312,7 @@ async fn post_event(
         (payload, None) => sha256(&canonical::to_vec(payload.unwrap_or(&Value::Null))),
     };
     let actor = principal.actor();
-    let row = gw
+    let row = deps
         .writer
         .write(move |txn| {
             machines::record_event(
@@ -373,116 +373,49 @@ fn range_error(message: impl Into<String>) -> ApiError {
 }
 
 fn read(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     route: &str,
     q: Query,
     last_event_id: Option<u64>,
 ) -> Result<Response, ApiError> {
-    let machine = readable(&gw, bearer.as_deref(), &slug)?;
+    let machine = readable(&deps, bearer.as_deref(), &slug)?;
     let slug = machine.slug.as_str();
-    let head = gw
+    let head = deps
         .store
         .view(|txn| log::read::head(txn, slug))?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "unspecified",
-                "machine has no log",
-            )
-        })?;
+        .ok_or_else(|| ApiError::internal("machine has no log"))?;
     let size = head.size;
     match route {
         "state" => {
-            let row = gw.store.view(|txn| log::read::row(txn, slug, size - 1))?;
+            let row = deps.store.view(|txn| log::read::row(txn, slug, size - 1))?;
             Ok(json_response(
                 StatusCode::OK,
                 &json!({"ok": true, "slug": slug, "size": size, "genesis_zeqond": head.genesis_zeqond.to_string(),
                         "latest": row.as_ref().map(row_json)}),
             ))
         }
-        "block" => {
-            let z = num(&q, "zeqond")?
-                .ok_or_else(|| ApiError::bad_request("invalid_zeqond", "give ?zeqond=N"))?;
-            let rows = gw.store.view(|txn| {
-                let seqs = log::read::seqs_at_zeqond(txn, slug, z)?;
-                let mut rows = Vec::with_capacity(seqs.len());
-                for s in seqs {
-                    rows.extend(log::read::row(txn, slug, s)?);
-                }
-                Ok(rows)
-            })?;
-            if rows.is_empty() {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "no_block_at_zeqond",
-                    format!("no rows at zeqond {z}"),
-                ));
-            }
-            let rows: Vec<Value> = rows.iter().map(row_json).collect();
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"ok": true, "zeqond": z, "count": rows.len(), "rows": rows}),
-            ))
-        }
-        "explore" => {
-            let from = num(&q, "from")?.unwrap_or(0);
-            let to = num(&q, "to")?.unwrap_or_else(|| from.saturating_add(MAX_PAGE - 1));
-            if from > to {
-                return Err(range_error(format!("from ({from}) is after to ({to})")));
-            }
-            // `to` is inclusive; one page is at most MAX_PAGE rows.
-            let end = to
-                .min(from.saturating_add(MAX_PAGE - 1))
-                .min(size.saturating_sub(1));
-            let rows = if from < size {
-                gw.store
-                    .view(|txn| log::read::rows(txn, slug, from, end + 1))?
-            } else {
-                Vec::new()
-            };
-            let next = (from < size && end < to && end + 1 < size).then_some(end + 1);
-            let rows: Vec<Value> = rows.iter().map(row_json).collect();
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"ok": true, "from": from, "to": to, "size": size, "count": rows.len(), "rows": rows, "next": next}),
-            ))
-        }
+        "block" => block(&deps, slug, &q),
+        "explore" => explore(&deps, slug, size, &q),
         "explore/sse" => {
             let from = match (last_event_id, num(&q, "from")?) {
                 (Some(id), _) => id.saturating_add(1),
                 (None, Some(f)) => f,
                 (None, None) => size,
             };
-            Ok(sse(gw.clone(), machine.slug.clone(), from))
+            Ok(sse(deps.clone(), machine.slug.clone(), from))
         }
-        "pohc/validate" => {
-            let from = num(&q, "from")?.unwrap_or(0);
-            let to = num(&q, "to")?.unwrap_or(size.saturating_sub(1));
-            if from > to || to >= size {
-                return Err(range_error(format!(
-                    "need from ≤ to < {size} (the log size)"
-                )));
-            }
-            let report = gw
-                .store
-                .view(|txn| validate(txn, slug, head.genesis_zeqond, from, to))?;
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"ok": true, "valid": report.valid, "count": report.count, "broken_at": report.broken_at,
-                        "genesis_zeqond": head.genesis_zeqond.to_string(), "from": from, "to": to}),
-            ))
-        }
+        "pohc/validate" => pohc_validate(&deps, slug, &head, &q),
         "checkpoint" => {
-            let (root, cosigned) = gw.store.view(|txn| {
+            let (root, cosigned) = deps.store.view(|txn| {
                 Ok((
                     log::read::tree_hash(txn, slug, size)?,
                     crate::sync::client::cosignature(txn, slug, size)?,
                 ))
             })?;
             // With the hub's cosignature when the hub has verified this very tree.
-            let mut note = checkpoint_note(&gw, slug, size, root)?;
+            let mut note = checkpoint_note(&deps, slug, size, root)?;
             note.push_str(cosigned.as_deref().unwrap_or(""));
             let mut res = note.into_response();
             if let Ok(v) = "text/plain; charset=utf-8".parse() {
@@ -490,49 +423,130 @@ fn read(
             }
             Ok(res)
         }
-        "proof/inclusion" => {
-            let seq = num(&q, "seq")?.ok_or_else(|| range_error("give ?seq=I"))?;
-            let tree = num(&q, "size")?.unwrap_or(size);
-            if seq >= tree || tree > size {
-                return Err(range_error(format!(
-                    "need seq < size ≤ {size} (the log size)"
-                )));
-            }
-            let (row, proof) = gw.store.view(|txn| {
-                let row = log::read::row(txn, slug, seq)?.ok_or_else(|| {
-                    crate::store::StoreError::Corrupt(format!("row {seq} missing"))
-                })?;
-                Ok((row, log::read::prove_inclusion(txn, slug, seq, tree)?))
-            })?;
-            let leaf = ledger::tlog::record_hash(&row.compute_hash());
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"seq": seq, "tree_size": tree, "row_hash": hex::encode(&row.compute_hash()),
-                        "leaf_hash": hex::encode(&leaf), "proof": proof.iter().map(|h| hex::encode(h)).collect::<Vec<_>>()}),
-            ))
-        }
-        "proof/consistency" => {
-            let from = num(&q, "from")?.ok_or_else(|| range_error("give ?from=M"))?;
-            let to = num(&q, "to")?.unwrap_or(size);
-            if from == 0 || from > to || to > size {
-                return Err(range_error(format!(
-                    "need 1 ≤ from ≤ to ≤ {size} (the log size)"
-                )));
-            }
-            let proof = gw
-                .store
-                .view(|txn| log::read::prove_consistency(txn, slug, from, to))?;
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"from": from, "to": to, "proof": proof.iter().map(|h| hex::encode(h)).collect::<Vec<_>>()}),
-            ))
-        }
+        "proof/inclusion" => inclusion_proof(&deps, slug, size, &q),
+        "proof/consistency" => consistency_proof(&deps, slug, size, &q),
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             "no such route",
         )),
     }
+}
+
+/// `block`: the rows of one Zeqond.
+fn block(deps: &Deps, slug: &str, q: &Query) -> Result<Response, ApiError> {
+    let z = num(q, "zeqond")?
+        .ok_or_else(|| ApiError::bad_request("invalid_zeqond", "give ?zeqond=N"))?;
+    let rows = deps.store.view(|txn| {
+        let seqs = log::read::seqs_at_zeqond(txn, slug, z)?;
+        let mut rows = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            rows.extend(log::read::row(txn, slug, s)?);
+        }
+        Ok(rows)
+    })?;
+    if rows.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_block_at_zeqond",
+            format!("no rows at zeqond {z}"),
+        ));
+    }
+    let rows: Vec<Value> = rows.iter().map(row_json).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "zeqond": z, "count": rows.len(), "rows": rows}),
+    ))
+}
+
+/// `explore`: a page of rows, at most `MAX_PAGE`.
+fn explore(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
+    let from = num(q, "from")?.unwrap_or(0);
+    let to = num(q, "to")?.unwrap_or_else(|| from.saturating_add(MAX_PAGE - 1));
+    if from > to {
+        return Err(range_error(format!("from ({from}) is after to ({to})")));
+    }
+    // `to` is inclusive; one page is at most MAX_PAGE rows.
+    let end = to
+        .min(from.saturating_add(MAX_PAGE - 1))
+        .min(size.saturating_sub(1));
+    let rows = if from < size {
+        deps.store
+            .view(|txn| log::read::rows(txn, slug, from, end + 1))?
+    } else {
+        Vec::new()
+    };
+    let next = (from < size && end < to && end + 1 < size).then_some(end + 1);
+    let rows: Vec<Value> = rows.iter().map(row_json).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "from": from, "to": to, "size": size, "count": rows.len(), "rows": rows, "next": next}),
+    ))
+}
+
+/// `pohc/validate`: rows `from..=to` rechecked (hashes and links).
+fn pohc_validate(
+    deps: &Deps,
+    slug: &str,
+    head: &log::Head,
+    q: &Query,
+) -> Result<Response, ApiError> {
+    let size = head.size;
+    let from = num(q, "from")?.unwrap_or(0);
+    let to = num(q, "to")?.unwrap_or(size.saturating_sub(1));
+    if from > to || to >= size {
+        return Err(range_error(format!(
+            "need from ≤ to < {size} (the log size)"
+        )));
+    }
+    let report = deps
+        .store
+        .view(|txn| validate(txn, slug, head.genesis_zeqond, from, to))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "valid": report.valid, "count": report.count, "broken_at": report.broken_at,
+                "genesis_zeqond": head.genesis_zeqond.to_string(), "from": from, "to": to}),
+    ))
+}
+
+/// `proof/inclusion`: row `seq`'s RFC 6962 inclusion proof in the tree of `size`.
+fn inclusion_proof(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
+    let seq = num(q, "seq")?.ok_or_else(|| range_error("give ?seq=I"))?;
+    let tree = num(q, "size")?.unwrap_or(size);
+    if seq >= tree || tree > size {
+        return Err(range_error(format!(
+            "need seq < size ≤ {size} (the log size)"
+        )));
+    }
+    let (row, proof) = deps.store.view(|txn| {
+        let row = log::read::row(txn, slug, seq)?
+            .ok_or_else(|| crate::store::StoreError::Corrupt(format!("row {seq} missing")))?;
+        Ok((row, log::read::prove_inclusion(txn, slug, seq, tree)?))
+    })?;
+    let leaf = ledger::tlog::record_hash(&row.compute_hash());
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"seq": seq, "tree_size": tree, "row_hash": hex::encode(&row.compute_hash()),
+                "leaf_hash": hex::encode(&leaf), "proof": proof.iter().map(|h| hex::encode(h)).collect::<Vec<_>>()}),
+    ))
+}
+
+/// `proof/consistency`: the RFC 6962 proof that the tree of `from` is a prefix of `to`'s.
+fn consistency_proof(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
+    let from = num(q, "from")?.ok_or_else(|| range_error("give ?from=M"))?;
+    let to = num(q, "to")?.unwrap_or(size);
+    if from == 0 || from > to || to > size {
+        return Err(range_error(format!(
+            "need 1 ≤ from ≤ to ≤ {size} (the log size)"
+        )));
+    }
+    let proof = deps
+        .store
+        .view(|txn| log::read::prove_consistency(txn, slug, from, to))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"from": from, "to": to, "proof": proof.iter().map(|h| hex::encode(h)).collect::<Vec<_>>()}),
+    ))
 }
 
 /// Walks rows `from..=to`, checking each hash and each link; row `from` links to row
@@ -586,41 +600,30 @@ pub fn validate(
 }
 
 pub fn checkpoint_note(
-    gw: &Gateway,
+    deps: &Deps,
     slug: &str,
     size: u64,
     root: ledger::Hash,
 ) -> Result<String, ApiError> {
     let body = Checkpoint {
-        origin: format!("{}/{}", gw.identity.id, slug),
+        origin: format!("{}/{}", deps.identity.id, slug),
         size,
         root,
     }
     .to_body()
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "unspecified",
-            e.to_string(),
-        )
-    })?;
-    ledger::sign_note(&body, &gw.identity.id, &gw.identity.key).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "unspecified",
-            e.to_string(),
-        )
-    })
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    ledger::sign_note(&body, &deps.identity.id, &deps.identity.key)
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// Live rows from `from` on: first the backlog, then each row as its commit lands. The event
 /// id is the row's seq, so a client that reconnects with `Last-Event-ID` resumes after it.
-fn sse(gw: Arc<Gateway>, slug: String, from: u64) -> Response {
-    let mut commits = gw.writer.subscribe();
+fn sse(deps: Arc<Deps>, slug: String, from: u64) -> Response {
+    let mut commits = deps.writer.subscribe();
     let stream = async_stream(move |tx| async move {
         let mut cursor = from;
         loop {
-            let batch = gw.store.view(|txn| {
+            let batch = deps.store.view(|txn| {
                 let size = log::read::head(txn, &slug)?.map(|h| h.size).unwrap_or(0);
                 if cursor >= size {
                     return Ok(Vec::new());

@@ -1,6 +1,6 @@
-//! A minimal HTTPS client for the CLI's calls to a running gateway (`smgate site deploy`):
-//! one HTTP/1.1 request per connection over rustls, trusting only the given CA certificate
-//! (by default the gateway's own self-signed one), never the system roots.
+//! A minimal HTTPS client for the CLI's calls to a running gateway (`smgate site deploy`,
+//! [`publish_page`]): one HTTP/1.1 request per connection over rustls, trusting only the given
+//! CA certificate (by default the gateway's own self-signed one), never the system roots.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,6 +21,97 @@ pub enum ClientError {
     Connect { addr: String, message: String },
     #[error("HTTP exchange failed: {0}")]
     Http(String),
+    /// The gateway answered with an error of the zeq API family.
+    #[error("gateway answered {status} {code}: {message}")]
+    Refused {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("this key cannot see the machine's owner ZID; give --agent-zid")]
+    NoOwner,
+}
+
+impl ClientError {
+    /// The refusal in an answer's `{"error", "message"}` body.
+    fn refused(status: u16, body: &Value) -> ClientError {
+        let text = |k: &str| body.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        ClientError::Refused {
+            status,
+            code: text("error").unwrap_or_else(|| "error".into()),
+            message: text("message").unwrap_or_else(|| body.to_string()),
+        }
+    }
+}
+
+/// A page version to publish (spec 001).
+pub struct Page<'a> {
+    pub slug: &'a str,
+    pub page: &'a str,
+    pub title: String,
+    pub html: String,
+    /// Stored with the page and returned by the API, never run.
+    pub python: Option<String>,
+    /// Recorded with the version; `None` asks the gateway for the machine owner's ZID.
+    pub agent_zid: Option<String>,
+}
+
+/// What the gateway answered to a publish.
+pub struct Published {
+    pub version: Value,
+    pub proof_digest: String,
+    /// The page's path on the gateway.
+    pub url: String,
+}
+
+/// Publishes `page` to the gateway at `base` with `key` (the owner's account key or an
+/// operator/admin machine key): `POST /api/state-machines/{slug}/pages/{page}/publish`.
+pub async fn publish_page(
+    base: &str,
+    ca_cert: &Path,
+    key: &str,
+    page: Page<'_>,
+) -> Result<Published, ClientError> {
+    let slug = page.slug;
+    let agent_zid = match page.agent_zid {
+        Some(z) => z,
+        None => {
+            let path = format!("/api/chain/state-machines/{slug}");
+            let (status, body) =
+                request(base, ca_cert, http::Method::GET, &path, Some(key), None).await?;
+            if status != 200 {
+                return Err(ClientError::refused(status, &body));
+            }
+            body.pointer("/machine/owner_zid")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+                .ok_or(ClientError::NoOwner)?
+        }
+    };
+    let mut request_body =
+        serde_json::json!({"title": page.title, "html": page.html, "agentZid": agent_zid});
+    if let Some(p) = page.python {
+        request_body["pythonScript"] = Value::String(p);
+    }
+    let path = format!("/api/state-machines/{slug}/pages/{}/publish", page.page);
+    let (status, body) = request(
+        base,
+        ca_cert,
+        http::Method::POST,
+        &path,
+        Some(key),
+        Some(&request_body),
+    )
+    .await?;
+    if status != 201 {
+        return Err(ClientError::refused(status, &body));
+    }
+    let text = |k: &str| body[k].as_str().unwrap_or("").to_owned();
+    Ok(Published {
+        version: body["version"].clone(),
+        proof_digest: text("proof_digest"),
+        url: text("url"),
+    })
 }
 
 /// Sends `method path` with an optional JSON body to `base` (`https://host:port`) and returns

@@ -12,6 +12,7 @@ use warp::reply::Response;
 use warp::Filter;
 
 use super::openapi::schema::ZeqError;
+use super::Deps;
 use super::{
     body, json_response, parse_json, read_body, respond, session_cookie, with_gateway, ApiError,
     BodyStream, CONSOLE_HEADER, SESSION_COOKIE,
@@ -19,7 +20,6 @@ use super::{
 use crate::auth::session::{self, Session, SESSION_TTL_MS};
 use crate::auth::{self, AuthError, Principal};
 use crate::clock;
-use crate::server::Gateway;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -43,27 +43,27 @@ pub struct ConsoleSession {
 const MAX_SIGN_IN_BYTES: u64 = 1024;
 
 pub fn routes(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let path = || warp::path!("ui" / "api" / "session");
     let sign_in = path()
         .and(warp::post())
         .and(warp::header::headers_cloned())
-        .and(with_gateway(gw.clone()))
+        .and(with_gateway(deps.clone()))
         .and(body())
-        .then(
-            |headers, gw, len, body| async move { respond(sign_in(gw, headers, len, body).await) },
-        );
+        .then(|headers, deps, len, body| async move {
+            respond(sign_in(deps, headers, len, body).await)
+        });
     let whoami = path()
         .and(warp::get())
         .and(warp::header::headers_cloned())
-        .and(with_gateway(gw.clone()))
-        .map(|headers, gw| respond(whoami(gw, headers)));
+        .and(with_gateway(deps.clone()))
+        .map(|headers, deps| respond(whoami(deps, headers)));
     let sign_out = path()
         .and(warp::delete())
         .and(warp::header::headers_cloned())
-        .and(with_gateway(gw))
-        .then(|headers, gw| async move { respond(sign_out(gw, headers).await) });
+        .and(with_gateway(deps))
+        .then(|headers, deps| async move { respond(sign_out(deps, headers).await) });
     sign_in.or(whoami).unify().or(sign_out).unify()
 }
 
@@ -87,8 +87,8 @@ fn require_console(headers: &http::HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn session_json(gw: &Gateway, s: &Session) -> Result<Value, ApiError> {
-    let account = gw.store.view(|txn| auth::account(txn, s.zid.as_str()))?;
+fn session_json(deps: &Deps, s: &Session) -> Result<Value, ApiError> {
+    let account = deps.store.view(|txn| auth::account(txn, s.zid.as_str()))?;
     Ok(json!({
         "ok": true,
         "zid": s.zid.as_str(),
@@ -127,7 +127,7 @@ fn with_cookie(mut res: Response, cookie: &str) -> Response {
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn sign_in(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     headers: http::HeaderMap,
     len: Option<u64>,
     body: BodyStream,
@@ -153,16 +153,16 @@ async fn sign_in(
     if !key.starts_with(auth::ACCOUNT_KEY_PREFIX) {
         return Err(not_account());
     }
-    let (zid, key_id) = match gw.principal(Some(&key)) {
+    let (zid, key_id) = match deps.principal(Some(&key)) {
         Ok(Principal::Account { zid, key_id }) => (zid, key_id),
         Ok(_) | Err(AuthError::Unauthorized) => return Err(not_account()),
         Err(e) => return Err(e.into()),
     };
-    let (raw, session) = gw
+    let (raw, session) = deps
         .writer
         .write(move |txn| session::open(txn, zid, key_id, clock::now_ms()))
         .await?;
-    let res = json_response(StatusCode::OK, &session_json(&gw, &session)?);
+    let res = json_response(StatusCode::OK, &session_json(&deps, &session)?);
     Ok(with_cookie(res, &cookie(&raw, SESSION_TTL_MS / 1000)))
 }
 
@@ -172,14 +172,14 @@ async fn sign_in(
         (status = 200, description = "Signed in", body = ConsoleSession),
         (status = 401, description = "`unauthorized`: no live session", body = ZeqError),
     ))]
-fn whoami(gw: Arc<Gateway>, headers: http::HeaderMap) -> Result<Response, ApiError> {
+fn whoami(deps: Arc<Deps>, headers: http::HeaderMap) -> Result<Response, ApiError> {
     let token = session_cookie(&headers).ok_or_else(ApiError::unauthorized)?;
     let now = clock::now_ms();
-    let session = gw
+    let session = deps
         .store
         .view(|txn| session::find(txn, &token, now))?
         .ok_or_else(ApiError::unauthorized)?;
-    let mut res = json_response(StatusCode::OK, &session_json(&gw, &session)?);
+    let mut res = json_response(StatusCode::OK, &session_json(&deps, &session)?);
     res.headers_mut().insert(
         http::header::CACHE_CONTROL,
         http::HeaderValue::from_static("no-store"),
@@ -197,10 +197,10 @@ fn whoami(gw: Arc<Gateway>, headers: http::HeaderMap) -> Result<Response, ApiErr
         (status = 403, description = "`console_header_missing`", body = ZeqError),
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
-async fn sign_out(gw: Arc<Gateway>, headers: http::HeaderMap) -> Result<Response, ApiError> {
+async fn sign_out(deps: Arc<Deps>, headers: http::HeaderMap) -> Result<Response, ApiError> {
     require_console(&headers)?;
     let token = session_cookie(&headers).ok_or_else(ApiError::unauthorized)?;
-    let closed = gw
+    let closed = deps
         .writer
         .write(move |txn| session::close(txn, &token))
         .await?;

@@ -17,6 +17,7 @@ use super::openapi::schema::{
     SendEventRequest, StatusBody, TargetVersionReply, TargetVersionRequest, TransitionList,
     VersionCreated, VersionList,
 };
+use super::Deps;
 use super::{
     bearer, body, json_response, parse_json, read_body, visible_machine, with_gateway, ApiError,
     BodyStream,
@@ -26,7 +27,6 @@ use crate::chart::Event;
 use crate::clock;
 use crate::instances::{self as inst, InstanceError, Status};
 use crate::machines::{self, Machine};
-use crate::server::Gateway;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -116,87 +116,87 @@ fn bad(code: &'static str, message: impl Into<String>) -> SbError {
 }
 
 pub fn routes(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
-    let g = move || with_gateway(gw.clone());
+    let g = move || with_gateway(deps.clone());
     let list = warp::path!("machines")
         .and(warp::get())
         .and(g())
         .and(bearer())
-        .map(|gw, b| sb(list_machines(gw, b)));
+        .map(|deps, b| sb(list_machines(deps, b)));
     let one = warp::path!("machines" / String)
         .and(warp::get())
         .and(g())
         .and(bearer())
-        .map(|m, gw, b| sb(get_machine(gw, b, m)));
+        .map(|m, deps, b| sb(get_machine(deps, b, m)));
     let new_version = warp::path!("machines" / String / "v")
         .and(warp::post())
         .and(g())
         .and(bearer())
         .and(body())
-        .then(|m, gw, b, l, s| async move { sb(create_version(gw, b, m, l, s).await) });
+        .then(|m, deps, b, l, s| async move { sb(create_version(deps, b, m, l, s).await) });
     let versions = warp::path!("machines" / String / "v")
         .and(warp::get())
         .and(g())
         .and(bearer())
-        .map(|m, gw, b| sb(list_versions(gw, b, m)));
+        .map(|m, deps, b| sb(list_versions(deps, b, m)));
     let create = warp::path!("machines" / String)
         .and(warp::post())
         .and(g())
         .and(bearer())
         .and(body())
-        .then(|m, gw, b, l, s| async move { sb(create_instance(gw, b, m, l, s).await) });
+        .then(|m, deps, b, l, s| async move { sb(create_instance(deps, b, m, l, s).await) });
     let instances = warp::path!("machines" / String / "i")
         .and(warp::get())
         .and(warp::query::<Query>())
         .and(g())
         .and(bearer())
-        .map(|m, q, gw, b| sb(list_instances(gw, b, m, q)));
+        .map(|m, q, deps, b| sb(list_instances(deps, b, m, q)));
     let get = warp::path!("machines" / String / "i" / String)
         .and(warp::get())
         .and(g())
         .and(bearer())
-        .map(|m, i, gw, b| sb(get_instance(gw, b, m, i)));
+        .map(|m, i, deps, b| sb(get_instance(deps, b, m, i)));
     let send = warp::path!("machines" / String / "i" / String / "events")
         .and(warp::post())
         .and(g())
         .and(bearer())
         .and(body())
-        .then(|m, i, gw, b, l, s| async move { sb(send_event(gw, b, m, i, l, s).await) });
+        .then(|m, i, deps, b, l, s| async move { sb(send_event(deps, b, m, i, l, s).await) });
     let events = warp::path!("machines" / String / "i" / String / "events")
         .and(warp::get())
         .and(warp::query::<Query>())
         .and(g())
         .and(bearer())
-        .map(|m, i, q, gw, b| sb(list_events(gw, b, m, i, q)));
+        .map(|m, i, q, deps, b| sb(list_events(deps, b, m, i, q)));
     let admin = warp::path!("machines" / String / "i" / String / "admin")
         .and(warp::get())
         .and(g())
         .and(bearer())
-        .map(|m, i, gw, b| sb(admin_view(gw, b, m, i)));
+        .map(|m, i, deps, b| sb(admin_view(deps, b, m, i)));
     let status = warp::path!("machines" / String / "i" / String / "status")
         .and(warp::put())
         .and(g())
         .and(bearer())
         .and(body())
-        .then(|m, i, gw, b, l, s| async move { sb(put_status(gw, b, m, i, l, s).await) });
+        .then(|m, i, deps, b, l, s| async move { sb(put_status(deps, b, m, i, l, s).await) });
     let version = warp::path!("machines" / String / "i" / String / "v")
         .and(warp::put())
         .and(g())
         .and(bearer())
         .and(body())
-        .then(|m, i, gw, b, l, s| async move { sb(put_version(gw, b, m, i, l, s).await) });
+        .then(|m, i, deps, b, l, s| async move { sb(put_version(deps, b, m, i, l, s).await) });
     let delete = warp::path!("machines" / String / "i" / String)
         .and(warp::delete())
         .and(g())
         .and(bearer())
         .and(body())
-        .then(|m, i, gw, b, l, s| async move { sb(delete_instance(gw, b, m, i, l, s).await) });
+        .then(|m, i, deps, b, l, s| async move { sb(delete_instance(deps, b, m, i, l, s).await) });
     let live = warp::path!("machines" / String / "i" / String / "sse")
         .and(warp::get())
         .and(g())
         .and(bearer())
-        .map(|m, i, gw, b| sb(live(gw, b, m, i)));
+        .map(|m, i, deps, b| sb(live(deps, b, m, i)));
     list.or(one)
         .unify()
         .or(new_version)
@@ -227,14 +227,14 @@ pub fn routes(
 
 /// The machine and the caller's access, with `need` enforced.
 fn machine_for(
-    gw: &Gateway,
+    deps: &Deps,
     bearer: Option<&str>,
     slug: &str,
     need: Access,
     what: &str,
 ) -> Result<(Machine, Access, Principal), SbError> {
-    let principal = gw.principal(bearer).map_err(ApiError::from)?;
-    let (machine, access) = visible_machine(gw, &principal, slug)?;
+    let principal = deps.principal(bearer).map_err(ApiError::from)?;
+    let (machine, access) = visible_machine(deps, &principal, slug)?;
     if access < need {
         if principal == Principal::Anonymous {
             return Err(ApiError::unauthorized().into());
@@ -242,13 +242,13 @@ fn machine_for(
         return Err(missing_scope(what));
     }
     if access >= Access::Operator && need >= Access::Operator {
-        gw.write_limit
+        deps.write_limit
             .check(&machine.slug)
-            .map_err(|s| SbError::from(gw.rate_limited(s)))?;
+            .map_err(|s| SbError::from(deps.rate_limited(s)))?;
     } else if access < Access::Owner {
-        gw.read_limit
+        deps.read_limit
             .check(&machine.slug)
-            .map_err(|s| SbError::from(gw.rate_limited(s)))?;
+            .map_err(|s| SbError::from(deps.rate_limited(s)))?;
     }
     Ok((machine, access, principal))
 }
@@ -278,8 +278,8 @@ fn version_json(v: &inst::Version) -> Value {
     json!({"id": v.id, "clientInfo": v.client_info, "createdAt": clock::rfc3339(v.created_ms), "number": v.number})
 }
 
-fn machine_json(gw: &Gateway, m: &Machine) -> Result<Value, SbError> {
-    let (meta, current) = gw.store.view(|txn| {
+fn machine_json(deps: &Deps, m: &Machine) -> Result<Value, SbError> {
+    let (meta, current) = deps.store.view(|txn| {
         let meta = inst::meta(txn, &m.slug)?;
         let current = match &meta.current_version {
             Some(id) => inst::version(txn, &m.slug, id)?,
@@ -303,12 +303,12 @@ fn machine_json(gw: &Gateway, m: &Machine) -> Result<Value, SbError> {
         (status = 200, description = "Machines", body = SbMachineList),
         (status = 401, description = "`unauthorized`", body = SbErrorBody),
     ))]
-fn list_machines(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, SbError> {
-    let principal = gw.principal(bearer.as_deref()).map_err(ApiError::from)?;
-    let all = gw.store.view(machines::all)?;
+fn list_machines(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, SbError> {
+    let principal = deps.principal(bearer.as_deref()).map_err(ApiError::from)?;
+    let all = deps.store.view(machines::all)?;
     let mut out = Vec::new();
     for m in all.iter().filter(|m| m.access(&principal) > Access::None) {
-        out.push(machine_json(&gw, m)?);
+        out.push(machine_json(&deps, m)?);
     }
     Ok(json_response(StatusCode::OK, &json!({"machines": out})))
 }
@@ -324,28 +324,27 @@ fn list_machines(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, S
         (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
-fn get_machine(
-    gw: Arc<Gateway>,
-    bearer: Option<String>,
-    slug: String,
-) -> Result<Response, SbError> {
+fn get_machine(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Response, SbError> {
     let (machine, _, _) = machine_for(
-        &gw,
+        &deps,
         bearer.as_deref(),
         &slug,
         Access::Public,
         "read this machine",
     )?;
-    Ok(json_response(StatusCode::OK, &machine_json(&gw, &machine)?))
+    Ok(json_response(
+        StatusCode::OK,
+        &machine_json(&deps, &machine)?,
+    ))
 }
 
 async fn json_object(
-    gw: &Gateway,
+    deps: &Deps,
     len: Option<u64>,
     body: BodyStream,
     limit: u64,
 ) -> Result<Map<String, Value>, SbError> {
-    let _ = gw;
+    let _ = deps;
     let bytes = read_body(len, body, limit).await?;
     match parse_json(&bytes)? {
         Value::Object(o) => Ok(o),
@@ -369,20 +368,20 @@ async fn json_object(
         (status = 507, description = "`storage-full`", body = SbErrorBody),
     ))]
 async fn create_version(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     len: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, SbError> {
     let (machine, _, principal) = machine_for(
-        &gw,
+        &deps,
         bearer.as_deref(),
         &slug,
         Access::Admin,
         "create versions",
     )?;
-    let body = json_object(&gw, len, body, inst::MAX_DEFINITION_BYTES as u64 + 4096).await?;
+    let body = json_object(&deps, len, body, inst::MAX_DEFINITION_BYTES as u64 + 4096).await?;
     let definition = body
         .get("definition")
         .ok_or_else(|| bad("invalid-parameters", "give the statechart as `definition`"))?;
@@ -417,7 +416,7 @@ async fn create_version(
     let auto_create = body.get("autoCreateInstances").and_then(Value::as_bool);
     let actor = principal.actor();
     let m = machine.slug.clone();
-    let version = gw
+    let version = deps
         .writer
         .write(move |txn| -> Result<_, InstanceError> {
             let v = inst::create_version(
@@ -453,18 +452,18 @@ async fn create_version(
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
 fn list_versions(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
 ) -> Result<Response, SbError> {
     let (machine, _, _) = machine_for(
-        &gw,
+        &deps,
         bearer.as_deref(),
         &slug,
         Access::Viewer,
         "list versions",
     )?;
-    let versions = gw.store.view(|txn| inst::versions(txn, &machine.slug))?;
+    let versions = deps.store.view(|txn| inst::versions(txn, &machine.slug))?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"versions": versions.iter().map(version_json).collect::<Vec<_>>()}),
@@ -488,20 +487,20 @@ fn list_versions(
         (status = 507, description = "`storage-full`", body = SbErrorBody),
     ))]
 async fn create_instance(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     len: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, SbError> {
     let (machine, access, principal) = machine_for(
-        &gw,
+        &deps,
         bearer.as_deref(),
         &slug,
         Access::Operator,
         "create instances",
     )?;
-    let body = json_object(&gw, len, body, inst::MAX_CONTEXT_BYTES as u64 + 4096).await?;
+    let body = json_object(&deps, len, body, inst::MAX_CONTEXT_BYTES as u64 + 4096).await?;
     let instance = match body.get("slug") {
         Some(Value::String(s)) if inst::valid_instance_slug(s) => s.clone(),
         _ => {
@@ -527,8 +526,8 @@ async fn create_instance(
         }
     };
     let auth = auth_value(&principal, access);
-    let (charts, actor, m) = (gw.charts.clone(), principal.actor(), machine.slug.clone());
-    let (_, view, _) = gw
+    let (charts, actor, m) = (deps.charts.clone(), principal.actor(), machine.slug.clone());
+    let (_, view, _) = deps
         .writer
         .write(move |txn| {
             inst::create_instance(
@@ -559,13 +558,13 @@ async fn create_instance(
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
 fn list_instances(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     q: Query,
 ) -> Result<Response, SbError> {
     let (machine, _, _) = machine_for(
-        &gw,
+        &deps,
         bearer.as_deref(),
         &slug,
         Access::Viewer,
@@ -576,7 +575,7 @@ fn list_instances(
         .and_then(|l| l.parse::<usize>().ok())
         .unwrap_or(PAGE)
         .clamp(1, 1000);
-    let list = gw.store.view(|txn| {
+    let list = deps.store.view(|txn| {
         inst::instances(
             txn,
             &machine.slug,
@@ -600,7 +599,7 @@ fn list_instances(
 
 /// The instance, its chart and state, or 404.
 fn load(
-    gw: &Gateway,
+    deps: &Deps,
     machine: &str,
     slug: &str,
 ) -> Result<
@@ -611,7 +610,7 @@ fn load(
     ),
     SbError,
 > {
-    let found = gw.store.view(|txn| {
+    let found = deps.store.view(|txn| {
         let Some(i) = inst::instance(txn, machine, slug)? else {
             return Ok(None);
         };
@@ -625,7 +624,7 @@ fn load(
             format!("no instance `{slug}`"),
         ));
     };
-    let chart = gw.charts.get(&version)?;
+    let chart = deps.charts.get(&version)?;
     let state = serde_json::from_slice(&instance.state)
         .map_err(|e| SbError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     Ok((instance, chart, state))
@@ -644,29 +643,20 @@ fn load(
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
 fn get_instance(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
 ) -> Result<Response, SbError> {
     let (machine, access, principal) = machine_for(
-        &gw,
+        &deps,
         bearer.as_deref(),
         &slug,
         Access::Public,
         "read instances",
     )?;
-    let (i, chart, state) = load(&gw, &machine.slug, &instance)?;
-    if !chart
-        .allow_read(&state, &auth_value(&principal, access))
-        .map_err(|e| SbError::from(InstanceError::from(e)))?
-    {
-        return Err(SbError(
-            StatusCode::FORBIDDEN,
-            "rejected-by-machine-authorizer",
-            "allowRead rejected this read".into(),
-        ));
-    }
+    let (i, chart, state) = load(&deps, &machine.slug, &instance)?;
+    allowed_to_read(&chart, &state, &auth_value(&principal, access))?;
     Ok(json_response(
         StatusCode::OK,
         &inst::public_view(&chart, &state, i.ts_ms),
@@ -708,7 +698,7 @@ pub fn parse_event(body: &Map<String, Value>) -> Result<Event, String> {
         (status = 507, description = "`storage-full`", body = SbErrorBody),
     ))]
 async fn send_event(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -716,17 +706,17 @@ async fn send_event(
     body: BodyStream,
 ) -> Result<Response, SbError> {
     let (machine, access, principal) = machine_for(
-        &gw,
+        &deps,
         bearer.as_deref(),
         &slug,
         Access::Operator,
         "send events",
     )?;
-    let body = json_object(&gw, len, body, inst::MAX_CONTEXT_BYTES as u64).await?;
+    let body = json_object(&deps, len, body, inst::MAX_CONTEXT_BYTES as u64).await?;
     let event = parse_event(&body).map_err(|m| bad("invalid-parameters", m))?;
     let auth = auth_value(&principal, access);
-    let (charts, actor, m) = (gw.charts.clone(), principal.actor(), machine.slug.clone());
-    let sent = gw
+    let (charts, actor, m) = (deps.charts.clone(), principal.actor(), machine.slug.clone());
+    let sent = deps
         .writer
         .write(move |txn| {
             inst::send_event(
@@ -741,7 +731,7 @@ async fn send_event(
             )
         })
         .await?;
-    gw.mqtt.committed(&machine.slug, &sent);
+    deps.mqtt.committed(&machine.slug, &sent);
     Ok(json_response(StatusCode::OK, &sent.view))
 }
 
@@ -758,20 +748,20 @@ async fn send_event(
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
 fn list_events(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
     q: Query,
 ) -> Result<Response, SbError> {
     let (machine, _, _) = machine_for(
-        &gw,
+        &deps,
         bearer.as_deref(),
         &slug,
         Access::Viewer,
         "read transition history",
     )?;
-    load(&gw, &machine.slug, &instance)?;
+    load(&deps, &machine.slug, &instance)?;
     let after = match q.get("cursor") {
         None => None,
         Some(c) => Some(c.parse::<u64>().map_err(|_| {
@@ -786,7 +776,7 @@ fn list_events(
         .and_then(|l| l.parse::<usize>().ok())
         .unwrap_or(PAGE)
         .clamp(1, 1000);
-    let records = gw
+    let records = deps
         .store
         .view(|txn| inst::history(txn, &machine.slug, &instance, after, limit))?;
     let cursor = (records.len() == limit)
@@ -820,19 +810,19 @@ fn list_events(
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
 fn admin_view(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
 ) -> Result<Response, SbError> {
     let (machine, _, _) = machine_for(
-        &gw,
+        &deps,
         bearer.as_deref(),
         &slug,
         Access::Admin,
         "read full instance state",
     )?;
-    let (i, chart, state) = load(&gw, &machine.slug, &instance)?;
+    let (i, chart, state) = load(&deps, &machine.slug, &instance)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -861,7 +851,7 @@ fn admin_view(
         (status = 507, description = "`storage-full`", body = SbErrorBody),
     ))]
 async fn put_status(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -869,13 +859,13 @@ async fn put_status(
     body: BodyStream,
 ) -> Result<Response, SbError> {
     let (machine, _, _) = machine_for(
-        &gw,
+        &deps,
         bearer.as_deref(),
         &slug,
         Access::Admin,
         "change instance status",
     )?;
-    let body = json_object(&gw, len, body, 4096).await?;
+    let body = json_object(&deps, len, body, 4096).await?;
     let status = match body.get("status").and_then(Value::as_str) {
         Some("paused") => Status::Paused,
         Some("running") => Status::Running,
@@ -887,7 +877,7 @@ async fn put_status(
         }
     };
     let m = machine.slug.clone();
-    let i = gw
+    let i = deps
         .writer
         .write(move |txn| inst::set_status(txn, &m, &instance, status))
         .await?;
@@ -914,7 +904,7 @@ async fn put_status(
         (status = 507, description = "`storage-full`", body = SbErrorBody),
     ))]
 async fn put_version(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -922,20 +912,20 @@ async fn put_version(
     body: BodyStream,
 ) -> Result<Response, SbError> {
     let (machine, _, _) = machine_for(
-        &gw,
+        &deps,
         bearer.as_deref(),
         &slug,
         Access::Admin,
         "change instance versions",
     )?;
-    let body = json_object(&gw, len, body, 4096).await?;
+    let body = json_object(&deps, len, body, 4096).await?;
     let target = body
         .get("targetMachineVersionId")
         .and_then(Value::as_str)
         .ok_or_else(|| bad("invalid-parameters", "give targetMachineVersionId"))?
         .to_owned();
-    let (charts, m) = (gw.charts.clone(), machine.slug.clone());
-    let i = gw
+    let (charts, m) = (deps.charts.clone(), machine.slug.clone());
+    let i = deps
         .writer
         .write(move |txn| inst::set_target_version(txn, &charts, &m, &instance, &target))
         .await?;
@@ -961,7 +951,7 @@ async fn put_version(
         (status = 507, description = "`storage-full`", body = SbErrorBody),
     ))]
 async fn delete_instance(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -969,13 +959,13 @@ async fn delete_instance(
     body: BodyStream,
 ) -> Result<Response, SbError> {
     let (machine, _, principal) = machine_for(
-        &gw,
+        &deps,
         bearer.as_deref(),
         &slug,
         Access::Admin,
         "delete instances",
     )?;
-    let body = json_object(&gw, len, body, 4096).await?;
+    let body = json_object(&deps, len, body, 4096).await?;
     if body.get("dangerDataWillBeDeletedForever") != Some(&Value::Bool(true)) {
         return Err(bad(
             "invalid-parameters",
@@ -983,7 +973,7 @@ async fn delete_instance(
         ));
     }
     let (m, actor) = (machine.slug.clone(), principal.actor());
-    gw.writer
+    deps.writer
         .write(move |txn| inst::delete_instance(txn, &m, &instance, &actor, clock::now_ms()))
         .await?;
     Ok(json_response(StatusCode::OK, &json!({})))
@@ -993,15 +983,15 @@ async fn delete_instance(
 /// `allowRead` on the instance's current state. Returns the machine's slug and the `auth`
 /// value to re-check `allowRead` with on each later state.
 pub(super) fn authorize_live(
-    gw: &Gateway,
+    deps: &Deps,
     bearer: Option<&str>,
     slug: &str,
     instance: &str,
 ) -> Result<(String, Value), SbError> {
     let (machine, access, principal) =
-        machine_for(gw, bearer, slug, Access::Public, "read instances")?;
+        machine_for(deps, bearer, slug, Access::Public, "read instances")?;
     let auth = auth_value(&principal, access);
-    match current_view(gw, &machine.slug, instance, &auth)? {
+    match current_view(deps, &machine.slug, instance, &auth)? {
         Some(_) => Ok((machine.slug, auth)),
         None => Err(SbError(
             StatusCode::NOT_FOUND,
@@ -1011,29 +1001,39 @@ pub(super) fn authorize_live(
     }
 }
 
-/// The instance's step count and public view (`{ts, state, publicContext, tags, done}`), or
-/// `None` once it no longer exists. A state whose `allowRead` rejects `auth` is a 403.
-pub(super) fn current_view(
-    gw: &Gateway,
-    machine: &str,
-    instance: &str,
+/// The chart's `allowRead` on `state` for the caller `auth`: 403 when it says no.
+fn allowed_to_read(
+    chart: &crate::chart::Chart,
+    state: &crate::chart::InstanceState,
     auth: &Value,
-) -> Result<Option<(u64, Value)>, SbError> {
-    let (i, chart, state) = match load(gw, machine, instance) {
-        Ok(found) => found,
-        Err(SbError(StatusCode::NOT_FOUND, ..)) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    if !chart
-        .allow_read(&state, auth)
-        .map_err(|e| SbError::from(InstanceError::from(e)))?
-    {
+) -> Result<(), SbError> {
+    let allowed = chart
+        .allow_read(state, auth)
+        .map_err(|e| SbError::from(InstanceError::from(e)))?;
+    if !allowed {
         return Err(SbError(
             StatusCode::FORBIDDEN,
             "rejected-by-machine-authorizer",
             "allowRead rejected this read".into(),
         ));
     }
+    Ok(())
+}
+
+/// The instance's step count and public view (`{ts, state, publicContext, tags, done}`), or
+/// `None` once it no longer exists. A state whose `allowRead` rejects `auth` is a 403.
+pub(super) fn current_view(
+    deps: &Deps,
+    machine: &str,
+    instance: &str,
+    auth: &Value,
+) -> Result<Option<(u64, Value)>, SbError> {
+    let (i, chart, state) = match load(deps, machine, instance) {
+        Ok(found) => found,
+        Err(SbError(StatusCode::NOT_FOUND, ..)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    allowed_to_read(&chart, &state, auth)?;
     Ok(Some((i.steps, inst::public_view(&chart, &state, i.ts_ms))))
 }
 
@@ -1050,19 +1050,19 @@ pub(super) fn current_view(
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
 fn live(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
 ) -> Result<Response, SbError> {
-    let (m, auth) = authorize_live(&gw, bearer.as_deref(), &slug, &instance)?;
-    let mut commits = gw.writer.subscribe();
+    let (m, auth) = authorize_live(&deps, bearer.as_deref(), &slug, &instance)?;
+    let mut commits = deps.writer.subscribe();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<warp::sse::Event>(16);
     tokio::spawn(async move {
         let mut last_steps = None;
         loop {
             // Gone, or no longer readable under allowRead: the stream ends.
-            let Ok(Some((steps, view))) = current_view(&gw, &m, &instance, &auth) else {
+            let Ok(Some((steps, view))) = current_view(&deps, &m, &instance, &auth) else {
                 return;
             };
             if last_steps != Some(steps) {

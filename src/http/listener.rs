@@ -16,16 +16,16 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
 use super::drain::RequestBody;
+use super::Deps;
 use super::{routes, RemoteAddr};
-use crate::server::Gateway;
 
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
-    let service = warp::service(routes(gw.clone()));
+pub async fn serve(listener: TcpListener, deps: Arc<Deps>, mut shutdown: watch::Receiver<bool>) {
+    let service = warp::service(routes(deps.clone()));
     let graceful = GracefulShutdown::new();
-    let handshake_timeout = Duration::from_secs(gw.config.http.handshake_timeout_secs);
-    let header_timeout = Duration::from_secs(gw.config.http.header_read_timeout_secs);
+    let handshake_timeout = Duration::from_secs(deps.config.http.handshake_timeout_secs);
+    let header_timeout = Duration::from_secs(deps.config.http.header_read_timeout_secs);
     // The largest body any route reads: a refused body up to this size is drained.
-    let drain_max = gw
+    let drain_max = deps
         .config
         .http
         .max_json_bytes
@@ -43,28 +43,15 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
             },
             _ = shutdown.changed() => break,
         };
-        gw.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        deps.metrics.connections.fetch_add(1, Ordering::Relaxed);
         let _ = tcp.set_nodelay(true);
-        let acceptor = gw.tls.get();
-        let gw = gw.clone();
+        let acceptor = deps.tls.get();
+        let deps = deps.clone();
         let service = service.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    gw.metrics
-                        .tls_handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    gw.metrics
-                        .tls_handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
+            let Some(tls) = handshake(&acceptor, tcp, peer, handshake_timeout, &deps).await else {
+                return;
             };
             let first_request = Arc::new(Notify::new());
             let request_came = first_request.clone();
@@ -88,7 +75,7 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
                             .get(http::header::CONTENT_LENGTH)
                             .is_some_and(|v| v.as_bytes() != b"0");
                     let mut warp_svc = service.clone();
-                    let gw = gw.clone();
+                    let deps = deps.clone();
                     async move {
                         let mut res = tower_service::Service::call(&mut warp_svc, req).await?;
                         // An error answered before the body was read (401, 404, 405, 413, …)
@@ -101,7 +88,7 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
                                 http::HeaderValue::from_static("close"),
                             );
                         }
-                        gw.metrics
+                        deps.metrics
                             .record_request(method.as_str(), route, res.status().as_u16());
                         Ok::<_, Infallible>(res)
                     }
@@ -134,11 +121,38 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut shutdown: watch:
         });
     }
     drop(listener);
-    let grace = Duration::from_secs(gw.config.http.shutdown_grace_secs);
+    let grace = Duration::from_secs(deps.config.http.shutdown_grace_secs);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("connections still open after the grace period; closing them");
+    }
+}
+
+/// The TLS handshake of a new connection, bounded by `timeout`; a failure is counted.
+async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    timeout: Duration,
+    deps: &Deps,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let failed = || {
+        deps.metrics
+            .tls_handshake_failures
+            .fetch_add(1, Ordering::Relaxed)
+    };
+    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            failed();
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            failed();
+            None
+        }
     }
 }

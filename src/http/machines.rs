@@ -20,7 +20,7 @@ use super::openapi::schema::{
     KeyList, KeyMinted, KeyOne, MachineCreated, MachineList, MachineOne, MintKeyRequest,
     NewMachineRequest, ZeqError,
 };
-use crate::server::Gateway;
+use super::Deps;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -28,47 +28,48 @@ use crate::server::Gateway;
 pub(super) struct Api;
 
 pub fn routes(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let create = warp::path!("api" / "chain" / "state-machines")
         .and(warp::post())
-        .and(with_gateway(gw.clone()))
+        .and(with_gateway(deps.clone()))
         .and(client_ip())
         .and(bearer())
         .and(body())
-        .then(|gw, ip, bearer, len, body| async move {
-            respond(create(gw, ip, bearer, len, body).await)
+        .then(|deps, ip, bearer, len, body| async move {
+            respond(create(deps, ip, bearer, len, body).await)
         });
     let list = warp::path!("api" / "chain" / "state-machines")
         .and(warp::get())
-        .and(with_gateway(gw.clone()))
+        .and(with_gateway(deps.clone()))
         .and(bearer())
-        .then(|gw, bearer| async move { respond(list(gw, bearer)) });
+        .then(|deps, bearer| async move { respond(list(deps, bearer)) });
     let one = warp::path!("api" / "chain" / "state-machines" / String)
         .and(warp::get())
-        .and(with_gateway(gw.clone()))
+        .and(with_gateway(deps.clone()))
         .and(bearer())
-        .then(|slug, gw, bearer| async move { respond(get_one(gw, bearer, slug)) });
+        .then(|slug, deps, bearer| async move { respond(get_one(deps, bearer, slug)) });
     let mint = warp::path!("api" / "chain" / String / "api-keys")
         .and(warp::post())
-        .and(with_gateway(gw.clone()))
+        .and(with_gateway(deps.clone()))
         .and(bearer())
         .and(body())
-        .then(|slug, gw, bearer, len, body| async move {
-            respond(mint_key(gw, bearer, slug, len, body).await)
+        .then(|slug, deps, bearer, len, body| async move {
+            respond(mint_key(deps, bearer, slug, len, body).await)
         });
     let keys = warp::path!("api" / "chain" / String / "api-keys")
         .and(warp::get())
-        .and(with_gateway(gw.clone()))
+        .and(with_gateway(deps.clone()))
         .and(bearer())
-        .then(|slug, gw, bearer| async move { respond(list_keys(gw, bearer, slug)) });
-    let revoke = warp::path!("api" / "chain" / String / "api-keys" / String)
-        .and(warp::delete())
-        .and(with_gateway(gw))
-        .and(bearer())
-        .then(
-            |slug, id, gw, bearer| async move { respond(revoke_key(gw, bearer, slug, id).await) },
-        );
+        .then(|slug, deps, bearer| async move { respond(list_keys(deps, bearer, slug)) });
+    let revoke =
+        warp::path!("api" / "chain" / String / "api-keys" / String)
+            .and(warp::delete())
+            .and(with_gateway(deps))
+            .and(bearer())
+            .then(|slug, id, deps, bearer| async move {
+                respond(revoke_key(deps, bearer, slug, id).await)
+            });
     create
         .or(list)
         .unify()
@@ -97,30 +98,30 @@ pub fn routes(
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn create(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     ip: IpAddr,
     bearer: Option<String>,
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
-    gw.spinup_limit
+    deps.spinup_limit
         .check(&ip)
-        .map_err(|secs| gw.rate_limited(secs))?;
-    let principal = gw.principal(bearer.as_deref())?;
+        .map_err(|secs| deps.rate_limited(secs))?;
+    let principal = deps.principal(bearer.as_deref())?;
     if principal == Principal::Anonymous {
         return Err(ApiError::unauthorized());
     }
-    let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
+    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
     let request = NewMachine::from_json(&parse_json(&bytes)?)?;
-    let owner = gw
+    let owner = deps
         .store
         .view(|txn| match machines::spinup_owner(txn, &principal) {
             Err(MachineError::Store(e)) => Err(e),
             other => Ok(other),
         })??;
-    let defaults = gw.machine_defaults.clone();
+    let defaults = deps.machine_defaults.clone();
     let actor = principal.actor();
-    let (machine, api_key) = gw
+    let (machine, api_key) = deps
         .writer
         .write(move |txn| {
             machines::create(txn, &owner, &actor, request, &defaults, clock::now_ms())
@@ -140,9 +141,9 @@ async fn create(
         (status = 200, description = "Visible machines", body = MachineList),
         (status = 401, description = "`unauthorized`: unknown, revoked or expired key", body = ZeqError),
     ))]
-fn list(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, ApiError> {
-    let principal = gw.principal(bearer.as_deref())?;
-    let all = gw.store.view(machines::all)?;
+fn list(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, ApiError> {
+    let principal = deps.principal(bearer.as_deref())?;
+    let all = deps.store.view(machines::all)?;
     let visible: Vec<Value> = all
         .iter()
         .filter_map(|m| {
@@ -165,9 +166,9 @@ fn list(gw: Arc<Gateway>, bearer: Option<String>) -> Result<Response, ApiError> 
         (status = 401, description = "`unauthorized`", body = ZeqError),
         (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
     ))]
-fn get_one(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
-    let principal = gw.principal(bearer.as_deref())?;
-    let (machine, access) = visible_machine(&gw, &principal, &slug)?;
+fn get_one(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
+    let principal = deps.principal(bearer.as_deref())?;
+    let (machine, access) = visible_machine(&deps, &principal, &slug)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"ok": true, "machine": machine.to_json(access)}),
@@ -193,12 +194,12 @@ fn key_json(k: &KeyRecord) -> Value {
 
 /// Admin+ on the machine, or the reason why not.
 fn require_admin(
-    gw: &Gateway,
+    deps: &Deps,
     bearer: Option<&str>,
     slug: &str,
 ) -> Result<(Machine, Principal), ApiError> {
-    let principal = gw.principal(bearer)?;
-    let (machine, access) = visible_machine(gw, &principal, slug)?;
+    let principal = deps.principal(bearer)?;
+    let (machine, access) = visible_machine(deps, &principal, slug)?;
     if access < Access::Admin {
         return Err(ApiError::forbidden(
             "managing keys needs the owner or an admin key of this machine",
@@ -225,14 +226,14 @@ const MAX_KEY_TTL_SECS: u64 = 10 * 365 * 86_400;
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn mint_key(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
-    let (machine, principal) = require_admin(&gw, bearer.as_deref(), &slug)?;
-    let bytes = read_body(declared, body, gw.config.http.max_json_bytes).await?;
+    let (machine, principal) = require_admin(&deps, bearer.as_deref(), &slug)?;
+    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
     let body = parse_json(&bytes)?;
     let name = match body.get("name") {
         Some(Value::String(s)) if (1..=100).contains(&s.chars().count()) => s.clone(),
@@ -269,7 +270,7 @@ async fn mint_key(
         },
     };
     let (slug, actor) = (machine.slug.clone(), principal.actor());
-    let (raw, record) = gw
+    let (raw, record) = deps
         .writer
         .write(move |txn| -> Result<_, ApiError> {
             let now = clock::now_ms();
@@ -301,9 +302,9 @@ async fn mint_key(
         (status = 403, description = "`forbidden`", body = ZeqError),
         (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
     ))]
-fn list_keys(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
-    let (machine, _) = require_admin(&gw, bearer.as_deref(), &slug)?;
-    let keys = gw.store.view(|txn| {
+fn list_keys(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
+    let (machine, _) = require_admin(&deps, bearer.as_deref(), &slug)?;
+    let keys = deps.store.view(|txn| {
         auth::list_keys(
             txn,
             |s| matches!(s, KeySubject::Machine { slug, .. } if *slug == machine.slug),
@@ -328,14 +329,14 @@ fn list_keys(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<R
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn revoke_key(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     id: String,
 ) -> Result<Response, ApiError> {
-    let (machine, principal) = require_admin(&gw, bearer.as_deref(), &slug)?;
+    let (machine, principal) = require_admin(&deps, bearer.as_deref(), &slug)?;
     let (machine_slug, actor) = (machine.slug.clone(), principal.actor());
-    let record = gw
+    let record = deps
         .writer
         .write(move |txn| -> Result<_, MachineError> {
             Ok(machines::revoke_key(
@@ -355,7 +356,7 @@ async fn revoke_key(
         ));
     };
     tracing::info!(slug = %machine.slug, key = %record.id, by = %principal.actor(), "machine key revoked");
-    gw.mqtt.key_revoked(&record.id);
+    deps.mqtt.key_revoked(&record.id);
     Ok(json_response(
         StatusCode::OK,
         &json!({"ok": true, "key": key_json(&record)}),

@@ -6,6 +6,7 @@ mod agents;
 mod chain;
 pub mod client;
 mod console;
+mod deps;
 mod drain;
 mod instances;
 mod listener;
@@ -17,6 +18,7 @@ mod pages;
 mod rt;
 mod sync;
 
+pub use deps::Deps;
 pub use listener::serve;
 
 use std::convert::Infallible;
@@ -34,7 +36,6 @@ use warp::{Buf, Filter, Reply};
 use crate::auth::AuthError;
 use crate::auth::{Access, Principal};
 use crate::machines::{Machine, MachineError};
-use crate::server::Gateway;
 use crate::store::StoreError;
 
 /// The peer address of the connection, put on each request by the listener.
@@ -60,6 +61,11 @@ impl ApiError {
             extra: Map::new(),
             retry_after: None,
         }
+    }
+
+    /// 500 `unspecified`: a failure that is not the caller's.
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unspecified", message)
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -135,11 +141,7 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Corrupt(_) | StoreError::NewerSchema { .. } => {
                 tracing::error!(error = %e, "storage error");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "unspecified",
-                    e.to_string(),
-                )
+                ApiError::internal(e.to_string())
             }
         }
     }
@@ -174,12 +176,12 @@ impl From<MachineError> for ApiError {
 /// The machine and the caller's access to it. Private machines are invisible to callers who
 /// have no access: anonymous callers are asked to authenticate, others get 404.
 pub fn visible_machine(
-    gw: &Gateway,
+    deps: &Deps,
     principal: &Principal,
     slug: &str,
 ) -> Result<(Machine, Access), ApiError> {
     let machine = if crate::machines::valid_slug(slug) {
-        gw.store.view(|txn| crate::machines::get(txn, slug))?
+        deps.store.view(|txn| crate::machines::get(txn, slug))?
     } else {
         None
     };
@@ -351,32 +353,32 @@ pub fn client_ip() -> impl Filter<Extract = (IpAddr,), Error = Infallible> + Clo
 }
 
 pub fn with_gateway(
-    gw: Arc<Gateway>,
-) -> impl Filter<Extract = (Arc<Gateway>,), Error = Infallible> + Clone {
-    warp::any().map(move || gw.clone())
+    deps: Arc<Deps>,
+) -> impl Filter<Extract = (Arc<Deps>,), Error = Infallible> + Clone {
+    warp::any().map(move || deps.clone())
 }
 
 /// Every route of the gateway.
-pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+pub fn routes(deps: Arc<Deps>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     // Pages first: `/s/…` is the hot public path; no other area shares its prefixes.
-    pages::routes(gw.clone())
-        .or(machines::routes(gw.clone()))
+    pages::routes(deps.clone())
+        .or(machines::routes(deps.clone()))
         .unify()
-        .or(chain::routes(gw.clone()))
+        .or(chain::routes(deps.clone()))
         .unify()
-        .or(agents::routes(gw.clone()))
+        .or(agents::routes(deps.clone()))
         .unify()
-        .or(instances::routes(gw.clone()))
+        .or(instances::routes(deps.clone()))
         .unify()
-        .or(rt::routes(gw.clone()))
+        .or(rt::routes(deps.clone()))
         .unify()
-        .or(mqtt::routes(gw.clone()))
+        .or(mqtt::routes(deps.clone()))
         .unify()
-        .or(console::routes(gw.clone()))
+        .or(console::routes(deps.clone()))
         .unify()
-        .or(ops::routes(gw.clone()))
+        .or(ops::routes(deps.clone()))
         .unify()
-        .or(sync::routes(gw))
+        .or(sync::routes(deps))
         .unify()
         .recover(|r: warp::Rejection| async move { Ok::<_, Infallible>(rejection(r)) })
         .unify()

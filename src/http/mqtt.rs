@@ -8,11 +8,11 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
+use super::Deps;
 use super::{bearer, json_response, respond, visible_machine, with_gateway, ApiError};
 use crate::auth::Access;
 use crate::clock;
 use crate::mqtt::ingest;
-use crate::server::Gateway;
 
 use super::openapi::schema::{DeadLetters, ZeqError};
 
@@ -24,16 +24,16 @@ type Query = std::collections::HashMap<String, String>;
 pub(super) struct Api;
 
 pub fn routes(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("api" / "chain" / "state-machines" / String / "dead-letters")
         .and(warp::get())
         .and(warp::query::<Query>())
-        .and(with_gateway(gw))
+        .and(with_gateway(deps))
         .and(bearer())
         .map(
-            |slug: String, q: Query, gw: Arc<Gateway>, bearer: Option<String>| {
-                respond(list(&gw, bearer.as_deref(), &slug, &q))
+            |slug: String, q: Query, deps: Arc<Deps>, bearer: Option<String>| {
+                respond(list(&deps, bearer.as_deref(), &slug, &q))
             },
         )
 }
@@ -51,9 +51,9 @@ pub fn routes(
         (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
     ))]
 #[allow(clippy::result_large_err)] // the shared error type of the zeq routes
-fn list(gw: &Gateway, bearer: Option<&str>, slug: &str, q: &Query) -> Result<Response, ApiError> {
-    let principal = gw.principal(bearer)?;
-    let (machine, access) = visible_machine(gw, &principal, slug)?;
+fn list(deps: &Deps, bearer: Option<&str>, slug: &str, q: &Query) -> Result<Response, ApiError> {
+    let principal = deps.principal(bearer)?;
+    let (machine, access) = visible_machine(deps, &principal, slug)?;
     if access < Access::Viewer {
         return Err(ApiError::forbidden(
             "reading dead letters needs the owner or a viewer, operator or admin key",
@@ -69,7 +69,7 @@ fn list(gw: &Gateway, bearer: Option<&str>, slug: &str, q: &Query) -> Result<Res
                 ApiError::bad_request("invalid_limit", "limit must be an integer from 1 to 1000")
             })?,
     };
-    let letters = gw
+    let letters = deps
         .store
         .view(|txn| ingest::dead_letters(txn, &machine.slug, limit))?;
     let items: Vec<Value> = letters

@@ -9,10 +9,10 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use super::openapi::schema::{GatewayInfo, Health, ZeqError};
+use super::Deps;
 use super::{json_response, respond, with_gateway, ApiError};
 use crate::clock;
 use crate::machines;
-use crate::server::Gateway;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -33,21 +33,21 @@ pub(super) struct Api;
 struct WebUi;
 
 pub fn routes(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let healthz = warp::path!("healthz")
         .and(warp::get())
-        .and(with_gateway(gw.clone()))
-        .map(|gw: Arc<Gateway>| match gw.store.view(|_| Ok(())) {
+        .and(with_gateway(deps.clone()))
+        .map(|deps: Arc<Deps>| match deps.store.view(|_| Ok(())) {
             Ok(_) => json_response(StatusCode::OK, &json!({"ok": true, "status": "ok"})),
             Err(e) => ApiError::from(e).into_response(),
         });
     let metrics = warp::path!("metrics")
         .and(warp::get())
-        .and(with_gateway(gw.clone()))
-        .map(|gw: Arc<Gateway>| {
-            let mut text = gw.render_metrics();
-            text.push_str(&gw.sync.render());
+        .and(with_gateway(deps.clone()))
+        .map(|deps: Arc<Deps>| {
+            let mut text = deps.render_metrics();
+            text.push_str(&deps.sync.render());
             let mut res = text.into_response();
             if let Ok(v) = "text/plain; version=0.0.4; charset=utf-8".parse() {
                 res.headers_mut().insert(http::header::CONTENT_TYPE, v);
@@ -56,8 +56,8 @@ pub fn routes(
         });
     let info = warp::path!("api" / "gateway")
         .and(warp::get())
-        .and(with_gateway(gw))
-        .map(|gw: Arc<Gateway>| respond(gateway_info(&gw)));
+        .and(with_gateway(deps))
+        .map(|deps: Arc<Deps>| respond(gateway_info(&deps)));
     let openapi = warp::path!("api" / "openapi.json")
         .and(warp::get())
         .map(super::openapi::reply);
@@ -142,20 +142,20 @@ fn doc_ui_index() {}
 #[allow(dead_code)]
 fn doc_ui_file() {}
 
-fn gateway_info(gw: &Gateway) -> Result<Response, ApiError> {
-    let machines = gw.store.view(machines::count)?;
+fn gateway_info(deps: &Deps) -> Result<Response, ApiError> {
+    let machines = deps.store.view(machines::count)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({
             "ok": true,
-            "gateway_id": gw.identity.id,
-            "public_key": crate::ledger::base64::encode(&gw.identity.public_key()),
-            "verifier_key": gw.identity.verifier_key(),
+            "gateway_id": deps.identity.id,
+            "public_key": crate::ledger::base64::encode(&deps.identity.public_key()),
+            "verifier_key": deps.identity.verifier_key(),
             "version": env!("CARGO_PKG_VERSION"),
-            "started_at": clock::rfc3339(gw.started_ms),
-            "uptime_seconds": gw.started.elapsed().as_secs(),
+            "started_at": clock::rfc3339(deps.started_ms),
+            "uptime_seconds": deps.started.elapsed().as_secs(),
             "machines": machines,
-            "region": gw.config.gateway.region,
+            "region": deps.config.gateway.region,
         }),
     ))
 }
@@ -193,7 +193,10 @@ fn ui_file(tail: &str) -> Response {
     set(
         h,
         http::header::ETAG,
-        &format!("\"{}\"", crate::gateway::hex(&file.metadata.sha256_hash())),
+        &format!(
+            "\"{}\"",
+            crate::ledger::hex::encode(&file.metadata.sha256_hash())
+        ),
     );
     res
 }

@@ -39,6 +39,7 @@ use super::openapi::schema::{
     PageHistory, PageList, PageOne, PageWritten, PublishRequest, RollbackRequest, SiteState,
     ZeqError,
 };
+use super::Deps;
 use super::{
     bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
 };
@@ -47,7 +48,6 @@ use crate::clock;
 use crate::ledger::hex;
 use crate::machines::{self, Machine};
 use crate::pages::{self, Draft, Encoded, PageError, PageSlug, Served};
-use crate::server::Gateway;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -97,35 +97,35 @@ pub const MAX_PUBLISH_BODY: u64 =
     2 * (pages::MAX_HTML_BYTES + pages::MAX_PYTHON_BYTES) as u64 + 64 * 1024;
 
 pub fn routes(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let base = || warp::path!("api" / "state-machines" / String / "pages" / ..);
     let list = base()
         .and(warp::path::end())
         .and(warp::get())
-        .and(with_gateway(gw.clone()))
+        .and(with_gateway(deps.clone()))
         .and(bearer())
-        .then(|slug, gw, bearer| async move { respond(list(gw, bearer, slug)) });
+        .then(|slug, deps, bearer| async move { respond(list(deps, bearer, slug)) });
     let one = base()
         .and(warp::path!(String))
         .and(warp::get())
-        .and(with_gateway(gw.clone()))
+        .and(with_gateway(deps.clone()))
         .and(bearer())
-        .then(|slug, page, gw, bearer| async move { respond(get_one(gw, bearer, slug, page)) });
+        .then(|slug, page, deps, bearer| async move { respond(get_one(deps, bearer, slug, page)) });
     let history = base()
         .and(warp::path!(String / "history"))
         .and(warp::get())
-        .and(with_gateway(gw.clone()))
+        .and(with_gateway(deps.clone()))
         .and(bearer())
-        .then(|slug, page, gw, bearer| async move { respond(history(gw, bearer, slug, page)) });
+        .then(|slug, page, deps, bearer| async move { respond(history(deps, bearer, slug, page)) });
     let write = base()
         .and(warp::path!(String / String))
         .and(warp::post())
-        .and(with_gateway(gw.clone()))
+        .and(with_gateway(deps.clone()))
         .and(bearer())
         .and(body())
         .and_then(
-            |slug: String, page: String, action: String, gw, bearer, len, body| async move {
+            |slug: String, page: String, action: String, deps, bearer, len, body| async move {
                 let action = match action.as_str() {
                     "publish" => Action::Publish,
                     "unpublish" => Action::Unpublish,
@@ -133,7 +133,7 @@ pub fn routes(
                     _ => return Err(warp::reject::not_found()),
                 };
                 Ok::<_, warp::Rejection>(respond(
-                    write(gw, bearer, slug, page, action, len, body).await,
+                    write(deps, bearer, slug, page, action, len, body).await,
                 ))
             },
         );
@@ -142,17 +142,17 @@ pub fn routes(
         .and(warp::method())
         .and(warp::header::headers_cloned())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-        .and(with_gateway(gw))
+        .and(with_gateway(deps))
         .and_then(
             |tail: warp::path::Tail,
              method: Method,
              headers: HeaderMap,
              query: String,
-             gw: Arc<Gateway>| async move {
+             deps: Arc<Deps>| async move {
                 if method != Method::GET && method != Method::HEAD {
                     return Err(warp::reject::not_found());
                 }
-                let res = site(&gw, tail.as_str(), &headers, &query)
+                let res = site(&deps, tail.as_str(), &headers, &query)
                     .ok_or_else(warp::reject::not_found)?;
                 Ok(if method == Method::HEAD {
                     head_of(res)
@@ -214,18 +214,18 @@ fn page_slug(page: &str) -> Result<PageSlug, ApiError> {
 }
 
 /// A read: any caller, any existing machine (see the module doc). Non-owners are rate limited.
-fn readable(gw: &Gateway, bearer: Option<&str>, slug: &str) -> Result<(Machine, Access), ApiError> {
-    let principal = gw.principal(bearer)?;
+fn readable(deps: &Deps, bearer: Option<&str>, slug: &str) -> Result<(Machine, Access), ApiError> {
+    let principal = deps.principal(bearer)?;
     let machine = machines::valid_slug(slug)
-        .then(|| gw.store.view(|txn| machines::get(txn, slug)))
+        .then(|| deps.store.view(|txn| machines::get(txn, slug)))
         .transpose()?
         .flatten()
         .ok_or_else(ApiError::machine_not_found)?;
     let access = machine.access(&principal);
     if access < Access::Owner {
-        gw.read_limit
+        deps.read_limit
             .check(&machine.slug)
-            .map_err(|s| gw.rate_limited(s))?;
+            .map_err(|s| deps.rate_limited(s))?;
     }
     Ok((machine, access))
 }
@@ -244,10 +244,10 @@ fn page_url(slug: &str, page: &PageSlug) -> String {
         (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
         (status = 429, description = "`rate_limited`", body = ZeqError),
     ))]
-fn list(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
-    let (machine, access) = readable(&gw, bearer.as_deref(), &slug)?;
+fn list(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
+    let (machine, access) = readable(&deps, bearer.as_deref(), &slug)?;
     let slug = machine.slug.as_str();
-    let pages = gw.store.view(|txn| {
+    let pages = deps.store.view(|txn| {
         let mut out = Vec::new();
         for (page, record) in pages::list(txn, slug)? {
             let shown = match record.live {
@@ -286,15 +286,15 @@ fn list(gw: Arc<Gateway>, bearer: Option<String>, slug: String) -> Result<Respon
         (status = 429, description = "`rate_limited`", body = ZeqError),
     ))]
 fn get_one(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     page: String,
 ) -> Result<Response, ApiError> {
-    let (machine, _) = readable(&gw, bearer.as_deref(), &slug)?;
+    let (machine, _) = readable(&deps, bearer.as_deref(), &slug)?;
     let page = page_slug(&page)?;
     let slug = machine.slug.as_str();
-    let found = gw.store.view(|txn| {
+    let found = deps.store.view(|txn| {
         let Some((_, v)) = pages::live(txn, slug, &page)? else {
             return Ok(None);
         };
@@ -335,15 +335,15 @@ fn get_one(
         (status = 429, description = "`rate_limited`", body = ZeqError),
     ))]
 fn history(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     page: String,
 ) -> Result<Response, ApiError> {
-    let (machine, _) = readable(&gw, bearer.as_deref(), &slug)?;
+    let (machine, _) = readable(&deps, bearer.as_deref(), &slug)?;
     let page = page_slug(&page)?;
     let slug = machine.slug.as_str();
-    let (record, versions) = gw.store.view(|txn| {
+    let (record, versions) = deps.store.view(|txn| {
         Ok((
             pages::get(txn, slug, &page)?,
             pages::history(txn, slug, &page)?,
@@ -527,7 +527,7 @@ enum Action {
 }
 
 async fn write(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     bearer: Option<String>,
     slug: String,
     page: String,
@@ -535,23 +535,23 @@ async fn write(
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
-    let principal = gw.principal(bearer.as_deref())?;
+    let principal = deps.principal(bearer.as_deref())?;
     if principal == Principal::Anonymous {
         return Err(ApiError::unauthorized());
     }
-    let (machine, access) = super::visible_machine(&gw, &principal, &slug)?;
+    let (machine, access) = super::visible_machine(&deps, &principal, &slug)?;
     if access < Access::Operator {
         return Err(ApiError::forbidden(
             "publishing needs the machine owner's key or an operator or admin machine key",
         ));
     }
     let page = page_slug(&page)?;
-    gw.write_limit
+    deps.write_limit
         .check(&machine.slug)
-        .map_err(|s| gw.rate_limited(s))?;
+        .map_err(|s| deps.rate_limited(s))?;
     let limit = match action {
         Action::Publish => MAX_PUBLISH_BODY,
-        _ => gw.config.http.max_json_bytes,
+        _ => deps.config.http.max_json_bytes,
     };
     let bytes = read_body(declared, body, limit).await?;
     let body = parse_json(&bytes)?;
@@ -561,25 +561,9 @@ async fn write(
     let (status, version, row) = match action {
         Action::Publish => {
             let draft = Draft::from_json(body)?;
-            let sha = crate::auth::sha256(draft.html.as_bytes());
-            // Compress only content the gateway has not stored yet, and off the runtime.
-            let encoded = if gw.store.view(|txn| pages::has_blob(txn, &sha))? {
-                None
-            } else {
-                let html = draft.html.clone().into_bytes();
-                let e = tokio::task::spawn_blocking(move || Encoded::compute(html))
-                    .await
-                    .map_err(|e| {
-                        ApiError::new(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "unspecified",
-                            e.to_string(),
-                        )
-                    })?;
-                Some(e)
-            };
+            let encoded = encode_if_new(&deps, &draft).await?;
             let (slug, page) = (slug.clone(), page.clone());
-            let p = gw
+            let p = deps
                 .writer
                 .write(move |txn| {
                     pages::publish(
@@ -608,7 +592,7 @@ async fn write(
                 }
             };
             let (slug, page) = (slug.clone(), page.clone());
-            let p = gw
+            let p = deps
                 .writer
                 .write(move |txn| pages::rollback(txn, &slug, &page, from, &actor, clock::now_ms()))
                 .await?;
@@ -616,7 +600,7 @@ async fn write(
         }
         Action::Unpublish => {
             let (slug, page) = (slug.clone(), page.clone());
-            let (v, row) = gw
+            let (v, row) = deps
                 .writer
                 .write(move |txn| pages::unpublish(txn, &slug, &page, &actor, clock::now_ms()))
                 .await?;
@@ -646,6 +630,20 @@ async fn write(
             "row": {"seq": row.seq, "type": row.kind, "hash": hex::encode(&row.hash)},
         }),
     ))
+}
+
+/// The page's HTML compressed for serving, unless the gateway already stores that content;
+/// computed off the runtime.
+async fn encode_if_new(deps: &Deps, draft: &Draft) -> Result<Option<Encoded>, ApiError> {
+    let sha = crate::auth::sha256(draft.html.as_bytes());
+    if deps.store.view(|txn| pages::has_blob(txn, &sha))? {
+        return Ok(None);
+    }
+    let html = draft.html.clone().into_bytes();
+    let encoded = tokio::task::spawn_blocking(move || Encoded::compute(html))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Some(encoded))
 }
 
 // ---- the public site ------------------------------------------------------------------
@@ -687,7 +685,7 @@ fn redirect(to: String) -> Response {
 }
 
 /// Routes `/s/…`; `None` for paths that are not part of the site.
-fn site(gw: &Gateway, tail: &str, headers: &HeaderMap, query: &str) -> Option<Response> {
+fn site(deps: &Deps, tail: &str, headers: &HeaderMap, query: &str) -> Option<Response> {
     let parts: Vec<&str> = tail.split('/').collect();
     let with_query = |path: String| {
         if query.is_empty() {
@@ -698,12 +696,12 @@ fn site(gw: &Gateway, tail: &str, headers: &HeaderMap, query: &str) -> Option<Re
     };
     let response = match parts.as_slice() {
         [slug] if !slug.is_empty() => redirect(with_query(format!("/s/{slug}/"))),
-        [slug, ""] => site_index(gw, slug, headers),
-        [slug, "state.json"] => state_json(gw, slug),
+        [slug, ""] => site_index(deps, slug, headers),
+        [slug, "state.json"] => state_json(deps, slug),
         [slug, "p", page] if !page.is_empty() => {
             redirect(with_query(format!("/s/{slug}/p/{page}/")))
         }
-        [slug, "p", page, ""] => serve_page(gw, slug, page, headers),
+        [slug, "p", page, ""] => serve_page(deps, slug, page, headers),
         _ => return None,
     };
     Some(response)
@@ -716,11 +714,11 @@ fn store_failure(e: crate::store::StoreError) -> Response {
 type Site = (Machine, Vec<(PageSlug, pages::PageVersion)>);
 
 /// The machine and its published pages, when its site exists (public, or a published page).
-fn site_machine(gw: &Gateway, slug: &str) -> Result<Option<Site>, crate::store::StoreError> {
+fn site_machine(deps: &Deps, slug: &str) -> Result<Option<Site>, crate::store::StoreError> {
     if !machines::valid_slug(slug) {
         return Ok(None);
     }
-    gw.store.view(|txn| {
+    deps.store.view(|txn| {
         let Some(m) = machines::get(txn, slug)? else {
             return Ok(None);
         };
@@ -744,8 +742,8 @@ fn html_escape(s: &str) -> String {
     out
 }
 
-fn site_index(gw: &Gateway, slug: &str, headers: &HeaderMap) -> Response {
-    let (machine, published) = match site_machine(gw, slug) {
+fn site_index(deps: &Deps, slug: &str, headers: &HeaderMap) -> Response {
+    let (machine, published) = match site_machine(deps, slug) {
         Ok(Some(found)) => found,
         Ok(None) => return plain(StatusCode::NOT_FOUND, "no such site\n"),
         Err(e) => return store_failure(e),
@@ -849,11 +847,11 @@ fn choose_encoding<'a>(
     }
 }
 
-fn serve_page(gw: &Gateway, slug: &str, page: &str, headers: &HeaderMap) -> Response {
+fn serve_page(deps: &Deps, slug: &str, page: &str, headers: &HeaderMap) -> Response {
     let Some(page) = PageSlug::parse(page).filter(|_| machines::valid_slug(slug)) else {
         return plain(StatusCode::NOT_FOUND, "no such page\n");
     };
-    let found = gw.store.view(|txn| {
+    let found = deps.store.view(|txn| {
         let Some(record) = pages::get(txn, slug, &page)? else {
             return Ok(None);
         };
@@ -900,20 +898,19 @@ fn serve_page(gw: &Gateway, slug: &str, page: &str, headers: &HeaderMap) -> Resp
 /// Public instance states for page scripts. Answers any origin (sandboxed pages send
 /// `Origin: null`) with `Access-Control-Allow-Origin: *` and never with credentials, so a
 /// browser will not attach cookies to it; it is read-only and shows only public state.
-fn state_json(gw: &Gateway, slug: &str) -> Response {
+fn state_json(deps: &Deps, slug: &str) -> Response {
     // One `{instance, ts, state, publicContext, tags, done}` per instance: the public view
     // (context.public and nothing else of the context), never the admin view.
-    let states =
-        match site_machine(gw, slug) {
-            Ok(Some((m, _))) => gw.store.view(|txn| {
-                match crate::instances::public_states(txn, &gw.charts, &m.slug) {
-                    Err(crate::instances::InstanceError::Store(e)) => Err(e),
-                    other => Ok(other),
-                }
-            }),
-            Ok(None) => return plain(StatusCode::NOT_FOUND, "no such site\n"),
-            Err(e) => return store_failure(e),
-        };
+    let states = match site_machine(deps, slug) {
+        Ok(Some((m, _))) => deps.store.view(|txn| {
+            match crate::instances::public_states(txn, &deps.charts, &m.slug) {
+                Err(crate::instances::InstanceError::Store(e)) => Err(e),
+                other => Ok(other),
+            }
+        }),
+        Ok(None) => return plain(StatusCode::NOT_FOUND, "no such site\n"),
+        Err(e) => return store_failure(e),
+    };
     let mut res = match states {
         Ok(Ok(instances)) => json_response(
             StatusCode::OK,

@@ -34,8 +34,8 @@ use warp::{Filter, Reply};
 
 use super::instances::{authorize_live, current_view, SbError};
 use super::openapi::schema::{SbError as SbErrorBody, ZeqError};
+use super::Deps;
 use super::{bearer, json_response, with_gateway};
-use crate::server::Gateway;
 
 /// Subscriptions one socket may hold at once.
 pub const MAX_SUBSCRIPTIONS: usize = 256;
@@ -65,25 +65,25 @@ pub(super) struct Api;
 fn doc_rt() {}
 
 pub fn routes(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("rt")
         .and(warp::get())
         .and(warp::ws())
         .and(warp::query::<Query>())
-        .and(with_gateway(gw))
+        .and(with_gateway(deps))
         .and(bearer())
-        .map(|ws: Ws, q: Query, gw: Arc<Gateway>, b: Option<String>| {
+        .map(|ws: Ws, q: Query, deps: Arc<Deps>, b: Option<String>| {
             let token = b.or_else(|| q.get("token").cloned());
             // A key that does not authenticate is refused before the upgrade, with the same
             // 401 as any other route; no key at all is anonymous.
-            if let Err(e) = gw.principal(token.as_deref()) {
+            if let Err(e) = deps.principal(token.as_deref()) {
                 let e = SbError::from(super::ApiError::from(e));
                 return json_response(e.0, &json!({"error": e.2, "code": e.1}));
             }
             ws.max_message_size(MAX_MESSAGE_BYTES)
                 .max_frame_size(MAX_MESSAGE_BYTES)
-                .on_upgrade(move |socket| session(gw, token, socket))
+                .on_upgrade(move |socket| session(deps, token, socket))
                 .into_response()
         })
 }
@@ -97,9 +97,9 @@ struct Sub {
     last_steps: Option<u64>,
 }
 
-async fn session(gw: Arc<Gateway>, token: Option<String>, socket: WebSocket) {
+async fn session(deps: Arc<Deps>, token: Option<String>, socket: WebSocket) {
     let (mut tx, mut rx) = socket.split();
-    let mut commits = gw.writer.subscribe();
+    let mut commits = deps.writer.subscribe();
     let mut ping = tokio::time::interval(SERVER_PING);
     ping.tick().await;
     // Keyed by (machineName as the client wrote it, machineInstanceName).
@@ -108,7 +108,7 @@ async fn session(gw: Arc<Gateway>, token: Option<String>, socket: WebSocket) {
         let out = tokio::select! {
             msg = rx.next() => match msg {
                 Some(Ok(m)) if m.is_text() => {
-                    handle(&gw, token.as_deref(), &mut subs, m.to_str().unwrap_or_default())
+                    handle(&deps, token.as_deref(), &mut subs, m.to_str().unwrap_or_default())
                 }
                 Some(Ok(m)) if m.is_close() => break,
                 Some(Ok(_)) => continue, // pings are answered by the protocol layer
@@ -118,7 +118,7 @@ async fn session(gw: Arc<Gateway>, token: Option<String>, socket: WebSocket) {
                 if changed.is_err() {
                     break;
                 }
-                refresh(&gw, &mut subs, None)
+                refresh(&deps, &mut subs, None)
             }
             _ = ping.tick() => vec![Message::ping(Vec::new())],
         };
@@ -147,7 +147,7 @@ fn error(request_id: &Value, status: StatusCode, code: &str, message: &str) -> M
 
 /// Answers one client message.
 fn handle(
-    gw: &Gateway,
+    deps: &Deps,
     token: Option<&str>,
     subs: &mut HashMap<(String, String), Sub>,
     raw: &str,
@@ -185,7 +185,7 @@ fn handle(
                     &format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"),
                 )];
             }
-            match authorize_live(gw, token, &key.0, &key.1) {
+            match authorize_live(deps, token, &key.0, &key.1) {
                 Ok((machine, auth)) => {
                     subs.insert(
                         key.clone(),
@@ -196,7 +196,7 @@ fn handle(
                             last_steps: None,
                         },
                     );
-                    refresh(gw, subs, Some(&key))
+                    refresh(deps, subs, Some(&key))
                 }
                 Err(e) => vec![error(&request_id, e.0, e.1, &e.2)],
             }
@@ -219,7 +219,7 @@ fn handle(
 /// Sends an `instance-update` for each subscription (or just `only`) whose instance moved
 /// since its last update; ends subscriptions whose instance is gone or no longer readable.
 fn refresh(
-    gw: &Gateway,
+    deps: &Deps,
     subs: &mut HashMap<(String, String), Sub>,
     only: Option<&(String, String)>,
 ) -> Vec<Message> {
@@ -229,7 +229,7 @@ fn refresh(
         if only.is_some_and(|k| k != key) {
             continue;
         }
-        match current_view(gw, &sub.machine, &key.1, &sub.auth) {
+        match current_view(deps, &sub.machine, &key.1, &sub.auth) {
             Ok(Some((steps, mut view))) => {
                 if sub.last_steps == Some(steps) {
                     continue;

@@ -49,6 +49,12 @@ pub const HISTORY: TableDefinition<(&str, &str, u64), &[u8]> =
 pub const DUE: TableDefinition<(i64, &str, &str), ()> = TableDefinition::new("instance_due");
 
 /// All tables of this module, created at first open.
+/// This module's tables, for [`store::StoreOptions::tables`].
+pub const TABLES: store::Tables = store::Tables {
+    create: create_tables,
+    migrate: None,
+};
+
 pub fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(VERSIONS)?;
     txn.open_table(CHARTS)?;

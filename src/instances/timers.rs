@@ -9,6 +9,7 @@
 //! passes the task sleeps until the earliest deadline or the next commit (which may have added
 //! an earlier one), whichever comes first.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,15 +17,29 @@ use tokio::sync::watch;
 
 use super::{due, earliest_due, Charts, InstanceError, Sent, Steps};
 use crate::clock;
-use crate::server::Gateway;
+use crate::store::{GroupCommit, Store};
+
+/// What the timer task uses of the running gateway.
+pub struct Deps {
+    pub store: Arc<Store>,
+    pub writer: GroupCommit,
+    pub charts: Arc<Charts>,
+    /// Counts the timers fired (read by `/metrics`).
+    pub fired: Arc<AtomicU64>,
+    /// Called with each pass's committed steps, after the commit (the MQTT state publisher).
+    pub on_commit: OnCommit,
+}
+
+/// What the timer task calls with the steps of each pass, after their commit.
+pub type OnCommit = Box<dyn Fn(&[Sent]) + Send + Sync>;
 
 const PASS: usize = 256;
 
-pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
-    let mut commits = gw.writer.subscribe();
+pub async fn run(deps: Deps, mut shutdown: watch::Receiver<bool>) {
+    let mut commits = deps.writer.subscribe();
     loop {
         let now = clock::now_ms();
-        let batch = match gw.store.view(|txn| due(txn, now, PASS)) {
+        let batch = match deps.store.view(|txn| due(txn, now, PASS)) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "timer scan failed");
@@ -32,10 +47,10 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
             }
         };
         if !batch.is_empty() {
-            let charts = gw.charts.clone();
-            let fired = gw
+            let charts = deps.charts.clone();
+            let fired = deps
                 .writer
-                .write(move |txn| -> Result<Vec<super::Sent>, InstanceError> {
+                .write(move |txn| -> Result<Vec<Sent>, InstanceError> {
                     let mut steps = Steps::open(txn)?;
                     let truncated = batch.len() == PASS;
                     let fired = fire_pass(&mut steps, &charts, batch, truncated, now)?;
@@ -45,9 +60,8 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
                 .await;
             match fired {
                 Ok(fired) => {
-                    gw.timers_fired
-                        .fetch_add(fired.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    gw.mqtt.committed_all(&fired);
+                    deps.fired.fetch_add(fired.len() as u64, Ordering::Relaxed);
+                    (deps.on_commit)(&fired);
                     continue;
                 }
                 Err(e) => {
@@ -57,7 +71,7 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
                 }
             }
         }
-        let wait = match gw.store.view(earliest_due) {
+        let wait = match deps.store.view(earliest_due) {
             Ok(Some(d)) => Duration::from_millis((d - clock::now_ms()).clamp(0, 60_000) as u64),
             _ => Duration::from_secs(60),
         };

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 // The stored-state writers of the engine: byte for byte what serde_json writes (tested there
 // against it), without a `Value` and a `String` allocated per string.
-use crate::chart::json::{write_number, write_str};
+use crate::json::{write_number, write_str};
 
 pub fn to_vec(value: &Value) -> Vec<u8> {
     let mut out = Vec::new();

@@ -54,32 +54,8 @@ where
         }
     };
     let proto = connect.proto;
-    let refuse = |reason| Out::ConnAck {
-        reason,
-        session_present: false,
-        receive_maximum: 0,
-        max_packet: 0,
-    };
-    let (grant, subject) = match server.authenticate(connect.password.as_deref()) {
-        Ok(g) => g,
-        Err(reason) => {
-            server.shared.connect_refused(match reason {
-                Reason::ServerUnavailable => "store_unavailable",
-                _ => "not_authorized",
-            });
-            let _ = send(&mut io, proto, &[refuse(reason)]).await;
-            return;
-        }
-    };
-    let client_id = if connect.client_id.is_empty() {
-        if !connect.clean && proto == Proto::V4 {
-            server.shared.connect_refused("client_id");
-            let _ = send(&mut io, proto, &[refuse(Reason::ClientIdentifierNotValid)]).await;
-            return;
-        }
-        format!("smgate-{}", uuid::Uuid::new_v4().simple())
-    } else {
-        connect.client_id.clone()
+    let Some((grant, subject, client_id)) = admit(&server, &mut io, &connect).await else {
+        return;
     };
     let session: Arc<str> = format!("{subject}|{client_id}").into();
     let link = Arc::new(Link::new(Arc::new(grant)));
@@ -160,6 +136,51 @@ where
     server.close_session(&session, &link, persistent, parked);
     server.connections.fetch_sub(1, Ordering::Relaxed);
     tracing::debug!(%peer, client = %client_id, ?end, "MQTT connection closed");
+}
+
+/// The CONNACK that refuses a connection.
+fn refuse(reason: Reason) -> Out {
+    Out::ConnAck {
+        reason,
+        session_present: false,
+        receive_maximum: 0,
+        max_packet: 0,
+    }
+}
+
+/// Authenticates a CONNECT and settles its client id: (grant, key subject, client id), or
+/// None after the refusal is sent.
+async fn admit<S>(
+    server: &Server,
+    io: &mut S,
+    connect: &codec::Connect,
+) -> Option<(Grant, String, String)>
+where
+    S: AsyncWrite + Unpin,
+{
+    let proto = connect.proto;
+    let (grant, subject) = match server.authenticate(connect.password.as_deref()) {
+        Ok(g) => g,
+        Err(reason) => {
+            server.shared.connect_refused(match reason {
+                Reason::ServerUnavailable => "store_unavailable",
+                _ => "not_authorized",
+            });
+            let _ = send(io, proto, &[refuse(reason)]).await;
+            return None;
+        }
+    };
+    let client_id = if connect.client_id.is_empty() {
+        if !connect.clean && proto == Proto::V4 {
+            server.shared.connect_refused("client_id");
+            let _ = send(io, proto, &[refuse(Reason::ClientIdentifierNotValid)]).await;
+            return None;
+        }
+        format!("smgate-{}", uuid::Uuid::new_v4().simple())
+    } else {
+        connect.client_id.clone()
+    };
+    Some((grant, subject, client_id))
 }
 
 /// How long a persistent session outlives its connection: the MQTT 5 client's Session Expiry

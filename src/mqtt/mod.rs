@@ -99,28 +99,17 @@ impl Running {
 
 /// Starts MQTT as configured; `None` when `mode = "off"`.
 pub async fn start(
-    gw: Arc<crate::server::Gateway>,
+    deps: server::Deps,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Option<Running>, String> {
-    match gw.config.mqtt.mode {
+    match deps.cfg.mode {
         Mode::Off => Ok(None),
-        Mode::External => client::start(gw, shutdown)
+        Mode::External => client::start(deps, shutdown)
             .await
             .map(|c| Some(Running::External(c))),
-        Mode::Embedded => {
-            let deps = server::Deps {
-                cfg: gw.config.mqtt.clone(),
-                store: gw.store.clone(),
-                writer: gw.writer.clone(),
-                charts: gw.charts.clone(),
-                shared: gw.mqtt.clone(),
-                gateway_id: gw.identity.id.clone(),
-                tls: gw.tls.clone(),
-            };
-            server::start(deps, shutdown)
-                .await
-                .map(|s| Some(Running::Server(s)))
-        }
+        Mode::Embedded => server::start(deps, shutdown)
+            .await
+            .map(|s| Some(Running::Server(s))),
     }
 }
 

@@ -49,6 +49,17 @@ pub const PAGE_VERSIONS: TableDefinition<(&str, &str, u64), &[u8]> =
 /// (SHA-256 of the HTML, encoding name) → bytes.
 pub const PAGE_BLOBS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("page_blobs");
 
+/// This module's tables, for [`store::StoreOptions::tables`].
+pub const TABLES: store::Tables = store::Tables {
+    create: |txn| {
+        txn.open_table(PAGES)?;
+        txn.open_table(PAGE_VERSIONS)?;
+        txn.open_table(PAGE_BLOBS)?;
+        Ok(())
+    },
+    migrate: None,
+};
+
 /// Largest HTML accepted: 2 MiB of UTF-8.
 pub const MAX_HTML_BYTES: usize = 2 * 1024 * 1024;
 /// Largest `pythonScript` accepted: 256 KiB of UTF-8.
@@ -277,10 +288,10 @@ pub const BR: &str = "br";
 
 impl Encoded {
     /// Compresses `html` with gzip (level 6) and brotli (quality 7, 4 MiB window), the two on
-    /// their own threads. CPU-bound: call it off the async runtime. Measured on 2 MiB of text:
-    /// gzip 6 is within 2 % of gzip 9's size at 70 % of its time; brotli 7 is within 5 % of
-    /// brotli 9's size at a third of its time (brotli 11 would take seconds per publish on a
-    /// gateway). It is paid once per distinct content.
+    /// their own threads. CPU-bound: call it off the async runtime. The levels give nearly the
+    /// highest levels' sizes in a fraction of their time (figures: docs/performance.md, "Figures
+    /// from code comments"); brotli 11 would take seconds per publish on a gateway. It is paid
+    /// once per distinct content.
     pub fn compute(html: Vec<u8>) -> Encoded {
         use std::io::Write;
         let sha256 = sha256(&html);

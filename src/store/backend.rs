@@ -26,7 +26,7 @@
 //! tears a sync's write-out after a given number of extents. [`PowerCut::restore`] lets the
 //! stopped store reopen the file, so that it answers what was in flight at once.
 //!
-//! `SMGATE_TEST_POWER_CUT=1` runs a gateway on it (`config.rs`, `gateway::store_options`), for
+//! `SMGATE_TEST_POWER_CUT=1` runs a gateway on it (`config.rs`, `Config::store_options`), for
 //! the black-box power-cut tests; the store logs a warning at open. Never on a real device: its
 //! memory grows with every write until the next sync, and a crash loses what plain writes would
 //! have kept.

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadTransaction, TableDefinition};
+use redb::{Database, ReadTransaction, TableDefinition, WriteTransaction};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -131,9 +131,9 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 /// `#[serde(with = "store::bytes")]` for a stored `Vec<u8>` field: the same postcard bytes as
 /// the field without it (a varint length, then the bytes), written and read as one slice
 /// instead of one `u8` at a time. serde has no specialisation for `Vec<u8>`, so without this a
-/// 500-byte instance state costs 500 calls each way; that was 4% of the MQTT writer's
-/// instructions (`cargo bench --bench ingest` under callgrind). Self-describing formats read a
-/// sequence of numbers too, as they did before.
+/// 500-byte instance state costs 500 calls each way, a visible share of the MQTT writer's
+/// instructions (docs/performance.md, "Figures from code comments"). Self-describing formats
+/// read a sequence of numbers too, as they did before.
 pub mod bytes {
     use serde::de::{Deserializer, SeqAccess, Visitor};
     use serde::Serializer;
@@ -167,8 +167,33 @@ pub mod bytes {
     }
 }
 
+/// A domain module's share of the database, listed in [`StoreOptions::tables`]: the store
+/// creates the tables of every share in a new database (so that readers never meet a missing
+/// table) and runs their migrations from an older [`SCHEMA_VERSION`]. The store itself knows
+/// only its own tables ([`META`], the accounts, keys and machines).
+#[derive(Debug, Clone, Copy)]
+pub struct Tables {
+    pub create: fn(&WriteTransaction) -> Result<(), StoreError>,
+    pub migrate: Option<Migration>,
+}
+
+/// How a share moves its tables from an older schema version. Each step is idempotent and
+/// reads only tables that the final transaction drops, so a migration interrupted anywhere
+/// runs again from the start.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// Copies what schema `from` kept into the current tables, at most `chunk` rows per write
+    /// transaction (bounded memory on big logs); returns the rows it copied.
+    pub copy: fn(db: &Database, from: u32, chunk: u64) -> Result<u64, StoreError>,
+    /// Drops the tables of schema `from`, inside the transaction that records the new version.
+    pub drop: fn(txn: &WriteTransaction, from: u32) -> Result<(), StoreError>,
+}
+
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
+    /// The domain modules' tables (`gateway::TABLES` lists the gateway's). Empty by default:
+    /// a bare store has only its own tables, and a write creates any other it opens.
+    pub tables: &'static [Tables],
     pub cache_bytes: usize,
     /// Page writes held in memory before they go to the sync thread (`writeback`).
     pub write_window_bytes: usize,
@@ -184,6 +209,7 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
+            tables: &[],
             cache_bytes: 12 << 20,
             write_window_bytes: writeback::MAX_HELD,
             quick_repair: false,
@@ -335,28 +361,29 @@ impl Store {
             Some(v) if v > SCHEMA_VERSION => Err(StoreError::NewerSchema { found: v }),
             Some(v) if v == SCHEMA_VERSION => Ok(()),
             Some(from @ (1 | 2)) => {
-                // Each step is idempotent and reads tables that only the final transaction
-                // drops, so a migration interrupted anywhere is run again from the start.
-                use crate::ledger::log;
                 let started = std::time::Instant::now();
+                let migrations: Vec<Migration> = self
+                    .options
+                    .tables
+                    .iter()
+                    .filter_map(|t| t.migrate)
+                    .collect();
                 let mut rows = 0;
-                if from == 1 {
-                    rows = log::migrate_from_schema_1(&db, MIGRATION_CHUNK)?;
+                for m in &migrations {
+                    rows = rows.max((m.copy)(&db, from, MIGRATION_CHUNK)?);
                 }
-                rows = rows.max(log::migrate_from_schema_2(&db, MIGRATION_CHUNK)?);
                 let mut txn = db.begin_write()?;
                 txn.set_quick_repair(self.options.quick_repair);
-                if from == 1 {
-                    log::drop_schema_1_tables(&txn)?;
+                for m in &migrations {
+                    (m.drop)(&txn, from)?;
                 }
-                log::drop_schema_2_tables(&txn)?;
                 txn.open_table(META)?
                     .insert("schema_version", encode(&SCHEMA_VERSION).as_slice())?;
                 txn.commit()?;
                 tracing::info!(
                     rows,
                     seconds = started.elapsed().as_secs_f64(),
-                    "migrated the log from schema {from} to {SCHEMA_VERSION}"
+                    "migrated the database from schema {from} to {SCHEMA_VERSION}"
                 );
                 Ok(())
             }
@@ -374,15 +401,9 @@ impl Store {
                     txn.open_table(KEYS)?;
                     txn.open_table(KEY_IDS)?;
                     txn.open_table(MACHINES)?;
-                    txn.open_table(crate::ledger::log::ROWS)?;
-                    txn.open_table(crate::ledger::log::TREE)?;
-                    txn.open_table(crate::ledger::log::HEADS)?;
-                    txn.open_table(crate::ledger::log::ZEQOND_RUNS)?;
-                    crate::instances::create_tables(&txn)?;
-                    txn.open_table(crate::pages::PAGES)?;
-                    txn.open_table(crate::pages::PAGE_VERSIONS)?;
-                    txn.open_table(crate::pages::PAGE_BLOBS)?;
-                    crate::agents::create_tables(&txn)?;
+                }
+                for t in self.options.tables {
+                    (t.create)(&txn)?;
                 }
                 txn.commit()?;
                 Ok(())

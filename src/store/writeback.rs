@@ -1,9 +1,9 @@
 //! A storage backend that holds redb's page writes in memory until the next `sync_data`, and
 //! can run that write-out and sync in the background.
 //!
-//! redb keeps a transaction's dirty pages in a write buffer of a tenth of its cache (1.6 MiB
-//! with the default 16 MiB). A batch of MQTT steps across thousands of instances dirties more
-//! than that (one instance leaf per message, about 4 MiB for 1,024 messages), so redb writes
+//! redb keeps a transaction's dirty pages in a write buffer of a tenth of its cache
+//! (`store.cache_mb`). A batch of MQTT steps across thousands of instances dirties more than
+//! that (one instance leaf per message), so redb writes
 //! the oldest dirty pages to the file in the middle of the transaction, and reads them back
 //! with `pread` when a later step of the same transaction touches them again; then the commit
 //! writes them once more. Each of those is a system call and a copy through the kernel.
@@ -43,14 +43,12 @@
 //! `sync_data` waits for it.
 //!
 //! The window also decides how often a page reaches the file. redb keeps a transaction's
-//! dirty pages in a write buffer of a tenth of its cache (1.2 MiB at 12 MiB); past that it
-//! evicts them to this backend and reads them back here when it changes them again. A page
-//! written again while it is held is written once; a page written again after its first
-//! write joined the queue is written twice. A 4,096-message MQTT batch over 10,000 instances
-//! writes about 13,000 pages here, of which about half are the same pages again: with a
-//! 16 MiB window the gateway wrote 8.8 KB to the file per heartbeat, with 32 MiB 5.5 KB, with
-//! 64 MiB 4.2 KB, at a peak RSS while draining of 153, 170 and 187-195 MiB
-//! (`cargo bench --bench mqtt`).
+//! dirty pages in a write buffer of a tenth of its cache; past that it evicts them to this
+//! backend and reads them back here when it changes them again. A page written again while
+//! it is held is written once; a page written again after its first write joined the queue is
+//! written twice. A large MQTT batch writes about half of its pages here more than once, so a
+//! bigger window writes fewer bytes per heartbeat to the file, for more memory while a backlog
+//! drains (the figures per window size: docs/performance.md, "Figures from code comments").
 //!
 //! redb makes a commit visible to new read transactions as soon as its commit returns, so a
 //! reader could see a commit that is not yet durable, and a crash would then take back what it

@@ -47,9 +47,9 @@ use tokio::sync::watch;
 use super::{
     origin, Ack, Batch, Conflict, OneChunk, CONTENT_TYPE, INGEST_PATH, MAX_BODY_BYTES, WIRE_VERSION,
 };
+use crate::gateway::Identity;
 use crate::ledger::{self, log, Checkpoint};
-use crate::server::Gateway;
-use crate::store::{self, StoreError};
+use crate::store::{self, GroupCommit, Store, StoreError};
 use crate::{clock, machines};
 
 /// slug → [`Watermark`]: what the hub has acknowledged.
@@ -181,6 +181,17 @@ pub struct MachineSync {
     /// First offending seq of a 409.
     pub conflict_at: Option<u64>,
     pub next_retry_ms: Option<i64>,
+}
+
+/// What the sync task uses of the running gateway.
+pub struct Deps {
+    pub config: UpstreamConfig,
+    pub store: Arc<Store>,
+    pub writer: GroupCommit,
+    /// Signs the checkpoints of the batches.
+    pub identity: Arc<Identity>,
+    /// What the task reports, read by `/api/sync/status` and `/metrics`.
+    pub state: Arc<SyncState>,
 }
 
 /// Shared between the sync task and `/api/sync/status` and `/metrics`.
@@ -456,12 +467,12 @@ enum PushError {
 
 /// Builds the next batch of `slug` from `acked` on. `None` when there is nothing to send.
 fn build_batch(
-    gw: &Gateway,
+    deps: &Deps,
     txn: &ReadTransaction,
     slug: &str,
     acked: u64,
 ) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
-    let cfg = &gw.config.upstream;
+    let cfg = &deps.config;
     let Some(head) = log::read::head(txn, slug)? else {
         return Ok(None);
     };
@@ -483,7 +494,7 @@ fn build_batch(
     }
     let size = acked + rows.len() as u64;
     let root = log::read::tree_hash(txn, slug, size)?;
-    let id = &gw.identity.id;
+    let id = &deps.identity.id;
     let body = Checkpoint {
         origin: origin(id, slug),
         size,
@@ -491,7 +502,7 @@ fn build_batch(
     }
     .to_body()
     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let checkpoint = ledger::sign_note(&body, id, &gw.identity.key)
+    let checkpoint = ledger::sign_note(&body, id, &deps.identity.key)
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let consistency = if acked > 0 && acked < size {
         log::read::prove_consistency(txn, slug, acked, size)?
@@ -501,7 +512,7 @@ fn build_batch(
     let batch = Batch {
         version: WIRE_VERSION,
         gateway_id: id.clone(),
-        verifier_key: gw.identity.verifier_key(),
+        verifier_key: deps.identity.verifier_key(),
         machine: slug.to_owned(),
         genesis_zeqond: head.genesis_zeqond,
         first_seq: acked,
@@ -590,9 +601,9 @@ struct Built {
 }
 
 /// Reads and encodes the next batch of `slug` from `from` on, off the async threads.
-async fn build(gw: &Arc<Gateway>, slug: &str, from: u64) -> Result<Option<Built>, PushError> {
-    let (gw, slug) = (gw.clone(), slug.to_owned());
-    tokio::task::spawn_blocking(move || gw.store.view(|txn| build_batch(&gw, txn, &slug, from)))
+async fn build(deps: &Arc<Deps>, slug: &str, from: u64) -> Result<Option<Built>, PushError> {
+    let (deps, slug) = (deps.clone(), slug.to_owned());
+    tokio::task::spawn_blocking(move || deps.store.view(|txn| build_batch(&deps, txn, &slug, from)))
         .await
         .map_err(|e| PushError::Local(e.to_string()))?
         .map(|b| b.map(|(body, rows)| Built { body, rows }))
@@ -601,15 +612,17 @@ async fn build(gw: &Arc<Gateway>, slug: &str, from: u64) -> Result<Option<Built>
 
 /// Sends one batch and returns the hub's ack.
 async fn send(
-    gw: &Gateway,
+    deps: &Deps,
     upstream: &Upstream,
     conn: &mut Option<hyper::client::conn::http1::SendRequest<OneChunk>>,
     built: Built,
 ) -> Result<Ack, PushError> {
     let len = built.body.len() as u64;
     let (status, answer) = post(upstream, conn, built.body).await?;
-    gw.sync.rows_sent.fetch_add(built.rows, Ordering::Relaxed);
-    gw.sync.bytes_sent.fetch_add(len, Ordering::Relaxed);
+    deps.state
+        .rows_sent
+        .fetch_add(built.rows, Ordering::Relaxed);
+    deps.state.bytes_sent.fetch_add(len, Ordering::Relaxed);
     let text = String::from_utf8_lossy(&answer);
     match status {
         200 => serde_json::from_slice::<Ack>(&answer).map_err(|e| PushError::Refused {
@@ -647,12 +660,12 @@ async fn send(
 
 /// Writes the durable watermark of `slug` through the writer.
 async fn save_watermark(
-    gw: Arc<Gateway>,
+    deps: Arc<Deps>,
     slug: String,
     acked_size: u64,
     cosignature: Option<String>,
 ) -> Result<(), StoreError> {
-    gw.writer
+    deps.writer
         .write(move |txn| -> Result<(), StoreError> {
             if let Some(line) = cosignature.filter(|l| signature_line(l)) {
                 let mut c = txn.open_table(COSIGNED)?;
@@ -721,40 +734,120 @@ impl Backoff {
 }
 
 /// The sync task; returns at once when `upstream.url` is empty.
-pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
-    let cfg = gw.config.upstream.clone();
-    if cfg.url.is_empty() {
+pub async fn run(deps: Deps, mut shutdown: watch::Receiver<bool>) {
+    let Some(mut p) = Pusher::new(deps) else {
         return;
-    }
-    let upstream = match Upstream::new(&cfg) {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::error!(error = %e, "upstream sync disabled: bad configuration");
-            return;
-        }
     };
-    let mut commits = gw.writer.subscribe();
-    let mut conn = None;
-    let mut backoff = Backoff {
-        min: cfg.min_backoff_ms,
-        max: cfg.max_backoff_ms,
-        current: cfg.min_backoff_ms,
-    };
-    // In-memory cursors: the hub's last answer, ahead of the durable watermark only while its
-    // write is in flight.
-    let mut cursors: BTreeMap<String, u64> = BTreeMap::new();
-    let mut saving: Saving = None;
-    // Summing the backlog's bytes reads up to 65,536 rows per machine: done for the quota
-    // alarm at most every QUOTA_EVERY, not before every batch.
-    const QUOTA_EVERY: Duration = Duration::from_secs(5);
-    let mut quota_checked: Option<std::time::Instant> = None;
+    let mut commits = p.deps.writer.subscribe();
     loop {
         if *shutdown.borrow() {
-            settle(&mut saving, &mut cursors).await;
+            p.settle().await;
             return;
         }
-        let check_quota = quota_checked.is_none_or(|t| t.elapsed() >= QUOTA_EVERY);
-        let work = gw.store.view(|txn| {
+        let work = p.scan();
+        let now = clock::now_ms();
+        let mut progressed = false;
+        let mut offline = None;
+        for (slug, durable) in work {
+            if p.deps
+                .state
+                .get(&slug)
+                .next_retry_ms
+                .is_some_and(|t| t > now)
+            {
+                continue;
+            }
+            let (next, moved) = p.push(&slug, durable, &shutdown).await;
+            progressed |= moved;
+            match next {
+                Ok(_) => {}
+                Err(PushError::Offline { code, message }) => {
+                    offline = Some((slug, code, message));
+                    break;
+                }
+                Err(e) => p.record_failure(&slug, e, now),
+            }
+            if *shutdown.borrow() {
+                p.settle().await;
+                return;
+            }
+        }
+        p.settle().await;
+        if let Some((slug, code, message)) = offline {
+            if p.back_off(&slug, code, message, &mut shutdown).await {
+                continue;
+            }
+            return;
+        }
+        if progressed {
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(p.until_next_retry()) => {}
+            _ = commits.changed() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// The sync task's state between passes.
+struct Pusher {
+    deps: Arc<Deps>,
+    upstream: Upstream,
+    conn: Option<hyper::client::conn::http1::SendRequest<OneChunk>>,
+    backoff: Backoff,
+    /// In-memory cursors: the hub's last answer, ahead of the durable watermark only while
+    /// its write is in flight.
+    cursors: BTreeMap<String, u64>,
+    saving: Saving,
+    quota_checked: Option<std::time::Instant>,
+}
+
+/// Summing the backlog's bytes reads up to 65,536 rows per machine: done for the quota alarm
+/// at most this often, not before every batch.
+const QUOTA_EVERY: Duration = Duration::from_secs(5);
+
+impl Pusher {
+    /// `None` when sync is off (no `upstream.url`) or misconfigured (logged).
+    fn new(deps: Deps) -> Option<Pusher> {
+        let cfg = &deps.config;
+        if cfg.url.is_empty() {
+            return None;
+        }
+        let upstream = match Upstream::new(cfg) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(error = %e, "upstream sync disabled: bad configuration");
+                return None;
+            }
+        };
+        let backoff = Backoff {
+            min: cfg.min_backoff_ms,
+            max: cfg.max_backoff_ms,
+            current: cfg.min_backoff_ms,
+        };
+        Some(Pusher {
+            deps: Arc::new(deps),
+            upstream,
+            conn: None,
+            backoff,
+            cursors: BTreeMap::new(),
+            saving: None,
+            quota_checked: None,
+        })
+    }
+
+    async fn settle(&mut self) {
+        settle(&mut self.saving, &mut self.cursors).await;
+    }
+
+    /// The machines with rows the upstream has not acked, from their durable watermarks;
+    /// raises or clears the quota alarm when it is time to check it.
+    fn scan(&mut self) -> Vec<(String, u64)> {
+        let check_quota = self
+            .quota_checked
+            .is_none_or(|t| t.elapsed() >= QUOTA_EVERY);
+        let work = self.deps.store.view(|txn| {
             let mut out = Vec::new();
             let mut total = 0u64;
             for m in machines::all(txn)? {
@@ -780,154 +873,174 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
             }
         };
         if check_quota {
-            quota_checked = Some(std::time::Instant::now());
-            let over = backlog_bytes > cfg.backlog_quota_bytes;
-            if over != gw.sync.over_quota.swap(over, Ordering::Relaxed) && over {
-                tracing::warn!(backlog_bytes, quota = cfg.backlog_quota_bytes, "sync backlog over quota: rows are kept, but the upstream has not acked them; check the uplink");
+            self.quota_checked = Some(std::time::Instant::now());
+            let quota = self.deps.config.backlog_quota_bytes;
+            let over = backlog_bytes > quota;
+            if over != self.deps.state.over_quota.swap(over, Ordering::Relaxed) && over {
+                tracing::warn!(backlog_bytes, quota, "sync backlog over quota: rows are kept, but the upstream has not acked them; check the uplink");
             }
         }
-        let now = clock::now_ms();
+        work
+    }
+
+    /// Sends up to [`BATCHES_PER_TURN`] batches of `slug` from its cursor on. Returns how the
+    /// turn ended (`Ok` when there was nothing more to send) and whether the hub stored
+    /// anything new.
+    async fn push(
+        &mut self,
+        slug: &str,
+        durable: u64,
+        shutdown: &watch::Receiver<bool>,
+    ) -> (Result<Option<Built>, PushError>, bool) {
         let mut progressed = false;
-        let mut offline = None;
-        for (slug, durable) in work {
-            if gw.sync.get(&slug).next_retry_ms.is_some_and(|t| t > now) {
-                continue;
-            }
-            let mut from = cursors.get(&slug).copied().unwrap_or(durable).max(durable);
-            let mut next = build(&gw, &slug, from).await;
-            for _ in 0..BATCHES_PER_TURN {
-                let built = match next {
-                    Ok(Some(b)) => b,
-                    Ok(None) => break,
-                    Err(e) => {
-                        next = Err(e);
-                        break;
-                    }
-                };
-                let sent = from + built.rows;
-                // While the hub verifies and stores this batch, read and encode the one after
-                // it and let the previous watermark reach the disk.
-                let (answer, prebuilt, ()) = tokio::join!(
-                    send(&gw, &upstream, &mut conn, built),
-                    build(&gw, &slug, sent),
-                    settle(&mut saving, &mut cursors),
-                );
-                match answer {
-                    Ok(ack) => {
-                        backoff.reset();
-                        let stored = ack.stored_size();
-                        gw.sync.batches_acked.fetch_add(1, Ordering::Relaxed);
-                        saving = Some((
-                            slug.clone(),
-                            tokio::spawn(save_watermark(
-                                gw.clone(),
-                                slug.clone(),
-                                stored,
-                                ack.cosignature.clone(),
-                            )),
-                        ));
-                        cursors.insert(slug.clone(), stored);
-                        gw.sync.update(&slug, |m| {
-                            m.last_success_ms = Some(clock::now_ms());
-                            m.last_error = None;
-                            m.last_error_code = None;
-                            m.conflict_at = None;
-                            m.next_retry_ms = None;
-                        });
-                        if stored == from {
-                            // The hub stored nothing new: look again after the next commit.
-                            next = Ok(None);
-                            break;
-                        }
-                        progressed = true;
-                        next = if stored == sent {
-                            prebuilt
-                        } else {
-                            // The hub has a different size (a restored or ahead receiver):
-                            // continue from what it says it has.
-                            build(&gw, &slug, stored).await
-                        };
-                        from = stored;
-                    }
-                    Err(e) => {
-                        next = Err(e);
-                        break;
-                    }
-                }
-                if *shutdown.borrow() {
+        let mut from = self
+            .cursors
+            .get(slug)
+            .copied()
+            .unwrap_or(durable)
+            .max(durable);
+        let mut next = build(&self.deps, slug, from).await;
+        for _ in 0..BATCHES_PER_TURN {
+            let built = match next {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(e) => {
+                    next = Err(e);
                     break;
                 }
-            }
-            match next {
-                Ok(_) => {}
-                Err(PushError::Offline { code, message }) => {
-                    offline = Some((slug, code, message));
+            };
+            let sent = from + built.rows;
+            // While the hub verifies and stores this batch, read and encode the one after
+            // it and let the previous watermark reach the disk.
+            let (answer, prebuilt, ()) = tokio::join!(
+                send(&self.deps, &self.upstream, &mut self.conn, built),
+                build(&self.deps, slug, sent),
+                settle(&mut self.saving, &mut self.cursors),
+            );
+            let stored = match answer {
+                Ok(ack) => self.acked(slug, ack),
+                Err(e) => {
+                    next = Err(e);
                     break;
                 }
-                Err(PushError::Refused { code, at, message }) => {
-                    gw.sync
-                        .conflicts
-                        .fetch_add(u64::from(at.is_some()), Ordering::Relaxed);
-                    tracing::error!(machine = %slug, code, at, message, "upstream refused the log; sync of this machine is stopped until it changes");
-                    let retry = now + cfg.max_backoff_ms as i64;
-                    gw.sync.update(&slug, |m| {
-                        m.last_error = Some(message);
-                        m.last_error_code = Some(code);
-                        m.last_error_ms = Some(now);
-                        m.conflict_at = at;
-                        m.next_retry_ms = Some(retry);
-                    });
-                }
-                Err(PushError::Local(message)) => {
-                    tracing::warn!(machine = %slug, message, "sync: cannot build a batch");
-                    let retry = now + cfg.min_backoff_ms as i64;
-                    gw.sync.update(&slug, |m| {
-                        m.last_error = Some(message);
-                        m.last_error_code = Some("local".into());
-                        m.last_error_ms = Some(now);
-                        m.next_retry_ms = Some(retry);
-                    });
-                }
+            };
+            if stored == from {
+                // The hub stored nothing new: look again after the next commit.
+                next = Ok(None);
+                break;
             }
+            progressed = true;
+            next = if stored == sent {
+                prebuilt
+            } else {
+                // The hub has a different size (a restored or ahead receiver): continue
+                // from what it says it has.
+                build(&self.deps, slug, stored).await
+            };
+            from = stored;
             if *shutdown.borrow() {
-                settle(&mut saving, &mut cursors).await;
-                return;
+                break;
             }
         }
-        settle(&mut saving, &mut cursors).await;
-        if let Some((slug, code, message)) = offline {
-            let wait = backoff.next();
-            let retry = clock::now_ms() + wait.as_millis() as i64;
-            tracing::info!(machine = %slug, code, message, retry_in_ms = wait.as_millis() as u64, "upstream unreachable; retrying");
-            gw.sync.update(&slug, |m| {
-                m.last_error = Some(message);
-                m.last_error_code = Some(code.into());
-                m.last_error_ms = Some(clock::now_ms());
-                m.next_retry_ms = Some(retry);
-            });
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
+        (next, progressed)
+    }
+
+    /// An ack: the watermark write starts, the cursor moves, the status clears. Returns the
+    /// size the hub has stored.
+    fn acked(&mut self, slug: &str, ack: Ack) -> u64 {
+        self.backoff.reset();
+        let stored = ack.stored_size();
+        self.deps
+            .state
+            .batches_acked
+            .fetch_add(1, Ordering::Relaxed);
+        let save = save_watermark(
+            self.deps.clone(),
+            slug.to_owned(),
+            stored,
+            ack.cosignature.clone(),
+        );
+        self.saving = Some((slug.to_owned(), tokio::spawn(save)));
+        self.cursors.insert(slug.to_owned(), stored);
+        self.deps.state.update(slug, |m| {
+            m.last_success_ms = Some(clock::now_ms());
+            m.last_error = None;
+            m.last_error_code = None;
+            m.conflict_at = None;
+            m.next_retry_ms = None;
+        });
+        stored
+    }
+
+    /// A refused or unbuildable batch: the machine waits (the others go on).
+    fn record_failure(&self, slug: &str, e: PushError, now: i64) {
+        let cfg = &self.deps.config;
+        match e {
+            PushError::Offline { .. } => {}
+            PushError::Refused { code, at, message } => {
+                self.deps
+                    .state
+                    .conflicts
+                    .fetch_add(u64::from(at.is_some()), Ordering::Relaxed);
+                tracing::error!(machine = %slug, code, at, message, "upstream refused the log; sync of this machine is stopped until it changes");
+                let retry = now + cfg.max_backoff_ms as i64;
+                self.deps.state.update(slug, |m| {
+                    m.last_error = Some(message);
+                    m.last_error_code = Some(code);
+                    m.last_error_ms = Some(now);
+                    m.conflict_at = at;
+                    m.next_retry_ms = Some(retry);
+                });
             }
-            gw.sync.update(&slug, |m| m.next_retry_ms = None);
-            continue;
+            PushError::Local(message) => {
+                tracing::warn!(machine = %slug, message, "sync: cannot build a batch");
+                let retry = now + cfg.min_backoff_ms as i64;
+                self.deps.state.update(slug, |m| {
+                    m.last_error = Some(message);
+                    m.last_error_code = Some("local".into());
+                    m.last_error_ms = Some(now);
+                    m.next_retry_ms = Some(retry);
+                });
+            }
         }
-        if progressed {
-            continue;
+    }
+
+    /// The upstream is unreachable: wait out the backoff. `false` when shut down meanwhile.
+    async fn back_off(
+        &mut self,
+        slug: &str,
+        code: &'static str,
+        message: String,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let wait = self.backoff.next();
+        let retry = clock::now_ms() + wait.as_millis() as i64;
+        tracing::info!(machine = %slug, code, message, retry_in_ms = wait.as_millis() as u64, "upstream unreachable; retrying");
+        self.deps.state.update(slug, |m| {
+            m.last_error = Some(message);
+            m.last_error_code = Some(code.into());
+            m.last_error_ms = Some(clock::now_ms());
+            m.next_retry_ms = Some(retry);
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return false,
         }
-        let next = gw
-            .sync
+        self.deps.state.update(slug, |m| m.next_retry_ms = None);
+        true
+    }
+
+    /// Until the earliest retry of a machine that waits, at most a minute.
+    fn until_next_retry(&self) -> Duration {
+        let next = self
+            .deps
+            .state
             .machines
             .lock()
             .ok()
             .and_then(|m| m.values().filter_map(|s| s.next_retry_ms).min());
-        let wait = next.map_or(Duration::from_secs(60), |t| {
+        next.map_or(Duration::from_secs(60), |t| {
             Duration::from_millis((t - clock::now_ms()).clamp(10, 60_000) as u64)
-        });
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = commits.changed() => {}
-            _ = shutdown.changed() => return,
-        }
+        })
     }
 }

@@ -350,10 +350,16 @@ pub const HEARTBEAT_DEF: &str = include_str!(concat!(
 /// Opens (or creates) the store `db.redb` in `dir`, for tests that drive the library on a
 /// store without a gateway.
 pub fn open_db(dir: &Path) -> std::sync::Arc<redb::Database> {
-    smgate::store::Store::open(&dir.join("db.redb"), Default::default())
-        .unwrap()
-        .database()
-        .unwrap()
+    smgate::store::Store::open(
+        &dir.join("db.redb"),
+        smgate::store::StoreOptions {
+            tables: smgate::gateway::TABLES,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .database()
+    .unwrap()
 }
 
 /// The `auth` those tests pass to steps: an operator.

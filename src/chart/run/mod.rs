@@ -14,6 +14,10 @@
 //! - Errors abort the whole call. The `InstanceState` entry points leave the caller's state
 //!   untouched; a `LiveState` that failed half-way is marked broken and must be loaded again
 //!   from the last stored state (stepping it is an error), which is what hosts roll back to.
+//!
+//! Beside the interpreter: `stored.rs` converts between `LiveState` and the stored form,
+//! `scratch.rs` keeps the queues and strings a step reuses, `authorize.rs` runs the chart's
+//! `allowRead`/`allowWrite` expressions.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -33,6 +37,15 @@ use super::{
 const MAX_QUEUE: usize = 10_000;
 const MAX_EFFECTS: usize = 10_000;
 const INIT_EVENT: &str = "xstate.init";
+
+mod authorize;
+mod scratch;
+mod stored;
+
+pub(crate) use authorize::{allow_read, allow_write};
+pub(crate) use scratch::{Scratch, StateSet};
+use stored::blank;
+pub(crate) use stored::{encode, load, store};
 
 /// An instance in the engine's working form: what [`InstanceState`] stores, with states as
 /// indices of one compiled [`Chart`] (a `LiveState` only makes sense with the chart that
@@ -57,98 +70,6 @@ pub struct LiveState {
     /// Scratch space kept between calls so that a step allocates nothing for its queues and
     /// state sets; empty between calls.
     pub(crate) scratch: Scratch,
-}
-
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Scratch {
-    internal: VecDeque<Event>,
-    external: VecDeque<Event>,
-    enabled: Vec<usize>,
-    to_enter: StateSet,
-    exit: Vec<usize>,
-    /// Each enabled transition's domain, taken before the exit records history.
-    domains: Vec<usize>,
-    /// Buffers of dropped timer ids and event names, reused for the next `after` timer.
-    strings: Vec<String>,
-    /// Objects that `assign`s replaced, reused for the next value of the same shape.
-    spares: Vec<Value>,
-}
-
-/// Most buffers [`Scratch::strings`] keeps.
-const MAX_SPARE_STRINGS: usize = 8;
-/// Most objects [`Scratch::spares`] keeps, and the most entries one may have: spares are
-/// kept for the small records charts assign whole (`public: #{…}`), not to hold on to
-/// large parts of a context.
-const MAX_SPARES: usize = 4;
-const MAX_SPARE_ENTRIES: usize = 16;
-
-impl Scratch {
-    /// `s` in a kept buffer large enough for it (filling a smaller one would reallocate: the
-    /// names of events a host sends are often shorter than timer ids), or a new one.
-    fn string(&mut self, s: &str) -> String {
-        match self.strings.iter().position(|b| b.capacity() >= s.len()) {
-            Some(i) => {
-                let mut b = self.strings.swap_remove(i);
-                b.clear();
-                b.push_str(s);
-                b
-            }
-            None => s.to_owned(),
-        }
-    }
-
-    /// Keeps `s` for [`Self::string`]; when all places are taken, in place of the smallest
-    /// buffer if `s` is larger.
-    fn recycle(&mut self, s: String) {
-        if !(1..=256).contains(&s.capacity()) {
-            return;
-        }
-        if self.strings.len() < MAX_SPARE_STRINGS {
-            self.strings.push(s);
-        } else if let Some(small) = self
-            .strings
-            .iter_mut()
-            .min_by_key(|b| b.capacity())
-            .filter(|b| b.capacity() < s.capacity())
-        {
-            *small = s;
-        }
-    }
-
-    /// Keeps a value an `assign` replaced when it is a small flat object.
-    fn keep_spare(&mut self, v: Value) {
-        let Value::Object(m) = &v else { return };
-        let flat = m.len() <= MAX_SPARE_ENTRIES
-            && m.values().all(|x| match x {
-                Value::String(s) => s.capacity() <= 256,
-                Value::Array(_) | Value::Object(_) => false,
-                _ => true,
-            });
-        if flat && self.spares.len() < MAX_SPARES {
-            self.spares.push(v);
-        }
-    }
-
-    fn recycle_timer(&mut self, t: Timer) {
-        self.recycle(t.id);
-        self.recycle(t.event.name);
-    }
-}
-
-/// A small set of state indices, kept sorted (document order = entry order).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct StateSet(Vec<usize>);
-
-impl StateSet {
-    fn insert(&mut self, s: usize) {
-        if let Err(at) = self.0.binary_search(&s) {
-            self.0.insert(at, s);
-        }
-    }
-
-    fn iter(&self) -> std::slice::Iter<'_, usize> {
-        self.0.iter()
-    }
 }
 
 impl LiveState {
@@ -284,179 +205,6 @@ fn usable(chart: &Chart, live: &LiveState) -> Result<(), ChartError> {
     Ok(())
 }
 
-/// A state with nothing active but the root.
-fn blank(chart: &Chart) -> LiveState {
-    let mut active = vec![false; chart.states.len()];
-    active[0] = true;
-    LiveState {
-        active,
-        context: Value::Null,
-        ..LiveState::default()
-    }
-}
-
-/// `InstanceState` → `LiveState`: checks that every state exists in this chart version and
-/// that the configuration is legal.
-pub(crate) fn load(chart: &Chart, state: &InstanceState) -> Result<LiveState, ChartError> {
-    let mut live = blank(chart);
-    for id in &state.configuration {
-        match chart.by_id.get(id) {
-            Some(&i) if i != 0 && !chart.states[i].is_history() => live.active[i] = true,
-            _ => {
-                return Err(ChartError::input(
-                    "state.configuration",
-                    format!("\"{id}\" is not a state of this chart version"),
-                ))
-            }
-        }
-    }
-    check_configuration(chart, &live.active)?;
-    // Unknown history entries are dropped: they can only come from another version.
-    for (h, ids) in &state.history {
-        let Some(&hi) = chart.by_id.get(h) else {
-            continue;
-        };
-        if !chart.states[hi].is_history() {
-            continue;
-        }
-        let rec: Vec<usize> = ids
-            .iter()
-            .filter_map(|id| chart.by_id.get(id).copied())
-            .collect();
-        if rec.len() == ids.len() {
-            live.history.insert(hi, rec);
-        }
-    }
-    live.context = state.context.clone();
-    live.timers = state.timers.clone();
-    live.timer_seq = state.timer_seq;
-    live.done = state.done;
-    live.output = state.output.clone();
-    Ok(live)
-}
-
-/// `LiveState` → `InstanceState`.
-pub(crate) fn store(chart: &Chart, live: &LiveState) -> InstanceState {
-    InstanceState {
-        configuration: configuration_ids(chart, live).map(str::to_owned).collect(),
-        history: live
-            .history
-            .iter()
-            .map(|(h, v)| {
-                (
-                    chart.states[*h].id.clone(),
-                    v.iter().map(|&s| chart.states[s].id.clone()).collect(),
-                )
-            })
-            .collect(),
-        context: live.context.clone(),
-        timers: live.timers.clone(),
-        timer_seq: live.timer_seq,
-        done: live.done,
-        output: live.output.clone(),
-    }
-}
-
-/// Active state ids without the root, in document order (`InstanceState::configuration`).
-fn configuration_ids<'a>(
-    chart: &'a Chart,
-    live: &'a LiveState,
-) -> impl Iterator<Item = &'a str> + Clone {
-    chart
-        .states
-        .iter()
-        .zip(&live.active)
-        .skip(1)
-        .filter(|(_, a)| **a)
-        .map(|(n, _)| n.id.as_str())
-}
-
-/// The JSON bytes `serde_json::to_vec(&store(chart, live))` would give, written straight
-/// from the live state (no intermediate `InstanceState`), appended to `out`.
-///
-/// Written by hand because it runs once per committed step and serde's generic path was
-/// half the host's per-step cost: field names are literals in `InstanceState`'s field order,
-/// state ids come pre-escaped from the compiled chart (`Chart::ids_json`), and the values the
-/// host put there (context, timers, output) go through `json`'s writers, which hand every
-/// string that needs escaping and every float to serde_json.
-pub(crate) fn encode(chart: &Chart, live: &LiveState, out: &mut Vec<u8>) {
-    let ids = &chart.ids_json;
-    out.extend_from_slice(b"{\"configuration\":[");
-    let mut first = true;
-    for (i, _) in live.active.iter().enumerate().skip(1).filter(|(_, a)| **a) {
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        out.extend_from_slice(&ids[i]);
-    }
-    out.extend_from_slice(b"],\"history\":{");
-    let mut first = true;
-    for h in &chart.histories_by_id {
-        if let Some(rec) = live.history.get(h) {
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            out.extend_from_slice(&ids[*h]);
-            out.extend_from_slice(b":[");
-            for (k, &x) in rec.iter().enumerate() {
-                if k > 0 {
-                    out.push(b',');
-                }
-                out.extend_from_slice(&ids[x]);
-            }
-            out.push(b']');
-        }
-    }
-    out.extend_from_slice(b"},\"context\":");
-    json::write_value(out, &live.context);
-    out.extend_from_slice(b",\"timers\":");
-    json::write_timers(out, &live.timers);
-    out.extend_from_slice(b",\"timer_seq\":");
-    json::write_u64(out, live.timer_seq);
-    out.extend_from_slice(if live.done {
-        b",\"done\":true,\"output\":"
-    } else {
-        b",\"done\":false,\"output\":"
-    });
-    json::write_value(out, &live.output);
-    out.push(b'}');
-}
-
-/// A legal SCXML configuration: ancestors of active states are active, an active compound
-/// has exactly one active child, an active parallel has all its children active.
-fn check_configuration(chart: &Chart, active: &[bool]) -> Result<(), ChartError> {
-    for (i, node) in chart.states.iter().enumerate() {
-        if !active[i] {
-            continue;
-        }
-        if let Some(p) = node.parent {
-            if !active[p] {
-                return Err(bad_config(&node.id, "its parent is not active"));
-            }
-        }
-        let kids = node.children.iter().filter(|&&c| active[c]).count();
-        let regions = node
-            .children
-            .iter()
-            .filter(|&&c| !chart.states[c].is_history())
-            .count();
-        let ok = match node.kind {
-            Kind::Compound => kids == 1,
-            Kind::Parallel => kids == regions,
-            _ => true,
-        };
-        if !ok {
-            return Err(bad_config(
-                &node.id,
-                "its active children are not a legal configuration",
-            ));
-        }
-    }
-    Ok(())
-}
-
 // ---- the InstanceState entry points (load, step, store) ---------------------------------
 
 pub(crate) fn initial(
@@ -526,55 +274,6 @@ fn unchanged(state: &InstanceState) -> Step {
 
 pub(crate) fn check_state(chart: &Chart, state: &InstanceState) -> Result<(), ChartError> {
     load(chart, state).map(|_| ())
-}
-
-pub(crate) fn allow_read(
-    chart: &Chart,
-    state: &InstanceState,
-    auth: &Value,
-) -> Result<bool, ChartError> {
-    let Some(expr) = &chart.allow_read else {
-        return Ok(true);
-    };
-    let mut scope = Scope::new();
-    scope.push_constant_dynamic("context", to_dynamic(&state.context, &expr.path)?);
-    scope.push_constant_dynamic("auth", to_dynamic(auth, &expr.path)?);
-    scope.push_constant_dynamic("state", to_dynamic(&chart.state_value(state), &expr.path)?);
-    expect_bool(chart, expr, &mut scope, "allowRead")
-}
-
-pub(crate) fn allow_write(
-    chart: &Chart,
-    kind: WriteKind,
-    event: Option<&Event>,
-    context: &Value,
-    auth: &Value,
-) -> Result<bool, ChartError> {
-    let Some(expr) = &chart.allow_write else {
-        return Ok(true);
-    };
-    let mut scope = Scope::new();
-    let ev = match event {
-        Some(e) => event_dynamic(&e.name, &e.data, &expr.path)?,
-        None => event_dynamic(INIT_EVENT, &Value::Null, &expr.path)?,
-    };
-    scope.push_constant_dynamic("type", Dynamic::from(kind.as_str().to_string()));
-    scope.push_constant_dynamic("event", ev);
-    scope.push_constant_dynamic("context", to_dynamic(context, &expr.path)?);
-    scope.push_constant_dynamic("auth", to_dynamic(auth, &expr.path)?);
-    expect_bool(chart, expr, &mut scope, "allowWrite")
-}
-
-fn expect_bool(
-    chart: &Chart,
-    expr: &Expr,
-    scope: &mut Scope,
-    what: &str,
-) -> Result<bool, ChartError> {
-    // Authorizers run on their own, with a whole budget.
-    let v = chart.sandbox.eval(expr, scope, None, CALL_OPERATIONS).0?;
-    v.as_bool()
-        .map_err(|t| ChartError::runtime(&expr.path, format!("{what} must return a bool, got {t}")))
 }
 
 impl<'c> Run<'c> {

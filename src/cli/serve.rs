@@ -1,0 +1,48 @@
+//! `smgate serve`: start the gateway, tell systemd, reload TLS on SIGHUP, stop on SIGTERM.
+
+use super::{print_owner, CliError};
+use crate::config::Config;
+use crate::server;
+use crate::signals::Signals;
+use crate::systemd;
+
+pub async fn serve(config: Config) -> Result<(), CliError> {
+    // Before `start`: the listener answers before it returns (`Signals`).
+    let mut signals = Signals::install().map_err(CliError::Signals)?;
+    let (running, initialised) = server::start(config, None).await?;
+    if let Some(made) = &initialised {
+        print_owner(made);
+    }
+    println!("smgate: listening on https://{}", running.addr);
+    if let Some(addr) = running.mqtt_broker() {
+        println!("smgate: mqtt broker on {addr}");
+    }
+    if let Some(addr) = running.mqtt_tls() {
+        println!("smgate: mqtts broker on {addr}");
+    }
+    tracing::info!(addr = %running.addr, gateway = %running.api.identity.id, "listening");
+    systemd::notify("READY=1");
+    if let Some(every) = systemd::watchdog_interval() {
+        let store = running.api.store.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                // Ping only while the store answers, so a wedged store gets us restarted.
+                if store.view(|_| Ok(())).is_ok() {
+                    systemd::notify("WATCHDOG=1");
+                }
+            }
+        });
+    }
+    signals
+        .stopped(|| match running.reload_tls() {
+            Ok(()) => tracing::info!("TLS certificate reloaded"),
+            Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the old certificate"),
+        })
+        .await;
+    systemd::notify("STOPPING=1");
+    tracing::info!("shutting down: finishing requests and the last commit");
+    running.shutdown().await;
+    Ok(())
+}

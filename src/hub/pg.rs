@@ -108,8 +108,26 @@ const SQL_LOG: &str = "SELECT genesis, size, last_hash, right_edge, checkpoint, 
      last_ingest_ms, last_row_ts_ms FROM logs WHERE gw = $1 AND machine = $2";
 const SQL_LOGS_OF_GATEWAY: &str = "SELECT machine, genesis, size, last_hash, checkpoint, root, \
      head_size, last_ingest_ms, last_row_ts_ms FROM logs WHERE gw = $1 ORDER BY machine";
-const SQL_ONE_LOG: &str = "SELECT genesis, size, last_hash, checkpoint, root, head_size, \
-     last_ingest_ms, last_row_ts_ms FROM logs WHERE gw = $1 AND machine = $2";
+const SQL_ONE_LOG: &str = "SELECT machine, genesis, size, last_hash, checkpoint, root, \
+     head_size, last_ingest_ms, last_row_ts_ms FROM logs WHERE gw = $1 AND machine = $2";
+/// A log's row as [`SQL_LOGS_OF_GATEWAY`] and [`SQL_ONE_LOG`] select it.
+fn stored(gw: &str, r: &tokio_postgres::Row) -> Result<Stored, Fault> {
+    let size = r.get::<_, i64>(2) as u64;
+    Ok(Stored {
+        gateway_id: gw.to_owned(),
+        slug: r.get(0),
+        genesis_zeqond: r.get::<_, i64>(1) as u64,
+        size,
+        last_hash: hash(r.get(3))?,
+        checkpoint: r.get(4),
+        checkpoint_size: size,
+        root: hash(r.get(5))?,
+        head_size: r.get::<_, i64>(6) as u64,
+        last_ingest_ms: r.get(7),
+        last_row_ts_ms: r.get(8),
+    })
+}
+
 const SQL_TILE: &str = "SELECT substring(hashes FROM 1 FOR $5) FROM log_tiles \
      WHERE gw = $1 AND machine = $2 AND level = $3 AND idx = $4";
 const SQL_ROWS: &str = "SELECT row FROM log_rows \
@@ -626,24 +644,7 @@ impl HubStore for Pg {
                 .query(SQL_LOGS_OF_GATEWAY, &[&gw])
                 .await
                 .map_err(fault)?;
-            rows.iter()
-                .map(|r| {
-                    let size = r.get::<_, i64>(2) as u64;
-                    Ok(Stored {
-                        gateway_id: gw.to_owned(),
-                        slug: r.get(0),
-                        genesis_zeqond: r.get::<_, i64>(1) as u64,
-                        size,
-                        last_hash: hash(r.get(3))?,
-                        checkpoint: r.get(4),
-                        checkpoint_size: size,
-                        root: hash(r.get(5))?,
-                        head_size: r.get::<_, i64>(6) as u64,
-                        last_ingest_ms: r.get(7),
-                        last_row_ts_ms: r.get(8),
-                    })
-                })
-                .collect()
+            rows.iter().map(|r| stored(gw, r)).collect()
         })
         .await
     }
@@ -658,20 +659,7 @@ impl HubStore for Pg {
             else {
                 return Ok(None);
             };
-            let size = r.get::<_, i64>(1) as u64;
-            Ok(Some(Stored {
-                gateway_id: gw.to_owned(),
-                slug: machine.to_owned(),
-                genesis_zeqond: r.get::<_, i64>(0) as u64,
-                size,
-                last_hash: hash(r.get(2))?,
-                checkpoint: r.get(3),
-                checkpoint_size: size,
-                root: hash(r.get(4))?,
-                head_size: r.get::<_, i64>(5) as u64,
-                last_ingest_ms: r.get(6),
-                last_row_ts_ms: r.get(7),
-            }))
+            stored(gw, &r).map(Some)
         })
         .await
     }

@@ -142,7 +142,10 @@ fn main() {
     let batches = env_u64("TEST_INGEST_BATCHES", 40);
     let dir = tempfile::tempdir().expect("tempdir");
     // The gateway's store options (`store.cache_mb`, `store.write_window_mb`), or others.
-    let mut options = smgate::store::StoreOptions::default();
+    let mut options = smgate::store::StoreOptions {
+        tables: smgate::gateway::TABLES,
+        ..Default::default()
+    };
     if let Some(mb) = std::env::var("TEST_INGEST_CACHE_MB")
         .ok()
         .and_then(|v| v.parse().ok())

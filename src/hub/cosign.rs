@@ -99,22 +99,11 @@ impl Cosigner {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), HubError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
     let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(io(&tmp))?;
+    super::write_private_tmp(&tmp, bytes)?;
     // Another hub starting at the same moment may have made one: keep the first.
     match std::fs::hard_link(&tmp, path) {
         Ok(()) => {}

@@ -71,20 +71,7 @@ impl Embedded {
         let tmp = enrolled.join(format!(".{id}.json.tmp"));
         let text =
             serde_json::to_vec_pretty(record).map_err(|e| HubError::Invalid(e.to_string()))?;
-        {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io(&tmp))?;
-            f.write_all(&text)
-                .and_then(|_| f.sync_all())
-                .map_err(io(&tmp))?;
-        }
+        super::write_private_tmp(&tmp, &text)?;
         std::fs::rename(&tmp, &path).map_err(io(&path))
     }
 

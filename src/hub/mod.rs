@@ -206,6 +206,23 @@ pub struct Hub<S> {
     pub cosigner: cosign::Cosigner,
 }
 
+/// Writes `bytes` to `tmp`, readable by the owner only (mode 0600) and synced, for the caller
+/// to move into place (a rename replaces, a hard link keeps what is there).
+pub(crate) fn write_private_tmp(tmp: &Path, bytes: &[u8]) -> Result<(), HubError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(tmp)
+        .map_err(io(tmp))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(io(tmp))
+}
+
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
     move |source| HubError::Io {
         path: path.to_owned(),

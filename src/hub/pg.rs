@@ -423,37 +423,26 @@ impl Pg {
         let edge = s.edge.hashes().concat();
         let (genesis, head) = (int(s.genesis_zeqond), int(s.head_size));
         let (old, last, root) = (int(a.old_size), s.last_hash.as_slice(), s.root.as_slice());
-        let won = if a.created {
-            let p: [&(dyn ToSql + Sync); 11] = [
-                &gw,
-                &m,
-                &genesis,
-                &size,
-                &last,
-                &edge,
-                &s.checkpoint,
-                &root,
-                &head,
-                &now,
-                &s.last_row_ts_ms,
-            ];
-            txn.execute(SQL_CREATE_LOG, &p).bounded(t).await?
-        } else {
-            let p: [&(dyn ToSql + Sync); 11] = [
-                &gw,
-                &m,
-                &old,
-                &size,
-                &last,
-                &edge,
-                &s.checkpoint,
-                &root,
-                &head,
-                &now,
-                &s.last_row_ts_ms,
-            ];
-            txn.execute(SQL_ADVANCE_LOG, &p).bounded(t).await?
+        // A new log's row is inserted, knowing its genesis; a known log's row advances only
+        // from the size that was checked.
+        let (sql, third): (&str, &(dyn ToSql + Sync)) = match a.created {
+            true => (SQL_CREATE_LOG, &genesis),
+            false => (SQL_ADVANCE_LOG, &old),
         };
+        let p: [&(dyn ToSql + Sync); 11] = [
+            &gw,
+            &m,
+            third,
+            &size,
+            &last,
+            &edge,
+            &s.checkpoint,
+            &root,
+            &head,
+            &now,
+            &s.last_row_ts_ms,
+        ];
+        let won = txn.execute(sql, &p).bounded(t).await?;
         if won != 1 {
             txn.rollback().bounded(t).await?;
             return Ok(false);

@@ -98,6 +98,7 @@ where
         waiting: 0,
         qos2: HashMap::new(),
         out_inflight: HashMap::new(),
+        keep_unacked: persistent,
         sent: 0,
         next_pkid: 1,
         out_window: server
@@ -310,7 +311,10 @@ struct Conn {
     qos2: HashMap<u16, Qos2>,
     /// QoS 1 deliveries to this client not yet acked, by packet id, with their order: a
     /// persistent session sends them again when the client comes back.
-    out_inflight: HashMap<u16, (u64, Message)>,
+    out_inflight: HashMap<u16, (u64, Option<Message>)>,
+    /// Whether unacked deliveries are kept for a later connection (a persistent session);
+    /// otherwise only their packet ids are.
+    keep_unacked: bool,
     /// Deliveries made so far (their order in `out_inflight`).
     sent: u64,
     next_pkid: u16,
@@ -656,7 +660,8 @@ impl Conn {
             } else {
                 let pkid = self.free_pkid();
                 self.sent += 1;
-                self.out_inflight.insert(pkid, (self.sent, m.clone()));
+                let kept = self.keep_unacked.then(|| m.clone());
+                self.out_inflight.insert(pkid, (self.sent, kept));
                 pkid
             };
             let out = Out::Publish {
@@ -682,7 +687,8 @@ impl Conn {
                 continue;
             }
             self.sent += 1;
-            self.out_inflight.insert(pkid, (self.sent, m.clone()));
+            let kept = self.keep_unacked.then(|| m.clone());
+            self.out_inflight.insert(pkid, (self.sent, kept));
             let out = Out::Publish {
                 message: m,
                 pkid,
@@ -699,7 +705,7 @@ impl Conn {
         let mut unacked: Vec<(u64, u16, Message)> = self
             .out_inflight
             .drain()
-            .map(|(pkid, (n, m))| (n, pkid, m))
+            .filter_map(|(pkid, (n, m))| Some((n, pkid, m?)))
             .collect();
         unacked.sort_by_key(|(n, _, _)| *n);
         Parked {

@@ -1920,6 +1920,88 @@ async fn server_interoperates_with_mosquitto_clients_and_rumqttc() {
     }
 }
 
+/// An MQTT 5 client that stays connected under `id` with a persistent session (`-c`) and, when
+/// given, a Will on `will_topic` delayed by `delay` seconds.
+fn v5_client(port: u16, key: &str, id: &str, will: Option<(&str, u32)>) -> Child {
+    let mut cmd = Command::new("mosquitto_sub");
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-u",
+        "d",
+        "-P",
+        key,
+    ])
+    .args(["-V", "mqttv5", "-i", id, "-c", "-t", "nothing/here"]);
+    if let Some((topic, delay)) = will {
+        cmd.args(["--will-topic", topic, "--will-payload", "gone"])
+            .args(["-D", "will", "will-delay-interval", &delay.to_string()]);
+    }
+    cmd.stdout(Stdio::null()).spawn().unwrap()
+}
+
+/// Kills `client` after it has had time to connect.
+async fn kill_after_connect(mut client: Child) {
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    client.kill().unwrap();
+    client.wait().unwrap();
+}
+
+/// The MQTT 5 Will Delay Interval (5.0 §3.1.2.5): a killed client's Will waits for its delay;
+/// it is never published when the client resumes its session within the delay, and at once
+/// when the client comes back with a clean start (its old session ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_delays_a_will_and_drops_it_when_the_session_resumes() {
+    let Some(s) = keyed_server().await else {
+        return;
+    };
+    let (key, port) = (s.admin.clone(), s.port);
+    // Not back: published after the 2 s delay, not before.
+    let watcher = mosquitto_sub_bg(port, &key, false, &["-t", "site/late/#", "-C", "1"], 15);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill_after_connect(v5_client(port, &key, "late", Some(("site/late/a", 2)))).await;
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!watcher.is_finished(), "the Will came before its delay");
+    let got = tokio::task::block_in_place(|| watcher.join().unwrap());
+    assert!(got.contains("site/late/a gone"), "{got}");
+    assert!(
+        killed.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        killed.elapsed()
+    );
+    // Back within the delay, resuming the session: never published.
+    let watcher = mosquitto_sub_bg(port, &key, false, &["-t", "site/back/#", "-C", "1"], 5);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill_after_connect(v5_client(port, &key, "back", Some(("site/back/a", 2)))).await;
+    let mut again = v5_client(port, &key, "back", None);
+    let got = tokio::task::block_in_place(|| watcher.join().unwrap());
+    assert!(!got.contains("site/back/a"), "{got}");
+    again.kill().unwrap();
+    again.wait().unwrap();
+    // Back with a clean start: the old session ends, so its Will goes at once.
+    let watcher = mosquitto_sub_bg(port, &key, false, &["-t", "site/fresh/#", "-C", "1"], 15);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill_after_connect(v5_client(port, &key, "fresh", Some(("site/fresh/a", 60)))).await;
+    let back = Instant::now();
+    let (code, out) = mosquitto_pub(
+        port,
+        Some(&key),
+        true,
+        &["-i", "fresh", "-t", "site/other", "-m", "x"],
+    );
+    assert_eq!(code, 0, "{out}");
+    let got = tokio::task::block_in_place(|| watcher.join().unwrap());
+    assert!(got.contains("site/fresh/a gone"), "{got}");
+    assert!(
+        back.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        back.elapsed()
+    );
+}
+
 /// QoS 2 in `ingest`: until its PUBREL (the entry is forgotten), a QoS 2 delivery's entry makes
 /// every later QoS 2 PUBLISH of the session on that packet id the same message, with or without
 /// DUP (paho-mqtt resends without DUP after some reconnects); after the release the packet id

@@ -54,6 +54,8 @@ pub struct Connect {
     pub username: Option<String>,
     pub password: Option<String>,
     pub will: Option<Message>,
+    /// MQTT 5: the Will Delay Interval in seconds (0 for 3.1.1 and when absent).
+    pub will_delay: u32,
     /// MQTT 5: the session outlives the connection (Session Expiry Interval > 0).
     pub session_expiry: u32,
     /// MQTT 5: the most QoS > 0 publishes the client takes at once (Receive Maximum).
@@ -214,6 +216,7 @@ pub fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Connect>, D
                     qos: w.qos,
                     retain: w.retain,
                 }),
+                will_delay: 0,
                 session_expiry: 0,
                 receive_maximum: None,
                 max_packet: None,
@@ -225,6 +228,10 @@ pub fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Connect>, D
         5 => match v5::Packet::read(buf, Some(max as u32)) {
             Ok(v5::Packet::Connect(c, will, login)) => {
                 let props = c.properties.unwrap_or_default();
+                let will_delay = will
+                    .as_ref()
+                    .and_then(|w| w.properties.as_ref()?.delay_interval)
+                    .unwrap_or(0);
                 Ok(Some(Connect {
                     proto: Proto::V5,
                     client_id: c.client_id,
@@ -238,6 +245,7 @@ pub fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Connect>, D
                         qos: v4_qos(w.qos),
                         retain: w.retain,
                     }),
+                    will_delay,
                     session_expiry: props.session_expiry_interval.unwrap_or(0),
                     receive_maximum: props.receive_maximum,
                     max_packet: props.max_packet_size,

@@ -12,7 +12,8 @@
 //! - **Ends.** A DISCONNECT ends the connection quietly; anything else (a lost socket, a
 //!   keepalive that expired after 1.5 periods, a malformed packet, a takeover, a revoked key)
 //!   publishes the client's Will, through the same path as its publishes (so a Will on an
-//!   ingest topic is applied as an event).
+//!   ingest topic is applied as an event); an MQTT 5 Will Delay Interval holds it back
+//!   (`Server::delay_will`).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -27,7 +28,7 @@ use tokio::time::Instant;
 use super::codec::{self, DecodeError, In, Message, Out, Proto, QoS, Reason};
 use super::ingest::{self, Forget};
 use super::router::{Grant, Link};
-use super::server::{Parked, Reply, Server, Work};
+use super::server::{Parked, Reply, Server, Will, Work};
 use crate::auth::Access;
 
 /// How long a write to a client may take before the client counts as gone (one that never
@@ -126,8 +127,11 @@ where
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
     if end.publishes_will() {
-        if let Some(will) = connect.will {
-            c.publish_will(will).await;
+        if let Some(will) = connect.will.and_then(|w| c.will(w)) {
+            match will_delay(connect.will_delay, persistent, lifetime) {
+                Some(delay) => server.delay_will(&session, &link, delay, will),
+                None => server.publish_will(will).await,
+            }
         }
     }
     let parked = match persistent {
@@ -613,9 +617,7 @@ impl Conn {
     }
 
     fn relay(&self, m: Message) {
-        let shared = &self.server.shared;
-        shared.relayed.fetch_add(1, Ordering::Relaxed);
-        self.server.router.publish(m);
+        self.server.relay(m);
     }
 
     /// Takes the acks the batcher released, and records what their commits wrote.
@@ -725,19 +727,28 @@ impl Conn {
         }
     }
 
-    /// Publishes the client's Will as if the client had sent it, without an ack.
-    async fn publish_will(&mut self, will: Message) {
+    /// The client's Will as if the client had published it (applied or relayed); None for a
+    /// topic a client may not publish to.
+    fn will(&self, will: Message) -> Option<Will> {
         if !valid_topic(&will.topic) {
-            return;
+            return None;
         }
-        self.server.shared.wills.fetch_add(1, Ordering::Relaxed);
-        if self.is_ingest(&will.topic) {
-            let m = self.ingest_message(will, 0, false);
-            let _ = self.server.work.send(Work::Publish(m, None)).await;
-        } else {
-            self.relay(will);
-        }
+        Some(match self.is_ingest(&will.topic) {
+            true => Will::Apply(self.ingest_message(will, 0, false)),
+            false => Will::Relay(will),
+        })
     }
+}
+
+/// How long a Will waits (MQTT 5 Will Delay Interval): None to publish it now. It waits no
+/// longer than its session lasts: a session that ends with the connection publishes it at
+/// once (5.0 §3.1.2.5).
+fn will_delay(secs: u32, persistent: bool, lifetime: Option<Duration>) -> Option<Duration> {
+    if secs == 0 || !persistent {
+        return None;
+    }
+    let delay = Duration::from_secs(secs as u64);
+    Some(lifetime.map_or(delay, |l| l.min(delay))).filter(|d| !d.is_zero())
 }
 
 /// A topic a client may publish to: not empty, no wildcards.

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::codec::{Message, Out, QoS, Reason};
@@ -124,6 +124,23 @@ struct Sessions {
     online: HashMap<Arc<str>, Arc<Link>>,
     /// Session name → what a persistent session keeps while its client is away.
     parked: HashMap<Arc<str>, Parked>,
+    /// Session name → the Will of its last connection, waiting for its delay.
+    wills: HashMap<Arc<str>, PendingWill>,
+}
+
+/// A Will ready to publish, its authorization decided when its connection ended.
+pub enum Will {
+    /// On an ingest topic: applied as the client's publish would have been.
+    Apply(ingest::Message),
+    /// On any other topic: relayed.
+    Relay(Message),
+}
+
+/// A delayed Will: the connection it belongs to, and how its waiting task is told that the
+/// session came back (`false`: never publish it) or ended (`true`: publish it now).
+struct PendingWill {
+    link: Arc<Link>,
+    settle: oneshot::Sender<bool>,
 }
 
 /// What a persistent session keeps between its connections (its subscriptions, and what was
@@ -320,6 +337,11 @@ impl Server {
             if let Some(old) = s.online.insert(session.clone(), link.clone()) {
                 old.kick(Reason::SessionTakenOver);
             }
+            // A new connection to the session: a delayed Will is never published if it
+            // resumes the session, and at once if it starts a new one (5.0 §3.1.2.5).
+            if let Some(w) = s.wills.remove(session) {
+                let _ = w.settle.send(clean);
+            }
             s.parked.remove(session)
         };
         // A session that expired while its client was away is gone, as if never made.
@@ -377,6 +399,73 @@ impl Server {
         }
         if current || !s.parked.contains_key(session) {
             s.parked.insert(session.clone(), parked);
+        }
+    }
+
+    /// Publishes a client's Will, without an ack.
+    pub async fn publish_will(&self, will: Will) {
+        self.shared.wills.fetch_add(1, Ordering::Relaxed);
+        match will {
+            Will::Apply(m) => {
+                let _ = self.work.send(Work::Publish(m, None)).await;
+            }
+            Will::Relay(m) => self.relay(m),
+        }
+    }
+
+    /// Passes a publish on a topic outside the gateway's prefix to its subscribers (acked on
+    /// receipt, not persisted).
+    pub fn relay(&self, m: Message) {
+        self.shared.relayed.fetch_add(1, Ordering::Relaxed);
+        self.router.publish(m);
+    }
+
+    /// Publishes the Will of `link`'s connection to `session` after `delay` (MQTT 5 Will
+    /// Delay Interval), unless a new connection resumes the session first; a new connection
+    /// that starts a clean session publishes it at once. When smgate stops first it is not
+    /// published, like the Wills of the clients still connected then: the gateway's own
+    /// `offline` status says that none of its clients is reachable.
+    pub fn delay_will(
+        self: &Arc<Self>,
+        session: &Arc<str>,
+        link: &Arc<Link>,
+        delay: Duration,
+        will: Will,
+    ) {
+        let (settle, mut settled) = oneshot::channel();
+        let pending = PendingWill {
+            link: link.clone(),
+            settle,
+        };
+        match self.sessions.lock() {
+            Ok(mut s) => s.wills.insert(session.clone(), pending),
+            Err(_) => return,
+        };
+        let (server, session, link) = (self.clone(), session.clone(), link.clone());
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let publish = tokio::select! {
+                r = &mut settled => r.unwrap_or(false),
+                _ = tokio::time::sleep(delay) => {
+                    // The delay passed, unless a new connection settled the Will meanwhile.
+                    server.take_will(&session, &link) || settled.try_recv().unwrap_or(false)
+                }
+                _ = shutdown.wait_for(|stop| *stop) => false,
+            };
+            if publish {
+                server.publish_will(will).await;
+            }
+        });
+    }
+
+    /// Removes `link`'s delayed Will from `session`: true if it was still waiting.
+    fn take_will(&self, session: &Arc<str>, link: &Arc<Link>) -> bool {
+        let Ok(mut s) = self.sessions.lock() else {
+            return false;
+        };
+        match s.wills.get(session) {
+            Some(w) if Arc::ptr_eq(&w.link, link) => s.wills.remove(session).is_some(),
+            _ => false,
         }
     }
 

@@ -918,6 +918,39 @@ async fn mosquitto_backlog_stays_in_the_broker_while_the_writer_is_behind() {
     assert_eq!(metric(&s.gw, "smgate_mqtt_ingest_queued").await, 0);
 }
 
+/// The embedded server's queue to the writer is bounded (`server::queue_cap`: four batches):
+/// with batches of 16, 8 devices with up to 100 publishes in flight each (Receive Maximum
+/// caps them at 32) find at most 64 waiting, and the rest waits in their sockets. Every
+/// heartbeat is applied exactly once, and the gauge is back at 0 afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_ingest_queue_stays_bounded_while_the_writer_is_behind() {
+    let (devices, per, instances) = (8u64, 2_500u64, 100u64);
+    let s = setup(
+        false,
+        &[("SMGATE_MQTT_BATCH_SIZE", "16")],
+        &[("hb", heartbeat_def(), true)],
+    )
+    .await;
+    let runs: Vec<_> = (0..devices)
+        .map(|d| tokio::spawn(publish_numbered(s.port, per, instances, d * per, false)))
+        .collect();
+    let mut acked = 0;
+    for r in runs {
+        acked += r.await.unwrap().len() as u64;
+    }
+    assert_eq!(acked, devices * per, "every publish acked");
+    let peak = metric(&s.gw, "smgate_mqtt_ingest_queued_peak").await;
+    assert!(peak <= 64, "ingest queue peaked at {peak}");
+    assert!(
+        peak >= 32,
+        "the queue never filled ({peak}): the bound was not tested"
+    );
+    let seen = applied_numbers(&s.gw, instances).await;
+    assert_eq!(seen.len() as u64, devices * per);
+    assert!(seen.values().all(|c| *c == 1), "a message applied twice");
+    assert_eq!(metric(&s.gw, "smgate_mqtt_ingest_queued").await, 0);
+}
+
 /// The issue's crash test, sized by `TEST_MQTT_CRASH_MESSAGES` / `TEST_MQTT_CRASH_INSTANCES`
 /// (defaults 20,000 across 200; `.ci/run` runs 100,000 across 1,000).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2000,6 +2033,192 @@ async fn server_delays_a_will_and_drops_it_when_the_session_resumes() {
         "{:?}",
         back.elapsed()
     );
+}
+
+/// An MQTT 5 client (rumqttc) of the embedded server, with the packets it receives on a
+/// channel; `resume`: clean start 0 with a session that lasts 300 s.
+async fn v5_rumqttc(
+    port: u16,
+    key: &str,
+    id: &str,
+    resume: bool,
+) -> (
+    rumqttc::v5::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
+) {
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_credentials("d", key);
+    if resume {
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(300));
+    }
+    let (client, mut events) = AsyncClient::new(o, 10);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = events.poll().await {
+            if let Event::Incoming(p) = e {
+                if tx.send(p).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// The next PUBLISH a [`v5_rumqttc`] client receives (other packets are skipped).
+async fn next_v5_publish(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
+) -> rumqttc::v5::mqttbytes::v5::Publish {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(Packet::Publish(p))) => return p,
+            Ok(Some(_)) => {}
+            other => panic!("no PUBLISH: {other:?}"),
+        }
+    }
+}
+
+/// Waits for a [`v5_rumqttc`] client's next SUBACK.
+async fn v5_suback(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
+) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(Packet::SubAck(_))) => return,
+            Ok(Some(_)) => {}
+            other => panic!("no SUBACK: {other:?}"),
+        }
+    }
+}
+
+/// MQTT 5 subscription options and properties (5.0 §3.8.3.1, §3.3.2.3) on relayed topics:
+/// No Local keeps a client's own messages from it, Retain As Published keeps the retain flag
+/// of live deliveries, Retain Handling sends retained messages on every subscribe, only on a
+/// new one, or never; a publish's properties reach MQTT 5 subscribers unaltered, its Message
+/// Expiry Interval counted down, and a message that expires while a session is away is not
+/// delivered when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_honours_mqtt5_subscription_options_and_forwards_properties() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, PublishProperties, RetainForwardRule};
+    use rumqttc::v5::mqttbytes::QoS;
+    let Some(s) = keyed_server().await else {
+        return;
+    };
+    let (key, port) = (s.admin.clone(), s.port);
+    // Retain handling: 0 on every subscribe, 1 on a new one, 2 never.
+    let filter = |path: &str, nolocal, rap, rule: u8| Filter {
+        nolocal,
+        preserve_retain: rap,
+        retain_forward_rule: match rule {
+            0 => RetainForwardRule::OnEverySubscribe,
+            1 => RetainForwardRule::OnNewSubscribe,
+            _ => RetainForwardRule::Never,
+        },
+        ..Filter::new(path, QoS::AtLeastOnce)
+    };
+    let (a, mut a_rx) = v5_rumqttc(port, &key, "v5-a", false).await;
+    let (b, mut b_rx) = v5_rumqttc(port, &key, "v5-b", false).await;
+    let every = 0;
+    a.subscribe_many([
+        filter("site/nl/#", true, false, every),
+        filter("site/rap/#", false, true, every),
+        filter("site/plain/#", false, false, every),
+        filter("site/props/#", false, false, every),
+    ])
+    .await
+    .unwrap();
+    v5_suback(&mut a_rx).await;
+    b.subscribe("site/nl/#", QoS::AtLeastOnce).await.unwrap();
+    v5_suback(&mut b_rx).await;
+    // No Local: b receives a's message, a does not (its later deliveries come in order).
+    a.publish("site/nl/x", QoS::AtLeastOnce, false, "own")
+        .await
+        .unwrap();
+    assert_eq!(next_v5_publish(&mut b_rx).await.topic, "site/nl/x");
+    a.publish("site/rap/x", QoS::AtLeastOnce, true, "r")
+        .await
+        .unwrap();
+    a.publish("site/plain/x", QoS::AtLeastOnce, true, "p")
+        .await
+        .unwrap();
+    let first = next_v5_publish(&mut a_rx).await;
+    assert_eq!(first.topic, "site/rap/x", "{first:?}");
+    assert!(first.retain, "Retain As Published keeps the flag");
+    let second = next_v5_publish(&mut a_rx).await;
+    assert_eq!(second.topic, "site/plain/x");
+    assert!(!second.retain, "a live delivery carries retain 0");
+    // Properties, forwarded unaltered but for the expiry countdown.
+    let props = PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(60),
+        response_topic: Some("site/reply".into()),
+        correlation_data: Some("c-1".into()),
+        user_properties: vec![("k".into(), "v".into())],
+        content_type: Some("text/plain".into()),
+        ..Default::default()
+    };
+    b.publish_with_properties("site/props/x", QoS::AtLeastOnce, false, "hi", props.clone())
+        .await
+        .unwrap();
+    let got = next_v5_publish(&mut a_rx).await;
+    let p = got.properties.expect("properties");
+    assert!(matches!(p.message_expiry_interval, Some(58..=60)), "{p:?}");
+    assert_eq!(
+        PublishProperties {
+            message_expiry_interval: Some(60),
+            ..p
+        },
+        props
+    );
+    // Retain Handling: never, then only on a new subscription.
+    b.publish("site/rh/t", QoS::AtLeastOnce, true, "kept")
+        .await
+        .unwrap();
+    b.publish("site/end", QoS::AtLeastOnce, true, "end")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new_only = 1;
+    for f in [
+        filter("site/rh/#", false, false, 2),
+        filter("site/rh/+", false, false, new_only),
+        filter("site/rh/+", false, false, new_only),
+        filter("site/end", false, false, every),
+    ] {
+        // In order, without waiting for each SUBACK (publishes may come between them).
+        a.subscribe_many([f]).await.unwrap();
+    }
+    let got = next_v5_publish(&mut a_rx).await;
+    assert_eq!((got.topic.as_ref(), got.retain), (&b"site/rh/t"[..], true));
+    assert_eq!(next_v5_publish(&mut a_rx).await.topic, "site/end");
+    // Message expiry while a persistent session is away.
+    let (c, mut c_rx) = v5_rumqttc(port, &key, "v5-c", true).await;
+    c.subscribe("site/exp/#", QoS::AtLeastOnce).await.unwrap();
+    v5_suback(&mut c_rx).await;
+    c.disconnect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (topic, secs) in [("site/exp/short", 1), ("site/exp/long", 100)] {
+        let props = PublishProperties {
+            message_expiry_interval: Some(secs),
+            ..Default::default()
+        };
+        b.publish_with_properties(topic, QoS::AtLeastOnce, false, "e", props)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_c, mut c_rx) = v5_rumqttc(port, &key, "v5-c", true).await;
+    let got = next_v5_publish(&mut c_rx).await;
+    assert_eq!(
+        got.topic, "site/exp/long",
+        "the expired message was delivered"
+    );
+    let left = got.properties.and_then(|p| p.message_expiry_interval);
+    assert!(matches!(left, Some(95..=98)), "{left:?}");
 }
 
 /// QoS 2 in `ingest`: until its PUBREL (the entry is forgotten), a QoS 2 delivery's entry makes

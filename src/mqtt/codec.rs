@@ -10,6 +10,14 @@
 //! - a v5 DISCONNECT with remaining length 0 (reason "normal", as `mosquitto_pub -V 5` sends
 //!   it) is valid MQTT 5 (§3.14.2.1) but rumqttc's v5 reader refuses it, so it is recognised
 //!   from its two bytes.
+//!
+//! A relayed MQTT 5 publish keeps its properties ([`Origin`]): they are forwarded unaltered to
+//! MQTT 5 subscribers (5.0 §3.3.2.3), but for the Message Expiry Interval, which counts down
+//! while the message waits, and the topic alias and subscription identifiers, which belong to
+//! one connection.
+
+use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
@@ -42,6 +50,92 @@ pub struct Message {
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
+    /// Who published a relayed message, and its properties; None for the gateway's own.
+    pub origin: Option<Arc<Origin>>,
+}
+
+/// Where a relayed message came from, and what it carries beside topic and payload.
+#[derive(Debug)]
+pub struct Origin {
+    /// The publisher's session (the MQTT 5 No Local option compares it).
+    pub session: Arc<str>,
+    /// When the server received it (its Message Expiry Interval counts from here).
+    pub at: Instant,
+    /// Its MQTT 5 properties, without topic alias and subscription identifiers.
+    pub props: Option<v5::PublishProperties>,
+}
+
+impl Origin {
+    pub fn new(session: Arc<str>, props: Option<v5::PublishProperties>) -> Origin {
+        Origin {
+            session,
+            at: Instant::now(),
+            props: props.map(|p| v5::PublishProperties {
+                topic_alias: None,
+                subscription_identifiers: Vec::new(),
+                ..p
+            }),
+        }
+    }
+
+    /// The properties to send at `now`: the expiry interval less the seconds waited (5.0
+    /// §3.3.2.3.3); None when the message has expired.
+    fn props_at(&self, now: Instant) -> Option<Option<v5::PublishProperties>> {
+        let Some(p) = &self.props else {
+            return Some(None);
+        };
+        let mut p = p.clone();
+        if let Some(interval) = p.message_expiry_interval {
+            let waited = now.saturating_duration_since(self.at).as_secs();
+            if interval > 0 && waited >= interval as u64 {
+                return None;
+            }
+            p.message_expiry_interval = Some(interval - waited as u32);
+        }
+        Some(Some(p))
+    }
+}
+
+impl Message {
+    /// Whether its MQTT 5 Message Expiry Interval has passed (it is then not delivered).
+    pub fn expired(&self, now: Instant) -> bool {
+        self.origin
+            .as_ref()
+            .is_some_and(|o| o.props_at(now).is_none())
+    }
+}
+
+/// One filter of a SUBSCRIBE, with its MQTT 5 options (3.1.1: the defaults).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscription {
+    pub filter: String,
+    pub qos: QoS,
+    /// Not delivered what the subscriber's own session publishes.
+    pub no_local: bool,
+    /// Live deliveries keep the publisher's retain flag (otherwise 0).
+    pub retain_as_published: bool,
+    pub retain_handling: RetainHandling,
+}
+
+impl Subscription {
+    pub fn new(filter: &str, qos: QoS) -> Subscription {
+        Subscription {
+            filter: filter.to_owned(),
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: RetainHandling::OnSubscribe,
+        }
+    }
+}
+
+/// When a subscription receives the retained messages it matches (5.0 §3.8.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetainHandling {
+    OnSubscribe,
+    /// Only when the subscription did not exist before.
+    OnNewSubscription,
+    Never,
 }
 
 #[derive(Debug)]
@@ -54,6 +148,8 @@ pub struct Connect {
     pub username: Option<String>,
     pub password: Option<String>,
     pub will: Option<Message>,
+    /// MQTT 5: the Will's properties, forwarded with it.
+    pub will_props: Option<v5::PublishProperties>,
     /// MQTT 5: the Will Delay Interval in seconds (0 for 3.1.1 and when absent).
     pub will_delay: u32,
     /// MQTT 5: the session outlives the connection (Session Expiry Interval > 0).
@@ -73,6 +169,8 @@ pub enum In {
         dup: bool,
         /// MQTT 5 topic alias: refused (we announce no aliases).
         alias: bool,
+        /// MQTT 5 properties.
+        props: Option<v5::PublishProperties>,
     },
     PubAck(u16),
     PubRec(u16),
@@ -80,7 +178,7 @@ pub enum In {
     PubComp(u16),
     Subscribe {
         pkid: u16,
-        filters: Vec<(String, QoS)>,
+        filters: Vec<Subscription>,
     },
     Unsubscribe {
         pkid: u16,
@@ -215,7 +313,9 @@ pub fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Connect>, D
                     payload: w.message,
                     qos: w.qos,
                     retain: w.retain,
+                    origin: None,
                 }),
+                will_props: None,
                 will_delay: 0,
                 session_expiry: 0,
                 receive_maximum: None,
@@ -228,9 +328,10 @@ pub fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Connect>, D
         5 => match v5::Packet::read(buf, Some(max as u32)) {
             Ok(v5::Packet::Connect(c, will, login)) => {
                 let props = c.properties.unwrap_or_default();
-                let will_delay = will
+                let will_props = will.as_ref().and_then(|w| w.properties.clone());
+                let will_delay = will_props
                     .as_ref()
-                    .and_then(|w| w.properties.as_ref()?.delay_interval)
+                    .and_then(|p| p.delay_interval)
                     .unwrap_or(0);
                 Ok(Some(Connect {
                     proto: Proto::V5,
@@ -244,6 +345,16 @@ pub fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Connect>, D
                         payload: w.message,
                         qos: v4_qos(w.qos),
                         retain: w.retain,
+                        origin: None,
+                    }),
+                    will_props: will_props.map(|p| v5::PublishProperties {
+                        payload_format_indicator: p.payload_format_indicator,
+                        message_expiry_interval: p.message_expiry_interval,
+                        response_topic: p.response_topic,
+                        correlation_data: p.correlation_data,
+                        user_properties: p.user_properties,
+                        content_type: p.content_type,
+                        ..Default::default()
                     }),
                     will_delay,
                     session_expiry: props.session_expiry_interval.unwrap_or(0),
@@ -256,6 +367,20 @@ pub fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Connect>, D
             Err(e) => Err(malformed(e)),
         },
         other => Err(DecodeError::Protocol(other)),
+    }
+}
+
+fn subscription(f: v5::Filter) -> Subscription {
+    Subscription {
+        qos: v4_qos(f.qos),
+        no_local: f.nolocal,
+        retain_as_published: f.preserve_retain,
+        retain_handling: match f.retain_forward_rule {
+            v5::RetainForwardRule::OnEverySubscribe => RetainHandling::OnSubscribe,
+            v5::RetainForwardRule::OnNewSubscribe => RetainHandling::OnNewSubscription,
+            v5::RetainForwardRule::Never => RetainHandling::Never,
+        },
+        filter: f.path,
     }
 }
 
@@ -323,10 +448,12 @@ fn from_v4(p: v4::Packet) -> In {
                 payload: own(p.payload),
                 qos: p.qos,
                 retain: p.retain,
+                origin: None,
             },
             pkid: p.pkid,
             dup: p.dup,
             alias: false,
+            props: None,
         },
         v4::Packet::PubAck(a) => In::PubAck(a.pkid),
         v4::Packet::PubRec(a) => In::PubRec(a.pkid),
@@ -334,7 +461,11 @@ fn from_v4(p: v4::Packet) -> In {
         v4::Packet::PubComp(a) => In::PubComp(a.pkid),
         v4::Packet::Subscribe(s) => In::Subscribe {
             pkid: s.pkid,
-            filters: s.filters.into_iter().map(|f| (f.path, f.qos)).collect(),
+            filters: s
+                .filters
+                .iter()
+                .map(|f| Subscription::new(&f.path, f.qos))
+                .collect(),
         },
         v4::Packet::Unsubscribe(u) => In::Unsubscribe {
             pkid: u.pkid,
@@ -360,10 +491,12 @@ fn from_v5(p: v5::Packet) -> In {
                     payload: own(p.payload),
                     qos: v4_qos(p.qos),
                     retain: p.retain,
+                    origin: None,
                 },
                 pkid: p.pkid,
                 dup: p.dup,
                 alias,
+                props: p.properties,
             }
         }
         v5::Packet::PubAck(a) => In::PubAck(a.pkid),
@@ -372,11 +505,7 @@ fn from_v5(p: v5::Packet) -> In {
         v5::Packet::PubComp(a) => In::PubComp(a.pkid),
         v5::Packet::Subscribe(s) => In::Subscribe {
             pkid: s.pkid,
-            filters: s
-                .filters
-                .into_iter()
-                .map(|f| (f.path, v4_qos(f.qos)))
-                .collect(),
+            filters: s.filters.into_iter().map(subscription).collect(),
         },
         v5::Packet::Unsubscribe(u) => In::Unsubscribe {
             pkid: u.pkid,
@@ -404,11 +533,33 @@ pub fn write(proto: Proto, out: &Out, buf: &mut BytesMut) {
     }
 }
 
-/// The encoded size of a PUBLISH (to check a client's Maximum Packet Size).
+/// The encoded size of a PUBLISH, at most (to check a client's Maximum Packet Size).
 pub fn publish_size(proto: Proto, message: &Message) -> usize {
-    // Fixed header (at most 5) + topic (2 + len) + packet id (2) + MQTT 5 properties length (1).
-    let extra = if proto == Proto::V5 { 1 } else { 0 };
-    5 + 2 + message.topic.len() + 2 + extra + message.payload.len()
+    // Fixed header (at most 5) + topic (2 + len) + packet id (2), and for MQTT 5 the
+    // properties' length (at most 4) and the properties.
+    let base = 5 + 2 + message.topic.len() + 2 + message.payload.len();
+    match (
+        proto,
+        message.origin.as_ref().and_then(|o| o.props.as_ref()),
+    ) {
+        (Proto::V4, _) => base,
+        (Proto::V5, None) => base + 1,
+        (Proto::V5, Some(p)) => base + 4 + props_size(p),
+    }
+}
+
+/// The encoded size of publish properties (each: one identifier byte and its value).
+fn props_size(p: &v5::PublishProperties) -> usize {
+    let string = |s: &Option<String>| s.as_ref().map_or(0, |s| 3 + s.len());
+    p.payload_format_indicator.map_or(0, |_| 2)
+        + p.message_expiry_interval.map_or(0, |_| 5)
+        + string(&p.response_topic)
+        + p.correlation_data.as_ref().map_or(0, |d| 3 + d.len())
+        + string(&p.content_type)
+        + p.user_properties
+            .iter()
+            .map(|(k, v)| 5 + k.len() + v.len())
+            .sum::<usize>()
 }
 
 fn to_v4(out: &Out) -> Option<v4::Packet> {
@@ -530,7 +681,10 @@ fn to_v5(out: &Out) -> Option<v5::Packet> {
             topic: Bytes::copy_from_slice(message.topic.as_bytes()),
             pkid: *pkid,
             payload: message.payload.clone(),
-            properties: None,
+            properties: message
+                .origin
+                .as_ref()
+                .and_then(|o| o.props_at(Instant::now()).flatten()),
         }),
         Out::SubAck {
             pkid,

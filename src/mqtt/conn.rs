@@ -25,11 +25,13 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::codec::{self, DecodeError, In, Message, Out, Proto, QoS, Reason};
+use super::codec::{self, DecodeError, In, Message, Origin, Out, Proto, QoS, Reason};
 use super::ingest::{self, Forget};
 use super::router::{Grant, Link};
 use super::server::{Parked, Reply, Server, Will, Work};
 use crate::auth::Access;
+
+type PublishProps = rumqttc::v5::mqttbytes::v5::PublishProperties;
 
 /// How long a write to a client may take before the client counts as gone (one that never
 /// reads its socket).
@@ -127,7 +129,8 @@ where
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
     if end.publishes_will() {
-        if let Some(will) = connect.will.and_then(|w| c.will(w)) {
+        let props = connect.will_props;
+        if let Some(will) = connect.will.and_then(|w| c.will(w, props)) {
             match will_delay(connect.will_delay, persistent, lifetime) {
                 Some(delay) => server.delay_will(&session, &link, delay, will),
                 None => server.publish_will(will).await,
@@ -441,6 +444,7 @@ impl Conn {
                 pkid,
                 dup,
                 alias,
+                props,
             } => {
                 if alias {
                     return Some(End::Protocol(Reason::TopicAliasInvalid));
@@ -448,7 +452,7 @@ impl Conn {
                 if !valid_topic(&message.topic) {
                     return Some(End::Protocol(Reason::ProtocolError));
                 }
-                self.publish(message, pkid, dup).await;
+                self.publish(message, pkid, dup, props).await;
             }
             In::PubRel(pkid) => match self.qos2.remove(&pkid) {
                 Some(Qos2::Relayed) => self.acks.ready(Out::PubComp(pkid)),
@@ -575,10 +579,11 @@ impl Conn {
         )
     }
 
-    async fn publish(&mut self, m: Message, pkid: u16, dup: bool) {
+    async fn publish(&mut self, m: Message, pkid: u16, dup: bool, props: Option<PublishProps>) {
         let qos = m.qos;
         if !self.is_ingest(&m.topic) {
             // Relayed: acked on receipt, not persisted.
+            let m = self.stamped(m, props);
             match qos {
                 QoS::AtMostOnce => self.relay(m),
                 QoS::AtLeastOnce => {
@@ -614,6 +619,15 @@ impl Conn {
         };
         // Waits while the batcher's queue is full: the flood pushes back through TCP.
         let _ = self.server.work.send(work).await;
+    }
+
+    /// `m` with its origin: this session, and its MQTT 5 properties.
+    fn stamped(&self, m: Message, props: Option<PublishProps>) -> Message {
+        let origin = Origin::new(self.session.clone(), props);
+        Message {
+            origin: Some(Arc::new(origin)),
+            ..m
+        }
     }
 
     fn relay(&self, m: Message) {
@@ -654,7 +668,9 @@ impl Conn {
             }
             let next = self.link.outq.lock().ok().and_then(|mut q| q.pop());
             let Some(m) = next else { return };
-            if codec::publish_size(self.proto, &m) > self.client_max_packet {
+            if codec::publish_size(self.proto, &m) > self.client_max_packet
+                || m.expired(std::time::Instant::now())
+            {
                 continue;
             }
             let pkid = if m.qos == QoS::AtMostOnce {
@@ -729,13 +745,13 @@ impl Conn {
 
     /// The client's Will as if the client had published it (applied or relayed); None for a
     /// topic a client may not publish to.
-    fn will(&self, will: Message) -> Option<Will> {
+    fn will(&self, will: Message, props: Option<PublishProps>) -> Option<Will> {
         if !valid_topic(&will.topic) {
             return None;
         }
         Some(match self.is_ingest(&will.topic) {
             true => Will::Apply(self.ingest_message(will, 0, false)),
-            false => Will::Relay(will),
+            false => Will::Relay(self.stamped(will, props)),
         })
     }
 }

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use rumqttc::mqttbytes::{matches, valid_filter};
 use tokio::sync::Notify;
 
-use super::codec::{self, Message, QoS, Reason};
+use super::codec::{self, Message, QoS, Reason, RetainHandling, Subscription};
 use crate::auth::{Access, Principal};
 use crate::store::Store;
 
@@ -234,8 +234,8 @@ impl Outq {
 
 struct Subscriber {
     link: Arc<Link>,
-    /// (filter, granted QoS), in subscription order.
-    filters: Vec<(String, QoS)>,
+    /// With their granted QoS, in subscription order.
+    filters: Vec<Subscription>,
 }
 
 #[derive(Default)]
@@ -306,14 +306,8 @@ impl Router {
     }
 
     fn fan_out(&self, inner: &Inner, m: Message, state: bool) {
-        for s in inner.subscribers.values() {
-            let Some(qos) = s
-                .filters
-                .iter()
-                .filter(|(f, _)| matches(&m.topic, f))
-                .map(|(_, q)| *q)
-                .max_by_key(|q| *q as u8)
-            else {
+        for (client, s) in &inner.subscribers {
+            let Some((qos, retain_as_published)) = delivery(&m, client, &s.filters) else {
                 continue;
             };
             if !s.link.grant.may_read(&self.store, &m.topic) {
@@ -321,8 +315,9 @@ impl Router {
             }
             let delivered = Message {
                 qos: min_qos(qos, m.qos),
-                // Live deliveries carry retain 0 (3.1.1 §3.3.1.3).
-                retain: false,
+                // Live deliveries carry retain 0 (3.1.1 §3.3.1.3), unless the subscription
+                // asked for the publisher's flag (MQTT 5 Retain As Published).
+                retain: retain_as_published && m.retain,
                 ..m.clone()
             };
             let queued = s
@@ -358,6 +353,7 @@ impl Router {
                 payload: payload.into(),
                 qos: QoS::AtLeastOnce,
                 retain: false,
+                origin: None,
             };
             self.fan_out(&inner, m, false);
         }
@@ -367,40 +363,23 @@ impl Router {
                 payload: payload.into(),
                 qos: state_qos,
                 retain: true,
+                origin: None,
             };
             self.fan_out(&inner, m, true);
         }
     }
 
-    /// Adds `filters` for `client` (replacing a filter it already has), and queues the
-    /// retained messages they match, the states read from the store. Returns the granted QoS
-    /// per filter (None: refused) and the reason of the refusals.
+    /// Adds `subs` for `client` (replacing a filter it already has), and queues the retained
+    /// messages they match, the states read from the store, as each one's Retain Handling
+    /// says. Returns the granted QoS per filter (None: refused) and the reason of the refusals.
     pub fn subscribe(
         &self,
         client: &Arc<str>,
         link: &Arc<Link>,
-        filters: &[(String, QoS)],
+        subs: &[Subscription],
         state_qos: QoS,
     ) -> (Vec<Option<QoS>>, Reason) {
-        let mut granted = Vec::with_capacity(filters.len());
-        let mut reason = Reason::Success;
-        let mut added = Vec::new();
-        for (f, q) in filters {
-            if !valid_filter(f) {
-                granted.push(None);
-                reason = Reason::TopicFilterInvalid;
-            } else if !link.grant.may_subscribe(&self.store, f) {
-                granted.push(None);
-                if reason == Reason::Success {
-                    reason = Reason::NotAuthorized;
-                }
-            } else {
-                // QoS 2 deliveries are made at QoS 1.
-                let q = min_qos(*q, QoS::AtLeastOnce);
-                granted.push(Some(q));
-                added.push((f.clone(), q));
-            }
-        }
+        let (granted, reason, added) = self.grant(link, subs);
         if added.is_empty() {
             return (granted, reason);
         }
@@ -415,49 +394,28 @@ impl Router {
                 filters: Vec::new(),
             });
         sub.link = link.clone();
-        for (f, q) in &added {
-            match sub.filters.iter_mut().find(|(g, _)| g == f) {
-                Some(existing) => existing.1 = *q,
-                None => sub.filters.push((f.clone(), *q)),
+        let mut with_retained = Vec::new();
+        for s in added {
+            let existed = match sub.filters.iter_mut().find(|g| g.filter == s.filter) {
+                Some(existing) => {
+                    *existing = s.clone();
+                    true
+                }
+                None => {
+                    sub.filters.push(s.clone());
+                    false
+                }
+            };
+            let send = match s.retain_handling {
+                RetainHandling::OnSubscribe => true,
+                RetainHandling::OnNewSubscription => !existed,
+                RetainHandling::Never => false,
+            };
+            if send {
+                with_retained.push(s);
             }
         }
-        // Retained messages of the new filters (3.1.1 §3.3.1.3: sent with retain 1).
-        let mut queue = Vec::new();
-        for (f, q) in &added {
-            for m in inner.retained.values() {
-                if matches(&m.topic, f) && link.grant.may_read(&self.store, &m.topic) {
-                    queue.push(Message {
-                        qos: min_qos(*q, m.qos),
-                        ..m.clone()
-                    });
-                }
-            }
-            if self.may_match_states(f) {
-                let machine = link
-                    .grant
-                    .machine_level(f)
-                    .filter(|m| !m.contains(['+', '#']));
-                let read = self.store.view(|txn| {
-                    let mut found = Vec::new();
-                    super::ingest::for_each_state(txn, &self.charts, machine, |m, i, view| {
-                        let topic = super::topic::state(&self.prefix, m, i);
-                        if matches(&topic, f) && link.grant.may_read(&self.store, &topic) {
-                            found.push(Message {
-                                topic,
-                                payload: serde_json::to_vec(view).unwrap_or_default().into(),
-                                qos: min_qos(*q, state_qos),
-                                retain: true,
-                            });
-                        }
-                    })?;
-                    Ok(found)
-                });
-                match read {
-                    Ok(found) => queue.extend(found),
-                    Err(e) => tracing::warn!(error = %e, "cannot read states for a subscription"),
-                }
-            }
-        }
+        let queue = self.retained_for(&mut inner, link, &with_retained, state_qos);
         if let Ok(mut q) = link.outq.lock() {
             for m in queue {
                 let state = self.is_state(&m.topic);
@@ -467,6 +425,92 @@ impl Router {
         }
         link.wake.notify_one();
         (granted, reason)
+    }
+
+    /// Checks each filter of a SUBSCRIBE: the granted QoS per filter, the reason of the
+    /// refusals, and the subscriptions to add (with their granted QoS).
+    fn grant(
+        &self,
+        link: &Link,
+        subs: &[Subscription],
+    ) -> (Vec<Option<QoS>>, Reason, Vec<Subscription>) {
+        let mut granted = Vec::with_capacity(subs.len());
+        let mut reason = Reason::Success;
+        let mut added = Vec::new();
+        for s in subs {
+            if !valid_filter(&s.filter) {
+                granted.push(None);
+                reason = Reason::TopicFilterInvalid;
+            } else if !link.grant.may_subscribe(&self.store, &s.filter) {
+                granted.push(None);
+                if reason == Reason::Success {
+                    reason = Reason::NotAuthorized;
+                }
+            } else {
+                // QoS 2 deliveries are made at QoS 1.
+                let qos = min_qos(s.qos, QoS::AtLeastOnce);
+                granted.push(Some(qos));
+                added.push(Subscription { qos, ..s.clone() });
+            }
+        }
+        (granted, reason, added)
+    }
+
+    /// The retained messages that `subs` match and `link` may read (3.1.1 §3.3.1.3: sent with
+    /// retain 1): those kept here (the expired ones go), and the states in the store.
+    fn retained_for(
+        &self,
+        inner: &mut Inner,
+        link: &Link,
+        subs: &[Subscription],
+        state_qos: QoS,
+    ) -> Vec<Message> {
+        let now = std::time::Instant::now();
+        inner.retained.retain(|_, m| !m.expired(now));
+        let mut queue = Vec::new();
+        for s in subs {
+            for m in inner.retained.values() {
+                if matches(&m.topic, &s.filter) && link.grant.may_read(&self.store, &m.topic) {
+                    queue.push(Message {
+                        qos: min_qos(s.qos, m.qos),
+                        ..m.clone()
+                    });
+                }
+            }
+            if self.may_match_states(&s.filter) {
+                self.states_for(link, s, min_qos(s.qos, state_qos), &mut queue);
+            }
+        }
+        queue
+    }
+
+    /// The instance states, read from the store, that `s` matches and `link` may read.
+    fn states_for(&self, link: &Link, s: &Subscription, qos: QoS, queue: &mut Vec<Message>) {
+        let f = &s.filter;
+        let machine = link
+            .grant
+            .machine_level(f)
+            .filter(|m| !m.contains(['+', '#']));
+        let read = self.store.view(|txn| {
+            let mut found = Vec::new();
+            super::ingest::for_each_state(txn, &self.charts, machine, |m, i, view| {
+                let topic = super::topic::state(&self.prefix, m, i);
+                if matches(&topic, f) && link.grant.may_read(&self.store, &topic) {
+                    found.push(Message {
+                        topic,
+                        payload: serde_json::to_vec(view).unwrap_or_default().into(),
+                        qos,
+                        retain: true,
+                        origin: None,
+                    });
+                }
+            })?;
+            Ok(found)
+        });
+        match read {
+            Ok(found) => queue.extend(found),
+            Err(e) => tracing::warn!(error = %e, "cannot read states for a subscription"),
+        }
     }
 
     /// Whether filter `f` can match some `<prefix>/<m>/<i>/state`.
@@ -504,7 +548,7 @@ impl Router {
     pub fn unsubscribe(&self, client: &str, filters: &[String]) {
         if let Ok(mut inner) = self.inner.lock() {
             if let Some(s) = inner.subscribers.get_mut(client) {
-                s.filters.retain(|(f, _)| !filters.contains(f));
+                s.filters.retain(|s| !filters.contains(&s.filter));
             }
         }
     }
@@ -559,6 +603,24 @@ impl Router {
     }
 }
 
+/// How `m` reaches the subscriber `client` with these subscriptions: once, at the highest QoS
+/// of those it matches, with the publisher's retain flag if one of them asks for it; None when
+/// none matches, or only No Local ones and `m` is the subscriber's own.
+fn delivery(m: &Message, client: &str, subs: &[Subscription]) -> Option<(QoS, bool)> {
+    let own = m.origin.as_ref().is_some_and(|o| &*o.session == client);
+    subs.iter()
+        .filter(|s| !(own && s.no_local) && matches(&m.topic, &s.filter))
+        .fold(None, |best, s| {
+            Some(match best {
+                None => (s.qos, s.retain_as_published),
+                Some((q, rap)) => (
+                    if (s.qos as u8) > (q as u8) { s.qos } else { q },
+                    rap || s.retain_as_published,
+                ),
+            })
+        })
+}
+
 pub fn min_qos(a: QoS, b: QoS) -> QoS {
     if (a as u8) <= (b as u8) {
         a
@@ -577,7 +639,39 @@ mod tests {
             payload: payload.to_owned().into(),
             qos: QoS::AtLeastOnce,
             retain: false,
+            origin: None,
         }
+    }
+
+    #[test]
+    fn overlapping_subscriptions_deliver_once_and_no_local_skips_the_own_session() {
+        let sub = |f: &str, qos, no_local, rap| Subscription {
+            no_local,
+            retain_as_published: rap,
+            ..Subscription::new(f, qos)
+        };
+        let subs = [
+            sub("a/#", QoS::AtMostOnce, false, false),
+            sub("a/b", QoS::AtLeastOnce, true, true),
+        ];
+        let mine = Message {
+            origin: Some(Arc::new(codec::Origin::new("me".into(), None))),
+            ..msg("a/b", "x")
+        };
+        // Another session's message: the highest QoS, and retain as published from one.
+        assert_eq!(
+            delivery(&mine, "you", &subs),
+            Some((QoS::AtLeastOnce, true))
+        );
+        // Its own: only the subscription without No Local delivers it.
+        assert_eq!(delivery(&mine, "me", &subs), Some((QoS::AtMostOnce, false)));
+        assert_eq!(delivery(&mine, "me", &subs[1..]), None);
+        // The gateway's own messages have no origin: No Local never applies.
+        assert_eq!(
+            delivery(&msg("a/b", "x"), "me", &subs[1..]),
+            Some((QoS::AtLeastOnce, true))
+        );
+        assert_eq!(delivery(&msg("c", "x"), "me", &subs), None);
     }
 
     #[test]

@@ -284,6 +284,7 @@ impl Server {
             payload: payload.into(),
             qos: QoS::AtLeastOnce,
             retain: true,
+            origin: None,
         });
     }
 
@@ -677,6 +678,7 @@ async fn batcher(
                 }
             }
         }
+        gauge_queue(&server.shared, rx.len());
         in_flight.push_back(commit(batch));
     }
     // Stopping: the connections read no more; what they queued is committed and acked.
@@ -690,6 +692,15 @@ async fn batcher(
     for t in in_flight {
         let _ = t.await;
     }
+}
+
+/// Sets the `/metrics` gauges of the publishes waiting for a batch.
+fn gauge_queue(shared: &Shared, queued: usize) {
+    let queued = queued as u64;
+    shared.ingest_queued.store(queued, Ordering::Relaxed);
+    shared
+        .ingest_queued_peak
+        .fetch_max(queued, Ordering::Relaxed);
 }
 
 /// Applies one batch and, after the commit is durable, releases its acks; false when the

@@ -2100,10 +2100,11 @@ async fn v5_suback(
 /// of live deliveries, Retain Handling sends retained messages on every subscribe, only on a
 /// new one, or never; a publish's properties reach MQTT 5 subscribers unaltered, its Message
 /// Expiry Interval counted down, and a message that expires while a session is away is not
-/// delivered when it returns.
+/// delivered when it returns. Shared subscriptions are refused with their reason code,
+/// UNSUBACK says which filters existed, and a client without an id is told the one it got.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_honours_mqtt5_subscription_options_and_forwards_properties() {
-    use rumqttc::v5::mqttbytes::v5::{Filter, PublishProperties, RetainForwardRule};
+    use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PublishProperties, RetainForwardRule};
     use rumqttc::v5::mqttbytes::QoS;
     let Some(s) = keyed_server().await else {
         return;
@@ -2195,6 +2196,41 @@ async fn server_honours_mqtt5_subscription_options_and_forwards_properties() {
     let got = next_v5_publish(&mut a_rx).await;
     assert_eq!((got.topic.as_ref(), got.retain), (&b"site/rh/t"[..], true));
     assert_eq!(next_v5_publish(&mut a_rx).await.topic, "site/end");
+    // Shared subscriptions are refused as not offered; UNSUBACK says which filters existed.
+    a.subscribe("$share/g/site/x", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    a.unsubscribe("site/none").await.unwrap();
+    a.unsubscribe("site/plain/#").await.unwrap();
+    let mut acks = Vec::new();
+    while acks.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(10), a_rx.recv()).await {
+            Ok(Some(Packet::SubAck(s))) => acks.push(format!("{:?}", s.return_codes)),
+            Ok(Some(Packet::UnsubAck(u))) => acks.push(format!("{:?}", u.reasons)),
+            Ok(Some(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        acks,
+        [
+            "[SharedSubscriptionsNotSupported]",
+            "[NoSubscriptionExisted]",
+            "[Success]"
+        ]
+    );
+    // A client without a client id is told the one it got.
+    let (_anon, mut anon_rx) = v5_rumqttc(port, &key, "", false).await;
+    match tokio::time::timeout(Duration::from_secs(10), anon_rx.recv()).await {
+        Ok(Some(Packet::ConnAck(c))) => {
+            let id = c.properties.and_then(|p| p.assigned_client_identifier);
+            assert!(
+                id.as_deref().is_some_and(|i| i.starts_with("smgate-")),
+                "{id:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
     // Message expiry while a persistent session is away.
     let (c, mut c_rx) = v5_rumqttc(port, &key, "v5-c", true).await;
     c.subscribe("site/exp/#", QoS::AtLeastOnce).await.unwrap();

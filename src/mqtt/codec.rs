@@ -214,6 +214,7 @@ pub enum Reason {
     AdministrativeAction,
     QuotaExceeded,
     TopicAliasInvalid,
+    SharedSubscriptionsNotSupported,
 }
 
 /// A packet to a client.
@@ -224,6 +225,8 @@ pub enum Out {
         session_present: bool,
         receive_maximum: u16,
         max_packet: u32,
+        /// MQTT 5: the client id the server chose for a client that sent none.
+        assigned_id: Option<String>,
     },
     PubAck(u16, Reason),
     PubRec(u16, Reason),
@@ -235,14 +238,15 @@ pub enum Out {
         pkid: u16,
         dup: bool,
     },
+    /// Per filter: the granted QoS, or why it was refused.
     SubAck {
         pkid: u16,
-        granted: Vec<Option<QoS>>,
-        reason: Reason,
+        granted: Vec<Result<QoS, Reason>>,
     },
+    /// Per filter: whether a subscription existed.
     UnsubAck {
         pkid: u16,
-        count: usize,
+        found: Vec<bool>,
     },
     PingResp,
     Disconnect(Reason),
@@ -598,8 +602,8 @@ fn to_v4(out: &Out) -> Option<v4::Packet> {
             granted
                 .iter()
                 .map(|g| match g {
-                    Some(q) => v4::SubscribeReasonCode::Success(*q),
-                    None => v4::SubscribeReasonCode::Failure,
+                    Ok(q) => v4::SubscribeReasonCode::Success(*q),
+                    Err(_) => v4::SubscribeReasonCode::Failure,
                 })
                 .collect(),
         )),
@@ -618,6 +622,7 @@ fn to_v5(out: &Out) -> Option<v5::Packet> {
             session_present,
             receive_maximum,
             max_packet,
+            assigned_id,
         } => {
             let success = *reason == Reason::Success;
             v5::Packet::ConnAck(v5::ConnAck {
@@ -639,7 +644,7 @@ fn to_v5(out: &Out) -> Option<v5::Packet> {
                     max_qos: None,
                     retain_available: Some(1),
                     max_packet_size: Some(*max_packet),
-                    assigned_client_identifier: None,
+                    assigned_client_identifier: assigned_id.clone(),
                     topic_alias_max: Some(0),
                     reason_string: None,
                     user_properties: Vec::new(),
@@ -686,27 +691,30 @@ fn to_v5(out: &Out) -> Option<v5::Packet> {
                 .as_ref()
                 .and_then(|o| o.props_at(Instant::now()).flatten()),
         }),
-        Out::SubAck {
-            pkid,
-            granted,
-            reason,
-        } => v5::Packet::SubAck(v5::SubAck {
+        Out::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {
             pkid: *pkid,
             return_codes: granted
                 .iter()
-                .map(|g| match (g, reason) {
-                    (Some(q), _) => v5::SubscribeReasonCode::Success(v5_qos(*q)),
-                    (None, Reason::TopicFilterInvalid) => {
-                        v5::SubscribeReasonCode::TopicFilterInvalid
+                .map(|g| match g {
+                    Ok(q) => v5::SubscribeReasonCode::Success(v5_qos(*q)),
+                    Err(Reason::TopicFilterInvalid) => v5::SubscribeReasonCode::TopicFilterInvalid,
+                    Err(Reason::SharedSubscriptionsNotSupported) => {
+                        v5::SubscribeReasonCode::SharedSubscriptionsNotSupported
                     }
-                    (None, _) => v5::SubscribeReasonCode::NotAuthorized,
+                    Err(_) => v5::SubscribeReasonCode::NotAuthorized,
                 })
                 .collect(),
             properties: None,
         }),
-        Out::UnsubAck { pkid, count } => v5::Packet::UnsubAck(v5::UnsubAck {
+        Out::UnsubAck { pkid, found } => v5::Packet::UnsubAck(v5::UnsubAck {
             pkid: *pkid,
-            reasons: vec![v5::UnsubAckReason::Success; *count],
+            reasons: found
+                .iter()
+                .map(|f| match f {
+                    true => v5::UnsubAckReason::Success,
+                    false => v5::UnsubAckReason::NoSubscriptionExisted,
+                })
+                .collect(),
             properties: None,
         }),
         Out::PingResp => v5::Packet::PingResp(v5::PingResp),
@@ -811,6 +819,7 @@ mod tests {
             session_present: false,
             receive_maximum: 10,
             max_packet: 1024,
+            assigned_id: None,
         };
         let mut buf = BytesMut::new();
         write(Proto::V4, &refuse, &mut buf);

@@ -85,6 +85,8 @@ where
         session_present: present,
         receive_maximum,
         max_packet: max as u32,
+        // MQTT 5 tells a client without a client id the one it got (5.0 §3.2.2.3.7).
+        assigned_id: connect.client_id.is_empty().then(|| client_id.clone()),
     };
     if send(&mut io, proto, &[connack]).await.is_err() {
         server.close_session(&session, &link, persistent, parked);
@@ -153,6 +155,7 @@ fn refuse(reason: Reason) -> Out {
         session_present: false,
         receive_maximum: 0,
         max_packet: 0,
+        assigned_id: None,
     }
 }
 
@@ -492,28 +495,22 @@ impl Conn {
                     0 => QoS::AtMostOnce,
                     _ => QoS::AtLeastOnce,
                 };
-                let (granted, reason) =
+                let granted =
                     self.server
                         .router
                         .subscribe(&self.session, &self.link, &filters, qos);
-                if reason != Reason::Success {
+                if granted.iter().any(|g| g.is_err()) {
                     self.server
                         .shared
                         .subscriptions_refused
                         .fetch_add(1, Ordering::Relaxed);
                 }
                 // Written now, so the SUBACK leaves before the retained messages it brings.
-                let suback = Out::SubAck {
-                    pkid,
-                    granted,
-                    reason,
-                };
-                codec::write(self.proto, &suback, &mut self.wbuf);
+                codec::write(self.proto, &Out::SubAck { pkid, granted }, &mut self.wbuf);
             }
             In::Unsubscribe { pkid, filters } => {
-                self.server.router.unsubscribe(&self.session, &filters);
-                let count = filters.len();
-                codec::write(self.proto, &Out::UnsubAck { pkid, count }, &mut self.wbuf);
+                let found = self.server.router.unsubscribe(&self.session, &filters);
+                codec::write(self.proto, &Out::UnsubAck { pkid, found }, &mut self.wbuf);
             }
             In::PingReq => codec::write(self.proto, &Out::PingResp, &mut self.wbuf),
             In::Disconnect { will } => return Some(End::Disconnect { will }),

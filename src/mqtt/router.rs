@@ -371,20 +371,20 @@ impl Router {
 
     /// Adds `subs` for `client` (replacing a filter it already has), and queues the retained
     /// messages they match, the states read from the store, as each one's Retain Handling
-    /// says. Returns the granted QoS per filter (None: refused) and the reason of the refusals.
+    /// says. Returns the granted QoS per filter, or why it was refused.
     pub fn subscribe(
         &self,
         client: &Arc<str>,
         link: &Arc<Link>,
         subs: &[Subscription],
         state_qos: QoS,
-    ) -> (Vec<Option<QoS>>, Reason) {
-        let (granted, reason, added) = self.grant(link, subs);
+    ) -> Vec<Result<QoS, Reason>> {
+        let (granted, added) = self.grant(link, subs);
         if added.is_empty() {
-            return (granted, reason);
+            return granted;
         }
         let Ok(mut inner) = self.inner.lock() else {
-            return (granted, reason);
+            return granted;
         };
         let sub = inner
             .subscribers
@@ -424,36 +424,36 @@ impl Router {
             }
         }
         link.wake.notify_one();
-        (granted, reason)
+        granted
     }
 
-    /// Checks each filter of a SUBSCRIBE: the granted QoS per filter, the reason of the
-    /// refusals, and the subscriptions to add (with their granted QoS).
+    /// Checks each filter of a SUBSCRIBE: the granted QoS per filter or why it is refused,
+    /// and the subscriptions to add (with their granted QoS).
     fn grant(
         &self,
         link: &Link,
         subs: &[Subscription],
-    ) -> (Vec<Option<QoS>>, Reason, Vec<Subscription>) {
-        let mut granted = Vec::with_capacity(subs.len());
-        let mut reason = Reason::Success;
+    ) -> (Vec<Result<QoS, Reason>>, Vec<Subscription>) {
         let mut added = Vec::new();
-        for s in subs {
-            if !valid_filter(&s.filter) {
-                granted.push(None);
-                reason = Reason::TopicFilterInvalid;
-            } else if !link.grant.may_subscribe(&self.store, &s.filter) {
-                granted.push(None);
-                if reason == Reason::Success {
-                    reason = Reason::NotAuthorized;
+        let granted = subs
+            .iter()
+            .map(|s| {
+                if s.filter.starts_with("$share/") {
+                    // Announced as not available in the CONNACK.
+                    Err(Reason::SharedSubscriptionsNotSupported)
+                } else if !valid_filter(&s.filter) {
+                    Err(Reason::TopicFilterInvalid)
+                } else if !link.grant.may_subscribe(&self.store, &s.filter) {
+                    Err(Reason::NotAuthorized)
+                } else {
+                    // QoS 2 deliveries are made at QoS 1.
+                    let qos = min_qos(s.qos, QoS::AtLeastOnce);
+                    added.push(Subscription { qos, ..s.clone() });
+                    Ok(qos)
                 }
-            } else {
-                // QoS 2 deliveries are made at QoS 1.
-                let qos = min_qos(s.qos, QoS::AtLeastOnce);
-                granted.push(Some(qos));
-                added.push(Subscription { qos, ..s.clone() });
-            }
-        }
-        (granted, reason, added)
+            })
+            .collect();
+        (granted, added)
     }
 
     /// The retained messages that `subs` match and `link` may read (3.1.1 §3.3.1.3: sent with
@@ -545,12 +545,19 @@ impl Router {
         rest.len() == 3
     }
 
-    pub fn unsubscribe(&self, client: &str, filters: &[String]) {
+    /// Removes `client`'s subscriptions to `filters`; per filter, whether it existed.
+    pub fn unsubscribe(&self, client: &str, filters: &[String]) -> Vec<bool> {
+        let mut found = vec![false; filters.len()];
         if let Ok(mut inner) = self.inner.lock() {
             if let Some(s) = inner.subscribers.get_mut(client) {
-                s.filters.retain(|s| !filters.contains(&s.filter));
+                for (f, found) in filters.iter().zip(found.iter_mut()) {
+                    let before = s.filters.len();
+                    s.filters.retain(|s| s.filter != *f);
+                    *found = s.filters.len() < before;
+                }
             }
         }
+        found
     }
 
     /// Forgets `client`'s subscriptions (a clean session ended, or a new one began).

@@ -1570,6 +1570,31 @@ fn mosquitto_sub_bg(
     })
 }
 
+/// [`mosquitto_pub`] that must succeed; what it printed.
+fn mosquitto_pub_ok(port: u16, key: Option<&str>, v5: bool, args: &[&str]) -> String {
+    let (code, out) = mosquitto_pub(port, key, v5, args);
+    assert_eq!(code, 0, "{out}");
+    out
+}
+
+/// [`mosquitto_sub_bg`], given half a second to subscribe.
+async fn watch(
+    port: u16,
+    key: &str,
+    v5: bool,
+    args: &[&str],
+    secs: u32,
+) -> std::thread::JoinHandle<String> {
+    let w = mosquitto_sub_bg(port, key, v5, args, secs);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    w
+}
+
+/// What a background `mosquitto_sub` printed.
+fn joined<T: Send + 'static>(w: std::thread::JoinHandle<T>) -> T {
+    tokio::task::block_in_place(|| w.join().unwrap())
+}
+
 /// Mints a machine key with `scope` over HTTPS.
 async fn mint(gw: &Gw, bearer: &str, machine: &str, scope: &str) -> (String, String) {
     let (s, b, _) = call(
@@ -1625,7 +1650,7 @@ async fn server_authorizes_every_principal_per_topic() {
     let (revoked, revoked_id) = mint(&s.gw, &owner, "hb", "operator").await;
     // An instance of each machine, so that a granted subscription receives a retained state.
     for m in ["hb", "other"] {
-        let (code, out) = mosquitto_pub(
+        mosquitto_pub_ok(
             s.port,
             Some(&owner),
             false,
@@ -1638,7 +1663,6 @@ async fn server_authorizes_every_principal_per_topic() {
                 "{}",
             ],
         );
-        assert_eq!(code, 0, "{out}");
     }
     eventually(10, "seed instances", async || {
         instance(&s.gw, "other", "seed").await?;
@@ -1665,7 +1689,7 @@ async fn server_authorizes_every_principal_per_topic() {
     )
     .await;
     assert_eq!(st, 200, "{b}");
-    let held_for = tokio::task::block_in_place(|| held.join().unwrap());
+    let held_for = joined(held);
     assert!(
         held_for < Duration::from_secs(20),
         "the revoked key's connection stayed open for {held_for:?}"
@@ -1802,7 +1826,7 @@ async fn server_interoperates_with_mosquitto_clients_and_rumqttc() {
     ] {
         let inst = format!("q{qos}-v{}", if v5 { 5 } else { 4 });
         for n in 1..=3 {
-            let (code, out) = mosquitto_pub(
+            let out = mosquitto_pub_ok(
                 port,
                 Some(&key),
                 v5,
@@ -1815,7 +1839,6 @@ async fn server_interoperates_with_mosquitto_clients_and_rumqttc() {
                     &format!("{{\"n\":{n}}}"),
                 ],
             );
-            assert_eq!(code, 0, "{out}");
             if qos == "2" {
                 assert!(
                     out.contains("received PUBREC") && out.contains("received PUBCOMP"),
@@ -1846,34 +1869,32 @@ async fn server_interoperates_with_mosquitto_clients_and_rumqttc() {
         }
     }
     // Live states: a subscriber started first sees the next state.
-    let live = mosquitto_sub_bg(
+    let live = watch(
         port,
         &key,
         true,
         &["-t", "smgate/hb/live/state", "-C", "1"],
         10,
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (code, out) = mosquitto_pub(
+    )
+    .await;
+    mosquitto_pub_ok(
         port,
         Some(&key),
         false,
         &["-q", "1", "-t", "smgate/hb/live/heartbeat", "-m", "{}"],
     );
-    assert_eq!(code, 0, "{out}");
-    let got = tokio::task::block_in_place(|| live.join().unwrap());
+    let got = joined(live);
     assert!(
         got.contains("smgate/hb/live/state {") && got.contains("\"heartbeats\":1"),
         "{got}"
     );
     // Other topics are relayed, and kept when retained.
-    let (code, out) = mosquitto_pub(
+    mosquitto_pub_ok(
         port,
         Some(&key),
         true,
         &["-q", "1", "-r", "-t", "site/lobby/temp", "-m", "21.5"],
     );
-    assert_eq!(code, 0, "{out}");
     let got = mosquitto_sub(
         port,
         Some(&key),
@@ -1883,19 +1904,8 @@ async fn server_interoperates_with_mosquitto_clients_and_rumqttc() {
     );
     assert!(got.contains("site/lobby/temp 21.5"), "{got}");
     // A Will: a subscriber's client is killed; its Will reaches a watcher.
-    let watcher = mosquitto_sub_bg(port, &key, false, &["-t", "site/wills/#", "-C", "1"], 15);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut doomed = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-u",
-            "d",
-            "-P",
-            &key,
-        ])
+    let watcher = watch(port, &key, false, &["-t", "site/wills/#", "-C", "1"], 15).await;
+    let mut doomed = sub_command(port, &key)
         .args([
             "-t",
             "nothing/here",
@@ -1910,7 +1920,7 @@ async fn server_interoperates_with_mosquitto_clients_and_rumqttc() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     doomed.kill().unwrap();
     doomed.wait().unwrap();
-    let got = tokio::task::block_in_place(|| watcher.join().unwrap());
+    let got = joined(watcher);
     assert!(got.contains("site/wills/dev-9 gone"), "{got}");
     // rumqttc (3.1.1) publishes at QoS 1 and 2 and receives its own machine's states.
     {
@@ -1953,9 +1963,8 @@ async fn server_interoperates_with_mosquitto_clients_and_rumqttc() {
     }
 }
 
-/// An MQTT 5 client that stays connected under `id` with a persistent session (`-c`) and, when
-/// given, a Will on `will_topic` delayed by `delay` seconds.
-fn v5_client(port: u16, key: &str, id: &str, will: Option<(&str, u32)>) -> Child {
+/// `mosquitto_sub` of the embedded server, as user `d` with `key`.
+fn sub_command(port: u16, key: &str) -> Command {
     let mut cmd = Command::new("mosquitto_sub");
     cmd.args([
         "-h",
@@ -1966,8 +1975,15 @@ fn v5_client(port: u16, key: &str, id: &str, will: Option<(&str, u32)>) -> Child
         "d",
         "-P",
         key,
-    ])
-    .args(["-V", "mqttv5", "-i", id, "-c", "-t", "nothing/here"]);
+    ]);
+    cmd
+}
+
+/// An MQTT 5 client that stays connected under `id` with a persistent session (`-c`) and, when
+/// given, a Will on `will_topic` delayed by `delay` seconds.
+fn v5_client(port: u16, key: &str, id: &str, will: Option<(&str, u32)>) -> Child {
+    let mut cmd = sub_command(port, key);
+    cmd.args(["-V", "mqttv5", "-i", id, "-c", "-t", "nothing/here"]);
     if let Some((topic, delay)) = will {
         cmd.args(["--will-topic", topic, "--will-payload", "gone"])
             .args(["-D", "will", "will-delay-interval", &delay.to_string()]);
@@ -1992,13 +2008,12 @@ async fn server_delays_a_will_and_drops_it_when_the_session_resumes() {
     };
     let (key, port) = (s.admin.clone(), s.port);
     // Not back: published after the 2 s delay, not before.
-    let watcher = mosquitto_sub_bg(port, &key, false, &["-t", "site/late/#", "-C", "1"], 15);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let watcher = watch(port, &key, false, &["-t", "site/late/#", "-C", "1"], 15).await;
     kill_after_connect(v5_client(port, &key, "late", Some(("site/late/a", 2)))).await;
     let killed = Instant::now();
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(!watcher.is_finished(), "the Will came before its delay");
-    let got = tokio::task::block_in_place(|| watcher.join().unwrap());
+    let got = joined(watcher);
     assert!(got.contains("site/late/a gone"), "{got}");
     assert!(
         killed.elapsed() >= Duration::from_millis(1900),
@@ -2006,27 +2021,24 @@ async fn server_delays_a_will_and_drops_it_when_the_session_resumes() {
         killed.elapsed()
     );
     // Back within the delay, resuming the session: never published.
-    let watcher = mosquitto_sub_bg(port, &key, false, &["-t", "site/back/#", "-C", "1"], 5);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let watcher = watch(port, &key, false, &["-t", "site/back/#", "-C", "1"], 5).await;
     kill_after_connect(v5_client(port, &key, "back", Some(("site/back/a", 2)))).await;
     let mut again = v5_client(port, &key, "back", None);
-    let got = tokio::task::block_in_place(|| watcher.join().unwrap());
+    let got = joined(watcher);
     assert!(!got.contains("site/back/a"), "{got}");
     again.kill().unwrap();
     again.wait().unwrap();
     // Back with a clean start: the old session ends, so its Will goes at once.
-    let watcher = mosquitto_sub_bg(port, &key, false, &["-t", "site/fresh/#", "-C", "1"], 15);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let watcher = watch(port, &key, false, &["-t", "site/fresh/#", "-C", "1"], 15).await;
     kill_after_connect(v5_client(port, &key, "fresh", Some(("site/fresh/a", 60)))).await;
     let back = Instant::now();
-    let (code, out) = mosquitto_pub(
+    mosquitto_pub_ok(
         port,
         Some(&key),
         true,
         &["-i", "fresh", "-t", "site/other", "-m", "x"],
     );
-    assert_eq!(code, 0, "{out}");
-    let got = tokio::task::block_in_place(|| watcher.join().unwrap());
+    let got = joined(watcher);
     assert!(got.contains("site/fresh/a gone"), "{got}");
     assert!(
         back.elapsed() < Duration::from_secs(10),
@@ -2504,7 +2516,7 @@ async fn server_refuses_bad_input_and_keeps_serving_devices() {
     });
     let payload = "x".repeat(4000);
     for i in 0..300 {
-        let (code, out) = mosquitto_pub(
+        mosquitto_pub_ok(
             port,
             Some(&key),
             false,
@@ -2518,7 +2530,6 @@ async fn server_refuses_bad_input_and_keeps_serving_devices() {
                 "-r",
             ],
         );
-        assert_eq!(code, 0, "{out}");
         if metric(&s.gw, "smgate_mqtt_subscribers_dropped_total").await > 0 {
             break;
         }
@@ -2636,7 +2647,7 @@ async fn server_status_is_online_then_offline_on_sigterm_with_the_same_birth() {
     let watcher = mosquitto_sub_bg(s.port, &s.gw.owner_key, true, &["-t", &topic], 20);
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(s.gw.stop().success());
-    let seen = status(&tokio::task::block_in_place(|| watcher.join().unwrap()));
+    let seen = status(&joined(watcher));
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert_eq!(
         (seen[0]["status"].as_str(), seen[1]["status"].as_str()),
@@ -2718,13 +2729,12 @@ async fn server_keeps_a_persistent_session_s_deliveries_while_its_client_is_away
         1,
     );
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let (code, out) = mosquitto_pub(
+    mosquitto_pub_ok(
         port,
         Some(&key),
         true,
         &["-q", "1", "-t", "lab/brief", "-m", "late"],
     );
-    assert_eq!(code, 0, "{out}");
     let got = mosquitto_sub(
         port,
         Some(&key),
@@ -2759,13 +2769,12 @@ async fn server_keeps_a_persistent_session_s_deliveries_while_its_client_is_away
             break;
         }
     }
-    let (code, out) = mosquitto_pub(
+    mosquitto_pub_ok(
         port,
         Some(&key),
         false,
         &["-q", "1", "-t", "lab/slow", "-m", "m1"],
     );
-    assert_eq!(code, 0, "{out}");
     let first = next_publish(&mut ev).await;
     assert_eq!((first.payload.as_ref(), first.dup), (&b"m1"[..], false));
     // Gone without acking it.
@@ -2787,8 +2796,19 @@ async fn server_keeps_a_persistent_session_s_deliveries_while_its_client_is_away
         (&b"m1"[..], first.pkid, true, "lab/slow")
     );
     client.ack(&again).await.unwrap();
-    // Acked now: a third connection gets nothing again.
-    let _ = tokio::time::timeout(Duration::from_millis(500), ev.poll()).await;
+    // Acked now (a SUBACK after it says the server read the PUBACK, which came first): a
+    // third connection gets nothing again.
+    client
+        .subscribe("lab/after-ack", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("rumqttc: {other:?}"),
+        }
+    }
     drop((client, ev));
     let (_client, mut ev) = connect("slow-reader");
     let deadline = Instant::now() + Duration::from_secs(1);

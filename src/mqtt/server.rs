@@ -122,6 +122,8 @@ pub struct Server {
 struct Sessions {
     /// Session name → its connection.
     online: HashMap<Arc<str>, Arc<Link>>,
+    /// Session name → whether its connection started it clean (for a Will still to settle).
+    started_clean: HashMap<Arc<str>, bool>,
     /// Session name → what a persistent session keeps while its client is away.
     parked: HashMap<Arc<str>, Parked>,
     /// Session name → the Will of its last connection, waiting for its delay.
@@ -338,6 +340,7 @@ impl Server {
             if let Some(old) = s.online.insert(session.clone(), link.clone()) {
                 old.kick(Reason::SessionTakenOver);
             }
+            s.started_clean.insert(session.clone(), clean);
             // A new connection to the session: a delayed Will is never published if it
             // resumes the session, and at once if it starts a new one (5.0 §3.1.2.5).
             if let Some(w) = s.wills.remove(session) {
@@ -384,6 +387,7 @@ impl Server {
         let current = s.online.get(session).is_some_and(|l| Arc::ptr_eq(l, link));
         if current {
             s.online.remove(session);
+            s.started_clean.remove(session);
         }
         if !persistent {
             if current {
@@ -433,30 +437,56 @@ impl Server {
         delay: Duration,
         will: Will,
     ) {
-        let (settle, mut settled) = oneshot::channel();
+        let (settle, settled) = oneshot::channel();
         let pending = PendingWill {
             link: link.clone(),
             settle,
         };
-        match self.sessions.lock() {
-            Ok(mut s) => s.wills.insert(session.clone(), pending),
-            Err(_) => return,
+        let taken = {
+            let Ok(mut s) = self.sessions.lock() else {
+                return;
+            };
+            match s.online.get(session) {
+                // A new connection took the session over before this one ended: it resumed
+                // the session (never published) or started a new one (published now).
+                Some(other) if !Arc::ptr_eq(other, link) => {
+                    Some(s.started_clean.get(session).copied().unwrap_or(true))
+                }
+                _ => {
+                    s.wills.insert(session.clone(), pending);
+                    None
+                }
+            }
         };
         let (server, session, link) = (self.clone(), session.clone(), link.clone());
-        let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            let publish = tokio::select! {
-                r = &mut settled => r.unwrap_or(false),
-                _ = tokio::time::sleep(delay) => {
-                    // The delay passed, unless a new connection settled the Will meanwhile.
-                    server.take_will(&session, &link) || settled.try_recv().unwrap_or(false)
-                }
-                _ = shutdown.wait_for(|stop| *stop) => false,
+            let publish = match taken {
+                Some(now) => now,
+                None => server.settle_will(&session, &link, delay, settled).await,
             };
             if publish {
                 server.publish_will(will).await;
             }
         });
+    }
+
+    /// Waits for a delayed Will to settle: whether to publish it.
+    async fn settle_will(
+        &self,
+        session: &Arc<str>,
+        link: &Arc<Link>,
+        delay: Duration,
+        mut settled: oneshot::Receiver<bool>,
+    ) -> bool {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            r = &mut settled => r.unwrap_or(false),
+            _ = tokio::time::sleep(delay) => {
+                // The delay passed, unless a new connection settled the Will meanwhile.
+                self.take_will(session, link) || settled.try_recv().unwrap_or(false)
+            }
+            _ = shutdown.wait_for(|stop| *stop) => false,
+        }
     }
 
     /// Removes `link`'s delayed Will from `session`: true if it was still waiting.

@@ -18,7 +18,7 @@ use super::{
     bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
 };
 use crate::agents::{self, byok, read, AgentError, Enrichment, Run, SpawnContext, SpawnRequest};
-use crate::auth::{Access, Principal, Zid};
+use crate::auth::{Access, Principal, Slug, Zid};
 use crate::clock;
 use crate::machines;
 
@@ -547,7 +547,7 @@ fn tally(deps: Arc<Deps>, bearer: Option<String>, zid: String) -> Result<Respons
     }
     let (account, slugs, runs, live) = deps.store.view(|txn| {
         let account = crate::auth::account(txn, zid.as_str())?;
-        let slugs: Vec<String> = machines::all(txn)?
+        let slugs: Vec<Slug> = machines::all(txn)?
             .into_iter()
             .filter(|m| m.owner_zid == zid)
             .map(|m| m.slug)

@@ -19,7 +19,7 @@ use super::{
     bearer, body, json_response, parse_json, read_body, respond, visible_machine, with_gateway,
     ApiError, BodyStream,
 };
-use crate::auth::{sha256, Access};
+use crate::auth::{sha256, Access, Slug};
 use crate::clock;
 use crate::ledger::{self, canonical, hex, log, Checkpoint, Row};
 use crate::machines::{self, Machine};
@@ -317,7 +317,7 @@ async fn post_event(
         .write(move |txn| {
             machines::record_event(
                 txn,
-                &slug,
+                &machine.slug,
                 &event_type,
                 &payload_hash,
                 &actor,
@@ -618,7 +618,7 @@ pub fn checkpoint_note(
 
 /// Live rows from `from` on: first the backlog, then each row as its commit lands. The event
 /// id is the row's seq, so a client that reconnects with `Last-Event-ID` resumes after it.
-fn sse(deps: Arc<Deps>, slug: String, from: u64) -> Response {
+fn sse(deps: Arc<Deps>, slug: Slug, from: u64) -> Response {
     let mut commits = deps.writer.subscribe();
     let stream = async_stream(move |tx| async move {
         let mut cursor = from;

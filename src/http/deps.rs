@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::ApiError;
 use crate::agents::Agents;
-use crate::auth::{self, AuthError, Principal, RateLimiter};
+use crate::auth::{self, AuthError, Principal, RateLimiter, Slug};
 use crate::clock;
 use crate::config::Config;
 use crate::gateway::Identity;
@@ -32,9 +32,9 @@ pub struct Deps {
     pub sync: Arc<SyncState>,
     pub spinup_limit: RateLimiter<IpAddr>,
     /// Writes per machine (slug).
-    pub write_limit: RateLimiter<String>,
+    pub write_limit: RateLimiter<Slug>,
     /// Reads per machine by callers other than its owner.
-    pub read_limit: RateLimiter<String>,
+    pub read_limit: RateLimiter<Slug>,
     pub machine_defaults: machines::Defaults,
     pub started: Instant,
     pub started_ms: i64,
@@ -122,7 +122,7 @@ impl Deps {
             for m in machines::all(txn)? {
                 let size = crate::ledger::log::read::head(txn, &m.slug)?.map_or(0, |h| h.size);
                 let acked = crate::sync::client::acked(txn, &m.slug)?.min(size);
-                lag.push((m.slug, (size - acked) as f64));
+                lag.push((m.slug.into(), (size - acked) as f64));
             }
             Ok((timers, lag))
         });

@@ -22,7 +22,7 @@ use super::{
     bearer, body, json_response, parse_json, read_body, visible_machine, with_gateway, ApiError,
     BodyStream,
 };
-use crate::auth::{Access, Principal};
+use crate::auth::{Access, Principal, Slug};
 use crate::chart::Event;
 use crate::clock;
 use crate::instances::{self as inst, InstanceError, Status};
@@ -987,7 +987,7 @@ pub(super) fn authorize_live(
     bearer: Option<&str>,
     slug: &str,
     instance: &str,
-) -> Result<(String, Value), SbError> {
+) -> Result<(Slug, Value), SbError> {
     let (machine, access, principal) =
         machine_for(deps, bearer, slug, Access::Public, "read instances")?;
     let auth = auth_value(&principal, access);

@@ -34,7 +34,7 @@ use warp::reply::Response;
 use warp::{Buf, Filter, Reply};
 
 use crate::auth::AuthError;
-use crate::auth::{Access, Principal};
+use crate::auth::{Access, Principal, Slug};
 use crate::machines::{Machine, MachineError};
 use crate::store::StoreError;
 
@@ -180,10 +180,9 @@ pub fn visible_machine(
     principal: &Principal,
     slug: &str,
 ) -> Result<(Machine, Access), ApiError> {
-    let machine = if crate::machines::valid_slug(slug) {
-        deps.store.view(|txn| crate::machines::get(txn, slug))?
-    } else {
-        None
+    let machine = match Slug::parse(slug) {
+        Some(slug) => deps.store.view(|txn| crate::machines::get(txn, &slug))?,
+        None => None,
     };
     let access = machine
         .as_ref()

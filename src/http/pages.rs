@@ -43,7 +43,7 @@ use super::Deps;
 use super::{
     bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
 };
-use crate::auth::{Access, Principal};
+use crate::auth::{Access, Principal, Slug};
 use crate::clock;
 use crate::ledger::hex;
 use crate::machines::{self, Machine};
@@ -216,8 +216,8 @@ fn page_slug(page: &str) -> Result<PageSlug, ApiError> {
 /// A read: any caller, any existing machine (see the module doc). Non-owners are rate limited.
 fn readable(deps: &Deps, bearer: Option<&str>, slug: &str) -> Result<(Machine, Access), ApiError> {
     let principal = deps.principal(bearer)?;
-    let machine = machines::valid_slug(slug)
-        .then(|| deps.store.view(|txn| machines::get(txn, slug)))
+    let machine = Slug::parse(slug)
+        .map(|slug| deps.store.view(|txn| machines::get(txn, &slug)))
         .transpose()?
         .flatten()
         .ok_or_else(ApiError::machine_not_found)?;
@@ -246,7 +246,7 @@ fn page_url(slug: &str, page: &PageSlug) -> String {
     ))]
 fn list(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
     let (machine, access) = readable(&deps, bearer.as_deref(), &slug)?;
-    let slug = machine.slug.as_str();
+    let slug = &machine.slug;
     let pages = deps.store.view(|txn| {
         let mut out = Vec::new();
         for (page, record) in pages::list(txn, slug)? {
@@ -293,7 +293,7 @@ fn get_one(
 ) -> Result<Response, ApiError> {
     let (machine, _) = readable(&deps, bearer.as_deref(), &slug)?;
     let page = page_slug(&page)?;
-    let slug = machine.slug.as_str();
+    let slug = &machine.slug;
     let found = deps.store.view(|txn| {
         let Some((_, v)) = pages::live(txn, slug, &page)? else {
             return Ok(None);
@@ -342,7 +342,7 @@ fn history(
 ) -> Result<Response, ApiError> {
     let (machine, _) = readable(&deps, bearer.as_deref(), &slug)?;
     let page = page_slug(&page)?;
-    let slug = machine.slug.as_str();
+    let slug = &machine.slug;
     let (record, versions) = deps.store.view(|txn| {
         Ok((
             pages::get(txn, slug, &page)?,
@@ -715,14 +715,14 @@ type Site = (Machine, Vec<(PageSlug, pages::PageVersion)>);
 
 /// The machine and its published pages, when its site exists (public, or a published page).
 fn site_machine(deps: &Deps, slug: &str) -> Result<Option<Site>, crate::store::StoreError> {
-    if !machines::valid_slug(slug) {
+    let Some(slug) = Slug::parse(slug) else {
         return Ok(None);
-    }
+    };
     deps.store.view(|txn| {
-        let Some(m) = machines::get(txn, slug)? else {
+        let Some(m) = machines::get(txn, &slug)? else {
             return Ok(None);
         };
-        let published = pages::published(txn, slug)?;
+        let published = pages::published(txn, &slug)?;
         Ok((m.is_public || !published.is_empty()).then_some((m, published)))
     })
 }
@@ -848,11 +848,11 @@ fn choose_encoding<'a>(
 }
 
 fn serve_page(deps: &Deps, slug: &str, page: &str, headers: &HeaderMap) -> Response {
-    let Some(page) = PageSlug::parse(page).filter(|_| machines::valid_slug(slug)) else {
+    let (Some(slug), Some(page)) = (Slug::parse(slug), PageSlug::parse(page)) else {
         return plain(StatusCode::NOT_FOUND, "no such page\n");
     };
     let found = deps.store.view(|txn| {
-        let Some(record) = pages::get(txn, slug, &page)? else {
+        let Some(record) = pages::get(txn, &slug, &page)? else {
             return Ok(None);
         };
         let Some(live) = record.live else {

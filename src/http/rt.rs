@@ -36,6 +36,7 @@ use super::instances::{authorize_live, current_view, SbError};
 use super::openapi::schema::{SbError as SbErrorBody, ZeqError};
 use super::Deps;
 use super::{bearer, json_response, with_gateway};
+use crate::auth::Slug;
 
 /// Subscriptions one socket may hold at once.
 pub const MAX_SUBSCRIPTIONS: usize = 256;
@@ -92,7 +93,7 @@ pub fn routes(
 /// step count last sent (`None` until the first update).
 struct Sub {
     request_id: Value,
-    machine: String,
+    machine: Slug,
     auth: Value,
     last_steps: Option<u64>,
 }

@@ -13,7 +13,7 @@ use super::openapi::schema::{
     AgentList, AgentStatus, CredentialCreated, CredentialRequest, Killed, Lineage, Mesh,
     SpawnRequest as SpawnBody, Spawned, Tally, Ticked, ZeqError,
 };
-use super::Deps;
+use super::AgentsDeps;
 use super::{
     bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
 };
@@ -87,7 +87,7 @@ impl From<AgentError> for ApiError {
 }
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<AgentsDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let g = move || with_gateway(deps.clone());
     let spawn = warp::path!("api" / "zeq" / "agent" / "spawn")
@@ -122,7 +122,7 @@ pub fn routes(
         .and(g())
         .and(bearer())
         .and_then(
-            |what: String, id: String, deps: Arc<Deps>, bearer: Option<String>| async move {
+            |what: String, id: String, deps: Arc<AgentsDeps>, bearer: Option<String>| async move {
                 if !matches!(what.as_str(), "status" | "lineage" | "mesh") {
                     return Err(warp::reject::not_found());
                 }
@@ -259,8 +259,8 @@ fn doc_lineage() {}
 fn doc_mesh() {}
 
 #[allow(clippy::result_large_err)]
-fn caller(deps: &Deps, bearer: Option<&str>) -> Result<Principal, ApiError> {
-    match deps.principal(bearer)? {
+fn caller(deps: &AgentsDeps, bearer: Option<&str>) -> Result<Principal, ApiError> {
+    match deps.common.principal(bearer)? {
         Principal::Anonymous => Err(ApiError::unauthorized()),
         p => Ok(p),
     }
@@ -268,7 +268,7 @@ fn caller(deps: &Deps, bearer: Option<&str>) -> Result<Principal, ApiError> {
 
 /// Asks the run's model when it has a credential that the payer owns; otherwise nothing.
 async fn enrichment(
-    deps: &Deps,
+    deps: &AgentsDeps,
     credential_id: Option<&str>,
     payer: Option<&Zid>,
     problem: &str,
@@ -277,7 +277,7 @@ async fn enrichment(
     let Some(id) = credential_id else {
         return Ok(Enrichment::default());
     };
-    let cred = deps.store.view(|txn| byok::credential(txn, id))?;
+    let cred = deps.common.store.view(|txn| byok::credential(txn, id))?;
     match cred {
         Some(c) if Some(&c.owner) == payer => {
             Ok(deps.agents.enrich(Some(&c), problem, best.as_deref()).await)
@@ -303,19 +303,20 @@ async fn enrichment(
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn spawn(
-    deps: Arc<Deps>,
+    deps: Arc<AgentsDeps>,
     bearer: Option<String>,
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
     let principal = caller(&deps, bearer.as_deref())?;
-    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
+    let bytes = read_body(declared, body, deps.max_json_bytes).await?;
     let request = SpawnRequest::from_json(&parse_json(&bytes)?)?;
     let payer = match &principal {
         Principal::Account { zid, .. } => Some(zid.clone()),
         Principal::MachineKey { slug, .. } => {
             let target = request.slug.clone().unwrap_or_else(|| slug.clone());
-            deps.store
+            deps.common
+                .store
                 .view(|txn| machines::get(txn, &target))?
                 .map(|m| m.owner_zid)
         }
@@ -330,8 +331,8 @@ async fn spawn(
     )
     .await?;
     let agent_id = uuid::Uuid::new_v4().to_string();
-    let max_live = deps.config.agents.max_live_per_account;
-    let defaults = deps.machine_defaults.clone();
+    let max_live = deps.agents.config.max_live_per_account;
+    let defaults = deps.defaults.clone();
     let spawned = deps
         .writer
         .write(move |txn| {
@@ -364,8 +365,12 @@ async fn spawn(
 
 /// The run and the caller's access to it; runs the caller cannot see are 404.
 #[allow(clippy::result_large_err)]
-fn visible_run(deps: &Deps, principal: &Principal, id: &str) -> Result<(Run, Access), ApiError> {
-    let found = deps.store.view(|txn| {
+fn visible_run(
+    deps: &AgentsDeps,
+    principal: &Principal,
+    id: &str,
+) -> Result<(Run, Access), ApiError> {
+    let found = deps.common.store.view(|txn| {
         let Some(run) = read::run(txn, id)? else {
             return Ok(None);
         };
@@ -392,7 +397,11 @@ fn admin(access: Access, what: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn tick(deps: Arc<Deps>, bearer: Option<String>, id: String) -> Result<Response, ApiError> {
+async fn tick(
+    deps: Arc<AgentsDeps>,
+    bearer: Option<String>,
+    id: String,
+) -> Result<Response, ApiError> {
     let principal = caller(&deps, bearer.as_deref())?;
     let (run, access) = visible_run(&deps, &principal, &id)?;
     admin(access, "ticking")?;
@@ -446,7 +455,11 @@ async fn tick(deps: Arc<Deps>, bearer: Option<String>, id: String) -> Result<Res
     Ok(json_response(StatusCode::OK, &body))
 }
 
-async fn kill(deps: Arc<Deps>, bearer: Option<String>, id: String) -> Result<Response, ApiError> {
+async fn kill(
+    deps: Arc<AgentsDeps>,
+    bearer: Option<String>,
+    id: String,
+) -> Result<Response, ApiError> {
     let principal = caller(&deps, bearer.as_deref())?;
     let (_, access) = visible_run(&deps, &principal, &id)?;
     admin(access, "killing")?;
@@ -469,13 +482,16 @@ async fn kill(deps: Arc<Deps>, bearer: Option<String>, id: String) -> Result<Res
         (status = 200, description = "Runs", body = AgentList),
         (status = 401, description = "`unauthorized`", body = ZeqError),
     ))]
-fn list(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, ApiError> {
+fn list(deps: Arc<AgentsDeps>, bearer: Option<String>) -> Result<Response, ApiError> {
     let principal = caller(&deps, bearer.as_deref())?;
     let runs = match &principal {
-        Principal::Account { zid, .. } => {
-            deps.store.view(|txn| read::by_account(txn, zid.as_str()))?
+        Principal::Account { zid, .. } => deps
+            .common
+            .store
+            .view(|txn| read::by_account(txn, zid.as_str()))?,
+        Principal::MachineKey { slug, .. } => {
+            deps.common.store.view(|txn| read::by_machine(txn, slug))?
         }
-        Principal::MachineKey { slug, .. } => deps.store.view(|txn| read::by_machine(txn, slug))?,
         Principal::Anonymous => Vec::new(),
     };
     let live = runs.iter().filter(|r| r.is_live()).count();
@@ -487,7 +503,7 @@ fn list(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, ApiError> {
 }
 
 fn view(
-    deps: Arc<Deps>,
+    deps: Arc<AgentsDeps>,
     bearer: Option<String>,
     what: &str,
     id: String,
@@ -504,12 +520,12 @@ fn view(
         }
         "lineage" => {
             let problem = agents::problem::Problem::parse(&run.problem);
-            let generations = deps.store.view(|txn| read::lineage(txn, &run.id))?;
+            let generations = deps.common.store.view(|txn| read::lineage(txn, &run.id))?;
             let lineage: Vec<Value> = generations.iter().map(|g| g.to_json(&problem)).collect();
             json!({"ok": true, "agent_id": run.id, "problem": run.problem, "status": run.status.as_str(), "lineage": lineage})
         }
         _ => {
-            let children = deps.store.view(|txn| {
+            let children = deps.common.store.view(|txn| {
                 let mut out = Vec::new();
                 for child in read::mesh(txn, &run.id)? {
                     let machine = machines::get(txn, &child.slug)?;
@@ -536,7 +552,7 @@ fn view(
         (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
         (status = 404, description = "`account_not_found`, or `not_found`", body = ZeqError),
     ))]
-fn tally(deps: Arc<Deps>, bearer: Option<String>, zid: String) -> Result<Response, ApiError> {
+fn tally(deps: Arc<AgentsDeps>, bearer: Option<String>, zid: String) -> Result<Response, ApiError> {
     let principal = caller(&deps, bearer.as_deref())?;
     let zid = Zid::parse(&zid)
         .ok_or_else(|| ApiError::bad_request("invalid_zid", "a ZID is ZEQ and 11 digits"))?;
@@ -545,7 +561,7 @@ fn tally(deps: Arc<Deps>, bearer: Option<String>, zid: String) -> Result<Respons
             "an account's tally is visible only with its own account key",
         ));
     }
-    let (account, slugs, runs, live) = deps.store.view(|txn| {
+    let (account, slugs, runs, live) = deps.common.store.view(|txn| {
         let account = crate::auth::account(txn, zid.as_str())?;
         let slugs: Vec<Slug> = machines::all(txn)?
             .into_iter()
@@ -593,7 +609,7 @@ fn tally(deps: Arc<Deps>, bearer: Option<String>, zid: String) -> Result<Respons
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn credential(
-    deps: Arc<Deps>,
+    deps: Arc<AgentsDeps>,
     bearer: Option<String>,
     declared: Option<u64>,
     body: BodyStream,
@@ -604,7 +620,7 @@ async fn credential(
             "credentials belong to accounts: use an account key (zeq_ak_…)",
         ));
     };
-    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
+    let bytes = read_body(declared, body, deps.max_json_bytes).await?;
     let cred = byok::new_credential(&deps.agents, &zid, &parse_json(&bytes)?, clock::now_ms())?;
     let reply = json!({"ok": true, "credential_id": cred.id, "name": cred.name, "created_at": clock::rfc3339(cred.created_ms)});
     deps.writer

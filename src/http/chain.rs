@@ -14,7 +14,7 @@ use super::openapi::schema::{
     Block, ChainState, ConsistencyProof, EventRecorded, EventRequest, Explore, InclusionProof,
     Validation, ZeqError,
 };
-use super::Deps;
+use super::ChainDeps;
 use super::{
     bearer, body, json_response, parse_json, read_body, respond, visible_machine, with_gateway,
     ApiError, BodyStream,
@@ -47,7 +47,7 @@ type Query = std::collections::HashMap<String, String>;
 pub(super) struct Api;
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<ChainDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let base = || warp::path!("api" / "chain" / "state-machines" / String / ..);
     let event = base()
@@ -74,7 +74,7 @@ pub fn routes(
             |slug: String,
              tail: warp::path::Tail,
              q: Query,
-             deps: Arc<Deps>,
+             deps: Arc<ChainDeps>,
              bearer: Option<String>,
              last: Option<u64>| async move {
                 let route = tail.as_str().trim_end_matches('/').to_string();
@@ -224,13 +224,14 @@ fn doc_consistency() {}
 
 /// The machine, if the caller may read its log (public machines: anyone). Non-owners are
 /// rate limited per machine.
-fn readable(deps: &Deps, bearer: Option<&str>, slug: &str) -> Result<Machine, ApiError> {
-    let principal = deps.principal(bearer)?;
-    let (machine, access) = visible_machine(deps, &principal, slug)?;
+fn readable(deps: &ChainDeps, bearer: Option<&str>, slug: &str) -> Result<Machine, ApiError> {
+    let principal = deps.common.principal(bearer)?;
+    let (machine, access) = visible_machine(&deps.common, &principal, slug)?;
     if access < Access::Owner {
-        deps.read_limit
+        deps.limits
+            .read
             .check(&machine.slug)
-            .map_err(|s| deps.rate_limited(s))?;
+            .map_err(|s| deps.common.rate_limited(s))?;
     }
     Ok(machine)
 }
@@ -251,26 +252,27 @@ fn readable(deps: &Deps, bearer: Option<&str>, slug: &str) -> Result<Machine, Ap
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn post_event(
-    deps: Arc<Deps>,
+    deps: Arc<ChainDeps>,
     bearer: Option<String>,
     slug: String,
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
-    let principal = deps.principal(bearer.as_deref())?;
+    let principal = deps.common.principal(bearer.as_deref())?;
     if principal == crate::auth::Principal::Anonymous {
         return Err(ApiError::unauthorized());
     }
-    let (machine, access) = visible_machine(&deps, &principal, &slug)?;
+    let (machine, access) = visible_machine(&deps.common, &principal, &slug)?;
     if access < Access::Operator {
         return Err(ApiError::forbidden(
             "recording events needs the owner or an operator or admin key",
         ));
     }
-    deps.write_limit
+    deps.limits
+        .write
         .check(&machine.slug)
-        .map_err(|s| deps.rate_limited(s))?;
-    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
+        .map_err(|s| deps.common.rate_limited(s))?;
+    let bytes = read_body(declared, body, deps.max_json_bytes).await?;
     let body = parse_json(&bytes)?;
     let Value::Object(body) = body else {
         return Err(ApiError::bad_request(
@@ -373,7 +375,7 @@ fn range_error(message: impl Into<String>) -> ApiError {
 }
 
 fn read(
-    deps: Arc<Deps>,
+    deps: Arc<ChainDeps>,
     bearer: Option<String>,
     slug: String,
     route: &str,
@@ -383,13 +385,17 @@ fn read(
     let machine = readable(&deps, bearer.as_deref(), &slug)?;
     let slug = machine.slug.as_str();
     let head = deps
+        .common
         .store
         .view(|txn| log::read::head(txn, slug))?
         .ok_or_else(|| ApiError::internal("machine has no log"))?;
     let size = head.size;
     match route {
         "state" => {
-            let row = deps.store.view(|txn| log::read::row(txn, slug, size - 1))?;
+            let row = deps
+                .common
+                .store
+                .view(|txn| log::read::row(txn, slug, size - 1))?;
             Ok(json_response(
                 StatusCode::OK,
                 &json!({"ok": true, "slug": slug, "size": size, "genesis_zeqond": head.genesis_zeqond.to_string(),
@@ -408,7 +414,7 @@ fn read(
         }
         "pohc/validate" => pohc_validate(&deps, slug, &head, &q),
         "checkpoint" => {
-            let (root, cosigned) = deps.store.view(|txn| {
+            let (root, cosigned) = deps.common.store.view(|txn| {
                 Ok((
                     log::read::tree_hash(txn, slug, size)?,
                     crate::sync::client::cosignature(txn, slug, size)?,
@@ -434,10 +440,10 @@ fn read(
 }
 
 /// `block`: the rows of one Zeqond.
-fn block(deps: &Deps, slug: &str, q: &Query) -> Result<Response, ApiError> {
+fn block(deps: &ChainDeps, slug: &str, q: &Query) -> Result<Response, ApiError> {
     let z = num(q, "zeqond")?
         .ok_or_else(|| ApiError::bad_request("invalid_zeqond", "give ?zeqond=N"))?;
-    let rows = deps.store.view(|txn| {
+    let rows = deps.common.store.view(|txn| {
         let seqs = log::read::seqs_at_zeqond(txn, slug, z)?;
         let mut rows = Vec::with_capacity(seqs.len());
         for s in seqs {
@@ -460,7 +466,7 @@ fn block(deps: &Deps, slug: &str, q: &Query) -> Result<Response, ApiError> {
 }
 
 /// `explore`: a page of rows, at most `MAX_PAGE`.
-fn explore(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
+fn explore(deps: &ChainDeps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
     let from = num(q, "from")?.unwrap_or(0);
     let to = num(q, "to")?.unwrap_or_else(|| from.saturating_add(MAX_PAGE - 1));
     if from > to {
@@ -471,7 +477,8 @@ fn explore(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, Ap
         .min(from.saturating_add(MAX_PAGE - 1))
         .min(size.saturating_sub(1));
     let rows = if from < size {
-        deps.store
+        deps.common
+            .store
             .view(|txn| log::read::rows(txn, slug, from, end + 1))?
     } else {
         Vec::new()
@@ -486,7 +493,7 @@ fn explore(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, Ap
 
 /// `pohc/validate`: rows `from..=to` rechecked (hashes and links).
 fn pohc_validate(
-    deps: &Deps,
+    deps: &ChainDeps,
     slug: &str,
     head: &log::Head,
     q: &Query,
@@ -500,6 +507,7 @@ fn pohc_validate(
         )));
     }
     let report = deps
+        .common
         .store
         .view(|txn| validate(txn, slug, head.genesis_zeqond, from, to))?;
     Ok(json_response(
@@ -510,7 +518,12 @@ fn pohc_validate(
 }
 
 /// `proof/inclusion`: row `seq`'s RFC 6962 inclusion proof in the tree of `size`.
-fn inclusion_proof(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
+fn inclusion_proof(
+    deps: &ChainDeps,
+    slug: &str,
+    size: u64,
+    q: &Query,
+) -> Result<Response, ApiError> {
     let seq = num(q, "seq")?.ok_or_else(|| range_error("give ?seq=I"))?;
     let tree = num(q, "size")?.unwrap_or(size);
     if seq >= tree || tree > size {
@@ -518,7 +531,7 @@ fn inclusion_proof(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Resp
             "need seq < size ≤ {size} (the log size)"
         )));
     }
-    let (row, proof) = deps.store.view(|txn| {
+    let (row, proof) = deps.common.store.view(|txn| {
         let row = log::read::row(txn, slug, seq)?
             .ok_or_else(|| crate::store::StoreError::Corrupt(format!("row {seq} missing")))?;
         Ok((row, log::read::prove_inclusion(txn, slug, seq, tree)?))
@@ -532,7 +545,12 @@ fn inclusion_proof(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Resp
 }
 
 /// `proof/consistency`: the RFC 6962 proof that the tree of `from` is a prefix of `to`'s.
-fn consistency_proof(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
+fn consistency_proof(
+    deps: &ChainDeps,
+    slug: &str,
+    size: u64,
+    q: &Query,
+) -> Result<Response, ApiError> {
     let from = num(q, "from")?.ok_or_else(|| range_error("give ?from=M"))?;
     let to = num(q, "to")?.unwrap_or(size);
     if from == 0 || from > to || to > size {
@@ -541,6 +559,7 @@ fn consistency_proof(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Re
         )));
     }
     let proof = deps
+        .common
         .store
         .view(|txn| log::read::prove_consistency(txn, slug, from, to))?;
     Ok(json_response(
@@ -600,7 +619,7 @@ pub fn validate(
 }
 
 pub fn checkpoint_note(
-    deps: &Deps,
+    deps: &ChainDeps,
     slug: &str,
     size: u64,
     root: ledger::Hash,
@@ -618,12 +637,12 @@ pub fn checkpoint_note(
 
 /// Live rows from `from` on: first the backlog, then each row as its commit lands. The event
 /// id is the row's seq, so a client that reconnects with `Last-Event-ID` resumes after it.
-fn sse(deps: Arc<Deps>, slug: Slug, from: u64) -> Response {
+fn sse(deps: Arc<ChainDeps>, slug: Slug, from: u64) -> Response {
     let mut commits = deps.writer.subscribe();
     let stream = async_stream(move |tx| async move {
         let mut cursor = from;
         loop {
-            let batch = deps.store.view(|txn| {
+            let batch = deps.common.store.view(|txn| {
                 let size = log::read::head(txn, &slug)?.map(|h| h.size).unwrap_or(0);
                 if cursor >= size {
                     return Ok(Vec::new());

@@ -12,7 +12,7 @@ use warp::reply::Response;
 use warp::Filter;
 
 use super::openapi::schema::ZeqError;
-use super::Deps;
+use super::ConsoleDeps;
 use super::{
     body, json_response, parse_json, read_body, respond, session_cookie, with_gateway, ApiError,
     BodyStream, CONSOLE_HEADER, SESSION_COOKIE,
@@ -43,7 +43,7 @@ pub struct ConsoleSession {
 const MAX_SIGN_IN_BYTES: u64 = 1024;
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<ConsoleDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let path = || warp::path!("ui" / "api" / "session");
     let sign_in = path()
@@ -87,8 +87,11 @@ fn require_console(headers: &http::HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn session_json(deps: &Deps, s: &Session) -> Result<Value, ApiError> {
-    let account = deps.store.view(|txn| auth::account(txn, s.zid.as_str()))?;
+fn session_json(deps: &ConsoleDeps, s: &Session) -> Result<Value, ApiError> {
+    let account = deps
+        .common
+        .store
+        .view(|txn| auth::account(txn, s.zid.as_str()))?;
     Ok(json!({
         "ok": true,
         "zid": s.zid.as_str(),
@@ -127,7 +130,7 @@ fn with_cookie(mut res: Response, cookie: &str) -> Response {
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn sign_in(
-    deps: Arc<Deps>,
+    deps: Arc<ConsoleDeps>,
     headers: http::HeaderMap,
     len: Option<u64>,
     body: BodyStream,
@@ -153,7 +156,7 @@ async fn sign_in(
     if !key.starts_with(auth::ACCOUNT_KEY_PREFIX) {
         return Err(not_account());
     }
-    let (zid, key_id) = match deps.principal(Some(&key)) {
+    let (zid, key_id) = match deps.common.principal(Some(&key)) {
         Ok(Principal::Account { zid, key_id }) => (zid, key_id),
         Ok(_) | Err(AuthError::Unauthorized) => return Err(not_account()),
         Err(e) => return Err(e.into()),
@@ -172,10 +175,11 @@ async fn sign_in(
         (status = 200, description = "Signed in", body = ConsoleSession),
         (status = 401, description = "`unauthorized`: no live session", body = ZeqError),
     ))]
-fn whoami(deps: Arc<Deps>, headers: http::HeaderMap) -> Result<Response, ApiError> {
+fn whoami(deps: Arc<ConsoleDeps>, headers: http::HeaderMap) -> Result<Response, ApiError> {
     let token = session_cookie(&headers).ok_or_else(ApiError::unauthorized)?;
     let now = clock::now_ms();
     let session = deps
+        .common
         .store
         .view(|txn| session::find(txn, &token, now))?
         .ok_or_else(ApiError::unauthorized)?;
@@ -197,7 +201,7 @@ fn whoami(deps: Arc<Deps>, headers: http::HeaderMap) -> Result<Response, ApiErro
         (status = 403, description = "`console_header_missing`", body = ZeqError),
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
-async fn sign_out(deps: Arc<Deps>, headers: http::HeaderMap) -> Result<Response, ApiError> {
+async fn sign_out(deps: Arc<ConsoleDeps>, headers: http::HeaderMap) -> Result<Response, ApiError> {
     require_console(&headers)?;
     let token = session_cookie(&headers).ok_or_else(ApiError::unauthorized)?;
     let closed = deps

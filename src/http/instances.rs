@@ -17,7 +17,7 @@ use super::openapi::schema::{
     SendEventRequest, StatusBody, TargetVersionReply, TargetVersionRequest, TransitionList,
     VersionCreated, VersionList,
 };
-use super::Deps;
+use super::InstancesDeps;
 use super::{
     bearer, body, json_response, parse_json, read_body, visible_machine, with_gateway, ApiError,
     BodyStream,
@@ -116,7 +116,7 @@ fn bad(code: &'static str, message: impl Into<String>) -> SbError {
 }
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let g = move || with_gateway(deps.clone());
     let list = warp::path!("machines")
@@ -227,14 +227,14 @@ pub fn routes(
 
 /// The machine and the caller's access, with `need` enforced.
 fn machine_for(
-    deps: &Deps,
+    deps: &InstancesDeps,
     bearer: Option<&str>,
     slug: &str,
     need: Access,
     what: &str,
 ) -> Result<(Machine, Access, Principal), SbError> {
-    let principal = deps.principal(bearer).map_err(ApiError::from)?;
-    let (machine, access) = visible_machine(deps, &principal, slug)?;
+    let principal = deps.common.principal(bearer).map_err(ApiError::from)?;
+    let (machine, access) = visible_machine(&deps.common, &principal, slug)?;
     if access < need {
         if principal == Principal::Anonymous {
             return Err(ApiError::unauthorized().into());
@@ -242,13 +242,15 @@ fn machine_for(
         return Err(missing_scope(what));
     }
     if access >= Access::Operator && need >= Access::Operator {
-        deps.write_limit
+        deps.limits
+            .write
             .check(&machine.slug)
-            .map_err(|s| SbError::from(deps.rate_limited(s)))?;
+            .map_err(|s| SbError::from(deps.common.rate_limited(s)))?;
     } else if access < Access::Owner {
-        deps.read_limit
+        deps.limits
+            .read
             .check(&machine.slug)
-            .map_err(|s| SbError::from(deps.rate_limited(s)))?;
+            .map_err(|s| SbError::from(deps.common.rate_limited(s)))?;
     }
     Ok((machine, access, principal))
 }
@@ -278,8 +280,8 @@ fn version_json(v: &inst::Version) -> Value {
     json!({"id": v.id, "clientInfo": v.client_info, "createdAt": clock::rfc3339(v.created_ms), "number": v.number})
 }
 
-fn machine_json(deps: &Deps, m: &Machine) -> Result<Value, SbError> {
-    let (meta, current) = deps.store.view(|txn| {
+fn machine_json(deps: &InstancesDeps, m: &Machine) -> Result<Value, SbError> {
+    let (meta, current) = deps.common.store.view(|txn| {
         let meta = inst::meta(txn, &m.slug)?;
         let current = match &meta.current_version {
             Some(id) => inst::version(txn, &m.slug, id)?,
@@ -303,9 +305,12 @@ fn machine_json(deps: &Deps, m: &Machine) -> Result<Value, SbError> {
         (status = 200, description = "Machines", body = SbMachineList),
         (status = 401, description = "`unauthorized`", body = SbErrorBody),
     ))]
-fn list_machines(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, SbError> {
-    let principal = deps.principal(bearer.as_deref()).map_err(ApiError::from)?;
-    let all = deps.store.view(machines::all)?;
+fn list_machines(deps: Arc<InstancesDeps>, bearer: Option<String>) -> Result<Response, SbError> {
+    let principal = deps
+        .common
+        .principal(bearer.as_deref())
+        .map_err(ApiError::from)?;
+    let all = deps.common.store.view(machines::all)?;
     let mut out = Vec::new();
     for m in all.iter().filter(|m| m.access(&principal) > Access::None) {
         out.push(machine_json(&deps, m)?);
@@ -324,7 +329,11 @@ fn list_machines(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, Sb
         (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
-fn get_machine(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Response, SbError> {
+fn get_machine(
+    deps: Arc<InstancesDeps>,
+    bearer: Option<String>,
+    slug: String,
+) -> Result<Response, SbError> {
     let (machine, _, _) = machine_for(
         &deps,
         bearer.as_deref(),
@@ -339,7 +348,7 @@ fn get_machine(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<
 }
 
 async fn json_object(
-    deps: &Deps,
+    deps: &InstancesDeps,
     len: Option<u64>,
     body: BodyStream,
     limit: u64,
@@ -368,7 +377,7 @@ async fn json_object(
         (status = 507, description = "`storage-full`", body = SbErrorBody),
     ))]
 async fn create_version(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     len: Option<u64>,
@@ -452,7 +461,7 @@ async fn create_version(
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
 fn list_versions(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
 ) -> Result<Response, SbError> {
@@ -463,7 +472,10 @@ fn list_versions(
         Access::Viewer,
         "list versions",
     )?;
-    let versions = deps.store.view(|txn| inst::versions(txn, &machine.slug))?;
+    let versions = deps
+        .common
+        .store
+        .view(|txn| inst::versions(txn, &machine.slug))?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"versions": versions.iter().map(version_json).collect::<Vec<_>>()}),
@@ -487,7 +499,7 @@ fn list_versions(
         (status = 507, description = "`storage-full`", body = SbErrorBody),
     ))]
 async fn create_instance(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     len: Option<u64>,
@@ -558,7 +570,7 @@ async fn create_instance(
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
 fn list_instances(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     q: Query,
@@ -575,7 +587,7 @@ fn list_instances(
         .and_then(|l| l.parse::<usize>().ok())
         .unwrap_or(PAGE)
         .clamp(1, 1000);
-    let list = deps.store.view(|txn| {
+    let list = deps.common.store.view(|txn| {
         inst::instances(
             txn,
             &machine.slug,
@@ -599,7 +611,7 @@ fn list_instances(
 
 /// The instance, its chart and state, or 404.
 fn load(
-    deps: &Deps,
+    deps: &InstancesDeps,
     machine: &str,
     slug: &str,
 ) -> Result<
@@ -610,7 +622,7 @@ fn load(
     ),
     SbError,
 > {
-    let found = deps.store.view(|txn| {
+    let found = deps.common.store.view(|txn| {
         let Some(i) = inst::instance(txn, machine, slug)? else {
             return Ok(None);
         };
@@ -643,7 +655,7 @@ fn load(
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
 fn get_instance(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -698,7 +710,7 @@ pub fn parse_event(body: &Map<String, Value>) -> Result<Event, String> {
         (status = 507, description = "`storage-full`", body = SbErrorBody),
     ))]
 async fn send_event(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -748,7 +760,7 @@ async fn send_event(
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
 fn list_events(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -777,6 +789,7 @@ fn list_events(
         .unwrap_or(PAGE)
         .clamp(1, 1000);
     let records = deps
+        .common
         .store
         .view(|txn| inst::history(txn, &machine.slug, &instance, after, limit))?;
     let cursor = (records.len() == limit)
@@ -810,7 +823,7 @@ fn list_events(
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
 fn admin_view(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -851,7 +864,7 @@ fn admin_view(
         (status = 507, description = "`storage-full`", body = SbErrorBody),
     ))]
 async fn put_status(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -904,7 +917,7 @@ async fn put_status(
         (status = 507, description = "`storage-full`", body = SbErrorBody),
     ))]
 async fn put_version(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -951,7 +964,7 @@ async fn put_version(
         (status = 507, description = "`storage-full`", body = SbErrorBody),
     ))]
 async fn delete_instance(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -983,7 +996,7 @@ async fn delete_instance(
 /// `allowRead` on the instance's current state. Returns the machine's slug and the `auth`
 /// value to re-check `allowRead` with on each later state.
 pub(super) fn authorize_live(
-    deps: &Deps,
+    deps: &InstancesDeps,
     bearer: Option<&str>,
     slug: &str,
     instance: &str,
@@ -1023,7 +1036,7 @@ fn allowed_to_read(
 /// The instance's step count and public view (`{ts, state, publicContext, tags, done}`), or
 /// `None` once it no longer exists. A state whose `allowRead` rejects `auth` is a 403.
 pub(super) fn current_view(
-    deps: &Deps,
+    deps: &InstancesDeps,
     machine: &str,
     instance: &str,
     auth: &Value,
@@ -1050,7 +1063,7 @@ pub(super) fn current_view(
         (status = 429, description = "`rate-limited`", body = SbErrorBody),
     ))]
 fn live(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,

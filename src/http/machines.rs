@@ -20,7 +20,7 @@ use super::openapi::schema::{
     KeyList, KeyMinted, KeyOne, MachineCreated, MachineList, MachineOne, MintKeyRequest,
     NewMachineRequest, ZeqError,
 };
-use super::Deps;
+use super::MachinesDeps;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -28,7 +28,7 @@ use super::Deps;
 pub(super) struct Api;
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<MachinesDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let create = warp::path!("api" / "chain" / "state-machines")
         .and(warp::post())
@@ -98,7 +98,7 @@ pub fn routes(
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn create(
-    deps: Arc<Deps>,
+    deps: Arc<MachinesDeps>,
     ip: IpAddr,
     bearer: Option<String>,
     declared: Option<u64>,
@@ -106,20 +106,21 @@ async fn create(
 ) -> Result<Response, ApiError> {
     deps.spinup_limit
         .check(&ip)
-        .map_err(|secs| deps.rate_limited(secs))?;
-    let principal = deps.principal(bearer.as_deref())?;
+        .map_err(|secs| deps.common.rate_limited(secs))?;
+    let principal = deps.common.principal(bearer.as_deref())?;
     if principal == Principal::Anonymous {
         return Err(ApiError::unauthorized());
     }
-    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
+    let bytes = read_body(declared, body, deps.max_json_bytes).await?;
     let request = NewMachine::from_json(&parse_json(&bytes)?)?;
     let owner = deps
+        .common
         .store
         .view(|txn| match machines::spinup_owner(txn, &principal) {
             Err(MachineError::Store(e)) => Err(e),
             other => Ok(other),
         })??;
-    let defaults = deps.machine_defaults.clone();
+    let defaults = deps.defaults.clone();
     let actor = principal.actor();
     let (machine, api_key) = deps
         .writer
@@ -141,9 +142,9 @@ async fn create(
         (status = 200, description = "Visible machines", body = MachineList),
         (status = 401, description = "`unauthorized`: unknown, revoked or expired key", body = ZeqError),
     ))]
-fn list(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, ApiError> {
-    let principal = deps.principal(bearer.as_deref())?;
-    let all = deps.store.view(machines::all)?;
+fn list(deps: Arc<MachinesDeps>, bearer: Option<String>) -> Result<Response, ApiError> {
+    let principal = deps.common.principal(bearer.as_deref())?;
+    let all = deps.common.store.view(machines::all)?;
     let visible: Vec<Value> = all
         .iter()
         .filter_map(|m| {
@@ -166,9 +167,13 @@ fn list(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, ApiError> {
         (status = 401, description = "`unauthorized`", body = ZeqError),
         (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
     ))]
-fn get_one(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
-    let principal = deps.principal(bearer.as_deref())?;
-    let (machine, access) = visible_machine(&deps, &principal, &slug)?;
+fn get_one(
+    deps: Arc<MachinesDeps>,
+    bearer: Option<String>,
+    slug: String,
+) -> Result<Response, ApiError> {
+    let principal = deps.common.principal(bearer.as_deref())?;
+    let (machine, access) = visible_machine(&deps.common, &principal, &slug)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"ok": true, "machine": machine.to_json(access)}),
@@ -194,12 +199,12 @@ fn key_json(k: &KeyRecord) -> Value {
 
 /// Admin+ on the machine, or the reason why not.
 fn require_admin(
-    deps: &Deps,
+    deps: &MachinesDeps,
     bearer: Option<&str>,
     slug: &str,
 ) -> Result<(Machine, Principal), ApiError> {
-    let principal = deps.principal(bearer)?;
-    let (machine, access) = visible_machine(deps, &principal, slug)?;
+    let principal = deps.common.principal(bearer)?;
+    let (machine, access) = visible_machine(&deps.common, &principal, slug)?;
     if access < Access::Admin {
         return Err(ApiError::forbidden(
             "managing keys needs the owner or an admin key of this machine",
@@ -226,14 +231,14 @@ const MAX_KEY_TTL_SECS: u64 = 10 * 365 * 86_400;
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn mint_key(
-    deps: Arc<Deps>,
+    deps: Arc<MachinesDeps>,
     bearer: Option<String>,
     slug: String,
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
     let (machine, principal) = require_admin(&deps, bearer.as_deref(), &slug)?;
-    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
+    let bytes = read_body(declared, body, deps.max_json_bytes).await?;
     let body = parse_json(&bytes)?;
     let name = match body.get("name") {
         Some(Value::String(s)) if (1..=100).contains(&s.chars().count()) => s.clone(),
@@ -302,9 +307,13 @@ async fn mint_key(
         (status = 403, description = "`forbidden`", body = ZeqError),
         (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
     ))]
-fn list_keys(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
+fn list_keys(
+    deps: Arc<MachinesDeps>,
+    bearer: Option<String>,
+    slug: String,
+) -> Result<Response, ApiError> {
     let (machine, _) = require_admin(&deps, bearer.as_deref(), &slug)?;
-    let keys = deps.store.view(|txn| {
+    let keys = deps.common.store.view(|txn| {
         auth::list_keys(
             txn,
             |s| matches!(s, KeySubject::Machine { slug, .. } if *slug == machine.slug),
@@ -329,7 +338,7 @@ fn list_keys(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Re
         (status = 507, description = "`storage_full`", body = ZeqError),
     ))]
 async fn revoke_key(
-    deps: Arc<Deps>,
+    deps: Arc<MachinesDeps>,
     bearer: Option<String>,
     slug: String,
     id: String,

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
-use super::Deps;
+use super::Common;
 use super::{bearer, json_response, respond, visible_machine, with_gateway, ApiError};
 use crate::auth::Access;
 use crate::clock;
@@ -24,7 +24,7 @@ type Query = std::collections::HashMap<String, String>;
 pub(super) struct Api;
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<Common>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("api" / "chain" / "state-machines" / String / "dead-letters")
         .and(warp::get())
@@ -32,7 +32,7 @@ pub fn routes(
         .and(with_gateway(deps))
         .and(bearer())
         .map(
-            |slug: String, q: Query, deps: Arc<Deps>, bearer: Option<String>| {
+            |slug: String, q: Query, deps: Arc<Common>, bearer: Option<String>| {
                 respond(list(&deps, bearer.as_deref(), &slug, &q))
             },
         )
@@ -51,7 +51,7 @@ pub fn routes(
         (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
     ))]
 #[allow(clippy::result_large_err)] // the shared error type of the zeq routes
-fn list(deps: &Deps, bearer: Option<&str>, slug: &str, q: &Query) -> Result<Response, ApiError> {
+fn list(deps: &Common, bearer: Option<&str>, slug: &str, q: &Query) -> Result<Response, ApiError> {
     let principal = deps.principal(bearer)?;
     let (machine, access) = visible_machine(deps, &principal, slug)?;
     if access < Access::Viewer {

@@ -1,6 +1,8 @@
 //! Operations: `/healthz`, `/metrics`, `/api/gateway`, `/api/openapi.json`, and the embedded
 //! console under `/ui/`.
 
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::StatusCode;
@@ -9,7 +11,7 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use super::openapi::schema::{GatewayInfo, Health, ZeqError};
-use super::Deps;
+use super::OpsDeps;
 use super::{json_response, respond, with_gateway, ApiError};
 use crate::clock;
 use crate::machines;
@@ -33,19 +35,21 @@ pub(super) struct Api;
 struct WebUi;
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<OpsDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .and(with_gateway(deps.clone()))
-        .map(|deps: Arc<Deps>| match deps.store.view(|_| Ok(())) {
-            Ok(_) => json_response(StatusCode::OK, &json!({"ok": true, "status": "ok"})),
-            Err(e) => ApiError::from(e).into_response(),
-        });
+        .map(
+            |deps: Arc<OpsDeps>| match deps.common.store.view(|_| Ok(())) {
+                Ok(_) => json_response(StatusCode::OK, &json!({"ok": true, "status": "ok"})),
+                Err(e) => ApiError::from(e).into_response(),
+            },
+        );
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(with_gateway(deps.clone()))
-        .map(|deps: Arc<Deps>| {
+        .map(|deps: Arc<OpsDeps>| {
             let mut text = deps.render_metrics();
             text.push_str(&deps.sync.render());
             let mut res = text.into_response();
@@ -57,7 +61,7 @@ pub fn routes(
     let info = warp::path!("api" / "gateway")
         .and(warp::get())
         .and(with_gateway(deps))
-        .map(|deps: Arc<Deps>| respond(gateway_info(&deps)));
+        .map(|deps: Arc<OpsDeps>| respond(gateway_info(&deps)));
     let openapi = warp::path!("api" / "openapi.json")
         .and(warp::get())
         .map(super::openapi::reply);
@@ -142,8 +146,87 @@ fn doc_ui_index() {}
 #[allow(dead_code)]
 fn doc_ui_file() {}
 
-fn gateway_info(deps: &Deps) -> Result<Response, ApiError> {
-    let machines = deps.store.view(machines::count)?;
+impl OpsDeps {
+    /// The Prometheus text of `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let machines = self.common.store.view(machines::count).unwrap_or(0);
+        let mut out = self.common.metrics.render(
+            self.writer.stats(),
+            &[
+                (
+                    "smgate_uptime_seconds",
+                    "Seconds since start.",
+                    self.started.elapsed().as_secs_f64(),
+                ),
+                (
+                    "smgate_machines",
+                    "Machines on this gateway.",
+                    machines as f64,
+                ),
+                (
+                    "smgate_process_resident_bytes",
+                    "Resident set size of the process.",
+                    crate::metrics::rss_bytes() as f64,
+                ),
+            ],
+        );
+        out.push_str(&self.mqtt.render());
+        crate::metrics::counter(
+            &mut out,
+            "smgate_timers_fired_total",
+            "Statechart timers fired by the timer task.",
+            self.timers_fired.load(Ordering::Relaxed),
+        );
+        for (name, help, value) in [
+            (
+                "smgate_agent_ticks_total",
+                "Agent ticks the ticker committed.",
+                &self.agents.ticked,
+            ),
+            (
+                "smgate_agent_ticks_skipped_total",
+                "Agent ticks the ticker skipped (run ended, already ticked, payer cannot pay).",
+                &self.agents.skipped,
+            ),
+            (
+                "smgate_agent_ticker_overruns_total",
+                "Ticker passes that returned after the next Zeqond began (a slow commit).",
+                &self.agents.overruns,
+            ),
+        ] {
+            crate::metrics::counter(&mut out, name, help, value.load(Ordering::Relaxed));
+        }
+        // One read transaction for the store-derived gauges; skipped (not zeroed) when the
+        // store is unavailable, so a reopen does not look like an empty backlog.
+        let from_store = self.common.store.view(|txn| {
+            let timers = crate::instances::pending_timers(txn)?;
+            let mut lag = Vec::new();
+            for m in machines::all(txn)? {
+                let size = crate::ledger::log::read::head(txn, &m.slug)?.map_or(0, |h| h.size);
+                let acked = crate::sync::client::acked(txn, &m.slug)?.min(size);
+                lag.push((m.slug.into(), (size - acked) as f64));
+            }
+            Ok((timers, lag))
+        });
+        if let Ok((timers, lag)) = from_store {
+            let _ = writeln!(
+                out,
+                "# HELP smgate_timers_pending Statechart timers waiting to fire.\n# TYPE smgate_timers_pending gauge\nsmgate_timers_pending {timers}"
+            );
+            crate::metrics::labelled_gauge(
+                &mut out,
+                "smgate_sync_lag_rows",
+                "Log rows not yet acknowledged by the upstream, per machine.",
+                "machine",
+                &lag,
+            );
+        }
+        out
+    }
+}
+
+fn gateway_info(deps: &OpsDeps) -> Result<Response, ApiError> {
+    let machines = deps.common.store.view(machines::count)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -155,7 +238,7 @@ fn gateway_info(deps: &Deps) -> Result<Response, ApiError> {
             "started_at": clock::rfc3339(deps.started_ms),
             "uptime_seconds": deps.started.elapsed().as_secs(),
             "machines": machines,
-            "region": deps.config.gateway.region,
+            "region": deps.region,
         }),
     ))
 }

@@ -39,7 +39,7 @@ use super::openapi::schema::{
     PageHistory, PageList, PageOne, PageWritten, PublishRequest, RollbackRequest, SiteState,
     ZeqError,
 };
-use super::Deps;
+use super::PagesDeps;
 use super::{
     bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
 };
@@ -97,7 +97,7 @@ pub const MAX_PUBLISH_BODY: u64 =
     2 * (pages::MAX_HTML_BYTES + pages::MAX_PYTHON_BYTES) as u64 + 64 * 1024;
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<PagesDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let base = || warp::path!("api" / "state-machines" / String / "pages" / ..);
     let list = base()
@@ -148,7 +148,7 @@ pub fn routes(
              method: Method,
              headers: HeaderMap,
              query: String,
-             deps: Arc<Deps>| async move {
+             deps: Arc<PagesDeps>| async move {
                 if method != Method::GET && method != Method::HEAD {
                     return Err(warp::reject::not_found());
                 }
@@ -214,18 +214,23 @@ fn page_slug(page: &str) -> Result<PageSlug, ApiError> {
 }
 
 /// A read: any caller, any existing machine (see the module doc). Non-owners are rate limited.
-fn readable(deps: &Deps, bearer: Option<&str>, slug: &str) -> Result<(Machine, Access), ApiError> {
-    let principal = deps.principal(bearer)?;
+fn readable(
+    deps: &PagesDeps,
+    bearer: Option<&str>,
+    slug: &str,
+) -> Result<(Machine, Access), ApiError> {
+    let principal = deps.common.principal(bearer)?;
     let machine = Slug::parse(slug)
-        .map(|slug| deps.store.view(|txn| machines::get(txn, &slug)))
+        .map(|slug| deps.common.store.view(|txn| machines::get(txn, &slug)))
         .transpose()?
         .flatten()
         .ok_or_else(ApiError::machine_not_found)?;
     let access = machine.access(&principal);
     if access < Access::Owner {
-        deps.read_limit
+        deps.limits
+            .read
             .check(&machine.slug)
-            .map_err(|s| deps.rate_limited(s))?;
+            .map_err(|s| deps.common.rate_limited(s))?;
     }
     Ok((machine, access))
 }
@@ -244,10 +249,10 @@ fn page_url(slug: &str, page: &PageSlug) -> String {
         (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
         (status = 429, description = "`rate_limited`", body = ZeqError),
     ))]
-fn list(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
+fn list(deps: Arc<PagesDeps>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
     let (machine, access) = readable(&deps, bearer.as_deref(), &slug)?;
     let slug = &machine.slug;
-    let pages = deps.store.view(|txn| {
+    let pages = deps.common.store.view(|txn| {
         let mut out = Vec::new();
         for (page, record) in pages::list(txn, slug)? {
             let shown = match record.live {
@@ -286,7 +291,7 @@ fn list(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Respons
         (status = 429, description = "`rate_limited`", body = ZeqError),
     ))]
 fn get_one(
-    deps: Arc<Deps>,
+    deps: Arc<PagesDeps>,
     bearer: Option<String>,
     slug: String,
     page: String,
@@ -294,7 +299,7 @@ fn get_one(
     let (machine, _) = readable(&deps, bearer.as_deref(), &slug)?;
     let page = page_slug(&page)?;
     let slug = &machine.slug;
-    let found = deps.store.view(|txn| {
+    let found = deps.common.store.view(|txn| {
         let Some((_, v)) = pages::live(txn, slug, &page)? else {
             return Ok(None);
         };
@@ -335,7 +340,7 @@ fn get_one(
         (status = 429, description = "`rate_limited`", body = ZeqError),
     ))]
 fn history(
-    deps: Arc<Deps>,
+    deps: Arc<PagesDeps>,
     bearer: Option<String>,
     slug: String,
     page: String,
@@ -343,7 +348,7 @@ fn history(
     let (machine, _) = readable(&deps, bearer.as_deref(), &slug)?;
     let page = page_slug(&page)?;
     let slug = &machine.slug;
-    let (record, versions) = deps.store.view(|txn| {
+    let (record, versions) = deps.common.store.view(|txn| {
         Ok((
             pages::get(txn, slug, &page)?,
             pages::history(txn, slug, &page)?,
@@ -527,7 +532,7 @@ enum Action {
 }
 
 async fn write(
-    deps: Arc<Deps>,
+    deps: Arc<PagesDeps>,
     bearer: Option<String>,
     slug: String,
     page: String,
@@ -535,23 +540,24 @@ async fn write(
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
-    let principal = deps.principal(bearer.as_deref())?;
+    let principal = deps.common.principal(bearer.as_deref())?;
     if principal == Principal::Anonymous {
         return Err(ApiError::unauthorized());
     }
-    let (machine, access) = super::visible_machine(&deps, &principal, &slug)?;
+    let (machine, access) = super::visible_machine(&deps.common, &principal, &slug)?;
     if access < Access::Operator {
         return Err(ApiError::forbidden(
             "publishing needs the machine owner's key or an operator or admin machine key",
         ));
     }
     let page = page_slug(&page)?;
-    deps.write_limit
+    deps.limits
+        .write
         .check(&machine.slug)
-        .map_err(|s| deps.rate_limited(s))?;
+        .map_err(|s| deps.common.rate_limited(s))?;
     let limit = match action {
         Action::Publish => MAX_PUBLISH_BODY,
-        _ => deps.config.http.max_json_bytes,
+        _ => deps.max_json_bytes,
     };
     let bytes = read_body(declared, body, limit).await?;
     let body = parse_json(&bytes)?;
@@ -634,9 +640,9 @@ async fn write(
 
 /// The page's HTML compressed for serving, unless the gateway already stores that content;
 /// computed off the runtime.
-async fn encode_if_new(deps: &Deps, draft: &Draft) -> Result<Option<Encoded>, ApiError> {
+async fn encode_if_new(deps: &PagesDeps, draft: &Draft) -> Result<Option<Encoded>, ApiError> {
     let sha = crate::auth::sha256(draft.html.as_bytes());
-    if deps.store.view(|txn| pages::has_blob(txn, &sha))? {
+    if deps.common.store.view(|txn| pages::has_blob(txn, &sha))? {
         return Ok(None);
     }
     let html = draft.html.clone().into_bytes();
@@ -685,7 +691,7 @@ fn redirect(to: String) -> Response {
 }
 
 /// Routes `/s/…`; `None` for paths that are not part of the site.
-fn site(deps: &Deps, tail: &str, headers: &HeaderMap, query: &str) -> Option<Response> {
+fn site(deps: &PagesDeps, tail: &str, headers: &HeaderMap, query: &str) -> Option<Response> {
     let parts: Vec<&str> = tail.split('/').collect();
     let with_query = |path: String| {
         if query.is_empty() {
@@ -714,11 +720,11 @@ fn store_failure(e: crate::store::StoreError) -> Response {
 type Site = (Machine, Vec<(PageSlug, pages::PageVersion)>);
 
 /// The machine and its published pages, when its site exists (public, or a published page).
-fn site_machine(deps: &Deps, slug: &str) -> Result<Option<Site>, crate::store::StoreError> {
+fn site_machine(deps: &PagesDeps, slug: &str) -> Result<Option<Site>, crate::store::StoreError> {
     let Some(slug) = Slug::parse(slug) else {
         return Ok(None);
     };
-    deps.store.view(|txn| {
+    deps.common.store.view(|txn| {
         let Some(m) = machines::get(txn, &slug)? else {
             return Ok(None);
         };
@@ -742,7 +748,7 @@ fn html_escape(s: &str) -> String {
     out
 }
 
-fn site_index(deps: &Deps, slug: &str, headers: &HeaderMap) -> Response {
+fn site_index(deps: &PagesDeps, slug: &str, headers: &HeaderMap) -> Response {
     let (machine, published) = match site_machine(deps, slug) {
         Ok(Some(found)) => found,
         Ok(None) => return plain(StatusCode::NOT_FOUND, "no such site\n"),
@@ -847,11 +853,11 @@ fn choose_encoding<'a>(
     }
 }
 
-fn serve_page(deps: &Deps, slug: &str, page: &str, headers: &HeaderMap) -> Response {
+fn serve_page(deps: &PagesDeps, slug: &str, page: &str, headers: &HeaderMap) -> Response {
     let (Some(slug), Some(page)) = (Slug::parse(slug), PageSlug::parse(page)) else {
         return plain(StatusCode::NOT_FOUND, "no such page\n");
     };
-    let found = deps.store.view(|txn| {
+    let found = deps.common.store.view(|txn| {
         let Some(record) = pages::get(txn, &slug, &page)? else {
             return Ok(None);
         };
@@ -898,11 +904,11 @@ fn serve_page(deps: &Deps, slug: &str, page: &str, headers: &HeaderMap) -> Respo
 /// Public instance states for page scripts. Answers any origin (sandboxed pages send
 /// `Origin: null`) with `Access-Control-Allow-Origin: *` and never with credentials, so a
 /// browser will not attach cookies to it; it is read-only and shows only public state.
-fn state_json(deps: &Deps, slug: &str) -> Response {
+fn state_json(deps: &PagesDeps, slug: &str) -> Response {
     // One `{instance, ts, state, publicContext, tags, done}` per instance: the public view
     // (context.public and nothing else of the context), never the admin view.
     let states = match site_machine(deps, slug) {
-        Ok(Some((m, _))) => deps.store.view(|txn| {
+        Ok(Some((m, _))) => deps.common.store.view(|txn| {
             match crate::instances::public_states(txn, &deps.charts, &m.slug) {
                 Err(crate::instances::InstanceError::Store(e)) => Err(e),
                 other => Ok(other),

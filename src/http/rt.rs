@@ -34,7 +34,7 @@ use warp::{Filter, Reply};
 
 use super::instances::{authorize_live, current_view, SbError};
 use super::openapi::schema::{SbError as SbErrorBody, ZeqError};
-use super::Deps;
+use super::InstancesDeps;
 use super::{bearer, json_response, with_gateway};
 use crate::auth::Slug;
 
@@ -66,7 +66,7 @@ pub(super) struct Api;
 fn doc_rt() {}
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("rt")
         .and(warp::get())
@@ -74,19 +74,21 @@ pub fn routes(
         .and(warp::query::<Query>())
         .and(with_gateway(deps))
         .and(bearer())
-        .map(|ws: Ws, q: Query, deps: Arc<Deps>, b: Option<String>| {
-            let token = b.or_else(|| q.get("token").cloned());
-            // A key that does not authenticate is refused before the upgrade, with the same
-            // 401 as any other route; no key at all is anonymous.
-            if let Err(e) = deps.principal(token.as_deref()) {
-                let e = SbError::from(super::ApiError::from(e));
-                return json_response(e.0, &json!({"error": e.2, "code": e.1}));
-            }
-            ws.max_message_size(MAX_MESSAGE_BYTES)
-                .max_frame_size(MAX_MESSAGE_BYTES)
-                .on_upgrade(move |socket| session(deps, token, socket))
-                .into_response()
-        })
+        .map(
+            |ws: Ws, q: Query, deps: Arc<InstancesDeps>, b: Option<String>| {
+                let token = b.or_else(|| q.get("token").cloned());
+                // A key that does not authenticate is refused before the upgrade, with the same
+                // 401 as any other route; no key at all is anonymous.
+                if let Err(e) = deps.common.principal(token.as_deref()) {
+                    let e = SbError::from(super::ApiError::from(e));
+                    return json_response(e.0, &json!({"error": e.2, "code": e.1}));
+                }
+                ws.max_message_size(MAX_MESSAGE_BYTES)
+                    .max_frame_size(MAX_MESSAGE_BYTES)
+                    .on_upgrade(move |socket| session(deps, token, socket))
+                    .into_response()
+            },
+        )
 }
 
 /// One subscription: the request that made it, the auth to re-check `allowRead` with, and the
@@ -98,7 +100,7 @@ struct Sub {
     last_steps: Option<u64>,
 }
 
-async fn session(deps: Arc<Deps>, token: Option<String>, socket: WebSocket) {
+async fn session(deps: Arc<InstancesDeps>, token: Option<String>, socket: WebSocket) {
     let (mut tx, mut rx) = socket.split();
     let mut commits = deps.writer.subscribe();
     let mut ping = tokio::time::interval(SERVER_PING);
@@ -148,7 +150,7 @@ fn error(request_id: &Value, status: StatusCode, code: &str, message: &str) -> M
 
 /// Answers one client message.
 fn handle(
-    deps: &Deps,
+    deps: &InstancesDeps,
     token: Option<&str>,
     subs: &mut HashMap<(String, String), Sub>,
     raw: &str,
@@ -220,7 +222,7 @@ fn handle(
 /// Sends an `instance-update` for each subscription (or just `only`) whose instance moved
 /// since its last update; ends subscriptions whose instance is gone or no longer readable.
 fn refresh(
-    deps: &Deps,
+    deps: &InstancesDeps,
     subs: &mut HashMap<(String, String), Sub>,
     only: Option<&(String, String)>,
 ) -> Vec<Message> {

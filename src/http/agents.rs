@@ -11,7 +11,7 @@ use warp::Filter;
 
 use super::openapi::schema::{
     AgentList, AgentStatus, CredentialCreated, CredentialRequest, Killed, Lineage, Mesh,
-    SpawnRequest as SpawnBody, Spawned, Tally, Ticked, ZeqError,
+    SpawnRequest as SpawnBody, Spawned, Tally, Ticked,
 };
 use super::AgentsDeps;
 use super::{
@@ -25,17 +25,7 @@ use crate::machines;
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
 #[openapi(paths(
-    spawn,
-    doc_tick,
-    doc_tick_by_id,
-    doc_kill,
-    doc_kill_by_id,
-    list,
-    doc_status,
-    doc_lineage,
-    doc_mesh,
-    tally,
-    credential
+    spawn, tick, tick_by_id, kill, kill_by_id, list, status, lineage, mesh, tally, credential
 ))]
 pub(super) struct Api;
 
@@ -99,19 +89,25 @@ pub fn routes(
             |deps, bearer, len, body| async move { respond(spawn(deps, bearer, len, body).await) },
         );
     let tick = warp::path!("api" / "zeq" / "agent" / "tick" / String)
-        .or(warp::path!("api" / "zeq" / "agent" / String / "tick"))
-        .unify()
         .and(warp::post())
         .and(g())
         .and(bearer())
         .then(|id, deps, bearer| async move { respond(tick(deps, bearer, id).await) });
+    let tick_by_id = warp::path!("api" / "zeq" / "agent" / String / "tick")
+        .and(warp::post())
+        .and(g())
+        .and(bearer())
+        .then(|id, deps, bearer| async move { respond(tick_by_id(deps, bearer, id).await) });
     let kill = warp::path!("api" / "zeq" / "agent" / "kill" / String)
-        .or(warp::path!("api" / "zeq" / "agent" / String / "kill"))
-        .unify()
         .and(warp::post())
         .and(g())
         .and(bearer())
         .then(|id, deps, bearer| async move { respond(kill(deps, bearer, id).await) });
+    let kill_by_id = warp::path!("api" / "zeq" / "agent" / String / "kill")
+        .and(warp::post())
+        .and(g())
+        .and(bearer())
+        .then(|id, deps, bearer| async move { respond(kill_by_id(deps, bearer, id).await) });
     let list = warp::path!("api" / "zeq" / "agent" / "list")
         .and(warp::get())
         .and(g())
@@ -123,10 +119,13 @@ pub fn routes(
         .and(bearer())
         .and_then(
             |what: String, id: String, deps: Arc<AgentsDeps>, bearer: Option<String>| async move {
-                if !matches!(what.as_str(), "status" | "lineage" | "mesh") {
-                    return Err(warp::reject::not_found());
-                }
-                Ok::<_, warp::Rejection>(respond(view(deps, bearer, &what, id)))
+                let answer = match what.as_str() {
+                    "status" => status(deps, bearer, id),
+                    "lineage" => lineage(deps, bearer, id),
+                    "mesh" => mesh(deps, bearer, id),
+                    _ => return Err(warp::reject::not_found()),
+                };
+                Ok::<_, warp::Rejection>(respond(answer))
             },
         );
     let tally = warp::path!("api" / "tally" / "account" / String)
@@ -145,7 +144,11 @@ pub fn routes(
     spawn
         .or(tick)
         .unify()
+        .or(tick_by_id)
+        .unify()
         .or(kill)
+        .unify()
+        .or(kill_by_id)
         .unify()
         .or(list)
         .unify()
@@ -156,107 +159,6 @@ pub fn routes(
         .or(credentials)
         .unify()
 }
-
-// Path-only declarations of the routes above that share a handler (two paths each for tick
-// and kill; `view` serves status, lineage and mesh).
-
-/// Run one generation now (run owner or machine admin).
-#[utoipa::path(post, path = "/api/zeq/agent/tick/{id}", tag = "agents",
-    params(("id" = String, Path, description = "Agent run id")),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "The tick", body = Ticked),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)", body = ZeqError),
-        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_tick() {}
-
-/// Same as `/api/zeq/agent/tick/{id}`.
-#[utoipa::path(post, path = "/api/zeq/agent/{id}/tick", tag = "agents",
-    params(("id" = String, Path, description = "Agent run id")),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "The tick", body = Ticked),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)", body = ZeqError),
-        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_tick_by_id() {}
-
-/// Stop a run (run owner or machine admin).
-#[utoipa::path(post, path = "/api/zeq/agent/kill/{id}", tag = "agents",
-    params(("id" = String, Path, description = "Agent run id")),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Killed", body = Killed),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_kill() {}
-
-/// Same as `/api/zeq/agent/kill/{id}`.
-#[utoipa::path(post, path = "/api/zeq/agent/{id}/kill", tag = "agents",
-    params(("id" = String, Path, description = "Agent run id")),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Killed", body = Killed),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_kill_by_id() {}
-
-/// A run: status, best genotype, fitness, charges.
-#[utoipa::path(get, path = "/api/zeq/agent/status/{id}", tag = "agents",
-    params(("id" = String, Path, description = "Agent run id")),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "The run", body = AgentStatus),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_status() {}
-
-/// A run's generations.
-#[utoipa::path(get, path = "/api/zeq/agent/lineage/{id}", tag = "agents",
-    params(("id" = String, Path, description = "Agent run id")),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Generations", body = Lineage),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_lineage() {}
-
-/// A master run and the children the caller may see.
-#[utoipa::path(get, path = "/api/zeq/agent/mesh/{id}", tag = "agents",
-    params(("id" = String, Path, description = "Agent run id")),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "The mesh", body = Mesh),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_mesh() {}
 
 #[allow(clippy::result_large_err)]
 fn caller(deps: &AgentsDeps, bearer: Option<&str>) -> Result<Principal, ApiError> {
@@ -293,14 +195,14 @@ async fn enrichment(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Spawned", body = Spawned),
-        (status = 400, description = "`invalid_body`, `invalid_problem`, `invalid_population`, …", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)", body = ZeqError),
-        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_problem`, `invalid_population`, …"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)"),
+        (status = 403, description = "`forbidden`, `not_chain_member`"),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
+        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn spawn(
     deps: Arc<AgentsDeps>,
@@ -397,6 +299,19 @@ fn admin(access: Access, what: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Run one generation now (run owner or machine admin).
+#[utoipa::path(post, path = "/api/zeq/agent/tick/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The tick", body = Ticked),
+        (status = 401, description = "`unauthorized`"),
+        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)"),
+        (status = 403, description = "`forbidden`, `not_chain_member`"),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
+        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`"),
+        (status = 507, description = "`storage_full`"),
+    ))]
 async fn tick(
     deps: Arc<AgentsDeps>,
     bearer: Option<String>,
@@ -455,6 +370,39 @@ async fn tick(
     Ok(json_response(StatusCode::OK, &body))
 }
 
+/// Same as `/api/zeq/agent/tick/{id}`.
+#[utoipa::path(post, path = "/api/zeq/agent/{id}/tick", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The tick", body = Ticked),
+        (status = 401, description = "`unauthorized`"),
+        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)"),
+        (status = 403, description = "`forbidden`, `not_chain_member`"),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
+        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`"),
+        (status = 507, description = "`storage_full`"),
+    ))]
+async fn tick_by_id(
+    deps: Arc<AgentsDeps>,
+    bearer: Option<String>,
+    id: String,
+) -> Result<Response, ApiError> {
+    tick(deps, bearer, id).await
+}
+
+/// Stop a run (run owner or machine admin).
+#[utoipa::path(post, path = "/api/zeq/agent/kill/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Killed", body = Killed),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`, `not_chain_member`"),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
+        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`"),
+        (status = 507, description = "`storage_full`"),
+    ))]
 async fn kill(
     deps: Arc<AgentsDeps>,
     bearer: Option<String>,
@@ -475,12 +423,32 @@ async fn kill(
     ))
 }
 
+/// Same as `/api/zeq/agent/kill/{id}`.
+#[utoipa::path(post, path = "/api/zeq/agent/{id}/kill", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Killed", body = Killed),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`, `not_chain_member`"),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
+        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`"),
+        (status = 507, description = "`storage_full`"),
+    ))]
+async fn kill_by_id(
+    deps: Arc<AgentsDeps>,
+    bearer: Option<String>,
+    id: String,
+) -> Result<Response, ApiError> {
+    kill(deps, bearer, id).await
+}
+
 /// The caller's runs (account: its own; machine key: its machine's).
 #[utoipa::path(get, path = "/api/zeq/agent/list", tag = "agents",
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Runs", body = AgentList),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 401, description = "`unauthorized`"),
     ))]
 fn list(deps: Arc<AgentsDeps>, bearer: Option<String>) -> Result<Response, ApiError> {
     let principal = caller(&deps, bearer.as_deref())?;
@@ -502,43 +470,88 @@ fn list(deps: Arc<AgentsDeps>, bearer: Option<String>) -> Result<Response, ApiEr
     ))
 }
 
-fn view(
+/// The run `id`, if the caller may see it.
+#[allow(clippy::result_large_err)]
+fn seen_run(
+    deps: &AgentsDeps,
+    bearer: Option<String>,
+    id: &str,
+) -> Result<(Run, Principal), ApiError> {
+    let principal = caller(deps, bearer.as_deref())?;
+    let (run, _) = visible_run(deps, &principal, id)?;
+    Ok((run, principal))
+}
+
+/// A run: status, best genotype, fitness, charges.
+#[utoipa::path(get, path = "/api/zeq/agent/status/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The run", body = AgentStatus),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
+    ))]
+#[allow(clippy::result_large_err)]
+fn status(deps: Arc<AgentsDeps>, bearer: Option<String>, id: String) -> Result<Response, ApiError> {
+    let (run, _) = seen_run(&deps, bearer, &id)?;
+    let mut v = run.to_json();
+    if let Value::Object(o) = &mut v {
+        o.insert("ok".into(), json!(true));
+    }
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+/// A run's generations.
+#[utoipa::path(get, path = "/api/zeq/agent/lineage/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Generations", body = Lineage),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
+    ))]
+#[allow(clippy::result_large_err)]
+fn lineage(
     deps: Arc<AgentsDeps>,
     bearer: Option<String>,
-    what: &str,
     id: String,
 ) -> Result<Response, ApiError> {
-    let principal = caller(&deps, bearer.as_deref())?;
-    let (run, _) = visible_run(&deps, &principal, &id)?;
-    let body = match what {
-        "status" => {
-            let mut v = run.to_json();
-            if let Value::Object(o) = &mut v {
-                o.insert("ok".into(), json!(true));
+    let (run, _) = seen_run(&deps, bearer, &id)?;
+    let problem = agents::problem::Problem::parse(&run.problem);
+    let generations = deps.common.store.view(|txn| read::lineage(txn, &run.id))?;
+    let lineage: Vec<Value> = generations.iter().map(|g| g.to_json(&problem)).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "agent_id": run.id, "problem": run.problem, "status": run.status.as_str(), "lineage": lineage}),
+    ))
+}
+
+/// A master run and the children the caller may see.
+#[utoipa::path(get, path = "/api/zeq/agent/mesh/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The mesh", body = Mesh),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
+    ))]
+#[allow(clippy::result_large_err)]
+fn mesh(deps: Arc<AgentsDeps>, bearer: Option<String>, id: String) -> Result<Response, ApiError> {
+    let (run, principal) = seen_run(&deps, bearer, &id)?;
+    let children = deps.common.store.view(|txn| {
+        let mut out = Vec::new();
+        for child in read::mesh(txn, &run.id)? {
+            let machine = machines::get(txn, &child.slug)?;
+            if agents::run_access(machine.as_ref(), &child, &principal) >= Access::Viewer {
+                out.push(child.to_json());
             }
-            v
         }
-        "lineage" => {
-            let problem = agents::problem::Problem::parse(&run.problem);
-            let generations = deps.common.store.view(|txn| read::lineage(txn, &run.id))?;
-            let lineage: Vec<Value> = generations.iter().map(|g| g.to_json(&problem)).collect();
-            json!({"ok": true, "agent_id": run.id, "problem": run.problem, "status": run.status.as_str(), "lineage": lineage})
-        }
-        _ => {
-            let children = deps.common.store.view(|txn| {
-                let mut out = Vec::new();
-                for child in read::mesh(txn, &run.id)? {
-                    let machine = machines::get(txn, &child.slug)?;
-                    if agents::run_access(machine.as_ref(), &child, &principal) >= Access::Viewer {
-                        out.push(child.to_json());
-                    }
-                }
-                Ok(out)
-            })?;
-            json!({"ok": true, "master_id": run.id, "master": run.to_json(), "count": children.len(), "children": children})
-        }
-    };
-    Ok(json_response(StatusCode::OK, &body))
+        Ok(out)
+    })?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "master_id": run.id, "master": run.to_json(), "count": children.len(), "children": children}),
+    ))
 }
 
 /// An account's balance and spending (its own account key only).
@@ -547,10 +560,10 @@ fn view(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The tally", body = Tally),
-        (status = 400, description = "`invalid_zid`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
-        (status = 404, description = "`account_not_found`, or `not_found`", body = ZeqError),
+        (status = 400, description = "`invalid_zid`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`, `not_chain_member`"),
+        (status = 404, description = "`account_not_found`, or `not_found`"),
     ))]
 fn tally(deps: Arc<AgentsDeps>, bearer: Option<String>, zid: String) -> Result<Response, ApiError> {
     let principal = caller(&deps, bearer.as_deref())?;
@@ -602,11 +615,11 @@ fn tally(deps: Arc<AgentsDeps>, bearer: Option<String>, zid: String) -> Result<R
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Stored", body = CredentialCreated),
-        (status = 400, description = "`invalid_body`, `invalid_base_url`, `invalid_api_key`, `invalid_model`, `invalid_name`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_base_url`, `invalid_api_key`, `invalid_model`, `invalid_name`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`, `not_chain_member`"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn credential(
     deps: Arc<AgentsDeps>,

@@ -12,7 +12,7 @@ use warp::{Filter, Reply};
 
 use super::openapi::schema::{
     Block, ChainState, ConsistencyProof, EventRecorded, EventRequest, Explore, InclusionProof,
-    Validation, ZeqError,
+    Validation,
 };
 use super::ChainDeps;
 use super::{
@@ -35,14 +35,14 @@ type Query = std::collections::HashMap<String, String>;
 #[derive(utoipa::OpenApi)]
 #[openapi(paths(
     post_event,
-    doc_state,
-    doc_block,
-    doc_explore,
-    doc_explore_sse,
-    doc_validate,
-    doc_checkpoint,
-    doc_inclusion,
-    doc_consistency
+    state,
+    block,
+    explore,
+    explore_sse,
+    pohc_validate,
+    checkpoint,
+    inclusion_proof,
+    consistency_proof
 ))]
 pub(super) struct Api;
 
@@ -98,130 +98,6 @@ pub fn routes(
     event.or(reads).unify()
 }
 
-// Path-only declarations of the reads that `reads` above dispatches by tail (`read` serves
-// them all). Non-owners count against the machine's read limit (429 `rate_limited`).
-
-/// The latest row and the log size.
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/state", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "Head of the log", body = ChainState),
-        (status = 401, description = "`unauthorized` (private machine, no key)", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_state() {}
-
-/// The rows written in one Zeqond.
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/block", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug"),
-           ("zeqond" = u64, Query, description = "The Zeqond")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "Rows at that Zeqond", body = Block),
-        (status = 400, description = "`invalid_zeqond`, `invalid_range`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`no_block_at_zeqond`, `machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_block() {}
-
-/// A page of rows `from..=to` (at most 500).
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/explore", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug"),
-           ("from" = Option<u64>, Query, description = "First seq (default 0)"),
-           ("to" = Option<u64>, Query, description = "Last seq, inclusive")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "Rows", body = Explore),
-        (status = 400, description = "`invalid_range`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_explore() {}
-
-/// Rows live as server-sent events (`event: row`, `id: <seq>`); resumes after `Last-Event-ID`.
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/explore/sse", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug"),
-           ("from" = Option<u64>, Query, description = "First seq (default: the next row)"),
-           ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this seq")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "An endless event stream", content_type = "text/event-stream", body = String),
-        (status = 400, description = "`invalid_range`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_explore_sse() {}
-
-/// Rechecks the hash chain of rows `from..=to`.
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/pohc/validate", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug"),
-           ("from" = Option<u64>, Query, description = "First seq (default 0)"),
-           ("to" = Option<u64>, Query, description = "Last seq (default: the last row)")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "The report", body = Validation),
-        (status = 400, description = "`invalid_range`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_validate() {}
-
-/// The signed checkpoint of the log (a signed note, tlog format).
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/checkpoint", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "The signed note", content_type = "text/plain", body = String),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_checkpoint() {}
-
-/// RFC 6962 inclusion proof of row `seq` in the tree of `size` rows.
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/proof/inclusion", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug"),
-           ("seq" = u64, Query, description = "The row"),
-           ("size" = Option<u64>, Query, description = "Tree size (default: the log size)")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "The proof", body = InclusionProof),
-        (status = 400, description = "`invalid_range`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_inclusion() {}
-
-/// RFC 6962 consistency proof between tree sizes `from` and `to`.
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/proof/consistency", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug"),
-           ("from" = u64, Query, description = "Older size, ≥ 1"),
-           ("to" = Option<u64>, Query, description = "Newer size (default: the log size)")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "The proof", body = ConsistencyProof),
-        (status = 400, description = "`invalid_range`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_consistency() {}
-
 /// The machine, if the caller may read its log (public machines: anyone). Non-owners are
 /// rate limited per machine.
 fn readable(deps: &ChainDeps, bearer: Option<&str>, slug: &str) -> Result<Machine, ApiError> {
@@ -243,13 +119,13 @@ fn readable(deps: &ChainDeps, bearer: Option<&str>, slug: &str) -> Result<Machin
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Recorded", body = EventRecorded),
-        (status = 400, description = "`invalid_body`, `invalid_type`, `invalid_hash`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`: needs the owner, an operator or admin key", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_type`, `invalid_hash`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`: needs the owner, an operator or admin key"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 429, description = "`rate_limited`"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn post_event(
     deps: Arc<ChainDeps>,
@@ -391,44 +267,12 @@ fn read(
         .ok_or_else(|| ApiError::internal("machine has no log"))?;
     let size = head.size;
     match route {
-        "state" => {
-            let row = deps
-                .common
-                .store
-                .view(|txn| log::read::row(txn, slug, size - 1))?;
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"ok": true, "slug": slug, "size": size, "genesis_zeqond": head.genesis_zeqond.to_string(),
-                        "latest": row.as_ref().map(row_json)}),
-            ))
-        }
+        "state" => state(&deps, slug, &head),
         "block" => block(&deps, slug, &q),
         "explore" => explore(&deps, slug, size, &q),
-        "explore/sse" => {
-            let from = match (last_event_id, num(&q, "from")?) {
-                (Some(id), _) => id.saturating_add(1),
-                (None, Some(f)) => f,
-                (None, None) => size,
-            };
-            Ok(sse(deps.clone(), machine.slug.clone(), from))
-        }
+        "explore/sse" => explore_sse(&deps, &machine, size, &q, last_event_id),
         "pohc/validate" => pohc_validate(&deps, slug, &head, &q),
-        "checkpoint" => {
-            let (root, cosigned) = deps.common.store.view(|txn| {
-                Ok((
-                    log::read::tree_hash(txn, slug, size)?,
-                    crate::sync::client::cosignature(txn, slug, size)?,
-                ))
-            })?;
-            // With the hub's cosignature when the hub has verified this very tree.
-            let mut note = checkpoint_note(&deps, slug, size, root)?;
-            note.push_str(cosigned.as_deref().unwrap_or(""));
-            let mut res = note.into_response();
-            if let Ok(v) = "text/plain; charset=utf-8".parse() {
-                res.headers_mut().insert(http::header::CONTENT_TYPE, v);
-            }
-            Ok(res)
-        }
+        "checkpoint" => checkpoint(&deps, slug, size),
         "proof/inclusion" => inclusion_proof(&deps, slug, size, &q),
         "proof/consistency" => consistency_proof(&deps, slug, size, &q),
         _ => Err(ApiError::new(
@@ -439,7 +283,96 @@ fn read(
     }
 }
 
-/// `block`: the rows of one Zeqond.
+/// The latest row and the log size.
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/state", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Head of the log", body = ChainState),
+        (status = 401, description = "`unauthorized` (private machine, no key)"),
+        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
+fn state(deps: &ChainDeps, slug: &str, head: &log::Head) -> Result<Response, ApiError> {
+    let size = head.size;
+    let row = deps
+        .common
+        .store
+        .view(|txn| log::read::row(txn, slug, size - 1))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "slug": slug, "size": size, "genesis_zeqond": head.genesis_zeqond.to_string(),
+                "latest": row.as_ref().map(row_json)}),
+    ))
+}
+
+/// Rows live as server-sent events (`event: row`, `id: <seq>`); resumes after `Last-Event-ID`.
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/explore/sse", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("from" = Option<u64>, Query, description = "First seq (default: the next row)"),
+           ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this seq")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "An endless event stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid_range`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
+fn explore_sse(
+    deps: &Arc<ChainDeps>,
+    machine: &Machine,
+    size: u64,
+    q: &Query,
+    last_event_id: Option<u64>,
+) -> Result<Response, ApiError> {
+    let from = match (last_event_id, num(q, "from")?) {
+        (Some(id), _) => id.saturating_add(1),
+        (None, Some(f)) => f,
+        (None, None) => size,
+    };
+    Ok(sse(deps.clone(), machine.slug.clone(), from))
+}
+
+/// The signed checkpoint of the log (a signed note, tlog format).
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/checkpoint", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The signed note", content_type = "text/plain", body = String),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
+fn checkpoint(deps: &ChainDeps, slug: &str, size: u64) -> Result<Response, ApiError> {
+    let (root, cosigned) = deps.common.store.view(|txn| {
+        Ok((
+            log::read::tree_hash(txn, slug, size)?,
+            crate::sync::client::cosignature(txn, slug, size)?,
+        ))
+    })?;
+    // With the hub's cosignature when the hub has verified this very tree.
+    let mut note = checkpoint_note(deps, slug, size, root)?;
+    note.push_str(cosigned.as_deref().unwrap_or(""));
+    let mut res = note.into_response();
+    if let Ok(v) = "text/plain; charset=utf-8".parse() {
+        res.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    Ok(res)
+}
+
+/// The rows written in one Zeqond.
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/block", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("zeqond" = u64, Query, description = "The Zeqond")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Rows at that Zeqond", body = Block),
+        (status = 400, description = "`invalid_zeqond`, `invalid_range`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`no_block_at_zeqond`, `machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
 fn block(deps: &ChainDeps, slug: &str, q: &Query) -> Result<Response, ApiError> {
     let z = num(q, "zeqond")?
         .ok_or_else(|| ApiError::bad_request("invalid_zeqond", "give ?zeqond=N"))?;
@@ -465,7 +398,19 @@ fn block(deps: &ChainDeps, slug: &str, q: &Query) -> Result<Response, ApiError> 
     ))
 }
 
-/// `explore`: a page of rows, at most `MAX_PAGE`.
+/// A page of rows `from..=to` (at most 500).
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/explore", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("from" = Option<u64>, Query, description = "First seq (default 0)"),
+           ("to" = Option<u64>, Query, description = "Last seq, inclusive")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Rows", body = Explore),
+        (status = 400, description = "`invalid_range`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
 fn explore(deps: &ChainDeps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
     let from = num(q, "from")?.unwrap_or(0);
     let to = num(q, "to")?.unwrap_or_else(|| from.saturating_add(MAX_PAGE - 1));
@@ -491,7 +436,19 @@ fn explore(deps: &ChainDeps, slug: &str, size: u64, q: &Query) -> Result<Respons
     ))
 }
 
-/// `pohc/validate`: rows `from..=to` rechecked (hashes and links).
+/// Rechecks the hash chain of rows `from..=to`.
+#[utoipa::path(operation_id = "validate", get, path = "/api/chain/state-machines/{slug}/pohc/validate", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("from" = Option<u64>, Query, description = "First seq (default 0)"),
+           ("to" = Option<u64>, Query, description = "Last seq (default: the last row)")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The report", body = Validation),
+        (status = 400, description = "`invalid_range`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
 fn pohc_validate(
     deps: &ChainDeps,
     slug: &str,
@@ -517,7 +474,19 @@ fn pohc_validate(
     ))
 }
 
-/// `proof/inclusion`: row `seq`'s RFC 6962 inclusion proof in the tree of `size`.
+/// RFC 6962 inclusion proof of row `seq` in the tree of `size` rows.
+#[utoipa::path(operation_id = "inclusion", get, path = "/api/chain/state-machines/{slug}/proof/inclusion", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("seq" = u64, Query, description = "The row"),
+           ("size" = Option<u64>, Query, description = "Tree size (default: the log size)")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The proof", body = InclusionProof),
+        (status = 400, description = "`invalid_range`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
 fn inclusion_proof(
     deps: &ChainDeps,
     slug: &str,
@@ -544,7 +513,19 @@ fn inclusion_proof(
     ))
 }
 
-/// `proof/consistency`: the RFC 6962 proof that the tree of `from` is a prefix of `to`'s.
+/// RFC 6962 consistency proof between tree sizes `from` and `to`.
+#[utoipa::path(operation_id = "consistency", get, path = "/api/chain/state-machines/{slug}/proof/consistency", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("from" = u64, Query, description = "Older size, ≥ 1"),
+           ("to" = Option<u64>, Query, description = "Newer size (default: the log size)")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The proof", body = ConsistencyProof),
+        (status = 400, description = "`invalid_range`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
 fn consistency_proof(
     deps: &ChainDeps,
     slug: &str,

@@ -11,7 +11,6 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
-use super::openapi::schema::ZeqError;
 use super::ConsoleDeps;
 use super::{
     body, json_response, parse_json, read_body, respond, session_cookie, with_gateway, ApiError,
@@ -123,11 +122,11 @@ fn with_cookie(mut res: Response, cookie: &str) -> Response {
     request_body(content = inline(Object), description = "`{\"key\": \"zeq_ak_…\"}`", content_type = "application/json"),
     responses(
         (status = 200, description = "Signed in; the cookie is set", body = ConsoleSession),
-        (status = 400, description = "`invalid_body`", body = ZeqError),
-        (status = 401, description = "`unauthorized`: not a live account key", body = ZeqError),
-        (status = 403, description = "`console_header_missing`", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`"),
+        (status = 401, description = "`unauthorized`: not a live account key"),
+        (status = 403, description = "`console_header_missing`"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn sign_in(
     deps: Arc<ConsoleDeps>,
@@ -173,7 +172,7 @@ async fn sign_in(
 #[utoipa::path(get, path = "/ui/api/session", tag = "console",
     responses(
         (status = 200, description = "Signed in", body = ConsoleSession),
-        (status = 401, description = "`unauthorized`: no live session", body = ZeqError),
+        (status = 401, description = "`unauthorized`: no live session"),
     ))]
 fn whoami(deps: Arc<ConsoleDeps>, headers: http::HeaderMap) -> Result<Response, ApiError> {
     let token = session_cookie(&headers).ok_or_else(ApiError::unauthorized)?;
@@ -197,9 +196,9 @@ fn whoami(deps: Arc<ConsoleDeps>, headers: http::HeaderMap) -> Result<Response, 
     params(("x-smgate-console" = String, Header, description = "Must be `1`")),
     responses(
         (status = 200, description = "Signed out", body = Object),
-        (status = 401, description = "`unauthorized`: no live session", body = ZeqError),
-        (status = 403, description = "`console_header_missing`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 401, description = "`unauthorized`: no live session"),
+        (status = 403, description = "`console_header_missing`"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn sign_out(deps: Arc<ConsoleDeps>, headers: http::HeaderMap) -> Result<Response, ApiError> {
     require_console(&headers)?;

@@ -13,9 +13,8 @@ use warp::{Filter, Reply};
 
 use super::openapi::schema::{
     AdminView, CreateInstanceRequest, CreateVersionRequest, DeleteInstanceRequest, Empty,
-    InstanceList, InstanceView, SbError as SbErrorBody, SbMachine, SbMachineList, SbOrRouteError,
-    SendEventRequest, StatusBody, TargetVersionReply, TargetVersionRequest, TransitionList,
-    VersionCreated, VersionList,
+    InstanceList, InstanceView, SbMachine, SbMachineList, SendEventRequest, StatusBody,
+    TargetVersionReply, TargetVersionRequest, TransitionList, VersionCreated, VersionList,
 };
 use super::InstancesDeps;
 use super::{
@@ -303,7 +302,7 @@ fn machine_json(deps: &InstancesDeps, m: &Machine) -> Result<Value, SbError> {
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "Machines", body = SbMachineList),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 401, description = "`unauthorized`"),
     ))]
 fn list_machines(deps: Arc<InstancesDeps>, bearer: Option<String>) -> Result<Response, SbError> {
     let principal = deps
@@ -324,10 +323,10 @@ fn list_machines(deps: Arc<InstancesDeps>, bearer: Option<String>) -> Result<Res
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The machine", body = SbMachine),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
+        (status = 429, description = "`rate-limited`"),
     ))]
 fn get_machine(
     deps: Arc<InstancesDeps>,
@@ -368,13 +367,13 @@ async fn json_object(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Created", body = VersionCreated),
-        (status = 400, description = "`invalid-parameters`, `invalid-definition`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
-        (status = 507, description = "`storage-full`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, `invalid-definition`, or a routing error"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
+        (status = 413, description = "`payload-too-large`"),
+        (status = 429, description = "`rate-limited`"),
+        (status = 507, description = "`storage-full`"),
     ))]
 async fn create_version(
     deps: Arc<InstancesDeps>,
@@ -455,10 +454,10 @@ async fn create_version(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Versions", body = VersionList),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
+        (status = 429, description = "`rate-limited`"),
     ))]
 fn list_versions(
     deps: Arc<InstancesDeps>,
@@ -489,14 +488,14 @@ fn list_versions(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The new instance", body = InstanceView),
-        (status = 400, description = "`invalid-parameters`, `invalid-definition`, `transition-failed`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 409, description = "`invalid-state`", body = SbErrorBody),
-        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
-        (status = 507, description = "`storage-full`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, `invalid-definition`, `transition-failed`, or a routing error"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
+        (status = 409, description = "`invalid-state`"),
+        (status = 413, description = "`payload-too-large`"),
+        (status = 429, description = "`rate-limited`"),
+        (status = 507, description = "`storage-full`"),
     ))]
 async fn create_instance(
     deps: Arc<InstancesDeps>,
@@ -564,10 +563,10 @@ async fn create_instance(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Instances", body = InstanceList),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
+        (status = 429, description = "`rate-limited`"),
     ))]
 fn list_instances(
     deps: Arc<InstancesDeps>,
@@ -648,11 +647,11 @@ fn load(
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The instance", body = InstanceView),
-        (status = 400, description = "`transition-failed` (authorizer error), or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 400, description = "`transition-failed` (authorizer error), or a routing error"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
+        (status = 429, description = "`rate-limited`"),
     ))]
 fn get_instance(
     deps: Arc<InstancesDeps>,
@@ -700,14 +699,14 @@ pub fn parse_event(body: &Map<String, Value>) -> Result<Event, String> {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The instance after the step", body = InstanceView),
-        (status = 400, description = "`invalid-parameters`, `transition-failed`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 409, description = "`invalid-state`", body = SbErrorBody),
-        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
-        (status = 507, description = "`storage-full`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, `transition-failed`, or a routing error"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
+        (status = 409, description = "`invalid-state`"),
+        (status = 413, description = "`payload-too-large`"),
+        (status = 429, description = "`rate-limited`"),
+        (status = 507, description = "`storage-full`"),
     ))]
 async fn send_event(
     deps: Arc<InstancesDeps>,
@@ -753,11 +752,11 @@ async fn send_event(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Transitions", body = TransitionList),
-        (status = 400, description = "`invalid-parameters`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, or a routing error"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
+        (status = 429, description = "`rate-limited`"),
     ))]
 fn list_events(
     deps: Arc<InstancesDeps>,
@@ -817,10 +816,10 @@ fn list_events(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Full state", body = AdminView),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
+        (status = 429, description = "`rate-limited`"),
     ))]
 fn admin_view(
     deps: Arc<InstancesDeps>,
@@ -854,14 +853,14 @@ fn admin_view(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The new status", body = StatusBody),
-        (status = 400, description = "`invalid-parameters`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 409, description = "`invalid-state`", body = SbErrorBody),
-        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
-        (status = 507, description = "`storage-full`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, or a routing error"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
+        (status = 409, description = "`invalid-state`"),
+        (status = 413, description = "`payload-too-large`"),
+        (status = 429, description = "`rate-limited`"),
+        (status = 507, description = "`storage-full`"),
     ))]
 async fn put_status(
     deps: Arc<InstancesDeps>,
@@ -907,14 +906,14 @@ async fn put_status(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The target", body = TargetVersionReply),
-        (status = 400, description = "`invalid-parameters`, `no-migration-path`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 409, description = "`invalid-state`", body = SbErrorBody),
-        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
-        (status = 507, description = "`storage-full`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, `no-migration-path`, or a routing error"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
+        (status = 409, description = "`invalid-state`"),
+        (status = 413, description = "`payload-too-large`"),
+        (status = 429, description = "`rate-limited`"),
+        (status = 507, description = "`storage-full`"),
     ))]
 async fn put_version(
     deps: Arc<InstancesDeps>,
@@ -955,13 +954,13 @@ async fn put_version(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Deleted", body = Empty),
-        (status = 400, description = "`invalid-parameters`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
-        (status = 507, description = "`storage-full`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, or a routing error"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
+        (status = 413, description = "`payload-too-large`"),
+        (status = 429, description = "`rate-limited`"),
+        (status = 507, description = "`storage-full`"),
     ))]
 async fn delete_instance(
     deps: Arc<InstancesDeps>,
@@ -1056,11 +1055,11 @@ pub(super) fn current_view(
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "An endless event stream", content_type = "text/event-stream", body = String),
-        (status = 400, description = "`invalid-parameters`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, or a routing error"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
+        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
+        (status = 429, description = "`rate-limited`"),
     ))]
 fn live(
     deps: Arc<InstancesDeps>,

@@ -18,7 +18,7 @@ use crate::machines::{self, Machine, MachineError, NewMachine};
 
 use super::openapi::schema::{
     KeyList, KeyMinted, KeyOne, MachineCreated, MachineList, MachineOne, MintKeyRequest,
-    NewMachineRequest, ZeqError,
+    NewMachineRequest,
 };
 use super::MachinesDeps;
 
@@ -89,13 +89,13 @@ pub fn routes(
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Created", body = MachineCreated),
-        (status = 400, description = "`invalid_body`, `invalid_slug`, `invalid_display_name`, `invalid_purpose`, …", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`: machine keys cannot spin up machines", body = ZeqError),
-        (status = 409, description = "`slug_taken` (with `existing_slug`)", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 429, description = "`rate_limited` (with `retry_after`), 10 spin-ups/min/IP", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_slug`, `invalid_display_name`, `invalid_purpose`, …"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`: machine keys cannot spin up machines"),
+        (status = 409, description = "`slug_taken` (with `existing_slug`)"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 429, description = "`rate_limited` (with `retry_after`), 10 spin-ups/min/IP"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn create(
     deps: Arc<MachinesDeps>,
@@ -140,7 +140,7 @@ async fn create(
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "Visible machines", body = MachineList),
-        (status = 401, description = "`unauthorized`: unknown, revoked or expired key", body = ZeqError),
+        (status = 401, description = "`unauthorized`: unknown, revoked or expired key"),
     ))]
 fn list(deps: Arc<MachinesDeps>, bearer: Option<String>) -> Result<Response, ApiError> {
     let principal = deps.common.principal(bearer.as_deref())?;
@@ -164,8 +164,8 @@ fn list(deps: Arc<MachinesDeps>, bearer: Option<String>) -> Result<Response, Api
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The machine", body = MachineOne),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)"),
     ))]
 fn get_one(
     deps: Arc<MachinesDeps>,
@@ -223,12 +223,12 @@ const MAX_KEY_TTL_SECS: u64 = 10 * 365 * 86_400;
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Minted; the raw key is shown once", body = KeyMinted),
-        (status = 400, description = "`invalid_body`, `invalid_name`, `invalid_scope`, `invalid_expiry`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`: needs the owner or an admin key", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_name`, `invalid_scope`, `invalid_expiry`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`: needs the owner or an admin key"),
+        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn mint_key(
     deps: Arc<MachinesDeps>,
@@ -303,9 +303,9 @@ async fn mint_key(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Keys", body = KeyList),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`"),
+        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)"),
     ))]
 fn list_keys(
     deps: Arc<MachinesDeps>,
@@ -332,10 +332,10 @@ fn list_keys(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Revoked", body = KeyOne),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, `key_not_found`, or `not_found` (no such route)", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`"),
+        (status = 404, description = "`machine_not_found`, `key_not_found`, or `not_found` (no such route)"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn revoke_key(
     deps: Arc<MachinesDeps>,

@@ -14,7 +14,7 @@ use crate::auth::Access;
 use crate::clock;
 use crate::mqtt::ingest;
 
-use super::openapi::schema::{DeadLetters, ZeqError};
+use super::openapi::schema::DeadLetters;
 
 type Query = std::collections::HashMap<String, String>;
 
@@ -45,10 +45,10 @@ pub fn routes(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Dead letters", body = DeadLetters),
-        (status = 400, description = "`invalid_limit`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 400, description = "`invalid_limit`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
     ))]
 #[allow(clippy::result_large_err)] // the shared error type of the zeq routes
 fn list(deps: &Common, bearer: Option<&str>, slug: &str, q: &Query) -> Result<Response, ApiError> {

@@ -55,19 +55,19 @@ use crate::pages::{self, Draft, Encoded, PageError, PageSlug, Served};
     list,
     get_one,
     history,
-    doc_publish,
-    doc_unpublish,
-    doc_rollback,
-    doc_site,
-    doc_site_index,
-    doc_site_state,
-    doc_site_page,
-    doc_site_page_slash,
-    doc_site_head,
-    doc_site_index_head,
-    doc_site_state_head,
-    doc_site_page_head,
-    doc_site_page_slash_head
+    publish,
+    unpublish,
+    rollback,
+    site_redirect,
+    site_index,
+    state_json,
+    page_redirect,
+    serve_page,
+    site_head,
+    site_index_head,
+    site_state_head,
+    site_page_head,
+    site_page_slash_head
 ))]
 pub(super) struct Api;
 
@@ -126,15 +126,13 @@ pub fn routes(
         .and(body())
         .and_then(
             |slug: String, page: String, action: String, deps, bearer, len, body| async move {
-                let action = match action.as_str() {
-                    "publish" => Action::Publish,
-                    "unpublish" => Action::Unpublish,
-                    "rollback" => Action::Rollback,
+                let answer = match action.as_str() {
+                    "publish" => publish(deps, bearer, slug, page, len, body).await,
+                    "unpublish" => unpublish(deps, bearer, slug, page, len, body).await,
+                    "rollback" => rollback(deps, bearer, slug, page, len, body).await,
                     _ => return Err(warp::reject::not_found()),
                 };
-                Ok::<_, warp::Rejection>(respond(
-                    write(deps, bearer, slug, page, action, len, body).await,
-                ))
+                Ok::<_, warp::Rejection>(respond(answer))
             },
         );
     let site = warp::path("s")
@@ -152,13 +150,14 @@ pub fn routes(
                 if method != Method::GET && method != Method::HEAD {
                     return Err(warp::reject::not_found());
                 }
-                let res = site(&deps, tail.as_str(), &headers, &query)
-                    .ok_or_else(warp::reject::not_found)?;
-                Ok(if method == Method::HEAD {
-                    head_of(res)
-                } else {
-                    res
-                })
+                site(
+                    &deps,
+                    method == Method::HEAD,
+                    tail.as_str(),
+                    &headers,
+                    &query,
+                )
+                .ok_or_else(warp::reject::not_found)
             },
         );
     list.or(one)
@@ -245,9 +244,9 @@ fn page_url(slug: &str, page: &PageSlug) -> String {
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "Pages", body = PageList),
-        (status = 401, description = "`unauthorized`: unknown, revoked or expired key", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
+        (status = 401, description = "`unauthorized`: unknown, revoked or expired key"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
     ))]
 fn list(deps: Arc<PagesDeps>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
     let (machine, access) = readable(&deps, bearer.as_deref(), &slug)?;
@@ -285,10 +284,10 @@ fn list(deps: Arc<PagesDeps>, bearer: Option<String>, slug: String) -> Result<Re
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The live page", body = PageOne),
-        (status = 400, description = "`invalid_page_slug`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
+        (status = 400, description = "`invalid_page_slug`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
     ))]
 fn get_one(
     deps: Arc<PagesDeps>,
@@ -334,10 +333,10 @@ fn get_one(
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "History", body = PageHistory),
-        (status = 400, description = "`invalid_page_slug`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
+        (status = 400, description = "`invalid_page_slug`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
     ))]
 fn history(
     deps: Arc<PagesDeps>,
@@ -389,16 +388,24 @@ fn history(
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Published", body = PageWritten),
-        (status = 400, description = "`invalid_body`, `invalid_page_slug`, `invalid_title`, `invalid_html`, `invalid_agent_zid`, …", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 413, description = "`payload_too_large` (with `field`, `limit`)", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_page_slug`, `invalid_title`, `invalid_html`, `invalid_agent_zid`, …"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 413, description = "`payload_too_large` (with `field`, `limit`)"),
+        (status = 429, description = "`rate_limited`"),
+        (status = 507, description = "`storage_full`"),
     ))]
-#[allow(dead_code)]
-fn doc_publish() {}
+async fn publish(
+    deps: Arc<PagesDeps>,
+    bearer: Option<String>,
+    slug: String,
+    page: String,
+    declared: Option<u64>,
+    body: BodyStream,
+) -> Result<Response, ApiError> {
+    write(deps, bearer, slug, page, Action::Publish, declared, body).await
+}
 
 /// Take the page offline (its versions stay).
 #[utoipa::path(post, path = "/api/state-machines/{slug}/pages/{page}/unpublish", tag = "pages",
@@ -407,17 +414,25 @@ fn doc_publish() {}
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Offline", body = PageWritten),
-        (status = 400, description = "`invalid_body`, `invalid_page_slug`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`", body = ZeqError),
-        (status = 409, description = "`page_not_published`", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_page_slug`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`"),
+        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`"),
+        (status = 409, description = "`page_not_published`"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 429, description = "`rate_limited`"),
+        (status = 507, description = "`storage_full`"),
     ))]
-#[allow(dead_code)]
-fn doc_unpublish() {}
+async fn unpublish(
+    deps: Arc<PagesDeps>,
+    bearer: Option<String>,
+    slug: String,
+    page: String,
+    declared: Option<u64>,
+    body: BodyStream,
+) -> Result<Response, ApiError> {
+    write(deps, bearer, slug, page, Action::Unpublish, declared, body).await
+}
 
 /// Make an earlier version live again (as a new version).
 #[utoipa::path(post, path = "/api/state-machines/{slug}/pages/{page}/rollback", tag = "pages",
@@ -426,103 +441,24 @@ fn doc_unpublish() {}
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Rolled back", body = PageWritten),
-        (status = 400, description = "`invalid_body`, `invalid_page_slug`, `invalid_version`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, `page_not_found`, `version_not_found`, or `not_found`", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_page_slug`, `invalid_version`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`"),
+        (status = 404, description = "`machine_not_found`, `page_not_found`, `version_not_found`, or `not_found`"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 429, description = "`rate_limited`"),
+        (status = 507, description = "`storage_full`"),
     ))]
-#[allow(dead_code)]
-fn doc_rollback() {}
-
-/// To the slash form of the site index.
-#[utoipa::path(get, path = "/s/{slug}", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug")),
-    responses(
-        (status = 308, description = "See `/s/{slug}/`", headers(("location" = String))),
-        (status = 404, description = "No such route", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_site() {}
-
-/// The site's index of published pages (no scripts).
-#[utoipa::path(get, path = "/s/{slug}/", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug"),
-           ("If-None-Match" = Option<String>, Header, description = "ETag(s) the client has")),
-    responses(
-        (status = 200, description = "The index", content_type = "text/html", body = String),
-        (status = 304, description = "Not modified"),
-        (status = 404, description = "No such site (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
-    ))]
-#[allow(dead_code)]
-fn doc_site_index() {}
-
-/// Public instance states for page scripts; any origin, no credentials.
-#[utoipa::path(get, path = "/s/{slug}/state.json", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug")),
-    responses(
-        (status = 200, description = "States", body = SiteState),
-        (status = 404, description = "No such site (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
-    ))]
-#[allow(dead_code)]
-fn doc_site_state() {}
-
-/// To the slash form of a page.
-#[utoipa::path(get, path = "/s/{slug}/p/{page}", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
-    responses(
-        (status = 308, description = "See `/s/{slug}/p/{page}/`", headers(("location" = String))),
-        (status = 404, description = "No such route", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_site_page() {}
-
-/// A published page: brotli or gzip by `Accept-Encoding`, ETag, sandboxing CSP.
-#[utoipa::path(get, path = "/s/{slug}/p/{page}/", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug"),
-           ("If-None-Match" = Option<String>, Header, description = "ETag(s) the client has")),
-    responses(
-        (status = 200, description = "The page", content_type = "text/html", body = String),
-        (status = 304, description = "Not modified"),
-        (status = 404, description = "No such page (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
-    ))]
-#[allow(dead_code)]
-fn doc_site_page_slash() {}
-
-/// The HEAD forms of the site's routes: the GET response's status and headers, no body.
-#[utoipa::path(head, path = "/s/{slug}", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug")),
-    responses((status = 308, description = "See `/s/{slug}/`"), (status = 404, description = "No such route")))]
-#[allow(dead_code)]
-fn doc_site_head() {}
-
-#[utoipa::path(head, path = "/s/{slug}/", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug")),
-    responses((status = 200, description = "The index exists"), (status = 304, description = "Not modified"),
-              (status = 404, description = "No such site")))]
-#[allow(dead_code)]
-fn doc_site_index_head() {}
-
-#[utoipa::path(head, path = "/s/{slug}/state.json", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug")),
-    responses((status = 200, description = "The states exist"), (status = 404, description = "No such site")))]
-#[allow(dead_code)]
-fn doc_site_state_head() {}
-
-#[utoipa::path(head, path = "/s/{slug}/p/{page}", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
-    responses((status = 308, description = "See `/s/{slug}/p/{page}/`"), (status = 404, description = "No such route")))]
-#[allow(dead_code)]
-fn doc_site_page_head() {}
-
-#[utoipa::path(head, path = "/s/{slug}/p/{page}/", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
-    responses((status = 200, description = "The page exists"), (status = 304, description = "Not modified"),
-              (status = 404, description = "No such page")))]
-#[allow(dead_code)]
-fn doc_site_page_slash_head() {}
+async fn rollback(
+    deps: Arc<PagesDeps>,
+    bearer: Option<String>,
+    slug: String,
+    page: String,
+    declared: Option<u64>,
+    body: BodyStream,
+) -> Result<Response, ApiError> {
+    write(deps, bearer, slug, page, Action::Rollback, declared, body).await
+}
 
 #[derive(Debug, Clone, Copy)]
 enum Action {
@@ -690,27 +626,100 @@ fn redirect(to: String) -> Response {
     res
 }
 
-/// Routes `/s/…`; `None` for paths that are not part of the site.
-fn site(deps: &PagesDeps, tail: &str, headers: &HeaderMap, query: &str) -> Option<Response> {
+/// Routes `/s/…` (GET, or HEAD when `head`); `None` for paths that are not part of the site.
+fn site(
+    deps: &PagesDeps,
+    head: bool,
+    tail: &str,
+    headers: &HeaderMap,
+    query: &str,
+) -> Option<Response> {
     let parts: Vec<&str> = tail.split('/').collect();
-    let with_query = |path: String| {
-        if query.is_empty() {
-            path
-        } else {
-            format!("{path}?{query}")
-        }
-    };
-    let response = match parts.as_slice() {
-        [slug] if !slug.is_empty() => redirect(with_query(format!("/s/{slug}/"))),
-        [slug, ""] => site_index(deps, slug, headers),
-        [slug, "state.json"] => state_json(deps, slug),
-        [slug, "p", page] if !page.is_empty() => {
-            redirect(with_query(format!("/s/{slug}/p/{page}/")))
-        }
-        [slug, "p", page, ""] => serve_page(deps, slug, page, headers),
+    let response = match (head, parts.as_slice()) {
+        (false, [slug]) if !slug.is_empty() => site_redirect(slug, query),
+        (true, [slug]) if !slug.is_empty() => site_head(slug, query),
+        (false, [slug, ""]) => site_index(deps, slug, headers),
+        (true, [slug, ""]) => site_index_head(deps, slug, headers),
+        (false, [slug, "state.json"]) => state_json(deps, slug),
+        (true, [slug, "state.json"]) => site_state_head(deps, slug),
+        (false, [slug, "p", page]) if !page.is_empty() => page_redirect(slug, page, query),
+        (true, [slug, "p", page]) if !page.is_empty() => site_page_head(slug, page, query),
+        (false, [slug, "p", page, ""]) => serve_page(deps, slug, page, headers),
+        (true, [slug, "p", page, ""]) => site_page_slash_head(deps, slug, page, headers),
         _ => return None,
     };
     Some(response)
+}
+
+/// `path` with the request's query string, if it had one.
+fn with_query(path: String, query: &str) -> String {
+    if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{query}")
+    }
+}
+
+/// To the slash form of the site index.
+#[utoipa::path(operation_id = "site", get, path = "/s/{slug}", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses(
+        (status = 308, description = "See `/s/{slug}/`", headers(("location" = String))),
+        (status = 404, description = "No such route"),
+    ))]
+fn site_redirect(slug: &str, query: &str) -> Response {
+    redirect(with_query(format!("/s/{slug}/"), query))
+}
+
+/// To the slash form of a page.
+#[utoipa::path(operation_id = "site_page", get, path = "/s/{slug}/p/{page}", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
+    responses(
+        (status = 308, description = "See `/s/{slug}/p/{page}/`", headers(("location" = String))),
+        (status = 404, description = "No such route"),
+    ))]
+fn page_redirect(slug: &str, page: &str, query: &str) -> Response {
+    redirect(with_query(format!("/s/{slug}/p/{page}/"), query))
+}
+
+// The HEAD forms: the GET answer's status and headers, without its body.
+
+/// The HEAD forms of the site's routes: the GET response's status and headers, no body.
+#[utoipa::path(head, path = "/s/{slug}", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses((status = 308, description = "See `/s/{slug}/`"), (status = 404, description = "No such route")))]
+fn site_head(slug: &str, query: &str) -> Response {
+    head_of(site_redirect(slug, query))
+}
+
+#[utoipa::path(head, path = "/s/{slug}/", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses((status = 200, description = "The index exists"), (status = 304, description = "Not modified"),
+              (status = 404, description = "No such site")))]
+fn site_index_head(deps: &PagesDeps, slug: &str, headers: &HeaderMap) -> Response {
+    head_of(site_index(deps, slug, headers))
+}
+
+#[utoipa::path(head, path = "/s/{slug}/state.json", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses((status = 200, description = "The states exist"), (status = 404, description = "No such site")))]
+fn site_state_head(deps: &PagesDeps, slug: &str) -> Response {
+    head_of(state_json(deps, slug))
+}
+
+#[utoipa::path(head, path = "/s/{slug}/p/{page}", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
+    responses((status = 308, description = "See `/s/{slug}/p/{page}/`"), (status = 404, description = "No such route")))]
+fn site_page_head(slug: &str, page: &str, query: &str) -> Response {
+    head_of(page_redirect(slug, page, query))
+}
+
+#[utoipa::path(head, path = "/s/{slug}/p/{page}/", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
+    responses((status = 200, description = "The page exists"), (status = 304, description = "Not modified"),
+              (status = 404, description = "No such page")))]
+fn site_page_slash_head(deps: &PagesDeps, slug: &str, page: &str, headers: &HeaderMap) -> Response {
+    head_of(serve_page(deps, slug, page, headers))
 }
 
 fn store_failure(e: crate::store::StoreError) -> Response {
@@ -748,6 +757,15 @@ fn html_escape(s: &str) -> String {
     out
 }
 
+/// The site's index of published pages (no scripts).
+#[utoipa::path(get, path = "/s/{slug}/", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("If-None-Match" = Option<String>, Header, description = "ETag(s) the client has")),
+    responses(
+        (status = 200, description = "The index", content_type = "text/html", body = String),
+        (status = 304, description = "Not modified"),
+        (status = 404, description = "No such site (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
+    ))]
 fn site_index(deps: &PagesDeps, slug: &str, headers: &HeaderMap) -> Response {
     let (machine, published) = match site_machine(deps, slug) {
         Ok(Some(found)) => found,
@@ -853,6 +871,15 @@ fn choose_encoding<'a>(
     }
 }
 
+/// A published page: brotli or gzip by `Accept-Encoding`, ETag, sandboxing CSP.
+#[utoipa::path(operation_id = "site_page_slash", get, path = "/s/{slug}/p/{page}/", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug"),
+           ("If-None-Match" = Option<String>, Header, description = "ETag(s) the client has")),
+    responses(
+        (status = 200, description = "The page", content_type = "text/html", body = String),
+        (status = 304, description = "Not modified"),
+        (status = 404, description = "No such page (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
+    ))]
 fn serve_page(deps: &PagesDeps, slug: &str, page: &str, headers: &HeaderMap) -> Response {
     let (Some(slug), Some(page)) = (Slug::parse(slug), PageSlug::parse(page)) else {
         return plain(StatusCode::NOT_FOUND, "no such page\n");
@@ -901,9 +928,13 @@ fn serve_page(deps: &PagesDeps, slug: &str, page: &str, headers: &HeaderMap) -> 
     res
 }
 
-/// Public instance states for page scripts. Answers any origin (sandboxed pages send
-/// `Origin: null`) with `Access-Control-Allow-Origin: *` and never with credentials, so a
-/// browser will not attach cookies to it; it is read-only and shows only public state.
+/// Public instance states for page scripts; any origin, no credentials.
+#[utoipa::path(operation_id = "site_state", get, path = "/s/{slug}/state.json", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses(
+        (status = 200, description = "States", body = SiteState),
+        (status = 404, description = "No such site (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
+    ))]
 fn state_json(deps: &PagesDeps, slug: &str) -> Response {
     // One `{instance, ts, state, publicContext, tags, done}` per instance: the public view
     // (context.public and nothing else of the context), never the admin view.

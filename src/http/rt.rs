@@ -33,7 +33,7 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use super::instances::{authorize_live, current_view, SbError};
-use super::openapi::schema::{SbError as SbErrorBody, ZeqError};
+use super::openapi::schema::ZeqError;
 use super::InstancesDeps;
 use super::{bearer, json_response, with_gateway};
 use crate::auth::Slug;
@@ -48,22 +48,8 @@ type Query = HashMap<String, String>;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(doc_rt))]
+#[openapi(paths(rt))]
 pub(super) struct Api;
-
-/// statebacked's real-time websocket (see the module documentation for its messages). A
-/// request that is not a websocket upgrade is refused with 400.
-#[utoipa::path(get, path = "/rt", tag = "instances",
-    params(("token" = Option<String>, Query, description = "A key, for clients that cannot set headers")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 101, description = "Switching to the websocket protocol"),
-        (status = 400, description = "`invalid_request`: not a websocket upgrade", body = ZeqError),
-        (status = 401, description = "`unauthorized`: the key does not authenticate", body = SbErrorBody),
-        (status = 405, description = "`method_not_allowed`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_rt() {}
 
 pub fn routes(
     deps: Arc<InstancesDeps>,
@@ -74,21 +60,32 @@ pub fn routes(
         .and(warp::query::<Query>())
         .and(with_gateway(deps))
         .and(bearer())
-        .map(
-            |ws: Ws, q: Query, deps: Arc<InstancesDeps>, b: Option<String>| {
-                let token = b.or_else(|| q.get("token").cloned());
-                // A key that does not authenticate is refused before the upgrade, with the same
-                // 401 as any other route; no key at all is anonymous.
-                if let Err(e) = deps.common.principal(token.as_deref()) {
-                    let e = SbError::from(super::ApiError::from(e));
-                    return json_response(e.0, &json!({"error": e.2, "code": e.1}));
-                }
-                ws.max_message_size(MAX_MESSAGE_BYTES)
-                    .max_frame_size(MAX_MESSAGE_BYTES)
-                    .on_upgrade(move |socket| session(deps, token, socket))
-                    .into_response()
-            },
-        )
+        .map(rt)
+}
+
+/// statebacked's real-time websocket (see the module documentation for its messages). A
+/// request that is not a websocket upgrade is refused with 400.
+#[utoipa::path(get, path = "/rt", tag = "instances",
+    params(("token" = Option<String>, Query, description = "A key, for clients that cannot set headers")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 101, description = "Switching to the websocket protocol"),
+        (status = 400, description = "`invalid_request`: not a websocket upgrade", body = ZeqError),
+        (status = 401, description = "`unauthorized`: the key does not authenticate"),
+        (status = 405, description = "`method_not_allowed`", body = ZeqError),
+    ))]
+fn rt(ws: Ws, q: Query, deps: Arc<InstancesDeps>, bearer: Option<String>) -> Response {
+    let token = bearer.or_else(|| q.get("token").cloned());
+    // A key that does not authenticate is refused before the upgrade, with the same 401 as any
+    // other route; no key at all is anonymous.
+    if let Err(e) = deps.common.principal(token.as_deref()) {
+        let e = SbError::from(super::ApiError::from(e));
+        return json_response(e.0, &json!({"error": e.2, "code": e.1}));
+    }
+    ws.max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| session(deps, token, socket))
+        .into_response()
 }
 
 /// One subscription: the request that made it, the auth to re-check `allowRead` with, and the

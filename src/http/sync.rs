@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
-use super::openapi::schema::{SyncStatus, ZeqError};
+use super::openapi::schema::SyncStatus;
 use super::SyncDeps;
 use super::{bearer, json_response, respond, with_gateway, ApiError};
 use crate::auth::{Access, Principal};
@@ -37,7 +37,7 @@ pub fn routes(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Sync status", body = SyncStatus),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 401, description = "`unauthorized`"),
     ))]
 fn status(deps: &SyncDeps, bearer: Option<&str>) -> Result<Response, ApiError> {
     let principal = deps.common.principal(bearer)?;

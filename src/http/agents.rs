@@ -15,7 +15,8 @@ use super::openapi::schema::{
 };
 use super::AgentsDeps;
 use super::{
-    bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
+    bearer, body, json_response, parse_json, read_body, respond, with_gateway, Answer, ApiError,
+    BodyStream,
 };
 use crate::agents::{self, byok, read, AgentError, Enrichment, Run, SpawnContext, SpawnRequest};
 use crate::auth::{Access, Principal, Slug, Zid};
@@ -24,9 +25,12 @@ use crate::machines;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(
-    spawn, tick, tick_by_id, kill, kill_by_id, list, status, lineage, mesh, tally, credential
-))]
+#[openapi(
+    paths(
+        spawn, tick, tick_by_id, kill, kill_by_id, list, status, lineage, mesh, tally, credential
+    ),
+    components(schemas(Ticked, Killed))
+)]
 pub(super) struct Api;
 
 impl From<AgentError> for ApiError {
@@ -299,19 +303,46 @@ fn admin(access: Access, what: &str) -> Result<(), ApiError> {
     }
 }
 
+/// What a tick answers besides [`RunErrors`] (one declaration for its two paths).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum TickAnswers {
+    #[response(status = 200, description = "The tick")]
+    Ticked(Ticked),
+    #[response(
+        status = 402,
+        description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)"
+    )]
+    InsufficientBalance,
+}
+
+/// The errors of a write to a run (tick, kill, on either of their paths).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum RunErrors {
+    #[response(status = 401, description = "`unauthorized`")]
+    Unauthorized,
+    #[response(status = 403, description = "`forbidden`, `not_chain_member`")]
+    Forbidden,
+    #[response(
+        status = 404,
+        description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"
+    )]
+    NotFound,
+    #[response(
+        status = 409,
+        description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`"
+    )]
+    Conflict,
+    #[response(status = 507, description = "`storage_full`")]
+    StorageFull,
+}
+
 /// Run one generation now (run owner or machine admin).
 #[utoipa::path(post, path = "/api/zeq/agent/tick/{id}", tag = "agents",
     params(("id" = String, Path, description = "Agent run id")),
     security(("bearer" = [])),
-    responses(
-        (status = 200, description = "The tick", body = Ticked),
-        (status = 401, description = "`unauthorized`"),
-        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)"),
-        (status = 403, description = "`forbidden`, `not_chain_member`"),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
-        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`"),
-        (status = 507, description = "`storage_full`"),
-    ))]
+    responses(TickAnswers, RunErrors))]
 async fn tick(
     deps: Arc<AgentsDeps>,
     bearer: Option<String>,
@@ -374,20 +405,8 @@ async fn tick(
 #[utoipa::path(post, path = "/api/zeq/agent/{id}/tick", tag = "agents",
     params(("id" = String, Path, description = "Agent run id")),
     security(("bearer" = [])),
-    responses(
-        (status = 200, description = "The tick", body = Ticked),
-        (status = 401, description = "`unauthorized`"),
-        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)"),
-        (status = 403, description = "`forbidden`, `not_chain_member`"),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
-        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`"),
-        (status = 507, description = "`storage_full`"),
-    ))]
-async fn tick_by_id(
-    deps: Arc<AgentsDeps>,
-    bearer: Option<String>,
-    id: String,
-) -> Result<Response, ApiError> {
+    responses(TickAnswers, RunErrors))]
+async fn tick_by_id(deps: Arc<AgentsDeps>, bearer: Option<String>, id: String) -> Answer {
     tick(deps, bearer, id).await
 }
 
@@ -395,14 +414,7 @@ async fn tick_by_id(
 #[utoipa::path(post, path = "/api/zeq/agent/kill/{id}", tag = "agents",
     params(("id" = String, Path, description = "Agent run id")),
     security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Killed", body = Killed),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`forbidden`, `not_chain_member`"),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
-        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`"),
-        (status = 507, description = "`storage_full`"),
-    ))]
+    responses((status = 200, description = "Killed", body = Killed), RunErrors))]
 async fn kill(
     deps: Arc<AgentsDeps>,
     bearer: Option<String>,
@@ -427,19 +439,8 @@ async fn kill(
 #[utoipa::path(post, path = "/api/zeq/agent/{id}/kill", tag = "agents",
     params(("id" = String, Path, description = "Agent run id")),
     security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Killed", body = Killed),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`forbidden`, `not_chain_member`"),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
-        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`"),
-        (status = 507, description = "`storage_full`"),
-    ))]
-async fn kill_by_id(
-    deps: Arc<AgentsDeps>,
-    bearer: Option<String>,
-    id: String,
-) -> Result<Response, ApiError> {
+    responses((status = 200, description = "Killed", body = Killed), RunErrors))]
+async fn kill_by_id(deps: Arc<AgentsDeps>, bearer: Option<String>, id: String) -> Answer {
     kill(deps, bearer, id).await
 }
 

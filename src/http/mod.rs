@@ -204,6 +204,9 @@ pub fn json_response(status: StatusCode, value: &Value) -> Response {
     res
 }
 
+/// What a handler of the zeq family returns: its answer, or the error to answer with.
+pub type Answer = Result<Response, ApiError>;
+
 /// Collapses a handler's result into a response.
 pub fn respond(result: Result<Response, ApiError>) -> Response {
     result.unwrap_or_else(ApiError::into_response)

@@ -64,12 +64,7 @@ pub fn document() -> OpenApi {
         }
         for op in operations(item) {
             // Handler names repeat across files (`list`): prefix the tag to keep ids unique.
-            let tag = op
-                .tags
-                .as_ref()
-                .and_then(|t| t.first())
-                .cloned()
-                .unwrap_or_default();
+            let tag = tag_of(op);
             if let Some(id) = &mut op.operation_id {
                 *id = format!("{tag}.{id}");
             }
@@ -105,12 +100,7 @@ fn error_body(tag: &str, status: &str) -> Option<&'static str> {
 /// Gives each error response that its handler declared without a body the body of its area.
 fn add_error_bodies(op: &mut utoipa::openapi::path::Operation) {
     use utoipa::openapi::{Content, Ref, RefOr};
-    let tag = op
-        .tags
-        .as_ref()
-        .and_then(|t| t.first())
-        .cloned()
-        .unwrap_or_default();
+    let tag = tag_of(op);
     for (status, response) in op.responses.responses.iter_mut() {
         let (RefOr::T(response), Some(name)) = (response, error_body(&tag, status)) else {
             continue;
@@ -120,6 +110,15 @@ fn add_error_bodies(op: &mut utoipa::openapi::path::Operation) {
             response.content.insert("application/json".into(), body);
         }
     }
+}
+
+/// The operation's first tag: its API area.
+fn tag_of(op: &utoipa::openapi::path::Operation) -> String {
+    op.tags
+        .as_ref()
+        .and_then(|t| t.first())
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn operations(

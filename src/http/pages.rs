@@ -41,7 +41,8 @@ use super::openapi::schema::{
 };
 use super::PagesDeps;
 use super::{
-    bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
+    bearer, body, json_response, parse_json, read_body, respond, with_gateway, Answer, ApiError,
+    BodyStream,
 };
 use crate::auth::{Access, Principal, Slug};
 use crate::clock;
@@ -126,10 +127,16 @@ pub fn routes(
         .and(body())
         .and_then(
             |slug: String, page: String, action: String, deps, bearer, len, body| async move {
+                let w = PageWrite {
+                    slug,
+                    page,
+                    declared: len,
+                    body,
+                };
                 let answer = match action.as_str() {
-                    "publish" => publish(deps, bearer, slug, page, len, body).await,
-                    "unpublish" => unpublish(deps, bearer, slug, page, len, body).await,
-                    "rollback" => rollback(deps, bearer, slug, page, len, body).await,
+                    "publish" => publish(deps, bearer, w).await,
+                    "unpublish" => unpublish(deps, bearer, w).await,
+                    "rollback" => rollback(deps, bearer, w).await,
                     _ => return Err(warp::reject::not_found()),
                 };
                 Ok::<_, warp::Rejection>(respond(answer))
@@ -396,15 +403,8 @@ fn history(
         (status = 429, description = "`rate_limited`"),
         (status = 507, description = "`storage_full`"),
     ))]
-async fn publish(
-    deps: Arc<PagesDeps>,
-    bearer: Option<String>,
-    slug: String,
-    page: String,
-    declared: Option<u64>,
-    body: BodyStream,
-) -> Result<Response, ApiError> {
-    write(deps, bearer, slug, page, Action::Publish, declared, body).await
+async fn publish(deps: Arc<PagesDeps>, bearer: Option<String>, w: PageWrite) -> Answer {
+    write(deps, bearer, w, Action::Publish).await
 }
 
 /// Take the page offline (its versions stay).
@@ -423,15 +423,8 @@ async fn publish(
         (status = 429, description = "`rate_limited`"),
         (status = 507, description = "`storage_full`"),
     ))]
-async fn unpublish(
-    deps: Arc<PagesDeps>,
-    bearer: Option<String>,
-    slug: String,
-    page: String,
-    declared: Option<u64>,
-    body: BodyStream,
-) -> Result<Response, ApiError> {
-    write(deps, bearer, slug, page, Action::Unpublish, declared, body).await
+async fn unpublish(deps: Arc<PagesDeps>, bearer: Option<String>, w: PageWrite) -> Answer {
+    write(deps, bearer, w, Action::Unpublish).await
 }
 
 /// Make an earlier version live again (as a new version).
@@ -449,15 +442,16 @@ async fn unpublish(
         (status = 429, description = "`rate_limited`"),
         (status = 507, description = "`storage_full`"),
     ))]
-async fn rollback(
-    deps: Arc<PagesDeps>,
-    bearer: Option<String>,
+async fn rollback(deps: Arc<PagesDeps>, bearer: Option<String>, w: PageWrite) -> Answer {
+    write(deps, bearer, w, Action::Rollback).await
+}
+
+/// A write to one page, as its route extracted it.
+struct PageWrite {
     slug: String,
     page: String,
     declared: Option<u64>,
     body: BodyStream,
-) -> Result<Response, ApiError> {
-    write(deps, bearer, slug, page, Action::Rollback, declared, body).await
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -470,12 +464,15 @@ enum Action {
 async fn write(
     deps: Arc<PagesDeps>,
     bearer: Option<String>,
-    slug: String,
-    page: String,
+    w: PageWrite,
     action: Action,
-    declared: Option<u64>,
-    body: BodyStream,
 ) -> Result<Response, ApiError> {
+    let PageWrite {
+        slug,
+        page,
+        declared,
+        body,
+    } = w;
     let principal = deps.common.principal(bearer.as_deref())?;
     if principal == Principal::Anonymous {
         return Err(ApiError::unauthorized());

@@ -297,6 +297,26 @@ fn machine_json(deps: &InstancesDeps, m: &Machine) -> Result<Value, SbError> {
     }))
 }
 
+/// The errors of every route that names a machine: who may call it and how often.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum SbMachineErrors {
+    #[response(status = 401, description = "`unauthorized`")]
+    Unauthorized,
+    #[response(
+        status = 403,
+        description = "`missing-scope`, `rejected-by-machine-authorizer`"
+    )]
+    MissingScope,
+    #[response(
+        status = 404,
+        description = "`not-found`, or `not_found` (no such route)"
+    )]
+    NotFound,
+    #[response(status = 429, description = "`rate-limited`")]
+    RateLimited,
+}
+
 /// Machines visible to the caller.
 #[utoipa::path(get, path = "/machines", tag = "instances",
     security((), ("bearer" = [])),
@@ -323,10 +343,7 @@ fn list_machines(deps: Arc<InstancesDeps>, bearer: Option<String>) -> Result<Res
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The machine", body = SbMachine),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
-        (status = 429, description = "`rate-limited`"),
+        SbMachineErrors,
     ))]
 fn get_machine(
     deps: Arc<InstancesDeps>,
@@ -368,12 +385,9 @@ async fn json_object(
     responses(
         (status = 200, description = "Created", body = VersionCreated),
         (status = 400, description = "`invalid-parameters`, `invalid-definition`, or a routing error"),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
         (status = 413, description = "`payload-too-large`"),
-        (status = 429, description = "`rate-limited`"),
         (status = 507, description = "`storage-full`"),
+        SbMachineErrors,
     ))]
 async fn create_version(
     deps: Arc<InstancesDeps>,
@@ -454,10 +468,7 @@ async fn create_version(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Versions", body = VersionList),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
-        (status = 429, description = "`rate-limited`"),
+        SbMachineErrors,
     ))]
 fn list_versions(
     deps: Arc<InstancesDeps>,
@@ -489,13 +500,10 @@ fn list_versions(
     responses(
         (status = 200, description = "The new instance", body = InstanceView),
         (status = 400, description = "`invalid-parameters`, `invalid-definition`, `transition-failed`, or a routing error"),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
         (status = 409, description = "`invalid-state`"),
         (status = 413, description = "`payload-too-large`"),
-        (status = 429, description = "`rate-limited`"),
         (status = 507, description = "`storage-full`"),
+        SbMachineErrors,
     ))]
 async fn create_instance(
     deps: Arc<InstancesDeps>,
@@ -563,10 +571,7 @@ async fn create_instance(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Instances", body = InstanceList),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
-        (status = 429, description = "`rate-limited`"),
+        SbMachineErrors,
     ))]
 fn list_instances(
     deps: Arc<InstancesDeps>,
@@ -648,10 +653,7 @@ fn load(
     responses(
         (status = 200, description = "The instance", body = InstanceView),
         (status = 400, description = "`transition-failed` (authorizer error), or a routing error"),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
-        (status = 429, description = "`rate-limited`"),
+        SbMachineErrors,
     ))]
 fn get_instance(
     deps: Arc<InstancesDeps>,
@@ -700,13 +702,10 @@ pub fn parse_event(body: &Map<String, Value>) -> Result<Event, String> {
     responses(
         (status = 200, description = "The instance after the step", body = InstanceView),
         (status = 400, description = "`invalid-parameters`, `transition-failed`, or a routing error"),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
         (status = 409, description = "`invalid-state`"),
         (status = 413, description = "`payload-too-large`"),
-        (status = 429, description = "`rate-limited`"),
         (status = 507, description = "`storage-full`"),
+        SbMachineErrors,
     ))]
 async fn send_event(
     deps: Arc<InstancesDeps>,
@@ -753,10 +752,7 @@ async fn send_event(
     responses(
         (status = 200, description = "Transitions", body = TransitionList),
         (status = 400, description = "`invalid-parameters`, or a routing error"),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
-        (status = 429, description = "`rate-limited`"),
+        SbMachineErrors,
     ))]
 fn list_events(
     deps: Arc<InstancesDeps>,
@@ -816,10 +812,7 @@ fn list_events(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Full state", body = AdminView),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
-        (status = 429, description = "`rate-limited`"),
+        SbMachineErrors,
     ))]
 fn admin_view(
     deps: Arc<InstancesDeps>,
@@ -854,13 +847,10 @@ fn admin_view(
     responses(
         (status = 200, description = "The new status", body = StatusBody),
         (status = 400, description = "`invalid-parameters`, or a routing error"),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
         (status = 409, description = "`invalid-state`"),
         (status = 413, description = "`payload-too-large`"),
-        (status = 429, description = "`rate-limited`"),
         (status = 507, description = "`storage-full`"),
+        SbMachineErrors,
     ))]
 async fn put_status(
     deps: Arc<InstancesDeps>,
@@ -907,13 +897,10 @@ async fn put_status(
     responses(
         (status = 200, description = "The target", body = TargetVersionReply),
         (status = 400, description = "`invalid-parameters`, `no-migration-path`, or a routing error"),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
         (status = 409, description = "`invalid-state`"),
         (status = 413, description = "`payload-too-large`"),
-        (status = 429, description = "`rate-limited`"),
         (status = 507, description = "`storage-full`"),
+        SbMachineErrors,
     ))]
 async fn put_version(
     deps: Arc<InstancesDeps>,
@@ -955,12 +942,9 @@ async fn put_version(
     responses(
         (status = 200, description = "Deleted", body = Empty),
         (status = 400, description = "`invalid-parameters`, or a routing error"),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
         (status = 413, description = "`payload-too-large`"),
-        (status = 429, description = "`rate-limited`"),
         (status = 507, description = "`storage-full`"),
+        SbMachineErrors,
     ))]
 async fn delete_instance(
     deps: Arc<InstancesDeps>,
@@ -1056,10 +1040,7 @@ pub(super) fn current_view(
     responses(
         (status = 200, description = "An endless event stream", content_type = "text/event-stream", body = String),
         (status = 400, description = "`invalid-parameters`, or a routing error"),
-        (status = 401, description = "`unauthorized`"),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`"),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)"),
-        (status = 429, description = "`rate-limited`"),
+        SbMachineErrors,
     ))]
 fn live(
     deps: Arc<InstancesDeps>,

@@ -293,6 +293,7 @@ fn read(
         (status = 404, description = "`machine_not_found`, or `not_found` (no such route)"),
         (status = 429, description = "`rate_limited`"),
     ))]
+#[allow(clippy::result_large_err)]
 fn state(deps: &ChainDeps, slug: &str, head: &log::Head) -> Result<Response, ApiError> {
     let size = head.size;
     let row = deps
@@ -319,6 +320,7 @@ fn state(deps: &ChainDeps, slug: &str, head: &log::Head) -> Result<Response, Api
         (status = 404, description = "`machine_not_found`, or `not_found`"),
         (status = 429, description = "`rate_limited`"),
     ))]
+#[allow(clippy::result_large_err)]
 fn explore_sse(
     deps: &Arc<ChainDeps>,
     machine: &Machine,
@@ -344,6 +346,7 @@ fn explore_sse(
         (status = 404, description = "`machine_not_found`, or `not_found`"),
         (status = 429, description = "`rate_limited`"),
     ))]
+#[allow(clippy::result_large_err)]
 fn checkpoint(deps: &ChainDeps, slug: &str, size: u64) -> Result<Response, ApiError> {
     let (root, cosigned) = deps.common.store.view(|txn| {
         Ok((

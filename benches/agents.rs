@@ -163,7 +163,7 @@ async fn jitter() -> Result<(), Failure> {
     let mut config = Config::load(None, env)?;
     config.data.dir = dir.path().join("data");
     let (running, made) = smgate::server::start(config, None).await?;
-    let gw = running.api.clone();
+    let gw = running.parts.clone();
     let zid = made.ok_or("the data directory was not initialised")?.owner;
     let payer = zid.clone();
     gw.writer

@@ -86,7 +86,7 @@ async fn main() {
     let secs = start.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-    let stats = running.api.writer.stats();
+    let stats = running.parts.writer.stats();
     let commits = stats.commits.load(std::sync::atomic::Ordering::Relaxed);
     let requests = stats.requests.load(std::sync::atomic::Ordering::Relaxed);
     println!("durable statechart events over HTTPS ({clients} clients, keep-alive, {secs:.1} s):");

@@ -2,9 +2,8 @@
 //!
 //! mimalloc instead of glibc malloc. The MQTT writer thread allocates and frees constantly
 //! (redb page buffers, JSON, chart steps) while the tokio workers do too: glibc's arena locks
-//! then cost the writer about a quarter of its time (malloc, free, consolidation and futex
-//! wake-ups in `perf`), and mimalloc's per-thread heaps raised applied heartbeats/s by
-//! 15–20% (`cargo bench --bench mqtt`). It detects the page size at run time (ARM kernels
+//! then make the writer wait on the other threads, and mimalloc's per-thread heaps do not
+//! (figures: docs/performance.md, "The allocator"). It detects the page size at run time (ARM kernels
 //! with 16 KiB pages) and builds from one C file for every target.
 
 /// [`mimalloc::MiMalloc`] with one option changed before its first allocation: mimalloc

@@ -84,8 +84,8 @@ pub struct StoreConfig {
     pub write_window_mb: usize,
     /// Save redb's allocator state with each commit, so that boot after a power cut needs no
     /// full repair scan. Off by default: it rewrites the state of every region of the file
-    /// with every commit (about 1 MB at 3 GB), which multiplied the bytes written to flash
-    /// per heartbeat 7-9x at steady rates (firmware-config/smgate.toml).
+    /// with every commit, so the bytes written to flash per heartbeat grow with the file
+    /// (figures: docs/performance.md, and firmware-config/smgate.toml).
     pub quick_repair: bool,
     /// Most write requests folded into one transaction (one fsync).
     pub max_batch: usize,

@@ -2,11 +2,12 @@
 //! every part; only `main.rs` imports it.
 //!
 //! `start` opens the store, starts the writer, binds the listener, hands each background task
-//! the pieces it uses (the timer task, the agents' ticker, the upstream sync, MQTT) and the
-//! HTTP API its [`http::Deps`], and returns at once with a [`Running`] handle. `Running::shutdown`
+//! the pieces it uses (the timer task, the agents' ticker, the upstream sync, MQTT) and each
+//! HTTP API area its own part ([`http::Api`], built by `http_api`), and returns at once with a [`Running`] handle. `Running::shutdown`
 //! stops accepting, lets requests finish, commits the last batch, and only then returns.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,7 +26,7 @@ use crate::machines;
 use crate::metrics::Metrics;
 use crate::mqtt;
 use crate::store::{GroupCommit, Store, StoreError, StoreOptions};
-use crate::sync;
+use crate::sync::{self, client::SyncState};
 use crate::tls::{Acceptor, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,11 +46,36 @@ pub enum StartError {
     Mqtt(String),
 }
 
+/// What a running gateway is made of, built once by [`start`]; each background task and each
+/// API area gets the part of it that it uses.
+pub struct Parts {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub writer: GroupCommit,
+    pub identity: Arc<Identity>,
+    pub tls: Arc<Acceptor>,
+    pub metrics: Arc<Metrics>,
+    /// Upstream sync status: written by the sync task, read by the API.
+    pub sync: Arc<SyncState>,
+    pub machine_defaults: machines::Defaults,
+    pub started: Instant,
+    pub started_ms: i64,
+    /// Compiled statecharts by version id (the API, the timer task and MQTT).
+    pub charts: Arc<Charts>,
+    /// Timers fired by the timer task, for `/metrics`.
+    pub timers_fired: Arc<AtomicU64>,
+    /// Agent runs: config, the credential sealing key, ticker counters.
+    pub agents: Arc<Agents>,
+    /// MQTT counters, and the hook through which committed steps reach the state publisher.
+    pub mqtt: Arc<mqtt::Shared>,
+}
+
 /// A started gateway.
 pub struct Running {
     pub addr: SocketAddr,
-    /// What the HTTP handlers share (benchmarks and tests reach the writer through it).
-    pub api: Arc<http::Deps>,
+    /// The pieces every task and API area was given a part of (benchmarks and tests reach
+    /// the writer through it).
+    pub parts: Arc<Parts>,
     shutdown: watch::Sender<bool>,
     http: JoinHandle<()>,
     timers: JoinHandle<()>,
@@ -68,7 +94,7 @@ impl Running {
         if let Some(m) = self.mqtt {
             m.stopped().await;
         }
-        self.api.writer.shutdown().await;
+        self.parts.writer.shutdown().await;
     }
 
     /// Address of the MQTT server, when it runs.
@@ -83,8 +109,8 @@ impl Running {
 
     /// Re-reads the certificate and key (SIGHUP).
     pub fn reload_tls(&self) -> Result<(), TlsError> {
-        let c = &self.api.config;
-        self.api.tls.reload(&c.cert_path(), &c.key_path())
+        let c = &self.parts.config;
+        self.parts.tls.reload(&c.cert_path(), &c.key_path())
     }
 }
 
@@ -119,10 +145,7 @@ pub async fn start(
         config.agents.clone(),
         &gateway::identity_secret(&paths)?,
     ));
-    let api = Arc::new(http::Deps {
-        spinup_limit: RateLimiter::per_minute(config.limits.spinup_per_minute_per_ip),
-        write_limit: RateLimiter::per_minute(config.limits.writes_per_minute_per_machine),
-        read_limit: RateLimiter::per_minute(config.limits.reads_per_minute_per_machine),
+    let parts = Arc::new(Parts {
         machine_defaults: machines::Defaults {
             region: config.gateway.region.clone(),
             parent_origin: config.parent_origin(),
@@ -132,33 +155,33 @@ pub async fn start(
         writer,
         identity,
         tls,
-        metrics: Metrics::default(),
+        metrics: Default::default(),
         sync: Default::default(),
         started,
         started_ms: clock::now_ms(),
-        charts: Arc::<Charts>::default(),
+        charts: Default::default(),
         timers_fired: Default::default(),
         mqtt: Default::default(),
         config,
     });
     let (tx, rx) = watch::channel(false);
     // Not awaited on shutdown: an unsaved ack only means that batch is sent again.
-    tokio::spawn(sync::client::run(sync_deps(&api), rx.clone()));
-    let http = tokio::spawn(http::serve(listener, api.clone(), rx.clone()));
-    let timers = tokio::spawn(instances::timers::run(timer_deps(&api), rx.clone()));
+    tokio::spawn(sync::client::run(sync_deps(&parts), rx.clone()));
+    let http = tokio::spawn(http::serve(listener, http_api(&parts), rx.clone()));
+    let timers = tokio::spawn(instances::timers::run(timer_deps(&parts), rx.clone()));
     let ticker = agents::ticker::Deps {
-        store: api.store.clone(),
-        writer: api.writer.clone(),
-        agents: api.agents.clone(),
+        store: parts.store.clone(),
+        writer: parts.writer.clone(),
+        agents: parts.agents.clone(),
     };
     let agents = tokio::spawn(agents::ticker::run(ticker, rx.clone()));
-    let mqtt = mqtt::start(mqtt_deps(&api), rx)
+    let mqtt = mqtt::start(mqtt_deps(&parts), rx)
         .await
         .map_err(StartError::Mqtt)?;
     Ok((
         Running {
             addr,
-            api,
+            parts,
             shutdown: tx,
             http,
             timers,
@@ -170,35 +193,113 @@ pub async fn start(
 }
 
 /// The timer task's pieces: its commits reach the MQTT state publisher.
-fn timer_deps(api: &http::Deps) -> instances::timers::Deps {
-    let mqtt = api.mqtt.clone();
+fn timer_deps(p: &Parts) -> instances::timers::Deps {
+    let mqtt = p.mqtt.clone();
     instances::timers::Deps {
-        store: api.store.clone(),
-        writer: api.writer.clone(),
-        charts: api.charts.clone(),
-        fired: api.timers_fired.clone(),
+        store: p.store.clone(),
+        writer: p.writer.clone(),
+        charts: p.charts.clone(),
+        fired: p.timers_fired.clone(),
         on_commit: Box::new(move |sent| mqtt.committed_all(sent)),
     }
 }
 
-fn sync_deps(api: &http::Deps) -> sync::client::Deps {
+fn sync_deps(p: &Parts) -> sync::client::Deps {
     sync::client::Deps {
-        config: api.config.upstream.clone(),
-        store: api.store.clone(),
-        writer: api.writer.clone(),
-        identity: api.identity.clone(),
-        state: api.sync.clone(),
+        config: p.config.upstream.clone(),
+        store: p.store.clone(),
+        writer: p.writer.clone(),
+        identity: p.identity.clone(),
+        state: p.sync.clone(),
     }
 }
 
-fn mqtt_deps(api: &http::Deps) -> mqtt::server::Deps {
+fn mqtt_deps(p: &Parts) -> mqtt::server::Deps {
     mqtt::server::Deps {
-        cfg: api.config.mqtt.clone(),
-        store: api.store.clone(),
-        writer: api.writer.clone(),
-        charts: api.charts.clone(),
-        shared: api.mqtt.clone(),
-        gateway_id: api.identity.id.clone(),
-        tls: api.tls.clone(),
+        cfg: p.config.mqtt.clone(),
+        store: p.store.clone(),
+        writer: p.writer.clone(),
+        charts: p.charts.clone(),
+        shared: p.mqtt.clone(),
+        gateway_id: p.identity.id.clone(),
+        tls: p.tls.clone(),
+    }
+}
+
+/// The HTTP API's areas, each with what it uses. The per-machine limits are one pair shared
+/// by every area, so a machine has one read and one write budget.
+fn http_api(p: &Parts) -> http::Api {
+    let limits = p.config.limits.clone();
+    let common = Arc::new(http::Common {
+        store: p.store.clone(),
+        metrics: p.metrics.clone(),
+    });
+    let machine_limits = Arc::new(http::MachineLimits {
+        write: RateLimiter::per_minute(limits.writes_per_minute_per_machine),
+        read: RateLimiter::per_minute(limits.reads_per_minute_per_machine),
+    });
+    let max_json_bytes = p.config.http.max_json_bytes;
+    http::Api {
+        http: p.config.http.clone(),
+        tls: p.tls.clone(),
+        machines: Arc::new(http::MachinesDeps {
+            common: common.clone(),
+            writer: p.writer.clone(),
+            max_json_bytes,
+            spinup_limit: RateLimiter::per_minute(limits.spinup_per_minute_per_ip),
+            defaults: p.machine_defaults.clone(),
+            mqtt: p.mqtt.clone(),
+        }),
+        chain: Arc::new(http::ChainDeps {
+            common: common.clone(),
+            writer: p.writer.clone(),
+            max_json_bytes,
+            limits: machine_limits.clone(),
+            identity: p.identity.clone(),
+        }),
+        pages: Arc::new(http::PagesDeps {
+            common: common.clone(),
+            writer: p.writer.clone(),
+            max_json_bytes,
+            limits: machine_limits.clone(),
+            charts: p.charts.clone(),
+        }),
+        instances: Arc::new(http::InstancesDeps {
+            common: common.clone(),
+            writer: p.writer.clone(),
+            limits: machine_limits,
+            charts: p.charts.clone(),
+            mqtt: p.mqtt.clone(),
+        }),
+        agents: Arc::new(http::AgentsDeps {
+            common: common.clone(),
+            writer: p.writer.clone(),
+            max_json_bytes,
+            defaults: p.machine_defaults.clone(),
+            agents: p.agents.clone(),
+        }),
+        sync: Arc::new(http::SyncDeps {
+            common: common.clone(),
+            upstream: p.config.upstream.clone(),
+            identity: p.identity.clone(),
+            state: p.sync.clone(),
+        }),
+        ops: Arc::new(http::OpsDeps {
+            common: common.clone(),
+            identity: p.identity.clone(),
+            region: p.config.gateway.region.clone(),
+            started: p.started,
+            started_ms: p.started_ms,
+            writer: p.writer.clone(),
+            timers_fired: p.timers_fired.clone(),
+            agents: p.agents.clone(),
+            mqtt: p.mqtt.clone(),
+            sync: p.sync.clone(),
+        }),
+        console: Arc::new(http::ConsoleDeps {
+            common: common.clone(),
+            writer: p.writer.clone(),
+        }),
+        common,
     }
 }

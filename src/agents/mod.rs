@@ -42,7 +42,7 @@ use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::auth::{Access, Account, Principal, Zid};
+use crate::auth::{Access, Account, Principal, Slug, Zid};
 use crate::clock;
 use crate::ledger::log::{self as ledger_log, Entry};
 use crate::machines::{self, Machine, MachineError, NewMachine};
@@ -199,7 +199,7 @@ impl RunStatus {
 pub struct Run {
     pub id: String,
     pub agent_zid: String,
-    pub slug: String,
+    pub slug: Slug,
     pub payer: Zid,
     pub problem: String,
     pub population: u8,
@@ -275,7 +275,7 @@ pub struct SpawnRequest {
     pub precision: f64,
     pub credential_id: Option<String>,
     pub parent_master_id: Option<String>,
-    pub slug: Option<String>,
+    pub slug: Option<Slug>,
 }
 
 fn int_in(
@@ -342,8 +342,11 @@ impl SpawnRequest {
         let parent_master_id = optional_uuid(body, "parent_master_id", "invalid_parent_master_id")?;
         let slug = match body.get("slug") {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) if machines::valid_slug(s) => Some(s.clone()),
-            Some(_) => return Err(invalid("invalid_slug", "slug must match [a-z0-9-]{1,64}")),
+            Some(v) => Some(
+                v.as_str()
+                    .and_then(Slug::parse)
+                    .ok_or_else(|| invalid("invalid_slug", "slug must match [a-z0-9-]{1,64}"))?,
+            ),
         };
         Ok(SpawnRequest {
             problem,
@@ -425,9 +428,9 @@ fn account_in(txn: &WriteTransaction, zid: &Zid) -> Result<Option<Account>, Stor
     v.map(|v| store::decode(v.value())).transpose()
 }
 
-fn machine_in(txn: &WriteTransaction, slug: &str) -> Result<Option<Machine>, StoreError> {
+fn machine_in(txn: &WriteTransaction, slug: &Slug) -> Result<Option<Machine>, StoreError> {
     let t = txn.open_table(store::MACHINES)?;
-    let v = t.get(slug)?;
+    let v = t.get(slug.as_str())?;
     v.map(|v| store::decode(v.value())).transpose()
 }
 
@@ -489,8 +492,8 @@ fn charge(
 fn spawn_target(
     txn: &WriteTransaction,
     principal: &Principal,
-    slug: Option<&str>,
-) -> Result<(String, Zid, bool), AgentError> {
+    slug: Option<&Slug>,
+) -> Result<(Slug, Zid, bool), AgentError> {
     let member = |m: &Machine| -> Result<(), AgentError> {
         if m.access(principal) >= Access::Admin {
             Ok(())
@@ -510,7 +513,7 @@ fn spawn_target(
                 Ok((m.slug, zid.clone(), false))
             }
             None => {
-                let own = zid.as_str().to_ascii_lowercase();
+                let own = Slug::derived(zid, 1);
                 match machine_in(txn, &own)? {
                     Some(m) if m.owner_zid == *zid => Ok((own, zid.clone(), false)),
                     Some(_) => Err(AgentError::NotChainMember(format!(
@@ -593,7 +596,7 @@ pub fn spawn(
     req: SpawnRequest,
     ctx: SpawnContext<'_>,
 ) -> Result<Spawned, AgentError> {
-    let (slug, payer, create_machine) = spawn_target(txn, ctx.principal, req.slug.as_deref())?;
+    let (slug, payer, create_machine) = spawn_target(txn, ctx.principal, req.slug.as_ref())?;
     if let Some(c) = &req.credential_id {
         let cred = byok::credential_in(txn, c)?;
         if cred.is_none_or(|c| c.owner != payer) {
@@ -888,7 +891,7 @@ pub mod read {
         runs_of(txn, ids(txn, BY_ACCOUNT, zid)?)
     }
 
-    pub fn by_machine(txn: &ReadTransaction, slug: &str) -> Result<Vec<Run>, StoreError> {
+    pub fn by_machine(txn: &ReadTransaction, slug: &Slug) -> Result<Vec<Run>, StoreError> {
         runs_of(txn, ids(txn, BY_MACHINE, slug)?)
     }
 

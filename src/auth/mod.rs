@@ -59,6 +59,63 @@ impl std::fmt::Display for Zid {
     }
 }
 
+/// A machine's slug: `[a-z0-9-]{1,64}`, one URL path segment and one MQTT topic level that
+/// need no escaping. Parsed once where a slug enters (an HTTP path or body, an MQTT topic, a
+/// command-line argument) and trusted inside. It lives here, beside [`Zid`], because machine
+/// keys and principals name their machine, and `auth` sits below `machines`.
+///
+/// Serialized as the plain string (JSON, and postcard in stored rows), as it was before it
+/// had a type, so rows written then still decode.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Slug(String);
+
+impl Slug {
+    pub fn parse(s: &str) -> Option<Slug> {
+        let valid = (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        valid.then(|| Slug(s.to_owned()))
+    }
+
+    /// The slug a machine gets when its creator names none: the owner's lowercased ZID, then
+    /// `-2`, `-3`, … (`n` ≥ 2) while taken. Valid by construction (`zeq` and 11 digits).
+    pub fn derived(owner: &Zid, n: u64) -> Slug {
+        let base = owner.as_str().to_ascii_lowercase();
+        Slug(if n < 2 { base } else { format!("{base}-{n}") })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A slug is read as text wherever the store, the log or a topic wants a `&str`.
+impl std::ops::Deref for Slug {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<Slug> for String {
+    fn from(slug: Slug) -> String {
+        slug.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Slug {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Slug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A machine key's role. Machine owners (through their account keys) rank above `Admin`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Role {
@@ -108,7 +165,7 @@ pub struct Account {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KeySubject {
     Account { zid: Zid },
-    Machine { slug: String, role: Role },
+    Machine { slug: Slug, role: Role },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -139,7 +196,7 @@ pub enum Principal {
         key_id: String,
     },
     MachineKey {
-        slug: String,
+        slug: Slug,
         role: Role,
         key_id: String,
     },
@@ -410,6 +467,42 @@ mod tests {
         assert!(Zid::parse("ZEQ0749182937a").is_none());
         let z = Zid::random();
         assert!(Zid::parse(z.as_str()).is_some());
+    }
+
+    #[test]
+    fn slugs_parse_strictly() {
+        assert!(Slug::parse("my-iot-fleet").is_some());
+        assert!(Slug::parse(&"a".repeat(64)).is_some());
+        assert!(Slug::parse(&"a".repeat(65)).is_none());
+        assert!(Slug::parse("").is_none());
+        assert!(Slug::parse("My-Fleet").is_none());
+        assert!(Slug::parse("fleet_1").is_none());
+    }
+
+    /// Stored rows and JSON carried the slug as a plain `String` before it had a type: a key
+    /// record written then decodes now, and both forms encode to the same bytes.
+    #[test]
+    fn slugs_keep_the_plain_string_wire_and_storage_format() {
+        #[derive(Serialize, Deserialize)]
+        #[allow(dead_code)] // `Account` keeps `Machine` at its variant index
+        enum OldSubject {
+            Account { zid: Zid },
+            Machine { slug: String, role: Role },
+        }
+        let old = OldSubject::Machine {
+            slug: "fleet-1".into(),
+            role: Role::Operator,
+        };
+        let new = KeySubject::Machine {
+            slug: Slug::parse("fleet-1").unwrap(),
+            role: Role::Operator,
+        };
+        let stored = store::encode(&old);
+        assert_eq!(stored, store::encode(&new));
+        assert_eq!(store::decode::<KeySubject>(&stored).unwrap(), new);
+        let slug = Slug::parse("fleet-1").unwrap();
+        assert_eq!(serde_json::to_string(&slug).unwrap(), "\"fleet-1\"");
+        assert_eq!(serde_json::from_str::<Slug>("\"fleet-1\"").unwrap(), slug);
     }
 
     #[test]

@@ -25,10 +25,10 @@ pub fn subject(
                 })?,
                 None => Role::Viewer,
             };
-            Ok(Some(KeySubject::Machine {
-                slug: slug.to_owned(),
-                role,
-            }))
+            // Not a slug: no machine has it (the answer `key mint` gives an unknown machine).
+            let slug = auth::Slug::parse(slug)
+                .ok_or_else(|| CliError::Missing("no such account or machine".into()))?;
+            Ok(Some(KeySubject::Machine { slug, role }))
         }
         _ => Ok(None),
     }

@@ -60,7 +60,7 @@ pub fn verify(config: &Config, only: Option<&str>) -> Result<(), CliError> {
     let machines = store.view(crate::machines::all)?;
     let selected: Vec<_> = machines
         .iter()
-        .filter(|m| only.is_none_or(|s| s == m.slug))
+        .filter(|m| only.is_none_or(|s| s == m.slug.as_str()))
         .collect();
     if let Some(s) = only.filter(|_| selected.is_empty()) {
         return Err(CliError::Missing(format!("no machine `{s}`")));
@@ -85,7 +85,7 @@ pub fn verify(config: &Config, only: Option<&str>) -> Result<(), CliError> {
         }
         if let Some((seq, why)) = report.broken {
             return Err(CliError::Broken {
-                machine: m.slug.clone(),
+                machine: m.slug.to_string(),
                 seq,
                 why,
             });
@@ -150,6 +150,8 @@ pub async fn site_deploy(config: &Config, args: SiteDeploy) -> Result<(), CliErr
 #[cfg(feature = "bench-tools")]
 pub async fn fill_log(config: &Config, slug: String, rows: u64) -> Result<(), CliError> {
     use crate::ledger::log::{Entry, LogWriter};
+    let slug = auth::Slug::parse(&slug)
+        .ok_or_else(|| CliError::Missing(format!("no machine `{slug}`")))?;
     let writer = GroupCommit::start(offline_store(config)?);
     let mut done = 0u64;
     while done < rows {
@@ -158,7 +160,7 @@ pub async fn fill_log(config: &Config, slug: String, rows: u64) -> Result<(), Cl
         let appended = writer
             .write(move |txn| -> Result<(), CliError> {
                 let mut log = LogWriter::open(txn)?;
-                if !crate::machines::valid_slug(&s) || log.head(&s)?.is_none() {
+                if log.head(&s)?.is_none() {
                     return Err(CliError::Missing(format!("no machine `{s}`")));
                 }
                 let now = clock::now_ms();

@@ -20,10 +20,10 @@ pub async fn serve(config: Config) -> Result<(), CliError> {
     if let Some(addr) = running.mqtt_tls() {
         println!("smgate: mqtts broker on {addr}");
     }
-    tracing::info!(addr = %running.addr, gateway = %running.api.identity.id, "listening");
+    tracing::info!(addr = %running.addr, gateway = %running.parts.identity.id, "listening");
     systemd::notify("READY=1");
     if let Some(every) = systemd::watchdog_interval() {
-        let store = running.api.store.clone();
+        let store = running.parts.store.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {

@@ -11,32 +11,26 @@ use warp::Filter;
 
 use super::openapi::schema::{
     AgentList, AgentStatus, CredentialCreated, CredentialRequest, Killed, Lineage, Mesh,
-    SpawnRequest as SpawnBody, Spawned, Tally, Ticked, ZeqError,
+    SpawnRequest as SpawnBody, Spawned, Tally, Ticked,
 };
-use super::Deps;
+use super::AgentsDeps;
 use super::{
-    bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
+    bearer, body, json_response, parse_json, read_body, respond, with_gateway, Answer, ApiError,
+    BodyStream,
 };
 use crate::agents::{self, byok, read, AgentError, Enrichment, Run, SpawnContext, SpawnRequest};
-use crate::auth::{Access, Principal, Zid};
+use crate::auth::{Access, Principal, Slug, Zid};
 use crate::clock;
 use crate::machines;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(
-    spawn,
-    doc_tick,
-    doc_tick_by_id,
-    doc_kill,
-    doc_kill_by_id,
-    list,
-    doc_status,
-    doc_lineage,
-    doc_mesh,
-    tally,
-    credential
-))]
+#[openapi(
+    paths(
+        spawn, tick, tick_by_id, kill, kill_by_id, list, status, lineage, mesh, tally, credential
+    ),
+    components(schemas(Ticked, Killed))
+)]
 pub(super) struct Api;
 
 impl From<AgentError> for ApiError {
@@ -87,7 +81,7 @@ impl From<AgentError> for ApiError {
 }
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<AgentsDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let g = move || with_gateway(deps.clone());
     let spawn = warp::path!("api" / "zeq" / "agent" / "spawn")
@@ -99,19 +93,25 @@ pub fn routes(
             |deps, bearer, len, body| async move { respond(spawn(deps, bearer, len, body).await) },
         );
     let tick = warp::path!("api" / "zeq" / "agent" / "tick" / String)
-        .or(warp::path!("api" / "zeq" / "agent" / String / "tick"))
-        .unify()
         .and(warp::post())
         .and(g())
         .and(bearer())
         .then(|id, deps, bearer| async move { respond(tick(deps, bearer, id).await) });
+    let tick_by_id = warp::path!("api" / "zeq" / "agent" / String / "tick")
+        .and(warp::post())
+        .and(g())
+        .and(bearer())
+        .then(|id, deps, bearer| async move { respond(tick_by_id(deps, bearer, id).await) });
     let kill = warp::path!("api" / "zeq" / "agent" / "kill" / String)
-        .or(warp::path!("api" / "zeq" / "agent" / String / "kill"))
-        .unify()
         .and(warp::post())
         .and(g())
         .and(bearer())
         .then(|id, deps, bearer| async move { respond(kill(deps, bearer, id).await) });
+    let kill_by_id = warp::path!("api" / "zeq" / "agent" / String / "kill")
+        .and(warp::post())
+        .and(g())
+        .and(bearer())
+        .then(|id, deps, bearer| async move { respond(kill_by_id(deps, bearer, id).await) });
     let list = warp::path!("api" / "zeq" / "agent" / "list")
         .and(warp::get())
         .and(g())
@@ -122,11 +122,14 @@ pub fn routes(
         .and(g())
         .and(bearer())
         .and_then(
-            |what: String, id: String, deps: Arc<Deps>, bearer: Option<String>| async move {
-                if !matches!(what.as_str(), "status" | "lineage" | "mesh") {
-                    return Err(warp::reject::not_found());
-                }
-                Ok::<_, warp::Rejection>(respond(view(deps, bearer, &what, id)))
+            |what: String, id: String, deps: Arc<AgentsDeps>, bearer: Option<String>| async move {
+                let answer = match what.as_str() {
+                    "status" => status(deps, bearer, id),
+                    "lineage" => lineage(deps, bearer, id),
+                    "mesh" => mesh(deps, bearer, id),
+                    _ => return Err(warp::reject::not_found()),
+                };
+                Ok::<_, warp::Rejection>(respond(answer))
             },
         );
     let tally = warp::path!("api" / "tally" / "account" / String)
@@ -145,7 +148,11 @@ pub fn routes(
     spawn
         .or(tick)
         .unify()
+        .or(tick_by_id)
+        .unify()
         .or(kill)
+        .unify()
+        .or(kill_by_id)
         .unify()
         .or(list)
         .unify()
@@ -157,110 +164,9 @@ pub fn routes(
         .unify()
 }
 
-// Path-only declarations of the routes above that share a handler (two paths each for tick
-// and kill; `view` serves status, lineage and mesh).
-
-/// Run one generation now (run owner or machine admin).
-#[utoipa::path(post, path = "/api/zeq/agent/tick/{id}", tag = "agents",
-    params(("id" = String, Path, description = "Agent run id")),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "The tick", body = Ticked),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)", body = ZeqError),
-        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_tick() {}
-
-/// Same as `/api/zeq/agent/tick/{id}`.
-#[utoipa::path(post, path = "/api/zeq/agent/{id}/tick", tag = "agents",
-    params(("id" = String, Path, description = "Agent run id")),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "The tick", body = Ticked),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)", body = ZeqError),
-        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_tick_by_id() {}
-
-/// Stop a run (run owner or machine admin).
-#[utoipa::path(post, path = "/api/zeq/agent/kill/{id}", tag = "agents",
-    params(("id" = String, Path, description = "Agent run id")),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Killed", body = Killed),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_kill() {}
-
-/// Same as `/api/zeq/agent/kill/{id}`.
-#[utoipa::path(post, path = "/api/zeq/agent/{id}/kill", tag = "agents",
-    params(("id" = String, Path, description = "Agent run id")),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Killed", body = Killed),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_kill_by_id() {}
-
-/// A run: status, best genotype, fitness, charges.
-#[utoipa::path(get, path = "/api/zeq/agent/status/{id}", tag = "agents",
-    params(("id" = String, Path, description = "Agent run id")),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "The run", body = AgentStatus),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_status() {}
-
-/// A run's generations.
-#[utoipa::path(get, path = "/api/zeq/agent/lineage/{id}", tag = "agents",
-    params(("id" = String, Path, description = "Agent run id")),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Generations", body = Lineage),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_lineage() {}
-
-/// A master run and the children the caller may see.
-#[utoipa::path(get, path = "/api/zeq/agent/mesh/{id}", tag = "agents",
-    params(("id" = String, Path, description = "Agent run id")),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "The mesh", body = Mesh),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_mesh() {}
-
 #[allow(clippy::result_large_err)]
-fn caller(deps: &Deps, bearer: Option<&str>) -> Result<Principal, ApiError> {
-    match deps.principal(bearer)? {
+fn caller(deps: &AgentsDeps, bearer: Option<&str>) -> Result<Principal, ApiError> {
+    match deps.common.principal(bearer)? {
         Principal::Anonymous => Err(ApiError::unauthorized()),
         p => Ok(p),
     }
@@ -268,7 +174,7 @@ fn caller(deps: &Deps, bearer: Option<&str>) -> Result<Principal, ApiError> {
 
 /// Asks the run's model when it has a credential that the payer owns; otherwise nothing.
 async fn enrichment(
-    deps: &Deps,
+    deps: &AgentsDeps,
     credential_id: Option<&str>,
     payer: Option<&Zid>,
     problem: &str,
@@ -277,7 +183,7 @@ async fn enrichment(
     let Some(id) = credential_id else {
         return Ok(Enrichment::default());
     };
-    let cred = deps.store.view(|txn| byok::credential(txn, id))?;
+    let cred = deps.common.store.view(|txn| byok::credential(txn, id))?;
     match cred {
         Some(c) if Some(&c.owner) == payer => {
             Ok(deps.agents.enrich(Some(&c), problem, best.as_deref()).await)
@@ -293,29 +199,30 @@ async fn enrichment(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Spawned", body = Spawned),
-        (status = 400, description = "`invalid_body`, `invalid_problem`, `invalid_population`, …", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)", body = ZeqError),
-        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
-        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_problem`, `invalid_population`, …"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 402, description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)"),
+        (status = 403, description = "`forbidden`, `not_chain_member`"),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
+        (status = 409, description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn spawn(
-    deps: Arc<Deps>,
+    deps: Arc<AgentsDeps>,
     bearer: Option<String>,
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
     let principal = caller(&deps, bearer.as_deref())?;
-    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
+    let bytes = read_body(declared, body, deps.max_json_bytes).await?;
     let request = SpawnRequest::from_json(&parse_json(&bytes)?)?;
     let payer = match &principal {
         Principal::Account { zid, .. } => Some(zid.clone()),
         Principal::MachineKey { slug, .. } => {
             let target = request.slug.clone().unwrap_or_else(|| slug.clone());
-            deps.store
+            deps.common
+                .store
                 .view(|txn| machines::get(txn, &target))?
                 .map(|m| m.owner_zid)
         }
@@ -330,8 +237,8 @@ async fn spawn(
     )
     .await?;
     let agent_id = uuid::Uuid::new_v4().to_string();
-    let max_live = deps.config.agents.max_live_per_account;
-    let defaults = deps.machine_defaults.clone();
+    let max_live = deps.agents.config.max_live_per_account;
+    let defaults = deps.defaults.clone();
     let spawned = deps
         .writer
         .write(move |txn| {
@@ -364,8 +271,12 @@ async fn spawn(
 
 /// The run and the caller's access to it; runs the caller cannot see are 404.
 #[allow(clippy::result_large_err)]
-fn visible_run(deps: &Deps, principal: &Principal, id: &str) -> Result<(Run, Access), ApiError> {
-    let found = deps.store.view(|txn| {
+fn visible_run(
+    deps: &AgentsDeps,
+    principal: &Principal,
+    id: &str,
+) -> Result<(Run, Access), ApiError> {
+    let found = deps.common.store.view(|txn| {
         let Some(run) = read::run(txn, id)? else {
             return Ok(None);
         };
@@ -392,7 +303,51 @@ fn admin(access: Access, what: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn tick(deps: Arc<Deps>, bearer: Option<String>, id: String) -> Result<Response, ApiError> {
+/// What a tick answers besides [`RunErrors`] (one declaration for its two paths).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum TickAnswers {
+    #[response(status = 200, description = "The tick")]
+    Ticked(Ticked),
+    #[response(
+        status = 402,
+        description = "`INSUFFICIENT_BALANCE` (with `balance`, `required`)"
+    )]
+    InsufficientBalance,
+}
+
+/// The errors of a write to a run (tick, kill, on either of their paths).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum RunErrors {
+    #[response(status = 401, description = "`unauthorized`")]
+    Unauthorized,
+    #[response(status = 403, description = "`forbidden`, `not_chain_member`")]
+    Forbidden,
+    #[response(
+        status = 404,
+        description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"
+    )]
+    NotFound,
+    #[response(
+        status = 409,
+        description = "`quota_exceeded`, `agent_done`, `agent_already_dead`, `tick_too_soon`, `slug_taken`"
+    )]
+    Conflict,
+    #[response(status = 507, description = "`storage_full`")]
+    StorageFull,
+}
+
+/// Run one generation now (run owner or machine admin).
+#[utoipa::path(post, path = "/api/zeq/agent/tick/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(TickAnswers, RunErrors))]
+async fn tick(
+    deps: Arc<AgentsDeps>,
+    bearer: Option<String>,
+    id: String,
+) -> Result<Response, ApiError> {
     let principal = caller(&deps, bearer.as_deref())?;
     let (run, access) = visible_run(&deps, &principal, &id)?;
     admin(access, "ticking")?;
@@ -446,7 +401,25 @@ async fn tick(deps: Arc<Deps>, bearer: Option<String>, id: String) -> Result<Res
     Ok(json_response(StatusCode::OK, &body))
 }
 
-async fn kill(deps: Arc<Deps>, bearer: Option<String>, id: String) -> Result<Response, ApiError> {
+/// Same as `/api/zeq/agent/tick/{id}`.
+#[utoipa::path(post, path = "/api/zeq/agent/{id}/tick", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(TickAnswers, RunErrors))]
+async fn tick_by_id(deps: Arc<AgentsDeps>, bearer: Option<String>, id: String) -> Answer {
+    tick(deps, bearer, id).await
+}
+
+/// Stop a run (run owner or machine admin).
+#[utoipa::path(post, path = "/api/zeq/agent/kill/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Killed", body = Killed), RunErrors))]
+async fn kill(
+    deps: Arc<AgentsDeps>,
+    bearer: Option<String>,
+    id: String,
+) -> Result<Response, ApiError> {
     let principal = caller(&deps, bearer.as_deref())?;
     let (_, access) = visible_run(&deps, &principal, &id)?;
     admin(access, "killing")?;
@@ -462,20 +435,32 @@ async fn kill(deps: Arc<Deps>, bearer: Option<String>, id: String) -> Result<Res
     ))
 }
 
+/// Same as `/api/zeq/agent/kill/{id}`.
+#[utoipa::path(post, path = "/api/zeq/agent/{id}/kill", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Killed", body = Killed), RunErrors))]
+async fn kill_by_id(deps: Arc<AgentsDeps>, bearer: Option<String>, id: String) -> Answer {
+    kill(deps, bearer, id).await
+}
+
 /// The caller's runs (account: its own; machine key: its machine's).
 #[utoipa::path(get, path = "/api/zeq/agent/list", tag = "agents",
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Runs", body = AgentList),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 401, description = "`unauthorized`"),
     ))]
-fn list(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, ApiError> {
+fn list(deps: Arc<AgentsDeps>, bearer: Option<String>) -> Result<Response, ApiError> {
     let principal = caller(&deps, bearer.as_deref())?;
     let runs = match &principal {
-        Principal::Account { zid, .. } => {
-            deps.store.view(|txn| read::by_account(txn, zid.as_str()))?
+        Principal::Account { zid, .. } => deps
+            .common
+            .store
+            .view(|txn| read::by_account(txn, zid.as_str()))?,
+        Principal::MachineKey { slug, .. } => {
+            deps.common.store.view(|txn| read::by_machine(txn, slug))?
         }
-        Principal::MachineKey { slug, .. } => deps.store.view(|txn| read::by_machine(txn, slug))?,
         Principal::Anonymous => Vec::new(),
     };
     let live = runs.iter().filter(|r| r.is_live()).count();
@@ -486,43 +471,88 @@ fn list(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, ApiError> {
     ))
 }
 
-fn view(
-    deps: Arc<Deps>,
+/// The run `id`, if the caller may see it.
+#[allow(clippy::result_large_err)]
+fn seen_run(
+    deps: &AgentsDeps,
     bearer: Option<String>,
-    what: &str,
+    id: &str,
+) -> Result<(Run, Principal), ApiError> {
+    let principal = caller(deps, bearer.as_deref())?;
+    let (run, _) = visible_run(deps, &principal, id)?;
+    Ok((run, principal))
+}
+
+/// A run: status, best genotype, fitness, charges.
+#[utoipa::path(get, path = "/api/zeq/agent/status/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The run", body = AgentStatus),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
+    ))]
+#[allow(clippy::result_large_err)]
+fn status(deps: Arc<AgentsDeps>, bearer: Option<String>, id: String) -> Result<Response, ApiError> {
+    let (run, _) = seen_run(&deps, bearer, &id)?;
+    let mut v = run.to_json();
+    if let Value::Object(o) = &mut v {
+        o.insert("ok".into(), json!(true));
+    }
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+/// A run's generations.
+#[utoipa::path(get, path = "/api/zeq/agent/lineage/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Generations", body = Lineage),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
+    ))]
+#[allow(clippy::result_large_err)]
+fn lineage(
+    deps: Arc<AgentsDeps>,
+    bearer: Option<String>,
     id: String,
 ) -> Result<Response, ApiError> {
-    let principal = caller(&deps, bearer.as_deref())?;
-    let (run, _) = visible_run(&deps, &principal, &id)?;
-    let body = match what {
-        "status" => {
-            let mut v = run.to_json();
-            if let Value::Object(o) = &mut v {
-                o.insert("ok".into(), json!(true));
+    let (run, _) = seen_run(&deps, bearer, &id)?;
+    let problem = agents::problem::Problem::parse(&run.problem);
+    let generations = deps.common.store.view(|txn| read::lineage(txn, &run.id))?;
+    let lineage: Vec<Value> = generations.iter().map(|g| g.to_json(&problem)).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "agent_id": run.id, "problem": run.problem, "status": run.status.as_str(), "lineage": lineage}),
+    ))
+}
+
+/// A master run and the children the caller may see.
+#[utoipa::path(get, path = "/api/zeq/agent/mesh/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The mesh", body = Mesh),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`agent_not_found`, `credential_not_found`, `machine_not_found`, or `not_found`"),
+    ))]
+#[allow(clippy::result_large_err)]
+fn mesh(deps: Arc<AgentsDeps>, bearer: Option<String>, id: String) -> Result<Response, ApiError> {
+    let (run, principal) = seen_run(&deps, bearer, &id)?;
+    let children = deps.common.store.view(|txn| {
+        let mut out = Vec::new();
+        for child in read::mesh(txn, &run.id)? {
+            let machine = machines::get(txn, &child.slug)?;
+            if agents::run_access(machine.as_ref(), &child, &principal) >= Access::Viewer {
+                out.push(child.to_json());
             }
-            v
         }
-        "lineage" => {
-            let problem = agents::problem::Problem::parse(&run.problem);
-            let generations = deps.store.view(|txn| read::lineage(txn, &run.id))?;
-            let lineage: Vec<Value> = generations.iter().map(|g| g.to_json(&problem)).collect();
-            json!({"ok": true, "agent_id": run.id, "problem": run.problem, "status": run.status.as_str(), "lineage": lineage})
-        }
-        _ => {
-            let children = deps.store.view(|txn| {
-                let mut out = Vec::new();
-                for child in read::mesh(txn, &run.id)? {
-                    let machine = machines::get(txn, &child.slug)?;
-                    if agents::run_access(machine.as_ref(), &child, &principal) >= Access::Viewer {
-                        out.push(child.to_json());
-                    }
-                }
-                Ok(out)
-            })?;
-            json!({"ok": true, "master_id": run.id, "master": run.to_json(), "count": children.len(), "children": children})
-        }
-    };
-    Ok(json_response(StatusCode::OK, &body))
+        Ok(out)
+    })?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "master_id": run.id, "master": run.to_json(), "count": children.len(), "children": children}),
+    ))
 }
 
 /// An account's balance and spending (its own account key only).
@@ -531,12 +561,12 @@ fn view(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The tally", body = Tally),
-        (status = 400, description = "`invalid_zid`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
-        (status = 404, description = "`account_not_found`, or `not_found`", body = ZeqError),
+        (status = 400, description = "`invalid_zid`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`, `not_chain_member`"),
+        (status = 404, description = "`account_not_found`, or `not_found`"),
     ))]
-fn tally(deps: Arc<Deps>, bearer: Option<String>, zid: String) -> Result<Response, ApiError> {
+fn tally(deps: Arc<AgentsDeps>, bearer: Option<String>, zid: String) -> Result<Response, ApiError> {
     let principal = caller(&deps, bearer.as_deref())?;
     let zid = Zid::parse(&zid)
         .ok_or_else(|| ApiError::bad_request("invalid_zid", "a ZID is ZEQ and 11 digits"))?;
@@ -545,9 +575,9 @@ fn tally(deps: Arc<Deps>, bearer: Option<String>, zid: String) -> Result<Respons
             "an account's tally is visible only with its own account key",
         ));
     }
-    let (account, slugs, runs, live) = deps.store.view(|txn| {
+    let (account, slugs, runs, live) = deps.common.store.view(|txn| {
         let account = crate::auth::account(txn, zid.as_str())?;
-        let slugs: Vec<String> = machines::all(txn)?
+        let slugs: Vec<Slug> = machines::all(txn)?
             .into_iter()
             .filter(|m| m.owner_zid == zid)
             .map(|m| m.slug)
@@ -586,14 +616,14 @@ fn tally(deps: Arc<Deps>, bearer: Option<String>, zid: String) -> Result<Respons
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Stored", body = CredentialCreated),
-        (status = 400, description = "`invalid_body`, `invalid_base_url`, `invalid_api_key`, `invalid_model`, `invalid_name`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`, `not_chain_member`", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_base_url`, `invalid_api_key`, `invalid_model`, `invalid_name`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`, `not_chain_member`"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn credential(
-    deps: Arc<Deps>,
+    deps: Arc<AgentsDeps>,
     bearer: Option<String>,
     declared: Option<u64>,
     body: BodyStream,
@@ -604,7 +634,7 @@ async fn credential(
             "credentials belong to accounts: use an account key (zeq_ak_…)",
         ));
     };
-    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
+    let bytes = read_body(declared, body, deps.max_json_bytes).await?;
     let cred = byok::new_credential(&deps.agents, &zid, &parse_json(&bytes)?, clock::now_ms())?;
     let reply = json!({"ok": true, "credential_id": cred.id, "name": cred.name, "created_at": clock::rfc3339(cred.created_ms)});
     deps.writer

@@ -12,14 +12,14 @@ use warp::{Filter, Reply};
 
 use super::openapi::schema::{
     Block, ChainState, ConsistencyProof, EventRecorded, EventRequest, Explore, InclusionProof,
-    Validation, ZeqError,
+    Validation,
 };
-use super::Deps;
+use super::ChainDeps;
 use super::{
     bearer, body, json_response, parse_json, read_body, respond, visible_machine, with_gateway,
     ApiError, BodyStream,
 };
-use crate::auth::{sha256, Access};
+use crate::auth::{sha256, Access, Slug};
 use crate::clock;
 use crate::ledger::{self, canonical, hex, log, Checkpoint, Row};
 use crate::machines::{self, Machine};
@@ -35,19 +35,19 @@ type Query = std::collections::HashMap<String, String>;
 #[derive(utoipa::OpenApi)]
 #[openapi(paths(
     post_event,
-    doc_state,
-    doc_block,
-    doc_explore,
-    doc_explore_sse,
-    doc_validate,
-    doc_checkpoint,
-    doc_inclusion,
-    doc_consistency
+    state,
+    block,
+    explore,
+    explore_sse,
+    pohc_validate,
+    checkpoint,
+    inclusion_proof,
+    consistency_proof
 ))]
 pub(super) struct Api;
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<ChainDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let base = || warp::path!("api" / "chain" / "state-machines" / String / ..);
     let event = base()
@@ -74,7 +74,7 @@ pub fn routes(
             |slug: String,
              tail: warp::path::Tail,
              q: Query,
-             deps: Arc<Deps>,
+             deps: Arc<ChainDeps>,
              bearer: Option<String>,
              last: Option<u64>| async move {
                 let route = tail.as_str().trim_end_matches('/').to_string();
@@ -98,139 +98,16 @@ pub fn routes(
     event.or(reads).unify()
 }
 
-// Path-only declarations of the reads that `reads` above dispatches by tail (`read` serves
-// them all). Non-owners count against the machine's read limit (429 `rate_limited`).
-
-/// The latest row and the log size.
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/state", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "Head of the log", body = ChainState),
-        (status = 401, description = "`unauthorized` (private machine, no key)", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_state() {}
-
-/// The rows written in one Zeqond.
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/block", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug"),
-           ("zeqond" = u64, Query, description = "The Zeqond")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "Rows at that Zeqond", body = Block),
-        (status = 400, description = "`invalid_zeqond`, `invalid_range`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`no_block_at_zeqond`, `machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_block() {}
-
-/// A page of rows `from..=to` (at most 500).
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/explore", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug"),
-           ("from" = Option<u64>, Query, description = "First seq (default 0)"),
-           ("to" = Option<u64>, Query, description = "Last seq, inclusive")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "Rows", body = Explore),
-        (status = 400, description = "`invalid_range`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_explore() {}
-
-/// Rows live as server-sent events (`event: row`, `id: <seq>`); resumes after `Last-Event-ID`.
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/explore/sse", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug"),
-           ("from" = Option<u64>, Query, description = "First seq (default: the next row)"),
-           ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this seq")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "An endless event stream", content_type = "text/event-stream", body = String),
-        (status = 400, description = "`invalid_range`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_explore_sse() {}
-
-/// Rechecks the hash chain of rows `from..=to`.
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/pohc/validate", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug"),
-           ("from" = Option<u64>, Query, description = "First seq (default 0)"),
-           ("to" = Option<u64>, Query, description = "Last seq (default: the last row)")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "The report", body = Validation),
-        (status = 400, description = "`invalid_range`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_validate() {}
-
-/// The signed checkpoint of the log (a signed note, tlog format).
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/checkpoint", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "The signed note", content_type = "text/plain", body = String),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_checkpoint() {}
-
-/// RFC 6962 inclusion proof of row `seq` in the tree of `size` rows.
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/proof/inclusion", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug"),
-           ("seq" = u64, Query, description = "The row"),
-           ("size" = Option<u64>, Query, description = "Tree size (default: the log size)")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "The proof", body = InclusionProof),
-        (status = 400, description = "`invalid_range`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_inclusion() {}
-
-/// RFC 6962 consistency proof between tree sizes `from` and `to`.
-#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/proof/consistency", tag = "chain",
-    params(("slug" = String, Path, description = "Machine slug"),
-           ("from" = u64, Query, description = "Older size, ≥ 1"),
-           ("to" = Option<u64>, Query, description = "Newer size (default: the log size)")),
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "The proof", body = ConsistencyProof),
-        (status = 400, description = "`invalid_range`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_consistency() {}
-
 /// The machine, if the caller may read its log (public machines: anyone). Non-owners are
 /// rate limited per machine.
-fn readable(deps: &Deps, bearer: Option<&str>, slug: &str) -> Result<Machine, ApiError> {
-    let principal = deps.principal(bearer)?;
-    let (machine, access) = visible_machine(deps, &principal, slug)?;
+fn readable(deps: &ChainDeps, bearer: Option<&str>, slug: &str) -> Result<Machine, ApiError> {
+    let principal = deps.common.principal(bearer)?;
+    let (machine, access) = visible_machine(&deps.common, &principal, slug)?;
     if access < Access::Owner {
-        deps.read_limit
+        deps.limits
+            .read
             .check(&machine.slug)
-            .map_err(|s| deps.rate_limited(s))?;
+            .map_err(|s| deps.common.rate_limited(s))?;
     }
     Ok(machine)
 }
@@ -242,35 +119,36 @@ fn readable(deps: &Deps, bearer: Option<&str>, slug: &str) -> Result<Machine, Ap
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Recorded", body = EventRecorded),
-        (status = 400, description = "`invalid_body`, `invalid_type`, `invalid_hash`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`: needs the owner, an operator or admin key", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_type`, `invalid_hash`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`: needs the owner, an operator or admin key"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 429, description = "`rate_limited`"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn post_event(
-    deps: Arc<Deps>,
+    deps: Arc<ChainDeps>,
     bearer: Option<String>,
     slug: String,
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
-    let principal = deps.principal(bearer.as_deref())?;
+    let principal = deps.common.principal(bearer.as_deref())?;
     if principal == crate::auth::Principal::Anonymous {
         return Err(ApiError::unauthorized());
     }
-    let (machine, access) = visible_machine(&deps, &principal, &slug)?;
+    let (machine, access) = visible_machine(&deps.common, &principal, &slug)?;
     if access < Access::Operator {
         return Err(ApiError::forbidden(
             "recording events needs the owner or an operator or admin key",
         ));
     }
-    deps.write_limit
+    deps.limits
+        .write
         .check(&machine.slug)
-        .map_err(|s| deps.rate_limited(s))?;
-    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
+        .map_err(|s| deps.common.rate_limited(s))?;
+    let bytes = read_body(declared, body, deps.max_json_bytes).await?;
     let body = parse_json(&bytes)?;
     let Value::Object(body) = body else {
         return Err(ApiError::bad_request(
@@ -317,7 +195,7 @@ async fn post_event(
         .write(move |txn| {
             machines::record_event(
                 txn,
-                &slug,
+                &machine.slug,
                 &event_type,
                 &payload_hash,
                 &actor,
@@ -373,7 +251,7 @@ fn range_error(message: impl Into<String>) -> ApiError {
 }
 
 fn read(
-    deps: Arc<Deps>,
+    deps: Arc<ChainDeps>,
     bearer: Option<String>,
     slug: String,
     route: &str,
@@ -383,46 +261,18 @@ fn read(
     let machine = readable(&deps, bearer.as_deref(), &slug)?;
     let slug = machine.slug.as_str();
     let head = deps
+        .common
         .store
         .view(|txn| log::read::head(txn, slug))?
         .ok_or_else(|| ApiError::internal("machine has no log"))?;
     let size = head.size;
     match route {
-        "state" => {
-            let row = deps.store.view(|txn| log::read::row(txn, slug, size - 1))?;
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"ok": true, "slug": slug, "size": size, "genesis_zeqond": head.genesis_zeqond.to_string(),
-                        "latest": row.as_ref().map(row_json)}),
-            ))
-        }
+        "state" => state(&deps, slug, &head),
         "block" => block(&deps, slug, &q),
         "explore" => explore(&deps, slug, size, &q),
-        "explore/sse" => {
-            let from = match (last_event_id, num(&q, "from")?) {
-                (Some(id), _) => id.saturating_add(1),
-                (None, Some(f)) => f,
-                (None, None) => size,
-            };
-            Ok(sse(deps.clone(), machine.slug.clone(), from))
-        }
+        "explore/sse" => explore_sse(&deps, &machine, size, &q, last_event_id),
         "pohc/validate" => pohc_validate(&deps, slug, &head, &q),
-        "checkpoint" => {
-            let (root, cosigned) = deps.store.view(|txn| {
-                Ok((
-                    log::read::tree_hash(txn, slug, size)?,
-                    crate::sync::client::cosignature(txn, slug, size)?,
-                ))
-            })?;
-            // With the hub's cosignature when the hub has verified this very tree.
-            let mut note = checkpoint_note(&deps, slug, size, root)?;
-            note.push_str(cosigned.as_deref().unwrap_or(""));
-            let mut res = note.into_response();
-            if let Ok(v) = "text/plain; charset=utf-8".parse() {
-                res.headers_mut().insert(http::header::CONTENT_TYPE, v);
-            }
-            Ok(res)
-        }
+        "checkpoint" => checkpoint(&deps, slug, size),
         "proof/inclusion" => inclusion_proof(&deps, slug, size, &q),
         "proof/consistency" => consistency_proof(&deps, slug, size, &q),
         _ => Err(ApiError::new(
@@ -433,11 +283,103 @@ fn read(
     }
 }
 
-/// `block`: the rows of one Zeqond.
-fn block(deps: &Deps, slug: &str, q: &Query) -> Result<Response, ApiError> {
+/// The latest row and the log size.
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/state", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Head of the log", body = ChainState),
+        (status = 401, description = "`unauthorized` (private machine, no key)"),
+        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
+#[allow(clippy::result_large_err)]
+fn state(deps: &ChainDeps, slug: &str, head: &log::Head) -> Result<Response, ApiError> {
+    let size = head.size;
+    let row = deps
+        .common
+        .store
+        .view(|txn| log::read::row(txn, slug, size - 1))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "slug": slug, "size": size, "genesis_zeqond": head.genesis_zeqond.to_string(),
+                "latest": row.as_ref().map(row_json)}),
+    ))
+}
+
+/// Rows live as server-sent events (`event: row`, `id: <seq>`); resumes after `Last-Event-ID`.
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/explore/sse", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("from" = Option<u64>, Query, description = "First seq (default: the next row)"),
+           ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this seq")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "An endless event stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid_range`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
+#[allow(clippy::result_large_err)]
+fn explore_sse(
+    deps: &Arc<ChainDeps>,
+    machine: &Machine,
+    size: u64,
+    q: &Query,
+    last_event_id: Option<u64>,
+) -> Result<Response, ApiError> {
+    let from = match (last_event_id, num(q, "from")?) {
+        (Some(id), _) => id.saturating_add(1),
+        (None, Some(f)) => f,
+        (None, None) => size,
+    };
+    Ok(sse(deps.clone(), machine.slug.clone(), from))
+}
+
+/// The signed checkpoint of the log (a signed note, tlog format).
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/checkpoint", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The signed note", content_type = "text/plain", body = String),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
+#[allow(clippy::result_large_err)]
+fn checkpoint(deps: &ChainDeps, slug: &str, size: u64) -> Result<Response, ApiError> {
+    let (root, cosigned) = deps.common.store.view(|txn| {
+        Ok((
+            log::read::tree_hash(txn, slug, size)?,
+            crate::sync::client::cosignature(txn, slug, size)?,
+        ))
+    })?;
+    // With the hub's cosignature when the hub has verified this very tree.
+    let mut note = checkpoint_note(deps, slug, size, root)?;
+    note.push_str(cosigned.as_deref().unwrap_or(""));
+    let mut res = note.into_response();
+    if let Ok(v) = "text/plain; charset=utf-8".parse() {
+        res.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    Ok(res)
+}
+
+/// The rows written in one Zeqond.
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/block", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("zeqond" = u64, Query, description = "The Zeqond")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Rows at that Zeqond", body = Block),
+        (status = 400, description = "`invalid_zeqond`, `invalid_range`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`no_block_at_zeqond`, `machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
+fn block(deps: &ChainDeps, slug: &str, q: &Query) -> Result<Response, ApiError> {
     let z = num(q, "zeqond")?
         .ok_or_else(|| ApiError::bad_request("invalid_zeqond", "give ?zeqond=N"))?;
-    let rows = deps.store.view(|txn| {
+    let rows = deps.common.store.view(|txn| {
         let seqs = log::read::seqs_at_zeqond(txn, slug, z)?;
         let mut rows = Vec::with_capacity(seqs.len());
         for s in seqs {
@@ -459,8 +401,20 @@ fn block(deps: &Deps, slug: &str, q: &Query) -> Result<Response, ApiError> {
     ))
 }
 
-/// `explore`: a page of rows, at most `MAX_PAGE`.
-fn explore(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
+/// A page of rows `from..=to` (at most 500).
+#[utoipa::path(get, path = "/api/chain/state-machines/{slug}/explore", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("from" = Option<u64>, Query, description = "First seq (default 0)"),
+           ("to" = Option<u64>, Query, description = "Last seq, inclusive")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Rows", body = Explore),
+        (status = 400, description = "`invalid_range`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
+fn explore(deps: &ChainDeps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
     let from = num(q, "from")?.unwrap_or(0);
     let to = num(q, "to")?.unwrap_or_else(|| from.saturating_add(MAX_PAGE - 1));
     if from > to {
@@ -471,7 +425,8 @@ fn explore(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, Ap
         .min(from.saturating_add(MAX_PAGE - 1))
         .min(size.saturating_sub(1));
     let rows = if from < size {
-        deps.store
+        deps.common
+            .store
             .view(|txn| log::read::rows(txn, slug, from, end + 1))?
     } else {
         Vec::new()
@@ -484,9 +439,21 @@ fn explore(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, Ap
     ))
 }
 
-/// `pohc/validate`: rows `from..=to` rechecked (hashes and links).
+/// Rechecks the hash chain of rows `from..=to`.
+#[utoipa::path(operation_id = "validate", get, path = "/api/chain/state-machines/{slug}/pohc/validate", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("from" = Option<u64>, Query, description = "First seq (default 0)"),
+           ("to" = Option<u64>, Query, description = "Last seq (default: the last row)")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The report", body = Validation),
+        (status = 400, description = "`invalid_range`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
 fn pohc_validate(
-    deps: &Deps,
+    deps: &ChainDeps,
     slug: &str,
     head: &log::Head,
     q: &Query,
@@ -500,6 +467,7 @@ fn pohc_validate(
         )));
     }
     let report = deps
+        .common
         .store
         .view(|txn| validate(txn, slug, head.genesis_zeqond, from, to))?;
     Ok(json_response(
@@ -509,8 +477,25 @@ fn pohc_validate(
     ))
 }
 
-/// `proof/inclusion`: row `seq`'s RFC 6962 inclusion proof in the tree of `size`.
-fn inclusion_proof(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
+/// RFC 6962 inclusion proof of row `seq` in the tree of `size` rows.
+#[utoipa::path(operation_id = "inclusion", get, path = "/api/chain/state-machines/{slug}/proof/inclusion", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("seq" = u64, Query, description = "The row"),
+           ("size" = Option<u64>, Query, description = "Tree size (default: the log size)")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The proof", body = InclusionProof),
+        (status = 400, description = "`invalid_range`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
+fn inclusion_proof(
+    deps: &ChainDeps,
+    slug: &str,
+    size: u64,
+    q: &Query,
+) -> Result<Response, ApiError> {
     let seq = num(q, "seq")?.ok_or_else(|| range_error("give ?seq=I"))?;
     let tree = num(q, "size")?.unwrap_or(size);
     if seq >= tree || tree > size {
@@ -518,7 +503,7 @@ fn inclusion_proof(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Resp
             "need seq < size ≤ {size} (the log size)"
         )));
     }
-    let (row, proof) = deps.store.view(|txn| {
+    let (row, proof) = deps.common.store.view(|txn| {
         let row = log::read::row(txn, slug, seq)?
             .ok_or_else(|| crate::store::StoreError::Corrupt(format!("row {seq} missing")))?;
         Ok((row, log::read::prove_inclusion(txn, slug, seq, tree)?))
@@ -531,8 +516,25 @@ fn inclusion_proof(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Resp
     ))
 }
 
-/// `proof/consistency`: the RFC 6962 proof that the tree of `from` is a prefix of `to`'s.
-fn consistency_proof(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Response, ApiError> {
+/// RFC 6962 consistency proof between tree sizes `from` and `to`.
+#[utoipa::path(operation_id = "consistency", get, path = "/api/chain/state-machines/{slug}/proof/consistency", tag = "chain",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("from" = u64, Query, description = "Older size, ≥ 1"),
+           ("to" = Option<u64>, Query, description = "Newer size (default: the log size)")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The proof", body = ConsistencyProof),
+        (status = 400, description = "`invalid_range`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
+    ))]
+fn consistency_proof(
+    deps: &ChainDeps,
+    slug: &str,
+    size: u64,
+    q: &Query,
+) -> Result<Response, ApiError> {
     let from = num(q, "from")?.ok_or_else(|| range_error("give ?from=M"))?;
     let to = num(q, "to")?.unwrap_or(size);
     if from == 0 || from > to || to > size {
@@ -541,6 +543,7 @@ fn consistency_proof(deps: &Deps, slug: &str, size: u64, q: &Query) -> Result<Re
         )));
     }
     let proof = deps
+        .common
         .store
         .view(|txn| log::read::prove_consistency(txn, slug, from, to))?;
     Ok(json_response(
@@ -600,7 +603,7 @@ pub fn validate(
 }
 
 pub fn checkpoint_note(
-    deps: &Deps,
+    deps: &ChainDeps,
     slug: &str,
     size: u64,
     root: ledger::Hash,
@@ -618,12 +621,12 @@ pub fn checkpoint_note(
 
 /// Live rows from `from` on: first the backlog, then each row as its commit lands. The event
 /// id is the row's seq, so a client that reconnects with `Last-Event-ID` resumes after it.
-fn sse(deps: Arc<Deps>, slug: String, from: u64) -> Response {
+fn sse(deps: Arc<ChainDeps>, slug: Slug, from: u64) -> Response {
     let mut commits = deps.writer.subscribe();
     let stream = async_stream(move |tx| async move {
         let mut cursor = from;
         loop {
-            let batch = deps.store.view(|txn| {
+            let batch = deps.common.store.view(|txn| {
                 let size = log::read::head(txn, &slug)?.map(|h| h.size).unwrap_or(0);
                 if cursor >= size {
                     return Ok(Vec::new());

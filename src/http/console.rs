@@ -11,8 +11,7 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
-use super::openapi::schema::ZeqError;
-use super::Deps;
+use super::ConsoleDeps;
 use super::{
     body, json_response, parse_json, read_body, respond, session_cookie, with_gateway, ApiError,
     BodyStream, CONSOLE_HEADER, SESSION_COOKIE,
@@ -43,7 +42,7 @@ pub struct ConsoleSession {
 const MAX_SIGN_IN_BYTES: u64 = 1024;
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<ConsoleDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let path = || warp::path!("ui" / "api" / "session");
     let sign_in = path()
@@ -87,8 +86,11 @@ fn require_console(headers: &http::HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn session_json(deps: &Deps, s: &Session) -> Result<Value, ApiError> {
-    let account = deps.store.view(|txn| auth::account(txn, s.zid.as_str()))?;
+fn session_json(deps: &ConsoleDeps, s: &Session) -> Result<Value, ApiError> {
+    let account = deps
+        .common
+        .store
+        .view(|txn| auth::account(txn, s.zid.as_str()))?;
     Ok(json!({
         "ok": true,
         "zid": s.zid.as_str(),
@@ -120,14 +122,14 @@ fn with_cookie(mut res: Response, cookie: &str) -> Response {
     request_body(content = inline(Object), description = "`{\"key\": \"zeq_ak_…\"}`", content_type = "application/json"),
     responses(
         (status = 200, description = "Signed in; the cookie is set", body = ConsoleSession),
-        (status = 400, description = "`invalid_body`", body = ZeqError),
-        (status = 401, description = "`unauthorized`: not a live account key", body = ZeqError),
-        (status = 403, description = "`console_header_missing`", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`"),
+        (status = 401, description = "`unauthorized`: not a live account key"),
+        (status = 403, description = "`console_header_missing`"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn sign_in(
-    deps: Arc<Deps>,
+    deps: Arc<ConsoleDeps>,
     headers: http::HeaderMap,
     len: Option<u64>,
     body: BodyStream,
@@ -153,7 +155,7 @@ async fn sign_in(
     if !key.starts_with(auth::ACCOUNT_KEY_PREFIX) {
         return Err(not_account());
     }
-    let (zid, key_id) = match deps.principal(Some(&key)) {
+    let (zid, key_id) = match deps.common.principal(Some(&key)) {
         Ok(Principal::Account { zid, key_id }) => (zid, key_id),
         Ok(_) | Err(AuthError::Unauthorized) => return Err(not_account()),
         Err(e) => return Err(e.into()),
@@ -170,12 +172,13 @@ async fn sign_in(
 #[utoipa::path(get, path = "/ui/api/session", tag = "console",
     responses(
         (status = 200, description = "Signed in", body = ConsoleSession),
-        (status = 401, description = "`unauthorized`: no live session", body = ZeqError),
+        (status = 401, description = "`unauthorized`: no live session"),
     ))]
-fn whoami(deps: Arc<Deps>, headers: http::HeaderMap) -> Result<Response, ApiError> {
+fn whoami(deps: Arc<ConsoleDeps>, headers: http::HeaderMap) -> Result<Response, ApiError> {
     let token = session_cookie(&headers).ok_or_else(ApiError::unauthorized)?;
     let now = clock::now_ms();
     let session = deps
+        .common
         .store
         .view(|txn| session::find(txn, &token, now))?
         .ok_or_else(ApiError::unauthorized)?;
@@ -193,11 +196,11 @@ fn whoami(deps: Arc<Deps>, headers: http::HeaderMap) -> Result<Response, ApiErro
     params(("x-smgate-console" = String, Header, description = "Must be `1`")),
     responses(
         (status = 200, description = "Signed out", body = Object),
-        (status = 401, description = "`unauthorized`: no live session", body = ZeqError),
-        (status = 403, description = "`console_header_missing`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 401, description = "`unauthorized`: no live session"),
+        (status = 403, description = "`console_header_missing`"),
+        (status = 507, description = "`storage_full`"),
     ))]
-async fn sign_out(deps: Arc<Deps>, headers: http::HeaderMap) -> Result<Response, ApiError> {
+async fn sign_out(deps: Arc<ConsoleDeps>, headers: http::HeaderMap) -> Result<Response, ApiError> {
     require_console(&headers)?;
     let token = session_cookie(&headers).ok_or_else(ApiError::unauthorized)?;
     let closed = deps

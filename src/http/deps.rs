@@ -1,7 +1,9 @@
-//! [`Deps`]: what the HTTP handlers use of the running gateway. `server::start` builds it
-//! from the pieces it also hands to the background tasks (each task gets only its pieces).
+//! What each API area uses of the running gateway. Every area's routes get their own struct
+//! ([`MachinesDeps`], [`ChainDeps`], …) holding only the pieces that area reads, plus the
+//! [`Common`] part that every area shares; [`Api`] gathers them for the router and the
+//! listener. `server::start` is the one place that builds them, from the same pieces it hands
+//! to the background tasks.
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,46 +11,25 @@ use std::time::Instant;
 
 use super::ApiError;
 use crate::agents::Agents;
-use crate::auth::{self, AuthError, Principal, RateLimiter};
+use crate::auth::{self, AuthError, Principal, RateLimiter, Slug};
 use crate::clock;
-use crate::config::Config;
+use crate::config::HttpConfig;
 use crate::gateway::Identity;
 use crate::instances::Charts;
 use crate::machines;
 use crate::metrics::Metrics;
 use crate::store::{GroupCommit, Store};
-use crate::sync::client::SyncState;
+use crate::sync::client::{SyncState, UpstreamConfig};
 use crate::tls::Acceptor;
 
-/// What the HTTP API of one running gateway shares between its handlers.
-pub struct Deps {
-    pub config: Config,
+/// What every area uses: the store (reads, and resolving a caller's key) and the request
+/// counters (a refusal for rate is counted wherever it happens).
+pub struct Common {
     pub store: Arc<Store>,
-    pub writer: GroupCommit,
-    pub identity: Arc<Identity>,
-    pub tls: Arc<Acceptor>,
-    pub metrics: Metrics,
-    /// Upstream sync status, shared with the sync task; read by `/api/sync/status`.
-    pub sync: Arc<SyncState>,
-    pub spinup_limit: RateLimiter<IpAddr>,
-    /// Writes per machine (slug).
-    pub write_limit: RateLimiter<String>,
-    /// Reads per machine by callers other than its owner.
-    pub read_limit: RateLimiter<String>,
-    pub machine_defaults: machines::Defaults,
-    pub started: Instant,
-    pub started_ms: i64,
-    /// Compiled statecharts by version id (shared with the timer task and MQTT).
-    pub charts: Arc<Charts>,
-    /// Timers fired by the timer task (a counter it shares for `/metrics`).
-    pub timers_fired: Arc<AtomicU64>,
-    /// Agent runs: config, the credential sealing key, ticker counters (shared with the ticker).
-    pub agents: Arc<Agents>,
-    /// MQTT counters, and the hook through which committed steps reach the state publisher.
-    pub mqtt: Arc<crate::mqtt::Shared>,
+    pub metrics: Arc<Metrics>,
 }
 
-impl Deps {
+impl Common {
     /// Resolves the bearer token of a request.
     pub fn principal(&self, bearer: Option<&str>) -> Result<Principal, AuthError> {
         let now = clock::now_ms();
@@ -64,81 +45,115 @@ impl Deps {
         self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
         ApiError::rate_limited(retry_after)
     }
+}
 
-    /// The Prometheus text of `/metrics`.
-    pub fn render_metrics(&self) -> String {
-        let machines = self.store.view(machines::count).unwrap_or(0);
-        let mut out = self.metrics.render(
-            self.writer.stats(),
-            &[
-                (
-                    "smgate_uptime_seconds",
-                    "Seconds since start.",
-                    self.started.elapsed().as_secs_f64(),
-                ),
-                (
-                    "smgate_machines",
-                    "Machines on this gateway.",
-                    machines as f64,
-                ),
-                (
-                    "smgate_process_resident_bytes",
-                    "Resident set size of the process.",
-                    crate::metrics::rss_bytes() as f64,
-                ),
-            ],
-        );
-        out.push_str(&self.mqtt.render());
-        crate::metrics::counter(
-            &mut out,
-            "smgate_timers_fired_total",
-            "Statechart timers fired by the timer task.",
-            self.timers_fired.load(Ordering::Relaxed),
-        );
-        for (name, help, value) in [
-            (
-                "smgate_agent_ticks_total",
-                "Agent ticks the ticker committed.",
-                &self.agents.ticked,
-            ),
-            (
-                "smgate_agent_ticks_skipped_total",
-                "Agent ticks the ticker skipped (run ended, already ticked, payer cannot pay).",
-                &self.agents.skipped,
-            ),
-            (
-                "smgate_agent_ticker_overruns_total",
-                "Ticker passes that returned after the next Zeqond began (a slow commit).",
-                &self.agents.overruns,
-            ),
-        ] {
-            crate::metrics::counter(&mut out, name, help, value.load(Ordering::Relaxed));
-        }
-        // One read transaction for the store-derived gauges; skipped (not zeroed) when the
-        // store is unavailable, so a reopen does not look like an empty backlog.
-        let from_store = self.store.view(|txn| {
-            let timers = crate::instances::pending_timers(txn)?;
-            let mut lag = Vec::new();
-            for m in machines::all(txn)? {
-                let size = crate::ledger::log::read::head(txn, &m.slug)?.map_or(0, |h| h.size);
-                let acked = crate::sync::client::acked(txn, &m.slug)?.min(size);
-                lag.push((m.slug, (size - acked) as f64));
-            }
-            Ok((timers, lag))
-        });
-        if let Ok((timers, lag)) = from_store {
-            let _ = writeln!(
-                out,
-                "# HELP smgate_timers_pending Statechart timers waiting to fire.\n# TYPE smgate_timers_pending gauge\nsmgate_timers_pending {timers}"
-            );
-            crate::metrics::labelled_gauge(
-                &mut out,
-                "smgate_sync_lag_rows",
-                "Log rows not yet acknowledged by the upstream, per machine.",
-                "machine",
-                &lag,
-            );
-        }
-        out
-    }
+/// The per-machine request limits. One bucket per machine whichever area a request is for,
+/// so the areas share one `MachineLimits`.
+pub struct MachineLimits {
+    /// Writes per machine.
+    pub write: RateLimiter<Slug>,
+    /// Reads per machine by callers other than its owner.
+    pub read: RateLimiter<Slug>,
+}
+
+/// The console's sign-in (`console.rs`).
+pub struct ConsoleDeps {
+    pub common: Arc<Common>,
+    pub writer: GroupCommit,
+}
+
+/// Spec 000: machines and their keys (`machines.rs`).
+pub struct MachinesDeps {
+    pub common: Arc<Common>,
+    pub writer: GroupCommit,
+    pub max_json_bytes: u64,
+    pub spinup_limit: RateLimiter<IpAddr>,
+    pub defaults: machines::Defaults,
+    /// A revoked key's MQTT connections are closed through it.
+    pub mqtt: Arc<crate::mqtt::Shared>,
+}
+
+/// The machine's log: events, reads, proofs, checkpoints (`chain.rs`).
+pub struct ChainDeps {
+    pub common: Arc<Common>,
+    pub writer: GroupCommit,
+    pub max_json_bytes: u64,
+    pub limits: Arc<MachineLimits>,
+    /// Signs checkpoints.
+    pub identity: Arc<Identity>,
+}
+
+/// Spec 001: pages and the public site (`pages.rs`).
+pub struct PagesDeps {
+    pub common: Arc<Common>,
+    pub writer: GroupCommit,
+    pub max_json_bytes: u64,
+    pub limits: Arc<MachineLimits>,
+    /// `state.json` shows the public state of the machine's instances.
+    pub charts: Arc<Charts>,
+}
+
+/// Specs 002/003: versions and instances (`instances.rs`, and their live view in `rt.rs`).
+pub struct InstancesDeps {
+    pub common: Arc<Common>,
+    pub writer: GroupCommit,
+    pub limits: Arc<MachineLimits>,
+    /// Compiled statecharts by version id (shared with the timer task and MQTT).
+    pub charts: Arc<Charts>,
+    /// Committed steps reach the MQTT state publisher through it.
+    pub mqtt: Arc<crate::mqtt::Shared>,
+}
+
+/// Spec 004: agent runs, the tally, BYOK credentials (`agents.rs`).
+pub struct AgentsDeps {
+    pub common: Arc<Common>,
+    pub writer: GroupCommit,
+    pub max_json_bytes: u64,
+    /// A spawn may create the caller's default machine.
+    pub defaults: machines::Defaults,
+    /// Config, the credential sealing key, ticker counters (shared with the ticker).
+    pub agents: Arc<Agents>,
+}
+
+/// The upstream sync's status (`sync.rs`).
+pub struct SyncDeps {
+    pub common: Arc<Common>,
+    pub upstream: UpstreamConfig,
+    pub identity: Arc<Identity>,
+    /// Shared with the sync task.
+    pub state: Arc<SyncState>,
+}
+
+/// Health, `/metrics`, the gateway's identity, the console's files (`ops.rs`).
+pub struct OpsDeps {
+    pub common: Arc<Common>,
+    pub identity: Arc<Identity>,
+    pub region: String,
+    pub started: Instant,
+    pub started_ms: i64,
+    /// Its counters are in `/metrics`.
+    pub writer: GroupCommit,
+    /// Timers fired by the timer task (a counter it shares for `/metrics`).
+    pub timers_fired: Arc<AtomicU64>,
+    /// The ticker's counters, for `/metrics`.
+    pub agents: Arc<Agents>,
+    /// MQTT counters, for `/metrics`.
+    pub mqtt: Arc<crate::mqtt::Shared>,
+    /// Upstream sync status, for `/api/gateway`.
+    pub sync: Arc<SyncState>,
+}
+
+/// The HTTP API of one running gateway: each area's part, and what the listener uses.
+pub struct Api {
+    pub http: HttpConfig,
+    pub tls: Arc<Acceptor>,
+    pub common: Arc<Common>,
+    pub machines: Arc<MachinesDeps>,
+    pub chain: Arc<ChainDeps>,
+    pub pages: Arc<PagesDeps>,
+    pub instances: Arc<InstancesDeps>,
+    pub agents: Arc<AgentsDeps>,
+    pub sync: Arc<SyncDeps>,
+    pub ops: Arc<OpsDeps>,
+    pub console: Arc<ConsoleDeps>,
 }

@@ -13,16 +13,15 @@ use warp::{Filter, Reply};
 
 use super::openapi::schema::{
     AdminView, CreateInstanceRequest, CreateVersionRequest, DeleteInstanceRequest, Empty,
-    InstanceList, InstanceView, SbError as SbErrorBody, SbMachine, SbMachineList, SbOrRouteError,
-    SendEventRequest, StatusBody, TargetVersionReply, TargetVersionRequest, TransitionList,
-    VersionCreated, VersionList,
+    InstanceList, InstanceView, SbMachine, SbMachineList, SendEventRequest, StatusBody,
+    TargetVersionReply, TargetVersionRequest, TransitionList, VersionCreated, VersionList,
 };
-use super::Deps;
+use super::InstancesDeps;
 use super::{
     bearer, body, json_response, parse_json, read_body, visible_machine, with_gateway, ApiError,
     BodyStream,
 };
-use crate::auth::{Access, Principal};
+use crate::auth::{Access, Principal, Slug};
 use crate::chart::Event;
 use crate::clock;
 use crate::instances::{self as inst, InstanceError, Status};
@@ -116,7 +115,7 @@ fn bad(code: &'static str, message: impl Into<String>) -> SbError {
 }
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let g = move || with_gateway(deps.clone());
     let list = warp::path!("machines")
@@ -227,14 +226,14 @@ pub fn routes(
 
 /// The machine and the caller's access, with `need` enforced.
 fn machine_for(
-    deps: &Deps,
+    deps: &InstancesDeps,
     bearer: Option<&str>,
     slug: &str,
     need: Access,
     what: &str,
 ) -> Result<(Machine, Access, Principal), SbError> {
-    let principal = deps.principal(bearer).map_err(ApiError::from)?;
-    let (machine, access) = visible_machine(deps, &principal, slug)?;
+    let principal = deps.common.principal(bearer).map_err(ApiError::from)?;
+    let (machine, access) = visible_machine(&deps.common, &principal, slug)?;
     if access < need {
         if principal == Principal::Anonymous {
             return Err(ApiError::unauthorized().into());
@@ -242,13 +241,15 @@ fn machine_for(
         return Err(missing_scope(what));
     }
     if access >= Access::Operator && need >= Access::Operator {
-        deps.write_limit
+        deps.limits
+            .write
             .check(&machine.slug)
-            .map_err(|s| SbError::from(deps.rate_limited(s)))?;
+            .map_err(|s| SbError::from(deps.common.rate_limited(s)))?;
     } else if access < Access::Owner {
-        deps.read_limit
+        deps.limits
+            .read
             .check(&machine.slug)
-            .map_err(|s| SbError::from(deps.rate_limited(s)))?;
+            .map_err(|s| SbError::from(deps.common.rate_limited(s)))?;
     }
     Ok((machine, access, principal))
 }
@@ -278,8 +279,8 @@ fn version_json(v: &inst::Version) -> Value {
     json!({"id": v.id, "clientInfo": v.client_info, "createdAt": clock::rfc3339(v.created_ms), "number": v.number})
 }
 
-fn machine_json(deps: &Deps, m: &Machine) -> Result<Value, SbError> {
-    let (meta, current) = deps.store.view(|txn| {
+fn machine_json(deps: &InstancesDeps, m: &Machine) -> Result<Value, SbError> {
+    let (meta, current) = deps.common.store.view(|txn| {
         let meta = inst::meta(txn, &m.slug)?;
         let current = match &meta.current_version {
             Some(id) => inst::version(txn, &m.slug, id)?,
@@ -296,16 +297,39 @@ fn machine_json(deps: &Deps, m: &Machine) -> Result<Value, SbError> {
     }))
 }
 
+/// The errors of every route that names a machine: who may call it and how often.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum SbMachineErrors {
+    #[response(status = 401, description = "`unauthorized`")]
+    Unauthorized,
+    #[response(
+        status = 403,
+        description = "`missing-scope`, `rejected-by-machine-authorizer`"
+    )]
+    MissingScope,
+    #[response(
+        status = 404,
+        description = "`not-found`, or `not_found` (no such route)"
+    )]
+    NotFound,
+    #[response(status = 429, description = "`rate-limited`")]
+    RateLimited,
+}
+
 /// Machines visible to the caller.
 #[utoipa::path(get, path = "/machines", tag = "instances",
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "Machines", body = SbMachineList),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
+        (status = 401, description = "`unauthorized`"),
     ))]
-fn list_machines(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, SbError> {
-    let principal = deps.principal(bearer.as_deref()).map_err(ApiError::from)?;
-    let all = deps.store.view(machines::all)?;
+fn list_machines(deps: Arc<InstancesDeps>, bearer: Option<String>) -> Result<Response, SbError> {
+    let principal = deps
+        .common
+        .principal(bearer.as_deref())
+        .map_err(ApiError::from)?;
+    let all = deps.common.store.view(machines::all)?;
     let mut out = Vec::new();
     for m in all.iter().filter(|m| m.access(&principal) > Access::None) {
         out.push(machine_json(&deps, m)?);
@@ -319,12 +343,13 @@ fn list_machines(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, Sb
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The machine", body = SbMachine),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        SbMachineErrors,
     ))]
-fn get_machine(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Response, SbError> {
+fn get_machine(
+    deps: Arc<InstancesDeps>,
+    bearer: Option<String>,
+    slug: String,
+) -> Result<Response, SbError> {
     let (machine, _, _) = machine_for(
         &deps,
         bearer.as_deref(),
@@ -339,7 +364,7 @@ fn get_machine(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<
 }
 
 async fn json_object(
-    deps: &Deps,
+    deps: &InstancesDeps,
     len: Option<u64>,
     body: BodyStream,
     limit: u64,
@@ -359,16 +384,13 @@ async fn json_object(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Created", body = VersionCreated),
-        (status = 400, description = "`invalid-parameters`, `invalid-definition`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
-        (status = 507, description = "`storage-full`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, `invalid-definition`, or a routing error"),
+        (status = 413, description = "`payload-too-large`"),
+        (status = 507, description = "`storage-full`"),
+        SbMachineErrors,
     ))]
 async fn create_version(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     len: Option<u64>,
@@ -446,13 +468,10 @@ async fn create_version(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Versions", body = VersionList),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        SbMachineErrors,
     ))]
 fn list_versions(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
 ) -> Result<Response, SbError> {
@@ -463,7 +482,10 @@ fn list_versions(
         Access::Viewer,
         "list versions",
     )?;
-    let versions = deps.store.view(|txn| inst::versions(txn, &machine.slug))?;
+    let versions = deps
+        .common
+        .store
+        .view(|txn| inst::versions(txn, &machine.slug))?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"versions": versions.iter().map(version_json).collect::<Vec<_>>()}),
@@ -477,17 +499,14 @@ fn list_versions(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The new instance", body = InstanceView),
-        (status = 400, description = "`invalid-parameters`, `invalid-definition`, `transition-failed`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 409, description = "`invalid-state`", body = SbErrorBody),
-        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
-        (status = 507, description = "`storage-full`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, `invalid-definition`, `transition-failed`, or a routing error"),
+        (status = 409, description = "`invalid-state`"),
+        (status = 413, description = "`payload-too-large`"),
+        (status = 507, description = "`storage-full`"),
+        SbMachineErrors,
     ))]
 async fn create_instance(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     len: Option<u64>,
@@ -552,13 +571,10 @@ async fn create_instance(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Instances", body = InstanceList),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        SbMachineErrors,
     ))]
 fn list_instances(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     q: Query,
@@ -575,7 +591,7 @@ fn list_instances(
         .and_then(|l| l.parse::<usize>().ok())
         .unwrap_or(PAGE)
         .clamp(1, 1000);
-    let list = deps.store.view(|txn| {
+    let list = deps.common.store.view(|txn| {
         inst::instances(
             txn,
             &machine.slug,
@@ -599,7 +615,7 @@ fn list_instances(
 
 /// The instance, its chart and state, or 404.
 fn load(
-    deps: &Deps,
+    deps: &InstancesDeps,
     machine: &str,
     slug: &str,
 ) -> Result<
@@ -610,7 +626,7 @@ fn load(
     ),
     SbError,
 > {
-    let found = deps.store.view(|txn| {
+    let found = deps.common.store.view(|txn| {
         let Some(i) = inst::instance(txn, machine, slug)? else {
             return Ok(None);
         };
@@ -636,14 +652,11 @@ fn load(
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The instance", body = InstanceView),
-        (status = 400, description = "`transition-failed` (authorizer error), or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 400, description = "`transition-failed` (authorizer error), or a routing error"),
+        SbMachineErrors,
     ))]
 fn get_instance(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -688,17 +701,14 @@ pub fn parse_event(body: &Map<String, Value>) -> Result<Event, String> {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The instance after the step", body = InstanceView),
-        (status = 400, description = "`invalid-parameters`, `transition-failed`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 409, description = "`invalid-state`", body = SbErrorBody),
-        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
-        (status = 507, description = "`storage-full`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, `transition-failed`, or a routing error"),
+        (status = 409, description = "`invalid-state`"),
+        (status = 413, description = "`payload-too-large`"),
+        (status = 507, description = "`storage-full`"),
+        SbMachineErrors,
     ))]
 async fn send_event(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -741,14 +751,11 @@ async fn send_event(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Transitions", body = TransitionList),
-        (status = 400, description = "`invalid-parameters`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, or a routing error"),
+        SbMachineErrors,
     ))]
 fn list_events(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -777,6 +784,7 @@ fn list_events(
         .unwrap_or(PAGE)
         .clamp(1, 1000);
     let records = deps
+        .common
         .store
         .view(|txn| inst::history(txn, &machine.slug, &instance, after, limit))?;
     let cursor = (records.len() == limit)
@@ -804,13 +812,10 @@ fn list_events(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Full state", body = AdminView),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        SbMachineErrors,
     ))]
 fn admin_view(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -841,17 +846,14 @@ fn admin_view(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The new status", body = StatusBody),
-        (status = 400, description = "`invalid-parameters`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 409, description = "`invalid-state`", body = SbErrorBody),
-        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
-        (status = 507, description = "`storage-full`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, or a routing error"),
+        (status = 409, description = "`invalid-state`"),
+        (status = 413, description = "`payload-too-large`"),
+        (status = 507, description = "`storage-full`"),
+        SbMachineErrors,
     ))]
 async fn put_status(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -894,17 +896,14 @@ async fn put_status(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The target", body = TargetVersionReply),
-        (status = 400, description = "`invalid-parameters`, `no-migration-path`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 409, description = "`invalid-state`", body = SbErrorBody),
-        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
-        (status = 507, description = "`storage-full`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, `no-migration-path`, or a routing error"),
+        (status = 409, description = "`invalid-state`"),
+        (status = 413, description = "`payload-too-large`"),
+        (status = 507, description = "`storage-full`"),
+        SbMachineErrors,
     ))]
 async fn put_version(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -942,16 +941,13 @@ async fn put_version(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Deleted", body = Empty),
-        (status = 400, description = "`invalid-parameters`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 413, description = "`payload-too-large`", body = SbErrorBody),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
-        (status = 507, description = "`storage-full`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, or a routing error"),
+        (status = 413, description = "`payload-too-large`"),
+        (status = 507, description = "`storage-full`"),
+        SbMachineErrors,
     ))]
 async fn delete_instance(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,
@@ -983,11 +979,11 @@ async fn delete_instance(
 /// `allowRead` on the instance's current state. Returns the machine's slug and the `auth`
 /// value to re-check `allowRead` with on each later state.
 pub(super) fn authorize_live(
-    deps: &Deps,
+    deps: &InstancesDeps,
     bearer: Option<&str>,
     slug: &str,
     instance: &str,
-) -> Result<(String, Value), SbError> {
+) -> Result<(Slug, Value), SbError> {
     let (machine, access, principal) =
         machine_for(deps, bearer, slug, Access::Public, "read instances")?;
     let auth = auth_value(&principal, access);
@@ -1023,7 +1019,7 @@ fn allowed_to_read(
 /// The instance's step count and public view (`{ts, state, publicContext, tags, done}`), or
 /// `None` once it no longer exists. A state whose `allowRead` rejects `auth` is a 403.
 pub(super) fn current_view(
-    deps: &Deps,
+    deps: &InstancesDeps,
     machine: &str,
     instance: &str,
     auth: &Value,
@@ -1043,14 +1039,11 @@ pub(super) fn current_view(
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "An endless event stream", content_type = "text/event-stream", body = String),
-        (status = 400, description = "`invalid-parameters`, or a routing error", body = SbOrRouteError),
-        (status = 401, description = "`unauthorized`", body = SbErrorBody),
-        (status = 403, description = "`missing-scope`, `rejected-by-machine-authorizer`", body = SbErrorBody),
-        (status = 404, description = "`not-found`, or `not_found` (no such route)", body = SbOrRouteError),
-        (status = 429, description = "`rate-limited`", body = SbErrorBody),
+        (status = 400, description = "`invalid-parameters`, or a routing error"),
+        SbMachineErrors,
     ))]
 fn live(
-    deps: Arc<Deps>,
+    deps: Arc<InstancesDeps>,
     bearer: Option<String>,
     slug: String,
     instance: String,

@@ -16,20 +16,17 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
 use super::drain::RequestBody;
-use super::Deps;
 use super::{routes, RemoteAddr};
+use super::{Api, Common};
 
-pub async fn serve(listener: TcpListener, deps: Arc<Deps>, mut shutdown: watch::Receiver<bool>) {
-    let service = warp::service(routes(deps.clone()));
+pub async fn serve(listener: TcpListener, api: Api, mut shutdown: watch::Receiver<bool>) {
+    let service = warp::service(routes(&api));
     let graceful = GracefulShutdown::new();
-    let handshake_timeout = Duration::from_secs(deps.config.http.handshake_timeout_secs);
-    let header_timeout = Duration::from_secs(deps.config.http.header_read_timeout_secs);
+    let handshake_timeout = Duration::from_secs(api.http.handshake_timeout_secs);
+    let header_timeout = Duration::from_secs(api.http.header_read_timeout_secs);
     // The largest body any route reads: a refused body up to this size is drained.
-    let drain_max = deps
-        .config
-        .http
-        .max_json_bytes
-        .max(super::pages::MAX_PUBLISH_BODY);
+    let drain_max = api.http.max_json_bytes.max(super::pages::MAX_PUBLISH_BODY);
+    let deps = api.common.clone();
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -45,7 +42,7 @@ pub async fn serve(listener: TcpListener, deps: Arc<Deps>, mut shutdown: watch::
         };
         deps.metrics.connections.fetch_add(1, Ordering::Relaxed);
         let _ = tcp.set_nodelay(true);
-        let acceptor = deps.tls.get();
+        let acceptor = api.tls.get();
         let deps = deps.clone();
         let service = service.clone();
         let watcher = graceful.watcher();
@@ -121,7 +118,7 @@ pub async fn serve(listener: TcpListener, deps: Arc<Deps>, mut shutdown: watch::
         });
     }
     drop(listener);
-    let grace = Duration::from_secs(deps.config.http.shutdown_grace_secs);
+    let grace = Duration::from_secs(api.http.shutdown_grace_secs);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
@@ -136,7 +133,7 @@ async fn handshake(
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     timeout: Duration,
-    deps: &Deps,
+    deps: &Common,
 ) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
     let failed = || {
         deps.metrics

@@ -18,9 +18,9 @@ use crate::machines::{self, Machine, MachineError, NewMachine};
 
 use super::openapi::schema::{
     KeyList, KeyMinted, KeyOne, MachineCreated, MachineList, MachineOne, MintKeyRequest,
-    NewMachineRequest, ZeqError,
+    NewMachineRequest,
 };
-use super::Deps;
+use super::MachinesDeps;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -28,7 +28,7 @@ use super::Deps;
 pub(super) struct Api;
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<MachinesDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let create = warp::path!("api" / "chain" / "state-machines")
         .and(warp::post())
@@ -89,16 +89,16 @@ pub fn routes(
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Created", body = MachineCreated),
-        (status = 400, description = "`invalid_body`, `invalid_slug`, `invalid_display_name`, `invalid_purpose`, …", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`: machine keys cannot spin up machines", body = ZeqError),
-        (status = 409, description = "`slug_taken` (with `existing_slug`)", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 429, description = "`rate_limited` (with `retry_after`), 10 spin-ups/min/IP", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_slug`, `invalid_display_name`, `invalid_purpose`, …"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`: machine keys cannot spin up machines"),
+        (status = 409, description = "`slug_taken` (with `existing_slug`)"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 429, description = "`rate_limited` (with `retry_after`), 10 spin-ups/min/IP"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn create(
-    deps: Arc<Deps>,
+    deps: Arc<MachinesDeps>,
     ip: IpAddr,
     bearer: Option<String>,
     declared: Option<u64>,
@@ -106,20 +106,21 @@ async fn create(
 ) -> Result<Response, ApiError> {
     deps.spinup_limit
         .check(&ip)
-        .map_err(|secs| deps.rate_limited(secs))?;
-    let principal = deps.principal(bearer.as_deref())?;
+        .map_err(|secs| deps.common.rate_limited(secs))?;
+    let principal = deps.common.principal(bearer.as_deref())?;
     if principal == Principal::Anonymous {
         return Err(ApiError::unauthorized());
     }
-    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
+    let bytes = read_body(declared, body, deps.max_json_bytes).await?;
     let request = NewMachine::from_json(&parse_json(&bytes)?)?;
     let owner = deps
+        .common
         .store
         .view(|txn| match machines::spinup_owner(txn, &principal) {
             Err(MachineError::Store(e)) => Err(e),
             other => Ok(other),
         })??;
-    let defaults = deps.machine_defaults.clone();
+    let defaults = deps.defaults.clone();
     let actor = principal.actor();
     let (machine, api_key) = deps
         .writer
@@ -139,11 +140,11 @@ async fn create(
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "Visible machines", body = MachineList),
-        (status = 401, description = "`unauthorized`: unknown, revoked or expired key", body = ZeqError),
+        (status = 401, description = "`unauthorized`: unknown, revoked or expired key"),
     ))]
-fn list(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, ApiError> {
-    let principal = deps.principal(bearer.as_deref())?;
-    let all = deps.store.view(machines::all)?;
+fn list(deps: Arc<MachinesDeps>, bearer: Option<String>) -> Result<Response, ApiError> {
+    let principal = deps.common.principal(bearer.as_deref())?;
+    let all = deps.common.store.view(machines::all)?;
     let visible: Vec<Value> = all
         .iter()
         .filter_map(|m| {
@@ -163,12 +164,16 @@ fn list(deps: Arc<Deps>, bearer: Option<String>) -> Result<Response, ApiError> {
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The machine", body = MachineOne),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)"),
     ))]
-fn get_one(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
-    let principal = deps.principal(bearer.as_deref())?;
-    let (machine, access) = visible_machine(&deps, &principal, &slug)?;
+fn get_one(
+    deps: Arc<MachinesDeps>,
+    bearer: Option<String>,
+    slug: String,
+) -> Result<Response, ApiError> {
+    let principal = deps.common.principal(bearer.as_deref())?;
+    let (machine, access) = visible_machine(&deps.common, &principal, &slug)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"ok": true, "machine": machine.to_json(access)}),
@@ -194,12 +199,12 @@ fn key_json(k: &KeyRecord) -> Value {
 
 /// Admin+ on the machine, or the reason why not.
 fn require_admin(
-    deps: &Deps,
+    deps: &MachinesDeps,
     bearer: Option<&str>,
     slug: &str,
 ) -> Result<(Machine, Principal), ApiError> {
-    let principal = deps.principal(bearer)?;
-    let (machine, access) = visible_machine(deps, &principal, slug)?;
+    let principal = deps.common.principal(bearer)?;
+    let (machine, access) = visible_machine(&deps.common, &principal, slug)?;
     if access < Access::Admin {
         return Err(ApiError::forbidden(
             "managing keys needs the owner or an admin key of this machine",
@@ -218,22 +223,22 @@ const MAX_KEY_TTL_SECS: u64 = 10 * 365 * 86_400;
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Minted; the raw key is shown once", body = KeyMinted),
-        (status = 400, description = "`invalid_body`, `invalid_name`, `invalid_scope`, `invalid_expiry`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`: needs the owner or an admin key", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_name`, `invalid_scope`, `invalid_expiry`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`: needs the owner or an admin key"),
+        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn mint_key(
-    deps: Arc<Deps>,
+    deps: Arc<MachinesDeps>,
     bearer: Option<String>,
     slug: String,
     declared: Option<u64>,
     body: BodyStream,
 ) -> Result<Response, ApiError> {
     let (machine, principal) = require_admin(&deps, bearer.as_deref(), &slug)?;
-    let bytes = read_body(declared, body, deps.config.http.max_json_bytes).await?;
+    let bytes = read_body(declared, body, deps.max_json_bytes).await?;
     let body = parse_json(&bytes)?;
     let name = match body.get("name") {
         Some(Value::String(s)) if (1..=100).contains(&s.chars().count()) => s.clone(),
@@ -298,13 +303,17 @@ async fn mint_key(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Keys", body = KeyList),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)", body = ZeqError),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`"),
+        (status = 404, description = "`machine_not_found`, or `not_found` (no such route)"),
     ))]
-fn list_keys(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
+fn list_keys(
+    deps: Arc<MachinesDeps>,
+    bearer: Option<String>,
+    slug: String,
+) -> Result<Response, ApiError> {
     let (machine, _) = require_admin(&deps, bearer.as_deref(), &slug)?;
-    let keys = deps.store.view(|txn| {
+    let keys = deps.common.store.view(|txn| {
         auth::list_keys(
             txn,
             |s| matches!(s, KeySubject::Machine { slug, .. } if *slug == machine.slug),
@@ -323,13 +332,13 @@ fn list_keys(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Re
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Revoked", body = KeyOne),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, `key_not_found`, or `not_found` (no such route)", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`"),
+        (status = 404, description = "`machine_not_found`, `key_not_found`, or `not_found` (no such route)"),
+        (status = 507, description = "`storage_full`"),
     ))]
 async fn revoke_key(
-    deps: Arc<Deps>,
+    deps: Arc<MachinesDeps>,
     bearer: Option<String>,
     slug: String,
     id: String,

@@ -18,7 +18,10 @@ mod pages;
 mod rt;
 mod sync;
 
-pub use deps::Deps;
+pub use deps::{
+    AgentsDeps, Api, ChainDeps, Common, ConsoleDeps, InstancesDeps, MachineLimits, MachinesDeps,
+    OpsDeps, PagesDeps, SyncDeps,
+};
 pub use listener::serve;
 
 use std::convert::Infallible;
@@ -34,7 +37,7 @@ use warp::reply::Response;
 use warp::{Buf, Filter, Reply};
 
 use crate::auth::AuthError;
-use crate::auth::{Access, Principal};
+use crate::auth::{Access, Principal, Slug};
 use crate::machines::{Machine, MachineError};
 use crate::store::StoreError;
 
@@ -176,14 +179,13 @@ impl From<MachineError> for ApiError {
 /// The machine and the caller's access to it. Private machines are invisible to callers who
 /// have no access: anonymous callers are asked to authenticate, others get 404.
 pub fn visible_machine(
-    deps: &Deps,
+    common: &Common,
     principal: &Principal,
     slug: &str,
 ) -> Result<(Machine, Access), ApiError> {
-    let machine = if crate::machines::valid_slug(slug) {
-        deps.store.view(|txn| crate::machines::get(txn, slug))?
-    } else {
-        None
+    let machine = match Slug::parse(slug) {
+        Some(slug) => common.store.view(|txn| crate::machines::get(txn, &slug))?,
+        None => None,
     };
     let access = machine
         .as_ref()
@@ -201,6 +203,9 @@ pub fn json_response(status: StatusCode, value: &Value) -> Response {
     *res.status_mut() = status;
     res
 }
+
+/// What a handler of the zeq family returns: its answer, or the error to answer with.
+pub type Answer = Result<Response, ApiError>;
 
 /// Collapses a handler's result into a response.
 pub fn respond(result: Result<Response, ApiError>) -> Response {
@@ -352,33 +357,34 @@ pub fn client_ip() -> impl Filter<Extract = (IpAddr,), Error = Infallible> + Clo
         .map(|a: Option<RemoteAddr>| a.map(|a| a.0.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0])))
 }
 
-pub fn with_gateway(
-    deps: Arc<Deps>,
-) -> impl Filter<Extract = (Arc<Deps>,), Error = Infallible> + Clone {
+/// Hands a route its area's dependencies.
+pub fn with_gateway<T: Send + Sync + 'static>(
+    deps: Arc<T>,
+) -> impl Filter<Extract = (Arc<T>,), Error = Infallible> + Clone {
     warp::any().map(move || deps.clone())
 }
 
 /// Every route of the gateway.
-pub fn routes(deps: Arc<Deps>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+pub fn routes(api: &Api) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     // Pages first: `/s/…` is the hot public path; no other area shares its prefixes.
-    pages::routes(deps.clone())
-        .or(machines::routes(deps.clone()))
+    pages::routes(api.pages.clone())
+        .or(machines::routes(api.machines.clone()))
         .unify()
-        .or(chain::routes(deps.clone()))
+        .or(chain::routes(api.chain.clone()))
         .unify()
-        .or(agents::routes(deps.clone()))
+        .or(agents::routes(api.agents.clone()))
         .unify()
-        .or(instances::routes(deps.clone()))
+        .or(instances::routes(api.instances.clone()))
         .unify()
-        .or(rt::routes(deps.clone()))
+        .or(rt::routes(api.instances.clone()))
         .unify()
-        .or(mqtt::routes(deps.clone()))
+        .or(mqtt::routes(api.common.clone()))
         .unify()
-        .or(console::routes(deps.clone()))
+        .or(console::routes(api.console.clone()))
         .unify()
-        .or(ops::routes(deps.clone()))
+        .or(ops::routes(api.ops.clone()))
         .unify()
-        .or(sync::routes(deps))
+        .or(sync::routes(api.sync.clone()))
         .unify()
         .recover(|r: warp::Rejection| async move { Ok::<_, Infallible>(rejection(r)) })
         .unify()

@@ -8,13 +8,13 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
-use super::Deps;
+use super::Common;
 use super::{bearer, json_response, respond, visible_machine, with_gateway, ApiError};
 use crate::auth::Access;
 use crate::clock;
 use crate::mqtt::ingest;
 
-use super::openapi::schema::{DeadLetters, ZeqError};
+use super::openapi::schema::DeadLetters;
 
 type Query = std::collections::HashMap<String, String>;
 
@@ -24,7 +24,7 @@ type Query = std::collections::HashMap<String, String>;
 pub(super) struct Api;
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<Common>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("api" / "chain" / "state-machines" / String / "dead-letters")
         .and(warp::get())
@@ -32,7 +32,7 @@ pub fn routes(
         .and(with_gateway(deps))
         .and(bearer())
         .map(
-            |slug: String, q: Query, deps: Arc<Deps>, bearer: Option<String>| {
+            |slug: String, q: Query, deps: Arc<Common>, bearer: Option<String>| {
                 respond(list(&deps, bearer.as_deref(), &slug, &q))
             },
         )
@@ -45,13 +45,13 @@ pub fn routes(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Dead letters", body = DeadLetters),
-        (status = 400, description = "`invalid_limit`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
+        (status = 400, description = "`invalid_limit`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
     ))]
 #[allow(clippy::result_large_err)] // the shared error type of the zeq routes
-fn list(deps: &Deps, bearer: Option<&str>, slug: &str, q: &Query) -> Result<Response, ApiError> {
+fn list(deps: &Common, bearer: Option<&str>, slug: &str, q: &Query) -> Result<Response, ApiError> {
     let principal = deps.principal(bearer)?;
     let (machine, access) = visible_machine(deps, &principal, slug)?;
     if access < Access::Viewer {

@@ -1,8 +1,10 @@
 //! `GET /api/openapi.json`: the OpenAPI 3.1 document of every route.
 //!
 //! Nothing here lists routes. Each API file declares its operations with `#[utoipa::path]` on
-//! the handler (or on a path-only marker fn) right beside the warp filter that serves it, and
-//! gathers them in its own `Api` (`#[derive(utoipa::OpenApi)]`); [`document`] merges those.
+//! the handler that answers them, right beside the warp filter that serves it, and gathers
+//! them in its own `Api` (`#[derive(utoipa::OpenApi)]`); [`document`] merges those. A handler
+//! lists its error statuses with the codes each can carry; the error bodies are declared once,
+//! here ([`Errors`], [`error_body`]).
 //! The schemas below are the shapes the handlers answer with; schemathesis (`.ci/run`, stage k)
 //! checks every response of a live gateway against them, and `tests/openapi.rs` checks that the
 //! router and the document name the same (method, path) pairs.
@@ -28,6 +30,7 @@ pub fn document() -> OpenApi {
     doc.merge(super::sync::Api::openapi());
     doc.merge(super::console::Api::openapi());
     doc.merge(super::rt::Api::openapi());
+    doc.merge(Errors::openapi());
     doc.info = utoipa::openapi::InfoBuilder::new()
         .title("smgate")
         .version(env!("CARGO_PKG_VERSION"))
@@ -48,16 +51,22 @@ pub fn document() -> OpenApi {
         .description("`storage_unavailable` / `unavailable`: the store is reopening; retry")
         .build();
     for item in doc.paths.paths.values_mut() {
+        // HEAD answers carry no body.
+        let with_bodies = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in with_bodies.into_iter().filter_map(Option::as_mut) {
+            add_error_bodies(op);
+        }
         for op in operations(item) {
             // Handler names repeat across files (`list`): prefix the tag to keep ids unique.
-            let tag = op
-                .tags
-                .as_ref()
-                .and_then(|t| t.first())
-                .cloned()
-                .unwrap_or_default();
+            let tag = tag_of(op);
             if let Some(id) = &mut op.operation_id {
-                *id = format!("{tag}.{}", id.trim_start_matches("doc_"));
+                *id = format!("{tag}.{id}");
             }
             op.responses
                 .responses
@@ -66,6 +75,50 @@ pub fn document() -> OpenApi {
         }
     }
     doc
+}
+
+/// The error bodies, declared once for every operation (see [`error_body`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(components(schemas(schema::ZeqError, schema::SbError, schema::SbOrRouteError)))]
+struct Errors;
+
+/// The body of an error answer (4xx, 5xx) of an operation tagged `tag`: the statebacked
+/// routes (`instances`) answer `{error, code}`, except that a request the router cannot match
+/// (400, 404) is answered zeq-shaped, so those two may be either; every other area answers
+/// `{ok: false, error, message}`. 503 is added to every operation without a body by
+/// [`document`]. A handler whose answer differs declares its body itself (`/rt`, the site).
+fn error_body(tag: &str, status: &str) -> Option<&'static str> {
+    let code: u16 = status.parse().ok()?;
+    match (tag, code) {
+        (_, 503) | (_, ..=399) => None,
+        ("instances", 400 | 404) => Some("SbOrRouteError"),
+        ("instances", _) => Some("SbError"),
+        _ => Some("ZeqError"),
+    }
+}
+
+/// Gives each error response that its handler declared without a body the body of its area.
+fn add_error_bodies(op: &mut utoipa::openapi::path::Operation) {
+    use utoipa::openapi::{Content, Ref, RefOr};
+    let tag = tag_of(op);
+    for (status, response) in op.responses.responses.iter_mut() {
+        let (RefOr::T(response), Some(name)) = (response, error_body(&tag, status)) else {
+            continue;
+        };
+        if response.content.is_empty() {
+            let body = Content::new(Some(Ref::from_schema_name(name)));
+            response.content.insert("application/json".into(), body);
+        }
+    }
+}
+
+/// The operation's first tag: its API area.
+fn tag_of(op: &utoipa::openapi::path::Operation) -> String {
+    op.tags
+        .as_ref()
+        .and_then(|t| t.first())
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn operations(
@@ -163,6 +216,9 @@ pub fn route_template(path: &str) -> &'static str {
     best.map(|(t, _)| t).unwrap_or("other")
 }
 
+/// This document.
+#[utoipa::path(operation_id = "openapi", get, path = "/api/openapi.json", tag = "ops",
+    responses((status = 200, description = "OpenAPI 3.1", content_type = "application/json", body = serde_json::Value)))]
 pub fn reply() -> Response {
     let mut res = Response::new(json().into());
     *res.status_mut() = StatusCode::OK;

@@ -39,11 +39,12 @@ use super::openapi::schema::{
     PageHistory, PageList, PageOne, PageWritten, PublishRequest, RollbackRequest, SiteState,
     ZeqError,
 };
-use super::Deps;
+use super::PagesDeps;
 use super::{
-    bearer, body, json_response, parse_json, read_body, respond, with_gateway, ApiError, BodyStream,
+    bearer, body, json_response, parse_json, read_body, respond, with_gateway, Answer, ApiError,
+    BodyStream,
 };
-use crate::auth::{Access, Principal};
+use crate::auth::{Access, Principal, Slug};
 use crate::clock;
 use crate::ledger::hex;
 use crate::machines::{self, Machine};
@@ -55,19 +56,19 @@ use crate::pages::{self, Draft, Encoded, PageError, PageSlug, Served};
     list,
     get_one,
     history,
-    doc_publish,
-    doc_unpublish,
-    doc_rollback,
-    doc_site,
-    doc_site_index,
-    doc_site_state,
-    doc_site_page,
-    doc_site_page_slash,
-    doc_site_head,
-    doc_site_index_head,
-    doc_site_state_head,
-    doc_site_page_head,
-    doc_site_page_slash_head
+    publish,
+    unpublish,
+    rollback,
+    site_redirect,
+    site_index,
+    state_json,
+    page_redirect,
+    serve_page,
+    site_head,
+    site_index_head,
+    site_state_head,
+    site_page_head,
+    site_page_slash_head
 ))]
 pub(super) struct Api;
 
@@ -97,7 +98,7 @@ pub const MAX_PUBLISH_BODY: u64 =
     2 * (pages::MAX_HTML_BYTES + pages::MAX_PYTHON_BYTES) as u64 + 64 * 1024;
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<PagesDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let base = || warp::path!("api" / "state-machines" / String / "pages" / ..);
     let list = base()
@@ -126,15 +127,19 @@ pub fn routes(
         .and(body())
         .and_then(
             |slug: String, page: String, action: String, deps, bearer, len, body| async move {
-                let action = match action.as_str() {
-                    "publish" => Action::Publish,
-                    "unpublish" => Action::Unpublish,
-                    "rollback" => Action::Rollback,
+                let w = PageWrite {
+                    slug,
+                    page,
+                    declared: len,
+                    body,
+                };
+                let answer = match action.as_str() {
+                    "publish" => publish(deps, bearer, w).await,
+                    "unpublish" => unpublish(deps, bearer, w).await,
+                    "rollback" => rollback(deps, bearer, w).await,
                     _ => return Err(warp::reject::not_found()),
                 };
-                Ok::<_, warp::Rejection>(respond(
-                    write(deps, bearer, slug, page, action, len, body).await,
-                ))
+                Ok::<_, warp::Rejection>(respond(answer))
             },
         );
     let site = warp::path("s")
@@ -148,17 +153,18 @@ pub fn routes(
              method: Method,
              headers: HeaderMap,
              query: String,
-             deps: Arc<Deps>| async move {
+             deps: Arc<PagesDeps>| async move {
                 if method != Method::GET && method != Method::HEAD {
                     return Err(warp::reject::not_found());
                 }
-                let res = site(&deps, tail.as_str(), &headers, &query)
-                    .ok_or_else(warp::reject::not_found)?;
-                Ok(if method == Method::HEAD {
-                    head_of(res)
-                } else {
-                    res
-                })
+                site(
+                    &deps,
+                    method == Method::HEAD,
+                    tail.as_str(),
+                    &headers,
+                    &query,
+                )
+                .ok_or_else(warp::reject::not_found)
             },
         );
     list.or(one)
@@ -214,18 +220,23 @@ fn page_slug(page: &str) -> Result<PageSlug, ApiError> {
 }
 
 /// A read: any caller, any existing machine (see the module doc). Non-owners are rate limited.
-fn readable(deps: &Deps, bearer: Option<&str>, slug: &str) -> Result<(Machine, Access), ApiError> {
-    let principal = deps.principal(bearer)?;
-    let machine = machines::valid_slug(slug)
-        .then(|| deps.store.view(|txn| machines::get(txn, slug)))
+fn readable(
+    deps: &PagesDeps,
+    bearer: Option<&str>,
+    slug: &str,
+) -> Result<(Machine, Access), ApiError> {
+    let principal = deps.common.principal(bearer)?;
+    let machine = Slug::parse(slug)
+        .map(|slug| deps.common.store.view(|txn| machines::get(txn, &slug)))
         .transpose()?
         .flatten()
         .ok_or_else(ApiError::machine_not_found)?;
     let access = machine.access(&principal);
     if access < Access::Owner {
-        deps.read_limit
+        deps.limits
+            .read
             .check(&machine.slug)
-            .map_err(|s| deps.rate_limited(s))?;
+            .map_err(|s| deps.common.rate_limited(s))?;
     }
     Ok((machine, access))
 }
@@ -240,14 +251,14 @@ fn page_url(slug: &str, page: &PageSlug) -> String {
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "Pages", body = PageList),
-        (status = 401, description = "`unauthorized`: unknown, revoked or expired key", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
+        (status = 401, description = "`unauthorized`: unknown, revoked or expired key"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
     ))]
-fn list(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
+fn list(deps: Arc<PagesDeps>, bearer: Option<String>, slug: String) -> Result<Response, ApiError> {
     let (machine, access) = readable(&deps, bearer.as_deref(), &slug)?;
-    let slug = machine.slug.as_str();
-    let pages = deps.store.view(|txn| {
+    let slug = &machine.slug;
+    let pages = deps.common.store.view(|txn| {
         let mut out = Vec::new();
         for (page, record) in pages::list(txn, slug)? {
             let shown = match record.live {
@@ -280,21 +291,21 @@ fn list(deps: Arc<Deps>, bearer: Option<String>, slug: String) -> Result<Respons
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The live page", body = PageOne),
-        (status = 400, description = "`invalid_page_slug`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
+        (status = 400, description = "`invalid_page_slug`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
     ))]
 fn get_one(
-    deps: Arc<Deps>,
+    deps: Arc<PagesDeps>,
     bearer: Option<String>,
     slug: String,
     page: String,
 ) -> Result<Response, ApiError> {
     let (machine, _) = readable(&deps, bearer.as_deref(), &slug)?;
     let page = page_slug(&page)?;
-    let slug = machine.slug.as_str();
-    let found = deps.store.view(|txn| {
+    let slug = &machine.slug;
+    let found = deps.common.store.view(|txn| {
         let Some((_, v)) = pages::live(txn, slug, &page)? else {
             return Ok(None);
         };
@@ -329,21 +340,21 @@ fn get_one(
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "History", body = PageHistory),
-        (status = 400, description = "`invalid_page_slug`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
+        (status = 400, description = "`invalid_page_slug`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`"),
+        (status = 429, description = "`rate_limited`"),
     ))]
 fn history(
-    deps: Arc<Deps>,
+    deps: Arc<PagesDeps>,
     bearer: Option<String>,
     slug: String,
     page: String,
 ) -> Result<Response, ApiError> {
     let (machine, _) = readable(&deps, bearer.as_deref(), &slug)?;
     let page = page_slug(&page)?;
-    let slug = machine.slug.as_str();
-    let (record, versions) = deps.store.view(|txn| {
+    let slug = &machine.slug;
+    let (record, versions) = deps.common.store.view(|txn| {
         Ok((
             pages::get(txn, slug, &page)?,
             pages::history(txn, slug, &page)?,
@@ -384,16 +395,17 @@ fn history(
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Published", body = PageWritten),
-        (status = 400, description = "`invalid_body`, `invalid_page_slug`, `invalid_title`, `invalid_html`, `invalid_agent_zid`, …", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, or `not_found`", body = ZeqError),
-        (status = 413, description = "`payload_too_large` (with `field`, `limit`)", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_page_slug`, `invalid_title`, `invalid_html`, `invalid_agent_zid`, …"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`"),
+        (status = 404, description = "`machine_not_found`, or `not_found`"),
+        (status = 413, description = "`payload_too_large` (with `field`, `limit`)"),
+        (status = 429, description = "`rate_limited`"),
+        (status = 507, description = "`storage_full`"),
     ))]
-#[allow(dead_code)]
-fn doc_publish() {}
+async fn publish(deps: Arc<PagesDeps>, bearer: Option<String>, w: PageWrite) -> Answer {
+    write(deps, bearer, w, Action::Publish).await
+}
 
 /// Take the page offline (its versions stay).
 #[utoipa::path(post, path = "/api/state-machines/{slug}/pages/{page}/unpublish", tag = "pages",
@@ -402,17 +414,18 @@ fn doc_publish() {}
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Offline", body = PageWritten),
-        (status = 400, description = "`invalid_body`, `invalid_page_slug`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`", body = ZeqError),
-        (status = 409, description = "`page_not_published`", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_page_slug`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`"),
+        (status = 404, description = "`machine_not_found`, `page_not_found`, or `not_found`"),
+        (status = 409, description = "`page_not_published`"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 429, description = "`rate_limited`"),
+        (status = 507, description = "`storage_full`"),
     ))]
-#[allow(dead_code)]
-fn doc_unpublish() {}
+async fn unpublish(deps: Arc<PagesDeps>, bearer: Option<String>, w: PageWrite) -> Answer {
+    write(deps, bearer, w, Action::Unpublish).await
+}
 
 /// Make an earlier version live again (as a new version).
 #[utoipa::path(post, path = "/api/state-machines/{slug}/pages/{page}/rollback", tag = "pages",
@@ -421,103 +434,25 @@ fn doc_unpublish() {}
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Rolled back", body = PageWritten),
-        (status = 400, description = "`invalid_body`, `invalid_page_slug`, `invalid_version`", body = ZeqError),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
-        (status = 403, description = "`forbidden`", body = ZeqError),
-        (status = 404, description = "`machine_not_found`, `page_not_found`, `version_not_found`, or `not_found`", body = ZeqError),
-        (status = 413, description = "`payload_too_large`", body = ZeqError),
-        (status = 429, description = "`rate_limited`", body = ZeqError),
-        (status = 507, description = "`storage_full`", body = ZeqError),
+        (status = 400, description = "`invalid_body`, `invalid_page_slug`, `invalid_version`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`"),
+        (status = 404, description = "`machine_not_found`, `page_not_found`, `version_not_found`, or `not_found`"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 429, description = "`rate_limited`"),
+        (status = 507, description = "`storage_full`"),
     ))]
-#[allow(dead_code)]
-fn doc_rollback() {}
+async fn rollback(deps: Arc<PagesDeps>, bearer: Option<String>, w: PageWrite) -> Answer {
+    write(deps, bearer, w, Action::Rollback).await
+}
 
-/// To the slash form of the site index.
-#[utoipa::path(get, path = "/s/{slug}", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug")),
-    responses(
-        (status = 308, description = "See `/s/{slug}/`", headers(("location" = String))),
-        (status = 404, description = "No such route", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_site() {}
-
-/// The site's index of published pages (no scripts).
-#[utoipa::path(get, path = "/s/{slug}/", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug"),
-           ("If-None-Match" = Option<String>, Header, description = "ETag(s) the client has")),
-    responses(
-        (status = 200, description = "The index", content_type = "text/html", body = String),
-        (status = 304, description = "Not modified"),
-        (status = 404, description = "No such site (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
-    ))]
-#[allow(dead_code)]
-fn doc_site_index() {}
-
-/// Public instance states for page scripts; any origin, no credentials.
-#[utoipa::path(get, path = "/s/{slug}/state.json", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug")),
-    responses(
-        (status = 200, description = "States", body = SiteState),
-        (status = 404, description = "No such site (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
-    ))]
-#[allow(dead_code)]
-fn doc_site_state() {}
-
-/// To the slash form of a page.
-#[utoipa::path(get, path = "/s/{slug}/p/{page}", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
-    responses(
-        (status = 308, description = "See `/s/{slug}/p/{page}/`", headers(("location" = String))),
-        (status = 404, description = "No such route", body = ZeqError),
-    ))]
-#[allow(dead_code)]
-fn doc_site_page() {}
-
-/// A published page: brotli or gzip by `Accept-Encoding`, ETag, sandboxing CSP.
-#[utoipa::path(get, path = "/s/{slug}/p/{page}/", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug"),
-           ("If-None-Match" = Option<String>, Header, description = "ETag(s) the client has")),
-    responses(
-        (status = 200, description = "The page", content_type = "text/html", body = String),
-        (status = 304, description = "Not modified"),
-        (status = 404, description = "No such page (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
-    ))]
-#[allow(dead_code)]
-fn doc_site_page_slash() {}
-
-/// The HEAD forms of the site's routes: the GET response's status and headers, no body.
-#[utoipa::path(head, path = "/s/{slug}", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug")),
-    responses((status = 308, description = "See `/s/{slug}/`"), (status = 404, description = "No such route")))]
-#[allow(dead_code)]
-fn doc_site_head() {}
-
-#[utoipa::path(head, path = "/s/{slug}/", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug")),
-    responses((status = 200, description = "The index exists"), (status = 304, description = "Not modified"),
-              (status = 404, description = "No such site")))]
-#[allow(dead_code)]
-fn doc_site_index_head() {}
-
-#[utoipa::path(head, path = "/s/{slug}/state.json", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug")),
-    responses((status = 200, description = "The states exist"), (status = 404, description = "No such site")))]
-#[allow(dead_code)]
-fn doc_site_state_head() {}
-
-#[utoipa::path(head, path = "/s/{slug}/p/{page}", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
-    responses((status = 308, description = "See `/s/{slug}/p/{page}/`"), (status = 404, description = "No such route")))]
-#[allow(dead_code)]
-fn doc_site_page_head() {}
-
-#[utoipa::path(head, path = "/s/{slug}/p/{page}/", tag = "site",
-    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
-    responses((status = 200, description = "The page exists"), (status = 304, description = "Not modified"),
-              (status = 404, description = "No such page")))]
-#[allow(dead_code)]
-fn doc_site_page_slash_head() {}
+/// A write to one page, as its route extracted it.
+struct PageWrite {
+    slug: String,
+    page: String,
+    declared: Option<u64>,
+    body: BodyStream,
+}
 
 #[derive(Debug, Clone, Copy)]
 enum Action {
@@ -527,31 +462,35 @@ enum Action {
 }
 
 async fn write(
-    deps: Arc<Deps>,
+    deps: Arc<PagesDeps>,
     bearer: Option<String>,
-    slug: String,
-    page: String,
+    w: PageWrite,
     action: Action,
-    declared: Option<u64>,
-    body: BodyStream,
 ) -> Result<Response, ApiError> {
-    let principal = deps.principal(bearer.as_deref())?;
+    let PageWrite {
+        slug,
+        page,
+        declared,
+        body,
+    } = w;
+    let principal = deps.common.principal(bearer.as_deref())?;
     if principal == Principal::Anonymous {
         return Err(ApiError::unauthorized());
     }
-    let (machine, access) = super::visible_machine(&deps, &principal, &slug)?;
+    let (machine, access) = super::visible_machine(&deps.common, &principal, &slug)?;
     if access < Access::Operator {
         return Err(ApiError::forbidden(
             "publishing needs the machine owner's key or an operator or admin machine key",
         ));
     }
     let page = page_slug(&page)?;
-    deps.write_limit
+    deps.limits
+        .write
         .check(&machine.slug)
-        .map_err(|s| deps.rate_limited(s))?;
+        .map_err(|s| deps.common.rate_limited(s))?;
     let limit = match action {
         Action::Publish => MAX_PUBLISH_BODY,
-        _ => deps.config.http.max_json_bytes,
+        _ => deps.max_json_bytes,
     };
     let bytes = read_body(declared, body, limit).await?;
     let body = parse_json(&bytes)?;
@@ -634,9 +573,9 @@ async fn write(
 
 /// The page's HTML compressed for serving, unless the gateway already stores that content;
 /// computed off the runtime.
-async fn encode_if_new(deps: &Deps, draft: &Draft) -> Result<Option<Encoded>, ApiError> {
+async fn encode_if_new(deps: &PagesDeps, draft: &Draft) -> Result<Option<Encoded>, ApiError> {
     let sha = crate::auth::sha256(draft.html.as_bytes());
-    if deps.store.view(|txn| pages::has_blob(txn, &sha))? {
+    if deps.common.store.view(|txn| pages::has_blob(txn, &sha))? {
         return Ok(None);
     }
     let html = draft.html.clone().into_bytes();
@@ -684,27 +623,100 @@ fn redirect(to: String) -> Response {
     res
 }
 
-/// Routes `/s/…`; `None` for paths that are not part of the site.
-fn site(deps: &Deps, tail: &str, headers: &HeaderMap, query: &str) -> Option<Response> {
+/// Routes `/s/…` (GET, or HEAD when `head`); `None` for paths that are not part of the site.
+fn site(
+    deps: &PagesDeps,
+    head: bool,
+    tail: &str,
+    headers: &HeaderMap,
+    query: &str,
+) -> Option<Response> {
     let parts: Vec<&str> = tail.split('/').collect();
-    let with_query = |path: String| {
-        if query.is_empty() {
-            path
-        } else {
-            format!("{path}?{query}")
-        }
-    };
-    let response = match parts.as_slice() {
-        [slug] if !slug.is_empty() => redirect(with_query(format!("/s/{slug}/"))),
-        [slug, ""] => site_index(deps, slug, headers),
-        [slug, "state.json"] => state_json(deps, slug),
-        [slug, "p", page] if !page.is_empty() => {
-            redirect(with_query(format!("/s/{slug}/p/{page}/")))
-        }
-        [slug, "p", page, ""] => serve_page(deps, slug, page, headers),
+    let response = match (head, parts.as_slice()) {
+        (false, [slug]) if !slug.is_empty() => site_redirect(slug, query),
+        (true, [slug]) if !slug.is_empty() => site_head(slug, query),
+        (false, [slug, ""]) => site_index(deps, slug, headers),
+        (true, [slug, ""]) => site_index_head(deps, slug, headers),
+        (false, [slug, "state.json"]) => state_json(deps, slug),
+        (true, [slug, "state.json"]) => site_state_head(deps, slug),
+        (false, [slug, "p", page]) if !page.is_empty() => page_redirect(slug, page, query),
+        (true, [slug, "p", page]) if !page.is_empty() => site_page_head(slug, page, query),
+        (false, [slug, "p", page, ""]) => serve_page(deps, slug, page, headers),
+        (true, [slug, "p", page, ""]) => site_page_slash_head(deps, slug, page, headers),
         _ => return None,
     };
     Some(response)
+}
+
+/// `path` with the request's query string, if it had one.
+fn with_query(path: String, query: &str) -> String {
+    if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{query}")
+    }
+}
+
+/// To the slash form of the site index.
+#[utoipa::path(operation_id = "site", get, path = "/s/{slug}", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses(
+        (status = 308, description = "See `/s/{slug}/`", headers(("location" = String))),
+        (status = 404, description = "No such route"),
+    ))]
+fn site_redirect(slug: &str, query: &str) -> Response {
+    redirect(with_query(format!("/s/{slug}/"), query))
+}
+
+/// To the slash form of a page.
+#[utoipa::path(operation_id = "site_page", get, path = "/s/{slug}/p/{page}", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
+    responses(
+        (status = 308, description = "See `/s/{slug}/p/{page}/`", headers(("location" = String))),
+        (status = 404, description = "No such route"),
+    ))]
+fn page_redirect(slug: &str, page: &str, query: &str) -> Response {
+    redirect(with_query(format!("/s/{slug}/p/{page}/"), query))
+}
+
+// The HEAD forms: the GET answer's status and headers, without its body.
+
+/// The HEAD forms of the site's routes: the GET response's status and headers, no body.
+#[utoipa::path(head, path = "/s/{slug}", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses((status = 308, description = "See `/s/{slug}/`"), (status = 404, description = "No such route")))]
+fn site_head(slug: &str, query: &str) -> Response {
+    head_of(site_redirect(slug, query))
+}
+
+#[utoipa::path(head, path = "/s/{slug}/", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses((status = 200, description = "The index exists"), (status = 304, description = "Not modified"),
+              (status = 404, description = "No such site")))]
+fn site_index_head(deps: &PagesDeps, slug: &str, headers: &HeaderMap) -> Response {
+    head_of(site_index(deps, slug, headers))
+}
+
+#[utoipa::path(head, path = "/s/{slug}/state.json", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses((status = 200, description = "The states exist"), (status = 404, description = "No such site")))]
+fn site_state_head(deps: &PagesDeps, slug: &str) -> Response {
+    head_of(state_json(deps, slug))
+}
+
+#[utoipa::path(head, path = "/s/{slug}/p/{page}", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
+    responses((status = 308, description = "See `/s/{slug}/p/{page}/`"), (status = 404, description = "No such route")))]
+fn site_page_head(slug: &str, page: &str, query: &str) -> Response {
+    head_of(page_redirect(slug, page, query))
+}
+
+#[utoipa::path(head, path = "/s/{slug}/p/{page}/", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug")),
+    responses((status = 200, description = "The page exists"), (status = 304, description = "Not modified"),
+              (status = 404, description = "No such page")))]
+fn site_page_slash_head(deps: &PagesDeps, slug: &str, page: &str, headers: &HeaderMap) -> Response {
+    head_of(serve_page(deps, slug, page, headers))
 }
 
 fn store_failure(e: crate::store::StoreError) -> Response {
@@ -714,15 +726,15 @@ fn store_failure(e: crate::store::StoreError) -> Response {
 type Site = (Machine, Vec<(PageSlug, pages::PageVersion)>);
 
 /// The machine and its published pages, when its site exists (public, or a published page).
-fn site_machine(deps: &Deps, slug: &str) -> Result<Option<Site>, crate::store::StoreError> {
-    if !machines::valid_slug(slug) {
+fn site_machine(deps: &PagesDeps, slug: &str) -> Result<Option<Site>, crate::store::StoreError> {
+    let Some(slug) = Slug::parse(slug) else {
         return Ok(None);
-    }
-    deps.store.view(|txn| {
-        let Some(m) = machines::get(txn, slug)? else {
+    };
+    deps.common.store.view(|txn| {
+        let Some(m) = machines::get(txn, &slug)? else {
             return Ok(None);
         };
-        let published = pages::published(txn, slug)?;
+        let published = pages::published(txn, &slug)?;
         Ok((m.is_public || !published.is_empty()).then_some((m, published)))
     })
 }
@@ -742,7 +754,16 @@ fn html_escape(s: &str) -> String {
     out
 }
 
-fn site_index(deps: &Deps, slug: &str, headers: &HeaderMap) -> Response {
+/// The site's index of published pages (no scripts).
+#[utoipa::path(get, path = "/s/{slug}/", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"),
+           ("If-None-Match" = Option<String>, Header, description = "ETag(s) the client has")),
+    responses(
+        (status = 200, description = "The index", content_type = "text/html", body = String),
+        (status = 304, description = "Not modified"),
+        (status = 404, description = "No such site (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
+    ))]
+fn site_index(deps: &PagesDeps, slug: &str, headers: &HeaderMap) -> Response {
     let (machine, published) = match site_machine(deps, slug) {
         Ok(Some(found)) => found,
         Ok(None) => return plain(StatusCode::NOT_FOUND, "no such site\n"),
@@ -847,12 +868,21 @@ fn choose_encoding<'a>(
     }
 }
 
-fn serve_page(deps: &Deps, slug: &str, page: &str, headers: &HeaderMap) -> Response {
-    let Some(page) = PageSlug::parse(page).filter(|_| machines::valid_slug(slug)) else {
+/// A published page: brotli or gzip by `Accept-Encoding`, ETag, sandboxing CSP.
+#[utoipa::path(operation_id = "site_page_slash", get, path = "/s/{slug}/p/{page}/", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug"), ("page" = String, Path, description = "Page slug"),
+           ("If-None-Match" = Option<String>, Header, description = "ETag(s) the client has")),
+    responses(
+        (status = 200, description = "The page", content_type = "text/html", body = String),
+        (status = 304, description = "Not modified"),
+        (status = 404, description = "No such page (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
+    ))]
+fn serve_page(deps: &PagesDeps, slug: &str, page: &str, headers: &HeaderMap) -> Response {
+    let (Some(slug), Some(page)) = (Slug::parse(slug), PageSlug::parse(page)) else {
         return plain(StatusCode::NOT_FOUND, "no such page\n");
     };
-    let found = deps.store.view(|txn| {
-        let Some(record) = pages::get(txn, slug, &page)? else {
+    let found = deps.common.store.view(|txn| {
+        let Some(record) = pages::get(txn, &slug, &page)? else {
             return Ok(None);
         };
         let Some(live) = record.live else {
@@ -895,14 +925,18 @@ fn serve_page(deps: &Deps, slug: &str, page: &str, headers: &HeaderMap) -> Respo
     res
 }
 
-/// Public instance states for page scripts. Answers any origin (sandboxed pages send
-/// `Origin: null`) with `Access-Control-Allow-Origin: *` and never with credentials, so a
-/// browser will not attach cookies to it; it is read-only and shows only public state.
-fn state_json(deps: &Deps, slug: &str) -> Response {
+/// Public instance states for page scripts; any origin, no credentials.
+#[utoipa::path(operation_id = "site_state", get, path = "/s/{slug}/state.json", tag = "site",
+    params(("slug" = String, Path, description = "Machine slug")),
+    responses(
+        (status = 200, description = "States", body = SiteState),
+        (status = 404, description = "No such site (or, JSON, no such route)", content((String = "text/plain"), (ZeqError = "application/json"))),
+    ))]
+fn state_json(deps: &PagesDeps, slug: &str) -> Response {
     // One `{instance, ts, state, publicContext, tags, done}` per instance: the public view
     // (context.public and nothing else of the context), never the admin view.
     let states = match site_machine(deps, slug) {
-        Ok(Some((m, _))) => deps.store.view(|txn| {
+        Ok(Some((m, _))) => deps.common.store.view(|txn| {
             match crate::instances::public_states(txn, &deps.charts, &m.slug) {
                 Err(crate::instances::InstanceError::Store(e)) => Err(e),
                 other => Ok(other),

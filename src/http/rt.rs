@@ -33,9 +33,10 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use super::instances::{authorize_live, current_view, SbError};
-use super::openapi::schema::{SbError as SbErrorBody, ZeqError};
-use super::Deps;
+use super::openapi::schema::ZeqError;
+use super::InstancesDeps;
 use super::{bearer, json_response, with_gateway};
+use crate::auth::Slug;
 
 /// Subscriptions one socket may hold at once.
 pub const MAX_SUBSCRIPTIONS: usize = 256;
@@ -47,8 +48,20 @@ type Query = HashMap<String, String>;
 
 /// The operations of this file, for `/api/openapi.json`.
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(doc_rt))]
+#[openapi(paths(rt))]
 pub(super) struct Api;
+
+pub fn routes(
+    deps: Arc<InstancesDeps>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("rt")
+        .and(warp::get())
+        .and(warp::ws())
+        .and(warp::query::<Query>())
+        .and(with_gateway(deps))
+        .and(bearer())
+        .map(rt)
+}
 
 /// statebacked's real-time websocket (see the module documentation for its messages). A
 /// request that is not a websocket upgrade is refused with 400.
@@ -58,46 +71,33 @@ pub(super) struct Api;
     responses(
         (status = 101, description = "Switching to the websocket protocol"),
         (status = 400, description = "`invalid_request`: not a websocket upgrade", body = ZeqError),
-        (status = 401, description = "`unauthorized`: the key does not authenticate", body = SbErrorBody),
+        (status = 401, description = "`unauthorized`: the key does not authenticate"),
         (status = 405, description = "`method_not_allowed`", body = ZeqError),
     ))]
-#[allow(dead_code)]
-fn doc_rt() {}
-
-pub fn routes(
-    deps: Arc<Deps>,
-) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
-    warp::path!("rt")
-        .and(warp::get())
-        .and(warp::ws())
-        .and(warp::query::<Query>())
-        .and(with_gateway(deps))
-        .and(bearer())
-        .map(|ws: Ws, q: Query, deps: Arc<Deps>, b: Option<String>| {
-            let token = b.or_else(|| q.get("token").cloned());
-            // A key that does not authenticate is refused before the upgrade, with the same
-            // 401 as any other route; no key at all is anonymous.
-            if let Err(e) = deps.principal(token.as_deref()) {
-                let e = SbError::from(super::ApiError::from(e));
-                return json_response(e.0, &json!({"error": e.2, "code": e.1}));
-            }
-            ws.max_message_size(MAX_MESSAGE_BYTES)
-                .max_frame_size(MAX_MESSAGE_BYTES)
-                .on_upgrade(move |socket| session(deps, token, socket))
-                .into_response()
-        })
+fn rt(ws: Ws, q: Query, deps: Arc<InstancesDeps>, bearer: Option<String>) -> Response {
+    let token = bearer.or_else(|| q.get("token").cloned());
+    // A key that does not authenticate is refused before the upgrade, with the same 401 as any
+    // other route; no key at all is anonymous.
+    if let Err(e) = deps.common.principal(token.as_deref()) {
+        let e = SbError::from(super::ApiError::from(e));
+        return json_response(e.0, &json!({"error": e.2, "code": e.1}));
+    }
+    ws.max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| session(deps, token, socket))
+        .into_response()
 }
 
 /// One subscription: the request that made it, the auth to re-check `allowRead` with, and the
 /// step count last sent (`None` until the first update).
 struct Sub {
     request_id: Value,
-    machine: String,
+    machine: Slug,
     auth: Value,
     last_steps: Option<u64>,
 }
 
-async fn session(deps: Arc<Deps>, token: Option<String>, socket: WebSocket) {
+async fn session(deps: Arc<InstancesDeps>, token: Option<String>, socket: WebSocket) {
     let (mut tx, mut rx) = socket.split();
     let mut commits = deps.writer.subscribe();
     let mut ping = tokio::time::interval(SERVER_PING);
@@ -147,7 +147,7 @@ fn error(request_id: &Value, status: StatusCode, code: &str, message: &str) -> M
 
 /// Answers one client message.
 fn handle(
-    deps: &Deps,
+    deps: &InstancesDeps,
     token: Option<&str>,
     subs: &mut HashMap<(String, String), Sub>,
     raw: &str,
@@ -219,7 +219,7 @@ fn handle(
 /// Sends an `instance-update` for each subscription (or just `only`) whose instance moved
 /// since its last update; ends subscriptions whose instance is gone or no longer readable.
 fn refresh(
-    deps: &Deps,
+    deps: &InstancesDeps,
     subs: &mut HashMap<(String, String), Sub>,
     only: Option<&(String, String)>,
 ) -> Vec<Message> {

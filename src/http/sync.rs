@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 use warp::reply::Response;
 use warp::Filter;
 
-use super::openapi::schema::{SyncStatus, ZeqError};
-use super::Deps;
+use super::openapi::schema::SyncStatus;
+use super::SyncDeps;
 use super::{bearer, json_response, respond, with_gateway, ApiError};
 use crate::auth::{Access, Principal};
 use crate::clock;
@@ -21,13 +21,15 @@ use crate::sync::client;
 pub(super) struct Api;
 
 pub fn routes(
-    deps: Arc<Deps>,
+    deps: Arc<SyncDeps>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("api" / "sync" / "status")
         .and(warp::get())
         .and(with_gateway(deps))
         .and(bearer())
-        .map(|deps: Arc<Deps>, bearer: Option<String>| respond(status(&deps, bearer.as_deref())))
+        .map(|deps: Arc<SyncDeps>, bearer: Option<String>| {
+            respond(status(&deps, bearer.as_deref()))
+        })
 }
 
 /// Upstream sync per machine the caller owns or administers.
@@ -35,22 +37,22 @@ pub fn routes(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Sync status", body = SyncStatus),
-        (status = 401, description = "`unauthorized`", body = ZeqError),
+        (status = 401, description = "`unauthorized`"),
     ))]
-fn status(deps: &Deps, bearer: Option<&str>) -> Result<Response, ApiError> {
-    let principal = deps.principal(bearer)?;
+fn status(deps: &SyncDeps, bearer: Option<&str>) -> Result<Response, ApiError> {
+    let principal = deps.common.principal(bearer)?;
     if principal == Principal::Anonymous {
         return Err(ApiError::unauthorized());
     }
     let ms = |t: Option<i64>| t.map(clock::rfc3339);
-    let machines = deps.store.view(|txn| {
+    let machines = deps.common.store.view(|txn| {
         let mut out = Vec::new();
         for m in crate::machines::all(txn)? {
             if m.access(&principal) < Access::Admin {
                 continue;
             }
             let (size, acked, rows, bytes, exact) = client::backlog(txn, &m.slug)?;
-            let s = deps.sync.get(&m.slug);
+            let s = deps.state.get(&m.slug);
             out.push(json!({
                 "slug": m.slug,
                 "log_size": size,
@@ -73,11 +75,11 @@ fn status(deps: &Deps, bearer: Option<&str>) -> Result<Response, ApiError> {
         StatusCode::OK,
         &json!({
             "ok": true,
-            "enabled": !deps.config.upstream.url.is_empty(),
-            "upstream": deps.config.upstream.url,
+            "enabled": !deps.upstream.url.is_empty(),
+            "upstream": deps.upstream.url,
             "gateway_id": deps.identity.id,
-            "over_quota": deps.sync.over_quota.load(std::sync::atomic::Ordering::Relaxed),
-            "backlog_quota_bytes": deps.config.upstream.backlog_quota_bytes,
+            "over_quota": deps.state.over_quota.load(std::sync::atomic::Ordering::Relaxed),
+            "backlog_quota_bytes": deps.upstream.backlog_quota_bytes,
             "machines": Value::Array(machines),
         }),
     ))

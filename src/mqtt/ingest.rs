@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::topic;
+use crate::auth::Slug;
 use crate::chart::{ErrorKind, Event};
 use crate::instances::{self, Charts, InstanceError};
 use crate::store::{self, StoreError};
@@ -346,15 +347,15 @@ impl Writing<'_, '_> {
     /// messages address instances in no order, and one pass along the table reads each leaf
     /// once instead of once per message.
     fn read_ahead(&mut self, batch: &[Message]) -> Result<(), StoreError> {
-        let keys: std::collections::BTreeSet<(&str, &str)> = batch
+        let keys: std::collections::BTreeSet<(Slug, &str)> = batch
             .iter()
             .filter_map(|m| topic::parse(&self.rules.prefix, &m.topic).ok())
             .map(|t| (t.machine, t.instance))
             .collect();
         for (machine, slug) in keys {
-            if let Some(instance) = self.steps.instance(machine, slug)? {
+            if let Some(instance) = self.steps.instance(&machine, slug)? {
                 self.read_ahead
-                    .insert((machine.to_owned(), slug.to_owned()), instance);
+                    .insert((machine.to_string(), slug.to_owned()), instance);
             }
         }
         Ok(())
@@ -438,16 +439,16 @@ impl Segment {
             Err(refusal) => return Ok(Some(Planned::Refused(refusal))),
         };
         if let Err((reason, message)) = &m.data {
-            let refusal = (t.machine.to_owned(), *reason, message.clone());
+            let refusal = (t.machine.to_string(), *reason, message.clone());
             return Ok(Some(Planned::Refused(refusal)));
         }
-        let key = (t.machine.to_owned(), t.instance.to_owned());
+        let key = (t.machine.to_string(), t.instance.to_owned());
         let run = match self.index.get(&key) {
             Some(&r) => r,
             None => {
                 let instance = match w.read_ahead.remove(&key) {
                     Some(i) => i,
-                    None => match w.steps.instance(t.machine, t.instance)? {
+                    None => match w.steps.instance(&t.machine, t.instance)? {
                         Some(i) => i,
                         None => return Ok(None),
                     },
@@ -619,20 +620,20 @@ fn route(
         Ok(t) => t,
         Err(refusal) => return Ok(Err(refusal)),
     };
-    let refuse = |reason, message: String| Ok(Err((t.machine.to_owned(), reason, message)));
+    let refuse = |reason, message: String| Ok(Err((t.machine.to_string(), reason, message)));
     let data = match std::mem::replace(&mut m.data, Ok(Value::Null)) {
         Ok(data) => data,
         Err((reason, message)) => return refuse(reason, message),
     };
     let auth = auth();
     let event = Event::new(t.event, data);
-    let refused = |e| refusal(e).map(|(r, msg)| Err((t.machine.to_owned(), r, msg)));
+    let refused = |e| refusal(e).map(|(r, msg)| Err((t.machine.to_string(), r, msg)));
     // The common case first: the instance exists. `send_event` writes nothing when it fails,
     // so a missing instance costs one failed lookup before it is created.
     let sent = match send(steps, charts, &t, event.clone(), &auth, now_ms) {
-        Err(InstanceError::NotFound(_)) if steps.instance(t.machine, t.instance)?.is_none() => {
+        Err(InstanceError::NotFound(_)) if steps.instance(&t.machine, t.instance)?.is_none() => {
             let meta: instances::ChartMeta =
-                match txn.open_table(instances::CHARTS)?.get(t.machine)? {
+                match txn.open_table(instances::CHARTS)?.get(t.machine.as_str())? {
                     Some(v) => store::decode(v.value())?,
                     None => Default::default(),
                 };
@@ -647,7 +648,7 @@ fn route(
             }
             if let Err(e) = steps.create_instance(
                 charts,
-                t.machine,
+                &t.machine,
                 t.instance,
                 Value::Null,
                 None,
@@ -663,7 +664,7 @@ fn route(
     };
     match sent {
         Ok(sent) => Ok(Ok(Outcome::Applied {
-            machine: t.machine.to_owned(),
+            machine: t.machine.to_string(),
             instance: sent.instance.slug,
             view: sent.view,
             effects: sent.effects,
@@ -685,11 +686,12 @@ fn parse<'t>(
             let machine = u
                 .machine
                 .filter(|s| machines.exists(txn, s).unwrap_or(false))
-                .unwrap_or("");
-            return Ok(Err((machine.into(), "unknown_topic", u.why.into())));
+                .map(String::from)
+                .unwrap_or_default();
+            return Ok(Err((machine, "unknown_topic", u.why.into())));
         }
     };
-    if !machines.exists(txn, t.machine)? {
+    if !machines.exists(txn, &t.machine)? {
         return Ok(Err((
             String::new(),
             "unknown_machine",
@@ -707,7 +709,7 @@ fn send(
     auth: &Value,
     now_ms: i64,
 ) -> Result<instances::Sent, InstanceError> {
-    steps.send_event(charts, t.machine, t.instance, event, auth, ACTOR, now_ms)
+    steps.send_event(charts, &t.machine, t.instance, event, auth, ACTOR, now_ms)
 }
 
 /// The dead-letter reason of a failed step; store errors abort the batch instead.

@@ -81,9 +81,9 @@ impl Grant {
                 return *a;
             }
         }
-        let access = store
-            .view(|txn| crate::machines::get(txn, machine))
-            .ok()
+        // A level that is not a slug names no machine.
+        let access = crate::auth::Slug::parse(machine)
+            .and_then(|slug| store.view(|txn| crate::machines::get(txn, &slug)).ok())
             .flatten()
             .map_or(Access::None, |m| m.access(principal));
         if let Ok(mut cache) = self.access.lock() {

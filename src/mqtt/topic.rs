@@ -7,13 +7,15 @@
 //! | `<prefix>/<machine>/<instance>/state` | retained public view (published by the gateway) |
 //! | `<prefix>/$gateway/<gateway-id>/status` | retained `online` / Last Will `offline` |
 
+use crate::auth::Slug;
+
 /// Longest event type accepted (as on the HTTP `event` route).
 pub const MAX_EVENT_TYPE: usize = 64;
 
 /// A device topic, parsed. `machine` is only checked for shape.
 #[derive(Debug, PartialEq, Eq)]
 pub struct DeviceTopic<'a> {
-    pub machine: &'a str,
+    pub machine: Slug,
     pub instance: &'a str,
     pub event: &'a str,
 }
@@ -21,34 +23,30 @@ pub struct DeviceTopic<'a> {
 /// Why a topic is not a device topic. `machine` is the machine segment when it has the shape
 /// of a slug, so the dead letter can be filed under that machine.
 #[derive(Debug, PartialEq, Eq)]
-pub struct UnknownTopic<'a> {
-    pub machine: Option<&'a str>,
+pub struct UnknownTopic {
+    pub machine: Option<Slug>,
     pub why: &'static str,
 }
 
-pub fn parse<'a>(prefix: &str, topic: &'a str) -> Result<DeviceTopic<'a>, UnknownTopic<'a>> {
+pub fn parse<'a>(prefix: &str, topic: &'a str) -> Result<DeviceTopic<'a>, UnknownTopic> {
     let unknown = |machine, why| Err(UnknownTopic { machine, why });
     let Some(rest) = topic.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
         return unknown(None, "the topic is not under the gateway's prefix");
     };
     let levels: Vec<&str> = rest.split('/').collect();
-    let machine = levels
-        .first()
-        .copied()
-        .filter(|m| crate::machines::valid_slug(m));
-    if machine.is_none() {
+    let Some(slug) = levels.first().and_then(|m| Slug::parse(m)) else {
         return unknown(
             None,
             "the machine level is not a machine slug ([a-z0-9-]{1,64})",
         );
-    }
+    };
     let event = match levels.as_slice() {
         [_, _, "heartbeat"] => "HEARTBEAT",
         [_, _, "events", t] => {
             if t.is_empty() || t.chars().count() > MAX_EVENT_TYPE || t.chars().any(char::is_control)
             {
                 return unknown(
-                    machine,
+                    Some(slug),
                     "the event type must be 1–64 characters without control characters",
                 );
             }
@@ -56,7 +54,7 @@ pub fn parse<'a>(prefix: &str, topic: &'a str) -> Result<DeviceTopic<'a>, Unknow
         }
         _ => {
             return unknown(
-                machine,
+                Some(slug),
                 "expected <prefix>/<machine>/<instance>/heartbeat or …/events/<TYPE>",
             )
         }
@@ -64,12 +62,12 @@ pub fn parse<'a>(prefix: &str, topic: &'a str) -> Result<DeviceTopic<'a>, Unknow
     let instance = levels[1];
     if !crate::instances::valid_instance_slug(instance) {
         return unknown(
-            machine,
+            Some(slug),
             "the instance level must match ^[a-zA-Z0-9_-]{1,128}$",
         );
     }
     Ok(DeviceTopic {
-        machine: levels[0],
+        machine: slug,
         instance,
         event,
     })
@@ -104,7 +102,7 @@ mod tests {
         assert_eq!(
             parse("smgate", "smgate/m-1/dev_7/heartbeat"),
             Ok(DeviceTopic {
-                machine: "m-1",
+                machine: Slug::parse("m-1").unwrap(),
                 instance: "dev_7",
                 event: "HEARTBEAT"
             })
@@ -121,11 +119,11 @@ mod tests {
             parse("smgate", "smgate/m/bad.slug/heartbeat")
                 .unwrap_err()
                 .machine,
-            Some("m")
+            Slug::parse("m")
         );
         assert_eq!(
             parse("smgate", "smgate/m/i/events/").unwrap_err().machine,
-            Some("m")
+            Slug::parse("m")
         );
         assert_eq!(
             parse("smgate", "smgate/M!/i/heartbeat")
@@ -139,7 +137,7 @@ mod tests {
         );
         assert_eq!(
             parse("smgate", "smgate/m/i/state").unwrap_err().machine,
-            Some("m")
+            Slug::parse("m")
         );
         let long = format!("smgate/m/i/events/{}", "x".repeat(65));
         assert!(parse("smgate", &long).is_err());

@@ -35,10 +35,10 @@ use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::auth::sha256;
+use crate::auth::{sha256, Slug};
 use crate::ledger::hex;
 use crate::ledger::log::{self, Entry};
-use crate::machines::{self, Machine};
+use crate::machines::Machine;
 use crate::store::{self, StoreError, MACHINES};
 
 /// (machine slug, page slug) → [`Page`].
@@ -99,7 +99,7 @@ pub struct PageSlug(String);
 
 impl PageSlug {
     pub fn parse(s: &str) -> Option<PageSlug> {
-        machines::valid_slug(s).then(|| PageSlug(s.to_owned()))
+        Slug::parse(s).map(|s| PageSlug(s.into()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -335,9 +335,9 @@ pub struct Published {
     pub row: crate::ledger::Row,
 }
 
-fn owner_of(txn: &WriteTransaction, slug: &str) -> Result<Machine, PageError> {
+fn owner_of(txn: &WriteTransaction, slug: &Slug) -> Result<Machine, PageError> {
     let machines = txn.open_table(MACHINES).map_err(StoreError::from)?;
-    let m = machines.get(slug).map_err(StoreError::from)?;
+    let m = machines.get(slug.as_str()).map_err(StoreError::from)?;
     m.map(|v| store::decode::<Machine>(v.value()))
         .transpose()?
         .ok_or(PageError::MachineNotFound)
@@ -345,22 +345,22 @@ fn owner_of(txn: &WriteTransaction, slug: &str) -> Result<Machine, PageError> {
 
 fn page_in(
     txn: &WriteTransaction,
-    slug: &str,
+    slug: &Slug,
     page: &PageSlug,
 ) -> Result<Option<Page>, StoreError> {
     let pages = txn.open_table(PAGES)?;
-    let v = pages.get((slug, page.as_str()))?;
+    let v = pages.get((slug.as_str(), page.as_str()))?;
     v.map(|v| store::decode(v.value())).transpose()
 }
 
 fn version_in(
     txn: &WriteTransaction,
-    slug: &str,
+    slug: &Slug,
     page: &PageSlug,
     version: u64,
 ) -> Result<Option<PageVersion>, StoreError> {
     let versions = txn.open_table(PAGE_VERSIONS)?;
-    let v = versions.get((slug, page.as_str(), version))?;
+    let v = versions.get((slug.as_str(), page.as_str(), version))?;
     v.map(|v| store::decode(v.value())).transpose()
 }
 
@@ -373,7 +373,7 @@ fn has_blob_in(txn: &WriteTransaction, sha: &[u8; 32]) -> Result<bool, StoreErro
 
 fn row_payload(
     kind_extra: Option<(&str, Value)>,
-    slug: &str,
+    slug: &Slug,
     page: &PageSlug,
     v: &PageVersion,
 ) -> Value {
@@ -394,7 +394,7 @@ fn row_payload(
 /// Writes version `v` as the new live version of `page` and appends its row.
 fn install(
     txn: &WriteTransaction,
-    slug: &str,
+    slug: &Slug,
     page: &PageSlug,
     previous: Option<Page>,
     version: PageVersion,
@@ -413,13 +413,16 @@ fn install(
     txn.open_table(PAGE_VERSIONS)
         .map_err(StoreError::from)?
         .insert(
-            (slug, page.as_str(), version.version),
+            (slug.as_str(), page.as_str(), version.version),
             store::encode(&version).as_slice(),
         )
         .map_err(StoreError::from)?;
     txn.open_table(PAGES)
         .map_err(StoreError::from)?
-        .insert((slug, page.as_str()), store::encode(&record).as_slice())
+        .insert(
+            (slug.as_str(), page.as_str()),
+            store::encode(&record).as_slice(),
+        )
         .map_err(StoreError::from)?;
     let row = log::append(txn, slug, entry, now_ms)?;
     Ok(Published { version, row })
@@ -430,7 +433,7 @@ fn install(
 /// caller knows the content is already stored it may pass `None`.
 pub fn publish(
     txn: &WriteTransaction,
-    slug: &str,
+    slug: &Slug,
     page: &PageSlug,
     draft: Draft,
     encoded: Option<&Encoded>,
@@ -500,7 +503,7 @@ pub fn publish(
 /// Takes `page` offline; appends `page_unpublished`. Returns the version that was live.
 pub fn unpublish(
     txn: &WriteTransaction,
-    slug: &str,
+    slug: &Slug,
     page: &PageSlug,
     actor: &str,
     now_ms: i64,
@@ -518,7 +521,10 @@ pub fn unpublish(
     record.updated_ms = now_ms;
     txn.open_table(PAGES)
         .map_err(StoreError::from)?
-        .insert((slug, page.as_str()), store::encode(&record).as_slice())
+        .insert(
+            (slug.as_str(), page.as_str()),
+            store::encode(&record).as_slice(),
+        )
         .map_err(StoreError::from)?;
     let payload = row_payload(None, slug, page, &version);
     let row = log::append(
@@ -534,7 +540,7 @@ pub fn unpublish(
 /// script; a new proof digest for the new number); appends `page_rolled_back`.
 pub fn rollback(
     txn: &WriteTransaction,
-    slug: &str,
+    slug: &Slug,
     page: &PageSlug,
     from: u64,
     actor: &str,
@@ -581,31 +587,35 @@ fn read_table<K: redb::Key + 'static, V: redb::Value + 'static>(
     }
 }
 
-pub fn get(txn: &ReadTransaction, slug: &str, page: &PageSlug) -> Result<Option<Page>, StoreError> {
+pub fn get(
+    txn: &ReadTransaction,
+    slug: &Slug,
+    page: &PageSlug,
+) -> Result<Option<Page>, StoreError> {
     let Some(t) = read_table(txn, PAGES)? else {
         return Ok(None);
     };
-    let v = t.get((slug, page.as_str()))?;
+    let v = t.get((slug.as_str(), page.as_str()))?;
     v.map(|v| store::decode(v.value())).transpose()
 }
 
 pub fn version(
     txn: &ReadTransaction,
-    slug: &str,
+    slug: &Slug,
     page: &PageSlug,
     version: u64,
 ) -> Result<Option<PageVersion>, StoreError> {
     let Some(t) = read_table(txn, PAGE_VERSIONS)? else {
         return Ok(None);
     };
-    let v = t.get((slug, page.as_str(), version))?;
+    let v = t.get((slug.as_str(), page.as_str(), version))?;
     v.map(|v| store::decode(v.value())).transpose()
 }
 
 /// The page and its live version, when it is published.
 pub fn live(
     txn: &ReadTransaction,
-    slug: &str,
+    slug: &Slug,
     page: &PageSlug,
 ) -> Result<Option<(Page, PageVersion)>, StoreError> {
     let Some(record) = get(txn, slug, page)? else {
@@ -626,14 +636,16 @@ pub fn live(
 /// Every version of `page`, oldest first.
 pub fn history(
     txn: &ReadTransaction,
-    slug: &str,
+    slug: &Slug,
     page: &PageSlug,
 ) -> Result<Vec<PageVersion>, StoreError> {
     let Some(t) = read_table(txn, PAGE_VERSIONS)? else {
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
-    for entry in t.range((slug, page.as_str(), 0)..=(slug, page.as_str(), u64::MAX))? {
+    for entry in
+        t.range((slug.as_str(), page.as_str(), 0)..=(slug.as_str(), page.as_str(), u64::MAX))?
+    {
         let (_, v) = entry?;
         out.push(store::decode(v.value())?);
     }
@@ -641,15 +653,15 @@ pub fn history(
 }
 
 /// Every page of machine `slug` in page-slug order, with its record.
-pub fn list(txn: &ReadTransaction, slug: &str) -> Result<Vec<(PageSlug, Page)>, StoreError> {
+pub fn list(txn: &ReadTransaction, slug: &Slug) -> Result<Vec<(PageSlug, Page)>, StoreError> {
     let Some(t) = read_table(txn, PAGES)? else {
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
-    for entry in t.range((slug, "")..)? {
+    for entry in t.range((slug.as_str(), "")..)? {
         let (k, v) = entry?;
         let (s, p) = k.value();
-        if s != slug {
+        if s != slug.as_str() {
             break;
         }
         out.push((PageSlug(p.to_owned()), store::decode(v.value())?));
@@ -660,7 +672,7 @@ pub fn list(txn: &ReadTransaction, slug: &str) -> Result<Vec<(PageSlug, Page)>, 
 /// The pages of `slug` that are live, with their live versions.
 pub fn published(
     txn: &ReadTransaction,
-    slug: &str,
+    slug: &Slug,
 ) -> Result<Vec<(PageSlug, PageVersion)>, StoreError> {
     let mut out = Vec::new();
     for (page, record) in list(txn, slug)? {

@@ -860,7 +860,7 @@ impl Pusher {
                     (size, acked(txn, &m.slug)?)
                 };
                 if size > acked {
-                    out.push((m.slug, acked));
+                    out.push((m.slug.into(), acked));
                 }
             }
             Ok((out, total))

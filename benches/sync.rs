@@ -44,6 +44,10 @@ impl Hub {
             .arg(dir.path())
             .args(["hub", "--listen", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
+            .env(
+                "SMGATE_HUB_OPERATOR_KEY_SHA256",
+                common::hub_operator_key_sha256(),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -80,7 +84,7 @@ impl Hub {
             c,
             Method::GET,
             &format!("https://{}{path}", self.addr),
-            None,
+            Some(common::HUB_OPERATOR_KEY),
             None,
         )
         .await;

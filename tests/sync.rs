@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{call, cli, line_value, Gw, BIN};
+use common::{call, cli, hub_operator_key_sha256, line_value, Gw, BIN, HUB_OPERATOR_KEY};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -53,6 +53,7 @@ impl Hub {
             .arg(self.dir.path())
             .args(["hub", "--listen", &self.addr])
             .env("RUST_LOG", "warn")
+            .env("SMGATE_HUB_OPERATOR_KEY_SHA256", hub_operator_key_sha256())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -111,7 +112,7 @@ impl Hub {
             &self.client(),
             Method::GET,
             &self.url(&format!("/v1/gateways/{gw_id}/machines")),
-            None,
+            Some(HUB_OPERATOR_KEY),
             None,
         )
         .await;
@@ -267,7 +268,7 @@ async fn hub_hashes(hub: &Hub, gw_id: &str, slug: &str, from: u64, to: u64) -> V
             "/v1/gateways/{gw_id}/machines/{slug}/rows?from={at}&to={}",
             to.min(at + 10_000)
         ));
-        let (s, b, _) = call(&hub.client(), Method::GET, &url, None, None).await;
+        let (s, b, _) = call(&hub.client(), Method::GET, &url, Some(HUB_OPERATOR_KEY), None).await;
         assert_eq!(s, 200, "{b}");
         let rows = b["rows"].as_array().unwrap();
         assert!(!rows.is_empty(), "hole at seq {at}");
@@ -349,7 +350,7 @@ async fn rows_made_while_the_hub_is_down_arrive_in_order_exactly_once() {
         &hub.client(),
         Method::GET,
         &hub.url("/v1/stats"),
-        None,
+        Some(HUB_OPERATOR_KEY),
         None,
     )
     .await;
@@ -505,7 +506,7 @@ async fn a_tampered_row_is_refused_with_409_and_reported() {
         &hub.client(),
         Method::GET,
         &hub.url("/v1/stats"),
-        None,
+        Some(HUB_OPERATOR_KEY),
         None,
     )
     .await;
@@ -541,7 +542,7 @@ async fn unenrolled_gateways_and_wrong_keys_get_401() {
         &hub.client(),
         Method::GET,
         &hub.url("/v1/stats"),
-        None,
+        Some(HUB_OPERATOR_KEY),
         None,
     )
     .await;
@@ -550,7 +551,7 @@ async fn unenrolled_gateways_and_wrong_keys_get_401() {
             &hub.client(),
             Method::GET,
             &hub.url("/v1/stats"),
-            None,
+            Some(HUB_OPERATOR_KEY),
             None,
         )
         .await;
@@ -641,7 +642,7 @@ async fn the_pinned_key_connects_and_a_wrong_pin_is_refused_with_a_clear_error()
         &hub.client(),
         Method::GET,
         &hub.url("/v1/stats"),
-        None,
+        Some(HUB_OPERATOR_KEY),
         None,
     )
     .await;

@@ -417,3 +417,11 @@ pub fn verify_cosignature(note: &str, vkey: &str) -> u64 {
         .expect("the hub's cosignature verifies");
     ts
 }
+
+/// The operator key the tests' hubs are configured with, and its SHA-256 for
+/// `SMGATE_HUB_OPERATOR_KEY_SHA256`.
+pub const HUB_OPERATOR_KEY: &str = "smo_tests-operator-key-0123456789abcdef";
+
+pub fn hub_operator_key_sha256() -> String {
+    smgate::ledger::hex::encode(&smgate::auth::sha256(HUB_OPERATOR_KEY.as_bytes()))
+}

@@ -40,8 +40,8 @@ pub struct Report {
 /// Imports `file` into `pg` (see the module doc). Fails before writing anything when the
 /// file is missing or held by a running hub, or the database has no hub schema.
 pub async fn import(file: &Path, pg: &Pg) -> Result<Report, HubError> {
-    pg.require_schema().await?;
     let src = Embedded::open_existing(file)?;
+    pg.require_schema().await?;
     let mut report = Report::default();
     let enrolled = src.enrollments("", usize::MAX).await.map_err(store)?;
     for record in &enrolled {

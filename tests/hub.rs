@@ -722,14 +722,20 @@ async fn import_copies_an_embedded_hub_file_and_a_second_import_changes_nothing(
     // A conflict for the file to keep, and a gateway enrolled without logs.
     let (gw0, log0) = (&fleet[0].0, &fleet[0].1[1]);
     let forked = log0.fork(20, 30).batch(gw0, 20, 50, 20);
-    let (s, _, _) = post(&old_client, &embedded.addr, &gw0.token, &forked).await.unwrap();
+    let (s, _, _) = post(&old_client, &embedded.addr, &gw0.token, &forked)
+        .await
+        .unwrap();
     assert_eq!(s, 409);
     enroll_by_cli(old.path(), "", &mut SimGateway::new(399));
     drop(embedded);
 
     let file = old.path().join("hub.redb");
     let import = |f: &std::path::Path| {
-        hub_cli(new.path(), &pg.url(), &["hub", "import", f.to_str().unwrap()])
+        hub_cli(
+            new.path(),
+            &pg.url(),
+            &["hub", "import", f.to_str().unwrap()],
+        )
     };
     let (ok, _, err) = import(&old.path().join("missing.redb"));
     assert!(!ok && err.contains("no such hub file"), "{err}");
@@ -739,10 +745,16 @@ async fn import_copies_an_embedded_hub_file_and_a_second_import_changes_nothing(
     assert!(ok, "{err}");
     let (ok, out, err) = import(&file);
     assert!(ok, "{err}");
-    assert!(out.contains("imported 6 logs (1023 new rows), 4 gateways enrolled"), "{out}");
+    assert!(
+        out.contains("imported 6 logs (1023 new rows), 4 gateways enrolled"),
+        "{out}"
+    );
     let (ok, out, err) = import(&file);
     assert!(ok, "{err}");
-    assert!(out.contains("imported 6 logs (0 new rows), 0 gateways enrolled, 4 already"), "{out}");
+    assert!(
+        out.contains("imported 6 logs (0 new rows), 0 gateways enrolled, 4 already"),
+        "{out}"
+    );
 
     let embedded = HubProc::start(old.path(), "", &[]);
     let (ok, _, err) = import(&file);
@@ -759,7 +771,10 @@ async fn import_copies_an_embedded_hub_file_and_a_second_import_changes_nothing(
         }
     }
     let conflicts = db
-        .query("SELECT kind, seq, times, checkpoint FROM log_conflicts WHERE gw = $1", &[&gw0.id])
+        .query(
+            "SELECT kind, seq, times, checkpoint FROM log_conflicts WHERE gw = $1",
+            &[&gw0.id],
+        )
         .await
         .unwrap();
     assert_eq!(conflicts.len(), 1, "the conflict is copied once");
@@ -774,9 +789,14 @@ async fn import_copies_an_embedded_hub_file_and_a_second_import_changes_nothing(
     // The gateways keep their tokens: a gateway pushes on to the hub on PostgreSQL.
     let (gw, logs) = &mut fleet[1];
     logs[0].grow(10, "main");
-    let (s, body, _) = post(&new_client, &on_pg.addr, &gw.token, &logs[0].batch(gw, 300, 310, 300))
-        .await
-        .unwrap();
+    let (s, body, _) = post(
+        &new_client,
+        &on_pg.addr,
+        &gw.token,
+        &logs[0].batch(gw, 300, 310, 300),
+    )
+    .await
+    .unwrap();
     assert_eq!((s, body["stored_seq"].as_u64()), (200, Some(309)), "{body}");
 }
 
@@ -797,7 +817,12 @@ fn operator_paths(gw: &str) -> Vec<String> {
     .collect()
 }
 
-async fn get_as(client: &reqwest::Client, hub: &HubProc, path: &str, key: Option<&str>) -> (u16, String) {
+async fn get_as(
+    client: &reqwest::Client,
+    hub: &HubProc,
+    path: &str,
+    key: Option<&str>,
+) -> (u16, String) {
     let mut req = client.get(hub.url(path));
     if let Some(k) = key {
         req = req.bearer_auth(k);
@@ -817,10 +842,14 @@ async fn operator_api(hub: &HubProc, dir: &std::path::Path, gws: &mut [SimGatewa
     log.grow(120, "main");
     // The gateway has 120 rows and sends the first 100: 20 rows of lag.
     let batch = log.batch(&gws[0], 0, 100, 0);
-    let (s, _, _) = post(&client, &hub.addr, &gws[0].token, &batch).await.unwrap();
+    let (s, _, _) = post(&client, &hub.addr, &gws[0].token, &batch)
+        .await
+        .unwrap();
     assert_eq!(s, 200);
     let forked = log.fork(50, 60).batch(&gws[0], 50, 110, 0);
-    let (s, _, _) = post(&client, &hub.addr, &gws[0].token, &forked).await.unwrap();
+    let (s, _, _) = post(&client, &hub.addr, &gws[0].token, &forked)
+        .await
+        .unwrap();
     assert_eq!(s, 409);
     let gw = gws[0].id.clone();
     for path in operator_paths(&gw) {
@@ -841,20 +870,65 @@ async fn operator_api(hub: &HubProc, dir: &std::path::Path, gws: &mut [SimGatewa
     let page = json(get_as(&client, hub, "/v1/gateways?limit=1", op).await.1);
     assert_eq!(page["gateways"].as_array().unwrap().len(), 1);
     let after = page["next"].as_str().unwrap().to_owned();
-    let page2 = json(get_as(&client, hub, &format!("/v1/gateways?limit=1&after={after}"), op).await.1);
-    let ids = [&page["gateways"][0]["gateway_id"], &page2["gateways"][0]["gateway_id"]];
+    let page2 = json(
+        get_as(
+            &client,
+            hub,
+            &format!("/v1/gateways?limit=1&after={after}"),
+            op,
+        )
+        .await
+        .1,
+    );
+    let ids = [
+        &page["gateways"][0]["gateway_id"],
+        &page2["gateways"][0]["gateway_id"],
+    ];
     assert_eq!(ids, [&gws[0].id, &gws[1].id]);
-    let one = json(get_as(&client, hub, &format!("/v1/gateways/{gw}"), op).await.1);
-    assert_eq!((one["machines"].as_u64(), one["rows"].as_u64(), one["lag_rows"].as_u64()), (Some(1), Some(100), Some(20)));
-    let m = json(get_as(&client, hub, &format!("/v1/gateways/{gw}/machines/op0"), op).await.1);
-    assert_eq!((m["stored_size"].as_u64(), m["gateway_head_size"].as_u64(), m["lag_rows"].as_u64()), (Some(100), Some(120), Some(20)));
+    let one = json(
+        get_as(&client, hub, &format!("/v1/gateways/{gw}"), op)
+            .await
+            .1,
+    );
+    assert_eq!(
+        (
+            one["machines"].as_u64(),
+            one["rows"].as_u64(),
+            one["lag_rows"].as_u64()
+        ),
+        (Some(1), Some(100), Some(20))
+    );
+    let m = json(
+        get_as(&client, hub, &format!("/v1/gateways/{gw}/machines/op0"), op)
+            .await
+            .1,
+    );
+    assert_eq!(
+        (
+            m["stored_size"].as_u64(),
+            m["gateway_head_size"].as_u64(),
+            m["lag_rows"].as_u64()
+        ),
+        (Some(100), Some(120), Some(20))
+    );
     assert_eq!(m["checkpoint"].as_str(), Some(batch.checkpoint.as_str()));
     assert!(m["last_ingest_age_ms"].as_i64().unwrap() >= 0);
-    let c = json(get_as(&client, hub, &format!("/v1/gateways/{gw}/conflicts"), op).await.1);
+    let c = json(
+        get_as(&client, hub, &format!("/v1/gateways/{gw}/conflicts"), op)
+            .await
+            .1,
+    );
     let c = &c["conflicts"][0];
-    assert_eq!((c["kind"].as_str(), c["at"].as_u64(), c["times"].as_u64()), (Some("fork"), Some(50), Some(1)));
-    smgate::ledger::verify_note(c["checkpoint"].as_str().unwrap(), &gws[0].vkey).expect("signed evidence");
-    assert_eq!(c["stored_checkpoint"].as_str(), Some(batch.checkpoint.as_str()));
+    assert_eq!(
+        (c["kind"].as_str(), c["at"].as_u64(), c["times"].as_u64()),
+        (Some("fork"), Some(50), Some(1))
+    );
+    smgate::ledger::verify_note(c["checkpoint"].as_str().unwrap(), &gws[0].vkey)
+        .expect("signed evidence");
+    assert_eq!(
+        c["stored_checkpoint"].as_str(),
+        Some(batch.checkpoint.as_str())
+    );
     let metrics = get_as(&client, hub, "/metrics", op).await.1;
     for line in [
         "smgate_hub_ingest_answers_total{status=\"200\"} 1",
@@ -862,7 +936,10 @@ async fn operator_api(hub: &HubProc, dir: &std::path::Path, gws: &mut [SimGatewa
         "smgate_hub_rows_stored_total 100",
         "smgate_hub_store_seconds_count 2",
     ] {
-        assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in\n{metrics}"
+        );
     }
     assert_eq!(metrics.contains("smgate_hub_db_pool_open"), pg, "{metrics}");
 }

@@ -9,9 +9,9 @@
 //! dead connections, a new one picks the host that takes writes), ingest goes on, and every
 //! log there equals its gateway's, verified against the gateway-signed checkpoint.
 
-mod common;
 #[path = "common/autofailover.rs"]
 mod autofailover;
+mod common;
 #[path = "common/hubsim.rs"]
 mod hubsim;
 #[path = "common/pg.rs"]
@@ -105,11 +105,12 @@ async fn a_primary_killed_mid_ingest_fails_over_and_every_acknowledged_batch_sur
     }
     let total = pusher.acked.load(Ordering::Relaxed);
     let retries = pusher.retries.load(Ordering::Relaxed);
-    eprintln!(
-        "{at_failover} batches acknowledged at failover, {total} in all, {retries} retries"
-    );
+    eprintln!("{at_failover} batches acknowledged at failover, {total} in all, {retries} retries");
     assert!(at_kill < total_batches, "the kill came after the ingest");
-    assert!(retries > 0, "no batch was refused while the primary was down");
+    assert!(
+        retries > 0,
+        "no batch was refused while the primary was down"
+    );
     assert!(total > at_failover, "ingest went on on the new primary");
     for entry in &fleet {
         for log in &entry.1 {

@@ -268,7 +268,14 @@ async fn hub_hashes(hub: &Hub, gw_id: &str, slug: &str, from: u64, to: u64) -> V
             "/v1/gateways/{gw_id}/machines/{slug}/rows?from={at}&to={}",
             to.min(at + 10_000)
         ));
-        let (s, b, _) = call(&hub.client(), Method::GET, &url, Some(HUB_OPERATOR_KEY), None).await;
+        let (s, b, _) = call(
+            &hub.client(),
+            Method::GET,
+            &url,
+            Some(HUB_OPERATOR_KEY),
+            None,
+        )
+        .await;
         assert_eq!(s, 200, "{b}");
         let rows = b["rows"].as_array().unwrap();
         assert!(!rows.is_empty(), "hole at seq {at}");

@@ -90,12 +90,18 @@ struct Query(HashMap<String, String>);
 
 impl Query {
     fn parse(query: Option<&str>) -> Query {
-        let pairs = query.unwrap_or("").split('&').filter_map(|kv| kv.split_once('='));
+        let pairs = query
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.split_once('='));
         Query(pairs.map(|(k, v)| (k.to_owned(), v.to_owned())).collect())
     }
 
     fn num(&self, key: &str, default: u64) -> u64 {
-        self.0.get(key).and_then(|v| v.parse().ok()).unwrap_or(default)
+        self.0
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
     }
 
     fn text(&self, key: &str) -> &str {
@@ -198,7 +204,12 @@ fn stats_route(s: &super::Stats) -> Response {
     )
 }
 
-async fn rows_route<S: HubStore>(hub: &Hub<S>, gw: &str, m: &str, q: &Query) -> Result<Response, Fault> {
+async fn rows_route<S: HubStore>(
+    hub: &Hub<S>,
+    gw: &str,
+    m: &str,
+    q: &Query,
+) -> Result<Response, Fault> {
     let from = q.num("from", 0);
     let to = q.num("to", from + 1000).min(from + 10_000);
     let rows = hub.store.rows(gw, m, from, to).await?;
@@ -301,7 +312,10 @@ async fn gateways_route<S: HubStore>(hub: &Hub<S>, q: &Query) -> Result<Response
     let page = hub.store.enrollments(q.text("after"), limit).await?;
     let next = (page.len() == limit).then(|| page.last().map(|e| e.gateway_id.clone()));
     let list: Vec<Value> = page.iter().map(enrollment_json).collect();
-    Ok(json_response(200, &json!({"gateways": list, "next": next.flatten()})))
+    Ok(json_response(
+        200,
+        &json!({"gateways": list, "next": next.flatten()}),
+    ))
 }
 
 fn enrollment_json(e: &super::Enrollment) -> Value {
@@ -356,7 +370,11 @@ async fn machines_route<S: HubStore>(hub: &Hub<S>, gw: &str, q: &Query) -> Resul
 /// `?offset=N&limit=M`: a gateway's conflicts with their signed evidence: the batch's
 /// checkpoint note (signed by the gateway) and offending row beside the hub's checkpoint and
 /// row at that seq; rows in standard base64.
-async fn conflicts_route<S: HubStore>(hub: &Hub<S>, gw: &str, q: &Query) -> Result<Response, Fault> {
+async fn conflicts_route<S: HubStore>(
+    hub: &Hub<S>,
+    gw: &str,
+    q: &Query,
+) -> Result<Response, Fault> {
     let (offset, limit) = (q.num("offset", 0), q.limit());
     let page = hub.store.conflicts(gw, offset, limit).await?;
     let b64 = |v: &Option<Vec<u8>>| v.as_ref().map(|b| crate::ledger::base64::encode(b));
@@ -381,7 +399,10 @@ async fn conflicts_route<S: HubStore>(hub: &Hub<S>, gw: &str, q: &Query) -> Resu
         })
         .collect();
     let next = (page.len() == limit).then_some(offset + limit as u64);
-    Ok(json_response(200, &json!({"gateway_id": gw, "conflicts": list, "next_offset": next})))
+    Ok(json_response(
+        200,
+        &json!({"gateway_id": gw, "conflicts": list, "next_offset": next}),
+    ))
 }
 
 /// A log's state for operators. Lag is told two ways: `lag_rows`, the rows the gateway said

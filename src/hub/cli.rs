@@ -50,7 +50,10 @@ pub async fn run(dir: PathBuf, config: &Config, args: HubArgs) -> Result<(), Hub
             verifier_key,
         }) => enroll(&dir, config, &gateway_id, &verifier_key).await,
         Some(HubCommand::Migrate) => {
-            let applied = Pg::connect(&pg_config(config, "migrate")?).await?.migrate().await?;
+            let applied = Pg::connect(&pg_config(config, "migrate")?)
+                .await?
+                .migrate()
+                .await?;
             println!("smgate hub: migrations applied: {applied:?}");
             Ok(())
         }

@@ -241,7 +241,12 @@ impl Embedded {
         Ok(out)
     }
 
-    fn conflicts_blocking(&self, gw: &str, offset: u64, limit: usize) -> Result<Vec<Conflict>, Fault> {
+    fn conflicts_blocking(
+        &self,
+        gw: &str,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<Conflict>, Fault> {
         let txn = self.db.begin_read().map_err(fault)?;
         let table = txn.open_table(CONFLICTS).map_err(fault)?;
         let prefix = format!("{gw}/");
@@ -258,7 +263,12 @@ impl Embedded {
     }
 
     /// Keeps `evidence` once per distinct evidence; a repeat counts and moves `last_ms`.
-    fn record_conflict_blocking(&self, gw: &str, machine: &str, evidence: &Evidence) -> Result<(), Fault> {
+    fn record_conflict_blocking(
+        &self,
+        gw: &str,
+        machine: &str,
+        evidence: &Evidence,
+    ) -> Result<(), Fault> {
         let mut c = Conflict::new(machine, evidence, crate::clock::now_ms());
         let key = origin(gw, machine);
         let txn = self.db.begin_write().map_err(fault)?;
@@ -269,7 +279,9 @@ impl Embedded {
                 let old = store::decode::<Conflict>(old.value()).map_err(fault)?;
                 (c.first_ms, c.times) = (old.first_ms, old.times + 1);
             }
-            table.insert(k, store::encode(&c).as_slice()).map_err(fault)?;
+            table
+                .insert(k, store::encode(&c).as_slice())
+                .map_err(fault)?;
         }
         txn.commit().map_err(fault)
     }

@@ -134,7 +134,9 @@ async fn copy_log(
         }
         Err((Refusal::Unavailable(why), _)) => Err(HubError::Store(format!("{gw}/{slug}: {why}"))),
         Err((refusal, _)) => {
-            report.refused.push(format!("{gw}/{slug}: {}", why(&refusal)));
+            report
+                .refused
+                .push(format!("{gw}/{slug}: {}", why(&refusal)));
             Ok(())
         }
     }

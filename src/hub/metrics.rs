@@ -71,11 +71,31 @@ pub fn render(stats: &Stats, pool: Option<PoolState>) -> String {
         let _ = writeln!(out, "{name}{{status=\"{status}\"}} {n}");
     }
     for (name, help, value) in [
-        ("smgate_hub_rows_received_total", "Rows in ingest requests.", &stats.rows_received),
-        ("smgate_hub_rows_stored_total", "Rows this hub stored (new rows only).", &stats.rows_stored),
-        ("smgate_hub_stored_row_bytes_total", "Bytes of the rows this hub stored.", &stats.stored_row_bytes),
-        ("smgate_hub_body_bytes_total", "Bytes of ingest request bodies.", &stats.body_bytes),
-        ("smgate_hub_lost_races_total", "Compare-and-sets lost to another hub (the batch was re-checked).", &stats.lost_races),
+        (
+            "smgate_hub_rows_received_total",
+            "Rows in ingest requests.",
+            &stats.rows_received,
+        ),
+        (
+            "smgate_hub_rows_stored_total",
+            "Rows this hub stored (new rows only).",
+            &stats.rows_stored,
+        ),
+        (
+            "smgate_hub_stored_row_bytes_total",
+            "Bytes of the rows this hub stored.",
+            &stats.stored_row_bytes,
+        ),
+        (
+            "smgate_hub_body_bytes_total",
+            "Bytes of ingest request bodies.",
+            &stats.body_bytes,
+        ),
+        (
+            "smgate_hub_lost_races_total",
+            "Compare-and-sets lost to another hub (the batch was re-checked).",
+            &stats.lost_races,
+        ),
     ] {
         counter(&mut out, name, help, l(value));
     }
@@ -92,10 +112,26 @@ pub fn render(stats: &Stats, pool: Option<PoolState>) -> String {
     );
     if let Some(p) = pool {
         for (name, help, v) in [
-            ("smgate_hub_db_pool_max", "Most database connections of this hub.", p.max_size),
-            ("smgate_hub_db_pool_open", "Open database connections.", p.size),
-            ("smgate_hub_db_pool_idle", "Idle database connections.", p.available),
-            ("smgate_hub_db_pool_waiting", "Requests waiting for a database connection.", p.waiting),
+            (
+                "smgate_hub_db_pool_max",
+                "Most database connections of this hub.",
+                p.max_size,
+            ),
+            (
+                "smgate_hub_db_pool_open",
+                "Open database connections.",
+                p.size,
+            ),
+            (
+                "smgate_hub_db_pool_idle",
+                "Idle database connections.",
+                p.available,
+            ),
+            (
+                "smgate_hub_db_pool_waiting",
+                "Requests waiting for a database connection.",
+                p.waiting,
+            ),
         ] {
             gauge(&mut out, name, help, v as f64);
         }

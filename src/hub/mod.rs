@@ -345,7 +345,11 @@ pub fn new_enrollment(
 impl<S: HubStore> Hub<S> {
     /// A hub serving `store`, with its TLS files and cosigner key in `dir` (created at first
     /// start), cosigning as `config.name`.
-    pub fn new(dir: &Path, store: S, config: &crate::config::HubConfig) -> Result<Hub<S>, HubError> {
+    pub fn new(
+        dir: &Path,
+        store: S,
+        config: &crate::config::HubConfig,
+    ) -> Result<Hub<S>, HubError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         crate::gateway::ensure_tls_files(&dir.join("tls/cert.pem"), &dir.join("tls/key.pem"))?;
         let cosigner = cosign::Cosigner::load_or_create(&dir.join("cosigner.pk8"), &config.name)?;
@@ -449,9 +453,8 @@ pub async fn store_checked<S: HubStore>(
             Err(other) => return Err((other, out)),
         }
     }
-    let why = format!(
-        "other hubs wrote this log {RACES} times while this one checked the batch; retry"
-    );
+    let why =
+        format!("other hubs wrote this log {RACES} times while this one checked the batch; retry");
     Err((Refusal::Unavailable(why), out))
 }
 

@@ -318,7 +318,11 @@ impl Pg {
                  `smgate hub migrate` first"
             ))
         };
-        let client = self.pool.get().await.map_err(|e| HubError::Store(e.to_string()))?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| HubError::Store(e.to_string()))?;
         let have: Vec<i32> = match client.query(SQL_SCHEMA_VERSIONS, &[]).await {
             Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
@@ -489,7 +493,13 @@ impl Pg {
     }
 
     /// Runs [`SQL_CONFLICT`] (`all`: false, its first 12 parameters) or [`SQL_COPY_CONFLICT`].
-    async fn execute_conflict(&self, sql: &str, gw: &str, c: &Conflict, all: bool) -> Result<(), Fault> {
+    async fn execute_conflict(
+        &self,
+        sql: &str,
+        gw: &str,
+        c: &Conflict,
+        all: bool,
+    ) -> Result<(), Fault> {
         let (seq, stored, times) = (int(c.at), int(c.stored_size), int(c.times));
         let p: [&(dyn ToSql + Sync); 14] = [
             &gw,

@@ -10,8 +10,8 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -136,7 +136,10 @@ impl Formation {
         );
         let env = [
             ("PATH", path),
-            ("XDG_CONFIG_HOME", d.join("xdg/config").display().to_string()),
+            (
+                "XDG_CONFIG_HOME",
+                d.join("xdg/config").display().to_string(),
+            ),
             ("XDG_DATA_HOME", d.join("xdg/data").display().to_string()),
             ("XDG_RUNTIME_DIR", d.join("xdg/run").display().to_string()),
         ];
@@ -222,7 +225,10 @@ impl Formation {
                 .await
                 .unwrap();
         }
-        client.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+        client
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap();
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -292,7 +298,9 @@ impl Formation {
         let show = |name: &'static str| {
             let primary = &primary;
             async move {
-                let row = primary.query_one("SELECT current_setting($1)", &[&name]).await;
+                let row = primary
+                    .query_one("SELECT current_setting($1)", &[&name])
+                    .await;
                 row.unwrap().get::<_, String>(0)
             }
         };
@@ -338,7 +346,10 @@ impl Formation {
             .await
             .unwrap()
             .get(0);
-        assert!(quorum, "the monitor does not count the standby in the quorum");
+        assert!(
+            quorum,
+            "the monitor does not count the standby in the quorum"
+        );
     }
 
     /// SIGKILLs data node `i`: its pg_autoctl (so nothing restarts it), its postgres and every

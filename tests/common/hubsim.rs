@@ -201,7 +201,9 @@ impl SimLog {
         fork.rows.truncate(at as usize);
         fork.hashes.truncate(tlog::stored_hash_count(at) as usize);
         fork.edge = tlog::RightEdge::load(at, &fork.hashes).unwrap();
-        fork.last_hash = Row::decode_stored(&fork.rows[at as usize - 1]).unwrap().hash;
+        fork.last_hash = Row::decode_stored(&fork.rows[at as usize - 1])
+            .unwrap()
+            .hash;
         fork.grow(n, "other");
         fork
     }
@@ -419,4 +421,3 @@ pub async fn check_log(db: &tokio_postgres::Client, gw: &SimGateway, log: &SimLo
         + (0..8).map(|l| (log.size() >> (8 * l)) / 256).sum::<u64>() as usize;
     assert_eq!(tiles.len(), expected_tiles, "{}/{m}: tiles", gw.id);
 }
-

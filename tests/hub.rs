@@ -885,31 +885,22 @@ async fn operator_api(hub: &HubProc, dir: &std::path::Path, gws: &mut [SimGatewa
         &page2["gateways"][0]["gateway_id"],
     ];
     assert_eq!(ids, [&gws[0].id, &gws[1].id]);
+    let nums = |v: &serde_json::Value, keys: &[&str]| -> Vec<Option<u64>> {
+        keys.iter().map(|k| v[k].as_u64()).collect()
+    };
     let one = json(
         get_as(&client, hub, &format!("/v1/gateways/{gw}"), op)
             .await
             .1,
     );
+    let want = [Some(1), Some(100), Some(20)];
+    assert_eq!(nums(&one, &["machines", "rows", "lag_rows"]), want);
+    let path = format!("/v1/gateways/{gw}/machines/op0");
+    let m = json(get_as(&client, hub, &path, op).await.1);
+    let want = [Some(100), Some(120), Some(20)];
     assert_eq!(
-        (
-            one["machines"].as_u64(),
-            one["rows"].as_u64(),
-            one["lag_rows"].as_u64()
-        ),
-        (Some(1), Some(100), Some(20))
-    );
-    let m = json(
-        get_as(&client, hub, &format!("/v1/gateways/{gw}/machines/op0"), op)
-            .await
-            .1,
-    );
-    assert_eq!(
-        (
-            m["stored_size"].as_u64(),
-            m["gateway_head_size"].as_u64(),
-            m["lag_rows"].as_u64()
-        ),
-        (Some(100), Some(120), Some(20))
+        nums(&m, &["stored_size", "gateway_head_size", "lag_rows"]),
+        want
     );
     assert_eq!(m["checkpoint"].as_str(), Some(batch.checkpoint.as_str()));
     assert!(m["last_ingest_age_ms"].as_i64().unwrap() >= 0);

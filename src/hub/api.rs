@@ -383,15 +383,15 @@ async fn conflicts_route<S: HubStore>(
         .map(|c| {
             json!({
                 "machine": c.machine,
-                "at": c.at,
-                "kind": c.kind,
+                "at": c.evidence.at,
+                "kind": c.evidence.kind,
                 "digest": hex::encode(&c.digest),
-                "message": c.message,
-                "stored_size": c.stored_size,
-                "checkpoint": c.checkpoint,
-                "row": b64(&c.row),
-                "stored_row": b64(&c.stored_row),
-                "stored_checkpoint": c.stored_checkpoint,
+                "message": c.evidence.message,
+                "stored_size": c.evidence.stored_size,
+                "checkpoint": c.evidence.checkpoint,
+                "row": b64(&c.evidence.row),
+                "stored_row": b64(&c.evidence.stored_row),
+                "stored_checkpoint": c.evidence.stored_checkpoint,
                 "first": clock::rfc3339(c.first_ms),
                 "last": clock::rfc3339(c.last_ms),
                 "times": c.times,
@@ -465,7 +465,7 @@ async fn ingest_route<S: HubStore>(hub: Arc<Hub<S>>, req: http::Request<Incoming
             match &r {
                 Refusal::Conflict(e) => {
                     hub.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(kind = e.kind, at = e.at, message = %e.message, "ingest refused");
+                    tracing::warn!(kind = %e.kind, at = e.at, message = %e.message, "ingest refused");
                 }
                 Refusal::Unauthorized(why) => {
                     hub.stats.unauthorized.fetch_add(1, Ordering::Relaxed);

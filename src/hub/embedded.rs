@@ -274,7 +274,12 @@ impl Embedded {
         let txn = self.db.begin_write().map_err(fault)?;
         {
             let mut table = txn.open_table(CONFLICTS).map_err(fault)?;
-            let k = (key.as_str(), c.at, c.kind.as_str(), c.digest.as_slice());
+            let k = (
+                key.as_str(),
+                c.evidence.at,
+                c.evidence.kind.as_str(),
+                c.digest.as_slice(),
+            );
             if let Some(old) = table.get(k).map_err(fault)? {
                 let old = store::decode::<Conflict>(old.value()).map_err(fault)?;
                 (c.first_ms, c.times) = (old.first_ms, old.times + 1);

@@ -116,15 +116,8 @@ pub struct Stored {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Conflict {
     pub machine: String,
-    pub at: u64,
-    pub kind: String,
     pub digest: Hash,
-    pub message: String,
-    pub stored_size: u64,
-    pub checkpoint: String,
-    pub row: Option<Vec<u8>>,
-    pub stored_row: Option<Vec<u8>>,
-    pub stored_checkpoint: String,
+    pub evidence: Evidence,
     pub first_ms: i64,
     pub last_ms: i64,
     pub times: u64,
@@ -137,15 +130,8 @@ impl Conflict {
         bytes.extend_from_slice(evidence.row.as_deref().unwrap_or_default());
         Conflict {
             machine: machine.to_owned(),
-            at: evidence.at,
-            kind: evidence.kind.to_owned(),
             digest: auth::sha256(&bytes),
-            message: evidence.message.clone(),
-            stored_size: evidence.stored_size,
-            checkpoint: evidence.checkpoint.clone(),
-            row: evidence.row.clone(),
-            stored_row: evidence.stored_row.clone(),
-            stored_checkpoint: evidence.stored_checkpoint.clone(),
+            evidence: evidence.clone(),
             first_ms: now_ms,
             last_ms: now_ms,
             times: 1,

@@ -1,14 +1,18 @@
 //! `smgate hub` on PostgreSQL: real hub processes (the binary) against a real PostgreSQL
 //! cluster started per test (`common/pg.rs`), fed by simulated gateways that sign their logs
 //! with their own keys and push batches over HTTPS as the gateway's sync client does (retry
-//! the same rows until a 200, move the watermark to what the hub says it stores).
+//! the same rows until a 200, move the watermark to what the hub says it stores;
+//! `common/hubsim.rs`).
 //!
 //! Invariants checked, each by the test named after it: any number of hubs share one database
 //! and every log there equals its gateway's, verified against the gateway-signed checkpoint;
 //! two hubs given the same batch store it once and both answer the same 200; a hub killed
 //! between its inserts and `COMMIT` stores nothing and another hub takes the batch; a restart
 //! of PostgreSQL mid-ingest loses nothing that was acknowledged; a fork gets 409 and its signed
-//! evidence is kept; a database that stops answering gives 503 within the timeout.
+//! evidence is kept; a database that stops answering gives 503 within the timeout; an auditor
+//! verifies a log from the tile endpoints alone; `smgate hub import` brings an embedded hub's
+//! file over verified, and twice changes nothing; the operator API answers the operator key
+//! alone, on both stores.
 
 mod common;
 #[path = "common/hubsim.rs"]
@@ -835,7 +839,7 @@ async fn get_as(
 /// gateway's own sync token; the auditors' paths stay public. Then what it answers: gateways
 /// by page, a gateway's machines with lag and last checkpoint, conflicts with their signed
 /// evidence, and metrics.
-async fn operator_api(hub: &HubProc, dir: &std::path::Path, gws: &mut [SimGateway], pg: bool) {
+async fn operator_api(hub: &HubProc, dir: &std::path::Path, gws: &[SimGateway], pg: bool) {
     let client = client(dir);
     let op = Some(common::HUB_OPERATOR_KEY);
     let mut log = SimLog::new("op0");
@@ -946,7 +950,7 @@ async fn the_operator_api_answers_the_operator_key_alone_on_postgres() {
     for gw in &mut gws {
         gw.enroll_in(&db).await;
     }
-    operator_api(&hub, dir.path(), &mut gws, true).await;
+    operator_api(&hub, dir.path(), &gws, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -957,5 +961,5 @@ async fn the_operator_api_answers_the_operator_key_alone_on_the_embedded_hub() {
     for gw in &mut gws {
         enroll_by_cli(dir.path(), "", gw);
     }
-    operator_api(&hub, dir.path(), &mut gws, false).await;
+    operator_api(&hub, dir.path(), &gws, false).await;
 }

@@ -29,6 +29,15 @@
 //! and re-checks. Rows and checkpoints are inserted with `ON CONFLICT DO NOTHING`, so a racing
 //! insert waits for the other transaction and never stores a row twice.
 //!
+//! # Failover
+//! `hub.database_url` may name every node of a failover group
+//! (`postgres://…@db1:5432,db2:5432/smgate?target_session_attrs=read-write`): a new connection
+//! tries the hosts in order and keeps the first that takes writes. When the primary dies, the
+//! statements in flight fail (503, the gateway retries), the pool drops the closed connections
+//! when it hands them out again, and the next ones find the promoted standby. A batch the hub
+//! acknowledged is on the new primary when the standby was synchronous (`tests/hub_ha.rs`,
+//! with pg_auto_failover).
+//!
 //! # Timeouts
 //! Every round trip to the database is bounded on the client side by `hub.timeout_ms` (a
 //! statement that does not answer is a [`Fault`]: 503 with Retry-After, the gateway retries),

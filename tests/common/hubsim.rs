@@ -258,8 +258,12 @@ pub fn hub_cli(dir: &std::path::Path, url: &str, args: &[&str]) -> (bool, String
     (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
 
+/// A client of the hubs whose TLS files are in `dir`. A debug hub on a loaded 2-core machine
+/// takes tens of seconds over a 61,092-row batch (the tiles test), so it waits up to 2 minutes
+/// for an answer.
 pub fn client(dir: &std::path::Path) -> reqwest::Client {
-    common::client_trusting(&std::fs::read(dir.join("tls/cert.pem")).unwrap())
+    let pem = std::fs::read(dir.join("tls/cert.pem")).unwrap();
+    common::client_trusting_within(&pem, Duration::from_secs(120))
 }
 
 /// POSTs a batch; `Err` is a transport error (no answer).

@@ -161,11 +161,16 @@ impl Drop for Gw {
 }
 
 pub fn client_trusting(pem: &[u8]) -> reqwest::Client {
+    client_trusting_within(pem, Duration::from_secs(30))
+}
+
+/// A client trusting `pem` alone whose requests give up after `timeout`.
+pub fn client_trusting_within(pem: &[u8], timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(pem).expect("pem"))
         .tls_built_in_root_certs(false)
         .use_rustls_tls()
-        .timeout(Duration::from_secs(30))
+        .timeout(timeout)
         .build()
         .expect("client")
 }

@@ -9,8 +9,7 @@ mod common;
 #[path = "common/rfc6962.rs"]
 mod rfc6962;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::{call, cli, hub_operator_key_sha256, line_value, Gw, BIN, HUB_OPERATOR_KEY};
@@ -48,41 +47,18 @@ impl Hub {
 
     /// Starts (again) on the address it had, so gateways find it where they left it.
     fn spawn(&mut self) {
-        let mut child = Command::new(BIN)
-            .arg("--data")
-            .arg(self.dir.path())
-            .args(["hub", "--listen", &self.addr])
-            .env("RUST_LOG", "warn")
-            .env("SMGATE_HUB_OPERATOR_KEY_SHA256", hub_operator_key_sha256())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("hub did not start");
-        self.addr = addr
-            .strip_prefix("smgate hub: listening on https://")
-            .expect("listen line")
-            .to_string();
-        let pin = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        self.pin = pin
-            .strip_prefix("smgate hub: pin sha256:")
-            .expect("pin line")
-            .to_string();
-        let cosigner = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        self.cosigner = cosigner
-            .strip_prefix("smgate hub: cosigner ")
-            .expect("cosigner line")
-            .to_string();
-        self.child = Some(child);
+        let started = common::start_hub(
+            Command::new(BIN)
+                .arg("--data")
+                .arg(self.dir.path())
+                .args(["hub", "--listen", &self.addr])
+                .env("RUST_LOG", "warn")
+                .env("SMGATE_HUB_OPERATOR_KEY_SHA256", hub_operator_key_sha256()),
+        );
+        self.addr = started.addr;
+        self.pin = started.pin;
+        self.cosigner = started.cosigner;
+        self.child = Some(started.child);
     }
 
     fn kill(&mut self) {

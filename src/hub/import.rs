@@ -10,7 +10,9 @@
 //! Enrolments: a gateway the database does not know gets the file's record (its token hash
 //! too, so the gateway keeps its token); one it knows keeps the database's. Conflicts the file
 //! kept are copied with their times and counts, once. A log is read into memory whole, one log
-//! at a time; each statement may take up to [`IMPORT_TIMEOUT_MS`].
+//! at a time; each statement may take up to [`IMPORT_TIMEOUT_MS`]. The file keeps only each
+//! log's last checkpoint, so that one is what the database gets (no older ones), and a log's
+//! "last ingest" time becomes the time of its import.
 
 use std::path::Path;
 

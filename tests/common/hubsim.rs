@@ -6,8 +6,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -32,46 +31,24 @@ impl HubProc {
     /// Starts a hub with TLS files in `dir` (shared by the hubs of a test, as behind one
     /// load balancer) and the database at `url`.
     pub fn start(dir: &std::path::Path, url: &str, env: &[(&str, &str)]) -> HubProc {
-        let mut child = Command::new(BIN)
-            .arg("--data")
-            .arg(dir)
-            .args(["hub", "--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .env("SMGATE_HUB_DATABASE_URL", url)
-            .env(
-                "SMGATE_HUB_OPERATOR_KEY_SHA256",
-                common::hub_operator_key_sha256(),
-            )
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let first = lines
-            .recv_timeout(Duration::from_secs(60))
-            .expect("hub did not start");
-        let addr = first
-            .strip_prefix("smgate hub: listening on https://")
-            .unwrap_or_else(|| panic!("listen line: {first}"))
-            .to_string();
-        lines.recv_timeout(Duration::from_secs(5)).unwrap(); // pin line
-        let cosigner = lines.recv_timeout(Duration::from_secs(5)).unwrap();
-        let cosigner = cosigner
-            .strip_prefix("smgate hub: cosigner ")
-            .unwrap_or_else(|| panic!("cosigner line: {cosigner}"))
-            .to_string();
+        let started = common::start_hub(
+            Command::new(BIN)
+                .arg("--data")
+                .arg(dir)
+                .args(["hub", "--listen", "127.0.0.1:0"])
+                .env("RUST_LOG", "warn")
+                .env("SMGATE_HUB_DATABASE_URL", url)
+                .env(
+                    "SMGATE_HUB_OPERATOR_KEY_SHA256",
+                    common::hub_operator_key_sha256(),
+                )
+                .envs(env.iter().copied()),
+        );
         HubProc {
-            child,
-            addr,
-            cosigner,
-            lines,
+            child: started.child,
+            addr: started.addr,
+            cosigner: started.cosigner,
+            lines: started.lines,
         }
     }
 

@@ -430,3 +430,48 @@ pub const HUB_OPERATOR_KEY: &str = "smo_tests-operator-key-0123456789abcdef";
 pub fn hub_operator_key_sha256() -> String {
     smgate::ledger::hex::encode(&smgate::auth::sha256(HUB_OPERATOR_KEY.as_bytes()))
 }
+
+/// A started `smgate hub`: the process, the lines it prints after its banner, and what the
+/// banner says.
+pub struct HubStart {
+    pub child: Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+    pub addr: String,
+    pub pin: String,
+    pub cosigner: String,
+}
+
+/// Spawns `cmd` (an `smgate … hub` command line its caller prepared) with stdout piped and
+/// reads the hub's banner: address, certificate pin, cosigner key.
+pub fn start_hub(cmd: &mut Command) -> HubStart {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn hub");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = |prefix: &str, wait: u64| {
+        let line = lines
+            .recv_timeout(Duration::from_secs(wait))
+            .expect("hub did not start");
+        line.strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("hub banner: {line}"))
+            .to_string()
+    };
+    let addr = next("smgate hub: listening on https://", 60);
+    let pin = next("smgate hub: pin sha256:", 5);
+    let cosigner = next("smgate hub: cosigner ", 5);
+    HubStart {
+        child,
+        lines,
+        addr,
+        pin,
+        cosigner,
+    }
+}

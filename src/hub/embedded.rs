@@ -7,10 +7,11 @@
 //! per request, so `smgate hub enroll` works while the hub runs (redb locks its file).
 //!
 //! The file format is the one the hub had before the PostgreSQL back end: [`Stored`] per log,
-//! one row per seq, one tree hash per stored-hash index; and since the operator API, the signed
-//! evidence of refused batches ([`Conflict`], a table a file from before gets at first open). A commit re-reads the log's size in
-//! its write transaction and writes only when it is still the size the batch was checked
-//! against (redb has one writer, so in one process that always holds).
+//! one row per seq, one tree hash per stored-hash index; and since the operator API the signed
+//! evidence of refused batches ([`Conflict`]; a file from before gets that table when a hub
+//! opens it). A commit re-reads the log's size in its write transaction and writes only when it
+//! is still the size the batch was checked against (redb has one writer, so in one process
+//! that always holds).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -248,7 +249,12 @@ impl Embedded {
         limit: usize,
     ) -> Result<Vec<Conflict>, Fault> {
         let txn = self.db.begin_read().map_err(fault)?;
-        let table = txn.open_table(CONFLICTS).map_err(fault)?;
+        // A file from before conflicts were kept (opened by `import`, which creates nothing)
+        // has none.
+        let table = match txn.open_table(CONFLICTS) {
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            other => other.map_err(fault)?,
+        };
         let prefix = format!("{gw}/");
         let first: (&str, u64, &str, &[u8]) = (prefix.as_str(), 0, "", &[]);
         let mut out = Vec::new();
@@ -419,5 +425,32 @@ impl HubStore for Embedded {
         to: u64,
     ) -> Result<Vec<Vec<u8>>, Fault> {
         tokio::task::block_in_place(|| self.rows_blocking(gateway_id, slug, from, to))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `smgate hub import` reads files written before conflicts were kept, without creating
+    /// anything in them: a missing conflicts table is no conflict, not an error.
+    #[test]
+    fn a_hub_file_from_before_conflicts_were_kept_imports_with_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(ROWS).unwrap();
+        txn.open_table(HASHES).unwrap();
+        txn.open_table(MACHINES).unwrap();
+        txn.commit().unwrap();
+        drop(db);
+        let old = Embedded::open_existing(&path).unwrap();
+        assert!(old.all_logs().unwrap().is_empty());
+        let conflicts = old.conflicts_blocking("gw-0123456789abcdef", 0, 10);
+        assert_eq!(conflicts.unwrap(), Vec::new());
+        // A running hub holds the file: the import says so.
+        let err = Embedded::open_existing(&path).err().unwrap().to_string();
+        assert!(err.contains("locked by a running hub"), "{err}");
     }
 }

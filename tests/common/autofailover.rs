@@ -69,6 +69,24 @@ fn kill_group(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Kills every process whose working directory is `dir` or below it. Each postgres child is a
+/// session of its own, and some (the logger, the monitor's health-check worker) outlive a
+/// killed postmaster; all of them work in their data directory, so this finds exactly the
+/// formation's.
+fn kill_working_in(dir: &Path) {
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(dir)) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
@@ -322,11 +340,17 @@ impl Formation {
                 .await
                 .unwrap();
             let streaming = rows.iter().any(|r| r.get::<_, String>(2) == "streaming");
-            if streaming || started.elapsed() > Duration::from_secs(60) {
+            if streaming || started.elapsed() > Duration::from_secs(180) {
                 break rows;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
+        assert_eq!(
+            standbys.len(),
+            1,
+            "one standby streams from the primary; the standby's log:\n{}",
+            self.log("node2")
+        );
         let (app, sync, state): (String, String, String) =
             (standbys[0].get(0), standbys[0].get(1), standbys[0].get(2));
         assert!(
@@ -353,11 +377,12 @@ impl Formation {
     }
 
     /// SIGKILLs data node `i`: its pg_autoctl (so nothing restarts it), its postgres and every
-    /// backend, all in the node's process group.
+    /// server process of its data directory.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].child.take() {
             kill_group(&mut child);
         }
+        kill_working_in(&self.nodes[i].pgdata);
     }
 }
 
@@ -369,5 +394,6 @@ impl Drop for Formation {
         if let Some(mut child) = self.monitor.child.take() {
             kill_group(&mut child);
         }
+        kill_working_in(self.dir.path());
     }
 }

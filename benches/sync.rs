@@ -14,8 +14,7 @@
 mod common;
 mod measure;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::{call, cli, line_value, Gw, BIN};
@@ -39,35 +38,22 @@ struct Hub {
 impl Hub {
     fn start() -> Hub {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut child = Command::new(BIN)
-            .arg("--data")
-            .arg(dir.path())
-            .args(["hub", "--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn hub");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let next = |prefix: &str| {
-            let line = rx
-                .recv_timeout(Duration::from_secs(20))
-                .expect("hub did not start");
-            line.strip_prefix(prefix).expect("hub banner").to_owned()
-        };
-        let addr = next("smgate hub: listening on https://");
-        let pin = next("smgate hub: pin sha256:");
+        let started = common::start_hub(
+            Command::new(BIN)
+                .arg("--data")
+                .arg(dir.path())
+                .args(["hub", "--listen", "127.0.0.1:0"])
+                .env("RUST_LOG", "warn")
+                .env(
+                    "SMGATE_HUB_OPERATOR_KEY_SHA256",
+                    common::hub_operator_key_sha256(),
+                ),
+        );
         Hub {
             dir,
-            child,
-            addr,
-            pin,
+            child: started.child,
+            addr: started.addr,
+            pin: started.pin,
         }
     }
 
@@ -80,7 +66,7 @@ impl Hub {
             c,
             Method::GET,
             &format!("https://{}{path}", self.addr),
-            None,
+            Some(common::HUB_OPERATOR_KEY),
             None,
         )
         .await;

@@ -126,6 +126,11 @@ pub struct HubConfig {
     /// The hub's cosigner name (C2SP tlog-cosignature key name), e.g. `hub.example.com`. Its
     /// Ed25519 key is `cosigner.pk8` in the hub's data directory, made at first start.
     pub name: String,
+    /// Lowercase hex SHA-256 of the operator key that reads the hub's operator API
+    /// (`/v1/gateways…`, `/v1/stats`, `/metrics`) as `Authorization: Bearer <key>`; the key
+    /// itself is never stored (`smgate hub operator-key` makes one). Empty: those routes answer
+    /// 401. The auditors' tlog-tiles paths (`/logs/…`) are public either way.
+    pub operator_key_sha256: String,
 }
 
 impl Default for HubConfig {
@@ -136,6 +141,7 @@ impl Default for HubConfig {
             timeout_ms: 5_000,
             pool_size: 16,
             name: "smgate-hub".into(),
+            operator_key_sha256: String::new(),
         }
     }
 }
@@ -303,6 +309,14 @@ impl Config {
         if self.hub.timeout_ms == 0 || self.hub.pool_size == 0 {
             return Err(ConfigError::Invalid(
                 "hub.timeout_ms and hub.pool_size must be at least 1".into(),
+            ));
+        }
+        let key = &self.hub.operator_key_sha256;
+        if !key.is_empty() && (key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit())) {
+            return Err(ConfigError::Invalid(
+                "hub.operator_key_sha256 must be 64 hex digits (the SHA-256 that `smgate hub \
+                 operator-key` prints), or empty"
+                    .into(),
             ));
         }
         self.agents.validate().map_err(ConfigError::Invalid)?;

@@ -66,7 +66,15 @@ enum Command {
     /// Print this gateway's id and note verifier key (what `smgate hub enroll` takes).
     Identity,
     /// Run `smgate hub`, the reference upstream receiver, in its own data directory (--data,
-    /// default ./hub); or enrol a gateway with it.
+    /// default ./hub); or enrol a gateway, migrate, import an embedded hub, make an operator key.
+    ///
+    /// Logs go to an embedded redb file in the data directory, or, with hub.database_url
+    /// (SMGATE_HUB_DATABASE_URL), to PostgreSQL shared by any number of hubs. For a failover
+    /// group give every node and let the client pick the writable one:
+    /// postgres://hub@db1:5432,db2:5432/smgate?target_session_attrs=read-write. Gateways POST
+    /// to /v1/ingest; auditors read /logs/<gateway>/<machine>/ (tlog-tiles, public); operators
+    /// read /v1/gateways…, /v1/stats and /metrics with the key whose SHA-256 is
+    /// hub.operator_key_sha256.
     Hub(smgate::hub::cli::HubArgs),
     /// Benchmark helpers (offline: stop the gateway first).
     #[cfg(feature = "bench-tools")]

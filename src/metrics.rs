@@ -128,7 +128,7 @@ pub fn counter(out: &mut String, name: &str, help: &str, value: u64) {
     );
 }
 
-fn histogram(
+pub fn histogram(
     out: &mut String,
     name: &str,
     help: &str,

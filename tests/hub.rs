@@ -1,390 +1,35 @@
 //! `smgate hub` on PostgreSQL: real hub processes (the binary) against a real PostgreSQL
 //! cluster started per test (`common/pg.rs`), fed by simulated gateways that sign their logs
 //! with their own keys and push batches over HTTPS as the gateway's sync client does (retry
-//! the same rows until a 200, move the watermark to what the hub says it stores).
+//! the same rows until a 200, move the watermark to what the hub says it stores;
+//! `common/hubsim.rs`).
 //!
 //! Invariants checked, each by the test named after it: any number of hubs share one database
 //! and every log there equals its gateway's, verified against the gateway-signed checkpoint;
 //! two hubs given the same batch store it once and both answer the same 200; a hub killed
 //! between its inserts and `COMMIT` stores nothing and another hub takes the batch; a restart
 //! of PostgreSQL mid-ingest loses nothing that was acknowledged; a fork gets 409 and its signed
-//! evidence is kept; a database that stops answering gives 503 within the timeout.
+//! evidence is kept; a database that stops answering gives 503 within the timeout; an auditor
+//! verifies a log from the tile endpoints alone; `smgate hub import` brings an embedded hub's
+//! file over verified, and twice changes nothing; the operator API answers the operator key
+//! alone, on both stores.
 
 mod common;
+#[path = "common/hubsim.rs"]
+mod hubsim;
 #[path = "common/pg.rs"]
 mod pg;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::Receiver;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{line_value, verify_cosignature, BIN};
+use common::{line_value, verify_cosignature};
+use hubsim::{check_log, client, hub_cli, post, HubProc, Pusher, SimGateway, SimLog};
 use pg::Postgres;
 use smgate::hub::pg::Pg;
-use smgate::ledger::note::GatewayKey;
-use smgate::ledger::{genesis_prev_hash, tlog, Hash, Row};
-use smgate::sync::{Batch, CONTENT_TYPE, INGEST_PATH, WIRE_VERSION};
-
-/// A running `smgate hub` on PostgreSQL.
-struct HubProc {
-    child: Child,
-    addr: String,
-    /// The hub's cosigner verifier key, as it prints it at start.
-    cosigner: String,
-    lines: Receiver<String>,
-}
-
-impl HubProc {
-    /// Starts a hub with TLS files in `dir` (shared by the hubs of a test, as behind one
-    /// load balancer) and the database at `url`.
-    fn start(dir: &std::path::Path, url: &str, env: &[(&str, &str)]) -> HubProc {
-        let mut child = Command::new(BIN)
-            .arg("--data")
-            .arg(dir)
-            .args(["hub", "--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .env("SMGATE_HUB_DATABASE_URL", url)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let first = lines
-            .recv_timeout(Duration::from_secs(60))
-            .expect("hub did not start");
-        let addr = first
-            .strip_prefix("smgate hub: listening on https://")
-            .unwrap_or_else(|| panic!("listen line: {first}"))
-            .to_string();
-        lines.recv_timeout(Duration::from_secs(5)).unwrap(); // pin line
-        let cosigner = lines.recv_timeout(Duration::from_secs(5)).unwrap();
-        let cosigner = cosigner
-            .strip_prefix("smgate hub: cosigner ")
-            .unwrap_or_else(|| panic!("cosigner line: {cosigner}"))
-            .to_string();
-        HubProc {
-            child,
-            addr,
-            cosigner,
-            lines,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("https://{}{}", self.addr, path)
-    }
-
-    /// Waits for the test hook's line (the hub holds a commit open).
-    fn wait_for_hold(&self) {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(Duration::from_secs(120))
-                .expect("the hub never reached the hold before COMMIT");
-            if line.contains("holding a commit before COMMIT") {
-                return;
-            }
-        }
-    }
-
-    async fn stats(&self, client: &reqwest::Client) -> serde_json::Value {
-        client
-            .get(self.url("/v1/stats"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for HubProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A simulated gateway: its id, signing key and enrolment token.
-struct SimGateway {
-    id: String,
-    key: GatewayKey,
-    vkey: String,
-    token: String,
-}
-
-impl SimGateway {
-    fn new(n: u64) -> SimGateway {
-        let id = format!("gw-{:016x}", 0x5eed_0000_0000_0000u64 + n);
-        let key = GatewayKey::from_pkcs8(&GatewayKey::generate().unwrap()).unwrap();
-        let vkey = key.verifier_key(&id).unwrap();
-        SimGateway {
-            id,
-            key,
-            vkey,
-            token: String::new(),
-        }
-    }
-
-    /// Enrols through the library (fast for hundreds of gateways).
-    async fn enroll_in(&mut self, db: &Pg) {
-        use smgate::hub::HubStore;
-        let (record, token) = smgate::hub::new_enrollment(&self.id, &self.vkey).unwrap();
-        db.enroll(&record).await.unwrap();
-        self.token = token;
-    }
-}
-
-/// One machine log of a simulated gateway, with its stored tlog hashes.
-#[derive(Clone)]
-struct SimLog {
-    machine: String,
-    genesis: u64,
-    rows: Vec<Vec<u8>>,
-    hashes: Vec<Hash>,
-    edge: tlog::RightEdge,
-    last_hash: Hash,
-}
-
-impl SimLog {
-    fn new(machine: &str) -> SimLog {
-        SimLog {
-            machine: machine.to_string(),
-            genesis: 1_000,
-            rows: Vec::new(),
-            hashes: Vec::new(),
-            edge: tlog::RightEdge::empty(),
-            last_hash: genesis_prev_hash(machine, 1_000),
-        }
-    }
-
-    /// Appends `n` rows whose payload carries `tag` (two logs grown with different tags from
-    /// the same prefix are a fork).
-    fn grow(&mut self, n: usize, tag: &str) {
-        for _ in 0..n {
-            let seq = self.rows.len() as u64;
-            let (row, bytes) = Row {
-                seq,
-                zeqond: 1_000 + seq,
-                ts_ms: 1_700_000_000_000 + seq as i64,
-                kind: "event".into(),
-                actor: "sim".into(),
-                transition_id: [7; 16],
-                payload: format!("{{\"tag\":\"{tag}\",\"seq\":{seq}}}").into_bytes(),
-                prev_hash: self.last_hash,
-                hash: [0; 32],
-            }
-            .seal_stored()
-            .unwrap();
-            let added = self.edge.push(tlog::record_hash(&row.hash)).unwrap();
-            self.hashes.extend(added);
-            self.last_hash = row.hash;
-            self.rows.push(bytes);
-        }
-    }
-
-    fn size(&self) -> u64 {
-        self.rows.len() as u64
-    }
-
-    /// The signed checkpoint note of the first `size` rows.
-    fn checkpoint(&self, gw: &SimGateway, size: u64) -> String {
-        let root = tlog::tree_hash(size, &self.hashes).unwrap();
-        let body = smgate::ledger::Checkpoint {
-            origin: format!("{}/{}", gw.id, self.machine),
-            size,
-            root,
-        }
-        .to_body()
-        .unwrap();
-        smgate::ledger::note::sign_note(&body, &gw.id, &gw.key).unwrap()
-    }
-
-    /// Rows `from..to`, proving consistency from `acked` as a gateway does.
-    fn batch(&self, gw: &SimGateway, from: u64, to: u64, acked: u64) -> Batch {
-        let consistency = if acked > 0 && acked < to {
-            tlog::prove_tree(to, acked, &self.hashes).unwrap()
-        } else {
-            Vec::new()
-        };
-        Batch {
-            version: WIRE_VERSION,
-            gateway_id: gw.id.clone(),
-            verifier_key: gw.vkey.clone(),
-            machine: self.machine.clone(),
-            genesis_zeqond: self.genesis,
-            first_seq: from,
-            rows: self.rows[from as usize..to as usize].to_vec(),
-            checkpoint: self.checkpoint(gw, to),
-            proof_from: acked,
-            consistency,
-            head_size: self.size(),
-        }
-    }
-}
-
-fn client(dir: &std::path::Path) -> reqwest::Client {
-    common::client_trusting(&std::fs::read(dir.join("tls/cert.pem")).unwrap())
-}
-
-/// POSTs a batch; `Err` is a transport error (no answer).
-async fn post(
-    client: &reqwest::Client,
-    hub: &str,
-    token: &str,
-    batch: &Batch,
-) -> Result<(u16, serde_json::Value, reqwest::header::HeaderMap), String> {
-    let res = client
-        .post(format!("https://{hub}{INGEST_PATH}"))
-        .bearer_auth(token)
-        .header("content-type", CONTENT_TYPE)
-        .body(postcard::to_allocvec(batch).unwrap())
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = res.status().as_u16();
-    let headers = res.headers().clone();
-    let body = res.json().await.unwrap_or(serde_json::Value::Null);
-    Ok((status, body, headers))
-}
-
-/// The pushing side shared by a test's simulated gateways: the hubs, whose turn is next, and
-/// how many batches were acknowledged.
-struct Pusher {
-    client: reqwest::Client,
-    hubs: Vec<String>,
-    turn: AtomicU64,
-    acked: AtomicU64,
-}
-
-impl Pusher {
-    fn new(client: reqwest::Client, hubs: &[HubProc]) -> Arc<Pusher> {
-        Arc::new(Pusher {
-            client,
-            hubs: hubs.iter().map(|h| h.addr.clone()).collect(),
-            turn: AtomicU64::new(0),
-            acked: AtomicU64::new(0),
-        })
-    }
-
-    /// Pushes `log` like a gateway: batches of up to `batch_rows`, each to the next hub in
-    /// turn, retrying on 503 and transport errors. Asserts that the hub's stored size never
-    /// goes back below what it acknowledged.
-    async fn push(&self, gw: &SimGateway, log: &SimLog, batch_rows: u64) {
-        let mut acked = 0;
-        while acked < log.size() {
-            let to = (acked + batch_rows).min(log.size());
-            let batch = log.batch(gw, acked, to, acked);
-            let turn = self.turn.fetch_add(1, Ordering::Relaxed) as usize;
-            let hub = &self.hubs[turn % self.hubs.len()];
-            match post(&self.client, hub, &gw.token, &batch).await {
-                Ok((200, body, _)) => {
-                    let stored = body["stored_seq"].as_u64().map_or(0, |s| s + 1);
-                    assert!(
-                        stored >= acked,
-                        "{}/{}: the hub acknowledged {acked} rows before and now stores {stored}",
-                        gw.id,
-                        log.machine
-                    );
-                    acked = stored;
-                    self.acked.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok((503, _, headers)) => {
-                    assert!(
-                        headers.contains_key("retry-after"),
-                        "503 without Retry-After"
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                Ok((status, body, _)) => panic!("{}/{}: {status} {body}", gw.id, log.machine),
-            }
-        }
-    }
-}
-
-/// The log at the database equals the gateway's: same rows once each, the gateway's own
-/// signed checkpoint, which verifies under its key and whose root is the root of the rows the
-/// database holds; and every stored tile holds the tree's hashes.
-async fn check_log(db: &tokio_postgres::Client, gw: &SimGateway, log: &SimLog) {
-    let m = log.machine.as_str();
-    let row = db
-        .query_one(
-            "SELECT size, checkpoint FROM logs WHERE gw = $1 AND machine = $2",
-            &[&gw.id, &m],
-        )
-        .await
-        .unwrap();
-    let size: i64 = row.get(0);
-    let note: String = row.get(1);
-    assert_eq!(size as u64, log.size(), "{}/{m}: stored size", gw.id);
-    assert_eq!(
-        note,
-        log.checkpoint(gw, log.size()),
-        "{}/{m}: checkpoint",
-        gw.id
-    );
-    let rows = db
-        .query(
-            "SELECT seq, row FROM log_rows WHERE gw = $1 AND machine = $2 ORDER BY seq",
-            &[&gw.id, &m],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        rows.len() as u64,
-        log.size(),
-        "{}/{m}: rows stored once each",
-        gw.id
-    );
-    let mut edge = tlog::RightEdge::empty();
-    for (i, r) in rows.iter().enumerate() {
-        assert_eq!(r.get::<_, i64>(0), i as i64);
-        let bytes: Vec<u8> = r.get(1);
-        assert_eq!(bytes, log.rows[i], "{}/{m}: row {i}", gw.id);
-        let h: Hash = bytes[bytes.len() - 32..].try_into().unwrap();
-        edge.push(tlog::record_hash(&h)).unwrap();
-    }
-    let body = smgate::ledger::verify_note(&note, &gw.vkey).expect("checkpoint verifies");
-    let cp = smgate::ledger::parse_checkpoint(&body).unwrap();
-    assert_eq!(
-        (cp.size, cp.root),
-        (log.size(), edge.root()),
-        "{}/{m}: root",
-        gw.id
-    );
-    let tiles = db
-        .query(
-            "SELECT level, idx, hashes FROM log_tiles WHERE gw = $1 AND machine = $2",
-            &[&gw.id, &m],
-        )
-        .await
-        .unwrap();
-    for t in &tiles {
-        let (level, idx): (i16, i64) = (t.get(0), t.get(1));
-        let hashes: Vec<u8> = t.get(2);
-        for (k, h) in hashes.chunks(32).enumerate() {
-            let n = idx as u64 * 256 + k as u64;
-            let want = log.hashes[tlog::stored_hash_index(8 * level as u32, n) as usize];
-            assert_eq!(h, want, "{}/{m}: tile {level}/{idx} hash {k}", gw.id);
-        }
-    }
-    let expected_tiles = smgate::hub::check::partial_tiles(log.size()).len()
-        + (0..8).map(|l| (log.size() >> (8 * l)) / 256).sum::<u64>() as usize;
-    assert_eq!(tiles.len(), expected_tiles, "{}/{m}: tiles", gw.id);
-}
+use smgate::ledger::{tlog, Hash};
 
 /// A cluster, its migrations applied, and a library handle for enrolment.
 async fn database() -> Option<(Postgres, Pg)> {
@@ -686,19 +331,9 @@ async fn a_forked_or_tampered_batch_gets_409_and_its_evidence_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     // The CLI, as an operator runs it: migrate (already done: nothing to apply), enrol.
     let env_cli = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .arg("--data")
-            .arg(dir.path())
-            .args(args)
-            .env("SMGATE_HUB_DATABASE_URL", pg.url())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (ok, out, err) = hub_cli(dir.path(), &pg.url(), args);
+        assert!(ok, "{err}");
+        out
     };
     assert!(env_cli(&["hub", "migrate"]).contains("migrations applied: []"));
     let mut gw = SimGateway::new(3);
@@ -713,13 +348,7 @@ async fn a_forked_or_tampered_batch_gets_409_and_its_evidence_is_kept() {
     assert_eq!(s, 200);
 
     // A fork: the same gateway key signs another history from row 5 on.
-    let mut fork = log.clone();
-    fork.rows.truncate(5);
-    fork.hashes.truncate(tlog::stored_hash_count(5) as usize);
-    fork.edge = tlog::RightEdge::load(5, &fork.hashes).unwrap();
-    let row4 = Row::decode_stored(&fork.rows[4]).unwrap();
-    fork.last_hash = row4.hash;
-    fork.grow(5, "other");
+    let fork = log.fork(5, 5);
     let forked = fork.batch(&gw, 5, 10, 5);
     let (s, body, _) = post(&client, &hub.addr, &gw.token, &forked).await.unwrap();
     assert_eq!(s, 409, "{body}");
@@ -1050,4 +679,287 @@ async fn an_auditor_verifies_a_log_from_the_tile_endpoints_alone_on_the_embedded
     assert!(ok, "{err}");
     gw.token = line_value(&out, "token ");
     walk_a_log_through_the_tiles(&hub, &client(dir.path()), &gw).await;
+}
+
+/// Pushes every log of `gw` through `hub` in batches of 64 rows.
+async fn push_all(hub: &HubProc, client: &reqwest::Client, gw: &SimGateway, logs: &[SimLog]) {
+    let pusher = Pusher::new(client.clone(), std::slice::from_ref(hub));
+    for log in logs {
+        pusher.push(gw, log, 64).await;
+    }
+}
+
+/// Enrols `gw` at the hub in `dir` through the CLI (`url` empty: the embedded hub).
+fn enroll_by_cli(dir: &std::path::Path, url: &str, gw: &mut SimGateway) {
+    let (ok, out, err) = hub_cli(dir, url, &["hub", "enroll", &gw.id, &gw.vkey]);
+    assert!(ok, "{err}");
+    gw.token = line_value(&out, "token ");
+}
+
+/// `smgate hub import` of an embedded hub's file: refused with a message that says what to
+/// do for a missing file, a database without the hub schema and a file a running hub holds;
+/// otherwise every gateway, log, checkpoint and conflict arrives, verified, the tile
+/// endpoints of a hub on PostgreSQL serve exactly what the embedded hub serves, and a second
+/// import changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn import_copies_an_embedded_hub_file_and_a_second_import_changes_nothing() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let (old, new) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let embedded = HubProc::start(old.path(), "", &[]);
+    let old_client = client(old.path());
+    let mut fleet = Vec::new();
+    for g in 0..3u64 {
+        let mut gw = SimGateway::new(300 + g);
+        enroll_by_cli(old.path(), "", &mut gw);
+        let logs: Vec<SimLog> = (0..2)
+            .map(|m| {
+                let mut log = SimLog::new(&format!("imp{m}"));
+                log.grow(if m == 0 { 300 } else { 40 + g as usize }, "main");
+                log
+            })
+            .collect();
+        push_all(&embedded, &old_client, &gw, &logs).await;
+        fleet.push((gw, logs));
+    }
+    // A conflict for the file to keep, and a gateway enrolled without logs.
+    let (gw0, log0) = (&fleet[0].0, &fleet[0].1[1]);
+    let forked = log0.fork(20, 30).batch(gw0, 20, 50, 20);
+    let (s, _, _) = post(&old_client, &embedded.addr, &gw0.token, &forked)
+        .await
+        .unwrap();
+    assert_eq!(s, 409);
+    enroll_by_cli(old.path(), "", &mut SimGateway::new(399));
+    drop(embedded);
+
+    let file = old.path().join("hub.redb");
+    let import = |f: &std::path::Path| {
+        hub_cli(
+            new.path(),
+            &pg.url(),
+            &["hub", "import", f.to_str().unwrap()],
+        )
+    };
+    let (ok, _, err) = import(&old.path().join("missing.redb"));
+    assert!(!ok && err.contains("no such hub file"), "{err}");
+    let (ok, _, err) = import(&file);
+    assert!(!ok && err.contains("smgate hub migrate"), "{err}");
+    let (ok, _, err) = hub_cli(new.path(), &pg.url(), &["hub", "migrate"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = import(&file);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("imported 6 logs (1023 new rows), 4 gateways enrolled"),
+        "{out}"
+    );
+    let (ok, out, err) = import(&file);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("imported 6 logs (0 new rows), 0 gateways enrolled, 4 already"),
+        "{out}"
+    );
+
+    let embedded = HubProc::start(old.path(), "", &[]);
+    let (ok, _, err) = import(&file);
+    assert!(!ok && err.contains("locked by a running hub"), "{err}");
+    let on_pg = HubProc::start(new.path(), &pg.url(), &[]);
+    let (new_client, db) = (client(new.path()), pg.client().await);
+    for (gw, logs) in &fleet {
+        for log in logs {
+            check_log(&db, gw, log).await;
+            let (a, root_a, entries_a) = audit(&old_client, &embedded, gw, &log.machine).await;
+            let (b, root_b, entries_b) = audit(&new_client, &on_pg, gw, &log.machine).await;
+            assert_eq!((a.size, root_a, &entries_a), (b.size, root_b, &entries_b));
+            assert_eq!(a.tiles, b.tiles, "{}/{}: tiles", gw.id, log.machine);
+        }
+    }
+    let conflicts = db
+        .query(
+            "SELECT kind, seq, times, checkpoint FROM log_conflicts WHERE gw = $1",
+            &[&gw0.id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(conflicts.len(), 1, "the conflict is copied once");
+    let (kind, seq, times, note): (String, i64, i64, String) = (
+        conflicts[0].get(0),
+        conflicts[0].get(1),
+        conflicts[0].get(2),
+        conflicts[0].get(3),
+    );
+    assert_eq!((kind.as_str(), seq, times), ("fork", 20, 1));
+    assert_eq!(note, forked.checkpoint);
+    // The gateways keep their tokens: a gateway pushes on to the hub on PostgreSQL.
+    let (gw, logs) = &mut fleet[1];
+    logs[0].grow(10, "main");
+    let (s, body, _) = post(
+        &new_client,
+        &on_pg.addr,
+        &gw.token,
+        &logs[0].batch(gw, 300, 310, 300),
+    )
+    .await
+    .unwrap();
+    assert_eq!((s, body["stored_seq"].as_u64()), (200, Some(309)), "{body}");
+}
+
+/// The operator API's routes, each with a path parameter filled in.
+fn operator_paths(gw: &str) -> Vec<String> {
+    [
+        "/v1/gateways",
+        "/v1/gateways/{gw}",
+        "/v1/gateways/{gw}/machines",
+        "/v1/gateways/{gw}/machines/op0",
+        "/v1/gateways/{gw}/machines/op0/rows",
+        "/v1/gateways/{gw}/conflicts",
+        "/v1/stats",
+        "/metrics",
+    ]
+    .iter()
+    .map(|p| p.replace("{gw}", gw))
+    .collect()
+}
+
+async fn get_as(
+    client: &reqwest::Client,
+    hub: &HubProc,
+    path: &str,
+    key: Option<&str>,
+) -> (u16, String) {
+    let mut req = client.get(hub.url(path));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let res = req.send().await.unwrap();
+    (res.status().as_u16(), res.text().await.unwrap())
+}
+
+/// Every operator route answers the operator key alone: 401 to no key, a wrong key and a
+/// gateway's own sync token; the auditors' paths stay public. Then what it answers: gateways
+/// by page, a gateway's machines with lag and last checkpoint, conflicts with their signed
+/// evidence, and metrics.
+async fn operator_api(hub: &HubProc, dir: &std::path::Path, gws: &[SimGateway], pg: bool) {
+    let client = client(dir);
+    let op = Some(common::HUB_OPERATOR_KEY);
+    let mut log = SimLog::new("op0");
+    log.grow(120, "main");
+    // The gateway has 120 rows and sends the first 100: 20 rows of lag.
+    let batch = log.batch(&gws[0], 0, 100, 0);
+    let (s, _, _) = post(&client, &hub.addr, &gws[0].token, &batch)
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    let forked = log.fork(50, 60).batch(&gws[0], 50, 110, 0);
+    let (s, _, _) = post(&client, &hub.addr, &gws[0].token, &forked)
+        .await
+        .unwrap();
+    assert_eq!(s, 409);
+    let gw = gws[0].id.clone();
+    for path in operator_paths(&gw) {
+        for (who, key, want) in [
+            ("anonymous", None, 401),
+            ("a wrong key", Some("smo_not-the-operator"), 401),
+            ("the gateway's sync token", Some(gws[0].token.as_str()), 401),
+            ("the operator", op, 200),
+        ] {
+            let (status, body) = get_as(&client, hub, &path, key).await;
+            assert_eq!(status, want, "{path} as {who}: {body}");
+        }
+    }
+    let (s, _) = get_as(&client, hub, &format!("/logs/{gw}/op0/checkpoint"), None).await;
+    assert_eq!(s, 200, "the auditors' path is public");
+
+    let json = |t: String| serde_json::from_str::<serde_json::Value>(&t).unwrap();
+    let page = json(get_as(&client, hub, "/v1/gateways?limit=1", op).await.1);
+    assert_eq!(page["gateways"].as_array().unwrap().len(), 1);
+    let after = page["next"].as_str().unwrap().to_owned();
+    let page2 = json(
+        get_as(
+            &client,
+            hub,
+            &format!("/v1/gateways?limit=1&after={after}"),
+            op,
+        )
+        .await
+        .1,
+    );
+    let ids = [
+        &page["gateways"][0]["gateway_id"],
+        &page2["gateways"][0]["gateway_id"],
+    ];
+    assert_eq!(ids, [&gws[0].id, &gws[1].id]);
+    let nums = |v: &serde_json::Value, keys: &[&str]| -> Vec<Option<u64>> {
+        keys.iter().map(|k| v[k].as_u64()).collect()
+    };
+    let one = json(
+        get_as(&client, hub, &format!("/v1/gateways/{gw}"), op)
+            .await
+            .1,
+    );
+    let want = [Some(1), Some(100), Some(20)];
+    assert_eq!(nums(&one, &["machines", "rows", "lag_rows"]), want);
+    let path = format!("/v1/gateways/{gw}/machines/op0");
+    let m = json(get_as(&client, hub, &path, op).await.1);
+    let want = [Some(100), Some(120), Some(20)];
+    assert_eq!(
+        nums(&m, &["stored_size", "gateway_head_size", "lag_rows"]),
+        want
+    );
+    assert_eq!(m["checkpoint"].as_str(), Some(batch.checkpoint.as_str()));
+    assert!(m["last_ingest_age_ms"].as_i64().unwrap() >= 0);
+    let c = json(
+        get_as(&client, hub, &format!("/v1/gateways/{gw}/conflicts"), op)
+            .await
+            .1,
+    );
+    let c = &c["conflicts"][0];
+    assert_eq!(
+        (c["kind"].as_str(), c["at"].as_u64(), c["times"].as_u64()),
+        (Some("fork"), Some(50), Some(1))
+    );
+    smgate::ledger::verify_note(c["checkpoint"].as_str().unwrap(), &gws[0].vkey)
+        .expect("signed evidence");
+    assert_eq!(
+        c["stored_checkpoint"].as_str(),
+        Some(batch.checkpoint.as_str())
+    );
+    let metrics = get_as(&client, hub, "/metrics", op).await.1;
+    for line in [
+        "smgate_hub_ingest_answers_total{status=\"200\"} 1",
+        "smgate_hub_ingest_answers_total{status=\"409\"} 1",
+        "smgate_hub_rows_stored_total 100",
+        "smgate_hub_store_seconds_count 2",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in\n{metrics}"
+        );
+    }
+    assert_eq!(metrics.contains("smgate_hub_db_pool_open"), pg, "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operator_api_answers_the_operator_key_alone_on_postgres() {
+    let Some((pg, db)) = database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProc::start(dir.path(), &pg.url(), &[]);
+    let mut gws = [SimGateway::new(400), SimGateway::new(401)];
+    for gw in &mut gws {
+        gw.enroll_in(&db).await;
+    }
+    operator_api(&hub, dir.path(), &gws, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operator_api_answers_the_operator_key_alone_on_the_embedded_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProc::start(dir.path(), "", &[]);
+    let mut gws = [SimGateway::new(400), SimGateway::new(401)];
+    for gw in &mut gws {
+        enroll_by_cli(dir.path(), "", gw);
+    }
+    operator_api(&hub, dir.path(), &gws, false).await;
 }

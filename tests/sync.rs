@@ -9,11 +9,10 @@ mod common;
 #[path = "common/rfc6962.rs"]
 mod rfc6962;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{call, cli, line_value, Gw, BIN};
+use common::{call, cli, hub_operator_key_sha256, line_value, Gw, BIN, HUB_OPERATOR_KEY};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -48,40 +47,18 @@ impl Hub {
 
     /// Starts (again) on the address it had, so gateways find it where they left it.
     fn spawn(&mut self) {
-        let mut child = Command::new(BIN)
-            .arg("--data")
-            .arg(self.dir.path())
-            .args(["hub", "--listen", &self.addr])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("hub did not start");
-        self.addr = addr
-            .strip_prefix("smgate hub: listening on https://")
-            .expect("listen line")
-            .to_string();
-        let pin = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        self.pin = pin
-            .strip_prefix("smgate hub: pin sha256:")
-            .expect("pin line")
-            .to_string();
-        let cosigner = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        self.cosigner = cosigner
-            .strip_prefix("smgate hub: cosigner ")
-            .expect("cosigner line")
-            .to_string();
-        self.child = Some(child);
+        let started = common::start_hub(
+            Command::new(BIN)
+                .arg("--data")
+                .arg(self.dir.path())
+                .args(["hub", "--listen", &self.addr])
+                .env("RUST_LOG", "warn")
+                .env("SMGATE_HUB_OPERATOR_KEY_SHA256", hub_operator_key_sha256()),
+        );
+        self.addr = started.addr;
+        self.pin = started.pin;
+        self.cosigner = started.cosigner;
+        self.child = Some(started.child);
     }
 
     fn kill(&mut self) {
@@ -111,7 +88,7 @@ impl Hub {
             &self.client(),
             Method::GET,
             &self.url(&format!("/v1/gateways/{gw_id}/machines")),
-            None,
+            Some(HUB_OPERATOR_KEY),
             None,
         )
         .await;
@@ -267,7 +244,14 @@ async fn hub_hashes(hub: &Hub, gw_id: &str, slug: &str, from: u64, to: u64) -> V
             "/v1/gateways/{gw_id}/machines/{slug}/rows?from={at}&to={}",
             to.min(at + 10_000)
         ));
-        let (s, b, _) = call(&hub.client(), Method::GET, &url, None, None).await;
+        let (s, b, _) = call(
+            &hub.client(),
+            Method::GET,
+            &url,
+            Some(HUB_OPERATOR_KEY),
+            None,
+        )
+        .await;
         assert_eq!(s, 200, "{b}");
         let rows = b["rows"].as_array().unwrap();
         assert!(!rows.is_empty(), "hole at seq {at}");
@@ -349,7 +333,7 @@ async fn rows_made_while_the_hub_is_down_arrive_in_order_exactly_once() {
         &hub.client(),
         Method::GET,
         &hub.url("/v1/stats"),
-        None,
+        Some(HUB_OPERATOR_KEY),
         None,
     )
     .await;
@@ -505,7 +489,7 @@ async fn a_tampered_row_is_refused_with_409_and_reported() {
         &hub.client(),
         Method::GET,
         &hub.url("/v1/stats"),
-        None,
+        Some(HUB_OPERATOR_KEY),
         None,
     )
     .await;
@@ -541,7 +525,7 @@ async fn unenrolled_gateways_and_wrong_keys_get_401() {
         &hub.client(),
         Method::GET,
         &hub.url("/v1/stats"),
-        None,
+        Some(HUB_OPERATOR_KEY),
         None,
     )
     .await;
@@ -550,7 +534,7 @@ async fn unenrolled_gateways_and_wrong_keys_get_401() {
             &hub.client(),
             Method::GET,
             &hub.url("/v1/stats"),
-            None,
+            Some(HUB_OPERATOR_KEY),
             None,
         )
         .await;
@@ -641,7 +625,7 @@ async fn the_pinned_key_connects_and_a_wrong_pin_is_refused_with_a_clear_error()
         &hub.client(),
         Method::GET,
         &hub.url("/v1/stats"),
-        None,
+        Some(HUB_OPERATOR_KEY),
         None,
     )
     .await;

@@ -138,10 +138,10 @@ pub enum Verdict {
 
 /// Why a batch conflicts with the stored log, with what proves it: the gateway's signed note
 /// and the offending row beside the hub's own checkpoint and row.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Evidence {
     /// `fork` or `tampered`.
-    pub kind: &'static str,
+    pub kind: String,
     /// The first offending seq.
     pub at: u64,
     pub message: String,
@@ -250,7 +250,7 @@ pub fn decide(
             .checked_sub(batch.first_seq)
             .and_then(|i| loaded.overlap.get(i as usize).cloned());
         Refusal::Conflict(Box::new(Evidence {
-            kind,
+            kind: kind.to_owned(),
             at,
             message,
             stored_size: stored.size,
@@ -677,7 +677,7 @@ mod tests {
         let Err(Refusal::Conflict(e)) = decide(&kept.loaded(&forked), &forked, &cp, 0) else {
             panic!("not a conflict");
         };
-        assert_eq!((e.kind, e.at, e.stored_size), ("fork", 8, 20));
+        assert_eq!((e.kind.as_str(), e.at, e.stored_size), ("fork", 8, 20));
         assert_eq!(e.row.as_deref(), Some(log.rows[2].as_slice()));
         assert_eq!(e.stored_row.as_deref(), Some(log.rows[8].as_slice()));
         assert_eq!(e.checkpoint, forked.checkpoint);

@@ -7,9 +7,11 @@
 //! per request, so `smgate hub enroll` works while the hub runs (redb locks its file).
 //!
 //! The file format is the one the hub had before the PostgreSQL back end: [`Stored`] per log,
-//! one row per seq, one tree hash per stored-hash index. A commit re-reads the log's size in
-//! its write transaction and writes only when it is still the size the batch was checked
-//! against (redb has one writer, so in one process that always holds).
+//! one row per seq, one tree hash per stored-hash index; and since the operator API the signed
+//! evidence of refused batches ([`Conflict`]; a file from before gets that table when a hub
+//! opens it). A commit re-reads the log's size in its write transaction and writes only when it
+//! is still the size the batch was checked against (redb has one writer, so in one process
+//! that always holds).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use redb::{Database, ReadableTable, TableDefinition};
 
 use super::check::{self, Append, Evidence, Loaded, LogState};
-use super::{io, valid_gateway_id, Enrollment, Fault, HubError, HubStore, Stored};
+use super::{io, valid_gateway_id, Conflict, Enrollment, Fault, HubError, HubStore, Stored};
 use crate::ledger::{log::TableHashes, tlog, Checkpoint};
 use crate::store;
 use crate::sync::{origin, Batch};
@@ -28,6 +30,9 @@ const ROWS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("hub_rows
 const HASHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("hub_hashes");
 /// "<gateway>/<slug>" → [`Stored`].
 const MACHINES: TableDefinition<&str, &[u8]> = TableDefinition::new("hub_machines");
+/// ("<gateway>/<slug>", seq, kind, evidence digest) → [`Conflict`].
+const CONFLICTS: TableDefinition<(&str, u64, &str, &[u8]), &[u8]> =
+    TableDefinition::new("hub_conflicts");
 
 fn fault(e: impl std::fmt::Display) -> Fault {
     Fault(e.to_string())
@@ -54,12 +59,48 @@ impl Embedded {
             open(txn.open_table(ROWS).map(drop))?;
             open(txn.open_table(HASHES).map(drop))?;
             open(txn.open_table(MACHINES).map(drop))?;
+            open(txn.open_table(CONFLICTS).map(drop))?;
         }
         txn.commit().map_err(|e| HubError::Store(e.to_string()))?;
         Ok(Embedded {
             dir: dir.to_owned(),
             db: Arc::new(db),
         })
+    }
+
+    /// Opens an existing hub file `path` (its enrolment directory beside it) to read it, for
+    /// `smgate hub import`: a missing file and one a running hub holds are errors that say so.
+    pub fn open_existing(path: &Path) -> Result<Embedded, HubError> {
+        if !path.is_file() {
+            return Err(HubError::Invalid(format!(
+                "{}: no such hub file (the embedded hub keeps `hub.redb` in its data directory)",
+                path.display()
+            )));
+        }
+        let db = Database::open(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => HubError::Invalid(format!(
+                "{}: the file is locked by a running hub; stop that hub (or copy the file) and \
+                 import again",
+                path.display()
+            )),
+            other => HubError::Store(format!("{}: {other}", path.display())),
+        })?;
+        let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
+        Ok(Embedded {
+            dir,
+            db: Arc::new(db),
+        })
+    }
+
+    /// Every log in the file, by gateway and machine.
+    pub fn all_logs(&self) -> Result<Vec<Stored>, Fault> {
+        let txn = self.db.begin_read().map_err(fault)?;
+        let table = txn.open_table(MACHINES).map_err(fault)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(fault)? {
+            out.push(store::decode::<Stored>(entry.map_err(fault)?.1.value()).map_err(fault)?);
+        }
+        Ok(out)
     }
 
     /// Writes `enrolled/<id>.json` (mode 0600, renamed into place); needs no database.
@@ -183,19 +224,77 @@ impl Embedded {
         Ok(true)
     }
 
-    fn machines_blocking(&self, gateway_id: &str) -> Result<Vec<Stored>, Fault> {
+    fn machines_blocking(&self, gw: &str, after: &str, limit: usize) -> Result<Vec<Stored>, Fault> {
         let txn = self.db.begin_read().map_err(fault)?;
         let table = txn.open_table(MACHINES).map_err(fault)?;
-        let prefix = format!("{gateway_id}/");
+        let prefix = format!("{gw}/");
+        let from = format!("{prefix}{after}");
         let mut out = Vec::new();
-        for entry in table.range(prefix.as_str()..).map_err(fault)? {
+        for entry in table.range(from.as_str()..).map_err(fault)? {
             let (k, v) = entry.map_err(fault)?;
-            if !k.value().starts_with(&prefix) {
+            if !k.value().starts_with(&prefix) || out.len() == limit {
                 break;
             }
-            out.push(store::decode::<Stored>(v.value()).map_err(fault)?);
+            if k.value() != from {
+                out.push(store::decode::<Stored>(v.value()).map_err(fault)?);
+            }
         }
         Ok(out)
+    }
+
+    fn conflicts_blocking(
+        &self,
+        gw: &str,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<Conflict>, Fault> {
+        let txn = self.db.begin_read().map_err(fault)?;
+        // A file from before conflicts were kept (opened by `import`, which creates nothing)
+        // has none.
+        let table = match txn.open_table(CONFLICTS) {
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            other => other.map_err(fault)?,
+        };
+        let prefix = format!("{gw}/");
+        let first: (&str, u64, &str, &[u8]) = (prefix.as_str(), 0, "", &[]);
+        let mut out = Vec::new();
+        for entry in table.range(first..).map_err(fault)?.skip(offset as usize) {
+            let (k, v) = entry.map_err(fault)?;
+            if !k.value().0.starts_with(&prefix) || out.len() == limit {
+                break;
+            }
+            out.push(store::decode::<Conflict>(v.value()).map_err(fault)?);
+        }
+        Ok(out)
+    }
+
+    /// Keeps `evidence` once per distinct evidence; a repeat counts and moves `last_ms`.
+    fn record_conflict_blocking(
+        &self,
+        gw: &str,
+        machine: &str,
+        evidence: &Evidence,
+    ) -> Result<(), Fault> {
+        let mut c = Conflict::new(machine, evidence, crate::clock::now_ms());
+        let key = origin(gw, machine);
+        let txn = self.db.begin_write().map_err(fault)?;
+        {
+            let mut table = txn.open_table(CONFLICTS).map_err(fault)?;
+            let k = (
+                key.as_str(),
+                c.evidence.at,
+                c.evidence.kind.as_str(),
+                c.digest.as_slice(),
+            );
+            if let Some(old) = table.get(k).map_err(fault)? {
+                let old = store::decode::<Conflict>(old.value()).map_err(fault)?;
+                (c.first_ms, c.times) = (old.first_ms, old.times + 1);
+            }
+            table
+                .insert(k, store::encode(&c).as_slice())
+                .map_err(fault)?;
+        }
+        txn.commit().map_err(fault)
     }
 
     fn log_blocking(&self, gw: &str, machine: &str) -> Result<Option<Stored>, Fault> {
@@ -260,7 +359,7 @@ impl HubStore for Embedded {
         Ok(self.enrollment_file(gateway_id))
     }
 
-    async fn enrollments(&self) -> Result<Vec<Enrollment>, Fault> {
+    async fn enrollments(&self, after: &str, limit: usize) -> Result<Vec<Enrollment>, Fault> {
         let mut out: Vec<Enrollment> = std::fs::read_dir(self.dir.join("enrolled"))
             .into_iter()
             .flatten()
@@ -271,9 +370,11 @@ impl HubStore for Embedded {
                     .and_then(|n| n.strip_suffix(".json"))
                     .map(str::to_owned)
             })
+            .filter(|id| id.as_str() > after)
             .filter_map(|id| self.enrollment_file(&id))
             .collect();
         out.sort_by(|a, b| a.gateway_id.cmp(&b.gateway_id));
+        out.truncate(limit);
         Ok(out)
     }
 
@@ -289,13 +390,16 @@ impl HubStore for Embedded {
         tokio::task::block_in_place(|| self.commit_blocking(gw, batch, append))
     }
 
-    async fn record_conflict(&self, _: &str, _: &str, _: &Evidence) -> Result<(), Fault> {
-        // The embedded hub answers 409 and logs it; its file format keeps no evidence.
-        Ok(())
+    async fn record_conflict(&self, gw: &str, machine: &str, e: &Evidence) -> Result<(), Fault> {
+        tokio::task::block_in_place(|| self.record_conflict_blocking(gw, machine, e))
     }
 
-    async fn machines(&self, gateway_id: &str) -> Result<Vec<Stored>, Fault> {
-        tokio::task::block_in_place(|| self.machines_blocking(gateway_id))
+    async fn machines(&self, gw: &str, after: &str, limit: usize) -> Result<Vec<Stored>, Fault> {
+        tokio::task::block_in_place(|| self.machines_blocking(gw, after, limit))
+    }
+
+    async fn conflicts(&self, gw: &str, offset: u64, limit: usize) -> Result<Vec<Conflict>, Fault> {
+        tokio::task::block_in_place(|| self.conflicts_blocking(gw, offset, limit))
     }
 
     async fn log(&self, gw: &str, machine: &str) -> Result<Option<Stored>, Fault> {
@@ -321,5 +425,32 @@ impl HubStore for Embedded {
         to: u64,
     ) -> Result<Vec<Vec<u8>>, Fault> {
         tokio::task::block_in_place(|| self.rows_blocking(gateway_id, slug, from, to))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `smgate hub import` reads files written before conflicts were kept, without creating
+    /// anything in them: a missing conflicts table is no conflict, not an error.
+    #[test]
+    fn a_hub_file_from_before_conflicts_were_kept_imports_with_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(ROWS).unwrap();
+        txn.open_table(HASHES).unwrap();
+        txn.open_table(MACHINES).unwrap();
+        txn.commit().unwrap();
+        drop(db);
+        let old = Embedded::open_existing(&path).unwrap();
+        assert!(old.all_logs().unwrap().is_empty());
+        let conflicts = old.conflicts_blocking("gw-0123456789abcdef", 0, 10);
+        assert_eq!(conflicts.unwrap(), Vec::new());
+        // A running hub holds the file: the import says so.
+        let err = Embedded::open_existing(&path).err().unwrap().to_string();
+        assert!(err.contains("locked by a running hub"), "{err}");
     }
 }

@@ -27,6 +27,8 @@ pub mod check;
 pub mod cli;
 pub mod cosign;
 pub mod embedded;
+pub mod import;
+pub mod metrics;
 pub mod pg;
 pub mod tiles;
 
@@ -108,6 +110,35 @@ pub struct Stored {
     pub last_row_ts_ms: i64,
 }
 
+/// The signed evidence of a refused batch as a store keeps it: once per distinct evidence
+/// (`digest`: SHA-256 of the batch's checkpoint note and offending row), with when it was first
+/// and last sent and how many times.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conflict {
+    pub machine: String,
+    pub digest: Hash,
+    pub evidence: Evidence,
+    pub first_ms: i64,
+    pub last_ms: i64,
+    pub times: u64,
+}
+
+impl Conflict {
+    /// The record of `evidence` about `machine`, first seen at `now_ms`.
+    pub fn new(machine: &str, evidence: &Evidence, now_ms: i64) -> Conflict {
+        let mut bytes = evidence.checkpoint.as_bytes().to_vec();
+        bytes.extend_from_slice(evidence.row.as_deref().unwrap_or_default());
+        Conflict {
+            machine: machine.to_owned(),
+            digest: auth::sha256(&bytes),
+            evidence: evidence.clone(),
+            first_ms: now_ms,
+            last_ms: now_ms,
+            times: 1,
+        }
+    }
+}
+
 /// An enrolled gateway: its note verifier key and the SHA-256 of its bearer token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Enrollment {
@@ -118,7 +149,8 @@ pub struct Enrollment {
     pub enrolled_ms: i64,
 }
 
-/// Ingest counters of this hub process, for `GET /v1/stats` and the sync benchmark.
+/// Ingest counters of this hub process, for `GET /v1/stats`, `GET /metrics` and the sync
+/// benchmark.
 #[derive(Debug, Default)]
 pub struct Stats {
     pub requests: AtomicU64,
@@ -130,6 +162,11 @@ pub struct Stats {
     pub unauthorized: AtomicU64,
     pub lost_races: AtomicU64,
     pub unavailable: AtomicU64,
+    /// Ingests answered 200, and 400.
+    pub accepted: AtomicU64,
+    pub bad_requests: AtomicU64,
+    /// Time each ingest waited for its store (load and commit, summed).
+    pub store_latency: metrics::Latency,
 }
 
 /// Where a hub keeps logs. Methods are keyed by gateway: every one reads or writes the logs
@@ -140,8 +177,12 @@ pub trait HubStore: Send + Sync + 'static {
         &self,
         gateway_id: &str,
     ) -> impl Future<Output = Result<Option<Enrollment>, Fault>> + Send;
-    /// Every enrolled gateway, by id.
-    fn enrollments(&self) -> impl Future<Output = Result<Vec<Enrollment>, Fault>> + Send;
+    /// Enrolled gateways by id, the first `limit` after `after` (`""`: from the first).
+    fn enrollments(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Enrollment>, Fault>> + Send;
     /// Enrols (or re-enrols) a gateway.
     fn enroll(&self, record: &Enrollment) -> impl Future<Output = Result<(), Fault>> + Send;
     /// What [`check::decide`] needs to judge `batch` (with checkpoint `cp`) of gateway `gw`.
@@ -166,8 +207,26 @@ pub trait HubStore: Send + Sync + 'static {
         machine: &str,
         evidence: &Evidence,
     ) -> impl Future<Output = Result<(), Fault>> + Send;
-    /// The logs of one gateway.
-    fn machines(&self, gw: &str) -> impl Future<Output = Result<Vec<Stored>, Fault>> + Send;
+    /// The logs of one gateway by machine, the first `limit` after `after` (`""`: from the
+    /// first).
+    fn machines(
+        &self,
+        gw: &str,
+        after: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Stored>, Fault>> + Send;
+    /// The conflicts kept for one gateway, ordered by machine, seq, kind and evidence digest:
+    /// `limit` of them from the `offset`-th.
+    fn conflicts(
+        &self,
+        gw: &str,
+        offset: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Conflict>, Fault>> + Send;
+    /// The state of the store's connection pool, for `/metrics` (`None`: no pool).
+    fn pool_state(&self) -> Option<metrics::PoolState> {
+        None
+    }
     /// One log's state, if the hub has any of it.
     fn log(
         &self,
@@ -204,6 +263,8 @@ pub struct Hub<S> {
     pub store: S,
     pub stats: Stats,
     pub cosigner: cosign::Cosigner,
+    /// SHA-256 of the operator key (`hub.operator_key_sha256`); empty: no operator.
+    pub operator_key_sha256: Option<Hash>,
 }
 
 /// Writes `bytes` to `tmp`, readable by the owner only (mode 0600) and synced, for the caller
@@ -269,17 +330,31 @@ pub fn new_enrollment(
 
 impl<S: HubStore> Hub<S> {
     /// A hub serving `store`, with its TLS files and cosigner key in `dir` (created at first
-    /// start), cosigning as `name`.
-    pub fn new(dir: &Path, store: S, name: &str) -> Result<Hub<S>, HubError> {
+    /// start), cosigning as `config.name`.
+    pub fn new(
+        dir: &Path,
+        store: S,
+        config: &crate::config::HubConfig,
+    ) -> Result<Hub<S>, HubError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         crate::gateway::ensure_tls_files(&dir.join("tls/cert.pem"), &dir.join("tls/key.pem"))?;
-        let cosigner = cosign::Cosigner::load_or_create(&dir.join("cosigner.pk8"), name)?;
+        let cosigner = cosign::Cosigner::load_or_create(&dir.join("cosigner.pk8"), &config.name)?;
+        let operator = hex::decode_hash(&config.operator_key_sha256.to_ascii_lowercase()).ok();
         Ok(Hub {
             dir: dir.to_owned(),
             store,
             stats: Stats::default(),
             cosigner,
+            operator_key_sha256: operator,
         })
+    }
+
+    /// Whether `bearer` is the operator key: its SHA-256, compared in constant time.
+    pub fn is_operator(&self, bearer: Option<&str>) -> bool {
+        match (self.operator_key_sha256, bearer) {
+            (Some(want), Some(key)) => auth::ct_eq(&auth::sha256(key.as_bytes()), &want),
+            _ => false,
+        }
     }
 
     pub fn cert_path(&self) -> PathBuf {
@@ -298,44 +373,87 @@ impl<S: HubStore> Hub<S> {
         let enrolled = check::authorize(enrolled, bearer, batch)?;
         let gw = enrolled.gateway_id.as_str();
         let (cp, body) = check::parse(&enrolled, batch)?;
+        let stored = store_checked(&self.store, gw, batch, &cp).await;
+        let size = self.stats.count_store(stored)?.size;
         // A v1 cosignature states "the largest tree I hold of this log": only then.
-        let answer = |size: u64| Ack {
+        Ok(Ack {
             stored_seq: size.checked_sub(1),
             cosignature: (size == cp.size)
                 .then(|| self.cosigner.cosign(&body, clock::now_ms() as u64 / 1000)),
-        };
-        for _ in 0..RACES {
-            let loaded = self.store.load(gw, batch, &cp).await?;
-            // Hashing a large batch takes milliseconds: off the async worker's hands.
-            let verdict =
-                tokio::task::block_in_place(|| check::decide(&loaded, batch, &cp, clock::now_ms()));
-            match verdict {
-                Ok(Verdict::Stored(size)) => return Ok(answer(size)),
-                Ok(Verdict::Append(append)) => {
-                    if self.store.commit(gw, batch, &append).await? {
-                        let fresh = batch.rows.len() - append.skip;
-                        self.stats
-                            .rows_stored
-                            .fetch_add(fresh as u64, Ordering::Relaxed);
-                        self.stats
-                            .stored_row_bytes
-                            .fetch_add(append.row_bytes, Ordering::Relaxed);
-                        return Ok(answer(append.state.size));
-                    }
-                    self.stats.lost_races.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+}
+
+/// What [`store_checked`] did with a batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outcome {
+    /// Rows the store holds of the log afterwards.
+    pub size: u64,
+    /// Rows and row bytes this call wrote (0 when the store had them).
+    pub fresh_rows: u64,
+    pub row_bytes: u64,
+    /// Compare-and-sets lost to another hub on the way.
+    pub lost_races: u64,
+    /// Time spent waiting for the store.
+    pub store_time: std::time::Duration,
+}
+
+/// Checks a parsed batch (`cp` is its verified checkpoint) against what `store` holds of its
+/// log and writes it if it is new ([`check::decide`], then the compare-and-set commit): the
+/// whole of an ingest after authorization, and of `smgate hub import`. A conflict's evidence
+/// is recorded before the refusal is returned.
+pub async fn store_checked<S: HubStore>(
+    store: &S,
+    gw: &str,
+    batch: &Batch,
+    cp: &Checkpoint,
+) -> Result<Outcome, (Refusal, Outcome)> {
+    let mut out = Outcome::default();
+    for _ in 0..RACES {
+        let started = std::time::Instant::now();
+        let loaded = store.load(gw, batch, cp).await;
+        out.store_time += started.elapsed();
+        let loaded = loaded.map_err(|f| (f.into(), out))?;
+        // Hashing a large batch takes milliseconds: off the async worker's hands.
+        let verdict =
+            tokio::task::block_in_place(|| check::decide(&loaded, batch, cp, clock::now_ms()));
+        match verdict {
+            Ok(Verdict::Stored(size)) => return Ok(Outcome { size, ..out }),
+            Ok(Verdict::Append(append)) => {
+                let started = std::time::Instant::now();
+                let won = store.commit(gw, batch, &append).await;
+                out.store_time += started.elapsed();
+                if won.map_err(|f| (f.into(), out))? {
+                    out.size = append.state.size;
+                    out.fresh_rows = (batch.rows.len() - append.skip) as u64;
+                    out.row_bytes = append.row_bytes;
+                    return Ok(out);
                 }
-                Err(Refusal::Conflict(evidence)) => {
-                    self.store
-                        .record_conflict(gw, &batch.machine, &evidence)
-                        .await?;
-                    return Err(Refusal::Conflict(evidence));
-                }
-                Err(other) => return Err(other),
+                out.lost_races += 1;
             }
+            Err(Refusal::Conflict(evidence)) => {
+                let kept = store.record_conflict(gw, &batch.machine, &evidence).await;
+                kept.map_err(|f| (f.into(), out))?;
+                return Err((Refusal::Conflict(evidence), out));
+            }
+            Err(other) => return Err((other, out)),
         }
-        Err(Refusal::Unavailable(format!(
-            "other hubs wrote this log {RACES} times while this one checked the batch; retry"
-        )))
+    }
+    let why =
+        format!("other hubs wrote this log {RACES} times while this one checked the batch; retry");
+    Err((Refusal::Unavailable(why), out))
+}
+
+impl Stats {
+    /// Counts what [`store_checked`] did and passes its answer on.
+    fn count_store(&self, r: Result<Outcome, (Refusal, Outcome)>) -> Result<Outcome, Refusal> {
+        let (Ok(o) | Err((_, o))) = &r;
+        self.rows_stored.fetch_add(o.fresh_rows, Ordering::Relaxed);
+        self.stored_row_bytes
+            .fetch_add(o.row_bytes, Ordering::Relaxed);
+        self.lost_races.fetch_add(o.lost_races, Ordering::Relaxed);
+        self.store_latency.record(o.store_time);
+        r.map_err(|(refusal, _)| refusal)
     }
 }
 
@@ -350,10 +468,10 @@ impl Opened {
     pub async fn open(dir: &Path, config: &crate::config::HubConfig) -> Result<Opened, HubError> {
         if config.database_url.is_empty() {
             let store = embedded::Embedded::open(dir)?;
-            return Ok(Opened::Embedded(Hub::new(dir, store, &config.name)?));
+            return Ok(Opened::Embedded(Hub::new(dir, store, config)?));
         }
         let store = pg::Pg::connect(config).await?;
         store.migrate().await?;
-        Ok(Opened::Pg(Hub::new(dir, store, &config.name)?))
+        Ok(Opened::Pg(Hub::new(dir, store, config)?))
     }
 }

@@ -29,6 +29,15 @@
 //! and re-checks. Rows and checkpoints are inserted with `ON CONFLICT DO NOTHING`, so a racing
 //! insert waits for the other transaction and never stores a row twice.
 //!
+//! # Failover
+//! `hub.database_url` may name every node of a failover group
+//! (`postgres://…@db1:5432,db2:5432/smgate?target_session_attrs=read-write`): a new connection
+//! tries the hosts in order and keeps the first that takes writes. When the primary dies, the
+//! statements in flight fail (503, the gateway retries), the pool drops the closed connections
+//! when it hands them out again, and the next ones find the promoted standby. A batch the hub
+//! acknowledged is on the new primary when the standby was synchronous (`tests/hub_ha.rs`,
+//! with pg_auto_failover).
+//!
 //! # Timeouts
 //! Every round trip to the database is bounded on the client side by `hub.timeout_ms` (a
 //! statement that does not answer is a [`Fault`]: 503 with Retry-After, the gateway retries),
@@ -43,7 +52,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::types::ToSql;
 
 use super::check::{self, Append, Evidence, Loaded, LogState, Tile};
-use super::{Enrollment, Fault, HubError, HubStore, Stored};
+use super::metrics::PoolState;
+use super::{Conflict, Enrollment, Fault, HubError, HubStore, Stored};
 use crate::config::HubConfig;
 use crate::ledger::{tlog, Checkpoint, Hash};
 use crate::sync::Batch;
@@ -99,15 +109,16 @@ const SQL_SCHEMA_APPLIED: &str = "INSERT INTO hub_schema (version, applied_ms) V
 const SQL_ENROLLMENT: &str =
     "SELECT verifier_key, token_sha256, enrolled_ms FROM gateways WHERE gw = $1";
 // The operator's list of every gateway: a scan of one small table, never on the ingest path.
-const SQL_SCAN_GATEWAYS: &str =
-    "SELECT gw, verifier_key, token_sha256, enrolled_ms FROM gateways ORDER BY gw";
+const SQL_SCAN_GATEWAYS: &str = "SELECT gw, verifier_key, token_sha256, enrolled_ms \
+     FROM gateways WHERE gw > $1 ORDER BY gw LIMIT $2";
 const SQL_ENROLL: &str = "INSERT INTO gateways (gw, verifier_key, token_sha256, enrolled_ms) \
      VALUES ($1, $2, $3, $4) ON CONFLICT (gw) DO UPDATE SET verifier_key = EXCLUDED.verifier_key, \
      token_sha256 = EXCLUDED.token_sha256, enrolled_ms = EXCLUDED.enrolled_ms";
 const SQL_LOG: &str = "SELECT genesis, size, last_hash, right_edge, checkpoint, root, head_size, \
      last_ingest_ms, last_row_ts_ms FROM logs WHERE gw = $1 AND machine = $2";
 const SQL_LOGS_OF_GATEWAY: &str = "SELECT machine, genesis, size, last_hash, checkpoint, root, \
-     head_size, last_ingest_ms, last_row_ts_ms FROM logs WHERE gw = $1 ORDER BY machine";
+     head_size, last_ingest_ms, last_row_ts_ms FROM logs WHERE gw = $1 AND machine > $2 \
+     ORDER BY machine LIMIT $3";
 const SQL_ONE_LOG: &str = "SELECT machine, genesis, size, last_hash, checkpoint, root, \
      head_size, last_ingest_ms, last_row_ts_ms FROM logs WHERE gw = $1 AND machine = $2";
 /// A log's row as [`SQL_LOGS_OF_GATEWAY`] and [`SQL_ONE_LOG`] select it.
@@ -160,9 +171,14 @@ const SQL_CONFLICT: &str = "INSERT INTO log_conflicts (gw, machine, seq, kind, d
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, 1) \
      ON CONFLICT (gw, machine, seq, kind, digest) \
      DO UPDATE SET last_ms = EXCLUDED.last_ms, times = log_conflicts.times + 1";
-const SQL_CONFLICTS_OF_GATEWAY: &str = "SELECT machine, seq, kind, message, stored_size, \
-     checkpoint, row, stored_row, stored_checkpoint, first_ms, last_ms, times \
-     FROM log_conflicts WHERE gw = $1 ORDER BY machine, seq";
+const SQL_CONFLICTS_OF_GATEWAY: &str = "SELECT machine, seq, kind, digest, message, \
+     stored_size, checkpoint, row, stored_row, stored_checkpoint, first_ms, last_ms, times \
+     FROM log_conflicts WHERE gw = $1 ORDER BY machine, seq, kind, digest OFFSET $2 LIMIT $3";
+// `smgate hub import`: a conflict as another store kept it (its times and count), once.
+const SQL_COPY_CONFLICT: &str = "INSERT INTO log_conflicts (gw, machine, seq, kind, digest, \
+     message, stored_size, checkpoint, row, stored_row, stored_checkpoint, first_ms, last_ms, \
+     times) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+     ON CONFLICT DO NOTHING";
 
 /// Test hook `TEST_HUB_HOLD_BEFORE_COMMIT=<machine>`: a commit to that machine's log stops
 /// after its inserts and compare-and-set, before `COMMIT`, and prints a line to stdout; it goes
@@ -300,6 +316,33 @@ impl Pg {
         }
         txn.commit().await.map_err(|e| err(&e))?;
         Ok(applied)
+    }
+
+    /// Fails unless every migration this binary knows was applied (`smgate hub import`
+    /// writes into an existing schema and never creates one).
+    pub async fn require_schema(&self) -> Result<(), HubError> {
+        let missing = |why: &str| {
+            HubError::Invalid(format!(
+                "the database at hub.database_url has no complete hub schema ({why}); run \
+                 `smgate hub migrate` first"
+            ))
+        };
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| HubError::Store(e.to_string()))?;
+        let have: Vec<i32> = match client.query(SQL_SCHEMA_VERSIONS, &[]).await {
+            Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                return Err(missing("no migration was applied"))
+            }
+            Err(e) => return Err(HubError::Store(e.to_string())),
+        };
+        match migrations().iter().find(|(v, _)| !have.contains(v)) {
+            Some((v, _)) => Err(missing(&format!("migration {v} is missing"))),
+            None => Ok(()),
+        }
     }
 
     async fn within<T>(&self, work: impl Future<Output = Result<T, Fault>>) -> Result<T, Fault> {
@@ -452,37 +495,70 @@ impl Pg {
         Ok(true)
     }
 
-    /// The conflicts recorded for one gateway, as JSON for the operator API and tests.
-    pub async fn conflicts(&self, gw: &str) -> Result<Vec<serde_json::Value>, Fault> {
+    /// Copies a conflict another store kept (`smgate hub import`); one already here is left
+    /// as it is, so a second import changes nothing.
+    pub async fn copy_conflict(&self, gw: &str, c: &Conflict) -> Result<(), Fault> {
+        self.execute_conflict(SQL_COPY_CONFLICT, gw, c, true).await
+    }
+
+    /// Runs [`SQL_CONFLICT`] (`all`: false, its first 12 parameters) or [`SQL_COPY_CONFLICT`].
+    async fn execute_conflict(
+        &self,
+        sql: &str,
+        gw: &str,
+        c: &Conflict,
+        all: bool,
+    ) -> Result<(), Fault> {
+        let (seq, stored, times) = (
+            int(c.evidence.at),
+            int(c.evidence.stored_size),
+            int(c.times),
+        );
+        let p: [&(dyn ToSql + Sync); 14] = [
+            &gw,
+            &c.machine,
+            &seq,
+            &c.evidence.kind,
+            &c.digest.as_slice(),
+            &c.evidence.message,
+            &stored,
+            &c.evidence.checkpoint,
+            &c.evidence.row,
+            &c.evidence.stored_row,
+            &c.evidence.stored_checkpoint,
+            &c.first_ms,
+            &c.last_ms,
+            &times,
+        ];
+        let params = if all { &p[..] } else { &p[..12] };
         self.within(async {
             let client = self.client().await?;
-            let rows = client
-                .query(SQL_CONFLICTS_OF_GATEWAY, &[&gw])
-                .await
-                .map_err(fault)?;
-            Ok(rows
-                .iter()
-                .map(|r| {
-                    let b64 = |v: Option<Vec<u8>>| v.map(|b| crate::ledger::base64::encode(&b));
-                    serde_json::json!({
-                        "machine": r.get::<_, String>(0),
-                        "at": r.get::<_, i64>(1),
-                        "kind": r.get::<_, String>(2),
-                        "message": r.get::<_, String>(3),
-                        "stored_size": r.get::<_, i64>(4),
-                        "checkpoint": r.get::<_, String>(5),
-                        "row": b64(r.get(6)),
-                        "stored_row": b64(r.get(7)),
-                        "stored_checkpoint": r.get::<_, String>(8),
-                        "first": crate::clock::rfc3339(r.get(9)),
-                        "last": crate::clock::rfc3339(r.get(10)),
-                        "times": r.get::<_, i64>(11),
-                    })
-                })
-                .collect())
+            client.execute(sql, params).await.map_err(fault)?;
+            Ok(())
         })
         .await
     }
+}
+
+/// A conflict as [`SQL_CONFLICTS_OF_GATEWAY`] selects it.
+fn conflict(r: &tokio_postgres::Row) -> Result<Conflict, Fault> {
+    Ok(Conflict {
+        machine: r.get(0),
+        digest: hash(r.get(3))?,
+        evidence: Evidence {
+            at: r.get::<_, i64>(1) as u64,
+            kind: r.get(2),
+            message: r.get(4),
+            stored_size: r.get::<_, i64>(5) as u64,
+            checkpoint: r.get(6),
+            row: r.get(7),
+            stored_row: r.get(8),
+            stored_checkpoint: r.get(9),
+        },
+        first_ms: r.get(10),
+        last_ms: r.get(11),
+        times: r.get::<_, i64>(12) as u64,
+    })
 }
 
 /// The stored tree's root at `size`: from the checkpoint accepted at that size, else from the
@@ -549,10 +625,14 @@ impl HubStore for Pg {
         .await
     }
 
-    async fn enrollments(&self) -> Result<Vec<Enrollment>, Fault> {
+    async fn enrollments(&self, after: &str, limit: usize) -> Result<Vec<Enrollment>, Fault> {
+        let limit = limit as i64;
         self.within(async {
             let client = self.client().await?;
-            let rows = client.query(SQL_SCAN_GATEWAYS, &[]).await.map_err(fault)?;
+            let rows = client
+                .query(SQL_SCAN_GATEWAYS, &[&after, &limit])
+                .await
+                .map_err(fault)?;
             Ok(rows
                 .iter()
                 .map(|r| Enrollment {
@@ -597,45 +677,44 @@ impl HubStore for Pg {
     }
 
     async fn record_conflict(&self, gw: &str, machine: &str, e: &Evidence) -> Result<(), Fault> {
-        use sha2::{Digest, Sha256};
-        let mut d = Sha256::new();
-        d.update(e.checkpoint.as_bytes());
-        d.update(e.row.as_deref().unwrap_or_default());
-        let digest: [u8; 32] = d.finalize().into();
-        let now = crate::clock::now_ms();
-        let (seq, stored) = (int(e.at), int(e.stored_size));
-        self.within(async {
-            let client = self.client().await?;
-            let p: [&(dyn ToSql + Sync); 12] = [
-                &gw,
-                &machine,
-                &seq,
-                &e.kind,
-                &digest.as_slice(),
-                &e.message,
-                &stored,
-                &e.checkpoint,
-                &e.row,
-                &e.stored_row,
-                &e.stored_checkpoint,
-                &now,
-            ];
-            client.execute(SQL_CONFLICT, &p).await.map_err(fault)?;
-            Ok(())
-        })
-        .await
+        let c = Conflict::new(machine, e, crate::clock::now_ms());
+        self.execute_conflict(SQL_CONFLICT, gw, &c, false).await
     }
 
-    async fn machines(&self, gw: &str) -> Result<Vec<Stored>, Fault> {
+    async fn machines(&self, gw: &str, after: &str, limit: usize) -> Result<Vec<Stored>, Fault> {
+        let limit = limit as i64;
         self.within(async {
             let client = self.client().await?;
             let rows = client
-                .query(SQL_LOGS_OF_GATEWAY, &[&gw])
+                .query(SQL_LOGS_OF_GATEWAY, &[&gw, &after, &limit])
                 .await
                 .map_err(fault)?;
             rows.iter().map(|r| stored(gw, r)).collect()
         })
         .await
+    }
+
+    async fn conflicts(&self, gw: &str, offset: u64, limit: usize) -> Result<Vec<Conflict>, Fault> {
+        let (offset, limit) = (int(offset), limit as i64);
+        self.within(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(SQL_CONFLICTS_OF_GATEWAY, &[&gw, &offset, &limit])
+                .await
+                .map_err(fault)?;
+            rows.iter().map(conflict).collect()
+        })
+        .await
+    }
+
+    fn pool_state(&self) -> Option<PoolState> {
+        let s = self.pool.status();
+        Some(PoolState {
+            max_size: s.max_size,
+            size: s.size,
+            available: s.available,
+            waiting: s.waiting,
+        })
     }
 
     async fn log(&self, gw: &str, machine: &str) -> Result<Option<Stored>, Fault> {

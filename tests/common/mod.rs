@@ -161,11 +161,16 @@ impl Drop for Gw {
 }
 
 pub fn client_trusting(pem: &[u8]) -> reqwest::Client {
+    client_trusting_within(pem, Duration::from_secs(30))
+}
+
+/// A client trusting `pem` alone whose requests give up after `timeout`.
+pub fn client_trusting_within(pem: &[u8], timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(pem).expect("pem"))
         .tls_built_in_root_certs(false)
         .use_rustls_tls()
-        .timeout(Duration::from_secs(30))
+        .timeout(timeout)
         .build()
         .expect("client")
 }
@@ -416,4 +421,57 @@ pub fn verify_cosignature(note: &str, vkey: &str) -> u64 {
         .verify(message.as_bytes(), &sig[12..])
         .expect("the hub's cosignature verifies");
     ts
+}
+
+/// The operator key the tests' hubs are configured with, and its SHA-256 for
+/// `SMGATE_HUB_OPERATOR_KEY_SHA256`.
+pub const HUB_OPERATOR_KEY: &str = "smo_tests-operator-key-0123456789abcdef";
+
+pub fn hub_operator_key_sha256() -> String {
+    smgate::ledger::hex::encode(&smgate::auth::sha256(HUB_OPERATOR_KEY.as_bytes()))
+}
+
+/// A started `smgate hub`: the process, the lines it prints after its banner, and what the
+/// banner says.
+pub struct HubStart {
+    pub child: Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+    pub addr: String,
+    pub pin: String,
+    pub cosigner: String,
+}
+
+/// Spawns `cmd` (an `smgate … hub` command line its caller prepared) with stdout piped and
+/// reads the hub's banner: address, certificate pin, cosigner key.
+pub fn start_hub(cmd: &mut Command) -> HubStart {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn hub");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = |prefix: &str, wait: u64| {
+        let line = lines
+            .recv_timeout(Duration::from_secs(wait))
+            .expect("hub did not start");
+        line.strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("hub banner: {line}"))
+            .to_string()
+    };
+    let addr = next("smgate hub: listening on https://", 60);
+    let pin = next("smgate hub: pin sha256:", 5);
+    let cosigner = next("smgate hub: cosigner ", 5);
+    HubStart {
+        child,
+        lines,
+        addr,
+        pin,
+        cosigner,
+    }
 }

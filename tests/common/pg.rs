@@ -22,7 +22,7 @@ pub struct Postgres {
     pub port: u16,
 }
 
-fn bin_dir() -> Option<PathBuf> {
+pub fn bin_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("SMGATE_TEST_PG_BIN") {
         return Some(PathBuf::from(d));
     }
@@ -42,7 +42,7 @@ fn bin_dir() -> Option<PathBuf> {
     found.pop()
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -53,7 +53,7 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

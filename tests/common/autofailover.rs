@@ -133,10 +133,19 @@ impl Formation {
         f.monitor = f.spawn("monitor", &["monitor"]);
         f.tune_monitor().await;
         let url = f.monitor_url();
-        for name in ["node1", "node2"] {
-            let node = f.spawn(name, &["postgres", "--dbname", "smgate", "--monitor", &url]);
-            f.nodes.push(node);
-        }
+        // One after the other: the node that registers first becomes the primary, and the
+        // monitor numbers nodes in that order.
+        let node = f.spawn(
+            "node1",
+            &["postgres", "--dbname", "smgate", "--monitor", &url],
+        );
+        f.nodes.push(node);
+        f.wait_states(&["single"], Duration::from_secs(120)).await;
+        let node = f.spawn(
+            "node2",
+            &["postgres", "--dbname", "smgate", "--monitor", &url],
+        );
+        f.nodes.push(node);
         f.wait_states(&["primary", "secondary"], Duration::from_secs(240))
             .await;
         Some(f)
@@ -340,7 +349,7 @@ impl Formation {
                 .await
                 .unwrap();
             let streaming = rows.iter().any(|r| r.get::<_, String>(2) == "streaming");
-            if streaming || started.elapsed() > Duration::from_secs(180) {
+            if streaming || started.elapsed() > Duration::from_secs(60) {
                 break rows;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -189,7 +189,7 @@ pub fn parse(enrolled: &Enrollment, batch: &Batch) -> Result<(Checkpoint, String
             batch.version
         )));
     }
-    if !crate::machines::valid_slug(&batch.machine) {
+    if crate::auth::Slug::parse(&batch.machine).is_none() {
         return Err(Refusal::BadRequest("machine is not a valid slug".into()));
     }
     if batch.rows.is_empty() {

@@ -38,12 +38,6 @@ fn invalid(code: &'static str, message: impl Into<String>) -> MachineError {
     }
 }
 
-/// The slug rule as a test, for the hub's batch check (`hub/check.rs`, being rebuilt on its
-/// own branch); everything else parses a [`Slug`] once where the slug enters.
-pub fn valid_slug(s: &str) -> bool {
-    Slug::parse(s).is_some()
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub id: String,

@@ -438,8 +438,8 @@ pub fn read(proto: Proto, buf: &mut BytesMut, max: usize) -> Result<Option<In>, 
 /// A payload in an allocation of its own. The codec hands out a slice of the connection's read
 /// buffer, and a message waiting for its commit would keep that whole buffer alive: the next
 /// read then needs a new one, so a connection with 32 messages in flight held up to 32 read
-/// buffers of 4 KiB (24 MB across 1,000 devices in `cargo bench --bench mqtt`, heaptrack). A
-/// copy of a heartbeat's few dozen bytes lets the buffer be reused in place.
+/// buffers of 4 KiB (docs/performance.md, "Where the memory goes at saturation"). A copy of a
+/// heartbeat's few dozen bytes lets the buffer be reused in place.
 fn own(payload: Bytes) -> Bytes {
     Bytes::copy_from_slice(&payload)
 }

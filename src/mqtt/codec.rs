@@ -614,8 +614,23 @@ fn to_v4(out: &Out) -> Option<v4::Packet> {
     })
 }
 
-fn to_v5(out: &Out) -> Option<v5::Packet> {
+/// The MQTT 5 CONNACK reason code of a refusal (or success).
+fn connack_code(reason: Reason) -> v5::ConnectReturnCode {
     use v5::ConnectReturnCode as C;
+    match reason {
+        Reason::Success => C::Success,
+        Reason::BadUserNamePassword => C::BadUserNamePassword,
+        Reason::ServerUnavailable => C::ServerUnavailable,
+        Reason::ServerShuttingDown => C::ServerUnavailable,
+        Reason::QuotaExceeded => C::QuotaExceeded,
+        Reason::ClientIdentifierNotValid => C::ClientIdentifierNotValid,
+        Reason::MalformedPacket => C::MalformedPacket,
+        Reason::PacketTooLarge => C::PacketTooLarge,
+        _ => C::NotAuthorized,
+    }
+}
+
+fn to_v5(out: &Out) -> Option<v5::Packet> {
     Some(match out {
         Out::ConnAck {
             reason,
@@ -623,42 +638,29 @@ fn to_v5(out: &Out) -> Option<v5::Packet> {
             receive_maximum,
             max_packet,
             assigned_id,
-        } => {
-            let success = *reason == Reason::Success;
-            v5::Packet::ConnAck(v5::ConnAck {
-                session_present: *session_present,
-                code: match reason {
-                    Reason::Success => C::Success,
-                    Reason::BadUserNamePassword => C::BadUserNamePassword,
-                    Reason::ServerUnavailable => C::ServerUnavailable,
-                    Reason::ServerShuttingDown => C::ServerUnavailable,
-                    Reason::QuotaExceeded => C::QuotaExceeded,
-                    Reason::ClientIdentifierNotValid => C::ClientIdentifierNotValid,
-                    Reason::MalformedPacket => C::MalformedPacket,
-                    Reason::PacketTooLarge => C::PacketTooLarge,
-                    _ => C::NotAuthorized,
-                },
-                properties: success.then(|| v5::ConnAckProperties {
-                    session_expiry_interval: None,
-                    receive_max: Some(*receive_maximum),
-                    max_qos: None,
-                    retain_available: Some(1),
-                    max_packet_size: Some(*max_packet),
-                    assigned_client_identifier: assigned_id.clone(),
-                    topic_alias_max: Some(0),
-                    reason_string: None,
-                    user_properties: Vec::new(),
-                    wildcard_subscription_available: Some(1),
-                    subscription_identifiers_available: Some(0),
-                    shared_subscription_available: Some(0),
-                    server_keep_alive: None,
-                    response_information: None,
-                    server_reference: None,
-                    authentication_method: None,
-                    authentication_data: None,
-                }),
-            })
-        }
+        } => v5::Packet::ConnAck(v5::ConnAck {
+            session_present: *session_present,
+            code: connack_code(*reason),
+            properties: (*reason == Reason::Success).then(|| v5::ConnAckProperties {
+                session_expiry_interval: None,
+                receive_max: Some(*receive_maximum),
+                max_qos: None,
+                retain_available: Some(1),
+                max_packet_size: Some(*max_packet),
+                assigned_client_identifier: assigned_id.clone(),
+                topic_alias_max: Some(0),
+                reason_string: None,
+                user_properties: Vec::new(),
+                wildcard_subscription_available: Some(1),
+                subscription_identifiers_available: Some(0),
+                shared_subscription_available: Some(0),
+                server_keep_alive: None,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            }),
+        }),
         Out::PubAck(pkid, reason) => {
             let mut a = v5::PubAck::new(*pkid, None);
             a.reason = match reason {

@@ -1993,7 +1993,7 @@ fn v5_client(port: u16, key: &str, id: &str, will: Option<(&str, u32)>) -> Child
 
 /// Kills `client` after it has had time to connect.
 async fn kill_after_connect(mut client: Child) {
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     client.kill().unwrap();
     client.wait().unwrap();
 }
@@ -2021,8 +2021,8 @@ async fn server_delays_a_will_and_drops_it_when_the_session_resumes() {
         killed.elapsed()
     );
     // Back within the delay, resuming the session: never published.
-    let watcher = watch(port, &key, false, &["-t", "site/back/#", "-C", "1"], 5).await;
-    kill_after_connect(v5_client(port, &key, "back", Some(("site/back/a", 2)))).await;
+    let watcher = watch(port, &key, false, &["-t", "site/back/#", "-C", "1"], 8).await;
+    kill_after_connect(v5_client(port, &key, "back", Some(("site/back/a", 5)))).await;
     let mut again = v5_client(port, &key, "back", None);
     let got = joined(watcher);
     assert!(!got.contains("site/back/a"), "{got}");

@@ -122,6 +122,16 @@ pub fn write_number(out: &mut Vec<u8>, n: &Number) {
 
 /// A JSON value, object keys in the map's order (as serde_json writes them).
 pub fn write_value(out: &mut Vec<u8>, v: &Value) {
+    write_any(out, v, false);
+}
+
+/// [`write_value`] with object keys sorted by their UTF-16 code units (RFC 8785 order): the
+/// log's canonical JSON (`ledger::canonical`).
+pub fn write_canonical(out: &mut Vec<u8>, v: &Value) {
+    write_any(out, v, true);
+}
+
+fn write_any(out: &mut Vec<u8>, v: &Value, sorted: bool) {
     match v {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),
@@ -134,23 +144,34 @@ pub fn write_value(out: &mut Vec<u8>, v: &Value) {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_value(out, x);
+                write_any(out, x, sorted);
             }
             out.push(b']');
         }
-        Value::Object(map) => {
-            out.push(b'{');
-            for (i, (k, x)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_str(out, k);
-                out.push(b':');
-                write_value(out, x);
-            }
-            out.push(b'}');
+        Value::Object(map) if sorted => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
+            write_object(out, entries.into_iter(), sorted);
         }
+        Value::Object(map) => write_object(out, map.iter(), sorted),
     }
+}
+
+fn write_object<'v>(
+    out: &mut Vec<u8>,
+    entries: impl Iterator<Item = (&'v String, &'v Value)>,
+    sorted: bool,
+) {
+    out.push(b'{');
+    for (i, (k, x)) in entries.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, k);
+        out.push(b':');
+        write_any(out, x, sorted);
+    }
+    out.push(b'}');
 }
 
 #[cfg(test)]

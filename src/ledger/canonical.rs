@@ -5,48 +5,12 @@
 
 use serde_json::Value;
 
-// The stored-state writers of the engine: byte for byte what serde_json writes (tested there
-// against it), without a `Value` and a `String` allocated per string.
-use crate::json::{write_number, write_str};
-
+/// The canonical bytes of `value` (the writer is the engine's, `json::write_canonical`, byte
+/// for byte what serde_json writes but for the key order).
 pub fn to_vec(value: &Value) -> Vec<u8> {
     let mut out = Vec::new();
-    write(value, &mut out);
+    crate::json::write_canonical(&mut out, value);
     out
-}
-
-fn write(value: &Value, out: &mut Vec<u8>) {
-    match value {
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
-            out.push(b'{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_str(out, k);
-                out.push(b':');
-                write(v, out);
-            }
-            out.push(b'}');
-        }
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, v) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write(v, out);
-            }
-            out.push(b']');
-        }
-        Value::String(s) => write_str(out, s),
-        Value::Number(n) => write_number(out, n),
-        Value::Bool(true) => out.extend_from_slice(b"true"),
-        Value::Bool(false) => out.extend_from_slice(b"false"),
-        Value::Null => out.extend_from_slice(b"null"),
-    }
 }
 
 #[cfg(test)]

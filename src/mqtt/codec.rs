@@ -78,30 +78,33 @@ impl Origin {
         }
     }
 
+    /// Whether its Message Expiry Interval has passed at `now` (it is then not delivered).
+    fn expired(&self, now: Instant) -> bool {
+        let interval = self.props.as_ref().and_then(|p| p.message_expiry_interval);
+        interval.is_some_and(|i| i > 0 && self.waited(now) >= u64::from(i))
+    }
+
     /// The properties to send at `now`: the expiry interval less the seconds waited (5.0
-    /// §3.3.2.3.3); None when the message has expired.
-    fn props_at(&self, now: Instant) -> Option<Option<v5::PublishProperties>> {
-        let Some(p) = &self.props else {
-            return Some(None);
-        };
-        let mut p = p.clone();
-        if let Some(interval) = p.message_expiry_interval {
-            let waited = now.saturating_duration_since(self.at).as_secs();
-            if interval > 0 && waited >= interval as u64 {
-                return None;
-            }
-            p.message_expiry_interval = Some(interval - waited as u32);
+    /// §3.3.2.3.3).
+    fn props_at(&self, now: Instant) -> Option<v5::PublishProperties> {
+        let mut p = self.props.clone()?;
+        if let Some(i) = p.message_expiry_interval {
+            let left = u64::from(i).saturating_sub(self.waited(now));
+            p.message_expiry_interval = Some(left as u32);
         }
-        Some(Some(p))
+        Some(p)
+    }
+
+    /// Whole seconds since the server received the message.
+    fn waited(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.at).as_secs()
     }
 }
 
 impl Message {
     /// Whether its MQTT 5 Message Expiry Interval has passed (it is then not delivered).
     pub fn expired(&self, now: Instant) -> bool {
-        self.origin
-            .as_ref()
-            .is_some_and(|o| o.props_at(now).is_none())
+        self.origin.as_ref().is_some_and(|o| o.expired(now))
     }
 }
 
@@ -691,7 +694,7 @@ fn to_v5(out: &Out) -> Option<v5::Packet> {
             properties: message
                 .origin
                 .as_ref()
-                .and_then(|o| o.props_at(Instant::now()).flatten()),
+                .and_then(|o| o.props_at(Instant::now())),
         }),
         Out::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {
             pkid: *pkid,

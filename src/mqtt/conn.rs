@@ -61,7 +61,7 @@ where
         return;
     };
     let session: Arc<str> = format!("{subject}|{client_id}").into();
-    let link = Arc::new(Link::new(Arc::new(grant)));
+    let link = Arc::new(Link::new(Arc::new(grant), connect.clean));
     // 3.1.1: clean session 0 keeps the session. MQTT 5: clean start 0 resumes one; it
     // outlives this connection when its expiry interval is not 0.
     let persistent = match proto {
@@ -69,7 +69,7 @@ where
         Proto::V5 => connect.session_expiry > 0,
     };
     let lifetime = session_lifetime(&connect, &server.cfg);
-    let (present, parked) = match server.open_session(&session, &link, connect.clean).await {
+    let (present, parked) = match server.open_session(&session, &link).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "MQTT session not opened");

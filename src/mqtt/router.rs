@@ -133,16 +133,19 @@ pub struct Link {
     /// Set when the connection must close, with the reason.
     pub kick: Mutex<Option<Reason>>,
     pub grant: Arc<Grant>,
+    /// The connection started a clean session (3.1.1 clean session, MQTT 5 clean start).
+    pub clean_start: bool,
 }
 
 impl Link {
-    pub fn new(grant: Arc<Grant>) -> Link {
+    pub fn new(grant: Arc<Grant>, clean_start: bool) -> Link {
         Link {
             wake: Notify::new(),
             outq: Mutex::new(Outq::default()),
             done: Mutex::new(Vec::new()),
             kick: Mutex::new(None),
             grant,
+            clean_start,
         }
     }
 

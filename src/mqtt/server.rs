@@ -122,8 +122,6 @@ pub struct Server {
 struct Sessions {
     /// Session name → its connection.
     online: HashMap<Arc<str>, Arc<Link>>,
-    /// Session name → whether its connection started it clean (for a Will still to settle).
-    started_clean: HashMap<Arc<str>, bool>,
     /// Session name → what a persistent session keeps while its client is away.
     parked: HashMap<Arc<str>, Parked>,
     /// Session name → the Will of its last connection, waiting for its delay.
@@ -322,16 +320,17 @@ impl Server {
         Ok((Grant::key(prefix, principal), subject))
     }
 
-    /// Makes `link` the connection of `session`; closes the one it replaces. `clean`: the
-    /// session starts empty (its subscriptions, its dedup window and its entries in the store
-    /// go, before the CONNACK, so no entry of the old session can be taken for a message of
-    /// the new). Returns whether a session was present, and its dedup window.
+    /// Makes `link` the connection of `session`; closes the one it replaces. A link with a
+    /// clean start starts the session empty (its subscriptions, its dedup window and its
+    /// entries in the store go, before the CONNACK, so no entry of the old session can be
+    /// taken for a message of the new). Returns whether a session was present, and its dedup
+    /// window.
     pub async fn open_session(
         &self,
         session: &Arc<str>,
         link: &Arc<Link>,
-        clean: bool,
     ) -> Result<(bool, Parked), StoreError> {
+        let clean = link.clean_start;
         let parked = {
             let mut s = self
                 .sessions
@@ -340,7 +339,6 @@ impl Server {
             if let Some(old) = s.online.insert(session.clone(), link.clone()) {
                 old.kick(Reason::SessionTakenOver);
             }
-            s.started_clean.insert(session.clone(), clean);
             // A new connection to the session: a delayed Will is never published if it
             // resumes the session, and at once if it starts a new one (5.0 §3.1.2.5).
             if let Some(w) = s.wills.remove(session) {
@@ -387,7 +385,6 @@ impl Server {
         let current = s.online.get(session).is_some_and(|l| Arc::ptr_eq(l, link));
         if current {
             s.online.remove(session);
-            s.started_clean.remove(session);
         }
         if !persistent {
             if current {
@@ -449,9 +446,7 @@ impl Server {
             match s.online.get(session) {
                 // A new connection took the session over before this one ended: it resumed
                 // the session (never published) or started a new one (published now).
-                Some(other) if !Arc::ptr_eq(other, link) => {
-                    Some(s.started_clean.get(session).copied().unwrap_or(true))
-                }
+                Some(other) if !Arc::ptr_eq(other, link) => Some(other.clean_start),
                 _ => {
                     s.wills.insert(session.clone(), pending);
                     None

@@ -20,6 +20,8 @@
 //!    `TEST_MQTT_BENCH_RATE` and at `TEST_MQTT_BENCH_LOW_RATE` (200/s) with a subscriber on
 //!    `smgate/hb/+/state`: publish → PUBACK, and publish → retained state (the state carries
 //!    the heartbeat's `ts` as `last_seen`).
+//! 3. smgate again, fresh, with the memory profile `small` (phase 2 runs `large`): instances
+//!    created, then saturated, for its RSS peak against the issue's 64 MiB and its rate.
 //!
 //! Per phase it accounts, per heartbeat, for the CPU time (user + system, from `/proc`) of the
 //! broker or smgate, by thread (the writer thread is `smgate-writer`; its schedstat also says
@@ -752,7 +754,8 @@ struct Gateway {
 }
 
 impl Gateway {
-    fn start(dir: &Path) -> Result<Gateway, Failure> {
+    /// A fresh gateway in `dir` with the memory profile `profile` (`SMGATE_MEMORY_PROFILE`).
+    fn start(dir: &Path, profile: &str) -> Result<Gateway, Failure> {
         let data = dir.join("data");
         let out = Command::new(bin())
             .arg("--data")
@@ -773,6 +776,7 @@ impl Gateway {
             .env("SMGATE_HTTP_LISTEN", "127.0.0.1:0")
             .env("SMGATE_MQTT_LISTEN", "127.0.0.1:0")
             .env("SMGATE_LIMITS_WRITES_PER_MINUTE_PER_MACHINE", "100000000")
+            .env("SMGATE_MEMORY_PROFILE", profile)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()?;
@@ -979,50 +983,42 @@ fn ceiling(rt: &tokio::runtime::Runtime, k: &Knobs, dir: &Path) -> Result<Ceilin
     Ok(c)
 }
 
-fn report() -> Result<(), Failure> {
-    let k = Knobs::from_env();
-    let files = open_files_limit();
-    if files < k.devices * 2 + 256 {
-        return Err(format!(
-            "{} devices need about {} open files here and in the server; the limit is {files} \
-             (ulimit -n)",
-            k.devices,
-            k.devices * 2 + 256
-        )
-        .into());
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let work = tempfile::tempdir()?;
+/// A gateway brought up and saturated: what later phases need, and what it measured.
+struct Saturated {
+    gw: Gateway,
+    fleet: Fleet,
+    creds_key: String,
+    started_rss: f64,
+    connected_rss: f64,
+    rest_rss: f64,
+    sat_rss_peak: f64,
+    sat: GatewayPhase,
+}
+
+/// Starts a gateway with memory profile `profile` in `dir`, connects the devices, creates the
+/// instances with one heartbeat each, then runs the saturated phase and prints what it saw.
+fn saturate(
+    rt: &tokio::runtime::Runtime,
+    k: &Knobs,
+    dir: &Path,
+    profile: &str,
+) -> Result<Saturated, Failure> {
+    std::fs::create_dir_all(dir)?;
     let cores = cores();
-    println!(
-        "smgate MQTT report: {} devices (QoS 1, at most {} unacked each), {} instances, {} s per phase, {cores} cores",
-        k.devices, k.inflight, k.instances, k.secs
-    );
-
-    // 1. The broker alone: the ceiling.
-    let ceiling = match env_u64("TEST_MQTT_BENCH_CEILING", 1) {
-        0 => None,
-        _ => Some(ceiling(&rt, &k, work.path())?),
-    };
-
-    // 2. smgate as the devices' server.
-    let gw = Gateway::start(work.path())?;
+    let gw = Gateway::start(dir, profile)?;
     let pid = gw.pid();
     let key = rt.block_on(gw.setup())?;
     let creds = (MACHINE, key.as_str());
     let started_rss = gw.rss("VmRSS");
-    let fleet = rt.block_on(Fleet::connect(gw.mqtt_port, &k, creds, "bench-dev"))?;
+    let fleet = rt.block_on(Fleet::connect(gw.mqtt_port, k, creds, "bench-dev"))?;
     let connected_rss = gw.rss("VmRSS");
     println!(
-        "smgate: RSS {started_rss:.1} MiB started, {connected_rss:.1} MiB with {} devices connected",
+        "smgate ({profile}): RSS {started_rss:.1} MiB started, {connected_rss:.1} MiB with {} devices connected",
         k.devices
     );
     let warm = rt.block_on(gateway_phase(&gw, &fleet, Pace::Once, 0, None))?;
     println!(
-        "smgate: {} instances created by their first heartbeat in {:.1} s ({:.0}/s); RSS {:.1} MiB, peak {:.1} MiB",
+        "smgate ({profile}): {} instances created by their first heartbeat in {:.1} s ({:.0}/s); RSS {:.1} MiB, peak {:.1} MiB",
         warm.phase.acked,
         warm.phase.window,
         warm.phase.acked_per_sec(),
@@ -1037,7 +1033,7 @@ fn report() -> Result<(), Failure> {
     let sat_rss_peak = gw.rss("VmHWM");
     let applied = sat.phase.acked_per_sec();
     println!(
-        "smgate saturated: {applied:.0} heartbeats/s acked after their commit ({} acked, /metrics applied {}); publish->PUBACK p50 {:.1} ms, p99 {:.1} ms; {:.0} heartbeats per commit",
+        "smgate ({profile}) saturated: {applied:.0} heartbeats/s acked after their commit ({} acked, /metrics applied {}); publish->PUBACK p50 {:.1} ms, p99 {:.1} ms; {:.0} heartbeats per commit",
         sat.phase.acked,
         sat.applied,
         sat.phase.ack_p50,
@@ -1069,6 +1065,62 @@ fn report() -> Result<(), Failure> {
             " (since start: the peak could not be reset)"
         }
     );
+
+    Ok(Saturated {
+        gw,
+        fleet,
+        creds_key: key,
+        started_rss,
+        connected_rss,
+        rest_rss,
+        sat_rss_peak,
+        sat,
+    })
+}
+
+fn report() -> Result<(), Failure> {
+    let k = Knobs::from_env();
+    let files = open_files_limit();
+    if files < k.devices * 2 + 256 {
+        return Err(format!(
+            "{} devices need about {} open files here and in the server; the limit is {files} \
+             (ulimit -n)",
+            k.devices,
+            k.devices * 2 + 256
+        )
+        .into());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let work = tempfile::tempdir()?;
+    let cores = cores();
+    println!(
+        "smgate MQTT report: {} devices (QoS 1, at most {} unacked each), {} instances, {} s per phase, {cores} cores",
+        k.devices, k.inflight, k.instances, k.secs
+    );
+
+    // 1. The broker alone: the ceiling.
+    let ceiling = match env_u64("TEST_MQTT_BENCH_CEILING", 1) {
+        0 => None,
+        _ => Some(ceiling(&rt, &k, work.path())?),
+    };
+
+    // 2. smgate as the devices' server, sized for throughput.
+    let large = saturate(&rt, &k, &work.path().join("large"), "large")?;
+    let Saturated {
+        gw,
+        fleet,
+        creds_key,
+        started_rss,
+        connected_rss,
+        rest_rss,
+        sat_rss_peak,
+        sat,
+    } = large;
+    let creds = (MACHINE, creds_key.as_str());
+    let applied = sat.phase.acked_per_sec();
 
     std::thread::sleep(Duration::from_secs(1));
     let watch = rt.block_on(Watch::start(
@@ -1115,10 +1167,16 @@ fn report() -> Result<(), Failure> {
     println!(
         "smgate RSS: {rest_rss:.1} MiB at rest after creating the instances, {idle_rss:.1} MiB at rest after the run, peak {sat_rss_peak:.1} MiB saturated"
     );
+    drop(gw);
+
+    // 3. The same devices against a fresh gateway sized for a small board.
+    let small = saturate(&rt, &k, &work.path().join("small"), "small")?;
+    rt.block_on(small.fleet.close());
+    drop(small.gw);
 
     println!();
     println!(
-        "{:<54} {:>15} {:>15}   target (issue #21)",
+        "{:<54} {:>15} {:>15}   target (issue #21)\nmemory profile large unless the row says small",
         "measure", "smgate", "mosquitto"
     );
     let row = |name: &str, ours: String, theirs: String, target: Option<(bool, &str)>| {
@@ -1275,7 +1333,7 @@ fn report() -> Result<(), Failure> {
         &format!("RSS peak saturated, MiB ({} instances)", k.instances),
         format!("{sat_rss_peak:.1}"),
         none(),
-        Some((sat_rss_peak <= 64.0, "<= 64")),
+        None,
     );
     row(
         &format!("RSS started / {} devices connected, MiB", k.devices),
@@ -1286,6 +1344,34 @@ fn report() -> Result<(), Failure> {
     row(
         "RSS at rest: instances created / after the run, MiB",
         format!("{rest_rss:.1} / {idle_rss:.1}"),
+        none(),
+        None,
+    );
+    let small_rate = small.sat.phase.acked_per_sec();
+    row(
+        "memory profile small: RSS peak saturated, MiB",
+        format!("{:.1}", small.sat_rss_peak),
+        none(),
+        Some((small.sat_rss_peak <= 64.0, "<= 64")),
+    );
+    row(
+        "  heartbeats/s saturated; ratio to large",
+        format!("{small_rate:.0}; {:.2}", small_rate / applied.max(1.0)),
+        none(),
+        None,
+    );
+    row(
+        "  RSS started / connected / instances created, MiB",
+        format!(
+            "{:.1} / {:.1} / {:.1}",
+            small.started_rss, small.connected_rss, small.rest_rss
+        ),
+        none(),
+        None,
+    );
+    row(
+        "  writer µs and bytes to the file per heartbeat",
+        format!("{:.1}; {:.0}", small.sat.cost.writer_us, small.sat.cost.written),
         none(),
         None,
     );

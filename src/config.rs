@@ -36,6 +36,7 @@ pub struct Config {
     pub agents: crate::agents::AgentsConfig,
     pub mqtt: crate::mqtt::MqttConfig,
     pub hub: HubConfig,
+    pub memory: MemoryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +95,130 @@ pub struct StoreConfig {
     /// (`store::PowerCut`).
     #[serde(skip)]
     pub test_power_cut: bool,
+}
+
+/// `[memory]`: how the write pipeline is sized for the board. A profile only supplies the
+/// values of `store.cache_mb`, `store.write_window_mb` and `mqtt.batch_size` that the file and
+/// the environment leave unset; [`Config::load`] resolves `auto` and records what it chose.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    pub profile: MemoryProfile,
+    /// Set by [`Config::load`]: whether `auto` chose the profile.
+    #[serde(skip)]
+    pub automatic: bool,
+    /// Set by [`Config::load`]: the RAM this process may use, as [`board_memory`] found it.
+    #[serde(skip)]
+    pub board_bytes: Option<u64>,
+}
+
+/// The two sizes of the ingest pipeline (figures: docs/performance.md, "Memory profiles").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryProfile {
+    /// `small` when the process may use less than [`SMALL_BELOW`] of RAM (or that cannot be
+    /// read), `large` otherwise.
+    #[default]
+    Auto,
+    /// Peak RSS about 60 MiB with 10,000 instances and 1,000 devices publishing as fast as the
+    /// writer commits, at about half of `large`'s heartbeats/s and twice its bytes written
+    /// per heartbeat while saturated.
+    Small,
+    /// Throughput first: a peak of about 160 MiB at saturation.
+    Large,
+}
+
+/// `auto` picks `small` below this much RAM (boards with 256 or 512 MB).
+pub const SMALL_BELOW: u64 = 1 << 30;
+
+impl MemoryProfile {
+    /// `auto` made concrete for a process that may use `board` bytes of RAM.
+    pub fn resolve(self, board: Option<u64>) -> MemoryProfile {
+        match (self, board) {
+            (MemoryProfile::Auto, Some(b)) if b >= SMALL_BELOW => MemoryProfile::Large,
+            (MemoryProfile::Auto, _) => MemoryProfile::Small,
+            (p, _) => p,
+        }
+    }
+
+    /// `(section, key, value)` of each option the profile sizes.
+    fn sizes(self) -> [(&'static str, &'static str, i64); 3] {
+        let (cache, window, batch) = match self {
+            MemoryProfile::Small => (3, 1, 512),
+            _ => (12, 16, 4096),
+        };
+        [
+            ("store", "cache_mb", cache),
+            ("store", "write_window_mb", window),
+            ("mqtt", "batch_size", batch),
+        ]
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryProfile::Auto => "auto",
+            MemoryProfile::Small => "small",
+            MemoryProfile::Large => "large",
+        }
+    }
+}
+
+/// The RAM this process may use: `MemTotal`, or its cgroup v2 `memory.max` when that is lower
+/// (a container or a systemd `MemoryMax=`). `None` when neither can be read.
+pub fn board_memory() -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let total = read("/proc/meminfo").and_then(|m| meminfo_total(&m));
+    let limit = read("/proc/self/cgroup").and_then(|c| {
+        let path = c.lines().find_map(|l| l.strip_prefix("0::"))?.trim().to_string();
+        read(&format!("/sys/fs/cgroup{path}/memory.max"))?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    });
+    match (total, limit) {
+        (Some(t), Some(l)) => Some(t.min(l)),
+        (t, l) => t.or(l),
+    }
+}
+
+/// `MemTotal` of `/proc/meminfo`, in bytes.
+fn meminfo_total(meminfo: &str) -> Option<u64> {
+    let kb = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb << 10)
+}
+
+/// Resolves `[memory] profile` in `doc` for `board` bytes of RAM and fills in the options it
+/// sizes that `doc` leaves unset.
+fn apply_memory_profile(
+    doc: &mut toml::Table,
+    board: Option<u64>,
+) -> Result<(MemoryProfile, bool), ConfigError> {
+    let asked: MemoryProfile = match doc.get("memory").and_then(|m| m.get("profile")) {
+        None => MemoryProfile::Auto,
+        Some(v) => v.clone().try_into().map_err(|e: toml::de::Error| {
+            ConfigError::Invalid(format!(
+                "memory.profile must be \"auto\", \"small\" or \"large\": {e}"
+            ))
+        })?,
+    };
+    let chosen = asked.resolve(board);
+    for (section, key, value) in chosen.sizes() {
+        // A section that is not a table fails its deserialization below.
+        if let toml::Value::Table(t) = doc
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            t.entry(key).or_insert(toml::Value::Integer(value));
+        }
+    }
+    Ok((chosen, asked == MemoryProfile::Auto))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -215,10 +340,20 @@ impl Default for LogConfig {
 }
 
 impl Config {
-    /// Loads `path` (or the defaults when `None`) and applies `SMGATE_*` overrides from `env`.
+    /// Loads `path` (or the defaults when `None`) and applies `SMGATE_*` overrides from `env`;
+    /// the memory profile is sized for this machine ([`board_memory`]).
     pub fn load(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        Config::load_for(path, env, board_memory())
+    }
+
+    /// [`Config::load`] for a process that may use `board` bytes of RAM.
+    pub fn load_for(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        board: Option<u64>,
     ) -> Result<Config, ConfigError> {
         let text = match path {
             Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
@@ -271,10 +406,16 @@ impl Config {
                 }
             }
         }
+        let (profile, automatic) = apply_memory_profile(&mut doc, board)?;
         let mut config: Config = toml::Value::Table(doc)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
         config.store.test_power_cut = test_power_cut;
+        config.memory = MemoryConfig {
+            profile,
+            automatic,
+            board_bytes: board,
+        };
         config.validate()?;
         Ok(config)
     }
@@ -453,9 +594,68 @@ mod tests {
         assert!(err.contains("http.header_read_timeout_secs"), "{err}");
     }
 
+    /// `auto` sizes the pipeline for the board's RAM; a profile fills in only the options the
+    /// file and the environment leave unset, and a bad name is a clear error.
+    #[test]
+    fn the_memory_profile_sizes_what_is_left_unset() {
+        const MIB: u64 = 1 << 20;
+        let load = |env: &[(&str, &str)], board: Option<u64>| {
+            let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+            Config::load_for(None, env.collect::<Vec<_>>(), board)
+        };
+        let sizes = |c: &Config| (c.store.cache_mb, c.store.write_window_mb, c.mqtt.batch_size);
+
+        let board = load(&[], Some(256 * MIB)).unwrap();
+        assert_eq!(board.memory.profile, MemoryProfile::Small);
+        assert!(board.memory.automatic);
+        assert_eq!(sizes(&board), (3, 1, 512));
+        let server = load(&[], Some(8 << 30)).unwrap();
+        assert_eq!(server.memory.profile, MemoryProfile::Large);
+        assert_eq!(sizes(&server), (12, 16, 4096));
+        assert_eq!(sizes(&server), sizes(&Config::default()));
+        // Unknown RAM: the safe side.
+        assert_eq!(load(&[], None).unwrap().memory.profile, MemoryProfile::Small);
+
+        let asked = load(&[("SMGATE_MEMORY_PROFILE", "large")], Some(256 * MIB)).unwrap();
+        assert_eq!((asked.memory.profile, asked.memory.automatic), (MemoryProfile::Large, false));
+        assert_eq!(sizes(&asked), (12, 16, 4096));
+        let mixed = load(
+            &[("SMGATE_MEMORY_PROFILE", "small"), ("SMGATE_MQTT_BATCH_SIZE", "2048")],
+            Some(8 << 30),
+        )
+        .unwrap();
+        assert_eq!(sizes(&mixed), (3, 1, 2048));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("smgate.toml");
+        std::fs::write(&file, "[store]\ncache_mb = 8\n[memory]\nprofile = \"small\"\n").unwrap();
+        let c = Config::load_for(Some(&file), Vec::new(), Some(8 << 30)).unwrap();
+        assert_eq!(sizes(&c), (8, 1, 512));
+
+        let err = load(&[("SMGATE_MEMORY_PROFILE", "tiny")], None).unwrap_err().to_string();
+        assert!(err.contains("memory.profile"), "{err}");
+        let err = load(&[("SMGATE_MEMORY_SIZE", "1")], None).unwrap_err().to_string();
+        assert!(err.contains("size"), "{err}");
+    }
+
+    #[test]
+    fn board_memory_reads_memtotal_in_bytes() {
+        let meminfo = "MemTotal:         254012 kB\nMemFree:           1000 kB\n";
+        assert_eq!(meminfo_total(meminfo), Some(254012 << 10));
+        assert_eq!(meminfo_total("MemFree: 1 kB\n"), None);
+        // This machine's own figure is read and plausible.
+        let here = board_memory().expect("/proc/meminfo is readable here");
+        assert!(here > 16 << 20, "{here}");
+    }
+
     #[test]
     fn shipped_firmware_config_parses() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-config/smgate.toml");
         Config::load(Some(&p), Vec::new()).unwrap();
+        // It documents the sizes the memory profile sets without pinning them.
+        let board = Config::load_for(Some(&p), Vec::new(), Some(256 << 20)).unwrap();
+        assert_eq!(board.memory.profile, MemoryProfile::Small);
+        assert_eq!(board.store.cache_mb, 3);
+        assert_eq!(board.mqtt.batch_size, 512);
     }
 }

@@ -9,11 +9,13 @@ use crate::systemd;
 pub async fn serve(config: Config) -> Result<(), CliError> {
     // Before `start`: the listener answers before it returns (`Signals`).
     let mut signals = Signals::install().map_err(CliError::Signals)?;
+    let memory = memory_line(&config);
     let (running, initialised) = server::start(config, None).await?;
     if let Some(made) = &initialised {
         print_owner(made);
     }
     println!("smgate: listening on https://{}", running.addr);
+    println!("smgate: {memory}");
     if let Some(addr) = running.mqtt_broker() {
         println!("smgate: mqtt broker on {addr}");
     }
@@ -45,4 +47,21 @@ pub async fn serve(config: Config) -> Result<(), CliError> {
     tracing::info!("shutting down: finishing requests and the last commit");
     running.shutdown().await;
     Ok(())
+}
+
+/// The memory profile in use and why, with the sizes it led to.
+fn memory_line(config: &Config) -> String {
+    let m = &config.memory;
+    let why = match (m.automatic, m.board_bytes) {
+        (true, Some(b)) => format!(" (auto: {} MiB of RAM)", b >> 20),
+        (true, None) => " (auto: the RAM could not be read)".into(),
+        (false, _) => String::new(),
+    };
+    format!(
+        "memory profile {}{why}: store.cache_mb {}, store.write_window_mb {}, mqtt.batch_size {}",
+        m.profile.name(),
+        config.store.cache_mb,
+        config.store.write_window_mb,
+        config.mqtt.batch_size
+    )
 }

@@ -1371,7 +1371,10 @@ fn report() -> Result<(), Failure> {
     );
     row(
         "  writer µs and bytes to the file per heartbeat",
-        format!("{:.1}; {:.0}", small.sat.cost.writer_us, small.sat.cost.written),
+        format!(
+            "{:.1}; {:.0}",
+            small.sat.cost.writer_us, small.sat.cost.written
+        ),
         none(),
         None,
     );

@@ -169,7 +169,11 @@ pub fn board_memory() -> Option<u64> {
     let read = |p: &str| std::fs::read_to_string(p).ok();
     let total = read("/proc/meminfo").and_then(|m| meminfo_total(&m));
     let limit = read("/proc/self/cgroup").and_then(|c| {
-        let path = c.lines().find_map(|l| l.strip_prefix("0::"))?.trim().to_string();
+        let path = c
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))?
+            .trim()
+            .to_string();
         read(&format!("/sys/fs/cgroup{path}/memory.max"))?
             .trim()
             .parse::<u64>()
@@ -614,13 +618,22 @@ mod tests {
         assert_eq!(sizes(&server), (12, 16, 4096));
         assert_eq!(sizes(&server), sizes(&Config::default()));
         // Unknown RAM: the safe side.
-        assert_eq!(load(&[], None).unwrap().memory.profile, MemoryProfile::Small);
+        assert_eq!(
+            load(&[], None).unwrap().memory.profile,
+            MemoryProfile::Small
+        );
 
         let asked = load(&[("SMGATE_MEMORY_PROFILE", "large")], Some(256 * MIB)).unwrap();
-        assert_eq!((asked.memory.profile, asked.memory.automatic), (MemoryProfile::Large, false));
+        assert_eq!(
+            (asked.memory.profile, asked.memory.automatic),
+            (MemoryProfile::Large, false)
+        );
         assert_eq!(sizes(&asked), (12, 16, 4096));
         let mixed = load(
-            &[("SMGATE_MEMORY_PROFILE", "small"), ("SMGATE_MQTT_BATCH_SIZE", "2048")],
+            &[
+                ("SMGATE_MEMORY_PROFILE", "small"),
+                ("SMGATE_MQTT_BATCH_SIZE", "2048"),
+            ],
             Some(8 << 30),
         )
         .unwrap();
@@ -628,13 +641,21 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("smgate.toml");
-        std::fs::write(&file, "[store]\ncache_mb = 8\n[memory]\nprofile = \"small\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "[store]\ncache_mb = 8\n[memory]\nprofile = \"small\"\n",
+        )
+        .unwrap();
         let c = Config::load_for(Some(&file), Vec::new(), Some(8 << 30)).unwrap();
         assert_eq!(sizes(&c), (8, 1, 512));
 
-        let err = load(&[("SMGATE_MEMORY_PROFILE", "tiny")], None).unwrap_err().to_string();
+        let err = load(&[("SMGATE_MEMORY_PROFILE", "tiny")], None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("memory.profile"), "{err}");
-        let err = load(&[("SMGATE_MEMORY_SIZE", "1")], None).unwrap_err().to_string();
+        let err = load(&[("SMGATE_MEMORY_SIZE", "1")], None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("size"), "{err}");
     }
 

@@ -3,9 +3,11 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{call, cli, client_trusting, kill_during_burst, Gw};
+use common::{call, cli, client_trusting, kill_during_burst, Gw, BIN};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -533,4 +535,65 @@ async fn the_allocator_commits_memory_on_demand_unless_the_environment_says_othe
         on_demand < 256 << 20,
         "at rest after start-up, {on_demand} bytes committed"
     );
+}
+
+/// `serve` with `env` added on a fresh data directory: the line that names its memory
+/// profile. The gateway is killed once it has printed it.
+fn memory_line(env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .arg("serve")
+        .env("SMGATE_HTTP_LISTEN", "127.0.0.1:0")
+        .env("SMGATE_MQTT_LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("smgate: memory profile "));
+    let _ = child.kill();
+    let _ = child.wait();
+    line.expect("serve printed no memory profile")
+}
+
+/// The memory profile sizes the ingest pipeline: `serve` says which one it runs and why, a
+/// profile asked for is the one used, an explicit size wins over it, and a bad name stops
+/// `serve` with an error that names the option.
+#[test]
+fn serve_names_its_memory_profile_and_refuses_an_unknown_one() {
+    let auto = memory_line(&[]);
+    assert!(
+        auto.contains("(auto: ") && auto.contains(" MiB of RAM)"),
+        "{auto}"
+    );
+    let small = memory_line(&[("SMGATE_MEMORY_PROFILE", "small")]);
+    assert_eq!(
+        small,
+        "smgate: memory profile small: store.cache_mb 3, store.write_window_mb 1, mqtt.batch_size 512"
+    );
+    let mixed = memory_line(&[
+        ("SMGATE_MEMORY_PROFILE", "large"),
+        ("SMGATE_STORE_CACHE_MB", "6"),
+    ]);
+    assert!(
+        mixed.ends_with("large: store.cache_mb 6, store.write_window_mb 16, mqtt.batch_size 4096"),
+        "{mixed}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .arg("serve")
+        .env("SMGATE_MEMORY_PROFILE", "tiny")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("memory.profile"), "{err}");
 }

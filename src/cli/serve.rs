@@ -1,7 +1,7 @@
 //! `smgate serve`: start the gateway, tell systemd, reload TLS on SIGHUP, stop on SIGTERM.
 
 use super::{print_owner, CliError};
-use crate::config::Config;
+use crate::config::{Config, MemoryProfile};
 use crate::server;
 use crate::signals::Signals;
 use crate::systemd;
@@ -10,6 +10,9 @@ pub async fn serve(config: Config) -> Result<(), CliError> {
     // Before `start`: the listener answers before it returns (`Signals`).
     let mut signals = Signals::install().map_err(CliError::Signals)?;
     let memory = memory_line(&config);
+    if config.memory.profile == MemoryProfile::Small {
+        crate::alloc::purge_at_once();
+    }
     let (running, initialised) = server::start(config, None).await?;
     if let Some(made) = &initialised {
         print_owner(made);

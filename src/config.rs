@@ -121,8 +121,8 @@ pub enum MemoryProfile {
     #[default]
     Auto,
     /// Peak RSS about 60 MiB with 10,000 instances and 1,000 devices publishing as fast as the
-    /// writer commits, at about half of `large`'s heartbeats/s and twice its bytes written
-    /// per heartbeat while saturated.
+    /// writer commits, at 0.4–0.5 of `large`'s heartbeats/s and more than twice its bytes
+    /// written per heartbeat while saturated.
     Small,
     /// Throughput first: a peak of about 160 MiB at saturation.
     Large,
@@ -163,26 +163,44 @@ impl MemoryProfile {
     }
 }
 
-/// The RAM this process may use: `MemTotal`, or its cgroup v2 `memory.max` when that is lower
-/// (a container or a systemd `MemoryMax=`). `None` when neither can be read.
+/// The RAM this process may use: `MemTotal`, or its cgroup's limit when that is lower (a
+/// container, or systemd's `MemoryMax=`): `memory.max` under cgroup v2, `memory.limit_in_bytes`
+/// under v1. `None` when none of them can be read.
 pub fn board_memory() -> Option<u64> {
     let read = |p: &str| std::fs::read_to_string(p).ok();
     let total = read("/proc/meminfo").and_then(|m| meminfo_total(&m));
-    let limit = read("/proc/self/cgroup").and_then(|c| {
-        let path = c
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))?
-            .trim()
-            .to_string();
-        read(&format!("/sys/fs/cgroup{path}/memory.max"))?
-            .trim()
-            .parse::<u64>()
-            .ok()
-    });
+    let limits = read("/proc/self/cgroup")
+        .map(|c| cgroup_limit_files(&c))
+        .unwrap_or_default();
+    let limit = limits
+        .iter()
+        .filter_map(|f| read(f)?.trim().parse::<u64>().ok())
+        .min();
     match (total, limit) {
         (Some(t), Some(l)) => Some(t.min(l)),
         (t, l) => t.or(l),
     }
+}
+
+/// The files that hold the memory limit of the cgroups that `/proc/self/cgroup` names: the
+/// v2 hierarchy's (`0::<path>`) and the v1 memory controller's (`<n>:…memory…:<path>`). A
+/// limit of "max" (v2, none) does not parse, and v1's "none" is a number larger than any RAM.
+fn cgroup_limit_files(proc_self_cgroup: &str) -> Vec<String> {
+    proc_self_cgroup
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?.trim());
+            let path = path.trim_end_matches('/');
+            if controllers.is_empty() {
+                Some(format!("/sys/fs/cgroup{path}/memory.max"))
+            } else if controllers.split(',').any(|c| c == "memory") {
+                Some(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 /// `MemTotal` of `/proc/meminfo`, in bytes.
@@ -664,6 +682,18 @@ mod tests {
         let meminfo = "MemTotal:         254012 kB\nMemFree:           1000 kB\n";
         assert_eq!(meminfo_total(meminfo), Some(254012 << 10));
         assert_eq!(meminfo_total("MemFree: 1 kB\n"), None);
+        let hybrid = "4:memory:/box/one\n3:cpu,cpuacct:/\n0::/\n";
+        assert_eq!(
+            cgroup_limit_files(hybrid),
+            [
+                "/sys/fs/cgroup/memory/box/one/memory.limit_in_bytes",
+                "/sys/fs/cgroup/memory.max",
+            ]
+        );
+        assert_eq!(
+            cgroup_limit_files("0::/system.slice/smgate.service\n"),
+            ["/sys/fs/cgroup/system.slice/smgate.service/memory.max"]
+        );
         // This machine's own figure is read and plausible.
         let here = board_memory().expect("/proc/meminfo is readable here");
         assert!(here > 16 << 20, "{here}");

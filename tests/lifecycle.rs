@@ -538,16 +538,21 @@ async fn the_allocator_commits_memory_on_demand_unless_the_environment_says_othe
 }
 
 /// `serve` with `env` added on a fresh data directory: the line that names its memory
-/// profile. The gateway is killed once it has printed it.
+/// profile.
 fn memory_line(env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .arg("serve")
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--data").arg(dir.path().join("data")).arg("serve");
+    cmd.envs(env.iter().copied());
+    memory_line_of(cmd)
+}
+
+/// The line of `cmd` (a `serve`) that names its memory profile; the gateway is killed once it
+/// has printed it.
+fn memory_line_of(mut cmd: Command) -> String {
+    let mut child = cmd
         .env("SMGATE_HTTP_LISTEN", "127.0.0.1:0")
         .env("SMGATE_MQTT_LISTEN", "127.0.0.1:0")
-        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -560,6 +565,78 @@ fn memory_line(env: &[(&str, &str)]) -> String {
     let _ = child.kill();
     let _ = child.wait();
     line.expect("serve printed no memory profile")
+}
+
+/// A memory cgroup with a limit, made for one test and removed when dropped: under the
+/// process's own v1 memory cgroup (`memory.limit_in_bytes`) or v2 cgroup (`memory.max`).
+struct MemoryCgroup(std::path::PathBuf);
+
+impl MemoryCgroup {
+    /// `None` where this process cannot make one (not root, no memory controller).
+    fn make(limit: u64) -> Option<MemoryCgroup> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let name = format!("smgate-test-{}", std::process::id());
+        for line in own.lines() {
+            let mut f = line.splitn(3, ':');
+            let (Some(_), Some(controllers), Some(path)) = (f.next(), f.next(), f.next()) else {
+                continue;
+            };
+            let path = path.trim().trim_end_matches('/');
+            let (dir, file) = if controllers.split(',').any(|c| c == "memory") {
+                (
+                    format!("/sys/fs/cgroup/memory{path}/{name}"),
+                    "memory.limit_in_bytes",
+                )
+            } else if controllers.is_empty() {
+                (format!("/sys/fs/cgroup{path}/{name}"), "memory.max")
+            } else {
+                continue;
+            };
+            if std::fs::create_dir(&dir).is_ok() {
+                let cgroup = MemoryCgroup(dir.into());
+                if std::fs::write(cgroup.0.join(file), limit.to_string()).is_ok() {
+                    return Some(cgroup);
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// On a board, or in a container, with 256 MiB for smgate, `auto` picks the small profile
+/// without any configuration: `serve` runs in a memory cgroup limited to 256 MiB (root
+/// needed; `.ci/run` runs as root and requires this test).
+#[test]
+fn auto_picks_the_small_profile_under_a_256_mib_memory_limit() {
+    let Some(cgroup) = MemoryCgroup::make(256 << 20) else {
+        assert!(
+            std::env::var("CI_REQUIRE_PEERS").as_deref() != Ok("1"),
+            "CI_REQUIRE_PEERS=1 but no memory cgroup could be made here"
+        );
+        eprintln!("SKIPPED: making a memory cgroup needs root and a memory controller");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("sh");
+    // Joins the cgroup, then becomes smgate.
+    cmd.arg("-c")
+        .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+        .arg(&cgroup.0)
+        .arg(BIN)
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .arg("serve");
+    assert_eq!(
+        memory_line_of(cmd),
+        "smgate: memory profile small (auto: 256 MiB of RAM): store.cache_mb 3, \
+         store.write_window_mb 1, mqtt.batch_size 512"
+    );
 }
 
 /// The memory profile sizes the ingest pipeline: `serve` says which one it runs and why, a

@@ -142,10 +142,15 @@ impl MemoryProfile {
     }
 
     /// `(section, key, value)` of each option the profile sizes.
-    fn sizes(self) -> [(&'static str, &'static str, i64); 3] {
+    /// `large`'s are the options' defaults.
+    fn sizes(self) -> [(&'static str, &'static str, usize); 3] {
         let (cache, window, batch) = match self {
             MemoryProfile::Small => (3, 1, 512),
-            _ => (12, 16, 4096),
+            _ => {
+                let store = StoreConfig::default();
+                let mqtt = crate::mqtt::MqttConfig::default();
+                (store.cache_mb, store.write_window_mb, mqtt.batch_size)
+            }
         };
         [
             ("store", "cache_mb", cache),
@@ -237,7 +242,7 @@ fn apply_memory_profile(
             .entry(section)
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
         {
-            t.entry(key).or_insert(toml::Value::Integer(value));
+            t.entry(key).or_insert(toml::Value::Integer(value as i64));
         }
     }
     Ok((chosen, asked == MemoryProfile::Auto))

@@ -22,6 +22,15 @@
 /// so that the writer there allocates as the gateway's does.
 pub struct Allocator;
 
+// mimalloc's options: indexes into the `mi_option_e` of the mimalloc 3 that libmimalloc-sys
+// 0.1.49 builds (include/mimalloc.h).
+const ARENA_EAGER_COMMIT: i32 = 4;
+const PURGE_DELAY: i32 = 15;
+extern "C" {
+    fn mi_option_set_default(option: i32, value: std::ffi::c_long);
+    fn mi_option_set(option: i32, value: std::ffi::c_long);
+}
+
 static TUNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl Allocator {
@@ -29,12 +38,6 @@ impl Allocator {
     fn tune() {
         use std::sync::atomic::Ordering;
         if !TUNED.load(Ordering::Relaxed) {
-            // `mi_option_arena_eager_commit` in the `mi_option_e` of the mimalloc 3 that
-            // libmimalloc-sys 0.1.49 builds (include/mimalloc.h).
-            const ARENA_EAGER_COMMIT: i32 = 4;
-            extern "C" {
-                fn mi_option_set_default(option: i32, value: std::ffi::c_long);
-            }
             TUNED.store(true, Ordering::Relaxed);
             // SAFETY: sets the default of one option; it neither allocates nor calls back.
             unsafe { mi_option_set_default(ARENA_EAGER_COMMIT, 0) };
@@ -51,12 +54,6 @@ impl Allocator {
 pub fn purge_at_once() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
         return;
-    }
-    // `mi_option_purge_delay` in the `mi_option_e` of the mimalloc 3 that libmimalloc-sys
-    // 0.1.49 builds (include/mimalloc.h).
-    const PURGE_DELAY: i32 = 15;
-    extern "C" {
-        fn mi_option_set(option: i32, value: std::ffi::c_long);
     }
     // SAFETY: sets one option; mimalloc reads it when it next schedules a purge.
     unsafe { mi_option_set(PURGE_DELAY, 0) };

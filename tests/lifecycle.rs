@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{call, cli, client_trusting, kill_during_burst, Gw, BIN};
+use common::{call, cli, cli_env, client_trusting, kill_during_burst, Gw, BIN};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -663,14 +663,8 @@ fn serve_names_its_memory_profile_and_refuses_an_unknown_one() {
         "{mixed}"
     );
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .arg("serve")
-        .env("SMGATE_MEMORY_PROFILE", "tiny")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let profile = [("SMGATE_MEMORY_PROFILE", "tiny")];
+    let (ok, _, err) = cli_env(&dir.path().join("data"), &["serve"], &profile);
+    assert!(!ok);
     assert!(err.contains("memory.profile"), "{err}");
 }

@@ -198,15 +198,8 @@ async fn mosquitto_states_go_at_the_configured_qos() {
         assert_eq!(qos, want, "state_qos {setting:?}");
     }
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_smgate"))
-        .arg("--data")
-        .arg(dir.path())
-        .arg("serve")
-        .env("SMGATE_MQTT_STATE_QOS", "2")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, _, err) = common::cli_env(dir.path(), &["serve"], &[("SMGATE_MQTT_STATE_QOS", "2")]);
+    assert!(!ok);
     assert!(err.contains("mqtt.state_qos must be 0 or 1"), "{err}");
 }
 

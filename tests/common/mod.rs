@@ -20,12 +20,18 @@ pub struct Gw {
     pub env: Vec<(String, String)>,
 }
 
-/// Runs `smgate --data <dir> <args>` to completion and returns stdout.
+/// Runs `smgate --data <dir> <args>` to completion: whether it succeeded, stdout, stderr.
 pub fn cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    cli_env(dir, args, &[])
+}
+
+/// [`cli`] with `env` added to smgate's environment.
+pub fn cli_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(BIN)
         .arg("--data")
         .arg(dir)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run smgate");
     (
